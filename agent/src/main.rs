@@ -1,0 +1,74 @@
+//! twill-agent: the node daemon (see the library docs for what each module owns).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+mod daemon;
+mod http;
+
+/// The Twill node agent: acquires this node's pod subnet from twill-controller,
+/// writes flannel's subnet.env, and programs the flannel.<VNI> VXLAN device with a
+/// neighbour, FDB entry and route for every other node.
+#[derive(Parser, Debug)]
+#[command(name = "twill-agent", version)]
+pub struct Args {
+    /// Controller URL, e.g. https://10.0.0.1:8474.
+    #[arg(long, env = "TWILL_CONTROLLER")]
+    pub controller: String,
+    /// This node's name; must equal the CN of --tls-cert. Default: the host name.
+    #[arg(long, env = "TWILL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Node client certificate (PEM, CN=<node>, O=twill:nodes).
+    #[arg(long, env = "TWILL_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// Key of the node certificate (PEM).
+    #[arg(long, env = "TWILL_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// CA certificate (PEM) that signed the controller's certificate.
+    #[arg(long, env = "TWILL_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// Public interface: a name or an IPv4 address; repeat to give fallbacks (first match wins).
+    /// Default: the interface of the default route.
+    #[arg(long, env = "TWILL_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Public interface: first interface whose name or address matches this regex.
+    #[arg(long, env = "TWILL_IFACE_REGEX")]
+    pub iface_regex: Option<String>,
+    /// IPv4 address advertised to peers as this node's VXLAN endpoint
+    /// (default: the public interface's address).
+    #[arg(long, env = "TWILL_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Where to write flannel's subnet.env.
+    #[arg(long, env = "TWILL_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the overlay (recorded as FLANNEL_IPMASQ in subnet.env).
+    #[arg(long, env = "TWILL_IP_MASQ", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub ip_masq: bool,
+    /// Address for HTTP /healthz and /metrics.
+    #[arg(long, env = "TWILL_METRICS_ADDR", default_value = "0.0.0.0:8476")]
+    pub metrics_addr: SocketAddr,
+    /// How often the kernel state is compared with the leases and repaired.
+    #[arg(long, env = "TWILL_RECONCILE_INTERVAL", default_value = "10s", value_parser = twill_common::parse_duration)]
+    pub reconcile_interval: Duration,
+    /// On SIGTERM, release the lease so peers drop this node's routes at once
+    /// (for decommissioning; an upgrade should keep the lease, the default).
+    #[arg(long, env = "TWILL_RELEASE_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub release_on_exit: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if let Err(e) = daemon::run(args).await {
+        eprintln!("twill-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}

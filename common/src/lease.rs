@@ -1,0 +1,165 @@
+//! Lease helpers shared by the controller and the agent: typed views of the wire
+//! `Lease`, MAC address text, and the rules for node names.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use thiserror::Error;
+use twill_proto::Lease;
+
+/// Longest node name accepted: a DNS name, as Kubernetes node names are.
+pub const MAX_NODE_NAME_LEN: usize = 253;
+
+/// Why a lease field was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LeaseError {
+    /// A field does not parse; the message names it.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A 6-byte MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = LeaseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            LeaseError::Invalid(format!(
+                "{s:?} is not a MAC address such as 0a:58:0a:f4:01:01"
+            ))
+        };
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+/// What a peer needs to know about another node's lease to reach its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    /// The peer's pod subnet.
+    pub subnet: Ipv4Net,
+    /// The peer's public (underlay) address.
+    pub public_ip: Ipv4Addr,
+    /// The MAC of the peer's VXLAN device.
+    pub vtep_mac: Mac,
+}
+
+impl TryFrom<&Lease> for Peer {
+    type Error = LeaseError;
+    fn try_from(l: &Lease) -> Result<Self, Self::Error> {
+        Ok(Peer {
+            subnet: parse_subnet(&l.subnet)?,
+            public_ip: l.public_ip.parse().map_err(|_| {
+                LeaseError::Invalid(format!(
+                    "public_ip {:?} is not an IPv4 address",
+                    l.public_ip
+                ))
+            })?,
+            vtep_mac: l.vtep_mac.parse()?,
+        })
+    }
+}
+
+/// Parses a subnet in CIDR form; host bits must be clear.
+pub fn parse_subnet(s: &str) -> Result<Ipv4Net, LeaseError> {
+    let net: Ipv4Net = s.parse().map_err(|_| {
+        LeaseError::Invalid(format!(
+            "subnet {s:?} is not an IPv4 CIDR such as 10.244.3.0/24"
+        ))
+    })?;
+    if net.addr() != net.network() {
+        return Err(LeaseError::Invalid(format!(
+            "subnet {s:?} has host bits set (expected {})",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+/// Checks a node name: non-empty, at most 253 characters, DNS-name characters only
+/// (it lands in logs, metrics labels and store keys).
+pub fn validate_node_name(name: &str) -> Result<(), LeaseError> {
+    if name.is_empty() {
+        return Err(LeaseError::Invalid("node name is empty".into()));
+    }
+    if name.len() > MAX_NODE_NAME_LEN {
+        return Err(LeaseError::Invalid(format!(
+            "node name is {} characters long; the limit is {MAX_NODE_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+    {
+        return Err(LeaseError::Invalid(format!(
+            "node name {name:?} contains {c:?}: use letters, digits, '-', '.' and '_'"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let m: Mac = "0a:58:0A:f4:01:ff".parse().unwrap();
+        assert_eq!(m.to_string(), "0a:58:0a:f4:01:ff");
+        for bad in [
+            "",
+            "0a:58",
+            "0a:58:0a:f4:01:ff:00",
+            "0a:58:0a:f4:01:zz",
+            "0a:58:0a:f4:1:ff",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(validate_node_name("worker-1.example.com").is_ok());
+        assert!(validate_node_name("").is_err());
+        assert!(validate_node_name(&"a".repeat(254)).is_err());
+        assert!(validate_node_name("a/b").is_err());
+    }
+
+    #[test]
+    fn peer_from_lease() {
+        let l = Lease {
+            subnet: "10.244.3.0/24".into(),
+            public_ip: "192.0.2.7".into(),
+            vtep_mac: "aa:bb:cc:dd:ee:ff".into(),
+            ..Default::default()
+        };
+        let p = Peer::try_from(&l).unwrap();
+        assert_eq!(p.subnet.to_string(), "10.244.3.0/24");
+        assert!(parse_subnet("10.244.3.1/24").is_err());
+    }
+}

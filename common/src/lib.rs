@@ -1,0 +1,17 @@
+//! Shared model of Twill: flannel's file formats (`net-conf.json`, `subnet.env`),
+//! lease helpers used on both sides of the wire, and certificate roles.
+//! No I/O here beyond the files this crate owns (subnet.env, PEM files).
+
+pub mod lease;
+pub mod netconf;
+pub mod subnet_env;
+pub mod tls;
+
+pub use netconf::NetConf;
+pub use subnet_env::SubnetEnv;
+
+/// Parses a `humantime` duration such as `30s` or `24h`; used by every binary's flags.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 10m, 24h)"))
+}

@@ -1,0 +1,107 @@
+//! Certificate roles (REFERENCE.md 2.3) and PEM loading.
+//!
+//! Roles come from the client certificate's subject, like Kubernetes node certificates:
+//! `O=twill:nodes` makes the CN a node name, `O=twill:admins` makes the CN an admin.
+
+use std::path::Path;
+
+use thiserror::Error;
+use x509_parser::prelude::*;
+
+/// Organization (O) that marks a node (agent) certificate.
+pub const NODES_GROUP: &str = "twill:nodes";
+/// Organization (O) that marks an admin certificate.
+pub const ADMINS_GROUP: &str = "twill:admins";
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// What the file is for (e.g. "--tls-cert").
+        what: String,
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable block.
+    #[error("{what} {path} holds no PEM {expected}")]
+    NoPem {
+        /// What the file is for.
+        what: String,
+        /// The file.
+        path: String,
+        /// The expected PEM label, e.g. "CERTIFICATE".
+        expected: String,
+    },
+    /// A certificate could not be parsed.
+    #[error("cannot parse certificate: {0}")]
+    Parse(String),
+    /// The certificate has no subject CN.
+    #[error("certificate subject has no CN")]
+    NoCommonName,
+}
+
+/// Who a client certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The subject CN: a node name or a user name.
+    pub name: String,
+    /// The subject's organizations (O), e.g. `twill:nodes`.
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    /// Reads the identity from a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, TlsError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
+        let subject = cert.subject();
+        let name = subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(TlsError::NoCommonName)?
+            .to_string();
+        let groups = subject
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok().map(str::to_string))
+            .collect();
+        Ok(Identity { name, groups })
+    }
+
+    /// True for an agent's certificate (`O=twill:nodes`).
+    pub fn is_node(&self) -> bool {
+        self.groups.iter().any(|g| g == NODES_GROUP)
+    }
+
+    /// True for an operator's certificate (`O=twill:admins`).
+    pub fn is_admin(&self) -> bool {
+        self.groups.iter().any(|g| g == ADMINS_GROUP)
+    }
+}
+
+/// Reads a PEM file and checks that it holds at least one block with `label`
+/// (`CERTIFICATE`, or `PRIVATE KEY` which matches every key flavour).
+/// `what` names the flag the file came from, for the error message.
+pub fn read_pem(path: &Path, what: &str, label: &str) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what: what.to_string(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.ends_with(&format!("{label}-----")));
+    if !found {
+        return Err(TlsError::NoPem {
+            what: what.to_string(),
+            path: path.display().to_string(),
+            expected: label.to_string(),
+        });
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,494 @@
+//! The certificate tool behind `twillctl certs`: a CA, the controller's server
+//! certificate and node / admin client certificates laid out as REFERENCE.md 2.3 says.
+//!
+//! * CA: `CN=twill-ca`, basic constraints `CA:TRUE`, key usages keyCertSign + cRLSign.
+//! * controller: `CN=twill-controller`, subjectAltName with the DNS names / IPs agents
+//!   dial, extended key usage serverAuth.
+//! * node: `CN=<node name>, O=twill:nodes`, extended key usage clientAuth.
+//! * admin: `CN=<user>, O=twill:admins`, extended key usage clientAuth.
+//!
+//! Keys are ECDSA P-256 in PKCS#8 PEM (`PRIVATE KEY`), which rustls, openssl and
+//! Go all read. Key files are created with mode 0600, certificates with 0644.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use thiserror::Error;
+use time::OffsetDateTime;
+use twill_common::tls::{ADMINS_GROUP, NODES_GROUP};
+
+/// Common name of the CA certificate.
+pub const CA_COMMON_NAME: &str = "twill-ca";
+/// Common name of the controller's server certificate.
+pub const CONTROLLER_COMMON_NAME: &str = "twill-controller";
+/// File name of the CA certificate inside the certificate directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// File name of the CA private key inside the certificate directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// Default validity of the CA, in days (10 years).
+pub const DEFAULT_CA_DAYS: u32 = 3650;
+/// Default validity of controller, node and admin certificates, in days.
+pub const DEFAULT_LEAF_DAYS: u32 = 365;
+/// How far back `not_before` is set, to tolerate clocks that run a little behind.
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// Mode of private key files.
+pub const KEY_MODE: u32 = 0o600;
+/// Mode of certificate files.
+pub const CERT_MODE: u32 = 0o644;
+
+/// Why a certificate could not be made or written.
+#[derive(Debug, Error)]
+pub enum CertError {
+    /// rcgen refused the parameters or failed to sign.
+    #[error("cannot generate the {what}: {source}")]
+    Generate {
+        /// What was being made, e.g. "CA certificate".
+        what: String,
+        /// The underlying error.
+        source: rcgen::Error,
+    },
+    /// A file to write exists already and `--force` was not given.
+    #[error("{0} exists; pass --force to overwrite")]
+    Exists(PathBuf),
+    /// A file could not be read or written.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// "read", "write", "create" ...
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The CA certificate or key is unusable.
+    #[error("{0}")]
+    BadCa(String),
+    /// A request parameter is invalid (node name, validity, SANs).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The certificate (PEM, `CERTIFICATE`).
+    pub cert_pem: String,
+    /// The private key (PEM, PKCS#8 `PRIVATE KEY`).
+    pub key_pem: String,
+    /// The certificate in DER form.
+    pub cert_der: Vec<u8>,
+    /// End of the validity period.
+    pub not_after: SystemTime,
+}
+
+/// The validity period of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start of the validity period.
+    pub not_before: SystemTime,
+    /// End of the validity period.
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// Valid from a few minutes ago (see [`BACKDATE`]) for `days` days from now.
+    pub fn days(days: u32) -> Result<Self, CertError> {
+        if days == 0 {
+            return Err(CertError::Invalid("--days must be at least 1".into()));
+        }
+        let now = SystemTime::now();
+        Ok(Validity {
+            not_before: now - BACKDATE,
+            not_after: now + Duration::from_secs(u64::from(days) * 86_400),
+        })
+    }
+}
+
+/// What kind of certificate to issue with the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The controller's server certificate (serverAuth) for these names and addresses.
+    Controller {
+        /// DNS subjectAltNames.
+        dns: Vec<String>,
+        /// IP subjectAltNames.
+        ips: Vec<IpAddr>,
+    },
+    /// An agent's client certificate: `CN=<name>, O=twill:nodes`.
+    Node(String),
+    /// An operator's client certificate: `CN=<name>, O=twill:admins`.
+    Admin(String),
+}
+
+impl Role {
+    /// The file stem the certificate is written under: `controller`, `node-NAME`, `admin-NAME`.
+    pub fn file_stem(&self) -> String {
+        match self {
+            Role::Controller { .. } => "controller".to_string(),
+            Role::Node(name) => format!("node-{name}"),
+            Role::Admin(name) => format!("admin-{name}"),
+        }
+    }
+
+    /// Short human description, e.g. `CN=node-1, O=twill:nodes, clientAuth`.
+    pub fn describe(&self) -> String {
+        match self {
+            Role::Controller { dns, ips } => {
+                let sans: Vec<String> = dns
+                    .iter()
+                    .map(|d| format!("DNS:{d}"))
+                    .chain(ips.iter().map(|i| format!("IP:{i}")))
+                    .collect();
+                format!(
+                    "CN={CONTROLLER_COMMON_NAME}, serverAuth, SANs {}",
+                    sans.join(" ")
+                )
+            }
+            Role::Node(name) => format!("CN={name}, O={NODES_GROUP}, clientAuth"),
+            Role::Admin(name) => format!("CN={name}, O={ADMINS_GROUP}, clientAuth"),
+        }
+    }
+
+    fn validate(&self) -> Result<(), CertError> {
+        match self {
+            Role::Controller { dns, ips } => {
+                if dns.is_empty() && ips.is_empty() {
+                    return Err(CertError::Invalid(
+                        "a controller certificate needs at least one --dns name or --ip address"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+            Role::Node(name) | Role::Admin(name) => twill_common::lease::validate_node_name(name)
+                .map_err(|e| CertError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// The CA that signs certificates: its certificate (PEM) and key.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Loads a CA from its certificate and PKCS#8 key (both PEM) and checks that
+    /// they belong together and that the certificate is a CA.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| {
+            CertError::BadCa(format!(
+                "cannot use the CA key: {e} (an unencrypted PKCS#8 \"PRIVATE KEY\" is needed; \
+                 convert with `openssl pkcs8 -topk8 -nocrypt -in ca.key -out ca.pkcs8.key`)"
+            ))
+        })?;
+        let der = pem_block(cert_pem, "CERTIFICATE").ok_or_else(|| {
+            CertError::BadCa("the CA certificate holds no PEM CERTIFICATE block".into())
+        })?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| CertError::BadCa(format!("cannot parse the CA certificate: {e}")))?;
+        let is_ca = x509
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .map(|bc| bc.value.ca)
+            .unwrap_or(false);
+        if !is_ca {
+            return Err(CertError::BadCa(
+                "the CA certificate is not a CA (basic constraints CA:TRUE missing)".into(),
+            ));
+        }
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertError::BadCa(
+                "the CA key does not belong to the CA certificate".into(),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key)
+            .map_err(|e| CertError::BadCa(format!("cannot use the CA certificate: {e}")))?;
+        Ok(Ca {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// Loads a CA from a certificate file and a key file.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, CertError> {
+        let cert_pem = read_to_string(cert)?;
+        let key_pem = read_to_string(key)?;
+        Ca::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
+            CertError::BadCa(msg) => {
+                CertError::BadCa(format!("CA {} / {}: {msg}", cert.display(), key.display()))
+            }
+            other => other,
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a certificate for `role`, with a fresh key, valid for `validity`.
+    pub fn issue(&self, role: &Role, validity: Validity) -> Result<Issued, CertError> {
+        role.validate()?;
+        let what = format!("{} certificate", role.file_stem());
+        let mut params = base_params(validity, &what)?;
+        let mut dn = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        match role {
+            Role::Controller { dns, ips } => {
+                dn.push(DnType::CommonName, CONTROLLER_COMMON_NAME);
+                for d in dns {
+                    let name = d.clone().try_into().map_err(|e| {
+                        CertError::Invalid(format!("--dns {d:?} is not a valid DNS name: {e}"))
+                    })?;
+                    params.subject_alt_names.push(SanType::DnsName(name));
+                }
+                params
+                    .subject_alt_names
+                    .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+            Role::Node(name) => {
+                dn.push(DnType::OrganizationName, NODES_GROUP);
+                dn.push(DnType::CommonName, name.as_str());
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Role::Admin(name) => {
+                dn.push(DnType::OrganizationName, ADMINS_GROUP);
+                dn.push(DnType::CommonName, name.as_str());
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+        }
+        params.distinguished_name = dn;
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: what.clone(),
+            source,
+        })?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| CertError::Generate { what, source })?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            not_after: validity.not_after,
+        })
+    }
+}
+
+/// Makes a new self-signed CA (`CN=twill-ca`) with a fresh key.
+pub fn new_ca(validity: Validity) -> Result<Issued, CertError> {
+    let what = "CA certificate".to_string();
+    let mut params = base_params(validity, &what)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        what: what.clone(),
+        source,
+    })?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|source| CertError::Generate { what, source })?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+        not_after: validity.not_after,
+    })
+}
+
+fn base_params(validity: Validity, what: &str) -> Result<CertificateParams, CertError> {
+    if validity.not_after <= validity.not_before {
+        return Err(CertError::Invalid(format!(
+            "the {what} would end its validity before it starts"
+        )));
+    }
+    let mut params = CertificateParams::default();
+    params.not_before = to_offset(validity.not_before)?;
+    params.not_after = to_offset(validity.not_after)?;
+    Ok(params)
+}
+
+fn to_offset(t: SystemTime) -> Result<OffsetDateTime, CertError> {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|e| CertError::Invalid(format!("validity date out of range: {e}")))
+}
+
+/// Decodes the first PEM block labelled `label`.
+fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
+        .filter_map(Result::ok)
+        .find(|p| p.label == label)
+        .map(|p| p.contents)
+}
+
+fn read_to_string(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|source| CertError::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The two files a certificate is written to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The certificate file (mode 0644).
+    pub cert: PathBuf,
+    /// The key file (mode 0600).
+    pub key: PathBuf,
+}
+
+/// Writes `issued` as `DIR/STEM.crt` (0644) and `DIR/STEM.key` (0600), creating `dir`
+/// when missing. Without `force`, refuses when either file exists (before writing any).
+pub fn write_pair(
+    dir: &Path,
+    stem: &str,
+    issued: &Issued,
+    force: bool,
+) -> Result<Written, CertError> {
+    let written = Written {
+        cert: dir.join(format!("{stem}.crt")),
+        key: dir.join(format!("{stem}.key")),
+    };
+    if !force {
+        for p in [&written.key, &written.cert] {
+            if p.symlink_metadata().is_ok() {
+                return Err(CertError::Exists(p.clone()));
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        action: "create directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_file(&written.key, issued.key_pem.as_bytes(), KEY_MODE, force)?;
+    write_file(&written.cert, issued.cert_pem.as_bytes(), CERT_MODE, force)?;
+    Ok(written)
+}
+
+/// Writes `data` to `path`, creating it with `mode` (subject to the umask).
+/// Without `force` the file must not exist (checked atomically with `O_EXCL`); with
+/// `force` a temporary file is created with `mode` beside it and renamed over `path`,
+/// so an old file's looser permissions never carry over to a new key.
+pub fn write_file(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<(), CertError> {
+    let io = |action: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| CertError::Io {
+            action,
+            path: p,
+            source,
+        }
+    };
+    if !force {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    CertError::Exists(path.to_path_buf())
+                } else {
+                    io("create", path)(e)
+                }
+            })?;
+        f.write_all(data).map_err(io("write", path))?;
+        f.sync_all().map_err(io("write", path))?;
+        return Ok(());
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(data).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("write", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Formats a time as RFC 3339 (UTC, seconds), e.g. `2035-01-01T00:00:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_and_key_must_match() {
+        let a = new_ca(Validity::days(1).unwrap()).unwrap();
+        let b = new_ca(Validity::days(1).unwrap()).unwrap();
+        assert!(Ca::from_pem(&a.cert_pem, &a.key_pem).is_ok());
+        let err = Ca::from_pem(&a.cert_pem, &b.key_pem).unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+    }
+
+    #[test]
+    fn leaf_cannot_sign() {
+        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
+        let ca = Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let node = ca
+            .issue(&Role::Node("n1".into()), Validity::days(1).unwrap())
+            .unwrap();
+        let err = Ca::from_pem(&node.cert_pem, &node.key_pem).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_refused() {
+        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
+        let ca = Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let v = Validity::days(1).unwrap();
+        assert!(ca.issue(&Role::Node("bad name".into()), v).is_err());
+        assert!(ca.issue(&Role::Admin(String::new()), v).is_err());
+        assert!(ca
+            .issue(
+                &Role::Controller {
+                    dns: vec![],
+                    ips: vec![]
+                },
+                v
+            )
+            .is_err());
+    }
+}

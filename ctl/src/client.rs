@@ -1,0 +1,297 @@
+//! Connecting to the controller's admin API over mutual TLS.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use twill_common::tls::read_pem;
+use twill_proto::admin_service_client::AdminServiceClient;
+use twill_proto::{ListLeasesRequest, ListLeasesResponse};
+
+/// Why a call to the controller failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The flags do not describe a usable connection (bad URL, unreadable PEM file).
+    #[error("{0}")]
+    Config(String),
+    /// No connection could be made (refused, TLS handshake failed, timeout).
+    #[error("cannot connect to {url}: {}", error_chain(.cause))]
+    Connect {
+        /// The controller URL.
+        url: String,
+        /// The transport error (its chain of causes is part of the message).
+        cause: tonic::transport::Error,
+    },
+    /// The controller answered with a gRPC error.
+    #[error("{}", status_message(.0))]
+    Status(tonic::Status),
+    /// The connection broke during the call, which with TLS 1.3 is how a refused client
+    /// certificate shows: the client finishes its handshake before the server has
+    /// checked the certificate.
+    #[error("{}: the controller closed the connection: {hint}", status_message(.status))]
+    Refused {
+        /// The transport failure.
+        status: tonic::Status,
+        /// What is probably wrong, from a look at the client certificate.
+        hint: String,
+    },
+}
+
+/// How to reach and authenticate to the controller.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The controller's URL, `https://HOST:PORT` (HOST may be an IP address).
+    pub controller: String,
+    /// Client certificate (PEM).
+    pub tls_cert: PathBuf,
+    /// Client certificate's private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA certificate (PEM) the controller's certificate must chain to.
+    pub tls_ca: PathBuf,
+    /// Name to check the controller's certificate against instead of the URL's host.
+    pub tls_server_name: Option<String>,
+    /// Time limit for connecting and for each call.
+    pub timeout: Duration,
+}
+
+/// Checks the URL and reads the PEM files, then connects (TLS handshake included).
+pub async fn connect(opts: &ConnectOptions) -> Result<AdminServiceClient<Channel>, ClientError> {
+    let url = opts.controller.trim();
+    if !url.contains("://") {
+        return Err(ClientError::Config(format!(
+            "--controller {url:?} has no scheme: use https://{url}"
+        )));
+    }
+    if !url.starts_with("https://") {
+        return Err(ClientError::Config(format!(
+            "--controller {url:?} must be an https:// URL: the controller only speaks mutual TLS"
+        )));
+    }
+    let cert = read_pem(&opts.tls_cert, "--tls-cert", "CERTIFICATE").map_err(config)?;
+    let key = read_pem(&opts.tls_key, "--tls-key", "PRIVATE KEY").map_err(config)?;
+    let ca = read_pem(&opts.tls_ca, "--tls-ca", "CERTIFICATE").map_err(config)?;
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .timeout(opts.timeout);
+    if let Some(name) = &opts.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Config(format!("--controller {url:?} is not a valid URL: {e}")))?
+        .tls_config(tls)
+        .map_err(|e| ClientError::Config(format!("TLS configuration: {}", error_chain(&e))))?
+        .connect_timeout(opts.timeout)
+        .timeout(opts.timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|cause| ClientError::Connect {
+            url: url.to_string(),
+            cause,
+        })?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+/// Calls `AdminService/ListLeases`.
+pub async fn list_leases(
+    client: &mut AdminServiceClient<Channel>,
+    prefix: &str,
+) -> Result<ListLeasesResponse, ClientError> {
+    let req = ListLeasesRequest {
+        node_prefix: prefix.to_string(),
+        ..Default::default()
+    };
+    client
+        .list_leases(req)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(ClientError::Status)
+}
+
+fn config(e: twill_common::tls::TlsError) -> ClientError {
+    ClientError::Config(e.to_string())
+}
+
+/// An error and its causes joined by `: `, skipping causes already quoted by their parent.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// `CODE_NAME: message`, followed by the status's causes (transport failures carry the
+/// TLS alert that explains them there).
+///
+/// With TLS 1.3 the client finishes its handshake before the controller has checked the
+/// client certificate, so a refused certificate shows up as a connection torn down
+/// during the first call; such errors get a hint saying so.
+pub fn status_message(s: &tonic::Status) -> String {
+    let mut out = format!("{}: {}", code_name(s.code()), s.message());
+    let mut cur = std::error::Error::source(s);
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+/// True for a status made on our side because the connection broke (it carries a
+/// transport error as its source), as opposed to one the controller sent.
+pub fn is_transport_failure(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some()
+        && matches!(
+            s.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+        )
+}
+
+/// Why the controller probably refused the client certificate in `pem`, judged locally.
+pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String {
+    use x509_parser::prelude::*;
+    let generic = format!(
+        "it probably refused the client certificate --tls-cert {}; check that it was signed by \
+         the CA the controller trusts (its --tls-client-ca)",
+        path.display()
+    );
+    let Some(der) = Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .find(|p| p.label == "CERTIFICATE")
+    else {
+        return generic;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(&der.contents) else {
+        return generic;
+    };
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let v = cert.validity();
+    if v.not_after.timestamp() < now {
+        return format!(
+            "the client certificate --tls-cert {} expired at {}",
+            path.display(),
+            v.not_after
+        );
+    }
+    if v.not_before.timestamp() > now {
+        return format!(
+            "the client certificate --tls-cert {} is not valid before {}",
+            path.display(),
+            v.not_before
+        );
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        if !eku.value.client_auth && !eku.value.any {
+            return format!(
+                "the client certificate --tls-cert {} lacks extended key usage clientAuth",
+                path.display()
+            );
+        }
+    }
+    generic
+}
+
+/// Connects and lists leases; a connection torn down during the call is reported as a
+/// probable refusal of the client certificate, with a diagnosis.
+pub async fn fetch_leases(
+    opts: &ConnectOptions,
+    prefix: &str,
+) -> Result<ListLeasesResponse, ClientError> {
+    let mut client = connect(opts).await?;
+    list_leases(&mut client, prefix).await.map_err(|e| match e {
+        ClientError::Status(status) if is_transport_failure(&status) => {
+            let pem = std::fs::read(&opts.tls_cert).unwrap_or_default();
+            ClientError::Refused {
+                status,
+                hint: diagnose_client_cert(&pem, &opts.tls_cert, SystemTime::now()),
+            }
+        }
+        e => e,
+    })
+}
+
+/// The canonical name of a gRPC status code, e.g. `PERMISSION_DENIED`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diagnosis_names_expiry() {
+        use crate::certs::{new_ca, Ca, Role, Validity};
+        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
+        let ca = Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let now = SystemTime::now();
+        let old = ca
+            .issue(
+                &Role::Admin("a".into()),
+                Validity {
+                    not_before: now - Duration::from_secs(7200),
+                    not_after: now - Duration::from_secs(3600),
+                },
+            )
+            .unwrap();
+        let p = Path::new("a.crt");
+        let d = diagnose_client_cert(old.cert_pem.as_bytes(), p, now);
+        assert!(d.contains("a.crt expired at"), "{d}");
+        let good = ca
+            .issue(&Role::Admin("a".into()), Validity::days(1).unwrap())
+            .unwrap();
+        let d = diagnose_client_cert(good.cert_pem.as_bytes(), p, now);
+        assert!(d.contains("signed by the CA the controller trusts"), "{d}");
+        let server = ca
+            .issue(
+                &Role::Controller {
+                    dns: vec!["x".into()],
+                    ips: vec![],
+                },
+                Validity::days(1).unwrap(),
+            )
+            .unwrap();
+        let d = diagnose_client_cert(server.cert_pem.as_bytes(), p, now);
+        assert!(d.contains("lacks extended key usage clientAuth"), "{d}");
+    }
+
+    #[test]
+    fn status_display() {
+        let e = ClientError::Status(tonic::Status::permission_denied("admins only"));
+        assert_eq!(e.to_string(), "PERMISSION_DENIED: admins only");
+    }
+}

@@ -1,0 +1,251 @@
+//! `twill.v1.AdminService`: what operators (twillctl) call. Admin certificates only.
+
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use tonic::{Request, Response, Status};
+use twill_common::lease::parse_subnet;
+use twill_common::NetConf;
+use twill_proto::admin_service_server::AdminService;
+use twill_proto::{
+    ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease, ListLeasesRequest,
+    ListLeasesResponse, ListReservationsRequest, ListReservationsResponse, Reservation,
+    ReserveRequest, ReserveResponse, RevokeLeaseRequest, RevokeLeaseResponse, StatusRequest,
+    StatusResponse, UnreserveRequest, UnreserveResponse, WatchRequest,
+};
+
+use super::{auth, watch};
+use crate::events::Hub;
+use crate::leases::Leases;
+use crate::metrics::{Agents, Metrics};
+use crate::store::Store;
+
+/// The admin service.
+pub struct AdminApi {
+    /// The configuration in force.
+    pub conf: Arc<NetConf>,
+    /// The lease writer.
+    pub leases: Leases,
+    /// The committed table.
+    pub hub: Arc<Hub>,
+    /// The store (for its size).
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Connected agents.
+    pub agents: Arc<Agents>,
+}
+
+fn node_arg(name: &str) -> Result<&str, Status> {
+    twill_common::lease::validate_node_name(name)
+        .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?;
+    Ok(name)
+}
+
+impl AdminApi {
+    fn mark_reserved(&self, mut leases: Vec<Lease>) -> Vec<Lease> {
+        let reservations = self.hub.reservations();
+        for l in &mut leases {
+            l.reserved = reservations
+                .get(&l.node_name)
+                .is_some_and(|s| s.to_string() == l.subnet);
+        }
+        leases
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn list_leases(
+        &self,
+        req: Request<ListLeasesRequest>,
+    ) -> Result<Response<ListLeasesResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let r = req.into_inner();
+        let within: Option<Ipv4Net> = match r.subnet.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<Ipv4Net>()
+                    .map_err(|_| {
+                        Status::invalid_argument(format!("subnet {s:?} is not an IPv4 CIDR"))
+                    })?
+                    .trunc(),
+            ),
+        };
+        let keep = |l: &Lease| {
+            l.node_name.starts_with(r.node_prefix.as_str())
+                && within.is_none_or(|w| parse_subnet(&l.subnet).is_ok_and(|s| w.contains(&s)))
+        };
+        let (leases, more, revision) = self.hub.page(&r.page_token, r.page_size as usize, keep);
+        let next_page_token = match (more, leases.last()) {
+            (true, Some(last)) => last.node_name.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListLeasesResponse {
+            leases: self.mark_reserved(leases),
+            revision,
+            next_page_token,
+        }))
+    }
+
+    async fn get_lease(&self, req: Request<GetLeaseRequest>) -> Result<Response<Lease>, Status> {
+        auth::admin_caller(&req)?;
+        let node = node_arg(&req.get_ref().node_name)?;
+        let lease = self
+            .hub
+            .lease(node)
+            .ok_or_else(|| Status::not_found(format!("node {node:?} holds no lease")))?;
+        Ok(Response::new(self.mark_reserved(vec![lease]).remove(0)))
+    }
+
+    async fn revoke_lease(
+        &self,
+        req: Request<RevokeLeaseRequest>,
+    ) -> Result<Response<RevokeLeaseResponse>, Status> {
+        let admin = auth::admin_caller(&req)?;
+        let node = node_arg(&req.get_ref().node_name)?;
+        let before = self.hub.lease(node);
+        if !self.leases.revoke(node, &admin).await? {
+            return Err(Status::not_found(format!("node {node:?} holds no lease")));
+        }
+        Ok(Response::new(RevokeLeaseResponse { lease: before }))
+    }
+
+    async fn reserve(
+        &self,
+        req: Request<ReserveRequest>,
+    ) -> Result<Response<ReserveResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let r = req.get_ref();
+        let node = node_arg(&r.node_name)?;
+        let subnet =
+            parse_subnet(&r.subnet).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.leases.reserve(node, subnet).await?;
+        Ok(Response::new(ReserveResponse {
+            reservation: Some(Reservation {
+                node_name: node.to_string(),
+                subnet: subnet.to_string(),
+            }),
+        }))
+    }
+
+    async fn unreserve(
+        &self,
+        req: Request<UnreserveRequest>,
+    ) -> Result<Response<UnreserveResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let node = node_arg(&req.get_ref().node_name)?;
+        let subnet = self.hub.reservations().get(node).copied();
+        match subnet {
+            Some(subnet) if self.leases.unreserve(node).await? => {
+                Ok(Response::new(UnreserveResponse {
+                    reservation: Some(Reservation {
+                        node_name: node.to_string(),
+                        subnet: subnet.to_string(),
+                    }),
+                }))
+            }
+            _ => Err(Status::not_found(format!(
+                "node {node:?} has no reservation"
+            ))),
+        }
+    }
+
+    async fn list_reservations(
+        &self,
+        req: Request<ListReservationsRequest>,
+    ) -> Result<Response<ListReservationsResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let reservations = self
+            .hub
+            .reservations()
+            .into_iter()
+            .map(|(node_name, s)| Reservation {
+                node_name,
+                subnet: s.to_string(),
+            })
+            .collect();
+        Ok(Response::new(ListReservationsResponse { reservations }))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<GetConfigRequest>,
+    ) -> Result<Response<GetConfigResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let c = &self.conf;
+        Ok(Response::new(GetConfigResponse {
+            net_conf_json: c.raw.clone(),
+            network: c.network.to_string(),
+            subnet_len: c.subnet_len.into(),
+            subnet_min: c.subnet_min.to_string(),
+            subnet_max: c.subnet_max.to_string(),
+            backend_type: "vxlan".into(),
+            vni: c.backend.vni,
+            port: c.backend.port.into(),
+            mtu: c.backend.mtu.unwrap_or(0),
+            direct_routing: c.backend.direct_routing,
+            lease_ttl_seconds: self.leases.ttl().as_secs(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let (leases, revision) = self.hub.leases();
+        let reservations = self.hub.reservations();
+        let total = self.conf.subnet_count();
+        let used = leases.len() as u32;
+        // A reservation held by its own node's lease takes one subnet, not two.
+        let reserved_idle = reservations
+            .iter()
+            .filter(|(node, s)| {
+                !leases
+                    .iter()
+                    .any(|l| &l.node_name == *node && l.subnet == s.to_string())
+            })
+            .count() as u32;
+        let mut agents: Vec<ConnectedAgent> = self
+            .agents
+            .watchers()
+            .into_iter()
+            .map(|w| ConnectedAgent {
+                last_seen_unix: self.agents.last_seen(&w.name).unwrap_or(w.connected_at),
+                revision_lag: revision.saturating_sub(w.revision),
+                name: w.name,
+                connected_at_unix: w.connected_at,
+                revision: w.revision,
+            })
+            .collect();
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(StatusResponse {
+            subnets_total: total,
+            subnets_used: used,
+            subnets_free: total.saturating_sub(used + reserved_idle),
+            subnets_reserved: reservations.len() as u32,
+            agents,
+            revision,
+            store_size_bytes: self.store.size_on_disk(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    type WatchStream = watch::WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = auth::admin_caller(&req)?;
+        let from = req.get_ref().from_revision;
+        Ok(Response::new(watch::stream(
+            &self.hub,
+            &self.metrics,
+            &self.agents,
+            who,
+            from,
+        )))
+    }
+}

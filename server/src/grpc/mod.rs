@@ -1,0 +1,24 @@
+//! The gRPC services: `agent` (lease acquire/renew/release and the watch stream) and
+//! `admin` (operators), with `auth` deciding who the caller is from its certificate
+//! and `watch` running each watch stream.
+
+pub mod admin;
+pub mod agent;
+pub mod auth;
+pub mod watch;
+
+use tonic::Status;
+
+use crate::leases::LeaseOpError;
+
+impl From<LeaseOpError> for Status {
+    fn from(e: LeaseOpError) -> Self {
+        match e {
+            LeaseOpError::Invalid(m) => Status::invalid_argument(m),
+            LeaseOpError::Exhausted(m) => Status::resource_exhausted(m),
+            LeaseOpError::Conflict(m) => Status::failed_precondition(m),
+            LeaseOpError::Store(e) => Status::unavailable(format!("lease not stored, retry: {e}")),
+            LeaseOpError::Stopped => Status::unavailable("the controller is shutting down"),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The controller's HTTP endpoint: `/healthz` (process alive), `/readyz` (store open
+//! and gRPC serving) and `/metrics` (Prometheus text format).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+/// What the endpoint reports on.
+pub struct HttpState {
+    /// Set once gRPC is serving.
+    pub ready: AtomicBool,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Binds the endpoint; the error names the flag and address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))
+}
+
+/// Serves until the process ends.
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP endpoint stopped");
+    }
+}
+
+async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<Arc<HttpState>>) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}

@@ -1,0 +1,17 @@
+//! twill-controller: the single source of truth for who owns which pod subnet.
+//!
+//! - `store`: durable storage behind the `Store` trait (sled).
+//! - `alloc`: the free-subnet index; where a subnet is picked.
+//! - `leases`: the single writer that decides, stores (group commit) and acknowledges.
+//! - `events`: the committed table, its revision log and the fan-out to watchers.
+//! - `grpc`: the agent and admin services and certificate-based authorization.
+//! - `metrics`: Prometheus metrics and the record of connected agents.
+//! - `http`: health, readiness and metrics endpoints.
+
+pub mod alloc;
+pub mod events;
+pub mod grpc;
+pub mod http;
+pub mod leases;
+pub mod metrics;
+pub mod store;

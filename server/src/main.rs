@@ -1,0 +1,192 @@
+//! twill-controller: loads net-conf.json, opens the lease store and serves the agent and
+//! admin gRPC services over mutual TLS, plus health and metrics over HTTP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::info;
+use twill_common::{tls::read_pem, NetConf};
+use twill_proto::admin_service_server::AdminServiceServer;
+use twill_proto::agent_service_server::AgentServiceServer;
+use twill_server::events::{Hub, HISTORY_LEN};
+use twill_server::grpc::{admin::AdminApi, agent::AgentApi};
+use twill_server::http::{self, HttpState};
+use twill_server::leases::Leases;
+use twill_server::metrics::{Agents, Metrics};
+use twill_server::store::{SledStore, Store};
+
+/// The Twill controller: hands every node a pod subnet (a lease), stores leases
+/// durably and streams them to every agent over gRPC with mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "twill-controller", version)]
+struct Args {
+    /// Address for the gRPC services (agents and twillctl connect here).
+    #[arg(long, env = "TWILL_LISTEN", default_value = "0.0.0.0:8474")]
+    listen: SocketAddr,
+    /// Directory of the lease store (created if missing).
+    #[arg(long, env = "TWILL_DATA_DIR", default_value = "/var/lib/twill")]
+    data_dir: PathBuf,
+    /// flannel's network configuration (net-conf.json).
+    #[arg(
+        long,
+        env = "TWILL_NET_CONF",
+        default_value = "/etc/twill/net-conf.json"
+    )]
+    net_conf: PathBuf,
+    /// Server certificate (PEM), with the DNS names / IPs agents dial.
+    #[arg(long, env = "TWILL_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// Private key of the server certificate (PEM).
+    #[arg(long, env = "TWILL_TLS_KEY")]
+    tls_key: PathBuf,
+    /// CA certificate (PEM) that client certificates must chain to.
+    #[arg(long, env = "TWILL_TLS_CLIENT_CA")]
+    tls_client_ca: PathBuf,
+    /// Address for HTTP /healthz, /readyz and /metrics.
+    #[arg(long, env = "TWILL_METRICS_ADDR", default_value = "0.0.0.0:8475")]
+    metrics_addr: SocketAddr,
+    /// How long a lease lives unless its agent renews it (e.g. 30m, 24h).
+    #[arg(long, env = "TWILL_LEASE_TTL", default_value = "24h", value_parser = twill_common::parse_duration)]
+    lease_ttl: Duration,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        eprintln!("twill-controller: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.lease_ttl < Duration::from_secs(10) {
+        bail!(
+            "--lease-ttl {:?} is too short: use at least 10s",
+            args.lease_ttl
+        );
+    }
+    let conf = NetConf::from_file(&args.net_conf)
+        .with_context(|| format!("--net-conf {}", args.net_conf.display()))?;
+    let cert = read_pem(&args.tls_cert, "--tls-cert", "CERTIFICATE")?;
+    let key = read_pem(&args.tls_key, "--tls-key", "PRIVATE KEY")?;
+    let ca = read_pem(&args.tls_client_ca, "--tls-client-ca", "CERTIFICATE")?;
+
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
+    let store = SledStore::open(&args.data_dir, HISTORY_LEN as u64)?;
+    let snapshot = store.load()?;
+    let layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
+    match &snapshot.layout {
+        Some(stored) if *stored != layout && !snapshot.leases.is_empty() => bail!(
+            "the store in {} holds {} leases allocated with {stored}, but {} says {layout}; \
+             restore the previous net-conf.json, or move the data directory aside to start a new network",
+            args.data_dir.display(),
+            snapshot.leases.len(),
+            args.net_conf.display()
+        ),
+        Some(stored) if *stored == layout => {}
+        _ => {
+            store.set_layout(&layout)?;
+            store.flush().await?;
+        }
+    }
+    info!(
+        network = %conf.network,
+        subnet_len = conf.subnet_len,
+        leases = snapshot.leases.len(),
+        revision = snapshot.revision,
+        data_dir = %args.data_dir.display(),
+        "store opened"
+    );
+
+    let store: Arc<dyn Store> = Arc::new(store);
+    let store_for_admin = store.clone();
+    let hub = Arc::new(Hub::new(
+        snapshot.leases,
+        snapshot.history,
+        snapshot.revision,
+    ));
+    let metrics = Arc::new(Metrics::default());
+    let agents = Arc::new(Agents::default());
+    let leases = Leases::start(
+        &conf,
+        store,
+        hub.clone(),
+        snapshot.reservations,
+        args.lease_ttl,
+        metrics.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+
+    let http_state = Arc::new(HttpState {
+        ready: false.into(),
+        metrics: metrics.clone(),
+    });
+    let http_listener = http::bind(args.metrics_addr)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(http::serve(http_listener, http_state.clone()));
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .timeout(Duration::from_secs(10));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let conf = Arc::new(conf);
+    let server = Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration (do --tls-cert and --tls-key belong together?)")?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AgentServiceServer::new(AgentApi {
+            conf: conf.clone(),
+            leases: leases.clone(),
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            agents: agents.clone(),
+        }))
+        .add_service(AdminServiceServer::new(AdminApi {
+            conf,
+            leases,
+            hub,
+            store: store_for_admin,
+            metrics,
+            agents,
+        }));
+    info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");
+    http_state.ready.store(true, Ordering::Relaxed);
+    server
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .context("gRPC server")?;
+    info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+    }
+}

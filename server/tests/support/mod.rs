@@ -1,0 +1,283 @@
+//! A controller under test: certificates made with twillctl's library, the real
+//! `twill-controller` binary on loopback, and mTLS clients for any role.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use twill_ctl::certs::{new_ca, Ca, Issued, Role, Validity};
+use twill_proto::admin_service_client::AdminServiceClient;
+use twill_proto::agent_service_client::AgentServiceClient;
+
+/// A CA and the controller's certificate, in a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub ca_pem: String,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = new_ca(Validity::days(1).unwrap()).unwrap();
+        let ca = Ca::from_pem(&root.cert_pem, &root.key_pem).unwrap();
+        let server = ca
+            .issue(
+                &Role::Controller {
+                    dns: vec!["localhost".into()],
+                    ips: vec!["127.0.0.1".parse().unwrap()],
+                },
+                Validity::days(1).unwrap(),
+            )
+            .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), &root.cert_pem).unwrap();
+        std::fs::write(dir.path().join("controller.crt"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("controller.key"), &server.key_pem).unwrap();
+        Pki {
+            ca_pem: root.cert_pem,
+            dir,
+            ca,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn issue(&self, role: Role) -> Issued {
+        self.ca.issue(&role, Validity::days(1).unwrap()).unwrap()
+    }
+
+    pub fn node(&self, name: &str) -> Issued {
+        self.issue(Role::Node(name.into()))
+    }
+
+    pub fn admin(&self, name: &str) -> Issued {
+        self.issue(Role::Admin(name.into()))
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `twill-controller`; killed on drop.
+pub struct Controller {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub data_dir: PathBuf,
+    pub net_conf: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl Controller {
+    /// Starts the controller on `data_dir` with `net_conf` (JSON text) and waits for /readyz.
+    pub fn start(pki: &Pki, data_dir: &Path, net_conf: &str, extra: &[&str]) -> Self {
+        let net_conf_path = data_dir.with_extension("net-conf.json");
+        std::fs::write(&net_conf_path, net_conf).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            addr.to_string(),
+            "--metrics-addr".into(),
+            metrics.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--net-conf".into(),
+            net_conf_path.display().to_string(),
+            "--tls-cert".into(),
+            pki.path("controller.crt").display().to_string(),
+            "--tls-key".into(),
+            pki.path("controller.key").display().to_string(),
+            "--tls-client-ca".into(),
+            pki.path("ca.crt").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = data_dir.with_extension("log");
+        let mut c = Controller {
+            child: spawn(&args, &log),
+            addr,
+            metrics,
+            data_dir: data_dir.to_path_buf(),
+            net_conf: net_conf_path,
+            log,
+            args,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "controller exited with {status} before it was ready:\n{}",
+                    self.log_text()
+                );
+            }
+            if http_get(self.metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("controller not ready after 30s:\n{}", self.log_text());
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again with the same arguments (same ports, same data dir).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = spawn(&self.args, &self.log);
+        self.wait_ready();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// What clients need to connect, detached from the process (for spawned tasks).
+    pub fn channel_factory(&self) -> ChannelFactory {
+        ChannelFactory {
+            url: self.url(),
+            ca_pem: String::new(),
+        }
+    }
+
+    pub async fn channel(
+        &self,
+        pki: &Pki,
+        id: Option<&Issued>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        ChannelFactory {
+            url: self.url(),
+            ca_pem: pki.ca_pem.clone(),
+        }
+        .connect_as(id)
+        .await
+    }
+
+    pub async fn agent(&self, pki: &Pki, id: &Issued) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel(pki, Some(id)).await.expect("connect"))
+    }
+
+    pub async fn admin(&self, pki: &Pki) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(
+            self.channel(pki, Some(&pki.admin("root")))
+                .await
+                .expect("connect"),
+        )
+    }
+}
+
+/// Connects mTLS clients to a controller.
+pub struct ChannelFactory {
+    url: String,
+    ca_pem: String,
+}
+
+impl ChannelFactory {
+    pub fn with_ca(mut self, pki: &Pki) -> Self {
+        self.ca_pem = pki.ca_pem.clone();
+        self
+    }
+
+    pub async fn connect(&self, id: &Issued) -> Result<Channel, tonic::transport::Error> {
+        self.connect_as(Some(id)).await
+    }
+
+    pub async fn connect_as(
+        &self,
+        id: Option<&Issued>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("localhost");
+        if let Some(id) = id {
+            tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        }
+        Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .connect()
+            .await
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- controller log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_twill-controller"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("start twill-controller")
+}
+
+/// A bare HTTP/1.1 GET; `None` when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+pub fn acquire_request(node: &str, requested: &str) -> twill_proto::AcquireRequest {
+    twill_proto::AcquireRequest {
+        node_name: node.into(),
+        requested_subnet: requested.into(),
+        public_ip: "192.0.2.10".into(),
+        backend_type: "vxlan".into(),
+        vtep_mac: "0a:58:00:00:00:01".into(),
+    }
+}
+
+pub const NET_CONF: &str = r#"{"Network": "10.128.0.0/12", "Backend": {"Type": "vxlan"}}"#;
