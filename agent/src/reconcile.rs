@@ -64,10 +64,16 @@ pub struct Report {
 }
 
 impl Report {
-    fn record(&mut self, result: Result<(), DataPlaneError>, added: bool) {
+    fn record(&mut self, result: Result<(), DataPlaneError>, added: bool, what: std::fmt::Arguments<'_>) {
         match result {
-            Ok(()) if added => self.added += 1,
-            Ok(()) => self.removed += 1,
+            Ok(()) if added => {
+                self.added += 1;
+                tracing::debug!("added {what}");
+            }
+            Ok(()) => {
+                self.removed += 1;
+                tracing::debug!("removed {what}");
+            }
             Err(e) => self.errors.push(e),
         }
     }
@@ -85,32 +91,32 @@ pub async fn reconcile(dp: &dyn DataPlane, dev: &Device, want: &KernelState) -> 
         .map(|(_, r)| r)
         .collect();
     for r in stale_routes {
-        report.record(dp.del_route(r).await, false);
+        report.record(dp.del_route(r).await, false, format_args!("route {} via {}", r.dst, r.gateway));
     }
     for (mac, dst) in &have.fdb {
         if !want.fdb.contains_key(mac) {
-            report.record(dp.del_fdb(dev, *mac, *dst).await, false);
+            report.record(dp.del_fdb(dev, *mac, *dst).await, false, format_args!("fdb {mac} dst {dst}"));
         }
     }
     for ip in have.neighbours.keys() {
         if !want.neighbours.contains_key(ip) {
-            report.record(dp.del_neighbour(dev, *ip).await, false);
+            report.record(dp.del_neighbour(dev, *ip).await, false, format_args!("neighbour {ip}"));
         }
     }
 
     for (ip, mac) in &want.neighbours {
         if have.neighbours.get(ip) != Some(mac) {
-            report.record(dp.add_neighbour(dev, *ip, *mac).await, true);
+            report.record(dp.add_neighbour(dev, *ip, *mac).await, true, format_args!("neighbour {ip} lladdr {mac} (had {:?})", have.neighbours.get(ip)));
         }
     }
     for (mac, dst) in &want.fdb {
         if have.fdb.get(mac) != Some(dst) {
-            report.record(dp.add_fdb(dev, *mac, *dst).await, true);
+            report.record(dp.add_fdb(dev, *mac, *dst).await, true, format_args!("fdb {mac} dst {dst} (had {:?})", have.fdb.get(mac)));
         }
     }
     for (dst, route) in &want.routes {
         if have.routes.get(dst) != Some(route) {
-            report.record(dp.add_route(route).await, true);
+            report.record(dp.add_route(route).await, true, format_args!("route {dst} via {} (had {:?})", route.gateway, have.routes.get(dst)));
         }
     }
     Ok(report)
