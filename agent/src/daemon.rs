@@ -48,7 +48,7 @@ pub async fn run(args: Args) -> Result<()> {
             .to_string(),
     };
     twill_common::lease::validate_node_name(&node).context("--node-name")?;
-    let selection = Selection {
+    let mut selection = Selection {
         ifaces: args.iface.clone(),
         iface_regex: args
             .iface_regex
@@ -57,6 +57,7 @@ pub async fn run(args: Args) -> Result<()> {
             .transpose()
             .context("--iface-regex")?,
         public_ip: args.public_ip,
+        can_reach: None,
     };
     let channel = client::channel(
         &args.controller,
@@ -88,6 +89,9 @@ pub async fn run(args: Args) -> Result<()> {
     };
     stats.last_contact.store(now_unix(), Ordering::Relaxed);
     let dp = Netlink::new()?;
+    if let Some(addr) = args.iface_can_reach {
+        selection.can_reach = Some((addr, dp.route_interface(addr).await?));
+    }
     let interfaces = dp.interfaces().await?;
     let default = dp.default_route_interface().await.ok();
     let (underlay, public_ip) = iface::select(&selection, &interfaces, default.as_ref())?;
@@ -248,7 +252,11 @@ impl Agent {
                 Err(_) => error!("could not release the lease: the controller did not answer in 5s"),
             }
         }
-        info!("exiting; kernel state left in place");
+        if self.args.teardown_on_exit {
+            self.teardown().await;
+        } else {
+            info!("exiting; kernel state left in place");
+        }
         Ok(())
     }
 
@@ -353,6 +361,24 @@ impl Agent {
             self.lease = None;
         }
         lost_own
+    }
+
+    /// Removes everything this agent put in the kernel; reports every failure and
+    /// keeps going.
+    async fn teardown(&self) {
+        // Routes through the underlay (DirectRouting) outlive the device: remove ours first.
+        let want = reconcile::desired(&BTreeMap::new(), &self.topo);
+        match reconcile::reconcile(&self.dp, &self.topo.device, &want).await {
+            Ok(r) => r.errors.iter().for_each(|e| warn!(error = %e, "teardown")),
+            Err(e) => warn!(error = %e, "teardown: cannot read kernel state"),
+        }
+        if let Err(e) = self.dp.delete_device(&self.spec.name).await {
+            warn!(error = %e, "teardown");
+        }
+        if let Err(e) = masq::remove().await {
+            warn!(error = %e, "teardown");
+        }
+        info!(device = %self.spec.name, "exiting; kernel state removed (--teardown-on-exit)");
     }
 
     /// Makes the masquerade table what `--ip-masq` says: present with the current

@@ -1,6 +1,6 @@
 //! Choosing the node's public interface and address, like flanneld:
-//! `--iface` (names or addresses, first match wins), `--iface-regex`, `--public-ip`,
-//! else the interface that holds the default route.
+//! `--iface` (names or addresses, first match wins), `--iface-regex`,
+//! `--iface-can-reach`, `--public-ip`, else the interface that holds the default route.
 
 use std::net::Ipv4Addr;
 
@@ -15,6 +15,8 @@ pub struct Selection {
     pub ifaces: Vec<String>,
     /// `--iface-regex`: matched against interface names and addresses.
     pub iface_regex: Option<regex::Regex>,
+    /// `--iface-can-reach`: the index of the interface the kernel routes that address through.
+    pub can_reach: Option<(std::net::Ipv4Addr, u32)>,
     /// `--public-ip`: the address advertised to peers.
     pub public_ip: Option<Ipv4Addr>,
 }
@@ -57,6 +59,12 @@ pub fn select(
                     names()
                 ))
             })?
+    } else if let Some((addr, index)) = sel.can_reach {
+        interfaces.iter().find(|i| i.index == index).ok_or_else(|| {
+            SelectError(format!(
+                "--iface-can-reach {addr}: the route to it leaves through an interface without an IPv4 address"
+            ))
+        })?
     } else if let Some(ip) = sel.public_ip.filter(|ip| interfaces.iter().any(|i| i.addr.addr() == *ip)) {
         interfaces.iter().find(|i| i.addr.addr() == ip).expect("checked above")
     } else {
@@ -138,5 +146,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(select(&sel, &all, Some(&all[1])).unwrap().0.name, "ens4", "the interface holding --public-ip");
+        let sel = Selection {
+            can_reach: Some(("203.0.113.50".parse().unwrap(), 3)),
+            ..Default::default()
+        };
+        assert_eq!(select(&sel, &all, Some(&all[1])).unwrap().0.name, "ens4", "--iface-can-reach");
     }
 }

@@ -6,8 +6,10 @@
 //! - `iface`: choosing the public interface and address.
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
+//! - `cni`: the twill-cni plugin (flannel-compatible).
 
 pub mod client;
+pub mod cni;
 pub mod dataplane;
 pub mod iface;
 pub mod reconcile;

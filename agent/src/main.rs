@@ -37,6 +37,10 @@ pub struct Args {
     /// Public interface: first interface whose name or address matches this regex.
     #[arg(long, env = "TWILL_IFACE_REGEX")]
     pub iface_regex: Option<String>,
+    /// Public interface: the one the kernel routes this address through
+    /// (like `ip route get ADDR`).
+    #[arg(long, env = "TWILL_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
     /// IPv4 address advertised to peers as this node's VXLAN endpoint
     /// (default: the public interface's address).
     #[arg(long, env = "TWILL_PUBLIC_IP")]
@@ -57,6 +61,10 @@ pub struct Args {
     /// (for decommissioning; an upgrade should keep the lease, the default).
     #[arg(long, env = "TWILL_RELEASE_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub release_on_exit: bool,
+    /// On SIGTERM, remove the VXLAN device, Twill's routes and the masquerade table
+    /// (default: leave the data plane forwarding, so an upgrade or restart costs nothing).
+    #[arg(long, env = "TWILL_TEARDOWN_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub teardown_on_exit: bool,
 }
 
 #[tokio::main]

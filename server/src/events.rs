@@ -42,7 +42,12 @@ pub struct Subscription {
 impl Hub {
     /// A hub holding the leases and the event history loaded from the store.
     pub fn new(leases: Vec<Lease>, history: Vec<LeaseEvent>, revision: u64) -> Self {
-        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Self::with_capacity(leases, history, revision, BROADCAST_CAPACITY)
+    }
+
+    /// Like `new`, with `capacity` batches of slack before a slow watcher lags.
+    pub fn with_capacity(leases: Vec<Lease>, history: Vec<LeaseEvent>, revision: u64, capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity);
         let mut history = VecDeque::from(history);
         while history.len() > HISTORY_LEN {
             history.pop_front();

@@ -426,6 +426,7 @@ impl Writer {
             None => {
                 // An expired lease not yet swept: give its subnet back first.
                 if let Some(old) = self.leases.remove(&p.node) {
+                    warn!(node = %p.node, subnet = %old.subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
                     if let Ok(s) = parse_subnet(&old.subnet) {
                         self.free(&p.node, s);
                     }

@@ -1,55 +1,73 @@
-//! `DataPlane` over rtnetlink: the VXLAN device, its address, permanent neighbours,
-//! FDB entries and routes (REFERENCE.md 1.4), plus the interface discovery the agent
-//! needs to pick its public address. Every request here names the `ip`/`bridge`
-//! command it equals, so an operator can check or repeat it by hand.
+//! `DataPlane` over rtnetlink: the one place that programs the kernel of the current
+//! network namespace for the overlay (REFERENCE.md 1.4).
+//!
+//! This module owns the `flannel.<VNI>` VXLAN device (create, reuse or recreate, MTU,
+//! up, `accept_ra=0`), its single /32 address, the permanent neighbour (ARP) and FDB
+//! entries on it, and the main-table IPv4 routes stamped with protocol
+//! [`ROUTE_PROTOCOL`]. It also answers the two read-only questions the agent asks to
+//! pick its public interface: which IPv4 addresses exist, and which interface holds the
+//! default route. It never touches entries it does not own.
+//!
+//! Every operation names the `ip`/`bridge` command it equals, and errors carry that
+//! command, so an operator can check or repeat it by hand.
+//!
+//! Dumps are filtered by the kernel when it supports strict checking
+//! (`NETLINK_GET_STRICT_CHK`, Linux >= 4.20), and always filtered again here, so the
+//! results do not depend on the kernel doing it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use twill_common::lease::Mac;
 
-use super::{DataPlane, DataPlaneError, Device, KernelState, Route, Underlay, VxlanSpec, ROUTE_PROTOCOL};
+use super::{
+    DataPlane, DataPlaneError, Device, KernelState, Route, Underlay, VxlanSpec, ROUTE_PROTOCOL,
+};
 
+/// errno values the kernel answers when the thing to delete is already gone.
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 const EADDRNOTAVAIL: i32 = 99;
 
-/// A netlink connection to the kernel of the current network namespace.
-#[derive(Clone)]
+/// The main routing table.
+const MAIN: u8 = RouteHeader::RT_TABLE_MAIN;
+
+/// A netlink connection to the kernel of the network namespace it was opened in.
+#[derive(Clone, Debug)]
 pub struct Netlink {
     handle: Handle,
 }
 
-fn op_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataPlaneError {
-    let op = op.into();
-    move |source| DataPlaneError::Netlink { op, source }
-}
-
-/// The errno of a netlink error answer, if it is one.
+/// The errno of a netlink error answer, if the error is one.
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| c.get().abs()),
         _ => None,
     }
 }
 
-/// Deleting something already gone is success: deletes must be idempotent.
-fn gone_ok(r: Result<(), rtnetlink::Error>, op: String) -> Result<(), DataPlaneError> {
-    match r {
-        Err(e) if matches!(errno(&e), Some(ENOENT | ESRCH | ENODEV | EADDRNOTAVAIL)) => Ok(()),
-        other => other.map_err(op_err(op)),
-    }
+/// True when a delete failed only because there was nothing (left) to delete.
+fn already_gone(e: &rtnetlink::Error) -> bool {
+    matches!(errno(e), Some(ENOENT | ESRCH | ENODEV | EADDRNOTAVAIL))
+}
+
+fn netlink_err(op: String, source: rtnetlink::Error) -> DataPlaneError {
+    DataPlaneError::Netlink { op, source }
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -59,175 +77,117 @@ fn link_name(link: &LinkMessage) -> Option<&str> {
     })
 }
 
-fn link_mtu(link: &LinkMessage) -> u32 {
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        })
-        .unwrap_or(1500)
-}
-
-fn link_mac(link: &LinkMessage) -> Option<Mac> {
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(b) => <[u8; 6]>::try_from(b.as_slice()).ok().map(Mac),
+        LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     })
-}
-
-fn vxlan_info(link: &LinkMessage) -> Option<&Vec<InfoVxlan>> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-            LinkInfo::Data(InfoData::Vxlan(v)) => Some(v),
-            _ => None,
-        }),
-        _ => None,
-    })
-}
-
-/// True when an existing vxlan link has the VNI, local address, port and underlying
-/// device of `spec`: then it is reused and keeps its MAC.
-fn matches_spec(link: &LinkMessage, spec: &VxlanSpec) -> bool {
-    let Some(info) = vxlan_info(link) else {
-        return false;
-    };
-    let (mut id, mut local, mut port, mut dev) = (None, None, None, None);
-    for i in info {
-        match i {
-            InfoVxlan::Id(v) => id = Some(*v),
-            InfoVxlan::Local(v) => local = Some(*v),
-            InfoVxlan::Port(v) => port = Some(*v),
-            InfoVxlan::Link(v) => dev = Some(*v),
-            _ => {}
-        }
-    }
-    id == Some(spec.vni) && local == Some(spec.local) && port == Some(spec.port) && dev == Some(spec.underlay_index)
 }
 
 fn mac_from(bytes: &[u8]) -> Option<Mac> {
     <[u8; 6]>::try_from(bytes).ok().map(Mac)
 }
 
-impl Netlink {
-    /// Opens a netlink socket; its connection task runs on the current tokio runtime.
-    pub fn new() -> Result<Self, DataPlaneError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(DataPlaneError::Socket)?;
-        tokio::spawn(connection);
-        Ok(Netlink { handle })
-    }
-
-    /// `ip link show NAME`; `None` when there is no such link.
-    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, DataPlaneError> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
-        match links.try_next().await {
-            Ok(link) => Ok(link),
-            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
-            Err(e) => Err(op_err(format!("ip link show {name}"))(e)),
-        }
-    }
-
-    /// Every interface's IPv4 addresses, one entry per address, in interface order
-    /// (`ip -4 addr show`).
-    pub async fn interfaces(&self) -> Result<Vec<Underlay>, DataPlaneError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("ip link show"))?;
-        let by_index: BTreeMap<u32, &LinkMessage> = links.iter().map(|l| (l.header.index, l)).collect();
-        let addrs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("ip -4 addr show"))?;
-        let mut out = Vec::new();
-        for a in addrs {
-            let Some(link) = by_index.get(&a.header.index) else { continue };
-            let ip = a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            let ip = ip.or_else(|| {
-                a.attributes.iter().find_map(|attr| match attr {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                    _ => None,
-                })
-            });
-            let (Some(ip), Some(name)) = (ip, link_name(link)) else { continue };
-            let Ok(addr) = Ipv4Net::new(ip, a.header.prefix_len) else { continue };
-            out.push(Underlay {
-                index: a.header.index,
-                name: name.to_string(),
-                addr,
-                mtu: link_mtu(link),
-            });
-        }
-        out.sort_by_key(|u| u.index);
-        Ok(out)
-    }
-
-    /// The interface of the IPv4 default route in the main table, with its first IPv4
-    /// address (`ip -4 route show default`).
-    pub async fn default_route_interface(&self) -> Result<Underlay, DataPlaneError> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("ip -4 route show default"))?;
-        let oif = routes
-            .iter()
-            .filter(|r| r.header.destination_prefix_length == 0 && route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .find_map(|r| {
-                r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                })
-            })
-            .ok_or_else(|| DataPlaneError::NotFound("no IPv4 default route: pass --iface or --public-ip".into()))?;
-        self.interfaces()
-            .await?
-            .into_iter()
-            .find(|u| u.index == oif)
-            .ok_or_else(|| {
-                DataPlaneError::NotFound(format!(
-                    "the default route's interface (index {oif}) has no IPv4 address: pass --iface or --public-ip"
-                ))
-            })
-    }
-
-    async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataPlaneError> {
-        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
-            .dev(spec.underlay_index)
-            .local(spec.local)
-            .port(spec.port)
-            .learning(spec.learning)
-            .mtu(spec.mtu)
-            .up();
-        if spec.gbp {
-            builder = builder.gbp();
-        }
-        self.handle.link().add(builder.build()).execute().await.map_err(op_err(format!(
-            "ip link add {} type vxlan id {} local {} dev #{} dstport {}{}",
-            spec.name,
-            spec.vni,
-            spec.local,
-            spec.underlay_index,
-            spec.port,
-            if spec.learning { "" } else { " nolearning" }
-        )))
-    }
+fn link_mac(link: &LinkMessage) -> Option<Mac> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => mac_from(b),
+        _ => None,
+    })
 }
 
+fn link_infos(link: &LinkMessage) -> &[LinkInfo] {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos.as_slice()),
+            _ => None,
+        })
+        .unwrap_or(&[])
+}
+
+/// The VXLAN settings of an existing link, as far as Twill cares.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct VxlanSeen {
+    vni: Option<u32>,
+    local: Option<Ipv4Addr>,
+    port: Option<u16>,
+    dev: Option<u32>,
+    learning: Option<bool>,
+    gbp: bool,
+}
+
+/// `None` when the link is not a VXLAN device.
+fn vxlan_seen(link: &LinkMessage) -> Option<VxlanSeen> {
+    let infos = link_infos(link);
+    if !infos
+        .iter()
+        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)))
+    {
+        return None;
+    }
+    let mut seen = VxlanSeen::default();
+    for info in infos {
+        let LinkInfo::Data(InfoData::Vxlan(attrs)) = info else {
+            continue;
+        };
+        for a in attrs {
+            match a {
+                InfoVxlan::Id(v) => seen.vni = Some(*v),
+                InfoVxlan::Local(v) => seen.local = Some(*v),
+                InfoVxlan::Port(v) => seen.port = Some(*v),
+                InfoVxlan::Link(v) => seen.dev = Some(*v),
+                InfoVxlan::Learning(v) => seen.learning = Some(*v),
+                InfoVxlan::Gbp => seen.gbp = true,
+                _ => {}
+            }
+        }
+    }
+    Some(seen)
+}
+
+/// Why an existing link cannot be reused for `spec`, or `None` when it can. The VNI,
+/// local address, port and underlying device must match (REFERENCE.md 1.4); so must
+/// GBP, which the kernel cannot change on a live device.
+fn incompatibility(link: &LinkMessage, spec: &VxlanSpec) -> Option<String> {
+    let Some(seen) = vxlan_seen(link) else {
+        return Some("it is not a vxlan device".into());
+    };
+    let show = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    if seen.vni != Some(spec.vni) {
+        return Some(format!(
+            "id {} instead of {}",
+            show(seen.vni.map(|v| v.to_string())),
+            spec.vni
+        ));
+    }
+    if seen.local != Some(spec.local) {
+        return Some(format!(
+            "local {} instead of {}",
+            show(seen.local.map(|v| v.to_string())),
+            spec.local
+        ));
+    }
+    if seen.port != Some(spec.port) {
+        return Some(format!(
+            "dstport {} instead of {}",
+            show(seen.port.map(|v| v.to_string())),
+            spec.port
+        ));
+    }
+    if seen.dev != Some(spec.underlay_index) {
+        return Some(format!(
+            "underlying device index {} instead of {}",
+            show(seen.dev.map(|v| v.to_string())),
+            spec.underlay_index
+        ));
+    }
+    if seen.gbp != spec.gbp {
+        return Some(format!("gbp {} instead of {}", seen.gbp, spec.gbp));
+    }
+    None
+}
+
+/// The table of a dumped route (`RTA_TABLE` wins over the 8-bit header field).
 fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
@@ -238,229 +198,639 @@ fn route_table(r: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(r.header.table))
 }
 
+/// An IPv4 route dump request of the main table; with strict checking the kernel
+/// only answers routes of `protocol` (0: any).
+fn route_dump(protocol: u8) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.table = MAIN;
+    m.header.protocol = RouteProtocol::from(protocol);
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unspec;
+    m
+}
+
+/// `ip route replace DST via GW dev DEV onlink proto 74` as a message.
 fn route_message(route: &Route) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(u32::from(MAIN))
         .destination_prefix(route.dst.network(), route.dst.prefix_len())
         .gateway(route.gateway)
         .output_interface(route.oif)
         .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
         .scope(RouteScope::Universe)
+        .kind(RouteType::Unicast)
         .onlink()
         .build()
 }
 
-fn neighbour_message(dev: &Device, ip: Ipv4Addr) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
-    m.header.ifindex = dev.index;
-    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+/// `ip route del DST via GW dev DEV proto 74` as a message: without `onlink`, which
+/// the kernel does not match on when deleting.
+fn route_del_message(route: &Route) -> RouteMessage {
+    let mut m = route_message(route);
+    m.header.flags = Default::default();
     m
 }
 
-fn fdb_message(dev: &Device, mac: Mac, dst: Ipv4Addr) -> NeighbourMessage {
+fn neighbour_del_message(dev: &Device, ip: Ipv4Addr) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = dev.index;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    m
+}
+
+fn fdb_del_message(dev: &Device, mac: Mac, dst: Ipv4Addr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
     m.header.ifindex = dev.index;
     m.header.flags = NeighbourFlags::Own;
-    m.header.state = NeighbourState::Permanent;
-    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
     m
+}
+
+/// The IPv4 address of a dumped address message (`IFA_LOCAL`, else `IFA_ADDRESS`).
+fn address_ipv4(a: &AddressMessage) -> Option<Ipv4Addr> {
+    let pick = |local: bool| {
+        a.attributes.iter().find_map(|attr| match (attr, local) {
+            (AddressAttribute::Local(IpAddr::V4(ip)), true)
+            | (AddressAttribute::Address(IpAddr::V4(ip)), false) => Some(*ip),
+            _ => None,
+        })
+    };
+    pick(true).or_else(|| pick(false))
+}
+
+/// A dumped IPv4 neighbour or FDB destination (`NDA_DST`); FDB dumps (AF_BRIDGE)
+/// carry it as raw bytes.
+fn neighbour_dst(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
+        _ => None,
+    })
+}
+
+fn neighbour_mac(n: &NeighbourMessage) -> Option<Mac> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(b) => mac_from(b),
+        _ => None,
+    })
+}
+
+/// The output interface of a route: `RTA_OIF`, else the first next hop's.
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })
+        .or_else(|| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
+                _ => None,
+            })
+        })
+}
+
+fn route_metric(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the calling thread's network namespace and spawns its
+    /// connection task on the current tokio runtime (must be called inside one).
+    /// Asks the kernel for strict checking so dumps are filtered kernel-side; kernels
+    /// older than 4.20 lack it and get a plain socket.
+    pub fn new() -> Result<Netlink, DataPlaneError> {
+        Self::with_strict_check(true)
+    }
+
+    /// Like [`Netlink::new`], choosing whether to ask for strict checking
+    /// (`NETLINK_GET_STRICT_CHK`). Without it the kernel ignores most dump filters and
+    /// answers every device's entries, which this module then filters itself: the
+    /// results are the same, only slower on a busy host.
+    pub fn with_strict_check(strict: bool) -> Result<Netlink, DataPlaneError> {
+        let strict_conn = if strict {
+            rtnetlink::new_connection_with_strict_check().ok()
+        } else {
+            None
+        };
+        let (connection, handle, _) = match strict_conn {
+            Some(c) => c,
+            None => rtnetlink::new_connection().map_err(DataPlaneError::Socket)?,
+        };
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// The name of interface `index` for messages (`ip link show` by index); falls back
+    /// to `if<index>` when it cannot be read.
+    async fn dev_name(&self, index: u32) -> String {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(link)) => link_name(&link)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("if{index}")),
+            _ => format!("if{index}"),
+        }
+    }
+
+    /// Maps a failed request to an error whose op is `op(device name)`; with
+    /// `deleting`, "already gone" answers are success.
+    async fn check(
+        &self,
+        result: Result<(), rtnetlink::Error>,
+        index: u32,
+        deleting: bool,
+        op: impl FnOnce(&str) -> String,
+    ) -> Result<(), DataPlaneError> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if deleting && already_gone(&e) => Ok(()),
+            Err(e) => Err(netlink_err(op(&self.dev_name(index).await), e)),
+        }
+    }
+
+    /// `ip link show NAME`; `None` when there is no such link.
+    async fn link_by_name(&self, name: &str) -> Result<Option<LinkMessage>, DataPlaneError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(netlink_err(format!("ip link show {name}"), e)),
+        }
+    }
+
+    /// `ip link show`: every link.
+    async fn links(&self) -> Result<Vec<LinkMessage>, DataPlaneError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink_err("ip link show".into(), e))
+    }
+
+    /// `ip -4 addr show [dev DEV]`: IPv4 address messages, of one link or all.
+    async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, DataPlaneError> {
+        let mut req = self.handle.address().get();
+        req.message_mut().header.family = AddressFamily::Inet;
+        if let Some(index) = index {
+            // Kernel-side filter under strict checking; filtered here as well.
+            req.message_mut().header.index = index;
+            req = req.set_link_index_filter(index);
+        }
+        let addrs: Vec<AddressMessage> = req.execute().try_collect().await.map_err(|e| {
+            let op = match index {
+                Some(i) => format!("ip -4 addr show dev if{i}"),
+                None => "ip -4 addr show".into(),
+            };
+            netlink_err(op, e)
+        })?;
+        Ok(addrs
+            .into_iter()
+            .filter(|a| a.header.family == AddressFamily::Inet)
+            .collect())
+    }
+
+    /// `ip -4 route show table main [proto P]`.
+    async fn main_routes(&self, protocol: u8) -> Result<Vec<RouteMessage>, DataPlaneError> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(route_dump(protocol))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| {
+                let proto = if protocol == 0 {
+                    String::new()
+                } else {
+                    format!(" proto {protocol}")
+                };
+                netlink_err(format!("ip -4 route show table main{proto}"), e)
+            })?;
+        Ok(routes
+            .into_iter()
+            .filter(|r| {
+                r.header.address_family == AddressFamily::Inet
+                    && route_table(r) == u32::from(MAIN)
+                    && (protocol == 0 || u8::from(r.header.protocol) == protocol)
+            })
+            .collect())
+    }
+
+    /// Every interface's IPv4 addresses, one entry per address (with its prefix
+    /// length), in interface-index order; an interface's addresses keep the kernel's
+    /// order, primary first. (`ip -4 -o addr show`)
+    pub async fn interfaces(&self) -> Result<Vec<Underlay>, DataPlaneError> {
+        let links = self.links().await?;
+        let by_index: BTreeMap<u32, &LinkMessage> =
+            links.iter().map(|l| (l.header.index, l)).collect();
+        let mut out = Vec::new();
+        for a in self.addresses(None).await? {
+            let Some(link) = by_index.get(&a.header.index) else {
+                continue;
+            };
+            let (Some(ip), Some(name)) = (address_ipv4(&a), link_name(link)) else {
+                continue;
+            };
+            let Ok(addr) = Ipv4Net::new(ip, a.header.prefix_len) else {
+                continue;
+            };
+            out.push(Underlay {
+                index: a.header.index,
+                name: name.to_string(),
+                addr,
+                mtu: link_mtu(link).unwrap_or(1500),
+            });
+        }
+        out.sort_by_key(|u| u.index);
+        Ok(out)
+    }
+
+    /// The interface of the IPv4 default route (main table, `0.0.0.0/0`; the lowest
+    /// metric wins), with its first IPv4 address. (`ip -4 route show default`, then
+    /// `ip -4 addr show dev DEV`)
+    pub async fn default_route_interface(&self) -> Result<Underlay, DataPlaneError> {
+        let oif = self
+            .main_routes(0)
+            .await?
+            .iter()
+            .filter(|r| {
+                r.header.destination_prefix_length == 0 && r.header.kind == RouteType::Unicast
+            })
+            .filter_map(|r| route_oif(r).map(|oif| (route_metric(r), oif)))
+            .min()
+            .map(|(_, oif)| oif)
+            .ok_or_else(|| {
+                DataPlaneError::NotFound(
+                    "no IPv4 default route: pass --iface or --public-ip".into(),
+                )
+            })?;
+        let found = self
+            .interfaces()
+            .await?
+            .into_iter()
+            .find(|u| u.index == oif);
+        match found {
+            Some(u) => Ok(u),
+            None => Err(DataPlaneError::NotFound(format!(
+                "the IPv4 default route's interface {} has no IPv4 address: pass --iface or --public-ip",
+                self.dev_name(oif).await
+            ))),
+        }
+    }
+
+    /// The index of the interface the kernel would send a packet to `addr` through,
+    /// for `--iface-can-reach`. (`ip route get ADDR`)
+    pub async fn route_interface(&self, addr: Ipv4Addr) -> Result<u32, DataPlaneError> {
+        // A route lookup, not a dump: the header must stay zero but for the family
+        // and a /32 destination (strict checking rejects anything else).
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = 32;
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(addr)));
+        let op = || format!("ip route get {addr}");
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(m)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink_err(op(), e))?;
+        routes.iter().find_map(route_oif).ok_or_else(|| {
+            DataPlaneError::NotFound(format!("{}: the kernel names no output interface", op()))
+        })
+    }
+
+    /// Deletes the VXLAN device (and with it every neighbour, FDB entry and route on
+    /// it); an absent device is fine. (`ip link del NAME`)
+    pub async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(());
+        };
+        let result = self.handle.link().del(link.header.index).execute().await;
+        self.check(result, link.header.index, true, |_| {
+            format!("ip link del {name}")
+        })
+        .await
+    }
+
+    /// The MTU of interface `index`. (`ip link show dev DEV`)
+    pub async fn link_mtu(&self, index: u32) -> Result<u32, DataPlaneError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(|e| netlink_err(format!("ip link show dev if{index}"), e))?
+            .ok_or_else(|| DataPlaneError::NotFound(format!("no interface with index {index}")))?;
+        link_mtu(&link)
+            .ok_or_else(|| DataPlaneError::NotFound(format!("interface {index} reports no MTU")))
+    }
+
+    /// `ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning
+    /// [gbp]`
+    async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataPlaneError> {
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.underlay_index)
+            .local(spec.local)
+            .port(spec.port)
+            .learning(spec.learning)
+            .mtu(spec.mtu);
+        if spec.gbp {
+            builder = builder.gbp();
+        }
+        let result = self.handle.link().add(builder.build()).execute().await;
+        self.check(result, spec.underlay_index, false, |dev| {
+            format!(
+                "ip link add {} type vxlan id {} local {} dev {dev} dstport {}{}{}",
+                spec.name,
+                spec.vni,
+                spec.local,
+                spec.port,
+                if spec.learning {
+                    " learning"
+                } else {
+                    " nolearning"
+                },
+                if spec.gbp { " gbp" } else { "" }
+            )
+        })
+        .await
+    }
+
+    /// Turns off IPv6 router advertisements on the device, as flannel does
+    /// (`sysctl -w net.ipv6.conf.NAME.accept_ra=0`). Absent IPv6 is fine. This is a
+    /// blocking write to procfs on purpose: /proc/sys/net resolves to the network
+    /// namespace of the writing thread, which must be this one.
+    fn disable_accept_ra(name: &str) {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+        match std::fs::write(&path, "0") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path, error = %e, "cannot disable IPv6 router advertisements")
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl DataPlane for Netlink {
+    /// `ip link add flannel.1 type vxlan id 1 local P dev eth0 dstport 8472 nolearning`
+    /// (or reuse), `ip link set flannel.1 mtu M up`, `sysctl ...accept_ra=0`.
     async fn ensure_device(&self, spec: &VxlanSpec) -> Result<Device, DataPlaneError> {
-        match self.link_by_name(&spec.name).await? {
-            Some(link) if matches_spec(&link, spec) => {
-                let index = link.header.index;
-                if link_mtu(&link) != spec.mtu || !link.header.flags.contains(rtnetlink::packet_route::link::LinkFlags::Up) {
-                    self.handle
-                        .link()
-                        .set(LinkUnspec::new_with_index(index).mtu(spec.mtu).up().build())
-                        .execute()
-                        .await
-                        .map_err(op_err(format!("ip link set {} mtu {} up", spec.name, spec.mtu)))?;
+        let link = match self.link_by_name(&spec.name).await? {
+            Some(link) => match incompatibility(&link, spec) {
+                None => Some(link),
+                Some(why) => {
+                    tracing::warn!(device = %spec.name, reason = %why, "existing device does not match the backend config; recreating it (its MAC changes)");
+                    let result = self.handle.link().del(link.header.index).execute().await;
+                    self.check(result, link.header.index, true, |_| {
+                        format!("ip link del {}", spec.name)
+                    })
+                    .await?;
+                    None
                 }
-            }
+            },
+            None => None,
+        };
+        let link = match link {
             Some(link) => {
-                tracing::warn!(device = %spec.name, "existing device has other VXLAN settings; recreating it");
-                gone_ok(
-                    self.handle.link().del(link.header.index).execute().await,
-                    format!("ip link del {}", spec.name),
-                )?;
-                self.create_vxlan(spec).await?;
+                let learning = vxlan_seen(&link).and_then(|s| s.learning);
+                if learning != Some(spec.learning) {
+                    // Learning is one of the few VXLAN settings the kernel changes live.
+                    let msg = LinkVxlan::new(&spec.name, spec.vni)
+                        .index(link.header.index)
+                        .learning(spec.learning)
+                        .build();
+                    let result = self.handle.link().change(msg).execute().await;
+                    self.check(result, link.header.index, false, |_| {
+                        format!(
+                            "ip link set {} type vxlan {}learning",
+                            spec.name,
+                            if spec.learning { "" } else { "no" }
+                        )
+                    })
+                    .await?;
+                }
+                link
             }
-            None => self.create_vxlan(spec).await?,
+            None => {
+                self.create_vxlan(spec).await?;
+                self.link_by_name(&spec.name).await?.ok_or_else(|| {
+                    DataPlaneError::NotFound(format!(
+                        "{} vanished right after it was created",
+                        spec.name
+                    ))
+                })?
+            }
+        };
+        let index = link.header.index;
+        if link_mtu(&link) != Some(spec.mtu) || !link.header.flags.contains(LinkFlags::Up) {
+            let msg = LinkUnspec::new_with_index(index).mtu(spec.mtu).up().build();
+            let result = self.handle.link().change(msg).execute().await;
+            self.check(result, index, false, |_| {
+                format!("ip link set {} mtu {} up", spec.name, spec.mtu)
+            })
+            .await?;
         }
-        let link = self
-            .link_by_name(&spec.name)
-            .await?
-            .ok_or_else(|| DataPlaneError::NotFound(format!("{} vanished right after it was created", spec.name)))?;
+        Self::disable_accept_ra(&spec.name);
         let mac = link_mac(&link)
             .ok_or_else(|| DataPlaneError::NotFound(format!("{} has no MAC address", spec.name)))?;
-        // flannel turns off router advertisements on the device; no IPv6 is fine.
-        let accept_ra = format!("/proc/sys/net/ipv6/conf/{}/accept_ra", spec.name);
-        if std::path::Path::new(&accept_ra).exists() {
-            let _ = std::fs::write(&accept_ra, "0");
-        }
-        Ok(Device {
-            index: link.header.index,
-            mac,
-        })
+        Ok(Device { index, mac })
     }
 
+    /// `ip addr replace ADDR/32 dev flannel.1` and `ip addr del OTHER dev flannel.1`
+    /// for every other IPv4 address.
     async fn ensure_address(&self, dev: &Device, addr: Ipv4Addr) -> Result<(), DataPlaneError> {
-        let current: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(dev.index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err(format!("ip -4 addr show dev #{}", dev.index)))?;
-        let mut present = false;
-        for a in current {
-            if a.header.family != AddressFamily::Inet {
-                continue;
-            }
-            let ip = a.attributes.iter().find_map(|attr| match attr {
-                AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            if ip == Some(addr) && a.header.prefix_len == 32 {
-                present = true;
-                continue;
-            }
-            let shown = ip.map(|i| format!("{i}/{}", a.header.prefix_len)).unwrap_or_default();
-            gone_ok(
-                self.handle.address().del(a).execute().await,
-                format!("ip addr del {shown} dev #{}", dev.index),
-            )?;
-        }
+        let current = self.addresses(Some(dev.index)).await?;
+        let present = current
+            .iter()
+            .any(|a| a.header.prefix_len == 32 && address_ipv4(a) == Some(addr));
         if !present {
-            self.handle
+            let result = self
+                .handle
                 .address()
                 .add(dev.index, IpAddr::V4(addr), 32)
                 .replace()
                 .execute()
-                .await
-                .map_err(op_err(format!("ip addr replace {addr}/32 dev #{}", dev.index)))?;
+                .await;
+            self.check(result, dev.index, false, |name| {
+                format!("ip addr replace {addr}/32 dev {name}")
+            })
+            .await?;
+        }
+        for a in current {
+            let ip = address_ipv4(&a);
+            if a.header.prefix_len == 32 && ip == Some(addr) {
+                continue;
+            }
+            let shown = match ip {
+                Some(ip) => format!("{ip}/{}", a.header.prefix_len),
+                None => "?".into(),
+            };
+            let mut del = AddressMessage::default();
+            del.header = a.header.clone();
+            del.attributes = a
+                .attributes
+                .into_iter()
+                .filter(|attr| {
+                    matches!(
+                        attr,
+                        AddressAttribute::Local(_) | AddressAttribute::Address(_)
+                    )
+                })
+                .collect();
+            let result = self.handle.address().del(del).execute().await;
+            self.check(result, dev.index, true, |name| {
+                format!("ip addr del {shown} dev {name}")
+            })
+            .await?;
         }
         Ok(())
     }
 
+    /// `ip -4 neigh show dev flannel.1 nud permanent`, `bridge fdb show dev flannel.1`
+    /// (entries with a `dst`), `ip -4 route show table main proto 74`.
     async fn read_state(&self, dev: &Device) -> Result<KernelState, DataPlaneError> {
         let mut state = KernelState::default();
-        let neighbours: Vec<NeighbourMessage> = self
+
+        let mut req = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("ip -4 neigh show"))?;
+            .set_address_family(AddressFamily::Inet);
+        // NDA_IFINDEX filters kernel-side with or without strict checking.
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::IfIndex(dev.index));
+        let neighbours: Vec<NeighbourMessage> = match req.execute().try_collect().await {
+            Ok(n) => n,
+            Err(e) => {
+                let name = self.dev_name(dev.index).await;
+                return Err(netlink_err(format!("ip -4 neigh show dev {name}"), e));
+            }
+        };
         for n in neighbours {
-            if n.header.ifindex != dev.index || n.header.state != NeighbourState::Permanent {
+            if n.header.ifindex != dev.index
+                || n.header.family != AddressFamily::Inet
+                || n.header.state != NeighbourState::Permanent
+            {
                 continue;
             }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_from(b),
-                    _ => {}
-                }
-            }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
+            if let (Some(ip), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
                 state.neighbours.insert(ip, mac);
             }
         }
-        let fdb: Vec<NeighbourMessage> = self
+
+        let mut req = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("bridge fdb show"))?;
+            .set_address_family(AddressFamily::Bridge);
+        // Under strict checking the kernel dumps only this device's FDB; otherwise it
+        // dumps every device's and the filter below does the work.
+        req.message_mut().header.ifindex = dev.index;
+        let fdb: Vec<NeighbourMessage> = match req.execute().try_collect().await {
+            Ok(n) => n,
+            Err(e) => {
+                let name = self.dev_name(dev.index).await;
+                return Err(netlink_err(format!("bridge fdb show dev {name}"), e));
+            }
+        };
         for n in fdb {
-            if n.header.ifindex != dev.index {
+            if n.header.ifindex != dev.index || n.header.family != AddressFamily::Bridge {
                 continue;
             }
-            let mut dst = None;
-            let mut mac = None;
-            for a in &n.attributes {
-                match a {
-                    // In an AF_BRIDGE dump the kernel's NDA_DST arrives as raw bytes.
-                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                        dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => dst = Some(*i),
-                    NeighbourAttribute::LinkLayerAddress(b) => mac = mac_from(b),
-                    _ => {}
-                }
-            }
-            if let (Some(dst), Some(mac)) = (dst, mac) {
+            if let (Some(dst), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
                 if mac.0 != [0; 6] {
                     state.fdb.insert(mac, dst);
                 }
             }
         }
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op_err("ip -4 route show"))?;
-        for r in routes {
-            if u8::from(r.header.protocol) != ROUTE_PROTOCOL || route_table(&r) != u32::from(RouteHeader::RT_TABLE_MAIN)
-            {
-                continue;
-            }
-            let (mut dst, mut gateway, mut oif) = (None, None, None);
+
+        for r in self.main_routes(ROUTE_PROTOCOL).await? {
+            let (mut dst, mut gateway) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(i)) => dst = Some(*i),
-                    RouteAttribute::Gateway(RouteAddress::Inet(i)) => gateway = Some(*i),
-                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(RouteAddress::Inet(i)) => dst = *i,
+                    RouteAttribute::Gateway(RouteAddress::Inet(i)) => gateway = *i,
                     _ => {}
                 }
             }
-            let (Some(dst), Some(gateway), Some(oif)) = (dst, gateway, oif) else { continue };
-            let Ok(dst) = Ipv4Net::new(dst, r.header.destination_prefix_length) else { continue };
+            let Ok(dst) = Ipv4Net::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            let oif = route_oif(&r).unwrap_or(0);
             state.routes.insert(dst, Route { dst, gateway, oif });
         }
         Ok(state)
     }
 
-    async fn add_neighbour(&self, dev: &Device, ip: Ipv4Addr, mac: Mac) -> Result<(), DataPlaneError> {
-        self.handle
+    /// `ip neigh replace IP lladdr MAC dev flannel.1 nud permanent`
+    async fn add_neighbour(
+        &self,
+        dev: &Device,
+        ip: Ipv4Addr,
+        mac: Mac,
+    ) -> Result<(), DataPlaneError> {
+        let result = self
+            .handle
             .neighbours()
             .add(dev.index, IpAddr::V4(ip))
             .link_layer_address(&mac.0)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
-            .await
-            .map_err(op_err(format!("ip neigh replace {ip} lladdr {mac} dev #{} nud permanent", dev.index)))
+            .await;
+        self.check(result, dev.index, false, |name| {
+            format!("ip neigh replace {ip} lladdr {mac} dev {name} nud permanent")
+        })
+        .await
     }
 
+    /// `ip neigh del IP dev flannel.1`
     async fn del_neighbour(&self, dev: &Device, ip: Ipv4Addr) -> Result<(), DataPlaneError> {
-        gone_ok(
-            self.handle.neighbours().del(neighbour_message(dev, ip)).execute().await,
-            format!("ip neigh del {ip} dev #{}", dev.index),
-        )
+        let result = self
+            .handle
+            .neighbours()
+            .del(neighbour_del_message(dev, ip))
+            .execute()
+            .await;
+        self.check(result, dev.index, true, |name| {
+            format!("ip neigh del {ip} dev {name}")
+        })
+        .await
     }
 
+    /// `bridge fdb replace MAC dev flannel.1 dst IP self permanent`
     async fn add_fdb(&self, dev: &Device, mac: Mac, dst: Ipv4Addr) -> Result<(), DataPlaneError> {
-        self.handle
+        let result = self
+            .handle
             .neighbours()
             .add_bridge(dev.index, &mac.0)
             .destination(IpAddr::V4(dst))
@@ -468,34 +838,59 @@ impl DataPlane for Netlink {
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
-            .await
-            .map_err(op_err(format!("bridge fdb replace {mac} dev #{} dst {dst} self permanent", dev.index)))
+            .await;
+        self.check(result, dev.index, false, |name| {
+            format!("bridge fdb replace {mac} dev {name} dst {dst} self permanent")
+        })
+        .await
     }
 
+    /// `bridge fdb del MAC dev flannel.1 dst IP self`
     async fn del_fdb(&self, dev: &Device, mac: Mac, dst: Ipv4Addr) -> Result<(), DataPlaneError> {
-        gone_ok(
-            self.handle.neighbours().del(fdb_message(dev, mac, dst)).execute().await,
-            format!("bridge fdb del {mac} dev #{} dst {dst} self", dev.index),
-        )
+        let result = self
+            .handle
+            .neighbours()
+            .del(fdb_del_message(dev, mac, dst))
+            .execute()
+            .await;
+        self.check(result, dev.index, true, |name| {
+            format!("bridge fdb del {mac} dev {name} dst {dst} self")
+        })
+        .await
     }
 
+    /// `ip route replace DST via GW dev DEV onlink proto 74` (main table, scope global)
     async fn add_route(&self, route: &Route) -> Result<(), DataPlaneError> {
-        self.handle
+        let result = self
+            .handle
             .route()
             .add(route_message(route))
             .replace()
             .execute()
-            .await
-            .map_err(op_err(format!(
-                "ip route replace {} via {} dev #{} onlink proto {ROUTE_PROTOCOL}",
-                route.dst, route.gateway, route.oif
-            )))
+            .await;
+        self.check(result, route.oif, false, |name| {
+            format!(
+                "ip route replace {} via {} dev {name} onlink proto {ROUTE_PROTOCOL}",
+                route.dst, route.gateway
+            )
+        })
+        .await
     }
 
+    /// `ip route del DST via GW dev DEV proto 74`
     async fn del_route(&self, route: &Route) -> Result<(), DataPlaneError> {
-        gone_ok(
-            self.handle.route().del(route_message(route)).execute().await,
-            format!("ip route del {} via {} dev #{} proto {ROUTE_PROTOCOL}", route.dst, route.gateway, route.oif),
-        )
+        let result = self
+            .handle
+            .route()
+            .del(route_del_message(route))
+            .execute()
+            .await;
+        self.check(result, route.oif, true, |name| {
+            format!(
+                "ip route del {} via {} dev {name} proto {ROUTE_PROTOCOL}",
+                route.dst, route.gateway
+            )
+        })
+        .await
     }
 }

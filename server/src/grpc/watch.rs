@@ -72,3 +72,58 @@ pub fn stream(
     });
     Box::pin(ReceiverStream::new(rx))
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
+
+    use super::*;
+
+    fn put(rev: u64) -> LeaseEvent {
+        LeaseEvent {
+            r#type: EventType::Put as i32,
+            revision: rev,
+            lease: Some(Lease {
+                node_name: format!("n{rev}"),
+                revision: rev,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_watcher_gets_a_reset_and_does_not_hold_up_others() {
+        let hub = Arc::new(Hub::with_capacity(vec![], vec![], 0, 8));
+        let metrics = Arc::new(Metrics::default());
+        let agents = Arc::new(Agents::default());
+        let mut slow = stream(&hub, &metrics, &agents, "slow".into(), 0);
+        let mut fast = stream(&hub, &metrics, &agents, "fast".into(), 0);
+        assert!(fast.next().await.unwrap().unwrap().reset, "initial snapshot");
+        let mut fast_seen = 0;
+        for rev in 1..=200 {
+            hub.commit(vec![put(rev)]);
+            // The fast watcher keeps up; the slow one is never read meanwhile.
+            let msg = fast.next().await.unwrap().unwrap();
+            assert!(!msg.reset);
+            fast_seen += msg.events.len();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(fast_seen, 200, "the fast watcher got every event in order");
+
+        let mut got_reset = false;
+        let mut last = 0;
+        while last < 200 {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(5), slow.next())
+                .await
+                .expect("slow watcher still served")
+                .unwrap()
+                .unwrap();
+            got_reset |= msg.reset && msg.revision > 0;
+            last = msg.revision;
+        }
+        assert!(got_reset, "the stalled watcher was sent a reset snapshot");
+        assert_eq!(metrics.watcher_resets.get(), 1);
+        assert_eq!(agents.watchers().len(), 2);
+    }
+}

@@ -1,0 +1,461 @@
+//! `twill-cni`: a CNI plugin that behaves like flannel's (REFERENCE.md 1.6), so an
+//! existing flannel conflist needs only its `type` changed.
+//!
+//! It owns the plugin's whole life: reading the CNI environment and the network
+//! configuration (spec 1.0.0; configs declaring 0.3.0, 0.3.1 and 0.4.0 are accepted),
+//! building the delegate configuration from flannel's subnet.env (the `bridge` plugin
+//! with `host-local` IPAM unless told otherwise), saving it under `<dataDir>/<containerID>`
+//! so DEL does not depend on subnet.env, running the delegate from `CNI_PATH`, and
+//! printing results and errors as the spec's JSON. It never panics on bad input.
+//!
+//! - `config`: the network configuration, subnet.env checks, the delegate config (pure).
+//! - `exec`: finding and invoking the delegate plugin.
+//! - `store`: the saved delegate configurations.
+//! - `error`: the CNI error type and codes.
+
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod store;
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+pub use config::{NetConf, SUPPORTED_VERSIONS};
+pub use error::{code, CniError};
+
+/// The version we answer in when the caller's cannot be determined.
+pub const LATEST_VERSION: &str = "1.0.0";
+
+/// A CNI command (`CNI_COMMAND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Attach the container.
+    Add,
+    /// Detach the container; idempotent.
+    Del,
+    /// Verify the container's attachment.
+    Check,
+    /// Report the supported versions.
+    Version,
+}
+
+impl Command {
+    fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+        }
+    }
+}
+
+/// The CNI environment of one invocation, validated as libcni's `skel` validates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// `CNI_COMMAND`.
+    pub command: Command,
+    /// `CNI_CONTAINERID` (empty for VERSION).
+    pub container_id: String,
+    /// `CNI_NETNS` (may be empty on DEL).
+    pub netns: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_PATH`.
+    pub cni_path: String,
+}
+
+impl Args {
+    /// Reads and validates the environment. Missing variables are named (code 4); a
+    /// container ID or interface name libcni would reject is rejected the same way.
+    pub fn from_env(getenv: &dyn Fn(&str) -> Option<String>) -> Result<Self, CniError> {
+        let get = |k: &str| getenv(k).unwrap_or_default();
+        let invalid = |msg: String| CniError::new(code::INVALID_ENV, msg);
+        let command = match get("CNI_COMMAND").as_str() {
+            "" => {
+                return Err(invalid(
+                    "required environment variable CNI_COMMAND missing".into(),
+                ))
+            }
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            other => {
+                return Err(invalid(format!(
+                    "unknown CNI_COMMAND {other:?} (twill-cni supports ADD, DEL, CHECK, VERSION)"
+                )))
+            }
+        };
+        let (container_id, netns, ifname, cni_path) = (
+            get("CNI_CONTAINERID"),
+            get("CNI_NETNS"),
+            get("CNI_IFNAME"),
+            get("CNI_PATH"),
+        );
+        let required: &[(&str, &str)] = match command {
+            Command::Version => &[],
+            Command::Del => &[
+                ("CNI_CONTAINERID", &container_id),
+                ("CNI_IFNAME", &ifname),
+                ("CNI_PATH", &cni_path),
+            ],
+            Command::Add | Command::Check => &[
+                ("CNI_CONTAINERID", &container_id),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", &ifname),
+                ("CNI_PATH", &cni_path),
+            ],
+        };
+        let missing: Vec<&str> = required
+            .iter()
+            .filter(|(_, v)| v.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        if !missing.is_empty() {
+            let s = if missing.len() == 1 { "" } else { "s" };
+            return Err(invalid(format!(
+                "required environment variable{s} {} missing for {}",
+                missing.join(", "),
+                command.name()
+            )));
+        }
+        if command != Command::Version {
+            if !config::valid_cni_name(&container_id) {
+                return Err(invalid(format!(
+                    "invalid characters in CNI_CONTAINERID {container_id:?} (allowed: [a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+                )));
+            }
+            if ifname.len() > 15
+                || ifname == "."
+                || ifname == ".."
+                || ifname
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(invalid(format!(
+                    "invalid CNI_IFNAME {ifname:?}: at most 15 characters, not . or .., no /, : or whitespace"
+                )));
+            }
+        }
+        Ok(Self {
+            command,
+            container_id,
+            netns,
+            ifname,
+            cni_path,
+        })
+    }
+}
+
+/// The VERSION answer.
+pub fn version_info() -> Value {
+    json!({ "cniVersion": LATEST_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
+}
+
+/// Runs one command; returns what to print on stdout on success.
+pub fn run(args: &Args, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    if args.command == Command::Version {
+        return Ok(version_info().to_string().into_bytes());
+    }
+    let conf = NetConf::parse(stdin)?;
+    match args.command {
+        Command::Add => cmd_add(args, &conf),
+        Command::Del => cmd_del(args, &conf),
+        Command::Check => cmd_check(args, &conf),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+fn delegate_type(conf: &serde_json::Map<String, Value>) -> Option<&str> {
+    conf.get("type").and_then(Value::as_str)
+}
+
+fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
+    let env = config::load_subnet_env(&conf.subnet_file)?;
+    let delegate = config::build_delegate(conf, &env);
+    let plugin = exec::find_plugin(delegate_type(&delegate).unwrap_or(""), &args.cni_path)?;
+    let bytes = serde_json::to_vec(&delegate)
+        .map_err(|e| CniError::new(code::INTERNAL, format!("serializing delegate config: {e}")))?;
+    // Saved before the delegate runs: after a failed ADD the runtime calls DEL, which
+    // must find it to undo whatever the delegate did half-way (flannel does the same).
+    store::save(&conf.data_dir, &args.container_id, &bytes)?;
+    let out = exec::invoke(&plugin, "ADD", &bytes)?;
+    if serde_json::from_slice::<Value>(&out).is_err() {
+        return Err(CniError::new(
+            code::DELEGATE_FAILED,
+            format!(
+                "delegate {} returned a result that is not JSON",
+                plugin.display()
+            ),
+        )
+        .with_details(String::from_utf8_lossy(&out).into_owned()));
+    }
+    Ok(out)
+}
+
+fn cmd_del(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
+    let Some(saved) = store::load(&conf.data_dir, &args.container_id)? else {
+        // Unknown container or already deleted: nothing to do (spec: DEL is idempotent).
+        return Ok(Vec::new());
+    };
+    let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&saved).ok();
+    let Some(plugin_type) = parsed.as_ref().and_then(delegate_type) else {
+        // flannel: an unreadable saved config is logged and dropped; the interface goes
+        // away with the network namespace.
+        eprintln!(
+            "twill-cni: ignoring unparseable saved delegate config {}",
+            store::path_for(&conf.data_dir, &args.container_id).display()
+        );
+        store::remove(&conf.data_dir, &args.container_id)?;
+        return Ok(Vec::new());
+    };
+    let plugin = exec::find_plugin(plugin_type, &args.cni_path)?;
+    // The saved bytes are passed as saved (flannel does): the delegate sees the config
+    // it was added with, whatever subnet.env says now. The file stays on failure so a
+    // retried DEL still has it.
+    exec::invoke(&plugin, "DEL", &saved)?;
+    store::remove(&conf.data_dir, &args.container_id)?;
+    Ok(Vec::new())
+}
+
+fn cmd_check(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
+    if !config::version_at_least(&conf.cni_version, "0.4.0") {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "config version {} does not allow CHECK (needs 0.4.0 or later)",
+                conf.cni_version
+            ),
+        ));
+    }
+    let Some(saved) = store::load(&conf.data_dir, &args.container_id)? else {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "container {} is unknown: no saved delegate config in {}",
+                args.container_id,
+                conf.data_dir.display()
+            ),
+        ));
+    };
+    let Ok(mut delegate) = serde_json::from_slice::<serde_json::Map<String, Value>>(&saved) else {
+        return Err(CniError::new(
+            code::DECODING_FAILURE,
+            format!(
+                "saved delegate config {} is not a JSON object",
+                store::path_for(&conf.data_dir, &args.container_id).display()
+            ),
+        ));
+    };
+    let plugin = exec::find_plugin(delegate_type(&delegate).unwrap_or(""), &args.cni_path)?;
+    // The prevResult is in the caller's version, so the delegate must be asked in it.
+    delegate.insert("cniVersion".into(), json!(conf.cni_version));
+    if let Some(prev) = &conf.prev_result {
+        delegate.insert("prevResult".into(), prev.clone());
+    }
+    if let Some(rc) = &conf.runtime_config {
+        delegate.insert("runtimeConfig".into(), rc.clone());
+    }
+    let bytes = serde_json::to_vec(&delegate)
+        .map_err(|e| CniError::new(code::INTERNAL, format!("serializing delegate config: {e}")))?;
+    exec::invoke(&plugin, "CHECK", &bytes)?;
+    Ok(Vec::new())
+}
+
+/// The whole plugin: validates the environment, reads stdin, runs the command and
+/// prints the result or the error JSON. Returns the process exit code.
+pub fn main_with(
+    getenv: &dyn Fn(&str) -> Option<String>,
+    stdin: &mut dyn Read,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> i32 {
+    let mut input = Vec::new();
+    let result = Args::from_env(getenv).and_then(|args| {
+        // VERSION is often run by hand; do not wait for a stdin nobody sends.
+        if args.command != Command::Version {
+            stdin.read_to_end(&mut input).map_err(|e| {
+                CniError::new(code::IO_FAILURE, format!("error reading stdin: {e}"))
+            })?;
+        }
+        run(&args, &input)
+    });
+    match result {
+        Ok(out) => {
+            let _ = stdout.write_all(&out);
+            let _ = stdout.flush();
+            0
+        }
+        Err(e) => {
+            if getenv("CNI_COMMAND").unwrap_or_default().is_empty() {
+                let _ = writeln!(
+                    stderr,
+                    "twill-cni {}: flannel-compatible CNI plugin; CNI protocol versions supported: {}",
+                    env!("CARGO_PKG_VERSION"),
+                    SUPPORTED_VERSIONS.join(", ")
+                );
+            }
+            let version = config::declared_version(&input);
+            let json = e.to_json(version.as_deref().unwrap_or(LATEST_VERSION));
+            let _ = writeln!(stdout, "{json}");
+            let _ = stdout.flush();
+            1
+        }
+    }
+}
+
+/// `twill-cni`'s `main`, on the process's real environment and stdio.
+pub fn main() -> i32 {
+    let getenv = |k: &str| std::env::var(k).ok();
+    main_with(
+        &getenv,
+        &mut std::io::stdin().lock(),
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )
+}
+
+/// Used by tests: the saved delegate file of a container.
+pub fn saved_config_path(data_dir: &Path, container_id: &str) -> std::path::PathBuf {
+    store::path_for(data_dir, container_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn call(env: &[(&str, &str)], stdin: &str) -> (i32, Value) {
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let getenv = |k: &str| map.get(k).cloned();
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let rc = main_with(&getenv, &mut stdin.as_bytes(), &mut out, &mut err);
+        let v = if out.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out).unwrap()
+        };
+        (rc, v)
+    }
+
+    const CONF: &str = r#"{"cniVersion":"0.4.0","name":"cbr0","type":"twill-cni"}"#;
+
+    #[test]
+    fn version_lists_supported_versions() {
+        let (rc, v) = call(&[("CNI_COMMAND", "VERSION")], "");
+        assert_eq!(rc, 0);
+        assert_eq!(
+            v["supportedVersions"],
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+        );
+        assert_eq!(v["cniVersion"], json!("1.0.0"));
+    }
+
+    #[test]
+    fn missing_and_bad_env_are_named() {
+        let (rc, v) = call(&[], CONF);
+        assert_eq!((rc, v["code"].clone()), (1, json!(4)));
+        assert!(v["msg"].as_str().unwrap().contains("CNI_COMMAND"));
+
+        let (rc, v) = call(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c")], CONF);
+        assert_eq!((rc, v["code"].clone()), (1, json!(4)));
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.contains("CNI_NETNS, CNI_IFNAME, CNI_PATH") && !msg.contains("CNI_CONTAINERID"),
+            "{msg}"
+        );
+
+        let base = [
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/nonexistent"),
+        ];
+        let mut env = base.to_vec();
+        env.push(("CNI_CONTAINERID", "../etc"));
+        let (_, v) = call(&env, CONF);
+        assert_eq!(v["code"], json!(4));
+        assert!(v["msg"].as_str().unwrap().contains("CNI_CONTAINERID"));
+
+        let (_, v) = call(&[("CNI_COMMAND", "GC")], CONF);
+        assert_eq!(v["code"], json!(4));
+    }
+
+    #[test]
+    fn errors_answer_in_the_callers_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"0.3.1","name":"n","subnetFile":"{}/none","dataDir":"{}/d"}}"#,
+            dir.path().display(),
+            dir.path().display()
+        );
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/nonexistent"),
+        ];
+        let (rc, v) = call(&env, &conf);
+        assert_eq!(rc, 1);
+        assert_eq!(v["cniVersion"], json!("0.3.1"));
+        assert_eq!(v["code"], json!(11));
+        assert!(v["msg"].as_str().unwrap().contains("twill-agent"));
+
+        let (_, v) = call(&env, "not json");
+        assert_eq!(
+            (v["code"].clone(), v["cniVersion"].clone()),
+            (json!(6), json!("1.0.0"))
+        );
+        let (_, v) = call(&env, r#"{"cniVersion":"2.0.0","name":"n"}"#);
+        assert_eq!(v["code"], json!(1));
+    }
+
+    #[test]
+    fn del_of_unknown_container_succeeds_and_check_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","dataDir":"{}/d"}}"#,
+            dir.path().display()
+        );
+        let mut env = vec![
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/nonexistent"),
+        ];
+        assert_eq!(call(&env, &conf), (0, Value::Null));
+        env[0] = ("CNI_COMMAND", "CHECK");
+        env.push(("CNI_NETNS", "/var/run/netns/x"));
+        let (rc, v) = call(&env, &conf);
+        assert_eq!((rc, v["code"].clone()), (1, json!(3)));
+        let (_, v) = call(&env, &conf.replace("1.0.0", "0.3.1"));
+        assert_eq!(v["code"], json!(1));
+    }
+
+    #[test]
+    fn unparseable_saved_config_is_dropped_on_del() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d");
+        store::save(&data, "c1", b"garbage").unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","dataDir":"{}"}}"#,
+            data.display()
+        );
+        let env = [
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/nonexistent"),
+        ];
+        assert_eq!(call(&env, &conf).0, 0);
+        assert!(!saved_config_path(&data, "c1").exists());
+    }
+}
