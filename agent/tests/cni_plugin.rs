@@ -117,7 +117,9 @@ fn skip(why: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{msg}, and CI is set");
     }
-    eprintln!("\n*** {msg} ***\n");
+    // Written to the stderr handle directly: the test harness captures eprintln!.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n*** {msg} ***\n");
 }
 
 fn conf(dir: &Path, version: &str) -> String {

@@ -319,7 +319,7 @@ pub fn main() -> i32 {
     )
 }
 
-/// Used by tests: the saved delegate file of a container.
+/// The file a container's delegate configuration is saved in.
 pub fn saved_config_path(data_dir: &Path, container_id: &str) -> std::path::PathBuf {
     store::path_for(data_dir, container_id)
 }
