@@ -1,0 +1,750 @@
+//! Checks of deploy/: the Kubernetes manifests, the Dockerfiles and the systemd units
+//! must agree with the binaries, so they cannot drift from the code silently.
+//!
+//! - every flag (`--foo`) and `TWILL_*` variable the Deployment, the DaemonSet, the
+//!   units and the example env files set exists in the binary's `--help`;
+//! - the issue's requirements on the objects (Recreate, probes, hostNetwork, ...);
+//! - deploy/check/validate_manifests.py: schema validation with kubernetes-validate;
+//! - deploy/check/verify_units.sh: `systemd-analyze verify` and `security`;
+//! - deploy/check/test_install_cni.sh: the init container's install script.
+//!
+//! The external checks print a loud SKIPPED when their tool is missing, and fail
+//! instead when the environment variable CI is set.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// Exit status of a check script that skipped because a tool is missing.
+const SKIPPED: i32 = 77;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn deploy(rel: &str) -> PathBuf {
+    repo().join("deploy").join(rel)
+}
+
+fn read(rel: &str) -> String {
+    let path = deploy(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn in_ci() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no"
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Prints past the test harness's output capture, so a skip is seen in a normal run.
+fn loud(msg: &str) {
+    let bar = "!".repeat(78);
+    let _ = writeln!(std::io::stderr().lock(), "\n{bar}\n!! {msg}\n{bar}");
+}
+
+/// The directory of the built binaries (target/<profile>).
+fn bin_dir() -> PathBuf {
+    let mut candidates = Vec::new();
+    // Tests run as target/<profile>/deps/<name>-<hash>.
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.to_path_buf()))
+    {
+        candidates.push(dir);
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(dir).join("debug"));
+    }
+    candidates.push(repo().join("target").join("debug"));
+    for dir in &candidates {
+        if ["twill-controller", "twill-agent"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+        {
+            return dir.clone();
+        }
+    }
+    panic!(
+        "twill-controller and twill-agent are missing (looked in {candidates:?}): \
+         run cargo build --workspace --bins first"
+    );
+}
+
+/// `BIN --help`, whitespace collapsed (clap may wrap long lines).
+fn help(bin: &str) -> String {
+    let path = bin_dir().join(bin);
+    let out = Command::new(&path)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap_or_else(|e| panic!("run {} --help: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "{bin} --help failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn has_flag(help: &str, flag: &str) -> bool {
+    help.split(' ').any(|tok| {
+        tok == flag
+            || tok
+                .strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with([',', '=']))
+    })
+}
+
+fn has_env(help: &str, var: &str) -> bool {
+    help.contains(&format!("[env: {var}="))
+}
+
+/// Variables the manifests may set that are not flags.
+const NON_FLAG_ENV: &[&str] = &["RUST_LOG"];
+
+fn check_env_name(bin: &str, help: &str, var: &str, origin: &str, errors: &mut Vec<String>) {
+    if var.starts_with("TWILL_") {
+        if !has_env(help, var) {
+            errors.push(format!(
+                "{origin}: {var} is not a variable of {bin} (no `[env: {var}=]` in `{bin} --help`)"
+            ));
+        }
+    } else if !NON_FLAG_ENV.contains(&var) {
+        errors.push(format!(
+            "{origin}: {var} is neither a TWILL_* flag variable nor one of {NON_FLAG_ENV:?}"
+        ));
+    }
+}
+
+/// Duration-valued variables must parse the way the binaries parse them.
+fn check_env_value(var: &str, value: &str, origin: &str, errors: &mut Vec<String>) {
+    if matches!(var, "TWILL_LEASE_TTL" | "TWILL_RECONCILE_INTERVAL") {
+        if let Err(e) = twill_common::parse_duration(value) {
+            errors.push(format!("{origin}: {var}={value}: {e}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes objects
+
+fn docs(rel: &str) -> Vec<Value> {
+    let text = read(rel);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn object(rel: &str, kind: &str, name: &str) -> Value {
+    docs(rel)
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("{rel}: no {kind} {name}"))
+}
+
+fn s<'a>(v: &'a Value, what: &str) -> &'a str {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: expected a string, got {v:?}"))
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    seq(&pod["containers"])
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// Checks a container's args and env against `bin --help`; returns the env it sets.
+fn check_container_flags(
+    bin: &str,
+    c: &Value,
+    origin: &str,
+    errors: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let help = help(bin);
+    if !c["command"].is_null() {
+        errors.push(format!(
+            "{origin}: sets `command`; the image's entrypoint is {bin}, pass flags in `args`"
+        ));
+    }
+    for arg in seq(&c["args"]) {
+        let arg = s(arg, "args");
+        if let Some(flag) = arg.strip_prefix("--") {
+            let flag = format!("--{}", flag.split('=').next().unwrap());
+            if !has_flag(&help, &flag) {
+                errors.push(format!(
+                    "{origin}: arg {arg}: {flag} is not a flag of {bin}"
+                ));
+            }
+        }
+    }
+    let mut defined: Vec<(String, String)> = Vec::new();
+    for e in seq(&c["env"]) {
+        let name = s(&e["name"], "env name").to_string();
+        check_env_name(bin, &help, &name, origin, errors);
+        let value = e["value"].as_str().unwrap_or("").to_string();
+        check_env_value(&name, &value, origin, errors);
+        // $(VAR) is expanded only from variables defined earlier in the list.
+        let mut rest = value.as_str();
+        while let Some(start) = rest.find("$(") {
+            let end = rest[start..]
+                .find(')')
+                .map(|i| start + i)
+                .unwrap_or(rest.len());
+            let var = &rest[start + 2..end];
+            if !defined.iter().any(|(n, _)| n == var) {
+                errors.push(format!(
+                    "{origin}: {name} refers to $({var}), which is not defined before it"
+                ));
+            }
+            rest = &rest[end.min(rest.len())..];
+        }
+        if defined.iter().any(|(n, _)| *n == name) {
+            errors.push(format!("{origin}: {name} is set twice"));
+        }
+        defined.push((name, value));
+    }
+    defined
+}
+
+fn env_of<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+fn finish(what: &str, errors: Vec<String>) {
+    assert!(errors.is_empty(), "{what}:\n  {}", errors.join("\n  "));
+}
+
+#[test]
+fn deployment_and_daemonset_flags_exist_in_the_binaries() {
+    let mut errors = Vec::new();
+    let deployment = object(
+        "kubernetes/controller.yaml",
+        "Deployment",
+        "twill-controller",
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    check_container_flags(
+        "twill-controller",
+        container(pod, "controller"),
+        "Deployment twill-controller",
+        &mut errors,
+    );
+
+    let ds = object("kubernetes/agent.yaml", "DaemonSet", "twill-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    let env = check_container_flags(
+        "twill-agent",
+        container(pod, "agent"),
+        "DaemonSet twill-agent",
+        &mut errors,
+    );
+    finish("manifests drifted from the binaries' flags", errors);
+
+    // The node name comes from the downward API and picks the node's own certificate.
+    let node = seq(&container(pod, "agent")["env"])
+        .iter()
+        .find(|e| e["name"].as_str() == Some("TWILL_NODE_NAME"))
+        .expect("TWILL_NODE_NAME is set");
+    assert_eq!(
+        node["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("spec.nodeName")
+    );
+    assert_eq!(
+        env_of(&env, "TWILL_TLS_CERT"),
+        Some("/etc/twill/pki/node-$(TWILL_NODE_NAME).crt")
+    );
+    assert_eq!(
+        env_of(&env, "TWILL_TLS_KEY"),
+        Some("/etc/twill/pki/node-$(TWILL_NODE_NAME).key")
+    );
+}
+
+#[test]
+fn systemd_units_and_env_files_use_existing_variables() {
+    let mut errors = Vec::new();
+    for (bin, unit, env_file) in [
+        (
+            "twill-controller",
+            "systemd/twill-controller.service",
+            "systemd/controller.env",
+        ),
+        (
+            "twill-agent",
+            "systemd/twill-agent.service",
+            "systemd/agent.env",
+        ),
+    ] {
+        let help = help(bin);
+        let unit_text = read(unit);
+        for line in unit_text.lines() {
+            if let Some(assign) = line.strip_prefix("Environment=") {
+                let (var, value) = assign.split_once('=').unwrap_or((assign, ""));
+                check_env_name(bin, &help, var, unit, &mut errors);
+                check_env_value(var, value, unit, &mut errors);
+            }
+            if let Some(exec) = line.strip_prefix("ExecStart=") {
+                for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+                    let flag = flag.split('=').next().unwrap();
+                    if !has_flag(&help, flag) {
+                        errors.push(format!("{unit}: {flag} is not a flag of {bin}"));
+                    }
+                }
+            }
+        }
+        assert!(unit_text.contains(&format!(
+            "EnvironmentFile=/etc/twill/{}",
+            env_file.trim_start_matches("systemd/")
+        )));
+        // Commented-out examples count too: operators uncomment them.
+        for line in read(env_file).lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            let Some((var, value)) = line.split_once('=') else {
+                continue;
+            };
+            if var.is_empty()
+                || !var
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            {
+                continue;
+            }
+            check_env_name(bin, &help, var, env_file, &mut errors);
+            check_env_value(var, value, env_file, &mut errors);
+        }
+    }
+    finish("systemd files drifted from the binaries' flags", errors);
+}
+
+#[test]
+fn controller_deployment_meets_the_contract() {
+    let d = object(
+        "kubernetes/controller.yaml",
+        "Deployment",
+        "twill-controller",
+    );
+    assert_eq!(d["metadata"]["namespace"].as_str(), Some("twill-system"));
+    assert_eq!(
+        d["spec"]["replicas"].as_u64(),
+        Some(1),
+        "one controller per store"
+    );
+    assert_eq!(
+        d["spec"]["strategy"]["type"].as_str(),
+        Some("Recreate"),
+        "two controllers must never share the store"
+    );
+    let pod = &d["spec"]["template"]["spec"];
+    let c = container(pod, "controller");
+    let port = |name: &str| {
+        seq(&c["ports"])
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no port {name}"))
+    };
+    assert_eq!(port("grpc"), 8474);
+    assert_eq!(port("metrics"), 8475);
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path), "{probe}");
+        assert_eq!(
+            c[probe]["httpGet"]["port"].as_str(),
+            Some("metrics"),
+            "{probe}"
+        );
+    }
+    for r in ["requests", "limits"] {
+        for k in ["cpu", "memory"] {
+            assert!(!c["resources"][r][k].is_null(), "resources.{r}.{k}");
+        }
+    }
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        c["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        c["securityContext"]["allowPrivilegeEscalation"].as_bool(),
+        Some(false)
+    );
+
+    // The data dir is the PVC; net-conf.json and the TLS files come from the ConfigMap
+    // and the Secret, at the paths the env points to.
+    let env: Vec<(String, String)> = seq(&c["env"])
+        .iter()
+        .map(|e| {
+            (
+                s(&e["name"], "env").to_string(),
+                e["value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let mount = |vol: &str| {
+        seq(&c["volumeMounts"])
+            .iter()
+            .find(|m| m["name"].as_str() == Some(vol))
+            .map(|m| s(&m["mountPath"], "mountPath").to_string())
+            .unwrap_or_else(|| panic!("no mount of volume {vol}"))
+    };
+    let volume = |vol: &str| {
+        seq(&pod["volumes"])
+            .iter()
+            .find(|v| v["name"].as_str() == Some(vol))
+            .cloned()
+            .unwrap_or_else(|| panic!("no volume {vol}"))
+    };
+    assert_eq!(env_of(&env, "TWILL_DATA_DIR"), Some(mount("data").as_str()));
+    let pvc = volume("data")["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .expect("data is a PVC")
+        .to_string();
+    object("kubernetes/controller.yaml", "PersistentVolumeClaim", &pvc);
+    assert_eq!(
+        env_of(&env, "TWILL_NET_CONF"),
+        Some(format!("{}/net-conf.json", mount("config")).as_str())
+    );
+    assert_eq!(
+        volume("config")["configMap"]["name"].as_str(),
+        Some("twill-cfg")
+    );
+    let tls = mount("tls");
+    assert_eq!(
+        volume("tls")["secret"]["secretName"].as_str(),
+        Some("twill-controller-tls")
+    );
+    assert_eq!(
+        env_of(&env, "TWILL_TLS_CERT"),
+        Some(format!("{tls}/tls.crt").as_str())
+    );
+    assert_eq!(
+        env_of(&env, "TWILL_TLS_KEY"),
+        Some(format!("{tls}/tls.key").as_str())
+    );
+    assert_eq!(
+        env_of(&env, "TWILL_TLS_CLIENT_CA"),
+        Some(format!("{tls}/ca.crt").as_str())
+    );
+
+    // Services: gRPC under the name the agents dial, and metrics.
+    let grpc = object(
+        "kubernetes/controller-services.yaml",
+        "Service",
+        "twill-controller",
+    );
+    assert_eq!(grpc["spec"]["ports"][0]["port"].as_u64(), Some(8474));
+    let metrics = object(
+        "kubernetes/controller-services.yaml",
+        "Service",
+        "twill-controller-metrics",
+    );
+    assert_eq!(metrics["spec"]["ports"][0]["port"].as_u64(), Some(8475));
+}
+
+#[test]
+fn agent_daemonset_meets_the_contract() {
+    let ds = object("kubernetes/agent.yaml", "DaemonSet", "twill-agent");
+    assert_eq!(ds["metadata"]["namespace"].as_str(), Some("twill-system"));
+    let strategy = &ds["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"].as_str(), Some("RollingUpdate"));
+    assert!(
+        !strategy["rollingUpdate"]["maxUnavailable"].is_null(),
+        "maxUnavailable is set"
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(
+        pod["priorityClassName"].as_str(),
+        Some("system-node-critical")
+    );
+    assert!(
+        seq(&pod["tolerations"])
+            .iter()
+            .any(|t| t["operator"].as_str() == Some("Exists")
+                && t["key"].is_null()
+                && t["effect"].is_null()),
+        "a toleration of every taint (operator: Exists, no key, no effect)"
+    );
+    let c = container(pod, "agent");
+    let sc = &c["securityContext"];
+    assert_ne!(
+        sc["privileged"].as_bool(),
+        Some(true),
+        "NET_ADMIN and NET_RAW instead of privileged"
+    );
+    let added: BTreeSet<&str> = seq(&sc["capabilities"]["add"])
+        .iter()
+        .map(|v| s(v, "capability"))
+        .collect();
+    assert_eq!(added, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(
+        seq(&sc["capabilities"]["drop"])
+            .first()
+            .and_then(Value::as_str),
+        Some("ALL")
+    );
+
+    // The controller URL names the Service, in its namespace, on the gRPC port.
+    let url = seq(&c["env"])
+        .iter()
+        .find(|e| e["name"].as_str() == Some("TWILL_CONTROLLER"))
+        .and_then(|e| e["value"].as_str())
+        .expect("TWILL_CONTROLLER");
+    assert_eq!(url, "https://twill-controller.twill-system.svc:8474");
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    let metrics = seq(&c["ports"])
+        .iter()
+        .find(|p| p["name"].as_str() == Some("metrics"))
+        .expect("metrics port");
+    assert_eq!(metrics["containerPort"].as_u64(), Some(8476));
+
+    // Host paths: subnet.env, the CNI dirs, the node's PKI.
+    let host_paths: BTreeSet<&str> = seq(&pod["volumes"])
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    for p in [
+        "/run/flannel",
+        "/etc/cni/net.d",
+        "/opt/cni/bin",
+        "/etc/twill/pki",
+    ] {
+        assert!(host_paths.contains(p), "hostPath {p} is mounted");
+    }
+    let mounts: BTreeSet<&str> = seq(&c["volumeMounts"])
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(mounts.contains("/run/flannel"));
+    assert!(mounts.contains("/etc/twill/pki"));
+
+    // The init container installs twill-cni and the conflist with the image's script.
+    let init = seq(&pod["initContainers"])
+        .iter()
+        .find(|c| c["name"].as_str() == Some("install-cni"))
+        .expect("init container install-cni");
+    assert_eq!(
+        seq(&init["command"]).first().and_then(Value::as_str),
+        Some("/usr/local/bin/twill-install-cni")
+    );
+    let init_mounts: BTreeSet<&str> = seq(&init["volumeMounts"])
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    for p in [
+        "/host/opt/cni/bin",
+        "/host/etc/cni/net.d",
+        "/etc/twill/config",
+    ] {
+        assert!(
+            init_mounts.contains(p),
+            "the init container mounts {p} (paths of twill-install-cni)"
+        );
+    }
+}
+
+#[test]
+fn configmap_has_flannels_keys_and_conflist() {
+    let cm = object("kubernetes/configmap.yaml", "ConfigMap", "twill-cfg");
+    let conflist: serde_json::Value =
+        serde_json::from_str(s(&cm["data"]["cni-conf.json"], "cni-conf.json"))
+            .expect("cni-conf.json is JSON");
+    let expected: serde_json::Value = serde_json::from_str(
+        r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[{"type":"twill-cni","delegate":{"hairpinMode":true,"isDefaultGateway":true}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(conflist, expected);
+    let net_conf = s(&cm["data"]["net-conf.json"], "net-conf.json");
+    twill_common::NetConf::parse(net_conf)
+        .unwrap_or_else(|e| panic!("net-conf.json in the ConfigMap: {e}"));
+    let example: serde_json::Value = serde_json::from_str(&read("examples/net-conf.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(net_conf).unwrap(),
+        example,
+        "the ConfigMap's net-conf.json is deploy/examples/net-conf.json"
+    );
+}
+
+#[test]
+fn controller_certificate_names_the_service() {
+    // The agents dial twill-controller.twill-system.svc: both ways of making the
+    // controller's certificate must put that name in it.
+    let dns = "twill-controller.twill-system.svc";
+    let cert = object(
+        "kubernetes/cert-manager/certificates.yaml",
+        "Certificate",
+        "twill-controller",
+    );
+    assert_eq!(
+        cert["spec"]["secretName"].as_str(),
+        Some("twill-controller-tls")
+    );
+    assert!(seq(&cert["spec"]["dnsNames"])
+        .iter()
+        .any(|n| n.as_str() == Some(dns)));
+    let readme = read("README.md");
+    assert!(
+        readme
+            .lines()
+            .any(|l| l.contains("twillctl certs issue controller")
+                && l.contains(&format!("--dns {dns}"))),
+        "deploy/README.md issues the controller certificate with --dns {dns}"
+    );
+    for name in [
+        "twill-controller-tls",
+        "tls.crt",
+        "tls.key",
+        "ca.crt",
+        "/etc/twill/pki",
+    ] {
+        assert!(readme.contains(name), "deploy/README.md documents {name}");
+    }
+}
+
+#[test]
+fn dockerfiles_build_existing_binaries() {
+    let known_bins = ["twill-controller", "twillctl", "twill-agent", "twill-cni"];
+    let packages = ["twill-server", "twill-ctl", "twill-agent"];
+    for (file, entrypoint) in [
+        ("docker/Dockerfile.controller", "twill-controller"),
+        ("docker/Dockerfile.agent", "twill-agent"),
+    ] {
+        let text = read(file);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        for pair in words.windows(2) {
+            match pair[0] {
+                "--bin" => assert!(
+                    known_bins.contains(&pair[1]),
+                    "{file}: unknown binary {}",
+                    pair[1]
+                ),
+                "-p" => assert!(
+                    packages.contains(&pair[1]),
+                    "{file}: unknown package {}",
+                    pair[1]
+                ),
+                _ => {}
+            }
+        }
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{entrypoint}\"]")),
+            "{file}: entrypoint {entrypoint}"
+        );
+        assert!(
+            text.contains("--locked"),
+            "{file}: builds with the lock file"
+        );
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("COPY ") && !l.contains("--from="))
+        {
+            let src = line.split_whitespace().rev().nth(1).unwrap();
+            if src != "." {
+                assert!(
+                    repo().join(src).exists(),
+                    "{file}: COPY source {src} exists"
+                );
+            }
+        }
+    }
+    let agent = read("docker/Dockerfile.agent");
+    for pkg in ["nftables", "containernetworking-plugins"] {
+        assert!(agent.contains(pkg), "the agent image installs {pkg}");
+    }
+    assert!(
+        agent.contains("--bin twill-cni"),
+        "the agent image carries twill-cni"
+    );
+    assert!(agent.contains("/usr/local/bin/twill-install-cni"));
+    // Binaries named in the Dockerfiles exist in the workspace (built by cargo build --bins).
+    for bin in known_bins {
+        assert!(
+            bin_dir().join(bin).is_file() || bin == "twill-cni",
+            "{bin} is built"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// External checks
+
+/// Runs a check script; a status of 77 is a skip (loud; a failure when CI is set).
+fn run_check(what: &str, cmd: &mut Command) {
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let msg = format!("SKIPPED {what}: interpreter not found ({e})");
+            if in_ci() {
+                panic!("{msg}; CI is set, so nothing may be skipped");
+            }
+            loud(&msg);
+            return;
+        }
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    match out.status.code() {
+        Some(0) => {}
+        Some(SKIPPED) if !in_ci() => {
+            let _ = write!(std::io::stderr().lock(), "{stderr}");
+            loud(&format!("SKIPPED {what} (see above)"));
+        }
+        _ => panic!("{what} failed ({}):\n{stdout}\n{stderr}", out.status),
+    }
+}
+
+#[test]
+fn manifests_validate_against_kubernetes_schemas() {
+    run_check(
+        "Kubernetes manifest validation (deploy/check/validate_manifests.py)",
+        Command::new("python3").arg(deploy("check/validate_manifests.py")),
+    );
+}
+
+#[test]
+fn systemd_units_verify() {
+    run_check(
+        "systemd unit verification (deploy/check/verify_units.sh)",
+        Command::new("bash")
+            .arg(deploy("check/verify_units.sh"))
+            .arg(bin_dir()),
+    );
+}
+
+#[test]
+fn install_cni_script_installs_plugin_and_conflist() {
+    let cm = object("kubernetes/configmap.yaml", "ConfigMap", "twill-cfg");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("cni-conf.json");
+    std::fs::write(&conf, s(&cm["data"]["cni-conf.json"], "cni-conf.json")).unwrap();
+    run_check(
+        "twill-install-cni (deploy/check/test_install_cni.sh)",
+        Command::new("sh")
+            .arg(deploy("check/test_install_cni.sh"))
+            .arg(&conf),
+    );
+}
