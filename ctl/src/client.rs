@@ -7,7 +7,14 @@ use thiserror::Error;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use twill_common::tls::read_pem;
 use twill_proto::admin_service_client::AdminServiceClient;
-use twill_proto::{ListLeasesRequest, ListLeasesResponse};
+use twill_proto::{
+    GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease, ListLeasesRequest,
+    ListLeasesResponse, ListReservationsRequest, Reservation, ReserveRequest, RevokeLeaseRequest,
+    StatusRequest, StatusResponse, UnreserveRequest, WatchRequest, WatchResponse,
+};
+
+/// Leases asked for per ListLeases call when listing the whole table.
+pub const PAGE_SIZE: u32 = 500;
 
 /// Why a call to the controller failed.
 #[derive(Debug, Error)]
@@ -223,6 +230,170 @@ pub async fn fetch_leases(
         }
         e => e,
     })
+}
+
+/// A connection to the admin API. Every call's failure goes through [`Admin::fail`], so a
+/// connection torn down by the controller is reported as a probable refusal of the client
+/// certificate, with a diagnosis.
+pub struct Admin {
+    client: AdminServiceClient<Channel>,
+    opts: ConnectOptions,
+}
+
+impl Admin {
+    /// Connects (see [`connect`]).
+    pub async fn connect(opts: &ConnectOptions) -> Result<Admin, ClientError> {
+        Ok(Admin {
+            client: connect(opts).await?,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Turns a failed call's status into the error to report.
+    pub fn fail(&self, status: tonic::Status) -> ClientError {
+        if is_transport_failure(&status) {
+            let pem = std::fs::read(&self.opts.tls_cert).unwrap_or_default();
+            ClientError::Refused {
+                status,
+                hint: diagnose_client_cert(&pem, &self.opts.tls_cert, SystemTime::now()),
+            }
+        } else {
+            ClientError::Status(status)
+        }
+    }
+
+    /// Every lease matching `prefix` and `subnet` (empty: all), fetched `page_size` at a
+    /// time until the controller returns an empty `next_page_token`. The revision
+    /// returned is the one of the first page.
+    pub async fn list_all_leases(
+        &mut self,
+        prefix: &str,
+        subnet: &str,
+        page_size: u32,
+    ) -> Result<ListLeasesResponse, ClientError> {
+        let mut all = ListLeasesResponse::default();
+        let mut token = String::new();
+        for page in 0.. {
+            let req = ListLeasesRequest {
+                node_prefix: prefix.to_string(),
+                subnet: subnet.to_string(),
+                page_size,
+                page_token: token.clone(),
+            };
+            let resp = match self.client.list_leases(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return Err(self.fail(s)),
+            };
+            if page == 0 {
+                all.revision = resp.revision;
+            }
+            all.leases.extend(resp.leases);
+            if resp.next_page_token.is_empty() {
+                break;
+            }
+            if resp.next_page_token == token {
+                return Err(ClientError::Config(format!(
+                    "the controller returned the same page token {token:?} twice"
+                )));
+            }
+            token = resp.next_page_token;
+        }
+        Ok(all)
+    }
+
+    /// `AdminService/GetLease`.
+    pub async fn get_lease(&mut self, node: &str) -> Result<Lease, ClientError> {
+        let req = GetLeaseRequest {
+            node_name: node.to_string(),
+        };
+        match self.client.get_lease(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/RevokeLease`: the lease as it was before it was removed.
+    pub async fn revoke_lease(&mut self, node: &str) -> Result<Lease, ClientError> {
+        let req = RevokeLeaseRequest {
+            node_name: node.to_string(),
+        };
+        match self.client.revoke_lease(req).await {
+            Ok(r) => Ok(r.into_inner().lease.unwrap_or_else(|| Lease {
+                node_name: node.to_string(),
+                ..Default::default()
+            })),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/Reserve`.
+    pub async fn reserve(&mut self, node: &str, subnet: &str) -> Result<Reservation, ClientError> {
+        let req = ReserveRequest {
+            node_name: node.to_string(),
+            subnet: subnet.to_string(),
+        };
+        match self.client.reserve(req).await {
+            Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
+                node_name: node.to_string(),
+                subnet: subnet.to_string(),
+            })),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/Unreserve`: the reservation that was dropped.
+    pub async fn unreserve(&mut self, node: &str) -> Result<Reservation, ClientError> {
+        let req = UnreserveRequest {
+            node_name: node.to_string(),
+        };
+        match self.client.unreserve(req).await {
+            Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
+                node_name: node.to_string(),
+                subnet: String::new(),
+            })),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ListReservations`.
+    pub async fn list_reservations(&mut self) -> Result<Vec<Reservation>, ClientError> {
+        match self
+            .client
+            .list_reservations(ListReservationsRequest {})
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().reservations),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/GetConfig`.
+    pub async fn get_config(&mut self) -> Result<GetConfigResponse, ClientError> {
+        match self.client.get_config(GetConfigRequest {}).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/Status`.
+    pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
+        match self.client.status(StatusRequest {}).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/Watch` after `from_revision` (0: the full table first). Read the
+    /// stream with [`tonic::Streaming::message`]; pass its errors to [`Admin::fail`].
+    pub async fn watch(
+        &mut self,
+        from_revision: u64,
+    ) -> Result<tonic::Streaming<WatchResponse>, ClientError> {
+        match self.client.watch(WatchRequest { from_revision }).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
 }
 
 /// The canonical name of a gRPC status code, e.g. `PERMISSION_DENIED`.

@@ -1,6 +1,8 @@
-//! twillctl: the operators' command line for Twill — lists leases over the controller's
-//! admin API (mutual TLS) and makes the certificates every component needs.
+//! twillctl: the operators' command line for Twill — inspects and steers the lease table
+//! over the controller's admin API (mutual TLS) and makes the certificates every
+//! component needs.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,22 +11,42 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use twill_ctl::certs::{self, Ca, Role, Validity};
-use twill_ctl::client::{self, ConnectOptions};
-use twill_ctl::output::{self, Format};
+use twill_ctl::client::{Admin, ConnectOptions, PAGE_SIZE};
+use twill_ctl::config::{self, Settings};
+use twill_ctl::output::{self, Format, WatchPrinter};
 
 const AFTER_HELP: &str = "\
 Examples:
+  # Make a CA and the certificates (once)
   twillctl certs init --dir /etc/twill/pki
   twillctl certs issue controller --dir /etc/twill/pki --dns twill.example.com --ip 10.0.0.1
   twillctl certs issue node worker-1 --dir /etc/twill/pki
   twillctl certs issue admin alice --dir /etc/twill/pki
+
+  # Operate the overlay
   twillctl --controller https://10.0.0.1:8474 --tls-cert admin-alice.crt \\
       --tls-key admin-alice.key --tls-ca ca.crt leases -o wide
+  twillctl status
+  twillctl lease revoke worker-1
+  twillctl reserve worker-2 10.244.7.0/24
+  twillctl watch
 
-Every flag can also be set in the environment as TWILL_<FLAG>, e.g. TWILL_CONTROLLER.";
+Connection settings come from flags, else TWILL_* environment variables (e.g.
+TWILL_CONTROLLER), else the config file ~/.config/twill/config.toml
+($XDG_CONFIG_HOME/twill/config.toml when XDG_CONFIG_HOME is set; --config to choose
+another), which holds the keys controller, tls_cert, tls_key, tls_ca and optionally
+tls_server_name; relative paths in it are relative to the file:
 
-/// Twill's admin CLI: inspect the lease table of a twill-controller and make the
-/// certificates (CA, controller, nodes, admins) that Twill's mutual TLS needs.
+  controller = \"https://10.0.0.1:8474\"
+  tls_cert = \"admin-alice.crt\"
+  tls_key = \"admin-alice.key\"
+  tls_ca = \"ca.crt\"
+
+Exit status: 0 on success, 1 when the controller or the system reports an error
+(printed as one line, e.g. `error: NOT_FOUND: ...`), 2 on a usage error.";
+
+/// Twill's admin CLI: inspect and steer the lease table of a twill-controller, and make
+/// the certificates (CA, controller, nodes, admins) that Twill's mutual TLS needs.
 #[derive(Parser, Debug)]
 #[command(name = "twillctl", version, after_help = AFTER_HELP)]
 struct Cli {
@@ -34,15 +56,15 @@ struct Cli {
     command: Command,
 }
 
-/// Flags for reaching the controller (used by `leases`).
+/// Flags for reaching the controller (every command but `certs`).
 #[derive(Args, Debug)]
-#[command(next_help_heading = "Controller connection and output (used by `leases`)")]
+#[command(next_help_heading = "Controller connection and output (all commands but `certs`)")]
 struct ConnFlags {
     /// URL of the controller's gRPC endpoint, e.g. https://10.0.0.1:8474 (an IP address works
     /// when the controller's certificate lists it as an IP subjectAltName).
     #[arg(long, global = true, env = "TWILL_CONTROLLER", value_name = "URL")]
     controller: Option<String>,
-    /// Client certificate (PEM); `leases` needs an admin certificate (O=twill:admins).
+    /// Client certificate (PEM); the admin API needs an admin certificate (O=twill:admins).
     #[arg(long, global = true, env = "TWILL_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// Private key of the client certificate (PEM).
@@ -60,30 +82,147 @@ struct ConnFlags {
         value_name = "NAME"
     )]
     tls_server_name: Option<String>,
-    /// Time limit for connecting and for each call (e.g. 5s, 1m).
+    /// Config file with defaults for the settings above (keys controller, tls_cert,
+    /// tls_key, tls_ca, tls_server_name) [default: $XDG_CONFIG_HOME/twill/config.toml or
+    /// ~/.config/twill/config.toml; a missing default file is fine].
+    #[arg(long, global = true, env = "TWILL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Time limit for connecting and for each call (e.g. 5s, 1m); `watch` streams
+    /// without a limit once started.
     #[arg(long, global = true, env = "TWILL_TIMEOUT", default_value = "10s",
           value_parser = twill_common::parse_duration, value_name = "DURATION")]
     timeout: Duration,
-    /// Output format of listings.
+    /// Output format.
     #[arg(short = 'o', long, global = true, env = "TWILL_OUTPUT", value_enum, default_value_t = Format::Table)]
     output: Format,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List leases (node, subnet, public IP, VTEP MAC, time left), ordered by node name.
+    /// Show the controller's state: capacity, revision, store size, version, and the
+    /// agents watching the lease table.
     ///
-    /// Calls twill.v1.AdminService/ListLeases; needs --controller, --tls-cert, --tls-key
-    /// and --tls-ca, with an admin certificate (O=twill:admins).
+    /// Prints the subnets the network holds (total, leased, free, reserved), the lease
+    /// table's revision, the size of the store on disk and the controller's version,
+    /// then a table of open watch streams: NAME (from the client certificate),
+    /// CONNECTED (how long ago the stream opened), LAST-SEEN (how long ago the node last
+    /// called), REVISION (the last one sent to it) and LAG (revisions it is behind).
+    /// `-o wide` adds the timestamps; `-o json|yaml` print the same as a document.
+    #[command(after_help = "Examples:\n  twillctl status\n  twillctl status -o json")]
+    Status,
+    /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved), ordered by
+    /// node name.
+    ///
+    /// Fetches the whole table a page at a time. Columns: NODE, SUBNET, PUBLIC-IP,
+    /// VTEP-MAC, EXPIRES-IN (until the lease runs out unless renewed), RESERVED (yes when
+    /// the subnet is reserved for that node); `-o wide` adds VNI and REVISION. An empty
+    /// result prints nothing on stdout and says so on stderr.
+    #[command(
+        after_help = "Examples:\n  twillctl leases\n  twillctl leases -o wide\n  \
+        twillctl leases --prefix worker- --subnet 10.244.0.0/20\n  twillctl leases -o json"
+    )]
     Leases {
         /// Only leases whose node name starts with this prefix.
         #[arg(long, env = "TWILL_PREFIX", default_value = "")]
         prefix: String,
+        /// Only leases whose subnet lies inside this CIDR, e.g. 10.244.0.0/20.
+        #[arg(long, env = "TWILL_SUBNET", value_name = "CIDR", value_parser = cidr)]
+        subnet: Option<String>,
+        /// Leases asked for per call.
+        #[arg(long, env = "TWILL_PAGE_SIZE", default_value_t = PAGE_SIZE, hide = true,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        page_size: u32,
+    },
+    /// Show or revoke one node's lease.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  twillctl lease get worker-1 -o yaml\n  twillctl lease revoke worker-1"
+    )]
+    Lease(LeaseCommand),
+    /// Reserve a subnet for a node: no other node is ever given it, and the node gets it
+    /// when it next acquires.
+    ///
+    /// The subnet must be an allocatable subnet of the network (between SubnetMin and
+    /// SubnetMax, of SubnetLen), else INVALID_ARGUMENT. The controller refuses it
+    /// (FAILED_PRECONDITION) when another node holds or has reserved it, and when the
+    /// node itself holds a lease on a different subnet: revoke that lease first, or
+    /// reserve the subnet it holds.
+    #[command(
+        after_help = "Examples:\n  twillctl reserve worker-4 10.244.7.0/24\n  \
+        twillctl reserve worker-1 \"$(twillctl lease get worker-1 -o json | jq -r .subnet)\""
+    )]
+    Reserve {
+        /// Node name the subnet is kept for.
+        node: String,
+        /// The subnet, CIDR, e.g. 10.244.7.0/24.
+        #[arg(value_parser = cidr)]
+        subnet: String,
+    },
+    /// Drop a node's reservation; its lease, if any, is left alone.
+    #[command(after_help = "Examples:\n  twillctl unreserve worker-2")]
+    Unreserve {
+        /// Node name whose reservation to drop.
+        node: String,
+    },
+    /// List reservations (node, subnet), ordered by node name.
+    ///
+    /// `-o wide` adds IN-USE: whether the node holds a lease on its reserved subnet now.
+    #[command(after_help = "Examples:\n  twillctl reservations\n  twillctl reservations -o wide")]
+    Reservations,
+    /// Show the effective network configuration (net-conf.json with defaults filled in)
+    /// and the lease TTL.
+    ///
+    /// The table names the fields as net-conf.json does; `-o wide` adds the document as
+    /// the controller loaded it; `-o json|yaml` print snake_case keys.
+    #[command(after_help = "Examples:\n  twillctl config\n  twillctl config -o yaml")]
+    Config,
+    /// Print lease events as they happen, until interrupted.
+    ///
+    /// Streams the lease table the way agents see it: first the complete table (a RESET
+    /// line, then one PUT per lease) or, with --from-revision, the events missed since
+    /// that revision; then every change. One line per event: REVISION, TYPE (PUT, DELETE,
+    /// RESET), NODE, SUBNET, PUBLIC-IP, VTEP-MAC; `-o json` prints one JSON object per
+    /// line (NDJSON), `-o yaml` one document per event. A RESET means the events that
+    /// follow are the complete table: forget every lease not listed. Exits 0 on Ctrl-C,
+    /// SIGTERM or when the controller ends the stream.
+    #[command(
+        after_help = "Examples:\n  twillctl watch\n  twillctl watch --from-revision 42\n  \
+        twillctl watch -o json | jq -c 'select(.type == \"DELETE\")'"
+    )]
+    Watch {
+        /// Resume after this revision: only later events are sent (0: the full table first).
+        /// When those events are no longer kept, the controller sends a reset.
+        #[arg(
+            long,
+            env = "TWILL_FROM_REVISION",
+            default_value_t = 0,
+            value_name = "N"
+        )]
+        from_revision: u64,
     },
     /// Make certificates: a CA, the controller's server certificate, node and admin
     /// client certificates (the layout of REFERENCE.md 2.3).
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Show one node's lease (NOT_FOUND when it holds none).
+    #[command(
+        after_help = "Examples:\n  twillctl lease get worker-1\n  twillctl lease get worker-1 -o yaml"
+    )]
+    Get {
+        /// Node name.
+        node: String,
+    },
+    /// Remove a node's lease now: every agent drops its routes, and the node acquires a
+    /// lease again on its next contact (NOT_FOUND when it holds none).
+    #[command(after_help = "Examples:\n  twillctl lease revoke worker-1")]
+    Revoke {
+        /// Node name.
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,75 +311,252 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let conn = &cli.conn;
+    let format = conn.output;
     match cli.command {
-        Command::Leases { prefix } => leases(&cli.conn, &prefix),
         Command::Certs(CertsCommand::Init { out, days }) => certs_init(&out, days),
         Command::Certs(CertsCommand::Issue(cmd)) => certs_issue(cmd),
+        Command::Status => {
+            let s = call(conn, "status", |mut a| async move { a.status().await })?;
+            emit(&output::render_status(&s, format, SystemTime::now()))
+        }
+        Command::Leases {
+            prefix,
+            subnet,
+            page_size,
+        } => {
+            let subnet = subnet.unwrap_or_default();
+            let (p, sn) = (prefix.clone(), subnet.clone());
+            let resp = call(conn, "leases", |mut a| async move {
+                a.list_all_leases(&p, &sn, page_size).await
+            })?;
+            let text = output::render_leases(&resp, format, SystemTime::now());
+            if text.is_empty() {
+                let mut why = Vec::new();
+                if !prefix.is_empty() {
+                    why.push(format!("with prefix {prefix:?}"));
+                }
+                if !subnet.is_empty() {
+                    why.push(format!("in {subnet}"));
+                }
+                if why.is_empty() {
+                    eprintln!("No leases found.");
+                } else {
+                    eprintln!("No leases found {}.", why.join(" "));
+                }
+            }
+            emit(&text)
+        }
+        Command::Lease(LeaseCommand::Get { node }) => {
+            let l = call(conn, "lease get", |mut a| async move {
+                a.get_lease(&node).await
+            })?;
+            emit(&output::render_lease(&l, format, SystemTime::now()))
+        }
+        Command::Lease(LeaseCommand::Revoke { node }) => {
+            let l = call(conn, "lease revoke", |mut a| async move {
+                a.revoke_lease(&node).await
+            })?;
+            emit(&output::render_revoked(&l, format))
+        }
+        Command::Reserve { node, subnet } => {
+            let r = call(conn, "reserve", |mut a| async move {
+                a.reserve(&node, &subnet).await
+            })?;
+            emit(&output::render_reservation_change(&r, "created", format))
+        }
+        Command::Unreserve { node } => {
+            let r = call(conn, "unreserve", |mut a| async move {
+                a.unreserve(&node).await
+            })?;
+            emit(&output::render_reservation_change(&r, "deleted", format))
+        }
+        Command::Reservations => {
+            let wide = format != Format::Table;
+            let (rs, leases) = call(conn, "reservations", |mut a| async move {
+                let rs = a.list_reservations().await?;
+                let leases = if wide && !rs.is_empty() {
+                    Some(a.list_all_leases("", "", PAGE_SIZE).await?.leases)
+                } else if wide {
+                    Some(Vec::new())
+                } else {
+                    None
+                };
+                Ok((rs, leases))
+            })?;
+            let text = output::render_reservations(&rs, leases.as_deref(), format);
+            if text.is_empty() {
+                eprintln!("No reservations found.");
+            }
+            emit(&text)
+        }
+        Command::Config => {
+            let c = call(conn, "config", |mut a| async move { a.get_config().await })?;
+            emit(&output::render_config(&c, format))
+        }
+        Command::Watch { from_revision } => watch(conn, from_revision),
     }
 }
 
-/// Exits with clap's usage error (code 2) naming the missing flag and its variable.
-fn missing(flag: &str, env: &str, what: &str) -> ! {
+/// Checks an IPv4 CIDR such as 10.244.7.0/24 (usage error otherwise).
+fn cidr(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?} is not an IPv4 CIDR such as 10.244.7.0/24");
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?;
+    match len.parse::<u8>() {
+        Ok(n) if n <= 32 && !len.starts_with('+') => Ok(s.to_string()),
+        _ => Err(bad()),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`twillctl ... | head`) is not an error.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Exits with clap's usage error (code 2) naming the missing flag, its variable and the
+/// config file key.
+fn missing(cmd: &str, flag: &str, env: &str, what: &str, file: &str) -> ! {
+    let key = flag.replace('-', "_");
     Cli::command()
         .error(
             clap::error::ErrorKind::MissingRequiredArgument,
-            format!("`leases` needs --{flag} (or {env}): {what}"),
+            format!("`{cmd}` needs --{flag} (or {env}, or `{key}` in {file}): {what}"),
         )
         .exit()
 }
 
-fn leases(conn: &ConnFlags, prefix: &str) -> Result<()> {
-    let controller = conn.controller.clone().unwrap_or_else(|| {
+/// The connection settings: flags, else environment, else the config file.
+fn connect_options(conn: &ConnFlags, cmd: &str) -> Result<ConnectOptions> {
+    let (file, path) = config::load(conn.config.as_deref())?;
+    let file_name = match (&path, &conn.config) {
+        (Some(p), _) | (None, Some(p)) => p.display().to_string(),
+        (None, None) => config::default_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the config file".to_string()),
+    };
+    let flags = Settings {
+        controller: conn.controller.clone(),
+        tls_cert: conn.tls_cert.clone(),
+        tls_key: conn.tls_key.clone(),
+        tls_ca: conn.tls_ca.clone(),
+        tls_server_name: conn.tls_server_name.clone(),
+    };
+    let s = flags.or(file);
+    let f = file_name.as_str();
+    let controller = s.controller.unwrap_or_else(|| {
         missing(
+            cmd,
             "controller",
             "TWILL_CONTROLLER",
             "the controller's URL, e.g. https://10.0.0.1:8474",
+            f,
         )
     });
-    let tls_cert = conn.tls_cert.clone().unwrap_or_else(|| {
+    let tls_cert = s.tls_cert.unwrap_or_else(|| {
         missing(
+            cmd,
             "tls-cert",
             "TWILL_TLS_CERT",
             "an admin client certificate (PEM)",
+            f,
         )
     });
-    let tls_key = conn.tls_key.clone().unwrap_or_else(|| {
+    let tls_key = s.tls_key.unwrap_or_else(|| {
         missing(
+            cmd,
             "tls-key",
             "TWILL_TLS_KEY",
             "the client certificate's key (PEM)",
+            f,
         )
     });
-    let tls_ca = conn.tls_ca.clone().unwrap_or_else(|| {
+    let tls_ca = s.tls_ca.unwrap_or_else(|| {
         missing(
+            cmd,
             "tls-ca",
             "TWILL_TLS_CA",
             "the CA certificate (PEM) that signed the controller's certificate",
+            f,
         )
     });
-    let opts = ConnectOptions {
+    Ok(ConnectOptions {
         controller,
         tls_cert,
         tls_key,
         tls_ca,
-        tls_server_name: conn.tls_server_name.clone(),
+        tls_server_name: s.tls_server_name,
         timeout: conn.timeout,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    let resp = rt.block_on(client::fetch_leases(&opts, prefix))?;
-    let text = output::render_leases(&resp, conn.output, SystemTime::now());
-    if text.is_empty() {
-        if prefix.is_empty() {
-            eprintln!("No leases found.");
-        } else {
-            eprintln!("No leases found with prefix {prefix:?}.");
+        .context("cannot start the async runtime")
+}
+
+/// Connects and runs `f` with the admin client.
+fn call<T, F, Fut>(conn: &ConnFlags, cmd: &str, f: F) -> Result<T>
+where
+    F: FnOnce(Admin) -> Fut,
+    Fut: std::future::Future<Output = Result<T, twill_ctl::client::ClientError>>,
+{
+    let opts = connect_options(conn, cmd)?;
+    runtime()?.block_on(async {
+        let admin = Admin::connect(&opts).await?;
+        Ok(f(admin).await?)
+    })
+}
+
+/// `twillctl watch`: prints each response as it arrives until Ctrl-C, SIGTERM or the
+/// end of the stream (all exit 0).
+fn watch(conn: &ConnFlags, from_revision: u64) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let opts = connect_options(conn, "watch")?;
+    let mut printer = WatchPrinter::new(conn.output);
+    runtime()?.block_on(async {
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        let start = async {
+            let mut admin = Admin::connect(&opts).await?;
+            let stream = admin.watch(from_revision).await?;
+            Ok::<_, twill_ctl::client::ClientError>((admin, stream))
+        };
+        let (admin, mut stream) = tokio::select! {
+            r = start => r?,
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = interrupt.recv() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
+            };
+            match msg {
+                Ok(Some(resp)) => {
+                    let text = printer.render(&resp, SystemTime::now());
+                    let mut out = std::io::stdout().lock();
+                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(());
+                        }
+                        return Err(e).context("cannot write to stdout");
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(admin.fail(status).into()),
+            }
         }
-    }
-    print!("{text}");
-    Ok(())
+    })
 }
 
 fn certs_init(out: &OutFlags, days: u32) -> Result<()> {

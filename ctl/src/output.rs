@@ -1,21 +1,25 @@
-//! Printing the lease table: kubectl-style `table` / `wide`, and `json` / `yaml` with
-//! stable snake_case keys.
+//! Printing what the admin API returns: kubectl-style `table` / `wide`, and `json` /
+//! `yaml` with stable snake_case keys (the `*Doc` structs below are that interface).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use twill_proto::{Lease, ListLeasesResponse};
+use twill_proto::lease_event::Type as EventType;
+use twill_proto::{
+    ConnectedAgent, GetConfigResponse, Lease, ListLeasesResponse, Reservation, StatusResponse,
+    WatchResponse,
+};
 
 /// Output formats of `-o/--output`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// Aligned columns: NODE, SUBNET, PUBLIC-IP, VTEP-MAC, EXPIRES-IN.
+    /// Aligned columns, e.g. NODE, SUBNET, PUBLIC-IP, VTEP-MAC, EXPIRES-IN, RESERVED.
     Table,
-    /// The table plus VNI and REVISION.
+    /// The table plus more columns (for leases: VNI and REVISION).
     Wide,
-    /// One JSON document: {"revision": N, "leases": [...]}.
+    /// JSON with stable snake_case keys (`watch`: one object per line).
     Json,
-    /// The same document as YAML.
+    /// The same documents as YAML (`watch`: one document per event).
     Yaml,
 }
 
@@ -40,6 +44,8 @@ pub struct LeaseDoc {
     pub expires_at_unix: i64,
     /// Expiry, RFC 3339 UTC.
     pub expires_at: String,
+    /// The subnet is reserved for this node.
+    pub reserved: bool,
 }
 
 /// The document printed by `-o json` / `-o yaml`.
@@ -72,14 +78,17 @@ impl From<&Lease> for LeaseDoc {
             revision: l.revision,
             expires_at_unix: l.expires_at_unix,
             expires_at: unix_to_rfc3339(l.expires_at_unix),
+            reserved: l.reserved,
         }
     }
 }
 
 fn unix_to_rfc3339(secs: i64) -> String {
-    match u64::try_from(secs) {
-        Ok(s) => humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string(),
-        Err(_) => String::new(),
+    match u64::try_from(secs).ok().filter(|s| *s > 0) {
+        Some(s) => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+        }
+        None => String::new(),
     }
 }
 
@@ -92,36 +101,541 @@ pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime)
             if resp.leases.is_empty() {
                 return String::new();
             }
-            let wide = format == Format::Wide;
-            let mut header = vec!["NODE", "SUBNET", "PUBLIC-IP", "VTEP-MAC", "EXPIRES-IN"];
-            if wide {
-                header.extend(["VNI", "REVISION"]);
+            lease_table(&resp.leases, format == Format::Wide, now)
+        }
+        Format::Json => json(&LeasesDoc::from(resp)),
+        Format::Yaml => yaml(&LeasesDoc::from(resp)),
+    }
+}
+
+/// The lease table (header and one row per lease), as `leases` and `lease get` print it.
+fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
+    let mut header = vec![
+        "NODE",
+        "SUBNET",
+        "PUBLIC-IP",
+        "VTEP-MAC",
+        "EXPIRES-IN",
+        "RESERVED",
+    ];
+    if wide {
+        header.extend(["VNI", "REVISION"]);
+    }
+    let mut rows = vec![strings(&header)];
+    for l in leases {
+        let mut row = vec![
+            or_none(&l.node_name),
+            or_none(&l.subnet),
+            or_none(&l.public_ip),
+            or_none(&l.vtep_mac),
+            expires_in(l.expires_at_unix, now),
+            yes_no(l.reserved),
+        ];
+        if wide {
+            row.push(l.vni.to_string());
+            row.push(l.revision.to_string());
+        }
+        rows.push(row);
+    }
+    table(&rows)
+}
+
+/// `lease get`: the one-row table, or the lease document.
+pub fn render_lease(lease: &Lease, format: Format, now: SystemTime) -> String {
+    match format {
+        Format::Table | Format::Wide => {
+            lease_table(std::slice::from_ref(lease), format == Format::Wide, now)
+        }
+        Format::Json => json(&LeaseDoc::from(lease)),
+        Format::Yaml => yaml(&LeaseDoc::from(lease)),
+    }
+}
+
+/// `lease revoke`: a kubectl-style confirmation, or the revoked lease's document.
+pub fn render_revoked(lease: &Lease, format: Format) -> String {
+    match format {
+        Format::Table | Format::Wide => {
+            format!(
+                "lease/{} revoked (subnet {})\n",
+                lease.node_name,
+                or_none(&lease.subnet)
+            )
+        }
+        Format::Json => json(&LeaseDoc::from(lease)),
+        Format::Yaml => yaml(&LeaseDoc::from(lease)),
+    }
+}
+
+/// One reservation as printed by `-o json` / `-o yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReservationDoc {
+    /// The node the subnet is kept for.
+    pub node_name: String,
+    /// The reserved subnet, CIDR.
+    pub subnet: String,
+    /// Whether the node holds a lease on that subnet now (`reservations -o wide|json|yaml`
+    /// only; absent elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<bool>,
+}
+
+/// The document printed by `reservations -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReservationsDoc {
+    /// Ordered by node name.
+    pub reservations: Vec<ReservationDoc>,
+}
+
+fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc {
+    ReservationDoc {
+        node_name: r.node_name.clone(),
+        subnet: r.subnet.clone(),
+        in_use: leases.map(|ls| {
+            ls.iter()
+                .any(|l| l.node_name == r.node_name && l.subnet == r.subnet)
+        }),
+    }
+}
+
+/// `reserve` / `unreserve`: a confirmation (`verb`: "created" / "deleted"), or the
+/// reservation's document.
+pub fn render_reservation_change(r: &Reservation, verb: &str, format: Format) -> String {
+    match format {
+        Format::Table | Format::Wide => format!(
+            "reservation/{} {verb} (subnet {})\n",
+            r.node_name,
+            or_none(&r.subnet)
+        ),
+        Format::Json => json(&reservation_doc(r, None)),
+        Format::Yaml => yaml(&reservation_doc(r, None)),
+    }
+}
+
+/// `reservations`: NODE, SUBNET (wide: IN-USE, from `leases`). An empty table renders
+/// as an empty string (the caller says so on stderr).
+pub fn render_reservations(rs: &[Reservation], leases: Option<&[Lease]>, format: Format) -> String {
+    let doc = ReservationsDoc {
+        reservations: rs.iter().map(|r| reservation_doc(r, leases)).collect(),
+    };
+    match format {
+        Format::Table | Format::Wide => {
+            if rs.is_empty() {
+                return String::new();
             }
-            let mut rows = vec![header.into_iter().map(str::to_string).collect::<Vec<_>>()];
-            for l in &resp.leases {
-                let mut row = vec![
-                    or_none(&l.node_name),
-                    or_none(&l.subnet),
-                    or_none(&l.public_ip),
-                    or_none(&l.vtep_mac),
-                    expires_in(l.expires_at_unix, now),
-                ];
+            let wide = format == Format::Wide && leases.is_some();
+            let mut header = vec!["NODE", "SUBNET"];
+            if wide {
+                header.push("IN-USE");
+            }
+            let mut rows = vec![strings(&header)];
+            for r in &doc.reservations {
+                let mut row = vec![or_none(&r.node_name), or_none(&r.subnet)];
                 if wide {
-                    row.push(l.vni.to_string());
-                    row.push(l.revision.to_string());
+                    row.push(yes_no(r.in_use.unwrap_or(false)));
                 }
                 rows.push(row);
             }
             table(&rows)
         }
-        Format::Json => {
-            let mut s = serde_json::to_string_pretty(&LeasesDoc::from(resp))
-                .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()));
-            s.push('\n');
-            s
-        }
-        Format::Yaml => yaml(&LeasesDoc::from(resp)),
+        Format::Json => json(&doc),
+        Format::Yaml => yaml(&doc),
     }
+}
+
+/// The effective network configuration as printed by `config -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConfigDoc {
+    /// The pod network, CIDR.
+    pub network: String,
+    /// Prefix length of node subnets.
+    pub subnet_len: u32,
+    /// First allocatable subnet.
+    pub subnet_min: String,
+    /// Last allocatable subnet.
+    pub subnet_max: String,
+    /// Backend type ("vxlan").
+    pub backend_type: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// VXLAN UDP port (0: the kernel default, 8472).
+    pub port: u32,
+    /// Overlay MTU override (0: interface MTU minus 50).
+    pub mtu: u32,
+    /// Plain routes between nodes on one L2 subnet.
+    pub direct_routing: bool,
+    /// Lease time to live, seconds.
+    pub lease_ttl_seconds: u64,
+    /// net-conf.json exactly as the controller loaded it.
+    pub net_conf_json: String,
+}
+
+impl From<&GetConfigResponse> for ConfigDoc {
+    fn from(c: &GetConfigResponse) -> Self {
+        ConfigDoc {
+            network: c.network.clone(),
+            subnet_len: c.subnet_len,
+            subnet_min: c.subnet_min.clone(),
+            subnet_max: c.subnet_max.clone(),
+            backend_type: c.backend_type.clone(),
+            vni: c.vni,
+            port: c.port,
+            mtu: c.mtu,
+            direct_routing: c.direct_routing,
+            lease_ttl_seconds: c.lease_ttl_seconds,
+            net_conf_json: c.net_conf_json.clone(),
+        }
+    }
+}
+
+/// `config`: FIELD / VALUE rows named as in net-conf.json (wide: plus the document
+/// itself on one line), or the config document.
+pub fn render_config(c: &GetConfigResponse, format: Format) -> String {
+    match format {
+        Format::Table | Format::Wide => {
+            let port = match c.port {
+                0 => "0 (kernel default, 8472)".to_string(),
+                p => p.to_string(),
+            };
+            let mtu = match c.mtu {
+                0 => "0 (interface MTU - 50)".to_string(),
+                m => m.to_string(),
+            };
+            let mut rows = vec![
+                strings(&["FIELD", "VALUE"]),
+                strings(&["Network", &or_none(&c.network)]),
+                strings(&["SubnetLen", &c.subnet_len.to_string()]),
+                strings(&["SubnetMin", &or_none(&c.subnet_min)]),
+                strings(&["SubnetMax", &or_none(&c.subnet_max)]),
+                strings(&["Backend.Type", &or_none(&c.backend_type)]),
+                strings(&["Backend.VNI", &c.vni.to_string()]),
+                strings(&["Backend.Port", &port]),
+                strings(&["Backend.MTU", &mtu]),
+                strings(&["Backend.DirectRouting", &c.direct_routing.to_string()]),
+                strings(&[
+                    "LeaseTTL",
+                    &humanize(Duration::from_secs(c.lease_ttl_seconds)),
+                ]),
+            ];
+            if format == Format::Wide {
+                let compact = serde_json::from_str::<serde_json::Value>(&c.net_conf_json)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| c.net_conf_json.replace('\n', " "));
+                rows.push(strings(&["net-conf.json", &compact]));
+            }
+            table(&rows)
+        }
+        Format::Json => json(&ConfigDoc::from(c)),
+        Format::Yaml => yaml(&ConfigDoc::from(c)),
+    }
+}
+
+/// One open watch stream as printed by `status -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AgentDoc {
+    /// Node (or admin) name from the client certificate.
+    pub name: String,
+    /// When the stream opened, seconds since the Unix epoch.
+    pub connected_at_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub connected_at: String,
+    /// When the node last called the controller, seconds since the Unix epoch.
+    pub last_seen_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub last_seen: String,
+    /// Revision of the last message sent to it.
+    pub revision: u64,
+    /// How many revisions it is behind the table.
+    pub revision_lag: u64,
+}
+
+impl From<&ConnectedAgent> for AgentDoc {
+    fn from(a: &ConnectedAgent) -> Self {
+        AgentDoc {
+            name: a.name.clone(),
+            connected_at_unix: a.connected_at_unix,
+            connected_at: unix_to_rfc3339(a.connected_at_unix),
+            last_seen_unix: a.last_seen_unix,
+            last_seen: unix_to_rfc3339(a.last_seen_unix),
+            revision: a.revision,
+            revision_lag: a.revision_lag,
+        }
+    }
+}
+
+/// The controller's state as printed by `status -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StatusDoc {
+    /// The controller's version.
+    pub version: String,
+    /// The lease table's revision.
+    pub revision: u64,
+    /// Bytes the store occupies on disk.
+    pub store_size_bytes: u64,
+    /// Allocatable subnets between SubnetMin and SubnetMax.
+    pub subnets_total: u32,
+    /// Subnets leased.
+    pub subnets_used: u32,
+    /// Subnets neither leased nor reserved.
+    pub subnets_free: u32,
+    /// Reservations.
+    pub subnets_reserved: u32,
+    /// Open watch streams, ordered by name.
+    pub agents: Vec<AgentDoc>,
+}
+
+impl From<&StatusResponse> for StatusDoc {
+    fn from(s: &StatusResponse) -> Self {
+        StatusDoc {
+            version: s.version.clone(),
+            revision: s.revision,
+            store_size_bytes: s.store_size_bytes,
+            subnets_total: s.subnets_total,
+            subnets_used: s.subnets_used,
+            subnets_free: s.subnets_free,
+            subnets_reserved: s.subnets_reserved,
+            agents: s.agents.iter().map(AgentDoc::from).collect(),
+        }
+    }
+}
+
+/// `status`: a summary (version, revision, store size, capacity) and the table of
+/// connected agents (NAME, CONNECTED, LAST-SEEN, REVISION, LAG; wide: plus the
+/// timestamps), or the status document. `now` is the reference for the ages.
+pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> String {
+    match format {
+        Format::Table | Format::Wide => {
+            let summary = vec![
+                strings(&["Version:", &or_none(&s.version)]),
+                strings(&["Revision:", &s.revision.to_string()]),
+                strings(&["Store size:", &bytes(s.store_size_bytes)]),
+                strings(&[
+                    "Subnets:",
+                    &format!(
+                        "{} total, {} used, {} free, {} reserved",
+                        s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
+                    ),
+                ]),
+                strings(&[
+                    "Agents:",
+                    &match s.agents.len() {
+                        0 => "none connected".to_string(),
+                        1 => "1 connected".to_string(),
+                        n => format!("{n} connected"),
+                    },
+                ]),
+            ];
+            let mut out = table(&summary);
+            if s.agents.is_empty() {
+                return out;
+            }
+            let wide = format == Format::Wide;
+            let mut header = vec!["NAME", "CONNECTED", "LAST-SEEN", "REVISION", "LAG"];
+            if wide {
+                header.extend(["CONNECTED-AT", "LAST-SEEN-AT"]);
+            }
+            let mut rows = vec![strings(&header)];
+            for a in &s.agents {
+                let mut row = vec![
+                    or_none(&a.name),
+                    age(a.connected_at_unix, now),
+                    age(a.last_seen_unix, now),
+                    a.revision.to_string(),
+                    a.revision_lag.to_string(),
+                ];
+                if wide {
+                    row.push(or_none(&unix_to_rfc3339(a.connected_at_unix)));
+                    row.push(or_none(&unix_to_rfc3339(a.last_seen_unix)));
+                }
+                rows.push(row);
+            }
+            out.push('\n');
+            out.push_str(&table(&rows));
+            out
+        }
+        Format::Json => json(&StatusDoc::from(s)),
+        Format::Yaml => yaml(&StatusDoc::from(s)),
+    }
+}
+
+/// One line of `watch -o json` (or one document of `watch -o yaml`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WatchEventDoc {
+    /// `PUT`, `DELETE`, or `RESET`: the events that follow (with the same `revision`
+    /// batch) are the complete lease table; forget every lease not listed.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For PUT/DELETE the event's revision; for RESET the table's revision.
+    pub revision: u64,
+    /// The lease after (PUT) or before (DELETE) the change; absent for RESET.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseDoc>,
+}
+
+/// Prints a watch stream: table lines (a header first), NDJSON or YAML documents.
+#[derive(Debug)]
+pub struct WatchPrinter {
+    format: Format,
+    header_done: bool,
+}
+
+/// Column widths of the `watch` table; wider values push the line out.
+const WATCH_WIDTHS: [usize; 6] = [8, 6, 16, 18, 15, 17];
+
+impl WatchPrinter {
+    /// A printer for `format`.
+    pub fn new(format: Format) -> WatchPrinter {
+        WatchPrinter {
+            format,
+            header_done: false,
+        }
+    }
+
+    /// The documents of one response: a RESET marker first when it is a snapshot.
+    pub fn docs(resp: &WatchResponse) -> Vec<WatchEventDoc> {
+        let mut docs = Vec::with_capacity(resp.events.len() + 1);
+        if resp.reset {
+            docs.push(WatchEventDoc {
+                kind: "RESET".into(),
+                revision: resp.revision,
+                lease: None,
+            });
+        }
+        for e in &resp.events {
+            let kind = match EventType::try_from(e.r#type) {
+                Ok(EventType::Put) => "PUT".to_string(),
+                Ok(EventType::Delete) => "DELETE".to_string(),
+                _ => format!("TYPE_{}", e.r#type),
+            };
+            docs.push(WatchEventDoc {
+                kind,
+                revision: e.revision,
+                lease: e.lease.as_ref().map(LeaseDoc::from),
+            });
+        }
+        docs
+    }
+
+    /// The text for one response, newline-terminated (empty for an empty batch).
+    pub fn render(&mut self, resp: &WatchResponse, now: SystemTime) -> String {
+        let docs = Self::docs(resp);
+        let mut out = String::new();
+        match self.format {
+            Format::Table | Format::Wide => {
+                let wide = self.format == Format::Wide;
+                if !self.header_done {
+                    let mut h = strings(&[
+                        "REVISION",
+                        "TYPE",
+                        "NODE",
+                        "SUBNET",
+                        "PUBLIC-IP",
+                        "VTEP-MAC",
+                    ]);
+                    if wide {
+                        h.extend(strings(&["EXPIRES-IN", "VNI"]));
+                    }
+                    out.push_str(&watch_line(&h));
+                    self.header_done = true;
+                }
+                for d in &docs {
+                    let mut row = vec![d.revision.to_string(), d.kind.clone()];
+                    match &d.lease {
+                        Some(l) => {
+                            row.extend([
+                                or_none(&l.node_name),
+                                or_none(&l.subnet),
+                                or_none(&l.public_ip),
+                                or_none(&l.vtep_mac),
+                            ]);
+                            if wide {
+                                row.push(expires_in(l.expires_at_unix, now));
+                                row.push(l.vni.to_string());
+                            }
+                        }
+                        None => {
+                            let n = resp.events.len();
+                            row.push(format!(
+                                "(the complete lease table follows: {n} lease{})",
+                                if n == 1 { "" } else { "s" }
+                            ));
+                        }
+                    }
+                    out.push_str(&watch_line(&row));
+                }
+            }
+            Format::Json => {
+                for d in &docs {
+                    out.push_str(&serde_json::to_string(d).unwrap_or_default());
+                    out.push('\n');
+                }
+            }
+            Format::Yaml => {
+                for d in &docs {
+                    out.push_str("---\n");
+                    out.push_str(&yaml(d));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn watch_line(cells: &[String]) -> String {
+    let mut line = String::new();
+    for (i, c) in cells.iter().enumerate() {
+        line.push_str(c);
+        if i + 1 < cells.len() {
+            let w = WATCH_WIDTHS.get(i).copied().unwrap_or(0);
+            let pad = w.saturating_sub(c.chars().count()) + 3;
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+    }
+    let mut line = line.trim_end().to_string();
+    line.push('\n');
+    line
+}
+
+fn strings(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+/// Time since `unix` (CONNECTED, LAST-SEEN columns).
+fn age(unix: i64, now: SystemTime) -> String {
+    if unix <= 0 {
+        return "<unknown>".to_string();
+    }
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    humanize(Duration::from_secs(now.saturating_sub(unix).max(0) as u64))
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `20.0 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Pretty JSON of a document, newline-terminated.
+pub fn json<T: Serialize>(doc: &T) -> String {
+    let mut s = serde_json::to_string_pretty(doc)
+        .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()));
+    s.push('\n');
+    s
 }
 
 fn or_none(s: &str) -> String {
@@ -200,28 +714,150 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// YAML for the lease document. Strings are double-quoted (JSON escaping is valid YAML),
-/// so values such as MAC addresses are never read back as numbers.
-fn yaml(doc: &LeasesDoc) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
-    let mut out = format!("revision: {}\n", doc.revision);
-    if doc.leases.is_empty() {
-        out.push_str("leases: []\n");
-        return out;
-    }
-    out.push_str("leases:\n");
-    for l in &doc.leases {
-        out.push_str(&format!("- node_name: {}\n", q(&l.node_name)));
-        out.push_str(&format!("  subnet: {}\n", q(&l.subnet)));
-        out.push_str(&format!("  public_ip: {}\n", q(&l.public_ip)));
-        out.push_str(&format!("  vtep_mac: {}\n", q(&l.vtep_mac)));
-        out.push_str(&format!("  backend_type: {}\n", q(&l.backend_type)));
-        out.push_str(&format!("  vni: {}\n", l.vni));
-        out.push_str(&format!("  revision: {}\n", l.revision));
-        out.push_str(&format!("  expires_at_unix: {}\n", l.expires_at_unix));
-        out.push_str(&format!("  expires_at: {}\n", q(&l.expires_at)));
+/// YAML for a document, keys in the order the struct declares them. Strings are
+/// double-quoted (JSON escaping is valid YAML), so values such as MAC addresses are
+/// never read back as numbers; sequences of maps use the compact `- key: value` form.
+pub fn yaml<T: Serialize>(doc: &T) -> String {
+    let node = serde_json::to_string(doc)
+        .ok()
+        .and_then(|j| serde_json::from_str::<Node>(&j).ok())
+        .unwrap_or(Node::Null);
+    let mut out = String::new();
+    match &node {
+        Node::Map(m) if !m.is_empty() => yaml_map(m, 0, &mut out),
+        Node::Seq(s) if !s.is_empty() => yaml_seq(s, 0, &mut out),
+        n => {
+            out.push_str(&scalar(n));
+            out.push('\n');
+        }
     }
     out
+}
+
+/// A JSON value that keeps the order of object keys (serde_json's `Value` sorts them).
+#[derive(Debug)]
+enum Node {
+    Null,
+    Bool(bool),
+    Number(String),
+    Str(String),
+    Seq(Vec<Node>),
+    Map(Vec<(String, Node)>),
+}
+
+impl<'de> serde::Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_none<E>(self) -> Result<Node, E> {
+                Ok(Node::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Node, E> {
+                Ok(Node::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Node, E> {
+                Ok(Node::Number(n.to_string()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Node, E> {
+                Ok(Node::Number(n.to_string()))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Node, E> {
+                Ok(Node::Number(n.to_string()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Node, E> {
+                Ok(Node::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Node, E> {
+                Ok(Node::Str(s))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut v = Vec::new();
+                while let Some(n) = a.next_element()? {
+                    v.push(n);
+                }
+                Ok(Node::Seq(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, n)) = a.next_entry::<String, Node>()? {
+                    v.push((k, n));
+                }
+                Ok(Node::Map(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
+}
+
+fn scalar(n: &Node) -> String {
+    match n {
+        Node::Null => "null".to_string(),
+        Node::Bool(b) => b.to_string(),
+        Node::Number(s) => s.clone(),
+        Node::Str(s) => quote(s),
+        Node::Seq(_) => "[]".to_string(),
+        Node::Map(_) => "{}".to_string(),
+    }
+}
+
+fn yaml_key(k: &str) -> String {
+    let plain = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !k.starts_with('-');
+    if plain {
+        k.to_string()
+    } else {
+        quote(k)
+    }
+}
+
+fn yaml_map(entries: &[(String, Node)], indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    for (k, v) in entries {
+        let k = yaml_key(k);
+        match v {
+            Node::Map(m) if !m.is_empty() => {
+                out.push_str(&format!("{pad}{k}:\n"));
+                yaml_map(m, indent + 2, out);
+            }
+            Node::Seq(s) if !s.is_empty() => {
+                out.push_str(&format!("{pad}{k}:\n"));
+                yaml_seq(s, indent, out);
+            }
+            v => out.push_str(&format!("{pad}{k}: {}\n", scalar(v))),
+        }
+    }
+}
+
+fn yaml_seq(items: &[Node], indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    for item in items {
+        let mut inner = String::new();
+        match item {
+            Node::Map(m) if !m.is_empty() => yaml_map(m, indent + 2, &mut inner),
+            Node::Seq(s) if !s.is_empty() => yaml_seq(s, indent + 2, &mut inner),
+            v => {
+                out.push_str(&format!("{pad}- {}\n", scalar(v)));
+                continue;
+            }
+        }
+        // The first line's indentation becomes the "- " of the item.
+        out.push_str(&pad);
+        out.push_str("- ");
+        out.push_str(&inner[indent + 2..]);
+    }
 }
 
 #[cfg(test)]
@@ -262,7 +898,10 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let resp = ListLeasesResponse {
             leases: vec![
-                lease("a", "10.244.1.0/24", 1_000_000 + 86_399),
+                Lease {
+                    reserved: true,
+                    ..lease("a", "10.244.1.0/24", 1_000_000 + 86_399)
+                },
                 lease("node-long-name", "10.244.12.0/24", 1_000_000 - 5),
             ],
             revision: 9,
@@ -270,9 +909,9 @@ mod tests {
         };
         let out = render_leases(&resp, Format::Table, now);
         let expected = "\
-NODE             SUBNET           PUBLIC-IP      VTEP-MAC            EXPIRES-IN
-a                10.244.1.0/24    192.168.1.10   0a:58:0a:f4:01:01   23h59m
-node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired
+NODE             SUBNET           PUBLIC-IP      VTEP-MAC            EXPIRES-IN   RESERVED
+a                10.244.1.0/24    192.168.1.10   0a:58:0a:f4:01:01   23h59m       yes
+node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired      no
 ";
         assert_eq!(out, expected);
         let wide = render_leases(&resp, Format::Wide, now);
@@ -281,14 +920,14 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired
             wide.lines()
                 .next()
                 .unwrap()
-                .ends_with("EXPIRES-IN   VNI   REVISION"),
+                .ends_with("EXPIRES-IN   RESERVED   VNI   REVISION"),
             "{wide}"
         );
         assert!(
             wide.lines()
                 .nth(1)
                 .unwrap()
-                .ends_with("23h59m       1     7"),
+                .ends_with("23h59m       yes        1     7"),
             "{wide}"
         );
     }
@@ -312,6 +951,7 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired
         assert_eq!(l["revision"], 7);
         assert_eq!(l["expires_at_unix"], 86_400);
         assert_eq!(l["expires_at"], "1970-01-02T00:00:00Z");
+        assert_eq!(l["reserved"], false);
         assert!(out.find("\"revision\"").unwrap() < out.find("\"leases\"").unwrap());
     }
 
@@ -337,6 +977,228 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired
         assert_eq!(
             render_leases(&ListLeasesResponse::default(), Format::Table, UNIX_EPOCH),
             ""
+        );
+    }
+
+    #[test]
+    fn yaml_of_nested_documents() {
+        let s = StatusResponse {
+            subnets_total: 255,
+            subnets_used: 1,
+            subnets_free: 254,
+            agents: vec![ConnectedAgent {
+                name: "node-a".into(),
+                connected_at_unix: 86_400,
+                last_seen_unix: 86_400,
+                revision: 4,
+                revision_lag: 0,
+            }],
+            revision: 4,
+            store_size_bytes: 2048,
+            version: "0.1.0".into(),
+            ..Default::default()
+        };
+        let y = render_status(&s, Format::Yaml, UNIX_EPOCH);
+        let expected = "\
+version: \"0.1.0\"
+revision: 4
+store_size_bytes: 2048
+subnets_total: 255
+subnets_used: 1
+subnets_free: 254
+subnets_reserved: 0
+agents:
+- name: \"node-a\"
+  connected_at_unix: 86400
+  connected_at: \"1970-01-02T00:00:00Z\"
+  last_seen_unix: 86400
+  last_seen: \"1970-01-02T00:00:00Z\"
+  revision: 4
+  revision_lag: 0
+";
+        assert_eq!(y, expected);
+        let none = render_status(&StatusResponse::default(), Format::Yaml, UNIX_EPOCH);
+        assert!(none.ends_with("agents: []\n"), "{none}");
+        #[derive(Serialize)]
+        struct Nested {
+            a: Vec<Vec<u8>>,
+            b: std::collections::BTreeMap<String, Vec<String>>,
+        }
+        let n = Nested {
+            a: vec![vec![1, 2], vec![]],
+            b: [("x y".to_string(), vec!["z".to_string()])].into(),
+        };
+        assert_eq!(
+            yaml(&n),
+            "a:\n- - 1\n  - 2\n- []\nb:\n  \"x y\":\n  - \"z\"\n"
+        );
+    }
+
+    #[test]
+    fn status_table() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let s = StatusResponse {
+            subnets_total: 255,
+            subnets_used: 3,
+            subnets_free: 251,
+            subnets_reserved: 1,
+            agents: vec![ConnectedAgent {
+                name: "node-a".into(),
+                connected_at_unix: 10_000 - 303,
+                last_seen_unix: 10_000 - 3,
+                revision: 9,
+                revision_lag: 1,
+            }],
+            revision: 10,
+            store_size_bytes: 3 * 1024 * 1024 / 2,
+            version: "0.1.0".into(),
+        };
+        let t = render_status(&s, Format::Table, now);
+        let expected = "\
+Version:      0.1.0
+Revision:     10
+Store size:   1.5 MiB
+Subnets:      255 total, 3 used, 251 free, 1 reserved
+Agents:       1 connected
+
+NAME     CONNECTED   LAST-SEEN   REVISION   LAG
+node-a   5m3s        3s          9          1
+";
+        assert_eq!(t, expected);
+        let w = render_status(&s, Format::Wide, now);
+        assert!(
+            w.contains("LAG   CONNECTED-AT           LAST-SEEN-AT\n"),
+            "{w}"
+        );
+        let empty = render_status(&StatusResponse::default(), Format::Table, now);
+        assert!(empty.ends_with("Agents:       none connected\n"), "{empty}");
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+    }
+
+    #[test]
+    fn config_table_and_json() {
+        let c = GetConfigResponse {
+            net_conf_json: "{\"Network\": \"10.244.0.0/16\"}\n".into(),
+            network: "10.244.0.0/16".into(),
+            subnet_len: 24,
+            subnet_min: "10.244.1.0/24".into(),
+            subnet_max: "10.244.255.0/24".into(),
+            backend_type: "vxlan".into(),
+            vni: 1,
+            port: 0,
+            mtu: 0,
+            direct_routing: false,
+            lease_ttl_seconds: 86_400,
+        };
+        let t = render_config(&c, Format::Table);
+        assert!(
+            t.starts_with("FIELD                   VALUE\nNetwork                 10.244.0.0/16\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\nBackend.Port            0 (kernel default, 8472)\n"),
+            "{t}"
+        );
+        assert!(t.ends_with("\nLeaseTTL                24h\n"), "{t}");
+        let w = render_config(&c, Format::Wide);
+        assert!(
+            w.ends_with("net-conf.json           {\"Network\":\"10.244.0.0/16\"}\n"),
+            "{w}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&render_config(&c, Format::Json)).unwrap();
+        assert_eq!(v["network"], "10.244.0.0/16");
+        assert_eq!(v["subnet_len"], 24);
+        assert_eq!(v["lease_ttl_seconds"], 86_400);
+    }
+
+    #[test]
+    fn reservations_and_changes() {
+        let rs = vec![
+            Reservation {
+                node_name: "node-a".into(),
+                subnet: "10.244.1.0/24".into(),
+            },
+            Reservation {
+                node_name: "node-b".into(),
+                subnet: "10.244.9.0/24".into(),
+            },
+        ];
+        let leases = vec![lease("node-a", "10.244.1.0/24", 1)];
+        assert_eq!(
+            render_reservations(&rs, None, Format::Table),
+            "NODE     SUBNET\nnode-a   10.244.1.0/24\nnode-b   10.244.9.0/24\n"
+        );
+        assert_eq!(
+            render_reservations(&rs, Some(&leases), Format::Wide),
+            "NODE     SUBNET          IN-USE\nnode-a   10.244.1.0/24   yes\nnode-b   10.244.9.0/24   no\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_reservations(&rs, None, Format::Json)).unwrap();
+        assert_eq!(v["reservations"][1]["subnet"], "10.244.9.0/24");
+        assert!(v["reservations"][1].get("in_use").is_none());
+        assert_eq!(render_reservations(&[], None, Format::Table), "");
+        assert_eq!(
+            render_reservation_change(&rs[0], "created", Format::Table),
+            "reservation/node-a created (subnet 10.244.1.0/24)\n"
+        );
+        assert_eq!(
+            render_revoked(&lease("node-a", "10.244.1.0/24", 1), Format::Table),
+            "lease/node-a revoked (subnet 10.244.1.0/24)\n"
+        );
+    }
+
+    #[test]
+    fn watch_lines() {
+        use twill_proto::LeaseEvent;
+        let now = UNIX_EPOCH;
+        let snapshot = WatchResponse {
+            reset: true,
+            events: vec![LeaseEvent {
+                r#type: EventType::Put as i32,
+                lease: Some(lease("node-a", "10.244.1.0/24", 86_400)),
+                revision: 7,
+            }],
+            revision: 12,
+        };
+        let change = WatchResponse {
+            reset: false,
+            events: vec![LeaseEvent {
+                r#type: EventType::Delete as i32,
+                lease: Some(lease("node-a", "10.244.1.0/24", 86_400)),
+                revision: 13,
+            }],
+            revision: 13,
+        };
+        let mut p = WatchPrinter::new(Format::Table);
+        let t = p.render(&snapshot, now) + &p.render(&change, now);
+        let expected = "\
+REVISION   TYPE     NODE               SUBNET               PUBLIC-IP         VTEP-MAC
+12         RESET    (the complete lease table follows: 1 lease)
+7          PUT      node-a             10.244.1.0/24        192.168.1.10      0a:58:0a:f4:01:01
+13         DELETE   node-a             10.244.1.0/24        192.168.1.10      0a:58:0a:f4:01:01
+";
+        assert_eq!(t, expected);
+        let mut p = WatchPrinter::new(Format::Json);
+        let j = p.render(&snapshot, now) + &p.render(&change, now);
+        let lines: Vec<serde_json::Value> = j
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{j}");
+        assert_eq!(lines[0]["type"], "RESET");
+        assert_eq!(lines[0]["revision"], 12);
+        assert!(lines[0].get("lease").is_none());
+        assert_eq!(lines[1]["type"], "PUT");
+        assert_eq!(lines[1]["lease"]["node_name"], "node-a");
+        assert_eq!(lines[2]["type"], "DELETE");
+        assert_eq!(lines[2]["revision"], 13);
+        let mut p = WatchPrinter::new(Format::Yaml);
+        let y = p.render(&change, now);
+        assert!(
+            y.starts_with("---\ntype: \"DELETE\"\nrevision: 13\nlease:\n  node_name: \"node-a\"\n"),
+            "{y}"
         );
     }
 }

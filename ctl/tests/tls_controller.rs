@@ -3,222 +3,22 @@
 //!
 //! Needs `cargo build --workspace --bins` first (the controller is another crate's binary).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+mod support;
 
-use tempfile::TempDir;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use support::{failed, ok, runtime, tls, twillctl, twillctl_pki, Controller, Pair, Pki};
+use tonic::transport::Endpoint;
 use twill_ctl::certs::{self, Ca, Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, ListLeasesRequest};
 
-const READY_DEADLINE: Duration = Duration::from_secs(30);
-
 // ---------------------------------------------------------------------------------------
-// The controller process
-
-fn controller_bin() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("TWILL_CONTROLLER_BIN") {
-        candidates.push(PathBuf::from(p));
-    }
-    // This test runs as target/<profile>/deps/tls_controller-<hash>.
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            candidates.push(profile_dir.join("twill-controller"));
-        }
-    }
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(dir).join("debug").join("twill-controller"));
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/twill-controller"));
-    for c in &candidates {
-        if c.is_file() {
-            return c.clone();
-        }
-    }
-    panic!(
-        "the twill-controller binary is missing (looked at {candidates:?}): \
-         run `cargo build --workspace --bins` first"
-    );
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().port()
-}
-
-/// A running controller, killed on drop.
-struct Controller {
-    child: Child,
-    grpc: SocketAddr,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Controller {
-    fn start(cert: &Path, key: &Path, client_ca: &Path) -> Controller {
-        let dir = tempfile::tempdir().unwrap();
-        let net_conf = dir.path().join("net-conf.json");
-        std::fs::write(
-            &net_conf,
-            r#"{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}"#,
-        )
-        .unwrap();
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.path().join("controller.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(controller_bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TWILL_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .arg("--listen")
-            .arg(grpc.to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--net-conf")
-            .arg(&net_conf)
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .arg("--tls-client-ca")
-            .arg(client_ca)
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--lease-ttl")
-            .arg("24h")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn twill-controller");
-        let mut c = Controller {
-            child,
-            grpc,
-            log,
-            _dir: dir,
-        };
-        c.wait_ready(metrics);
-        c
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}", self.grpc)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls `/readyz` and the gRPC port until both answer, the process dies, or the deadline passes.
-    fn wait_ready(&mut self, metrics: SocketAddr) {
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("twill-controller exited early ({status}):\n{}", self.logs());
-            }
-            if http_status(metrics, "/readyz") == Some(200)
-                && TcpStream::connect_timeout(&self.grpc, Duration::from_millis(200)).is_ok()
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "twill-controller not ready after {READY_DEADLINE:?}:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
-}
-
-// ---------------------------------------------------------------------------------------
-// Certificates
-
-/// Paths of a certificate and its key.
-#[derive(Clone)]
-struct Pair {
-    crt: PathBuf,
-    key: PathBuf,
-}
-
-impl Pair {
-    fn at(dir: &Path, stem: &str) -> Pair {
-        Pair {
-            crt: dir.join(format!("{stem}.crt")),
-            key: dir.join(format!("{stem}.key")),
-        }
-    }
-}
-
-/// A CA and the certificates it signed.
-struct Pki {
-    dir: PathBuf,
-    ca: PathBuf,
-    controller: Pair,
-    admin: Pair,
-    node: Pair,
-    node_name: String,
-}
-
-/// Certificates made by `twillctl certs`.
-fn twillctl_pki(dir: &Path) -> Pki {
-    let d = dir.to_str().unwrap();
-    ok(&twillctl(&["certs", "init", "--dir", d]));
-    ok(&twillctl(&[
-        "certs",
-        "issue",
-        "controller",
-        "--dir",
-        d,
-        "--ip",
-        "127.0.0.1",
-        "--dns",
-        "localhost",
-    ]));
-    ok(&twillctl(&["certs", "issue", "admin", "alice", "--dir", d]));
-    ok(&twillctl(&["certs", "issue", "node", "node-a", "--dir", d]));
-    Pki {
-        dir: dir.to_path_buf(),
-        ca: dir.join("ca.crt"),
-        controller: Pair::at(dir, "controller"),
-        admin: Pair::at(dir, "admin-alice"),
-        node: Pair::at(dir, "node-node-a"),
-        node_name: "node-a".into(),
-    }
-}
+// Certificates made with openssl
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -351,27 +151,6 @@ authorityKeyIdentifier = keyid
 // ---------------------------------------------------------------------------------------
 // Clients
 
-fn twillctl(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twillctl"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TWILL_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args).output().expect("run twillctl")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "twillctl failed: {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `twillctl leases` against `ctl` with a client certificate.
 fn leases(url: &str, ca: &Path, client: &Pair, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -402,40 +181,6 @@ fn assert_tls_refusal(err: &str) {
         err.contains("cannot connect") || err.contains("transport error"),
         "not a TLS/transport failure: {err}"
     );
-}
-
-/// Asserts a failed twillctl run: exit 1 and a one-line `error: ...`; returns the line.
-fn failed(out: &Output, ctl: &Controller) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected exit 1\nstdout: {}\nstderr: {err}\ncontroller log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        ctl.logs()
-    );
-    assert!(err.starts_with("error: "), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    err
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn tls(ca: &Path, client: Option<&Pair>) -> ClientTlsConfig {
-    let mut t =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
-    if let Some(c) = client {
-        t = t.identity(Identity::from_pem(
-            std::fs::read(&c.crt).unwrap(),
-            std::fs::read(&c.key).unwrap(),
-        ));
-    }
-    t
 }
 
 /// Acquires a lease for the node certificate's node through AgentService.
@@ -472,7 +217,14 @@ fn assert_admin_lists(ctl: &Controller, pki: &Pki, node: &str, subnet: &str) {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NODE", "SUBNET", "PUBLIC-IP", "VTEP-MAC", "EXPIRES-IN"],
+        [
+            "NODE",
+            "SUBNET",
+            "PUBLIC-IP",
+            "VTEP-MAC",
+            "EXPIRES-IN",
+            "RESERVED"
+        ],
         "{table}"
     );
     let row = lines
@@ -486,6 +238,7 @@ fn assert_admin_lists(ctl: &Controller, pki: &Pki, node: &str, subnet: &str) {
         "EXPIRES-IN {:?}:\n{table}",
         cells[4]
     );
+    assert_eq!(cells[5], "no", "{table}");
 
     let wide = ok(&leases(&url, &pki.ca, &pki.admin, &["-o", "wide"]));
     println!("twillctl leases -o wide:\n{wide}");
