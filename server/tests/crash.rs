@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use twill_proto::ListLeasesRequest;
 
 const NODES: usize = 240;
 const CYCLES: usize = 20;
+/// Acknowledgements each cycle waits for before it picks its moment to kill.
+const MIN_ACKS_PER_CYCLE: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_leases_survive_kill_9() {
@@ -38,9 +41,10 @@ async fn acknowledged_leases_survive_kill_9() {
             ctl.restart();
         }
         let url_ctl = Arc::new(ctl.channel_factory().with_ca(&pki));
+        let cycle_acks = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for i in 0..NODES {
-            let (ids, acked, factory) = (ids.clone(), acked.clone(), url_ctl.clone());
+            let (ids, acked, factory, cycle_acks) = (ids.clone(), acked.clone(), url_ctl.clone(), cycle_acks.clone());
             tasks.push(tokio::spawn(async move {
                 let node = format!("node-{i:03}");
                 let Ok(channel) = factory.connect(&ids[i]).await else {
@@ -63,11 +67,18 @@ async fn acknowledged_leases_survive_kill_9() {
                         );
                     }
                     acks += 1;
+                    cycle_acks.fetch_add(1, Ordering::Relaxed);
                 }
                 acks
             }));
         }
-        let kill_after = Duration::from_millis(rand::rng().random_range(20..400));
+        // Kill mid-storm: once this cycle has some acknowledgements (however slow the
+        // machine), after a random extra moment while the rest are in flight.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while cycle_acks.load(Ordering::Relaxed) < MIN_ACKS_PER_CYCLE && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let kill_after = Duration::from_millis(rand::rng().random_range(0..150));
         tokio::time::sleep(kill_after).await;
         ctl.kill9();
         for t in tasks {

@@ -1,0 +1,534 @@
+//! A Twill overlay in a lab: certificates made by `twillctl`, one host running
+//! `twill-controller`, one `twill-agent` per node host.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+
+use crate::bins::Bins;
+use crate::cmd;
+use crate::kernel::FLANNEL_DEV;
+use crate::lab::{Host, Lab, LabConfig, LabError};
+use crate::subnet_env::SubnetEnv;
+use crate::wait::{wait_until, Check};
+
+/// The host that runs the controller.
+pub const CONTROLLER_HOST: &str = "controller";
+/// The controller's process name in the lab.
+pub const CONTROLLER_PROC: &str = "controller";
+/// Controller gRPC port.
+pub const GRPC_PORT: u16 = 8474;
+/// Controller HTTP port (`/healthz`, `/readyz`, `/metrics`).
+pub const CONTROLLER_METRICS_PORT: u16 = 8475;
+/// Agent HTTP port (`/healthz`, `/metrics`).
+pub const AGENT_METRICS_PORT: u16 = 8476;
+/// The net-conf.json the lab uses unless told otherwise.
+pub const DEFAULT_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// The admin user whose certificate `twillctl` uses.
+pub const ADMIN_USER: &str = "lab-admin";
+
+/// What overlay to build.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// Node names; each gets a host of the same name.
+    pub nodes: Vec<String>,
+    /// Contents of net-conf.json.
+    pub net_conf: String,
+    /// Extra controller flags.
+    pub controller_args: Vec<String>,
+    /// Extra agent flags, per node.
+    pub agent_args: BTreeMap<String, Vec<String>>,
+    /// Start the agents in [`Overlay::start`] (else call [`Overlay::start_agent`]).
+    pub start_agents: bool,
+    /// Underlay MTU.
+    pub mtu: u32,
+    /// Print progress to stderr.
+    pub verbose: bool,
+}
+
+impl OverlayConfig {
+    pub fn new<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> OverlayConfig {
+        OverlayConfig {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            net_conf: DEFAULT_NET_CONF.into(),
+            controller_args: Vec::new(),
+            agent_args: BTreeMap::new(),
+            start_agents: true,
+            mtu: 1500,
+            verbose: false,
+        }
+    }
+
+    /// Nodes `node-a`, `node-b`, `node-c`.
+    pub fn three_nodes() -> OverlayConfig {
+        OverlayConfig::new(["node-a", "node-b", "node-c"])
+    }
+
+    pub fn net_conf(mut self, json: &str) -> Self {
+        self.net_conf = json.into();
+        self
+    }
+
+    pub fn controller_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.controller_args
+            .extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn agent_args<S: Into<String>>(
+        mut self,
+        node: &str,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.agent_args
+            .entry(node.into())
+            .or_default()
+            .extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn start_agents(mut self, yes: bool) -> Self {
+        self.start_agents = yes;
+        self
+    }
+
+    pub fn mtu(mut self, mtu: u32) -> Self {
+        self.mtu = mtu;
+        self
+    }
+
+    pub fn verbose(mut self, yes: bool) -> Self {
+        self.verbose = yes;
+        self
+    }
+}
+
+/// One row of `twillctl leases -o json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LeaseRow {
+    pub node_name: String,
+    /// The subnet as a network (`10.244.7.0/24`).
+    pub subnet: String,
+    pub public_ip: String,
+    pub vtep_mac: String,
+    #[serde(default)]
+    pub backend_type: String,
+    #[serde(default)]
+    pub vni: u32,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LeasesDoc {
+    leases: Vec<LeaseRow>,
+}
+
+/// A running overlay; dropping it (its [`Lab`]) tears everything down.
+pub struct Overlay {
+    lab: Lab,
+    bins: Bins,
+    certs: PathBuf,
+    nodes: Vec<String>,
+    agent_args: BTreeMap<String, Vec<String>>,
+}
+
+impl Overlay {
+    /// Builds the lab (a `controller` host plus one host per node), makes the
+    /// certificates with `twillctl certs`, starts the controller and waits until it is
+    /// ready, and starts the agents (unless told not to). Does not wait for the agents.
+    pub fn start(cfg: OverlayConfig) -> Result<Overlay, LabError> {
+        if cfg.nodes.iter().any(|n| n == CONTROLLER_HOST) {
+            return Err(anyhow::anyhow!("a node may not be named {CONTROLLER_HOST}").into());
+        }
+        let mut hosts = vec![CONTROLLER_HOST.to_string()];
+        hosts.extend(cfg.nodes.iter().cloned());
+        let lab = Lab::new(LabConfig::new(hosts).mtu(cfg.mtu).verbose(cfg.verbose))?;
+        let bins = Bins::locate()?;
+        let ov = Overlay {
+            certs: lab.dir().join("certs"),
+            lab,
+            bins,
+            nodes: cfg.nodes.clone(),
+            agent_args: cfg.agent_args.clone(),
+        };
+        match ov.bring_up(&cfg) {
+            Ok(()) => Ok(ov),
+            Err(e) => {
+                eprintln!("twill lab: starting the overlay failed: {e:#}");
+                ov.lab.dump();
+                Err(LabError::Failed(e))
+            }
+        }
+    }
+
+    fn bring_up(&self, cfg: &OverlayConfig) -> Result<()> {
+        self.make_certs()?;
+        let ctl = self.lab.host(CONTROLLER_HOST);
+        let net_conf = ctl.dir.join("net-conf.json");
+        std::fs::write(&net_conf, &cfg.net_conf)
+            .with_context(|| format!("cannot write {}", net_conf.display()))?;
+        let c = |f: &str| self.certs.join(f).display().to_string();
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("{}:{GRPC_PORT}", ctl.ip),
+            "--data-dir".into(),
+            ctl.dir.join("data").display().to_string(),
+            "--net-conf".into(),
+            net_conf.display().to_string(),
+            "--tls-cert".into(),
+            c("controller.crt"),
+            "--tls-key".into(),
+            c("controller.key"),
+            "--tls-client-ca".into(),
+            c("ca.crt"),
+            "--metrics-addr".into(),
+            format!("{}:{CONTROLLER_METRICS_PORT}", ctl.ip),
+        ];
+        args.extend(cfg.controller_args.iter().cloned());
+        self.lab.spawn(
+            CONTROLLER_HOST,
+            CONTROLLER_PROC,
+            &self.bins.controller(),
+            args,
+        )?;
+        self.wait_controller_ready(Duration::from_secs(30))?;
+        if cfg.start_agents {
+            for n in &self.nodes {
+                self.start_agent(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn twillctl_certs(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec![self.bins.twillctl().display().to_string(), "certs".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.push("--dir".into());
+        all.push(self.certs.display().to_string());
+        cmd::run(&all).context("making certificates with twillctl")?;
+        Ok(())
+    }
+
+    fn make_certs(&self) -> Result<()> {
+        let ctl_ip = self.lab.host(CONTROLLER_HOST).ip.to_string();
+        self.twillctl_certs(&["init"])?;
+        self.twillctl_certs(&["issue", "controller", "--ip", &ctl_ip, "--dns", "localhost"])?;
+        for n in &self.nodes {
+            self.twillctl_certs(&["issue", "node", n])?;
+        }
+        self.twillctl_certs(&["issue", "admin", ADMIN_USER])?;
+        for f in ["ca.crt", "controller.crt", "controller.key"] {
+            if !self.certs.join(f).is_file() {
+                bail!(
+                    "twillctl certs did not write {}",
+                    self.certs.join(f).display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    pub fn bins(&self) -> &Bins {
+        &self.bins
+    }
+
+    /// The node names, in order.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// The host a node runs on (same name).
+    pub fn node_host(&self, node: &str) -> &Host {
+        self.lab.host(node)
+    }
+
+    pub fn controller_host(&self) -> &Host {
+        self.lab.host(CONTROLLER_HOST)
+    }
+
+    /// `https://<controller ip>:8474`.
+    pub fn controller_url(&self) -> String {
+        format!("https://{}:{GRPC_PORT}", self.controller_host().ip)
+    }
+
+    pub fn controller_metrics_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.controller_host().ip.into(), CONTROLLER_METRICS_PORT)
+    }
+
+    pub fn agent_metrics_addr(&self, node: &str) -> SocketAddr {
+        SocketAddr::new(self.node_host(node).ip.into(), AGENT_METRICS_PORT)
+    }
+
+    /// The directory with `ca.crt`, `controller.crt`, `node-<n>.crt`, `admin-<u>.crt`
+    /// and their keys.
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs
+    }
+
+    /// The lab process name of a node's agent.
+    pub fn agent_proc(node: &str) -> String {
+        format!("agent-{node}")
+    }
+
+    /// A node's subnet.env path (`<lab dir>/<node>/subnet.env`).
+    pub fn subnet_file(&self, node: &str) -> PathBuf {
+        self.node_host(node).dir.join("subnet.env")
+    }
+
+    /// A node's subnet.env, parsed.
+    pub fn subnet_env(&self, node: &str) -> Result<SubnetEnv> {
+        SubnetEnv::read(&self.subnet_file(node))
+    }
+
+    /// The arguments a node's agent is started with.
+    pub fn agent_command_args(&self, node: &str) -> Vec<String> {
+        let c = |f: String| self.certs.join(f).display().to_string();
+        let mut args = vec![
+            "--controller".to_string(),
+            self.controller_url(),
+            "--node-name".into(),
+            node.into(),
+            "--tls-cert".into(),
+            c(format!("node-{node}.crt")),
+            "--tls-key".into(),
+            c(format!("node-{node}.key")),
+            "--tls-ca".into(),
+            c("ca.crt".into()),
+            "--subnet-file".into(),
+            self.subnet_file(node).display().to_string(),
+            "--metrics-addr".into(),
+            self.agent_metrics_addr(node).to_string(),
+        ];
+        args.extend(self.agent_args.get(node).into_iter().flatten().cloned());
+        args
+    }
+
+    /// Starts a node's agent (first time).
+    pub fn start_agent(&self, node: &str) -> Result<()> {
+        self.lab.spawn(
+            node,
+            &Self::agent_proc(node),
+            &self.bins.agent(),
+            self.agent_command_args(node),
+        )
+    }
+
+    /// Starts a node's agent (first time) with extra flags after the configured ones.
+    pub fn start_agent_with<S: Into<String>>(
+        &self,
+        node: &str,
+        extra: impl IntoIterator<Item = S>,
+    ) -> Result<()> {
+        let mut args = self.agent_command_args(node);
+        args.extend(extra.into_iter().map(Into::into));
+        self.lab
+            .spawn(node, &Self::agent_proc(node), &self.bins.agent(), args)
+    }
+
+    /// SIGTERM a node's agent and wait for it to exit.
+    pub fn stop_agent(&self, node: &str) -> Result<ExitStatus> {
+        self.lab.stop(&Self::agent_proc(node))
+    }
+
+    /// SIGKILL a node's agent.
+    pub fn kill_agent(&self, node: &str) -> Result<ExitStatus> {
+        self.lab.kill(&Self::agent_proc(node))
+    }
+
+    /// Starts a node's agent again with the same arguments.
+    pub fn restart_agent(&self, node: &str) -> Result<()> {
+        self.lab.restart(&Self::agent_proc(node))
+    }
+
+    pub fn agent_running(&self, node: &str) -> bool {
+        self.lab.is_running(&Self::agent_proc(node))
+    }
+
+    pub fn stop_controller(&self) -> Result<ExitStatus> {
+        self.lab.stop(CONTROLLER_PROC)
+    }
+
+    pub fn kill_controller(&self) -> Result<ExitStatus> {
+        self.lab.kill(CONTROLLER_PROC)
+    }
+
+    /// Starts the controller again (same arguments, same data dir) and waits until ready.
+    pub fn restart_controller(&self) -> Result<()> {
+        self.lab.restart(CONTROLLER_PROC)?;
+        self.wait_controller_ready(Duration::from_secs(30))
+    }
+
+    fn process_gone(&self, proc_name: &str) -> Option<String> {
+        if self.lab.is_running(proc_name) {
+            return None;
+        }
+        let status = self
+            .lab
+            .exit_status(proc_name)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "not running".into());
+        Some(format!(
+            "{proc_name} exited ({status}); its log ends:\n{}",
+            self.lab.log_tail(proc_name, 20)
+        ))
+    }
+
+    /// Waits until the controller answers `GET /readyz` with 200.
+    pub fn wait_controller_ready(&self, timeout: Duration) -> Result<()> {
+        let addr = self.controller_metrics_addr();
+        wait_until(
+            timeout,
+            "the controller to be ready (GET /readyz = 200)",
+            || {
+                if let Some(why) = self.process_gone(CONTROLLER_PROC) {
+                    return Check::Fatal(why);
+                }
+                match self.lab.http_get(CONTROLLER_HOST, addr, "/readyz") {
+                    Ok(r) if r.status == 200 => Check::Ready(()),
+                    Ok(r) => Check::NotYet(format!("HTTP {}: {}", r.status, r.body.trim())),
+                    Err(e) => Check::NotYet(format!("{e:#}")),
+                }
+            },
+        )
+    }
+
+    /// Waits until a node's agent answers `GET /healthz` with 200.
+    pub fn wait_agent_healthy(&self, node: &str, timeout: Duration) -> Result<()> {
+        let addr = self.agent_metrics_addr(node);
+        let proc_name = Self::agent_proc(node);
+        wait_until(
+            timeout,
+            &format!("the agent of {node} to be healthy (GET /healthz = 200)"),
+            || {
+                if let Some(why) = self.process_gone(&proc_name) {
+                    return Check::Fatal(why);
+                }
+                match self.lab.http_get(node, addr, "/healthz") {
+                    Ok(r) if r.status == 200 => Check::Ready(()),
+                    Ok(r) => Check::NotYet(format!("HTTP {}: {}", r.status, r.body.trim())),
+                    Err(e) => Check::NotYet(format!("{e:#}")),
+                }
+            },
+        )
+    }
+
+    /// Whether `on` has a Twill route to `subnet` via `flannel.1`.
+    pub fn has_route(&self, on: &str, subnet: Ipv4Net) -> Result<bool> {
+        Ok(self
+            .lab
+            .routes(on)?
+            .iter()
+            .any(|r| r.dst_net() == Some(subnet) && r.dev.as_deref() == Some(FLANNEL_DEV)))
+    }
+
+    /// One look at convergence: every given node has a subnet.env and a Twill route to
+    /// every other given node's subnet. `Err` describes what is missing.
+    pub fn converged_among(&self, nodes: &[&str]) -> Check<BTreeMap<String, SubnetEnv>> {
+        let mut envs = BTreeMap::new();
+        let mut missing = Vec::new();
+        for n in nodes {
+            if let Some(why) = self.process_gone(&Self::agent_proc(n)) {
+                return Check::Fatal(why);
+            }
+            match self.subnet_env(n) {
+                Ok(e) => {
+                    envs.insert(n.to_string(), e);
+                }
+                Err(e) => missing.push(format!("{n}: {e:#}")),
+            }
+        }
+        if !missing.is_empty() {
+            return Check::NotYet(missing.join("; "));
+        }
+        for n in nodes {
+            let routes = match self.lab.routes(n) {
+                Ok(r) => r,
+                Err(e) => return Check::NotYet(format!("{n}: {e:#}")),
+            };
+            for peer in nodes.iter().filter(|p| *p != n) {
+                let want = envs[*peer].subnet_net();
+                if !routes
+                    .iter()
+                    .any(|r| r.dst_net() == Some(want) && r.dev.as_deref() == Some(FLANNEL_DEV))
+                {
+                    missing.push(format!("{n} has no route to {peer}'s {want}"));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Check::Ready(envs)
+        } else {
+            Check::NotYet(missing.join("; "))
+        }
+    }
+
+    /// Waits until every node has a subnet.env and a route to every other node's
+    /// subnet; returns each node's subnet.env.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<BTreeMap<String, SubnetEnv>> {
+        let nodes: Vec<&str> = self.nodes.iter().map(String::as_str).collect();
+        self.wait_converged_among(&nodes, timeout)
+    }
+
+    /// [`Overlay::wait_converged`] for a subset of the nodes.
+    pub fn wait_converged_among(
+        &self,
+        nodes: &[&str],
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, SubnetEnv>> {
+        wait_until(
+            timeout,
+            &format!("routes between every pair of {nodes:?}"),
+            || self.converged_among(nodes),
+        )
+    }
+
+    /// Runs `twillctl` with the admin certificate against the controller, inside the
+    /// controller's namespace; its stdout.
+    pub fn twillctl<S: AsRef<str>>(&self, args: &[S]) -> Result<String> {
+        let c = |f: String| self.certs.join(f).display().to_string();
+        let mut all = vec![
+            self.bins.twillctl().display().to_string(),
+            "--controller".into(),
+            self.controller_url(),
+            "--tls-cert".into(),
+            c(format!("admin-{ADMIN_USER}.crt")),
+            "--tls-key".into(),
+            c(format!("admin-{ADMIN_USER}.key")),
+            "--tls-ca".into(),
+            c("ca.crt".into()),
+        ];
+        all.extend(args.iter().map(|a| a.as_ref().to_string()));
+        self.lab.exec(CONTROLLER_HOST, &all)
+    }
+
+    /// `twillctl leases` (a table).
+    pub fn leases_table(&self) -> Result<String> {
+        self.twillctl(&["leases"])
+    }
+
+    /// The lease table from `twillctl leases -o json`.
+    pub fn leases(&self) -> Result<Vec<LeaseRow>> {
+        let out = self.twillctl(&["leases", "-o", "json"])?;
+        let doc: LeasesDoc = serde_json::from_str(&out)
+            .with_context(|| format!("cannot parse `twillctl leases -o json`: {out}"))?;
+        Ok(doc.leases)
+    }
+
+    /// A node's VTEP MAC (the MAC of its `flannel.1`).
+    pub fn vtep_mac(&self, node: &str) -> Result<String> {
+        self.lab.mac(node, FLANNEL_DEV)
+    }
+
+    /// A node's underlay address.
+    pub fn public_ip(&self, node: &str) -> Ipv4Addr {
+        self.node_host(node).ip
+    }
+}
