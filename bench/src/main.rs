@@ -1,0 +1,685 @@
+//! twill-bench: Twill's controller measured side by side against flannel's etcd design
+//! (one etcd watch per node), and the agent's data plane against `ip -batch`.
+//!
+//! `cargo run --release -p twill-bench -- <scenario> --nodes N` prints a markdown
+//! table and writes the raw figures as JSON (default
+//! target/bench-results/<scenario>-<N>.json). See BENCHMARKS.md.
+
+mod dataplane;
+mod etcd;
+mod pki;
+mod procstat;
+mod report;
+mod servers;
+mod sim;
+mod stats;
+mod twill;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::procstat::{Meter, Usage};
+use crate::stats::{median, median_dist, Dist};
+
+/// Benchmarks of Twill against flannel's etcd mode, on this machine.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "twill-bench", version)]
+struct Opts {
+    /// What to run.
+    scenario: Scenario,
+    /// Node counts, comma-separated (e.g. 100,1000,5000).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    nodes: Vec<usize>,
+    /// Where to write the raw figures (JSON). Default:
+    /// target/bench-results/<scenario>-<N>.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Runs per node count; medians are reported. Node counts of 5,000 and more run
+    /// once unless --repeat-large is given.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Runs per node count from 5,000 nodes up.
+    #[arg(long, default_value_t = 1)]
+    repeat_large: usize,
+    /// Fan-out joins per run.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
+    /// Join-storm deadline in seconds (after it: "not converged", with progress).
+    #[arg(long, default_value_t = 120)]
+    deadline: u64,
+    /// Churn duration in seconds.
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// How `reconnect` stops the controller.
+    #[arg(long, value_enum, default_value = "term")]
+    signal: StopSignal,
+    /// Peer counts of the data-plane scenario.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    peers: Vec<usize>,
+    /// Which system(s) `join-storm` and `fanout` measure.
+    #[arg(long, value_enum, default_value = "twill")]
+    system: SystemChoice,
+    /// `compare`: skip etcd.
+    #[arg(long)]
+    skip_etcd: bool,
+    /// `compare`: skip the data-plane scenario.
+    #[arg(long)]
+    skip_dataplane: bool,
+    /// `compare`: skip churn and reconnect (run at the largest N).
+    #[arg(long)]
+    skip_extras: bool,
+    /// The twill-controller binary (default: next to this binary, else target/release,
+    /// else target/debug).
+    #[arg(long, env = "TWILL_BENCH_CONTROLLER")]
+    controller_bin: Option<PathBuf>,
+    /// Also write the report as markdown to this file (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    write_markdown: Option<PathBuf>,
+    /// `report`: the JSON results to render.
+    #[arg(long)]
+    from: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Scenario {
+    /// N nodes acquire leases at once and each watches; time until all saw all N.
+    JoinStorm,
+    /// N watchers; one more node joins, 50 times; grant → delivery at each watcher.
+    Fanout,
+    /// 1% of nodes release and re-acquire per second.
+    Churn,
+    /// Restart the controller under N connected agents.
+    Reconnect,
+    /// The agent's reconcile over netlink vs ip/bridge -batch (needs root).
+    Dataplane,
+    /// join-storm + fanout for Twill and etcd side by side, plus churn, reconnect and
+    /// dataplane.
+    Compare,
+    /// A few seconds at N=50 (join-storm, fanout, dataplane P=100), no etcd: keeps
+    /// the harness from rotting (run by `cargo test`).
+    Smoke,
+    /// Render a results JSON (--from) as markdown.
+    Report,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Term,
+    Kill,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum SystemChoice {
+    Twill,
+    Etcd,
+    Both,
+}
+
+/// The machine the figures were taken on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPU model.
+    pub cpu: String,
+    /// Cores.
+    pub cores: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib: (mem_kb / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+/// One run of one system at one N.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Run {
+    /// Seconds to open the N mTLS connections (before time zero).
+    pub connect_s: f64,
+    /// The join storm.
+    pub storm: sim::StormOutcome,
+    /// Server cost during the storm.
+    pub storm_usage: Usage,
+    /// The fan-out, when run.
+    pub fanout: Option<sim::FanoutOutcome>,
+    /// Server peak RSS over storm and fan-out, MB.
+    pub peak_rss_mb: f64,
+    /// Server RSS at the end (N leases, N watchers), MB.
+    pub end_rss_mb: f64,
+}
+
+/// Medians over the runs of one system at one N.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Runs.
+    pub runs: usize,
+    /// Runs whose storm converged before the deadline.
+    pub converged_runs: usize,
+    /// Storm convergence, s (median of converged runs; NaN if none).
+    pub storm_s: f64,
+    /// Nodes that saw all N leases (median).
+    pub nodes_converged: f64,
+    /// Nodes granted (median).
+    pub nodes_granted: f64,
+    /// Leases seen / N² (median).
+    pub deliveries_fraction: f64,
+    /// Grant latency from time zero, ms.
+    pub grant_ms: Dist,
+    /// Fan-out grant → delivery, ms.
+    pub fanout_ms: Dist,
+    /// Fan-out deliveries received / expected.
+    pub fanout_delivered: f64,
+    /// Server peak RSS, MB.
+    pub peak_rss_mb: f64,
+    /// Server RSS at the end, MB.
+    pub end_rss_mb: f64,
+    /// Server CPU seconds during the storm.
+    pub storm_cpu_s: f64,
+    /// Load-generator CPU seconds during the storm.
+    pub client_cpu_s: f64,
+    /// Deadline of the storm, s.
+    pub deadline_s: f64,
+}
+
+fn summarize(runs: &[Run]) -> Summary {
+    let conv: Vec<&Run> = runs.iter().filter(|r| r.storm.converged).collect();
+    let fan: Vec<&sim::FanoutOutcome> = runs.iter().filter_map(|r| r.fanout.as_ref()).collect();
+    Summary {
+        runs: runs.len(),
+        converged_runs: conv.len(),
+        storm_s: median(conv.iter().map(|r| r.storm.converge_s)),
+        nodes_converged: median(runs.iter().map(|r| r.storm.nodes_converged as f64)),
+        nodes_granted: median(runs.iter().map(|r| r.storm.nodes_granted as f64)),
+        deliveries_fraction: median(runs.iter().map(|r| r.storm.deliveries_fraction)),
+        grant_ms: median_dist(&runs.iter().map(|r| r.storm.grant_ms).collect::<Vec<_>>()),
+        fanout_ms: median_dist(&fan.iter().map(|f| f.delivery_ms).collect::<Vec<_>>()),
+        fanout_delivered: median(fan.iter().map(|f| {
+            if f.expected == 0 {
+                f64::NAN
+            } else {
+                f.delivery_ms.count as f64 / f.expected as f64
+            }
+        })),
+        peak_rss_mb: median(runs.iter().map(|r| r.peak_rss_mb)),
+        end_rss_mb: median(runs.iter().map(|r| r.end_rss_mb)),
+        storm_cpu_s: median(runs.iter().map(|r| r.storm_usage.cpu_s)),
+        client_cpu_s: median(runs.iter().map(|r| r.storm_usage.client_cpu_s)),
+        deadline_s: runs.first().map_or(f64::NAN, |r| r.storm.deadline_s),
+    }
+}
+
+/// One system at one N over its repeats.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SystemRuns {
+    /// Every run.
+    pub runs: Vec<Run>,
+    /// Medians.
+    pub median: Summary,
+}
+
+/// Both systems at one N.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Row {
+    /// Nodes.
+    pub nodes: usize,
+    /// Twill.
+    pub twill: Option<SystemRuns>,
+    /// flannel's etcd mode.
+    pub etcd: Option<SystemRuns>,
+}
+
+/// Everything one invocation measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    /// The scenario.
+    pub scenario: String,
+    /// The command line.
+    pub command: String,
+    /// Unix time of the start.
+    pub started_unix: u64,
+    /// Wall time of the whole invocation, s.
+    pub wall_s: f64,
+    /// The machine.
+    pub machine: Machine,
+    /// The controller binary and its profile.
+    pub controller: String,
+    /// etcd's version.
+    pub etcd_version: String,
+    /// Join storm / fan-out rows.
+    pub rows: Vec<Row>,
+    /// Churn.
+    pub churn: Option<twill::ChurnOutcome>,
+    /// Reconnect.
+    pub reconnect: Option<twill::ReconnectOutcome>,
+    /// Data plane.
+    pub dataplane: Vec<dataplane::DataplaneOutcome>,
+    /// Notes (skipped parts and why).
+    pub notes: Vec<String>,
+}
+
+const FANOUT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Twill at N: storm (+ fan-out) on a fresh controller.
+async fn twill_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bool) -> Result<Run> {
+    let joiners = if fanout { o.rounds } else { 0 };
+    ensure_certs(pki, n, joiners)?;
+    let ctl = servers::Controller::start(bin, pki)?;
+    let (mut fleet, connect_s) = twill::fleet(&ctl.url(), pki, n, joiners).await?;
+    let meter = Meter::start(ctl.pid());
+    let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
+    let storm_usage = meter.read();
+    eprintln!(
+        "  twill N={n}: storm {} (grant p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
+        if storm.converged { format!("{:.2} s", storm.converge_s) } else { format!("NOT converged after {} s", o.deadline) },
+        storm.grant_ms.p99,
+        storm_usage.cpu_s,
+        storm_usage.peak_rss_mb
+    );
+    let fan = if fanout && storm.converged {
+        let f = fleet.fanout(o.rounds).await;
+        eprintln!(
+            "  twill N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
+            f.delivery_ms.p50, f.delivery_ms.p99, f.delivery_ms.max, f.delivery_ms.count, f.expected
+        );
+        Some(f)
+    } else {
+        None
+    };
+    let end = meter.read();
+    drop(fleet);
+    Ok(Run {
+        connect_s,
+        storm,
+        storm_usage,
+        fanout: fan,
+        peak_rss_mb: end.peak_rss_mb,
+        end_rss_mb: end.rss_mb,
+    })
+}
+
+/// etcd at N: storm (+ fan-out) on a fresh etcd.
+async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bool) -> Result<Run> {
+    let joiners = if fanout { o.rounds } else { 0 };
+    ensure_certs(pki, n, joiners)?;
+    let mut etcd = servers::Etcd::start(bin, pki)?;
+    if let Err(e) = etcd::wait_ready(&etcd.url(), pki, Duration::from_secs(30)).await {
+        bail!("{e}:\n{}", etcd.log_tail(20));
+    }
+    let (mut fleet, connect_s) = etcd::fleet(&etcd.url(), pki, n, joiners).await?;
+    let meter = Meter::start(etcd.pid());
+    let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
+    let storm_usage = meter.read();
+    eprintln!(
+        "  etcd  N={n}: storm {} (grant p99 {:.1} ms, {} failed writes), server {:.1} s CPU, peak {:.0} MB",
+        if storm.converged {
+            format!("{:.2} s", storm.converge_s)
+        } else {
+            format!(
+                "NOT converged after {} s: {}/{n} granted, {}/{n} saw all, {:.1}% of deliveries",
+                o.deadline,
+                storm.nodes_granted,
+                storm.nodes_converged,
+                storm.deliveries_fraction * 100.0
+            )
+        },
+        storm.grant_ms.p99,
+        storm.grant_errors,
+        storm_usage.cpu_s,
+        storm_usage.peak_rss_mb
+    );
+    let fan = if fanout && etcd.alive() {
+        let f = fleet.fanout(o.rounds, FANOUT_LIMIT).await;
+        eprintln!(
+            "  etcd  N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
+            f.delivery_ms.p50, f.delivery_ms.p99, f.delivery_ms.max, f.delivery_ms.count, f.expected
+        );
+        Some(f)
+    } else {
+        None
+    };
+    let end = meter.read();
+    drop(fleet);
+    Ok(Run {
+        connect_s,
+        storm,
+        storm_usage,
+        fanout: fan,
+        peak_rss_mb: end.peak_rss_mb,
+        end_rss_mb: end.rss_mb,
+    })
+}
+
+fn ensure_certs(pki: &mut pki::Pki, n: usize, joiners: usize) -> Result<()> {
+    let names: Vec<String> = (0..n)
+        .map(sim::node_name)
+        .chain((0..joiners).map(sim::joiner_name))
+        .collect();
+    let started = Instant::now();
+    pki.ensure_nodes(&names)?;
+    if started.elapsed() > Duration::from_secs(1) {
+        eprintln!("  issued certificates in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn repeats(o: &Opts, n: usize) -> usize {
+    if n >= 5000 {
+        o.repeat_large.max(1)
+    } else {
+        o.repeat.max(1)
+    }
+}
+
+async fn rows(
+    o: &Opts,
+    pki: &mut pki::Pki,
+    ctl_bin: &Path,
+    etcd_bin: Option<&Path>,
+    twill_on: bool,
+    fanout: bool,
+) -> Result<Vec<Row>> {
+    let mut out = Vec::new();
+    for &n in &o.nodes {
+        let mut row = Row {
+            nodes: n,
+            ..Default::default()
+        };
+        let k = repeats(o, n);
+        if twill_on {
+            let mut runs = Vec::new();
+            for r in 0..k {
+                eprintln!("twill N={n} run {}/{k}", r + 1);
+                runs.push(twill_run(ctl_bin, pki, n, o, fanout).await?);
+            }
+            row.twill = Some(SystemRuns {
+                median: summarize(&runs),
+                runs,
+            });
+        }
+        if let Some(bin) = etcd_bin {
+            let mut runs = Vec::new();
+            for r in 0..k {
+                eprintln!("etcd N={n} run {}/{k}", r + 1);
+                runs.push(etcd_run(bin, pki, n, o, fanout).await?);
+            }
+            row.etcd = Some(SystemRuns {
+                median: summarize(&runs),
+                runs,
+            });
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+async fn churn(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twill::ChurnOutcome> {
+    ensure_certs(pki, n, 0)?;
+    let ctl = servers::Controller::start(bin, pki)?;
+    let (mut fleet, _) = twill::fleet(&ctl.url(), pki, n, 0).await?;
+    let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
+    if !storm.converged {
+        bail!("churn setup: the join storm of {n} did not converge");
+    }
+    eprintln!("churn N={n}: {} s, {} nodes/s", o.duration, (n / 100).max(1));
+    let meter = Meter::start(ctl.pid());
+    let mut c = fleet.churn(Duration::from_secs(o.duration)).await;
+    c.server = meter.read();
+    eprintln!(
+        "  churn: delivery p50 {:.2} / p99 {:.2} / max {:.2} ms, controller {:.1} s CPU over {:.0} s",
+        c.delivery_ms.p50, c.delivery_ms.p99, c.delivery_ms.max, c.server.cpu_s, c.duration_s
+    );
+    Ok(c)
+}
+
+async fn reconnect(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twill::ReconnectOutcome> {
+    ensure_certs(pki, n, 0)?;
+    let mut ctl = servers::Controller::start(bin, pki)?;
+    let (mut fleet, _) = twill::fleet(&ctl.url(), pki, n, 0).await?;
+    let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
+    if !storm.converged {
+        bail!("reconnect setup: the join storm of {n} did not converge");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (sig, name) = match o.signal {
+        StopSignal::Term => (Signal::SIGTERM, "SIGTERM"),
+        StopSignal::Kill => (Signal::SIGKILL, "SIGKILL"),
+    };
+    eprintln!("reconnect N={n}: {name} the controller, start it again");
+    let r = fleet
+        .reconnect(
+            || {
+                let escalated = ctl.stop(sig);
+                ctl.start_again()?;
+                Ok(escalated)
+            },
+            name,
+        )
+        .await?;
+    eprintln!(
+        "  reconnect: restart {:.2} s, all {} resumed after {:.2} s, {} resets",
+        r.restart_s, r.resumed, r.all_resumed_s, r.resets
+    );
+    Ok(r)
+}
+
+fn dataplane_runs(o: &Opts, peers: &[usize], res: &mut Results) {
+    if let Err(why) = dataplane::available() {
+        eprintln!("SKIPPED dataplane: {why}");
+        res.notes.push(format!("dataplane skipped: {why}"));
+        return;
+    }
+    for &p in peers {
+        let k = o.repeat.max(1);
+        eprintln!("dataplane P={p} ({k} runs)");
+        match dataplane::run(p, k) {
+            Ok(d) => {
+                eprintln!(
+                    "  twill {:.1} ms full, {:.2} ms one change; ip/bridge -batch {:.1} ms full, {:.2} ms one change",
+                    d.twill_full_ms, d.twill_change_ms, d.batch_full_ms, d.batch_change_ms
+                );
+                res.dataplane.push(d);
+            }
+            Err(e) => {
+                eprintln!("dataplane P={p} failed: {e:#}");
+                res.notes.push(format!("dataplane P={p} failed: {e:#}"));
+            }
+        }
+    }
+}
+
+async fn run(mut o: Opts) -> Result<Results> {
+    let started = Instant::now();
+    let mut res = Results {
+        scenario: format!("{:?}", o.scenario),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine: machine(),
+        ..Default::default()
+    };
+    let nofile = procstat::raise_nofile();
+    let max_n = o.nodes.iter().copied().max().unwrap_or(0);
+    if (nofile as usize) < 2 * max_n + 256 && o.scenario != Scenario::Dataplane {
+        eprintln!("warning: open-file limit {nofile} is low for {max_n} nodes");
+    }
+    if o.scenario == Scenario::Dataplane {
+        dataplane_runs(&o, &o.peers.clone(), &mut res);
+        res.wall_s = started.elapsed().as_secs_f64();
+        return Ok(res);
+    }
+    let ctl_bin = servers::find_controller(o.controller_bin.as_deref())?;
+    res.controller = format!("{} ({})", ctl_bin.display(), servers::profile_of(&ctl_bin));
+    if servers::profile_of(&ctl_bin) != "release" && o.scenario != Scenario::Smoke {
+        eprintln!(
+            "warning: {} is not a release build; for real figures run `cargo build --release -p twill-server`",
+            ctl_bin.display()
+        );
+    }
+    let mut pki = pki::Pki::new()?;
+    let want_etcd = match o.scenario {
+        Scenario::Compare => !o.skip_etcd,
+        Scenario::JoinStorm | Scenario::Fanout => o.system != SystemChoice::Twill,
+        _ => false,
+    };
+    let etcd_bin = if want_etcd {
+        match servers::find_etcd() {
+            Some(b) => {
+                res.etcd_version = servers::etcd_version(&b);
+                Some(b)
+            }
+            None => {
+                let why = "etcd not found: run scripts/bench-setup.sh (Debian's etcd-server)";
+                eprintln!("SKIPPED etcd: {why}");
+                res.notes.push(why.into());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let twill_on = !(matches!(o.scenario, Scenario::JoinStorm | Scenario::Fanout) && o.system == SystemChoice::Etcd);
+    match o.scenario {
+        Scenario::JoinStorm => {
+            res.rows = rows(&o, &mut pki, &ctl_bin, etcd_bin.as_deref(), twill_on, false).await?;
+        }
+        Scenario::Fanout | Scenario::Compare => {
+            res.rows = rows(&o, &mut pki, &ctl_bin, etcd_bin.as_deref(), twill_on, true).await?;
+            if o.scenario == Scenario::Compare && !o.skip_extras {
+                res.churn = Some(churn(&o, &mut pki, &ctl_bin, max_n).await?);
+                res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, max_n).await?);
+            }
+            if o.scenario == Scenario::Compare && !o.skip_dataplane {
+                dataplane_runs(&o, &o.peers.clone(), &mut res);
+            }
+        }
+        Scenario::Churn => {
+            for &n in &o.nodes {
+                res.churn = Some(churn(&o, &mut pki, &ctl_bin, n).await?);
+            }
+        }
+        Scenario::Reconnect => {
+            for &n in &o.nodes {
+                res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, n).await?);
+            }
+        }
+        Scenario::Smoke => {
+            o.nodes = vec![50];
+            o.repeat = 1;
+            o.rounds = 5;
+            res.rows = rows(&o, &mut pki, &ctl_bin, None, true, true).await?;
+            let row = &res.rows[0];
+            let t = &row.twill.as_ref().context("twill ran")?.runs[0];
+            if !t.storm.converged {
+                bail!("smoke: the join storm of 50 did not converge within {} s", o.deadline);
+            }
+            let f = t.fanout.as_ref().context("fan-out ran")?;
+            if f.delivery_ms.count != f.expected {
+                bail!("smoke: fan-out delivered {} of {}", f.delivery_ms.count, f.expected);
+            }
+            o.duration = 2;
+            res.churn = Some(churn(&o, &mut pki, &ctl_bin, 50).await?);
+            res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, 50).await?);
+            dataplane_runs(&o, &[100], &mut res);
+            if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
+                bail!("smoke: not every watcher resumed after the restart");
+            }
+        }
+        Scenario::Dataplane | Scenario::Report => unreachable!(),
+    }
+    res.wall_s = started.elapsed().as_secs_f64();
+    Ok(res)
+}
+
+fn default_out(o: &Opts) -> PathBuf {
+    let n = o
+        .nodes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join("_");
+    let scenario = format!("{:?}", o.scenario).to_lowercase();
+    let name = match o.scenario {
+        Scenario::Dataplane => format!("dataplane-{}.json", o.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("_")),
+        Scenario::Smoke => "smoke.json".into(),
+        _ => format!("{}-{n}.json", match o.scenario {
+            Scenario::JoinStorm => "join-storm".to_string(),
+            _ => scenario,
+        }),
+    };
+    target_dir().join("bench-results").join(name)
+}
+
+/// The workspace's target dir: CARGO_TARGET_DIR, else the ancestor of this binary
+/// named `target`, else ./target.
+fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.ancestors().find(|a| a.file_name().is_some_and(|n| n == "target")).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+fn main() -> Result<()> {
+    let o = Opts::parse();
+    if o.scenario == Scenario::Report {
+        let from = o.from.clone().context("report needs --from results.json")?;
+        let res: Results = serde_json::from_str(&std::fs::read_to_string(&from)?)
+            .with_context(|| format!("reading {}", from.display()))?;
+        let md = report::markdown(&res);
+        println!("{md}");
+        if let Some(path) = &o.write_markdown {
+            std::fs::write(path, report::document(&res))?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let res = rt.block_on(run(o.clone()))?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let out = o.out.clone().unwrap_or_else(|| default_out(&o));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&res)?)?;
+    println!("{}", report::markdown(&res));
+    eprintln!("raw figures: {}", out.display());
+    if let Some(path) = &o.write_markdown {
+        std::fs::write(path, report::document(&res))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! The results as markdown: the tables printed after a run, and BENCHMARKS.md.
+
+use std::fmt::Write as _;
+
+use crate::stats::Dist;
+use crate::{Results, Summary};
+
+fn f(x: f64, digits: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "–".into()
+    }
+}
+
+fn ratio(twill: f64, etcd: f64) -> String {
+    if twill.is_finite() && etcd.is_finite() && etcd > 0.0 {
+        format!("{:.2}", twill / etcd)
+    } else {
+        "–".into()
+    }
+}
+
+fn storm_cell(s: &Summary, n: usize) -> String {
+    if s.converged_runs == s.runs && s.runs > 0 {
+        format!("{} s", f(s.storm_s, 2))
+    } else if s.converged_runs > 0 {
+        format!("{} s ({}/{} runs converged)", f(s.storm_s, 2), s.converged_runs, s.runs)
+    } else {
+        format!(
+            "not converged after {:.0} s: {:.0}/{n} granted, {:.0}/{n} saw all, {:.1}% of deliveries",
+            s.deadline_s,
+            s.nodes_granted,
+            s.nodes_converged,
+            s.deliveries_fraction * 100.0
+        )
+    }
+}
+
+fn dist3(d: &Dist) -> String {
+    format!("{} / {} / {}", f(d.p50, 2), f(d.p99, 2), f(d.max, 2))
+}
+
+/// Target verdicts.
+struct Target {
+    what: String,
+    goal: String,
+    got: String,
+    met: Option<bool>,
+}
+
+fn targets(res: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let row = res.rows.iter().find(|r| r.nodes == 5000);
+    let tw = row.and_then(|r| r.twill.as_ref()).map(|t| &t.median);
+    let et = row.and_then(|r| r.etcd.as_ref()).map(|e| &e.median);
+    let check = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| v.filter(|x| x.is_finite()).map(ok);
+    let fan = tw.map(|t| t.fanout_ms.p99);
+    out.push(Target {
+        what: "N=5,000 fan-out p99".into(),
+        goal: "< 100 ms".into(),
+        got: fan.map_or("not run".into(), |v| format!("{} ms", f(v, 2))),
+        met: check(fan, &|v| v < 100.0),
+    });
+    let storm = tw.map(|t| if t.converged_runs == t.runs { t.storm_s } else { f64::NAN });
+    out.push(Target {
+        what: "N=5,000 join storm converged".into(),
+        goal: "< 10 s".into(),
+        got: tw.map_or("not run".into(), |t| storm_cell(t, 5000)),
+        met: tw.map(|_| storm.is_some_and(|s| s.is_finite() && s < 10.0)),
+    });
+    let rss = tw.map(|t| t.peak_rss_mb);
+    out.push(Target {
+        what: "N=5,000 controller peak RSS".into(),
+        goal: "< 150 MB".into(),
+        got: rss.map_or("not run".into(), |v| format!("{} MB", f(v, 0))),
+        met: check(rss, &|v| v < 150.0),
+    });
+    let fan_ratio = match (tw, et) {
+        (Some(t), Some(e)) => Some(e.fanout_ms.p99 / t.fanout_ms.p99),
+        _ => None,
+    };
+    out.push(Target {
+        what: "N=5,000 fan-out p99, etcd / Twill".into(),
+        goal: "≥ 2×".into(),
+        got: fan_ratio.map_or("not run".into(), |v| format!("{}×", f(v, 1))),
+        met: check(fan_ratio, &|v| v >= 2.0),
+    });
+    let mem_ratio = match (tw, et) {
+        (Some(t), Some(e)) => Some(e.peak_rss_mb / t.peak_rss_mb),
+        _ => None,
+    };
+    out.push(Target {
+        what: "N=5,000 server peak memory, etcd / Twill".into(),
+        goal: "≥ 2×".into(),
+        got: mem_ratio.map_or("not run".into(), |v| format!("{}×", f(v, 1))),
+        met: check(mem_ratio, &|v| v >= 2.0),
+    });
+    let dp = res.dataplane.iter().find(|d| d.peers == 5000);
+    let dp_ratio = dp.map(|d| d.twill_full_ms / d.batch_full_ms);
+    out.push(Target {
+        what: "5,000 peers programmed, Twill / ip+bridge -batch".into(),
+        goal: "< 1.5×".into(),
+        got: dp.map_or("not run".into(), |d| {
+            format!(
+                "{}× ({} ms vs {} ms)",
+                f(d.twill_full_ms / d.batch_full_ms, 2),
+                f(d.twill_full_ms, 0),
+                f(d.batch_full_ms, 0)
+            )
+        }),
+        met: check(dp_ratio, &|v| v < 1.5),
+    });
+    let change = dp.map(|d| d.twill_change_ms);
+    out.push(Target {
+        what: "one change applied with 5,000 peers".into(),
+        goal: "< 5 ms".into(),
+        got: change.map_or("not run".into(), |v| format!("{} ms", f(v, 2))),
+        met: check(change, &|v| v < 5.0),
+    });
+    out
+}
+
+/// The result tables.
+pub fn markdown(res: &Results) -> String {
+    let mut s = String::new();
+    let both = res.rows.iter().any(|r| r.etcd.is_some());
+    if !res.rows.is_empty() {
+        let _ = writeln!(s, "### Join storm and fan-out{}\n", if both { ": Twill vs flannel's etcd mode" } else { "" });
+        if both {
+            let _ = writeln!(s, "| N | metric | Twill | etcd (flannel) | Twill / etcd |");
+            let _ = writeln!(s, "|---:|---|---:|---:|---:|");
+        } else {
+            let _ = writeln!(s, "| N | metric | Twill |");
+            let _ = writeln!(s, "|---:|---|---:|");
+        }
+        for row in &res.rows {
+            let t = row.twill.as_ref().map(|t| &t.median);
+            let e = row.etcd.as_ref().map(|e| &e.median);
+            let runs = t.or(e).map_or(0, |m| m.runs);
+            let mut line = |metric: &str, tv: Option<String>, ev: Option<String>, r: Option<String>| {
+                let tv = tv.unwrap_or_else(|| "–".into());
+                if both {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {metric} | {tv} | {} | {} |",
+                        row.nodes,
+                        ev.unwrap_or_else(|| "–".into()),
+                        r.unwrap_or_else(|| "–".into())
+                    );
+                } else {
+                    let _ = writeln!(s, "| {} | {metric} | {tv} |", row.nodes);
+                }
+            };
+            let conv = |m: &Summary| if m.converged_runs == m.runs { m.storm_s } else { f64::NAN };
+            line(
+                &format!("join storm: all N saw all N leases (median of {runs})"),
+                t.map(|m| storm_cell(m, row.nodes)),
+                e.map(|m| storm_cell(m, row.nodes)),
+                t.zip(e).map(|(a, b)| ratio(conv(a), conv(b))),
+            );
+            line(
+                "grant latency in the storm p50 / p99, ms",
+                t.map(|m| format!("{} / {}", f(m.grant_ms.p50, 1), f(m.grant_ms.p99, 1))),
+                e.map(|m| format!("{} / {}", f(m.grant_ms.p50, 1), f(m.grant_ms.p99, 1))),
+                t.zip(e).map(|(a, b)| ratio(a.grant_ms.p99, b.grant_ms.p99)),
+            );
+            if t.is_some_and(|m| m.fanout_ms.count > 0) || e.is_some_and(|m| m.fanout_ms.count > 0) {
+                line(
+                    "fan-out grant → delivery p50 / p99 / max, ms",
+                    t.map(|m| dist3(&m.fanout_ms)),
+                    e.map(|m| {
+                        let mut c = dist3(&m.fanout_ms);
+                        if m.fanout_delivered.is_finite() && m.fanout_delivered < 0.999 {
+                            let _ = write!(c, " ({:.1}% delivered)", m.fanout_delivered * 100.0);
+                        }
+                        c
+                    }),
+                    t.zip(e).map(|(a, b)| ratio(a.fanout_ms.p99, b.fanout_ms.p99) + " (p99)"),
+                );
+            }
+            line(
+                "server peak RSS, MB",
+                t.map(|m| f(m.peak_rss_mb, 0)),
+                e.map(|m| f(m.peak_rss_mb, 0)),
+                t.zip(e).map(|(a, b)| ratio(a.peak_rss_mb, b.peak_rss_mb)),
+            );
+            line(
+                "server RSS at the end (N leases, N watchers), MB",
+                t.map(|m| f(m.end_rss_mb, 0)),
+                e.map(|m| f(m.end_rss_mb, 0)),
+                t.zip(e).map(|(a, b)| ratio(a.end_rss_mb, b.end_rss_mb)),
+            );
+            line(
+                "server CPU in the storm, s",
+                t.map(|m| f(m.storm_cpu_s, 2)),
+                e.map(|m| f(m.storm_cpu_s, 2)),
+                t.zip(e).map(|(a, b)| ratio(a.storm_cpu_s, b.storm_cpu_s)),
+            );
+            line(
+                "load generator CPU in the storm, s",
+                t.map(|m| f(m.client_cpu_s, 2)),
+                e.map(|m| f(m.client_cpu_s, 2)),
+                None,
+            );
+        }
+        s.push('\n');
+    }
+    if let Some(c) = &res.churn {
+        let _ = writeln!(s, "### Churn (Twill)\n");
+        let _ = writeln!(s, "| N | nodes leaving + rejoining per s | duration | delivery p50 / p99 / max, ms | deliveries | Release/Acquire p50 / p99, ms | controller CPU | controller RSS |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} s | {} | {} of {} | {} / {} | {:.1} s ({:.0}% of a core) | {:.0} MB |\n",
+            c.nodes,
+            c.per_second,
+            c.duration_s,
+            dist3(&c.delivery_ms),
+            c.delivery_ms.count,
+            c.expected_deliveries,
+            f(c.op_ms.p50, 2),
+            f(c.op_ms.p99, 2),
+            c.server.cpu_s,
+            100.0 * c.server.cpu_s / c.duration_s.max(1e-9),
+            c.server.peak_rss_mb
+        );
+    }
+    if let Some(r) = &res.reconnect {
+        let _ = writeln!(s, "### Reconnect (Twill)\n");
+        let _ = writeln!(s, "| N | stop | stop → controller ready | stop → all watches resumed | resume p50 / p99, ms after stop | resumed | full resets |");
+        let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} s | {} s | {} / {} | {} of {} | {} |\n",
+            r.nodes,
+            if r.stop_escalated {
+                format!(
+                    "{} (did not exit within {} s: SIGKILLed)",
+                    r.signal,
+                    crate::servers::STOP_GRACE.as_secs()
+                )
+            } else {
+                r.signal.clone()
+            },
+            f(r.restart_s, 2),
+            f(r.all_resumed_s, 2),
+            f(r.resume_s.p50, 0),
+            f(r.resume_s.p99, 0),
+            r.resumed,
+            r.nodes,
+            r.resets
+        );
+    }
+    if !res.dataplane.is_empty() {
+        let _ = writeln!(s, "### Data plane: the agent's reconcile over netlink vs `ip -batch` + `bridge -batch`\n");
+        let _ = writeln!(s, "| peers | Twill from empty, ms | ip+bridge -batch from empty, ms | Twill / batch | Twill one change, ms | batch one change, ms | of which Twill read_state, ms |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+        for d in &res.dataplane {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                d.peers,
+                f(d.twill_full_ms, 1),
+                f(d.batch_full_ms, 1),
+                ratio(d.twill_full_ms, d.batch_full_ms),
+                f(d.twill_change_ms, 2),
+                f(d.batch_change_ms, 2),
+                f(d.twill_read_state_ms, 2)
+            );
+        }
+        s.push('\n');
+    }
+    let ts = targets(res);
+    if ts.iter().any(|t| t.met.is_some()) {
+        let _ = writeln!(s, "### Targets (stated, not enforced)\n");
+        let _ = writeln!(s, "| target | goal | measured | |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for t in ts {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "–",
+            };
+            let _ = writeln!(s, "| {} | {} | {} | {verdict} |", t.what, t.goal, t.got);
+        }
+        s.push('\n');
+    }
+    for n in &res.notes {
+        let _ = writeln!(s, "- note: {n}");
+    }
+    s
+}
+
+/// BENCHMARKS.md: method, machine, command, tables, meaning.
+pub fn document(res: &Results) -> String {
+    let m = &res.machine;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Twill benchmarks\n\n\
+         This file is written by the benchmark harness (`bench/`, binary `twill-bench`); do not edit it by hand.\n\
+         Regenerate it with the command below, or from saved figures with\n\
+         `cargo run --release -p twill-bench -- report --from target/bench-results/<file>.json --write-markdown BENCHMARKS.md`.\n\n\
+         ## Command\n\n\
+         ```sh\n\
+         bash scripts/bench-setup.sh        # etcd-server (the anchor), iproute2, perf\n\
+         cargo build --release -p twill-server -p twill-bench\n\
+         {}\n\
+         ```\n\n\
+         Raw figures (every run, not only medians) are in target/bench-results/ as JSON.\n\
+         This run took {:.0} min.\n",
+        res.command
+            .split_whitespace()
+            .enumerate()
+            .map(|(i, w)| if i == 0 { "target/release/twill-bench".to_string() } else { w.to_string() })
+            .collect::<Vec<_>>()
+            .join(" "),
+        res.wall_s / 60.0
+    );
+    let _ = writeln!(
+        s,
+        "## Machine\n\n\
+         - CPU: {} × {} cores, {} GiB memory, Linux {}\n\
+         - Controller: `{}`\n\
+         - etcd: {}\n\
+         - Everything on this one machine: servers and load generator share the {} cores, so \
+           the load generator's own CPU is listed too. The machine is noisy: quote medians and ratios.\n",
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        res.controller,
+        if res.etcd_version.is_empty() { "not run".into() } else { res.etcd_version.clone() },
+        m.cores
+    );
+    s.push_str(
+        "## Method\n\n\
+         - **Simulated nodes** are real gRPC clients on 127.0.0.1, one mutual-TLS connection per node \
+           (each with its own client certificate, `CN=<node>, O=twill:nodes`, from one CA made with \
+           twillctl's certificate library), in one multi-threaded process; no netlink. Connections \
+           are opened before time zero; the time to open them is not part of any figure.\n\
+         - **Twill**: the real `twill-controller` binary with a fresh data dir. A node watches \
+           (`AgentService.Watch` from revision 0: the current table, then changes) and calls \
+           `Acquire`, exactly what twill-agent does at start.\n\
+         - **flannel's etcd mode** (the anchor): Debian's etcd, a single member on 127.0.0.1 with \
+           its own temp data dir and client-certificate TLS from the same CA (`--client-cert-auth`). \
+           Each node does what flanneld's etcd subnet manager does on its data path: lists \
+           `/coreos.com/network/subnets/`, watches the prefix from the listed revision, grants an \
+           etcd lease (TTL 24 h) and puts its key `/coreos.com/network/subnets/10.A.B.0-24` with a \
+           flannel lease JSON value under it; a failed call is retried every second, as flanneld \
+           does. (flanneld also lists every lease before choosing a subnet and creates the key \
+           with a create-only transaction, retrying on collisions: the figures here are a lower \
+           bound on flannel's cost.)\n\
+         - **join storm**: at time zero all N nodes start watching and ask for their lease at \
+           once. Converged = every node has seen all N leases. Grant latency = time zero → the \
+           node's Acquire reply (Twill) or its put's reply (etcd). A storm has a deadline; past it \
+           the progress is reported instead.\n\
+         - **fan-out**: with the N nodes watching, one more node joins, 50 times, 100 ms apart. \
+           Delay = the joiner's grant (the moment its reply arrived) → the lease's arrival at each \
+           of the N watchers; p50/p99/max over all N × 50 deliveries. (A watcher can hear of a \
+           lease a moment before its holder has the reply, so the smallest delays may be \
+           negative.)\n\
+         - **server memory and CPU** come from /proc: peak RSS is VmHWM (reset with clear_refs at \
+           time zero, so it covers storm and fan-out), CPU is utime + stime.\n\
+         - **churn**: 1% of the nodes release and re-acquire their lease every second; delay = \
+           the request being sent → its event's arrival at each watcher (so it includes the \
+           durable write).\n\
+         - **reconnect**: the controller is stopped under N watching nodes and started again on \
+           the same data dir and port; each node resumes its watch from its last revision with \
+           the agent's own backoff (0.5 s doubling, jittered). Counted: time until every watch is \
+           resumed, and how many needed a full reset instead of the missed events.\n\
+         - **data plane**: in a fresh network namespace per measurement, the agent's own code \
+           (`twill_agent::reconcile::{desired, reconcile}` over `Netlink`) programs P peers from \
+           empty (neighbour + FDB entry + route each), then applies one change (a peer joins or \
+           leaves, 20 times, median). The floor is iproute2 doing the same with `ip -batch` \
+           (neighbours + routes) and `bridge -batch` (FDB) — one process each, the kernel's own \
+           speed.\n\
+         - Medians over the repeated runs (3 per N below 5,000, 1 at 5,000 by default).\n\n",
+    );
+    s.push_str("## Results\n\n");
+    s.push_str(&markdown(res));
+    s.push_str(
+        "\n## What the figures mean\n\n\
+         - In both designs every node must learn every other node's lease, so a join storm moves \
+           N² lease records whatever the design; the difference is what each record costs. In \
+           flannel's etcd mode each of the N watches is a separate watcher inside etcd, each write \
+           goes through raft and the boltdb backend, and every node also lists the prefix: etcd's \
+           work per node grows with N. Twill's controller commits a batch of grants with one \
+           fsync, then sends each watcher one message per batch over its open stream.\n\
+         - Fan-out is the steady state of a running cluster: how long after a node joins every \
+           other node can route to it. Twill/etcd ratios below 1 mean Twill is faster or smaller.\n\
+         - The load generator (all N simulated nodes) runs on the same cores as the server, so \
+           absolute figures are pessimistic for both systems; the ratios compare like with like.\n\
+         - The data-plane floor runs each tool once for all peers; the agent sends one netlink \
+           request per entry and waits for each answer, and reads the kernel's state first (a \
+           reconcile, not a replay), which is what a single change costs on top of the change itself.\n",
+    );
+    s
+}

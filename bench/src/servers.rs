@@ -1,0 +1,325 @@
+//! The two servers under test, each a real process on 127.0.0.1 with a temp data dir:
+//! `twill-controller`, and etcd configured as flannel's etcd mode would use it
+//! (client-certificate TLS from the same CA).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::pki::Pki;
+
+/// The Twill network configuration of the benchmarks: a /8 of /24s, room for 65,535
+/// nodes (flannel's 10.244.0.0/16 holds only 255).
+pub const NET_CONF: &str = r#"{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#;
+
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds `twill-controller`: `--controller-bin`/`TWILL_BENCH_CONTROLLER`, else next to
+/// this binary (same profile), else target/release, else target/debug.
+pub fn find_controller(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("--controller-bin {} does not exist", p.display());
+    }
+    let exe = std::env::current_exe()?;
+    let mut candidates = Vec::new();
+    // target/<profile>/twill-bench, or target/<profile>/deps/<test> for tests.
+    for dir in exe.ancestors().skip(1).take(3) {
+        candidates.push(dir.join("twill-controller"));
+        candidates.push(dir.join("release/twill-controller"));
+        candidates.push(dir.join("debug/twill-controller"));
+    }
+    candidates.push(PathBuf::from("target/release/twill-controller"));
+    candidates.push(PathBuf::from("target/debug/twill-controller"));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context(
+            "twill-controller not found next to twill-bench nor in target/{release,debug}: \
+             build it with `cargo build --release -p twill-server` (or pass --controller-bin)",
+        )
+}
+
+/// Whether a binary was built with the release profile (for the report).
+pub fn profile_of(bin: &Path) -> &'static str {
+    if bin.components().any(|c| c.as_os_str() == "release") {
+        "release"
+    } else if bin.components().any(|c| c.as_os_str() == "debug") {
+        "debug"
+    } else {
+        "unknown"
+    }
+}
+
+fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))
+}
+
+/// A bare HTTP/1.1 GET; `None` when nothing answers.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// How long a stopped server may take to exit before it is SIGKILLed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Sends `signal` and waits for the exit; after [`STOP_GRACE`] escalates to SIGKILL.
+/// Returns true when it had to escalate.
+fn stop_child(child: &mut Child, signal: Signal) -> bool {
+    let mut escalated = false;
+    if let Ok(None) = child.try_wait() {
+        let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        escalated = true;
+    }
+    let _ = child.wait();
+    escalated
+}
+
+/// A running `twill-controller`; killed on drop.
+pub struct Controller {
+    child: Child,
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    metrics: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    /// Starts the controller with a fresh data dir and waits for /readyz.
+    pub fn start(bin: &Path, pki: &Pki) -> Result<Controller> {
+        let dir = tempfile::Builder::new()
+            .prefix("twill-bench-controller")
+            .tempdir()?;
+        let net_conf = dir.path().join("net-conf.json");
+        std::fs::write(&net_conf, NET_CONF)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let p = |s: &Path| s.display().to_string();
+        let args = vec![
+            "--listen".into(),
+            addr.to_string(),
+            "--metrics-addr".into(),
+            metrics.to_string(),
+            "--data-dir".into(),
+            p(&dir.path().join("data")),
+            "--net-conf".into(),
+            p(&net_conf),
+            "--tls-cert".into(),
+            p(&pki.path("server.crt")),
+            "--tls-key".into(),
+            p(&pki.path("server.key")),
+            "--tls-client-ca".into(),
+            p(&pki.path("ca.crt")),
+        ];
+        let log = dir.path().join("controller.log");
+        let child = spawn_logged(bin, &args, &log)?;
+        let mut c = Controller {
+            child,
+            bin: bin.to_path_buf(),
+            args,
+            log,
+            addr,
+            metrics,
+            _dir: dir,
+        };
+        c.wait_ready(Duration::from_secs(60))?;
+        Ok(c)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The controller's log so far.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "twill-controller exited with {status} before it was ready:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            if http_get(self.metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("twill-controller not ready after {limit:?}:\n{}", self.log_tail(30))
+    }
+
+    /// Stops the process with `signal` (SIGTERM: graceful; SIGKILL: a crash); true
+    /// when it did not exit within [`STOP_GRACE`] and was SIGKILLed.
+    pub fn stop(&mut self, signal: Signal) -> bool {
+        stop_child(&mut self.child, signal)
+    }
+
+    /// Starts again on the same data dir and ports; returns once /readyz answers.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.child = spawn_logged(&self.bin, &self.args, &self.log)?;
+        self.wait_ready(Duration::from_secs(60))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Signal::SIGKILL);
+    }
+}
+
+/// Finds the `etcd` binary (Debian's etcd-server package).
+pub fn find_etcd() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+/// `etcd --version`, first line.
+pub fn etcd_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A single-member etcd on loopback with client-certificate TLS; killed on drop.
+pub struct Etcd {
+    child: Child,
+    log: PathBuf,
+    /// Client URL.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd with a fresh data dir. Readiness is for the caller to check (it
+    /// needs a TLS client).
+    pub fn start(bin: &Path, pki: &Pki) -> Result<Etcd> {
+        let dir = tempfile::Builder::new().prefix("twill-bench-etcd").tempdir()?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        let p = |s: &Path| s.display().to_string();
+        let args: Vec<String> = vec![
+            "--name".into(),
+            "bench".into(),
+            "--data-dir".into(),
+            p(&dir.path().join("data")),
+            "--listen-client-urls".into(),
+            format!("https://127.0.0.1:{client}"),
+            "--advertise-client-urls".into(),
+            format!("https://127.0.0.1:{client}"),
+            "--listen-peer-urls".into(),
+            format!("http://127.0.0.1:{peer}"),
+            "--initial-advertise-peer-urls".into(),
+            format!("http://127.0.0.1:{peer}"),
+            "--initial-cluster".into(),
+            format!("bench=http://127.0.0.1:{peer}"),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            p(&pki.path("ca.crt")),
+            "--cert-file".into(),
+            p(&pki.path("server.crt")),
+            "--key-file".into(),
+            p(&pki.path("server.key")),
+            "--log-level".into(),
+            "warn".into(),
+            "--logger".into(),
+            "zap".into(),
+        ];
+        let log = dir.path().join("etcd.log");
+        let child = spawn_logged(bin, &args, &log)?;
+        Ok(Etcd {
+            child,
+            log,
+            addr: format!("127.0.0.1:{client}").parse()?,
+            _dir: dir,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last lines of etcd's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,371 @@
+//! What the simulated nodes of both systems share: names, addresses, and the tracker
+//! every watcher reports into.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::stats::{Dist, Histogram};
+
+/// Name of storm node `i` (its index is recoverable from the name).
+pub fn node_name(i: usize) -> String {
+    format!("n{i:05}")
+}
+
+/// Name of fan-out joiner `r`.
+pub fn joiner_name(r: usize) -> String {
+    format!("j{r:03}")
+}
+
+/// Who a lease belongs to, from its node name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// Storm node `i`.
+    Node(usize),
+    /// Fan-out joiner of round `r`.
+    Joiner(u32),
+    /// Someone else.
+    Other,
+}
+
+/// Parses a node name made by [`node_name`] or [`joiner_name`].
+pub fn who(name: &[u8]) -> Who {
+    let num = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+    };
+    match name.first() {
+        Some(b'n') => num(&name[1..]).map_or(Who::Other, Who::Node),
+        Some(b'j') => num(&name[1..]).map_or(Who::Other, |r| Who::Joiner(r as u32)),
+        _ => Who::Other,
+    }
+}
+
+/// The public (underlay) address of a simulated node: 198.18.0.0/15 is the range set
+/// aside for benchmarks; it is only data here, nothing is sent to it.
+pub fn public_ip(i: usize) -> String {
+    format!("198.18.{}.{}", (i / 256) % 256, i % 256)
+}
+
+/// A VTEP MAC for simulated node `i` (`joiner` ones differ).
+pub fn vtep_mac(i: usize, joiner: bool) -> String {
+    format!(
+        "0a:{}:{:02x}:{:02x}:{:02x}:01",
+        if joiner { "59" } else { "58" },
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff
+    )
+}
+
+/// A set of storm node indices with a count.
+pub struct Seen {
+    bits: Vec<u64>,
+    count: usize,
+}
+
+impl Seen {
+    /// Room for `n` nodes.
+    pub fn new(n: usize) -> Seen {
+        Seen {
+            bits: vec![0; n.div_ceil(64).max(1)],
+            count: 0,
+        }
+    }
+    /// Marks node `i` present.
+    pub fn insert(&mut self, i: usize) {
+        if let Some(w) = self.bits.get_mut(i / 64) {
+            let m = 1u64 << (i % 64);
+            if *w & m == 0 {
+                *w |= m;
+                self.count += 1;
+            }
+        }
+    }
+    /// Marks node `i` absent.
+    pub fn remove(&mut self, i: usize) {
+        if let Some(w) = self.bits.get_mut(i / 64) {
+            let m = 1u64 << (i % 64);
+            if *w & m != 0 {
+                *w &= !m;
+                self.count -= 1;
+            }
+        }
+    }
+    /// Forgets everything (a reset).
+    pub fn clear(&mut self) {
+        self.bits.iter_mut().for_each(|w| *w = 0);
+        self.count = 0;
+    }
+    /// Nodes present.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+}
+
+/// Shared by the driver and every watcher of one run.
+pub struct Tracker {
+    /// Time zero of the run.
+    pub base: Instant,
+    /// Storm nodes.
+    pub n: usize,
+    /// Per watcher: storm leases it currently knows.
+    pub seen: Vec<AtomicU32>,
+    /// Per watcher: when it first knew all `n` (ns after `base`; 0: not yet).
+    pub converged_at: Vec<AtomicU64>,
+    /// Watchers that knew all `n` at some point.
+    pub converged: AtomicUsize,
+    /// Per storm node: when its lease was granted (ns after `base`; 0: not yet).
+    pub granted_at: Vec<AtomicU64>,
+    /// Failed grant attempts (each retried after 1 s).
+    pub grant_errors: AtomicU64,
+    /// Fan-out: (round, delivery time) from every watcher.
+    pub fanout_tx: mpsc::UnboundedSender<(u32, Instant)>,
+    /// Churn in progress: watchers time deliveries of storm-node events.
+    pub churn_on: AtomicBool,
+    /// Per storm node: when its last Release was sent (ns after `base`).
+    pub release_sent: Vec<AtomicU64>,
+    /// Per storm node: when its last Acquire (re-join) was sent (ns after `base`).
+    pub acquire_sent: Vec<AtomicU64>,
+    /// Churn delivery delays.
+    pub churn_hist: Histogram,
+    /// Reconnect: watchers whose watch broke and was resumed.
+    pub resumed_tx: mpsc::UnboundedSender<Instant>,
+    /// Watch responses that were full resets after the first one.
+    pub resets: AtomicU64,
+    /// Watch streams that broke.
+    pub breaks: AtomicU64,
+    /// Set at the end: watchers stop retrying.
+    pub stopping: AtomicBool,
+}
+
+/// Receivers of a [`Tracker`]'s channels.
+pub struct TrackerRx {
+    /// Fan-out deliveries.
+    pub fanout: mpsc::UnboundedReceiver<(u32, Instant)>,
+    /// Resumed watches.
+    pub resumed: mpsc::UnboundedReceiver<Instant>,
+}
+
+impl Tracker {
+    /// A tracker for `n` storm nodes.
+    pub fn new(n: usize) -> (Tracker, TrackerRx) {
+        let (fanout_tx, fanout) = mpsc::unbounded_channel();
+        let (resumed_tx, resumed) = mpsc::unbounded_channel();
+        let zeros = |k: usize| (0..k).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        (
+            Tracker {
+                base: Instant::now(),
+                n,
+                seen: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                converged_at: zeros(n),
+                converged: AtomicUsize::new(0),
+                granted_at: zeros(n),
+                grant_errors: AtomicU64::new(0),
+                fanout_tx,
+                churn_on: AtomicBool::new(false),
+                release_sent: zeros(n),
+                acquire_sent: zeros(n),
+                churn_hist: Histogram::default(),
+                resumed_tx,
+                resets: AtomicU64::new(0),
+                breaks: AtomicU64::new(0),
+                stopping: AtomicBool::new(false),
+            },
+            TrackerRx { fanout, resumed },
+        )
+    }
+
+    /// Nanoseconds after `base` (at least 1, so 0 can mean "not yet").
+    pub fn ns(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.base).as_nanos() as u64).max(1)
+    }
+
+    /// A watcher's count changed.
+    pub fn update_seen(&self, watcher: usize, seen: usize, now: Instant) {
+        self.seen[watcher].store(seen as u32, Ordering::Relaxed);
+        if seen >= self.n && self.converged_at[watcher].load(Ordering::Relaxed) == 0 {
+            self.converged_at[watcher].store(self.ns(now), Ordering::Relaxed);
+            self.converged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A watcher received an event for storm node `i` (PUT unless `delete`).
+    pub fn storm_event(&self, i: usize, delete: bool, now: Instant) {
+        if !self.churn_on.load(Ordering::Relaxed) || i >= self.n {
+            return;
+        }
+        let sent = if delete {
+            &self.release_sent[i]
+        } else {
+            &self.acquire_sent[i]
+        };
+        let sent = sent.load(Ordering::Relaxed);
+        if sent != 0 {
+            let delay_ns = self.ns(now).saturating_sub(sent);
+            self.churn_hist.record_us(delay_ns / 1000);
+        }
+    }
+
+    /// Storm progress.
+    pub fn storm_outcome(&self, deadline: Duration) -> StormOutcome {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let conv: Vec<u64> = self
+            .converged_at
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let granted: Vec<u64> = self
+            .granted_at
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&g| g != 0)
+            .collect();
+        let converged = conv.iter().filter(|&&c| c != 0).count();
+        let seen_total: u64 = self
+            .seen
+            .iter()
+            .map(|s| u64::from(s.load(Ordering::Relaxed)))
+            .sum();
+        let all = converged == self.n;
+        StormOutcome {
+            nodes: self.n,
+            converged: all,
+            converge_s: if all {
+                conv.iter().copied().max().map_or(f64::NAN, |c| c as f64 / 1e9)
+            } else {
+                f64::NAN
+            },
+            deadline_s: deadline.as_secs_f64(),
+            nodes_granted: granted.len(),
+            nodes_converged: converged,
+            deliveries_fraction: seen_total as f64 / (self.n as f64 * self.n as f64),
+            grant_ms: Dist::of(granted.iter().map(|&g| ms(g)).collect()),
+            grant_errors: self.grant_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The result of a join storm.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StormOutcome {
+    /// Nodes.
+    pub nodes: usize,
+    /// Every node saw every lease before the deadline.
+    pub converged: bool,
+    /// Seconds from the start until the last node had seen all N leases (NaN if not).
+    pub converge_s: f64,
+    /// The deadline.
+    pub deadline_s: f64,
+    /// Nodes whose lease was granted.
+    pub nodes_granted: usize,
+    /// Nodes that had seen all N leases.
+    pub nodes_converged: usize,
+    /// Leases known over all nodes / N².
+    pub deliveries_fraction: f64,
+    /// Time from the start until each node's grant, ms.
+    pub grant_ms: Dist,
+    /// Failed grant attempts (retried every second, as flanneld does).
+    pub grant_errors: u64,
+}
+
+/// Waits until every watcher converged or the deadline passed; prints progress.
+pub async fn wait_converged(t: &Tracker, start: Instant, deadline: Duration, label: &str) {
+    let mut last_print = Instant::now();
+    loop {
+        let done = t.converged.load(Ordering::Relaxed);
+        if done >= t.n || start.elapsed() >= deadline {
+            return;
+        }
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            let granted = t
+                .granted_at
+                .iter()
+                .filter(|g| g.load(Ordering::Relaxed) != 0)
+                .count();
+            eprintln!(
+                "  {label}: {:.0}s: {granted}/{} granted, {done}/{} converged",
+                start.elapsed().as_secs_f64(),
+                t.n,
+                t.n
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The result of a fan-out run: delay from grant (the joiner's reply) to delivery.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FanoutOutcome {
+    /// Watchers.
+    pub watchers: usize,
+    /// Joins.
+    pub rounds: usize,
+    /// Deliveries expected (rounds × watchers).
+    pub expected: u64,
+    /// Grant → delivery at each watcher, ms (may be slightly negative: a watcher can
+    /// hear of a lease before its holder has its reply).
+    pub delivery_ms: Dist,
+    /// Grant → the last watcher, per join, ms.
+    pub last_delivery_ms: Dist,
+    /// The joiner's Acquire/Put round trip, ms.
+    pub grant_rtt_ms: Dist,
+}
+
+/// Collects the deliveries of fan-out round `round` until all `watchers` have it or
+/// `limit` passes; returns the delivery times.
+pub async fn collect_round(
+    rx: &mut mpsc::UnboundedReceiver<(u32, Instant)>,
+    round: u32,
+    watchers: usize,
+    limit: Duration,
+) -> Vec<Instant> {
+    let mut got = Vec::with_capacity(watchers);
+    let deadline = tokio::time::Instant::now() + limit;
+    while got.len() < watchers {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((r, t))) if r == round => got.push(t),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    got
+}
+
+/// Turns the rounds of a fan-out into its outcome.
+pub fn fanout_outcome(
+    watchers: usize,
+    rounds: &[(Instant, Instant, Vec<Instant>)],
+) -> FanoutOutcome {
+    let ms = |a: Instant, b: Instant| -> f64 {
+        if b >= a {
+            b.duration_since(a).as_secs_f64() * 1e3
+        } else {
+            -(a.duration_since(b).as_secs_f64() * 1e3)
+        }
+    };
+    let mut all = Vec::new();
+    let mut last = Vec::new();
+    let mut rtt = Vec::new();
+    for (sent, granted, deliveries) in rounds {
+        rtt.push(ms(*sent, *granted));
+        all.extend(deliveries.iter().map(|d| ms(*granted, *d)));
+        if deliveries.len() == watchers {
+            if let Some(m) = deliveries.iter().max() {
+                last.push(ms(*granted, *m));
+            }
+        }
+    }
+    FanoutOutcome {
+        watchers,
+        rounds: rounds.len(),
+        expected: (rounds.len() * watchers) as u64,
+        delivery_ms: Dist::of(all),
+        last_delivery_ms: Dist::of(last),
+        grant_rtt_ms: Dist::of(rtt),
+    }
+}

@@ -1,0 +1,396 @@
+//! Simulated Twill agents: one mTLS gRPC connection per node to the real controller,
+//! no netlink. Each node watches the lease table and acquires its lease, as
+//! twill-agent does.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use twill_agent::client::Backoff;
+use twill_proto::agent_service_client::AgentServiceClient;
+use twill_proto::{lease_event::Type as EventType, AcquireRequest, ReleaseRequest, WatchRequest};
+
+use crate::pki::Pki;
+use crate::sim::{self, Seen, Tracker, TrackerRx, Who};
+use crate::stats::Dist;
+
+/// Connections opened at once (a burst of thousands overflows the listen backlog).
+const CONNECT_PARALLEL: usize = 64;
+
+type Client = AgentServiceClient<Channel>;
+
+/// Connects one mTLS channel per name.
+pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<Client>> {
+    let sem = Arc::new(Semaphore::new(CONNECT_PARALLEL));
+    let mut set = JoinSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let cert = pki.node(name);
+        let ca = pki.ca_pem.clone();
+        let url = url.to_string();
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert.cert_pem, cert.key_pem))
+                .domain_name("localhost");
+            let mut last = None;
+            for _ in 0..5 {
+                match Endpoint::from_shared(url.clone())?
+                    .tls_config(tls.clone())?
+                    .connect_timeout(Duration::from_secs(20))
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                {
+                    Ok(ch) => return Ok::<_, anyhow::Error>((i, AgentServiceClient::new(ch))),
+                    Err(e) => {
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            Err(anyhow::anyhow!("connect: {:?}", last))
+        });
+    }
+    let mut out: Vec<Option<Client>> = (0..names.len()).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, c) = r??;
+        out[i] = Some(c);
+    }
+    Ok(out.into_iter().map(|c| c.expect("connected")).collect())
+}
+
+fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
+    AcquireRequest {
+        node_name: name.to_string(),
+        requested_subnet: String::new(),
+        public_ip: sim::public_ip(i),
+        backend_type: "vxlan".into(),
+        vtep_mac: sim::vtep_mac(i, joiner),
+    }
+}
+
+/// A node's watch, for as long as the run lasts: on a broken stream it resumes from
+/// its last revision with the agent's own backoff.
+async fn watcher(idx: usize, mut client: Client, t: Arc<Tracker>) {
+    let mut seen = Seen::new(t.n);
+    let mut revision = 0u64;
+    let mut broken = false;
+    let mut backoff = Backoff::new(Duration::from_secs(30));
+    loop {
+        if t.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut stream = match client
+            .watch(WatchRequest {
+                from_revision: revision,
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        if broken {
+            let _ = t.resumed_tx.send(Instant::now());
+        }
+        let mut first = true;
+        while let Ok(Some(msg)) = stream.message().await {
+            let now = Instant::now();
+            if msg.reset {
+                seen.clear();
+                if broken && first {
+                    t.resets.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            first = false;
+            for e in &msg.events {
+                let Some(lease) = &e.lease else { continue };
+                let delete = e.r#type == EventType::Delete as i32;
+                match sim::who(lease.node_name.as_bytes()) {
+                    Who::Node(i) => {
+                        if delete {
+                            seen.remove(i);
+                        } else {
+                            seen.insert(i);
+                        }
+                        if !msg.reset {
+                            t.storm_event(i, delete, now);
+                        }
+                    }
+                    Who::Joiner(r) if !delete && !msg.reset => {
+                        let _ = t.fanout_tx.send((r, now));
+                    }
+                    _ => {}
+                }
+            }
+            revision = msg.revision;
+            t.update_seen(idx, seen.len(), now);
+        }
+        if t.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        broken = true;
+        t.breaks.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// N connected nodes and their watchers.
+pub struct Fleet {
+    clients: Vec<Client>,
+    joiners: Vec<Client>,
+    /// The tracker of this fleet's run.
+    pub tracker: Arc<Tracker>,
+    rx: TrackerRx,
+    tasks: JoinSet<()>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.tracker.stopping.store(true, Ordering::Relaxed);
+        self.tasks.abort_all();
+    }
+}
+
+/// Connects N nodes and `joiners` extra fan-out joiners (certificates must exist).
+pub async fn fleet(url: &str, pki: &Pki, n: usize, joiners: usize) -> Result<(Fleet, f64)> {
+    let names: Vec<String> = (0..n).map(sim::node_name).collect();
+    let jnames: Vec<String> = (0..joiners).map(sim::joiner_name).collect();
+    let started = Instant::now();
+    let clients = connect_all(url, pki, &names).await.context("connecting nodes")?;
+    let connect_s = started.elapsed().as_secs_f64();
+    let joiners = connect_all(url, pki, &jnames).await.context("connecting joiners")?;
+    let (tracker, rx) = Tracker::new(n);
+    Ok((
+        Fleet {
+            clients,
+            joiners,
+            tracker: Arc::new(tracker),
+            rx,
+            tasks: JoinSet::new(),
+        },
+        connect_s,
+    ))
+}
+
+impl Fleet {
+    /// All N nodes start watching and acquire their lease at once; returns when every
+    /// node has seen all N leases, or at the deadline.
+    pub async fn storm(&mut self, deadline: Duration) -> sim::StormOutcome {
+        let t = self.tracker.clone();
+        // Time zero: the fleet's connections are up, nothing has been asked yet.
+        let start = Instant::now();
+        let t0 = t.ns(start);
+        for (i, c) in self.clients.iter().enumerate() {
+            self.tasks.spawn(watcher(i, c.clone(), t.clone()));
+            let mut c = c.clone();
+            let t = t.clone();
+            self.tasks.spawn(async move {
+                let req = acquire_request(&sim::node_name(i), i, false);
+                loop {
+                    match c.acquire(req.clone()).await {
+                        Ok(_) => {
+                            t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(_) if !t.stopping.load(Ordering::Relaxed) => {
+                            t.grant_errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        sim::wait_converged(&t, start, deadline, "twill storm").await;
+        let mut out = t.storm_outcome(deadline);
+        // converged_at is measured from the tracker's base; shift to the storm start.
+        if out.converged {
+            out.converge_s -= (t0 as f64) / 1e9;
+        }
+        out
+    }
+
+    /// With the N watchers up to date, one more node joins per round; measures grant →
+    /// delivery at every watcher.
+    pub async fn fanout(&mut self, rounds: usize) -> sim::FanoutOutcome {
+        let n = self.clients.len();
+        let mut out = Vec::new();
+        for r in 0..rounds.min(self.joiners.len()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut c = self.joiners[r].clone();
+            let req = acquire_request(&sim::joiner_name(r), r, true);
+            let sent = Instant::now();
+            if c.acquire(req).await.is_err() {
+                continue;
+            }
+            let granted = Instant::now();
+            let got = sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
+            out.push((sent, granted, got));
+        }
+        sim::fanout_outcome(n, &out)
+    }
+
+    /// 1% of the nodes (at least one) leave and rejoin every second for `duration`.
+    pub async fn churn(&mut self, duration: Duration) -> ChurnOutcome {
+        let n = self.clients.len();
+        let per_second = (n / 100).max(1);
+        let t = self.tracker.clone();
+        t.churn_on.store(true, Ordering::Relaxed);
+        let mut ops = JoinSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let seconds = duration.as_secs().max(1) as usize;
+        for s in 0..seconds {
+            tick.tick().await;
+            for k in 0..per_second {
+                let i = (s * per_second + k) % n;
+                let mut c = self.clients[i].clone();
+                let t = t.clone();
+                ops.spawn(async move {
+                    let name = sim::node_name(i);
+                    let t_rel = Instant::now();
+                    t.release_sent[i].store(t.ns(t_rel), Ordering::Relaxed);
+                    let rel = c
+                        .release(ReleaseRequest {
+                            node_name: name.clone(),
+                        })
+                        .await
+                        .is_ok();
+                    let rel_ms = t_rel.elapsed().as_secs_f64() * 1e3;
+                    let t_acq = Instant::now();
+                    t.acquire_sent[i].store(t.ns(t_acq), Ordering::Relaxed);
+                    let acq = c.acquire(acquire_request(&name, i, false)).await.is_ok();
+                    let acq_ms = t_acq.elapsed().as_secs_f64() * 1e3;
+                    (rel && acq, rel_ms, acq_ms)
+                });
+            }
+        }
+        let mut op_ms = Vec::new();
+        let mut failed = 0;
+        while let Some(r) = ops.join_next().await {
+            if let Ok((ok, a, b)) = r {
+                if ok {
+                    op_ms.push(a);
+                    op_ms.push(b);
+                } else {
+                    failed += 1;
+                }
+            }
+        }
+        let churned = seconds * per_second;
+        let expected = (2 * churned * n) as u64;
+        let settle = Instant::now();
+        while t.churn_hist.dist().count < expected && settle.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.churn_on.store(false, Ordering::Relaxed);
+        ChurnOutcome {
+            nodes: n,
+            per_second,
+            duration_s: seconds as f64,
+            cycles: churned,
+            failed_cycles: failed,
+            expected_deliveries: expected,
+            delivery_ms: t.churn_hist.dist(),
+            op_ms: Dist::of(op_ms),
+            server: Default::default(),
+        }
+    }
+
+    /// Restarts the controller under the connected watchers; times their resumption.
+    pub async fn reconnect(
+        &mut self,
+        restart: impl FnOnce() -> Result<bool>,
+        signal: &str,
+    ) -> Result<ReconnectOutcome> {
+        let t = self.tracker.clone();
+        let n = self.clients.len();
+        let resets0 = t.resets.load(Ordering::Relaxed);
+        while self.rx.resumed.try_recv().is_ok() {}
+        let killed = Instant::now();
+        let (escalated, ready_at) = tokio::task::block_in_place(|| -> Result<(bool, Instant)> {
+            let escalated = restart()?;
+            Ok((escalated, Instant::now()))
+        })?;
+        let mut resumed = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        while resumed.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.resumed.recv()).await {
+                Ok(Some(at)) => resumed.push(at.duration_since(killed).as_secs_f64()),
+                _ => break,
+            }
+        }
+        // Resets arrive as the first message of a resumed stream.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let all = resumed.len() == n;
+        Ok(ReconnectOutcome {
+            nodes: n,
+            signal: signal.into(),
+            stop_escalated: escalated,
+            restart_s: ready_at.duration_since(killed).as_secs_f64(),
+            resumed: resumed.len(),
+            all_resumed_s: if all {
+                resumed.iter().copied().fold(0.0, f64::max)
+            } else {
+                f64::NAN
+            },
+            resume_s: Dist::of(resumed.iter().map(|s| s * 1e3).collect()),
+            resets: t.resets.load(Ordering::Relaxed) - resets0,
+        })
+    }
+}
+
+/// The result of the churn scenario.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChurnOutcome {
+    /// Nodes.
+    pub nodes: usize,
+    /// Nodes that leave and rejoin each second.
+    pub per_second: usize,
+    /// Seconds it ran.
+    pub duration_s: f64,
+    /// Leave + rejoin cycles.
+    pub cycles: usize,
+    /// Cycles with a failed call.
+    pub failed_cycles: usize,
+    /// Deliveries expected (2 events per cycle × N watchers).
+    pub expected_deliveries: u64,
+    /// Request sent → delivered at each watcher (release → DELETE, acquire → PUT), ms.
+    pub delivery_ms: Dist,
+    /// Release and Acquire round trips, ms.
+    pub op_ms: Dist,
+    /// Controller cost during the churn.
+    pub server: crate::procstat::Usage,
+}
+
+/// The result of the reconnect scenario.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReconnectOutcome {
+    /// Nodes.
+    pub nodes: usize,
+    /// How the controller was stopped.
+    pub signal: String,
+    /// It did not exit within the grace period and was SIGKILLed.
+    pub stop_escalated: bool,
+    /// Stop → the new controller ready, s.
+    pub restart_s: f64,
+    /// Watchers that resumed.
+    pub resumed: usize,
+    /// Stop → the last watcher resumed, s (NaN if some never did).
+    pub all_resumed_s: f64,
+    /// Stop → each watcher resumed, ms.
+    pub resume_s: Dist,
+    /// Resumed watches that got a full reset instead of the missed events.
+    pub resets: u64,
+}
