@@ -69,14 +69,8 @@ pub struct Args {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    twill_common::init_logging();
     if let Err(e) = daemon::run(args).await {
         eprintln!("twill-agent: error: {e:#}");
         std::process::exit(1);

@@ -39,7 +39,10 @@ fn cni(host_ns: Option<&str>, env: &[(&str, &str)], stdin: &str) -> (i32, Value)
     {
         use std::io::Write;
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(stdin.as_bytes()).unwrap();
+        // A plugin that rejects its environment exits before reading stdin.
+        if let Err(e) = pipe.write_all(stdin.as_bytes()) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "writing the config: {e}");
+        }
     }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -1,0 +1,721 @@
+//! End to end with pods: a controller and three hosts in network namespaces, two
+//! "pods" per host (network namespaces of their own) attached by the real `twill-cni`
+//! binary, invoked exactly as a container runtime invokes a conflist's plugin, which
+//! delegates to the real `bridge` and `host-local` plugins in /usr/lib/cni.
+//!
+//! Every pod pings every other pod (same host and across hosts); a TCP transfer with
+//! `iperf3` crosses the overlay from a pod on one host to a pod on another, and the
+//! same transfer between the hosts' underlay addresses gives the encapsulation cost
+//! (both throughputs and their ratio are printed); a ping of exactly the overlay MTU
+//! with DF set passes and one byte more does not; DEL removes the pod's veth, releases
+//! its address in host-local's store, and a second DEL succeeds.
+//!
+//! Needs root, network namespaces, `iperf3` and Debian's containernetworking-plugins;
+//! without them it is skipped loudly, or fails when `CI` is set.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+use twill_tests::{in_ci, require_lab, wait_until, Overlay, OverlayConfig, SubnetEnv};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Where Debian's containernetworking-plugins live; `CNI_PATH` for every call.
+const CNI_PATH: &str = "/usr/lib/cni";
+/// The conflist's network name (kube-flannel's); host-local keeps its leases in
+/// `<ipam dataDir>/<this>/`.
+const NETWORK: &str = "cbr0";
+/// Pods per host.
+const PODS_PER_HOST: usize = 2;
+/// How long one CNI call or one iperf3 client may take before it is killed.
+const CMD_TIMEOUT: &str = "60";
+/// iperf3's port (each server runs in a namespace of its own).
+const IPERF_PORT: u16 = 5201;
+/// Seconds each iperf3 transfer lasts.
+const IPERF_SECONDS: &str = "3";
+/// How many underlay/overlay pairs of transfers to run.
+const IPERF_ROUNDS: usize = 3;
+
+#[test]
+fn pods_attached_by_twill_cni_talk_across_the_overlay() {
+    if let Some(why) = missing_tools() {
+        if in_ci() {
+            panic!("e2e_pods: {why}, and CI is set, so this is a failure, not a skip");
+        }
+        let bar = "!".repeat(78);
+        // straight to the stderr handle: the test harness captures eprintln!
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n{bar}\n!!! SKIPPED: e2e_pods: {why}\n{bar}\n"
+        );
+        return;
+    }
+    // Declared before the overlay so that it is dropped after it: on a failure the
+    // lab's dump still shows cni0 and the pods' veths, then this guard deletes the pod
+    // namespaces (and kills what runs inside them) — also on panic.
+    let mut pods = PodGuard::default();
+    let Some(ov) = require_lab("e2e_pods", Overlay::start(OverlayConfig::three_nodes())) else {
+        return;
+    };
+    if let Err(e) = scenario(&ov, &mut pods) {
+        pods.dump();
+        panic!("{e:#}");
+    }
+}
+
+/// What the machine lacks to run this test, if anything (root is `require_lab`'s).
+fn missing_tools() -> Option<String> {
+    let mut missing = Vec::new();
+    for p in ["bridge", "host-local"] {
+        if !Path::new(CNI_PATH).join(p).is_file() {
+            missing.push(format!("{CNI_PATH}/{p} (containernetworking-plugins)"));
+        }
+    }
+    let has_iperf3 = Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_iperf3 {
+        missing.push("iperf3 (apt-get install -y iperf3)".into());
+    }
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("needs {}", missing.join(", ")))
+    }
+}
+
+fn scenario(ov: &Overlay, guard: &mut PodGuard) -> Result<()> {
+    let (a, b) = ("node-a", "node-b");
+    let envs = ov.wait_converged(CONVERGE)?;
+    for (node, env) in &envs {
+        ensure!(
+            env.mtu == 1450,
+            "{node}: FLANNEL_MTU {} with a 1500 underlay",
+            env.mtu
+        );
+    }
+    let cni_bin = ov.bins().path("twill-cni");
+    ensure!(
+        cni_bin.is_file(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        cni_bin.display()
+    );
+
+    // 1. Two pods per host, attached by twill-cni (ADD) as a runtime would.
+    let mut pods = Vec::new();
+    for (h, node) in ov.nodes().iter().enumerate() {
+        for i in 0..PODS_PER_HOST {
+            let netns = format!("tw-{}-p{h}{i}", ov.lab().id());
+            debug_assert!(netns.len() <= 15, "{netns}");
+            guard.create(&netns)?;
+            let pod = Pod {
+                node: node.clone(),
+                netns,
+                container_id: format!("twill-{}-{node}-{i}", ov.lab().id()),
+                addr: Ipv4Addr::UNSPECIFIED,
+                host_veth: String::new(),
+            };
+            pods.push(add_pod(ov, &cni_bin, pod, &envs[node.as_str()])?);
+        }
+    }
+    for p in &pods {
+        println!(
+            "pod {} on {} ({}): {} (host veth {})",
+            p.container_id, p.node, p.netns, p.addr, p.host_veth
+        );
+    }
+
+    // 2. Every pod pings every other pod, on the same host and across hosts.
+    for from in &pods {
+        for to in pods.iter().filter(|t| t.netns != from.netns) {
+            ping(&from.netns, to.addr, &[]).with_context(|| {
+                format!(
+                    "pod {} on {} -> pod {} ({}) on {}",
+                    from.netns, from.node, to.netns, to.addr, to.node
+                )
+            })?;
+        }
+    }
+
+    // 3. A ping of exactly the overlay MTU with DF set crosses hosts; one byte more
+    //    does not (the pod's eth0 has FLANNEL_MTU).
+    let (pa, pb) = (pod_on(&pods, a, 0), pod_on(&pods, b, 0));
+    let payload = envs[a].mtu - 28; // IPv4 20 + ICMP 8
+    let size = payload.to_string();
+    ping(&pa.netns, pb.addr, &["-M", "do", "-s", &size]).with_context(|| {
+        format!(
+            "a {}-byte packet (payload {payload}) with DF set from {} to {}",
+            envs[a].mtu, pa.addr, pb.addr
+        )
+    })?;
+    let over = (payload + 1).to_string();
+    let out = exec_in(
+        &pa.netns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            &over,
+            &pb.addr.to_string(),
+        ],
+    )?;
+    ensure!(
+        !out.success,
+        "a {}-byte packet with DF set got through from {} to {}, the overlay MTU is {}: {}",
+        envs[a].mtu + 1,
+        pa.addr,
+        pb.addr,
+        envs[a].mtu,
+        out.stdout
+    );
+
+    // 4. Throughput: underlay host to host and overlay pod to pod across the same two
+    //    hosts, alternating (never at once), [`IPERF_ROUNDS`] times each; the medians
+    //    give the ratio, so that one round disturbed by other load on the machine does
+    //    not decide it.
+    let (mut underlay, mut overlay) = (Vec::new(), Vec::new());
+    for round in 1..=IPERF_ROUNDS {
+        let u = iperf(
+            &ov.node_host(b).netns,
+            &ov.node_host(a).netns,
+            ov.public_ip(b),
+            guard,
+        )
+        .with_context(|| {
+            format!("round {round}: iperf3 between the underlay addresses of node-a and node-b")
+        })?;
+        let o = iperf(&pb.netns, &pa.netns, pb.addr, guard).with_context(|| {
+            format!(
+                "round {round}: iperf3 from pod {} on node-a to pod {} on node-b",
+                pa.addr, pb.addr
+            )
+        })?;
+        ensure!(
+            o.bits_per_second > 0.0,
+            "round {round}: no bytes crossed the overlay: {o:?}"
+        );
+        println!(
+            "throughput round {round}: underlay {:.2} Gbit/s ({} retransmits), \
+             overlay {:.2} Gbit/s ({} retransmits)",
+            u.gbps(),
+            u.retransmits,
+            o.gbps(),
+            o.retransmits
+        );
+        underlay.push(u.bits_per_second);
+        overlay.push(o.bits_per_second);
+    }
+    let (u, o) = (median(&mut underlay), median(&mut overlay));
+    println!(
+        "throughput underlay {} -> {} (host to host, median of {IPERF_ROUNDS} x {IPERF_SECONDS} s): \
+         {:.2} Gbit/s",
+        ov.public_ip(a),
+        ov.public_ip(b),
+        u / 1e9
+    );
+    println!(
+        "throughput overlay  {} -> {} (pod to pod over VXLAN, median of {IPERF_ROUNDS} x {IPERF_SECONDS} s): \
+         {:.2} Gbit/s",
+        pa.addr,
+        pb.addr,
+        o / 1e9
+    );
+    println!(
+        "throughput ratio overlay/underlay: {:.3} (encapsulation cost {:.1} %)",
+        o / u,
+        (1.0 - o / u) * 100.0
+    );
+
+    // 5. DEL removes the pod's veth and eth0 and releases its address; DEL again
+    //    succeeds; the other pods keep theirs.
+    let gone = pod_on(&pods, a, 1);
+    del_pod(ov, &cni_bin, gone)?;
+    for p in pods.iter().filter(|p| p.netns != gone.netns) {
+        let lease = ipam_dir(ov, &p.node).join(NETWORK).join(p.addr.to_string());
+        ensure!(
+            lease.is_file(),
+            "DEL of {} released {}'s address too: {} is gone",
+            gone.container_id,
+            p.container_id,
+            lease.display()
+        );
+    }
+    ping(&pb.netns, pa.addr, &[]).context("node-b's pod to node-a's remaining pod after DEL")?;
+    Ok(())
+}
+
+/// A pod attached by twill-cni.
+#[derive(Debug, Clone)]
+struct Pod {
+    node: String,
+    netns: String,
+    container_id: String,
+    addr: Ipv4Addr,
+    host_veth: String,
+}
+
+fn pod_on<'a>(pods: &'a [Pod], node: &str, i: usize) -> &'a Pod {
+    pods.iter()
+        .filter(|p| p.node == node)
+        .nth(i)
+        .expect("pod exists")
+}
+
+/// `dataDir` of twill-cni on `node` (saved delegate configs), in the host's lab dir.
+fn cni_data_dir(ov: &Overlay, node: &str) -> PathBuf {
+    ov.node_host(node).dir.join("cni").join("flannel")
+}
+
+/// host-local's `dataDir` on `node`.
+fn ipam_dir(ov: &Overlay, node: &str) -> PathBuf {
+    ov.node_host(node).dir.join("cni").join("ipam")
+}
+
+/// The network configuration a runtime hands twill-cni (kube-flannel's conflist
+/// entry, with `type` changed and this host's files).
+fn net_conf(ov: &Overlay, node: &str) -> String {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "type": "twill-cni",
+        "subnetFile": ov.subnet_file(node),
+        "dataDir": cni_data_dir(ov, node),
+        "ipam": {"dataDir": ipam_dir(ov, node)},
+        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+    })
+    .to_string()
+}
+
+/// ADD: attaches `pod` and checks what it got: an address in the host's subnet with
+/// the subnet's gateway, eth0 with FLANNEL_MTU, a default route via the gateway, a
+/// host-side veth on cni0, a lease file in host-local's store.
+fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Result<Pod> {
+    let node = pod.node.clone();
+    let result = cni(ov, cni_bin, &node, "ADD", &pod)?
+        .with_context(|| format!("ADD of {} printed no result", pod.container_id))?;
+    let what = format!("ADD of {} on {node}", pod.container_id);
+    ensure!(
+        result["cniVersion"] == json!("1.0.0"),
+        "{what}: result version {}",
+        result["cniVersion"]
+    );
+    let ip = &result["ips"][0];
+    let addr: Ipv4Net = ip["address"]
+        .as_str()
+        .with_context(|| format!("{what}: no IP in the result {result}"))?
+        .parse()
+        .with_context(|| format!("{what}: bad address in {result}"))?;
+    ensure!(
+        addr.trunc() == env.subnet_net() && addr.prefix_len() == env.subnet.prefix_len(),
+        "{what}: address {addr} is not in the host's subnet {}",
+        env.subnet_net()
+    );
+    ensure!(
+        ip["gateway"] == json!(env.gateway().to_string()),
+        "{what}: gateway {} instead of {}",
+        ip["gateway"],
+        env.gateway()
+    );
+    pod.addr = addr.addr();
+    pod.host_veth = result["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i.get("sandbox").is_none())
+        .filter_map(|i| i["name"].as_str())
+        .find(|n| *n != "cni0")
+        .with_context(|| format!("{what}: no host-side veth in the result {result}"))?
+        .to_string();
+
+    let link = exec_in(&pod.netns, &["ip", "-j", "link", "show", "dev", "eth0"])?.ok()?;
+    let link: Value = serde_json::from_str(&link)?;
+    ensure!(
+        link[0]["mtu"] == json!(env.mtu),
+        "{what}: pod eth0 MTU {} instead of FLANNEL_MTU {}",
+        link[0]["mtu"],
+        env.mtu
+    );
+    let routes = exec_in(&pod.netns, &["ip", "-4", "route"])?.ok()?;
+    ensure!(
+        routes.contains(&format!("default via {}", env.gateway())),
+        "{what}: pod routes lack the default via the gateway:\n{routes}"
+    );
+    let host_ns = &ov.node_host(&node).netns;
+    let veth = exec_in(
+        host_ns,
+        &["ip", "-o", "link", "show", "dev", &pod.host_veth],
+    )?
+    .ok()?;
+    ensure!(
+        veth.contains("master cni0"),
+        "{what}: host veth not on cni0: {veth}"
+    );
+    let lease = ipam_dir(ov, &node).join(NETWORK).join(pod.addr.to_string());
+    ensure!(
+        lease.is_file(),
+        "{what}: host-local has no lease file {}",
+        lease.display()
+    );
+    Ok(pod)
+}
+
+/// DEL twice: the first removes the host veth and the pod's eth0 and releases the
+/// address (host-local's lease file and twill-cni's saved config are gone); the second
+/// succeeds with nothing to do.
+fn del_pod(ov: &Overlay, cni_bin: &Path, pod: &Pod) -> Result<()> {
+    let node = &pod.node;
+    let host_ns = &ov.node_host(node).netns;
+    let lease = ipam_dir(ov, node).join(NETWORK).join(pod.addr.to_string());
+    let saved = cni_data_dir(ov, node).join(&pod.container_id);
+    ensure!(
+        saved.is_file(),
+        "twill-cni did not save {}",
+        saved.display()
+    );
+    let out = cni(ov, cni_bin, node, "DEL", pod)?;
+    ensure!(out.is_none(), "DEL printed {out:?}");
+    let veth = exec_in(host_ns, &["ip", "link", "show", "dev", &pod.host_veth])?;
+    ensure!(
+        !veth.success,
+        "DEL of {} left the host veth {}: {}",
+        pod.container_id,
+        pod.host_veth,
+        veth.stdout
+    );
+    let eth0 = exec_in(&pod.netns, &["ip", "link", "show", "dev", "eth0"])?;
+    ensure!(
+        !eth0.success,
+        "DEL of {} left eth0 in {}",
+        pod.container_id,
+        pod.netns
+    );
+    ensure!(
+        !lease.exists(),
+        "DEL of {} did not release {}: {} is still there",
+        pod.container_id,
+        pod.addr,
+        lease.display()
+    );
+    ensure!(
+        !saved.exists(),
+        "DEL of {} left the saved delegate config {}",
+        pod.container_id,
+        saved.display()
+    );
+    let again = cni(ov, cni_bin, node, "DEL", pod).context("the second DEL")?;
+    ensure!(again.is_none(), "the second DEL printed {again:?}");
+    Ok(())
+}
+
+/// Runs twill-cni inside `node`'s namespace, as a runtime does: the CNI variables in
+/// the environment, the network configuration on stdin. `Ok(Some(result))` on success
+/// with output, `Ok(None)` on success without; an error naming the CNI error otherwise.
+fn cni(
+    ov: &Overlay,
+    cni_bin: &Path,
+    node: &str,
+    command: &str,
+    pod: &Pod,
+) -> Result<Option<Value>> {
+    let host_ns = &ov.node_host(node).netns;
+    let config = net_conf(ov, node);
+    let mut cmd = Command::new("timeout");
+    cmd.arg(CMD_TIMEOUT)
+        .args(["ip", "netns", "exec", host_ns])
+        .arg(cni_bin);
+    for k in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_PATH",
+        "CNI_ARGS",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.container_id)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("twill-cni {command} {} on {node}", pod.container_id);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(config.as_bytes())
+        .with_context(|| format!("{what}: writing the config to stdin"))?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {stdout} {stderr}\nconfig: {config}",
+            out.status
+        );
+    }
+    if stdout.trim().is_empty() {
+        return Ok(None);
+    }
+    let v = serde_json::from_str(&stdout)
+        .with_context(|| format!("{what}: stdout is not JSON: {stdout}"))?;
+    Ok(Some(v))
+}
+
+/// What a command run in a namespace printed and whether it succeeded.
+struct Out {
+    success: bool,
+    stdout: String,
+    stderr: String,
+    cmdline: String,
+}
+
+impl Out {
+    fn ok(self) -> Result<String> {
+        if self.success {
+            Ok(self.stdout)
+        } else {
+            bail!("`{}` failed: {}{}", self.cmdline, self.stderr, self.stdout)
+        }
+    }
+}
+
+/// Runs `args` in network namespace `netns` (a lab host's or a pod's).
+fn exec_in(netns: &str, args: &[&str]) -> Result<Out> {
+    let cmdline = format!("ip netns exec {netns} {}", args.join(" "));
+    let out = Command::new("timeout")
+        .args([CMD_TIMEOUT, "ip", "netns", "exec", netns])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{cmdline}`"))?;
+    Ok(Out {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        cmdline,
+    })
+}
+
+/// Pings `addr` from `netns` with `extra` options: up to 3 echo requests, one at a
+/// time, each waiting up to 1 s; the first reply is success.
+fn ping(netns: &str, addr: Ipv4Addr, extra: &[&str]) -> Result<()> {
+    let a = addr.to_string();
+    let mut args = vec!["ping", "-n", "-q", "-c", "1", "-W", "1"];
+    args.extend_from_slice(extra);
+    args.push(&a);
+    let mut last = String::new();
+    for _ in 0..3 {
+        let out = exec_in(netns, &args)?;
+        if out.success {
+            return Ok(());
+        }
+        last = format!("{}{}", out.stdout.trim(), out.stderr.trim());
+    }
+    bail!(
+        "`ping {}` in {netns}: no reply to 3 echo requests: {last}",
+        args[1..].join(" ")
+    )
+}
+
+/// The median of `v` (not empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One iperf3 measurement.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    /// What the receiver got (`end.sum_received.bits_per_second`).
+    bits_per_second: f64,
+    /// The sender's TCP retransmissions.
+    retransmits: u64,
+}
+
+impl Throughput {
+    fn gbps(&self) -> f64 {
+        self.bits_per_second / 1e9
+    }
+}
+
+/// A one-off `iperf3` server in `server_ns` listening on `server_addr`, a client in
+/// `client_ns` sending to it for [`IPERF_SECONDS`]; what the receiver measured.
+fn iperf(
+    server_ns: &str,
+    client_ns: &str,
+    server_addr: Ipv4Addr,
+    guard: &mut PodGuard,
+) -> Result<Throughput> {
+    let addr = server_addr.to_string();
+    let port = IPERF_PORT.to_string();
+    let server = Command::new("ip")
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", &addr,
+        ])
+        .args(["-p", &port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start the iperf3 server in {server_ns}"))?;
+    let server = guard.adopt(server);
+    let listening = format!("{addr}:{port}");
+    wait_until(
+        Duration::from_secs(10),
+        &format!("iperf3 to listen on {listening} in {server_ns}"),
+        || exec_in(server_ns, &["ss", "-Hltn"]).is_ok_and(|o| o.stdout.contains(&listening)),
+    )?;
+    let out = exec_in(
+        client_ns,
+        &[
+            "iperf3",
+            "-c",
+            &addr,
+            "-p",
+            &port,
+            "-t",
+            IPERF_SECONDS,
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ],
+    )?;
+    guard.reap(server);
+    let doc: Value = serde_json::from_str(&out.stdout).with_context(|| {
+        format!(
+            "`{}` printed no JSON ({}): {}{}",
+            out.cmdline,
+            if out.success { "exit 0" } else { "failed" },
+            out.stdout,
+            out.stderr
+        )
+    })?;
+    if let Some(err) = doc.get("error") {
+        bail!("`{}`: iperf3 error {err}", out.cmdline);
+    }
+    ensure!(out.success, "`{}` failed: {}", out.cmdline, out.stderr);
+    let end = &doc["end"];
+    let bits_per_second = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no end.sum_received.bits_per_second in {end}"))?;
+    let retransmits = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    Ok(Throughput {
+        bits_per_second,
+        retransmits,
+    })
+}
+
+/// The pod namespaces this test made and the processes it started in them (iperf3
+/// servers). Dropping it — also on panic — kills those processes and anything else
+/// inside its namespaces, and deletes the namespaces; it touches nothing else.
+#[derive(Default)]
+struct PodGuard {
+    netns: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl PodGuard {
+    /// `ip netns add name`, remembered for deletion.
+    fn create(&mut self, name: &str) -> Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .context("cannot run `ip netns add`")?;
+        ensure!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.netns.push(name.to_string());
+        exec_in(name, &["ip", "link", "set", "lo", "up"])?.ok()?;
+        Ok(())
+    }
+
+    /// Prints each pod namespace's addresses and routes to stderr (before a panic,
+    /// while the hosts still exist: the lab's dump follows when it is dropped).
+    fn dump(&self) {
+        for ns in &self.netns {
+            let mut state = String::new();
+            for args in [["-br", "addr"], ["-4", "route"]] {
+                if let Ok(o) = Command::new("ip").args(["-n", ns]).args(args).output() {
+                    state.push_str(&String::from_utf8_lossy(&o.stdout));
+                    state.push_str(&String::from_utf8_lossy(&o.stderr));
+                }
+            }
+            eprintln!("\n----- twill e2e_pods: pod netns {ns} -----\n{state}");
+        }
+    }
+
+    /// Keeps `child` to kill on drop; the index for [`PodGuard::reap`].
+    fn adopt(&mut self, child: Child) -> usize {
+        self.children.push(Some(child));
+        self.children.len() - 1
+    }
+
+    /// Waits a moment for a child that should be exiting on its own, then kills it.
+    fn reap(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            for _ in 0..25 {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        for mut c in self.children.iter_mut().filter_map(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.netns.drain(..).rev() {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
