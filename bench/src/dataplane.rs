@@ -31,14 +31,19 @@ pub struct DataplaneOutcome {
     pub repeats: usize,
     /// Twill (`reconcile(desired(..))` over `Netlink`) programming every peer from
     /// empty, ms.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub twill_full_ms: f64,
     /// Twill applying one change (a peer joins or leaves), ms.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub twill_change_ms: f64,
     /// `ip -batch` (neighbours + routes) plus `bridge -batch` (FDB), from empty, ms.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub batch_full_ms: f64,
     /// The same tools applying one change (one process each), ms.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub batch_change_ms: f64,
     /// Of which reading the kernel state (`read_state`) with all peers programmed, ms.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub twill_read_state_ms: f64,
 }
 
@@ -79,7 +84,12 @@ fn in_netns<T: Send + 'static>(body: impl FnOnce() -> Result<T> + Send + 'static
             bail!("not a fresh namespace: {links}");
         }
         sh(IP, &["link", "set", "lo", "up"])?;
-        sh(IP, &["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"])?;
+        sh(
+            IP,
+            &[
+                "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+            ],
+        )?;
         sh(IP, &["addr", "add", "192.0.2.1/24", "dev", "veth0"])?;
         sh(IP, &["link", "set", "veth0", "up"])?;
         sh(IP, &["link", "set", "veth1", "up"])?;
@@ -163,7 +173,10 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             }
             let routes = sh(IP, &["route", "show", "proto", "74"])?;
             if routes.lines().count() != peers {
-                bail!("{} routes in the kernel, {peers} expected", routes.lines().count());
+                bail!(
+                    "{} routes in the kernel, {peers} expected",
+                    routes.lines().count()
+                );
             }
 
             let started = Instant::now();
@@ -185,7 +198,12 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
                     .map_err(|e| anyhow!("{e}"))?;
                 times.push(ms(started.elapsed()));
                 if !r.errors.is_empty() || r.added + r.removed != 3 {
-                    bail!("one change: {} added, {} removed, {:?}", r.added, r.removed, r.errors.first());
+                    bail!(
+                        "one change: {} added, {} removed, {:?}",
+                        r.added,
+                        r.removed,
+                        r.errors.first()
+                    );
                 }
             }
             Ok((full, median(times), read))
@@ -199,56 +217,83 @@ fn batch_once(peers: usize, changes: usize) -> Result<(f64, f64)> {
         sh(
             IP,
             &[
-                "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", "192.0.2.1", "dev",
-                "veth0", "dstport", "8472", "nolearning",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                "192.0.2.1",
+                "dev",
+                "veth0",
+                "dstport",
+                "8472",
+                "nolearning",
             ],
         )?;
         sh(IP, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
         sh(IP, &["addr", "add", "10.255.255.0/32", "dev", "flannel.1"])?;
         let dir = tempfile::tempdir()?;
-        let write = |range: std::ops::Range<usize>, del: bool, tag: &str| -> Result<(String, String)> {
-            let (mut ip, mut br) = (String::new(), String::new());
-            for i in range {
-                let (_, p) = peer(i);
-                let gw = p.subnet.network();
-                if del {
-                    writeln!(ip, "route del {} via {gw} dev flannel.1 proto 74", p.subnet)?;
-                    writeln!(br, "fdb del {} dev flannel.1 dst {} self", p.vtep_mac, p.public_ip)?;
-                    writeln!(ip, "neigh del {gw} dev flannel.1")?;
-                } else {
-                    writeln!(ip, "neigh replace {gw} lladdr {} dev flannel.1 nud permanent", p.vtep_mac)?;
-                    writeln!(br, "fdb replace {} dev flannel.1 dst {} self permanent", p.vtep_mac, p.public_ip)?;
-                    writeln!(ip, "route replace {} via {gw} dev flannel.1 onlink proto 74", p.subnet)?;
+        let write =
+            |range: std::ops::Range<usize>, del: bool, tag: &str| -> Result<(String, String)> {
+                let (mut ip, mut br) = (String::new(), String::new());
+                for i in range {
+                    let (_, p) = peer(i);
+                    let gw = p.subnet.network();
+                    if del {
+                        writeln!(ip, "route del {} via {gw} dev flannel.1 proto 74", p.subnet)?;
+                        writeln!(
+                            br,
+                            "fdb del {} dev flannel.1 dst {} self",
+                            p.vtep_mac, p.public_ip
+                        )?;
+                        writeln!(ip, "neigh del {gw} dev flannel.1")?;
+                    } else {
+                        writeln!(
+                            ip,
+                            "neigh replace {gw} lladdr {} dev flannel.1 nud permanent",
+                            p.vtep_mac
+                        )?;
+                        writeln!(
+                            br,
+                            "fdb replace {} dev flannel.1 dst {} self permanent",
+                            p.vtep_mac, p.public_ip
+                        )?;
+                        writeln!(
+                            ip,
+                            "route replace {} via {gw} dev flannel.1 onlink proto 74",
+                            p.subnet
+                        )?;
+                    }
                 }
-            }
-            let ipf = dir.path().join(format!("{tag}.ip"));
-            let brf = dir.path().join(format!("{tag}.bridge"));
-            std::fs::write(&ipf, ip)?;
-            std::fs::write(&brf, br)?;
-            Ok((ipf.display().to_string(), brf.display().to_string()))
-        };
-        let run = |(ipf, brf): &(String, String), del: bool| -> Result<Duration> {
+                let ipf = dir.path().join(format!("{tag}.ip"));
+                let brf = dir.path().join(format!("{tag}.bridge"));
+                std::fs::write(&ipf, ip)?;
+                std::fs::write(&brf, br)?;
+                Ok((ipf.display().to_string(), brf.display().to_string()))
+            };
+        let run = |(ipf, brf): &(String, String)| -> Result<Duration> {
             let started = Instant::now();
-            if del {
-                sh(IP, &["-batch", ipf])?;
-                sh(BRIDGE, &["-batch", brf])?;
-            } else {
-                sh(IP, &["-batch", ipf])?;
-                sh(BRIDGE, &["-batch", brf])?;
-            }
+            sh(IP, &["-batch", ipf])?;
+            sh(BRIDGE, &["-batch", brf])?;
             Ok(started.elapsed())
         };
         let full_files = write(0..peers, false, "full")?;
-        let full = ms(run(&full_files, false)?);
+        let full = ms(run(&full_files)?);
         let routes = sh(IP, &["route", "show", "proto", "74"])?;
         if routes.lines().count() != peers {
-            bail!("ip -batch: {} routes, {peers} expected", routes.lines().count());
+            bail!(
+                "ip -batch: {} routes, {peers} expected",
+                routes.lines().count()
+            );
         }
         let add = write(peers..peers + 1, false, "add")?;
         let del = write(peers..peers + 1, true, "del")?;
         let mut times = Vec::new();
         for k in 0..changes {
-            let t = if k % 2 == 0 { run(&add, false)? } else { run(&del, true)? };
+            let t = if k % 2 == 0 { run(&add)? } else { run(&del)? };
             times.push(ms(t));
         }
         Ok((full, median(times)))

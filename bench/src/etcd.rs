@@ -50,7 +50,8 @@ fn key_who(key: &[u8]) -> Who {
     };
     let mut it = s.split('.');
     let (_, a, b) = (it.next(), it.next(), it.next());
-    let (Some(Ok(a)), Some(Ok(b))) = (a.map(str::parse::<usize>), b.map(str::parse::<usize>)) else {
+    let (Some(Ok(a)), Some(Ok(b))) = (a.map(str::parse::<usize>), b.map(str::parse::<usize>))
+    else {
         return Who::Other;
     };
     match a {
@@ -230,10 +231,7 @@ async fn watcher(idx: usize, ch: Channel, t: Arc<Tracker>) {
 async fn write_lease(ch: &Channel, who: Who, i: usize, joiner: bool) -> Result<()> {
     let mut lease = LeaseClient::new(ch.clone());
     let granted = lease
-        .lease_grant(pb::LeaseGrantRequest {
-            ttl: TTL_S,
-            id: 0,
-        })
+        .lease_grant(pb::LeaseGrantRequest { ttl: TTL_S, id: 0 })
         .await
         .context("lease grant")?
         .into_inner();
@@ -343,7 +341,8 @@ impl EtcdFleet {
                 continue;
             }
             let granted = Instant::now();
-            let got = sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
+            let got =
+                sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
             out.push((sent, granted, got));
         }
         let mut o = sim::fanout_outcome(n, &out);

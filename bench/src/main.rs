@@ -129,6 +129,7 @@ pub struct Machine {
     /// Cores.
     pub cores: usize,
     /// Memory, GiB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub memory_gib: f64,
     /// Kernel release.
     pub kernel: String,
@@ -164,6 +165,7 @@ fn machine() -> Machine {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Run {
     /// Seconds to open the N mTLS connections (before time zero).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub connect_s: f64,
     /// The join storm.
     pub storm: sim::StormOutcome,
@@ -172,8 +174,10 @@ pub struct Run {
     /// The fan-out, when run.
     pub fanout: Option<sim::FanoutOutcome>,
     /// Server peak RSS over storm and fan-out, MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub peak_rss_mb: f64,
     /// Server RSS at the end (N leases, N watchers), MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub end_rss_mb: f64,
 }
 
@@ -185,28 +189,38 @@ pub struct Summary {
     /// Runs whose storm converged before the deadline.
     pub converged_runs: usize,
     /// Storm convergence, s (median of converged runs; NaN if none).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub storm_s: f64,
     /// Nodes that saw all N leases (median).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub nodes_converged: f64,
     /// Nodes granted (median).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub nodes_granted: f64,
     /// Leases seen / N² (median).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deliveries_fraction: f64,
     /// Grant latency from time zero, ms.
     pub grant_ms: Dist,
     /// Fan-out grant → delivery, ms.
     pub fanout_ms: Dist,
     /// Fan-out deliveries received / expected.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub fanout_delivered: f64,
     /// Server peak RSS, MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub peak_rss_mb: f64,
     /// Server RSS at the end, MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub end_rss_mb: f64,
     /// Server CPU seconds during the storm.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub storm_cpu_s: f64,
     /// Load-generator CPU seconds during the storm.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub client_cpu_s: f64,
     /// Deadline of the storm, s.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deadline_s: f64,
 }
 
@@ -267,6 +281,7 @@ pub struct Results {
     /// Unix time of the start.
     pub started_unix: u64,
     /// Wall time of the whole invocation, s.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub wall_s: f64,
     /// The machine.
     pub machine: Machine,
@@ -289,7 +304,13 @@ pub struct Results {
 const FANOUT_LIMIT: Duration = Duration::from_secs(120);
 
 /// Twill at N: storm (+ fan-out) on a fresh controller.
-async fn twill_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bool) -> Result<Run> {
+async fn twill_run(
+    bin: &Path,
+    pki: &mut pki::Pki,
+    n: usize,
+    o: &Opts,
+    fanout: bool,
+) -> Result<Run> {
     let joiners = if fanout { o.rounds } else { 0 };
     ensure_certs(pki, n, joiners)?;
     let ctl = servers::Controller::start(bin, pki)?;
@@ -299,7 +320,11 @@ async fn twill_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: b
     let storm_usage = meter.read();
     eprintln!(
         "  twill N={n}: storm {} (grant p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
-        if storm.converged { format!("{:.2} s", storm.converge_s) } else { format!("NOT converged after {} s", o.deadline) },
+        if storm.converged {
+            format!("{:.2} s", storm.converge_s)
+        } else {
+            format!("NOT converged after {} s", o.deadline)
+        },
         storm.grant_ms.p99,
         storm_usage.cpu_s,
         storm_usage.peak_rss_mb
@@ -308,7 +333,11 @@ async fn twill_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: b
         let f = fleet.fanout(o.rounds).await;
         eprintln!(
             "  twill N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
-            f.delivery_ms.p50, f.delivery_ms.p99, f.delivery_ms.max, f.delivery_ms.count, f.expected
+            f.delivery_ms.p50,
+            f.delivery_ms.p99,
+            f.delivery_ms.max,
+            f.delivery_ms.count,
+            f.expected
         );
         Some(f)
     } else {
@@ -360,7 +389,11 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
         let f = fleet.fanout(o.rounds, FANOUT_LIMIT).await;
         eprintln!(
             "  etcd  N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
-            f.delivery_ms.p50, f.delivery_ms.p99, f.delivery_ms.max, f.delivery_ms.count, f.expected
+            f.delivery_ms.p50,
+            f.delivery_ms.p99,
+            f.delivery_ms.max,
+            f.delivery_ms.count,
+            f.expected
         );
         Some(f)
     } else {
@@ -386,7 +419,10 @@ fn ensure_certs(pki: &mut pki::Pki, n: usize, joiners: usize) -> Result<()> {
     let started = Instant::now();
     pki.ensure_nodes(&names)?;
     if started.elapsed() > Duration::from_secs(1) {
-        eprintln!("  issued certificates in {:.1} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "  issued certificates in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -449,7 +485,11 @@ async fn churn(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twi
     if !storm.converged {
         bail!("churn setup: the join storm of {n} did not converge");
     }
-    eprintln!("churn N={n}: {} s, {} nodes/s", o.duration, (n / 100).max(1));
+    eprintln!(
+        "churn N={n}: {} s, {} nodes/s",
+        o.duration,
+        (n / 100).max(1)
+    );
     let meter = Meter::start(ctl.pid());
     let mut c = fleet.churn(Duration::from_secs(o.duration)).await;
     c.server = meter.read();
@@ -460,7 +500,12 @@ async fn churn(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twi
     Ok(c)
 }
 
-async fn reconnect(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twill::ReconnectOutcome> {
+async fn reconnect(
+    o: &Opts,
+    pki: &mut pki::Pki,
+    bin: &Path,
+    n: usize,
+) -> Result<twill::ReconnectOutcome> {
     ensure_certs(pki, n, 0)?;
     let mut ctl = servers::Controller::start(bin, pki)?;
     let (mut fleet, _) = twill::fleet(&ctl.url(), pki, n, 0).await?;
@@ -567,7 +612,8 @@ async fn run(mut o: Opts) -> Result<Results> {
     } else {
         None
     };
-    let twill_on = !(matches!(o.scenario, Scenario::JoinStorm | Scenario::Fanout) && o.system == SystemChoice::Etcd);
+    let twill_on = !(matches!(o.scenario, Scenario::JoinStorm | Scenario::Fanout)
+        && o.system == SystemChoice::Etcd);
     match o.scenario {
         Scenario::JoinStorm => {
             res.rows = rows(&o, &mut pki, &ctl_bin, etcd_bin.as_deref(), twill_on, false).await?;
@@ -600,11 +646,18 @@ async fn run(mut o: Opts) -> Result<Results> {
             let row = &res.rows[0];
             let t = &row.twill.as_ref().context("twill ran")?.runs[0];
             if !t.storm.converged {
-                bail!("smoke: the join storm of 50 did not converge within {} s", o.deadline);
+                bail!(
+                    "smoke: the join storm of 50 did not converge within {} s",
+                    o.deadline
+                );
             }
             let f = t.fanout.as_ref().context("fan-out ran")?;
             if f.delivery_ms.count != f.expected {
-                bail!("smoke: fan-out delivered {} of {}", f.delivery_ms.count, f.expected);
+                bail!(
+                    "smoke: fan-out delivered {} of {}",
+                    f.delivery_ms.count,
+                    f.expected
+                );
             }
             o.duration = 2;
             res.churn = Some(churn(&o, &mut pki, &ctl_bin, 50).await?);
@@ -629,12 +682,22 @@ fn default_out(o: &Opts) -> PathBuf {
         .join("_");
     let scenario = format!("{:?}", o.scenario).to_lowercase();
     let name = match o.scenario {
-        Scenario::Dataplane => format!("dataplane-{}.json", o.peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("_")),
+        Scenario::Dataplane => format!(
+            "dataplane-{}.json",
+            o.peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("_")
+        ),
         Scenario::Smoke => "smoke.json".into(),
-        _ => format!("{}-{n}.json", match o.scenario {
-            Scenario::JoinStorm => "join-storm".to_string(),
-            _ => scenario,
-        }),
+        _ => format!(
+            "{}-{n}.json",
+            match o.scenario {
+                Scenario::JoinStorm => "join-storm".to_string(),
+                _ => scenario,
+            }
+        ),
     };
     target_dir().join("bench-results").join(name)
 }
@@ -647,7 +710,11 @@ fn target_dir() -> PathBuf {
     }
     std::env::current_exe()
         .ok()
-        .and_then(|e| e.ancestors().find(|a| a.file_name().is_some_and(|n| n == "target")).map(Path::to_path_buf))
+        .and_then(|e| {
+            e.ancestors()
+                .find(|a| a.file_name().is_some_and(|n| n == "target"))
+                .map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| PathBuf::from("target"))
 }
 

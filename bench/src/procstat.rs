@@ -57,12 +57,16 @@ pub struct Meter {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Server CPU seconds (user + system) in the phase.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub cpu_s: f64,
     /// Server peak RSS in the phase, MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub peak_rss_mb: f64,
     /// Server RSS at the end of the phase, MB.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub rss_mb: f64,
     /// CPU seconds of the load generator (this process) in the phase.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub client_cpu_s: f64,
 }
 

@@ -16,7 +16,8 @@ use crate::pki::Pki;
 
 /// The Twill network configuration of the benchmarks: a /8 of /24s, room for 65,535
 /// nodes (flannel's 10.244.0.0/16 holds only 255).
-pub const NET_CONF: &str = r#"{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#;
+pub const NET_CONF: &str =
+    r#"{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#;
 
 /// A free TCP port on loopback.
 pub fn free_port() -> Result<u16> {
@@ -42,13 +43,10 @@ pub fn find_controller(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     candidates.push(PathBuf::from("target/release/twill-controller"));
     candidates.push(PathBuf::from("target/debug/twill-controller"));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .context(
-            "twill-controller not found next to twill-bench nor in target/{release,debug}: \
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "twill-controller not found next to twill-bench nor in target/{release,debug}: \
              build it with `cargo build --release -p twill-server` (or pass --controller-bin)",
-        )
+    )
 }
 
 /// Whether a binary was built with the release profile (for the report).
@@ -81,7 +79,11 @@ fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -195,7 +197,10 @@ impl Controller {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        bail!("twill-controller not ready after {limit:?}:\n{}", self.log_tail(30))
+        bail!(
+            "twill-controller not ready after {limit:?}:\n{}",
+            self.log_tail(30)
+        )
     }
 
     /// Stops the process with `signal` (SIGTERM: graceful; SIGKILL: a crash); true
@@ -254,7 +259,9 @@ impl Etcd {
     /// Starts etcd with a fresh data dir. Readiness is for the caller to check (it
     /// needs a TLS client).
     pub fn start(bin: &Path, pki: &Pki) -> Result<Etcd> {
-        let dir = tempfile::Builder::new().prefix("twill-bench-etcd").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("twill-bench-etcd")
+            .tempdir()?;
         let client = free_port()?;
         let peer = free_port()?;
         let p = |s: &Path| s.display().to_string();

@@ -235,7 +235,10 @@ impl Tracker {
             nodes: self.n,
             converged: all,
             converge_s: if all {
-                conv.iter().copied().max().map_or(f64::NAN, |c| c as f64 / 1e9)
+                conv.iter()
+                    .copied()
+                    .max()
+                    .map_or(f64::NAN, |c| c as f64 / 1e9)
             } else {
                 f64::NAN
             },
@@ -257,14 +260,17 @@ pub struct StormOutcome {
     /// Every node saw every lease before the deadline.
     pub converged: bool,
     /// Seconds from the start until the last node had seen all N leases (NaN if not).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub converge_s: f64,
     /// The deadline.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deadline_s: f64,
     /// Nodes whose lease was granted.
     pub nodes_granted: usize,
     /// Nodes that had seen all N leases.
     pub nodes_converged: usize,
     /// Leases known over all nodes / N².
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deliveries_fraction: f64,
     /// Time from the start until each node's grant, ms.
     pub grant_ms: Dist,

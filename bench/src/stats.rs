@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// p50 / p99 / max (and count) of a set of samples, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -10,11 +10,19 @@ pub struct Dist {
     /// Samples.
     pub count: u64,
     /// Median.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p50: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub p99: f64,
     /// Largest sample.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub max: f64,
+}
+
+/// JSON has no NaN: serde_json writes it as null; read null back as NaN.
+pub fn f64_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Nearest-rank percentile of sorted samples.

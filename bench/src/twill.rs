@@ -168,9 +168,13 @@ pub async fn fleet(url: &str, pki: &Pki, n: usize, joiners: usize) -> Result<(Fl
     let names: Vec<String> = (0..n).map(sim::node_name).collect();
     let jnames: Vec<String> = (0..joiners).map(sim::joiner_name).collect();
     let started = Instant::now();
-    let clients = connect_all(url, pki, &names).await.context("connecting nodes")?;
+    let clients = connect_all(url, pki, &names)
+        .await
+        .context("connecting nodes")?;
     let connect_s = started.elapsed().as_secs_f64();
-    let joiners = connect_all(url, pki, &jnames).await.context("connecting joiners")?;
+    let joiners = connect_all(url, pki, &jnames)
+        .await
+        .context("connecting joiners")?;
     let (tracker, rx) = Tracker::new(n);
     Ok((
         Fleet {
@@ -236,7 +240,8 @@ impl Fleet {
                 continue;
             }
             let granted = Instant::now();
-            let got = sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
+            let got =
+                sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
             out.push((sent, granted, got));
         }
         sim::fanout_outcome(n, &out)
@@ -359,6 +364,7 @@ pub struct ChurnOutcome {
     /// Nodes that leave and rejoin each second.
     pub per_second: usize,
     /// Seconds it ran.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub duration_s: f64,
     /// Leave + rejoin cycles.
     pub cycles: usize,
@@ -384,10 +390,12 @@ pub struct ReconnectOutcome {
     /// It did not exit within the grace period and was SIGKILLed.
     pub stop_escalated: bool,
     /// Stop → the new controller ready, s.
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub restart_s: f64,
     /// Watchers that resumed.
     pub resumed: usize,
     /// Stop → the last watcher resumed, s (NaN if some never did).
+    #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub all_resumed_s: f64,
     /// Stop → each watcher resumed, ms.
     pub resume_s: Dist,

@@ -29,7 +29,10 @@ fn smoke_runs_every_scenario() {
         String::from_utf8_lossy(&run.stdout)
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("| 50 | join storm"), "markdown table printed:\n{stdout}");
+    assert!(
+        stdout.contains("| 50 | join storm"),
+        "markdown table printed:\n{stdout}"
+    );
 
     let res: Value = serde_json::from_str(&std::fs::read_to_string(&out).expect("JSON written"))
         .expect("valid JSON");
@@ -45,8 +48,9 @@ fn smoke_runs_every_scenario() {
     let dataplane_ran = res["dataplane"]
         .as_array()
         .is_some_and(|d| d.len() == 1 && d[0]["peers"] == 100);
-    let dataplane_skipped = res["notes"]
-        .as_array()
-        .is_some_and(|n| n.iter().any(|n| n.as_str().is_some_and(|s| s.contains("dataplane"))));
+    let dataplane_skipped = res["notes"].as_array().is_some_and(|n| {
+        n.iter()
+            .any(|n| n.as_str().is_some_and(|s| s.contains("dataplane")))
+    });
     assert!(dataplane_ran || dataplane_skipped, "{}", res["notes"]);
 }

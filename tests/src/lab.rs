@@ -528,6 +528,17 @@ impl Lab {
         )
     }
 
+    /// Creates network namespace `tw-<lab id>-<suffix>` (e.g. a pod) with `lo` up, owned
+    /// by the lab: deleted with it, processes inside included, also on Ctrl-C.
+    pub fn add_netns(&self, suffix: &str) -> Result<String> {
+        let name = format!("{NETNS_PREFIX}{}-{suffix}", self.id());
+        anyhow::ensure!(name.len() <= 15, "namespace name {name} is longer than 15 characters");
+        cmd::run(&["ip", "netns", "add", &name])?;
+        lock(&self.res).netns.push(name.clone());
+        self.ip(&name, &["link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
     /// Creates a bridge `name` on `host` holding `addr` (e.g. a pod gateway
     /// `10.244.7.1/24`), and brings it up.
     pub fn add_bridge(&self, host: &str, name: &str, addr: Ipv4Net) -> Result<()> {

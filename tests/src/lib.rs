@@ -36,6 +36,7 @@ pub mod cmd;
 pub mod kernel;
 pub mod lab;
 pub mod overlay;
+pub mod pods;
 mod process;
 pub mod subnet_env;
 pub mod wait;

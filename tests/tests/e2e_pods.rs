@@ -15,25 +15,19 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
+use twill_tests::pods::{self, cni, cni_data_dir, exec_in, ipam_dir, Pod, CNI_PATH, NETWORK};
 use twill_tests::{in_ci, require_lab, wait_until, Overlay, OverlayConfig, SubnetEnv};
 
 const CONVERGE: Duration = Duration::from_secs(60);
-/// Where Debian's containernetworking-plugins live; `CNI_PATH` for every call.
-const CNI_PATH: &str = "/usr/lib/cni";
-/// The conflist's network name (kube-flannel's); host-local keeps its leases in
-/// `<ipam dataDir>/<this>/`.
-const NETWORK: &str = "cbr0";
 /// Pods per host.
 const PODS_PER_HOST: usize = 2;
-/// How long one CNI call or one iperf3 client may take before it is killed.
-const CMD_TIMEOUT: &str = "60";
 /// iperf3's port (each server runs in a namespace of its own).
 const IPERF_PORT: u16 = 5201;
 /// Seconds each iperf3 transfer lasts.
@@ -113,17 +107,9 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard) -> Result<()> {
     let mut pods = Vec::new();
     for (h, node) in ov.nodes().iter().enumerate() {
         for i in 0..PODS_PER_HOST {
-            let netns = format!("tw-{}-p{h}{i}", ov.lab().id());
-            debug_assert!(netns.len() <= 15, "{netns}");
-            guard.create(&netns)?;
-            let pod = Pod {
-                node: node.clone(),
-                netns,
-                container_id: format!("twill-{}-{node}-{i}", ov.lab().id()),
-                addr: Ipv4Addr::UNSPECIFIED,
-                host_veth: String::new(),
-            };
-            pods.push(add_pod(ov, &cni_bin, pod, &envs[node.as_str()])?);
+            let pod = add_pod(ov, &cni_bin, node, &format!("{h}{i}"), &envs[node.as_str()])?;
+            guard.netns.push(pod.netns.clone());
+            pods.push(pod);
         }
     }
     for p in &pods {
@@ -259,16 +245,6 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard) -> Result<()> {
     Ok(())
 }
 
-/// A pod attached by twill-cni.
-#[derive(Debug, Clone)]
-struct Pod {
-    node: String,
-    netns: String,
-    container_id: String,
-    addr: Ipv4Addr,
-    host_veth: String,
-}
-
 fn pod_on<'a>(pods: &'a [Pod], node: &str, i: usize) -> &'a Pod {
     pods.iter()
         .filter(|p| p.node == node)
@@ -276,38 +252,11 @@ fn pod_on<'a>(pods: &'a [Pod], node: &str, i: usize) -> &'a Pod {
         .expect("pod exists")
 }
 
-/// `dataDir` of twill-cni on `node` (saved delegate configs), in the host's lab dir.
-fn cni_data_dir(ov: &Overlay, node: &str) -> PathBuf {
-    ov.node_host(node).dir.join("cni").join("flannel")
-}
-
-/// host-local's `dataDir` on `node`.
-fn ipam_dir(ov: &Overlay, node: &str) -> PathBuf {
-    ov.node_host(node).dir.join("cni").join("ipam")
-}
-
-/// The network configuration a runtime hands twill-cni (kube-flannel's conflist
-/// entry, with `type` changed and this host's files).
-fn net_conf(ov: &Overlay, node: &str) -> String {
-    json!({
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "type": "twill-cni",
-        "subnetFile": ov.subnet_file(node),
-        "dataDir": cni_data_dir(ov, node),
-        "ipam": {"dataDir": ipam_dir(ov, node)},
-        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-    })
-    .to_string()
-}
-
-/// ADD: attaches `pod` and checks what it got: an address in the host's subnet with
+/// ADD: attaches a pod and checks what it got: an address in the host's subnet with
 /// the subnet's gateway, eth0 with FLANNEL_MTU, a default route via the gateway, a
 /// host-side veth on cni0, a lease file in host-local's store.
-fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Result<Pod> {
-    let node = pod.node.clone();
-    let result = cni(ov, cni_bin, &node, "ADD", &pod)?
-        .with_context(|| format!("ADD of {} printed no result", pod.container_id))?;
+fn add_pod(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str, env: &SubnetEnv) -> Result<Pod> {
+    let (pod, result) = pods::attach(ov, cni_bin, node, tag)?;
     let what = format!("ADD of {} on {node}", pod.container_id);
     ensure!(
         result["cniVersion"] == json!("1.0.0"),
@@ -315,11 +264,7 @@ fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Resul
         result["cniVersion"]
     );
     let ip = &result["ips"][0];
-    let addr: Ipv4Net = ip["address"]
-        .as_str()
-        .with_context(|| format!("{what}: no IP in the result {result}"))?
-        .parse()
-        .with_context(|| format!("{what}: bad address in {result}"))?;
+    let addr: Ipv4Net = ip["address"].as_str().unwrap_or_default().parse()?;
     ensure!(
         addr.trunc() == env.subnet_net() && addr.prefix_len() == env.subnet.prefix_len(),
         "{what}: address {addr} is not in the host's subnet {}",
@@ -331,16 +276,6 @@ fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Resul
         ip["gateway"],
         env.gateway()
     );
-    pod.addr = addr.addr();
-    pod.host_veth = result["interfaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|i| i.get("sandbox").is_none())
-        .filter_map(|i| i["name"].as_str())
-        .find(|n| *n != "cni0")
-        .with_context(|| format!("{what}: no host-side veth in the result {result}"))?
-        .to_string();
 
     let link = exec_in(&pod.netns, &["ip", "-j", "link", "show", "dev", "eth0"])?.ok()?;
     let link: Value = serde_json::from_str(&link)?;
@@ -355,7 +290,7 @@ fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Resul
         routes.contains(&format!("default via {}", env.gateway())),
         "{what}: pod routes lack the default via the gateway:\n{routes}"
     );
-    let host_ns = &ov.node_host(&node).netns;
+    let host_ns = &ov.node_host(node).netns;
     let veth = exec_in(
         host_ns,
         &["ip", "-o", "link", "show", "dev", &pod.host_veth],
@@ -365,7 +300,7 @@ fn add_pod(ov: &Overlay, cni_bin: &Path, mut pod: Pod, env: &SubnetEnv) -> Resul
         veth.contains("master cni0"),
         "{what}: host veth not on cni0: {veth}"
     );
-    let lease = ipam_dir(ov, &node).join(NETWORK).join(pod.addr.to_string());
+    let lease = ipam_dir(ov, node).join(NETWORK).join(pod.addr.to_string());
     ensure!(
         lease.is_file(),
         "{what}: host-local has no lease file {}",
@@ -420,102 +355,6 @@ fn del_pod(ov: &Overlay, cni_bin: &Path, pod: &Pod) -> Result<()> {
     let again = cni(ov, cni_bin, node, "DEL", pod).context("the second DEL")?;
     ensure!(again.is_none(), "the second DEL printed {again:?}");
     Ok(())
-}
-
-/// Runs twill-cni inside `node`'s namespace, as a runtime does: the CNI variables in
-/// the environment, the network configuration on stdin. `Ok(Some(result))` on success
-/// with output, `Ok(None)` on success without; an error naming the CNI error otherwise.
-fn cni(
-    ov: &Overlay,
-    cni_bin: &Path,
-    node: &str,
-    command: &str,
-    pod: &Pod,
-) -> Result<Option<Value>> {
-    let host_ns = &ov.node_host(node).netns;
-    let config = net_conf(ov, node);
-    let mut cmd = Command::new("timeout");
-    cmd.arg(CMD_TIMEOUT)
-        .args(["ip", "netns", "exec", host_ns])
-        .arg(cni_bin);
-    for k in [
-        "CNI_COMMAND",
-        "CNI_CONTAINERID",
-        "CNI_NETNS",
-        "CNI_IFNAME",
-        "CNI_PATH",
-        "CNI_ARGS",
-    ] {
-        cmd.env_remove(k);
-    }
-    cmd.env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.container_id)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let what = format!("twill-cni {command} {} on {node}", pod.container_id);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(config.as_bytes())
-        .with_context(|| format!("{what}: writing the config to stdin"))?;
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {stdout} {stderr}\nconfig: {config}",
-            out.status
-        );
-    }
-    if stdout.trim().is_empty() {
-        return Ok(None);
-    }
-    let v = serde_json::from_str(&stdout)
-        .with_context(|| format!("{what}: stdout is not JSON: {stdout}"))?;
-    Ok(Some(v))
-}
-
-/// What a command run in a namespace printed and whether it succeeded.
-struct Out {
-    success: bool,
-    stdout: String,
-    stderr: String,
-    cmdline: String,
-}
-
-impl Out {
-    fn ok(self) -> Result<String> {
-        if self.success {
-            Ok(self.stdout)
-        } else {
-            bail!("`{}` failed: {}{}", self.cmdline, self.stderr, self.stdout)
-        }
-    }
-}
-
-/// Runs `args` in network namespace `netns` (a lab host's or a pod's).
-fn exec_in(netns: &str, args: &[&str]) -> Result<Out> {
-    let cmdline = format!("ip netns exec {netns} {}", args.join(" "));
-    let out = Command::new("timeout")
-        .args([CMD_TIMEOUT, "ip", "netns", "exec", netns])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{cmdline}`"))?;
-    Ok(Out {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        cmdline,
-    })
 }
 
 /// Pings `addr` from `netns` with `extra` options: up to 3 echo requests, one at a
@@ -642,22 +481,6 @@ struct PodGuard {
 }
 
 impl PodGuard {
-    /// `ip netns add name`, remembered for deletion.
-    fn create(&mut self, name: &str) -> Result<()> {
-        let out = Command::new("ip")
-            .args(["netns", "add", name])
-            .output()
-            .context("cannot run `ip netns add`")?;
-        ensure!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.netns.push(name.to_string());
-        exec_in(name, &["ip", "link", "set", "lo", "up"])?.ok()?;
-        Ok(())
-    }
-
     /// Prints each pod namespace's addresses and routes to stderr (before a panic,
     /// while the hosts still exist: the lab's dump follows when it is dropped).
     fn dump(&self) {

@@ -3,16 +3,16 @@
 //! Builds the lab (a controller host and hosts node-a, node-b, node-c on one underlay
 //! bridge), starts twill-controller and an agent per host, waits until every host has
 //! a route to every other host's pod subnet, prints the lease table (`twillctl
-//! leases`), each host's subnet.env and Twill routes, gives every host a pod bridge
-//! holding its gateway address, pings each host's gateway from every other host, and
-//! cleans up (also on Ctrl-C). Exits non-zero if any ping fails.
+//! leases`), each host's subnet.env and Twill routes, attaches two pods per host with
+//! the real twill-cni (as a container runtime would), pings every pod from every other
+//! pod, and cleans up (also on Ctrl-C). Exits non-zero if any ping fails.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use twill_tests::{cleanup_all_labs, LabError, Overlay, OverlayConfig, FLANNEL_DEV};
+use twill_tests::{cleanup_all_labs, pods, LabError, Overlay, OverlayConfig, FLANNEL_DEV};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(true) => {
-            println!("\ntwill-demo: every ping succeeded; cleaned up.");
+            println!("\ntwill-demo: every pod reached every other pod, across hosts; cleaned up.");
             ExitCode::SUCCESS
         }
         Ok(false) => {
@@ -118,29 +118,39 @@ fn show(ov: &Overlay, started: Instant) -> Result<bool> {
         print!("{}", lab.exec(n, &["ip", "route", "show", "proto", "74"])?);
     }
 
-    heading("each host gets a pod bridge pods0 holding its subnet's gateway address");
-    for n in ov.nodes() {
-        let env = &envs[n];
-        lab.add_bridge(n, "pods0", env.subnet)?;
-        println!("{n}: pods0 {}", env.subnet);
+    heading("two pods per host, attached by twill-cni (delegating to bridge + host-local), as a container runtime would");
+    let cni_bin = ov.bins().path("twill-cni");
+    let mut pods = Vec::new();
+    for (h, n) in ov.nodes().iter().enumerate() {
+        for i in 0..2 {
+            let (pod, _) = pods::attach(ov, &cni_bin, n, &format!("{h}{i}"))
+                .with_context(|| format!("attaching a pod on {n} (are containernetworking-plugins installed in {}?)", pods::CNI_PATH))?;
+            println!("{n}: pod {:<14} eth0 {:<15} (subnet {})", pod.netns, pod.addr, envs[n].subnet_net());
+            pods.push(pod);
+        }
     }
 
-    heading("ping from each host (rows) to each host's pod gateway (columns)");
-    let nodes = ov.nodes();
-    print!("{:<10}", "from \\ to");
-    for to in nodes {
-        print!(" {:>18}", format!("{to} {}", envs[to].gateway()));
+    heading("ping from each pod (rows) to each pod (columns)");
+    print!("{:<16}", "from \\ to");
+    for to in &pods {
+        print!(" {:>12}", to.addr.to_string());
     }
     println!();
     let mut all_ok = true;
-    for from in nodes {
-        print!("{from:<10}");
-        for to in nodes {
-            let cell = if from == to {
+    for from in &pods {
+        print!("{:<16}", format!("{} {}", from.node, from.addr));
+        for to in &pods {
+            let cell = if from.netns == to.netns {
                 "-".to_string()
             } else {
-                match lab.ping(from, envs[to].gateway()) {
-                    Ok(()) => "ok".into(),
+                let addr = to.addr.to_string();
+                match pods::exec_in(&from.netns, &["ping", "-n", "-q", "-c", "1", "-W", "2", &addr]) {
+                    Ok(out) if out.success => "ok".into(),
+                    Ok(out) => {
+                        all_ok = false;
+                        eprintln!("  {} -> {addr}: {}{}", from.addr, out.stdout.trim(), out.stderr.trim());
+                        "FAIL".into()
+                    }
                     Err(e) => {
                         all_ok = false;
                         eprintln!("  {e:#}");
@@ -148,7 +158,7 @@ fn show(ov: &Overlay, started: Instant) -> Result<bool> {
                     }
                 }
             };
-            print!(" {cell:>18}");
+            print!(" {cell:>12}");
         }
         println!();
     }
