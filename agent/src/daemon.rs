@@ -14,7 +14,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
 use twill_agent::client::{self, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
-use twill_agent::dataplane::{masq, DataPlane, VxlanSpec};
+use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
 use twill_agent::iface::{self, Selection};
 use twill_agent::reconcile::{self, Topology};
 use twill_common::lease::{parse_subnet, Peer};
@@ -127,6 +127,7 @@ pub async fn run(args: Args) -> Result<()> {
         peers: BTreeMap::new(),
         revision: 0,
         heard: false,
+        applied: None,
     };
     agent.topo.direct_routing = agent.conf.backend.direct_routing;
     agent.main_loop(&mut shutdown).await
@@ -165,6 +166,8 @@ struct Agent {
     /// False until the first watch message: peers are not removed before the
     /// controller has said who they are (an agent restart must not flap routes).
     heard: bool,
+    /// What the last fully successful run left in the kernel; `None` forces a read.
+    applied: Option<KernelState>,
 }
 
 impl Agent {
@@ -218,7 +221,7 @@ impl Agent {
                             if self.apply(resp) {
                                 renew_at = Instant::now();
                             }
-                            self.reconcile().await;
+                            self.reconcile(false).await;
                         }
                         Ok(None) | Err(_) => {
                             let wait = watch_backoff.next_delay();
@@ -237,7 +240,7 @@ impl Agent {
                         self.ensure_masquerade().await;
                     }
                     if self.heard {
-                        self.reconcile().await;
+                        self.reconcile(true).await;
                     }
                 }
             }
@@ -396,10 +399,20 @@ impl Agent {
         }
     }
 
-    async fn reconcile(&mut self) {
+    /// Brings the kernel to what the peers call for. After a watch batch the diff is
+    /// taken against what was last applied; `full` (the periodic run) reads the kernel
+    /// to repair what was changed behind our back.
+    async fn reconcile(&mut self, full: bool) {
         let want = reconcile::desired(&self.peers, &self.topo);
-        match reconcile::reconcile(&self.dp, &self.topo.device, &want).await {
+        let result = match self.applied.take().filter(|_| !full) {
+            Some(have) => Ok(reconcile::apply_diff(&self.dp, &self.topo.device, &have, &want).await),
+            None => reconcile::reconcile(&self.dp, &self.topo.device, &want).await,
+        };
+        match result {
             Ok(report) => {
+                if report.errors.is_empty() {
+                    self.applied = Some(want);
+                }
                 let runs = self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
                 if runs > 0 {
                     self.stats.changes.fetch_add((report.added + report.removed) as u64, Ordering::Relaxed);
@@ -428,6 +441,7 @@ impl Agent {
                 warn!(device = %self.spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
                 let mac_changed = dev.mac != self.topo.device.mac;
                 self.topo.device = dev;
+                self.applied = None;
                 if let Some(subnet) = self.lease.as_ref().and_then(|l| parse_subnet(&l.subnet).ok()) {
                     if let Err(e) = self.dp.ensure_address(&dev, subnet.network()).await {
                         warn!(error = %e, "cannot address the VXLAN device");

@@ -82,6 +82,14 @@ impl Report {
 /// Brings the kernel to `want`: reads the current state and applies the difference.
 pub async fn reconcile(dp: &dyn DataPlane, dev: &Device, want: &KernelState) -> Result<Report, DataPlaneError> {
     let have = dp.read_state(dev).await?;
+    Ok(apply_diff(dp, dev, &have, want).await)
+}
+
+/// Applies the difference between `have` (what the kernel is believed to hold) and
+/// `want`. Cheaper than `reconcile` when `have` is known (the last applied state): a
+/// dump of thousands of entries is skipped, and the periodic `reconcile` catches
+/// anything changed behind our back.
+pub async fn apply_diff(dp: &dyn DataPlane, dev: &Device, have: &KernelState, want: &KernelState) -> Report {
     let mut report = Report::default();
 
     let stale_routes: Vec<&Route> = have
@@ -119,7 +127,7 @@ pub async fn reconcile(dp: &dyn DataPlane, dev: &Device, want: &KernelState) -> 
             report.record(dp.add_route(route).await, true, format_args!("route {dst} via {} (had {:?})", route.gateway, have.routes.get(dst)));
         }
     }
-    Ok(report)
+    report
 }
 
 #[cfg(test)]

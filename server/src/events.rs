@@ -29,6 +29,7 @@ struct Table {
 pub struct Hub {
     table: RwLock<Table>,
     tx: broadcast::Sender<Arc<WatchResponse>>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The start of a watch: what to send first, and the live feed after it.
@@ -64,6 +65,7 @@ impl Hub {
         Hub {
             table: RwLock::new(table),
             tx,
+            closing: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -92,6 +94,17 @@ impl Hub {
             events,
             revision: last,
         }));
+    }
+
+    /// Ends every watch stream (at shutdown: a stream never ends on its own, and a
+    /// graceful server shutdown waits for every open call).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Becomes true when the hub closes.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Replaces the committed reservations (after they were stored).

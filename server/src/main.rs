@@ -114,6 +114,7 @@ async fn run(args: Args) -> Result<()> {
         snapshot.history,
         snapshot.revision,
     ));
+    let closing_hub = hub.clone();
     let metrics = Arc::new(Metrics::default());
     let agents = Arc::new(Agents::default());
     let leases = Leases::start(
@@ -169,7 +170,11 @@ async fn run(args: Args) -> Result<()> {
     info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");
     http_state.ready.store(true, Ordering::Relaxed);
     server
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            shutdown_signal().await;
+            // Watch streams never end on their own; end them so the shutdown completes.
+            closing_hub.close();
+        })
         .await
         .context("gRPC server")?;
     info!("shut down");

@@ -163,3 +163,30 @@ async fn an_up_to_date_watcher_gets_only_live_events() {
     assert!(!live.reset);
     assert_eq!(live.revision, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_watches_and_the_controller_exits() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::start(&pki, &dir.path().join("data"), NET_CONF, &[]);
+    let a = pki.node("a");
+    let mut client = ctl.agent(&pki, &a).await;
+    let mut stream = client.watch(WatchRequest { from_revision: 0 }).await.unwrap().into_inner();
+    next(&mut stream).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &ctl.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = ctl.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "controller still running 20s after SIGTERM with a watcher open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "clean exit after SIGTERM: {exit}");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("stream ends");
+    assert!(!matches!(end, Ok(Some(_))), "no more messages after shutdown: {end:?}");
+}

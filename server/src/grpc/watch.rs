@@ -1,13 +1,16 @@
-//! One watch stream: the initial snapshot or replay, then the live feed, with a
-//! bounded buffer per watcher. A watcher too slow to keep up lags behind the
-//! broadcast and is sent a reset snapshot instead of growing memory.
+//! One watch stream: the initial snapshot or replay, then the live feed.
+//!
+//! The stream reads the shared broadcast directly: a batch exists once however many
+//! watchers there are, and each watcher only holds the message being sent. Batches
+//! that queued up while a watcher was busy go out as one message. A watcher too slow
+//! to keep up falls behind the broadcast's bounded ring and is sent a reset snapshot
+//! instead of growing memory.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tonic::Status;
 use tracing::{info, warn};
 use twill_proto::WatchResponse;
@@ -15,62 +18,91 @@ use twill_proto::WatchResponse;
 use crate::events::Hub;
 use crate::metrics::{Agents, Metrics};
 
-/// Responses buffered per watcher before its feed task waits (and, waiting too long,
-/// lags and gets a reset): bounds memory per slow watcher.
-const WATCH_BUFFER: usize = 16;
-
 /// The response stream of a Watch call.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-/// Starts a watch for `who` after revision `from` and returns its stream.
-pub fn stream(
-    hub: &Arc<Hub>,
-    metrics: &Arc<Metrics>,
-    agents: &Arc<Agents>,
+/// Batches merged into one message at most, so one message stays a sane size.
+const MAX_MERGE: usize = 64;
+
+struct Watcher {
+    id: u64,
     who: String,
-    from: u64,
-) -> WatchStream {
-    let sub = hub.subscribe(from);
-    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-    let hub = hub.clone();
-    let metrics = metrics.clone();
-    let agents = agents.clone();
-    let id = agents.connected(&who, from);
-    metrics.watchers.inc();
-    info!(node = %who, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
-    tokio::spawn(async move {
-        let mut feed = sub.feed;
-        let mut pending = sub.initial;
-        loop {
-            if let Some(msg) = pending.take() {
-                let revision = msg.revision;
-                if tx.send(Ok(msg)).await.is_err() {
-                    break;
-                }
-                metrics.events_sent.inc();
-                agents.sent(id, revision);
-            }
-            let next = tokio::select! {
-                r = feed.recv() => r,
-                () = tx.closed() => break,
-            };
-            pending = match next {
-                Ok(batch) => Some((*batch).clone()),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(node = %who, missed_batches = n, "watcher fell behind; sending a reset snapshot");
-                    metrics.watcher_resets.inc();
-                    let (snapshot, fresh) = hub.resubscribe();
-                    feed = fresh;
-                    Some(snapshot)
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            };
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    agents: Arc<Agents>,
+    feed: broadcast::Receiver<Arc<WatchResponse>>,
+    initial: Option<WatchResponse>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.metrics.watchers.dec();
+        self.agents.disconnected(self.id);
+        info!(node = %self.who, "watcher disconnected");
+    }
+}
+
+impl Watcher {
+    /// A reset snapshot and a fresh feed, for a watcher that fell behind.
+    fn reset(&mut self, missed: u64) -> WatchResponse {
+        warn!(node = %self.who, missed_batches = missed, "watcher fell behind; sending a reset snapshot");
+        self.metrics.watcher_resets.inc();
+        let (snapshot, fresh) = self.hub.resubscribe();
+        self.feed = fresh;
+        snapshot
+    }
+
+    /// The next message: the initial one, else the next batch merged with whatever
+    /// else is already queued. `None` when the stream should end.
+    async fn next_message(&mut self) -> Option<WatchResponse> {
+        if let Some(initial) = self.initial.take() {
+            return Some(initial);
         }
-        metrics.watchers.dec();
-        agents.disconnected(id);
-        info!(node = %who, "watcher disconnected");
-    });
-    Box::pin(ReceiverStream::new(rx))
+        let first = tokio::select! {
+            r = self.feed.recv() => r,
+            _ = self.closing.wait_for(|closed| *closed) => return None,
+        };
+        let mut msg = match first {
+            Ok(batch) => (*batch).clone(),
+            Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
+            Err(RecvError::Closed) => return None,
+        };
+        for _ in 1..MAX_MERGE {
+            match self.feed.try_recv() {
+                Ok(batch) => {
+                    msg.events.extend(batch.events.iter().cloned());
+                    msg.revision = batch.revision;
+                }
+                Err(TryRecvError::Lagged(n)) => return Some(self.reset(n)),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        Some(msg)
+    }
+}
+
+/// Starts a watch for `who` after revision `from` and returns its stream.
+pub fn stream(hub: &Arc<Hub>, metrics: &Arc<Metrics>, agents: &Arc<Agents>, who: String, from: u64) -> WatchStream {
+    let sub = hub.subscribe(from);
+    info!(node = %who, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
+    metrics.watchers.inc();
+    let watcher = Watcher {
+        id: agents.connected(&who, from),
+        who,
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        agents: agents.clone(),
+        feed: sub.feed,
+        initial: sub.initial,
+        closing: hub.closing(),
+    };
+    Box::pin(futures::stream::unfold(watcher, |mut w| async move {
+        let msg = w.next_message().await?;
+        w.metrics.events_sent.inc();
+        w.agents.sent(w.id, msg.revision);
+        Some((Ok(msg), w))
+    }))
 }
 
 #[cfg(test)]
