@@ -46,7 +46,9 @@ pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
         msg,
     };
     if !url.starts_with("https://") {
-        return Err(bad("must start with https:// (the controller only speaks TLS)".into()));
+        return Err(bad(
+            "must start with https:// (the controller only speaks TLS)".into(),
+        ));
     }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| bad(e.to_string()))?
@@ -76,7 +78,10 @@ impl Backoff {
 
     /// A backoff capped at `cap`.
     pub fn new(cap: Duration) -> Self {
-        Backoff { step: Self::START, cap }
+        Backoff {
+            step: Self::START,
+            cap,
+        }
     }
 
     /// The next wait.

@@ -20,7 +20,10 @@ use twill_agent::reconcile::{self, Topology};
 use twill_common::lease::{parse_subnet, Peer};
 use twill_common::{NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{lease_event::Type as EventType, AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
+use twill_proto::{
+    lease_event::Type as EventType, AcquireRequest, Lease, ReleaseRequest, WatchRequest,
+    WatchResponse,
+};
 
 use crate::http::{self, Stats};
 use crate::Args;
@@ -31,12 +34,17 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 type Api = AgentServiceClient<Channel>;
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Errors that retrying cannot fix: the operator must change something.
 fn is_fatal(s: &Status) -> bool {
-    matches!(s.code(), Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated)
+    matches!(
+        s.code(),
+        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
+    )
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -136,9 +144,13 @@ pub async fn run(args: Args) -> Result<()> {
 async fn fetch_config(api: &mut Api) -> Result<NetConf> {
     let mut backoff = Backoff::new(BACKOFF_CAP);
     loop {
-        match api.get_network_config(twill_proto::GetNetworkConfigRequest {}).await {
+        match api
+            .get_network_config(twill_proto::GetNetworkConfigRequest {})
+            .await
+        {
             Ok(r) => {
-                return NetConf::parse(&r.into_inner().net_conf_json).context("the controller's net-conf.json");
+                return NetConf::parse(&r.into_inner().net_conf_json)
+                    .context("the controller's net-conf.json");
             }
             Err(s) if is_fatal(&s) => bail!("controller refused us: {}: {}", s.code(), s.message()),
             Err(s) => {
@@ -171,7 +183,10 @@ struct Agent {
 }
 
 impl Agent {
-    async fn main_loop(&mut self, shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> Result<()> {
+    async fn main_loop(
+        &mut self,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<()> {
         let mut renew_at = Instant::now();
         let mut renew_backoff = Backoff::new(BACKOFF_CAP);
         let mut watch: Option<Streaming<WatchResponse>> = None;
@@ -251,8 +266,12 @@ impl Agent {
             };
             match tokio::time::timeout(Duration::from_secs(5), self.api.release(req)).await {
                 Ok(Ok(_)) => info!(node = %self.node, "lease released (--release-on-exit)"),
-                Ok(Err(s)) => error!(code = %s.code(), error = %s.message(), "could not release the lease"),
-                Err(_) => error!("could not release the lease: the controller did not answer in 5s"),
+                Ok(Err(s)) => {
+                    error!(code = %s.code(), error = %s.message(), "could not release the lease")
+                }
+                Err(_) => {
+                    error!("could not release the lease: the controller did not answer in 5s")
+                }
             }
         }
         if self.args.teardown_on_exit {
@@ -312,12 +331,16 @@ impl Agent {
                 ..Default::default()
             };
             env.write(&self.args.subnet_file)?;
-            self.dp.ensure_address(&self.topo.device, subnet.network()).await?;
+            self.dp
+                .ensure_address(&self.topo.device, subnet.network())
+                .await?;
             self.lease = Some(lease.clone());
             self.ensure_masquerade().await;
             info!(node = %self.node, subnet = %subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
-        self.stats.lease_expiry.store(lease.expires_at_unix, Ordering::Relaxed);
+        self.stats
+            .lease_expiry
+            .store(lease.expires_at_unix, Ordering::Relaxed);
         self.stats.healthy.store(true, Ordering::Relaxed);
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
@@ -388,7 +411,12 @@ impl Agent {
     /// subnet's rules (re-applied on every tick, like flannel's re-check), or absent
     /// (removed once, when the lease is first applied).
     async fn ensure_masquerade(&self) {
-        let result = match (self.args.ip_masq, self.lease.as_ref().and_then(|l| parse_subnet(&l.subnet).ok())) {
+        let result = match (
+            self.args.ip_masq,
+            self.lease
+                .as_ref()
+                .and_then(|l| parse_subnet(&l.subnet).ok()),
+        ) {
             (true, Some(subnet)) => masq::apply(self.conf.network, subnet).await,
             (true, None) => return,
             (false, _) => masq::remove().await,
@@ -405,7 +433,9 @@ impl Agent {
     async fn reconcile(&mut self, full: bool) {
         let want = reconcile::desired(&self.peers, &self.topo);
         let result = match self.applied.take().filter(|_| !full) {
-            Some(have) => Ok(reconcile::apply_diff(&self.dp, &self.topo.device, &have, &want).await),
+            Some(have) => {
+                Ok(reconcile::apply_diff(&self.dp, &self.topo.device, &have, &want).await)
+            }
             None => reconcile::reconcile(&self.dp, &self.topo.device, &want).await,
         };
         match result {
@@ -415,12 +445,24 @@ impl Agent {
                 }
                 let runs = self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
                 if runs > 0 {
-                    self.stats.changes.fetch_add((report.added + report.removed) as u64, Ordering::Relaxed);
+                    self.stats
+                        .changes
+                        .fetch_add((report.added + report.removed) as u64, Ordering::Relaxed);
                 }
-                self.stats.peers.store(self.peers.len() as u64, Ordering::Relaxed);
-                self.stats.netlink_errors.fetch_add(report.errors.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .peers
+                    .store(self.peers.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .netlink_errors
+                    .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
                 if report.added + report.removed > 0 {
-                    info!(peers = self.peers.len(), added = report.added, removed = report.removed, revision = self.revision, "kernel state reconciled");
+                    info!(
+                        peers = self.peers.len(),
+                        added = report.added,
+                        removed = report.removed,
+                        revision = self.revision,
+                        "kernel state reconciled"
+                    );
                 }
                 for e in &report.errors {
                     warn!(error = %e, "kernel operation failed; will retry");
@@ -442,7 +484,11 @@ impl Agent {
                 let mac_changed = dev.mac != self.topo.device.mac;
                 self.topo.device = dev;
                 self.applied = None;
-                if let Some(subnet) = self.lease.as_ref().and_then(|l| parse_subnet(&l.subnet).ok()) {
+                if let Some(subnet) = self
+                    .lease
+                    .as_ref()
+                    .and_then(|l| parse_subnet(&l.subnet).ok())
+                {
                     if let Err(e) = self.dp.ensure_address(&dev, subnet.network()).await {
                         warn!(error = %e, "cannot address the VXLAN device");
                     }
@@ -460,7 +506,9 @@ impl Agent {
     }
 }
 
-async fn next_message(watch: &mut Option<Streaming<WatchResponse>>) -> Result<Option<WatchResponse>, Status> {
+async fn next_message(
+    watch: &mut Option<Streaming<WatchResponse>>,
+) -> Result<Option<WatchResponse>, Status> {
     match watch {
         Some(s) => s.message().await,
         None => std::future::pending().await,

@@ -44,19 +44,54 @@ async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, &'static str) {
     if s.healthy.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "lease not held or device not programmed yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lease not held or device not programmed yet\n",
+        )
     }
 }
 
 async fn metrics(State(s): State<Arc<Stats>>) -> String {
-    let g = |name: &str, help: &str, kind: &str, v: i128| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+    let g = |name: &str, help: &str, kind: &str, v: i128| {
+        format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
+    };
     [
-        g("twill_agent_peers", "Peers programmed.", "gauge", s.peers.load(Ordering::Relaxed).into()),
-        g("twill_agent_reconcile_runs_total", "Reconcile runs.", "counter", s.reconciles.load(Ordering::Relaxed).into()),
-        g("twill_agent_changes_total", "Kernel entries added or removed after start-up.", "counter", s.changes.load(Ordering::Relaxed).into()),
-        g("twill_agent_netlink_errors_total", "Kernel operations that failed.", "counter", s.netlink_errors.load(Ordering::Relaxed).into()),
-        g("twill_agent_last_contact_seconds", "Unix time of the last answer from the controller.", "gauge", s.last_contact.load(Ordering::Relaxed).into()),
-        g("twill_agent_lease_expiry_seconds", "Unix time the lease expires.", "gauge", s.lease_expiry.load(Ordering::Relaxed).into()),
+        g(
+            "twill_agent_peers",
+            "Peers programmed.",
+            "gauge",
+            s.peers.load(Ordering::Relaxed).into(),
+        ),
+        g(
+            "twill_agent_reconcile_runs_total",
+            "Reconcile runs.",
+            "counter",
+            s.reconciles.load(Ordering::Relaxed).into(),
+        ),
+        g(
+            "twill_agent_changes_total",
+            "Kernel entries added or removed after start-up.",
+            "counter",
+            s.changes.load(Ordering::Relaxed).into(),
+        ),
+        g(
+            "twill_agent_netlink_errors_total",
+            "Kernel operations that failed.",
+            "counter",
+            s.netlink_errors.load(Ordering::Relaxed).into(),
+        ),
+        g(
+            "twill_agent_last_contact_seconds",
+            "Unix time of the last answer from the controller.",
+            "gauge",
+            s.last_contact.load(Ordering::Relaxed).into(),
+        ),
+        g(
+            "twill_agent_lease_expiry_seconds",
+            "Unix time the lease expires.",
+            "gauge",
+            s.lease_expiry.load(Ordering::Relaxed).into(),
+        ),
     ]
     .concat()
 }

@@ -33,7 +33,13 @@ pub fn select(
     interfaces: &[Underlay],
     default: Option<&Underlay>,
 ) -> Result<(Underlay, Ipv4Addr), SelectError> {
-    let names = || interfaces.iter().map(|i| format!("{} ({})", i.name, i.addr)).collect::<Vec<_>>().join(", ");
+    let names = || {
+        interfaces
+            .iter()
+            .map(|i| format!("{} ({})", i.name, i.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let chosen = if !sel.ifaces.is_empty() {
         sel.ifaces
             .iter()
@@ -65,8 +71,14 @@ pub fn select(
                 "--iface-can-reach {addr}: the route to it leaves through an interface without an IPv4 address"
             ))
         })?
-    } else if let Some(ip) = sel.public_ip.filter(|ip| interfaces.iter().any(|i| i.addr.addr() == *ip)) {
-        interfaces.iter().find(|i| i.addr.addr() == ip).expect("checked above")
+    } else if let Some(ip) = sel
+        .public_ip
+        .filter(|ip| interfaces.iter().any(|i| i.addr.addr() == *ip))
+    {
+        interfaces
+            .iter()
+            .find(|i| i.addr.addr() == ip)
+            .expect("checked above")
     } else {
         default.ok_or_else(|| {
             SelectError(format!(
@@ -110,7 +122,10 @@ mod tests {
     fn default_route_interface_by_default() {
         let all = ifaces();
         let (u, ip) = select(&Selection::default(), &all, Some(&all[1])).unwrap();
-        assert_eq!((u.name.as_str(), ip.to_string()), ("eth0", "192.0.2.5".into()));
+        assert_eq!(
+            (u.name.as_str(), ip.to_string()),
+            ("eth0", "192.0.2.5".into())
+        );
         let e = select(&Selection::default(), &all, None).unwrap_err();
         assert!(e.0.contains("pass --iface or --public-ip"), "{e}");
     }
@@ -128,7 +143,10 @@ mod tests {
             ..Default::default()
         };
         let e = select(&sel, &all, Some(&all[1])).unwrap_err();
-        assert!(e.0.contains("none of --iface wlan0") && e.0.contains("eth0 (192.0.2.5/24)"), "{e}");
+        assert!(
+            e.0.contains("none of --iface wlan0") && e.0.contains("eth0 (192.0.2.5/24)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -140,16 +158,27 @@ mod tests {
             ..Default::default()
         };
         let (u, ip) = select(&sel, &all, None).unwrap();
-        assert_eq!((u.name.as_str(), ip.to_string()), ("ens4", "203.0.113.1".into()));
+        assert_eq!(
+            (u.name.as_str(), ip.to_string()),
+            ("ens4", "203.0.113.1".into())
+        );
         let sel = Selection {
             public_ip: Some("198.51.100.9".parse().unwrap()),
             ..Default::default()
         };
-        assert_eq!(select(&sel, &all, Some(&all[1])).unwrap().0.name, "ens4", "the interface holding --public-ip");
+        assert_eq!(
+            select(&sel, &all, Some(&all[1])).unwrap().0.name,
+            "ens4",
+            "the interface holding --public-ip"
+        );
         let sel = Selection {
             can_reach: Some(("203.0.113.50".parse().unwrap(), 3)),
             ..Default::default()
         };
-        assert_eq!(select(&sel, &all, Some(&all[1])).unwrap().0.name, "ens4", "--iface-can-reach");
+        assert_eq!(
+            select(&sel, &all, Some(&all[1])).unwrap().0.name,
+            "ens4",
+            "--iface-can-reach"
+        );
     }
 }

@@ -46,7 +46,11 @@ pub struct Args {
     #[arg(long, env = "TWILL_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// Where to write flannel's subnet.env.
-    #[arg(long, env = "TWILL_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "TWILL_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
     /// Masquerade pod traffic leaving the overlay (recorded as FLANNEL_IPMASQ in subnet.env).
     #[arg(long, env = "TWILL_IP_MASQ", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]

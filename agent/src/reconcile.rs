@@ -64,7 +64,12 @@ pub struct Report {
 }
 
 impl Report {
-    fn record(&mut self, result: Result<(), DataPlaneError>, added: bool, what: std::fmt::Arguments<'_>) {
+    fn record(
+        &mut self,
+        result: Result<(), DataPlaneError>,
+        added: bool,
+        what: std::fmt::Arguments<'_>,
+    ) {
         match result {
             Ok(()) if added => {
                 self.added += 1;
@@ -80,7 +85,11 @@ impl Report {
 }
 
 /// Brings the kernel to `want`: reads the current state and applies the difference.
-pub async fn reconcile(dp: &dyn DataPlane, dev: &Device, want: &KernelState) -> Result<Report, DataPlaneError> {
+pub async fn reconcile(
+    dp: &dyn DataPlane,
+    dev: &Device,
+    want: &KernelState,
+) -> Result<Report, DataPlaneError> {
     let have = dp.read_state(dev).await?;
     Ok(apply_diff(dp, dev, &have, want).await)
 }
@@ -89,7 +98,12 @@ pub async fn reconcile(dp: &dyn DataPlane, dev: &Device, want: &KernelState) -> 
 /// `want`. Cheaper than `reconcile` when `have` is known (the last applied state): a
 /// dump of thousands of entries is skipped, and the periodic `reconcile` catches
 /// anything changed behind our back.
-pub async fn apply_diff(dp: &dyn DataPlane, dev: &Device, have: &KernelState, want: &KernelState) -> Report {
+pub async fn apply_diff(
+    dp: &dyn DataPlane,
+    dev: &Device,
+    have: &KernelState,
+    want: &KernelState,
+) -> Report {
     let mut report = Report::default();
 
     let stale_routes: Vec<&Route> = have
@@ -99,32 +113,63 @@ pub async fn apply_diff(dp: &dyn DataPlane, dev: &Device, have: &KernelState, wa
         .map(|(_, r)| r)
         .collect();
     for r in stale_routes {
-        report.record(dp.del_route(r).await, false, format_args!("route {} via {}", r.dst, r.gateway));
+        report.record(
+            dp.del_route(r).await,
+            false,
+            format_args!("route {} via {}", r.dst, r.gateway),
+        );
     }
     for (mac, dst) in &have.fdb {
         if !want.fdb.contains_key(mac) {
-            report.record(dp.del_fdb(dev, *mac, *dst).await, false, format_args!("fdb {mac} dst {dst}"));
+            report.record(
+                dp.del_fdb(dev, *mac, *dst).await,
+                false,
+                format_args!("fdb {mac} dst {dst}"),
+            );
         }
     }
     for ip in have.neighbours.keys() {
         if !want.neighbours.contains_key(ip) {
-            report.record(dp.del_neighbour(dev, *ip).await, false, format_args!("neighbour {ip}"));
+            report.record(
+                dp.del_neighbour(dev, *ip).await,
+                false,
+                format_args!("neighbour {ip}"),
+            );
         }
     }
 
     for (ip, mac) in &want.neighbours {
         if have.neighbours.get(ip) != Some(mac) {
-            report.record(dp.add_neighbour(dev, *ip, *mac).await, true, format_args!("neighbour {ip} lladdr {mac} (had {:?})", have.neighbours.get(ip)));
+            report.record(
+                dp.add_neighbour(dev, *ip, *mac).await,
+                true,
+                format_args!(
+                    "neighbour {ip} lladdr {mac} (had {:?})",
+                    have.neighbours.get(ip)
+                ),
+            );
         }
     }
     for (mac, dst) in &want.fdb {
         if have.fdb.get(mac) != Some(dst) {
-            report.record(dp.add_fdb(dev, *mac, *dst).await, true, format_args!("fdb {mac} dst {dst} (had {:?})", have.fdb.get(mac)));
+            report.record(
+                dp.add_fdb(dev, *mac, *dst).await,
+                true,
+                format_args!("fdb {mac} dst {dst} (had {:?})", have.fdb.get(mac)),
+            );
         }
     }
     for (dst, route) in &want.routes {
         if have.routes.get(dst) != Some(route) {
-            report.record(dp.add_route(route).await, true, format_args!("route {dst} via {} (had {:?})", route.gateway, have.routes.get(dst)));
+            report.record(
+                dp.add_route(route).await,
+                true,
+                format_args!(
+                    "route {dst} via {} (had {:?})",
+                    route.gateway,
+                    have.routes.get(dst)
+                ),
+            );
         }
     }
     report
@@ -158,13 +203,22 @@ pub(crate) mod tests {
         async fn ensure_device(&self, _spec: &VxlanSpec) -> Result<Device, DataPlaneError> {
             Ok(dev())
         }
-        async fn ensure_address(&self, _dev: &Device, _addr: Ipv4Addr) -> Result<(), DataPlaneError> {
+        async fn ensure_address(
+            &self,
+            _dev: &Device,
+            _addr: Ipv4Addr,
+        ) -> Result<(), DataPlaneError> {
             Ok(())
         }
         async fn read_state(&self, _dev: &Device) -> Result<KernelState, DataPlaneError> {
             Ok(self.state.lock().unwrap().clone())
         }
-        async fn add_neighbour(&self, _dev: &Device, ip: Ipv4Addr, mac: Mac) -> Result<(), DataPlaneError> {
+        async fn add_neighbour(
+            &self,
+            _dev: &Device,
+            ip: Ipv4Addr,
+            mac: Mac,
+        ) -> Result<(), DataPlaneError> {
             self.log(format!("neigh replace {ip}"));
             self.state.lock().unwrap().neighbours.insert(ip, mac);
             Ok(())
@@ -174,12 +228,22 @@ pub(crate) mod tests {
             self.state.lock().unwrap().neighbours.remove(&ip);
             Ok(())
         }
-        async fn add_fdb(&self, _dev: &Device, mac: Mac, dst: Ipv4Addr) -> Result<(), DataPlaneError> {
+        async fn add_fdb(
+            &self,
+            _dev: &Device,
+            mac: Mac,
+            dst: Ipv4Addr,
+        ) -> Result<(), DataPlaneError> {
             self.log(format!("fdb replace {mac}"));
             self.state.lock().unwrap().fdb.insert(mac, dst);
             Ok(())
         }
-        async fn del_fdb(&self, _dev: &Device, mac: Mac, _dst: Ipv4Addr) -> Result<(), DataPlaneError> {
+        async fn del_fdb(
+            &self,
+            _dev: &Device,
+            mac: Mac,
+            _dst: Ipv4Addr,
+        ) -> Result<(), DataPlaneError> {
             self.log(format!("fdb del {mac}"));
             self.state.lock().unwrap().fdb.remove(&mac);
             Ok(())
@@ -231,23 +295,37 @@ pub(crate) mod tests {
     async fn programs_then_changes_only_the_difference() {
         let k = FakeKernel::default();
         let mut peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false))).await.unwrap();
+        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+            .await
+            .unwrap();
         assert_eq!((r.added, r.removed), (6, 0));
         assert_eq!(
             k.ops.lock().unwrap()[..3],
-            ["neigh replace 10.244.1.0", "neigh replace 10.244.2.0", "fdb replace 0a:00:00:00:01:01"]
+            [
+                "neigh replace 10.244.1.0",
+                "neigh replace 10.244.2.0",
+                "fdb replace 0a:00:00:00:01:01"
+            ]
         );
         k.ops.lock().unwrap().clear();
 
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false))).await.unwrap();
+        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+            .await
+            .unwrap();
         assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
 
         peers.remove("node-1");
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false))).await.unwrap();
+        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+            .await
+            .unwrap();
         assert_eq!((r.added, r.removed), (0, 3));
         assert_eq!(
             *k.ops.lock().unwrap(),
-            ["route del 10.244.1.0/24", "fdb del 0a:00:00:00:01:01", "neigh del 10.244.1.0"],
+            [
+                "route del 10.244.1.0/24",
+                "fdb del 0a:00:00:00:01:01",
+                "neigh del 10.244.1.0"
+            ],
             "removal runs route, fdb, neighbour"
         );
     }
@@ -269,9 +347,15 @@ pub(crate) mod tests {
         let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
         let want = desired(&peers, &topo(true));
         let direct = want.routes[&"10.244.1.0/24".parse().unwrap()];
-        assert_eq!((direct.gateway.to_string(), direct.oif), ("192.0.2.11".into(), 2));
+        assert_eq!(
+            (direct.gateway.to_string(), direct.oif),
+            ("192.0.2.11".into(), 2)
+        );
         let vxlan = want.routes[&"10.244.2.0/24".parse().unwrap()];
-        assert_eq!((vxlan.gateway.to_string(), vxlan.oif), ("10.244.2.0".into(), 7));
+        assert_eq!(
+            (vxlan.gateway.to_string(), vxlan.oif),
+            ("10.244.2.0".into(), 7)
+        );
         assert_eq!(want.neighbours.len(), 1);
         assert_eq!(want.fdb.len(), 1);
     }

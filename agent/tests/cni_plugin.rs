@@ -41,7 +41,11 @@ fn cni(host_ns: Option<&str>, env: &[(&str, &str)], stdin: &str) -> (i32, Value)
         let mut pipe = child.stdin.take().unwrap();
         // A plugin that rejects its environment exits before reading stdin.
         if let Err(e) = pipe.write_all(stdin.as_bytes()) {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "writing the config: {e}");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe,
+                "writing the config: {e}"
+            );
         }
     }
     let out = child.wait_with_output().unwrap();

@@ -47,7 +47,12 @@ impl Hub {
     }
 
     /// Like `new`, with `capacity` batches of slack before a slow watcher lags.
-    pub fn with_capacity(leases: Vec<Lease>, history: Vec<LeaseEvent>, revision: u64, capacity: usize) -> Self {
+    pub fn with_capacity(
+        leases: Vec<Lease>,
+        history: Vec<LeaseEvent>,
+        revision: u64,
+        capacity: usize,
+    ) -> Self {
         let (tx, _) = broadcast::channel(capacity);
         let mut history = VecDeque::from(history);
         while history.len() > HISTORY_LEN {

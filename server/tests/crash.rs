@@ -44,7 +44,12 @@ async fn acknowledged_leases_survive_kill_9() {
         let cycle_acks = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for i in 0..NODES {
-            let (ids, acked, factory, cycle_acks) = (ids.clone(), acked.clone(), url_ctl.clone(), cycle_acks.clone());
+            let (ids, acked, factory, cycle_acks) = (
+                ids.clone(),
+                acked.clone(),
+                url_ctl.clone(),
+                cycle_acks.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 let node = format!("node-{i:03}");
                 let Ok(channel) = factory.connect(&ids[i]).await else {
@@ -75,7 +80,9 @@ async fn acknowledged_leases_survive_kill_9() {
         // Kill mid-storm: once this cycle has some acknowledgements (however slow the
         // machine), after a random extra moment while the rest are in flight.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while cycle_acks.load(Ordering::Relaxed) < MIN_ACKS_PER_CYCLE && tokio::time::Instant::now() < deadline {
+        while cycle_acks.load(Ordering::Relaxed) < MIN_ACKS_PER_CYCLE
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let kill_after = Duration::from_millis(rand::rng().random_range(0..150));

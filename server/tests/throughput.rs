@@ -15,7 +15,12 @@ const LEASES: usize = 2000;
 async fn run(clients: usize) -> f64 {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
-    let ctl = Controller::start(&pki, &dir.path().join("data"), r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#, &[]);
+    let ctl = Controller::start(
+        &pki,
+        &dir.path().join("data"),
+        r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#,
+        &[],
+    );
     let factory = Arc::new(ctl.channel_factory().with_ca(&pki));
     // Every node needs its own certificate (the node name is its CN): make them first.
     let ids: Vec<_> = (0..LEASES).map(|i| pki.node(&format!("n{i}"))).collect();
@@ -23,9 +28,12 @@ async fn run(clients: usize) -> f64 {
     let mut conns = Vec::new();
     for c in 0..clients {
         let mut mine = Vec::new();
-        for i in c * per_client..(c + 1) * per_client {
-            let channel = factory.connect(&ids[i]).await.unwrap();
-            mine.push((format!("n{i}"), twill_proto::agent_service_client::AgentServiceClient::new(channel)));
+        for (i, id) in ids.iter().enumerate().skip(c * per_client).take(per_client) {
+            let channel = factory.connect(id).await.unwrap();
+            mine.push((
+                format!("n{i}"),
+                twill_proto::agent_service_client::AgentServiceClient::new(channel),
+            ));
         }
         conns.push(mine);
     }

@@ -171,7 +171,11 @@ async fn sigterm_ends_open_watches_and_the_controller_exits() {
     let mut ctl = Controller::start(&pki, &dir.path().join("data"), NET_CONF, &[]);
     let a = pki.node("a");
     let mut client = ctl.agent(&pki, &a).await;
-    let mut stream = client.watch(WatchRequest { from_revision: 0 }).await.unwrap().into_inner();
+    let mut stream = client
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
     next(&mut stream).await;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &ctl.child.id().to_string()])
@@ -183,10 +187,18 @@ async fn sigterm_ends_open_watches_and_the_controller_exits() {
         if let Some(exit) = ctl.child.try_wait().unwrap() {
             break exit;
         }
-        assert!(std::time::Instant::now() < deadline, "controller still running 20s after SIGTERM with a watcher open");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "controller still running 20s after SIGTERM with a watcher open"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "clean exit after SIGTERM: {exit}");
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("stream ends");
-    assert!(!matches!(end, Ok(Some(_))), "no more messages after shutdown: {end:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("stream ends");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no more messages after shutdown: {end:?}"
+    );
 }

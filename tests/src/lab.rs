@@ -532,7 +532,10 @@ impl Lab {
     /// by the lab: deleted with it, processes inside included, also on Ctrl-C.
     pub fn add_netns(&self, suffix: &str) -> Result<String> {
         let name = format!("{NETNS_PREFIX}{}-{suffix}", self.id());
-        anyhow::ensure!(name.len() <= 15, "namespace name {name} is longer than 15 characters");
+        anyhow::ensure!(
+            name.len() <= 15,
+            "namespace name {name} is longer than 15 characters"
+        );
         cmd::run(&["ip", "netns", "add", &name])?;
         lock(&self.res).netns.push(name.clone());
         self.ip(&name, &["link", "set", "lo", "up"])?;

@@ -74,7 +74,8 @@ pub fn attach(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str) -> Result<(Po
         host_veth: String::new(),
     };
     let what = format!("ADD of {} on {node}", pod.container_id);
-    let result = cni(ov, cni_bin, node, "ADD", &pod)?.with_context(|| format!("{what} printed no result"))?;
+    let result = cni(ov, cni_bin, node, "ADD", &pod)?
+        .with_context(|| format!("{what} printed no result"))?;
     let addr: Ipv4Net = result["ips"][0]["address"]
         .as_str()
         .with_context(|| format!("{what}: no IP in the result {result}"))?

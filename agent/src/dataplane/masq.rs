@@ -62,13 +62,26 @@ async fn nft(script: &str) -> Result<(), DataPlaneError> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| fail(format!("cannot run nft (is the nftables package installed?): {e}")))?;
+        .map_err(|e| {
+            fail(format!(
+                "cannot run nft (is the nftables package installed?): {e}"
+            ))
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await.map_err(|e| fail(format!("nft -f -: {e}")))?;
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| fail(format!("nft -f -: {e}")))?;
     }
-    let out = child.wait_with_output().await.map_err(|e| fail(format!("nft -f -: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| fail(format!("nft -f -: {e}")))?;
     if !out.status.success() {
-        return Err(fail(format!("nft -f - failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(fail(format!(
+            "nft -f - failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(())
 }
@@ -79,12 +92,23 @@ mod tests {
 
     #[test]
     fn ruleset_follows_flannel_order() {
-        let r = ruleset("10.244.0.0/16".parse().unwrap(), "10.244.3.0/24".parse().unwrap());
-        let rules: Vec<&str> = r.lines().map(str::trim).filter(|l| l.starts_with("ip ") || l.starts_with("meta ")).collect();
+        let r = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+        );
+        let rules: Vec<&str> = r
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("ip ") || l.starts_with("meta "))
+            .collect();
         assert_eq!(rules.len(), 8);
         assert!(rules[0].starts_with("meta mark & 0x4000 == 0x4000 return"));
         assert!(rules[1].starts_with("ip saddr 10.244.3.0/24 ip daddr 10.244.0.0/16 return"));
-        assert!(rules[4].starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
-        assert!(r.starts_with("table inet twill\ndelete table inet twill\n"), "atomic replace");
+        assert!(rules[4]
+            .starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"));
+        assert!(
+            r.starts_with("table inet twill\ndelete table inet twill\n"),
+            "atomic replace"
+        );
     }
 }

@@ -124,7 +124,12 @@ pub trait DataPlane: Send + Sync {
     async fn read_state(&self, dev: &Device) -> Result<KernelState, DataPlaneError>;
 
     /// `ip neigh replace IP lladdr MAC dev flannel.1 nud permanent`
-    async fn add_neighbour(&self, dev: &Device, ip: Ipv4Addr, mac: Mac) -> Result<(), DataPlaneError>;
+    async fn add_neighbour(
+        &self,
+        dev: &Device,
+        ip: Ipv4Addr,
+        mac: Mac,
+    ) -> Result<(), DataPlaneError>;
     /// `ip neigh del IP dev flannel.1`
     async fn del_neighbour(&self, dev: &Device, ip: Ipv4Addr) -> Result<(), DataPlaneError>;
     /// `bridge fdb replace MAC dev flannel.1 dst IP self permanent`

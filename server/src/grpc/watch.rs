@@ -83,7 +83,13 @@ impl Watcher {
 }
 
 /// Starts a watch for `who` after revision `from` and returns its stream.
-pub fn stream(hub: &Arc<Hub>, metrics: &Arc<Metrics>, agents: &Arc<Agents>, who: String, from: u64) -> WatchStream {
+pub fn stream(
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+    agents: &Arc<Agents>,
+    who: String,
+    from: u64,
+) -> WatchStream {
     let sub = hub.subscribe(from);
     info!(node = %who, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
     metrics.watchers.inc();
@@ -131,7 +137,10 @@ mod tests {
         let agents = Arc::new(Agents::default());
         let mut slow = stream(&hub, &metrics, &agents, "slow".into(), 0);
         let mut fast = stream(&hub, &metrics, &agents, "fast".into(), 0);
-        assert!(fast.next().await.unwrap().unwrap().reset, "initial snapshot");
+        assert!(
+            fast.next().await.unwrap().unwrap().reset,
+            "initial snapshot"
+        );
         let mut fast_seen = 0;
         for rev in 1..=200 {
             hub.commit(vec![put(rev)]);

@@ -123,9 +123,19 @@ fn show(ov: &Overlay, started: Instant) -> Result<bool> {
     let mut pods = Vec::new();
     for (h, n) in ov.nodes().iter().enumerate() {
         for i in 0..2 {
-            let (pod, _) = pods::attach(ov, &cni_bin, n, &format!("{h}{i}"))
-                .with_context(|| format!("attaching a pod on {n} (are containernetworking-plugins installed in {}?)", pods::CNI_PATH))?;
-            println!("{n}: pod {:<14} eth0 {:<15} (subnet {})", pod.netns, pod.addr, envs[n].subnet_net());
+            let (pod, _) =
+                pods::attach(ov, &cni_bin, n, &format!("{h}{i}")).with_context(|| {
+                    format!(
+                        "attaching a pod on {n} (are containernetworking-plugins installed in {}?)",
+                        pods::CNI_PATH
+                    )
+                })?;
+            println!(
+                "{n}: pod {:<14} eth0 {:<15} (subnet {})",
+                pod.netns,
+                pod.addr,
+                envs[n].subnet_net()
+            );
             pods.push(pod);
         }
     }
@@ -144,11 +154,19 @@ fn show(ov: &Overlay, started: Instant) -> Result<bool> {
                 "-".to_string()
             } else {
                 let addr = to.addr.to_string();
-                match pods::exec_in(&from.netns, &["ping", "-n", "-q", "-c", "1", "-W", "2", &addr]) {
+                match pods::exec_in(
+                    &from.netns,
+                    &["ping", "-n", "-q", "-c", "1", "-W", "2", &addr],
+                ) {
                     Ok(out) if out.success => "ok".into(),
                     Ok(out) => {
                         all_ok = false;
-                        eprintln!("  {} -> {addr}: {}{}", from.addr, out.stdout.trim(), out.stderr.trim());
+                        eprintln!(
+                            "  {} -> {addr}: {}{}",
+                            from.addr,
+                            out.stdout.trim(),
+                            out.stderr.trim()
+                        );
                         "FAIL".into()
                     }
                     Err(e) => {
