@@ -17,7 +17,7 @@ use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::Ipv4Net;
@@ -245,6 +245,29 @@ fn time_until(start: Instant, what: &str, mut f: impl FnMut() -> Result<bool>) -
     }
 }
 
+/// Pseudo-random durations in `0..period` (xorshift64, seeded from the clock once:
+/// the clock alone is no source, since samples taken right after a tick share its
+/// phase).
+struct Phases(u64);
+
+impl Phases {
+    fn new() -> Phases {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64);
+        Phases(seed | 1)
+    }
+
+    fn next(&mut self, period: Duration) -> Duration {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        Duration::from_nanos(x % period.as_nanos().max(1) as u64)
+    }
+}
+
 fn repair_scenario(ov: &Overlay) -> Result<()> {
     let (a, b) = ("node-a", "node-b");
     let lab = ov.lab();
@@ -271,6 +294,7 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
 
     // (1) the route, deleted by hand 20 times: time until it is back
     let mut lat = Vec::with_capacity(REPAIR_SAMPLES);
+    let mut phases = Phases::new();
     for i in 0..REPAIR_SAMPLES {
         let start = Instant::now();
         ip(
@@ -297,9 +321,9 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
             &format!("route {subnet} (deletion #{})", i + 1),
             route_ok,
         )?);
-        // Spread the deletions over the reconcile cycle instead of always deleting
-        // right after a repair (i.e. right after a tick).
-        std::thread::sleep(Duration::from_millis((i as u64 * 173) % 700));
+        // Delete at a random phase of the reconcile cycle, not always right after a
+        // repair (i.e. right after a tick): wait 0..1 interval, taken from the clock.
+        std::thread::sleep(phases.next(RECONCILE_INTERVAL));
     }
     let mut sorted = lat.clone();
     sorted.sort();

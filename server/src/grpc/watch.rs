@@ -21,8 +21,9 @@ use crate::metrics::{Agents, Metrics};
 /// The response stream of a Watch call.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-/// Batches merged into one message at most, so one message stays a sane size.
-const MAX_MERGE: usize = 64;
+/// Events merged into one message at most, so one message (held per watcher while it
+/// is sent) stays small.
+const MAX_MERGED_EVENTS: usize = 512;
 
 struct Watcher {
     id: u64,
@@ -68,7 +69,7 @@ impl Watcher {
             Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
             Err(RecvError::Closed) => return None,
         };
-        for _ in 1..MAX_MERGE {
+        while msg.events.len() < MAX_MERGED_EVENTS {
             match self.feed.try_recv() {
                 Ok(batch) => {
                     msg.events.extend(batch.events.iter().cloned());
