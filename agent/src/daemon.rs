@@ -202,8 +202,9 @@ impl Agent {
                     match self.acquire().await {
                         Ok(ttl) => {
                             renew_backoff.reset();
-                            // Renew once less than a third of the TTL remains.
-                            renew_at = Instant::now() + ttl * 2 / 3;
+                            // Renew once less than the margin (default a third of the TTL) remains.
+                            let margin = self.args.renew_margin.unwrap_or(ttl / 3).min(ttl);
+                            renew_at = Instant::now() + (ttl - margin).max(Duration::from_secs(1));
                         }
                         Err(e) => {
                             if let Some(s) = e.downcast_ref::<Status>().filter(|s| is_fatal(s)) {

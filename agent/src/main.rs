@@ -61,6 +61,10 @@ pub struct Args {
     /// How often the kernel state is compared with the leases and repaired.
     #[arg(long, env = "TWILL_RECONCILE_INTERVAL", default_value = "10s", value_parser = twill_common::parse_duration)]
     pub reconcile_interval: Duration,
+    /// Renew the lease when this much of its TTL remains (default: a third of the TTL;
+    /// like flanneld's --subnet-lease-renew-margin).
+    #[arg(long, env = "TWILL_RENEW_MARGIN", value_parser = twill_common::parse_duration)]
+    pub renew_margin: Option<Duration>,
     /// On SIGTERM, release the lease so peers drop this node's routes at once
     /// (for decommissioning; an upgrade should keep the lease, the default).
     #[arg(long, env = "TWILL_RELEASE_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]

@@ -86,7 +86,7 @@ async fn run(args: Args) -> Result<()> {
     let layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
     match &snapshot.layout {
         Some(stored) if *stored != layout && !snapshot.leases.is_empty() => bail!(
-            "the store in {} holds {} leases allocated with {stored}, but {} says {layout}; \
+            "the store in {} holds {} lease(s) allocated with {stored}, but {} says {layout}; \
              restore the previous net-conf.json, or move the data directory aside to start a new network",
             args.data_dir.display(),
             snapshot.leases.len(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use ipnet::Ipv4Net;
 
 use crate::bins::Bins;
@@ -530,5 +530,75 @@ impl Overlay {
     /// A node's underlay address.
     pub fn public_ip(&self, node: &str) -> Ipv4Addr {
         self.node_host(node).ip
+    }
+
+    /// `on` has, for a peer with subnet `env`, VTEP MAC `mac` and underlay address
+    /// `public`: neighbour `S.0 -> mac` (permanent), FDB `mac -> public`, and route
+    /// `S via S.0 dev flannel.1 onlink proto 74`.
+    pub fn vxlan_entries(
+        &self,
+        on: &str,
+        env: &SubnetEnv,
+        mac: &str,
+        public: Ipv4Addr,
+    ) -> Result<()> {
+        let lab = self.lab();
+        let gw = env.flannel_addr().to_string();
+        let neighbours = lab.neighbours(on)?;
+        let n = neighbours
+            .iter()
+            .find(|n| n.dst == gw)
+            .with_context(|| format!("{on}: no neighbour {gw} on {FLANNEL_DEV}: {neighbours:?}"))?;
+        ensure!(
+            n.lladdr.as_deref().map(str::to_ascii_lowercase).as_deref() == Some(mac)
+                && n.is_permanent(),
+            "{on}: neighbour {n:?}, want {gw} lladdr {mac} PERMANENT"
+        );
+        let fdb = lab.fdb(on)?;
+        let public_s = public.to_string();
+        ensure!(
+            fdb.iter()
+                .any(|f| f.mac.eq_ignore_ascii_case(mac) && f.dst.as_deref() == Some(&*public_s)),
+            "{on}: no FDB entry {mac} dst {public} on {FLANNEL_DEV}: {fdb:?}"
+        );
+        let subnet = env.subnet_net();
+        let routes = lab.routes(on)?;
+        let r = routes
+            .iter()
+            .find(|r| r.dst_net() == Some(subnet))
+            .with_context(|| format!("{on}: no proto 74 route to {subnet}: {routes:?}"))?;
+        ensure!(
+            r.gateway.as_deref() == Some(&*gw)
+                && r.dev.as_deref() == Some(FLANNEL_DEV)
+                && r.is_onlink(),
+            "{on}: route {r:?}, want {subnet} via {gw} dev {FLANNEL_DEV} onlink proto 74"
+        );
+        Ok(())
+    }
+
+    /// `on` has no route to `subnet`, no neighbour for its network address and no FDB
+    /// entry for `mac`.
+    pub fn peer_gone(&self, on: &str, subnet: Ipv4Net, mac: &str) -> Result<()> {
+        let lab = self.lab();
+        let mut left = Vec::new();
+        if let Some(r) = lab.routes(on)?.iter().find(|r| r.dst_net() == Some(subnet)) {
+            left.push(format!("route {r:?}"));
+        }
+        let gw = subnet.network().to_string();
+        if let Some(n) = lab.neighbours(on)?.iter().find(|n| n.dst == gw) {
+            left.push(format!("neighbour {n:?}"));
+        }
+        if let Some(f) = lab
+            .fdb(on)?
+            .iter()
+            .find(|f| f.mac.eq_ignore_ascii_case(mac))
+        {
+            left.push(format!("FDB {f:?}"));
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            bail!("{on} still has {}", left.join(", "))
+        }
     }
 }

@@ -105,76 +105,6 @@ fn ping_from(ov: &Overlay, host: &str, src: Ipv4Addr, dst: Ipv4Addr) -> Result<(
     })
 }
 
-/// `on` has, for a peer with subnet `env`, VTEP MAC `mac` and underlay address
-/// `public`: neighbour `S.0 -> mac` (permanent), FDB `mac -> public`, and route
-/// `S via S.0 dev flannel.1 onlink proto 74`.
-fn vxlan_entries_ok(
-    ov: &Overlay,
-    on: &str,
-    env: &SubnetEnv,
-    mac: &str,
-    public: Ipv4Addr,
-) -> Result<()> {
-    let lab = ov.lab();
-    let gw = env.flannel_addr().to_string();
-    let neighbours = lab.neighbours(on)?;
-    let n = neighbours
-        .iter()
-        .find(|n| n.dst == gw)
-        .with_context(|| format!("{on}: no neighbour {gw} on {FLANNEL_DEV}: {neighbours:?}"))?;
-    ensure!(
-        n.lladdr.as_deref().map(str::to_ascii_lowercase).as_deref() == Some(mac)
-            && n.is_permanent(),
-        "{on}: neighbour {n:?}, want {gw} lladdr {mac} PERMANENT"
-    );
-    let fdb = lab.fdb(on)?;
-    let public_s = public.to_string();
-    ensure!(
-        fdb.iter()
-            .any(|f| f.mac.eq_ignore_ascii_case(mac) && f.dst.as_deref() == Some(&*public_s)),
-        "{on}: no FDB entry {mac} dst {public} on {FLANNEL_DEV}: {fdb:?}"
-    );
-    let subnet = env.subnet_net();
-    let routes = lab.routes(on)?;
-    let r = routes
-        .iter()
-        .find(|r| r.dst_net() == Some(subnet))
-        .with_context(|| format!("{on}: no proto 74 route to {subnet}: {routes:?}"))?;
-    ensure!(
-        r.gateway.as_deref() == Some(&*gw)
-            && r.dev.as_deref() == Some(FLANNEL_DEV)
-            && r.is_onlink(),
-        "{on}: route {r:?}, want {subnet} via {gw} dev {FLANNEL_DEV} onlink proto 74"
-    );
-    Ok(())
-}
-
-/// `on` has no route to `subnet`, no neighbour for its network address and no FDB
-/// entry for `mac`.
-fn peer_gone(ov: &Overlay, on: &str, subnet: Ipv4Net, mac: &str) -> Result<()> {
-    let lab = ov.lab();
-    let mut left = Vec::new();
-    if let Some(r) = lab.routes(on)?.iter().find(|r| r.dst_net() == Some(subnet)) {
-        left.push(format!("route {r:?}"));
-    }
-    let gw = subnet.network().to_string();
-    if let Some(n) = lab.neighbours(on)?.iter().find(|n| n.dst == gw) {
-        left.push(format!("neighbour {n:?}"));
-    }
-    if let Some(f) = lab
-        .fdb(on)?
-        .iter()
-        .find(|f| f.mac.eq_ignore_ascii_case(mac))
-    {
-        left.push(format!("FDB {f:?}"));
-    }
-    if left.is_empty() {
-        Ok(())
-    } else {
-        bail!("{on} still has {}", left.join(", "))
-    }
-}
-
 /// The controller's `twill_watchers` gauge (open watch streams).
 fn controller_watchers(ov: &Overlay) -> Result<u64> {
     let r = ov
@@ -279,7 +209,7 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
     wait_until(
         SETTLE,
         "node-a to have node-b's route, neighbour and FDB entry",
-        || vxlan_entries_ok(ov, a, env_b, &mac_b, pub_b),
+        || ov.vxlan_entries(a, env_b, &mac_b, pub_b),
     )?;
     let subnet = env_b.subnet_net().to_string();
     let gw = env_b.flannel_addr().to_string();
@@ -656,7 +586,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
     let (src, dst) = (envs[a].gateway(), envs[b].gateway());
     let mac_b = ov.vtep_mac(b)?;
     let pub_b = ov.public_ip(b);
-    let b_ok = || vxlan_entries_ok(ov, a, &envs[b], &mac_b, ov.public_ip(b));
+    let b_ok = || ov.vxlan_entries(a, &envs[b], &mac_b, ov.public_ip(b));
     wait_until(SETTLE, "node-a to have node-b's entries", b_ok)?;
     ping_from(ov, a, src, dst)?;
     ping_from(ov, b, dst, src)?;
@@ -717,7 +647,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
         envs[b].subnet
     );
     for on in ["node-a", "node-c"] {
-        vxlan_entries_ok(ov, on, &envs[b], &mac_b, pub_b)?;
+        ov.vxlan_entries(on, &envs[b], &mac_b, pub_b)?;
     }
     hold_for(Duration::from_secs(2), "ping to keep running", || {
         still_pinging(&mut ping, "after the restarts")
@@ -776,7 +706,7 @@ fn expiry_scenario(ov: &Overlay) -> Result<()> {
     for on in [a, b, c] {
         for peer in [a, b, c].into_iter().filter(|p| *p != on) {
             wait_until(SETTLE, &format!("{on} to have {peer}'s entries"), || {
-                vxlan_entries_ok(ov, on, &envs[peer], &macs[peer], ov.public_ip(peer))
+                ov.vxlan_entries(on, &envs[peer], &macs[peer], ov.public_ip(peer))
             })?;
         }
     }
@@ -814,7 +744,7 @@ fn expiry_scenario(ov: &Overlay) -> Result<()> {
                 "{on} to forget node-c (route {c_subnet}, neighbour, FDB {})",
                 macs[c]
             ),
-            || peer_gone(ov, on, c_subnet, &macs[c]),
+            || ov.peer_gone(on, c_subnet, &macs[c]),
         )?;
     }
     println!(
@@ -828,8 +758,8 @@ fn expiry_scenario(ov: &Overlay) -> Result<()> {
         Duration::from_secs(12),
         "node-a and node-b to keep each other and their leases",
         || -> Result<()> {
-            vxlan_entries_ok(ov, a, &envs[b], &macs[b], ov.public_ip(b))?;
-            vxlan_entries_ok(ov, b, &envs[a], &macs[a], ov.public_ip(a))?;
+            ov.vxlan_entries(a, &envs[b], &macs[b], ov.public_ip(b))?;
+            ov.vxlan_entries(b, &envs[a], &macs[a], ov.public_ip(a))?;
             let names: Vec<String> = ov.leases()?.into_iter().map(|l| l.node_name).collect();
             ensure!(names == [a, b], "leases: {names:?}");
             Ok(())
@@ -987,7 +917,7 @@ fn direct_routing_scenario(ov: &Overlay) -> Result<()> {
         direct_ok(b, a)?;
         // anyone <-> c: VXLAN
         for (on, peer) in [(a, c), (b, c), (c, a), (c, b)] {
-            vxlan_entries_ok(ov, on, &envs[peer], &macs[peer], publics[peer])?;
+            ov.vxlan_entries(on, &envs[peer], &macs[peer], publics[peer])?;
         }
         Ok(())
     };

@@ -102,7 +102,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
         wait_until(
             SETTLE,
             &format!("{on} to forget node-c (route {c_subnet}, neighbour, FDB {c_mac})"),
-            || peer_is_gone(ov, on, c_subnet, &c_mac),
+            || ov.peer_gone(on, c_subnet, &c_mac),
         )?;
     }
     every_pair_pings(ov, &envs, &[a, b])?;
@@ -224,70 +224,6 @@ fn every_pair_pings(
 /// `on` has, for `peer`: neighbour `peer.0 -> peer's VTEP MAC` (permanent), FDB entry
 /// `MAC -> peer's underlay IP`, and route `subnet via peer.0 dev flannel.1 onlink`.
 fn peer_is_programmed(ov: &Overlay, on: &str, peer: &str, env: &SubnetEnv) -> Result<()> {
-    let lab = ov.lab();
-    let mac = ov.vtep_mac(peer)?;
-    let gw = env.flannel_addr().to_string();
-    let neighbours = lab.neighbours(on)?;
-    let n = neighbours
-        .iter()
-        .find(|n| n.dst == gw)
-        .with_context(|| format!("{on}: no neighbour entry for {peer}'s {gw}: {neighbours:?}"))?;
-    ensure!(
-        n.lladdr.as_deref().map(str::to_ascii_lowercase) == Some(mac.clone()),
-        "{on}: neighbour {gw} -> {:?}, want {peer}'s VTEP MAC {mac}",
-        n.lladdr
-    );
-    ensure!(
-        n.is_permanent(),
-        "{on}: neighbour {gw} is {:?}, not PERMANENT",
-        n.state
-    );
-
-    let fdb = lab.fdb(on)?;
-    let public = ov.public_ip(peer).to_string();
-    ensure!(
-        fdb.iter()
-            .any(|f| f.mac.eq_ignore_ascii_case(&mac) && f.dst.as_deref() == Some(&*public)),
-        "{on}: no FDB entry {mac} -> {public} for {peer}: {fdb:?}"
-    );
-
-    let subnet = env.subnet_net();
-    let routes = lab.routes(on)?;
-    let r = routes
-        .iter()
-        .find(|r| r.dst_net() == Some(subnet))
-        .with_context(|| format!("{on}: no proto 74 route to {peer}'s {subnet}: {routes:?}"))?;
-    ensure!(
-        r.gateway.as_deref() == Some(&*gw)
-            && r.dev.as_deref() == Some(FLANNEL_DEV)
-            && r.is_onlink(),
-        "{on}: route to {subnet} is {r:?}, want via {gw} dev {FLANNEL_DEV} onlink"
-    );
-    Ok(())
-}
-
-/// `on` has no route to `subnet`, no neighbour for its network address and no FDB
-/// entry for `mac`.
-fn peer_is_gone(ov: &Overlay, on: &str, subnet: Ipv4Net, mac: &str) -> Result<()> {
-    let lab = ov.lab();
-    let mut left = Vec::new();
-    if let Some(r) = lab.routes(on)?.iter().find(|r| r.dst_net() == Some(subnet)) {
-        left.push(format!("route {r:?}"));
-    }
-    let gw = subnet.network().to_string();
-    if let Some(n) = lab.neighbours(on)?.iter().find(|n| n.dst == gw) {
-        left.push(format!("neighbour {n:?}"));
-    }
-    if let Some(f) = lab
-        .fdb(on)?
-        .iter()
-        .find(|f| f.mac.eq_ignore_ascii_case(mac))
-    {
-        left.push(format!("FDB {f:?}"));
-    }
-    if left.is_empty() {
-        Ok(())
-    } else {
-        bail!("{on} still has {}", left.join(", "))
-    }
+    ov.vxlan_entries(on, env, &ov.vtep_mac(peer)?, ov.public_ip(peer))
+        .with_context(|| format!("{on}'s entries for {peer}"))
 }
