@@ -13,9 +13,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::info;
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
-use twill_proto::agent_service_server::AgentServiceServer;
 use twill_server::events::{Hub, HISTORY_LEN};
-use twill_server::grpc::{admin::AdminApi, agent::AgentApi};
+use twill_server::grpc::{admin::AdminApi, agent::AgentApi, agent::AgentRouter};
 use twill_server::http::{self, HttpState};
 use twill_server::leases::Leases;
 use twill_server::metrics::{Agents, Metrics};
@@ -152,7 +151,7 @@ async fn run(args: Args) -> Result<()> {
         .context("TLS configuration (do --tls-cert and --tls-key belong together?)")?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(AgentApi {
+        .add_service(AgentRouter::new(AgentApi {
             conf: conf.clone(),
             leases: leases.clone(),
             hub: hub.clone(),
