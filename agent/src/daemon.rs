@@ -95,7 +95,7 @@ pub async fn run(args: Args) -> Result<()> {
         c = fetch_config(&mut api) => c?,
         () = &mut shutdown => return Ok(()),
     };
-    stats.last_contact.store(now_unix(), Ordering::Relaxed);
+    stats.last_contact.set(now_unix());
     let dp = Netlink::new()?;
     if let Some(addr) = args.iface_can_reach {
         selection.can_reach = Some((addr, dp.route_interface(addr).await?));
@@ -233,7 +233,7 @@ impl Agent {
                     match msg {
                         Ok(Some(resp)) => {
                             watch_backoff.reset();
-                            self.stats.last_contact.store(now_unix(), Ordering::Relaxed);
+                            self.stats.last_contact.set(now_unix());
                             if self.apply(resp) {
                                 renew_at = Instant::now();
                             }
@@ -285,26 +285,10 @@ impl Agent {
 
     /// Acquires or renews the lease and applies its subnet locally; returns the TTL.
     async fn acquire(&mut self) -> Result<Duration> {
-        let previous = match SubnetEnv::read(&self.args.subnet_file) {
-            Ok(env) => env.and_then(|e| e.subnet),
-            Err(e) => {
-                warn!(error = %e, "ignoring unreadable subnet.env");
-                None
-            }
+        let requested = match self.lease.as_ref() {
+            Some(l) => parse_subnet(&l.subnet).ok(),
+            None => self.previous_subnet(),
         };
-        // A subnet.env left by another network (a rebuilt cluster) is no claim here.
-        let previous = previous.filter(|s| {
-            let fits = self.conf.network.contains(s) && s.prefix_len() == self.conf.subnet_len;
-            if !fits {
-                info!(subnet = %s, network = %self.conf.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
-            }
-            fits
-        });
-        let requested = self
-            .lease
-            .as_ref()
-            .and_then(|l| parse_subnet(&l.subnet).ok())
-            .or(previous);
         let resp = self
             .api
             .acquire(AcquireRequest {
@@ -316,7 +300,7 @@ impl Agent {
             })
             .await?
             .into_inner();
-        self.stats.last_contact.store(now_unix(), Ordering::Relaxed);
+        self.stats.last_contact.set(now_unix());
         let lease = resp.lease.context("controller answered without a lease")?;
         let subnet = parse_subnet(&lease.subnet)?;
         let changed = self.lease.as_ref().map(|l| l.subnet.as_str()) != Some(lease.subnet.as_str());
@@ -339,12 +323,29 @@ impl Agent {
             self.ensure_masquerade().await;
             info!(node = %self.node, subnet = %subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
-        self.stats
-            .lease_expiry
-            .store(lease.expires_at_unix, Ordering::Relaxed);
+        self.stats.lease_expiry.set(lease.expires_at_unix);
         self.stats.healthy.store(true, Ordering::Relaxed);
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
+    }
+
+    /// The subnet of the subnet.env a previous run left, when it belongs to this network
+    /// (one left by another network, e.g. a rebuilt cluster, is no claim here).
+    fn previous_subnet(&self) -> Option<ipnet::Ipv4Net> {
+        let previous = match SubnetEnv::read(&self.args.subnet_file) {
+            Ok(env) => env.and_then(|e| e.subnet),
+            Err(e) => {
+                warn!(error = %e, "ignoring unreadable subnet.env");
+                None
+            }
+        };
+        previous.filter(|s| {
+            let fits = self.conf.network.contains(s) && s.prefix_len() == self.conf.subnet_len;
+            if !fits {
+                info!(subnet = %s, network = %self.conf.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
+            }
+            fits
+        })
     }
 
     /// Folds a watch message into the peer set. Returns true when our own lease
@@ -423,7 +424,7 @@ impl Agent {
             (false, _) => masq::remove().await,
         };
         if let Err(e) = result {
-            self.stats.netlink_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.netlink_errors.inc();
             warn!(error = %e, "cannot program IP masquerade");
         }
     }
@@ -444,18 +445,14 @@ impl Agent {
                 if report.errors.is_empty() {
                     self.applied = Some(want);
                 }
-                let runs = self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+                let runs = self.stats.reconciles.inc();
                 if runs > 0 {
                     self.stats
                         .changes
-                        .fetch_add((report.added + report.removed) as u64, Ordering::Relaxed);
+                        .inc_by((report.added + report.removed) as u64);
                 }
-                self.stats
-                    .peers
-                    .store(self.peers.len() as u64, Ordering::Relaxed);
-                self.stats
-                    .netlink_errors
-                    .fetch_add(report.errors.len() as u64, Ordering::Relaxed);
+                self.stats.peers.set(self.peers.len() as i64);
+                self.stats.netlink_errors.inc_by(report.errors.len() as u64);
                 if report.added + report.removed > 0 {
                     info!(
                         peers = self.peers.len(),
@@ -470,7 +467,7 @@ impl Agent {
                 }
             }
             Err(e) => {
-                self.stats.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.netlink_errors.inc();
                 warn!(error = %e, "cannot read kernel state; will retry");
             }
         }
@@ -500,7 +497,7 @@ impl Agent {
             }
             Ok(_) => {}
             Err(e) => {
-                self.stats.netlink_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.netlink_errors.inc();
                 warn!(error = %e, "cannot check the VXLAN device");
             }
         }

@@ -1,32 +1,75 @@
 //! The agent's HTTP endpoint: `/healthz` (lease held and device programmed) and
-//! `/metrics` (Prometheus text format).
+//! `/metrics` (Prometheus, through prometheus-client as in the controller).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-/// Counters the daemon updates and the endpoint reports.
-#[derive(Default)]
+/// What the daemon reports: health and its metrics.
 pub struct Stats {
+    registry: Registry,
     /// Lease held and device programmed.
     pub healthy: AtomicBool,
     /// Peers currently programmed.
-    pub peers: AtomicU64,
+    pub peers: Gauge,
     /// Reconcile runs.
-    pub reconciles: AtomicU64,
+    pub reconciles: Counter,
     /// Entries added or removed by reconciles after the first one (repairs and changes).
-    pub changes: AtomicU64,
+    pub changes: Counter,
     /// Kernel operations that failed.
-    pub netlink_errors: AtomicU64,
+    pub netlink_errors: Counter,
     /// Unix time of the last successful controller call or message.
-    pub last_contact: AtomicI64,
+    pub last_contact: Gauge,
     /// Unix time the lease expires.
-    pub lease_expiry: AtomicI64,
+    pub lease_expiry: Gauge,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("twill_agent");
+        let s = Stats {
+            registry: Registry::default(),
+            healthy: AtomicBool::new(false),
+            peers: Gauge::default(),
+            reconciles: Counter::default(),
+            changes: Counter::default(),
+            netlink_errors: Counter::default(),
+            last_contact: Gauge::default(),
+            lease_expiry: Gauge::default(),
+        };
+        registry.register("peers", "Peers programmed", s.peers.clone());
+        registry.register("reconcile_runs", "Reconcile runs", s.reconciles.clone());
+        registry.register(
+            "changes",
+            "Kernel entries added or removed after start-up",
+            s.changes.clone(),
+        );
+        registry.register(
+            "netlink_errors",
+            "Kernel operations that failed",
+            s.netlink_errors.clone(),
+        );
+        registry.register(
+            "last_contact_seconds",
+            "Unix time of the last answer from the controller",
+            s.last_contact.clone(),
+        );
+        registry.register(
+            "lease_expiry_seconds",
+            "Unix time the lease expires",
+            s.lease_expiry.clone(),
+        );
+        Stats { registry, ..s }
+    }
 }
 
 /// Serves until the process ends.
@@ -51,47 +94,15 @@ async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics(State(s): State<Arc<Stats>>) -> String {
-    let g = |name: &str, help: &str, kind: &str, v: i128| {
-        format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
-    };
-    [
-        g(
-            "twill_agent_peers",
-            "Peers programmed.",
-            "gauge",
-            s.peers.load(Ordering::Relaxed).into(),
-        ),
-        g(
-            "twill_agent_reconcile_runs_total",
-            "Reconcile runs.",
-            "counter",
-            s.reconciles.load(Ordering::Relaxed).into(),
-        ),
-        g(
-            "twill_agent_changes_total",
-            "Kernel entries added or removed after start-up.",
-            "counter",
-            s.changes.load(Ordering::Relaxed).into(),
-        ),
-        g(
-            "twill_agent_netlink_errors_total",
-            "Kernel operations that failed.",
-            "counter",
-            s.netlink_errors.load(Ordering::Relaxed).into(),
-        ),
-        g(
-            "twill_agent_last_contact_seconds",
-            "Unix time of the last answer from the controller.",
-            "gauge",
-            s.last_contact.load(Ordering::Relaxed).into(),
-        ),
-        g(
-            "twill_agent_lease_expiry_seconds",
-            "Unix time the lease expires.",
-            "gauge",
-            s.lease_expiry.load(Ordering::Relaxed).into(),
-        ),
-    ]
-    .concat()
+async fn metrics(State(s): State<Arc<Stats>>) -> ([(&'static str, &'static str); 1], String) {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &s.registry);
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
 }

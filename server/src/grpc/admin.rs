@@ -202,9 +202,9 @@ impl AdminService for AdminApi {
         let reserved_idle = reservations
             .iter()
             .filter(|(node, s)| {
-                !leases
-                    .iter()
-                    .any(|l| &l.node_name == *node && l.subnet == s.to_string())
+                self.hub
+                    .lease(node)
+                    .is_none_or(|l| l.subnet != s.to_string())
             })
             .count() as u32;
         let mut agents: Vec<ConnectedAgent> = self
