@@ -519,6 +519,11 @@ impl Lab {
             if out.success() {
                 return Ok(());
             }
+            // ping exits 1 when no reply came; anything else (2, or 255 from `ip netns
+            // exec` when there is no ping at all) is not worth retrying.
+            if out.status.code() != Some(1) {
+                bail!("ping {addr} from host {host} could not run: {out}");
+            }
             last = Some(out);
         }
         let out = last.expect("tried");

@@ -222,6 +222,11 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
         }))
     };
 
+    // Each deletion below fails unless the entry was there and is now gone, so its
+    // success is the proof that something was removed. Looking for the entry's
+    // absence afterwards would race the agent: a reconcile tick may fall between the
+    // deletion and the look, and the repair may already be done.
+
     // (1) the route, deleted by hand 20 times: time until it is back
     let mut lat = Vec::with_capacity(REPAIR_SAMPLES);
     let mut phases = Phases::new();
@@ -242,10 +247,6 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
             ],
         )
         .with_context(|| format!("deletion #{}", i + 1))?;
-        ensure!(
-            !route_ok()?,
-            "the route to {subnet} was still there right after `ip route del`"
-        );
         lat.push(time_until(
             start,
             &format!("route {subnet} (deletion #{})", i + 1),
@@ -288,10 +289,6 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
     };
     let start = Instant::now();
     ip(&ns_a, &["neigh", "del", &gw, "dev", FLANNEL_DEV])?;
-    ensure!(
-        !neigh_ok()?,
-        "neighbour {gw} still there right after `ip neigh del`"
-    );
     let d = time_until(start, &format!("neighbour {gw}"), neigh_ok)?;
     println!("repair latency of a hand-deleted neighbour: {}", fmt_ms(d));
     ensure!(d <= bound, "neighbour {gw} took {} to come back", fmt_ms(d));
@@ -318,10 +315,6 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
         &pub_b_s,
         "self",
     ])?;
-    ensure!(
-        !fdb_ok()?,
-        "FDB {mac_b} still there right after `bridge fdb del`"
-    );
     let d = time_until(start, &format!("FDB entry {mac_b}"), fdb_ok)?;
     println!("repair latency of a hand-deleted FDB entry: {}", fmt_ms(d));
     ensure!(
