@@ -13,11 +13,12 @@ use tokio::task::JoinSet;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use twill_agent::client::Backoff;
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{lease_event::Type as EventType, AcquireRequest, ReleaseRequest, WatchRequest};
+use twill_proto::{AcquireRequest, ReleaseRequest};
 
 use crate::pki::Pki;
 use crate::sim::{self, Seen, Tracker, TrackerRx, Who};
 use crate::stats::Dist;
+use crate::wire;
 
 /// Connections opened at once (a burst of thousands overflows the listen backlog).
 const CONNECT_PARALLEL: usize = 64;
@@ -25,7 +26,7 @@ const CONNECT_PARALLEL: usize = 64;
 type Client = AgentServiceClient<Channel>;
 
 /// Connects one mTLS channel per name.
-pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<Client>> {
+pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<Channel>> {
     let sem = Arc::new(Semaphore::new(CONNECT_PARALLEL));
     let mut set = JoinSet::new();
     for (i, name) in names.iter().enumerate() {
@@ -49,7 +50,7 @@ pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<C
                     .connect()
                     .await
                 {
-                    Ok(ch) => return Ok::<_, anyhow::Error>((i, AgentServiceClient::new(ch))),
+                    Ok(ch) => return Ok::<_, anyhow::Error>((i, ch)),
                     Err(e) => {
                         last = Some(e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -59,7 +60,7 @@ pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<C
             Err(anyhow::anyhow!("connect: {:?}", last))
         });
     }
-    let mut out: Vec<Option<Client>> = (0..names.len()).map(|_| None).collect();
+    let mut out: Vec<Option<Channel>> = (0..names.len()).map(|_| None).collect();
     while let Some(r) = set.join_next().await {
         let (i, c) = r??;
         out[i] = Some(c);
@@ -79,7 +80,7 @@ fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
 
 /// A node's watch, for as long as the run lasts: on a broken stream it resumes from
 /// its last revision with the agent's own backoff.
-async fn watcher(idx: usize, mut client: Client, t: Arc<Tracker>) {
+async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
     let mut seen = Seen::new(t.n);
     let mut revision = 0u64;
     let mut broken = false;
@@ -88,13 +89,8 @@ async fn watcher(idx: usize, mut client: Client, t: Arc<Tracker>) {
         if t.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let mut stream = match client
-            .watch(WatchRequest {
-                from_revision: revision,
-            })
-            .await
-        {
-            Ok(s) => s.into_inner(),
+        let mut stream = match wire::watch(channel.clone(), revision).await {
+            Ok(s) => s,
             Err(_) => {
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
@@ -114,10 +110,8 @@ async fn watcher(idx: usize, mut client: Client, t: Arc<Tracker>) {
                 }
             }
             first = false;
-            for e in &msg.events {
-                let Some(lease) = &e.lease else { continue };
-                let delete = e.r#type == EventType::Delete as i32;
-                match sim::who(lease.node_name.as_bytes()) {
+            for &(who, delete) in &msg.events {
+                match who {
                     Who::Node(i) => {
                         if delete {
                             seen.remove(i);
@@ -148,8 +142,8 @@ async fn watcher(idx: usize, mut client: Client, t: Arc<Tracker>) {
 
 /// N connected nodes and their watchers.
 pub struct Fleet {
-    clients: Vec<Client>,
-    joiners: Vec<Client>,
+    clients: Vec<Channel>,
+    joiners: Vec<Channel>,
     /// The tracker of this fleet's run.
     pub tracker: Arc<Tracker>,
     rx: TrackerRx,
@@ -198,7 +192,7 @@ impl Fleet {
         let t0 = t.ns(start);
         for (i, c) in self.clients.iter().enumerate() {
             self.tasks.spawn(watcher(i, c.clone(), t.clone()));
-            let mut c = c.clone();
+            let mut c = Client::new(c.clone());
             let t = t.clone();
             self.tasks.spawn(async move {
                 let req = acquire_request(&sim::node_name(i), i, false);
@@ -233,7 +227,7 @@ impl Fleet {
         let mut out = Vec::new();
         for r in 0..rounds.min(self.joiners.len()) {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut c = self.joiners[r].clone();
+            let mut c = Client::new(self.joiners[r].clone());
             let req = acquire_request(&sim::joiner_name(r), r, true);
             let sent = Instant::now();
             if c.acquire(req).await.is_err() {
@@ -260,7 +254,7 @@ impl Fleet {
             tick.tick().await;
             for k in 0..per_second {
                 let i = (s * per_second + k) % n;
-                let mut c = self.clients[i].clone();
+                let mut c = Client::new(self.clients[i].clone());
                 let t = t.clone();
                 ops.spawn(async move {
                     let name = sim::node_name(i);

@@ -1,10 +1,10 @@
 //! Lease allocation and the single lease writer.
 //!
-//! Every change to the lease table goes through one task (`Writer`): it takes a batch
-//! of queued requests, decides each one against the allocator, writes the batch to the
-//! store, flushes once (group commit: a join storm costs one fsync per batch, not per
-//! node), then commits the events to the `Hub` and answers. A reply therefore always
-//! means "durably stored".
+//! Every change to the lease table goes through one task (`Writer`, on a thread of its
+//! own): it takes a batch of queued requests, decides each one against the allocator,
+//! writes the batch to the store, flushes once (group commit: a join storm costs one
+//! fsync per batch, not per node), then commits the events to the `Hub` and answers. A
+//! reply therefore always means "durably stored".
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -27,6 +27,11 @@ use crate::store::{Store, StoreError};
 const QUEUE_LEN: usize = 4096;
 /// Requests decided and flushed together at most.
 const MAX_BATCH: usize = 1024;
+/// Durable batches are published to the watchers at most this often. A publication
+/// wakes every watch stream, which costs the same for one event as for hundreds, so in
+/// a burst the batches of one interval go out together; a change after a quiet spell
+/// goes out at once.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Why a lease operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +121,9 @@ type Reply = oneshot::Sender<Result<Outcome, LeaseOpError>>;
 /// An operation, who waits for it, and when it was queued.
 type Queued = (Op, Option<Reply>, Instant);
 
+/// A decided request's answer, sent once its events are published.
+type Answer = (Reply, Result<Outcome, LeaseOpError>, Instant);
+
 /// Handle to the lease writer; cheap to clone.
 #[derive(Clone)]
 pub struct Leases {
@@ -145,12 +153,26 @@ impl Leases {
             reservations,
             revision,
             metrics,
+            unpublished: Vec::new(),
+            waiting: Vec::new(),
+            last_publish: Instant::now(),
         };
         writer.rebuild(leases)?;
         writer.update_gauges();
         writer.hub.set_reservations(writer.reservations.clone());
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
-        tokio::spawn(writer.run(rx));
+        // The writer gets an OS thread of its own instead of a place in the shared
+        // runtime: after a commit, thousands of watch streams wake at once, and a
+        // writer queued behind them waited seconds to take the next batch (perf and
+        // flush timings in a 5,000-node join storm), which stalled every grant.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the lease writer: {e}"))?;
+        std::thread::Builder::new()
+            .name("lease-writer".into())
+            .spawn(move || runtime.block_on(writer.run(rx)))
+            .map_err(|e| format!("cannot start the lease writer thread: {e}"))?;
         let sweeper = tx.clone();
         tokio::spawn(async move {
             let period = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -238,13 +260,52 @@ struct Writer {
     reservations: BTreeMap<String, Ipv4Net>,
     revision: u64,
     metrics: Arc<Metrics>,
+    /// Durable events not yet published, and the answers waiting for them: a reply
+    /// means stored and visible to every reader of the hub.
+    unpublished: Vec<LeaseEvent>,
+    waiting: Vec<Answer>,
+    last_publish: Instant,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         let mut ops = Vec::with_capacity(MAX_BATCH);
-        while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        loop {
+            let received = if self.unpublished.is_empty() {
+                rx.recv_many(&mut ops, MAX_BATCH).await
+            } else {
+                let due = tokio::time::Instant::from_std(self.last_publish + PUBLISH_INTERVAL);
+                tokio::select! {
+                    n = rx.recv_many(&mut ops, MAX_BATCH) => n,
+                    () = tokio::time::sleep_until(due) => {
+                        self.publish();
+                        continue;
+                    }
+                }
+            };
+            if received == 0 {
+                self.publish();
+                return;
+            }
             self.process(std::mem::take(&mut ops)).await;
+            if self.unpublished.is_empty() || self.last_publish.elapsed() >= PUBLISH_INTERVAL {
+                self.publish();
+            }
+        }
+    }
+
+    /// Commits the unpublished events to the hub and sends the answers that waited.
+    fn publish(&mut self) {
+        if !self.unpublished.is_empty() {
+            self.hub.commit(std::mem::take(&mut self.unpublished));
+            self.last_publish = Instant::now();
+        }
+        for (reply, result, queued) in self.waiting.drain(..) {
+            self.metrics
+                .allocation_seconds
+                .observe(queued.elapsed().as_secs_f64());
+            // A caller that went away no longer needs its answer.
+            let _ = reply.send(result);
         }
     }
 
@@ -295,6 +356,9 @@ impl Writer {
         if !events.is_empty() || reservations_changed {
             if let Err(e) = self.persist(&events, reservations_changed).await {
                 warn!(error = %e, "store write failed; nothing in this batch was acknowledged");
+                // Earlier batches are durable: publish them, so that the rollback (to
+                // what the hub holds) keeps them.
+                self.publish();
                 self.rollback(start_revision);
                 for (reply, _, _) in replies {
                     let _ =
@@ -302,19 +366,13 @@ impl Writer {
                 }
                 return;
             }
-            self.hub.commit(events);
+            self.unpublished.extend(events);
             if reservations_changed {
                 self.hub.set_reservations(self.reservations.clone());
             }
             self.update_gauges();
         }
-        for (reply, result, queued) in replies {
-            self.metrics
-                .allocation_seconds
-                .observe(queued.elapsed().as_secs_f64());
-            // A caller that went away no longer needs its answer.
-            let _ = reply.send(result);
-        }
+        self.waiting.extend(replies);
     }
 
     async fn persist(

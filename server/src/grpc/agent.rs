@@ -113,26 +113,31 @@ impl tonic::server::NamedService for AgentRouter {
     const NAME: &'static str = twill_proto::agent_service_server::SERVICE_NAME;
 }
 
-struct EncodedWatch(Arc<AgentApi>);
+/// The agents' Watch as tonic sees it: tonic decodes the request, runs this and writes
+/// the response headers (or the error); the messages themselves leave through
+/// `stream`, for `AgentRouter` to serve as a `WatchBody`, and tonic's own body stays
+/// empty.
+struct EncodedWatch {
+    api: Arc<AgentApi>,
+    stream: Option<tokio::sync::oneshot::Sender<watch::EncodedStream>>,
+}
 
 impl tonic::server::ServerStreamingService<WatchRequest> for EncodedWatch {
-    type Response = watch::Encoded;
-    type ResponseStream = watch::EncodedStream;
+    type Response = twill_proto::WatchResponse;
+    type ResponseStream = futures::stream::Empty<Result<Self::Response, Status>>;
     type Future =
         futures::future::BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, req: Request<WatchRequest>) -> Self::Future {
-        let api = self.0.clone();
+        let api = self.api.clone();
+        let out = self.stream.take();
         Box::pin(async move {
             let who = auth::watcher(&req)?.name;
             let from = req.get_ref().from_revision;
-            Ok(Response::new(watch::encoded(
-                &api.hub,
-                &api.metrics,
-                &api.agents,
-                who,
-                from,
-            )))
+            let stream = watch::encoded(&api.hub, &api.metrics, &api.agents, who, from);
+            out.and_then(|tx| tx.send(stream).ok())
+                .ok_or_else(|| Status::internal("watch stream handed over twice"))?;
+            Ok(Response::new(futures::stream::empty()))
         })
     }
 }
@@ -157,8 +162,27 @@ where
         if req.uri().path() == "/twill.v1.AgentService/Watch" {
             let api = self.api.clone();
             Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(watch::codec::WatchCodec);
-                Ok(grpc.server_streaming(EncodedWatch(api), req).await)
+                let (tx, mut rx) = tokio::sync::oneshot::channel();
+                let svc = EncodedWatch {
+                    api,
+                    stream: Some(tx),
+                };
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                    twill_proto::WatchResponse,
+                    WatchRequest,
+                >::default());
+                let resp = grpc.server_streaming(svc, req).await;
+                // No stream: the call was refused, and tonic's response says why.
+                Ok(match rx.try_recv() {
+                    Ok(stream) => {
+                        let (parts, _) = resp.into_parts();
+                        http::Response::from_parts(
+                            parts,
+                            tonic::body::Body::new(watch::body::WatchBody::new(stream)),
+                        )
+                    }
+                    Err(_) => resp,
+                })
             })
         } else {
             Box::pin(self.generated.call(req))

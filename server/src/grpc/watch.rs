@@ -1,27 +1,27 @@
 //! One watch stream: the initial snapshot or replay, then the live feed.
 //!
 //! The stream reads the shared broadcast directly: a batch exists once, encoded, however
-//! many watchers there are, and each watcher only holds the message being sent.
-//! Batches that queued up while a watcher was busy go out as one message (encoded
-//! batches merge by concatenation). A watcher too slow to keep up falls behind the
-//! broadcast's bounded ring and is sent a reset snapshot instead of growing memory.
+//! many watchers there are. A watcher too slow to keep up falls behind the broadcast's
+//! bounded ring and is sent a reset snapshot instead of growing memory.
 //!
-//! Agents' watches are served pre-encoded (`Encoded` and `codec`): the bytes go to
-//! the connection as they are. The generated service methods (used by the admin API)
-//! decode them into a `WatchResponse`.
+//! Agents' watches are served pre-encoded and without copies (`Encoded`, `body`): the
+//! response body hands the shared bytes to the connection, so what thousands of slow
+//! watchers have not been sent yet is the same few batches, referenced, not a copy each
+//! (a copy each was over a gigabyte in a 5,000-node join storm). The generated service
+//! methods (used by the admin API) decode them into a `WatchResponse`.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use prost::Message;
-use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 use tracing::{info, warn};
 use twill_proto::WatchResponse;
 
-use crate::events::Hub;
+use crate::events::{Hub, Initial};
 use crate::metrics::{Agents, Metrics};
 
 /// The response stream of a Watch call as the generated service traits want it.
@@ -34,10 +34,6 @@ pub struct Encoded(pub Bytes);
 /// A stream of encoded watch messages.
 pub type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
-/// Bytes merged into one message at most, so one message (held per watcher while it
-/// is sent) stays small.
-const MAX_MERGED_BYTES: usize = 64 * 1024;
-
 struct Watcher {
     id: u64,
     who: String,
@@ -45,7 +41,7 @@ struct Watcher {
     metrics: Arc<Metrics>,
     agents: Arc<Agents>,
     feed: broadcast::Receiver<Bytes>,
-    initial: Option<WatchResponse>,
+    initial: Option<Initial>,
     closing: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -64,37 +60,26 @@ impl Watcher {
         self.metrics.watcher_resets.inc();
         let (snapshot, fresh) = self.hub.resubscribe();
         self.feed = fresh;
-        (snapshot.encode_to_vec().into(), snapshot.revision)
+        (snapshot.encoded, snapshot.revision)
     }
 
-    /// The next message and its revision: the initial one, else the next batch merged
-    /// with whatever else is already queued. `None` when the stream should end.
+    /// The next message and its revision: the initial one, else the next committed
+    /// batch, as shared. `None` when the stream should end.
     async fn next_message(&mut self) -> Option<(Bytes, u64)> {
         if let Some(initial) = self.initial.take() {
-            return Some((initial.encode_to_vec().into(), initial.revision));
+            return Some((initial.encoded, initial.revision));
         }
-        let first = tokio::select! {
+        let next = tokio::select! {
             r = self.feed.recv() => r,
             _ = self.closing.wait_for(|closed| *closed) => return None,
         };
-        let first = match first {
+        let msg = match next {
             Ok(batch) => batch,
             Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
             Err(RecvError::Closed) => return None,
         };
-        let mut merged: Option<BytesMut> = None;
-        while merged.as_ref().map_or(first.len(), BytesMut::len) < MAX_MERGED_BYTES {
-            match self.feed.try_recv() {
-                Ok(batch) => merged
-                    .get_or_insert_with(|| BytesMut::from(&first[..]))
-                    .extend_from_slice(&batch),
-                Err(TryRecvError::Lagged(n)) => return Some(self.reset(n)),
-                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
-            }
-        }
-        let msg = merged.map_or(first, BytesMut::freeze);
-        // Only the revision is needed here; decoding a large batch for it would undo the
-        // point of sharing it, so read the last revision field (it wins on the wire).
+        // Only the revision is needed here; decoding the batch for it would undo the
+        // point of sharing it, so read the revision field off the encoding.
         let revision = last_revision(&msg).unwrap_or_else(|| self.hub.revision());
         Some((msg, revision))
     }
@@ -159,51 +144,97 @@ pub fn stream(
     }))
 }
 
-/// The gRPC codec of the agents' Watch: requests decoded by prost, responses written
-/// as the pre-encoded bytes they already are.
-pub mod codec {
-    use bytes::BufMut;
-    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+/// The HTTP body of an agent's Watch response: each message as gRPC frames it (a
+/// 5-byte header, then the encoding), the encoding passed on as the shared `Bytes` it
+/// is; the call's status in the trailers when the stream ends.
+pub mod body {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::{BufMut, Bytes, BytesMut};
+    use futures::StreamExt;
+    use http::HeaderMap;
+    use http_body::Frame;
     use tonic::Status;
-    use tonic_prost::ProstDecoder;
-    use twill_proto::WatchRequest;
 
-    use super::Encoded;
+    use super::{Encoded, EncodedStream};
 
-    /// Encodes `Encoded`, decodes `WatchRequest`.
-    #[derive(Debug, Clone, Default)]
-    pub struct WatchCodec;
+    /// Messages up to this size go out in one piece with their header (a copy costs
+    /// less than a frame of its own); larger ones are passed on without a copy.
+    const COPY_BELOW: usize = 1024;
 
-    /// Copies the pre-encoded bytes into the frame.
-    #[derive(Debug, Clone, Default)]
-    pub struct BytesEncoder;
+    /// The response body of one watch.
+    pub struct WatchBody {
+        messages: EncodedStream,
+        /// A large message whose header went out already.
+        pending: Option<Bytes>,
+        ended: bool,
+    }
 
-    impl Encoder for BytesEncoder {
-        type Item = Encoded;
-        type Error = Status;
-
-        fn encode(&mut self, item: Encoded, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            buf.put_slice(&item.0);
-            Ok(())
-        }
-
-        fn buffer_settings(&self) -> BufferSettings {
-            BufferSettings::default()
+    impl WatchBody {
+        pub fn new(messages: EncodedStream) -> Self {
+            WatchBody {
+                messages,
+                pending: None,
+                ended: false,
+            }
         }
     }
 
-    impl Codec for WatchCodec {
-        type Encode = Encoded;
-        type Decode = WatchRequest;
-        type Encoder = BytesEncoder;
-        type Decoder = ProstDecoder<WatchRequest>;
+    fn header(len: usize, extra: usize) -> BytesMut {
+        let mut b = BytesMut::with_capacity(5 + extra);
+        b.put_u8(0); // not compressed
+        b.put_u32(len as u32);
+        b
+    }
 
-        fn encoder(&mut self) -> BytesEncoder {
-            BytesEncoder
+    fn trailers(status: &Status) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if status.add_header(&mut h).is_err() {
+            h.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        h
+    }
+
+    impl http_body::Body for WatchBody {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if let Some(msg) = self.pending.take() {
+                return Poll::Ready(Some(Ok(Frame::data(msg))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match self.messages.poll_next_unpin(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(Encoded(msg)))) if msg.len() < COPY_BELOW => {
+                    let mut b = header(msg.len(), msg.len());
+                    b.extend_from_slice(&msg);
+                    Poll::Ready(Some(Ok(Frame::data(b.freeze()))))
+                }
+                Poll::Ready(Some(Ok(Encoded(msg)))) => {
+                    let h = header(msg.len(), 0).freeze();
+                    self.pending = Some(msg);
+                    Poll::Ready(Some(Ok(Frame::data(h))))
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.ended = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
+                }
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
+                }
+            }
         }
 
-        fn decoder(&mut self) -> Self::Decoder {
-            ProstDecoder::default()
+        fn is_end_stream(&self) -> bool {
+            self.ended && self.pending.is_none()
         }
     }
 }
@@ -228,27 +259,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queued_batches_go_out_as_one_message_in_order() {
+    async fn queued_batches_go_out_in_order_as_shared() {
         let hub = Arc::new(Hub::new(vec![], vec![], 0));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let mut s = stream(&hub, &metrics, &agents, "w".into(), 0);
-        assert!(s.next().await.unwrap().unwrap().reset);
+        let mut s = encoded(&hub, &metrics, &agents, "w".into(), 0);
+        let first = WatchResponse::decode(s.next().await.unwrap().unwrap().0).unwrap();
+        assert!(first.reset);
+        let mut feed = hub.subscribe(0).feed;
         for rev in 1..=3 {
             hub.commit(vec![put(rev)]);
         }
-        let msg = s.next().await.unwrap().unwrap();
-        assert!(!msg.reset);
-        assert_eq!(msg.revision, 3, "the last batch's revision wins");
-        assert_eq!(
-            msg.events.iter().map(|e| e.revision).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        for rev in 1..=3 {
+            let Encoded(msg) = s.next().await.unwrap().unwrap();
+            let committed = feed.recv().await.unwrap();
+            assert_eq!(
+                msg.as_ptr(),
+                committed.as_ptr(),
+                "the committed bytes themselves, not a copy"
+            );
+            let msg = WatchResponse::decode(msg).unwrap();
+            assert_eq!((msg.reset, msg.revision), (false, rev));
+        }
         assert_eq!(
             agents.watchers()[0].revision,
             3,
             "the sent revision is read off the encoding"
         );
+    }
+
+    #[tokio::test]
+    async fn the_body_frames_each_message_and_ends_with_the_status() {
+        use http_body_util::BodyExt;
+        let big = Bytes::from(vec![7u8; 4000]);
+        let msgs: Vec<Result<Encoded, Status>> = vec![
+            Ok(Encoded(Bytes::from_static(b"abc"))),
+            Ok(Encoded(big.clone())),
+            Err(Status::unavailable("controller shutting down")),
+        ];
+        let mut body = body::WatchBody::new(Box::pin(futures::stream::iter(msgs)));
+        let mut data = Vec::new();
+        let mut shared = false;
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(d) => {
+                    shared |= d.as_ptr() == big.as_ptr();
+                    data.extend_from_slice(&d);
+                }
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        let mut want = vec![0, 0, 0, 0, 3];
+        want.extend_from_slice(b"abc");
+        want.extend_from_slice(&[0, 0, 0, 0x0f, 0xa0]);
+        want.extend_from_slice(&big);
+        assert_eq!(data, want, "gRPC length-prefixed messages");
+        assert!(shared, "a large message is passed on, not copied");
+        let t = trailers.expect("trailers");
+        assert_eq!(t["grpc-status"], "14");
+        assert!(http_body::Body::is_end_stream(&body));
     }
 
     #[tokio::test]
