@@ -24,32 +24,80 @@ pub struct Topology {
 
 /// The entries the peers call for.
 pub fn desired(peers: &BTreeMap<String, Peer>, topo: &Topology) -> KernelState {
-    let mut want = KernelState::default();
+    let mut neighbours = Vec::with_capacity(peers.len());
+    let mut fdb = Vec::with_capacity(peers.len());
+    let mut routes = Vec::with_capacity(peers.len());
     for peer in peers.values() {
         let gateway = peer.subnet.network();
         if topo.direct_routing && topo.underlay.addr.contains(&peer.public_ip) {
-            want.routes.insert(
+            routes.push((
                 peer.subnet,
                 Route {
                     dst: peer.subnet,
                     gateway: peer.public_ip,
                     oif: topo.underlay.index,
                 },
-            );
+            ));
             continue;
         }
-        want.neighbours.insert(gateway, peer.vtep_mac);
-        want.fdb.insert(peer.vtep_mac, peer.public_ip);
-        want.routes.insert(
+        neighbours.push((gateway, peer.vtep_mac));
+        fdb.push((peer.vtep_mac, peer.public_ip));
+        routes.push((
             peer.subnet,
             Route {
                 dst: peer.subnet,
                 gateway,
                 oif: topo.device.index,
             },
-        );
+        ));
     }
-    want
+    // Collecting sorts once and builds each map in bulk (a later duplicate key wins, as
+    // with inserts): with thousands of peers this runs after every watch batch.
+    KernelState {
+        neighbours: neighbours.into_iter().collect(),
+        fdb: fdb.into_iter().collect(),
+        routes: routes.into_iter().collect(),
+    }
+}
+
+/// Stale entries, then new or changed ones with the value they replace.
+type MapDiff<'a, K, V> = (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V, Option<&'a V>)>);
+
+/// The keys only `have` holds, and the entries of `want` that `have` lacks or holds
+/// with another value (with the old value), from one walk of both maps in key order:
+/// no lookups, so a one-peer change among thousands costs a merge, not a search each.
+fn diff_maps<'a, K: Ord, V: PartialEq>(
+    have: &'a BTreeMap<K, V>,
+    want: &'a BTreeMap<K, V>,
+) -> MapDiff<'a, K, V> {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let (mut stale, mut changed) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some(_), None) => stale.extend(h.by_ref()),
+            (None, Some(_)) => changed.extend(w.by_ref().map(|(k, v)| (k, v, None))),
+            (Some(&(hk, hv)), Some(&(wk, wv))) => match hk.cmp(wk) {
+                Less => {
+                    stale.push((hk, hv));
+                    h.next();
+                }
+                Greater => {
+                    changed.push((wk, wv, None));
+                    w.next();
+                }
+                Equal => {
+                    if hv != wv {
+                        changed.push((wk, wv, Some(hv)));
+                    }
+                    h.next();
+                    w.next();
+                }
+            },
+        }
+    }
+    (stale, changed)
 }
 
 /// What one reconcile run did.
@@ -105,72 +153,52 @@ pub async fn apply_diff(
     want: &KernelState,
 ) -> Report {
     let mut report = Report::default();
+    let (stale_routes, new_routes) = diff_maps(&have.routes, &want.routes);
+    let (stale_fdb, new_fdb) = diff_maps(&have.fdb, &want.fdb);
+    let (stale_neighbours, new_neighbours) = diff_maps(&have.neighbours, &want.neighbours);
 
-    let stale_routes: Vec<&Route> = have
-        .routes
-        .iter()
-        .filter(|(dst, _)| !want.routes.contains_key(*dst))
-        .map(|(_, r)| r)
-        .collect();
-    for r in stale_routes {
+    for (_, r) in stale_routes {
         report.record(
             dp.del_route(r).await,
             false,
             format_args!("route {} via {}", r.dst, r.gateway),
         );
     }
-    for (mac, dst) in &have.fdb {
-        if !want.fdb.contains_key(mac) {
-            report.record(
-                dp.del_fdb(dev, *mac, *dst).await,
-                false,
-                format_args!("fdb {mac} dst {dst}"),
-            );
-        }
+    for (mac, dst) in stale_fdb {
+        report.record(
+            dp.del_fdb(dev, *mac, *dst).await,
+            false,
+            format_args!("fdb {mac} dst {dst}"),
+        );
     }
-    for ip in have.neighbours.keys() {
-        if !want.neighbours.contains_key(ip) {
-            report.record(
-                dp.del_neighbour(dev, *ip).await,
-                false,
-                format_args!("neighbour {ip}"),
-            );
-        }
+    for (ip, _) in stale_neighbours {
+        report.record(
+            dp.del_neighbour(dev, *ip).await,
+            false,
+            format_args!("neighbour {ip}"),
+        );
     }
 
-    for (ip, mac) in &want.neighbours {
-        if have.neighbours.get(ip) != Some(mac) {
-            report.record(
-                dp.add_neighbour(dev, *ip, *mac).await,
-                true,
-                format_args!(
-                    "neighbour {ip} lladdr {mac} (had {:?})",
-                    have.neighbours.get(ip)
-                ),
-            );
-        }
+    for (ip, mac, had) in new_neighbours {
+        report.record(
+            dp.add_neighbour(dev, *ip, *mac).await,
+            true,
+            format_args!("neighbour {ip} lladdr {mac} (had {had:?})"),
+        );
     }
-    for (mac, dst) in &want.fdb {
-        if have.fdb.get(mac) != Some(dst) {
-            report.record(
-                dp.add_fdb(dev, *mac, *dst).await,
-                true,
-                format_args!("fdb {mac} dst {dst} (had {:?})", have.fdb.get(mac)),
-            );
-        }
+    for (mac, dst, had) in new_fdb {
+        report.record(
+            dp.add_fdb(dev, *mac, *dst).await,
+            true,
+            format_args!("fdb {mac} dst {dst} (had {had:?})"),
+        );
     }
-    for (dst, route) in &want.routes {
-        if have.routes.get(dst) != Some(route) {
-            report.record(
-                dp.add_route(route).await,
-                true,
-                format_args!(
-                    "route {dst} via {} (had {:?})",
-                    route.gateway,
-                    have.routes.get(dst)
-                ),
-            );
-        }
+    for (dst, route, had) in new_routes {
+        report.record(
+            dp.add_route(route).await,
+            true,
+            format_args!("route {dst} via {} (had {had:?})", route.gateway),
+        );
     }
     report
 }
@@ -289,6 +317,20 @@ pub(crate) mod tests {
                 vtep_mac: Mac([0x0a, 0, 0, 0, 1, n]),
             },
         )
+    }
+
+    #[test]
+    fn the_merge_finds_stale_new_and_changed_entries() {
+        let have: BTreeMap<u8, char> = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')].into();
+        let want: BTreeMap<u8, char> = [(0, 'z'), (2, 'B'), (3, 'c'), (4, 'd')].into();
+        let (stale, changed) = diff_maps(&have, &want);
+        assert_eq!(stale, vec![(&1, &'a'), (&6, &'f')]);
+        assert_eq!(
+            changed,
+            vec![(&0, &'z', None), (&2, &'B', Some(&'b')), (&3, &'c', None)]
+        );
+        let (stale, changed) = diff_maps(&want, &want);
+        assert!(stale.is_empty() && changed.is_empty());
     }
 
     #[tokio::test]
