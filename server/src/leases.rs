@@ -821,7 +821,7 @@ mod tests {
                 .await
                 .expect("expiry")
                 .unwrap();
-            let batch = <twill_proto::WatchResponse as prost::Message>::decode(batch).unwrap();
+            let batch = crate::events::decode(&batch).unwrap();
             if batch
                 .events
                 .iter()

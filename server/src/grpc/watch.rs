@@ -15,19 +15,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use prost::Message;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 use tracing::{info, warn};
 use twill_proto::WatchResponse;
 
-use crate::events::{Hub, Initial};
+use crate::events::{self, Hub, Initial, GRPC_PREFIX};
 use crate::metrics::{Agents, Metrics};
 
 /// The response stream of a Watch call as the generated service traits want it.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-/// A `WatchResponse`, already encoded.
+/// A `WatchResponse`, already encoded as a gRPC message (`events::decode` reads it).
 #[derive(Debug, Clone)]
 pub struct Encoded(pub Bytes);
 
@@ -80,7 +79,10 @@ impl Watcher {
         };
         // Only the revision is needed here; decoding the batch for it would undo the
         // point of sharing it, so read the revision field off the encoding.
-        let revision = last_revision(&msg).unwrap_or_else(|| self.hub.revision());
+        let revision = msg
+            .get(GRPC_PREFIX..)
+            .and_then(last_revision)
+            .unwrap_or_else(|| self.hub.revision());
         Some((msg, revision))
     }
 }
@@ -139,19 +141,18 @@ pub fn stream(
 ) -> WatchStream {
     Box::pin(encoded(hub, metrics, agents, who, from).map(|r| {
         r.and_then(|Encoded(b)| {
-            WatchResponse::decode(b).map_err(|e| Status::internal(format!("watch message: {e}")))
+            events::decode(&b).map_err(|e| Status::internal(format!("watch message: {e}")))
         })
     }))
 }
 
-/// The HTTP body of an agent's Watch response: each message as gRPC frames it (a
-/// 5-byte header, then the encoding), the encoding passed on as the shared `Bytes` it
-/// is; the call's status in the trailers when the stream ends.
+/// The HTTP body of an agent's Watch response: each message, already framed for gRPC,
+/// passed on as the shared `Bytes` it is (one HTTP/2 frame, no copy); the call's status
+/// in the trailers when the stream ends.
 pub mod body {
-    use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    use bytes::{BufMut, Bytes, BytesMut};
+    use bytes::Bytes;
     use futures::StreamExt;
     use http::HeaderMap;
     use http_body::Frame;
@@ -159,15 +160,9 @@ pub mod body {
 
     use super::{Encoded, EncodedStream};
 
-    /// Messages up to this size go out in one piece with their header (a copy costs
-    /// less than a frame of its own); larger ones are passed on without a copy.
-    const COPY_BELOW: usize = 1024;
-
     /// The response body of one watch.
     pub struct WatchBody {
         messages: EncodedStream,
-        /// A large message whose header went out already.
-        pending: Option<Bytes>,
         ended: bool,
     }
 
@@ -175,17 +170,9 @@ pub mod body {
         pub fn new(messages: EncodedStream) -> Self {
             WatchBody {
                 messages,
-                pending: None,
                 ended: false,
             }
         }
-    }
-
-    fn header(len: usize, extra: usize) -> BytesMut {
-        let mut b = BytesMut::with_capacity(5 + extra);
-        b.put_u8(0); // not compressed
-        b.put_u32(len as u32);
-        b
     }
 
     fn trailers(status: &Status) -> HeaderMap {
@@ -201,40 +188,26 @@ pub mod body {
         type Error = Status;
 
         fn poll_frame(
-            mut self: Pin<&mut Self>,
+            mut self: std::pin::Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            if let Some(msg) = self.pending.take() {
-                return Poll::Ready(Some(Ok(Frame::data(msg))));
-            }
             if self.ended {
                 return Poll::Ready(None);
             }
+            let end = |this: &mut Self, status: &Status| {
+                this.ended = true;
+                Poll::Ready(Some(Ok(Frame::trailers(trailers(status)))))
+            };
             match self.messages.poll_next_unpin(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(Ok(Encoded(msg)))) if msg.len() < COPY_BELOW => {
-                    let mut b = header(msg.len(), msg.len());
-                    b.extend_from_slice(&msg);
-                    Poll::Ready(Some(Ok(Frame::data(b.freeze()))))
-                }
-                Poll::Ready(Some(Ok(Encoded(msg)))) => {
-                    let h = header(msg.len(), 0).freeze();
-                    self.pending = Some(msg);
-                    Poll::Ready(Some(Ok(Frame::data(h))))
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    self.ended = true;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
-                }
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))))
-                }
+                Poll::Ready(Some(Ok(Encoded(msg)))) => Poll::Ready(Some(Ok(Frame::data(msg)))),
+                Poll::Ready(Some(Err(status))) => end(&mut self, &status),
+                Poll::Ready(None) => end(&mut self, &Status::ok("")),
             }
         }
 
         fn is_end_stream(&self) -> bool {
-            self.ended && self.pending.is_none()
+            self.ended
         }
     }
 }
@@ -264,7 +237,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
         let mut s = encoded(&hub, &metrics, &agents, "w".into(), 0);
-        let first = WatchResponse::decode(s.next().await.unwrap().unwrap().0).unwrap();
+        let first = events::decode(&s.next().await.unwrap().unwrap().0).unwrap();
         assert!(first.reset);
         let mut feed = hub.subscribe(0).feed;
         for rev in 1..=3 {
@@ -278,7 +251,7 @@ mod tests {
                 committed.as_ptr(),
                 "the committed bytes themselves, not a copy"
             );
-            let msg = WatchResponse::decode(msg).unwrap();
+            let msg = events::decode(&msg).unwrap();
             assert_eq!((msg.reset, msg.revision), (false, rev));
         }
         assert_eq!(
@@ -289,36 +262,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_body_frames_each_message_and_ends_with_the_status() {
+    async fn the_body_passes_messages_on_and_ends_with_the_status() {
         use http_body_util::BodyExt;
-        let big = Bytes::from(vec![7u8; 4000]);
+        let msg = Bytes::from(vec![0, 0, 0, 0, 3, 1, 2, 3]);
         let msgs: Vec<Result<Encoded, Status>> = vec![
-            Ok(Encoded(Bytes::from_static(b"abc"))),
-            Ok(Encoded(big.clone())),
+            Ok(Encoded(msg.clone())),
             Err(Status::unavailable("controller shutting down")),
         ];
         let mut body = body::WatchBody::new(Box::pin(futures::stream::iter(msgs)));
-        let mut data = Vec::new();
-        let mut shared = false;
-        let mut trailers = None;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.unwrap();
-            match frame.into_data() {
-                Ok(d) => {
-                    shared |= d.as_ptr() == big.as_ptr();
-                    data.extend_from_slice(&d);
-                }
-                Err(f) => trailers = f.into_trailers().ok(),
-            }
-        }
-        let mut want = vec![0, 0, 0, 0, 3];
-        want.extend_from_slice(b"abc");
-        want.extend_from_slice(&[0, 0, 0, 0x0f, 0xa0]);
-        want.extend_from_slice(&big);
-        assert_eq!(data, want, "gRPC length-prefixed messages");
-        assert!(shared, "a large message is passed on, not copied");
-        let t = trailers.expect("trailers");
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(
+            data.as_ptr(),
+            msg.as_ptr(),
+            "the message itself, not a copy"
+        );
+        let t = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
         assert_eq!(t["grpc-status"], "14");
+        assert!(body.frame().await.is_none());
         assert!(http_body::Body::is_end_stream(&body));
     }
 
