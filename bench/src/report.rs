@@ -435,7 +435,12 @@ pub fn document(res: &Results) -> String {
            stream; a watcher starting from scratch gets the snapshot encoded once per revision.\n\
          - Twill's peak memory in the storm is what the watchers have not received yet: the \
            shared batches plus, per connection, its TLS and HTTP/2 buffers, which fill because the \
-           simulated nodes read slower than the controller writes on the shared cores.\n\
+           simulated nodes read slower than the controller writes on the shared cores. Each \
+           connection also has fixed buffers whatever it carries (heaptrack, N = 5,000): \
+           HTTP/2's write buffer (16 KiB), read buffer (8 KiB) and frame decoder (4 KiB), and \
+           rustls' receive buffer (4 KiB), 33 KB a connection: 164 MB for 5,000 agents before \
+           any lease is sent, above the 150 MB target. One connection per agent over \
+           HTTP/2 + TLS cannot meet that target at 5,000 agents.\n\
          - Fan-out is the steady state of a running cluster: how long after a node joins every \
            other node can route to it. Twill/etcd ratios below 1 mean Twill is faster or smaller.\n\
          - The load generator (all N simulated nodes) runs on the same cores as the server, so \
