@@ -3,8 +3,9 @@
 //! Every change to the lease table goes through one task (`Writer`, on a thread of its
 //! own): it takes a batch of queued requests, decides each one against the allocator,
 //! writes the batch to the store, flushes once (group commit: a join storm costs one
-//! fsync per batch, not per node), then commits the events to the `Hub` and answers. A
-//! reply therefore always means "durably stored".
+//! fsync per batch, not per node), then commits the events to the `Hub` (in a burst,
+//! the batches of one `PUBLISH_INTERVAL` together) and answers. A reply therefore always
+//! means "durably stored, and visible to watchers".
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
