@@ -278,21 +278,24 @@ pub struct StormOutcome {
     pub grant_errors: u64,
 }
 
-/// Waits until every watcher converged or the deadline passed; prints progress.
+/// Waits until every watcher converged and every node has its reply, or the deadline
+/// passed; prints progress.
 pub async fn wait_converged(t: &Tracker, start: Instant, deadline: Duration, label: &str) {
     let mut last_print = Instant::now();
     loop {
         let done = t.converged.load(Ordering::Relaxed);
-        if done >= t.n || start.elapsed() >= deadline {
+        // Both: a node's reply can arrive after every watcher has seen its lease (the
+        // controller publishes, then answers), and the grant latencies need every reply.
+        let granted = t
+            .granted_at
+            .iter()
+            .filter(|g| g.load(Ordering::Relaxed) != 0)
+            .count();
+        if (done >= t.n && granted >= t.n) || start.elapsed() >= deadline {
             return;
         }
         if last_print.elapsed() >= Duration::from_secs(10) {
             last_print = Instant::now();
-            let granted = t
-                .granted_at
-                .iter()
-                .filter(|g| g.load(Ordering::Relaxed) != 0)
-                .count();
             eprintln!(
                 "  {label}: {:.0}s: {granted}/{} granted, {done}/{} converged",
                 start.elapsed().as_secs_f64(),
