@@ -430,8 +430,8 @@ pub fn document(res: &Results) -> String {
            flannel's etcd mode each of the N watches is a separate watcher inside etcd, each write \
            goes through raft and the boltdb backend, and every node also lists the prefix: etcd's \
            work per node grows with N. Twill's controller commits a batch of grants with one \
-           fsync, publishes the batches of each 20 ms at once (a quiet cluster's change goes out \
-           at once), encodes each publication once and hands the same bytes to every watcher's \
+           fsync, publishes the batches of a few milliseconds at once (0.2 ms per watcher, at \
+           most 20 ms; a quiet cluster's change goes out at once), encodes each publication once and hands the same bytes to every watcher's \
            stream; a watcher starting from scratch gets the snapshot encoded once per revision.\n\
          - Twill's peak memory in the storm is what the watchers have not received yet: the \
            shared batches plus, per connection, its TLS and HTTP/2 buffers, which fill because the \

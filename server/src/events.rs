@@ -132,6 +132,11 @@ impl Hub {
         self.closing.send_replace(true);
     }
 
+    /// Open subscriptions to the live feed (watch streams).
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// Becomes true when the hub closes.
     pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
         self.closing.subscribe()
