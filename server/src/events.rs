@@ -35,18 +35,19 @@ struct Table {
 /// The lease table as committed to the store, shared by readers.
 pub struct Hub {
     table: RwLock<Table>,
-    tx: broadcast::Sender<Bytes>,
+    tx: broadcast::Sender<WatchMessage>,
     closing: tokio::sync::watch::Sender<bool>,
     /// The encoded reset snapshot of one revision. Watchers that start together (a
     /// join storm, or a controller restart under thousands of agents) want the same
     /// snapshot; encoding the table for each of them was most of the controller's CPU
     /// in a 5,000-node storm (perf).
-    snapshot: Mutex<Option<Initial>>,
+    snapshot: Mutex<Option<WatchMessage>>,
 }
 
-/// An encoded `WatchResponse` that starts a watch.
+/// An encoded `WatchResponse`: a committed batch, the missed events of a resumed
+/// watch, or a reset snapshot.
 #[derive(Debug, Clone)]
-pub struct Initial {
+pub struct WatchMessage {
     /// A reset snapshot (the full table), not missed events.
     pub reset: bool,
     /// The revision it brings the watcher to.
@@ -58,9 +59,9 @@ pub struct Initial {
 /// The start of a watch: what to send first, and the live feed after it.
 pub struct Subscription {
     /// Sent before anything from `feed`: a reset snapshot or the missed events.
-    pub initial: Option<Initial>,
+    pub initial: Option<WatchMessage>,
     /// Batches committed after `initial`.
-    pub feed: broadcast::Receiver<Bytes>,
+    pub feed: broadcast::Receiver<WatchMessage>,
 }
 
 impl Hub {
@@ -123,7 +124,11 @@ impl Hub {
             revision: last,
         });
         // No receivers is fine: nobody is watching yet.
-        let _ = self.tx.send(encoded);
+        let _ = self.tx.send(WatchMessage {
+            reset: false,
+            revision: last,
+            encoded,
+        });
     }
 
     /// Ends every watch stream (at shutdown: a stream never ends on its own, and a
@@ -201,14 +206,6 @@ impl Hub {
         (t.leases.values().cloned().collect(), t.revision)
     }
 
-    /// The current revision.
-    pub fn revision(&self) -> u64 {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .revision
-    }
-
     /// Starts a watch after `from_revision` (0: from scratch). Returns the missed
     /// events when the history still has them, else a reset snapshot.
     pub fn subscribe(&self, from_revision: u64) -> Subscription {
@@ -227,7 +224,7 @@ impl Hub {
                 .filter(|e| e.revision > from_revision)
                 .cloned()
                 .collect();
-            Some(Initial {
+            Some(WatchMessage {
                 reset: false,
                 revision: t.revision,
                 encoded: grpc_message(&WatchResponse {
@@ -245,19 +242,19 @@ impl Hub {
     }
 
     /// A reset snapshot with a fresh feed, for a watcher that fell behind.
-    pub fn resubscribe(&self) -> (Initial, broadcast::Receiver<Bytes>) {
+    pub fn resubscribe(&self) -> (WatchMessage, broadcast::Receiver<WatchMessage>) {
         let t = self.table.read().unwrap_or_else(|p| p.into_inner());
         (self.snapshot(&t), self.tx.subscribe())
     }
 
     /// The reset snapshot of `t` (read-locked, so its revision holds still), encoded
     /// once per revision.
-    fn snapshot(&self, t: &Table) -> Initial {
+    fn snapshot(&self, t: &Table) -> WatchMessage {
         let mut cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = cached.as_ref().filter(|s| s.revision == t.revision) {
             return s.clone();
         }
-        let s = Initial {
+        let s = WatchMessage {
             reset: true,
             revision: t.revision,
             encoded: encode_snapshot(t),
@@ -269,7 +266,7 @@ impl Hub {
 
 /// Bytes before the protobuf encoding in a gRPC message: a compressed flag (0) and the
 /// length (big-endian u32).
-pub const GRPC_PREFIX: usize = 5;
+const GRPC_PREFIX: usize = 5;
 
 fn grpc_prefix(len: usize, buf: &mut Vec<u8>) {
     buf.push(0);
@@ -357,7 +354,7 @@ mod tests {
         }
     }
 
-    fn decoded(i: Initial) -> WatchResponse {
+    fn decoded(i: WatchMessage) -> WatchResponse {
         let msg = decode(&i.encoded).unwrap();
         assert_eq!((msg.reset, msg.revision), (i.reset, i.revision));
         msg
@@ -466,7 +463,7 @@ mod tests {
         let hub = Hub::new(vec![], vec![], 0);
         let mut sub = hub.subscribe(0);
         hub.commit(vec![put("a", 1)]);
-        let got = decode(&sub.feed.recv().await.unwrap()).unwrap();
+        let got = decode(&sub.feed.recv().await.unwrap().encoded).unwrap();
         assert_eq!(got.revision, 1);
         assert_eq!(hub.leases().0.len(), 1);
     }

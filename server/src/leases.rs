@@ -835,7 +835,7 @@ mod tests {
                 .await
                 .expect("expiry")
                 .unwrap();
-            let batch = crate::events::decode(&batch).unwrap();
+            let batch = crate::events::decode(&batch.encoded).unwrap();
             if batch
                 .events
                 .iter()

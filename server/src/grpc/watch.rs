@@ -20,7 +20,7 @@ use tonic::Status;
 use tracing::{info, warn};
 use twill_proto::WatchResponse;
 
-use crate::events::{self, Hub, Initial, GRPC_PREFIX};
+use crate::events::{self, Hub, WatchMessage};
 use crate::metrics::{Agents, Metrics};
 
 /// The response stream of a Watch call as the generated service traits want it.
@@ -39,8 +39,8 @@ struct Watcher {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     agents: Arc<Agents>,
-    feed: broadcast::Receiver<Bytes>,
-    initial: Option<Initial>,
+    feed: broadcast::Receiver<WatchMessage>,
+    initial: Option<WatchMessage>,
     closing: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -72,34 +72,12 @@ impl Watcher {
             r = self.feed.recv() => r,
             _ = self.closing.wait_for(|closed| *closed) => return None,
         };
-        let msg = match next {
-            Ok(batch) => batch,
-            Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
-            Err(RecvError::Closed) => return None,
-        };
-        // Only the revision is needed here; decoding the batch for it would undo the
-        // point of sharing it, so read the revision field off the encoding.
-        let revision = msg
-            .get(GRPC_PREFIX..)
-            .and_then(last_revision)
-            .unwrap_or_else(|| self.hub.revision());
-        Some((msg, revision))
-    }
-}
-
-/// The value of the last `revision` (field 3, varint) in an encoded `WatchResponse`.
-fn last_revision(mut buf: &[u8]) -> Option<u64> {
-    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
-    let mut revision = None;
-    while !buf.is_empty() {
-        let (tag, wire) = decode_key(&mut buf).ok()?;
-        if tag == 3 && wire == WireType::Varint {
-            revision = Some(decode_varint(&mut buf).ok()?);
-        } else {
-            skip_field(wire, tag, &mut buf, DecodeContext::default()).ok()?;
+        match next {
+            Ok(batch) => Some((batch.encoded, batch.revision)),
+            Err(RecvError::Lagged(n)) => Some(self.reset(n)),
+            Err(RecvError::Closed) => None,
         }
     }
-    revision
 }
 
 /// Starts a watch for `who` after revision `from`: its messages, encoded.
@@ -245,7 +223,7 @@ mod tests {
         }
         for rev in 1..=3 {
             let Encoded(msg) = s.next().await.unwrap().unwrap();
-            let committed = feed.recv().await.unwrap();
+            let committed = feed.recv().await.unwrap().encoded;
             assert_eq!(
                 msg.as_ptr(),
                 committed.as_ptr(),
@@ -257,7 +235,7 @@ mod tests {
         assert_eq!(
             agents.watchers()[0].revision,
             3,
-            "the sent revision is read off the encoding"
+            "the sent revision is the batch's"
         );
     }
 
