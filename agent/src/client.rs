@@ -1,5 +1,6 @@
-//! The connection to the controller: a mutual-TLS gRPC channel, and the jittered
-//! exponential backoff every retry loop of the agent uses.
+//! The connection to the controller: a mutual-TLS gRPC channel with explicit message
+//! limits, a deadline on every call, the reassembly of a reset sent in parts, and the
+//! jittered exponential backoff every retry loop of the agent uses.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,7 +8,85 @@ use std::time::Duration;
 use rand::Rng;
 use thiserror::Error;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Request, Status};
 use twill_common::tls::{read_pem, TlsError};
+use twill_proto::agent_service_client::AgentServiceClient;
+use twill_proto::WatchResponse;
+
+/// Largest message the agent accepts from the controller. The controller sends at most
+/// 1 MiB of events per message (a larger table goes out in parts), so this leaves room
+/// for a controller built with other limits without letting one message take all
+/// memory.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// The agent API over `channel`, with the agent's message limits.
+pub fn agent_client(channel: Channel) -> AgentServiceClient<Channel> {
+    AgentServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 << 10)
+}
+
+/// `msg` as a request the controller must answer within `deadline` (sent as the
+/// gRPC timeout, so the controller gives up too).
+pub fn request<T>(msg: T, deadline: Duration) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.set_timeout(deadline);
+    req
+}
+
+/// Runs a controller call, failing with DEADLINE_EXCEEDED when no answer came within
+/// `deadline`: a controller that accepts a call and never answers must not hold the
+/// agent up.
+pub async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "the controller did not answer within {}",
+                humantime::format_duration(deadline)
+            )))
+        })
+}
+
+/// Puts a reset sent in parts back together: the parts after the first (`reset` set,
+/// `more` set) are collected until the one with `more` false, and only then is the
+/// whole reset handed on, so peers are never dropped and re-added part by part.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pending: Option<WatchResponse>,
+}
+
+impl Assembler {
+    /// Folds in one message from the stream; a complete response to apply, if any.
+    pub fn push(&mut self, msg: WatchResponse) -> Option<WatchResponse> {
+        if msg.reset {
+            if msg.more {
+                self.pending = Some(msg);
+                return None;
+            }
+            self.pending = None;
+            return Some(msg);
+        }
+        let Some(pending) = self.pending.as_mut() else {
+            return Some(msg);
+        };
+        pending.events.extend(msg.events);
+        pending.revision = msg.revision;
+        if msg.more {
+            return None;
+        }
+        pending.more = false;
+        self.pending.take()
+    }
+
+    /// Forgets a partial reset (the stream broke: the next one starts over).
+    pub fn clear(&mut self) {
+        self.pending = None;
+    }
+}
 
 /// The channel could not be set up (nothing was sent yet).
 #[derive(Debug, Error)]
@@ -101,6 +180,47 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twill_proto::{Lease, LeaseEvent};
+
+    fn part(reset: bool, more: bool, nodes: &[&str]) -> WatchResponse {
+        WatchResponse {
+            reset,
+            more,
+            revision: 7,
+            events: nodes
+                .iter()
+                .map(|n| LeaseEvent {
+                    lease: Some(Lease {
+                        node_name: n.to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reset_in_parts_is_applied_whole() {
+        let mut a = Assembler::default();
+        assert!(a.push(part(true, true, &["a", "b"])).is_none());
+        assert!(a.push(part(false, true, &["c"])).is_none());
+        let whole = a.push(part(false, false, &["d"])).unwrap();
+        assert!(whole.reset && !whole.more);
+        assert_eq!(whole.events.len(), 4);
+        assert_eq!(
+            a.push(part(false, false, &["e"])).unwrap().events.len(),
+            1,
+            "then batches as they come"
+        );
+        assert!(a.push(part(true, true, &["a"])).is_none());
+        a.clear();
+        assert!(
+            !a.push(part(false, false, &["x"])).unwrap().reset,
+            "a broken reset is dropped"
+        );
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

@@ -5,25 +5,24 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
-use twill_agent::client::{self, Backoff, TlsFiles};
+use twill_agent::client::{self, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
 use twill_agent::iface::{self, Selection};
+use twill_agent::peers::PeerTable;
 use twill_agent::reconcile::{self, Topology};
-use twill_common::lease::{parse_subnet, Peer};
-use twill_common::{NetConf, SubnetEnv};
+use twill_common::lease::parse_subnet;
+use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{
-    lease_event::Type as EventType, AcquireRequest, Lease, ReleaseRequest, WatchRequest,
-    WatchResponse,
-};
+use twill_proto::{AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
 
 use crate::http::{self, Stats};
 use crate::Args;
@@ -32,12 +31,6 @@ use crate::Args;
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 type Api = AgentServiceClient<Channel>;
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 /// Errors that retrying cannot fix: the operator must change something.
 fn is_fatal(s: &Status) -> bool {
@@ -75,7 +68,7 @@ pub async fn run(args: Args) -> Result<()> {
             ca: &args.tls_ca,
         },
     )?;
-    let mut api = AgentServiceClient::new(channel);
+    let mut api = client::agent_client(channel);
     let stats = Arc::new(Stats::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -92,10 +85,10 @@ pub async fn run(args: Args) -> Result<()> {
     tokio::pin!(shutdown);
 
     let conf = tokio::select! {
-        c = fetch_config(&mut api) => c?,
+        c = fetch_config(&mut api, args.call_timeout) => c?,
         () = &mut shutdown => return Ok(()),
     };
-    stats.last_contact.set(now_unix());
+    stats.contact(now_unix());
     let dp = Netlink::new()?;
     if let Some(addr) = args.iface_can_reach {
         selection.can_reach = Some((addr, dp.route_interface(addr).await?));
@@ -117,6 +110,8 @@ pub async fn run(args: Args) -> Result<()> {
     let device = dp.ensure_device(&spec).await?;
     info!(node = %node, device = %spec.name, vtep_mac = %device.mac, iface = %underlay.name, public_ip = %public_ip, mtu, "VXLAN device ready");
 
+    let mut peers = PeerTable::new(&node, conf.network);
+    peers.set_own(device.mac, None);
     let mut agent = Agent {
         node,
         args,
@@ -132,8 +127,9 @@ pub async fn run(args: Args) -> Result<()> {
         },
         public_ip,
         lease: None,
-        peers: BTreeMap::new(),
+        peers,
         revision: 0,
+        epoch: String::new(),
         heard: false,
         applied: None,
     };
@@ -141,13 +137,11 @@ pub async fn run(args: Args) -> Result<()> {
     agent.main_loop(&mut shutdown).await
 }
 
-async fn fetch_config(api: &mut Api) -> Result<NetConf> {
+async fn fetch_config(api: &mut Api, deadline: Duration) -> Result<NetConf> {
     let mut backoff = Backoff::new(BACKOFF_CAP);
     loop {
-        match api
-            .get_network_config(twill_proto::GetNetworkConfigRequest {})
-            .await
-        {
+        let req = client::request(twill_proto::GetNetworkConfigRequest {}, deadline);
+        match client::within(deadline, api.get_network_config(req)).await {
             Ok(r) => {
                 return NetConf::parse(&r.into_inner().net_conf_json)
                     .context("the controller's net-conf.json");
@@ -173,8 +167,10 @@ struct Agent {
     topo: Topology,
     public_ip: std::net::Ipv4Addr,
     lease: Option<Lease>,
-    peers: BTreeMap<String, Peer>,
+    peers: PeerTable,
     revision: u64,
+    /// The store epoch `revision` belongs to.
+    epoch: String,
     /// False until the first watch message: peers are not removed before the
     /// controller has said who they are (an agent restart must not flap routes).
     heard: bool,
@@ -182,47 +178,123 @@ struct Agent {
     applied: Option<KernelState>,
 }
 
+/// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
+/// reconciling, answering ticks and SIGTERM while the controller is slow or silent.
+type Call<T> = Option<JoinHandle<Result<T, Status>>>;
+
+/// The result of the call in flight; never resolves when there is none.
+async fn finished<T>(call: &mut Call<T>) -> Result<T, Status> {
+    let Some(handle) = call.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = handle
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("controller call task: {e}"))));
+    *call = None;
+    result
+}
+
+/// Whether an error means the controller could not be reached or did not answer (as
+/// opposed to an answer that refused the request).
+fn no_answer(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// `now + d`, or far in the future when that does not fit (a TTL from a controller
+/// configured with an absurd one must not panic the agent).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 impl Agent {
     async fn main_loop(
         &mut self,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<()> {
+        let deadline = self.args.call_timeout;
         let mut renew_at = Instant::now();
         let mut renew_backoff = Backoff::new(BACKOFF_CAP);
+        let mut acquiring: Call<twill_proto::AcquireResponse> = None;
         let mut watch: Option<Streaming<WatchResponse>> = None;
+        let mut opening: Call<Streaming<WatchResponse>> = None;
+        let mut assembler = Assembler::default();
         let mut watch_at = Instant::now();
         let mut watch_backoff = Backoff::new(BACKOFF_CAP);
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
+        self.stats.loop_grace_secs.store(grace, Ordering::Relaxed);
 
         loop {
+            self.stats.loop_turned.store(now_unix(), Ordering::Relaxed);
             tokio::select! {
                 () = &mut *shutdown => break,
-                () = sleep_until(renew_at) => {
-                    match self.acquire().await {
+                () = sleep_until(renew_at), if acquiring.is_none() => {
+                    let req = self.acquire_request();
+                    let mut api = self.api.clone();
+                    acquiring = Some(tokio::spawn(async move {
+                        client::within(deadline, api.acquire(client::request(req, deadline)))
+                            .await
+                            .map(tonic::Response::into_inner)
+                    }));
+                }
+                r = finished(&mut acquiring) => {
+                    let result = match r {
+                        Ok(resp) => {
+                            self.stats.contact(now_unix());
+                            self.on_lease(resp).await
+                        }
+                        Err(s) => {
+                            if no_answer(&s) {
+                                self.stats.no_contact(now_unix());
+                            }
+                            if is_fatal(&s) {
+                                bail!("the controller refused our lease: {}: {}", s.code(), s.message());
+                            }
+                            Err(anyhow::Error::new(s))
+                        }
+                    };
+                    match result {
                         Ok(ttl) => {
                             renew_backoff.reset();
                             // Renew once less than the margin (default a third of the TTL) remains.
-                            let margin = self.args.renew_margin.unwrap_or(ttl / 3).min(ttl);
-                            renew_at = Instant::now() + (ttl - margin).max(Duration::from_secs(1));
+                            let margin = self.renew_margin(ttl);
+                            self.stats.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
+                            renew_at = later((ttl - margin).max(Duration::from_secs(1)));
                         }
                         Err(e) => {
-                            if let Some(s) = e.downcast_ref::<Status>().filter(|s| is_fatal(s)) {
-                                bail!("the controller refused our lease: {}: {}", s.code(), s.message());
-                            }
                             let wait = renew_backoff.next_delay();
                             warn!(node = %self.node, error = %format!("{e:#}"), retry_in = ?wait, "lease acquire/renew failed; keeping the data plane as it is");
                             renew_at = Instant::now() + wait;
                         }
                     }
                 }
-                () = sleep_until(watch_at), if watch.is_none() && self.lease.is_some() => {
-                    match self.api.watch(WatchRequest { from_revision: self.revision }).await {
-                        Ok(r) => {
+                () = sleep_until(watch_at), if watch.is_none() && opening.is_none() && self.lease.is_some() => {
+                    let req = WatchRequest { from_revision: self.revision, epoch: self.epoch.clone() };
+                    let mut api = self.api.clone();
+                    opening = Some(tokio::spawn(async move {
+                        client::within(deadline, api.watch(req))
+                            .await
+                            .map(tonic::Response::into_inner)
+                    }));
+                }
+                r = finished(&mut opening) => {
+                    match r {
+                        Ok(stream) => {
+                            self.stats.contact(now_unix());
                             info!(from_revision = self.revision, "watching leases");
-                            watch = Some(r.into_inner());
+                            assembler.clear();
+                            watch = Some(stream);
                         }
                         Err(s) => {
+                            if no_answer(&s) {
+                                self.stats.no_contact(now_unix());
+                            }
                             let wait = watch_backoff.next_delay();
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
                             watch_at = Instant::now() + wait;
@@ -233,19 +305,23 @@ impl Agent {
                     match msg {
                         Ok(Some(resp)) => {
                             watch_backoff.reset();
-                            self.stats.last_contact.set(now_unix());
-                            if self.apply(resp) {
-                                renew_at = Instant::now();
+                            self.stats.contact(now_unix());
+                            if let Some(whole) = assembler.push(resp) {
+                                if self.apply(&whole) {
+                                    renew_at = Instant::now();
+                                }
+                                self.reconcile(false).await;
                             }
-                            self.reconcile(false).await;
                         }
                         Ok(None) | Err(_) => {
+                            self.stats.no_contact(now_unix());
                             let wait = watch_backoff.next_delay();
                             match msg {
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
                             }
                             watch = None;
+                            assembler.clear();
                             watch_at = Instant::now() + wait;
                         }
                     }
@@ -261,17 +337,23 @@ impl Agent {
                 }
             }
         }
+        for call in [
+            acquiring.map(|h| h.abort_handle()),
+            opening.map(|h| h.abort_handle()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            call.abort();
+        }
         if self.args.release_on_exit {
             let req = ReleaseRequest {
                 node_name: self.node.clone(),
             };
-            match tokio::time::timeout(Duration::from_secs(5), self.api.release(req)).await {
-                Ok(Ok(_)) => info!(node = %self.node, "lease released (--release-on-exit)"),
-                Ok(Err(s)) => {
+            match client::within(deadline, self.api.release(client::request(req, deadline))).await {
+                Ok(_) => info!(node = %self.node, "lease released (--release-on-exit)"),
+                Err(s) => {
                     error!(code = %s.code(), error = %s.message(), "could not release the lease")
-                }
-                Err(_) => {
-                    error!("could not release the lease: the controller did not answer in 5s")
                 }
             }
         }
@@ -283,24 +365,30 @@ impl Agent {
         Ok(())
     }
 
-    /// Acquires or renews the lease and applies its subnet locally; returns the TTL.
-    async fn acquire(&mut self) -> Result<Duration> {
+    /// How long before expiry the lease is renewed.
+    fn renew_margin(&self, ttl: Duration) -> Duration {
+        self.args.renew_margin.unwrap_or(ttl / 3).min(ttl)
+    }
+
+    /// What to ask the controller for: the subnet held, else the one a previous run
+    /// left in subnet.env.
+    fn acquire_request(&self) -> AcquireRequest {
         let requested = match self.lease.as_ref() {
             Some(l) => parse_subnet(&l.subnet).ok(),
             None => self.previous_subnet(),
         };
-        let resp = self
-            .api
-            .acquire(AcquireRequest {
-                node_name: self.node.clone(),
-                requested_subnet: requested.map(|s| s.to_string()).unwrap_or_default(),
-                public_ip: self.public_ip.to_string(),
-                backend_type: "vxlan".into(),
-                vtep_mac: self.topo.device.mac.to_string(),
-            })
-            .await?
-            .into_inner();
-        self.stats.last_contact.set(now_unix());
+        AcquireRequest {
+            node_name: self.node.clone(),
+            requested_subnet: requested.map(|s| s.to_string()).unwrap_or_default(),
+            public_ip: self.public_ip.to_string(),
+            backend_type: "vxlan".into(),
+            vtep_mac: self.topo.device.mac.to_string(),
+        }
+    }
+
+    /// Applies a granted or renewed lease locally (subnet.env, device address,
+    /// masquerade); returns the TTL.
+    async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
         let lease = resp.lease.context("controller answered without a lease")?;
         let subnet = parse_subnet(&lease.subnet)?;
         let changed = self.lease.as_ref().map(|l| l.subnet.as_str()) != Some(lease.subnet.as_str());
@@ -323,8 +411,8 @@ impl Agent {
             self.ensure_masquerade().await;
             info!(node = %self.node, subnet = %subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
+        self.peers.set_own(self.topo.device.mac, Some(subnet));
         self.stats.lease_expiry.set(lease.expires_at_unix);
-        self.stats.healthy.store(true, Ordering::Relaxed);
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
     }
@@ -348,47 +436,24 @@ impl Agent {
         })
     }
 
-    /// Folds a watch message into the peer set. Returns true when our own lease
-    /// disappeared (revoked or expired) and must be acquired again now.
-    fn apply(&mut self, resp: WatchResponse) -> bool {
-        let mut lost_own = false;
-        if resp.reset {
-            self.peers.clear();
-            lost_own = !resp
-                .events
-                .iter()
-                .any(|e| e.lease.as_ref().is_some_and(|l| l.node_name == self.node));
-        }
-        for ev in &resp.events {
-            let Some(lease) = &ev.lease else { continue };
-            if lease.node_name == self.node {
-                if ev.r#type == EventType::Delete as i32 {
-                    lost_own = true;
-                }
-                continue;
-            }
-            if ev.r#type == EventType::Delete as i32 {
-                if self.peers.remove(&lease.node_name).is_some() {
-                    info!(peer = %lease.node_name, subnet = %lease.subnet, revision = ev.revision, "peer left");
-                }
-                continue;
-            }
-            match Peer::try_from(lease) {
-                Ok(p) => {
-                    if self.peers.insert(lease.node_name.clone(), p) != Some(p) {
-                        info!(peer = %lease.node_name, subnet = %p.subnet, public_ip = %p.public_ip, revision = ev.revision, "peer up");
-                    }
-                }
-                Err(e) => warn!(peer = %lease.node_name, error = %e, "ignoring malformed lease"),
-            }
-        }
+    /// Folds a complete watch message into the peer set. Returns true when our own
+    /// lease disappeared (revoked or expired) and must be acquired again now.
+    fn apply(&mut self, resp: &WatchResponse) -> bool {
+        let applied = self.peers.apply(resp);
+        self.stats
+            .peers_refused
+            .set(self.peers.refused().count() as i64);
         self.revision = resp.revision;
+        if !resp.epoch.is_empty() {
+            self.epoch.clone_from(&resp.epoch);
+        }
         self.heard = true;
-        if lost_own {
+        if applied.lost_own {
             warn!(node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
             self.lease = None;
+            self.stats.lease_expiry.set(0);
         }
-        lost_own
+        applied.lost_own
     }
 
     /// Removes everything this agent put in the kernel; reports every failure and
@@ -433,7 +498,7 @@ impl Agent {
     /// taken against what was last applied; `full` (the periodic run) reads the kernel
     /// to repair what was changed behind our back.
     async fn reconcile(&mut self, full: bool) {
-        let want = reconcile::desired(&self.peers, &self.topo);
+        let want = reconcile::desired(self.peers.peers(), &self.topo);
         let result = match self.applied.take().filter(|_| !full) {
             Some(have) => {
                 Ok(reconcile::apply_diff(&self.dp, &self.topo.device, &have, &want).await)
@@ -451,11 +516,11 @@ impl Agent {
                         .changes
                         .inc_by((report.added + report.removed) as u64);
                 }
-                self.stats.peers.set(self.peers.len() as i64);
+                self.stats.peers.set(self.peers.peers().len() as i64);
                 self.stats.netlink_errors.inc_by(report.errors.len() as u64);
                 if report.added + report.removed > 0 {
                     info!(
-                        peers = self.peers.len(),
+                        peers = self.peers.peers().len(),
                         added = report.added,
                         removed = report.removed,
                         revision = self.revision,
@@ -481,6 +546,11 @@ impl Agent {
                 warn!(device = %self.spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
                 let mac_changed = dev.mac != self.topo.device.mac;
                 self.topo.device = dev;
+                let subnet = self
+                    .lease
+                    .as_ref()
+                    .and_then(|l| parse_subnet(&l.subnet).ok());
+                self.peers.set_own(dev.mac, subnet);
                 self.applied = None;
                 if let Some(subnet) = self
                     .lease

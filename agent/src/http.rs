@@ -1,7 +1,9 @@
-//! The agent's HTTP endpoint: `/healthz` (lease held and device programmed) and
+//! The agent's HTTP endpoint: `/healthz` (a live lease, and the controller heard
+//! from within the renew margin), `/livez` (the main loop is turning: for a liveness
+//! probe, which must not restart agents because the controller is away) and
 //! `/metrics` (Prometheus, through prometheus-client as in the controller).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -17,8 +19,18 @@ use tokio::net::TcpListener;
 /// What the daemon reports: health and its metrics.
 pub struct Stats {
     registry: Registry,
-    /// Lease held and device programmed.
-    pub healthy: AtomicBool,
+    /// Unix time the controller stopped answering (a call failed or the watch broke),
+    /// 0 while it answers.
+    pub contact_lost_at: AtomicI64,
+    /// How long contact may be lost before the agent reports unhealthy: its renew
+    /// margin (after that, the lease cannot be renewed in time).
+    pub contact_margin_secs: AtomicI64,
+    /// Leases of other nodes not programmed because they collide or break the rules.
+    pub peers_refused: Gauge,
+    /// Unix time the main loop last turned, and how long it may stand still (three
+    /// reconcile intervals, at least a minute) before `/livez` fails.
+    pub loop_turned: AtomicI64,
+    pub loop_grace_secs: AtomicI64,
     /// Peers currently programmed.
     pub peers: Gauge,
     /// Reconcile runs.
@@ -38,7 +50,11 @@ impl Default for Stats {
         let mut registry = Registry::with_prefix("twill_agent");
         let s = Stats {
             registry: Registry::default(),
-            healthy: AtomicBool::new(false),
+            contact_lost_at: AtomicI64::new(0),
+            contact_margin_secs: AtomicI64::new(i64::MAX),
+            peers_refused: Gauge::default(),
+            loop_turned: AtomicI64::new(twill_common::now_unix()),
+            loop_grace_secs: AtomicI64::new(60),
             peers: Gauge::default(),
             reconciles: Counter::default(),
             changes: Counter::default(),
@@ -48,6 +64,11 @@ impl Default for Stats {
         };
         registry.register("peers", "Peers programmed", s.peers.clone());
         registry.register("reconcile_runs", "Reconcile runs", s.reconciles.clone());
+        registry.register(
+            "peers_refused",
+            "Peer leases not programmed because they collide with another peer or break the field rules",
+            s.peers_refused.clone(),
+        );
         registry.register(
             "changes",
             "Kernel entries added or removed after start-up",
@@ -72,10 +93,49 @@ impl Default for Stats {
     }
 }
 
+impl Stats {
+    /// The controller answered.
+    pub fn contact(&self, now: i64) {
+        self.last_contact.set(now);
+        self.contact_lost_at.store(0, Ordering::Relaxed);
+    }
+
+    /// The controller did not answer (from `now` on, unless it had already stopped).
+    pub fn no_contact(&self, now: i64) {
+        let _ = self
+            .contact_lost_at
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Why the agent is unhealthy at `now`, if it is.
+    pub fn unhealthy(&self, now: i64) -> Option<String> {
+        let expiry = self.lease_expiry.get();
+        if expiry == 0 {
+            return Some("no lease held (not acquired yet, or revoked)".into());
+        }
+        if expiry <= now {
+            return Some(format!(
+                "the lease expired {}s ago and could not be renewed",
+                now - expiry
+            ));
+        }
+        let lost = self.contact_lost_at.load(Ordering::Relaxed);
+        let margin = self.contact_margin_secs.load(Ordering::Relaxed);
+        if lost != 0 && now - lost > margin {
+            return Some(format!(
+                "no answer from the controller for {}s, longer than the renew margin ({margin}s)",
+                now - lost
+            ));
+        }
+        None
+    }
+}
+
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .with_state(stats);
     if let Err(e) = axum::serve(listener, app).await {
@@ -83,14 +143,22 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
     }
 }
 
-async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, &'static str) {
-    if s.healthy.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
-    } else {
+async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
+    match s.unhealthy(twill_common::now_unix()) {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn livez(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
+    let idle = twill_common::now_unix() - s.loop_turned.load(Ordering::Relaxed);
+    if idle > s.loop_grace_secs.load(Ordering::Relaxed) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "lease not held or device not programmed yet\n",
+            format!("the agent's main loop has not turned for {idle}s\n"),
         )
+    } else {
+        (StatusCode::OK, "ok\n".into())
     }
 }
 
@@ -105,4 +173,30 @@ async fn metrics(State(s): State<Arc<Stats>>) -> ([(&'static str, &'static str);
         )],
         out,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_the_lease_and_the_controller_contact() {
+        let s = Stats::default();
+        assert!(s.unhealthy(100).unwrap().contains("no lease"));
+        s.lease_expiry.set(1_000);
+        s.contact_margin_secs.store(60, Ordering::Relaxed);
+        s.contact(100);
+        assert_eq!(s.unhealthy(100), None);
+        s.no_contact(200);
+        s.no_contact(250);
+        assert_eq!(s.unhealthy(260), None, "within the renew margin");
+        let why = s.unhealthy(261).unwrap();
+        assert!(
+            why.contains("no answer from the controller for 61s"),
+            "{why}"
+        );
+        s.contact(270);
+        assert_eq!(s.unhealthy(270), None);
+        assert!(s.unhealthy(1_000).unwrap().contains("expired"));
+    }
 }

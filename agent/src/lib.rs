@@ -2,7 +2,9 @@
 //! flannel's subnet.env and keeps the kernel's VXLAN overlay state equal to the
 //! lease table the controller streams.
 //!
-//! - `client`: the mTLS channel to the controller and retry backoff.
+//! - `client`: the mTLS channel to the controller, call deadlines, watch parts and
+//!   resume, and retry backoff.
+//! - `peers`: the peer set from the watch, refusing leases that collide.
 //! - `iface`: choosing the public interface and address.
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
@@ -12,4 +14,5 @@ pub mod client;
 pub mod cni;
 pub mod dataplane;
 pub mod iface;
+pub mod peers;
 pub mod reconcile;

@@ -58,9 +58,14 @@ pub struct Args {
     /// Address for HTTP /healthz and /metrics.
     #[arg(long, env = "TWILL_METRICS_ADDR", default_value = "0.0.0.0:8476")]
     pub metrics_addr: SocketAddr,
-    /// How often the kernel state is compared with the leases and repaired.
-    #[arg(long, env = "TWILL_RECONCILE_INTERVAL", default_value = "10s", value_parser = twill_common::parse_duration)]
+    /// How often the kernel state is compared with the leases and repaired
+    /// (more than zero, at most 24h).
+    #[arg(long, env = "TWILL_RECONCILE_INTERVAL", default_value = "10s", value_parser = interval)]
     pub reconcile_interval: Duration,
+    /// How long a call to the controller may take before it is abandoned and retried
+    /// (more than zero, at most 10m). The watch stream itself has no deadline.
+    #[arg(long, env = "TWILL_CALL_TIMEOUT", default_value = "10s", value_parser = call_timeout)]
+    pub call_timeout: Duration,
     /// Renew the lease when this much of its TTL remains (default: a third of the TTL;
     /// like flanneld's --subnet-lease-renew-margin).
     #[arg(long, env = "TWILL_RENEW_MARGIN", value_parser = twill_common::parse_duration)]
@@ -73,6 +78,26 @@ pub struct Args {
     /// (default: leave the data plane forwarding, so an upgrade or restart costs nothing).
     #[arg(long, env = "TWILL_TEARDOWN_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub teardown_on_exit: bool,
+}
+
+/// A positive duration of at most `max`.
+fn bounded(s: &str, max: Duration) -> Result<Duration, String> {
+    let d = twill_common::parse_nonzero_duration(s)?;
+    if d > max {
+        return Err(format!(
+            "{s:?} is too long: at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn interval(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_secs(24 * 3600))
+}
+
+fn call_timeout(s: &str) -> Result<Duration, String> {
+    bounded(s, Duration::from_secs(600))
 }
 
 #[tokio::main]

@@ -139,7 +139,10 @@ pub async fn watch(channel: Channel, from_revision: u64) -> Result<Streaming<Bat
         .await
         .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
     let path = PathAndQuery::from_static("/twill.v1.AgentService/Watch");
-    let req = tonic::Request::new(WatchRequest { from_revision });
+    let req = tonic::Request::new(WatchRequest {
+        from_revision,
+        ..Default::default()
+    });
     Ok(grpc
         .server_streaming(req, path, WatchCodec)
         .await?
@@ -177,11 +180,13 @@ mod tests {
             reset: true,
             events: vec![ev("n3", Type::Put, 5), ev("j7", Type::Put, 6)],
             revision: 6,
+            ..Default::default()
         };
         let b = WatchResponse {
             reset: false,
             events: vec![ev("n3", Type::Delete, 7), ev("other", Type::Put, 8)],
             revision: 8,
+            ..Default::default()
         };
         // Two messages concatenated: what the controller sends for merged batches.
         let mut wire = a.encode_to_vec();
@@ -206,6 +211,7 @@ mod tests {
             reset: false,
             events: vec![ev("n1", Type::Put, 1)],
             revision: 1,
+            ..Default::default()
         }
         .encode_to_vec();
         for cut in 1..wire.len() {

@@ -57,6 +57,52 @@ impl std::str::FromStr for Mac {
     }
 }
 
+impl Mac {
+    /// Checks that this MAC can name one VXLAN device: not all-zero (the kernel's
+    /// default FDB destination, which floods unknown traffic to whoever holds it) and
+    /// not a group address (multicast or broadcast: the low bit of the first octet).
+    pub fn check_unicast(&self) -> Result<(), LeaseError> {
+        if self.0 == [0; 6] {
+            return Err(LeaseError::Invalid(format!(
+                "vtep_mac {self} is the all-zero MAC, which a VXLAN device treats as its \
+                 default destination; send the MAC of the node's flannel.<VNI> device"
+            )));
+        }
+        if self.0[0] & 1 == 1 {
+            return Err(LeaseError::Invalid(format!(
+                "vtep_mac {self} is a multicast or broadcast MAC; a VTEP MAC must be unicast"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `ip` can be a node's VXLAN endpoint: a unicast address that is not
+/// unspecified (0.0.0.0/8), loopback, multicast, reserved or broadcast (240.0.0.0/4),
+/// nor inside the pod network (that would route the overlay through itself).
+pub fn check_public_ip(ip: Ipv4Addr, network: Ipv4Net) -> Result<(), LeaseError> {
+    let o = ip.octets();
+    let why = if o[0] == 0 {
+        Some("unspecified (0.0.0.0/8)")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if o[0] >= 240 {
+        Some("a broadcast or reserved address (240.0.0.0/4)")
+    } else if network.contains(&ip) {
+        Some("inside the pod network")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(LeaseError::Invalid(format!(
+            "public_ip {ip} is {why}; it must be the node's unicast underlay address"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What a peer needs to know about another node's lease to reach its pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Peer {
@@ -66,6 +112,22 @@ pub struct Peer {
     pub public_ip: Ipv4Addr,
     /// The MAC of the peer's VXLAN device.
     pub vtep_mac: Mac,
+}
+
+impl Peer {
+    /// Checks the peer's fields against the rules the controller enforces (a subnet of
+    /// `network`, a unicast public address outside it, a unicast VTEP MAC): an agent
+    /// programs nothing a controller should have refused.
+    pub fn check(&self, network: Ipv4Net) -> Result<(), LeaseError> {
+        if !network.contains(&self.subnet) {
+            return Err(LeaseError::Invalid(format!(
+                "subnet {} is outside the network {network}",
+                self.subnet
+            )));
+        }
+        check_public_ip(self.public_ip, network)?;
+        self.vtep_mac.check_unicast()
+    }
 }
 
 impl TryFrom<&Lease> for Peer {
@@ -139,6 +201,42 @@ mod tests {
             "0a:58:0a:f4:1:ff",
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vtep_macs_must_be_unicast_and_not_zero() {
+        let m = |s: &str| s.parse::<Mac>().unwrap().check_unicast();
+        assert!(m("0a:58:0a:f4:01:01").is_ok());
+        for bad in [
+            "00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "33:33:00:00:00:01",
+        ] {
+            let e = m(bad).unwrap_err().to_string();
+            assert!(e.contains("vtep_mac"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn public_ips_must_be_unicast_underlay_addresses() {
+        let net: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let ok = |s: &str| check_public_ip(s.parse().unwrap(), net);
+        assert!(ok("192.0.2.7").is_ok());
+        assert!(ok("10.0.0.1").is_ok());
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "10.244.3.1",
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("public_ip"), "{bad}: {e}");
         }
     }
 

@@ -16,6 +16,25 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 10m, 24h)"))
 }
 
+/// The current Unix time in seconds (0 before 1970, which no clock here reports).
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Parses a duration that must not be zero (an interval or a period: zero would make
+/// a loop spin or a timer panic).
+pub fn parse_nonzero_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?} is zero: give a positive duration such as 10s"
+        ));
+    }
+    Ok(d)
+}
+
 /// Logs to stderr for the daemons: level from `RUST_LOG` (default `info`), colours only
 /// on a terminal so that journald and log files get plain text.
 pub fn init_logging() {

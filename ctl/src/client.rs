@@ -336,6 +336,7 @@ impl Admin {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
                 node_name: node.to_string(),
                 subnet: subnet.to_string(),
+                stale: String::new(),
             })),
             Err(s) => Err(self.fail(s)),
         }
@@ -350,6 +351,7 @@ impl Admin {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
                 node_name: node.to_string(),
                 subnet: String::new(),
+                stale: String::new(),
             })),
             Err(s) => Err(self.fail(s)),
         }
@@ -389,7 +391,14 @@ impl Admin {
         &mut self,
         from_revision: u64,
     ) -> Result<tonic::Streaming<WatchResponse>, ClientError> {
-        match self.client.watch(WatchRequest { from_revision }).await {
+        match self
+            .client
+            .watch(WatchRequest {
+                from_revision,
+                epoch: String::new(),
+            })
+            .await
+        {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
         }

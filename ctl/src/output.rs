@@ -1052,6 +1052,7 @@ agents:
             revision: 10,
             store_size_bytes: 3 * 1024 * 1024 / 2,
             version: "0.1.0".into(),
+            ..Default::default()
         };
         let t = render_status(&s, Format::Table, now);
         let expected = "\
@@ -1119,10 +1120,12 @@ node-a   5m3s        3s          9          1
             Reservation {
                 node_name: "node-a".into(),
                 subnet: "10.244.1.0/24".into(),
+                ..Default::default()
             },
             Reservation {
                 node_name: "node-b".into(),
                 subnet: "10.244.9.0/24".into(),
+                ..Default::default()
             },
         ];
         let leases = vec![lease("node-a", "10.244.1.0/24", 1)];
@@ -1161,6 +1164,7 @@ node-a   5m3s        3s          9          1
                 revision: 7,
             }],
             revision: 12,
+            ..Default::default()
         };
         let change = WatchResponse {
             reset: false,
@@ -1170,6 +1174,7 @@ node-a   5m3s        3s          9          1
                 revision: 13,
             }],
             revision: 13,
+            ..Default::default()
         };
         let mut p = WatchPrinter::new(Format::Table);
         let t = p.render(&snapshot, now) + &p.render(&change, now);

@@ -524,7 +524,7 @@ fn watch_prints_events() {
     let put = lines.next(LINE_DEADLINE).expect("PUT line");
     let cells: Vec<&str> = put.split_whitespace().collect();
     assert_eq!(cells[1..3], ["PUT", "node-a"], "{put}");
-    assert_eq!(cells[4..], ["192.168.50.10", MAC], "{put}");
+    assert_eq!(cells[4..], ["192.168.50.10", &mac("node-a")], "{put}");
     let c = acquire_as(&ctl, &pki, "node-c", "192.168.50.12");
     let line = lines.until(LINE_DEADLINE, "node-c", |l| l.contains("node-c"));
     let cells: Vec<&str> = line.split_whitespace().collect();
@@ -536,7 +536,7 @@ fn watch_prints_events() {
             "node-c",
             c.subnet.as_str(),
             "192.168.50.12",
-            MAC
+            &mac("node-c")
         ]
     );
     terminate(&child);

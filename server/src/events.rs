@@ -5,10 +5,15 @@
 //! watcher that snapshots or replays under the read lock and subscribes in the same
 //! critical section never misses or repeats an event.
 //!
-//! A batch is broadcast as its `WatchResponse` already framed as a gRPC message (the
+//! A batch is broadcast as its `WatchResponse` already framed as gRPC messages (the
 //! 5-byte prefix, then the protobuf encoding), made once and shared by every watcher:
-//! fanning out to 5,000 agents hands the same bytes to 5,000 connections, one HTTP/2
-//! frame each, without cloning, encoding or copying per watcher.
+//! fanning out to 5,000 agents hands the same bytes to 5,000 connections without
+//! cloning, encoding or copying per watcher.
+//!
+//! No message is larger than [`MAX_MESSAGE_BYTES`] of events: a large reset snapshot
+//! goes out in parts (`more` set on all but the last), a large batch or replay as
+//! several complete batches. Every message carries the store's epoch, which a resuming
+//! watcher must match (a replaced store reuses revision numbers for other events).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, RwLock};
@@ -23,13 +28,20 @@ use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent, WatchRespon
 const BROADCAST_CAPACITY: usize = 1024;
 /// Events kept (here and in the store) for watchers that resume from a revision.
 pub const HISTORY_LEN: usize = 16 * 1024;
+/// Most bytes of events in one `WatchResponse`: far below the 4 MiB that gRPC
+/// decoders accept by default, whatever the size of the table.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 struct Table {
     leases: BTreeMap<String, Lease>,
     reservations: BTreeMap<String, Ipv4Net>,
+    /// Why some reservations cannot be honoured now, by node.
+    stale: BTreeMap<String, String>,
     revision: u64,
-    history: VecDeque<LeaseEvent>,
+    /// Recent events, oldest first, each encoded once (a `LeaseEvent`): a replay clones
+    /// references under the lock and frames them after it.
+    history: VecDeque<(u64, Bytes)>,
 }
 
 /// The lease table as committed to the store, shared by readers.
@@ -37,22 +49,26 @@ pub struct Hub {
     table: RwLock<Table>,
     tx: broadcast::Sender<WatchMessage>,
     closing: tokio::sync::watch::Sender<bool>,
+    epoch: String,
     /// The encoded reset snapshot of one revision. Watchers that start together (a
     /// join storm, or a controller restart under thousands of agents) want the same
     /// snapshot; encoding the table for each of them was most of the controller's CPU
     /// in a 5,000-node storm (perf).
     snapshot: Mutex<Option<WatchMessage>>,
+    /// The last replay made, by the revision it starts after: agents that resume
+    /// together (a controller restart) mostly resume from the same revision.
+    replay: Mutex<Option<(u64, WatchMessage)>>,
 }
 
-/// An encoded `WatchResponse`: a committed batch, the missed events of a resumed
-/// watch, or a reset snapshot.
+/// An encoded `WatchResponse` (one or more gRPC messages): a committed batch, the
+/// missed events of a resumed watch, or a reset snapshot.
 #[derive(Debug, Clone)]
 pub struct WatchMessage {
     /// A reset snapshot (the full table), not missed events.
     pub reset: bool,
     /// The revision it brings the watcher to.
     pub revision: u64,
-    /// The `WatchResponse` as a gRPC message (see [`decode`]).
+    /// The `WatchResponse` parts as gRPC messages, back to back (see [`decode`]).
     pub encoded: Bytes,
 }
 
@@ -62,6 +78,13 @@ pub struct Subscription {
     pub initial: Option<WatchMessage>,
     /// Batches committed after `initial`.
     pub feed: broadcast::Receiver<WatchMessage>,
+}
+
+/// What a new watcher is sent first, decided under the lock.
+enum Start {
+    UpToDate,
+    Replay(Vec<(u64, Bytes)>, u64),
+    Reset(WatchMessage),
 }
 
 impl Hub {
@@ -78,57 +101,88 @@ impl Hub {
         capacity: usize,
     ) -> Self {
         let (tx, _) = broadcast::channel(capacity);
-        let mut history = VecDeque::from(history);
-        while history.len() > HISTORY_LEN {
-            history.pop_front();
-        }
+        let skip = history.len().saturating_sub(HISTORY_LEN);
+        let history = history
+            .iter()
+            .skip(skip)
+            .map(|e| (e.revision, Bytes::from(e.encode_to_vec())))
+            .collect();
         let table = Table {
             leases: leases
                 .into_iter()
                 .map(|l| (l.node_name.clone(), l))
                 .collect(),
-            reservations: BTreeMap::new(),
             revision,
             history,
+            ..Table::default()
         };
         Hub {
             table: RwLock::new(table),
             tx,
             closing: tokio::sync::watch::Sender::new(false),
+            epoch: String::new(),
             snapshot: Mutex::new(None),
+            replay: Mutex::new(None),
         }
     }
 
-    /// Applies durable events and fans them out. Events must carry increasing revisions.
+    /// The same hub serving the store epoch `epoch`.
+    pub fn with_epoch(mut self, epoch: impl Into<String>) -> Self {
+        self.epoch = epoch.into();
+        self
+    }
+
+    /// The store epoch every message carries.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// Applies durable events and fans them out. Events must carry consecutive
+    /// revisions.
     pub fn commit(&self, events: Vec<LeaseEvent>) {
         let Some(last) = events.last().map(|e| e.revision) else {
             return;
         };
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        for e in &events {
-            let Some(lease) = &e.lease else { continue };
+        let mut framer = Framer::new(false, last, &self.epoch);
+        for e in events {
+            let encoded = Bytes::from(e.encode_to_vec());
+            framer.push(e.revision, &encoded);
+            t.history.push_back((e.revision, encoded));
+            let Some(lease) = e.lease else { continue };
             if e.r#type == EventType::Delete as i32 {
                 t.leases.remove(&lease.node_name);
             } else {
-                t.leases.insert(lease.node_name.clone(), lease.clone());
+                t.leases.insert(lease.node_name.clone(), lease);
             }
-            t.history.push_back(e.clone());
         }
         while t.history.len() > HISTORY_LEN {
             t.history.pop_front();
         }
         t.revision = last;
-        let encoded = grpc_message(&WatchResponse {
-            reset: false,
-            events,
-            revision: last,
-        });
         // No receivers is fine: nobody is watching yet.
         let _ = self.tx.send(WatchMessage {
             reset: false,
             revision: last,
-            encoded,
+            encoded: framer.finish(),
         });
+    }
+
+    /// Moves the expiry of leases whose renewal changed nothing else: no revision, no
+    /// broadcast (agents do not act on a peer's expiry), only what readers of the table
+    /// (the admin API, new watchers' snapshots) see.
+    pub fn renew(&self, renewed: &[Lease]) {
+        if renewed.is_empty() {
+            return;
+        }
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        for r in renewed {
+            if let Some(l) = t.leases.get_mut(&r.node_name) {
+                l.expires_at_unix = r.expires_at_unix;
+            }
+        }
+        // Same revision, other content: the cached snapshot is out of date.
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Ends every watch stream (at shutdown: a stream never ends on its own, and a
@@ -147,12 +201,16 @@ impl Hub {
         self.closing.subscribe()
     }
 
-    /// Replaces the committed reservations (after they were stored).
-    pub fn set_reservations(&self, reservations: BTreeMap<String, Ipv4Net>) {
-        self.table
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .reservations = reservations;
+    /// Replaces the committed reservations (after they were stored) and the reasons
+    /// some of them cannot be honoured now.
+    pub fn set_reservations(
+        &self,
+        reservations: BTreeMap<String, Ipv4Net>,
+        stale: BTreeMap<String, String>,
+    ) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        t.reservations = reservations;
+        t.stale = stale;
     }
 
     /// The committed reservations, by node name.
@@ -161,6 +219,15 @@ impl Hub {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .reservations
+            .clone()
+    }
+
+    /// Why reservations cannot be honoured now, by node name.
+    pub fn stale_reservations(&self) -> BTreeMap<String, String> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale
             .clone()
     }
 
@@ -206,39 +273,60 @@ impl Hub {
         (t.leases.values().cloned().collect(), t.revision)
     }
 
-    /// Starts a watch after `from_revision` (0: from scratch). Returns the missed
-    /// events when the history still has them, else a reset snapshot.
-    pub fn subscribe(&self, from_revision: u64) -> Subscription {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
-        let feed = self.tx.subscribe();
-        let oldest_kept = t.history.front().map_or(t.revision + 1, |e| e.revision);
-        let initial = if from_revision == t.revision && from_revision != 0 {
-            None
-        } else if from_revision != 0
-            && from_revision < t.revision
-            && from_revision + 1 >= oldest_kept
-        {
-            let events: Vec<_> = t
-                .history
-                .iter()
-                .filter(|e| e.revision > from_revision)
-                .cloned()
-                .collect();
-            Some(WatchMessage {
-                reset: false,
-                revision: t.revision,
-                encoded: grpc_message(&WatchResponse {
-                    reset: false,
-                    events,
-                    revision: t.revision,
-                }),
-            })
-        } else {
-            // From scratch, compacted away, or a revision this controller never
-            // issued (its store was replaced): the watcher must start over.
-            Some(self.snapshot(&t))
+    /// Starts a watch after `from_revision` (0: from scratch) of store `epoch` (empty:
+    /// not checked). Returns the missed events when the history still has them, else a
+    /// reset snapshot. A replay is framed after the lock is released, so a resuming
+    /// watcher never holds up the writer's next commit.
+    pub fn subscribe(&self, from_revision: u64, epoch: &str) -> Subscription {
+        let (start, feed) = {
+            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+            let feed = self.tx.subscribe();
+            let same_store = epoch.is_empty() || epoch == self.epoch;
+            let oldest_kept = t.history.front().map_or(t.revision + 1, |e| e.0);
+            let start = if !same_store || from_revision == 0 || from_revision > t.revision {
+                // From scratch, or a revision of another store or one this store never
+                // issued (it was replaced): the watcher must start over.
+                Start::Reset(self.snapshot(&t))
+            } else if from_revision == t.revision {
+                Start::UpToDate
+            } else if from_revision + 1 >= oldest_kept {
+                let first = t.history.partition_point(|e| e.0 <= from_revision);
+                Start::Replay(t.history.range(first..).cloned().collect(), t.revision)
+            } else {
+                // Compacted away.
+                Start::Reset(self.snapshot(&t))
+            };
+            (start, feed)
+        };
+        let initial = match start {
+            Start::UpToDate => None,
+            Start::Reset(snapshot) => Some(snapshot),
+            Start::Replay(events, revision) => Some(self.replay(from_revision, &events, revision)),
         };
         Subscription { initial, feed }
+    }
+
+    /// The missed events after `from` up to `revision`, framed once per (from,
+    /// revision).
+    fn replay(&self, from: u64, events: &[(u64, Bytes)], revision: u64) -> WatchMessage {
+        let mut cached = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, m)) = cached
+            .as_ref()
+            .filter(|(f, m)| *f == from && m.revision == revision)
+        {
+            return m.clone();
+        }
+        let mut framer = Framer::new(false, revision, &self.epoch);
+        for (rev, e) in events {
+            framer.push(*rev, e);
+        }
+        let m = WatchMessage {
+            reset: false,
+            revision,
+            encoded: framer.finish(),
+        };
+        *cached = Some((from, m.clone()));
+        m
     }
 
     /// A reset snapshot with a fresh feed, for a watcher that fell behind.
@@ -257,7 +345,7 @@ impl Hub {
         let s = WatchMessage {
             reset: true,
             revision: t.revision,
-            encoded: encode_snapshot(t),
+            encoded: encode_snapshot(t, &self.epoch),
         };
         *cached = Some(s.clone());
         s
@@ -268,74 +356,153 @@ impl Hub {
 /// length (big-endian u32).
 const GRPC_PREFIX: usize = 5;
 
-fn grpc_prefix(len: usize, buf: &mut Vec<u8>) {
-    buf.push(0);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
+/// Builds the gRPC messages of one `WatchResponse` from encoded events, starting a new
+/// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. The fields are
+/// written in field order, as prost writes them, so a single part is byte for byte
+/// what prost makes of the same response.
+struct Framer<'a> {
+    out: Vec<u8>,
+    body: Vec<u8>,
+    reset: bool,
+    revision: u64,
+    epoch: &'a str,
+    first: bool,
+    part_revision: u64,
 }
 
-/// `msg` as one gRPC message on the wire.
-fn grpc_message(msg: &WatchResponse) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(GRPC_PREFIX + len);
-    grpc_prefix(len, &mut buf);
-    msg.encode_raw(&mut buf);
-    buf.into()
-}
+impl<'a> Framer<'a> {
+    fn new(reset: bool, revision: u64, epoch: &'a str) -> Self {
+        Framer {
+            out: Vec::new(),
+            body: Vec::new(),
+            reset,
+            revision,
+            epoch,
+            first: true,
+            part_revision: revision,
+        }
+    }
 
-/// A message as the hub makes them: the `WatchResponse` after the gRPC prefix.
-pub fn decode(msg: &[u8]) -> Result<WatchResponse, prost::DecodeError> {
-    WatchResponse::decode(msg.get(GRPC_PREFIX..).unwrap_or_default())
-}
+    /// Adds one encoded `LeaseEvent` of revision `revision`.
+    fn push(&mut self, revision: u64, event: &[u8]) {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+        let entry = key_len(2) + encoded_len_varint(event.len() as u64) + event.len();
+        if !self.body.is_empty() && self.body.len() + entry > MAX_MESSAGE_BYTES {
+            self.finish_part(true);
+        }
+        encode_key(2, WireType::LengthDelimited, &mut self.body);
+        encode_varint(event.len() as u64, &mut self.body);
+        self.body.extend_from_slice(event);
+        self.part_revision = revision;
+    }
 
-/// `WatchResponse { reset: true, events: a PUT per lease, revision }` as a gRPC
-/// message, encoded from the table without cloning a lease.
-fn encode_snapshot(t: &Table) -> Bytes {
-    use prost::encoding::{
-        bool as pbool, encode_key, encode_varint, encoded_len_varint, int32, key_len, message,
-        uint64, WireType,
-    };
-    const PUT: i32 = EventType::Put as i32;
-    let event_len = |l: &Lease| {
-        int32::encoded_len(1, &PUT)
-            + message::encoded_len(2, l)
-            + if l.revision != 0 {
-                uint64::encoded_len(3, &l.revision)
+    /// Ends the current part; `more` when events follow it.
+    fn finish_part(&mut self, more: bool) {
+        use prost::encoding::{bool as pbool, string, uint64};
+        // A reset's parts all carry the snapshot's revision and only the first resets;
+        // the parts of anything else are complete batches, each up to its last event.
+        let reset = self.reset && self.first;
+        let revision = if self.reset || !more {
+            self.revision
+        } else {
+            self.part_revision
+        };
+        let more = more && self.reset;
+        let epoch = self.epoch;
+        let len = if reset {
+            pbool::encoded_len(1, &true)
+        } else {
+            0
+        } + self.body.len()
+            + if revision != 0 {
+                uint64::encoded_len(3, &revision)
             } else {
                 0
             }
-    };
-    let total: usize = t
-        .leases
-        .values()
-        .map(|l| {
-            let n = event_len(l);
-            key_len(2) + encoded_len_varint(n as u64) + n
-        })
-        .sum();
-    let len = pbool::encoded_len(1, &true)
-        + total
-        + if t.revision != 0 {
-            uint64::encoded_len(3, &t.revision)
-        } else {
-            0
-        };
-    let mut buf = Vec::with_capacity(GRPC_PREFIX + len);
-    grpc_prefix(len, &mut buf);
-    pbool::encode(1, &true, &mut buf);
-    for l in t.leases.values() {
-        encode_key(2, WireType::LengthDelimited, &mut buf);
-        encode_varint(event_len(l) as u64, &mut buf);
-        int32::encode(1, &PUT, &mut buf);
-        message::encode(2, l, &mut buf);
-        if l.revision != 0 {
-            uint64::encode(3, &l.revision, &mut buf);
+            + if more {
+                pbool::encoded_len(4, &true)
+            } else {
+                0
+            }
+            + if epoch.is_empty() {
+                0
+            } else {
+                string::encoded_len(5, &epoch.to_string())
+            };
+        self.out.reserve(GRPC_PREFIX + len);
+        self.out.push(0);
+        self.out.extend_from_slice(&(len as u32).to_be_bytes());
+        let start = self.out.len();
+        if reset {
+            pbool::encode(1, &true, &mut self.out);
         }
+        self.out.extend_from_slice(&self.body);
+        if revision != 0 {
+            uint64::encode(3, &revision, &mut self.out);
+        }
+        if more {
+            pbool::encode(4, &true, &mut self.out);
+        }
+        if !epoch.is_empty() {
+            string::encode(5, &epoch.to_string(), &mut self.out);
+        }
+        debug_assert_eq!(self.out.len() - start, len);
+        self.body.clear();
+        self.first = false;
     }
-    if t.revision != 0 {
-        uint64::encode(3, &t.revision, &mut buf);
+
+    /// The messages, back to back (at least one, even without events).
+    fn finish(mut self) -> Bytes {
+        self.finish_part(false);
+        self.out.into()
     }
-    debug_assert_eq!(buf.len(), GRPC_PREFIX + len);
-    buf.into()
+}
+
+/// Encoded watch messages that do not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes end inside a gRPC message.
+    #[error("truncated gRPC message")]
+    Truncated,
+    /// A message is not a `WatchResponse`.
+    #[error(transparent)]
+    Proto(#[from] prost::DecodeError),
+}
+
+/// Every `WatchResponse` in `msgs`, gRPC messages back to back as the hub makes them.
+pub fn decode(mut msgs: &[u8]) -> Result<Vec<WatchResponse>, DecodeError> {
+    let mut out = Vec::new();
+    while !msgs.is_empty() {
+        let len = msgs
+            .get(1..GRPC_PREFIX)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or(DecodeError::Truncated)?;
+        let body = msgs
+            .get(GRPC_PREFIX..GRPC_PREFIX + len)
+            .ok_or(DecodeError::Truncated)?;
+        out.push(WatchResponse::decode(body)?);
+        msgs = &msgs[GRPC_PREFIX + len..];
+    }
+    Ok(out)
+}
+
+/// The reset snapshot of `t`: a PUT per lease, encoded from the table without cloning
+/// a lease, in parts of bounded size.
+fn encode_snapshot(t: &Table, epoch: &str) -> Bytes {
+    use prost::encoding::{int32, message, uint64};
+    const PUT: i32 = EventType::Put as i32;
+    let mut framer = Framer::new(true, t.revision, epoch);
+    let mut event = Vec::new();
+    for l in t.leases.values() {
+        event.clear();
+        int32::encode(1, &PUT, &mut event);
+        message::encode(2, l, &mut event);
+        if l.revision != 0 {
+            uint64::encode(3, &l.revision, &mut event);
+        }
+        framer.push(l.revision, &event);
+    }
+    framer.finish()
 }
 
 #[cfg(test)]
@@ -354,8 +521,18 @@ mod tests {
         }
     }
 
+    /// `msg` as one gRPC message, as prost encodes it.
+    fn grpc_message(msg: &WatchResponse) -> Bytes {
+        let mut buf = vec![0];
+        buf.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+        msg.encode(&mut buf).unwrap();
+        buf.into()
+    }
+
     fn decoded(i: WatchMessage) -> WatchResponse {
-        let msg = decode(&i.encoded).unwrap();
+        let mut msgs = decode(&i.encoded).unwrap();
+        assert_eq!(msgs.len(), 1, "one part");
+        let msg = msgs.remove(0);
         assert_eq!((msg.reset, msg.revision), (i.reset, i.revision));
         msg
     }
@@ -365,7 +542,7 @@ mod tests {
         let hub = Hub::new(vec![], vec![], 0);
         hub.commit(vec![put("a", 1), put("b", 2)]);
         hub.commit(vec![put("c", 3)]);
-        let sub = hub.subscribe(1);
+        let sub = hub.subscribe(1, "");
         let initial = decoded(sub.initial.unwrap());
         assert!(!initial.reset);
         assert_eq!(
@@ -377,7 +554,7 @@ mod tests {
             vec![2, 3]
         );
         assert!(
-            hub.subscribe(3).initial.is_none(),
+            hub.subscribe(3, "").initial.is_none(),
             "up to date: nothing to replay"
         );
     }
@@ -387,7 +564,7 @@ mod tests {
         let hub = Hub::new(vec![], vec![], 0);
         hub.commit(vec![put("a", 1), put("b", 2)]);
         for from in [0, 99] {
-            let initial = decoded(hub.subscribe(from).initial.unwrap());
+            let initial = decoded(hub.subscribe(from, "").initial.unwrap());
             assert!(initial.reset);
             assert_eq!(initial.events.len(), 2);
             assert_eq!(initial.revision, 2);
@@ -397,14 +574,17 @@ mod tests {
     #[test]
     fn revision_before_history_after_restart_gets_a_reset() {
         let hub = Hub::new(vec![put("a", 5).lease.unwrap()], vec![], 5);
-        assert!(hub.subscribe(3).initial.unwrap().reset, "no history: reset");
-        assert!(hub.subscribe(5).initial.is_none());
+        assert!(
+            hub.subscribe(3, "").initial.unwrap().reset,
+            "no history: reset"
+        );
+        assert!(hub.subscribe(5, "").initial.is_none());
         let hub = Hub::new(
             vec![put("a", 5).lease.unwrap()],
             vec![put("b", 4), put("a", 5)],
             5,
         );
-        let replay = decoded(hub.subscribe(3).initial.unwrap());
+        let replay = decoded(hub.subscribe(3, "").initial.unwrap());
         assert!(!replay.reset, "history survived the restart");
         assert_eq!(replay.events.len(), 2);
     }
@@ -422,13 +602,13 @@ mod tests {
             vni: 1,
             reserved: false,
         };
-        let hub = Hub::new(vec![full("a", 0)], vec![], 0);
+        let hub = Hub::new(vec![full("a", 0)], vec![], 0).with_epoch("0123456789abcdef");
         hub.commit(vec![LeaseEvent {
             r#type: EventType::Put as i32,
             revision: 300,
             lease: Some(full("b", 300)),
         }]);
-        let first = hub.subscribe(0).initial.unwrap();
+        let first = hub.subscribe(0, "").initial.unwrap();
         let want = WatchResponse {
             reset: true,
             events: [full("a", 0), full("b", 300)]
@@ -440,6 +620,8 @@ mod tests {
                 })
                 .collect(),
             revision: 300,
+            more: false,
+            epoch: "0123456789abcdef".into(),
         };
         assert_eq!(first.encoded, grpc_message(&want), "byte for byte");
         assert_eq!(
@@ -447,7 +629,7 @@ mod tests {
             [0, 0, 0, 0, (first.encoded.len() - GRPC_PREFIX) as u8],
             "uncompressed, its length"
         );
-        let again = hub.subscribe(0).initial.unwrap();
+        let again = hub.subscribe(0, "").initial.unwrap();
         assert_eq!(
             again.encoded.as_ptr(),
             first.encoded.as_ptr(),
@@ -461,10 +643,130 @@ mod tests {
     #[tokio::test]
     async fn live_events_follow_the_subscription() {
         let hub = Hub::new(vec![], vec![], 0);
-        let mut sub = hub.subscribe(0);
+        let mut sub = hub.subscribe(0, "");
         hub.commit(vec![put("a", 1)]);
         let got = decode(&sub.feed.recv().await.unwrap().encoded).unwrap();
-        assert_eq!(got.revision, 1);
+        assert_eq!(got[0].revision, 1);
         assert_eq!(hub.leases().0.len(), 1);
+    }
+
+    fn big(node: usize, rev: u64) -> Lease {
+        Lease {
+            node_name: format!("{}-{node:06}", "n".repeat(200)),
+            subnet: "10.244.7.0/24".into(),
+            revision: rev,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_large_table_goes_out_in_bounded_parts_that_add_up_to_the_reset() {
+        let n = 20_000;
+        let leases: Vec<Lease> = (0..n).map(|i| big(i, i as u64 + 1)).collect();
+        let hub = Hub::new(leases, vec![], n as u64).with_epoch("e");
+        let initial = hub.subscribe(0, "").initial.unwrap();
+        let parts = decode(&initial.encoded).unwrap();
+        assert!(parts.len() > 2, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert!(
+                p.encoded_len() <= MAX_MESSAGE_BYTES + 512,
+                "part {i}: {}",
+                p.encoded_len()
+            );
+            assert_eq!(p.reset, i == 0, "only the first part resets");
+            assert_eq!(p.more, i + 1 < parts.len(), "more on all but the last");
+            assert_eq!((p.revision, p.epoch.as_str()), (n as u64, "e"));
+        }
+        let names: Vec<&str> = parts
+            .iter()
+            .flat_map(|p| &p.events)
+            .map(|e| e.lease.as_ref().unwrap().node_name.as_str())
+            .collect();
+        assert_eq!(names.len(), n, "every lease once");
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "in order");
+    }
+
+    #[test]
+    fn a_large_batch_or_replay_goes_out_as_complete_batches() {
+        let n = 12_000u64;
+        let hub = Hub::new(vec![], vec![], 0);
+        let events: Vec<LeaseEvent> = (1..=n)
+            .map(|rev| LeaseEvent {
+                r#type: EventType::Put as i32,
+                revision: rev,
+                lease: Some(big(rev as usize, rev)),
+            })
+            .collect();
+        let mut feed = hub.subscribe(0, "").feed;
+        hub.commit(events);
+        let check = |encoded: &Bytes, from: u64| {
+            let parts = decode(encoded).unwrap();
+            assert!(parts.len() > 1);
+            let mut next = from + 1;
+            for p in &parts {
+                assert!(!p.reset && !p.more);
+                assert!(p.encoded_len() <= MAX_MESSAGE_BYTES + 512);
+                for e in &p.events {
+                    assert_eq!(e.revision, next);
+                    next += 1;
+                }
+                assert_eq!(
+                    p.revision,
+                    next - 1,
+                    "each part brings the watcher to its last event"
+                );
+            }
+            assert_eq!(next - 1, n);
+        };
+        check(&feed.try_recv().unwrap().encoded, 0);
+        check(&hub.subscribe(5, "").initial.unwrap().encoded, 5);
+    }
+
+    #[test]
+    fn a_resume_from_another_store_gets_a_reset() {
+        let hub = Hub::new(vec![], vec![], 0).with_epoch("new-store");
+        hub.commit(vec![put("a", 1), put("b", 2), put("c", 3)]);
+        assert!(!hub.subscribe(1, "new-store").initial.unwrap().reset);
+        assert!(hub.subscribe(3, "new-store").initial.is_none());
+        assert!(
+            !hub.subscribe(1, "").initial.unwrap().reset,
+            "no epoch given: revisions only"
+        );
+        for from in [1, 3] {
+            let first = decoded(hub.subscribe(from, "old-store").initial.unwrap());
+            assert!(
+                first.reset,
+                "revision {from} of another store means nothing here"
+            );
+            assert_eq!((first.events.len(), first.epoch.as_str()), (3, "new-store"));
+        }
+    }
+
+    #[test]
+    fn an_unchanged_renewal_moves_the_expiry_without_a_revision() {
+        let hub = Hub::new(vec![], vec![], 0);
+        hub.commit(vec![put("a", 1)]);
+        let mut feed = hub.subscribe(1, "").feed;
+        let before = hub.subscribe(0, "").initial.unwrap();
+        let mut renewed = put("a", 1).lease.unwrap();
+        renewed.expires_at_unix = 99;
+        hub.renew(&[renewed]);
+        assert!(feed.try_recv().is_err(), "nothing broadcast");
+        assert_eq!(hub.leases().1, 1, "no new revision");
+        assert_eq!(hub.lease("a").unwrap().expires_at_unix, 99);
+        let after = decoded(hub.subscribe(0, "").initial.unwrap());
+        assert_eq!(
+            after.events[0].lease.as_ref().unwrap().expires_at_unix,
+            99,
+            "the snapshot is made again"
+        );
+        assert_ne!(
+            decoded(before).events[0]
+                .lease
+                .as_ref()
+                .unwrap()
+                .expires_at_unix,
+            99
+        );
     }
 }

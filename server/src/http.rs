@@ -1,5 +1,5 @@
-//! The controller's HTTP endpoint: `/healthz` (process alive), `/readyz` (store open
-//! and gRPC serving) and `/metrics` (Prometheus text format).
+//! The controller's HTTP endpoint: `/healthz` (process alive), `/readyz` (store open,
+//! gRPC serving and the lease writer running) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
+use crate::leases::Leases;
 use crate::metrics::Metrics;
 
 /// What the endpoint reports on.
@@ -19,6 +20,8 @@ pub struct HttpState {
     pub ready: AtomicBool,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// The lease writer, whose death makes the controller unready.
+    pub leases: Leases,
 }
 
 /// Binds the endpoint; the error names the flag and address.
@@ -41,7 +44,12 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
-    if s.ready.load(Ordering::Relaxed) {
+    if !s.leases.is_running() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the lease writer stopped: no lease can be granted or renewed (see the log)\n",
+        )
+    } else if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

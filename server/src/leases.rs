@@ -4,25 +4,31 @@
 //! own): it takes a batch of queued requests, decides each one against the allocator,
 //! writes the batch to the store, flushes once (group commit: a join storm costs one
 //! fsync per batch, not per node), then commits the events to the `Hub` (in a burst
-//! with thousands of watchers, the batches of a few milliseconds together) and answers. A reply therefore always
-//! means "durably stored, and visible to watchers".
+//! with thousands of watchers, the batches of a few milliseconds together) and
+//! answers. A reply therefore always means "durably stored, and visible to watchers".
+//!
+//! The writer keeps the table's invariants: no two leases share a subnet or a VTEP MAC;
+//! a subnet's bit in the allocator is set exactly when a lease holds it or a
+//! reservation that can be honoured keeps it; a revision is never issued twice. When
+//! the store fails, the writer reloads what the store holds instead of guessing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
-use twill_common::lease::{parse_subnet, validate_node_name, Mac};
+use tracing::{error, info, warn};
+use twill_common::lease::{check_public_ip, parse_subnet, validate_node_name, Mac};
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
 use crate::alloc::Allocator;
 use crate::events::Hub;
 use crate::metrics::{now_unix, Metrics};
-use crate::store::{Store, StoreError};
+use crate::store::{Batch, Store, StoreError};
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
 const QUEUE_LEN: usize = 4096;
@@ -38,6 +44,9 @@ const MAX_BATCH: usize = 1024;
 /// quiet spell goes out at once.
 const PUBLISH_INTERVAL_PER_WATCHER: Duration = Duration::from_micros(200);
 const MAX_PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest lease TTL accepted: far beyond any use (flannel's is 24 h), short enough
+/// that expiry times never overflow.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why a lease operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +54,21 @@ pub enum LeaseOpError {
     /// The request is malformed; the message names the field.
     #[error("{0}")]
     Invalid(String),
+    /// A field names something another node holds (a VTEP MAC).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// No free subnet is left.
     #[error("{0}")]
     Exhausted(String),
     /// The request conflicts with the current table (e.g. a reservation of a leased subnet).
     #[error("{0}")]
     Conflict(String),
-    /// The store failed; nothing was acknowledged.
+    /// The store failed while writing the batch this request was in: the change may or
+    /// may not be stored, and the table now shows what the store holds.
     #[error("{0}")]
     Store(#[from] StoreError),
-    /// The controller is shutting down.
-    #[error("the controller is shutting down")]
+    /// The controller is shutting down, or its lease writer stopped.
+    #[error("the controller is shutting down or its lease writer stopped")]
     Stopped,
 }
 
@@ -73,8 +86,9 @@ pub struct AcquireParams {
 }
 
 impl AcquireParams {
-    /// Validates the raw request fields; errors name the field.
+    /// Validates the raw request fields for a node of `network`; errors name the field.
     pub fn parse(
+        network: Ipv4Net,
         node: &str,
         requested: &str,
         public_ip: &str,
@@ -95,9 +109,13 @@ impl AcquireParams {
         let public_ip = public_ip
             .parse()
             .map_err(|_| invalid(format!("public_ip {public_ip:?} is not an IPv4 address")))?;
-        let vtep_mac = vtep_mac
+        check_public_ip(public_ip, network).map_err(|e| invalid(e.to_string()))?;
+        let vtep_mac: Mac = vtep_mac
             .parse()
             .map_err(|e| invalid(format!("vtep_mac: {e}")))?;
+        vtep_mac
+            .check_unicast()
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(AcquireParams {
             node: node.to_string(),
             requested,
@@ -124,17 +142,49 @@ enum Outcome {
 
 type Reply = oneshot::Sender<Result<Outcome, LeaseOpError>>;
 
-/// An operation, who waits for it, and when it was queued.
-type Queued = (Op, Option<Reply>, Instant);
+/// An operation and who waits for it.
+struct Queued {
+    op: Op,
+    reply: Option<Reply>,
+    queued: Instant,
+}
 
 /// A decided request's answer, sent once its events are published.
-type Answer = (Reply, Result<Outcome, LeaseOpError>, Instant);
+struct Answer {
+    reply: Reply,
+    result: Result<Outcome, LeaseOpError>,
+    queued: Instant,
+}
 
 /// Handle to the lease writer; cheap to clone.
 #[derive(Clone)]
 pub struct Leases {
     tx: mpsc::Sender<Queued>,
     ttl: Duration,
+    running: Arc<AtomicBool>,
+}
+
+/// The lease writer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The stored leases do not fit the configured network.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The writer's thread or runtime could not be made.
+    #[error("cannot start the lease writer: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+/// Clears the writer's liveness flag when its thread ends, however it ends.
+struct RunningGuard(Arc<AtomicBool>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+        if std::thread::panicking() {
+            error!("the lease writer panicked; no lease can be granted or renewed until the controller restarts");
+        }
+    }
 }
 
 impl Leases {
@@ -147,7 +197,8 @@ impl Leases {
         reservations: BTreeMap<String, Ipv4Net>,
         ttl: Duration,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StartError> {
+        let ttl = ttl.min(MAX_LEASE_TTL);
         let (leases, revision) = hub.leases();
         let mut writer = Writer {
             conf: conf.clone(),
@@ -156,16 +207,20 @@ impl Leases {
             ttl,
             alloc: Allocator::new(conf),
             leases: BTreeMap::new(),
+            by_subnet: HashMap::new(),
+            by_mac: HashMap::new(),
             reservations,
+            reserved: HashMap::new(),
+            stale: BTreeMap::new(),
             revision,
             metrics,
             unpublished: Vec::new(),
             waiting: Vec::new(),
             last_publish: Instant::now(),
         };
-        writer.rebuild(leases)?;
+        writer.rebuild(leases).map_err(StartError::Inconsistent)?;
         writer.update_gauges();
-        writer.hub.set_reservations(writer.reservations.clone());
+        writer.publish_reservations();
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         // The writer gets an OS thread of its own instead of a place in the shared
         // runtime: after a commit, thousands of watch streams wake at once, and a
@@ -173,28 +228,32 @@ impl Leases {
         // flush timings in a 5,000-node join storm), which stalled every grant.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
-            .build()
-            .map_err(|e| format!("cannot start the lease writer: {e}"))?;
+            .build()?;
+        let running = Arc::new(AtomicBool::new(true));
+        let guard = RunningGuard(running.clone());
         std::thread::Builder::new()
             .name("lease-writer".into())
-            .spawn(move || runtime.block_on(writer.run(rx)))
-            .map_err(|e| format!("cannot start the lease writer thread: {e}"))?;
+            .spawn(move || {
+                let _guard = guard;
+                runtime.block_on(writer.run(rx));
+            })?;
         let sweeper = tx.clone();
         tokio::spawn(async move {
             let period = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                if sweeper
-                    .send((Op::Sweep, None, Instant::now()))
-                    .await
-                    .is_err()
-                {
+                let sweep = Queued {
+                    op: Op::Sweep,
+                    reply: None,
+                    queued: Instant::now(),
+                };
+                if sweeper.send(sweep).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Leases { tx, ttl })
+        Ok(Leases { tx, ttl, running })
     }
 
     /// Lease time to live.
@@ -202,10 +261,21 @@ impl Leases {
         self.ttl
     }
 
+    /// False once the writer has stopped (it panicked, or could not read the store
+    /// back after a failed write): no lease can be granted or renewed.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
     async fn call(&self, op: Op) -> Result<Outcome, LeaseOpError> {
         let (reply, rx) = oneshot::channel();
+        let queued = Queued {
+            op,
+            reply: Some(reply),
+            queued: Instant::now(),
+        };
         self.tx
-            .send((op, Some(reply), Instant::now()))
+            .send(queued)
             .await
             .map_err(|_| LeaseOpError::Stopped)?;
         rx.await.map_err(|_| LeaseOpError::Stopped)?
@@ -256,6 +326,14 @@ impl Leases {
     }
 }
 
+/// What one batch changed, to be written to the store as one.
+#[derive(Default)]
+struct Changes {
+    events: Vec<LeaseEvent>,
+    renewed: Vec<Lease>,
+    reservations: bool,
+}
+
 struct Writer {
     conf: NetConf,
     store: Arc<dyn Store>,
@@ -263,7 +341,14 @@ struct Writer {
     ttl: Duration,
     alloc: Allocator,
     leases: BTreeMap<String, Lease>,
+    /// The node holding each leased subnet, and each lease's VTEP MAC.
+    by_subnet: HashMap<Ipv4Net, String>,
+    by_mac: HashMap<Mac, String>,
     reservations: BTreeMap<String, Ipv4Net>,
+    /// The node each honoured reservation keeps its subnet for.
+    reserved: HashMap<Ipv4Net, String>,
+    /// Reservations that cannot be honoured now, and why.
+    stale: BTreeMap<String, String>,
     revision: u64,
     metrics: Arc<Metrics>,
     /// Durable events not yet published, and the answers waiting for them: a reply
@@ -271,6 +356,11 @@ struct Writer {
     unpublished: Vec<LeaseEvent>,
     waiting: Vec<Answer>,
     last_publish: Instant,
+}
+
+/// A stored lease's subnet and MAC (stored leases were checked when granted).
+fn lease_keys(l: &Lease) -> (Option<Ipv4Net>, Option<Mac>) {
+    (parse_subnet(&l.subnet).ok(), l.vtep_mac.parse().ok())
 }
 
 impl Writer {
@@ -294,7 +384,9 @@ impl Writer {
                 self.publish();
                 return;
             }
-            self.process(std::mem::take(&mut ops)).await;
+            if !self.process(std::mem::take(&mut ops)).await {
+                return;
+            }
             if self.unpublished.is_empty() || self.last_publish.elapsed() >= self.publish_interval()
             {
                 self.publish();
@@ -314,35 +406,35 @@ impl Writer {
             self.hub.commit(std::mem::take(&mut self.unpublished));
             self.last_publish = Instant::now();
         }
-        for (reply, result, queued) in self.waiting.drain(..) {
+        for a in self.waiting.drain(..) {
             self.metrics
                 .allocation_seconds
-                .observe(queued.elapsed().as_secs_f64());
+                .observe(a.queued.elapsed().as_secs_f64());
             // A caller that went away no longer needs its answer.
-            let _ = reply.send(result);
+            let _ = a.reply.send(a.result);
         }
     }
 
-    async fn process(&mut self, ops: Vec<Queued>) {
-        let start_revision = self.revision;
-        let mut events = Vec::new();
-        let mut replies = Vec::with_capacity(ops.len());
-        let mut reservations_changed = false;
+    /// Decides, stores and queues the answers of one batch. False when the writer must
+    /// stop (the store failed and could not be read back).
+    async fn process(&mut self, ops: Vec<Queued>) -> bool {
+        let mut changes = Changes::default();
+        let mut answers = Vec::with_capacity(ops.len());
         let now = now_unix();
-        for (op, reply, queued) in ops {
+        for Queued { op, reply, queued } in ops {
             let result = match op {
                 Op::Acquire(p) => self
-                    .acquire(p, now, &mut events)
+                    .acquire(p, now, &mut changes)
                     .map(|l| Outcome::Lease(Box::new(l))),
                 Op::Release(node) => {
-                    let released = self.remove(&node, &mut events);
+                    let released = self.remove(&node, &mut changes.events);
                     if released {
                         info!(node = %node, "lease released by its agent");
                     }
                     Ok(Outcome::Done(released))
                 }
                 Op::Revoke { node, by } => {
-                    let revoked = self.remove(&node, &mut events);
+                    let revoked = self.remove(&node, &mut changes.events);
                     if revoked {
                         info!(node = %node, admin = %by, "lease revoked");
                     }
@@ -350,85 +442,137 @@ impl Writer {
                 }
                 Op::Reserve { node, subnet } => {
                     let r = self.reserve(&node, subnet);
-                    reservations_changed |= r.is_ok();
+                    changes.reservations |= r.is_ok();
                     r.map(|()| Outcome::Done(true))
                 }
                 Op::Unreserve(node) => {
                     let done = self.unreserve(&node);
-                    reservations_changed |= done;
+                    changes.reservations |= done;
                     Ok(Outcome::Done(done))
                 }
                 Op::Sweep => {
-                    self.sweep(now, &mut events);
+                    self.sweep(now, &mut changes.events);
                     continue;
                 }
             };
             if let Some(reply) = reply {
-                replies.push((reply, result, queued));
+                answers.push(Answer {
+                    reply,
+                    result,
+                    queued,
+                });
             }
         }
-        if !events.is_empty() || reservations_changed {
-            if let Err(e) = self.persist(&events, reservations_changed).await {
-                warn!(error = %e, "store write failed; nothing in this batch was acknowledged");
-                // Earlier batches are durable: publish them, so that the rollback (to
-                // what the hub holds) keeps them.
-                self.publish();
-                self.rollback(start_revision);
-                for (reply, _, _) in replies {
-                    let _ =
-                        reply.send(Err(LeaseOpError::Store(StoreError::Backend(e.to_string()))));
-                }
-                return;
+        let batch = Batch {
+            events: &changes.events,
+            renewed: &changes.renewed,
+            reservations: changes.reservations.then_some(&self.reservations),
+        };
+        if !batch.is_empty() {
+            if let Err(e) = self.persist(&batch).await {
+                return self.recover(e, answers);
             }
-            self.unpublished.extend(events);
-            if reservations_changed {
-                self.hub.set_reservations(self.reservations.clone());
+            self.unpublished.extend(changes.events);
+            self.hub.renew(&changes.renewed);
+            if changes.reservations {
+                self.publish_reservations();
             }
             self.update_gauges();
         }
-        self.waiting.extend(replies);
+        self.waiting.extend(answers);
+        true
     }
 
-    async fn persist(
-        &self,
-        events: &[LeaseEvent],
-        reservations_changed: bool,
-    ) -> Result<(), StoreError> {
-        self.store.apply(events)?;
-        if reservations_changed {
-            self.store.set_reservations(&self.reservations)?;
-        }
+    async fn persist(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        self.store.write(batch)?;
         let started = Instant::now();
         self.store.flush().await?;
         self.metrics
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
-            events = events.len(),
+            events = batch.events.len(),
+            renewed = batch.renewed.len(),
             flush_ms = started.elapsed().as_millis() as u64,
             "batch flushed"
         );
         Ok(())
     }
 
-    /// Forgets undurable decisions: back to what the hub (the committed table) and the
-    /// store hold.
-    fn rollback(&mut self, revision: u64) {
-        let (leases, _) = self.hub.leases();
-        if let Ok(snap) = self.store.load() {
-            self.reservations = snap.reservations;
+    /// After a failed write or flush: the store may hold all of the batch, part of it
+    /// (written but not confirmed on disk) or none of it, so the decisions made in
+    /// memory are dropped and the table is reloaded from what the store holds. Events
+    /// the store kept are published (they would surface at the next start anyway); the
+    /// revision only moves forward, so no revision ever names two different events.
+    /// Returns false when the store cannot even be read: the writer stops.
+    fn recover(&mut self, e: StoreError, answers: Vec<Answer>) -> bool {
+        self.metrics.store_failures.inc();
+        // Earlier batches are durable: publish them first.
+        self.publish();
+        let message = format!(
+            "the lease store failed while writing this change ({e}); it may or may not have \
+             been stored, and the controller now serves what the store holds: retry (a retry \
+             of the same request is safe)"
+        );
+        let reloaded = self.store.load();
+        for a in answers {
+            // Refusals wrote nothing and stay what they were.
+            let result = match a.result {
+                Ok(_) => Err(LeaseOpError::Store(StoreError::Backend(message.clone()))),
+                refused => refused,
+            };
+            let _ = a.reply.send(result);
         }
-        if let Err(e) = self.rebuild(leases) {
-            warn!(error = %e, "rebuilding the subnet index after a failed write");
+        let snap = match reloaded {
+            Ok(snap) => snap,
+            Err(load) => {
+                error!(error = %e, reload_error = %load, "the lease store failed and cannot be read back; the lease writer stops (restart the controller once the store is healthy)");
+                return false;
+            }
+        };
+        let (committed, committed_revision) = self.hub.leases();
+        let kept: Vec<LeaseEvent> = snap
+            .history
+            .into_iter()
+            .filter(|e| e.revision > committed_revision)
+            .collect();
+        let renewed: Vec<Lease> = {
+            let committed: HashMap<&str, i64> = committed
+                .iter()
+                .map(|l| (l.node_name.as_str(), l.expires_at_unix))
+                .collect();
+            snap.leases
+                .iter()
+                .filter(|l| {
+                    committed
+                        .get(l.node_name.as_str())
+                        .is_some_and(|exp| *exp != l.expires_at_unix)
+                })
+                .cloned()
+                .collect()
+        };
+        warn!(error = %e, kept_events = kept.len(), stored_revision = snap.revision, "store write failed; reloaded the table from the store and answered the batch with an error");
+        self.hub.commit(kept);
+        self.hub.renew(&renewed);
+        self.reservations = snap.reservations;
+        let (leases, revision) = self.hub.leases();
+        if let Err(why) = self.rebuild(leases) {
+            error!(error = %why, "the reloaded store is inconsistent; the lease writer stops");
+            return false;
         }
-        self.revision = revision;
+        self.revision = self.revision.max(revision).max(snap.revision);
+        self.publish_reservations();
+        self.update_gauges();
+        true
     }
 
-    /// Rebuilds the lease map and the free-subnet index from `leases` and the
-    /// reservations.
+    /// Rebuilds the lease map, its indexes and the free-subnet index from `leases` and
+    /// the reservations; reservations that cannot be honoured are recorded as stale.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
         self.alloc = Allocator::new(&self.conf);
         self.leases.clear();
+        self.by_subnet.clear();
+        self.by_mac.clear();
         for l in leases {
             let subnet = parse_subnet(&l.subnet)
                 .map_err(|e| format!("stored lease of {}: {e}", l.node_name))?;
@@ -440,18 +584,51 @@ impl Writer {
                     l.node_name
                 ));
             }
+            if let Some(other) = lease_keys(&l).1.and_then(|m| self.by_mac.get(&m)) {
+                warn!(node = %l.node_name, other = %other, vtep_mac = %l.vtep_mac, "stored leases share a VTEP MAC; the next acquisition of either must change it");
+            }
+            self.index(&l);
             self.leases.insert(l.node_name.clone(), l);
         }
-        for (node, subnet) in &self.reservations {
-            let held_by_node = self
-                .leases
-                .get(node)
-                .is_some_and(|l| l.subnet == subnet.to_string());
-            if !held_by_node && !self.alloc.take(*subnet) {
-                warn!(node = %node, subnet = %subnet, "reservation is outside the range or held by another node; ignoring it until that changes");
+        self.reserved.clear();
+        self.stale.clear();
+        let reservations = self.reservations.clone();
+        for (node, subnet) in &reservations {
+            match self.reservation_problem(node, *subnet) {
+                Some(why) => {
+                    warn!(node = %node, subnet = %subnet, reason = %why, "reservation cannot be honoured; the node will be given another subnet until that changes");
+                    self.stale.insert(node.clone(), why);
+                }
+                None => {
+                    self.reserved.insert(*subnet, node.clone());
+                    self.alloc.take(*subnet);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Why `node`'s reservation of `subnet` cannot be honoured now, if it cannot.
+    fn reservation_problem(&self, node: &str, subnet: Ipv4Net) -> Option<String> {
+        if self.conf.index_of(subnet).is_none() {
+            return Some(format!(
+                "{subnet} is outside SubnetMin {}..SubnetMax {} (/{})",
+                self.conf.subnet_min, self.conf.subnet_max, self.conf.subnet_len
+            ));
+        }
+        if let Some(holder) = self.by_subnet.get(&subnet).filter(|h| *h != node) {
+            return Some(format!("{subnet} is leased to node {holder}"));
+        }
+        if let Some(other) = self.reserved.get(&subnet).filter(|o| *o != node) {
+            return Some(format!("{subnet} is also reserved for node {other}"));
+        }
+        None
+    }
+
+    fn publish_reservations(&self) {
+        self.metrics.reservations_stale.set(self.stale.len() as i64);
+        self.hub
+            .set_reservations(self.reservations.clone(), self.stale.clone());
     }
 
     fn update_gauges(&self) {
@@ -466,11 +643,37 @@ impl Writer {
         self.revision
     }
 
+    /// Records `l` in the subnet and MAC indexes.
+    fn index(&mut self, l: &Lease) {
+        let (subnet, mac) = lease_keys(l);
+        if let Some(s) = subnet {
+            self.by_subnet.insert(s, l.node_name.clone());
+        }
+        if let Some(m) = mac {
+            self.by_mac.entry(m).or_insert_with(|| l.node_name.clone());
+        }
+    }
+
+    /// Drops `l` from the subnet and MAC indexes.
+    fn unindex(&mut self, l: &Lease) {
+        let (subnet, mac) = lease_keys(l);
+        if let Some(s) = subnet {
+            if self.by_subnet.get(&s) == Some(&l.node_name) {
+                self.by_subnet.remove(&s);
+            }
+        }
+        if let Some(m) = mac {
+            if self.by_mac.get(&m) == Some(&l.node_name) {
+                self.by_mac.remove(&m);
+            }
+        }
+    }
+
     fn acquire(
         &mut self,
         p: AcquireParams,
         now: i64,
-        events: &mut Vec<LeaseEvent>,
+        changes: &mut Changes,
     ) -> Result<Lease, LeaseOpError> {
         if let Some(r) = p.requested {
             if !self.conf.network.contains(&r) || r.prefix_len() != self.conf.subnet_len {
@@ -480,7 +683,15 @@ impl Writer {
                 )));
             }
         }
-        let expires = now + self.ttl.as_secs() as i64;
+        if let Some(holder) = self.by_mac.get(&p.vtep_mac).filter(|h| **h != p.node) {
+            warn!(node = %p.node, vtep_mac = %p.vtep_mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
+            return Err(LeaseOpError::AlreadyExists(format!(
+                "vtep_mac {} is the VTEP MAC of node {holder}'s lease; every node's VXLAN device \
+                 needs a MAC of its own (delete and recreate the device to get a new one)",
+                p.vtep_mac
+            )));
+        }
+        let expires = now.saturating_add(self.ttl.as_secs() as i64);
         let existing = self
             .leases
             .get(&p.node)
@@ -493,14 +704,25 @@ impl Writer {
                 if let Some(r) = p.requested.filter(|r| *r != subnet) {
                     info!(node = %p.node, subnet = %subnet, requested = %r, "node asked for another subnet; keeping the one it holds");
                 }
+                if l.public_ip == p.public_ip.to_string() && l.vtep_mac == p.vtep_mac.to_string() {
+                    // Only the expiry moves: stored, but no revision and no broadcast.
+                    let mut renewed = l;
+                    renewed.expires_at_unix = expires;
+                    tracing::debug!(node = %p.node, subnet = %subnet, "lease renewed");
+                    self.leases.insert(p.node, renewed.clone());
+                    changes.renewed.retain(|r| r.node_name != renewed.node_name);
+                    changes.renewed.push(renewed.clone());
+                    return Ok(renewed);
+                }
                 (subnet, true)
             }
             None => {
                 // An expired lease not yet swept: give its subnet back first.
                 if let Some(old) = self.leases.remove(&p.node) {
                     warn!(node = %p.node, subnet = %old.subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
+                    self.unindex(&old);
                     if let Ok(s) = parse_subnet(&old.subnet) {
-                        self.free(&p.node, s);
+                        self.free(s);
                     }
                 }
                 (self.pick(&p)?, false)
@@ -518,12 +740,15 @@ impl Writer {
             reserved: false,
         };
         if renewal {
-            tracing::debug!(node = %p.node, subnet = %subnet, revision = lease.revision, "lease renewed");
+            info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %p.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
         } else {
             info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, revision = lease.revision, "lease granted");
         }
-        self.leases.insert(p.node, lease.clone());
-        events.push(LeaseEvent {
+        if let Some(old) = self.leases.insert(p.node, lease.clone()) {
+            self.unindex(&old);
+        }
+        self.index(&lease);
+        changes.events.push(LeaseEvent {
             r#type: EventType::Put as i32,
             lease: Some(lease.clone()),
             revision: lease.revision,
@@ -531,35 +756,46 @@ impl Writer {
         Ok(lease)
     }
 
+    /// A subnet for a node that holds none: its reservation when that can be honoured,
+    /// else the subnet it asked for when free, else the next free one. Every path takes
+    /// the subnet's bit in the allocator.
     fn pick(&mut self, p: &AcquireParams) -> Result<Ipv4Net, LeaseOpError> {
-        if let Some(reserved) = self.reservations.get(&p.node) {
-            // Its bit is already set on the node's behalf, unless another node held it
-            // when the reservation was loaded.
-            if !self
-                .leases
-                .values()
-                .any(|l| l.subnet == reserved.to_string())
-            {
-                info!(node = %p.node, subnet = %reserved, "granting the node its reserved subnet");
-                return Ok(*reserved);
+        if let Some(reserved) = self.reservations.get(&p.node).copied() {
+            match self.reservation_problem(&p.node, reserved) {
+                None => {
+                    // Its bit is normally kept on the node's behalf; take it when it
+                    // was not (a reservation that was stale until now).
+                    self.alloc.take(reserved);
+                    self.reserved.insert(reserved, p.node.clone());
+                    if self.stale.remove(&p.node).is_some() {
+                        self.publish_reservations();
+                    }
+                    info!(node = %p.node, subnet = %reserved, "granting the node its reserved subnet");
+                    return Ok(reserved);
+                }
+                Some(why) => {
+                    warn!(node = %p.node, subnet = %reserved, reason = %why, "reservation cannot be honoured; allocating another subnet");
+                    if self.stale.insert(p.node.clone(), why).is_none() {
+                        self.publish_reservations();
+                    }
+                }
             }
-            warn!(node = %p.node, subnet = %reserved, "reserved subnet is held by another node; allocating another");
         }
         if let Some(r) = p.requested {
-            if self.alloc.take(r) {
+            if !self.reserved.contains_key(&r) && self.alloc.take(r) {
                 return Ok(r);
             }
             let why = if self.conf.index_of(r).is_none() {
                 "it is outside SubnetMin..SubnetMax"
             } else {
-                "another node holds it"
+                "another node holds or has reserved it"
             };
             info!(node = %p.node, requested = %r, "requested subnet not granted: {why}; allocating a fresh one");
         }
         self.alloc.allocate().ok_or_else(|| {
             warn!(node = %p.node, "out of subnets");
             LeaseOpError::Exhausted(format!(
-                "out of subnets: all {} subnets between SubnetMin {} and SubnetMax {} are leased",
+                "out of subnets: all {} subnets between SubnetMin {} and SubnetMax {} are leased or reserved",
                 self.alloc.capacity(),
                 self.conf.subnet_min,
                 self.conf.subnet_max
@@ -571,8 +807,9 @@ impl Writer {
         let Some(mut lease) = self.leases.remove(node) else {
             return false;
         };
+        self.unindex(&lease);
         if let Ok(s) = parse_subnet(&lease.subnet) {
-            self.free(node, s);
+            self.free(s);
         }
         lease.revision = self.next_revision();
         events.push(LeaseEvent {
@@ -583,10 +820,26 @@ impl Writer {
         true
     }
 
-    /// Returns a subnet to the pool unless it is reserved for `node`.
-    fn free(&mut self, node: &str, subnet: Ipv4Net) {
-        if self.reservations.get(node) != Some(&subnet) {
-            self.alloc.free(subnet);
+    /// Returns a subnet whose lease ended to the pool, unless a reservation keeps it
+    /// (for its own node or, when that reservation was stale because of this lease,
+    /// for the node that reserved it: its reservation can be honoured from now on).
+    fn free(&mut self, subnet: Ipv4Net) {
+        if self.reserved.contains_key(&subnet) {
+            return;
+        }
+        let waiting = self
+            .reservations
+            .iter()
+            .find(|(_, s)| **s == subnet)
+            .map(|(n, _)| n.clone());
+        match waiting.filter(|n| self.reservation_problem(n, subnet).is_none()) {
+            Some(node) => {
+                info!(node = %node, subnet = %subnet, "reservation can be honoured again");
+                self.stale.remove(&node);
+                self.reserved.insert(subnet, node);
+                self.publish_reservations();
+            }
+            None => self.alloc.free(subnet),
         }
     }
 
@@ -607,14 +860,9 @@ impl Writer {
                 "{subnet} is already reserved for node {other}"
             )));
         }
-        if let Some(holder) = self
-            .leases
-            .values()
-            .find(|l| l.subnet == subnet.to_string() && l.node_name != node)
-        {
+        if let Some(holder) = self.by_subnet.get(&subnet).filter(|h| *h != node) {
             return Err(LeaseOpError::Conflict(format!(
-                "{subnet} is leased to node {}; revoke that lease first",
-                holder.node_name
+                "{subnet} is leased to node {holder}; revoke that lease first"
             )));
         }
         if let Some(own) = self
@@ -628,12 +876,18 @@ impl Writer {
             )));
         }
         if let Some(previous) = self.reservations.insert(node.to_string(), subnet) {
-            if previous != subnet && !self.leases.contains_key(node) {
-                self.alloc.free(previous);
+            if previous != subnet && self.reserved.get(&previous).is_some_and(|n| n == node) {
+                self.reserved.remove(&previous);
+                if !self.by_subnet.contains_key(&previous) {
+                    self.alloc.free(previous);
+                }
             }
         }
-        // Taken now, so the allocator never hands it to anyone else.
+        // Taken now, so the allocator never hands it to anyone else (already taken when
+        // the node's own lease holds it).
         self.alloc.take(subnet);
+        self.reserved.insert(subnet, node.to_string());
+        self.stale.remove(node);
         info!(node = %node, subnet = %subnet, "subnet reserved");
         Ok(())
     }
@@ -642,8 +896,13 @@ impl Writer {
         let Some(subnet) = self.reservations.remove(node) else {
             return false;
         };
-        if !self.leases.contains_key(node) {
-            self.alloc.free(subnet);
+        self.stale.remove(node);
+        if self.reserved.get(&subnet).is_some_and(|n| n == node) {
+            self.reserved.remove(&subnet);
+            // Only an idle reservation's bit goes back: a leased subnet stays taken.
+            if !self.by_subnet.contains_key(&subnet) {
+                self.alloc.free(subnet);
+            }
         }
         info!(node = %node, subnet = %subnet, "reservation removed");
         true
@@ -703,8 +962,21 @@ mod tests {
         }
     }
 
+    /// A unicast MAC of a node's own.
+    fn mac_of(node: &str) -> String {
+        let h = node
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let b = h.to_be_bytes();
+        format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+    }
+
+    fn net() -> Ipv4Net {
+        "10.0.0.0/8".parse().unwrap()
+    }
+
     fn params(node: &str, requested: &str) -> AcquireParams {
-        AcquireParams::parse(node, requested, "192.0.2.1", "vxlan", "0a:00:00:00:00:01").unwrap()
+        AcquireParams::parse(net(), node, requested, "192.0.2.1", "vxlan", &mac_of(node)).unwrap()
     }
 
     #[tokio::test]
@@ -719,7 +991,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.subnet, a.subnet, "sticky while the lease lives");
-        assert!(again.revision > b.revision);
+        assert_eq!(
+            again.revision, a.revision,
+            "an unchanged renewal is no new revision"
+        );
         assert_eq!(f.hub.leases().0.len(), 2);
     }
 
@@ -827,7 +1102,7 @@ mod tests {
     #[tokio::test]
     async fn expired_leases_are_swept_and_announced() {
         let f = start("10.244.0.0/16", Duration::from_secs(1));
-        let mut sub = f.hub.subscribe(0);
+        let mut sub = f.hub.subscribe(0, "");
         f.leases.acquire(params("a", "")).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -835,10 +1110,10 @@ mod tests {
                 .await
                 .expect("expiry")
                 .unwrap();
-            let batch = crate::events::decode(&batch.encoded).unwrap();
-            if batch
-                .events
+            let parts = crate::events::decode(&batch.encoded).unwrap();
+            if parts
                 .iter()
+                .flat_map(|p| &p.events)
                 .any(|e| e.r#type == EventType::Delete as i32)
             {
                 break;
@@ -850,7 +1125,9 @@ mod tests {
     #[test]
     fn bad_requests_name_the_field() {
         let e = |r: Result<AcquireParams, LeaseOpError>| r.unwrap_err().to_string();
+        let n = net();
         assert!(e(AcquireParams::parse(
+            n,
             "",
             "",
             "192.0.2.1",
@@ -859,6 +1136,7 @@ mod tests {
         ))
         .contains("empty"));
         assert!(e(AcquireParams::parse(
+            n,
             "a",
             "10.244.1.5/24",
             "192.0.2.1",
@@ -867,6 +1145,7 @@ mod tests {
         ))
         .contains("requested_subnet"));
         assert!(e(AcquireParams::parse(
+            n,
             "a",
             "",
             "nope",
@@ -875,6 +1154,7 @@ mod tests {
         ))
         .contains("public_ip"));
         assert!(e(AcquireParams::parse(
+            n,
             "a",
             "",
             "192.0.2.1",
@@ -882,6 +1162,340 @@ mod tests {
             "0a:00:00:00:00:01"
         ))
         .contains("backend_type"));
-        assert!(e(AcquireParams::parse("a", "", "192.0.2.1", "vxlan", "zz")).contains("vtep_mac"));
+        assert!(
+            e(AcquireParams::parse(n, "a", "", "192.0.2.1", "vxlan", "zz")).contains("vtep_mac")
+        );
+    }
+
+    /// Starts the writer over what `store` holds, as the controller does at start.
+    fn start_on(conf: &NetConf, store: Arc<dyn Store>) -> (Leases, Arc<Hub>) {
+        let snap = store.load().unwrap();
+        let hub =
+            Arc::new(Hub::new(snap.leases, snap.history, snap.revision).with_epoch(snap.epoch));
+        let leases = Leases::start(
+            conf,
+            store,
+            hub.clone(),
+            snap.reservations,
+            Duration::from_secs(3600),
+            Arc::default(),
+        )
+        .unwrap();
+        (leases, hub)
+    }
+
+    fn assert_no_shared_subnet(hub: &Hub) {
+        let (leases, _) = hub.leases();
+        let mut seen = BTreeMap::new();
+        for l in &leases {
+            if let Some(other) = seen.insert(l.subnet.clone(), l.node_name.clone()) {
+                panic!("{} and {other} share {}", l.node_name, l.subnet);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
+        let f = start("10.244.0.0/16", Duration::from_secs(3600));
+        let a = f.leases.acquire(params("a", "")).await.unwrap();
+        let mut spoof = params("mallory", "");
+        spoof.vtep_mac = a.vtep_mac.parse().unwrap();
+        spoof.public_ip = "198.51.100.66".parse().unwrap();
+        let e = f.leases.acquire(spoof.clone()).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::AlreadyExists(_)), "{e}");
+        assert!(
+            e.to_string().contains("vtep_mac") && e.to_string().contains("node a"),
+            "{e}"
+        );
+        let (leases, revision) = f.hub.leases();
+        assert_eq!((leases.len(), revision), (1, a.revision), "nothing written");
+        // A node may keep its own MAC, and once a's lease is gone the MAC is free.
+        f.leases.acquire(params("a", "")).await.unwrap();
+        assert!(f.leases.release("a").await.unwrap());
+        f.leases.acquire(spoof).await.unwrap();
+    }
+
+    #[test]
+    fn lease_fields_must_be_unicast_and_outside_the_pod_network() {
+        let parse = |ip: &str, mac: &str| {
+            AcquireParams::parse("10.244.0.0/16".parse().unwrap(), "a", "", ip, "vxlan", mac)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse("192.0.2.1", "0a:58:00:00:00:01").is_ok());
+        for (ip, mac, field) in [
+            ("192.0.2.1", "00:00:00:00:00:00", "vtep_mac"),
+            ("192.0.2.1", "ff:ff:ff:ff:ff:ff", "vtep_mac"),
+            ("192.0.2.1", "01:00:5e:00:00:01", "vtep_mac"),
+            ("0.0.0.0", "0a:58:00:00:00:01", "public_ip"),
+            ("127.0.0.1", "0a:58:00:00:00:01", "public_ip"),
+            ("224.0.0.5", "0a:58:00:00:00:01", "public_ip"),
+            ("255.255.255.255", "0a:58:00:00:00:01", "public_ip"),
+            ("10.244.9.1", "0a:58:00:00:00:01", "public_ip"),
+        ] {
+            let e = parse(ip, mac).unwrap_err();
+            assert!(e.contains(field), "{ip} {mac}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_that_disagree_with_stored_leases_never_yield_a_shared_subnet() {
+        // 10.1.0.0/24 in /28s: SubnetMin is 10.1.0.16/28, so 15 subnets.
+        let conf = NetConf::parse(
+            r#"{"Network": "10.1.0.0/24", "SubnetLen": 28, "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let lease = |node: &str, subnet: &str, rev: u64| Lease {
+            node_name: node.into(),
+            subnet: subnet.into(),
+            public_ip: "192.0.2.1".into(),
+            vtep_mac: mac_of(node),
+            backend_type: "vxlan".into(),
+            expires_at_unix: now_unix() + 3600,
+            revision: rev,
+            ..Default::default()
+        };
+        let put = |l: Lease| LeaseEvent {
+            r#type: EventType::Put as i32,
+            revision: l.revision,
+            lease: Some(l),
+        };
+        // Written straight into the store: what no sequence of API calls makes, but a
+        // narrowed range, a restored backup or another version can leave behind.
+        let reservations: BTreeMap<String, Ipv4Net> = [
+            ("x", "10.1.0.32/28"),  // leased to a
+            ("y", "10.1.0.0/28"),   // before SubnetMin
+            ("z", "10.1.0.64/28"),  // fine
+            ("zz", "10.1.0.64/28"), // the same subnet again
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s.parse().unwrap()))
+        .collect();
+        store
+            .write(&Batch {
+                events: &[put(lease("a", "10.1.0.32/28", 1))],
+                reservations: Some(&reservations),
+                ..Batch::default()
+            })
+            .unwrap();
+        store.flush().await.unwrap();
+
+        let (leases, hub) = start_on(&conf, store.clone());
+        let stale = hub.stale_reservations();
+        assert_eq!(
+            stale.keys().map(String::as_str).collect::<Vec<_>>(),
+            vec!["x", "y", "zz"],
+            "{stale:?}"
+        );
+        assert!(stale["x"].contains("leased to node a"), "{stale:?}");
+        assert!(stale["y"].contains("outside"), "{stale:?}");
+        let y = leases.acquire(params("y", "")).await.unwrap();
+        assert_ne!(
+            y.subnet, "10.1.0.0/28",
+            "a reservation outside the range is not granted"
+        );
+        let x = leases.acquire(params("x", "")).await.unwrap();
+        assert_ne!(x.subnet, "10.1.0.32/28", "held by a");
+        assert!(leases.release("x").await.unwrap());
+        assert!(
+            leases.unreserve("x").await.unwrap(),
+            "dropping a stale reservation"
+        );
+        assert!(leases.release("a").await.unwrap());
+        // .32 is free now: exactly one node may get it.
+        let mut n = 0;
+        loop {
+            match leases
+                .acquire(params(&format!("n{n}"), "10.1.0.32/28"))
+                .await
+            {
+                Ok(_) => assert_no_shared_subnet(&hub),
+                Err(LeaseOpError::Exhausted(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+            n += 1;
+        }
+        assert_no_shared_subnet(&hub);
+        assert!(
+            hub.leases().0.iter().all(|l| l.subnet != "10.1.0.64/28"),
+            "z's reserved subnet went to nobody else"
+        );
+        leases
+            .acquire(params("z", ""))
+            .await
+            .map(|l| assert_eq!(l.subnet, "10.1.0.64/28"))
+            .unwrap();
+        // What was stored starts again without complaint, and still shares nothing.
+        let (again, hub) = start_on(&conf, store.clone());
+        assert_no_shared_subnet(&hub);
+        assert!(matches!(
+            again.acquire(params("late", "")).await.unwrap_err(),
+            LeaseOpError::Exhausted(_)
+        ));
+    }
+
+    /// A sled store whose writes or flushes fail on demand (sled has applied a batch
+    /// in memory before its flush can fail, as after a disk error).
+    struct FailingStore {
+        inner: SledStore,
+        fail_write: std::sync::atomic::AtomicBool,
+        fail_flush: std::sync::atomic::AtomicBool,
+        fail_load: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FailingStore {
+        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            if self.fail_load.load(Ordering::Relaxed) {
+                return Err(StoreError::Backend("injected read failure".into()));
+            }
+            self.inner.load()
+        }
+        fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+            if self.fail_write.load(Ordering::Relaxed) {
+                return Err(StoreError::Backend("injected write failure".into()));
+            }
+            self.inner.write(batch)
+        }
+        fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+            self.inner.set_layout(layout)
+        }
+        fn size_on_disk(&self) -> u64 {
+            self.inner.size_on_disk()
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            if self.fail_flush.load(Ordering::Relaxed) {
+                return Err(StoreError::Backend("injected flush failure".into()));
+            }
+            self.inner.flush().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_store() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(FailingStore {
+            inner: SledStore::open(dir.path(), 100).unwrap(),
+            fail_write: false.into(),
+            fail_flush: false.into(),
+            fail_load: false.into(),
+        });
+        let store: Arc<dyn Store> = failing.clone();
+        let (leases, hub) = start_on(&conf, store.clone());
+        let mut seen: BTreeMap<u64, LeaseEvent> = BTreeMap::new();
+        let mut feed = hub.subscribe(0, "").feed;
+        let mut record = |feed: &mut tokio::sync::broadcast::Receiver<_>| {
+            while let Ok(m) = feed.try_recv() {
+                let m: crate::events::WatchMessage = m;
+                for part in crate::events::decode(&m.encoded).unwrap() {
+                    for e in part.events {
+                        if let Some(before) = seen.insert(e.revision, e.clone()) {
+                            assert_eq!(
+                                before, e,
+                                "revision {} announced as two events",
+                                e.revision
+                            );
+                        }
+                    }
+                }
+            }
+        };
+        leases.acquire(params("a", "")).await.unwrap();
+
+        // The flush fails after sled applied the batch; the write fails before it.
+        failing.fail_flush.store(true, Ordering::Relaxed);
+        let e = leases.acquire(params("b", "")).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::Store(_)), "{e}");
+        assert!(e.to_string().contains("may or may not"), "{e}");
+        failing.fail_flush.store(false, Ordering::Relaxed);
+        failing.fail_write.store(true, Ordering::Relaxed);
+        let e = leases.acquire(params("c", "")).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::Store(_)), "{e}");
+        failing.fail_write.store(false, Ordering::Relaxed);
+
+        let stored = store.load().unwrap();
+        let names = |ls: &[Lease]| {
+            let mut v: Vec<(String, String, u64)> = ls
+                .iter()
+                .map(|l| (l.node_name.clone(), l.subnet.clone(), l.revision))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names(&hub.leases().0),
+            names(&stored.leases),
+            "memory is what the store holds"
+        );
+        let d = leases.acquire(params("d", "")).await.unwrap();
+        assert!(
+            d.revision > stored.revision,
+            "revision {} reused",
+            d.revision
+        );
+        record(&mut feed);
+        assert_no_shared_subnet(&hub);
+
+        // A restart serves exactly what watchers were told, with the same revisions.
+        let (_again, restarted) = start_on(&conf, store.clone());
+        assert_eq!(names(&restarted.leases().0), names(&hub.leases().0));
+        for e in store.load().unwrap().history {
+            if let Some(told) = seen.get(&e.revision) {
+                assert_eq!(told, &e, "stored history differs from what was announced");
+            }
+        }
+        assert!(leases.is_running());
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_renewal_costs_no_revision_and_a_changed_one_does() {
+        let f = start("10.244.0.0/16", Duration::from_secs(3600));
+        let a = f.leases.acquire(params("a", "")).await.unwrap();
+        let mut feed = f.hub.subscribe(a.revision, "").feed;
+        let again = f.leases.acquire(params("a", "")).await.unwrap();
+        assert_eq!(
+            (again.subnet.as_str(), again.revision),
+            (a.subnet.as_str(), a.revision)
+        );
+        assert!(feed.try_recv().is_err(), "no watcher woken");
+        assert_eq!(f.hub.leases().1, a.revision);
+        let mut moved = params("a", "");
+        moved.public_ip = "192.0.2.77".parse().unwrap();
+        let moved = f.leases.acquire(moved).await.unwrap();
+        assert_eq!(moved.subnet, a.subnet);
+        assert!(
+            moved.revision > a.revision,
+            "a new address is news to every peer"
+        );
+        assert!(feed.recv().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_read_back_stops_the_writer_visibly() {
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(FailingStore {
+            inner: SledStore::open(dir.path(), 100).unwrap(),
+            fail_write: false.into(),
+            fail_flush: true.into(),
+            fail_load: false.into(),
+        });
+        let (leases, _hub) = start_on(&conf, failing.clone());
+        failing.fail_load.store(true, Ordering::Relaxed);
+        assert!(leases.is_running());
+        let e = leases.acquire(params("a", "")).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::Store(_)), "{e}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while leases.is_running() {
+            assert!(Instant::now() < deadline, "the writer should have stopped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let e = leases.acquire(params("b", "")).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::Stopped), "{e}");
     }
 }

@@ -14,9 +14,11 @@ use tracing::info;
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_server::events::{Hub, HISTORY_LEN};
-use twill_server::grpc::{admin::AdminApi, agent::AgentApi, agent::AgentRouter};
+use twill_server::grpc::{
+    admin::AdminApi, agent::AgentApi, agent::AgentRouter, limit::NodeLimiter,
+};
 use twill_server::http::{self, HttpState};
-use twill_server::leases::Leases;
+use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::{Agents, Metrics};
 use twill_server::store::{SledStore, Store};
 
@@ -68,8 +70,15 @@ async fn main() {
 async fn run(args: Args) -> Result<()> {
     if args.lease_ttl < Duration::from_secs(10) {
         bail!(
-            "--lease-ttl {:?} is too short: use at least 10s",
-            args.lease_ttl
+            "--lease-ttl {} is too short: use at least 10s",
+            humantime::format_duration(args.lease_ttl)
+        );
+    }
+    if args.lease_ttl > MAX_LEASE_TTL {
+        bail!(
+            "--lease-ttl {} is too long: use at most {} (flannel's is 24h)",
+            humantime::format_duration(args.lease_ttl),
+            humantime::format_duration(MAX_LEASE_TTL)
         );
     }
     let conf = NetConf::from_file(&args.net_conf)
@@ -108,11 +117,9 @@ async fn run(args: Args) -> Result<()> {
 
     let store: Arc<dyn Store> = Arc::new(store);
     let store_for_admin = store.clone();
-    let hub = Arc::new(Hub::new(
-        snapshot.leases,
-        snapshot.history,
-        snapshot.revision,
-    ));
+    let hub = Arc::new(
+        Hub::new(snapshot.leases, snapshot.history, snapshot.revision).with_epoch(snapshot.epoch),
+    );
     let closing_hub = hub.clone();
     let metrics = Arc::new(Metrics::default());
     let agents = Arc::new(Agents::default());
@@ -123,12 +130,12 @@ async fn run(args: Args) -> Result<()> {
         snapshot.reservations,
         args.lease_ttl,
         metrics.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
 
     let http_state = Arc::new(HttpState {
         ready: false.into(),
         metrics: metrics.clone(),
+        leases: leases.clone(),
     });
     let http_listener = http::bind(args.metrics_addr)
         .await
@@ -157,6 +164,7 @@ async fn run(args: Args) -> Result<()> {
             hub: hub.clone(),
             metrics: metrics.clone(),
             agents: agents.clone(),
+            limiter: NodeLimiter::default(),
         }))
         .add_service(AdminServiceServer::new(AdminApi {
             conf,

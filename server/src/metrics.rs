@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +27,12 @@ pub struct Metrics {
     pub allocation_seconds: Histogram,
     /// Seconds one store flush (group commit) took.
     pub flush_seconds: Histogram,
+    /// Lease writes refused because their node exceeded its rate.
+    pub rate_limited: Counter,
+    /// Store writes or flushes that failed.
+    pub store_failures: Counter,
+    /// Reservations that cannot be honoured now.
+    pub reservations_stale: Gauge,
 }
 
 impl Default for Metrics {
@@ -41,6 +46,9 @@ impl Default for Metrics {
             watcher_resets: Counter::default(),
             allocation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            rate_limited: Counter::default(),
+            store_failures: Counter::default(),
+            reservations_stale: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
@@ -70,6 +78,21 @@ impl Default for Metrics {
             "Time one store flush (group commit) took",
             m.flush_seconds.clone(),
         );
+        registry.register(
+            "lease_requests_rate_limited",
+            "Lease writes refused because their node exceeded its rate",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "store_failures",
+            "Store writes or flushes that failed (their batch was not acknowledged)",
+            m.store_failures.clone(),
+        );
+        registry.register(
+            "reservations_stale",
+            "Reservations that cannot be honoured now (outside the range or leased to another node)",
+            m.reservations_stale.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -84,12 +107,7 @@ impl Metrics {
     }
 }
 
-/// Unix time in seconds.
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+pub use twill_common::now_unix;
 
 /// One open watch stream.
 #[derive(Debug, Clone)]

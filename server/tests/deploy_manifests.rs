@@ -512,6 +512,10 @@ fn agent_daemonset_meets_the_contract() {
     assert_eq!(url, "https://twill-controller.twill-system.svc:8474");
     assert_eq!(
         c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/livez")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
     );
     let metrics = seq(&c["ports"])

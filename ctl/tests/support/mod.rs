@@ -26,8 +26,14 @@ pub const READY_DEADLINE: Duration = Duration::from_secs(30);
 pub const NET_CONF: &str =
     r#"{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}"#;
 
-/// The VTEP MAC test agents announce.
-pub const MAC: &str = "0a:58:0a:f4:01:01";
+/// The VTEP MAC test agent `node` announces: its own, as every node's must be.
+pub fn mac(node: &str) -> String {
+    let h = node
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        .to_be_bytes();
+    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
+}
 
 // ---------------------------------------------------------------------------------------
 // The controller process
@@ -467,7 +473,7 @@ pub async fn try_acquire_as(
             requested_subnet: requested.to_string(),
             public_ip: public_ip.into(),
             backend_type: "vxlan".into(),
-            vtep_mac: MAC.into(),
+            vtep_mac: mac(name),
         }),
     )
     .await
@@ -491,7 +497,10 @@ pub async fn open_watch(
     let cert = pki.node_cert(name);
     let mut c = agent(ctl, &pki.ca, &cert).await;
     let mut stream = c
-        .watch(WatchRequest { from_revision: 0 })
+        .watch(WatchRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("Watch: {e:?}\n{}", ctl.logs()))
         .into_inner();

@@ -125,6 +125,7 @@ impl AdminService for AdminApi {
             reservation: Some(Reservation {
                 node_name: node.to_string(),
                 subnet: subnet.to_string(),
+                stale: String::new(),
             }),
         }))
     }
@@ -142,6 +143,7 @@ impl AdminService for AdminApi {
                     reservation: Some(Reservation {
                         node_name: node.to_string(),
                         subnet: subnet.to_string(),
+                        stale: String::new(),
                     }),
                 }))
             }
@@ -156,11 +158,13 @@ impl AdminService for AdminApi {
         req: Request<ListReservationsRequest>,
     ) -> Result<Response<ListReservationsResponse>, Status> {
         auth::admin_caller(&req)?;
+        let mut stale = self.hub.stale_reservations();
         let reservations = self
             .hub
             .reservations()
             .into_iter()
             .map(|(node_name, s)| Reservation {
+                stale: stale.remove(&node_name).unwrap_or_default(),
                 node_name,
                 subnet: s.to_string(),
             })
@@ -196,15 +200,19 @@ impl AdminService for AdminApi {
         auth::admin_caller(&req)?;
         let (leases, revision) = self.hub.leases();
         let reservations = self.hub.reservations();
+        let stale = self.hub.stale_reservations();
         let total = self.conf.subnet_count();
         let used = leases.len() as u32;
-        // A reservation held by its own node's lease takes one subnet, not two.
+        // A reservation held by its own node's lease takes one subnet, not two; a stale
+        // one takes none of its own.
         let reserved_idle = reservations
             .iter()
             .filter(|(node, s)| {
-                self.hub
-                    .lease(node)
-                    .is_none_or(|l| l.subnet != s.to_string())
+                !stale.contains_key(*node)
+                    && self
+                        .hub
+                        .lease(node)
+                        .is_none_or(|l| l.subnet != s.to_string())
             })
             .count() as u32;
         let mut agents: Vec<ConnectedAgent> = self
@@ -229,6 +237,7 @@ impl AdminService for AdminApi {
             revision,
             store_size_bytes: self.store.size_on_disk(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            reservations_stale: stale.len() as u32,
         }))
     }
 
@@ -239,13 +248,14 @@ impl AdminService for AdminApi {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::admin_caller(&req)?;
-        let from = req.get_ref().from_revision;
+        let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
         Ok(Response::new(watch::stream(
             &self.hub,
             &self.metrics,
             &self.agents,
             who,
             from,
+            &epoch,
         )))
     }
 }

@@ -10,6 +10,7 @@ use twill_proto::{
     ReleaseResponse, WatchRequest,
 };
 
+use super::limit::NodeLimiter;
 use super::{auth, watch};
 use crate::events::Hub;
 use crate::leases::{AcquireParams, Leases};
@@ -27,6 +28,17 @@ pub struct AgentApi {
     pub metrics: Arc<Metrics>,
     /// Connected agents.
     pub agents: Arc<Agents>,
+    /// Per-node limit of lease writes.
+    pub limiter: NodeLimiter,
+}
+
+impl AgentApi {
+    fn limit(&self, node: &str) -> Result<(), Status> {
+        self.limiter.check(node).inspect_err(|_| {
+            self.metrics.rate_limited.inc();
+            tracing::debug!(node = %node, "lease write refused: rate limit");
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -49,12 +61,16 @@ impl AgentService for AgentApi {
         let r = req.get_ref();
         self.agents.seen(&node);
         let params = AcquireParams::parse(
+            self.conf.network,
             &node,
             &r.requested_subnet,
             &r.public_ip,
             &r.backend_type,
             &r.vtep_mac,
         )?;
+        // Checked once the request is known to be well formed: only what would reach the
+        // lease writer counts.
+        self.limit(&node)?;
         let lease = self.leases.acquire(params).await?;
         Ok(Response::new(AcquireResponse {
             lease: Some(lease),
@@ -68,6 +84,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<ReleaseResponse>, Status> {
         let node = auth::node_caller(&req, &req.get_ref().node_name)?;
         self.agents.seen(&node);
+        self.limit(&node)?;
         let released = self.leases.release(&node).await?;
         Ok(Response::new(ReleaseResponse { released }))
     }
@@ -79,16 +96,22 @@ impl AgentService for AgentApi {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::watcher(&req)?.name;
-        let from = req.get_ref().from_revision;
+        let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
         Ok(Response::new(watch::stream(
             &self.hub,
             &self.metrics,
             &self.agents,
             who,
             from,
+            &epoch,
         )))
     }
 }
+
+/// Largest request an agent may send: every agent request is a few short strings.
+const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Largest response: watch messages hold at most `MAX_MESSAGE_BYTES` of events.
+const MAX_RESPONSE_BYTES: usize = crate::events::MAX_MESSAGE_BYTES + (64 << 10);
 
 /// `AgentServiceServer` with the Watch method served pre-encoded (see `watch`): the
 /// hot path of a 5,000-node fan-out. Every other method goes to the generated server.
@@ -103,7 +126,9 @@ impl AgentRouter {
     pub fn new(api: AgentApi) -> Self {
         let api = Arc::new(api);
         AgentRouter {
-            generated: AgentServiceServer::from_arc(api.clone()),
+            generated: AgentServiceServer::from_arc(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
             api,
         }
     }
@@ -133,8 +158,8 @@ impl tonic::server::ServerStreamingService<WatchRequest> for EncodedWatch {
         let out = self.stream.take();
         Box::pin(async move {
             let who = auth::watcher(&req)?.name;
-            let from = req.get_ref().from_revision;
-            let stream = watch::encoded(&api.hub, &api.metrics, &api.agents, who, from);
+            let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
+            let stream = watch::encoded(&api.hub, &api.metrics, &api.agents, who, from, &epoch);
             out.and_then(|tx| tx.send(stream).ok())
                 .ok_or_else(|| Status::internal("watch stream handed over twice"))?;
             Ok(Response::new(futures::stream::empty()))
@@ -170,7 +195,8 @@ where
                 let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
                     twill_proto::WatchResponse,
                     WatchRequest,
-                >::default());
+                >::default())
+                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(MAX_RESPONSE_BYTES));
                 let resp = grpc.server_streaming(svc, req).await;
                 // No stream: the call was refused, and tonic's response says why.
                 Ok(match rx.try_recv() {

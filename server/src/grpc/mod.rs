@@ -1,10 +1,12 @@
 //! The gRPC services: `agent` (lease acquire/renew/release and the watch stream) and
-//! `admin` (operators), with `auth` deciding who the caller is from its certificate
-//! and `watch` running each watch stream.
+//! `admin` (operators), with `auth` deciding who the caller is from its certificate,
+//! `limit` bounding how often one node may write, and `watch` running each watch
+//! stream.
 
 pub mod admin;
 pub mod agent;
 pub mod auth;
+pub mod limit;
 pub mod watch;
 
 use tonic::Status;
@@ -15,10 +17,11 @@ impl From<LeaseOpError> for Status {
     fn from(e: LeaseOpError) -> Self {
         match e {
             LeaseOpError::Invalid(m) => Status::invalid_argument(m),
+            LeaseOpError::AlreadyExists(m) => Status::already_exists(m),
             LeaseOpError::Exhausted(m) => Status::resource_exhausted(m),
             LeaseOpError::Conflict(m) => Status::failed_precondition(m),
-            LeaseOpError::Store(e) => Status::unavailable(format!("lease not stored, retry: {e}")),
-            LeaseOpError::Stopped => Status::unavailable("the controller is shutting down"),
+            LeaseOpError::Store(e) => Status::unavailable(e.to_string()),
+            e @ LeaseOpError::Stopped => Status::unavailable(e.to_string()),
         }
     }
 }

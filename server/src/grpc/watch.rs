@@ -26,7 +26,7 @@ use crate::metrics::{Agents, Metrics};
 /// The response stream of a Watch call as the generated service traits want it.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-/// A `WatchResponse`, already encoded as a gRPC message (`events::decode` reads it).
+/// `WatchResponse`s, already encoded as gRPC messages (`events::decode` reads them).
 #[derive(Debug, Clone)]
 pub struct Encoded(pub Bytes);
 
@@ -80,15 +80,17 @@ impl Watcher {
     }
 }
 
-/// Starts a watch for `who` after revision `from`: its messages, encoded.
+/// Starts a watch for `who` after revision `from` of store `epoch`: its messages,
+/// encoded.
 pub fn encoded(
     hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
     agents: &Arc<Agents>,
     who: String,
     from: u64,
+    epoch: &str,
 ) -> EncodedStream {
-    let sub = hub.subscribe(from);
+    let sub = hub.subscribe(from, epoch);
     info!(node = %who, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
     metrics.watchers.inc();
     let watcher = Watcher {
@@ -116,12 +118,20 @@ pub fn stream(
     agents: &Arc<Agents>,
     who: String,
     from: u64,
+    epoch: &str,
 ) -> WatchStream {
-    Box::pin(encoded(hub, metrics, agents, who, from).map(|r| {
-        r.and_then(|Encoded(b)| {
-            events::decode(&b).map_err(|e| Status::internal(format!("watch message: {e}")))
-        })
-    }))
+    Box::pin(
+        encoded(hub, metrics, agents, who, from, epoch).flat_map(|r| {
+            let msgs: Vec<Result<WatchResponse, Status>> = match r {
+                Ok(Encoded(b)) => match events::decode(&b) {
+                    Ok(msgs) => msgs.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(Status::internal(format!("watch message: {e}")))],
+                },
+                Err(s) => vec![Err(s)],
+            };
+            futures::stream::iter(msgs)
+        }),
+    )
 }
 
 /// The HTTP body of an agent's Watch response: each message, already framed for gRPC,
@@ -214,10 +224,10 @@ mod tests {
         let hub = Arc::new(Hub::new(vec![], vec![], 0));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let mut s = encoded(&hub, &metrics, &agents, "w".into(), 0);
+        let mut s = encoded(&hub, &metrics, &agents, "w".into(), 0, "");
         let first = events::decode(&s.next().await.unwrap().unwrap().0).unwrap();
-        assert!(first.reset);
-        let mut feed = hub.subscribe(0).feed;
+        assert!(first[0].reset);
+        let mut feed = hub.subscribe(0, "").feed;
         for rev in 1..=3 {
             hub.commit(vec![put(rev)]);
         }
@@ -229,7 +239,7 @@ mod tests {
                 committed.as_ptr(),
                 "the committed bytes themselves, not a copy"
             );
-            let msg = events::decode(&msg).unwrap();
+            let msg = &events::decode(&msg).unwrap()[0];
             assert_eq!((msg.reset, msg.revision), (false, rev));
         }
         assert_eq!(
@@ -271,8 +281,8 @@ mod tests {
         let hub = Arc::new(Hub::with_capacity(vec![], vec![], 0, 8));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let mut slow = stream(&hub, &metrics, &agents, "slow".into(), 0);
-        let mut fast = stream(&hub, &metrics, &agents, "fast".into(), 0);
+        let mut slow = stream(&hub, &metrics, &agents, "slow".into(), 0, "");
+        let mut fast = stream(&hub, &metrics, &agents, "fast".into(), 0, "");
         assert!(
             fast.next().await.unwrap().unwrap().reset,
             "initial snapshot"

@@ -1,5 +1,6 @@
 //! Durable lease storage. The services only see the `Store` trait, so the sled
-//! implementation can be swapped (an etcd-backed store is planned for an HA controller).
+//! implementation can be swapped (an etcd-backed store is planned for an HA controller,
+//! issue 14).
 
 use std::collections::BTreeMap;
 
@@ -40,6 +41,29 @@ pub struct Snapshot {
     /// The network layout the leases were allocated in (`Network` and `SubnetLen`),
     /// `None` for a new store.
     pub layout: Option<String>,
+    /// The store's identity, made when it was created: revisions of one epoch mean
+    /// nothing in another, so a watcher resuming with another epoch starts over.
+    pub epoch: String,
+}
+
+/// One atomic write: what one batch of the lease writer changed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Batch<'a> {
+    /// Events (consecutive revisions, in order): applied to the leases and appended to
+    /// the event history, whose oldest entries fall out of the retention window.
+    pub events: &'a [LeaseEvent],
+    /// Leases whose expiry alone moved (an unchanged renewal): rewritten in place, with
+    /// no event and no new revision.
+    pub renewed: &'a [Lease],
+    /// The complete reservation set, when it changed.
+    pub reservations: Option<&'a BTreeMap<String, Ipv4Net>>,
+}
+
+impl Batch<'_> {
+    /// True when the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.renewed.is_empty() && self.reservations.is_none()
+    }
 }
 
 /// Durable storage for leases and the revision counter.
@@ -47,12 +71,9 @@ pub struct Snapshot {
 pub trait Store: Send + Sync + 'static {
     /// Reads everything at start-up.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Applies `events` (consecutive revisions, in order) to the leases, appends them
-    /// to the event history and drops history that falls out of the retention window,
-    /// atomically (all or nothing). Not durable until `flush` returns.
-    fn apply(&self, events: &[LeaseEvent]) -> Result<(), StoreError>;
-    /// Replaces the reservations.
-    fn set_reservations(&self, reservations: &BTreeMap<String, Ipv4Net>) -> Result<(), StoreError>;
+    /// Writes `batch` atomically (all or nothing). Not durable until `flush` returns;
+    /// when `flush` fails, what `load` returns is the truth about what is stored.
+    fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError>;
     /// Records the network layout the leases belong to.
     fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.

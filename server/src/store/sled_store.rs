@@ -1,23 +1,21 @@
 //! The sled implementation of `Store`: one tree, keys `lease/<node>` (protobuf-encoded
 //! `Lease`), `event/<revision, big-endian>` (protobuf-encoded `LeaseEvent`, the last
-//! `retention` of them) and `meta/revision`, `meta/layout`; each batch is applied
-//! atomically.
+//! `retention` of them), `reservation/<node>` (the subnet as text) and
+//! `meta/revision`, `meta/layout`, `meta/epoch`; each batch is applied atomically.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-
-use ipnet::Ipv4Net;
 
 use prost::Message;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
-use super::{Snapshot, Store, StoreError};
+use super::{Batch, Snapshot, Store, StoreError};
 
 const LEASE_PREFIX: &[u8] = b"lease/";
 const EVENT_PREFIX: &[u8] = b"event/";
 const RESERVATION_PREFIX: &[u8] = b"reservation/";
 const REVISION_KEY: &[u8] = b"meta/revision";
 const LAYOUT_KEY: &[u8] = b"meta/layout";
+const EPOCH_KEY: &[u8] = b"meta/epoch";
 
 /// Leases in a sled database under the controller's data directory.
 pub struct SledStore {
@@ -30,11 +28,22 @@ fn backend(what: &str) -> impl Fn(sled::Error) -> StoreError + '_ {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`, keeping the last `retention` events.
+    /// Opens (or creates) the store in `dir`, keeping the last `retention` events. A
+    /// new store is given its epoch here, durably, before anything else is written.
     pub fn open(dir: &Path, retention: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| {
             StoreError::Backend(format!("cannot open the store in {}: {e}", dir.display()))
         })?;
+        if db
+            .get(EPOCH_KEY)
+            .map_err(backend("reading the epoch"))?
+            .is_none()
+        {
+            let epoch = format!("{:016x}", rand::random::<u64>());
+            db.insert(EPOCH_KEY, epoch.as_bytes())
+                .map_err(backend("writing the epoch"))?;
+            db.flush().map_err(backend("flushing the epoch"))?;
+        }
         Ok(SledStore { db, retention })
     }
 }
@@ -90,15 +99,25 @@ impl Store for SledStore {
         {
             snap.layout = Some(String::from_utf8_lossy(&v).into_owned());
         }
+        if let Some(v) = self
+            .db
+            .get(EPOCH_KEY)
+            .map_err(backend("reading the epoch"))?
+        {
+            snap.epoch = String::from_utf8_lossy(&v).into_owned();
+        }
         Ok(snap)
     }
 
-    fn apply(&self, events: &[LeaseEvent]) -> Result<(), StoreError> {
-        let Some(last) = events.last() else {
+    fn write(&self, b: &Batch<'_>) -> Result<(), StoreError> {
+        if b.is_empty() {
             return Ok(());
-        };
+        }
         let mut batch = sled::Batch::default();
-        for event in events {
+        for lease in b.renewed {
+            batch.insert(lease_key(&lease.node_name), lease.encode_to_vec());
+        }
+        for event in b.events {
             let Some(lease) = &event.lease else { continue };
             if event.r#type == EventType::Delete as i32 {
                 batch.remove(lease_key(&lease.node_name));
@@ -111,26 +130,23 @@ impl Store for SledStore {
                 batch.remove(event_key(old));
             }
         }
-        batch.insert(REVISION_KEY, &last.revision.to_be_bytes());
+        if let Some(last) = b.events.last() {
+            batch.insert(REVISION_KEY, &last.revision.to_be_bytes());
+        }
+        if let Some(reservations) = b.reservations {
+            for item in self.db.scan_prefix(RESERVATION_PREFIX).keys() {
+                batch.remove(item.map_err(backend("reading reservations"))?);
+            }
+            for (node, subnet) in reservations {
+                batch.insert(
+                    [RESERVATION_PREFIX, node.as_bytes()].concat(),
+                    subnet.to_string().as_bytes(),
+                );
+            }
+        }
         self.db
             .apply_batch(batch)
             .map_err(backend("writing leases"))
-    }
-
-    fn set_reservations(&self, reservations: &BTreeMap<String, Ipv4Net>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for item in self.db.scan_prefix(RESERVATION_PREFIX).keys() {
-            batch.remove(item.map_err(backend("reading reservations"))?);
-        }
-        for (node, subnet) in reservations {
-            batch.insert(
-                [RESERVATION_PREFIX, node.as_bytes()].concat(),
-                subnet.to_string().as_bytes(),
-            );
-        }
-        self.db
-            .apply_batch(batch)
-            .map_err(backend("writing reservations"))
     }
 
     fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
@@ -186,28 +202,52 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStore::open(dir.path(), 2).unwrap();
-            s.apply(&[
+            fn events(e: &[LeaseEvent]) -> Batch<'_> {
+                Batch {
+                    events: e,
+                    ..Batch::default()
+                }
+            }
+            s.write(&events(&[
                 event(EventType::Put, lease("a", "10.244.1.0/24"), 1),
                 event(EventType::Put, lease("b", "10.244.2.0/24"), 2),
-            ])
+            ]))
             .unwrap();
-            s.apply(&[event(EventType::Delete, lease("a", "10.244.1.0/24"), 3)])
-                .unwrap();
+            s.write(&events(&[event(
+                EventType::Delete,
+                lease("a", "10.244.1.0/24"),
+                3,
+            )]))
+            .unwrap();
             s.set_layout("10.244.0.0/16 /24").unwrap();
-            s.set_reservations(&[("c".to_string(), "10.244.9.0/24".parse().unwrap())].into())
-                .unwrap();
+            let mut renewed = lease("b", "10.244.2.0/24");
+            renewed.expires_at_unix = 42;
+            s.write(&Batch {
+                renewed: &[renewed],
+                reservations: Some(&[("c".to_string(), "10.244.9.0/24".parse().unwrap())].into()),
+                ..Batch::default()
+            })
+            .unwrap();
             s.flush().await.unwrap();
         }
+        let epoch = SledStore::open(dir.path(), 2)
+            .unwrap()
+            .load()
+            .unwrap()
+            .epoch;
+        assert_eq!(epoch.len(), 16, "made at creation: {epoch:?}");
         let s = SledStore::open(dir.path(), 2).unwrap();
         let snap = s.load().unwrap();
-        assert_eq!(snap.revision, 3);
+        assert_eq!(snap.epoch, epoch, "kept across opens");
+        assert_eq!(snap.revision, 3, "a renewal is no revision");
         let kept: Vec<u64> = snap.history.iter().map(|e| e.revision).collect();
         assert_eq!(
             kept,
             vec![2, 3],
             "history keeps the last two events, in order"
         );
-        assert_eq!(snap.leases, vec![lease("b", "10.244.2.0/24")]);
+        assert_eq!(snap.leases.len(), 1);
+        assert_eq!(snap.leases[0].expires_at_unix, 42, "renewed in place");
         assert_eq!(snap.layout.as_deref(), Some("10.244.0.0/16 /24"));
         assert_eq!(snap.reservations.len(), 1);
     }

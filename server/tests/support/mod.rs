@@ -276,8 +276,17 @@ pub fn acquire_request(node: &str, requested: &str) -> twill_proto::AcquireReque
         requested_subnet: requested.into(),
         public_ip: "192.0.2.10".into(),
         backend_type: "vxlan".into(),
-        vtep_mac: "0a:58:00:00:00:01".into(),
+        vtep_mac: mac(node),
     }
+}
+
+/// The VTEP MAC of test node `node`: its own, as every node's must be.
+pub fn mac(node: &str) -> String {
+    let h = node
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        .to_be_bytes();
+    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
 }
 
 pub const NET_CONF: &str = r#"{"Network": "10.128.0.0/12", "Backend": {"Type": "vxlan"}}"#;

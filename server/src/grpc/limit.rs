@@ -1,0 +1,101 @@
+//! Per-node rate limit of lease writes: one misbehaving certificate in a loop must not
+//! cost every other node revisions, fsyncs and broadcasts. A token bucket per node,
+//! checked before a request reaches the lease writer.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+/// Lease writes a node may make per second, sustained. An agent makes one at start
+/// and then one per renewal (hours apart by default); restarts and device repairs add
+/// a few.
+pub const NODE_WRITES_PER_SECOND: f64 = 2.0;
+/// Lease writes a node may make in a burst.
+pub const NODE_WRITE_BURST: f64 = 10.0;
+/// Buckets are forgotten once full and unused this long (they hold nothing then).
+const IDLE: Duration = Duration::from_secs(600);
+
+/// Token buckets by node name.
+pub struct NodeLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Default for NodeLimiter {
+    fn default() -> Self {
+        Self::new(NODE_WRITES_PER_SECOND, NODE_WRITE_BURST)
+    }
+}
+
+impl NodeLimiter {
+    /// `rate` writes per second per node, `burst` at once.
+    pub fn new(rate: f64, burst: f64) -> Self {
+        NodeLimiter {
+            rate,
+            burst,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one write for `node`, or says when to retry (RESOURCE_EXHAUSTED).
+    pub fn check(&self, node: &str) -> Result<(), Status> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 1024 {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, b| {
+                now.duration_since(b.at) < IDLE
+                    || b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
+            });
+        }
+        let b = buckets.entry(node.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = Duration::from_secs_f64((1.0 - b.tokens) / self.rate);
+        Err(Status::resource_exhausted(format!(
+            "node {node} is changing its lease faster than {} times a second (bursts of {}); \
+             retry in {} ms",
+            self.rate,
+            self.burst,
+            wait.as_millis().max(1)
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate_per_node() {
+        let l = NodeLimiter::new(1000.0, 3.0);
+        for _ in 0..3 {
+            l.check("a").unwrap();
+        }
+        let e = l.check("a").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("node a") && e.message().contains("retry in"),
+            "{}",
+            e.message()
+        );
+        l.check("b").expect("other nodes are not affected");
+        std::thread::sleep(Duration::from_millis(5));
+        l.check("a").expect("refilled at the rate");
+    }
+}
