@@ -177,6 +177,9 @@ pub struct ReservationDoc {
     /// only; absent elsewhere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_use: Option<bool>,
+    /// Why the controller cannot honour the reservation now (absent when it can).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
 }
 
 /// The document printed by `reservations -o json|yaml`.
@@ -194,6 +197,7 @@ fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc 
             ls.iter()
                 .any(|l| l.node_name == r.node_name && l.subnet == r.subnet)
         }),
+        stale: Some(r.stale.clone()).filter(|s| !s.is_empty()),
     }
 }
 
@@ -379,6 +383,9 @@ pub struct StatusDoc {
     pub subnets_free: u32,
     /// Reservations.
     pub subnets_reserved: u32,
+    /// Reservations the controller cannot honour now (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservations_stale: Option<u32>,
     /// Open watch streams, ordered by name.
     pub agents: Vec<AgentDoc>,
 }
@@ -393,6 +400,7 @@ impl From<&StatusResponse> for StatusDoc {
             subnets_used: s.subnets_used,
             subnets_free: s.subnets_free,
             subnets_reserved: s.subnets_reserved,
+            reservations_stale: Some(s.reservations_stale).filter(|n| *n > 0),
             agents: s.agents.iter().map(AgentDoc::from).collect(),
         }
     }
@@ -410,10 +418,17 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                 strings(&["Store size:", &bytes(s.store_size_bytes)]),
                 strings(&[
                     "Subnets:",
-                    &format!(
-                        "{} total, {} used, {} free, {} reserved",
-                        s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
-                    ),
+                    &match s.reservations_stale {
+                        0 => format!(
+                            "{} total, {} used, {} free, {} reserved",
+                            s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
+                        ),
+                        stale => format!(
+                            "{} total, {} used, {} free, {} reserved ({stale} not honoured now: \
+                             twillctl reservations -o yaml says why)",
+                            s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
+                        ),
+                    },
                 ]),
                 strings(&[
                     "Agents:",
@@ -1112,6 +1127,31 @@ node-a   5m3s        3s          9          1
         assert_eq!(v["network"], "10.244.0.0/16");
         assert_eq!(v["subnet_len"], 24);
         assert_eq!(v["lease_ttl_seconds"], 86_400);
+    }
+
+    #[test]
+    fn a_stale_reservation_says_why() {
+        let rs = vec![Reservation {
+            node_name: "node-x".into(),
+            subnet: "10.244.0.0/24".into(),
+            stale: "10.244.0.0/24 is outside SubnetMin".into(),
+        }];
+        let v: serde_json::Value =
+            serde_json::from_str(&render_reservations(&rs, None, Format::Json)).unwrap();
+        assert_eq!(
+            v["reservations"][0]["stale"],
+            "10.244.0.0/24 is outside SubnetMin"
+        );
+        let s = StatusResponse {
+            subnets_reserved: 1,
+            reservations_stale: 1,
+            ..Default::default()
+        };
+        let t = render_status(&s, Format::Table, UNIX_EPOCH);
+        assert!(t.contains("1 reserved (1 not honoured now"), "{t}");
+        let v: serde_json::Value =
+            serde_json::from_str(&render_status(&s, Format::Json, UNIX_EPOCH)).unwrap();
+        assert_eq!(v["reservations_stale"], 1);
     }
 
     #[test]

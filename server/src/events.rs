@@ -144,7 +144,7 @@ impl Hub {
             return;
         };
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        let mut framer = Framer::new(false, last, &self.epoch);
+        let mut framer = Framer::new(false, last, &self.epoch, 256 * events.len());
         for e in events {
             let encoded = Bytes::from(e.encode_to_vec());
             framer.push(e.revision, &encoded);
@@ -316,7 +316,8 @@ impl Hub {
         {
             return m.clone();
         }
-        let mut framer = Framer::new(false, revision, &self.epoch);
+        let size = events.iter().map(|(_, e)| e.len() + 4).sum::<usize>() + 64;
+        let mut framer = Framer::new(false, revision, &self.epoch, size);
         for (rev, e) in events {
             framer.push(*rev, e);
         }
@@ -357,103 +358,97 @@ impl Hub {
 const GRPC_PREFIX: usize = 5;
 
 /// Builds the gRPC messages of one `WatchResponse` from encoded events, starting a new
-/// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. The fields are
-/// written in field order, as prost writes them, so a single part is byte for byte
-/// what prost makes of the same response.
+/// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. Everything is
+/// written once, straight into the output (the 5-byte prefix is patched when a part
+/// ends), in field order as prost writes it, so a single part is byte for byte what
+/// prost makes of the same response.
 struct Framer<'a> {
     out: Vec<u8>,
-    body: Vec<u8>,
+    /// Where the current part's prefix starts, and how many events it holds.
+    part_start: usize,
+    part_events: usize,
+    part_revision: u64,
     reset: bool,
     revision: u64,
     epoch: &'a str,
     first: bool,
-    part_revision: u64,
 }
 
 impl<'a> Framer<'a> {
-    fn new(reset: bool, revision: u64, epoch: &'a str) -> Self {
-        Framer {
-            out: Vec::new(),
-            body: Vec::new(),
+    fn new(reset: bool, revision: u64, epoch: &'a str, capacity: usize) -> Self {
+        let mut f = Framer {
+            out: Vec::with_capacity(capacity),
+            part_start: 0,
+            part_events: 0,
+            part_revision: revision,
             reset,
             revision,
             epoch,
             first: true,
-            part_revision: revision,
+        };
+        f.begin_part();
+        f
+    }
+
+    fn begin_part(&mut self) {
+        self.part_start = self.out.len();
+        self.part_events = 0;
+        self.out.extend_from_slice(&[0; GRPC_PREFIX]);
+        if self.reset && self.first {
+            prost::encoding::bool::encode(1, &true, &mut self.out);
         }
     }
 
-    /// Adds one encoded `LeaseEvent` of revision `revision`.
-    fn push(&mut self, revision: u64, event: &[u8]) {
+    /// Adds one `LeaseEvent` of revision `revision` whose encoding is `len` bytes,
+    /// written by `write`.
+    fn push_with(&mut self, revision: u64, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-        let entry = key_len(2) + encoded_len_varint(event.len() as u64) + event.len();
-        if !self.body.is_empty() && self.body.len() + entry > MAX_MESSAGE_BYTES {
-            self.finish_part(true);
+        let entry = key_len(2) + encoded_len_varint(len as u64) + len;
+        let used = self.out.len() - self.part_start - GRPC_PREFIX;
+        if self.part_events > 0 && used + entry > MAX_MESSAGE_BYTES {
+            self.end_part(true);
+            self.begin_part();
         }
-        encode_key(2, WireType::LengthDelimited, &mut self.body);
-        encode_varint(event.len() as u64, &mut self.body);
-        self.body.extend_from_slice(event);
+        encode_key(2, WireType::LengthDelimited, &mut self.out);
+        encode_varint(len as u64, &mut self.out);
+        write(&mut self.out);
+        self.part_events += 1;
         self.part_revision = revision;
     }
 
+    /// Adds one encoded `LeaseEvent`.
+    fn push(&mut self, revision: u64, event: &[u8]) {
+        self.push_with(revision, event.len(), |out| out.extend_from_slice(event));
+    }
+
     /// Ends the current part; `more` when events follow it.
-    fn finish_part(&mut self, more: bool) {
+    fn end_part(&mut self, more: bool) {
         use prost::encoding::{bool as pbool, string, uint64};
         // A reset's parts all carry the snapshot's revision and only the first resets;
         // the parts of anything else are complete batches, each up to its last event.
-        let reset = self.reset && self.first;
         let revision = if self.reset || !more {
             self.revision
         } else {
             self.part_revision
         };
-        let more = more && self.reset;
-        let epoch = self.epoch;
-        let len = if reset {
-            pbool::encoded_len(1, &true)
-        } else {
-            0
-        } + self.body.len()
-            + if revision != 0 {
-                uint64::encoded_len(3, &revision)
-            } else {
-                0
-            }
-            + if more {
-                pbool::encoded_len(4, &true)
-            } else {
-                0
-            }
-            + if epoch.is_empty() {
-                0
-            } else {
-                string::encoded_len(5, &epoch.to_string())
-            };
-        self.out.reserve(GRPC_PREFIX + len);
-        self.out.push(0);
-        self.out.extend_from_slice(&(len as u32).to_be_bytes());
-        let start = self.out.len();
-        if reset {
-            pbool::encode(1, &true, &mut self.out);
-        }
-        self.out.extend_from_slice(&self.body);
         if revision != 0 {
             uint64::encode(3, &revision, &mut self.out);
         }
-        if more {
+        if more && self.reset {
             pbool::encode(4, &true, &mut self.out);
         }
-        if !epoch.is_empty() {
-            string::encode(5, &epoch.to_string(), &mut self.out);
+        if !self.epoch.is_empty() {
+            string::encode(5, &self.epoch.to_string(), &mut self.out);
         }
-        debug_assert_eq!(self.out.len() - start, len);
-        self.body.clear();
+        let len = (self.out.len() - self.part_start - GRPC_PREFIX) as u32;
+        self.out[self.part_start + 1..self.part_start + GRPC_PREFIX]
+            .copy_from_slice(&len.to_be_bytes());
         self.first = false;
     }
 
     /// The messages, back to back (at least one, even without events).
     fn finish(mut self) -> Bytes {
-        self.finish_part(false);
+        self.end_part(false);
         self.out.into()
     }
 }
@@ -491,16 +486,26 @@ pub fn decode(mut msgs: &[u8]) -> Result<Vec<WatchResponse>, DecodeError> {
 fn encode_snapshot(t: &Table, epoch: &str) -> Bytes {
     use prost::encoding::{int32, message, uint64};
     const PUT: i32 = EventType::Put as i32;
-    let mut framer = Framer::new(true, t.revision, epoch);
-    let mut event = Vec::new();
-    for l in t.leases.values() {
-        event.clear();
-        int32::encode(1, &PUT, &mut event);
-        message::encode(2, l, &mut event);
-        if l.revision != 0 {
-            uint64::encode(3, &l.revision, &mut event);
-        }
-        framer.push(l.revision, &event);
+    let event_len = |l: &Lease| {
+        int32::encoded_len(1, &PUT)
+            + message::encoded_len(2, l)
+            + if l.revision != 0 {
+                uint64::encoded_len(3, &l.revision)
+            } else {
+                0
+            }
+    };
+    let lens: Vec<usize> = t.leases.values().map(event_len).collect();
+    let capacity = lens.iter().map(|n| n + 4).sum::<usize>() + 64;
+    let mut framer = Framer::new(true, t.revision, epoch, capacity);
+    for (l, len) in t.leases.values().zip(lens) {
+        framer.push_with(l.revision, len, |out| {
+            int32::encode(1, &PUT, out);
+            message::encode(2, l, out);
+            if l.revision != 0 {
+                uint64::encode(3, &l.revision, out);
+            }
+        });
     }
     framer.finish()
 }

@@ -1373,17 +1373,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_store() {
+    /// A failing store (nothing failing yet) in a temp dir, and a network for it.
+    fn failing_store() -> (Arc<FailingStore>, NetConf, tempfile::TempDir) {
         let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let failing = Arc::new(FailingStore {
+        let store = Arc::new(FailingStore {
             inner: SledStore::open(dir.path(), 100).unwrap(),
             fail_write: false.into(),
             fail_flush: false.into(),
             fail_load: false.into(),
         });
+        (store, conf, dir)
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_store() {
+        let (failing, conf, _dir) = failing_store();
         let store: Arc<dyn Store> = failing.clone();
         let (leases, hub) = start_on(&conf, store.clone());
         let mut seen: BTreeMap<u64, LeaseEvent> = BTreeMap::new();
@@ -1476,15 +1482,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_cannot_be_read_back_stops_the_writer_visibly() {
-        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let failing = Arc::new(FailingStore {
-            inner: SledStore::open(dir.path(), 100).unwrap(),
-            fail_write: false.into(),
-            fail_flush: true.into(),
-            fail_load: false.into(),
-        });
+        let (failing, conf, _dir) = failing_store();
+        failing.fail_flush.store(true, Ordering::Relaxed);
         let (leases, _hub) = start_on(&conf, failing.clone());
         failing.fail_load.store(true, Ordering::Relaxed);
         assert!(leases.is_running());

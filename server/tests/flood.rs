@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use support::{acquire_request, Controller, Pki, NET_CONF};
 use twill_proto::{ReleaseRequest, WatchRequest, WatchResponse};
 
-/// Seconds from a probe node's Acquire reply to a watcher seeing its lease, for `n`
-/// probes one after another.
+/// Milliseconds from a probe node's Acquire request to a watcher seeing its lease, for
+/// `n` probes 300 ms apart.
 async fn probe_latencies(
     ctl: &Controller,
     pki: &Pki,
@@ -46,6 +46,8 @@ async fn probe_latencies(
             .release(ReleaseRequest { node_name: node })
             .await
             .unwrap();
+        // Spread over a few seconds, so the flood runs long past its burst.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     out
 }

@@ -9,6 +9,8 @@
 //! * [`Overlay`]: a lab running Twill: certificates from `twillctl certs`, a
 //!   `controller` host running `twill-controller`, one `twill-agent` per node.
 //! * [`wait_until`]/[`hold_for`]: polling with deadlines instead of sleeps.
+//! * [`ContinuousPing`]: a ping in the background that tells, once stopped, which
+//!   echo requests were lost while a test disturbed the overlay.
 //! * [`require_lab`]: a loud skip when the machine cannot run a lab (not root, no
 //!   network namespaces), a failure instead when `CI` is set.
 //!
@@ -36,6 +38,7 @@ pub mod cmd;
 pub mod kernel;
 pub mod lab;
 pub mod overlay;
+pub mod ping;
 pub mod pods;
 mod process;
 pub mod subnet_env;
@@ -49,5 +52,6 @@ pub use lab::{
     LabConfig, LabError,
 };
 pub use overlay::{LeaseRow, Overlay, OverlayConfig, CONTROLLER_HOST, DEFAULT_NET_CONF};
+pub use ping::{ContinuousPing, PingReport};
 pub use subnet_env::SubnetEnv;
 pub use wait::{hold_for, wait_until, Check, Outcome};

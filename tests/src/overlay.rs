@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 
 use crate::bins::Bins;
 use crate::cmd;
-use crate::kernel::FLANNEL_DEV;
+use crate::kernel::{FLANNEL_DEV, TWILL_ROUTE_PROTO};
 use crate::lab::{Host, Lab, LabConfig, LabError};
 use crate::subnet_env::SubnetEnv;
 use crate::wait::{wait_until, Check};
@@ -218,7 +218,7 @@ impl Overlay {
         self.twillctl_certs(&["init"])?;
         self.twillctl_certs(&["issue", "controller", "--ip", &ctl_ip, "--dns", "localhost"])?;
         for n in &self.nodes {
-            self.twillctl_certs(&["issue", "node", n])?;
+            self.issue_node_cert(n)?;
         }
         self.twillctl_certs(&["issue", "admin", ADMIN_USER])?;
         for f in ["ca.crt", "controller.crt", "controller.key"] {
@@ -230,6 +230,22 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// Issues a node certificate for `node` (`node-<node>.crt` and `.key` in
+    /// [`Overlay::certs_dir`]) signed by the overlay's CA, as `twillctl certs issue
+    /// node` does for the nodes the overlay starts with.
+    pub fn issue_node_cert(&self, node: &str) -> Result<()> {
+        self.twillctl_certs(&["issue", "node", node])
+    }
+
+    /// Runs `scenario` and turns an error into a panic while the overlay is still
+    /// alive, so that the lab prints every host's kernel state and every log before it
+    /// cleans up (a test returning the error would drop the overlay first).
+    pub fn run_scenario(&self, scenario: impl FnOnce(&Overlay) -> Result<()>) {
+        if let Err(e) = scenario(self) {
+            panic!("{e:#}");
+        }
     }
 
     pub fn lab(&self) -> &Lab {
@@ -573,6 +589,49 @@ impl Overlay {
                 && r.is_onlink(),
             "{on}: route {r:?}, want {subnet} via {gw} dev {FLANNEL_DEV} onlink proto 74"
         );
+        Ok(())
+    }
+
+    /// Waits until `on` has [`Overlay::vxlan_entries`] for `peer`, whose subnet.env is
+    /// `env`; returns `peer`'s VTEP MAC.
+    pub fn wait_vxlan_entries(
+        &self,
+        on: &str,
+        peer: &str,
+        env: &SubnetEnv,
+        timeout: Duration,
+    ) -> Result<String> {
+        let mac = self.vtep_mac(peer)?;
+        let public = self.public_ip(peer);
+        wait_until(
+            timeout,
+            &format!("{on} to have {peer}'s route, neighbour and FDB entry"),
+            || self.vxlan_entries(on, env, &mac, public),
+        )?;
+        Ok(mac)
+    }
+
+    /// Deletes by hand `on`'s route to the peer whose subnet.env is `env` (`ip route
+    /// del S via S.0 dev flannel.1 proto 74`); fails unless that very route was there,
+    /// so success proves something was removed.
+    pub fn delete_peer_route(&self, on: &str, env: &SubnetEnv) -> Result<()> {
+        let (subnet, gw) = (env.subnet_net().to_string(), env.flannel_addr().to_string());
+        let proto = TWILL_ROUTE_PROTO.to_string();
+        cmd::run(&[
+            "ip",
+            "-n",
+            &self.node_host(on).netns,
+            "route",
+            "del",
+            &subnet,
+            "via",
+            &gw,
+            "dev",
+            FLANNEL_DEV,
+            "proto",
+            &proto,
+        ])
+        .with_context(|| format!("deleting {on}'s route to {subnet} via {gw} by hand"))?;
         Ok(())
     }
 

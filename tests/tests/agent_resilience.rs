@@ -12,11 +12,9 @@
 //! * `--ip-masq`: pod traffic leaving the overlay is masqueraded, pod-to-pod traffic
 //!   is not; an agent restarted without it removes `table inet twill`.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -25,22 +23,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use twill_tests::lab::in_netns;
 use twill_tests::{
-    cmd, hold_for, require_lab, wait_until, Check, Overlay, OverlayConfig, SubnetEnv,
-    CONTROLLER_HOST, FLANNEL_DEV,
+    cmd, hold_for, require_lab, wait_until, Check, ContinuousPing, Overlay, OverlayConfig,
+    SubnetEnv, CONTROLLER_HOST, FLANNEL_DEV,
 };
 
 /// Deadline for an overlay to converge (generous: the machine may be busy).
 const CONVERGE: Duration = Duration::from_secs(90);
 /// Deadline for a single repair or state change the test waits for.
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// Runs `scenario` and turns an error into a panic while `ov` is still alive, so the
-/// lab prints every host's kernel state and every log before cleaning up.
-fn run(ov: &Overlay, scenario: impl FnOnce(&Overlay) -> Result<()>) {
-    if let Err(e) = scenario(ov) {
-        panic!("{e:#}");
-    }
-}
 
 // ------------------------------------------------------------------ helpers
 
@@ -158,7 +148,7 @@ fn hand_deleted_entries_are_repaired_within_one_reconcile_interval() {
     let Some(ov) = require_lab("agent_resilience::repairs", Overlay::start(cfg)) else {
         return;
     };
-    run(&ov, repair_scenario);
+    ov.run_scenario(repair_scenario);
 }
 
 /// Polls `f` every ~10 ms until it holds; how long that took from `start`.
@@ -204,13 +194,8 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
     let ns_a = ov.node_host(a).netns.clone();
     let envs = ov.wait_converged(CONVERGE)?;
     let env_b = &envs[b];
-    let mac_b = ov.vtep_mac(b)?;
+    let mac_b = ov.wait_vxlan_entries(a, b, env_b, SETTLE)?;
     let pub_b = ov.public_ip(b);
-    wait_until(
-        SETTLE,
-        "node-a to have node-b's route, neighbour and FDB entry",
-        || ov.vxlan_entries(a, env_b, &mac_b, pub_b),
-    )?;
     let subnet = env_b.subnet_net().to_string();
     let gw = env_b.flannel_addr().to_string();
     let route_ok = || -> Result<bool> {
@@ -232,21 +217,8 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
     let mut phases = Phases::new();
     for i in 0..REPAIR_SAMPLES {
         let start = Instant::now();
-        ip(
-            &ns_a,
-            &[
-                "route",
-                "del",
-                &subnet,
-                "via",
-                &gw,
-                "dev",
-                FLANNEL_DEV,
-                "proto",
-                "74",
-            ],
-        )
-        .with_context(|| format!("deletion #{}", i + 1))?;
+        ov.delete_peer_route(a, env_b)
+            .with_context(|| format!("deletion #{}", i + 1))?;
         lat.push(time_until(
             start,
             &format!("route {subnet} (deletion #{})", i + 1),
@@ -287,8 +259,9 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
                 && n.lladdr.as_deref().map(str::to_ascii_lowercase).as_deref() == Some(&*mac_b)
         }))
     };
+    let delete_neigh = || ip(&ns_a, &["neigh", "del", &gw, "dev", FLANNEL_DEV]);
     let start = Instant::now();
-    ip(&ns_a, &["neigh", "del", &gw, "dev", FLANNEL_DEV])?;
+    delete_neigh()?;
     let d = time_until(start, &format!("neighbour {gw}"), neigh_ok)?;
     println!("repair latency of a hand-deleted neighbour: {}", fmt_ms(d));
     ensure!(d <= bound, "neighbour {gw} took {} to come back", fmt_ms(d));
@@ -301,20 +274,23 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
             .iter()
             .any(|f| f.mac.eq_ignore_ascii_case(&mac_b) && f.dst.as_deref() == Some(&*pub_b_s)))
     };
+    let delete_fdb = || {
+        cmd::run(&[
+            "bridge",
+            "-n",
+            &ns_a,
+            "fdb",
+            "del",
+            &mac_b,
+            "dev",
+            FLANNEL_DEV,
+            "dst",
+            &pub_b_s,
+            "self",
+        ])
+    };
     let start = Instant::now();
-    cmd::run(&[
-        "bridge",
-        "-n",
-        &ns_a,
-        "fdb",
-        "del",
-        &mac_b,
-        "dev",
-        FLANNEL_DEV,
-        "dst",
-        &pub_b_s,
-        "self",
-    ])?;
+    delete_fdb()?;
     let d = time_until(start, &format!("FDB entry {mac_b}"), fdb_ok)?;
     println!("repair latency of a hand-deleted FDB entry: {}", fmt_ms(d));
     ensure!(
@@ -325,34 +301,9 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
 
     // (4) all three at once, then traffic flows again
     let start = Instant::now();
-    ip(
-        &ns_a,
-        &[
-            "route",
-            "del",
-            &subnet,
-            "via",
-            &gw,
-            "dev",
-            FLANNEL_DEV,
-            "proto",
-            "74",
-        ],
-    )?;
-    ip(&ns_a, &["neigh", "del", &gw, "dev", FLANNEL_DEV])?;
-    cmd::run(&[
-        "bridge",
-        "-n",
-        &ns_a,
-        "fdb",
-        "del",
-        &mac_b,
-        "dev",
-        FLANNEL_DEV,
-        "dst",
-        &pub_b_s,
-        "self",
-    ])?;
+    ov.delete_peer_route(a, env_b)?;
+    delete_neigh()?;
+    delete_fdb()?;
     let d = time_until(start, "route, neighbour and FDB entry", || {
         Ok(route_ok()? && neigh_ok()? && fdb_ok()?)
     })?;
@@ -437,128 +388,6 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
 
 // ------------------------------------------- 2. restarts without loss
 
-/// A `ping -i 0.05` running in the background in a host's namespace.
-struct BackgroundPing {
-    child: Child,
-    out: PathBuf,
-}
-
-impl BackgroundPing {
-    fn start(ov: &Overlay, host: &str, src: Ipv4Addr, dst: Ipv4Addr) -> Result<BackgroundPing> {
-        let out = ov.lab().dir().join(format!("ping-{host}-{dst}.out"));
-        let f = File::create(&out)?;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ov.node_host(host).netns,
-                "ping",
-                "-n",
-                "-i",
-                "0.05",
-                "-I",
-            ])
-            .arg(src.to_string())
-            .arg(dst.to_string())
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .context("cannot start ping")?;
-        Ok(BackgroundPing { child, out })
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGINT (ping prints its summary), wait for the exit, read what it printed.
-    fn finish(&mut self) -> Result<PingReport> {
-        ensure!(
-            self.running(),
-            "ping exited early: {}",
-            std::fs::read_to_string(&self.out).unwrap_or_default()
-        );
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.running() {
-            ensure!(Instant::now() < deadline, "ping did not exit after SIGINT");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = std::fs::read_to_string(&self.out)?;
-        PingReport::parse(&text)
-    }
-}
-
-impl Drop for BackgroundPing {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn still_pinging(ping: &mut BackgroundPing, when: &str) -> Check<()> {
-    if ping.running() {
-        Check::Ready(())
-    } else {
-        Check::Fatal(format!("ping exited early ({when})"))
-    }
-}
-
-#[derive(Debug)]
-struct PingReport {
-    transmitted: u64,
-    received: u64,
-    /// Sequence numbers sent but never answered, except the last one when it was
-    /// still in flight at SIGINT.
-    lost: Vec<u64>,
-    /// Whether the last echo request was still unanswered at SIGINT (not a loss).
-    last_in_flight: bool,
-    summary: String,
-}
-
-impl PingReport {
-    fn parse(text: &str) -> Result<PingReport> {
-        let summary = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("no summary in ping's output:\n{text}"))?
-            .trim()
-            .to_string();
-        // "1200 packets transmitted, 1200 received, 0% packet loss, time 60000ms"
-        let num = |key: &str| -> Result<u64> {
-            summary
-                .split(',')
-                .find(|p| p.contains(key))
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("cannot read `{key}` in {summary:?}"))
-        };
-        let transmitted = num("transmitted")?;
-        let received = num("received")?;
-        let answered: BTreeSet<u64> = text
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.split("icmp_seq=").nth(1))
-            .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-            .collect();
-        let mut lost: Vec<u64> = (1..=transmitted)
-            .filter(|s| !answered.contains(s))
-            .collect();
-        let last_in_flight = lost.last() == Some(&transmitted);
-        if last_in_flight {
-            lost.pop();
-        }
-        Ok(PingReport {
-            transmitted,
-            received,
-            lost,
-            last_in_flight,
-            summary,
-        })
-    }
-}
-
 #[test]
 fn continuous_ping_loses_nothing_while_controller_and_agent_are_killed_and_restarted() {
     let Some(ov) = require_lab(
@@ -567,7 +396,7 @@ fn continuous_ping_loses_nothing_while_controller_and_agent_are_killed_and_resta
     ) else {
         return;
     };
-    run(&ov, restart_scenario);
+    ov.run_scenario(restart_scenario);
 }
 
 fn restart_scenario(ov: &Overlay) -> Result<()> {
@@ -577,18 +406,17 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
         ov.lab().add_bridge(n, "pods0", envs[n].subnet)?;
     }
     let (src, dst) = (envs[a].gateway(), envs[b].gateway());
-    let mac_b = ov.vtep_mac(b)?;
+    let mac_b = ov.wait_vxlan_entries(a, b, &envs[b], SETTLE)?;
     let pub_b = ov.public_ip(b);
-    let b_ok = || ov.vxlan_entries(a, &envs[b], &mac_b, ov.public_ip(b));
-    wait_until(SETTLE, "node-a to have node-b's entries", b_ok)?;
+    let b_ok = || ov.vxlan_entries(a, &envs[b], &mac_b, pub_b);
     ping_from(ov, a, src, dst)?;
     ping_from(ov, b, dst, src)?;
     wait_watchers(ov, 3)?;
 
-    let mut ping = BackgroundPing::start(ov, a, src, dst)?;
+    let mut ping = ContinuousPing::start_from(ov.lab(), a, src, dst)?;
     let started = Instant::now();
     hold_for(Duration::from_secs(2), "ping to run", || {
-        still_pinging(&mut ping, "warm-up")
+        ping.still_running("warm-up")
     })?;
 
     // (a) the controller: SIGKILL, down for a while, back on the same data dir
@@ -597,15 +425,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
     hold_for(
         Duration::from_secs(3),
         "node-a's entries for node-b to stay while the controller is down",
-        || {
-            b_ok().and_then(|()| {
-                if ping.running() {
-                    Ok(())
-                } else {
-                    bail!("ping exited")
-                }
-            })
-        },
+        || b_ok().and_then(|()| ping.still_running("while the controller is down")),
     )?;
     ov.restart_controller()?;
     wait_watchers(ov, 3).context("agents re-opening their watches after the controller restart")?;
@@ -617,15 +437,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
     hold_for(
         Duration::from_secs(3),
         "node-a's entries for node-b to stay while node-b's agent is down",
-        || {
-            b_ok().and_then(|()| {
-                if ping.running() {
-                    Ok(())
-                } else {
-                    bail!("ping exited")
-                }
-            })
-        },
+        || b_ok().and_then(|()| ping.still_running("while node-b's agent is down")),
     )?;
     ov.restart_agent(b)?;
     ov.wait_agent_healthy(b, SETTLE)?;
@@ -643,36 +455,17 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
         ov.vxlan_entries(on, &envs[b], &mac_b, pub_b)?;
     }
     hold_for(Duration::from_secs(2), "ping to keep running", || {
-        still_pinging(&mut ping, "after the restarts")
+        ping.still_running("after the restarts")
     })?;
 
     let report = ping.finish()?;
     println!(
         "continuous ping {src} -> {dst} (every 50 ms, {:.1?}) across a controller SIGKILL+restart \
-         and an agent SIGKILL+restart: {} transmitted, {} received, {} lost{}; ping said: {}",
-        started.elapsed(),
-        report.transmitted,
-        report.received,
-        report.lost.len(),
-        if report.last_in_flight {
-            " (the last request was in flight at SIGINT; not counted)"
-        } else {
-            ""
-        },
-        report.summary
+         and an agent SIGKILL+restart: {report}",
+        started.elapsed()
     );
-    ensure!(
-        report.transmitted >= 100,
-        "ping sent only {} requests; it did not cover the restarts",
-        report.transmitted
-    );
-    ensure!(
-        report.lost.is_empty(),
-        "{} echo requests got no reply (icmp_seq {:?}); {}",
-        report.lost.len(),
-        report.lost,
-        report.summary
-    );
+    let problems = report.problems(100, "the restarts");
+    ensure!(problems.is_empty(), "{}", problems.join("; "));
     Ok(())
 }
 
@@ -686,7 +479,7 @@ fn a_lease_that_expires_while_its_agent_is_down_disappears_from_every_peer() {
     ) else {
         return;
     };
-    run(&ov, expiry_scenario);
+    ov.run_scenario(expiry_scenario);
 }
 
 fn expiry_scenario(ov: &Overlay) -> Result<()> {
@@ -784,7 +577,7 @@ fn direct_routing_on_one_l2_subnet_and_vxlan_to_a_host_behind_a_router() {
     ) else {
         return;
     };
-    run(&ov, direct_routing_scenario);
+    ov.run_scenario(direct_routing_scenario);
 }
 
 /// Moves node-c off the underlay bridge onto its own subnet 192.0.2.0/24, whose
@@ -978,7 +771,7 @@ fn ip_masq_masquerades_traffic_leaving_the_overlay_but_not_pod_to_pod() {
     ) else {
         return;
     };
-    run(&ov, masq_scenario);
+    ov.run_scenario(masq_scenario);
 }
 
 /// Sends datagrams from `sock` to `to` until `listener` receives one (up to

@@ -11,18 +11,13 @@
 //!   itself unhealthy once its lease has run out, and exits promptly and cleanly on
 //!   SIGTERM.
 
-use std::collections::BTreeSet;
-use std::fs::File;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
@@ -37,8 +32,8 @@ use twill_proto::{
 use twill_tests::overlay::{CONTROLLER_PROC, GRPC_PORT};
 use twill_tests::wait::POLL_INTERVAL;
 use twill_tests::{
-    cmd, hold_for, require_lab, wait_until, Check, Overlay, OverlayConfig, SubnetEnv,
-    CONTROLLER_HOST, FLANNEL_DEV,
+    hold_for, require_lab, wait_until, Check, ContinuousPing, Overlay, OverlayConfig, SubnetEnv,
+    CONTROLLER_HOST,
 };
 
 /// Deadline for an overlay to converge (generous: the machine may be busy).
@@ -49,14 +44,6 @@ const SETTLE: Duration = Duration::from_secs(60);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many log lines of a process a failure message quotes.
 const LOG_LINES: usize = 40;
-
-/// Runs `scenario` and turns an error into a panic while `ov` is still alive, so the
-/// lab prints every host's kernel state and every log before cleaning up.
-fn run(ov: &Overlay, scenario: impl FnOnce(&Overlay) -> Result<()>) {
-    if let Err(e) = scenario(ov) {
-        panic!("{e:#}");
-    }
-}
 
 /// The tails of the logs of `procs`, for failure messages.
 fn log_tails(ov: &Overlay, procs: &[&str]) -> String {
@@ -157,114 +144,6 @@ where
             .context("cannot build a tokio runtime")?;
         rt.block_on(make())
     })?
-}
-
-// ------------------------------------------------- a ping in the background
-
-/// A `ping -i 0.05` running in the background in a host's namespace.
-struct BackgroundPing {
-    child: Child,
-    out: PathBuf,
-}
-
-impl BackgroundPing {
-    fn start(ov: &Overlay, host: &str, dst: Ipv4Addr) -> Result<BackgroundPing> {
-        let out = ov.lab().dir().join(format!("ping-{host}-{dst}.out"));
-        let f = File::create(&out)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ov.node_host(host).netns])
-            .args(["ping", "-n", "-i", "0.05"])
-            .arg(dst.to_string())
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .context("cannot start ping")?;
-        Ok(BackgroundPing { child, out })
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn still_running(&mut self, when: &str) -> Result<()> {
-        ensure!(
-            self.running(),
-            "ping exited early ({when}): {}",
-            std::fs::read_to_string(&self.out).unwrap_or_default()
-        );
-        Ok(())
-    }
-
-    /// SIGINT (ping prints its summary), wait for the exit, read what it printed.
-    fn finish(&mut self) -> Result<PingReport> {
-        self.still_running("before SIGINT")?;
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.running() {
-            ensure!(Instant::now() < deadline, "ping did not exit after SIGINT");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let text = std::fs::read_to_string(&self.out)?;
-        PingReport::parse(&text)
-    }
-}
-
-impl Drop for BackgroundPing {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Debug)]
-struct PingReport {
-    transmitted: u64,
-    received: u64,
-    /// Sequence numbers sent but never answered, except the last one when it was
-    /// still in flight at SIGINT.
-    lost: Vec<u64>,
-    summary: String,
-}
-
-impl PingReport {
-    fn parse(text: &str) -> Result<PingReport> {
-        let summary = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("no summary in ping's output:\n{text}"))?
-            .trim()
-            .to_string();
-        // "1200 packets transmitted, 1200 received, 0% packet loss, time 60000ms"
-        let num = |key: &str| -> Result<u64> {
-            summary
-                .split(',')
-                .find(|p| p.contains(key))
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .with_context(|| format!("cannot read `{key}` in {summary:?}"))
-        };
-        let transmitted = num("transmitted")?;
-        let received = num("received")?;
-        let answered: BTreeSet<u64> = text
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.split("icmp_seq=").nth(1))
-            .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-            .collect();
-        let mut lost: Vec<u64> = (1..=transmitted)
-            .filter(|s| !answered.contains(s))
-            .collect();
-        if lost.last() == Some(&transmitted) {
-            lost.pop();
-        }
-        Ok(PingReport {
-            transmitted,
-            received,
-            lost,
-            summary,
-        })
-    }
 }
 
 // ------------------------------------------- 1. a spoofed VTEP MAC is refused
@@ -369,58 +248,58 @@ struct NothingChanged<'a> {
     /// The node that must hold no lease.
     intruder: &'a str,
     /// A ping from `on` to `peer` that must keep running.
-    ping: &'a mut BackgroundPing,
-    /// For messages.
-    when: &'a str,
+    ping: &'a mut ContinuousPing,
 }
 
-/// For the whole of `period`: no lease for the intruder, `on`'s route, neighbour and
-/// FDB entry for the victim as they were, the victim's MAC sent nowhere but to the
-/// victim, the ping running. The first failure of each, if any.
-fn nothing_changed(ov: &Overlay, w: NothingChanged<'_>, period: Duration) -> Vec<String> {
-    let NothingChanged {
-        on,
-        peer,
-        env,
-        mac,
-        public,
-        intruder,
-        ping,
-        when,
-    } = w;
-    let public_s = public.to_string();
-    let no_lease = || -> Result<()> {
-        let leases = ov.leases()?;
-        if let Some(l) = leases.iter().find(|l| l.node_name == intruder) {
-            bail!("twillctl leases lists a lease for {intruder}: {l:?}");
-        }
-        Ok(())
-    };
-    let entries = || ov.vxlan_entries(on, env, mac, public);
-    let mac_only_to_peer = || -> Result<()> {
-        let fdb = ov.lab().fdb_on(on, FLANNEL_DEV)?;
-        let wrong: Vec<_> = fdb
-            .iter()
-            .filter(|f| f.mac.eq_ignore_ascii_case(mac))
-            .filter(|f| f.dst.as_deref() != Some(&*public_s))
-            .collect();
-        ensure!(
-            wrong.is_empty(),
-            "{on}'s FDB sends {peer}'s MAC {mac} elsewhere than {public}: {wrong:?}"
-        );
-        Ok(())
-    };
-    let no_lease_what = format!("no lease for {intruder} ({when})");
-    let entries_what = format!("{on}'s route, neighbour and FDB entry for {peer} ({when})");
-    let fdb_what = format!("{on}'s FDB sending {peer}'s MAC only to {public} ({when})");
-    let ping_what = format!("the ping from {on} to {peer} running ({when})");
-    let mut checks: Vec<NamedCheck<'_>> = vec![
-        (&no_lease_what, Box::new(no_lease)),
-        (&entries_what, Box::new(entries)),
-        (&fdb_what, Box::new(mac_only_to_peer)),
-        (&ping_what, Box::new(|| ping.still_running(when))),
-    ];
-    watch_for(period, &mut checks)
+impl NothingChanged<'_> {
+    /// For the whole of `period`: no lease for the intruder, `on`'s route, neighbour
+    /// and FDB entry for the victim as they were, the victim's MAC sent nowhere but to
+    /// the victim, the ping running. The first failure of each, if any; `when` is for
+    /// messages.
+    fn watch(&mut self, ov: &Overlay, when: &str, period: Duration) -> Vec<String> {
+        let NothingChanged {
+            on,
+            peer,
+            env,
+            mac,
+            public,
+            intruder,
+            ref mut ping,
+        } = *self;
+        let public_s = public.to_string();
+        let no_lease = || -> Result<()> {
+            let leases = ov.leases()?;
+            if let Some(l) = leases.iter().find(|l| l.node_name == intruder) {
+                bail!("twillctl leases lists a lease for {intruder}: {l:?}");
+            }
+            Ok(())
+        };
+        let entries = || ov.vxlan_entries(on, env, mac, public);
+        let mac_only_to_peer = || -> Result<()> {
+            let fdb = ov.lab().fdb(on)?;
+            let wrong: Vec<_> = fdb
+                .iter()
+                .filter(|f| f.mac.eq_ignore_ascii_case(mac))
+                .filter(|f| f.dst.as_deref() != Some(&*public_s))
+                .collect();
+            ensure!(
+                wrong.is_empty(),
+                "{on}'s FDB sends {peer}'s MAC {mac} elsewhere than {public}: {wrong:?}"
+            );
+            Ok(())
+        };
+        let no_lease_what = format!("no lease for {intruder} ({when})");
+        let entries_what = format!("{on}'s route, neighbour and FDB entry for {peer} ({when})");
+        let fdb_what = format!("{on}'s FDB sending {peer}'s MAC only to {public} ({when})");
+        let ping_what = format!("the ping from {on} to {peer} running ({when})");
+        let mut checks: Vec<NamedCheck<'_>> = vec![
+            (&no_lease_what, Box::new(no_lease)),
+            (&entries_what, Box::new(entries)),
+            (&fdb_what, Box::new(mac_only_to_peer)),
+            (&ping_what, Box::new(|| ping.still_running(when))),
+        ];
+        watch_for(period, &mut checks)
+    }
 }
 
 #[test]
@@ -431,7 +310,7 @@ fn a_spoofed_vtep_mac_cannot_take_another_nodes_traffic() {
     ) else {
         return;
     };
-    run(&ov, spoof_scenario);
+    ov.run_scenario(spoof_scenario);
 }
 
 fn spoof_scenario(ov: &Overlay) -> Result<()> {
@@ -439,27 +318,13 @@ fn spoof_scenario(ov: &Overlay) -> Result<()> {
     let lab = ov.lab();
     let envs = ov.wait_converged(CONVERGE)?;
     let env_b = &envs[b];
-    let mac_b = ov.vtep_mac(b)?;
+    let mac_b = ov.wait_vxlan_entries(a, b, env_b, SETTLE)?;
     let pub_b = ov.public_ip(b);
-    wait_until(
-        SETTLE,
-        "node-a to have node-b's route, neighbour and FDB entry",
-        || ov.vxlan_entries(a, env_b, &mac_b, pub_b),
-    )?;
 
     // A certificate of mallory's own: a real node, as far as the CA is concerned.
-    let certs = ov.certs_dir();
-    cmd::run(&[
-        ov.bins().twillctl().display().to_string(),
-        "certs".into(),
-        "issue".into(),
-        "node".into(),
-        mallory.into(),
-        "--dir".into(),
-        certs.display().to_string(),
-    ])
-    .context("issuing mallory's node certificate")?;
-    let pems = Pems::load(certs, &format!("node-{mallory}"))
+    ov.issue_node_cert(mallory)
+        .context("issuing mallory's node certificate")?;
+    let pems = Pems::load(ov.certs_dir(), &format!("node-{mallory}"))
         .context("twillctl certs issue node mallory did not write node-mallory.crt/.key")?;
 
     // Traffic to node-b's flannel.1 address, watched for the whole attempt.
@@ -467,7 +332,7 @@ fn spoof_scenario(ov: &Overlay) -> Result<()> {
     wait_until(SETTLE, &format!("node-a to ping {dst}"), || {
         lab.ping(a, dst)
     })?;
-    let mut ping = BackgroundPing::start(ov, a, dst)?;
+    let mut ping = ContinuousPing::start(lab, a, dst)?;
     let started = Instant::now();
     hold_for(Duration::from_secs(2), "ping to run", || {
         ping.still_running("warm-up")
@@ -490,20 +355,16 @@ fn spoof_scenario(ov: &Overlay) -> Result<()> {
         names: "vtep_mac",
     }];
     problems.extend(acquire_as(ov, mallory, &pems, &spoof)?);
-    problems.extend(nothing_changed(
-        ov,
-        NothingChanged {
-            on: a,
-            peer: b,
-            env: env_b,
-            mac: &mac_b,
-            public: pub_b,
-            intruder: mallory,
-            ping: &mut ping,
-            when: "after the spoofed Acquire",
-        },
-        Duration::from_secs(5),
-    ));
+    let mut unchanged = NothingChanged {
+        on: a,
+        peer: b,
+        env: env_b,
+        mac: &mac_b,
+        public: pub_b,
+        intruder: mallory,
+        ping: &mut ping,
+    };
+    problems.extend(unchanged.watch(ov, "after the spoofed Acquire", Duration::from_secs(5)));
 
     // (2) addresses no VXLAN endpoint can have.
     let malformed = [
@@ -530,20 +391,7 @@ fn spoof_scenario(ov: &Overlay) -> Result<()> {
         },
     ];
     problems.extend(acquire_as(ov, mallory, &pems, &malformed)?);
-    problems.extend(nothing_changed(
-        ov,
-        NothingChanged {
-            on: a,
-            peer: b,
-            env: env_b,
-            mac: &mac_b,
-            public: pub_b,
-            intruder: mallory,
-            ping: &mut ping,
-            when: "after the malformed Acquires",
-        },
-        Duration::from_secs(3),
-    ));
+    problems.extend(unchanged.watch(ov, "after the malformed Acquires", Duration::from_secs(3)));
 
     match ov.leases() {
         Ok(leases) => println!(
@@ -563,27 +411,15 @@ fn spoof_scenario(ov: &Overlay) -> Result<()> {
         Ok(report) => {
             println!(
                 "continuous ping node-a -> {dst} (node-b's flannel.1, every 50 ms, {:.1?}) \
-                 across mallory's tries: {} transmitted, {} received, {} lost; ping said: {}",
-                started.elapsed(),
-                report.transmitted,
-                report.received,
-                report.lost.len(),
-                report.summary
+                 across mallory's tries: {report}",
+                started.elapsed()
             );
-            if report.transmitted < 100 {
-                problems.push(format!(
-                    "ping sent only {} requests; it did not cover mallory's tries",
-                    report.transmitted
-                ));
-            }
-            if !report.lost.is_empty() {
-                problems.push(format!(
-                    "{} echo requests to node-b got no reply (icmp_seq {:?}); {}",
-                    report.lost.len(),
-                    report.lost,
-                    report.summary
-                ));
-            }
+            problems.extend(
+                report
+                    .problems(100, "mallory's tries")
+                    .into_iter()
+                    .map(|p| format!("the ping from node-a to node-b: {p}")),
+            );
         }
         Err(e) => problems.push(format!("the background ping: {e:#}")),
     }
@@ -685,16 +521,7 @@ struct HungController {
 
 impl HungController {
     fn start(ov: &Overlay) -> Result<HungController> {
-        let certs = ov.certs_dir();
-        let read = |f: &str| {
-            let p = certs.join(f);
-            std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))
-        };
-        let (crt, key, ca) = (
-            read("controller.crt")?,
-            read("controller.key")?,
-            read("ca.crt")?,
-        );
+        let pems = Pems::load(ov.certs_dir(), "controller")?;
         let addr = SocketAddr::new(ov.controller_host().ip.into(), GRPC_PORT);
         // The socket is made in the controller's namespace and stays there; the
         // runtime serving it runs anywhere.
@@ -721,8 +548,8 @@ impl HungController {
         };
         let calls = CallLog::default();
         let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(crt, key))
-            .client_ca_root(Certificate::from_pem(ca));
+            .identity(Identity::from_pem(pems.cert, pems.key))
+            .client_ca_root(Certificate::from_pem(pems.ca));
         let router = Server::builder()
             .tls_config(tls)
             .context("the hung controller's TLS settings")?
@@ -784,7 +611,7 @@ fn an_agent_keeps_reconciling_and_exits_on_sigterm_when_the_controller_never_ans
     let Some(ov) = require_lab("lease_integrity::hung_controller", Overlay::start(cfg)) else {
         return;
     };
-    run(&ov, hung_controller_scenario);
+    ov.run_scenario(hung_controller_scenario);
 }
 
 fn hung_controller_scenario(ov: &Overlay) -> Result<()> {
@@ -796,11 +623,8 @@ fn hung_controller_scenario(ov: &Overlay) -> Result<()> {
     ov.wait_agent_healthy(a, SETTLE)?;
     let env_b = &envs[b];
     let subnet = env_b.subnet_net();
-    let (subnet_s, gw) = (subnet.to_string(), env_b.flannel_addr().to_string());
-    let mac_b = ov.vtep_mac(b)?;
-    wait_until(SETTLE, "node-a to have node-b's entries", || {
-        ov.vxlan_entries(a, env_b, &mac_b, ov.public_ip(b))
-    })?;
+    let subnet_s = subnet.to_string();
+    ov.wait_vxlan_entries(a, b, env_b, SETTLE)?;
 
     // The controller goes away (SIGKILL to its own pid)...
     let st = ov.kill_controller()?;
@@ -878,22 +702,7 @@ fn hung_controller_scenario(ov: &Overlay) -> Result<()> {
 
     // (1) It keeps reconciling: a hand-deleted route comes back. The deletion fails
     // unless the route was there, so its success proves something was removed.
-    let ns_a = ov.node_host(a).netns.clone();
-    cmd::run(&[
-        "ip",
-        "-n",
-        &ns_a,
-        "route",
-        "del",
-        &subnet_s,
-        "via",
-        &gw,
-        "dev",
-        FLANNEL_DEV,
-        "proto",
-        "74",
-    ])
-    .context("deleting node-a's route to node-b's subnet by hand")?;
+    ov.delete_peer_route(a, env_b)?;
     let deleted = Instant::now();
     wait_until(
         Duration::from_secs(20),
