@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "twill/v1/lease.proto",
         "twill/v1/agent.proto",
         "twill/v1/admin.proto",
+        "twill/v1/identity.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

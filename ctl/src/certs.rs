@@ -99,6 +99,15 @@ pub struct Validity {
 }
 
 impl Validity {
+    /// Valid from a few minutes ago (see [`BACKDATE`]) for `d` from now.
+    pub fn lasting(d: Duration) -> Self {
+        let now = SystemTime::now();
+        Validity {
+            not_before: now - BACKDATE,
+            not_after: now + d,
+        }
+    }
+
     /// Valid from a few minutes ago (see [`BACKDATE`]) for `days` days from now.
     pub fn days(days: u32) -> Result<Self, CertError> {
         if days == 0 {
@@ -246,11 +255,8 @@ impl Ca {
     pub fn issue(&self, role: &Role, validity: Validity) -> Result<Issued, CertError> {
         role.validate()?;
         let what = format!("{} certificate", role.file_stem());
-        let mut params = base_params(validity, &what)?;
+        let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
         match role {
             Role::Controller { dns, ips } => {
                 dn.push(DnType::CommonName, CONTROLLER_COMMON_NAME);
@@ -265,11 +271,7 @@ impl Ca {
                     .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             }
-            Role::Node(name) => {
-                dn.push(DnType::OrganizationName, NODES_GROUP);
-                dn.push(DnType::CommonName, name.as_str());
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            }
+            Role::Node(name) => node_subject(&mut params, &mut dn, name),
             Role::Admin(name) => {
                 dn.push(DnType::OrganizationName, ADMINS_GROUP);
                 dn.push(DnType::CommonName, name.as_str());
@@ -291,6 +293,100 @@ impl Ca {
             not_after: validity.not_after,
         })
     }
+}
+
+/// A node certificate signed from a certificate signing request.
+#[derive(Debug, Clone)]
+pub struct SignedNode {
+    /// The node (the request's CN).
+    pub node: String,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it expires.
+    pub not_after: SystemTime,
+}
+
+impl Ca {
+    /// Signs a node certificate for the key of a PKCS#10 request (PEM): subject
+    /// `CN=<the request's CN>, O=twill:nodes`, extended key usage clientAuth, valid for
+    /// `validity`. The request's signature is verified; the rest of its subject and
+    /// its extensions are not copied. Refused: a request that does not parse or whose
+    /// signature is wrong, an RSA key under 2048 bits, a CN that is no valid node name.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        validity: Validity,
+    ) -> Result<SignedNode, CertError> {
+        use x509_parser::prelude::FromDer;
+        let bad = |m: String| CertError::Invalid(format!("csr_pem: {m}"));
+        let der = pem_block(csr_pem, "CERTIFICATE REQUEST")
+            .ok_or_else(|| bad("no PEM CERTIFICATE REQUEST block".into()))?;
+        let (_, parsed) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+                .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
+        if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) =
+            parsed.certification_request_info.subject_pki.parsed()
+        {
+            if rsa.key_size() < 2048 {
+                return Err(bad(format!(
+                    "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
+                    rsa.key_size()
+                )));
+            }
+        }
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.clone().into())
+            .map_err(|e| bad(e.to_string()))?;
+        let node = parsed
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .next()
+            .ok_or_else(|| bad("the subject has no CN (the node name)".into()))?
+            .as_str()
+            .map_err(|e| bad(format!("subject CN is not a string: {e}")))?
+            .to_string();
+        twill_common::lease::validate_node_name(&node)
+            .map_err(|e| bad(format!("subject CN: {e}")))?;
+        let what = format!("node certificate for {node}");
+        let mut params = leaf_params(validity, &what)?;
+        let mut dn = DistinguishedName::new();
+        node_subject(&mut params, &mut dn, &node);
+        params.distinguished_name = dn;
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        let cert = request
+            .signed_by(&self.issuer)
+            .map_err(|source| CertError::Generate { what, source })?;
+        let serial = x509_parser::parse_x509_certificate(cert.der())
+            .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))
+            .unwrap_or_default();
+        Ok(SignedNode {
+            node,
+            cert_pem: cert.pem(),
+            serial,
+            not_after: validity.not_after,
+        })
+    }
+}
+
+/// What every leaf certificate has: not a CA, digital signature, the CA's key id.
+fn leaf_params(validity: Validity, what: &str) -> Result<CertificateParams, CertError> {
+    let mut params = base_params(validity, what)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A node certificate's subject and usage (REFERENCE 2.3's node role).
+fn node_subject(params: &mut CertificateParams, dn: &mut DistinguishedName, name: &str) {
+    dn.push(DnType::OrganizationName, NODES_GROUP);
+    dn.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
 }
 
 /// Makes a new self-signed CA (`CN=twill-ca`) with a fresh key.

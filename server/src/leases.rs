@@ -1359,6 +1359,15 @@ mod tests {
             }
             self.inner.write(batch)
         }
+        fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_record(kind, id, value)
+        }
+        fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+            self.inner.delete_record(kind, id)
+        }
+        fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.records(kind)
+        }
         fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
             self.inner.set_layout(layout)
         }

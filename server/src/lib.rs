@@ -4,7 +4,8 @@
 //! - `alloc`: the free-subnet index; where a subnet is picked.
 //! - `leases`: the single writer that decides, stores (group commit) and acknowledges.
 //! - `events`: the committed table, its revision log and the fan-out to watchers.
-//! - `grpc`: the agent and admin services and certificate-based authorization.
+//! - `identity`: bootstrap tokens and the signing of node certificates.
+//! - `grpc`: the agent, identity and admin services and certificate-based authorization.
 //! - `metrics`: Prometheus metrics and the record of connected agents.
 //! - `http`: health, readiness and metrics endpoints.
 
@@ -12,6 +13,7 @@ pub mod alloc;
 pub mod events;
 pub mod grpc;
 pub mod http;
+pub mod identity;
 pub mod leases;
 pub mod metrics;
 pub mod store;

@@ -13,11 +13,14 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::info;
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
+use twill_proto::identity_service_server::IdentityServiceServer;
 use twill_server::events::{Hub, HISTORY_LEN};
+use twill_server::grpc::identity::IdentityApi;
 use twill_server::grpc::{
     admin::AdminApi, agent::AgentApi, agent::AgentRouter, limit::NodeLimiter,
 };
 use twill_server::http::{self, HttpState};
+use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::{Agents, Metrics};
 use twill_server::store::{SledStore, Store};
@@ -52,6 +55,17 @@ struct Args {
     /// Address for HTTP /healthz, /readyz and /metrics.
     #[arg(long, env = "TWILL_METRICS_ADDR", default_value = "0.0.0.0:8475")]
     metrics_addr: SocketAddr,
+    /// CA certificate (PEM) that signs node certificates for agents that bootstrap with
+    /// a token: the client CA itself, or an intermediate that chains to it. Without it
+    /// (and --signing-key) the controller issues no certificates.
+    #[arg(long, env = "TWILL_SIGNING_CERT", requires = "signing_key")]
+    signing_cert: Option<PathBuf>,
+    /// Private key (PEM, PKCS#8) of --signing-cert.
+    #[arg(long, env = "TWILL_SIGNING_KEY", requires = "signing_cert")]
+    signing_key: Option<PathBuf>,
+    /// Lifetime of the node certificates the controller issues.
+    #[arg(long, env = "TWILL_NODE_CERT_TTL", default_value = "168h", value_parser = twill_common::parse_nonzero_duration)]
+    node_cert_ttl: Duration,
     /// How long a lease lives unless its agent renews it (e.g. 30m, 24h).
     #[arg(long, env = "TWILL_LEASE_TTL", default_value = "24h", value_parser = twill_common::parse_duration)]
     lease_ttl: Duration,
@@ -86,6 +100,12 @@ async fn run(args: Args) -> Result<()> {
     let cert = read_pem(&args.tls_cert, "--tls-cert", "CERTIFICATE")?;
     let key = read_pem(&args.tls_key, "--tls-key", "PRIVATE KEY")?;
     let ca = read_pem(&args.tls_client_ca, "--tls-client-ca", "CERTIFICATE")?;
+    let signer = match (&args.signing_cert, &args.signing_key) {
+        (Some(cert), Some(key)) => Some(
+            Signer::load(cert, key, &String::from_utf8_lossy(&ca)).map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
 
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", args.data_dir.display()))?;
@@ -123,6 +143,12 @@ async fn run(args: Args) -> Result<()> {
     let closing_hub = hub.clone();
     let metrics = Arc::new(Metrics::default());
     let agents = Arc::new(Agents::default());
+    let identity = Arc::new(NodeIdentity::new(
+        store.clone(),
+        signer,
+        args.node_cert_ttl,
+        metrics.clone(),
+    ));
     let leases = Leases::start(
         &conf,
         store,
@@ -145,6 +171,9 @@ async fn run(args: Args) -> Result<()> {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))
+        // A node without a certificate yet may call IdentityService.Bootstrap; every
+        // other call without one is refused (UNAUTHENTICATED) by the services.
+        .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -166,6 +195,10 @@ async fn run(args: Args) -> Result<()> {
             agents: agents.clone(),
             limiter: NodeLimiter::default(),
         }))
+        .add_service(IdentityServiceServer::new(IdentityApi::new(
+            identity.clone(),
+            metrics.clone(),
+        )))
         .add_service(AdminServiceServer::new(AdminApi {
             conf,
             leases,
@@ -173,6 +206,7 @@ async fn run(args: Args) -> Result<()> {
             store: store_for_admin,
             metrics,
             agents,
+            identity,
         }));
     info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");
     http_state.ready.store(true, Ordering::Relaxed);

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub store_failures: Counter,
     /// Reservations that cannot be honoured now.
     pub reservations_stale: Gauge,
+    /// Node certificates issued.
+    pub certs_issued: Counter,
+    /// Bootstrap requests refused for their token (malformed, unknown, expired, wrong).
+    pub bootstrap_token_failures: Counter,
+    /// Bootstrap requests refused for their certificate signing request.
+    pub bootstrap_csr_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -49,6 +55,9 @@ impl Default for Metrics {
             rate_limited: Counter::default(),
             store_failures: Counter::default(),
             reservations_stale: Gauge::default(),
+            certs_issued: Counter::default(),
+            bootstrap_token_failures: Counter::default(),
+            bootstrap_csr_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
@@ -92,6 +101,21 @@ impl Default for Metrics {
             "reservations_stale",
             "Reservations that cannot be honoured now (outside the range or leased to another node)",
             m.reservations_stale.clone(),
+        );
+        registry.register(
+            "node_certificates_issued",
+            "Node certificates issued",
+            m.certs_issued.clone(),
+        );
+        registry.register(
+            "bootstrap_token_failures",
+            "Bootstrap requests refused for their token (malformed, unknown, expired or wrong)",
+            m.bootstrap_token_failures.clone(),
+        );
+        registry.register(
+            "bootstrap_csr_refused",
+            "Bootstrap requests refused for their certificate signing request",
+            m.bootstrap_csr_refused.clone(),
         );
         Metrics { registry, ..m }
     }

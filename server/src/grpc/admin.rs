@@ -13,9 +13,15 @@ use twill_proto::{
     ReserveRequest, ReserveResponse, RevokeLeaseRequest, RevokeLeaseResponse, StatusRequest,
     StatusResponse, UnreserveRequest, UnreserveResponse, WatchRequest,
 };
+use twill_proto::{
+    CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, DeleteTokenResponse,
+    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListTokensRequest,
+    ListTokensResponse,
+};
 
 use super::{auth, watch};
 use crate::events::Hub;
+use crate::identity::Identity;
 use crate::leases::Leases;
 use crate::metrics::{Agents, Metrics};
 use crate::store::Store;
@@ -34,6 +40,8 @@ pub struct AdminApi {
     pub metrics: Arc<Metrics>,
     /// Connected agents.
     pub agents: Arc<Agents>,
+    /// Bootstrap tokens and issued certificates.
+    pub identity: Arc<Identity>,
 }
 
 fn node_arg(name: &str) -> Result<&str, Status> {
@@ -238,6 +246,50 @@ impl AdminService for AdminApi {
             store_size_bytes: self.store.size_on_disk(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             reservations_stale: stale.len() as u32,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let admin = auth::admin_caller(&req)?;
+        let r = req.get_ref();
+        let ttl = std::time::Duration::from_secs(r.ttl_seconds);
+        let (token, info) = self.identity.create_token(ttl, &r.description).await?;
+        tracing::info!(admin = %admin, token_id = %info.id, "bootstrap token made");
+        Ok(Response::new(CreateTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let tokens = self.identity.list_tokens().await?;
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn delete_token(
+        &self,
+        req: Request<DeleteTokenRequest>,
+    ) -> Result<Response<DeleteTokenResponse>, Status> {
+        auth::admin_caller(&req)?;
+        self.identity.delete_token(&req.get_ref().id).await?;
+        Ok(Response::new(DeleteTokenResponse {}))
+    }
+
+    async fn list_issued_certificates(
+        &self,
+        req: Request<ListIssuedCertificatesRequest>,
+    ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
+        auth::admin_caller(&req)?;
+        let certificates = self.identity.issued()?;
+        Ok(Response::new(ListIssuedCertificatesResponse {
+            certificates,
         }))
     }
 

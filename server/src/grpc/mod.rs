@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod auth;
+pub mod identity;
 pub mod limit;
 pub mod watch;
 

@@ -74,6 +74,14 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `batch` atomically (all or nothing). Not durable until `flush` returns;
     /// when `flush` fails, what `load` returns is the truth about what is stored.
     fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError>;
+    /// Stores a durable record beside the leases (a bootstrap token, an issued
+    /// certificate), by kind and id, replacing one with the same id. Not durable until
+    /// `flush` returns.
+    fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Deletes a record; false when there was none.
+    fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
+    /// Every record of a kind, ordered by id.
+    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Records the network layout the leases belong to.
     fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.

@@ -1,7 +1,8 @@
 //! The sled implementation of `Store`: one tree, keys `lease/<node>` (protobuf-encoded
 //! `Lease`), `event/<revision, big-endian>` (protobuf-encoded `LeaseEvent`, the last
 //! `retention` of them), `reservation/<node>` (the subnet as text) and
-//! `meta/revision`, `meta/layout`, `meta/epoch`; each batch is applied atomically.
+//! `meta/revision`, `meta/layout`, `meta/epoch`, and other records as
+//! `record/<kind>/<id>`; each batch is applied atomically.
 
 use std::path::Path;
 
@@ -16,6 +17,7 @@ const RESERVATION_PREFIX: &[u8] = b"reservation/";
 const REVISION_KEY: &[u8] = b"meta/revision";
 const LAYOUT_KEY: &[u8] = b"meta/layout";
 const EPOCH_KEY: &[u8] = b"meta/epoch";
+const RECORD_PREFIX: &str = "record/";
 
 /// Leases in a sled database under the controller's data directory.
 pub struct SledStore {
@@ -149,6 +151,32 @@ impl Store for SledStore {
             .map_err(backend("writing leases"))
     }
 
+    fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .insert(record_key(kind, id), value)
+            .map(|_| ())
+            .map_err(backend("writing a record"))
+    }
+
+    fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+        self.db
+            .remove(record_key(kind, id))
+            .map(|old| old.is_some())
+            .map_err(backend("deleting a record"))
+    }
+
+    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = record_key(kind, "");
+        self.db
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(backend("reading records"))?;
+                let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                Ok((id, value.to_vec()))
+            })
+            .collect()
+    }
+
     fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
         self.db
             .insert(LAYOUT_KEY, layout.as_bytes())
@@ -167,6 +195,10 @@ impl Store for SledStore {
             .map(|_| ())
             .map_err(backend("flushing"))
     }
+}
+
+fn record_key(kind: &str, id: &str) -> Vec<u8> {
+    format!("{RECORD_PREFIX}{kind}/{id}").into_bytes()
 }
 
 fn lease_key(node: &str) -> Vec<u8> {

@@ -36,6 +36,7 @@ impl Pki {
             )
             .unwrap();
         std::fs::write(dir.path().join("ca.crt"), &root.cert_pem).unwrap();
+        std::fs::write(dir.path().join("ca.key"), &root.key_pem).unwrap();
         std::fs::write(dir.path().join("controller.crt"), &server.cert_pem).unwrap();
         std::fs::write(dir.path().join("controller.key"), &server.key_pem).unwrap();
         Pki {

@@ -1,0 +1,389 @@
+//! Node identity: bootstrap tokens and the node certificates signed with them.
+//!
+//! A token is kubelet's `<id>.<secret>` (`[a-z0-9]{6}.[a-z0-9]{16}`). The controller
+//! keeps only the SHA-256 of the secret, compares it in constant time, and forgets a
+//! token once it has expired; one token may serve many nodes until then. A node sends
+//! a certificate signing request with its token and gets back a certificate for the
+//! request's key (`CN=<node>, O=twill:nodes`, clientAuth): its private key never
+//! leaves it. Tokens and the record of every certificate issued are kept in the store
+//! beside the leases, so they survive restarts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use twill_ctl::certs::{Ca, Validity};
+use twill_proto::{BootstrapResponse, BootstrapToken, IssuedCertificate};
+
+use crate::metrics::{now_unix, Metrics};
+use crate::store::{Store, StoreError};
+
+const TOKEN_KIND: &str = "token";
+const ISSUED_KIND: &str = "issued";
+const ID_LEN: usize = 6;
+const SECRET_LEN: usize = 16;
+/// Lifetime of a token made without one.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest token lifetime accepted.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Why an identity operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The token is malformed, unknown, deleted, expired or its secret is wrong.
+    #[error("{0}")]
+    BadToken(String),
+    /// The request is malformed; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The controller was started without a signing CA.
+    #[error(
+        "this controller does not issue node certificates: start it with --signing-cert and \
+         --signing-key (a CA that is, or chains to, --tls-client-ca)"
+    )]
+    NoSigningCa,
+    /// No such token.
+    #[error("{0}")]
+    NotFound(String),
+    /// The store failed; nothing was issued.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// A token as stored (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TokenRecord {
+    id: String,
+    secret_sha256: String,
+    description: String,
+    created_at_unix: i64,
+    expires_at_unix: i64,
+    uses: u64,
+    last_used_unix: i64,
+}
+
+impl TokenRecord {
+    fn public(&self) -> BootstrapToken {
+        BootstrapToken {
+            id: self.id.clone(),
+            description: self.description.clone(),
+            created_at_unix: self.created_at_unix,
+            expires_at_unix: self.expires_at_unix,
+            uses: self.uses,
+            last_used_unix: self.last_used_unix,
+        }
+    }
+}
+
+/// An issued certificate as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IssuedRecord {
+    node_name: String,
+    serial: String,
+    issued_at_unix: i64,
+    not_after_unix: i64,
+    token_id: String,
+}
+
+/// The CA that signs node certificates, and what agents need beside their own
+/// certificate to chain to the client CA.
+pub struct Signer {
+    ca: Ca,
+    chain: String,
+}
+
+impl Signer {
+    /// Loads `--signing-cert` / `--signing-key`. When the signing certificate is not the
+    /// client CA itself (an intermediate), it is sent after each node certificate.
+    pub fn load(cert: &Path, key: &Path, client_ca_pem: &str) -> Result<Self, String> {
+        let ca = Ca::load(cert, key).map_err(|e| format!("--signing-cert/--signing-key: {e}"))?;
+        let same = ca.cert_pem().trim() == client_ca_pem.trim()
+            || client_ca_pem.contains(ca.cert_pem().trim());
+        let chain = if same {
+            String::new()
+        } else {
+            ca.cert_pem().to_string()
+        };
+        Ok(Signer { ca, chain })
+    }
+}
+
+/// Tokens and issuance.
+pub struct Identity {
+    store: Arc<dyn Store>,
+    signer: Option<Signer>,
+    node_cert_ttl: Duration,
+    metrics: Arc<Metrics>,
+    /// Token records are read, changed and written back (use counts): one at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn hash(secret: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, secret.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Equal in time that does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn token_chars(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Splits `<id>.<secret>`; the error never repeats the secret.
+fn parse_token(token: &str) -> Result<(&str, &str), IdentityError> {
+    match token.trim().split_once('.') {
+        Some((id, secret)) if token_chars(id, ID_LEN) && token_chars(secret, SECRET_LEN) => {
+            Ok((id, secret))
+        }
+        _ => Err(IdentityError::BadToken(
+            "malformed bootstrap token: expected <id>.<secret>, 6 and 16 characters of a-z0-9 \
+             (as `twillctl token create` prints)"
+                .into(),
+        )),
+    }
+}
+
+fn random_chars(n: usize) -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Identity {
+    /// Tokens and records in `store`; issuance on when `signer` is given.
+    pub fn new(
+        store: Arc<dyn Store>,
+        signer: Option<Signer>,
+        node_cert_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Identity {
+            store,
+            signer,
+            node_cert_ttl,
+            metrics,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, IdentityError> {
+        Ok(self
+            .store
+            .records(TOKEN_KIND)?
+            .into_iter()
+            .filter_map(|(id, v)| match serde_json::from_slice::<TokenRecord>(&v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(token_id = %id, error = %e, "ignoring an unreadable token record");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn put_token(&self, t: &TokenRecord) -> Result<(), IdentityError> {
+        let value = serde_json::to_vec(t).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        self.store.put_record(TOKEN_KIND, &t.id, &value)?;
+        Ok(())
+    }
+
+    /// Makes a token valid for `ttl` (zero: the default); returns it whole, once.
+    pub async fn create_token(
+        &self,
+        ttl: Duration,
+        description: &str,
+    ) -> Result<(String, BootstrapToken), IdentityError> {
+        let ttl = if ttl.is_zero() {
+            DEFAULT_TOKEN_TTL
+        } else {
+            ttl
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(IdentityError::Invalid(format!(
+                "ttl_seconds: a token may live at most {}",
+                humantime::format_duration(MAX_TOKEN_TTL)
+            )));
+        }
+        let _guard = self.lock.lock().await;
+        let existing = self.tokens()?;
+        let id = loop {
+            let id = random_chars(ID_LEN);
+            if !existing.iter().any(|t| t.id == id) {
+                break id;
+            }
+        };
+        let secret = random_chars(SECRET_LEN);
+        let now = now_unix();
+        let record = TokenRecord {
+            id: id.clone(),
+            secret_sha256: hash(&secret),
+            description: description.to_string(),
+            created_at_unix: now,
+            expires_at_unix: now.saturating_add(ttl.as_secs() as i64),
+            uses: 0,
+            last_used_unix: 0,
+        };
+        self.put_token(&record)?;
+        self.store.flush().await?;
+        info!(token_id = %id, expires_at_unix = record.expires_at_unix, description = %description, "bootstrap token created");
+        Ok((format!("{id}.{secret}"), record.public()))
+    }
+
+    /// The tokens that have not expired, by id; expired ones are forgotten here.
+    pub async fn list_tokens(&self) -> Result<Vec<BootstrapToken>, IdentityError> {
+        let _guard = self.lock.lock().await;
+        let now = now_unix();
+        let (live, expired): (Vec<_>, Vec<_>) = self
+            .tokens()?
+            .into_iter()
+            .partition(|t| t.expires_at_unix > now);
+        if !expired.is_empty() {
+            for t in &expired {
+                self.store.delete_record(TOKEN_KIND, &t.id)?;
+                info!(token_id = %t.id, "bootstrap token expired; forgotten");
+            }
+            self.store.flush().await?;
+        }
+        Ok(live.iter().map(TokenRecord::public).collect())
+    }
+
+    /// Deletes a token (by id, or the whole token).
+    pub async fn delete_token(&self, id: &str) -> Result<(), IdentityError> {
+        let id = id.split_once('.').map_or(id, |(id, _)| id).trim();
+        let _guard = self.lock.lock().await;
+        if !self.store.delete_record(TOKEN_KIND, id)? {
+            return Err(IdentityError::NotFound(format!(
+                "no bootstrap token with id {id:?}"
+            )));
+        }
+        self.store.flush().await?;
+        info!(token_id = %id, "bootstrap token deleted");
+        Ok(())
+    }
+
+    /// Signs a node certificate for `csr_pem`, given a valid `token`.
+    pub async fn bootstrap(
+        &self,
+        token: &str,
+        csr_pem: &str,
+    ) -> Result<BootstrapResponse, IdentityError> {
+        let signer = self.signer.as_ref().ok_or(IdentityError::NoSigningCa)?;
+        let (id, secret) = parse_token(token)?;
+        let _guard = self.lock.lock().await;
+        let mut record = self
+            .tokens()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| {
+                IdentityError::BadToken(format!(
+                    "unknown bootstrap token {id}: it was never made here, or was deleted"
+                ))
+            })?;
+        let now = now_unix();
+        if record.expires_at_unix <= now {
+            // Forgotten now: an expired token is no use to anyone.
+            self.store.delete_record(TOKEN_KIND, id)?;
+            return Err(IdentityError::BadToken(format!(
+                "bootstrap token {id} expired {}s ago: make a new one with `twillctl token create`",
+                now - record.expires_at_unix
+            )));
+        }
+        if !constant_time_eq(hash(secret).as_bytes(), record.secret_sha256.as_bytes()) {
+            return Err(IdentityError::BadToken(format!(
+                "bootstrap token {id}: wrong secret"
+            )));
+        }
+        let signed = signer
+            .ca
+            .sign_node_csr(csr_pem, Validity::lasting(self.node_cert_ttl))
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let issued = IssuedRecord {
+            node_name: signed.node.clone(),
+            serial: signed.serial.clone(),
+            issued_at_unix: now,
+            not_after_unix: unix(signed.not_after),
+            token_id: id.to_string(),
+        };
+        record.uses += 1;
+        record.last_used_unix = now;
+        self.put_token(&record)?;
+        let value =
+            serde_json::to_vec(&issued).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        // Keyed by the time of issue (nanoseconds), so the records list oldest first.
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.store
+            .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)?;
+        self.store.flush().await?;
+        self.metrics.certs_issued.inc();
+        info!(node = %issued.node_name, serial = %issued.serial, token_id = %id, not_after_unix = issued.not_after_unix, "node certificate issued");
+        Ok(BootstrapResponse {
+            certificate_chain_pem: format!("{}{}", signed.cert_pem, signer.chain),
+            not_after_unix: issued.not_after_unix,
+        })
+    }
+
+    /// Every certificate issued, oldest first.
+    pub fn issued(&self) -> Result<Vec<IssuedCertificate>, IdentityError> {
+        Ok(self
+            .store
+            .records(ISSUED_KIND)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<IssuedRecord>(&v).ok())
+            .map(|r| IssuedCertificate {
+                node_name: r.node_name,
+                serial: r.serial,
+                issued_at_unix: r.issued_at_unix,
+                not_after_unix: r.not_after_unix,
+                token_id: r.token_id,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_have_kubelets_form_and_bad_ones_never_echo_the_secret() {
+        let t = format!("{}.{}", random_chars(6), random_chars(16));
+        let (id, secret) = parse_token(&t).unwrap();
+        assert!(token_chars(id, 6) && token_chars(secret, 16));
+        for bad in [
+            "",
+            "abcdef",
+            "abcdef.",
+            "ABCDEF.0123456789abcdef",
+            "abcde.0123456789abcdef",
+            "abcdef.0123456789abcdeX",
+        ] {
+            let e = parse_token(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("malformed") && !e.contains("0123456789"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(constant_time_eq(b"same", b"same"));
+        assert!(!constant_time_eq(b"same", b"sane") && !constant_time_eq(b"a", b"ab"));
+    }
+}
