@@ -51,6 +51,9 @@ pub struct Identity {
     pub name: String,
     /// The subject's organizations (O), e.g. `twill:nodes`.
     pub groups: Vec<String>,
+    /// The start of the certificate's validity (Unix seconds): a revocation of the
+    /// node refuses the certificates that start before it.
+    pub not_before_unix: i64,
 }
 
 impl Identity {
@@ -69,7 +72,11 @@ impl Identity {
             .iter_organization()
             .filter_map(|o| o.as_str().ok().map(str::to_string))
             .collect();
-        Ok(Identity { name, groups })
+        Ok(Identity {
+            name,
+            groups,
+            not_before_unix: cert.validity().not_before.timestamp(),
+        })
     }
 
     /// True for an agent's certificate (`O=twill:nodes`).

@@ -319,36 +319,10 @@ impl Ca {
         csr_pem: &str,
         validity: Validity,
     ) -> Result<SignedNode, CertError> {
-        use x509_parser::prelude::FromDer;
-        let bad = |m: String| CertError::Invalid(format!("csr_pem: {m}"));
-        let der = pem_block(csr_pem, "CERTIFICATE REQUEST")
-            .ok_or_else(|| bad("no PEM CERTIFICATE REQUEST block".into()))?;
-        let (_, parsed) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-                .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
-        if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) =
-            parsed.certification_request_info.subject_pki.parsed()
-        {
-            if rsa.key_size() < 2048 {
-                return Err(bad(format!(
-                    "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
-                    rsa.key_size()
-                )));
-            }
-        }
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.clone().into())
-            .map_err(|e| bad(e.to_string()))?;
-        let node = parsed
-            .certification_request_info
-            .subject
-            .iter_common_name()
-            .next()
-            .ok_or_else(|| bad("the subject has no CN (the node name)".into()))?
-            .as_str()
-            .map_err(|e| bad(format!("subject CN is not a string: {e}")))?
-            .to_string();
-        twill_common::lease::validate_node_name(&node)
-            .map_err(|e| bad(format!("subject CN: {e}")))?;
+        let (der, node) = parse_csr(csr_pem)?;
+        // Verifies the request's signature.
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into())
+            .map_err(|e| CertError::Invalid(format!("csr_pem: {e}")))?;
         let what = format!("node certificate for {node}");
         let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
@@ -371,6 +345,43 @@ impl Ca {
             not_after: validity.not_after,
         })
     }
+}
+
+/// The DER of a PKCS#10 request (PEM) and its subject CN, checked to be a valid node
+/// name; RSA keys under 2048 bits are refused. The signature is checked by the signer.
+fn parse_csr(csr_pem: &str) -> Result<(Vec<u8>, String), CertError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |m: String| CertError::Invalid(format!("csr_pem: {m}"));
+    let der = pem_block(csr_pem, "CERTIFICATE REQUEST")
+        .ok_or_else(|| bad("no PEM CERTIFICATE REQUEST block".into()))?;
+    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
+    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) =
+        parsed.certification_request_info.subject_pki.parsed()
+    {
+        if rsa.key_size() < 2048 {
+            return Err(bad(format!(
+                "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
+                rsa.key_size()
+            )));
+        }
+    }
+    let node = parsed
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| bad("the subject has no CN (the node name)".into()))?
+        .as_str()
+        .map_err(|e| bad(format!("subject CN is not a string: {e}")))?
+        .to_string();
+    twill_common::lease::validate_node_name(&node).map_err(|e| bad(format!("subject CN: {e}")))?;
+    Ok((der, node))
+}
+
+/// The node a certificate signing request (PEM) is for: its subject CN.
+pub fn csr_common_name(csr_pem: &str) -> Result<String, CertError> {
+    parse_csr(csr_pem).map(|(_, node)| node)
 }
 
 /// What every leaf certificate has: not a CA, digital signature, the CA's key id.

@@ -8,6 +8,7 @@
 //! leaves it. Tokens and the record of every certificate issued are kept in the store
 //! beside the leases, so they survive restarts.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,7 @@ use crate::store::{Store, StoreError};
 
 const TOKEN_KIND: &str = "token";
 const ISSUED_KIND: &str = "issued";
+const REVOKED_KIND: &str = "revoked";
 const ID_LEN: usize = 6;
 const SECRET_LEN: usize = 16;
 /// Lifetime of a token made without one.
@@ -119,6 +121,10 @@ pub struct Identity {
     metrics: Arc<Metrics>,
     /// Token records are read, changed and written back (use counts): one at a time.
     lock: tokio::sync::Mutex<()>,
+    /// When each revoked node's certificates stopped being accepted (Unix seconds),
+    /// and a counter that moves at every revocation (open watches check theirs).
+    revoked: std::sync::RwLock<HashMap<String, i64>>,
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 fn hash(secret: &str) -> String {
@@ -175,13 +181,90 @@ impl Identity {
         node_cert_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let revoked = store
+            .records(REVOKED_KIND)
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read the revocations; none in force");
+                Vec::new()
+            })
+            .into_iter()
+            .filter_map(|(node, v)| Some((node, String::from_utf8(v).ok()?.parse().ok()?)))
+            .collect();
         Identity {
             store,
             signer,
             node_cert_ttl,
             metrics,
             lock: tokio::sync::Mutex::new(()),
+            revoked: std::sync::RwLock::new(revoked),
+            revocations: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Why `node`'s certificate valid from `not_before_unix` is refused, if it is.
+    pub fn revoked(&self, node: &str, not_before_unix: i64) -> Option<String> {
+        let at = *self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)?;
+        (not_before_unix <= at).then(|| {
+            format!(
+                "the certificates of node {node} were revoked at {at} (Unix time); it can rejoin \
+                 only by bootstrapping with a token"
+            )
+        })
+    }
+
+    /// Whether any node was ever revoked (most controllers: never, so the per-call
+    /// check costs nothing).
+    pub fn has_revocations(&self) -> bool {
+        !self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Moves at every revocation.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// Revokes every certificate of `node` valid from before now.
+    pub async fn revoke(&self, node: &str) -> Result<i64, IdentityError> {
+        twill_common::lease::validate_node_name(node)
+            .map_err(|e| IdentityError::Invalid(format!("node_name: {e}")))?;
+        // One second back: a certificate issued from now on starts at the current
+        // second (certificate times have no finer grain) and must not be caught, nor
+        // be valid only from the future.
+        let at = now_unix() - 1;
+        self.store
+            .put_record(REVOKED_KIND, node, at.to_string().as_bytes())?;
+        self.store.flush().await?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), at);
+        self.revocations.send_modify(|n| *n += 1);
+        info!(node = %node, revoked_at_unix = at, "node certificates revoked");
+        Ok(at)
+    }
+
+    /// The validity of a certificate issued now for `node`: it starts after the node's
+    /// revocation, if any, so that a certificate issued after it is never refused.
+    fn validity_for(&self, node: &str) -> Validity {
+        let mut v = Validity::lasting(self.node_cert_ttl);
+        if let Some(at) = self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+        {
+            let after = UNIX_EPOCH + Duration::from_secs(at.saturating_add(1).max(0) as u64);
+            v.not_before = v.not_before.max(after);
+        }
+        v
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, IdentityError> {
@@ -311,20 +394,55 @@ impl Identity {
                 "bootstrap token {id}: wrong secret"
             )));
         }
+        record.uses += 1;
+        record.last_used_unix = now;
+        let issued = self.issue(signer, csr_pem, None, id)?;
+        self.put_token(&record)?;
+        self.store.flush().await?;
+        Ok(issued)
+    }
+
+    /// Signs a new certificate for `node`, which presented a valid one (rotation).
+    pub async fn renew(
+        &self,
+        node: &str,
+        csr_pem: &str,
+    ) -> Result<BootstrapResponse, IdentityError> {
+        let signer = self.signer.as_ref().ok_or(IdentityError::NoSigningCa)?;
+        let _guard = self.lock.lock().await;
+        let issued = self.issue(signer, csr_pem, Some(node), "")?;
+        self.store.flush().await?;
+        self.metrics.certs_renewed.inc();
+        Ok(issued)
+    }
+
+    /// Signs `csr_pem` (for `node` only, when given) and records it; not flushed.
+    fn issue(
+        &self,
+        signer: &Signer,
+        csr_pem: &str,
+        node: Option<&str>,
+        token_id: &str,
+    ) -> Result<BootstrapResponse, IdentityError> {
+        let cn = twill_ctl::certs::csr_common_name(csr_pem)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        if let Some(node) = node.filter(|n| *n != cn) {
+            return Err(IdentityError::Invalid(format!(
+                "csr_pem: subject CN {cn:?} is not this node ({node:?}): a node renews only its own certificate"
+            )));
+        }
         let signed = signer
             .ca
-            .sign_node_csr(csr_pem, Validity::lasting(self.node_cert_ttl))
+            .sign_node_csr(csr_pem, self.validity_for(&cn))
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let now = now_unix();
         let issued = IssuedRecord {
             node_name: signed.node.clone(),
             serial: signed.serial.clone(),
             issued_at_unix: now,
             not_after_unix: unix(signed.not_after),
-            token_id: id.to_string(),
+            token_id: token_id.to_string(),
         };
-        record.uses += 1;
-        record.last_used_unix = now;
-        self.put_token(&record)?;
         let value =
             serde_json::to_vec(&issued).map_err(|e| IdentityError::Invalid(e.to_string()))?;
         // Keyed by the time of issue (nanoseconds), so the records list oldest first.
@@ -333,9 +451,8 @@ impl Identity {
             .map_or(0, |d| d.as_nanos());
         self.store
             .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)?;
-        self.store.flush().await?;
         self.metrics.certs_issued.inc();
-        info!(node = %issued.node_name, serial = %issued.serial, token_id = %id, not_after_unix = issued.not_after_unix, "node certificate issued");
+        info!(node = %issued.node_name, serial = %issued.serial, token_id = %token_id, not_after_unix = issued.not_after_unix, renewal = node.is_some(), "node certificate issued");
         Ok(BootstrapResponse {
             certificate_chain_pem: format!("{}{}", signed.cert_pem, signer.chain),
             not_after_unix: issued.not_after_unix,

@@ -194,6 +194,7 @@ async fn run(args: Args) -> Result<()> {
             metrics: metrics.clone(),
             agents: agents.clone(),
             limiter: NodeLimiter::default(),
+            identity: identity.clone(),
         }))
         .add_service(IdentityServiceServer::new(IdentityApi::new(
             identity.clone(),

@@ -33,8 +33,10 @@ pub struct Metrics {
     pub store_failures: Counter,
     /// Reservations that cannot be honoured now.
     pub reservations_stale: Gauge,
-    /// Node certificates issued.
+    /// Node certificates issued (at bootstrap and at rotation).
     pub certs_issued: Counter,
+    /// Node certificates issued to replace a valid one (rotation).
+    pub certs_renewed: Counter,
     /// Bootstrap requests refused for their token (malformed, unknown, expired, wrong).
     pub bootstrap_token_failures: Counter,
     /// Bootstrap requests refused for their certificate signing request.
@@ -56,6 +58,7 @@ impl Default for Metrics {
             store_failures: Counter::default(),
             reservations_stale: Gauge::default(),
             certs_issued: Counter::default(),
+            certs_renewed: Counter::default(),
             bootstrap_token_failures: Counter::default(),
             bootstrap_csr_refused: Counter::default(),
             registry: Registry::default(),
@@ -106,6 +109,11 @@ impl Default for Metrics {
             "node_certificates_issued",
             "Node certificates issued",
             m.certs_issued.clone(),
+        );
+        registry.register(
+            "node_certificates_renewed",
+            "Node certificates issued to replace a valid one (rotation)",
+            m.certs_renewed.clone(),
         );
         registry.register(
             "bootstrap_token_failures",

@@ -16,7 +16,7 @@ use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::{
     BootstrapRequest, CreateTokenRequest, DeleteTokenRequest, ListIssuedCertificatesRequest,
-    ListTokensRequest,
+    ListTokensRequest, RenewRequest, RevokeNodeCertificatesRequest, WatchRequest,
 };
 
 fn signing(pki: &Pki) -> Vec<String> {
@@ -359,6 +359,124 @@ async fn without_a_signing_ca_bootstrap_says_how_to_enable_it() {
         Code::FailedPrecondition,
         "--signing-cert",
     );
+}
+
+/// An mTLS channel with `cert_pem` and `key`.
+async fn channel_as(
+    ctl: &Controller,
+    pki: &Pki,
+    cert_pem: &str,
+    key: &KeyPair,
+) -> tonic::transport::Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .identity(Identity::from_pem(cert_pem, key.serialize_pem()))
+        .domain_name("localhost");
+    Endpoint::from_shared(ctl.url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Bootstraps `node`: its certificate chain and key.
+async fn join(ctl: &Controller, pki: &Pki, token: &str, node: &str) -> (String, KeyPair) {
+    let (csr_pem, key) = csr(node);
+    let issued = bootstrap(ctl, pki, token, &csr_pem).await.unwrap();
+    (issued.certificate_chain_pem, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_needs_the_current_certificate_and_revocation_cuts_one_node_off() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = start(&pki, dir.path(), &signing(&pki));
+    let mut admin = ctl.admin(&pki).await;
+    let token = token(&mut admin, 0).await;
+    let (cert1, key1) = join(&ctl, &pki, &token, "node-1").await;
+    let (cert2, key2) = join(&ctl, &pki, &token, "node-2").await;
+
+    // Rotation: a new key, signed on the strength of the current certificate.
+    let ch1 = channel_as(&ctl, &pki, &cert1, &key1).await;
+    let (csr_new, key_new) = csr("node-1");
+    let renewed = IdentityServiceClient::new(ch1.clone())
+        .renew(RenewRequest { csr_pem: csr_new })
+        .await
+        .unwrap()
+        .into_inner();
+    let ch1_new = channel_as(&ctl, &pki, &renewed.certificate_chain_pem, &key_new).await;
+    AgentServiceClient::new(ch1_new.clone())
+        .acquire(acquire_request("node-1", ""))
+        .await
+        .expect("the rotated certificate works");
+    let s = IdentityServiceClient::new(ch1.clone())
+        .renew(RenewRequest {
+            csr_pem: csr("node-2").0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "another node's CN: {s:?}");
+    let s = identity(&ctl, &pki)
+        .await
+        .renew(RenewRequest {
+            csr_pem: csr("node-1").0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::PermissionDenied,
+        "no certificate, no renewal: {s:?}"
+    );
+
+    // Revocation: node-1's certificates (both) are refused, its watch is closed; node-2 goes on.
+    let ch2 = channel_as(&ctl, &pki, &cert2, &key2).await;
+    let mut node2 = AgentServiceClient::new(ch2);
+    node2.acquire(acquire_request("node-2", "")).await.unwrap();
+    let mut watch1 = AgentServiceClient::new(ch1_new.clone())
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch1.message().await.unwrap().expect("snapshot");
+    admin
+        .revoke_node_certificates(RevokeNodeCertificatesRequest {
+            node_name: "node-1".into(),
+        })
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch1.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the revoked node's watch closes");
+    assert_eq!(closed.unwrap_err().code(), Code::PermissionDenied);
+    for ch in [ch1, ch1_new] {
+        let s = AgentServiceClient::new(ch)
+            .acquire(acquire_request("node-1", ""))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        assert!(s.message().contains("revoked"), "{s:?}");
+    }
+    node2
+        .acquire(acquire_request("node-2", ""))
+        .await
+        .expect("node-2 is unaffected");
+
+    // With a token, node-1 comes back; its new certificate is not caught by the revocation.
+    let (cert1, key1) = join(&ctl, &pki, &token, "node-1").await;
+    AgentServiceClient::new(channel_as(&ctl, &pki, &cert1, &key1).await)
+        .acquire(acquire_request("node-1", ""))
+        .await
+        .expect("rejoined with a token");
 }
 
 fn pem_of(label: &str, der: &[u8]) -> String {

@@ -16,7 +16,7 @@ use twill_proto::{
 use twill_proto::{
     CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, DeleteTokenResponse,
     ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListTokensRequest,
-    ListTokensResponse,
+    ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 
 use super::{auth, watch};
@@ -290,6 +290,19 @@ impl AdminService for AdminApi {
         let certificates = self.identity.issued()?;
         Ok(Response::new(ListIssuedCertificatesResponse {
             certificates,
+        }))
+    }
+
+    async fn revoke_node_certificates(
+        &self,
+        req: Request<RevokeNodeCertificatesRequest>,
+    ) -> Result<Response<RevokeNodeCertificatesResponse>, Status> {
+        let admin = auth::admin_caller(&req)?;
+        let node = node_arg(&req.get_ref().node_name)?;
+        let revoked_at_unix = self.identity.revoke(node).await?;
+        tracing::info!(admin = %admin, node = %node, "node certificates revoked by an operator");
+        Ok(Response::new(RevokeNodeCertificatesResponse {
+            revoked_at_unix,
         }))
     }
 

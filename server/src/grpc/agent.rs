@@ -13,6 +13,7 @@ use twill_proto::{
 use super::limit::NodeLimiter;
 use super::{auth, watch};
 use crate::events::Hub;
+use crate::identity::Identity;
 use crate::leases::{AcquireParams, Leases};
 use crate::metrics::{Agents, Metrics};
 
@@ -30,9 +31,22 @@ pub struct AgentApi {
     pub agents: Arc<Agents>,
     /// Per-node limit of lease writes.
     pub limiter: NodeLimiter,
+    /// Revoked node certificates.
+    pub identity: Arc<Identity>,
 }
 
 impl AgentApi {
+    /// The caller's certificate, refused when revoked.
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if !self.identity.has_revocations() {
+            return Ok(());
+        }
+        match auth::caller(req) {
+            Ok(id) => auth::not_revoked(&id, &self.identity),
+            Err(_) => Ok(()),
+        }
+    }
+
     fn limit(&self, node: &str) -> Result<(), Status> {
         self.limiter.check(node).inspect_err(|_| {
             self.metrics.rate_limited.inc();
@@ -48,6 +62,7 @@ impl AgentService for AgentApi {
         req: Request<GetNetworkConfigRequest>,
     ) -> Result<Response<NetworkConfig>, Status> {
         auth::watcher(&req)?;
+        self.check(&req)?;
         Ok(Response::new(NetworkConfig {
             net_conf_json: self.conf.raw.clone(),
         }))
@@ -58,6 +73,7 @@ impl AgentService for AgentApi {
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
         let node = auth::node_caller(&req, &req.get_ref().node_name)?;
+        self.check(&req)?;
         let r = req.get_ref();
         self.agents.seen(&node);
         let params = AcquireParams::parse(
@@ -96,6 +112,7 @@ impl AgentService for AgentApi {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::watcher(&req)?.name;
+        self.check(&req)?;
         let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
         Ok(Response::new(watch::stream(
             &self.hub,
@@ -157,9 +174,21 @@ impl tonic::server::ServerStreamingService<WatchRequest> for EncodedWatch {
         let api = self.api.clone();
         let out = self.stream.take();
         Box::pin(async move {
-            let who = auth::watcher(&req)?.name;
+            let id = auth::watcher(&req)?;
+            auth::not_revoked(&id, &api.identity)?;
             let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
-            let stream = watch::encoded(&api.hub, &api.metrics, &api.agents, who, from, &epoch);
+            let mut stream = watch::encoded(
+                &api.hub,
+                &api.metrics,
+                &api.agents,
+                id.name.clone(),
+                from,
+                &epoch,
+            );
+            if id.is_node() {
+                stream =
+                    watch::until_revoked(stream, api.identity.clone(), id.name, id.not_before_unix);
+            }
             out.and_then(|tx| tx.send(stream).ok())
                 .ok_or_else(|| Status::internal("watch stream handed over twice"))?;
             Ok(Response::new(futures::stream::empty()))

@@ -61,3 +61,14 @@ pub fn watcher<T>(req: &Request<T>) -> Result<Identity, Status> {
     }
     Ok(id)
 }
+
+/// Refuses a node certificate that was revoked (`twillctl certs revoke`).
+pub fn not_revoked(id: &Identity, identity: &crate::identity::Identity) -> Result<(), Status> {
+    match id
+        .is_node()
+        .then(|| identity.revoked(&id.name, id.not_before_unix))
+    {
+        Some(Some(why)) => Err(Status::permission_denied(why)),
+        _ => Ok(()),
+    }
+}

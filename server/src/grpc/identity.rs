@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 use twill_proto::identity_service_server::IdentityService;
-use twill_proto::{BootstrapRequest, BootstrapResponse};
+use twill_proto::{BootstrapRequest, BootstrapResponse, RenewRequest};
 
+use super::auth;
 use super::limit::NodeLimiter;
 use crate::identity::{Identity, IdentityError};
 use crate::metrics::Metrics;
@@ -79,5 +80,29 @@ impl IdentityService for IdentityApi {
                 Err(e.into())
             }
         }
+    }
+
+    async fn renew(
+        &self,
+        req: Request<RenewRequest>,
+    ) -> Result<Response<BootstrapResponse>, Status> {
+        let id = auth::caller(&req).map_err(|_| {
+            Status::permission_denied(
+                "renewal needs the node's current certificate (bootstrap with a token otherwise)",
+            )
+        })?;
+        if !id.is_node() {
+            return Err(Status::permission_denied(format!(
+                "certificate {:?} is not a node certificate",
+                id.name
+            )));
+        }
+        auth::not_revoked(&id, &self.identity)?;
+        let resp = self
+            .identity
+            .renew(&id.name, &req.get_ref().csr_pem)
+            .await
+            .inspect_err(|e| warn!(node = %id.name, error = %e, "certificate renewal refused"))?;
+        Ok(Response::new(resp))
     }
 }

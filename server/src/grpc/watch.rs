@@ -111,6 +111,40 @@ pub fn encoded(
     }))
 }
 
+/// `stream`, ended with PERMISSION_DENIED as soon as the certificates of `node` valid
+/// from `not_before_unix` are revoked.
+pub fn until_revoked(
+    stream: EncodedStream,
+    identity: Arc<crate::identity::Identity>,
+    node: String,
+    not_before_unix: i64,
+) -> EncodedStream {
+    let mut changes = identity.revocations();
+    let revoked: Pin<Box<dyn std::future::Future<Output = Status> + Send>> = Box::pin(async move {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(why) = identity.revoked(&node, not_before_unix) {
+                info!(node = %node, "closing the watch of a revoked certificate");
+                return Status::permission_denied(why);
+            }
+        }
+    });
+    Box::pin(futures::stream::unfold(
+        (stream, revoked, false),
+        |(mut stream, mut revoked, ended)| async move {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                item = stream.next() => item.map(|i| (i, (stream, revoked, false))),
+                status = &mut revoked => Some((Err(status), (stream, revoked, true))),
+            }
+        },
+    ))
+}
+
 /// The same stream, decoded, for the generated service traits.
 pub fn stream(
     hub: &Arc<Hub>,
