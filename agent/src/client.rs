@@ -120,6 +120,18 @@ pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
     let cert = read_pem(tls.cert, "--tls-cert", "CERTIFICATE")?;
     let key = read_pem(tls.key, "--tls-key", "PRIVATE KEY")?;
     let ca = read_pem(tls.ca, "--tls-ca", "CERTIFICATE")?;
+    endpoint(
+        url,
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key)),
+    )
+    .map(|e| e.connect_lazy())
+}
+
+/// The controller at `url` (which must be `https://`) with `tls` and the agent's
+/// connect timeout and keep-alives; not connected yet.
+pub fn endpoint(url: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError> {
     let bad = |msg: String| ClientError::Endpoint {
         url: url.to_string(),
         msg,
@@ -129,19 +141,14 @@ pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
             "must start with https:// (the controller only speaks TLS)".into(),
         ));
     }
-    let endpoint = Endpoint::from_shared(url.to_string())
+    Ok(Endpoint::from_shared(url.to_string())
         .map_err(|e| bad(e.to_string()))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .identity(Identity::from_pem(cert, key)),
-        )
+        .tls_config(tls)
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+        .keep_alive_while_idle(true))
 }
 
 /// Jittered exponential backoff: 0.5 s doubling up to a cap, each wait drawn

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use twill_agent::client::{self, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
+use twill_agent::identity;
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::reconcile::{self, Topology};
@@ -60,15 +61,6 @@ pub async fn run(args: Args) -> Result<()> {
         public_ip: args.public_ip,
         can_reach: None,
     };
-    let channel = client::channel(
-        &args.controller,
-        &TlsFiles {
-            cert: &args.tls_cert,
-            key: &args.tls_key,
-            ca: &args.tls_ca,
-        },
-    )?;
-    let mut api = client::agent_client(channel);
     let stats = Arc::new(Stats::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -83,6 +75,45 @@ pub async fn run(args: Args) -> Result<()> {
         }
     };
     tokio::pin!(shutdown);
+
+    if let Some(token_file) = &args.bootstrap_token_file {
+        let cfg = identity::Bootstrap {
+            controller: &args.controller,
+            node: &node,
+            cert: &args.tls_cert,
+            key: &args.tls_key,
+            ca: &args.tls_ca,
+            token_file,
+            call_timeout: args.call_timeout,
+            backoff_cap: BACKOFF_CAP,
+        };
+        let bootstrap = identity::bootstrap(&cfg);
+        tokio::pin!(bootstrap);
+        // /livez keeps answering while the controller refuses or is away.
+        let mut beat = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                r = &mut bootstrap => {
+                    r.context("node certificate bootstrap")?;
+                    break;
+                }
+                _ = beat.tick() => stats.loop_turned.store(now_unix(), Ordering::Relaxed),
+                () = &mut shutdown => {
+                    info!(node = %node, "exiting before a node certificate was issued");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let channel = client::channel(
+        &args.controller,
+        &TlsFiles {
+            cert: &args.tls_cert,
+            key: &args.tls_key,
+            ca: &args.tls_ca,
+        },
+    )?;
+    let mut api = client::agent_client(channel);
 
     let conf = tokio::select! {
         c = fetch_config(&mut api, args.call_timeout) => c?,

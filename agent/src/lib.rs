@@ -5,6 +5,8 @@
 //! - `client`: the mTLS channel to the controller, call deadlines, watch parts and
 //!   resume, and retry backoff.
 //! - `peers`: the peer set from the watch, refusing leases that collide.
+//! - `identity`: whether the node certificate is usable, and getting one from the
+//!   controller with a bootstrap token (`IdentityService.Bootstrap`) when it is not.
 //! - `iface`: choosing the public interface and address.
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
@@ -13,6 +15,7 @@
 pub mod client;
 pub mod cni;
 pub mod dataplane;
+pub mod identity;
 pub mod iface;
 pub mod peers;
 pub mod reconcile;

@@ -21,15 +21,25 @@ pub struct Args {
     /// This node's name; must equal the CN of --tls-cert. Default: the host name.
     #[arg(long, env = "TWILL_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Node client certificate (PEM, CN=<node>, O=twill:nodes).
+    /// Node client certificate (PEM, CN=<node>, O=twill:nodes). With
+    /// --bootstrap-token-file it is written here when missing or unusable.
     #[arg(long, env = "TWILL_TLS_CERT")]
     pub tls_cert: PathBuf,
-    /// Key of the node certificate (PEM).
+    /// Key of the node certificate (PEM). With --bootstrap-token-file a new key is
+    /// made here (mode 0600) when the certificate must be replaced.
     #[arg(long, env = "TWILL_TLS_KEY")]
     pub tls_key: PathBuf,
     /// CA certificate (PEM) that signed the controller's certificate.
     #[arg(long, env = "TWILL_TLS_CA")]
     pub tls_ca: PathBuf,
+    /// File holding a bootstrap token (from `twillctl token create`). When given and
+    /// --tls-cert/--tls-key are missing, unreadable, expired, not yet valid, not this
+    /// node's or not a pair, the agent first makes a new key, has the controller sign
+    /// a certificate for it (verifying the controller with --tls-ca, without a client
+    /// certificate) and writes both files, retrying until the controller issues one.
+    /// Without it the certificate files must exist.
+    #[arg(long, env = "TWILL_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// Public interface: a name or an IPv4 address; repeat to give fallbacks (first match wins).
     /// Default: the interface of the default route.
     #[arg(long, env = "TWILL_IFACE", value_delimiter = ',')]

@@ -8,13 +8,43 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use twill_common::tls::read_pem;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
-    GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease, ListLeasesRequest,
-    ListLeasesResponse, ListReservationsRequest, Reservation, ReserveRequest, RevokeLeaseRequest,
-    StatusRequest, StatusResponse, UnreserveRequest, WatchRequest, WatchResponse,
+    BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
+    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListIssuedCertificatesRequest,
+    ListLeasesRequest, ListLeasesResponse, ListReservationsRequest, ListTokensRequest, Reservation,
+    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
+    WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
 pub const PAGE_SIZE: u32 = 500;
+
+/// The longest lifetime `twillctl token create --ttl` accepts: a year (humantime's
+/// `1y`, 365.25 days). Bootstrap tokens are meant to live hours or days.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(31_557_600);
+
+/// Parses `--ttl` of `token create`: a humantime duration of at least one second and at
+/// most [`MAX_TOKEN_TTL`] (zero would mean the controller's default, which the flag's
+/// default states explicitly instead). Sub-second parts are dropped.
+pub fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let d = twill_common::parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?} is zero: a token must live at least 1s (the default is 24h)"
+        ));
+    }
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?} is under a second: a token must live at least 1s (the default is 24h)"
+        ));
+    }
+    if d > MAX_TOKEN_TTL {
+        return Err(format!(
+            "{s:?} is longer than a year: bootstrap tokens are meant to be short-lived \
+             (at most 1y; e.g. 1h, 24h, 7d)"
+        ));
+    }
+    Ok(Duration::from_secs(d.as_secs()))
+}
 
 /// Why a call to the controller failed.
 #[derive(Debug, Error)]
@@ -385,6 +415,69 @@ impl Admin {
         }
     }
 
+    /// `AdminService/CreateToken`: a bootstrap token living `ttl_seconds` (0: the
+    /// controller's default, 24 hours). The response's `token` is the only copy of the
+    /// secret; the controller keeps a hash of it.
+    pub async fn create_token(
+        &mut self,
+        ttl_seconds: u64,
+        description: &str,
+    ) -> Result<CreateTokenResponse, ClientError> {
+        let req = CreateTokenRequest {
+            ttl_seconds,
+            description: description.to_string(),
+        };
+        match self.client.create_token(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ListTokens`: the bootstrap tokens that have not expired, ordered by
+    /// id (never their secrets).
+    pub async fn list_tokens(&mut self) -> Result<Vec<BootstrapToken>, ClientError> {
+        match self.client.list_tokens(ListTokensRequest {}).await {
+            Ok(r) => Ok(r.into_inner().tokens),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/DeleteToken`: `id` is the token's id (a whole `id.secret` token is
+    /// accepted too). NOT_FOUND when the controller knows no such token.
+    pub async fn delete_token(&mut self, id: &str) -> Result<(), ClientError> {
+        let req = DeleteTokenRequest { id: id.to_string() };
+        match self.client.delete_token(req).await {
+            Ok(_) => Ok(()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/RevokeNodeCertificates`: when the revocation took effect (Unix).
+    pub async fn revoke_node_certificates(&mut self, node: &str) -> Result<i64, ClientError> {
+        let req = twill_proto::RevokeNodeCertificatesRequest {
+            node_name: node.to_string(),
+        };
+        match self.client.revoke_node_certificates(req).await {
+            Ok(r) => Ok(r.into_inner().revoked_at_unix),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ListIssuedCertificates`: every node certificate the controller has
+    /// signed, oldest first.
+    pub async fn list_issued_certificates(
+        &mut self,
+    ) -> Result<Vec<IssuedCertificate>, ClientError> {
+        match self
+            .client
+            .list_issued_certificates(ListIssuedCertificatesRequest {})
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().certificates),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
     /// `AdminService/Watch` after `from_revision` (0: the full table first). Read the
     /// stream with [`tonic::Streaming::message`]; pass its errors to [`Admin::fail`].
     pub async fn watch(
@@ -467,6 +560,27 @@ mod tests {
             .unwrap();
         let d = diagnose_client_cert(server.cert_pem.as_bytes(), p, now);
         assert!(d.contains("lacks extended key usage clientAuth"), "{d}");
+    }
+
+    #[test]
+    fn token_ttl_bounds() {
+        assert_eq!(parse_token_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_token_ttl("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_token_ttl("1y"), Ok(MAX_TOKEN_TTL));
+        assert_eq!(
+            parse_token_ttl("365d"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert_eq!(parse_token_ttl("90s 500ms"), Ok(Duration::from_secs(90)));
+        let zero = parse_token_ttl("0s").unwrap_err();
+        assert!(zero.contains("is zero"), "{zero}");
+        let tiny = parse_token_ttl("500ms").unwrap_err();
+        assert!(tiny.contains("under a second"), "{tiny}");
+        let long = parse_token_ttl("2y").unwrap_err();
+        assert!(long.contains("longer than a year"), "{long}");
+        assert!(parse_token_ttl("366d").is_err());
+        let bad = parse_token_ttl("soon").unwrap_err();
+        assert!(bad.contains("invalid duration"), "{bad}");
     }
 
     #[test]

@@ -31,6 +31,12 @@ Examples:
   twillctl reserve worker-2 10.244.7.0/24
   twillctl watch
 
+  # Let new nodes fetch their own certificates with a bootstrap token
+  TOKEN=$(twillctl token create --ttl 2h --description \"rack 7\")
+  twillctl token list
+  twillctl certs issued
+  twillctl token delete abc123
+
 Connection settings come from flags, else TWILL_* environment variables (e.g.
 TWILL_CONTROLLER), else the config file ~/.config/twill/config.toml
 ($XDG_CONFIG_HOME/twill/config.toml when XDG_CONFIG_HOME is set; --config to choose
@@ -56,9 +62,11 @@ struct Cli {
     command: Command,
 }
 
-/// Flags for reaching the controller (every command but `certs`).
+/// Flags for reaching the controller (every command but `certs init` and `certs issue`).
 #[derive(Args, Debug)]
-#[command(next_help_heading = "Controller connection and output (all commands but `certs`)")]
+#[command(
+    next_help_heading = "Controller connection and output (all commands but `certs init|issue`)"
+)]
 struct ConnFlags {
     /// URL of the controller's gRPC endpoint, e.g. https://10.0.0.1:8474 (an IP address works
     /// when the controller's certificate lists it as an IP subjectAltName).
@@ -200,10 +208,67 @@ enum Command {
         )]
         from_revision: u64,
     },
-    /// Make certificates: a CA, the controller's server certificate, node and admin
-    /// client certificates (the layout of REFERENCE.md 2.3).
+    /// Bootstrap tokens: create, list and delete the tokens with which new nodes get
+    /// their node certificates from the controller.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  TOKEN=$(twillctl token create --ttl 2h --description \"rack 7\")\n  \
+        twillctl token list\n  twillctl token delete abc123"
+    )]
+    Token(TokenCommand),
+    /// Make certificates locally: a CA, the controller's server certificate, node and
+    /// admin client certificates (the layout of REFERENCE.md 2.3); and list the node
+    /// certificates the controller has issued (`certs issued`).
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a bootstrap token and print it: only the token and a newline on stdout.
+    ///
+    /// The token (`<id>.<secret>`, kubelet's format [a-z0-9]{6}.[a-z0-9]{16}) lets an
+    /// agent without a certificate exchange a CSR for a node certificate (the agent's
+    /// --bootstrap-token-file). The controller keeps only a hash of the secret: this is
+    /// the one time it is shown, and `token list` shows the id alone. The output is the
+    /// bare token whatever -o says, so that `TOKEN=$(twillctl token create)` works; use
+    /// `twillctl token list -o json` for its record. Anyone holding the token can get a
+    /// node certificate for any node name until it expires or is deleted: keep the TTL
+    /// short and the token secret.
+    #[command(after_help = "Examples:\n  twillctl token create\n  \
+        TOKEN=$(twillctl token create --ttl 2h --description \"rack 7 install\")\n  \
+        twillctl token create --ttl 7d > /run/secrets/twill-bootstrap-token")]
+    Create {
+        /// How long the token is accepted (humantime: 30m, 2h, 7d; at least 1s, at most 1y).
+        #[arg(long, env = "TWILL_TOKEN_TTL", default_value = "24h",
+              value_parser = twill_ctl::client::parse_token_ttl, value_name = "DURATION")]
+        ttl: Duration,
+        /// What the token is for, shown by `token list`.
+        #[arg(long, env = "TWILL_TOKEN_DESCRIPTION", value_name = "TEXT")]
+        description: Option<String>,
+    },
+    /// List the bootstrap tokens that have not expired, ordered by id (never their
+    /// secrets).
+    ///
+    /// Columns: ID (the part of the token before the dot), DESCRIPTION, EXPIRES-IN,
+    /// USES (node certificates issued with it), LAST-USED (how long ago, or never);
+    /// `-o wide` adds CREATED and EXPIRES-AT; `-o json|yaml` print the same as a
+    /// document. An empty result prints nothing on stdout and says so on stderr.
+    #[command(
+        after_help = "Examples:\n  twillctl token list\n  twillctl token list -o wide\n  \
+        twillctl token list -o json | jq -r '.tokens[] | select(.uses == 0) | .id'"
+    )]
+    List,
+    /// Delete a bootstrap token: the controller refuses it from then on (NOT_FOUND when
+    /// it knows no such token). Certificates already issued with it stay valid.
+    #[command(
+        after_help = "Examples:\n  twillctl token delete abc123\n  twillctl token delete \"$TOKEN\""
+    )]
+    Delete {
+        /// The token's id (the part before the dot); a whole `<id>.<secret>` token is
+        /// accepted too, and its secret is not printed.
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,6 +303,27 @@ enum CertsCommand {
     /// Issue a certificate signed by the CA in DIR (or --ca-cert/--ca-key).
     #[command(subcommand)]
     Issue(IssueCommand),
+    /// List the node certificates the controller has issued to bootstrapping agents,
+    /// oldest first (asks the controller: needs the connection flags).
+    ///
+    /// Columns: NODE (the certificate's CN), SERIAL (hex), ISSUED (how long ago),
+    /// EXPIRES-IN, TOKEN (id of the bootstrap token it was issued with); `-o wide` adds
+    /// ISSUED-AT and NOT-AFTER; `-o json|yaml` print the same as a document. An empty
+    /// result prints nothing on stdout and says so on stderr.
+    #[command(
+        after_help = "Examples:\n  twillctl certs issued\n  twillctl certs issued -o wide\n  \
+        twillctl certs issued -o json | jq -r '.certificates[] | select(.token_id == \"abc123\") | .node_name'"
+    )]
+    Issued,
+    /// Revoke every certificate of NODE valid from before now, whoever issued it (asks
+    /// the controller: needs the connection flags). Its calls are refused with
+    /// PERMISSION_DENIED from then on and its open watch is closed; it can come back only
+    /// by bootstrapping with a token. Its lease is not touched (`twillctl lease revoke`).
+    #[command(after_help = "Example:\n  twillctl certs revoke worker-7")]
+    Revoke {
+        /// The node name (the certificates' CN).
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +402,56 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Certs(CertsCommand::Init { out, days }) => certs_init(&out, days),
         Command::Certs(CertsCommand::Issue(cmd)) => certs_issue(cmd),
+        Command::Certs(CertsCommand::Issued) => {
+            let cs = call(conn, "certs issued", |mut a| async move {
+                a.list_issued_certificates().await
+            })?;
+            let text = output::render_issued(&cs, format, SystemTime::now());
+            if text.is_empty() {
+                eprintln!("No issued certificates found.");
+            }
+            emit(&text)
+        }
+        Command::Certs(CertsCommand::Revoke { node }) => {
+            let n = node.clone();
+            call(conn, "certs revoke", |mut a| async move {
+                a.revoke_node_certificates(&n).await
+            })?;
+            emit(&format!("certificates/{node} revoked\n"))
+        }
+        Command::Token(TokenCommand::Create { ttl, description }) => {
+            let resp = call(conn, "token create", |mut a| async move {
+                a.create_token(ttl.as_secs(), description.as_deref().unwrap_or(""))
+                    .await
+            })?;
+            let token = resp.token.trim();
+            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                anyhow::bail!(
+                    "the controller returned no usable token (empty or not one word); \
+                     see `twillctl token list`"
+                );
+            }
+            emit(&format!("{token}\n"))
+        }
+        Command::Token(TokenCommand::List) => {
+            let ts = call(
+                conn,
+                "token list",
+                |mut a| async move { a.list_tokens().await },
+            )?;
+            let text = output::render_tokens(&ts, format, SystemTime::now());
+            if text.is_empty() {
+                eprintln!("No bootstrap tokens found.");
+            }
+            emit(&text)
+        }
+        Command::Token(TokenCommand::Delete { id }) => {
+            let arg = id.clone();
+            call(conn, "token delete", |mut a| async move {
+                a.delete_token(&arg).await
+            })?;
+            emit(&output::render_token_deleted(&id, format))
+        }
         Command::Status => {
             let s = call(conn, "status", |mut a| async move { a.status().await })?;
             emit(&output::render_status(&s, format, SystemTime::now()))

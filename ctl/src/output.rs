@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
-    ConnectedAgent, GetConfigResponse, Lease, ListLeasesResponse, Reservation, StatusResponse,
-    WatchResponse,
+    BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
+    ListLeasesResponse, Reservation, StatusResponse, WatchResponse,
 };
 
 /// Output formats of `-o/--output`.
@@ -470,6 +470,219 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
         Format::Json => json(&StatusDoc::from(s)),
         Format::Yaml => yaml(&StatusDoc::from(s)),
     }
+}
+
+/// One bootstrap token as printed by `token list -o json|yaml`. There is deliberately no
+/// field for the secret: the controller keeps only a hash of it, and `token create` is
+/// the only place it is ever shown.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokenDoc {
+    /// The public part of the token (before the dot).
+    pub id: String,
+    /// What the token is for.
+    pub description: String,
+    /// When it was made, seconds since the Unix epoch.
+    pub created_at_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub created_at: String,
+    /// When it expires, seconds since the Unix epoch.
+    pub expires_at_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub expires_at: String,
+    /// How many certificates were issued with it.
+    pub uses: u64,
+    /// When it was last used, seconds since the Unix epoch (0: never).
+    pub last_used_unix: i64,
+    /// The same, RFC 3339 UTC; null when never used.
+    pub last_used: Option<String>,
+}
+
+impl From<&BootstrapToken> for TokenDoc {
+    fn from(t: &BootstrapToken) -> Self {
+        TokenDoc {
+            id: t.id.clone(),
+            description: t.description.clone(),
+            created_at_unix: t.created_at_unix,
+            created_at: unix_to_rfc3339(t.created_at_unix),
+            expires_at_unix: t.expires_at_unix,
+            expires_at: unix_to_rfc3339(t.expires_at_unix),
+            uses: t.uses,
+            last_used_unix: t.last_used_unix,
+            last_used: Some(unix_to_rfc3339(t.last_used_unix)).filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// The document printed by `token list -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokensDoc {
+    /// The tokens that have not expired, ordered by id.
+    pub tokens: Vec<TokenDoc>,
+}
+
+/// `token list`: ID, DESCRIPTION, EXPIRES-IN, USES, LAST-USED (wide: plus CREATED and
+/// EXPIRES-AT), or the tokens document. An empty table renders as an empty string (the
+/// caller says so on stderr). `now` is the reference for the ages.
+pub fn render_tokens(tokens: &[BootstrapToken], format: Format, now: SystemTime) -> String {
+    match format {
+        Format::Table | Format::Wide => {
+            if tokens.is_empty() {
+                return String::new();
+            }
+            let wide = format == Format::Wide;
+            let mut header = vec!["ID", "DESCRIPTION", "EXPIRES-IN", "USES", "LAST-USED"];
+            if wide {
+                header.extend(["CREATED", "EXPIRES-AT"]);
+            }
+            let mut rows = vec![strings(&header)];
+            for t in tokens {
+                let mut row = vec![
+                    or_none(&one_line(&t.id)),
+                    or_none(&one_line(&t.description)),
+                    expires_in(t.expires_at_unix, now),
+                    t.uses.to_string(),
+                    if t.last_used_unix <= 0 {
+                        "never".to_string()
+                    } else {
+                        age(t.last_used_unix, now)
+                    },
+                ];
+                if wide {
+                    row.push(age(t.created_at_unix, now));
+                    row.push(or_none(&unix_to_rfc3339(t.expires_at_unix)));
+                }
+                rows.push(row);
+            }
+            table(&rows)
+        }
+        Format::Json => json(&tokens_doc(tokens)),
+        Format::Yaml => yaml(&tokens_doc(tokens)),
+    }
+}
+
+fn tokens_doc(tokens: &[BootstrapToken]) -> TokensDoc {
+    TokensDoc {
+        tokens: tokens.iter().map(TokenDoc::from).collect(),
+    }
+}
+
+/// The id of a token given as `ID` or as a whole `ID.SECRET` token: what may be printed
+/// of it (never the secret).
+pub fn token_id(token_or_id: &str) -> &str {
+    token_or_id
+        .split_once('.')
+        .map_or(token_or_id, |(id, _)| id)
+}
+
+/// What `token delete -o json|yaml` prints.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokenDeletedDoc {
+    /// The id of the deleted token.
+    pub id: String,
+    /// Always true: the token is refused from now on.
+    pub deleted: bool,
+}
+
+/// `token delete`: `token/<id> deleted`, or its document. `arg` is what the user gave
+/// (an id, or a whole token whose secret is not repeated).
+pub fn render_token_deleted(arg: &str, format: Format) -> String {
+    let id = one_line(token_id(arg));
+    let doc = TokenDeletedDoc {
+        id: id.clone(),
+        deleted: true,
+    };
+    match format {
+        Format::Table | Format::Wide => format!("token/{id} deleted\n"),
+        Format::Json => json(&doc),
+        Format::Yaml => yaml(&doc),
+    }
+}
+
+/// One node certificate the controller signed, as printed by `certs issued -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IssuedCertificateDoc {
+    /// The node (the certificate's CN).
+    pub node_name: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// When it was issued, seconds since the Unix epoch.
+    pub issued_at_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub issued_at: String,
+    /// When it expires, seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    /// The same, RFC 3339 UTC.
+    pub not_after: String,
+    /// Id of the bootstrap token it was issued with.
+    pub token_id: String,
+}
+
+impl From<&IssuedCertificate> for IssuedCertificateDoc {
+    fn from(c: &IssuedCertificate) -> Self {
+        IssuedCertificateDoc {
+            node_name: c.node_name.clone(),
+            serial: c.serial.clone(),
+            issued_at_unix: c.issued_at_unix,
+            issued_at: unix_to_rfc3339(c.issued_at_unix),
+            not_after_unix: c.not_after_unix,
+            not_after: unix_to_rfc3339(c.not_after_unix),
+            token_id: c.token_id.clone(),
+        }
+    }
+}
+
+/// The document printed by `certs issued -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IssuedCertificatesDoc {
+    /// Oldest first.
+    pub certificates: Vec<IssuedCertificateDoc>,
+}
+
+/// `certs issued`: NODE, SERIAL, ISSUED, EXPIRES-IN, TOKEN (wide: plus ISSUED-AT and
+/// NOT-AFTER), or the certificates document. An empty table renders as an empty string
+/// (the caller says so on stderr). `now` is the reference for the ages.
+pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTime) -> String {
+    let doc = || IssuedCertificatesDoc {
+        certificates: certs.iter().map(IssuedCertificateDoc::from).collect(),
+    };
+    match format {
+        Format::Table | Format::Wide => {
+            if certs.is_empty() {
+                return String::new();
+            }
+            let wide = format == Format::Wide;
+            let mut header = vec!["NODE", "SERIAL", "ISSUED", "EXPIRES-IN", "TOKEN"];
+            if wide {
+                header.extend(["ISSUED-AT", "NOT-AFTER"]);
+            }
+            let mut rows = vec![strings(&header)];
+            for c in certs {
+                let mut row = vec![
+                    or_none(&one_line(&c.node_name)),
+                    or_none(&one_line(&c.serial)),
+                    age(c.issued_at_unix, now),
+                    expires_in(c.not_after_unix, now),
+                    or_none(&one_line(&c.token_id)),
+                ];
+                if wide {
+                    row.push(or_none(&unix_to_rfc3339(c.issued_at_unix)));
+                    row.push(or_none(&unix_to_rfc3339(c.not_after_unix)));
+                }
+                rows.push(row);
+            }
+            table(&rows)
+        }
+        Format::Json => json(&doc()),
+        Format::Yaml => yaml(&doc()),
+    }
+}
+
+/// A table cell on one line: control characters (newlines, tabs) become spaces, so a
+/// free-text value such as a token's description cannot break the columns.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// One line of `watch -o json` (or one document of `watch -o yaml`).
@@ -1245,5 +1458,167 @@ REVISION   TYPE     NODE               SUBNET               PUBLIC-IP         VT
             y.starts_with("---\ntype: \"DELETE\"\nrevision: 13\nlease:\n  node_name: \"node-a\"\n"),
             "{y}"
         );
+    }
+
+    fn token(id: &str, description: &str, uses: u64, last_used: i64) -> BootstrapToken {
+        BootstrapToken {
+            id: id.into(),
+            description: description.into(),
+            created_at_unix: 1_000_000 - 600,
+            expires_at_unix: 1_000_000 + 86_399,
+            uses,
+            last_used_unix: last_used,
+        }
+    }
+
+    #[test]
+    fn tokens_table() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ts = vec![
+            token("abc123", "worker pool\tB", 0, 0),
+            token("zz9xy0", "", 3, 1_000_000 - 303),
+        ];
+        let t = render_tokens(&ts, Format::Table, now);
+        let expected = "\
+ID       DESCRIPTION     EXPIRES-IN   USES   LAST-USED
+abc123   worker pool B   23h59m       0      never
+zz9xy0   <none>          23h59m       3      5m3s
+";
+        assert_eq!(t, expected);
+        let w = render_tokens(&ts, Format::Wide, now);
+        let lines: Vec<&str> = w.lines().collect();
+        assert!(
+            lines[0].ends_with("LAST-USED   CREATED   EXPIRES-AT"),
+            "{w}"
+        );
+        assert!(
+            lines[1].ends_with("never       10m       1970-01-13T13:46:39Z"),
+            "{w}"
+        );
+        assert_eq!(render_tokens(&[], Format::Table, now), "");
+        assert_eq!(render_tokens(&[], Format::Wide, now), "");
+        let expired = BootstrapToken {
+            expires_at_unix: 1_000_000 - 1,
+            ..token("old000", "x", 0, 0)
+        };
+        assert!(render_tokens(&[expired], Format::Table, now).contains(" expired "));
+    }
+
+    #[test]
+    fn tokens_json_and_yaml_have_no_secret() {
+        let ts = vec![
+            token("abc123", "pool a", 0, 0),
+            token("def456", "pool b", 2, 86_400),
+        ];
+        let out = render_tokens(&ts, Format::Json, UNIX_EPOCH);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let list = v["tokens"].as_array().unwrap();
+        assert_eq!(list.len(), 2);
+        let a = &list[0];
+        let keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = vec![
+            "created_at",
+            "created_at_unix",
+            "description",
+            "expires_at",
+            "expires_at_unix",
+            "id",
+            "last_used",
+            "last_used_unix",
+            "uses",
+        ];
+        expected.sort_unstable();
+        assert_eq!(keys, expected, "the fields are a stable interface");
+        assert!(
+            !out.contains("secret") && !out.contains("\"token\""),
+            "no field may carry a secret:\n{out}"
+        );
+        assert_eq!(a["id"], "abc123");
+        assert_eq!(a["description"], "pool a");
+        assert_eq!(a["uses"], 0);
+        assert_eq!(a["last_used_unix"], 0);
+        assert!(a["last_used"].is_null());
+        assert_eq!(a["expires_at_unix"], 1_000_000 + 86_399);
+        assert_eq!(a["expires_at"], "1970-01-13T13:46:39Z");
+        assert_eq!(list[1]["uses"], 2);
+        assert_eq!(list[1]["last_used"], "1970-01-02T00:00:00Z");
+        assert_eq!(
+            render_tokens(&[], Format::Json, UNIX_EPOCH),
+            "{\n  \"tokens\": []\n}\n"
+        );
+        let y = render_tokens(&ts[..1], Format::Yaml, UNIX_EPOCH);
+        assert!(
+            y.starts_with("tokens:\n- id: \"abc123\"\n  description: \"pool a\"\n"),
+            "{y}"
+        );
+        assert!(y.contains("\n  last_used: null\n"), "{y}");
+        assert_eq!(render_tokens(&[], Format::Yaml, UNIX_EPOCH), "tokens: []\n");
+    }
+
+    #[test]
+    fn token_delete_never_repeats_a_secret() {
+        assert_eq!(token_id("abc123"), "abc123");
+        assert_eq!(token_id("abc123.0123456789abcdef"), "abc123");
+        assert_eq!(
+            render_token_deleted("abc123.0123456789abcdef", Format::Table),
+            "token/abc123 deleted\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_token_deleted("abc123", Format::Json)).unwrap();
+        assert_eq!(v, serde_json::json!({"id": "abc123", "deleted": true}));
+        let y = render_token_deleted("abc123.0123456789abcdef", Format::Yaml);
+        assert_eq!(y, "id: \"abc123\"\ndeleted: true\n");
+    }
+
+    #[test]
+    fn issued_certificates() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let cs = vec![
+            IssuedCertificate {
+                node_name: "worker-1".into(),
+                serial: "3f2a9c01".into(),
+                issued_at_unix: 1_000_000 - 7200,
+                not_after_unix: 1_000_000 + 365 * 86_400,
+                token_id: "abc123".into(),
+            },
+            IssuedCertificate {
+                node_name: "worker-22".into(),
+                serial: "01".into(),
+                issued_at_unix: 1_000_000 - 30,
+                not_after_unix: 1_000_000 + 3600,
+                token_id: String::new(),
+            },
+        ];
+        let t = render_issued(&cs, Format::Table, now);
+        let expected = "\
+NODE        SERIAL     ISSUED   EXPIRES-IN   TOKEN
+worker-1    3f2a9c01   2h       365d         abc123
+worker-22   01         30s      1h           <none>
+";
+        assert_eq!(t, expected);
+        let w = render_issued(&cs, Format::Wide, now);
+        assert!(
+            w.lines()
+                .next()
+                .unwrap()
+                .ends_with("TOKEN    ISSUED-AT              NOT-AFTER"),
+            "{w}"
+        );
+        assert_eq!(render_issued(&[], Format::Table, now), "");
+        let out = render_issued(&cs, Format::Json, now);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let c = &v["certificates"][0];
+        assert_eq!(c["node_name"], "worker-1");
+        assert_eq!(c["serial"], "3f2a9c01");
+        assert_eq!(c["issued_at_unix"], 1_000_000 - 7200);
+        assert_eq!(c["issued_at"], "1970-01-12T11:46:40Z");
+        assert_eq!(c["not_after_unix"], 1_000_000 + 365 * 86_400);
+        assert_eq!(c["token_id"], "abc123");
+        assert_eq!(v["certificates"][1]["token_id"], "");
+        assert_eq!(
+            render_issued(&[], Format::Json, now),
+            "{\n  \"certificates\": []\n}\n"
+        );
+        assert_eq!(render_issued(&[], Format::Yaml, now), "certificates: []\n");
     }
 }

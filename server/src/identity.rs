@@ -9,7 +9,7 @@
 //! beside the leases, so they survive restarts.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -116,7 +116,7 @@ impl Signer {
 /// Tokens and issuance.
 pub struct Identity {
     store: Arc<dyn Store>,
-    signer: Option<Signer>,
+    signer: std::sync::RwLock<Option<Arc<Signer>>>,
     node_cert_ttl: Duration,
     metrics: Arc<Metrics>,
     /// Token records are read, changed and written back (use counts): one at a time.
@@ -192,7 +192,7 @@ impl Identity {
             .collect();
         Identity {
             store,
-            signer,
+            signer: std::sync::RwLock::new(signer.map(Arc::new)),
             node_cert_ttl,
             metrics,
             lock: tokio::sync::Mutex::new(()),
@@ -214,6 +214,50 @@ impl Identity {
                  only by bootstrapping with a token"
             )
         })
+    }
+
+    fn signer(&self) -> Result<Arc<Signer>, IdentityError> {
+        self.signer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(IdentityError::NoSigningCa)
+    }
+
+    /// Re-reads the signing CA (and the client CA it must chain to) whenever one of the
+    /// files changes; a pair that does not load is reported and the one in force kept.
+    pub fn watch_signer(self: &Arc<Self>, cert: PathBuf, key: PathBuf, client_ca: PathBuf) {
+        let identity = self.clone();
+        tokio::spawn(async move {
+            let stamp = |p: &Path| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            };
+            let mut seen = [stamp(&cert), stamp(&key), stamp(&client_ca)];
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let now = [stamp(&cert), stamp(&key), stamp(&client_ca)];
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                let loaded = std::fs::read_to_string(&client_ca)
+                    .map_err(|e| format!("--tls-client-ca {}: {e}", client_ca.display()))
+                    .and_then(|ca| Signer::load(&cert, &key, &ca));
+                match loaded {
+                    Ok(s) => {
+                        *identity.signer.write().unwrap_or_else(|p| p.into_inner()) =
+                            Some(Arc::new(s));
+                        info!(cert = %cert.display(), "signing CA changed; new node certificates use it");
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "signing CA not reloaded; keeping the one in force")
+                    }
+                }
+            }
+        });
     }
 
     /// Whether any node was ever revoked (most controllers: never, so the per-call
@@ -368,7 +412,7 @@ impl Identity {
         token: &str,
         csr_pem: &str,
     ) -> Result<BootstrapResponse, IdentityError> {
-        let signer = self.signer.as_ref().ok_or(IdentityError::NoSigningCa)?;
+        let signer = self.signer()?;
         let (id, secret) = parse_token(token)?;
         let _guard = self.lock.lock().await;
         let mut record = self
@@ -396,7 +440,7 @@ impl Identity {
         }
         record.uses += 1;
         record.last_used_unix = now;
-        let issued = self.issue(signer, csr_pem, None, id)?;
+        let issued = self.issue(&signer, csr_pem, None, id)?;
         self.put_token(&record)?;
         self.store.flush().await?;
         Ok(issued)
@@ -408,9 +452,9 @@ impl Identity {
         node: &str,
         csr_pem: &str,
     ) -> Result<BootstrapResponse, IdentityError> {
-        let signer = self.signer.as_ref().ok_or(IdentityError::NoSigningCa)?;
+        let signer = self.signer()?;
         let _guard = self.lock.lock().await;
-        let issued = self.issue(signer, csr_pem, Some(node), "")?;
+        let issued = self.issue(&signer, csr_pem, Some(node), "")?;
         self.store.flush().await?;
         self.metrics.certs_renewed.inc();
         Ok(issued)

@@ -8,6 +8,7 @@
 //! - `grpc`: the agent, identity and admin services and certificate-based authorization.
 //! - `metrics`: Prometheus metrics and the record of connected agents.
 //! - `http`: health, readiness and metrics endpoints.
+//! - `tls`: the serving certificate and client CA, reloaded when their files change.
 
 pub mod alloc;
 pub mod events;
@@ -17,3 +18,4 @@ pub mod identity;
 pub mod leases;
 pub mod metrics;
 pub mod store;
+pub mod tls;

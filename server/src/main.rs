@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::info;
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
@@ -24,6 +24,7 @@ use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::{Agents, Metrics};
 use twill_server::store::{SledStore, Store};
+use twill_server::tls::{ReloadingTls, TlsFiles};
 
 /// The Twill controller: hands every node a pod subnet (a lease), stores leases
 /// durably and streams them to every agent over gRPC with mutual TLS.
@@ -97,8 +98,11 @@ async fn run(args: Args) -> Result<()> {
     }
     let conf = NetConf::from_file(&args.net_conf)
         .with_context(|| format!("--net-conf {}", args.net_conf.display()))?;
-    let cert = read_pem(&args.tls_cert, "--tls-cert", "CERTIFICATE")?;
-    let key = read_pem(&args.tls_key, "--tls-key", "PRIVATE KEY")?;
+    let tls = ReloadingTls::load(TlsFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    })?;
     let ca = read_pem(&args.tls_client_ca, "--tls-client-ca", "CERTIFICATE")?;
     let signer = match (&args.signing_cert, &args.signing_key) {
         (Some(cert), Some(key)) => Some(
@@ -149,6 +153,9 @@ async fn run(args: Args) -> Result<()> {
         args.node_cert_ttl,
         metrics.clone(),
     ));
+    if let (Some(cert), Some(key)) = (&args.signing_cert, &args.signing_key) {
+        identity.watch_signer(cert.clone(), key.clone(), args.tls_client_ca.clone());
+    }
     let leases = Leases::start(
         &conf,
         store,
@@ -168,23 +175,16 @@ async fn run(args: Args) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     tokio::spawn(http::serve(http_listener, http_state.clone()));
 
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
-        // A node without a certificate yet may call IdentityService.Bootstrap; every
-        // other call without one is refused (UNAUTHENTICATED) by the services.
-        .client_auth_optional(true)
-        .timeout(Duration::from_secs(10));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    // Our own TLS acceptor (not tonic's): the serving certificate and the client CA
+    // are re-read when their files change, and a client certificate is optional at the
+    // handshake (a new node may only call IdentityService.Bootstrap without one).
+    tls.watch();
+    let incoming = tls.incoming(listener);
     let conf = Arc::new(conf);
     let server = Server::builder()
-        .tls_config(tls)
-        .context("TLS configuration (do --tls-cert and --tls-key belong together?)")?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(AgentRouter::new(AgentApi {

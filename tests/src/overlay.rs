@@ -49,6 +49,14 @@ pub struct OverlayConfig {
     pub mtu: u32,
     /// Print progress to stderr.
     pub verbose: bool,
+    /// Zero-touch node identity: the controller signs node certificates with the
+    /// lab's CA (`--signing-cert`/`--signing-key`), no node certificates are made, and
+    /// each agent starts with only the CA certificate and a bootstrap token
+    /// ([`Overlay::bootstrap_token_file`]), writing its key and certificate to
+    /// [`Overlay::node_key_file`] / [`Overlay::node_cert_file`].
+    pub bootstrap: bool,
+    /// The controller's `--node-cert-ttl` (with [`OverlayConfig::bootstrap`]), e.g. `2h`.
+    pub node_cert_ttl: Option<String>,
 }
 
 impl OverlayConfig {
@@ -61,6 +69,8 @@ impl OverlayConfig {
             start_agents: true,
             mtu: 1500,
             verbose: false,
+            bootstrap: false,
+            node_cert_ttl: None,
         }
     }
 
@@ -106,6 +116,18 @@ impl OverlayConfig {
         self.verbose = yes;
         self
     }
+
+    /// See [`OverlayConfig::bootstrap`] (the field).
+    pub fn bootstrap(mut self, yes: bool) -> Self {
+        self.bootstrap = yes;
+        self
+    }
+
+    /// The controller's `--node-cert-ttl`, e.g. `"2h"` (used with bootstrap).
+    pub fn node_cert_ttl(mut self, ttl: &str) -> Self {
+        self.node_cert_ttl = Some(ttl.into());
+        self
+    }
 }
 
 /// One row of `twillctl leases -o json`.
@@ -134,6 +156,7 @@ pub struct Overlay {
     certs: PathBuf,
     nodes: Vec<String>,
     agent_args: BTreeMap<String, Vec<String>>,
+    bootstrap: bool,
 }
 
 impl Overlay {
@@ -154,6 +177,7 @@ impl Overlay {
             bins,
             nodes: cfg.nodes.clone(),
             agent_args: cfg.agent_args.clone(),
+            bootstrap: cfg.bootstrap,
         };
         match ov.bring_up(&cfg) {
             Ok(()) => Ok(ov),
@@ -188,6 +212,17 @@ impl Overlay {
             "--metrics-addr".into(),
             format!("{}:{CONTROLLER_METRICS_PORT}", ctl.ip),
         ];
+        if cfg.bootstrap {
+            args.extend([
+                "--signing-cert".into(),
+                c("ca.crt"),
+                "--signing-key".into(),
+                c("ca.key"),
+            ]);
+            if let Some(ttl) = &cfg.node_cert_ttl {
+                args.extend(["--node-cert-ttl".into(), ttl.clone()]);
+            }
+        }
         args.extend(cfg.controller_args.iter().cloned());
         self.lab.spawn(
             CONTROLLER_HOST,
@@ -196,6 +231,12 @@ impl Overlay {
             args,
         )?;
         self.wait_controller_ready(Duration::from_secs(30))?;
+        if cfg.bootstrap {
+            let token = self.create_bootstrap_token("1h")?;
+            for n in &self.nodes {
+                self.write_bootstrap_token(n, &token)?;
+            }
+        }
         if cfg.start_agents {
             for n in &self.nodes {
                 self.start_agent(n)?;
@@ -217,11 +258,13 @@ impl Overlay {
         let ctl_ip = self.lab.host(CONTROLLER_HOST).ip.to_string();
         self.twillctl_certs(&["init"])?;
         self.twillctl_certs(&["issue", "controller", "--ip", &ctl_ip, "--dns", "localhost"])?;
-        for n in &self.nodes {
-            self.issue_node_cert(n)?;
+        if !self.bootstrap {
+            for n in &self.nodes {
+                self.issue_node_cert(n)?;
+            }
         }
         self.twillctl_certs(&["issue", "admin", ADMIN_USER])?;
-        for f in ["ca.crt", "controller.crt", "controller.key"] {
+        for f in ["ca.crt", "ca.key", "controller.crt", "controller.key"] {
             if !self.certs.join(f).is_file() {
                 bail!(
                     "twillctl certs did not write {}",
@@ -237,6 +280,77 @@ impl Overlay {
     /// node` does for the nodes the overlay starts with.
     pub fn issue_node_cert(&self, node: &str) -> Result<()> {
         self.twillctl_certs(&["issue", "node", node])
+    }
+
+    /// A new bootstrap token from `twillctl token create --ttl <ttl>` (admin
+    /// certificate), which prints the token alone.
+    pub fn create_bootstrap_token(&self, ttl: &str) -> Result<String> {
+        let out = self
+            .twillctl(&["token", "create", "--ttl", ttl])
+            .context("creating a bootstrap token with twillctl")?;
+        let token = out.trim();
+        ensure!(
+            !token.is_empty() && !token.contains(char::is_whitespace),
+            "`twillctl token create` printed {out:?}, not a token alone"
+        );
+        Ok(token.to_string())
+    }
+
+    /// Writes `token` to a node's [`Overlay::bootstrap_token_file`] (mode 0600),
+    /// replacing what was there atomically (as a Kubernetes secret volume does), so a
+    /// running agent never reads half a file.
+    pub fn write_bootstrap_token(&self, node: &str, token: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.bootstrap_token_file(node);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        writeln!(f, "{token}").with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    }
+
+    /// Whether the overlay runs with bootstrap tokens instead of issued node
+    /// certificates ([`OverlayConfig::bootstrap`]).
+    pub fn bootstraps(&self) -> bool {
+        self.bootstrap
+    }
+
+    /// A node's bootstrap token file (`<node host dir>/bootstrap-token`).
+    pub fn bootstrap_token_file(&self, node: &str) -> PathBuf {
+        self.node_host(node).dir.join("bootstrap-token")
+    }
+
+    /// The directory a bootstrapping agent writes its key and certificate to
+    /// (`<node host dir>/pki`; it does not exist before the agent's first start).
+    pub fn node_pki_dir(&self, node: &str) -> PathBuf {
+        self.node_host(node).dir.join("pki")
+    }
+
+    /// A node's `--tls-cert`: `node-<node>.crt` in [`Overlay::certs_dir`], or with
+    /// bootstrap `<node host dir>/pki/node.crt`.
+    pub fn node_cert_file(&self, node: &str) -> PathBuf {
+        if self.bootstrap {
+            self.node_pki_dir(node).join("node.crt")
+        } else {
+            self.certs.join(format!("node-{node}.crt"))
+        }
+    }
+
+    /// A node's `--tls-key` (see [`Overlay::node_cert_file`]).
+    pub fn node_key_file(&self, node: &str) -> PathBuf {
+        if self.bootstrap {
+            self.node_pki_dir(node).join("node.key")
+        } else {
+            self.certs.join(format!("node-{node}.key"))
+        }
     }
 
     /// Runs `scenario` and turns an error into a panic while the overlay is still
@@ -306,23 +420,28 @@ impl Overlay {
 
     /// The arguments a node's agent is started with.
     pub fn agent_command_args(&self, node: &str) -> Vec<String> {
-        let c = |f: String| self.certs.join(f).display().to_string();
         let mut args = vec![
             "--controller".to_string(),
             self.controller_url(),
             "--node-name".into(),
             node.into(),
             "--tls-cert".into(),
-            c(format!("node-{node}.crt")),
+            self.node_cert_file(node).display().to_string(),
             "--tls-key".into(),
-            c(format!("node-{node}.key")),
+            self.node_key_file(node).display().to_string(),
             "--tls-ca".into(),
-            c("ca.crt".into()),
+            self.certs.join("ca.crt").display().to_string(),
             "--subnet-file".into(),
             self.subnet_file(node).display().to_string(),
             "--metrics-addr".into(),
             self.agent_metrics_addr(node).to_string(),
         ];
+        if self.bootstrap {
+            args.extend([
+                "--bootstrap-token-file".into(),
+                self.bootstrap_token_file(node).display().to_string(),
+            ]);
+        }
         args.extend(self.agent_args.get(node).into_iter().flatten().cloned());
         args
     }

@@ -1,0 +1,944 @@
+//! Node identity: the agent's own client certificate.
+//!
+//! This module owns deciding whether the `--tls-cert`/`--tls-key` pair can be used,
+//! and, when it cannot and a bootstrap token is given (`--bootstrap-token-file`),
+//! getting a new one from the controller (`IdentityService.Bootstrap`):
+//!
+//! 1. [`check_certificate`]: the pair is unusable when either file is missing or
+//!    unreadable, the certificate does not parse, is expired or not yet valid, is not a
+//!    node certificate for this node (`CN=<node>, O=twill:nodes`), or the key does not
+//!    belong to it.
+//! 2. [`bootstrap`]: a fresh ECDSA P-256 key is written to `--tls-key` (mode 0600,
+//!    atomically; its directory is made with mode 0700 when missing), a CSR for
+//!    `CN=<node>, O=twill:nodes` is sent with the token over TLS that verifies the
+//!    controller with `--tls-ca` and presents no client certificate, and the returned
+//!    chain is checked (this node, this key) and written to `--tls-cert` (mode 0644,
+//!    atomically). Refusals and an unreachable controller are retried with the
+//!    capped [`Backoff`]; the token file is read again before every retry, so a
+//!    corrected token is picked up without a restart (a file that cannot be read
+//!    then, e.g. half rewritten, leaves the token read before in use).
+//!
+//! The private key never leaves the node and is never logged; of the token only its
+//! public id (the part before the dot) is.
+
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::{Code, Status};
+use tracing::{info, warn};
+use twill_common::now_unix;
+use twill_common::tls::{read_pem, Identity, NODES_GROUP};
+use twill_proto::identity_service_client::IdentityServiceClient;
+use twill_proto::{BootstrapRequest, BootstrapResponse};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::*;
+
+use crate::client::{self, Backoff};
+
+/// Mode of the private key file.
+pub const KEY_MODE: u32 = 0o600;
+/// Mode of the certificate file.
+pub const CERT_MODE: u32 = 0o644;
+/// Mode of a key directory the agent has to create.
+pub const KEY_DIR_MODE: u32 = 0o700;
+/// Mode of a certificate directory the agent has to create (when it is not the key's).
+pub const CERT_DIR_MODE: u32 = 0o755;
+
+/// What the controller's certificate says about itself, for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject CN.
+    pub node: String,
+    /// The serial number, lowercase hex.
+    pub serial: String,
+    /// Validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// `not_after` as RFC 3339, for logs.
+    pub fn not_after_rfc3339(&self) -> String {
+        rfc3339(self.not_after)
+    }
+}
+
+/// Whether the certificate files can be used as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertCheck {
+    /// They can.
+    Usable(CertInfo),
+    /// They cannot; why.
+    Needed(String),
+}
+
+/// Decides whether `cert` and `key` make a usable client certificate for `node` at
+/// `now` (Unix seconds). See the module documentation for what makes them unusable.
+///
+/// A key in a format this code cannot read (`EC PRIVATE KEY`, `RSA PRIVATE KEY`) is
+/// not a reason to replace it: TLS will judge it.
+pub fn check_certificate(cert: &Path, key: &Path, node: &str, now: i64) -> CertCheck {
+    match inspect(cert, key, node, now) {
+        Ok(info) => CertCheck::Usable(info),
+        Err(why) => CertCheck::Needed(why),
+    }
+}
+
+fn inspect(cert: &Path, key: &Path, node: &str, now: i64) -> Result<CertInfo, String> {
+    let cert_pem = read_file(cert, "--tls-cert")?;
+    let der =
+        first_certificate(&cert_pem).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    let (info, spki) = describe(&der).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if now < info.not_before {
+        return Err(format!(
+            "--tls-cert {} is not valid before {}",
+            cert.display(),
+            rfc3339(info.not_before)
+        ));
+    }
+    if now > info.not_after {
+        return Err(format!(
+            "--tls-cert {} expired at {}",
+            cert.display(),
+            info.not_after_rfc3339()
+        ));
+    }
+    let who =
+        Identity::from_der(&der).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if !who.is_node() {
+        return Err(format!(
+            "--tls-cert {} is not a node certificate (no O={NODES_GROUP})",
+            cert.display()
+        ));
+    }
+    if who.name != node {
+        return Err(format!(
+            "--tls-cert {} is for node {:?}, not {node:?}",
+            cert.display(),
+            who.name
+        ));
+    }
+    let key_pem = read_file(key, "--tls-key")?;
+    let key_text = String::from_utf8_lossy(&key_pem);
+    read_pem(key, "--tls-key", "PRIVATE KEY").map_err(|e| e.to_string())?;
+    match KeyPair::from_pem(&key_text) {
+        Ok(pair) if pair.public_key_raw() != spki.as_slice() => {
+            return Err(format!(
+                "--tls-key {} does not belong to --tls-cert {}",
+                key.display(),
+                cert.display()
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if key_text.contains("-----BEGIN PRIVATE KEY-----") => {
+            return Err(format!("--tls-key {}: cannot parse: {e}", key.display()));
+        }
+        // Another key format: left to TLS.
+        Err(_) => {}
+    }
+    Ok(info)
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{what} {} does not exist", path.display()),
+        _ => format!("cannot read {what} {}: {e}", path.display()),
+    })
+}
+
+/// The DER of the first `CERTIFICATE` block of a PEM file.
+fn first_certificate(pem: &[u8]) -> Result<Vec<u8>, String> {
+    for block in Pem::iter_from_buffer(pem) {
+        let block = block.map_err(|e| format!("cannot parse PEM: {e}"))?;
+        if block.label == "CERTIFICATE" {
+            return Ok(block.contents);
+        }
+    }
+    Err("holds no PEM CERTIFICATE".into())
+}
+
+/// What the log needs of a certificate, and its raw subject public key.
+fn describe(der: &[u8]) -> Result<(CertInfo, Vec<u8>), String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let node = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let info = CertInfo {
+        node,
+        serial: cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    };
+    Ok((info, cert.public_key().subject_public_key.data.to_vec()))
+}
+
+/// A bootstrap token, `<id>.<secret>`. Its `Debug` shows only the id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// The public part (before the dot), safe to log.
+    pub fn id(&self) -> &str {
+        self.0.split_once('.').map(|(id, _)| id).unwrap_or("?")
+    }
+
+    /// The whole token, for the request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `text` with every occurrence of the token replaced, so that a message that
+    /// echoes it can be logged.
+    pub fn redact(&self, text: &str) -> String {
+        let secret = self.0.split_once('.').map(|(_, s)| s).unwrap_or(&self.0);
+        if secret.is_empty() {
+            return text.to_string();
+        }
+        text.replace(&self.0, "<token>").replace(secret, "<secret>")
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({}.<secret>)", self.id())
+    }
+}
+
+/// Reads a token file: the token is the file's content without surrounding
+/// whitespace.
+pub fn read_token(path: &Path) -> Result<Token> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --bootstrap-token-file {}", path.display()))?;
+    let token = text.trim();
+    ensure!(
+        !token.is_empty(),
+        "--bootstrap-token-file {} is empty",
+        path.display()
+    );
+    ensure!(
+        !token.contains(char::is_whitespace),
+        "--bootstrap-token-file {} holds more than one word (want the token alone, <id>.<secret>)",
+        path.display()
+    );
+    Ok(Token(token.to_string()))
+}
+
+/// A new ECDSA P-256 key.
+pub fn generate_key() -> Result<KeyPair> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("cannot generate a key")
+}
+
+/// A PKCS#10 request (PEM) for `CN=<node>, O=twill:nodes`, signed with `key`.
+pub fn csr_pem(node: &str, key: &KeyPair) -> Result<String> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    dn.push(DnType::OrganizationName, NODES_GROUP);
+    params.distinguished_name = dn;
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .context("cannot make the certificate signing request")
+}
+
+/// Creates `dir` (and missing parents) with `mode` unless it exists.
+pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new().recursive(true).mode(mode).create(dir)
+}
+
+/// Replaces `path` with `contents` atomically: a temporary file in the same
+/// directory, created with `mode` (so a key is never readable by others, not even
+/// briefly), written, flushed to disk and renamed over `path`.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{:08x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // Exactly `mode`, whatever the umask.
+        f.set_permissions(Permissions::from_mode(mode))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Checks what the controller returned: a PEM chain whose first certificate is for
+/// `node`, a node certificate, and certifies `key`.
+pub fn check_issued(chain_pem: &str, node: &str, key: &KeyPair) -> Result<CertInfo> {
+    let der = first_certificate(chain_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the controller's certificate chain {e}"))?;
+    let (info, spki) = describe(&der).map_err(|e| anyhow::anyhow!("the controller's {e}"))?;
+    let who = Identity::from_der(&der).context("the controller's certificate")?;
+    ensure!(
+        who.name == node,
+        "the controller issued a certificate for {:?}, not {node:?}",
+        who.name
+    );
+    ensure!(
+        who.is_node(),
+        "the controller issued a certificate without O={NODES_GROUP}"
+    );
+    ensure!(
+        spki == key.public_key_raw(),
+        "the controller's certificate is not for the key this node sent"
+    );
+    Ok(info)
+}
+
+/// Where and how to bootstrap.
+#[derive(Debug, Clone)]
+pub struct Bootstrap<'a> {
+    /// Controller URL (`--controller`).
+    pub controller: &'a str,
+    /// This node's name: the CSR's CN.
+    pub node: &'a str,
+    /// `--tls-cert`, `--tls-key`: written here.
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// `--tls-ca`: verifies the controller.
+    pub ca: &'a Path,
+    /// `--bootstrap-token-file`.
+    pub token_file: &'a Path,
+    /// Deadline of each Bootstrap call (`--call-timeout`).
+    pub call_timeout: Duration,
+    /// Longest wait between attempts.
+    pub backoff_cap: Duration,
+}
+
+/// What [`bootstrap`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The files were usable; nothing was changed.
+    Present(CertInfo),
+    /// A new key and certificate were written.
+    Issued(CertInfo),
+}
+
+/// Makes sure `--tls-cert`/`--tls-key` are usable, getting a new certificate from the
+/// controller when they are not (see the module documentation). Returns only once
+/// they are, or with an error retrying cannot fix (a token or CA file unreadable at
+/// the start, a key that cannot be written, a certificate that is not for this node's
+/// key).
+/// Cancel-safe: dropped while it waits, it leaves at worst a new key without a
+/// certificate, which the next start replaces.
+pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
+    let why = match check_certificate(cfg.cert, cfg.key, cfg.node, now_unix()) {
+        CertCheck::Usable(info) => {
+            info!(node = %cfg.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate present; not bootstrapping");
+            return Ok(Outcome::Present(info));
+        }
+        CertCheck::Needed(why) => why,
+    };
+    let token = read_token(cfg.token_file)?;
+    info!(node = %cfg.node, reason = %why, token_id = %token.id(), "no usable node certificate; asking the controller for one with the bootstrap token");
+    let ca = read_pem(cfg.ca, "--tls-ca", "CERTIFICATE")?;
+    let channel = client::endpoint(
+        cfg.controller,
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+    )?
+    .connect_lazy();
+
+    let key = generate_key()?;
+    if let Some(dir) = cfg.key.parent() {
+        ensure_dir(dir, KEY_DIR_MODE)
+            .with_context(|| format!("cannot create the --tls-key directory {}", dir.display()))?;
+    }
+    write_atomic(cfg.key, key.serialize_pem().as_bytes(), KEY_MODE)
+        .with_context(|| format!("cannot write --tls-key {}", cfg.key.display()))?;
+    let csr = csr_pem(cfg.node, &key)?;
+
+    let mut backoff = Backoff::new(cfg.backoff_cap);
+    let mut token = token;
+    loop {
+        match call(&channel, &token, &csr, cfg.call_timeout).await {
+            Ok(resp) => {
+                let info = check_issued(&resp.certificate_chain_pem, cfg.node, &key)?;
+                if let Some(dir) = cfg.cert.parent() {
+                    ensure_dir(dir, CERT_DIR_MODE).with_context(|| {
+                        format!("cannot create the --tls-cert directory {}", dir.display())
+                    })?;
+                }
+                write_atomic(cfg.cert, resp.certificate_chain_pem.as_bytes(), CERT_MODE)
+                    .with_context(|| format!("cannot write --tls-cert {}", cfg.cert.display()))?;
+                let now = now_unix();
+                if now < info.not_before || now > info.not_after {
+                    warn!(node = %cfg.node, not_before = %rfc3339(info.not_before), not_after = %info.not_after_rfc3339(), "the issued certificate is not valid by this node's clock; is the clock right?");
+                }
+                info!(node = %cfg.node, not_after = %info.not_after_rfc3339(), serial = %info.serial, token_id = %token.id(), cert = %cfg.cert.display(), key = %cfg.key.display(), "node certificate issued");
+                return Ok(Outcome::Issued(info));
+            }
+            Err(s) => {
+                let wait = backoff.next_delay();
+                warn!(
+                    code = %code_name(s.code()),
+                    error = %token.redact(&status_text(&s)),
+                    hint = hint(s.code()),
+                    token_id = %token.id(),
+                    retry_in = ?wait,
+                    "the controller did not issue a node certificate; retrying"
+                );
+                tokio::time::sleep(wait).await;
+                // A token file being rewritten may be empty for a moment: keep the
+                // token read before until it reads well again.
+                match read_token(cfg.token_file) {
+                    Ok(t) => token = t,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), token_id = %token.id(), "cannot read the bootstrap token file again; retrying with the token read before")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One Bootstrap call, within `deadline`.
+async fn call(
+    channel: &Channel,
+    token: &Token,
+    csr: &str,
+    deadline: Duration,
+) -> Result<BootstrapResponse, Status> {
+    let mut api = IdentityServiceClient::new(channel.clone())
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(64 << 10);
+    let req = BootstrapRequest {
+        token: token.expose().to_string(),
+        csr_pem: csr.to_string(),
+    };
+    client::within(deadline, api.bootstrap(client::request(req, deadline)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A status's message and, for transport errors, what caused them (a TLS failure
+/// is otherwise just "transport error").
+fn status_text(s: &Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// What an operator can do about a refusal.
+fn hint(code: Code) -> &'static str {
+    match code {
+        Code::Unauthenticated => "the token was refused (unknown, deleted, expired or malformed): put a valid one from `twillctl token create` in --bootstrap-token-file",
+        Code::InvalidArgument => "the controller refused the certificate request",
+        Code::FailedPrecondition => "the controller cannot sign node certificates: start it with --signing-cert and --signing-key",
+        Code::ResourceExhausted => "too many failed token attempts from this address; waiting",
+        Code::PermissionDenied => "the controller does not allow this node a certificate",
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => "the controller is unreachable or did not answer (check --controller and --tls-ca)",
+        Code::Unimplemented => "the controller has no IdentityService (too old?)",
+        _ => "",
+    }
+}
+
+/// The canonical gRPC name of a code (`UNAUTHENTICATED`), as the controller's and
+/// twillctl's messages write it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(secs) => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+        }
+        Err(_) => format!("@{unix}"),
+    }
+}
+
+/// Fails unless `path` is `mode` exactly (for tests and checks).
+pub fn check_mode(path: &Path, mode: u32) -> Result<()> {
+    let got = std::fs::metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if got != mode {
+        bail!("{} has mode {got:o}, want {mode:o}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{date_time_ymd, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
+    use x509_parser::certification_request::X509CertificationRequest;
+
+    const NOW: i64 = 1_767_225_600; // 2026-01-01
+
+    /// A node certificate for `node` valid from `from` to `until` (years), self-signed.
+    fn node_cert(node: &str, from: i32, until: i32) -> (String, KeyPair) {
+        let key = generate_key().unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        dn.push(DnType::OrganizationName, NODES_GROUP);
+        params.distinguished_name = dn;
+        params.not_before = date_time_ymd(from, 1, 1);
+        params.not_after = date_time_ymd(until, 1, 1);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        (params.self_signed(&key).unwrap().pem(), key)
+    }
+
+    fn write_pair(dir: &Path, cert: &str, key: &KeyPair) -> (PathBuf, PathBuf) {
+        let (c, k) = (dir.join("node.crt"), dir.join("node.key"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn needed(check: CertCheck) -> String {
+        match check {
+            CertCheck::Needed(why) => why,
+            CertCheck::Usable(info) => panic!("usable: {info:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_files_need_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (
+            dir.path().join("pki/node.crt"),
+            dir.path().join("pki/node.key"),
+        );
+        let why = needed(check_certificate(&c, &k, "node-a", NOW));
+        assert!(why.contains("does not exist"), "{why}");
+
+        let (cert, _) = node_cert("node-a", 2020, 2030);
+        std::fs::write(dir.path().join("only.crt"), cert).unwrap();
+        let why = needed(check_certificate(
+            &dir.path().join("only.crt"),
+            &dir.path().join("none.key"),
+            "node-a",
+            NOW,
+        ));
+        assert!(
+            why.contains("--tls-key") && why.contains("does not exist"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_valid_pair_is_used_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = node_cert("node-a", 2020, 2030);
+        let (c, k) = write_pair(dir.path(), &cert, &key);
+        match check_certificate(&c, &k, "node-a", NOW) {
+            CertCheck::Usable(info) => {
+                assert_eq!(info.node, "node-a");
+                assert!(!info.serial.is_empty());
+                assert!(info.not_before < NOW && NOW < info.not_after);
+            }
+            CertCheck::Needed(why) => panic!("{why}"),
+        }
+    }
+
+    #[test]
+    fn expired_or_not_yet_valid_certificates_need_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = node_cert("node-a", 2020, 2025);
+        let (c, k) = write_pair(dir.path(), &cert, &key);
+        let why = needed(check_certificate(&c, &k, "node-a", NOW));
+        assert!(why.contains("expired at 2025-01-01"), "{why}");
+
+        let (cert, key) = node_cert("node-a", 2027, 2030);
+        let (c, k) = write_pair(dir.path(), &cert, &key);
+        let why = needed(check_certificate(&c, &k, "node-a", NOW));
+        assert!(why.contains("not valid before 2027-01-01"), "{why}");
+    }
+
+    #[test]
+    fn unusable_contents_need_a_new_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = node_cert("node-a", 2020, 2030);
+        let (c, k) = write_pair(dir.path(), &cert, &key);
+
+        // Another node's certificate.
+        assert!(needed(check_certificate(&c, &k, "node-b", NOW)).contains("for node \"node-a\""));
+        // A key that is not the certificate's.
+        std::fs::write(&k, generate_key().unwrap().serialize_pem()).unwrap();
+        assert!(needed(check_certificate(&c, &k, "node-a", NOW)).contains("does not belong"));
+        // Garbage.
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::write(&c, "not a certificate\n").unwrap();
+        assert!(needed(check_certificate(&c, &k, "node-a", NOW)).contains("no PEM CERTIFICATE"));
+        std::fs::write(
+            &c,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(needed(check_certificate(&c, &k, "node-a", NOW)).contains("cannot parse"));
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(
+            &k,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(needed(check_certificate(&c, &k, "node-a", NOW)).contains("cannot parse"));
+        // Unreadable (a directory).
+        let why = needed(check_certificate(dir.path(), &k, "node-a", NOW));
+        assert!(why.contains("cannot read --tls-cert"), "{why}");
+    }
+
+    #[test]
+    fn a_certificate_without_the_nodes_group_is_not_a_node_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key().unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "node-a");
+        dn.push(DnType::OrganizationName, "twill:admins");
+        params.distinguished_name = dn;
+        let (c, k) = write_pair(dir.path(), &params.self_signed(&key).unwrap().pem(), &key);
+        assert!(needed(check_certificate(&c, &k, "node-a", NOW)).contains("not a node certificate"));
+    }
+
+    #[test]
+    fn the_csr_names_the_node_and_carries_the_key() {
+        let key = generate_key().unwrap();
+        let pem = csr_pem("node-a", &key).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, csr) = X509CertificationRequest::from_der(&block.contents).unwrap();
+        let subject = &csr.certification_request_info.subject;
+        let cns: Vec<_> = subject
+            .iter_common_name()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(cns, ["node-a"]);
+        let orgs: Vec<_> = subject
+            .iter_organization()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(orgs, [NODES_GROUP]);
+        assert_eq!(
+            csr.certification_request_info
+                .subject_pki
+                .subject_public_key
+                .data
+                .as_ref(),
+            key.public_key_raw()
+        );
+        assert!(
+            !pem.contains("PRIVATE"),
+            "the request must not carry the key"
+        );
+    }
+
+    #[test]
+    fn the_key_is_written_0600_atomically_in_a_0700_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("a/pki");
+        let path = pki.join("node.key");
+        let key = generate_key().unwrap();
+        ensure_dir(&pki, KEY_DIR_MODE).unwrap();
+        write_atomic(&path, key.serialize_pem().as_bytes(), KEY_MODE).unwrap();
+        check_mode(&path, 0o600).unwrap();
+        check_mode(&pki, 0o700).unwrap();
+        check_mode(&dir.path().join("a"), 0o700).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), key.serialize_pem());
+
+        // Replacing a file that was readable by all leaves a 0600 file, and no
+        // temporary file behind.
+        std::fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"new", KEY_MODE).unwrap();
+        check_mode(&path, 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(&pki)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["node.key"]);
+
+        // An existing directory keeps its mode.
+        std::fs::set_permissions(&pki, Permissions::from_mode(0o750)).unwrap();
+        ensure_dir(&pki, KEY_DIR_MODE).unwrap();
+        check_mode(&pki, 0o750).unwrap();
+
+        // A failed write leaves the old file and no temporary one.
+        assert!(write_atomic(&dir.path().join("missing/x.key"), b"k", KEY_MODE).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn tokens_are_trimmed_and_never_shown_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "  abcdef.0123456789abcdef\n").unwrap();
+        let t = read_token(&f).unwrap();
+        assert_eq!(t.expose(), "abcdef.0123456789abcdef");
+        assert_eq!(t.id(), "abcdef");
+        assert_eq!(format!("{t:?}"), "Token(abcdef.<secret>)");
+        assert_eq!(
+            t.redact("bad token abcdef.0123456789abcdef (0123456789abcdef)"),
+            "bad token <token> (<secret>)"
+        );
+        std::fs::write(&f, "\n").unwrap();
+        assert!(read_token(&f).unwrap_err().to_string().contains("empty"));
+        std::fs::write(&f, "a.b c.d").unwrap();
+        assert!(read_token(&f).is_err());
+        assert!(read_token(&dir.path().join("none")).is_err());
+    }
+
+    /// A CA signing `csr` as the controller does.
+    struct TestCa {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    impl TestCa {
+        fn new() -> TestCa {
+            let key = generate_key().unwrap();
+            let mut params = CertificateParams::default();
+            params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, "test-ca");
+            params.distinguished_name = dn;
+            let cert = params.self_signed(&key).unwrap();
+            TestCa {
+                pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn sign(&self, csr: &str) -> String {
+            let mut req = rcgen::CertificateSigningRequestParams::from_pem(csr).unwrap();
+            req.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            req.signed_by(&self.issuer).unwrap().pem()
+        }
+
+        fn server_cert(&self) -> (String, String) {
+            let key = generate_key().unwrap();
+            let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    #[test]
+    fn an_issued_chain_must_be_for_this_node_and_this_key() {
+        let ca = TestCa::new();
+        let key = generate_key().unwrap();
+        let chain = ca.sign(&csr_pem("node-a", &key).unwrap());
+        let info = check_issued(&chain, "node-a", &key).unwrap();
+        assert_eq!(info.node, "node-a");
+        assert!(check_issued(&chain, "node-b", &key).is_err());
+        assert!(check_issued(&chain, "node-a", &generate_key().unwrap()).is_err());
+        assert!(check_issued("", "node-a", &key).is_err());
+    }
+
+    mod fake_controller {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        use tonic::transport::{Identity as ServerIdentity, Server, ServerTlsConfig};
+        use tonic::{Request, Response, Status};
+        use twill_proto::identity_service_server::{IdentityService, IdentityServiceServer};
+        use twill_proto::{BootstrapRequest, BootstrapResponse};
+
+        use super::*;
+
+        struct Fake {
+            ca: Arc<TestCa>,
+            token: String,
+            calls: Arc<AtomicUsize>,
+        }
+
+        #[tonic::async_trait]
+        impl IdentityService for Fake {
+            async fn bootstrap(
+                &self,
+                req: Request<BootstrapRequest>,
+            ) -> Result<Response<BootstrapResponse>, Status> {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                assert!(
+                    req.peer_certs().is_none_or(|c| c.is_empty()),
+                    "no client certificate on a bootstrap connection"
+                );
+                let req = req.into_inner();
+                if req.token != self.token {
+                    return Err(Status::unauthenticated(format!(
+                        "unknown token {}",
+                        req.token
+                    )));
+                }
+                Ok(Response::new(BootstrapResponse {
+                    certificate_chain_pem: self.ca.sign(&req.csr_pem),
+                    not_after_unix: 0,
+                }))
+            }
+
+            async fn renew(
+                &self,
+                _: Request<twill_proto::RenewRequest>,
+            ) -> Result<Response<BootstrapResponse>, Status> {
+                Err(Status::unimplemented("not part of this test"))
+            }
+        }
+
+        /// Against a TLS controller: a refused token is retried, the corrected token
+        /// file is read again, and the files are written; a second run finds them.
+        #[tokio::test]
+        async fn refusals_are_retried_and_the_issued_files_written() {
+            let ca = Arc::new(TestCa::new());
+            let (cert, key) = ca.server_cert();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let svc = IdentityServiceServer::new(Fake {
+                ca: ca.clone(),
+                token: "abcdef.0123456789abcdef".into(),
+                calls: calls.clone(),
+            });
+            tokio::spawn(
+                Server::builder()
+                    .tls_config(
+                        ServerTlsConfig::new().identity(ServerIdentity::from_pem(cert, key)),
+                    )
+                    .unwrap()
+                    .add_service(svc)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+
+            let dir = tempfile::tempdir().unwrap();
+            let ca_file = dir.path().join("ca.crt");
+            std::fs::write(&ca_file, &ca.pem).unwrap();
+            let token_file = dir.path().join("token");
+            std::fs::write(&token_file, "abcdef.wrongwrongwrong00\n").unwrap();
+            let pki = dir.path().join("host/pki");
+            let (cert_file, key_file) = (pki.join("node.crt"), pki.join("node.key"));
+            let url = format!("https://{addr}");
+            let cfg = Bootstrap {
+                controller: &url,
+                node: "node-a",
+                cert: &cert_file,
+                key: &key_file,
+                ca: &ca_file,
+                token_file: &token_file,
+                call_timeout: Duration::from_secs(5),
+                backoff_cap: Duration::from_millis(500),
+            };
+            let run = bootstrap(&cfg);
+            tokio::pin!(run);
+            // Refused while the token is wrong.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while calls.load(Ordering::SeqCst) < 2 {
+                tokio::select! {
+                    r = &mut run => panic!("finished with a wrong token: {r:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no retries");
+            }
+            assert!(!cert_file.exists());
+            check_mode(&key_file, KEY_MODE).unwrap();
+            check_mode(&pki, KEY_DIR_MODE).unwrap();
+            // A token file emptied while retrying (being rewritten) is no reason to stop.
+            std::fs::write(&token_file, "").unwrap();
+            let refused = calls.load(Ordering::SeqCst);
+            while calls.load(Ordering::SeqCst) < refused + 2 {
+                tokio::select! {
+                    r = &mut run => panic!("finished with an empty token file: {r:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no retries");
+            }
+            std::fs::write(&token_file, "abcdef.0123456789abcdef").unwrap();
+            let issued = tokio::time::timeout(Duration::from_secs(10), run)
+                .await
+                .unwrap()
+                .unwrap();
+            let Outcome::Issued(info) = issued else {
+                panic!("{issued:?}")
+            };
+            assert_eq!(info.node, "node-a");
+            check_mode(&cert_file, CERT_MODE).unwrap();
+            check_mode(&key_file, KEY_MODE).unwrap();
+            match check_certificate(&cert_file, &key_file, "node-a", now_unix()) {
+                CertCheck::Usable(again) => assert_eq!(again, info),
+                CertCheck::Needed(why) => panic!("{why}"),
+            }
+            // The files now make a working mTLS channel configuration.
+            client::channel(
+                &url,
+                &client::TlsFiles {
+                    cert: &cert_file,
+                    key: &key_file,
+                    ca: &ca_file,
+                },
+            )
+            .unwrap();
+
+            let before = calls.load(Ordering::SeqCst);
+            assert_eq!(bootstrap(&cfg).await.unwrap(), Outcome::Present(info));
+            assert_eq!(calls.load(Ordering::SeqCst), before, "no second bootstrap");
+        }
+    }
+}
