@@ -133,10 +133,15 @@ fn check_env_name(bin: &str, help: &str, var: &str, origin: &str, errors: &mut V
 
 /// Duration-valued variables must parse the way the binaries parse them.
 fn check_env_value(var: &str, value: &str, origin: &str, errors: &mut Vec<String>) {
-    if matches!(var, "TWILL_LEASE_TTL" | "TWILL_RECONCILE_INTERVAL") {
-        if let Err(e) = twill_common::parse_duration(value) {
-            errors.push(format!("{origin}: {var}={value}: {e}"));
+    let parsed = match var {
+        "TWILL_LEASE_TTL" | "TWILL_RECONCILE_INTERVAL" => {
+            twill_common::parse_duration(value).map(drop)
         }
+        "TWILL_NODE_CERT_TTL" => twill_common::parse_nonzero_duration(value).map(drop),
+        _ => Ok(()),
+    };
+    if let Err(e) = parsed {
+        errors.push(format!("{origin}: {var}={value}: {e}"));
     }
 }
 
@@ -231,6 +236,71 @@ fn env_of<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
     env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
+/// The pod volume named `name`.
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    seq(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// The container's mount that holds `file`: (volume name, read-only, path of the file
+/// inside the volume).
+fn mount_of(c: &Value, file: &str) -> (String, bool, String) {
+    seq(&c["volumeMounts"])
+        .iter()
+        .find_map(|m| {
+            let dir = m["mountPath"].as_str()?;
+            let rel = file.strip_prefix(dir)?.strip_prefix('/')?;
+            Some((
+                s(&m["name"], "volumeMount name").to_string(),
+                m["readOnly"].as_bool() == Some(true),
+                rel.to_string(),
+            ))
+        })
+        .unwrap_or_else(|| panic!("no volume mount holds {file}"))
+}
+
+/// Asserts that `file` is the key `key` of the ConfigMap or Secret (`kind`:
+/// "configMap" or "secret") named `object_name`, mounted read-only in `c`; returns
+/// the volume.
+fn assert_file_from<'a>(
+    pod: &'a Value,
+    c: &Value,
+    file: &str,
+    kind: &str,
+    object_name: &str,
+    key: &str,
+) -> &'a Value {
+    let (vol, read_only, rel) = mount_of(c, file);
+    assert!(read_only, "{file}: volume {vol} is mounted read-only");
+    let v = volume(pod, &vol);
+    let source = &v[kind];
+    let name_field = if kind == "secret" {
+        "secretName"
+    } else {
+        "name"
+    };
+    assert_eq!(
+        source[name_field].as_str(),
+        Some(object_name),
+        "{file}: volume {vol} is the {kind} {object_name}"
+    );
+    let items = seq(&source["items"]);
+    let found = if items.is_empty() {
+        rel == key
+    } else {
+        items
+            .iter()
+            .any(|i| i["key"].as_str() == Some(key) && i["path"].as_str() == Some(rel.as_str()))
+    };
+    assert!(
+        found,
+        "{file}: volume {vol} puts the key {key} of {kind} {object_name} at {rel}"
+    );
+    v
+}
+
 fn finish(what: &str, errors: Vec<String>) {
     assert!(errors.is_empty(), "{what}:\n  {}", errors.join("\n  "));
 }
@@ -261,7 +331,9 @@ fn deployment_and_daemonset_flags_exist_in_the_binaries() {
     );
     finish("manifests drifted from the binaries' flags", errors);
 
-    // The node name comes from the downward API and picks the node's own certificate.
+    // The node name comes from the downward API (the CN the agent asks for); the
+    // agent keeps the key and certificate it makes on the node, and bootstraps with
+    // the token.
     let node = seq(&container(pod, "agent")["env"])
         .iter()
         .find(|e| e["name"].as_str() == Some("TWILL_NODE_NAME"))
@@ -272,12 +344,29 @@ fn deployment_and_daemonset_flags_exist_in_the_binaries() {
     );
     assert_eq!(
         env_of(&env, "TWILL_TLS_CERT"),
-        Some("/etc/twill/pki/node-$(TWILL_NODE_NAME).crt")
+        Some("/var/lib/twill/pki/node.crt")
     );
     assert_eq!(
         env_of(&env, "TWILL_TLS_KEY"),
-        Some("/etc/twill/pki/node-$(TWILL_NODE_NAME).key")
+        Some("/var/lib/twill/pki/node.key")
     );
+    assert!(
+        env_of(&env, "TWILL_BOOTSTRAP_TOKEN_FILE").is_some_and(|v| !v.is_empty()),
+        "the agent bootstraps with a token (TWILL_BOOTSTRAP_TOKEN_FILE)"
+    );
+
+    // The controller signs the certificates of bootstrapping agents.
+    let controller_env: Vec<String> =
+        seq(&container(&deployment["spec"]["template"]["spec"], "controller")["env"])
+            .iter()
+            .map(|e| s(&e["name"], "env name").to_string())
+            .collect();
+    for var in ["TWILL_SIGNING_CERT", "TWILL_SIGNING_KEY"] {
+        assert!(
+            controller_env.iter().any(|n| n == var),
+            "the controller Deployment sets {var}"
+        );
+    }
 }
 
 #[test]
@@ -334,6 +423,47 @@ fn systemd_units_and_env_files_use_existing_variables() {
         }
     }
     finish("systemd files drifted from the binaries' flags", errors);
+
+    // Zero-touch node identity: the agent bootstraps with a token file and keeps its
+    // key and certificate in its state directory; the controller signs.
+    let vars = |rel: &str| -> Vec<(String, String)> {
+        read(rel)
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let l = l.strip_prefix("Environment=").unwrap_or(l);
+                let (k, v) = l.split_once('=')?;
+                (!k.starts_with('#') && k.starts_with("TWILL_")).then(|| (k.into(), v.into()))
+            })
+            .collect()
+    };
+    let unit = read("systemd/twill-agent.service");
+    assert!(
+        unit.lines().any(|l| l == "StateDirectory=twill/pki"),
+        "twill-agent.service: StateDirectory=twill/pki (writable under ProtectSystem=strict)"
+    );
+    let agent_unit = vars("systemd/twill-agent.service");
+    assert_eq!(
+        env_of(&agent_unit, "TWILL_TLS_CERT"),
+        Some("/var/lib/twill/pki/node.crt")
+    );
+    assert_eq!(
+        env_of(&agent_unit, "TWILL_TLS_KEY"),
+        Some("/var/lib/twill/pki/node.key")
+    );
+    let agent_env = vars("systemd/agent.env");
+    assert_eq!(
+        env_of(&agent_env, "TWILL_BOOTSTRAP_TOKEN_FILE"),
+        Some("/etc/twill/bootstrap-token"),
+        "agent.env sets TWILL_BOOTSTRAP_TOKEN_FILE"
+    );
+    let controller_env = vars("systemd/controller.env");
+    for var in ["TWILL_SIGNING_CERT", "TWILL_SIGNING_KEY"] {
+        assert!(
+            env_of(&controller_env, var).is_some(),
+            "controller.env sets {var}"
+        );
+    }
 }
 
 #[test]
@@ -406,13 +536,7 @@ fn controller_deployment_meets_the_contract() {
             .map(|m| s(&m["mountPath"], "mountPath").to_string())
             .unwrap_or_else(|| panic!("no mount of volume {vol}"))
     };
-    let volume = |vol: &str| {
-        seq(&pod["volumes"])
-            .iter()
-            .find(|v| v["name"].as_str() == Some(vol))
-            .cloned()
-            .unwrap_or_else(|| panic!("no volume {vol}"))
-    };
+    let volume = |vol: &str| volume(pod, vol).clone();
     assert_eq!(env_of(&env, "TWILL_DATA_DIR"), Some(mount("data").as_str()));
     let pvc = volume("data")["persistentVolumeClaim"]["claimName"]
         .as_str()
@@ -443,6 +567,26 @@ fn controller_deployment_meets_the_contract() {
     assert_eq!(
         env_of(&env, "TWILL_TLS_CLIENT_CA"),
         Some(format!("{tls}/ca.crt").as_str())
+    );
+
+    // The signing CA for bootstrapping agents: tls.crt/tls.key of the Secret twill-ca
+    // (the layout of `kubectl create secret tls` and of cert-manager's CA Secret).
+    for (var, key) in [
+        ("TWILL_SIGNING_CERT", "tls.crt"),
+        ("TWILL_SIGNING_KEY", "tls.key"),
+    ] {
+        let file = env_of(&env, var).unwrap_or_else(|| panic!("the controller sets {var}"));
+        let v = assert_file_from(pod, c, file, "secret", "twill-ca", key);
+        assert_ne!(
+            v["secret"]["optional"].as_bool(),
+            Some(true),
+            "the signing CA is not optional"
+        );
+    }
+    let (signing_vol, _, _) = mount_of(c, env_of(&env, "TWILL_SIGNING_KEY").unwrap());
+    assert_ne!(
+        signing_vol, "tls",
+        "the signing CA has a volume of its own (not the serving certificate's Secret)"
     );
 
     // Services: gRPC under the name the agents dial, and metrics.
@@ -524,7 +668,8 @@ fn agent_daemonset_meets_the_contract() {
         .expect("metrics port");
     assert_eq!(metrics["containerPort"].as_u64(), Some(8476));
 
-    // Host paths: subnet.env, the CNI dirs, the node's PKI.
+    // Host paths: subnet.env, the CNI dirs, the node's own key and certificate. No
+    // per-node PKI prepared by hand.
     let host_paths: BTreeSet<&str> = seq(&pod["volumes"])
         .iter()
         .filter_map(|v| v["hostPath"]["path"].as_str())
@@ -533,16 +678,78 @@ fn agent_daemonset_meets_the_contract() {
         "/run/flannel",
         "/etc/cni/net.d",
         "/opt/cni/bin",
-        "/etc/twill/pki",
+        "/var/lib/twill/pki",
     ] {
         assert!(host_paths.contains(p), "hostPath {p} is mounted");
     }
+    assert!(
+        !host_paths.contains("/etc/twill/pki"),
+        "the agent no longer needs a hand-made /etc/twill/pki on the node"
+    );
     let mounts: BTreeSet<&str> = seq(&c["volumeMounts"])
         .iter()
         .filter_map(|m| m["mountPath"].as_str())
         .collect();
     assert!(mounts.contains("/run/flannel"));
-    assert!(mounts.contains("/etc/twill/pki"));
+
+    let env_value = |name: &str| {
+        seq(&c["env"])
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("the agent sets {name}"))
+    };
+    // The key and certificate: written by the agent to a hostPath that is created when
+    // missing and outlives the pod, so a restart does not bootstrap again.
+    for var in ["TWILL_TLS_CERT", "TWILL_TLS_KEY"] {
+        let file = env_value(var);
+        let (vol, read_only, _) = mount_of(c, file);
+        assert!(
+            !read_only,
+            "{var}={file}: the agent writes it (volume {vol})"
+        );
+        let host = &volume(pod, &vol)["hostPath"];
+        assert_eq!(
+            host["path"].as_str(),
+            Some("/var/lib/twill/pki"),
+            "{var}={file}: on the node"
+        );
+        assert_eq!(
+            host["type"].as_str(),
+            Some("DirectoryOrCreate"),
+            "{var}: nothing to prepare on the node"
+        );
+    }
+    // The bootstrap token from the Secret twill-bootstrap-token, key `token`.
+    let token = assert_file_from(
+        pod,
+        c,
+        env_value("TWILL_BOOTSTRAP_TOKEN_FILE"),
+        "secret",
+        "twill-bootstrap-token",
+        "token",
+    );
+    // Kubernetes reads YAML 1.1, where 0400 is octal; serde_yaml (YAML 1.2) leaves
+    // it a string.
+    let mode = &token["secret"]["defaultMode"];
+    let bits = match mode {
+        Value::String(m) if m.starts_with('0') => u32::from_str_radix(m, 8).ok(),
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        _ => None,
+    };
+    assert!(
+        bits.is_some_and(|m| m & 0o077 == 0),
+        "the token is readable by its owner only (defaultMode {mode:?})"
+    );
+    // The CA that signed the controller's certificate, from the ConfigMap twill-ca.
+    assert_file_from(
+        pod,
+        c,
+        env_value("TWILL_TLS_CA"),
+        "configMap",
+        "twill-ca",
+        "ca.crt",
+    );
 
     // The init container installs twill-cni and the conflist with the image's script.
     let init = seq(&pod["initContainers"])
@@ -621,7 +828,13 @@ fn controller_certificate_names_the_service() {
         "tls.crt",
         "tls.key",
         "ca.crt",
-        "/etc/twill/pki",
+        "twill-bootstrap-token",
+        "configmap twill-ca",
+        "secret tls twill-ca",
+        "twillctl token create",
+        "twillctl certs revoke",
+        "/var/lib/twill/pki",
+        "/etc/twill/bootstrap-token",
     ] {
         assert!(readme.contains(name), "deploy/README.md documents {name}");
     }

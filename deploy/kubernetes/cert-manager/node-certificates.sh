@@ -5,13 +5,15 @@
 # Node names default to the cluster's nodes; pass names to choose:
 #   deploy/kubernetes/cert-manager/node-certificates.sh worker-1 worker-2
 #
+# Only for bringing your own node certificates: agents that bootstrap with a token
+# (the default, deploy/README.md "Node identity") need none of this.
 # cert-manager writes Secrets, but the agent reads its certificate from the node's
-# /etc/twill/pki (a DaemonSet cannot mount a different Secret per node, and letting
+# /var/lib/twill/pki (a DaemonSet cannot mount a different Secret per node, and letting
 # every agent read every node's Secret would let one node act as any other). Copy each
 # Secret to its node, e.g. with --install-on-nodes, which runs
-#   kubectl get secret twill-node-<node> ... | ssh <node> 'install ... /etc/twill/pki/'
-# Repeat after a renewal, then restart the agent on that node so it presents the new
-# certificate.
+#   kubectl get secret twill-node-<node> ... | ssh <node> 'cat > /var/lib/twill/pki/node.crt ...'
+# The agent uses a usable certificate there as it is. Repeat after a renewal, then
+# restart the agent on that node so it presents the new certificate.
 set -euo pipefail
 
 NAMESPACE=${NAMESPACE:-twill-system}
@@ -29,16 +31,18 @@ else
 fi
 
 if $install_on_nodes; then
-	# SSH as a user that may write /etc/twill/pki (SSH_USER, default root).
+	# SSH as a user that may write /var/lib/twill/pki (SSH_USER, default root). The
+	# CA certificate comes from the ConfigMap twill-ca, not from here.
 	for node in "${nodes[@]}"; do
 		secret="twill-node-$node"
 		get() { kubectl -n "$NAMESPACE" get secret "$secret" -o "jsonpath={.data.$1}" | base64 -d; }
 		{
-			echo 'set -e; umask 077; mkdir -p /etc/twill/pki'
-			printf 'cat > /etc/twill/pki/ca.crt <<"PEM"\n%s\nPEM\n' "$(get 'ca\.crt')"
-			printf 'cat > /etc/twill/pki/node-%s.crt <<"PEM"\n%s\nPEM\n' "$node" "$(get 'tls\.crt')"
-			printf 'cat > /etc/twill/pki/node-%s.key <<"PEM"\n%s\nPEM\n' "$node" "$(get 'tls\.key')"
-			echo 'chmod 0644 /etc/twill/pki/ca.crt /etc/twill/pki/node-*.crt'
+			echo 'set -e; umask 077; mkdir -p /var/lib/twill/pki'
+			printf 'cat > /var/lib/twill/pki/node.key.new <<"PEM"\n%s\nPEM\n' "$(get 'tls\.key')"
+			printf 'cat > /var/lib/twill/pki/node.crt.new <<"PEM"\n%s\nPEM\n' "$(get 'tls\.crt')"
+			echo 'chmod 0644 /var/lib/twill/pki/node.crt.new'
+			echo 'mv /var/lib/twill/pki/node.key.new /var/lib/twill/pki/node.key'
+			echo 'mv /var/lib/twill/pki/node.crt.new /var/lib/twill/pki/node.crt'
 		} | ssh "${SSH_USER:-root}@$node" sh
 		echo "installed $secret on $node" >&2
 	done

@@ -1,12 +1,16 @@
 //! `make demo`: a three-host Twill overlay in network namespaces, shown working.
 //!
 //! Builds the lab (a controller host and hosts node-a, node-b, node-c on one underlay
-//! bridge), starts twill-controller and an agent per host, waits until every host has
-//! a route to every other host's pod subnet, prints the lease table (`twillctl
+//! bridge), starts twill-controller with a signing CA and an agent per host with only
+//! the CA certificate and a bootstrap token (`twillctl token create`): each agent makes
+//! its own key and gets its node certificate from the controller. Waits until every
+//! host has a route to every other host's pod subnet, prints the token id and the
+//! issued certificates (`twillctl certs issued`), the lease table (`twillctl
 //! leases`), each host's subnet.env and Twill routes, attaches two pods per host with
 //! the real twill-cni (as a container runtime would), pings every pod from every other
 //! pod, and cleans up (also on Ctrl-C). Exits non-zero if any ping fails.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -55,7 +59,8 @@ fn heading(s: &str) {
 fn run() -> Result<bool> {
     heading("Twill demo: a controller and three hosts in network namespaces");
     let started = Instant::now();
-    let ov = match Overlay::start(OverlayConfig::three_nodes()) {
+    // Zero-touch node identity: no node certificates are made; the agents bootstrap.
+    let ov = match Overlay::start(OverlayConfig::three_nodes().bootstrap(true)) {
         Ok(ov) => ov,
         Err(LabError::Unavailable(why)) => {
             bail!("the demo needs root and network namespaces: {why}")
@@ -82,6 +87,19 @@ fn run() -> Result<bool> {
         "lab files and logs: {} (deleted at exit unless TWILL_LAB_KEEP=1)",
         lab.dir().display()
     );
+    let token_id = ov
+        .nodes()
+        .first()
+        .and_then(|n| std::fs::read_to_string(ov.bootstrap_token_file(n)).ok())
+        .and_then(|t| t.trim().split('.').next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "zero-touch node identity: the controller signs node certificates \
+         (--signing-cert/--signing-key); each agent starts with only the CA certificate \
+         {} and bootstrap token {token_id} (`twillctl token create --ttl 1h`; the secret \
+         is not shown) in --bootstrap-token-file, and makes its own key",
+        ov.certs_dir().join("ca.crt").display()
+    );
 
     let result = show(&ov, started);
     match &result {
@@ -98,6 +116,40 @@ fn show(ov: &Overlay, started: Instant) -> Result<bool> {
         .wait_converged(Duration::from_secs(60))
         .context("the overlay did not converge")?;
     println!("converged {:.1?} after start", started.elapsed());
+
+    heading(&format!(
+        "node certificates the controller issued with the token: twillctl --controller {} certs issued",
+        ov.controller_url()
+    ));
+    print!(
+        "{}",
+        ov.twillctl(&["certs", "issued"])
+            .context("twillctl certs issued")?
+    );
+    for n in ov.nodes() {
+        let (cert, key) = (ov.node_cert_file(n), ov.node_key_file(n));
+        let mode = std::fs::metadata(&key)
+            .with_context(|| format!("{n}: the agent wrote no key {}", key.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        let subject = twill_tests::cmd::run(&[
+            "openssl",
+            "x509",
+            "-noout",
+            "-subject",
+            "-enddate",
+            "-in",
+            &cert.display().to_string(),
+        ])
+        .map(|out| out.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("(openssl: {e:#})"));
+        println!(
+            "{n}: {} (key {}, mode {mode:04o}, made on the node): {subject}",
+            cert.display(),
+            key.display()
+        );
+    }
 
     heading(&format!(
         "lease table: twillctl --controller {} leases",
