@@ -115,16 +115,37 @@ pub struct TlsFiles<'a> {
     pub ca: &'a Path,
 }
 
+/// The PEM contents of the mutual-TLS files, as read from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+impl TlsPem {
+    /// Reads the three files, checking that each holds the PEM block it should.
+    pub fn read(tls: &TlsFiles<'_>) -> Result<TlsPem, ClientError> {
+        Ok(TlsPem {
+            cert: read_pem(tls.cert, "--tls-cert", "CERTIFICATE")?,
+            key: read_pem(tls.key, "--tls-key", "PRIVATE KEY")?,
+            ca: read_pem(tls.ca, "--tls-ca", "CERTIFICATE")?,
+        })
+    }
+}
+
 /// A lazily connecting channel: it (re)connects on use, so callers only retry calls.
 pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
-    let cert = read_pem(tls.cert, "--tls-cert", "CERTIFICATE")?;
-    let key = read_pem(tls.key, "--tls-key", "PRIVATE KEY")?;
-    let ca = read_pem(tls.ca, "--tls-ca", "CERTIFICATE")?;
+    mtls_channel(url, &TlsPem::read(tls)?)
+}
+
+/// A lazily connecting channel presenting `pem`'s certificate.
+pub fn mtls_channel(url: &str, pem: &TlsPem) -> Result<Channel, ClientError> {
     endpoint(
         url,
         ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key)),
+            .ca_certificate(Certificate::from_pem(&pem.ca))
+            .identity(Identity::from_pem(&pem.cert, &pem.key)),
     )
     .map(|e| e.connect_lazy())
 }

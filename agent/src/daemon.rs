@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 use twill_agent::client::{self, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
-use twill_agent::identity;
+use twill_agent::identity::rotation::{self, Credentials, RotateError};
+use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::reconcile::{self, Topology};
@@ -76,6 +77,8 @@ pub async fn run(args: Args) -> Result<()> {
     };
     tokio::pin!(shutdown);
 
+    rotation::finish_install(&args.tls_cert, &args.tls_key)
+        .context("node certificate rotation left unfinished")?;
     if let Some(token_file) = &args.bootstrap_token_file {
         let cfg = identity::Bootstrap {
             controller: &args.controller,
@@ -105,15 +108,19 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let channel = client::channel(
+    let (creds, channel) = Credentials::load(
         &args.controller,
+        &node,
         &TlsFiles {
             cert: &args.tls_cert,
             key: &args.tls_key,
             ca: &args.tls_ca,
         },
     )?;
-    let mut api = client::agent_client(channel);
+    stats
+        .cert_expiry
+        .set(creds.info.as_ref().map_or(0, |i| i.not_after));
+    let mut api = client::agent_client(channel.clone());
 
     let conf = tokio::select! {
         c = fetch_config(&mut api, args.call_timeout) => c?,
@@ -149,6 +156,8 @@ pub async fn run(args: Args) -> Result<()> {
         conf,
         dp,
         api,
+        channel,
+        creds,
         stats,
         spec,
         topo: Topology {
@@ -192,7 +201,11 @@ struct Agent {
     args: Args,
     conf: NetConf,
     dp: Netlink,
+    /// The controller API for new calls, over `channel`, which presents the
+    /// certificate `creds` last loaded.
     api: Api,
+    channel: Channel,
+    creds: Credentials,
     stats: Arc<Stats>,
     spec: VxlanSpec,
     topo: Topology,
@@ -211,16 +224,31 @@ struct Agent {
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
 /// reconciling, answering ticks and SIGTERM while the controller is slow or silent.
-type Call<T> = Option<JoinHandle<Result<T, Status>>>;
+type Call<T, E = Status> = Option<JoinHandle<Result<T, E>>>;
+
+/// An error a call task reports when the task itself failed (panicked).
+trait TaskError {
+    fn lost(e: tokio::task::JoinError) -> Self;
+}
+
+impl TaskError for Status {
+    fn lost(e: tokio::task::JoinError) -> Self {
+        Status::internal(format!("controller call task: {e}"))
+    }
+}
+
+impl TaskError for RotateError {
+    fn lost(e: tokio::task::JoinError) -> Self {
+        RotateError::Local(anyhow::anyhow!("certificate rotation task: {e}"))
+    }
+}
 
 /// The result of the call in flight; never resolves when there is none.
-async fn finished<T>(call: &mut Call<T>) -> Result<T, Status> {
+async fn finished<T, E: TaskError>(call: &mut Call<T, E>) -> Result<T, E> {
     let Some(handle) = call.as_mut() else {
         return std::future::pending().await;
     };
-    let result = handle
-        .await
-        .unwrap_or_else(|e| Err(Status::internal(format!("controller call task: {e}"))));
+    let result = handle.await.unwrap_or_else(|e| Err(E::lost(e)));
     *call = None;
     result
 }
@@ -252,7 +280,16 @@ impl Agent {
         let mut renew_backoff = Backoff::new(BACKOFF_CAP);
         let mut acquiring: Call<twill_proto::AcquireResponse> = None;
         let mut watch: Option<Streaming<WatchResponse>> = None;
-        let mut opening: Call<Streaming<WatchResponse>> = None;
+        // The API the watch was opened on: its connection must live as long as the
+        // watch, also after new calls moved to a newer certificate's channel.
+        let mut watch_api: Option<Api> = None;
+        let mut opening: Call<(Streaming<WatchResponse>, Api)> = None;
+        // A watch open on an older certificate's connection is to be replaced by one on
+        // the current channel: opened first, so no event is missed.
+        let mut moving = false;
+        let mut rotate_at = self.next_rotation();
+        let mut rotating: Call<CertInfo, RotateError> = None;
+        let mut rotate_backoff = Backoff::new(BACKOFF_CAP);
         let mut assembler = Assembler::default();
         let mut watch_at = Instant::now();
         let mut watch_backoff = Backoff::new(BACKOFF_CAP);
@@ -305,22 +342,28 @@ impl Agent {
                         }
                     }
                 }
-                () = sleep_until(watch_at), if watch.is_none() && opening.is_none() && self.lease.is_some() => {
+                () = sleep_until(watch_at), if (watch.is_none() || moving) && opening.is_none() && self.lease.is_some() => {
                     let req = WatchRequest { from_revision: self.revision, epoch: self.epoch.clone() };
                     let mut api = self.api.clone();
                     opening = Some(tokio::spawn(async move {
                         client::within(deadline, api.watch(req))
                             .await
-                            .map(tonic::Response::into_inner)
+                            .map(|r| (r.into_inner(), api))
                     }));
                 }
                 r = finished(&mut opening) => {
                     match r {
-                        Ok(stream) => {
+                        Ok((stream, api)) => {
                             self.stats.contact(now_unix());
-                            info!(from_revision = self.revision, "watching leases");
+                            if watch.is_some() {
+                                info!(from_revision = self.revision, "lease watch moved to a connection with the current certificate");
+                            } else {
+                                info!(from_revision = self.revision, "watching leases");
+                            }
+                            moving = false;
                             assembler.clear();
                             watch = Some(stream);
+                            watch_api = Some(api);
                         }
                         Err(s) => {
                             if no_answer(&s) {
@@ -337,8 +380,8 @@ impl Agent {
                         Ok(Some(resp)) => {
                             watch_backoff.reset();
                             self.stats.contact(now_unix());
-                            if let Some(whole) = assembler.push(resp) {
-                                if self.apply(&whole) {
+                            if let Some(mut whole) = assembler.push(resp) {
+                                if self.apply(&mut whole) {
                                     renew_at = Instant::now();
                                 }
                                 self.reconcile(false).await;
@@ -352,12 +395,44 @@ impl Agent {
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
                             }
                             watch = None;
+                            watch_api = None;
+                            moving = false;
                             assembler.clear();
                             watch_at = Instant::now() + wait;
                         }
                     }
                 }
+                () = sleep_until(rotate_at), if rotating.is_none() => {
+                    rotating = Some(self.start_rotation());
+                }
+                r = finished(&mut rotating) => {
+                    match r {
+                        Ok(info) => {
+                            self.stats.cert_rotations.inc();
+                            rotate_backoff.reset();
+                            info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
+                            if self.reload_credentials() && watch.is_some() {
+                                moving = true;
+                                watch_at = Instant::now();
+                            }
+                            rotate_at = self.next_rotation();
+                        }
+                        Err(e) => {
+                            self.stats.cert_rotation_failures.inc();
+                            let wait = rotate_backoff.next_delay();
+                            warn!(node = %self.node, error = %e, hint = e.hint(), retry_in = ?wait, "cannot rotate the node certificate; the current one stays in use");
+                            rotate_at = Instant::now() + wait;
+                        }
+                    }
+                }
                 _ = tick.tick() => {
+                    if rotating.is_none() && self.reload_credentials() {
+                        if watch.is_some() {
+                            moving = true;
+                            watch_at = Instant::now();
+                        }
+                        rotate_at = self.next_rotation();
+                    }
                     self.check_device(&mut renew_at).await;
                     if self.args.ip_masq {
                         self.ensure_masquerade().await;
@@ -368,9 +443,11 @@ impl Agent {
                 }
             }
         }
+        drop(watch_api);
         for call in [
             acquiring.map(|h| h.abort_handle()),
             opening.map(|h| h.abort_handle()),
+            rotating.map(|h| h.abort_handle()),
         ]
         .into_iter()
         .flatten()
@@ -394,6 +471,80 @@ impl Agent {
             info!("exiting; kernel state left in place");
         }
         Ok(())
+    }
+
+    /// When to rotate the node certificate: at a jittered 70–90 % of its lifetime when
+    /// the agent manages it (`--bootstrap-token-file`), else never (certificates
+    /// brought by the operator are theirs to replace; the agent picks them up).
+    fn next_rotation(&self) -> Instant {
+        let never = later(Duration::MAX);
+        if self.args.bootstrap_token_file.is_none() {
+            return never;
+        }
+        let Some(info) = &self.creds.info else {
+            return never;
+        };
+        let delay =
+            rotation::rotation_delay(info, self.creds.received_at, now_unix(), rotation::jitter());
+        info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), rotate_in = ?delay, "node certificate rotation scheduled");
+        later(delay)
+    }
+
+    /// Gets a new node certificate: renewed with the current one while it is valid;
+    /// once it is not (the controller was away past its expiry, or the files were
+    /// damaged), only the bootstrap token can get one.
+    fn start_rotation(&self) -> JoinHandle<Result<CertInfo, RotateError>> {
+        let node = self.node.clone();
+        let (cert, key) = (self.args.tls_cert.clone(), self.args.tls_key.clone());
+        let deadline = self.args.call_timeout;
+        if let CertCheck::Needed(why) = identity::check_certificate(&cert, &key, &node, now_unix())
+        {
+            warn!(node = %node, reason = %why, "the node certificate cannot be renewed; bootstrapping again with the token");
+            let controller = self.args.controller.clone();
+            let ca = self.args.tls_ca.clone();
+            let token_file = self.args.bootstrap_token_file.clone().unwrap_or_default();
+            return tokio::spawn(async move {
+                let cfg = identity::Bootstrap {
+                    controller: &controller,
+                    node: &node,
+                    cert: &cert,
+                    key: &key,
+                    ca: &ca,
+                    token_file: &token_file,
+                    call_timeout: deadline,
+                    backoff_cap: BACKOFF_CAP,
+                };
+                match identity::bootstrap(&cfg).await? {
+                    identity::Outcome::Issued(info) | identity::Outcome::Present(info) => Ok(info),
+                }
+            });
+        }
+        let channel = self.channel.clone();
+        tokio::spawn(async move { rotation::renew(channel, &node, &cert, &key, deadline).await })
+    }
+
+    /// Moves new calls to a new channel when the TLS files changed and are usable;
+    /// whether it did.
+    fn reload_credentials(&mut self) -> bool {
+        match self.creds.reload() {
+            Ok(Some(channel)) => {
+                let info = self.creds.info.as_ref();
+                self.stats.cert_expiry.set(info.map_or(0, |i| i.not_after));
+                info!(
+                    node = %self.node,
+                    serial = info.map_or("", |i| i.serial.as_str()),
+                    "TLS files changed; new connections to the controller use them"
+                );
+                self.api = client::agent_client(channel.clone());
+                self.channel = channel;
+                true
+            }
+            Ok(None) => false,
+            Err(why) => {
+                warn!(node = %self.node, reason = %why, "the TLS files changed but cannot be used; keeping the ones in use");
+                false
+            }
+        }
     }
 
     /// How long before expiry the lease is renewed.
@@ -469,12 +620,23 @@ impl Agent {
 
     /// Folds a complete watch message into the peer set. Returns true when our own
     /// lease disappeared (revoked or expired) and must be acquired again now.
-    fn apply(&mut self, resp: &WatchResponse) -> bool {
+    fn apply(&mut self, resp: &mut WatchResponse) -> bool {
+        if resp.reset {
+            self.stats.watch_resets.inc();
+        } else {
+            // A watch moved to a new connection resumes from the revision applied when
+            // it was opened, so it may repeat what the old one delivered since.
+            resp.events.retain(|e| e.revision > self.revision);
+        }
         let applied = self.peers.apply(resp);
         self.stats
             .peers_refused
             .set(self.peers.refused().count() as i64);
-        self.revision = resp.revision;
+        self.revision = if resp.reset {
+            resp.revision
+        } else {
+            self.revision.max(resp.revision)
+        };
         if !resp.epoch.is_empty() {
             self.epoch.clone_from(&resp.epoch);
         }

@@ -43,6 +43,14 @@ pub struct Stats {
     pub last_contact: Gauge,
     /// Unix time the lease expires.
     pub lease_expiry: Gauge,
+    /// Unix time the node certificate in use expires (0: not known).
+    pub cert_expiry: Gauge,
+    /// Node certificates replaced by rotation, and rotation attempts that failed.
+    pub cert_rotations: Counter,
+    pub cert_rotation_failures: Counter,
+    /// Watch messages that replaced the whole peer set (the first one, and any after
+    /// the controller could no longer resume from the agent's revision).
+    pub watch_resets: Counter,
 }
 
 impl Default for Stats {
@@ -61,6 +69,10 @@ impl Default for Stats {
             netlink_errors: Counter::default(),
             last_contact: Gauge::default(),
             lease_expiry: Gauge::default(),
+            cert_expiry: Gauge::default(),
+            cert_rotations: Counter::default(),
+            cert_rotation_failures: Counter::default(),
+            watch_resets: Counter::default(),
         };
         registry.register("peers", "Peers programmed", s.peers.clone());
         registry.register("reconcile_runs", "Reconcile runs", s.reconciles.clone());
@@ -88,6 +100,26 @@ impl Default for Stats {
             "lease_expiry_seconds",
             "Unix time the lease expires",
             s.lease_expiry.clone(),
+        );
+        registry.register(
+            "cert_expiry_seconds",
+            "Unix time the node certificate in use expires",
+            s.cert_expiry.clone(),
+        );
+        registry.register(
+            "cert_rotations",
+            "Node certificates replaced before expiry (IdentityService.Renew)",
+            s.cert_rotations.clone(),
+        );
+        registry.register(
+            "cert_rotation_failures",
+            "Certificate rotation attempts that failed (retried with backoff)",
+            s.cert_rotation_failures.clone(),
+        );
+        registry.register(
+            "watch_resets",
+            "Watch messages that replaced the whole peer set",
+            s.watch_resets.clone(),
         );
         Stats { registry, ..s }
     }

@@ -5,8 +5,10 @@
 //! - `client`: the mTLS channel to the controller, call deadlines, watch parts and
 //!   resume, and retry backoff.
 //! - `peers`: the peer set from the watch, refusing leases that collide.
-//! - `identity`: whether the node certificate is usable, and getting one from the
-//!   controller with a bootstrap token (`IdentityService.Bootstrap`) when it is not.
+//! - `identity`: whether the node certificate is usable, getting one from the
+//!   controller with a bootstrap token (`IdentityService.Bootstrap`) when it is not,
+//!   and (`identity::rotation`) renewing it before it expires and picking up
+//!   rewritten TLS files.
 //! - `iface`: choosing the public interface and address.
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).

@@ -37,7 +37,10 @@ pub struct Args {
     /// node's or not a pair, the agent first makes a new key, has the controller sign
     /// a certificate for it (verifying the controller with --tls-ca, without a client
     /// certificate) and writes both files, retrying until the controller issues one.
-    /// Without it the certificate files must exist.
+    /// The agent then rotates the certificate itself (new key, IdentityService.Renew)
+    /// at a random 70-90 % of its lifetime, without a restart or a watch reset.
+    /// Without it the certificate files must exist, and are only re-read when they
+    /// change (as --tls-ca always is).
     #[arg(long, env = "TWILL_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
     /// Public interface: a name or an IPv4 address; repeat to give fallbacks (first match wins).

@@ -34,6 +34,7 @@
 //! ```
 
 pub mod bins;
+pub mod certs;
 pub mod cmd;
 pub mod kernel;
 pub mod lab;

@@ -20,7 +20,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use twill_tests::{cmd, require_lab, wait_until, Check, Overlay, OverlayConfig, SubnetEnv};
+use twill_tests::certs::{cert_serial, key_belongs, openssl};
+use twill_tests::{require_lab, wait_until, Check, Overlay, OverlayConfig, SubnetEnv};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(60);
@@ -369,43 +370,13 @@ fn certificate_is_right(ov: &Overlay, node: &str) -> Result<CertFacts> {
         verified.trim().ends_with(": OK"),
         "{node}: the certificate does not verify with the CA: {verified}"
     );
-    // The key belongs to the certificate.
-    let cert_pub = openssl(&[
-        "x509",
-        "-noout",
-        "-pubkey",
-        "-in",
-        &cert.display().to_string(),
-    ])?;
-    let key_pub = openssl(&["pkey", "-pubout", "-in", &key.display().to_string()])?;
     ensure!(
-        cert_pub == key_pub,
+        key_belongs(&cert, &key)?,
         "{node}: the key file does not belong to the certificate"
     );
     Ok(CertFacts {
         serial: cert_serial(&cert)?,
     })
-}
-
-fn cert_serial(cert: &Path) -> Result<String> {
-    let out = openssl(&[
-        "x509",
-        "-noout",
-        "-serial",
-        "-in",
-        &cert.display().to_string(),
-    ])?;
-    Ok(out
-        .trim()
-        .strip_prefix("serial=")
-        .with_context(|| format!("openssl -serial printed {out:?}"))?
-        .to_string())
-}
-
-fn openssl(args: &[&str]) -> Result<String> {
-    let mut all = vec!["openssl"];
-    all.extend_from_slice(args);
-    cmd::run(&all)
 }
 
 /// Parses openssl's `Dec  2 05:37:00 2025 GMT`.

@@ -19,7 +19,8 @@
 //!    then, e.g. half rewritten, leaves the token read before in use).
 //!
 //! The private key never leaves the node and is never logged; of the token only its
-//! public id (the part before the dot) is.
+//! public id (the part before the dot) is. Replacing the certificate before it
+//! expires, and picking up rewritten files, is [`rotation`]'s.
 
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::Write;
@@ -40,6 +41,8 @@ use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
 use crate::client::{self, Backoff};
+
+pub mod rotation;
 
 /// Mode of the private key file.
 pub const KEY_MODE: u32 = 0o600;

@@ -1,0 +1,398 @@
+//! Keeping the node certificate current without a restart.
+//!
+//! - [`Credentials`]: the certificate, key and CA the controller channel was built
+//!   from. [`Credentials::reload`] builds a new channel when one of the files changed
+//!   (this agent's rotation, cert-manager or an operator rewriting them, a new
+//!   `--tls-ca`) and the new pair is usable; until then the old one stays in use.
+//! - [`rotation_delay`]: when to rotate, at a jittered 70–90 % of the lifetime (as
+//!   kubelet does). The lifetime is counted from when the certificate was written
+//!   here, not from notBefore: issuers backdate notBefore by minutes for clock skew,
+//!   which would otherwise make a short-lived certificate look already due.
+//! - [`renew`]: a new key, a CSR, `IdentityService.Renew` over the current mutual-TLS
+//!   channel (the current certificate is the credential; no token), then
+//!   [`install`]. The new key is written beside the old one first (`.<key>.next`),
+//!   then the certificate, then the key renamed into place, so a crash at any point
+//!   leaves either the old pair or a state [`finish_install`] completes at the next
+//!   start.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context;
+use rand::Rng;
+use rcgen::KeyPair;
+use thiserror::Error;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::{info, warn};
+use twill_common::now_unix;
+use twill_proto::identity_service_client::IdentityServiceClient;
+use twill_proto::RenewRequest;
+
+use super::{
+    check_certificate, check_issued, code_name, csr_pem, describe, first_certificate, generate_key,
+    hint, status_text, write_atomic, CertCheck, CertInfo, CERT_MODE, KEY_MODE,
+};
+use crate::client::{self, ClientError, TlsFiles, TlsPem};
+
+/// Earliest and latest point of the lifetime at which the certificate is rotated.
+pub const ROTATE_FROM: f64 = 0.7;
+pub const ROTATE_TO: f64 = 0.9;
+
+/// A fraction of the lifetime drawn from [`ROTATE_FROM`]..=[`ROTATE_TO`], so that nodes
+/// bootstrapped together do not all rotate in the same second.
+pub fn jitter() -> f64 {
+    rand::rng().random_range(ROTATE_FROM..=ROTATE_TO)
+}
+
+/// How long from `now` until a certificate written at `received_at` (Unix seconds)
+/// is due for rotation at `fraction` of its lifetime; zero when that is past.
+pub fn rotation_delay(info: &CertInfo, received_at: i64, now: i64, fraction: f64) -> Duration {
+    let start = received_at.clamp(info.not_before, info.not_after.max(info.not_before));
+    let lifetime_ms = (info.not_after - start).max(0) as f64 * 1000.0;
+    let due_ms = start as f64 * 1000.0 + lifetime_ms * fraction.clamp(0.0, 1.0);
+    Duration::from_millis((due_ms - now as f64 * 1000.0).max(0.0) as u64)
+}
+
+/// The files the controller channel is built from, and what they held when it was.
+#[derive(Debug)]
+pub struct Credentials {
+    url: String,
+    node: String,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    pem: TlsPem,
+    /// Contents found unusable once, so they are reported once, not on every check.
+    refused: Option<TlsPem>,
+    /// The certificate in use, when it reads as this node's and valid.
+    pub info: Option<CertInfo>,
+    /// When the certificate in use was written (its file's modification time).
+    pub received_at: i64,
+}
+
+impl Credentials {
+    /// Reads the files and builds the first channel. A certificate this code cannot
+    /// judge usable is still tried (TLS has the last word), but is not rotated.
+    pub fn load(
+        url: &str,
+        node: &str,
+        files: &TlsFiles<'_>,
+    ) -> Result<(Credentials, Channel), ClientError> {
+        let pem = TlsPem::read(files)?;
+        let channel = client::mtls_channel(url, &pem)?;
+        let info = match check_certificate(files.cert, files.key, node, now_unix()) {
+            CertCheck::Usable(info) => Some(info),
+            CertCheck::Needed(why) => {
+                warn!(node = %node, reason = %why, "the node certificate looks unusable; trying it anyway");
+                None
+            }
+        };
+        let creds = Credentials {
+            url: url.to_string(),
+            node: node.to_string(),
+            cert: files.cert.to_path_buf(),
+            key: files.key.to_path_buf(),
+            ca: files.ca.to_path_buf(),
+            pem,
+            refused: None,
+            info,
+            received_at: written_at(files.cert),
+        };
+        Ok((creds, channel))
+    }
+
+    /// The files, for calls that read them.
+    pub fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            cert: &self.cert,
+            key: &self.key,
+            ca: &self.ca,
+        }
+    }
+
+    /// A new channel when the files changed since the last (re)load and make a usable
+    /// configuration; `Ok(None)` when nothing changed. An error says why changed files
+    /// are not used; it is returned once per content, and the old channel stays.
+    pub fn reload(&mut self) -> Result<Option<Channel>, String> {
+        let pem = TlsPem::read(&self.files()).map_err(|e| e.to_string())?;
+        if pem == self.pem || self.refused.as_ref() == Some(&pem) {
+            return Ok(None);
+        }
+        let pair_changed = pem.cert != self.pem.cert || pem.key != self.pem.key;
+        let info = match check_certificate(&self.cert, &self.key, &self.node, now_unix()) {
+            CertCheck::Usable(info) => Some(info),
+            // A pair being rewritten is checked again on the next call.
+            CertCheck::Needed(why) if pair_changed => {
+                self.refused = Some(pem);
+                return Err(why);
+            }
+            CertCheck::Needed(_) => self.info.clone(),
+        };
+        let channel = match client::mtls_channel(&self.url, &pem) {
+            Ok(c) => c,
+            Err(e) => {
+                self.refused = Some(pem);
+                return Err(e.to_string());
+            }
+        };
+        if pair_changed {
+            self.received_at = written_at(&self.cert);
+        }
+        self.info = info;
+        self.pem = pem;
+        self.refused = None;
+        Ok(Some(channel))
+    }
+}
+
+/// The modification time of `path` (Unix seconds), or now when it cannot be read.
+fn written_at(path: &Path) -> i64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(now_unix, |d| d.as_secs() as i64)
+}
+
+/// Why a rotation did not happen.
+#[derive(Debug, Error)]
+pub enum RotateError {
+    /// The controller answered with a refusal or could not be reached.
+    #[error("the controller did not renew the certificate: {}: {}", code_name(.0.code()), status_text(.0))]
+    Refused(Status),
+    /// Something on this node failed (key generation, writing the files) or the
+    /// controller's answer was not a certificate for this node's new key.
+    #[error("{0:#}")]
+    Local(#[from] anyhow::Error),
+}
+
+impl RotateError {
+    /// What an operator can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            RotateError::Refused(s) if s.code() == Code::PermissionDenied => {
+                "this node's certificates were revoked (`twillctl certs revoke`): it can rejoin only with a bootstrap token"
+            }
+            RotateError::Refused(s) if s.code() == Code::InvalidArgument => {
+                "the controller refused the certificate request"
+            }
+            RotateError::Refused(s) => hint(s.code()),
+            RotateError::Local(_) => "check the --tls-cert and --tls-key paths are writable",
+        }
+    }
+}
+
+/// Replaces the node certificate and key with new ones signed by the controller,
+/// asking over `channel` (which presents the current certificate).
+pub async fn renew(
+    channel: Channel,
+    node: &str,
+    cert: &Path,
+    key: &Path,
+    deadline: Duration,
+) -> Result<CertInfo, RotateError> {
+    let pair = generate_key()?;
+    let req = RenewRequest {
+        csr_pem: csr_pem(node, &pair)?,
+    };
+    let mut api = IdentityServiceClient::new(channel)
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(64 << 10);
+    let resp = client::within(deadline, api.renew(client::request(req, deadline)))
+        .await
+        .map_err(RotateError::Refused)?
+        .into_inner();
+    let info = check_issued(&resp.certificate_chain_pem, node, &pair)?;
+    install(cert, key, &resp.certificate_chain_pem, &pair)?;
+    Ok(info)
+}
+
+/// Where a new key waits until its certificate is in place.
+fn pending_key(key: &Path) -> PathBuf {
+    let name = key
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    key.with_file_name(format!(".{name}.next"))
+}
+
+/// Writes a new pair so that a crash at any point leaves a pair that belongs
+/// together, or one [`finish_install`] completes.
+pub fn install(cert: &Path, key: &Path, chain_pem: &str, pair: &KeyPair) -> anyhow::Result<()> {
+    let pending = pending_key(key);
+    write_atomic(&pending, pair.serialize_pem().as_bytes(), KEY_MODE)
+        .with_context(|| format!("cannot write the new key {}", pending.display()))?;
+    write_atomic(cert, chain_pem.as_bytes(), CERT_MODE)
+        .with_context(|| format!("cannot write --tls-cert {}", cert.display()))?;
+    std::fs::rename(&pending, key)
+        .with_context(|| format!("cannot move the new key into --tls-key {}", key.display()))?;
+    if let Some(dir) = key.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Completes a rotation a crash interrupted: a pending key that belongs to the
+/// certificate is moved into place; one that does not (the crash came before the
+/// certificate was written) is removed. Nothing happens when there is none.
+pub fn finish_install(cert: &Path, key: &Path) -> anyhow::Result<()> {
+    let pending = pending_key(key);
+    let Ok(pending_pem) = std::fs::read_to_string(&pending) else {
+        return Ok(());
+    };
+    let belongs = (|| {
+        let der = first_certificate(&std::fs::read(cert).ok()?).ok()?;
+        let (_, spki) = describe(&der).ok()?;
+        let pair = KeyPair::from_pem(&pending_pem).ok()?;
+        Some(pair.public_key_raw() == spki.as_slice())
+    })()
+    .unwrap_or(false);
+    if belongs {
+        std::fs::rename(&pending, key).with_context(|| {
+            format!(
+                "cannot move {} into --tls-key {}",
+                pending.display(),
+                key.display()
+            )
+        })?;
+        info!(key = %key.display(), "finished a certificate rotation a restart interrupted");
+    } else {
+        std::fs::remove_file(&pending)
+            .with_context(|| format!("cannot remove {}", pending.display()))?;
+        info!(key = %key.display(), "discarded a new key whose certificate never arrived");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType};
+    use twill_common::tls::NODES_GROUP;
+
+    fn info(not_before: i64, not_after: i64) -> CertInfo {
+        CertInfo {
+            node: "node-a".into(),
+            serial: "01".into(),
+            not_before,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn rotation_is_due_at_the_fraction_of_the_lifetime_since_receipt() {
+        // Issued at 1000 for 30 s, backdated five minutes.
+        let cert = info(700, 1030);
+        let d = rotation_delay(&cert, 1000, 1000, 0.7);
+        assert_eq!(d, Duration::from_secs(21));
+        assert_eq!(
+            rotation_delay(&cert, 1000, 1010, 0.9),
+            Duration::from_secs(17)
+        );
+        // Past due, or received after expiry: now.
+        assert_eq!(rotation_delay(&cert, 1000, 1029, 0.7), Duration::ZERO);
+        assert_eq!(rotation_delay(&cert, 2000, 2000, 0.7), Duration::ZERO);
+        // Received before notBefore (a file copied early): from notBefore.
+        assert_eq!(
+            rotation_delay(&info(1000, 2000), 0, 1000, 0.8),
+            Duration::from_secs(800)
+        );
+        for _ in 0..100 {
+            let f = jitter();
+            assert!((ROTATE_FROM..=ROTATE_TO).contains(&f));
+        }
+    }
+
+    fn self_signed(node: &str, key: &KeyPair) -> String {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        dn.push(DnType::OrganizationName, NODES_GROUP);
+        params.distinguished_name = dn;
+        params.self_signed(key).unwrap().pem()
+    }
+
+    #[test]
+    fn an_interrupted_install_is_finished_or_undone_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("node.crt"), dir.path().join("node.key"));
+        let old = generate_key().unwrap();
+        std::fs::write(&cert, self_signed("node-a", &old)).unwrap();
+        std::fs::write(&key, old.serialize_pem()).unwrap();
+        finish_install(&cert, &key).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), old.serialize_pem());
+
+        // Crash after the new key, before the certificate: the key is dropped.
+        let new = generate_key().unwrap();
+        std::fs::write(pending_key(&key), new.serialize_pem()).unwrap();
+        finish_install(&cert, &key).unwrap();
+        assert!(!pending_key(&key).exists());
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), old.serialize_pem());
+
+        // Crash after the certificate, before the key's rename: the rename is done.
+        std::fs::write(pending_key(&key), new.serialize_pem()).unwrap();
+        std::fs::write(&cert, self_signed("node-a", &new)).unwrap();
+        finish_install(&cert, &key).unwrap();
+        assert!(!pending_key(&key).exists());
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), new.serialize_pem());
+        assert!(matches!(
+            check_certificate(&cert, &key, "node-a", now_unix()),
+            CertCheck::Usable(_)
+        ));
+
+        // A whole install leaves a matching pair, the key 0600, nothing pending.
+        let third = generate_key().unwrap();
+        install(&cert, &key, &self_signed("node-a", &third), &third).unwrap();
+        super::super::check_mode(&key, KEY_MODE).unwrap();
+        assert!(!pending_key(&key).exists());
+        assert_eq!(
+            std::fs::read_to_string(&key).unwrap(),
+            third.serialize_pem()
+        );
+    }
+
+    #[test]
+    fn changed_files_give_a_new_channel_and_a_broken_pair_keeps_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca) = (
+            dir.path().join("node.crt"),
+            dir.path().join("node.key"),
+            dir.path().join("ca.crt"),
+        );
+        let k1 = generate_key().unwrap();
+        std::fs::write(&cert, self_signed("node-a", &k1)).unwrap();
+        std::fs::write(&key, k1.serialize_pem()).unwrap();
+        std::fs::write(&ca, self_signed("ca", &generate_key().unwrap())).unwrap();
+        let files = TlsFiles {
+            cert: &cert,
+            key: &key,
+            ca: &ca,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _enter = rt.enter();
+        let (mut creds, _) = Credentials::load("https://127.0.0.1:1", "node-a", &files).unwrap();
+        let first = creds.info.clone().unwrap();
+        assert!(creds.reload().unwrap().is_none(), "nothing changed");
+
+        // A new CA alone: a new channel.
+        std::fs::write(&ca, self_signed("ca2", &generate_key().unwrap())).unwrap();
+        assert!(creds.reload().unwrap().is_some());
+
+        // Half a rotation (certificate without its key): refused once, old kept.
+        let k2 = generate_key().unwrap();
+        std::fs::write(&cert, self_signed("node-a", &k2)).unwrap();
+        let why = creds.reload().unwrap_err();
+        assert!(why.contains("does not belong"), "{why}");
+        assert!(creds.reload().unwrap().is_none(), "reported once");
+        assert_eq!(creds.info.as_ref(), Some(&first));
+
+        // The key arrives: a new channel and the new certificate's details.
+        std::fs::write(&key, k2.serialize_pem()).unwrap();
+        assert!(creds.reload().unwrap().is_some());
+        assert_ne!(creds.info.as_ref().unwrap().serial, first.serial);
+    }
+}
