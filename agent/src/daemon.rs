@@ -411,11 +411,17 @@ impl Agent {
                             self.stats.cert_rotations.inc();
                             rotate_backoff.reset();
                             info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
-                            if self.reload_credentials() && watch.is_some() {
-                                moving = true;
-                                watch_at = Instant::now();
+                            if self.reload_credentials() {
+                                if watch.is_some() {
+                                    moving = true;
+                                    watch_at = Instant::now();
+                                }
+                                rotate_at = self.next_rotation();
+                            } else {
+                                // Still on the old certificate, which is due: do not
+                                // ask for certificates in a tight loop.
+                                rotate_at = Instant::now() + rotate_backoff.next_delay();
                             }
-                            rotate_at = self.next_rotation();
                         }
                         Err(e) => {
                             self.stats.cert_rotation_failures.inc();
