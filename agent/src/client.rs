@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use thiserror::Error;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 use twill_common::tls::{read_pem, TlsError};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::WatchResponse;
@@ -170,6 +170,25 @@ pub fn endpoint(url: &str, tls: ClientTlsConfig) -> Result<Endpoint, ClientError
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true))
+}
+
+/// Whether an error means the controller could not be reached or did not answer (as
+/// opposed to an answer that refused the request).
+pub fn no_answer(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// Which of `n` controller URLs to try first: one at random, so that agents spread
+/// over the replicas instead of piling onto the first.
+pub fn first_pick(n: usize) -> usize {
+    if n < 2 {
+        0
+    } else {
+        rand::rng().random_range(0..n)
+    }
 }
 
 /// Jittered exponential backoff: 0.5 s doubling up to a cap, each wait drawn

@@ -13,7 +13,7 @@ use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
-use twill_agent::client::{self, Assembler, Backoff, TlsFiles};
+use twill_agent::client::{self, no_answer, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
@@ -108,7 +108,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let (creds, channel) = Credentials::load(
+    let (mut creds, mut channel) = Credentials::load(
         &args.controller,
         &node,
         &TlsFiles {
@@ -120,12 +120,11 @@ pub async fn run(args: Args) -> Result<()> {
     stats
         .cert_expiry
         .set(creds.info.as_ref().map_or(0, |i| i.not_after));
-    let mut api = client::agent_client(channel.clone());
-
     let conf = tokio::select! {
-        c = fetch_config(&mut api, args.call_timeout) => c?,
+        c = fetch_config(&mut creds, &mut channel, args.call_timeout) => c?,
         () = &mut shutdown => return Ok(()),
     };
+    let api = client::agent_client(channel.clone());
     stats.contact(now_unix());
     let dp = Netlink::new()?;
     if let Some(addr) = args.iface_can_reach {
@@ -177,10 +176,17 @@ pub async fn run(args: Args) -> Result<()> {
     agent.main_loop(&mut shutdown).await
 }
 
-async fn fetch_config(api: &mut Api, deadline: Duration) -> Result<NetConf> {
+/// The network configuration, from whichever controller answers first; `channel` is
+/// left on that one.
+async fn fetch_config(
+    creds: &mut Credentials,
+    channel: &mut Channel,
+    deadline: Duration,
+) -> Result<NetConf> {
     let mut backoff = Backoff::new(BACKOFF_CAP);
     loop {
         let req = client::request(twill_proto::GetNetworkConfigRequest {}, deadline);
+        let mut api = client::agent_client(channel.clone());
         match client::within(deadline, api.get_network_config(req)).await {
             Ok(r) => {
                 return NetConf::parse(&r.into_inner().net_conf_json)
@@ -189,7 +195,10 @@ async fn fetch_config(api: &mut Api, deadline: Duration) -> Result<NetConf> {
             Err(s) if is_fatal(&s) => bail!("controller refused us: {}: {}", s.code(), s.message()),
             Err(s) => {
                 let wait = backoff.next_delay();
-                warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot reach the controller");
+                warn!(controller = %creds.url(), code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot reach the controller");
+                if let Some(next) = creds.fail_over() {
+                    *channel = next;
+                }
                 tokio::time::sleep(wait).await;
             }
         }
@@ -253,15 +262,6 @@ async fn finished<T, E: TaskError>(call: &mut Call<T, E>) -> Result<T, E> {
     result
 }
 
-/// Whether an error means the controller could not be reached or did not answer (as
-/// opposed to an answer that refused the request).
-fn no_answer(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
-}
-
 /// `now + d`, or far in the future when that does not fit (a TTL from a controller
 /// configured with an absurd one must not panic the agent).
 fn later(d: Duration) -> Instant {
@@ -320,6 +320,7 @@ impl Agent {
                         Err(s) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
+                                self.fail_over();
                             }
                             if is_fatal(&s) {
                                 bail!("the controller refused our lease: {}: {}", s.code(), s.message());
@@ -368,6 +369,7 @@ impl Agent {
                         Err(s) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
+                                self.fail_over();
                             }
                             let wait = watch_backoff.next_delay();
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
@@ -389,6 +391,9 @@ impl Agent {
                         }
                         Ok(None) | Err(_) => {
                             self.stats.no_contact(now_unix());
+                            if msg.as_ref().err().is_none_or(no_answer) {
+                                self.fail_over();
+                            }
                             let wait = watch_backoff.next_delay();
                             match msg {
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
@@ -527,6 +532,17 @@ impl Agent {
         }
         let channel = self.channel.clone();
         tokio::spawn(async move { rotation::renew(channel, &node, &cert, &key, deadline).await })
+    }
+
+    /// Moves new calls to the next controller URL, if there is more than one: the one
+    /// in use did not answer. An open watch stays where it is until it breaks.
+    fn fail_over(&mut self) {
+        let from = self.creds.url().to_string();
+        if let Some(channel) = self.creds.fail_over() {
+            info!(from = %from, to = %self.creds.url(), "moving to the next controller");
+            self.api = client::agent_client(channel.clone());
+            self.channel = channel;
+        }
     }
 
     /// Moves new calls to a new channel when the TLS files changed and are usable;

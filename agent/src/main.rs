@@ -15,9 +15,12 @@ mod http;
 #[derive(Parser, Debug)]
 #[command(name = "twill-agent", version)]
 pub struct Args {
-    /// Controller URL, e.g. https://10.0.0.1:8474.
-    #[arg(long, env = "TWILL_CONTROLLER")]
-    pub controller: String,
+    /// Controller URL, e.g. https://10.0.0.1:8474. Several, comma-separated, for
+    /// replicas of one controller (leases in etcd): the agent starts on one drawn at
+    /// random, so agents spread over them, and moves to the next when the one in use
+    /// does not answer; its watch resumes there from its last revision.
+    #[arg(long, env = "TWILL_CONTROLLER", value_delimiter = ',', required = true)]
+    pub controller: Vec<String>,
     /// This node's name; must equal the CN of --tls-cert. Default: the host name.
     #[arg(long, env = "TWILL_NODE_NAME")]
     pub node_name: Option<String>,

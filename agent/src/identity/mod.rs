@@ -332,8 +332,8 @@ pub fn check_issued(chain_pem: &str, node: &str, key: &KeyPair) -> Result<CertIn
 /// Where and how to bootstrap.
 #[derive(Debug, Clone)]
 pub struct Bootstrap<'a> {
-    /// Controller URL (`--controller`).
-    pub controller: &'a str,
+    /// Controller URLs (`--controller`): tried in turn while unreachable.
+    pub controller: &'a [String],
     /// This node's name: the CSR's CN.
     pub node: &'a str,
     /// `--tls-cert`, `--tls-key`: written here.
@@ -376,11 +376,14 @@ pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
     let token = read_token(cfg.token_file)?;
     info!(node = %cfg.node, reason = %why, token_id = %token.id(), "no usable node certificate; asking the controller for one with the bootstrap token");
     let ca = read_pem(cfg.ca, "--tls-ca", "CERTIFICATE")?;
-    let channel = client::endpoint(
-        cfg.controller,
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
-    )?
-    .connect_lazy();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    let channels = cfg
+        .controller
+        .iter()
+        .map(|url| client::endpoint(url, tls.clone()).map(|e| e.connect_lazy()))
+        .collect::<Result<Vec<Channel>, _>>()?;
+    ensure!(!channels.is_empty(), "no controller URL given");
+    let mut at = client::first_pick(channels.len());
 
     let key = generate_key()?;
     if let Some(dir) = cfg.key.parent() {
@@ -394,7 +397,7 @@ pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
     let mut backoff = Backoff::new(cfg.backoff_cap);
     let mut token = token;
     loop {
-        match call(&channel, &token, &csr, cfg.call_timeout).await {
+        match call(&channels[at], &token, &csr, cfg.call_timeout).await {
             Ok(resp) => {
                 let info = check_issued(&resp.certificate_chain_pem, cfg.node, &key)?;
                 if let Some(dir) = cfg.cert.parent() {
@@ -413,7 +416,12 @@ pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
             }
             Err(s) => {
                 let wait = backoff.next_delay();
+                let tried = &cfg.controller[at];
+                if client::no_answer(&s) {
+                    at = (at + 1) % channels.len();
+                }
                 warn!(
+                    controller = %tried,
                     code = %code_name(s.code()),
                     error = %token.redact(&status_text(&s)),
                     hint = hint(s.code()),
@@ -879,8 +887,9 @@ mod tests {
             let pki = dir.path().join("host/pki");
             let (cert_file, key_file) = (pki.join("node.crt"), pki.join("node.key"));
             let url = format!("https://{addr}");
+            let urls = [url.clone()];
             let cfg = Bootstrap {
-                controller: &url,
+                controller: &urls,
                 node: "node-a",
                 cert: &cert_file,
                 key: &key_file,

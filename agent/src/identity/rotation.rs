@@ -54,10 +54,12 @@ pub fn rotation_delay(info: &CertInfo, received_at: i64, now: i64, fraction: f64
     Duration::from_millis((due_ms - now as f64 * 1000.0).max(0.0) as u64)
 }
 
-/// The files the controller channel is built from, and what they held when it was.
+/// The files the controller channel is built from, what they held when it was, and
+/// which of the controller's URLs (replicas) it connects to.
 #[derive(Debug)]
 pub struct Credentials {
-    url: String,
+    urls: Vec<String>,
+    current: usize,
     node: String,
     cert: PathBuf,
     key: PathBuf,
@@ -72,14 +74,23 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads the files and builds the first channel. A certificate this code cannot
-    /// judge usable is still tried (TLS has the last word), but is not rotated.
+    /// Reads the files and builds the first channel, to one of `urls` drawn at random
+    /// so that agents spread over the replicas. A certificate this code cannot judge
+    /// usable is still tried (TLS has the last word), but is not rotated.
     pub fn load(
-        url: &str,
+        urls: &[String],
         node: &str,
         files: &TlsFiles<'_>,
     ) -> Result<(Credentials, Channel), ClientError> {
         let pem = TlsPem::read(files)?;
+        for url in urls {
+            client::endpoint(url, tonic::transport::ClientTlsConfig::new())?;
+        }
+        let current = client::first_pick(urls.len());
+        let url = urls.get(current).ok_or_else(|| ClientError::Endpoint {
+            url: String::new(),
+            msg: "no controller URL given".into(),
+        })?;
         let channel = client::mtls_channel(url, &pem)?;
         let info = match check_certificate(files.cert, files.key, node, now_unix()) {
             CertCheck::Usable(info) => Some(info),
@@ -89,7 +100,8 @@ impl Credentials {
             }
         };
         let creds = Credentials {
-            url: url.to_string(),
+            urls: urls.to_vec(),
+            current,
             node: node.to_string(),
             cert: files.cert.to_path_buf(),
             key: files.key.to_path_buf(),
@@ -100,6 +112,22 @@ impl Credentials {
             received_at: written_at(files.cert),
         };
         Ok((creds, channel))
+    }
+
+    /// The controller URL in use.
+    pub fn url(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// A channel to the next controller URL, when there is more than one: the one in
+    /// use could not be reached.
+    pub fn fail_over(&mut self) -> Option<Channel> {
+        if self.urls.len() < 2 {
+            return None;
+        }
+        self.current = (self.current + 1) % self.urls.len();
+        // Every URL was checked when loading, and the files read then are unchanged.
+        client::mtls_channel(self.url(), &self.pem).ok()
     }
 
     /// The files, for calls that read them.
@@ -129,7 +157,7 @@ impl Credentials {
             }
             CertCheck::Needed(_) => self.info.clone(),
         };
-        let channel = match client::mtls_channel(&self.url, &pem) {
+        let channel = match client::mtls_channel(self.url(), &pem) {
             Ok(c) => c,
             Err(e) => {
                 self.refused = Some(pem);
@@ -353,7 +381,7 @@ mod tests {
     }
 
     #[test]
-    fn changed_files_give_a_new_channel_and_a_broken_pair_keeps_the_old() {
+    fn changed_files_give_a_new_channel_and_a_broken_pair_keeps_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, ca) = (
             dir.path().join("node.crt"),
@@ -374,7 +402,22 @@ mod tests {
             .build()
             .unwrap();
         let _enter = rt.enter();
-        let (mut creds, _) = Credentials::load("https://127.0.0.1:1", "node-a", &files).unwrap();
+        let urls = ["https://127.0.0.1:1".to_string()];
+        let (mut creds, _) = Credentials::load(&urls, "node-a", &files).unwrap();
+        assert!(creds.fail_over().is_none(), "one controller: nowhere to go");
+        let two = [
+            "https://127.0.0.1:1".to_string(),
+            "https://127.0.0.2:1".to_string(),
+        ];
+        let (mut replicas, _) = Credentials::load(&two, "node-a", &files).unwrap();
+        let first = replicas.url().to_string();
+        assert!(replicas.fail_over().is_some());
+        assert_ne!(replicas.url(), first);
+        assert!(replicas.fail_over().is_some());
+        assert_eq!(replicas.url(), first, "round and round");
+        let bad = ["https://127.0.0.1:1".to_string(), "http://x:1".to_string()];
+        let err = Credentials::load(&bad, "node-a", &files).unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
         let first = creds.info.clone().unwrap();
         assert!(creds.reload().unwrap().is_none(), "nothing changed");
 
