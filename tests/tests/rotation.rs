@@ -3,6 +3,7 @@
 //! `IdentityService.Renew` at 70–90 % of their lifetime, while pods' traffic crosses
 //! the overlay.
 //!
+//! The bootstrap token is deleted first: agents already running need it no more.
 //! For 90 s, a continuous ping runs from every host to the next one (20 echo
 //! requests a second each); afterwards:
 //! * none was lost;
@@ -81,6 +82,16 @@ fn scenario(ov: &Overlay) -> Result<()> {
         .iter()
         .map(|n| counters(ov, n).map(|c| (*n, c)))
         .collect::<Result<_>>()?;
+
+    // Rotation needs no token: the one the agents bootstrapped with is deleted first.
+    let token = std::fs::read_to_string(ov.bootstrap_token_file(nodes[0]))?;
+    let token_id = token.trim().split('.').next().unwrap_or_default();
+    ov.twillctl(&["token", "delete", token_id])?;
+    let listed = ov.twillctl(&["token", "list"])?;
+    ensure!(
+        !listed.contains(token_id),
+        "token {token_id} still listed after delete:\n{listed}"
+    );
 
     let mut pings = Vec::new();
     for (i, from) in nodes.iter().enumerate() {
