@@ -5,6 +5,7 @@
 //! table and writes the raw figures as JSON (default
 //! target/bench-results/<scenario>-<N>.json). See BENCHMARKS.md.
 
+mod coldstart;
 mod dataplane;
 mod etcd;
 mod pki;
@@ -77,7 +78,7 @@ struct Opts {
     /// `compare`: skip the data-plane scenario.
     #[arg(long)]
     skip_dataplane: bool,
-    /// `compare`: skip churn and reconnect (run at the largest N).
+    /// `compare`: skip churn, reconnect and cold-start (run at the largest N).
     #[arg(long)]
     skip_extras: bool,
     /// The twill-controller binary (default: next to this binary, else target/release,
@@ -97,6 +98,9 @@ struct Opts {
 enum Scenario {
     /// N nodes acquire leases at once and each watches; time until all saw all N.
     JoinStorm,
+    /// N new nodes bootstrap their certificates with a token, then join; alternated
+    /// with join storms of N nodes that hold certificates already.
+    ColdStart,
     /// N watchers; one more node joins, 50 times; grant → delivery at each watcher.
     Fanout,
     /// 1% of nodes release and re-acquire per second.
@@ -105,11 +109,11 @@ enum Scenario {
     Reconnect,
     /// The agent's reconcile over netlink vs ip/bridge -batch (needs root).
     Dataplane,
-    /// join-storm + fanout for Twill and etcd side by side, plus churn, reconnect and
-    /// dataplane.
+    /// join-storm + fanout for Twill and etcd side by side, plus churn, reconnect,
+    /// cold-start and dataplane.
     Compare,
-    /// A few seconds at N=50 (join-storm, fanout, dataplane P=100), no etcd: keeps
-    /// the harness from rotting (run by `cargo test`).
+    /// A few seconds at N=50 (join-storm, fanout, churn, reconnect, cold-start,
+    /// dataplane P=100), no etcd: keeps the harness from rotting (run by `cargo test`).
     Smoke,
     /// Render a results JSON (--from) as markdown.
     Report,
@@ -174,10 +178,22 @@ pub struct Run {
     /// Seconds to open the N mTLS connections (before time zero).
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub connect_s: f64,
+    /// Server CPU seconds spent opening them.
+    #[serde(
+        default = "crate::stats::nan",
+        deserialize_with = "crate::stats::f64_or_nan"
+    )]
+    pub connect_cpu_s: f64,
     /// The join storm.
     pub storm: sim::StormOutcome,
     /// Server cost during the storm.
     pub storm_usage: Usage,
+    /// Watch messages the controller sent in the storm (NaN for etcd).
+    #[serde(
+        default = "crate::stats::nan",
+        deserialize_with = "crate::stats::f64_or_nan"
+    )]
+    pub storm_watch_messages: f64,
     /// The fan-out, when run.
     pub fanout: Option<sim::FanoutOutcome>,
     /// Server peak RSS over storm and fan-out, MB.
@@ -229,6 +245,24 @@ pub struct Summary {
     /// Deadline of the storm, s.
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deadline_s: f64,
+    /// Seconds to open the N connections before time zero (median).
+    #[serde(
+        default = "crate::stats::nan",
+        deserialize_with = "crate::stats::f64_or_nan"
+    )]
+    pub connect_s: f64,
+    /// Server CPU seconds spent opening them (median).
+    #[serde(
+        default = "crate::stats::nan",
+        deserialize_with = "crate::stats::f64_or_nan"
+    )]
+    pub connect_cpu_s: f64,
+    /// Watch messages the controller sent in the storm (median).
+    #[serde(
+        default = "crate::stats::nan",
+        deserialize_with = "crate::stats::f64_or_nan"
+    )]
+    pub storm_watch_messages: f64,
 }
 
 fn summarize(runs: &[Run]) -> Summary {
@@ -255,6 +289,9 @@ fn summarize(runs: &[Run]) -> Summary {
         storm_cpu_s: median(runs.iter().map(|r| r.storm_usage.cpu_s)),
         client_cpu_s: median(runs.iter().map(|r| r.storm_usage.client_cpu_s)),
         deadline_s: runs.first().map_or(f64::NAN, |r| r.storm.deadline_s),
+        connect_s: median(runs.iter().map(|r| r.connect_s)),
+        connect_cpu_s: median(runs.iter().map(|r| r.connect_cpu_s)),
+        storm_watch_messages: median(runs.iter().map(|r| r.storm_watch_messages)),
     }
 }
 
@@ -276,6 +313,20 @@ pub struct Row {
     pub twill: Option<SystemRuns>,
     /// flannel's etcd mode.
     pub etcd: Option<SystemRuns>,
+}
+
+/// Cold starts at one N, and join storms of nodes that hold certificates already,
+/// run alternately in the same sitting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ColdStartRow {
+    /// Nodes.
+    pub nodes: usize,
+    /// Every cold start.
+    pub runs: Vec<coldstart::ColdStartOutcome>,
+    /// Their medians.
+    pub median: coldstart::ColdStartSummary,
+    /// The join storms.
+    pub join_storm: SystemRuns,
 }
 
 /// Everything one invocation measured.
@@ -302,6 +353,9 @@ pub struct Results {
     pub churn: Option<twill::ChurnOutcome>,
     /// Reconnect.
     pub reconnect: Option<twill::ReconnectOutcome>,
+    /// Cold start (results from before it existed have none).
+    #[serde(default)]
+    pub cold_start: Vec<ColdStartRow>,
     /// Data plane.
     pub dataplane: Vec<dataplane::DataplaneOutcome>,
     /// Notes (skipped parts and why).
@@ -321,10 +375,13 @@ async fn twill_run(
     let joiners = if fanout { o.rounds } else { 0 };
     ensure_certs(pki, n, joiners)?;
     let ctl = servers::Controller::start(bin, pki)?;
+    let connecting = Meter::start(ctl.pid());
     let (mut fleet, connect_s) = twill::fleet(&ctl.url(), pki, n, joiners).await?;
+    let connect_cpu_s = connecting.read().cpu_s;
     let meter = Meter::start(ctl.pid());
     let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
     let storm_usage = meter.read();
+    let storm_watch_messages = ctl.metric(servers::WATCH_MESSAGES).unwrap_or(f64::NAN);
     eprintln!(
         "  twill N={n}: storm {} (grant p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
         if storm.converged {
@@ -354,8 +411,10 @@ async fn twill_run(
     drop(fleet);
     Ok(Run {
         connect_s,
+        connect_cpu_s,
         storm,
         storm_usage,
+        storm_watch_messages,
         fanout: fan,
         peak_rss_mb: end.peak_rss_mb,
         end_rss_mb: end.rss_mb,
@@ -370,7 +429,9 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
     if let Err(e) = etcd::wait_ready(&etcd.url(), pki, Duration::from_secs(30)).await {
         bail!("{e}:\n{}", etcd.log_tail(20));
     }
+    let connecting = Meter::start(etcd.pid());
     let (mut fleet, connect_s) = etcd::fleet(&etcd.url(), pki, n, joiners).await?;
+    let connect_cpu_s = connecting.read().cpu_s;
     let meter = Meter::start(etcd.pid());
     let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
     let storm_usage = meter.read();
@@ -410,8 +471,10 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
     drop(fleet);
     Ok(Run {
         connect_s,
+        connect_cpu_s,
         storm,
         storm_usage,
+        storm_watch_messages: f64::NAN,
         fanout: fan,
         peak_rss_mb: end.peak_rss_mb,
         end_rss_mb: end.rss_mb,
@@ -543,6 +606,84 @@ async fn reconnect(
     Ok(r)
 }
 
+/// One cold start of N nodes on a fresh controller that signs node certificates.
+async fn cold_run(
+    bin: &Path,
+    pki: &pki::Pki,
+    n: usize,
+    o: &Opts,
+) -> Result<coldstart::ColdStartOutcome> {
+    let ctl = servers::Controller::start_issuing(bin, pki)?;
+    let token = coldstart::create_token(&ctl.url(), pki).await?;
+    let started = Instant::now();
+    let prepared = coldstart::prepare(n)?;
+    let prepare_s = started.elapsed().as_secs_f64();
+    let meter = Meter::start(ctl.pid());
+    let mut c = coldstart::run(
+        &ctl.url(),
+        &pki.ca_pem,
+        &token,
+        prepared,
+        Duration::from_secs(o.deadline),
+    )
+    .await;
+    c.usage = meter.read();
+    c.prepare_s = prepare_s;
+    c.watch_messages = ctl.metric(servers::WATCH_MESSAGES).unwrap_or(f64::NAN);
+    eprintln!(
+        "  cold start N={n}: {} (bootstrap p50 {:.1} / p99 {:.1} ms, join p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
+        if c.converged {
+            format!("all granted after {:.2} s, all saw all after {:.2} s", c.all_granted_s, c.converge_s)
+        } else {
+            format!(
+                "NOT done after {} s: {}/{n} bootstrapped, {}/{n} granted, {}/{n} saw all",
+                o.deadline, c.nodes_bootstrapped, c.nodes_granted, c.nodes_converged
+            )
+        },
+        c.bootstrap_ms.p50,
+        c.bootstrap_ms.p99,
+        c.join_ms.p99,
+        c.usage.cpu_s,
+        c.usage.peak_rss_mb
+    );
+    if let Some(why) = &c.first_failure {
+        eprintln!(
+            "  cold start: {} node(s) gave up, first: {why}\n{}",
+            c.failed_nodes,
+            ctl.log_tail(10)
+        );
+    }
+    Ok(c)
+}
+
+/// Cold starts at N, each after a join storm of N nodes that hold certificates (on a
+/// controller without a signing CA, as the join-storm scenario runs): alternating, so
+/// that the machine's drift over the sitting falls on both alike.
+async fn cold_start_row(
+    o: &Opts,
+    pki: &mut pki::Pki,
+    bin: &Path,
+    n: usize,
+) -> Result<ColdStartRow> {
+    let k = repeats(o, n);
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for r in 0..k {
+        eprintln!("join storm N={n} run {}/{k} (certificates held)", r + 1);
+        warm.push(twill_run(bin, pki, n, o, false).await?);
+        eprintln!("cold start N={n} run {}/{k}", r + 1);
+        cold.push(cold_run(bin, pki, n, o).await?);
+    }
+    Ok(ColdStartRow {
+        nodes: n,
+        median: coldstart::summarize(&cold),
+        runs: cold,
+        join_storm: SystemRuns {
+            median: summarize(&warm),
+            runs: warm,
+        },
+    })
+}
+
 fn dataplane_runs(o: &Opts, peers: &[usize], res: &mut Results) {
     if let Err(why) = dataplane::available() {
         eprintln!("SKIPPED dataplane: {why}");
@@ -630,9 +771,16 @@ async fn run(mut o: Opts) -> Result<Results> {
             if o.scenario == Scenario::Compare && !o.skip_extras {
                 res.churn = Some(churn(&o, &mut pki, &ctl_bin, max_n).await?);
                 res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, max_n).await?);
+                res.cold_start = vec![cold_start_row(&o, &mut pki, &ctl_bin, max_n).await?];
             }
             if o.scenario == Scenario::Compare && !o.skip_dataplane {
                 dataplane_runs(&o, &o.peers.clone(), &mut res);
+            }
+        }
+        Scenario::ColdStart => {
+            for &n in &o.nodes {
+                res.cold_start
+                    .push(cold_start_row(&o, &mut pki, &ctl_bin, n).await?);
             }
         }
         Scenario::Churn => {
@@ -669,6 +817,14 @@ async fn run(mut o: Opts) -> Result<Results> {
             o.duration = 2;
             res.churn = Some(churn(&o, &mut pki, &ctl_bin, 50).await?);
             res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, 50).await?);
+            let cold = cold_start_row(&o, &mut pki, &ctl_bin, 50).await?;
+            if !cold.runs.iter().all(|c| c.converged) {
+                bail!(
+                    "smoke: the cold start of 50 did not finish within {} s",
+                    o.deadline
+                );
+            }
+            res.cold_start = vec![cold];
             dataplane_runs(&o, &[100], &mut res);
             if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
                 bail!("smoke: not every watcher resumed after the restart");
@@ -702,6 +858,7 @@ fn default_out(o: &Opts) -> PathBuf {
             "{}-{n}.json",
             match o.scenario {
                 Scenario::JoinStorm => "join-storm".to_string(),
+                Scenario::ColdStart => "cold-start".to_string(),
                 _ => scenario,
             }
         ),

@@ -1,15 +1,16 @@
 //! One CA for everything (as in a real cluster): the controller's and etcd's server
-//! certificates, and one client certificate per simulated node, made with twillctl's
-//! certificate library.
+//! certificates, one client certificate per simulated node and one for the admin that
+//! makes bootstrap tokens, made with twillctl's certificate library. The CA's key is
+//! written too: the cold start's controller signs node certificates with it.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use twill_ctl::certs::{new_ca, Ca, Issued, Role, Validity};
 
-/// A node's client certificate and key, PEM.
+/// A client certificate and its key, PEM.
 #[derive(Clone)]
-pub struct NodeCert {
+pub struct ClientCert {
     /// Certificate.
     pub cert_pem: String,
     /// Key.
@@ -22,12 +23,14 @@ pub struct Pki {
     ca: Ca,
     /// The CA certificate, PEM.
     pub ca_pem: String,
-    nodes: std::collections::HashMap<String, NodeCert>,
+    /// An admin's client certificate (`O=twill:admins`).
+    pub admin: ClientCert,
+    nodes: std::collections::HashMap<String, ClientCert>,
 }
 
 impl Pki {
     /// A new CA with a server certificate for 127.0.0.1 / localhost, written as
-    /// `ca.crt`, `server.crt`, `server.key`.
+    /// `ca.crt`, `ca.key`, `server.crt`, `server.key`, and an admin certificate.
     pub fn new() -> Result<Pki> {
         let dir = tempfile::Builder::new()
             .prefix("twill-bench-pki")
@@ -42,13 +45,19 @@ impl Pki {
             },
             validity,
         )?;
+        let admin = ca.issue(&Role::Admin("twill-bench".into()), validity)?;
         std::fs::write(dir.path().join("ca.crt"), &root.cert_pem)?;
+        std::fs::write(dir.path().join("ca.key"), &root.key_pem)?;
         std::fs::write(dir.path().join("server.crt"), &server.cert_pem)?;
         std::fs::write(dir.path().join("server.key"), &server.key_pem)?;
         Ok(Pki {
             dir,
             ca,
             ca_pem: root.cert_pem,
+            admin: ClientCert {
+                cert_pem: admin.cert_pem,
+                key_pem: admin.key_pem,
+            },
             nodes: Default::default(),
         })
     }
@@ -98,7 +107,7 @@ impl Pki {
         for (name, c) in issued {
             self.nodes.insert(
                 name,
-                NodeCert {
+                ClientCert {
                     cert_pem: c.cert_pem,
                     key_pem: c.key_pem,
                 },
@@ -108,7 +117,7 @@ impl Pki {
     }
 
     /// The certificate of a node made by [`Pki::ensure_nodes`].
-    pub fn node(&self, name: &str) -> NodeCert {
+    pub fn node(&self, name: &str) -> ClientCert {
         self.nodes[name].clone()
     }
 }

@@ -14,6 +14,9 @@ use nix::unistd::Pid;
 
 use crate::pki::Pki;
 
+/// The controller's count of watch messages sent (one per watcher per publication).
+pub const WATCH_MESSAGES: &str = "twill_watch_messages_sent_total";
+
 /// The Twill network configuration of the benchmarks: a /8 of /24s, room for 65,535
 /// nodes (flannel's 10.244.0.0/16 holds only 255).
 pub const NET_CONF: &str =
@@ -127,6 +130,29 @@ pub struct Controller {
 impl Controller {
     /// Starts the controller with a fresh data dir and waits for /readyz.
     pub fn start(bin: &Path, pki: &Pki) -> Result<Controller> {
+        Controller::launch(bin, pki, Vec::new())
+    }
+
+    /// As [`Controller::start`], and it signs node certificates for bootstrapping
+    /// nodes with the CA that also verifies client certificates (a cluster's usual
+    /// set-up), each valid for a day: within the benchmark CA's two.
+    pub fn start_issuing(bin: &Path, pki: &Pki) -> Result<Controller> {
+        let p = |name: &str| pki.path(name).display().to_string();
+        Controller::launch(
+            bin,
+            pki,
+            vec![
+                "--signing-cert".into(),
+                p("ca.crt"),
+                "--signing-key".into(),
+                p("ca.key"),
+                "--node-cert-ttl".into(),
+                "24h".into(),
+            ],
+        )
+    }
+
+    fn launch(bin: &Path, pki: &Pki, extra: Vec<String>) -> Result<Controller> {
         let dir = tempfile::Builder::new()
             .prefix("twill-bench-controller")
             .tempdir()?;
@@ -135,7 +161,7 @@ impl Controller {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let p = |s: &Path| s.display().to_string();
-        let args = vec![
+        let mut args = vec![
             "--listen".into(),
             addr.to_string(),
             "--metrics-addr".into(),
@@ -151,6 +177,7 @@ impl Controller {
             "--tls-client-ca".into(),
             p(&pki.path("ca.crt")),
         ];
+        args.extend(extra);
         let log = dir.path().join("controller.log");
         let child = spawn_logged(bin, &args, &log)?;
         let mut c = Controller {
@@ -174,6 +201,16 @@ impl Controller {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// A counter or gauge from the controller's /metrics (`None` if it does not answer
+    /// or has no such series).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.metrics, "/metrics")?;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// The controller's log so far.

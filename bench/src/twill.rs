@@ -21,9 +21,41 @@ use crate::stats::Dist;
 use crate::wire;
 
 /// Connections opened at once (a burst of thousands overflows the listen backlog).
-const CONNECT_PARALLEL: usize = 64;
+pub const CONNECT_PARALLEL: usize = 64;
 
 type Client = AgentServiceClient<Channel>;
+
+/// Opens one TLS channel to the controller now, trying 5 times half a second apart
+/// (a connection refused under a burst of handshakes is retried, as the agent would).
+pub async fn connect_one(url: &str, tls: ClientTlsConfig) -> Result<Channel> {
+    let mut last = None;
+    for _ in 0..5 {
+        match Endpoint::from_shared(url.to_string())?
+            .tls_config(tls.clone())?
+            .connect_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+        {
+            Ok(ch) => return Ok(ch),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(anyhow::anyhow!("connect: {:?}", last))
+}
+
+/// The TLS of a node's channel: the controller verified with the CA, and the node's
+/// client certificate.
+pub fn node_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .domain_name("localhost")
+}
 
 /// Connects one mTLS channel per name.
 pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<Channel>> {
@@ -31,33 +63,12 @@ pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<C
     let mut set = JoinSet::new();
     for (i, name) in names.iter().enumerate() {
         let cert = pki.node(name);
-        let ca = pki.ca_pem.clone();
+        let tls = node_tls(&pki.ca_pem, &cert.cert_pem, &cert.key_pem);
         let url = url.to_string();
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await?;
-            let tls = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .identity(Identity::from_pem(cert.cert_pem, cert.key_pem))
-                .domain_name("localhost");
-            let mut last = None;
-            for _ in 0..5 {
-                match Endpoint::from_shared(url.clone())?
-                    .tls_config(tls.clone())?
-                    .connect_timeout(Duration::from_secs(20))
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .connect()
-                    .await
-                {
-                    Ok(ch) => return Ok::<_, anyhow::Error>((i, ch)),
-                    Err(e) => {
-                        last = Some(e);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-            Err(anyhow::anyhow!("connect: {:?}", last))
+            Ok::<_, anyhow::Error>((i, connect_one(&url, tls).await?))
         });
     }
     let mut out: Vec<Option<Channel>> = (0..names.len()).map(|_| None).collect();
@@ -78,9 +89,29 @@ fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
     }
 }
 
+/// Storm node `i` asks for its lease until it has it (a failure is retried after a
+/// second); records the grant in `t`, in ns after `t0` (a [`Tracker::ns`] time).
+pub async fn acquire(i: usize, channel: Channel, t: Arc<Tracker>, t0: u64) {
+    let mut c = Client::new(channel);
+    let req = acquire_request(&sim::node_name(i), i, false);
+    loop {
+        match c.acquire(req.clone()).await {
+            Ok(_) => {
+                t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
+                return;
+            }
+            Err(_) if !t.stopping.load(Ordering::Relaxed) => {
+                t.grant_errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// A node's watch, for as long as the run lasts: on a broken stream it resumes from
 /// its last revision with the agent's own backoff.
-async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
+pub async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
     let mut seen = Seen::new(t.n);
     let mut revision = 0u64;
     let mut broken = false;
@@ -192,24 +223,7 @@ impl Fleet {
         let t0 = t.ns(start);
         for (i, c) in self.clients.iter().enumerate() {
             self.tasks.spawn(watcher(i, c.clone(), t.clone()));
-            let mut c = Client::new(c.clone());
-            let t = t.clone();
-            self.tasks.spawn(async move {
-                let req = acquire_request(&sim::node_name(i), i, false);
-                loop {
-                    match c.acquire(req.clone()).await {
-                        Ok(_) => {
-                            t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
-                            return;
-                        }
-                        Err(_) if !t.stopping.load(Ordering::Relaxed) => {
-                            t.grant_errors.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
+            self.tasks.spawn(acquire(i, c.clone(), t.clone(), t0));
         }
         sim::wait_converged(&t, start, deadline, "twill storm").await;
         let mut out = t.storm_outcome(deadline);

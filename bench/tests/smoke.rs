@@ -1,6 +1,6 @@
 //! Keeps the benchmark harness from rotting: `twill-bench smoke` (N=50 join storm,
-//! fan-out, churn, reconnect; data plane with 100 peers when root) against the real
-//! controller binary, in a few seconds. Checks that everything ran and converged, never
+//! fan-out, churn, reconnect, cold start; data plane with 100 peers when root) against
+//! the real controller binary, in a few seconds. Checks that everything ran and converged, never
 //! how fast: the machine may be slow or busy.
 
 use std::process::Command;
@@ -43,6 +43,13 @@ fn smoke_runs_every_scenario() {
         twill["fanout"]["delivery_ms"]["count"],
         twill["fanout"]["expected"]
     );
+    assert!(
+        stdout.contains("| 50 | time zero → all N hold a lease"),
+        "cold-start table printed:\n{stdout}"
+    );
+    let cold = &res["cold_start"][0]["runs"][0];
+    assert_eq!(cold["converged"], true, "{cold}");
+    assert_eq!(cold["nodes_bootstrapped"], 50, "{cold}");
     assert_eq!(res["reconnect"]["resumed"], 50);
     assert_eq!(res["churn"]["failed_cycles"], 0);
     let dataplane_ran = res["dataplane"]
