@@ -54,6 +54,9 @@ pub struct Identity {
     /// The start of the certificate's validity (Unix seconds): a revocation of the
     /// node refuses the certificates that start before it.
     pub not_before_unix: i64,
+    /// The end of the certificate's validity (Unix seconds, inclusive as in X.509): TLS
+    /// checks it only at the handshake, so a long-lived connection must check it again.
+    pub not_after_unix: i64,
 }
 
 impl Identity {
@@ -76,7 +79,13 @@ impl Identity {
             name,
             groups,
             not_before_unix: cert.validity().not_before.timestamp(),
+            not_after_unix: cert.validity().not_after.timestamp(),
         })
+    }
+
+    /// True once the certificate's validity has ended at `now_unix` (Unix seconds).
+    pub fn expired(&self, now_unix: i64) -> bool {
+        now_unix > self.not_after_unix
     }
 
     /// True for an agent's certificate (`O=twill:nodes`).

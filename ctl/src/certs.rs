@@ -74,6 +74,27 @@ pub enum CertError {
     /// A request parameter is invalid (node name, validity, SANs).
     #[error("{0}")]
     Invalid(String),
+    /// A certificate signing request was refused.
+    #[error("csr_pem: {msg}")]
+    Csr {
+        /// What kind of fault, for callers that count refusals by reason.
+        fault: CsrFault,
+        /// What is wrong, for a person.
+        msg: String,
+    },
+}
+
+/// What is wrong with a certificate signing request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CsrFault {
+    /// It is no PEM PKCS#10 request.
+    Malformed,
+    /// Its signature does not verify with the key it carries.
+    BadSignature,
+    /// Its key is too weak (RSA under 2048 bits).
+    WeakKey,
+    /// Its subject has no CN that is a valid node name.
+    Subject,
 }
 
 /// A certificate and its private key, both PEM.
@@ -312,8 +333,9 @@ impl Ca {
     /// Signs a node certificate for the key of a PKCS#10 request (PEM): subject
     /// `CN=<the request's CN>, O=twill:nodes`, extended key usage clientAuth, valid for
     /// `validity`. The request's signature is verified; the rest of its subject and
-    /// its extensions are not copied. Refused: a request that does not parse or whose
-    /// signature is wrong, an RSA key under 2048 bits, a CN that is no valid node name.
+    /// its extensions are not copied. Refused ([`CertError::Csr`], with its fault): a
+    /// request that does not parse or whose signature is wrong, an RSA key under 2048
+    /// bits, a CN that is no valid node name.
     pub fn sign_node_csr(
         &self,
         csr_pem: &str,
@@ -321,8 +343,16 @@ impl Ca {
     ) -> Result<SignedNode, CertError> {
         let (der, node) = parse_csr(csr_pem)?;
         // Verifies the request's signature.
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into())
-            .map_err(|e| CertError::Invalid(format!("csr_pem: {e}")))?;
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).map_err(|e| {
+            let fault = match e {
+                rcgen::Error::InvalidCertificationRequestSignature => CsrFault::BadSignature,
+                _ => CsrFault::Malformed,
+            };
+            CertError::Csr {
+                fault,
+                msg: e.to_string(),
+            }
+        })?;
         let what = format!("node certificate for {node}");
         let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
@@ -351,19 +381,26 @@ impl Ca {
 /// name; RSA keys under 2048 bits are refused. The signature is checked by the signer.
 fn parse_csr(csr_pem: &str) -> Result<(Vec<u8>, String), CertError> {
     use x509_parser::prelude::FromDer;
-    let bad = |m: String| CertError::Invalid(format!("csr_pem: {m}"));
-    let der = pem_block(csr_pem, "CERTIFICATE REQUEST")
-        .ok_or_else(|| bad("no PEM CERTIFICATE REQUEST block".into()))?;
+    let bad = |fault: CsrFault, msg: String| CertError::Csr { fault, msg };
+    let der = pem_block(csr_pem, "CERTIFICATE REQUEST").ok_or_else(|| {
+        bad(
+            CsrFault::Malformed,
+            "no PEM CERTIFICATE REQUEST block".into(),
+        )
+    })?;
     let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-        .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
+        .map_err(|e| bad(CsrFault::Malformed, format!("not a PKCS#10 request: {e}")))?;
     if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) =
         parsed.certification_request_info.subject_pki.parsed()
     {
         if rsa.key_size() < 2048 {
-            return Err(bad(format!(
-                "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
-                rsa.key_size()
-            )));
+            return Err(bad(
+                CsrFault::WeakKey,
+                format!(
+                    "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
+                    rsa.key_size()
+                ),
+            ));
         }
     }
     let node = parsed
@@ -371,11 +408,22 @@ fn parse_csr(csr_pem: &str) -> Result<(Vec<u8>, String), CertError> {
         .subject
         .iter_common_name()
         .next()
-        .ok_or_else(|| bad("the subject has no CN (the node name)".into()))?
+        .ok_or_else(|| {
+            bad(
+                CsrFault::Subject,
+                "the subject has no CN (the node name)".into(),
+            )
+        })?
         .as_str()
-        .map_err(|e| bad(format!("subject CN is not a string: {e}")))?
+        .map_err(|e| {
+            bad(
+                CsrFault::Subject,
+                format!("subject CN is not a string: {e}"),
+            )
+        })?
         .to_string();
-    twill_common::lease::validate_node_name(&node).map_err(|e| bad(format!("subject CN: {e}")))?;
+    twill_common::lease::validate_node_name(&node)
+        .map_err(|e| bad(CsrFault::Subject, format!("subject CN: {e}")))?;
     Ok((der, node))
 }
 

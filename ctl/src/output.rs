@@ -350,6 +350,11 @@ pub struct AgentDoc {
     pub revision: u64,
     /// How many revisions it is behind the table.
     pub revision_lag: u64,
+    /// When the client certificate the stream was opened with expires, seconds since
+    /// the Unix epoch (0: unknown).
+    pub cert_not_after_unix: i64,
+    /// The same, RFC 3339 UTC (empty when unknown).
+    pub cert_not_after: String,
 }
 
 impl From<&ConnectedAgent> for AgentDoc {
@@ -362,6 +367,8 @@ impl From<&ConnectedAgent> for AgentDoc {
             last_seen: unix_to_rfc3339(a.last_seen_unix),
             revision: a.revision,
             revision_lag: a.revision_lag,
+            cert_not_after_unix: a.cert_not_after_unix,
+            cert_not_after: unix_to_rfc3339(a.cert_not_after_unix),
         }
     }
 }
@@ -407,8 +414,9 @@ impl From<&StatusResponse> for StatusDoc {
 }
 
 /// `status`: a summary (version, revision, store size, capacity) and the table of
-/// connected agents (NAME, CONNECTED, LAST-SEEN, REVISION, LAG; wide: plus the
-/// timestamps), or the status document. `now` is the reference for the ages.
+/// connected agents (NAME, CONNECTED, LAST-SEEN, REVISION, LAG, CERT-EXPIRES; wide:
+/// plus the timestamps), or the status document. `now` is the reference for the ages
+/// and for the time left on each agent's certificate.
 pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> String {
     match format {
         Format::Table | Format::Wide => {
@@ -444,9 +452,16 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                 return out;
             }
             let wide = format == Format::Wide;
-            let mut header = vec!["NAME", "CONNECTED", "LAST-SEEN", "REVISION", "LAG"];
+            let mut header = vec![
+                "NAME",
+                "CONNECTED",
+                "LAST-SEEN",
+                "REVISION",
+                "LAG",
+                "CERT-EXPIRES",
+            ];
             if wide {
-                header.extend(["CONNECTED-AT", "LAST-SEEN-AT"]);
+                header.extend(["CONNECTED-AT", "LAST-SEEN-AT", "CERT-NOT-AFTER"]);
             }
             let mut rows = vec![strings(&header)];
             for a in &s.agents {
@@ -456,10 +471,12 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                     age(a.last_seen_unix, now),
                     a.revision.to_string(),
                     a.revision_lag.to_string(),
+                    expires_in(a.cert_not_after_unix, now),
                 ];
                 if wide {
                     row.push(or_none(&unix_to_rfc3339(a.connected_at_unix)));
                     row.push(or_none(&unix_to_rfc3339(a.last_seen_unix)));
+                    row.push(or_none(&unix_to_rfc3339(a.cert_not_after_unix)));
                 }
                 rows.push(row);
             }
@@ -874,7 +891,8 @@ fn or_none(s: &str) -> String {
     }
 }
 
-/// EXPIRES-IN column: the time left until `expires_at_unix`, humanized.
+/// EXPIRES-IN and CERT-EXPIRES columns: the time left until `expires_at_unix`,
+/// humanized, or `expired`.
 fn expires_in(expires_at_unix: i64, now: SystemTime) -> String {
     if expires_at_unix <= 0 {
         return "<unknown>".to_string();
@@ -1220,6 +1238,7 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired    
                 last_seen_unix: 86_400,
                 revision: 4,
                 revision_lag: 0,
+                cert_not_after_unix: 86_400 * 8,
             }],
             revision: 4,
             store_size_bytes: 2048,
@@ -1243,6 +1262,8 @@ agents:
   last_seen: \"1970-01-02T00:00:00Z\"
   revision: 4
   revision_lag: 0
+  cert_not_after_unix: 691200
+  cert_not_after: \"1970-01-09T00:00:00Z\"
 ";
         assert_eq!(y, expected);
         let none = render_status(&StatusResponse::default(), Format::Yaml, UNIX_EPOCH);
@@ -1276,6 +1297,7 @@ agents:
                 last_seen_unix: 10_000 - 3,
                 revision: 9,
                 revision_lag: 1,
+                cert_not_after_unix: 10_000 + 6 * 86_400 + 23 * 3600 + 59,
             }],
             revision: 10,
             store_size_bytes: 3 * 1024 * 1024 / 2,
@@ -1290,15 +1312,25 @@ Store size:   1.5 MiB
 Subnets:      255 total, 3 used, 251 free, 1 reserved
 Agents:       1 connected
 
-NAME     CONNECTED   LAST-SEEN   REVISION   LAG
-node-a   5m3s        3s          9          1
+NAME     CONNECTED   LAST-SEEN   REVISION   LAG   CERT-EXPIRES
+node-a   5m3s        3s          9          1     6d23h
 ";
         assert_eq!(t, expected);
         let w = render_status(&s, Format::Wide, now);
         assert!(
-            w.contains("LAG   CONNECTED-AT           LAST-SEEN-AT\n"),
+            w.contains(
+                "CERT-EXPIRES   CONNECTED-AT           LAST-SEEN-AT           CERT-NOT-AFTER\n"
+            ),
             "{w}"
         );
+        assert!(w.contains("   1970-01-08T01:47:39Z\n"), "{w}");
+        let mut expired = s.clone();
+        expired.agents[0].cert_not_after_unix = 10_000 - 1;
+        let t = render_status(&expired, Format::Table, now);
+        assert!(t.ends_with("   1     expired\n"), "{t}");
+        expired.agents[0].cert_not_after_unix = 0;
+        let t = render_status(&expired, Format::Table, now);
+        assert!(t.ends_with("   1     <unknown>\n"), "{t}");
         let empty = render_status(&StatusResponse::default(), Format::Table, now);
         assert!(empty.ends_with("Agents:       none connected\n"), "{empty}");
         assert_eq!(bytes(0), "0 B");

@@ -6,7 +6,7 @@
 mod support;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::*;
@@ -402,17 +402,39 @@ fn status_shows_connected_watcher() {
         let agents = table.split("\n\n").nth(1).expect("agent table");
         assert_eq!(
             header(agents),
-            ["NAME", "CONNECTED", "LAST-SEEN", "REVISION", "LAG"]
+            [
+                "NAME",
+                "CONNECTED",
+                "LAST-SEEN",
+                "REVISION",
+                "LAG",
+                "CERT-EXPIRES"
+            ]
         );
         let r = &rows(agents)[0];
         assert_eq!(r[0], "node-b", "{table}");
         assert!(r[1].ends_with('s'), "{table}");
         assert_eq!(r[4], "0", "{table}");
+        // The test PKI's node certificates last two days, less the seconds gone by.
+        assert!(r[5] == "2d" || r[5].starts_with("47h"), "{table}");
         assert_eq!(doc["subnets_total"], 255);
         assert_eq!(doc["subnets_used"], 3);
         assert_eq!(doc["revision"], r[3].parse::<u64>().unwrap());
         assert_eq!(doc["agents"][0]["name"], "node-b");
         assert_eq!(doc["agents"][0]["revision_lag"], 0);
+        let not_after = doc["agents"][0]["cert_not_after_unix"].as_i64().unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (now + 47 * 3600..=now + 48 * 3600).contains(&not_after),
+            "two days from when the certificate was made: {doc}"
+        );
+        assert!(doc["agents"][0]["cert_not_after"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'));
         assert!(!doc["version"].as_str().unwrap().is_empty());
         assert!(doc["store_size_bytes"].as_u64().is_some());
     });

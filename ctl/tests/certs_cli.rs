@@ -77,6 +77,14 @@ fn node_certificate_has_node_role() {
     assert_eq!(id.name, "worker-1");
     assert!(id.is_node());
     assert!(!id.is_admin());
+    let not_after = node
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(id.not_after_unix, not_after);
+    assert!(!id.expired(not_after), "valid through its last second");
+    assert!(id.expired(not_after + 1));
     let e = ekus(&node.cert_der);
     assert!(e.client && !e.server);
     assert_eq!(der_of(node.cert_pem.as_bytes()), node.cert_der);

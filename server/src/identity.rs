@@ -16,10 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use twill_ctl::certs::{Ca, Validity};
+use twill_ctl::certs::{Ca, CertError, CsrFault, Validity};
 use twill_proto::{BootstrapResponse, BootstrapToken, IssuedCertificate};
 
-use crate::metrics::{now_unix, Metrics};
+use crate::metrics::{now_unix, Metrics, Refusal};
 use crate::store::{Store, StoreError};
 
 const TOKEN_KIND: &str = "token";
@@ -36,8 +36,22 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The token is malformed, unknown, deleted, expired or its secret is wrong.
-    #[error("{0}")]
-    BadToken(String),
+    #[error("{msg}")]
+    BadToken {
+        /// Which of those.
+        fault: TokenFault,
+        /// What is wrong, for a person (never the secret).
+        msg: String,
+    },
+    /// The certificate signing request is refused: it does not parse or verify, its
+    /// key is too weak, or its subject is no valid node name or not the caller's.
+    #[error("csr_pem: {msg}")]
+    BadCsr {
+        /// Which of those.
+        fault: CsrFault,
+        /// What is wrong, for a person.
+        msg: String,
+    },
     /// The request is malformed; the message names the field.
     #[error("{0}")]
     Invalid(String),
@@ -53,6 +67,48 @@ pub enum IdentityError {
     /// The store failed; nothing was issued.
     #[error("{0}")]
     Store(#[from] StoreError),
+}
+
+/// What is wrong with a bootstrap token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenFault {
+    /// Not `<id>.<secret>` of kubelet's form.
+    Malformed,
+    /// Never made here, or deleted.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// The id is known, the secret is not its.
+    WrongSecret,
+}
+
+impl IdentityError {
+    fn token(fault: TokenFault, msg: String) -> Self {
+        IdentityError::BadToken { fault, msg }
+    }
+
+    /// Why a certificate was not issued, for the refusal metric; `None` when the
+    /// failure says nothing about the request (the store, an unknown token id to
+    /// delete).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            IdentityError::BadToken { fault, .. } => Some(Refusal::Token(*fault)),
+            IdentityError::BadCsr { fault, .. } => Some(Refusal::Csr(*fault)),
+            IdentityError::NoSigningCa => Some(Refusal::NoSigner),
+            IdentityError::Invalid(_) | IdentityError::NotFound(_) | IdentityError::Store(_) => {
+                None
+            }
+        }
+    }
+}
+
+impl From<CertError> for IdentityError {
+    fn from(e: CertError) -> Self {
+        match e {
+            CertError::Csr { fault, msg } => IdentityError::BadCsr { fault, msg },
+            e => IdentityError::Invalid(e.to_string()),
+        }
+    }
 }
 
 /// A token as stored (never its secret).
@@ -152,7 +208,8 @@ fn parse_token(token: &str) -> Result<(&str, &str), IdentityError> {
         Some((id, secret)) if token_chars(id, ID_LEN) && token_chars(secret, SECRET_LEN) => {
             Ok((id, secret))
         }
-        _ => Err(IdentityError::BadToken(
+        _ => Err(IdentityError::token(
+            TokenFault::Malformed,
             "malformed bootstrap token: expected <id>.<secret>, 6 and 16 characters of a-z0-9 \
              (as `twillctl token create` prints)"
                 .into(),
@@ -420,23 +477,28 @@ impl Identity {
             .into_iter()
             .find(|t| t.id == id)
             .ok_or_else(|| {
-                IdentityError::BadToken(format!(
-                    "unknown bootstrap token {id}: it was never made here, or was deleted"
-                ))
+                IdentityError::token(
+                    TokenFault::Unknown,
+                    format!("unknown bootstrap token {id}: it was never made here, or was deleted"),
+                )
             })?;
         let now = now_unix();
         if record.expires_at_unix <= now {
             // Forgotten now: an expired token is no use to anyone.
             self.store.delete_record(TOKEN_KIND, id)?;
-            return Err(IdentityError::BadToken(format!(
-                "bootstrap token {id} expired {}s ago: make a new one with `twillctl token create`",
-                now - record.expires_at_unix
-            )));
+            return Err(IdentityError::token(
+                TokenFault::Expired,
+                format!(
+                    "bootstrap token {id} expired {}s ago: make a new one with `twillctl token create`",
+                    now - record.expires_at_unix
+                ),
+            ));
         }
         if !constant_time_eq(hash(secret).as_bytes(), record.secret_sha256.as_bytes()) {
-            return Err(IdentityError::BadToken(format!(
-                "bootstrap token {id}: wrong secret"
-            )));
+            return Err(IdentityError::token(
+                TokenFault::WrongSecret,
+                format!("bootstrap token {id}: wrong secret"),
+            ));
         }
         record.uses += 1;
         record.last_used_unix = now;
@@ -468,17 +530,16 @@ impl Identity {
         node: Option<&str>,
         token_id: &str,
     ) -> Result<BootstrapResponse, IdentityError> {
-        let cn = twill_ctl::certs::csr_common_name(csr_pem)
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let cn = twill_ctl::certs::csr_common_name(csr_pem)?;
         if let Some(node) = node.filter(|n| *n != cn) {
-            return Err(IdentityError::Invalid(format!(
-                "csr_pem: subject CN {cn:?} is not this node ({node:?}): a node renews only its own certificate"
-            )));
+            return Err(IdentityError::BadCsr {
+                fault: CsrFault::Subject,
+                msg: format!(
+                    "subject CN {cn:?} is not this node ({node:?}): a node renews only its own certificate"
+                ),
+            });
         }
-        let signed = signer
-            .ca
-            .sign_node_csr(csr_pem, self.validity_for(&cn))
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        let signed = signer.ca.sign_node_csr(csr_pem, self.validity_for(&cn))?;
         let now = now_unix();
         let issued = IssuedRecord {
             node_name: signed.node.clone(),
@@ -538,7 +599,9 @@ mod tests {
             "abcde.0123456789abcdef",
             "abcdef.0123456789abcdeX",
         ] {
-            let e = parse_token(bad).unwrap_err().to_string();
+            let e = parse_token(bad).unwrap_err();
+            assert_eq!(e.refusal(), Some(Refusal::Token(TokenFault::Malformed)));
+            let e = e.to_string();
             assert!(
                 e.contains("malformed") && !e.contains("0123456789"),
                 "{bad}: {e}"

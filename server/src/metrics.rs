@@ -5,10 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use twill_ctl::certs::CsrFault;
+
+use crate::identity::TokenFault;
 
 /// Every metric the controller exports.
 pub struct Metrics {
@@ -39,8 +44,81 @@ pub struct Metrics {
     pub certs_renewed: Counter,
     /// Bootstrap requests refused for their token (malformed, unknown, expired, wrong).
     pub bootstrap_token_failures: Counter,
-    /// Bootstrap requests refused for their certificate signing request.
-    pub bootstrap_csr_refused: Counter,
+    /// Bootstrap and renewal requests refused, by reason (see `Refusal`).
+    certs_refused: Family<RefusalLabels, Counter>,
+}
+
+/// Why a Bootstrap or Renew request got no certificate: the `reason` label of
+/// `twill_node_certificates_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The bootstrap token (`token_malformed`, `token_unknown`, `token_expired`,
+    /// `token_wrong_secret`).
+    Token(TokenFault),
+    /// The certificate signing request (`csr_malformed`, `csr_bad_signature`,
+    /// `csr_weak_key`, `csr_subject`).
+    Csr(CsrFault),
+    /// Renewal without a node certificate (`no_node_certificate`).
+    NoNodeCertificate,
+    /// Renewal with a certificate that has expired since its connection opened
+    /// (`certificate_expired`).
+    CertificateExpired,
+    /// Renewal with a revoked certificate (`revoked`).
+    Revoked,
+    /// The controller has no signing CA (`no_signer`).
+    NoSigner,
+    /// Too many failed token attempts from the caller's address (`rate_limited`).
+    RateLimited,
+}
+
+impl Refusal {
+    /// Every reason, so that each is exported (at zero) before it first happens and a
+    /// rate over it has a starting point.
+    const ALL: [Refusal; 13] = [
+        Refusal::Token(TokenFault::Malformed),
+        Refusal::Token(TokenFault::Unknown),
+        Refusal::Token(TokenFault::Expired),
+        Refusal::Token(TokenFault::WrongSecret),
+        Refusal::Csr(CsrFault::Malformed),
+        Refusal::Csr(CsrFault::BadSignature),
+        Refusal::Csr(CsrFault::WeakKey),
+        Refusal::Csr(CsrFault::Subject),
+        Refusal::NoNodeCertificate,
+        Refusal::CertificateExpired,
+        Refusal::Revoked,
+        Refusal::NoSigner,
+        Refusal::RateLimited,
+    ];
+
+    /// The label value.
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Token(TokenFault::Malformed) => "token_malformed",
+            Refusal::Token(TokenFault::Unknown) => "token_unknown",
+            Refusal::Token(TokenFault::Expired) => "token_expired",
+            Refusal::Token(TokenFault::WrongSecret) => "token_wrong_secret",
+            Refusal::Csr(CsrFault::Malformed) => "csr_malformed",
+            Refusal::Csr(CsrFault::BadSignature) => "csr_bad_signature",
+            Refusal::Csr(CsrFault::WeakKey) => "csr_weak_key",
+            Refusal::Csr(CsrFault::Subject) => "csr_subject",
+            Refusal::NoNodeCertificate => "no_node_certificate",
+            Refusal::CertificateExpired => "certificate_expired",
+            Refusal::Revoked => "revoked",
+            Refusal::NoSigner => "no_signer",
+            Refusal::RateLimited => "rate_limited",
+        }
+    }
+}
+
+impl EncodeLabelValue for Refusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: Refusal,
 }
 
 impl Default for Metrics {
@@ -60,7 +138,7 @@ impl Default for Metrics {
             certs_issued: Counter::default(),
             certs_renewed: Counter::default(),
             bootstrap_token_failures: Counter::default(),
-            bootstrap_csr_refused: Counter::default(),
+            certs_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
@@ -121,15 +199,26 @@ impl Default for Metrics {
             m.bootstrap_token_failures.clone(),
         );
         registry.register(
-            "bootstrap_csr_refused",
-            "Bootstrap requests refused for their certificate signing request",
-            m.bootstrap_csr_refused.clone(),
+            "node_certificates_refused",
+            "Bootstrap and renewal requests refused, by reason",
+            m.certs_refused.clone(),
         );
+        for reason in Refusal::ALL {
+            // Creating the series is the point; the guard it returns is not needed.
+            drop(m.certs_refused.get_or_create(&RefusalLabels { reason }));
+        }
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Counts a Bootstrap or Renew request refused for `reason`.
+    pub fn cert_refused(&self, reason: Refusal) {
+        self.certs_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -150,6 +239,8 @@ pub struct WatcherInfo {
     pub connected_at: i64,
     /// Revision of the last message sent to it.
     pub revision: u64,
+    /// When the client certificate the stream was opened with expires (Unix seconds).
+    pub cert_not_after: i64,
 }
 
 /// The agents the controller knows to be alive: open watch streams, and when each
@@ -162,13 +253,15 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Records a new watch stream; returns its id.
-    pub fn connected(&self, name: &str, revision: u64) -> u64 {
+    /// Records a new watch stream, opened with a certificate valid until
+    /// `cert_not_after` (Unix seconds); returns its id.
+    pub fn connected(&self, name: &str, revision: u64, cert_not_after: i64) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = WatcherInfo {
             name: name.to_string(),
             connected_at: now_unix(),
             revision,
+            cert_not_after,
         };
         self.watchers
             .lock()
@@ -223,5 +316,31 @@ impl Agents {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_exported_by_reason_from_zero() {
+        let m = Metrics::default();
+        let line = |reason: &str| {
+            let text = m.render();
+            let prefix = format!("twill_node_certificates_refused_total{{reason=\"{reason}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+                .unwrap_or_else(|| panic!("no {prefix}in\n{text}"))
+        };
+        for reason in Refusal::ALL {
+            assert_eq!(line(reason.as_str()), "0");
+        }
+        m.cert_refused(Refusal::Csr(CsrFault::WeakKey));
+        m.cert_refused(Refusal::Csr(CsrFault::WeakKey));
+        m.cert_refused(Refusal::RateLimited);
+        assert_eq!(line("csr_weak_key"), "2");
+        assert_eq!(line("rate_limited"), "1");
+        assert_eq!(line("token_unknown"), "0");
     }
 }

@@ -1,22 +1,24 @@
 //! Node identity bootstrap: an agent with only the CA certificate and a token makes
 //! its key, sends a CSR and gets a node certificate it can then use; every bad input
-//! is refused with a clear error and issues nothing; tokens and the issuance record
-//! survive a controller kill -9.
+//! is refused with a clear error, counted by its reason, and issues nothing; tokens
+//! and the issuance record survive a controller kill -9; a certificate that expires
+//! on an open connection ends its watch and its calls.
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use support::{acquire_request, http_get, Controller, Pki, NET_CONF};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
+use twill_ctl::certs::{Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::{
     BootstrapRequest, CreateTokenRequest, DeleteTokenRequest, ListIssuedCertificatesRequest,
-    ListTokensRequest, RenewRequest, RevokeNodeCertificatesRequest, WatchRequest,
+    ListTokensRequest, RenewRequest, RevokeNodeCertificatesRequest, StatusRequest, WatchRequest,
 };
 
 fn signing(pki: &Pki) -> Vec<String> {
@@ -81,6 +83,22 @@ async fn bootstrap(
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// The value of counter `series` (name and labels, as exported) on the metrics page.
+fn counter(ctl: &Controller, series: &str) -> u64 {
+    let page = http_get(ctl.metrics, "/metrics").expect("metrics answer");
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+}
+
+/// The refusal counter for `reason`.
+fn refusals(ctl: &Controller, reason: &str) -> u64 {
+    counter(
+        ctl,
+        &format!("twill_node_certificates_refused_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 fn refused(r: Result<twill_proto::BootstrapResponse, tonic::Status>, code: Code, says: &str) {
@@ -341,10 +359,31 @@ async fn bad_tokens_and_requests_are_refused_clearly_and_issue_nothing() {
         Code::ResourceExhausted,
         "too many failed",
     );
-    let metrics = http_get(ctl.metrics, "/metrics").unwrap();
+    // Every refusal is counted by its reason; failed token attempts also on their own.
+    for (reason, n) in [
+        ("token_malformed", 1),
+        ("token_wrong_secret", 1),
+        ("token_expired", 1),
+        ("csr_malformed", 1),
+        ("csr_subject", 1),
+        ("csr_bad_signature", 1),
+        ("csr_weak_key", 1),
+        ("no_signer", 0),
+        ("revoked", 0),
+    ] {
+        assert_eq!(refusals(&ctl, reason), n, "{reason}");
+    }
+    // Unknown: a made-up id, a deleted token, then guesses until the limit held them back.
+    let unknown = refusals(&ctl, "token_unknown");
+    let limited = refusals(&ctl, "rate_limited");
     assert!(
-        metrics.contains("twill_bootstrap_token_failures_total"),
-        "{metrics}"
+        unknown >= 3 && limited >= 2,
+        "{unknown} unknown, {limited} limited"
+    );
+    assert_eq!(
+        counter(&ctl, "twill_bootstrap_token_failures_total"),
+        3 + unknown,
+        "failed token attempts: every token refusal, not the rate-limited ones"
     );
 }
 
@@ -359,6 +398,7 @@ async fn without_a_signing_ca_bootstrap_says_how_to_enable_it() {
         Code::FailedPrecondition,
         "--signing-cert",
     );
+    assert_eq!(refusals(&ctl, "no_signer"), 1);
 }
 
 /// An mTLS channel with `cert_pem` and `key`.
@@ -430,6 +470,8 @@ async fn rotation_needs_the_current_certificate_and_revocation_cuts_one_node_off
         Code::PermissionDenied,
         "no certificate, no renewal: {s:?}"
     );
+    assert_eq!(refusals(&ctl, "no_node_certificate"), 1);
+    assert_eq!(refusals(&ctl, "csr_subject"), 1, "another node's CN");
 
     // Revocation: node-1's certificates (both) are refused, its watch is closed; node-2 goes on.
     let ch2 = channel_as(&ctl, &pki, &cert2, &key2).await;
@@ -458,7 +500,7 @@ async fn rotation_needs_the_current_certificate_and_revocation_cuts_one_node_off
     .await
     .expect("the revoked node's watch closes");
     assert_eq!(closed.unwrap_err().code(), Code::PermissionDenied);
-    for ch in [ch1, ch1_new] {
+    for ch in [ch1, ch1_new.clone()] {
         let s = AgentServiceClient::new(ch)
             .acquire(acquire_request("node-1", ""))
             .await
@@ -470,6 +512,14 @@ async fn rotation_needs_the_current_certificate_and_revocation_cuts_one_node_off
         .acquire(acquire_request("node-2", ""))
         .await
         .expect("node-2 is unaffected");
+    let s = IdentityServiceClient::new(ch1_new.clone())
+        .renew(RenewRequest {
+            csr_pem: csr("node-1").0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(refusals(&ctl, "revoked"), 1);
 
     // With a token, node-1 comes back; its new certificate is not caught by the revocation.
     let (cert1, key1) = join(&ctl, &pki, &token, "node-1").await;
@@ -498,4 +548,123 @@ fn pem_of(label: &str, der: &[u8]) -> String {
         "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
         body.join("\n")
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_on_an_open_connection_ends_its_watch_and_its_calls() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = start(&pki, dir.path(), &signing(&pki));
+    let mut admin = ctl.admin(&pki).await;
+    // node-1's certificate lasts a few seconds; node-2's a day (as one rotated in time).
+    let short = Validity::lasting(Duration::from_secs(4));
+    let node1 = pki.ca.issue(&Role::Node("node-1".into()), short).unwrap();
+    let not_after = node1
+        .not_after
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ch1 = ctl.channel(&pki, Some(&node1)).await.expect("connect");
+    let mut agent1 = AgentServiceClient::new(ch1.clone());
+    agent1.acquire(acquire_request("node-1", "")).await.unwrap();
+    let mut watch1 = agent1
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch1.message().await.unwrap().expect("snapshot");
+    let mut agent2 = ctl.agent(&pki, &pki.node("node-2")).await;
+    let mut watch2 = agent2
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch2.message().await.unwrap().expect("snapshot");
+
+    // Status shows when each watcher's certificate runs out.
+    let agents = admin
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let expiry: Vec<(&str, i64)> = agents
+        .iter()
+        .map(|a| (a.name.as_str(), a.cert_not_after_unix))
+        .collect();
+    assert_eq!(expiry[0], ("node-1", not_after), "{agents:?}");
+    assert_eq!(expiry[1].0, "node-2");
+    assert!(expiry[1].1 > not_after + 3600, "{agents:?}");
+
+    // node-1's watch ends with its certificate, not before.
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match watch1.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch of an expired certificate ends")
+    .expect_err("ends with an error status");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        now > not_after,
+        "ended at {now}, the certificate was valid through {not_after}"
+    );
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    let says = format!(
+        "client certificate of node node-1 expired at {}; reconnect with a current certificate",
+        humantime::format_rfc3339_seconds(node1.not_after)
+    );
+    assert_eq!(ended.message(), says);
+
+    // The connection it was opened on is still up, but calls on it are refused: they
+    // reach the controller (a new handshake would fail before any RPC) and get the same
+    // answer.
+    let s = agent1
+        .acquire(acquire_request("node-1", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::Unauthenticated, says.as_str())
+    );
+    let s = IdentityServiceClient::new(ch1)
+        .renew(RenewRequest {
+            csr_pem: csr("node-1").0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::Unauthenticated, says.as_str())
+    );
+    assert_eq!(refusals(&ctl, "certificate_expired"), 1);
+
+    // node-2, whose certificate is current, goes on watching and calling.
+    agent2.acquire(acquire_request("node-2", "")).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch2.message())
+        .await
+        .expect("node-2's watch goes on")
+        .unwrap()
+        .expect("an event");
+    assert!(
+        format!("{event:?}").contains("node-2"),
+        "node-2's own lease: {event:?}"
+    );
+    let names: Vec<String> = admin
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["node-2"], "the expired watcher is no longer listed");
 }

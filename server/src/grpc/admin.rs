@@ -233,6 +233,7 @@ impl AdminService for AdminApi {
                 name: w.name,
                 connected_at_unix: w.connected_at,
                 revision: w.revision,
+                cert_not_after_unix: w.cert_not_after,
             })
             .collect();
         agents.sort_by(|a, b| a.name.cmp(&b.name));
@@ -312,15 +313,16 @@ impl AdminService for AdminApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = auth::admin_caller(&req)?;
-        let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
+        let who = auth::admin(&req)?;
+        let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
         Ok(Response::new(watch::stream(
             &self.hub,
             &self.metrics,
             &self.agents,
-            who,
+            &self.identity,
+            &who,
             from,
-            &epoch,
+            epoch,
         )))
     }
 }

@@ -111,16 +111,17 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = auth::watcher(&req)?.name;
+        let who = auth::watcher(&req)?;
         self.check(&req)?;
-        let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
+        let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
         Ok(Response::new(watch::stream(
             &self.hub,
             &self.metrics,
             &self.agents,
-            who,
+            &self.identity,
+            &who,
             from,
-            &epoch,
+            epoch,
         )))
     }
 }
@@ -176,19 +177,16 @@ impl tonic::server::ServerStreamingService<WatchRequest> for EncodedWatch {
         Box::pin(async move {
             let id = auth::watcher(&req)?;
             auth::not_revoked(&id, &api.identity)?;
-            let (from, epoch) = (req.get_ref().from_revision, req.get_ref().epoch.clone());
-            let mut stream = watch::encoded(
+            let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
+            let stream = watch::encoded(
                 &api.hub,
                 &api.metrics,
                 &api.agents,
-                id.name.clone(),
+                &api.identity,
+                &id,
                 from,
-                &epoch,
+                epoch,
             );
-            if id.is_node() {
-                stream =
-                    watch::until_revoked(stream, api.identity.clone(), id.name, id.not_before_unix);
-            }
             out.and_then(|tx| tx.send(stream).ok())
                 .ok_or_else(|| Status::internal("watch stream handed over twice"))?;
             Ok(Response::new(futures::stream::empty()))

@@ -1,21 +1,57 @@
 //! Who is calling: the identity in the client certificate that mutual TLS verified.
 //! The TLS layer has already refused clients without a certificate from our CA; here
-//! the subject decides the role (REFERENCE.md 2.3).
+//! the subject decides the role (REFERENCE.md 2.3), and the certificate's expiry is
+//! checked at every call, because a connection outlives the handshake that checked it.
+
+use std::time::{Duration, UNIX_EPOCH};
 
 use tonic::{Request, Status};
 use twill_common::lease::validate_node_name;
+use twill_common::now_unix;
 use twill_common::tls::{Identity, ADMINS_GROUP, NODES_GROUP};
 
-/// The verified identity of the caller.
+/// The verified identity of the caller, refused once its certificate has expired.
 pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req
-        .peer_certs()
+    let id = presented(req)?
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    unexpired(&id)?;
+    Ok(id)
+}
+
+/// The identity in the client certificate the caller presented, if it presented one.
+pub fn presented<T>(req: &Request<T>) -> Result<Option<Identity>, Status> {
+    let Some(leaf) = req.peer_certs().and_then(|certs| certs.first().cloned()) else {
+        return Ok(None);
+    };
     Identity::from_der(leaf.as_ref())
+        .map(Some)
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+}
+
+/// Refuses a certificate that has expired since its connection's handshake, the only
+/// time TLS checks it.
+pub fn unexpired(id: &Identity) -> Result<(), Status> {
+    if id.expired(now_unix()) {
+        return Err(expired(id));
+    }
+    Ok(())
+}
+
+/// The refusal of a certificate whose validity has ended: UNAUTHENTICATED, saying when
+/// and what to do.
+pub fn expired(id: &Identity) -> Status {
+    let whose = if id.is_node() {
+        format!("node {}", id.name)
+    } else if id.is_admin() {
+        format!("admin {}", id.name)
+    } else {
+        format!("{:?}", id.name)
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(id.not_after_unix.max(0) as u64);
+    Status::unauthenticated(format!(
+        "client certificate of {whose} expired at {}; reconnect with a current certificate",
+        humantime::format_rfc3339_seconds(at)
+    ))
 }
 
 /// The node an agent acts for: its certificate's CN. A request that names another
@@ -40,6 +76,11 @@ pub fn node_caller<T>(req: &Request<T>, claimed: &str) -> Result<String, Status>
 
 /// Requires an admin certificate; returns the admin's name.
 pub fn admin_caller<T>(req: &Request<T>) -> Result<String, Status> {
+    admin(req).map(|id| id.name)
+}
+
+/// Requires an admin certificate; returns its identity.
+pub fn admin<T>(req: &Request<T>) -> Result<Identity, Status> {
     let id = caller(req)?;
     if !id.is_admin() {
         return Err(Status::permission_denied(format!(
@@ -47,7 +88,7 @@ pub fn admin_caller<T>(req: &Request<T>) -> Result<String, Status> {
             id.name
         )));
     }
-    Ok(id.name)
+    Ok(id)
 }
 
 /// Requires a node or an admin certificate (read-only lease stream).

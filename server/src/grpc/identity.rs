@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{debug, warn};
 use twill_proto::identity_service_server::IdentityService;
 use twill_proto::{BootstrapRequest, BootstrapResponse, RenewRequest};
 
 use super::auth;
 use super::limit::NodeLimiter;
 use crate::identity::{Identity, IdentityError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 
 /// Failed token attempts one address may make in a burst, and per minute after it.
 const FAILED_ATTEMPTS_BURST: f64 = 10.0;
@@ -38,12 +38,49 @@ impl IdentityApi {
 impl From<IdentityError> for Status {
     fn from(e: IdentityError) -> Self {
         match e {
-            IdentityError::BadToken(m) => Status::unauthenticated(m),
+            IdentityError::BadToken { msg, .. } => Status::unauthenticated(msg),
+            e @ IdentityError::BadCsr { .. } => Status::invalid_argument(e.to_string()),
             IdentityError::Invalid(m) => Status::invalid_argument(m),
             e @ IdentityError::NoSigningCa => Status::failed_precondition(e.to_string()),
             IdentityError::NotFound(m) => Status::not_found(m),
             IdentityError::Store(e) => Status::unavailable(format!("{e}; retry")),
         }
+    }
+}
+
+impl IdentityApi {
+    /// Counts a refused request and hands its status back.
+    fn refuse(&self, reason: Refusal, status: Status) -> Status {
+        self.metrics.cert_refused(reason);
+        status
+    }
+
+    /// The node certificate a renewal is made on: presented, a node's, not expired,
+    /// not revoked.
+    fn renewing_node<T>(&self, req: &Request<T>) -> Result<twill_common::tls::Identity, Status> {
+        let id = match auth::presented(req) {
+            Ok(Some(id)) if id.is_node() => id,
+            Ok(Some(id)) => {
+                return Err(self.refuse(
+                    Refusal::NoNodeCertificate,
+                    Status::permission_denied(format!(
+                        "certificate {:?} is not a node certificate",
+                        id.name
+                    )),
+                ))
+            }
+            Ok(None) | Err(_) => {
+                return Err(self.refuse(
+                    Refusal::NoNodeCertificate,
+                    Status::permission_denied(
+                        "renewal needs the node's current certificate (bootstrap with a token otherwise)",
+                    ),
+                ))
+            }
+        };
+        auth::unexpired(&id).map_err(|s| self.refuse(Refusal::CertificateExpired, s))?;
+        auth::not_revoked(&id, &self.identity).map_err(|s| self.refuse(Refusal::Revoked, s))?;
+        Ok(id)
     }
 }
 
@@ -57,23 +94,31 @@ impl IdentityService for IdentityApi {
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
         if !self.failures.allows(&from) {
-            return Err(Status::resource_exhausted(format!(
-                "too many failed bootstrap attempts from {from}: at most {FAILED_ATTEMPTS_PER_MINUTE} a minute; retry later"
-            )));
+            // Debug, not warn: a guesser being held back would otherwise flood the log;
+            // the refusal metric counts it.
+            debug!(from = %from, "bootstrap refused: too many failed token attempts");
+            return Err(self.refuse(
+                Refusal::RateLimited,
+                Status::resource_exhausted(format!(
+                    "too many failed bootstrap attempts from {from}: at most {FAILED_ATTEMPTS_PER_MINUTE} a minute; retry later"
+                )),
+            ));
         }
         let r = req.into_inner();
         match self.identity.bootstrap(&r.token, &r.csr_pem).await {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
+                if let Some(reason) = e.refusal() {
+                    self.metrics.cert_refused(reason);
+                }
                 match &e {
-                    IdentityError::BadToken(why) => {
+                    IdentityError::BadToken { fault, msg } => {
                         self.metrics.bootstrap_token_failures.inc();
                         let _ = self.failures.check(&from);
-                        warn!(from = %from, reason = %why, "bootstrap refused: token");
+                        warn!(from = %from, fault = ?fault, reason = %msg, "bootstrap refused: token");
                     }
-                    IdentityError::Invalid(why) => {
-                        self.metrics.bootstrap_csr_refused.inc();
-                        warn!(from = %from, reason = %why, "bootstrap refused: certificate request");
+                    IdentityError::BadCsr { fault, msg } => {
+                        warn!(from = %from, fault = ?fault, reason = %msg, "bootstrap refused: certificate request");
                     }
                     _ => warn!(from = %from, error = %e, "bootstrap refused"),
                 }
@@ -86,23 +131,18 @@ impl IdentityService for IdentityApi {
         &self,
         req: Request<RenewRequest>,
     ) -> Result<Response<BootstrapResponse>, Status> {
-        let id = auth::caller(&req).map_err(|_| {
-            Status::permission_denied(
-                "renewal needs the node's current certificate (bootstrap with a token otherwise)",
-            )
-        })?;
-        if !id.is_node() {
-            return Err(Status::permission_denied(format!(
-                "certificate {:?} is not a node certificate",
-                id.name
-            )));
+        let id = self
+            .renewing_node(&req)
+            .inspect_err(|s| warn!(error = %s.message(), "certificate renewal refused"))?;
+        match self.identity.renew(&id.name, &req.get_ref().csr_pem).await {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                if let Some(reason) = e.refusal() {
+                    self.metrics.cert_refused(reason);
+                }
+                warn!(node = %id.name, error = %e, "certificate renewal refused");
+                Err(e.into())
+            }
         }
-        auth::not_revoked(&id, &self.identity)?;
-        let resp = self
-            .identity
-            .renew(&id.name, &req.get_ref().csr_pem)
-            .await
-            .inspect_err(|e| warn!(node = %id.name, error = %e, "certificate renewal refused"))?;
-        Ok(Response::new(resp))
     }
 }

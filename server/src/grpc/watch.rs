@@ -9,18 +9,26 @@
 //! watchers have not been sent yet is the same few batches, referenced, not a copy each
 //! (a copy each was over a gigabyte in a 5,000-node join storm). The generated service
 //! methods (used by the admin API) decode them into a `WatchResponse`.
+//!
+//! Every watch ends when the client certificate it was opened with expires or is
+//! revoked: the connection's handshake checked it once, and a watch may outlive it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 use tracing::{info, warn};
+use twill_common::tls::Identity as CertIdentity;
 use twill_proto::WatchResponse;
 
+use super::auth;
 use crate::events::{self, Hub, WatchMessage};
+use crate::identity::Identity;
 use crate::metrics::{Agents, Metrics};
 
 /// The response stream of a Watch call as the generated service traits want it.
@@ -80,22 +88,23 @@ impl Watcher {
     }
 }
 
-/// Starts a watch for `who` after revision `from` of store `epoch`: its messages,
-/// encoded.
+/// Starts a watch for the holder of certificate `who` after revision `from` of store
+/// `epoch`: its messages, encoded, until the certificate stops being valid.
 pub fn encoded(
     hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
     agents: &Arc<Agents>,
-    who: String,
+    identity: &Arc<Identity>,
+    who: &CertIdentity,
     from: u64,
     epoch: &str,
 ) -> EncodedStream {
     let sub = hub.subscribe(from, epoch);
-    info!(node = %who, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
+    info!(node = %who.name, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
     metrics.watchers.inc();
     let watcher = Watcher {
-        id: agents.connected(&who, from),
-        who,
+        id: agents.connected(&who.name, from, who.not_after_unix),
+        who: who.name.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
         agents: agents.clone(),
@@ -103,46 +112,77 @@ pub fn encoded(
         initial: sub.initial,
         closing: hub.closing(),
     };
-    Box::pin(futures::stream::unfold(watcher, |mut w| async move {
+    let messages = Box::pin(futures::stream::unfold(watcher, |mut w| async move {
         let (msg, revision) = w.next_message().await?;
         w.metrics.events_sent.inc();
         w.agents.sent(w.id, revision);
         Some((Ok(Encoded(msg)), w))
-    }))
+    }));
+    while_valid(messages, identity.clone(), who.clone())
 }
 
-/// `stream`, ended with PERMISSION_DENIED as soon as the certificates of `node` valid
-/// from `not_before_unix` are revoked.
-pub fn until_revoked(
-    stream: EncodedStream,
-    identity: Arc<crate::identity::Identity>,
-    node: String,
-    not_before_unix: i64,
-) -> EncodedStream {
-    let mut changes = identity.revocations();
-    let revoked: Pin<Box<dyn std::future::Future<Output = Status> + Send>> = Box::pin(async move {
-        loop {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            if let Some(why) = identity.revoked(&node, not_before_unix) {
-                info!(node = %node, "closing the watch of a revoked certificate");
-                return Status::permission_denied(why);
-            }
+/// `stream`, ended as soon as certificate `who` stops being valid, whichever comes
+/// first: UNAUTHENTICATED when it expires, PERMISSION_DENIED when it is revoked (node
+/// certificates). TLS checked the certificate only when the connection opened, and a
+/// watch lasts as long as the connection.
+fn while_valid(stream: EncodedStream, identity: Arc<Identity>, who: CertIdentity) -> EncodedStream {
+    let invalid: Pin<Box<dyn Future<Output = Status> + Send>> = Box::pin(async move {
+        tokio::select! {
+            status = expiry(&who) => status,
+            status = revocation(&identity, &who) => status,
         }
     });
+    // Once the certificate is invalid the watch itself is dropped at once (its place
+    // in the broadcast with it), not when the caller gets round to dropping the stream.
     Box::pin(futures::stream::unfold(
-        (stream, revoked, false),
-        |(mut stream, mut revoked, ended)| async move {
-            if ended {
-                return None;
-            }
+        Some((stream, invalid)),
+        |state| async move {
+            let (mut stream, mut invalid) = state?;
             tokio::select! {
-                item = stream.next() => item.map(|i| (i, (stream, revoked, false))),
-                status = &mut revoked => Some((Err(status), (stream, revoked, true))),
+                item = stream.next() => item.map(|i| (i, Some((stream, invalid)))),
+                status = &mut invalid => Some((Err(status), None)),
             }
         },
     ))
+}
+
+/// Resolves once certificate `who` has expired, with the status that says so. One timer
+/// per watch, not a poll: an agent that rotates moves its watch to a new connection
+/// before this fires, and the old stream's timer goes with it.
+async fn expiry(who: &CertIdentity) -> Status {
+    // A certificate is valid through its not-after second; one whose end the clock
+    // cannot even hold never expires here.
+    let after = Duration::from_secs(who.not_after_unix.saturating_add(1).max(0) as u64);
+    let Some(end) = UNIX_EPOCH.checked_add(after) else {
+        return std::future::pending().await;
+    };
+    // The timer runs on the monotonic clock, the certificate on the wall clock: woken,
+    // check the wall clock again in case the two drifted apart meanwhile.
+    while let Ok(left) = end.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    info!(node = %who.name, not_after_unix = who.not_after_unix, "closing the watch of an expired certificate");
+    auth::expired(who)
+}
+
+/// Resolves once node certificate `who` is revoked, with the status that says so;
+/// never for other certificates, which cannot be revoked.
+async fn revocation(identity: &Identity, who: &CertIdentity) -> Status {
+    if !who.is_node() {
+        return std::future::pending().await;
+    }
+    let mut changes = identity.revocations();
+    loop {
+        // Checked before the first wait too: a revocation between the call's own check
+        // and the subscription above would otherwise go unseen.
+        if let Some(why) = identity.revoked(&who.name, who.not_before_unix) {
+            info!(node = %who.name, "closing the watch of a revoked certificate");
+            return Status::permission_denied(why);
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// The same stream, decoded, for the generated service traits.
@@ -150,12 +190,13 @@ pub fn stream(
     hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
     agents: &Arc<Agents>,
-    who: String,
+    identity: &Arc<Identity>,
+    who: &CertIdentity,
     from: u64,
     epoch: &str,
 ) -> WatchStream {
     Box::pin(
-        encoded(hub, metrics, agents, who, from, epoch).flat_map(|r| {
+        encoded(hub, metrics, agents, identity, who, from, epoch).flat_map(|r| {
             let msgs: Vec<Result<WatchResponse, Status>> = match r {
                 Ok(Encoded(b)) => match events::decode(&b) {
                     Ok(msgs) => msgs.into_iter().map(Ok).collect(),
@@ -241,6 +282,26 @@ mod tests {
 
     use super::*;
 
+    /// Revocations and tokens on a throwaway store; the directory lives as long as it.
+    fn identity() -> (tempfile::TempDir, Arc<Identity>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::SledStore::open(dir.path(), 16).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let identity = Identity::new(store, None, Duration::from_secs(3600), metrics);
+        (dir, Arc::new(identity))
+    }
+
+    /// A node certificate for `name` valid until `not_after_unix`.
+    fn node(name: &str, not_after_unix: i64) -> CertIdentity {
+        CertIdentity {
+            name: name.into(),
+            groups: vec![twill_common::tls::NODES_GROUP.into()],
+            not_before_unix: 0,
+            not_after_unix,
+        }
+    }
+
     fn put(rev: u64) -> LeaseEvent {
         LeaseEvent {
             r#type: EventType::Put as i32,
@@ -258,7 +319,9 @@ mod tests {
         let hub = Arc::new(Hub::new(vec![], vec![], 0));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let mut s = encoded(&hub, &metrics, &agents, "w".into(), 0, "");
+        let (_dir, identity) = identity();
+        let who = node("w", i64::MAX);
+        let mut s = encoded(&hub, &metrics, &agents, &identity, &who, 0, "");
         let first = events::decode(&s.next().await.unwrap().unwrap().0).unwrap();
         assert!(first[0].reset);
         let mut feed = hub.subscribe(0, "").feed;
@@ -315,8 +378,10 @@ mod tests {
         let hub = Arc::new(Hub::with_capacity(vec![], vec![], 0, 8));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let mut slow = stream(&hub, &metrics, &agents, "slow".into(), 0, "");
-        let mut fast = stream(&hub, &metrics, &agents, "fast".into(), 0, "");
+        let (_dir, identity) = identity();
+        let (slow_cert, fast_cert) = (node("slow", i64::MAX), node("fast", i64::MAX));
+        let mut slow = stream(&hub, &metrics, &agents, &identity, &slow_cert, 0, "");
+        let mut fast = stream(&hub, &metrics, &agents, &identity, &fast_cert, 0, "");
         assert!(
             fast.next().await.unwrap().unwrap().reset,
             "initial snapshot"
@@ -346,5 +411,56 @@ mod tests {
         assert!(got_reset, "the stalled watcher was sent a reset snapshot");
         assert_eq!(metrics.watcher_resets.get(), 1);
         assert_eq!(agents.watchers().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_watch_ends_when_its_certificate_expires_and_not_before() {
+        let hub = Arc::new(Hub::new(vec![], vec![], 0));
+        let metrics = Arc::new(Metrics::default());
+        let agents = Arc::new(Agents::default());
+        let (_dir, identity) = identity();
+        // Valid through the next second; a certificate of the same node valid for a day
+        // (the one an agent rotated to) watches beside it.
+        let not_after = crate::metrics::now_unix() + 1;
+        let old = node("node-1", not_after);
+        let rotated = node("node-1", not_after + 86_400);
+        let mut expiring = encoded(&hub, &metrics, &agents, &identity, &old, 0, "");
+        let mut current = encoded(&hub, &metrics, &agents, &identity, &rotated, 0, "");
+        expiring.next().await.unwrap().expect("snapshot");
+        current.next().await.unwrap().expect("snapshot");
+        let mut seen: Vec<i64> = agents.watchers().iter().map(|w| w.cert_not_after).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [not_after, not_after + 86_400]);
+
+        let ended = tokio::time::timeout(Duration::from_secs(5), expiring.next())
+            .await
+            .expect("ended within 5s of the expiry")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            crate::metrics::now_unix() > not_after,
+            "not before the certificate's last second was over"
+        );
+        assert_eq!(ended.code(), tonic::Code::Unauthenticated);
+        assert!(
+            ended
+                .message()
+                .starts_with("client certificate of node node-1 expired at ")
+                && ended
+                    .message()
+                    .ends_with("; reconnect with a current certificate"),
+            "{}",
+            ended.message()
+        );
+        assert_eq!(agents.watchers().len(), 1, "the expired watcher is gone");
+        assert!(expiring.next().await.is_none(), "nothing after the status");
+
+        hub.commit(vec![put(1)]);
+        let msg = tokio::time::timeout(Duration::from_secs(5), current.next())
+            .await
+            .expect("the current certificate's watch goes on")
+            .unwrap()
+            .unwrap();
+        assert_eq!(events::decode(&msg.0).unwrap()[0].revision, 1);
     }
 }
