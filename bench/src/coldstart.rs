@@ -133,20 +133,20 @@ async fn cold_node(
             Err(e) => return m.fail(i, format!("bootstrap connection: {e:#}")),
         }
     };
-    let mut api = IdentityServiceClient::new(channel);
+    let api = IdentityServiceClient::new(channel);
     let req = BootstrapRequest {
         token,
         csr_pem: prepared.csr_pem,
     };
-    let chain = loop {
-        match api.bootstrap(req.clone()).await {
-            Ok(r) => break r.into_inner().certificate_chain_pem,
-            Err(_) if !t.stopping.load(Ordering::Relaxed) => {
-                m.bootstrap_errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(_) => return,
-        }
+    let Some(chain) = t
+        .retry(&m.bootstrap_errors, || {
+            let (mut api, req) = (api.clone(), req.clone());
+            async move { api.bootstrap(req).await }
+        })
+        .await
+        .map(|r| r.into_inner().certificate_chain_pem)
+    else {
+        return;
     };
     m.bootstrapped_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
     // The agent leaves the bootstrap connection once it has its certificate.

@@ -299,18 +299,11 @@ impl EtcdFleet {
             let ch = ch.clone();
             let t = t.clone();
             self.tasks.spawn(async move {
-                loop {
-                    match write_lease(&ch, Who::Node(i), i, false).await {
-                        Ok(()) => {
-                            t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
-                            return;
-                        }
-                        Err(_) if !t.stopping.load(Ordering::Relaxed) => {
-                            t.grant_errors.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(_) => return,
-                    }
+                if t.retry(&t.grant_errors, || write_lease(&ch, Who::Node(i), i, false))
+                    .await
+                    .is_some()
+                {
+                    t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
                 }
             });
         }

@@ -179,6 +179,29 @@ impl Tracker {
         )
     }
 
+    /// Runs `attempt` until it succeeds, counting each failure in `errors` and waiting
+    /// a second before the next try (as flanneld and the agents do), or until the run
+    /// is stopping (`None`).
+    pub async fn retry<T, E, Fut>(
+        &self,
+        errors: &AtomicU64,
+        mut attempt: impl FnMut() -> Fut,
+    ) -> Option<T>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        loop {
+            match attempt().await {
+                Ok(v) => return Some(v),
+                Err(_) if !self.stopping.load(Ordering::Relaxed) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Nanoseconds after `base` (at least 1, so 0 can mean "not yet").
     pub fn ns(&self, t: Instant) -> u64 {
         (t.saturating_duration_since(self.base).as_nanos() as u64).max(1)

@@ -92,20 +92,16 @@ fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
 /// Storm node `i` asks for its lease until it has it (a failure is retried after a
 /// second); records the grant in `t`, in ns after `t0` (a [`Tracker::ns`] time).
 pub async fn acquire(i: usize, channel: Channel, t: Arc<Tracker>, t0: u64) {
-    let mut c = Client::new(channel);
+    let c = Client::new(channel);
     let req = acquire_request(&sim::node_name(i), i, false);
-    loop {
-        match c.acquire(req.clone()).await {
-            Ok(_) => {
-                t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
-                return;
-            }
-            Err(_) if !t.stopping.load(Ordering::Relaxed) => {
-                t.grant_errors.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(_) => return,
-        }
+    let granted = t
+        .retry(&t.grant_errors, || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.acquire(req).await }
+        })
+        .await;
+    if granted.is_some() {
+        t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
     }
 }
 

@@ -13,15 +13,14 @@ pub fn openssl(args: &[&str]) -> Result<String> {
     cmd::run(&all)
 }
 
+/// What `openssl x509 -noout <flag>` prints of the (first) certificate in `cert`.
+fn x509(cert: &Path, flag: &str) -> Result<String> {
+    openssl(&["x509", "-noout", flag, "-in", &cert.display().to_string()])
+}
+
 /// The serial number of the (first) certificate in `cert`, as openssl prints it.
 pub fn cert_serial(cert: &Path) -> Result<String> {
-    let out = openssl(&[
-        "x509",
-        "-noout",
-        "-serial",
-        "-in",
-        &cert.display().to_string(),
-    ])?;
+    let out = x509(cert, "-serial")?;
     Ok(out
         .trim()
         .strip_prefix("serial=")
@@ -31,13 +30,6 @@ pub fn cert_serial(cert: &Path) -> Result<String> {
 
 /// Whether the private key in `key` belongs to the certificate in `cert`.
 pub fn key_belongs(cert: &Path, key: &Path) -> Result<bool> {
-    let cert_pub = openssl(&[
-        "x509",
-        "-noout",
-        "-pubkey",
-        "-in",
-        &cert.display().to_string(),
-    ])?;
     let key_pub = openssl(&["pkey", "-pubout", "-in", &key.display().to_string()])?;
-    Ok(cert_pub == key_pub)
+    Ok(x509(cert, "-pubkey")? == key_pub)
 }
