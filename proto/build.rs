@@ -1,4 +1,6 @@
-//! Compiles proto/twill/v1/*.proto with protox (pure Rust), so no system protoc is needed.
+//! Compiles proto/twill/v1/*.proto, and the subset of etcd's API the controller's etcd
+//! store uses (proto/etcd, client stubs only), with protox (pure Rust), so no system
+//! protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -12,5 +14,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["."])?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    let etcd = ["etcd/mvcc.proto", "etcd/rpc.proto", "etcd/election.proto"];
+    for f in &etcd {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(etcd, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(fds)?;
     Ok(())
 }

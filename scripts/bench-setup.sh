@@ -2,10 +2,10 @@
 # Twill benchmarks: install what `twill-bench` needs beyond scripts/setup.sh, and only
 # what is missing. Idempotent; run as root.
 #
-# - etcd-server: the anchor of the comparison (flannel's etcd mode). The bench starts
-#   its own etcd on 127.0.0.1 with a temp data dir and client-certificate TLS; the
-#   package's own service is never started (policy-rc.d is honoured, and we stop it
-#   if a service manager started it anyway).
+# - etcd-server: the anchor of the comparison (flannel's etcd mode). scripts/setup.sh
+#   installs it (the tests need it too) without letting the package's own service run;
+#   it runs first here. The bench starts its own etcd on 127.0.0.1 with a temp data dir
+#   and client-certificate TLS.
 # - iproute2: `ip -batch` / `bridge -batch`, the kernel floor of the dataplane scenario.
 # - linux-perf, valgrind: for profiling a missed target (optional, not needed to run).
 set -euo pipefail
@@ -17,9 +17,10 @@ if [[ $(id -u) -ne 0 ]]; then
 	exit 1
 fi
 
+bash "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+
 # package  probe
 REQUIREMENTS=(
-	"etcd-server etcd"
 	"iproute2 ip"
 	"iproute2 bridge"
 	"linux-perf perf"
@@ -56,12 +57,6 @@ else
 		apt-get install -y -qq --no-install-recommends "${optional[@]}" ||
 			say "optional profiling tools not installed: ${optional[*]}"
 	fi
-fi
-
-# The package's service (listening on the default ports) is not what we benchmark.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
-	say "stopping the packaged etcd service"
-	systemctl stop etcd || true
 fi
 
 say "etcd: $(etcd --version 2>/dev/null | head -1)"

@@ -7,6 +7,11 @@
 # package is installed only when its probe is absent, so tools that are already there
 # by other means (e.g. a python3 from pyenv) are left alone. `apt-get update` runs only
 # when something has to be installed.
+#
+# etcd (etcd-server, 3.4 with the v3election API; etcdctl from etcd-client) is for the
+# tests and the benchmarks, which start their own members on loopback with temp data
+# dirs: the package's own service must not run. Its start is refused through
+# policy-rc.d while installing, and it is stopped if it started anyway.
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -29,6 +34,8 @@ REQUIREMENTS=(
 	"procps ps"
 	"python3 python3"
 	"systemd systemd-analyze"
+	"etcd-server etcd"
+	"etcd-client etcdctl"
 )
 
 # PyPI packages for the contract and manifest checks: module to import, package to install.
@@ -44,6 +51,35 @@ present() {
 		[[ -e $probe ]]
 	else
 		command -v "$probe" >/dev/null 2>&1
+	fi
+}
+
+POLICY_RC=/usr/sbin/policy-rc.d
+
+# invoke-rc.d and deb-systemd-invoke ask policy-rc.d (the service's name among its
+# arguments) before starting a service. An existing one is the machine's own policy
+# and is honoured as it is (containers often have one refusing everything); otherwise
+# a temporary one refuses etcd only, and goes away when this script exits.
+refuse_etcd_service_start() {
+	[[ -e $POLICY_RC ]] && return 0
+	printf '%s\n' '#!/bin/sh' \
+		'# written by twill scripts/setup.sh while it installs etcd-server' \
+		'for a in "$@"; do case $a in etcd | etcd.service) exit 101 ;; esac; done' \
+		'exit 0' >"$POLICY_RC"
+	chmod 755 "$POLICY_RC"
+	trap 'rm -f "$POLICY_RC"' EXIT
+}
+
+# The packaged service, if a service manager started it anyway. Only the service is
+# stopped (by systemd's unit, or by its init script's pidfile), never etcd processes
+# found by name: tests may be running their own.
+stop_etcd_service() {
+	if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+		say "stopping the packaged etcd service"
+		systemctl stop etcd || true
+	elif [[ -s /var/run/etcd.pid ]] && kill -0 "$(cat /var/run/etcd.pid)" 2>/dev/null; then
+		say "stopping the packaged etcd service"
+		/etc/init.d/etcd stop >/dev/null || true
 	fi
 }
 
@@ -72,6 +108,9 @@ if ((${#missing[@]} > 0)); then
 		rm -f "$log"
 		die "apt-get update failed"
 	fi
+	if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+		refuse_etcd_service_start
+	fi
 	if ! apt-get install -y -qq --no-install-recommends \
 		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 		"${missing[@]}" >"$log" 2>&1; then
@@ -80,6 +119,9 @@ if ((${#missing[@]} > 0)); then
 		die "apt-get install ${missing[*]} failed"
 	fi
 	rm -f "$log"
+	if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+		stop_etcd_service
+	fi
 	# check again: a package that installed but still lacks its probe is a failure
 	for req in "${REQUIREMENTS[@]}"; do
 		read -r pkg probe <<<"$req"

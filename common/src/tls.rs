@@ -12,6 +12,9 @@ use x509_parser::prelude::*;
 pub const NODES_GROUP: &str = "twill:nodes";
 /// Organization (O) that marks an admin certificate.
 pub const ADMINS_GROUP: &str = "twill:admins";
+/// Organization (O) that marks a controller replica's certificate: with the etcd store,
+/// replicas present it to each other when they forward a write to the leader.
+pub const CONTROLLERS_GROUP: &str = "twill:controllers";
 
 /// Why a certificate or key could not be used.
 #[derive(Debug, Error)]
@@ -96,6 +99,11 @@ impl Identity {
     /// True for an operator's certificate (`O=twill:admins`).
     pub fn is_admin(&self) -> bool {
         self.groups.iter().any(|g| g == ADMINS_GROUP)
+    }
+
+    /// True for a controller replica's certificate (`O=twill:controllers`).
+    pub fn is_controller(&self) -> bool {
+        self.groups.iter().any(|g| g == CONTROLLERS_GROUP)
     }
 }
 

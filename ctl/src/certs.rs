@@ -23,7 +23,7 @@ use rcgen::{
 };
 use thiserror::Error;
 use time::OffsetDateTime;
-use twill_common::tls::{ADMINS_GROUP, NODES_GROUP};
+use twill_common::tls::{ADMINS_GROUP, CONTROLLERS_GROUP, NODES_GROUP};
 
 /// Common name of the CA certificate.
 pub const CA_COMMON_NAME: &str = "twill-ca";
@@ -178,7 +178,7 @@ impl Role {
                     .chain(ips.iter().map(|i| format!("IP:{i}")))
                     .collect();
                 format!(
-                    "CN={CONTROLLER_COMMON_NAME}, serverAuth, SANs {}",
+                    "CN={CONTROLLER_COMMON_NAME}, O={CONTROLLERS_GROUP}, serverAuth + clientAuth, SANs {}",
                     sans.join(" ")
                 )
             }
@@ -290,7 +290,13 @@ impl Ca {
                 params
                     .subject_alt_names
                     .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                // Replicas on etcd present their serving certificate to each other when
+                // they forward a write to the leader: it is a client certificate too.
+                dn.push(DnType::OrganizationName, CONTROLLERS_GROUP);
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
             }
             Role::Node(name) => node_subject(&mut params, &mut dn, name),
             Role::Admin(name) => {

@@ -409,7 +409,7 @@ impl Admin {
 
     /// `AdminService/Status`.
     pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
-        match self.client.status(StatusRequest {}).await {
+        match self.client.status(StatusRequest::default()).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
         }

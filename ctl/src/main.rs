@@ -329,8 +329,9 @@ enum CertsCommand {
 #[derive(Subcommand, Debug)]
 enum IssueCommand {
     /// The controller's server certificate: DIR/controller.crt and DIR/controller.key
-    /// (CN=twill-controller, serverAuth, subjectAltNames from --dns and --ip;
-    /// localhost and 127.0.0.1 when neither is given).
+    /// (CN=twill-controller, O=twill:controllers, serverAuth and clientAuth: replicas on
+    /// etcd present it to each other; subjectAltNames from --dns and --ip, localhost and
+    /// 127.0.0.1 when neither is given).
     Controller {
         /// DNS name agents and twillctl dial (repeatable; comma-separated in the env).
         #[arg(long, env = "TWILL_DNS", value_delimiter = ',', value_name = "NAME")]

@@ -1239,6 +1239,7 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired    
                 revision: 4,
                 revision_lag: 0,
                 cert_not_after_unix: 86_400 * 8,
+                ..Default::default()
             }],
             revision: 4,
             store_size_bytes: 2048,
@@ -1298,6 +1299,7 @@ agents:
                 revision: 9,
                 revision_lag: 1,
                 cert_not_after_unix: 10_000 + 6 * 86_400 + 23 * 3600 + 59,
+                ..Default::default()
             }],
             revision: 10,
             store_size_bytes: 3 * 1024 * 1024 / 2,

@@ -7,3 +7,20 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// etcd's v3 API (client stubs), for the controller's etcd store.
+#[allow(clippy::all, missing_docs)]
+pub mod etcd {
+    /// Keys and events (`mvccpb`).
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// KV, Watch, Lease and Maintenance (`etcdserverpb`).
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    /// Leader election (`v3electionpb`).
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
+}

@@ -139,11 +139,15 @@ impl Hub {
 
     /// Applies durable events and fans them out. Events must carry consecutive
     /// revisions.
-    pub fn commit(&self, events: Vec<LeaseEvent>) {
+    ///
+    /// Events at or below the hub's revision are skipped: with the etcd store a
+    /// leader's hub hears of its writes twice (from its writer and from its watch).
+    pub fn commit(&self, mut events: Vec<LeaseEvent>) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        events.retain(|e| e.revision > t.revision);
         let Some(last) = events.last().map(|e| e.revision) else {
             return;
         };
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
         let mut framer = Framer::new(false, last, &self.epoch, 256 * events.len());
         for e in events {
             let encoded = Bytes::from(e.encode_to_vec());

@@ -1,5 +1,6 @@
 //! The controller's HTTP endpoint: `/healthz` (process alive), `/readyz` (store open,
-//! gRPC serving and the lease writer running) and `/metrics` (Prometheus text format).
+//! gRPC serving and the lease writer running; with the etcd store: connected to etcd
+//! and following its watch) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// The lease writer, whose death makes the controller unready.
     pub leases: Leases,
+    /// This replica (etcd store): ready while it follows etcd, leader or not.
+    pub replica: Option<Arc<crate::replica::Replica>>,
 }
 
 /// Binds the endpoint; the error names the flag and address.
@@ -44,6 +47,20 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
+    if let Some(r) = &s.replica {
+        return if !s.ready.load(Ordering::Relaxed) {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        } else if !r.is_caught_up() {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not following etcd (connecting, or its watch broke): the table may be behind\n",
+            )
+        } else if r.is_leading() {
+            (StatusCode::OK, "ready (leader)\n")
+        } else {
+            (StatusCode::OK, "ready (follower)\n")
+        };
+    }
     if !s.leases.is_running() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

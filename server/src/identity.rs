@@ -232,7 +232,7 @@ fn unix(t: SystemTime) -> i64 {
 
 impl Identity {
     /// Tokens and records in `store`; issuance on when `signer` is given.
-    pub fn new(
+    pub async fn new(
         store: Arc<dyn Store>,
         signer: Option<Signer>,
         node_cert_ttl: Duration,
@@ -240,6 +240,7 @@ impl Identity {
     ) -> Self {
         let revoked = store
             .records(REVOKED_KIND)
+            .await
             .unwrap_or_else(|e| {
                 warn!(error = %e, "cannot read the revocations; none in force");
                 Vec::new()
@@ -341,15 +342,31 @@ impl Identity {
         // be valid only from the future.
         let at = now_unix() - 1;
         self.store
-            .put_record(REVOKED_KIND, node, at.to_string().as_bytes())?;
+            .put_record(REVOKED_KIND, node, at.to_string().as_bytes())
+            .await?;
         self.store.flush().await?;
-        self.revoked
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), at);
-        self.revocations.send_modify(|n| *n += 1);
+        self.revoked_at(node, at);
         info!(node = %node, revoked_at_unix = at, "node certificates revoked");
         Ok(at)
+    }
+
+    /// Puts a revocation in force: made here, or seen in the store when another
+    /// replica made it.
+    pub fn revoked_at(&self, node: &str, at: i64) {
+        let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        if revoked.get(node) == Some(&at) {
+            return;
+        }
+        revoked.insert(node.to_string(), at);
+        drop(revoked);
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// A revocation record's kind and value, as the store holds it.
+    pub fn revocation_record(kind: &str, value: &[u8]) -> Option<i64> {
+        (kind == REVOKED_KIND)
+            .then(|| std::str::from_utf8(value).ok()?.parse().ok())
+            .flatten()
     }
 
     /// The validity of a certificate issued now for `node`: it starts after the node's
@@ -368,10 +385,11 @@ impl Identity {
         v
     }
 
-    fn tokens(&self) -> Result<Vec<TokenRecord>, IdentityError> {
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, IdentityError> {
         Ok(self
             .store
-            .records(TOKEN_KIND)?
+            .records(TOKEN_KIND)
+            .await?
             .into_iter()
             .filter_map(|(id, v)| match serde_json::from_slice::<TokenRecord>(&v) {
                 Ok(t) => Some(t),
@@ -383,9 +401,9 @@ impl Identity {
             .collect())
     }
 
-    fn put_token(&self, t: &TokenRecord) -> Result<(), IdentityError> {
+    async fn put_token(&self, t: &TokenRecord) -> Result<(), IdentityError> {
         let value = serde_json::to_vec(t).map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        self.store.put_record(TOKEN_KIND, &t.id, &value)?;
+        self.store.put_record(TOKEN_KIND, &t.id, &value).await?;
         Ok(())
     }
 
@@ -407,7 +425,7 @@ impl Identity {
             )));
         }
         let _guard = self.lock.lock().await;
-        let existing = self.tokens()?;
+        let existing = self.tokens().await?;
         let id = loop {
             let id = random_chars(ID_LEN);
             if !existing.iter().any(|t| t.id == id) {
@@ -425,7 +443,7 @@ impl Identity {
             uses: 0,
             last_used_unix: 0,
         };
-        self.put_token(&record)?;
+        self.put_token(&record).await?;
         self.store.flush().await?;
         info!(token_id = %id, expires_at_unix = record.expires_at_unix, description = %description, "bootstrap token created");
         Ok((format!("{id}.{secret}"), record.public()))
@@ -436,12 +454,13 @@ impl Identity {
         let _guard = self.lock.lock().await;
         let now = now_unix();
         let (live, expired): (Vec<_>, Vec<_>) = self
-            .tokens()?
+            .tokens()
+            .await?
             .into_iter()
             .partition(|t| t.expires_at_unix > now);
         if !expired.is_empty() {
             for t in &expired {
-                self.store.delete_record(TOKEN_KIND, &t.id)?;
+                self.store.delete_record(TOKEN_KIND, &t.id).await?;
                 info!(token_id = %t.id, "bootstrap token expired; forgotten");
             }
             self.store.flush().await?;
@@ -453,7 +472,7 @@ impl Identity {
     pub async fn delete_token(&self, id: &str) -> Result<(), IdentityError> {
         let id = id.split_once('.').map_or(id, |(id, _)| id).trim();
         let _guard = self.lock.lock().await;
-        if !self.store.delete_record(TOKEN_KIND, id)? {
+        if !self.store.delete_record(TOKEN_KIND, id).await? {
             return Err(IdentityError::NotFound(format!(
                 "no bootstrap token with id {id:?}"
             )));
@@ -473,7 +492,8 @@ impl Identity {
         let (id, secret) = parse_token(token)?;
         let _guard = self.lock.lock().await;
         let mut record = self
-            .tokens()?
+            .tokens()
+            .await?
             .into_iter()
             .find(|t| t.id == id)
             .ok_or_else(|| {
@@ -485,7 +505,7 @@ impl Identity {
         let now = now_unix();
         if record.expires_at_unix <= now {
             // Forgotten now: an expired token is no use to anyone.
-            self.store.delete_record(TOKEN_KIND, id)?;
+            self.store.delete_record(TOKEN_KIND, id).await?;
             return Err(IdentityError::token(
                 TokenFault::Expired,
                 format!(
@@ -502,8 +522,8 @@ impl Identity {
         }
         record.uses += 1;
         record.last_used_unix = now;
-        let issued = self.issue(&signer, csr_pem, None, id)?;
-        self.put_token(&record)?;
+        let issued = self.issue(&signer, csr_pem, None, id).await?;
+        self.put_token(&record).await?;
         self.store.flush().await?;
         Ok(issued)
     }
@@ -516,14 +536,14 @@ impl Identity {
     ) -> Result<BootstrapResponse, IdentityError> {
         let signer = self.signer()?;
         let _guard = self.lock.lock().await;
-        let issued = self.issue(&signer, csr_pem, Some(node), "")?;
+        let issued = self.issue(&signer, csr_pem, Some(node), "").await?;
         self.store.flush().await?;
         self.metrics.certs_renewed.inc();
         Ok(issued)
     }
 
     /// Signs `csr_pem` (for `node` only, when given) and records it; not flushed.
-    fn issue(
+    async fn issue(
         &self,
         signer: &Signer,
         csr_pem: &str,
@@ -555,7 +575,8 @@ impl Identity {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         self.store
-            .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)?;
+            .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)
+            .await?;
         self.metrics.certs_issued.inc();
         info!(node = %issued.node_name, serial = %issued.serial, token_id = %token_id, not_after_unix = issued.not_after_unix, renewal = node.is_some(), "node certificate issued");
         Ok(BootstrapResponse {
@@ -565,10 +586,11 @@ impl Identity {
     }
 
     /// Every certificate issued, oldest first.
-    pub fn issued(&self) -> Result<Vec<IssuedCertificate>, IdentityError> {
+    pub async fn issued(&self) -> Result<Vec<IssuedCertificate>, IdentityError> {
         Ok(self
             .store
-            .records(ISSUED_KIND)?
+            .records(ISSUED_KIND)
+            .await?
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice::<IssuedRecord>(&v).ok())
             .map(|r| IssuedCertificate {

@@ -70,6 +70,10 @@ pub enum LeaseOpError {
     /// The controller is shutting down, or its lease writer stopped.
     #[error("the controller is shutting down or its lease writer stopped")]
     Stopped,
+    /// This replica has no lease writer: it is not the elected leader (etcd store), or
+    /// was elected and is still loading the table.
+    #[error("this controller replica is not the leader right now (an election is under way or etcd is unreachable); retry in a few seconds")]
+    NotLeader,
 }
 
 /// What an agent asks for.
@@ -156,11 +160,19 @@ struct Answer {
     queued: Instant,
 }
 
-/// Handle to the lease writer; cheap to clone.
+/// Handle to the lease writer; cheap to clone. With the etcd store a replica holds a
+/// writer only while it leads: `standby` makes a handle without one, `attach` and
+/// `detach` follow the election.
 #[derive(Clone)]
 pub struct Leases {
-    tx: mpsc::Sender<Queued>,
+    writer: Arc<std::sync::RwLock<Option<Running>>>,
     ttl: Duration,
+}
+
+/// A started writer: its queue, and whether its thread still runs.
+#[derive(Clone)]
+struct Running {
+    tx: mpsc::Sender<Queued>,
     running: Arc<AtomicBool>,
 }
 
@@ -198,7 +210,29 @@ impl Leases {
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
-        let ttl = ttl.min(MAX_LEASE_TTL);
+        let leases = Self::standby(ttl);
+        leases.attach(conf, store, hub, reservations, metrics)?;
+        Ok(leases)
+    }
+
+    /// A handle with no writer yet: every operation answers `NotLeader`.
+    pub fn standby(ttl: Duration) -> Self {
+        Leases {
+            writer: Arc::default(),
+            ttl: ttl.min(MAX_LEASE_TTL),
+        }
+    }
+
+    /// Starts a writer behind this handle (see `start`), replacing any other.
+    pub fn attach(
+        &self,
+        conf: &NetConf,
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        reservations: BTreeMap<String, Ipv4Net>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(), StartError> {
+        let ttl = self.ttl;
         let (leases, revision) = hub.leases();
         let mut writer = Writer {
             conf: conf.clone(),
@@ -237,23 +271,43 @@ impl Leases {
                 let _guard = guard;
                 runtime.block_on(writer.run(rx));
             })?;
-        let sweeper = tx.clone();
+        // Weak: once the handle lets the writer go (detach), the sweeper must not keep
+        // its queue open.
+        let sweeper = tx.downgrade();
         tokio::spawn(async move {
             let period = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
+                let Some(tx) = sweeper.upgrade() else { return };
                 let sweep = Queued {
                     op: Op::Sweep,
                     reply: None,
                     queued: Instant::now(),
                 };
-                if sweeper.send(sweep).await.is_err() {
+                if tx.send(sweep).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Leases { tx, ttl, running })
+        *self.writer.write().unwrap_or_else(|p| p.into_inner()) = Some(Running { tx, running });
+        Ok(())
+    }
+
+    /// Lets the writer go: it finishes what it holds and stops; later operations
+    /// answer `NotLeader`.
+    pub fn detach(&self) {
+        self.writer
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    fn running(&self) -> Option<Running> {
+        self.writer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Lease time to live.
@@ -261,10 +315,18 @@ impl Leases {
         self.ttl
     }
 
-    /// False once the writer has stopped (it panicked, or could not read the store
-    /// back after a failed write): no lease can be granted or renewed.
+    /// False once an attached writer has stopped (it panicked, could not read the
+    /// store back after a failed write, or lost its leadership): no lease can be
+    /// granted or renewed through it. True when none is attached.
     pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
+        self.running()
+            .is_none_or(|r| r.running.load(Ordering::Relaxed))
+    }
+
+    /// True while a writer is attached and running.
+    pub fn is_writing(&self) -> bool {
+        self.running()
+            .is_some_and(|r| r.running.load(Ordering::Relaxed))
     }
 
     async fn call(&self, op: Op) -> Result<Outcome, LeaseOpError> {
@@ -274,7 +336,11 @@ impl Leases {
             reply: Some(reply),
             queued: Instant::now(),
         };
-        self.tx
+        let Some(writer) = self.running() else {
+            return Err(LeaseOpError::NotLeader);
+        };
+        writer
+            .tx
             .send(queued)
             .await
             .map_err(|_| LeaseOpError::Stopped)?;
@@ -470,7 +536,7 @@ impl Writer {
         };
         if !batch.is_empty() {
             if let Err(e) = self.persist(&batch).await {
-                return self.recover(e, answers);
+                return self.recover(e, answers).await;
             }
             self.unpublished.extend(changes.events);
             self.hub.renew(&changes.renewed);
@@ -484,7 +550,7 @@ impl Writer {
     }
 
     async fn persist(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        self.store.write(batch)?;
+        self.store.write(batch).await?;
         let started = Instant::now();
         self.store.flush().await?;
         self.metrics
@@ -505,16 +571,28 @@ impl Writer {
     /// the store kept are published (they would surface at the next start anyway); the
     /// revision only moves forward, so no revision ever names two different events.
     /// Returns false when the store cannot even be read: the writer stops.
-    fn recover(&mut self, e: StoreError, answers: Vec<Answer>) -> bool {
+    async fn recover(&mut self, e: StoreError, answers: Vec<Answer>) -> bool {
         self.metrics.store_failures.inc();
         // Earlier batches are durable: publish them first.
         self.publish();
+        if let StoreError::NotLeader(why) = &e {
+            // Deposed: the new leader decides from now on, from what etcd holds.
+            warn!(reason = %why, "lost the leadership while writing; the lease writer stops");
+            for a in answers {
+                let result = match a.result {
+                    Ok(_) => Err(LeaseOpError::NotLeader),
+                    refused => refused,
+                };
+                let _ = a.reply.send(result);
+            }
+            return false;
+        }
         let message = format!(
             "the lease store failed while writing this change ({e}); it may or may not have \
              been stored, and the controller now serves what the store holds: retry (a retry \
              of the same request is safe)"
         );
-        let reloaded = self.store.load();
+        let reloaded = self.store.load().await;
         for a in answers {
             // Refusals wrote nothing and stay what they were.
             let result = match a.result {
@@ -1168,8 +1246,8 @@ mod tests {
     }
 
     /// Starts the writer over what `store` holds, as the controller does at start.
-    fn start_on(conf: &NetConf, store: Arc<dyn Store>) -> (Leases, Arc<Hub>) {
-        let snap = store.load().unwrap();
+    async fn start_on(conf: &NetConf, store: Arc<dyn Store>) -> (Leases, Arc<Hub>) {
+        let snap = store.load().await.unwrap();
         let hub =
             Arc::new(Hub::new(snap.leases, snap.history, snap.revision).with_epoch(snap.epoch));
         let leases = Leases::start(
@@ -1279,10 +1357,11 @@ mod tests {
                 reservations: Some(&reservations),
                 ..Batch::default()
             })
+            .await
             .unwrap();
         store.flush().await.unwrap();
 
-        let (leases, hub) = start_on(&conf, store.clone());
+        let (leases, hub) = start_on(&conf, store.clone()).await;
         let stale = hub.stale_reservations();
         assert_eq!(
             stale.keys().map(String::as_str).collect::<Vec<_>>(),
@@ -1328,7 +1407,7 @@ mod tests {
             .map(|l| assert_eq!(l.subnet, "10.1.0.64/28"))
             .unwrap();
         // What was stored starts again without complaint, and still shares nothing.
-        let (again, hub) = start_on(&conf, store.clone());
+        let (again, hub) = start_on(&conf, store.clone()).await;
         assert_no_shared_subnet(&hub);
         assert!(matches!(
             again.acquire(params("late", "")).await.unwrap_err(),
@@ -1347,29 +1426,29 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Store for FailingStore {
-        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+        async fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
             if self.fail_load.load(Ordering::Relaxed) {
                 return Err(StoreError::Backend("injected read failure".into()));
             }
-            self.inner.load()
+            self.inner.load().await
         }
-        fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        async fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
             if self.fail_write.load(Ordering::Relaxed) {
                 return Err(StoreError::Backend("injected write failure".into()));
             }
-            self.inner.write(batch)
+            self.inner.write(batch).await
         }
-        fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
-            self.inner.put_record(kind, id, value)
+        async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_record(kind, id, value).await
         }
-        fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
-            self.inner.delete_record(kind, id)
+        async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+            self.inner.delete_record(kind, id).await
         }
-        fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            self.inner.records(kind)
+        async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.records(kind).await
         }
-        fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
-            self.inner.set_layout(layout)
+        async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+            self.inner.set_layout(layout).await
         }
         fn size_on_disk(&self) -> u64 {
             self.inner.size_on_disk()
@@ -1400,7 +1479,7 @@ mod tests {
     async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_store() {
         let (failing, conf, _dir) = failing_store();
         let store: Arc<dyn Store> = failing.clone();
-        let (leases, hub) = start_on(&conf, store.clone());
+        let (leases, hub) = start_on(&conf, store.clone()).await;
         let mut seen: BTreeMap<u64, LeaseEvent> = BTreeMap::new();
         let mut feed = hub.subscribe(0, "").feed;
         let mut record = |feed: &mut tokio::sync::broadcast::Receiver<_>| {
@@ -1432,7 +1511,7 @@ mod tests {
         assert!(matches!(e, LeaseOpError::Store(_)), "{e}");
         failing.fail_write.store(false, Ordering::Relaxed);
 
-        let stored = store.load().unwrap();
+        let stored = store.load().await.unwrap();
         let names = |ls: &[Lease]| {
             let mut v: Vec<(String, String, u64)> = ls
                 .iter()
@@ -1456,9 +1535,9 @@ mod tests {
         assert_no_shared_subnet(&hub);
 
         // A restart serves exactly what watchers were told, with the same revisions.
-        let (_again, restarted) = start_on(&conf, store.clone());
+        let (_again, restarted) = start_on(&conf, store.clone()).await;
         assert_eq!(names(&restarted.leases().0), names(&hub.leases().0));
-        for e in store.load().unwrap().history {
+        for e in store.load().await.unwrap().history {
             if let Some(told) = seen.get(&e.revision) {
                 assert_eq!(told, &e, "stored history differs from what was announced");
             }
@@ -1493,7 +1572,7 @@ mod tests {
     async fn a_store_that_cannot_be_read_back_stops_the_writer_visibly() {
         let (failing, conf, _dir) = failing_store();
         failing.fail_flush.store(true, Ordering::Relaxed);
-        let (leases, _hub) = start_on(&conf, failing.clone());
+        let (leases, _hub) = start_on(&conf, failing.clone()).await;
         failing.fail_load.store(true, Ordering::Relaxed);
         assert!(leases.is_running());
         let e = leases.acquire(params("a", "")).await.unwrap_err();

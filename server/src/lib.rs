@@ -1,6 +1,6 @@
 //! twill-controller: the single source of truth for who owns which pod subnet.
 //!
-//! - `store`: durable storage behind the `Store` trait (sled).
+//! - `store`: durable storage behind the `Store` trait (sled, or etcd for several replicas).
 //! - `alloc`: the free-subnet index; where a subnet is picked.
 //! - `leases`: the single writer that decides, stores (group commit) and acknowledges.
 //! - `events`: the committed table, its revision log and the fan-out to watchers.
@@ -8,6 +8,8 @@
 //! - `grpc`: the agent, identity and admin services and certificate-based authorization.
 //! - `metrics`: Prometheus metrics and the record of connected agents.
 //! - `http`: health, readiness and metrics endpoints.
+//! - `replica`: several controllers on etcd: the election, the etcd watch every replica
+//!   serves from, and the forwarding of writes to the leader.
 //! - `tls`: the serving certificate and client CA, reloaded when their files change.
 
 pub mod alloc;
@@ -17,5 +19,6 @@ pub mod http;
 pub mod identity;
 pub mod leases;
 pub mod metrics;
+pub mod replica;
 pub mod store;
 pub mod tls;

@@ -46,6 +46,14 @@ pub struct Metrics {
     pub bootstrap_token_failures: Counter,
     /// Bootstrap and renewal requests refused, by reason (see `Refusal`).
     certs_refused: Family<RefusalLabels, Counter>,
+    /// 1 while this replica is the elected leader (etcd store), else 0.
+    pub is_leader: Gauge,
+    /// Leaders this replica has seen elected (itself or another).
+    pub leader_changes: Counter,
+    /// Seconds one etcd request took (reads, fenced writes, lease keep-alives).
+    pub etcd_request_seconds: Histogram,
+    /// Writes this replica forwarded to the leader.
+    pub forwarded_writes: Counter,
 }
 
 /// Why a Bootstrap or Renew request got no certificate: the `reason` label of
@@ -139,6 +147,10 @@ impl Default for Metrics {
             certs_renewed: Counter::default(),
             bootstrap_token_failures: Counter::default(),
             certs_refused: Family::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            etcd_request_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            forwarded_writes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
@@ -202,6 +214,26 @@ impl Default for Metrics {
             "node_certificates_refused",
             "Bootstrap and renewal requests refused, by reason",
             m.certs_refused.clone(),
+        );
+        registry.register(
+            "is_leader",
+            "1 while this replica is the elected writer (etcd store), else 0",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "leader_changes",
+            "Leaders this replica has seen elected, itself or another (etcd store)",
+            m.leader_changes.clone(),
+        );
+        registry.register(
+            "etcd_request_seconds",
+            "Time one etcd request took (etcd store)",
+            m.etcd_request_seconds.clone(),
+        );
+        registry.register(
+            "forwarded_writes",
+            "Writes this replica forwarded to the leader (etcd store)",
+            m.forwarded_writes.clone(),
         );
         for reason in Refusal::ALL {
             // Creating the series is the point; the guard it returns is not needed.

@@ -583,7 +583,7 @@ async fn a_certificate_that_expires_on_an_open_connection_ends_its_watch_and_its
 
     // Status shows when each watcher's certificate runs out.
     let agents = admin
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -658,7 +658,7 @@ async fn a_certificate_that_expires_on_an_open_connection_ends_its_watch_and_its
         "node-2's own lease: {event:?}"
     );
     let names: Vec<String> = admin
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .unwrap()
         .into_inner()

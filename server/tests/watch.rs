@@ -260,6 +260,7 @@ async fn store_with_leases(dir: &std::path::Path, n: u32) {
                 events: chunk,
                 ..Batch::default()
             })
+            .await
             .unwrap();
     }
     store.flush().await.unwrap();

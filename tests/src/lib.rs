@@ -13,9 +13,13 @@
 //!   echo requests were lost while a test disturbed the overlay.
 //! * [`require_lab`]: a loud skip when the machine cannot run a lab (not root, no
 //!   network namespaces), a failure instead when `CI` is set.
+//! * [`EtcdCluster`]: real etcd members on loopback with client-certificate TLS, for
+//!   the controller's etcd backend: kill, restart, SIGSTOP/SIGCONT a member; read and
+//!   write keys with `etcdctl`. [`require_etcd`] skips (or fails, in CI) without etcd.
 //!
 //! Everything the lab makes lives inside namespaces it creates and deletes; traffic
-//! never leaves them.
+//! never leaves them. (An [`EtcdCluster`] is no lab: it listens on the host's
+//! loopback, on ports the kernel picked free.)
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -36,6 +40,7 @@
 pub mod bins;
 pub mod certs;
 pub mod cmd;
+pub mod etcd;
 pub mod kernel;
 pub mod lab;
 pub mod overlay;
@@ -47,6 +52,7 @@ pub mod wait;
 
 pub use bins::Bins;
 pub use cmd::CmdOutput;
+pub use etcd::{require_etcd, EtcdCluster};
 pub use kernel::{FdbEntry, Link, Neighbour, Route, FLANNEL_DEV, TWILL_ROUTE_PROTO};
 pub use lab::{
     cleanup_all_labs, cleanup_stale_namespaces, in_ci, require_lab, Host, HttpResponse, Lab,

@@ -42,6 +42,82 @@ pub struct AdminApi {
     pub agents: Arc<Agents>,
     /// Bootstrap tokens and issued certificates.
     pub identity: Arc<Identity>,
+    /// This replica, with the etcd store (`None` with sled).
+    pub replica: Option<Arc<crate::replica::Replica>>,
+}
+
+impl AdminApi {
+    /// Every registered replica, and the agents of the others (this one's are read
+    /// locally), asked of each with the admin's certificate.
+    async fn replicas(
+        &self,
+        me: &crate::replica::Replica,
+        req: &Request<StatusRequest>,
+    ) -> (Vec<twill_proto::Replica>, Vec<ConnectedAgent>) {
+        use crate::replica::forward::{FORWARDED_BY, FORWARDED_CERT};
+        let leader = me.leader();
+        let mut urls = me.replicas().await.unwrap_or_default();
+        if !urls.contains(&me.advertise_url) {
+            urls.push(me.advertise_url.clone());
+            urls.sort();
+        }
+        let admin_cert: Option<String> = req
+            .peer_certs()
+            .and_then(|c| c.first().cloned())
+            .map(|leaf| leaf.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        let mut replicas = Vec::new();
+        let mut agents = Vec::new();
+        for url in urls {
+            let mut replica = twill_proto::Replica {
+                leader: leader.as_deref() == Some(url.as_str()),
+                url: url.clone(),
+                ..Default::default()
+            };
+            if url == me.advertise_url {
+                replica.agents = self.agents.watchers().len() as u32;
+                replicas.push(replica);
+                continue;
+            }
+            let asked = async {
+                let channel = me.peer(&url)?;
+                let mut call = Request::new(StatusRequest {
+                    this_replica_only: true,
+                });
+                let meta = call.metadata_mut();
+                meta.insert(
+                    FORWARDED_BY,
+                    me.advertise_url
+                        .parse()
+                        .map_err(|_| "bad URL".to_string())?,
+                );
+                if let Some(cert) = &admin_cert {
+                    meta.insert(
+                        FORWARDED_CERT,
+                        cert.parse().map_err(|_| "bad cert".to_string())?,
+                    );
+                }
+                call.set_timeout(std::time::Duration::from_secs(2));
+                twill_proto::admin_service_client::AdminServiceClient::new(channel)
+                    .status(call)
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|s| s.message().to_string())
+            }
+            .await;
+            match asked {
+                Ok(status) => {
+                    replica.agents = status.agents.len() as u32;
+                    agents.extend(status.agents);
+                }
+                Err(e) => {
+                    me.forget_peer(&url);
+                    replica.error = e;
+                }
+            }
+            replicas.push(replica);
+        }
+        (replicas, agents)
+    }
 }
 
 fn node_arg(name: &str) -> Result<&str, Status> {
@@ -206,6 +282,10 @@ impl AdminService for AdminApi {
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         auth::admin_caller(&req)?;
+        let replicas = match &self.replica {
+            Some(r) if !req.get_ref().this_replica_only => Some(self.replicas(r, &req).await),
+            _ => None,
+        };
         let (leases, revision) = self.hub.leases();
         let reservations = self.hub.reservations();
         let stale = self.hub.stale_reservations();
@@ -234,9 +314,16 @@ impl AdminService for AdminApi {
                 connected_at_unix: w.connected_at,
                 revision: w.revision,
                 cert_not_after_unix: w.cert_not_after,
+                replica: self
+                    .replica
+                    .as_ref()
+                    .map(|r| r.advertise_url.clone())
+                    .unwrap_or_default(),
             })
             .collect();
-        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        let (replicas, others) = replicas.unwrap_or_default();
+        agents.extend(others);
+        agents.sort_by(|a, b| a.name.cmp(&b.name).then(a.replica.cmp(&b.replica)));
         Ok(Response::new(StatusResponse {
             subnets_total: total,
             subnets_used: used,
@@ -247,6 +334,7 @@ impl AdminService for AdminApi {
             store_size_bytes: self.store.size_on_disk(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             reservations_stale: stale.len() as u32,
+            replicas,
         }))
     }
 
@@ -288,7 +376,7 @@ impl AdminService for AdminApi {
         req: Request<ListIssuedCertificatesRequest>,
     ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
         auth::admin_caller(&req)?;
-        let certificates = self.identity.issued()?;
+        let certificates = self.identity.issued().await?;
         Ok(Response::new(ListIssuedCertificatesResponse {
             certificates,
         }))

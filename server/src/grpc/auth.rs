@@ -10,6 +10,8 @@ use twill_common::lease::validate_node_name;
 use twill_common::now_unix;
 use twill_common::tls::{Identity, ADMINS_GROUP, NODES_GROUP};
 
+use crate::replica::forward;
+
 /// The verified identity of the caller, refused once its certificate has expired.
 pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
     let id = presented(req)?
@@ -19,13 +21,49 @@ pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
 }
 
 /// The identity in the client certificate the caller presented, if it presented one.
+/// A call that another controller replica forwarded (its certificate says
+/// `O=twill:controllers`) is the original caller's: the certificate that replica
+/// verified, or none.
 pub fn presented<T>(req: &Request<T>) -> Result<Option<Identity>, Status> {
     let Some(leaf) = req.peer_certs().and_then(|certs| certs.first().cloned()) else {
         return Ok(None);
     };
-    Identity::from_der(leaf.as_ref())
+    let id = Identity::from_der(leaf.as_ref())
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+    if !id.is_controller() || req.metadata().get(forward::FORWARDED_BY).is_none() {
+        return Ok(Some(id));
+    }
+    let Some(der) = req.metadata().get(forward::FORWARDED_CERT) else {
+        return Ok(None);
+    };
+    let der = der
+        .to_str()
+        .ok()
+        .and_then(forward::unhex)
+        .ok_or_else(|| Status::invalid_argument("x-twill-forwarded-cert is not hex DER"))?;
+    Identity::from_der(&der)
         .map(Some)
-        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
+        .map_err(|e| Status::unauthenticated(format!("forwarded client certificate: {e}")))
+}
+
+/// The caller's IP address: the original caller's for a call a replica forwarded.
+pub fn client_ip<T>(req: &Request<T>) -> String {
+    let forwarded = presented_by_controller(req)
+        .then(|| req.metadata().get(forward::FORWARDED_FOR))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    forwarded.unwrap_or_else(|| {
+        req.remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string())
+    })
+}
+
+fn presented_by_controller<T>(req: &Request<T>) -> bool {
+    req.peer_certs()
+        .and_then(|certs| certs.first().cloned())
+        .and_then(|leaf| Identity::from_der(leaf.as_ref()).ok())
+        .is_some_and(|id| id.is_controller())
 }
 
 /// Refuses a certificate that has expired since its connection's handshake, the only

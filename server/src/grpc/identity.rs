@@ -90,9 +90,7 @@ impl IdentityService for IdentityApi {
         &self,
         req: Request<BootstrapRequest>,
     ) -> Result<Response<BootstrapResponse>, Status> {
-        let from = req
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+        let from = super::auth::client_ip(&req);
         if !self.failures.allows(&from) {
             // Debug, not warn: a guesser being held back would otherwise flood the log;
             // the refusal metric counts it.

@@ -22,7 +22,9 @@ impl From<LeaseOpError> for Status {
             LeaseOpError::Exhausted(m) => Status::resource_exhausted(m),
             LeaseOpError::Conflict(m) => Status::failed_precondition(m),
             LeaseOpError::Store(e) => Status::unavailable(e.to_string()),
-            e @ LeaseOpError::Stopped => Status::unavailable(e.to_string()),
+            e @ (LeaseOpError::Stopped | LeaseOpError::NotLeader) => {
+                Status::unavailable(e.to_string())
+            }
         }
     }
 }

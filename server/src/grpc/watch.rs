@@ -283,12 +283,12 @@ mod tests {
     use super::*;
 
     /// Revocations and tokens on a throwaway store; the directory lives as long as it.
-    fn identity() -> (tempfile::TempDir, Arc<Identity>) {
+    async fn identity() -> (tempfile::TempDir, Arc<Identity>) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn crate::store::Store> =
             Arc::new(crate::store::SledStore::open(dir.path(), 16).unwrap());
         let metrics = Arc::new(Metrics::default());
-        let identity = Identity::new(store, None, Duration::from_secs(3600), metrics);
+        let identity = Identity::new(store, None, Duration::from_secs(3600), metrics).await;
         (dir, Arc::new(identity))
     }
 
@@ -319,7 +319,7 @@ mod tests {
         let hub = Arc::new(Hub::new(vec![], vec![], 0));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let (_dir, identity) = identity();
+        let (_dir, identity) = identity().await;
         let who = node("w", i64::MAX);
         let mut s = encoded(&hub, &metrics, &agents, &identity, &who, 0, "");
         let first = events::decode(&s.next().await.unwrap().unwrap().0).unwrap();
@@ -378,7 +378,7 @@ mod tests {
         let hub = Arc::new(Hub::with_capacity(vec![], vec![], 0, 8));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let (_dir, identity) = identity();
+        let (_dir, identity) = identity().await;
         let (slow_cert, fast_cert) = (node("slow", i64::MAX), node("fast", i64::MAX));
         let mut slow = stream(&hub, &metrics, &agents, &identity, &slow_cert, 0, "");
         let mut fast = stream(&hub, &metrics, &agents, &identity, &fast_cert, 0, "");
@@ -418,7 +418,7 @@ mod tests {
         let hub = Arc::new(Hub::new(vec![], vec![], 0));
         let metrics = Arc::new(Metrics::default());
         let agents = Arc::new(Agents::default());
-        let (_dir, identity) = identity();
+        let (_dir, identity) = identity().await;
         // Valid through the next second; a certificate of the same node valid for a day
         // (the one an agent rotated to) watches beside it.
         let not_after = crate::metrics::now_unix() + 1;

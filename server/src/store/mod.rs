@@ -1,14 +1,16 @@
-//! Durable lease storage. The services only see the `Store` trait, so the sled
-//! implementation can be swapped (an etcd-backed store is planned for an HA controller,
-//! issue 14).
+//! Durable lease storage. The services only see the `Store` trait: sled (embedded, one
+//! replica) or etcd (several replicas, one elected writer whose every write is fenced by
+//! its leadership; see `etcd`).
 
 use std::collections::BTreeMap;
 
 use ipnet::Ipv4Net;
 use twill_proto::{Lease, LeaseEvent};
 
+pub mod etcd;
 mod sled_store;
 
+pub use etcd::EtcdStore;
 pub use sled_store::SledStore;
 
 /// A storage failure; the message says what was being done.
@@ -17,6 +19,10 @@ pub enum StoreError {
     /// The backing database failed.
     #[error("store: {0}")]
     Backend(String),
+    /// This replica may not write: it is not (or no longer) the elected leader, so a
+    /// write from it could overwrite the leader's.
+    #[error("store: {0}")]
+    NotLeader(String),
     /// A stored record does not decode: the store was written by something else.
     #[error("store: corrupt record {key:?}: {msg}")]
     Corrupt {
@@ -66,24 +72,26 @@ impl Batch<'_> {
     }
 }
 
-/// Durable storage for leases and the revision counter.
+/// Durable storage for leases and the revision counter. Writes are durable once
+/// `flush` returns (etcd's are already when they return: each is a committed
+/// transaction).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Reads everything at start-up.
-    fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Writes `batch` atomically (all or nothing). Not durable until `flush` returns;
-    /// when `flush` fails, what `load` returns is the truth about what is stored.
-    fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError>;
+    /// Reads everything (at start-up, and after a failed write).
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Writes `batch` atomically (all or nothing) or, where the backend limits the size
+    /// of one transaction, as consecutive parts that each leave a consistent store.
+    /// When it fails, what `load` returns is the truth about what is stored.
+    async fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError>;
     /// Stores a durable record beside the leases (a bootstrap token, an issued
-    /// certificate), by kind and id, replacing one with the same id. Not durable until
-    /// `flush` returns.
-    fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// certificate), by kind and id, replacing one with the same id.
+    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Deletes a record; false when there was none.
-    fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
+    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
     /// Every record of a kind, ordered by id.
-    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Records the network layout the leases belong to.
-    fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
+    async fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> u64;
     /// Makes every applied change durable.

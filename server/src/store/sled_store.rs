@@ -50,9 +50,23 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Every record, keyed `<kind>/<id>` (for copying the store into etcd).
+    pub fn all_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.db
+            .scan_prefix(RECORD_PREFIX.as_bytes())
+            .map(|item| {
+                let (key, value) = item.map_err(backend("reading records"))?;
+                let id = String::from_utf8_lossy(&key[RECORD_PREFIX.len()..]).into_owned();
+                Ok((id, value.to_vec()))
+            })
+            .collect()
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for SledStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot::default();
         for item in self.db.scan_prefix(LEASE_PREFIX) {
             let (key, value) = item.map_err(backend("reading leases"))?;
@@ -111,7 +125,7 @@ impl Store for SledStore {
         Ok(snap)
     }
 
-    fn write(&self, b: &Batch<'_>) -> Result<(), StoreError> {
+    async fn write(&self, b: &Batch<'_>) -> Result<(), StoreError> {
         if b.is_empty() {
             return Ok(());
         }
@@ -151,21 +165,21 @@ impl Store for SledStore {
             .map_err(backend("writing leases"))
     }
 
-    fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
         self.db
             .insert(record_key(kind, id), value)
             .map(|_| ())
             .map_err(backend("writing a record"))
     }
 
-    fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         self.db
             .remove(record_key(kind, id))
             .map(|old| old.is_some())
             .map_err(backend("deleting a record"))
     }
 
-    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = record_key(kind, "");
         self.db
             .scan_prefix(&prefix)
@@ -177,7 +191,7 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+    async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
         self.db
             .insert(LAYOUT_KEY, layout.as_bytes())
             .map(|_| ())
@@ -244,14 +258,16 @@ mod tests {
                 event(EventType::Put, lease("a", "10.244.1.0/24"), 1),
                 event(EventType::Put, lease("b", "10.244.2.0/24"), 2),
             ]))
+            .await
             .unwrap();
             s.write(&events(&[event(
                 EventType::Delete,
                 lease("a", "10.244.1.0/24"),
                 3,
             )]))
+            .await
             .unwrap();
-            s.set_layout("10.244.0.0/16 /24").unwrap();
+            s.set_layout("10.244.0.0/16 /24").await.unwrap();
             let mut renewed = lease("b", "10.244.2.0/24");
             renewed.expires_at_unix = 42;
             s.write(&Batch {
@@ -259,17 +275,19 @@ mod tests {
                 reservations: Some(&[("c".to_string(), "10.244.9.0/24".parse().unwrap())].into()),
                 ..Batch::default()
             })
+            .await
             .unwrap();
             s.flush().await.unwrap();
         }
         let epoch = SledStore::open(dir.path(), 2)
             .unwrap()
             .load()
+            .await
             .unwrap()
             .epoch;
         assert_eq!(epoch.len(), 16, "made at creation: {epoch:?}");
         let s = SledStore::open(dir.path(), 2).unwrap();
-        let snap = s.load().unwrap();
+        let snap = s.load().await.unwrap();
         assert_eq!(snap.epoch, epoch, "kept across opens");
         assert_eq!(snap.revision, 3, "a renewal is no revision");
         let kept: Vec<u64> = snap.history.iter().map(|e| e.revision).collect();

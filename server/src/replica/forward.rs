@@ -1,0 +1,186 @@
+//! Passing writes to the leader: a layer in front of every gRPC service.
+//!
+//! A write (an RPC in `WRITES`) that reaches a replica which does not lead is sent on,
+//! unchanged, to the leader over mutual TLS with this replica's certificate
+//! (`O=twill:controllers`). The caller's verified client certificate travels beside it
+//! in `x-twill-forwarded-cert` and its address in `x-twill-forwarded-for`; the leader
+//! believes those headers only from a controller certificate (`grpc::auth`), so what the
+//! leader checks (the node a certificate may act for, revocations, rate limits) is the
+//! original caller's. Reads and watches are always served where they arrive.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::Status;
+use tower::{Layer, Service, ServiceExt};
+
+use super::Replica;
+
+/// The header that carries the caller's certificate (DER, hex).
+pub const FORWARDED_CERT: &str = "x-twill-forwarded-cert";
+/// The header that carries the caller's IP address.
+pub const FORWARDED_FOR: &str = "x-twill-forwarded-for";
+/// The header naming the replica that forwarded the call.
+pub const FORWARDED_BY: &str = "x-twill-forwarded-by";
+
+/// How long the leader may take to start answering a forwarded write.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The RPCs that write: only the leader may serve them.
+const WRITES: &[&str] = &[
+    "/twill.v1.AgentService/Acquire",
+    "/twill.v1.AgentService/Release",
+    "/twill.v1.AdminService/RevokeLease",
+    "/twill.v1.AdminService/Reserve",
+    "/twill.v1.AdminService/Unreserve",
+    "/twill.v1.AdminService/CreateToken",
+    // Listing forgets expired tokens, which is a write.
+    "/twill.v1.AdminService/ListTokens",
+    "/twill.v1.AdminService/DeleteToken",
+    "/twill.v1.AdminService/RevokeNodeCertificates",
+    "/twill.v1.IdentityService/Bootstrap",
+    "/twill.v1.IdentityService/Renew",
+];
+
+/// Wraps the services; without a replica (sled store) it passes everything through.
+#[derive(Clone)]
+pub struct ForwardLayer {
+    replica: Option<Arc<Replica>>,
+}
+
+impl ForwardLayer {
+    /// Forwards writes for `replica`, or nothing (`None`).
+    pub fn new(replica: Option<Arc<Replica>>) -> Self {
+        ForwardLayer { replica }
+    }
+}
+
+impl<S> Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+    fn layer(&self, inner: S) -> Forward<S> {
+        Forward {
+            inner,
+            replica: self.replica.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+    replica: Option<Arc<Replica>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Forward<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let replica = match &self.replica {
+            Some(r) if WRITES.contains(&req.uri().path()) && !r.is_leading() => r.clone(),
+            _ => return Box::pin(self.inner.call(req)),
+        };
+        Box::pin(async move {
+            Ok(forward(&replica, req)
+                .await
+                .unwrap_or_else(|s| s.into_http()))
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes `FORWARDED_CERT`.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+async fn forward(
+    r: &Replica,
+    mut req: http::Request<Body>,
+) -> Result<http::Response<Body>, Status> {
+    let Some(leader) = r.leader().filter(|l| *l != r.advertise_url) else {
+        return Err(Status::unavailable(
+            "no controller replica leads right now (an election is under way, or etcd is \
+             unreachable or without quorum): writes are refused until one does; watches keep \
+             being served; retry in a few seconds",
+        ));
+    };
+    let info = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .cloned();
+    let headers = req.headers_mut();
+    for h in [FORWARDED_CERT, FORWARDED_FOR, FORWARDED_BY] {
+        headers.remove(h);
+    }
+    if let Some(info) = &info {
+        if let Some(leaf) = info.peer_certs().and_then(|c| c.first().cloned()) {
+            if let Ok(v) = HeaderValue::from_str(&hex(leaf.as_ref())) {
+                headers.insert(FORWARDED_CERT, v);
+            }
+        }
+        if let Some(addr) = info.get_ref().remote_addr() {
+            if let Ok(v) = HeaderValue::from_str(&addr.ip().to_string()) {
+                headers.insert(FORWARDED_FOR, v);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&r.advertise_url) {
+        headers.insert(FORWARDED_BY, v);
+    }
+    let channel = r.peer(&leader).map_err(Status::unavailable)?;
+    r.metrics.forwarded_writes.inc();
+    let sent = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let mut ch = channel;
+        ch.ready().await?.call(req).await
+    })
+    .await;
+    match sent {
+        Ok(Ok(resp)) => Ok(resp.map(Body::new)),
+        Ok(Err(e)) => {
+            r.forget_peer(&leader);
+            Err(Status::unavailable(format!(
+                "the leader {leader} did not take the write this replica forwarded ({e}); \
+                 retry: a new leader is elected within seconds when one is down"
+            )))
+        }
+        Err(_) => {
+            r.forget_peer(&leader);
+            Err(Status::unavailable(format!(
+                "the leader {leader} did not answer the write this replica forwarded within {}s; retry",
+                FORWARD_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Several controllers on one etcd (`--store etcd`): who leads, and how the others
+//! follow.
+//!
+//! - `election`: each replica campaigns through etcd's election API under an etcd lease
+//!   with keep-alive; the winner arms the store's fence, rebuilds its table from etcd
+//!   and attaches a lease writer; it lets the writer go the moment its lease may have
+//!   lapsed.
+//! - `mirror`: every replica (the leader too) follows the prefix with its own etcd
+//!   watch and applies what it sees to its hub, so every replica serves watches with
+//!   the same revisions.
+//! - `forward`: a write that reaches a follower is passed to the leader over mutual
+//!   TLS, with the caller's verified certificate beside it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::events::Hub;
+use crate::identity::Identity as NodeIdentity;
+use crate::leases::Leases;
+use crate::metrics::Metrics;
+use crate::store::EtcdStore;
+use twill_common::NetConf;
+
+pub mod election;
+pub mod forward;
+pub mod mirror;
+
+/// TTL of a replica's etcd lease: how long a leader that died or froze keeps the
+/// election before another replica takes over.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// What the replica tasks share with the gRPC services and the HTTP endpoint.
+pub struct Replica {
+    /// How other replicas and agents reach this one (`--advertise-url`).
+    pub advertise_url: String,
+    /// The store, with the fence the election arms.
+    pub store: Arc<EtcdStore>,
+    /// The table this replica serves.
+    pub hub: Arc<Hub>,
+    /// The writer handle, attached while this replica leads.
+    pub leases: Leases,
+    /// Revocations seen in etcd are put in force here.
+    pub identity: Arc<NodeIdentity>,
+    /// The network configuration.
+    pub conf: NetConf,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The certificate this replica presents to the leader when it forwards a write
+    /// (its serving certificate, which carries clientAuth and O=twill:controllers).
+    pub peer_tls: PeerTls,
+    leader: RwLock<Option<String>>,
+    /// True while this replica's writer is attached.
+    leading: AtomicBool,
+    /// True while the mirror's watch is open and has caught up.
+    caught_up: AtomicBool,
+    /// The etcd revision the mirror has applied.
+    applied: tokio::sync::watch::Sender<i64>,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+/// The files of this replica's certificate, for its calls to other replicas.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    /// The serving certificate (`--tls-cert`).
+    pub cert: PathBuf,
+    /// Its key (`--tls-key`).
+    pub key: PathBuf,
+    /// The CA that signs every certificate (`--tls-client-ca`).
+    pub ca: PathBuf,
+}
+
+impl Replica {
+    /// The shared state; `applied` is the etcd revision the hub was loaded at.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        advertise_url: String,
+        store: Arc<EtcdStore>,
+        hub: Arc<Hub>,
+        leases: Leases,
+        identity: Arc<NodeIdentity>,
+        conf: NetConf,
+        metrics: Arc<Metrics>,
+        peer_tls: PeerTls,
+        applied: i64,
+    ) -> Arc<Self> {
+        Arc::new(Replica {
+            advertise_url,
+            store,
+            hub,
+            leases,
+            identity,
+            conf,
+            metrics,
+            peer_tls,
+            leader: RwLock::new(None),
+            leading: AtomicBool::new(false),
+            caught_up: AtomicBool::new(false),
+            applied: tokio::sync::watch::Sender::new(applied),
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts the election, the leader observer and the mirror. `shutdown` turns true
+    /// at SIGTERM: a leader then resigns, so another takes over at once.
+    /// Returns the campaign task, which ends once a leader has resigned at shutdown.
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(mirror::run(self.clone()));
+        tokio::spawn(election::observe(self.clone()));
+        tokio::spawn(election::campaign(self.clone(), shutdown))
+    }
+
+    /// The leader's advertised URL, when one is known.
+    pub fn leader(&self) -> Option<String> {
+        self.leader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_leader(&self, url: Option<String>) {
+        let mut leader = self.leader.write().unwrap_or_else(|p| p.into_inner());
+        if *leader != url {
+            if url.is_some() {
+                self.metrics.leader_changes.inc();
+            }
+            tracing::info!(leader = url.as_deref().unwrap_or("none"), "leader changed");
+            *leader = url;
+        }
+    }
+
+    /// True while this replica leads and its writer runs.
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
+    }
+
+    /// True while the mirror follows etcd (the replica serves current data).
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
+    }
+
+    /// A channel to another replica, made once per URL, with mutual TLS.
+    pub fn peer(&self, url: &str) -> Result<Channel, String> {
+        if let Some(ch) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(url)
+        {
+            return Ok(ch.clone());
+        }
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.peer_tls.ca)?))
+            .identity(Identity::from_pem(
+                read(&self.peer_tls.cert)?,
+                read(&self.peer_tls.key)?,
+            ));
+        let ch = Endpoint::from_shared(url.to_string())
+            .and_then(|e| e.tls_config(tls))
+            .map_err(|e| format!("replica URL {url}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(url.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Forgets a replica's channel (after it failed, so the next call dials again,
+    /// with the certificate files as they are now).
+    pub fn forget_peer(&self, url: &str) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(url);
+    }
+
+    /// The replicas registered in etcd (their advertised URLs), sorted.
+    pub async fn replicas(&self) -> Result<Vec<String>, crate::store::StoreError> {
+        let (kvs, _) = self.store.etcd().range("replicas/").await?;
+        let mut urls: Vec<String> = kvs
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .collect();
+        urls.sort();
+        urls.dedup();
+        Ok(urls)
+    }
+}
