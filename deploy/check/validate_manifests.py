@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Offline checks of Twill's Kubernetes manifests (run by server/tests/deploy_manifests.rs).
 
-For each kustomization (deploy/kubernetes and deploy/kubernetes/cert-manager):
+For each kustomization (deploy/kubernetes and deploy/kubernetes/cert-manager, the
+single-controller default; deploy/kubernetes-ha and deploy/kubernetes-ha/cert-manager,
+the HA variant, overlays of those two):
   1. render it: with `kubectl kustomize` when kubectl is installed, else with
      render_kustomization.py; when kubectl is there, the two renderings must agree, so
      the Python renderer stays faithful for machines without kubectl;
@@ -10,7 +12,8 @@ For each kustomization (deploy/kubernetes and deploy/kubernetes/cert-manager):
      for each Kubernetes version in VERSIONS.
 cert-manager's kinds (cert-manager.io/*) are custom resources without a schema in
 kubernetes-validate: they are skipped by name, with a note, after a structural check.
-The Certificates printed by cert-manager/node-certificates.sh get the same checks.
+The Certificates printed by cert-manager/node-certificates.sh, and the manifests applied
+on their own (STANDALONE: kubernetes-ha/migrate-from-sled.yaml), get the same checks.
 
 Exit status: 0 all good; 1 a check failed; 77 skipped because python3's yaml or
 kubernetes-validate is missing (only when the environment variable CI is unset: under
@@ -27,6 +30,12 @@ DEPLOY = os.path.dirname(HERE)
 KUSTOMIZATIONS = [
     os.path.join(DEPLOY, "kubernetes"),
     os.path.join(DEPLOY, "kubernetes", "cert-manager"),
+    os.path.join(DEPLOY, "kubernetes-ha"),
+    os.path.join(DEPLOY, "kubernetes-ha", "cert-manager"),
+]
+# Manifests applied on their own (`kubectl apply -f`), outside any kustomization.
+STANDALONE = [
+    os.path.join(DEPLOY, "kubernetes-ha", "migrate-from-sled.yaml"),
 ]
 # The oldest Kubernetes we promise (1.30) and the newest the package ships.
 VERSIONS = ["1.30.0", "latest"]
@@ -164,6 +173,16 @@ def main():
             if ident(doc) in seen:
                 fail(f"{rel}: {ident(doc)} twice")
             seen.add(ident(doc))
+            validate(doc, rel)
+
+    for path in STANDALONE:
+        rel = os.path.relpath(path, os.path.dirname(DEPLOY))
+        print(f"{rel}:")
+        with open(path, encoding="utf-8") as f:
+            docs = [d for d in yaml.safe_load_all(f) if d is not None]
+        if not docs:
+            fail(f"{rel}: holds no object")
+        for doc in docs:
             validate(doc, rel)
 
     script = os.path.join(DEPLOY, "kubernetes", "cert-manager", "node-certificates.sh")

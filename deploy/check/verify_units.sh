@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Checks deploy/systemd/*.service with `systemd-analyze verify` and
-# `systemd-analyze security --offline`. Run by server/tests/deploy_manifests.rs.
+# `systemd-analyze security --offline`, and that the env files (deploy/systemd/*.env and
+# deploy/systemd/ha/*.env) hold only KEY=value lines and comments. Run by
+# server/tests/deploy_manifests.rs.
 #
 # Usage: verify_units.sh BIN_DIR
 #   BIN_DIR holds the built twill-controller and twill-agent. The units are copied to
@@ -81,8 +83,10 @@ check_security() {
 check_security twill-controller.service 2.0
 check_security twill-agent.service 3.0
 
-# The env files must only set variables (KEY=value), as EnvironmentFile= reads them.
-for env in controller.env agent.env; do
+# The env files must only set variables (KEY=value), as EnvironmentFile= reads them;
+# ha/ holds the ones of the three-controller setup (the same units).
+for env in controller.env agent.env ha/controller.env ha/agent.env; do
+	[[ -f $units_dir/$env ]] || { echo "FAIL: $units_dir/$env is missing" >&2; status=1; continue; }
 	if bad=$(grep -nEv '^[[:space:]]*(#.*)?$|^[A-Z_][A-Z0-9_]*=' "$units_dir/$env"); then
 		echo "FAIL: $env has lines that are not KEY=value or comments:" >&2
 		echo "$bad" >&2
