@@ -98,8 +98,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // A call another replica forwarded is never passed on again: two replicas that
+        // each still believe the other leads would bounce it between them.
         let replica = match &self.replica {
-            Some(r) if WRITES.contains(&req.uri().path()) && !r.is_leading() => r.clone(),
+            Some(r)
+                if WRITES.contains(&req.uri().path())
+                    && !r.is_leading()
+                    && !req.headers().contains_key(FORWARDED_BY) =>
+            {
+                r.clone()
+            }
             _ => return Box::pin(self.inner.call(req)),
         };
         Box::pin(async move {
@@ -181,6 +189,33 @@ async fn forward(
                 "the leader {leader} did not answer the write this replica forwarded within {}s; retry",
                 FORWARD_TIMEOUT.as_secs()
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_travel_as_hex_and_bad_hex_is_refused() {
+        let der = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(unhex(&hex(&der)).as_deref(), Some(&der[..]));
+        assert_eq!(unhex("abc"), None, "odd length");
+        assert_eq!(unhex("zz"), None, "not hex");
+    }
+
+    #[test]
+    fn only_writes_are_forwarded() {
+        assert!(WRITES.contains(&"/twill.v1.AgentService/Acquire"));
+        assert!(WRITES.contains(&"/twill.v1.IdentityService/Bootstrap"));
+        for read in [
+            "/twill.v1.AgentService/Watch",
+            "/twill.v1.AgentService/GetNetworkConfig",
+            "/twill.v1.AdminService/Status",
+            "/twill.v1.AdminService/ListLeases",
+        ] {
+            assert!(!WRITES.contains(&read), "{read}");
         }
     }
 }

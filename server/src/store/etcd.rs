@@ -659,3 +659,29 @@ impl Store for EtcdStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(prefix_end(b"/twill/"), b"/twill0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0], "all of the key space");
+    }
+
+    #[test]
+    fn a_part_names_each_key_once_and_the_last_write_wins() {
+        let mut part = Part::default();
+        part.put(b"k".to_vec(), b"1".to_vec());
+        part.delete(b"k".to_vec());
+        part.put(b"j".to_vec(), b"2".to_vec());
+        assert_eq!(part.len(), 2);
+        let ops = part.into_ops();
+        assert!(matches!(
+            &ops[1].request,
+            Some(request_op::Request::RequestDeleteRange(d)) if d.key == b"k"
+        ));
+    }
+}
