@@ -293,6 +293,8 @@ impl Agent {
         let mut assembler = Assembler::default();
         let mut watch_at = Instant::now();
         let mut watch_backoff = Backoff::new(BACKOFF_CAP);
+        // Moves to another controller since the last success, per call kind.
+        let (mut renew_moves, mut watch_moves) = (0usize, 0usize);
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
@@ -331,13 +333,15 @@ impl Agent {
                     match result {
                         Ok(ttl) => {
                             renew_backoff.reset();
+                            renew_moves = 0;
                             // Renew once less than the margin (default a third of the TTL) remains.
                             let margin = self.renew_margin(ttl);
                             self.stats.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
                             renew_at = later((ttl - margin).max(Duration::from_secs(1)));
                         }
                         Err(e) => {
-                            let wait = renew_backoff.next_delay();
+                            let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
+                            let wait = self.retry_delay(&mut renew_backoff, &mut renew_moves, moved);
                             warn!(node = %self.node, error = %format!("{e:#}"), retry_in = ?wait, "lease acquire/renew failed; keeping the data plane as it is");
                             renew_at = Instant::now() + wait;
                         }
@@ -365,13 +369,18 @@ impl Agent {
                             assembler.clear();
                             watch = Some(stream);
                             watch_api = Some(api);
+                            // An open watch is a success: on a quiet table no message
+                            // follows that would reset the wait, and the next break
+                            // would wait longer and longer.
+                            watch_backoff.reset();
+                            watch_moves = 0;
                         }
                         Err(s) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
                                 self.fail_over();
                             }
-                            let wait = watch_backoff.next_delay();
+                            let wait = self.retry_delay(&mut watch_backoff, &mut watch_moves, no_answer(&s));
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
                             watch_at = Instant::now() + wait;
                         }
@@ -391,10 +400,11 @@ impl Agent {
                         }
                         Ok(None) | Err(_) => {
                             self.stats.no_contact(now_unix());
-                            if msg.as_ref().err().is_none_or(no_answer) {
+                            let moved = msg.as_ref().err().is_none_or(no_answer);
+                            if moved {
                                 self.fail_over();
                             }
-                            let wait = watch_backoff.next_delay();
+                            let wait = self.retry_delay(&mut watch_backoff, &mut watch_moves, moved);
                             match msg {
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
@@ -534,7 +544,21 @@ impl Agent {
         tokio::spawn(async move { rotation::renew(channel, &node, &cert, &key, deadline).await })
     }
 
-    /// Moves new calls to the next controller URL, if there is more than one: the one
+    /// The wait before retrying a failed call (`moved`: it failed for want of an answer,
+    /// and new calls moved to another controller). While there are controllers not yet
+    /// tried since the last success (a failover: one replica died, another already
+    /// leads), the next is tried almost at once; the backoff grows once per round over
+    /// all of them, so a controller that is down everywhere is not hammered.
+    fn retry_delay(&self, backoff: &mut Backoff, moves: &mut usize, moved: bool) -> Duration {
+        *moves += 1;
+        if moved && *moves < self.creds.replicas() {
+            return Duration::from_millis(rand::Rng::random_range(&mut rand::rng(), 100..300));
+        }
+        *moves = 0;
+        backoff.next_delay()
+    }
+
+    /// Moves new calls to another controller URL, if there is more than one: the one
     /// in use did not answer. An open watch stays where it is until it breaks.
     fn fail_over(&mut self) {
         let from = self.creds.url().to_string();

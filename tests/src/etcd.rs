@@ -17,10 +17,16 @@
 //! etcd.restart(0).unwrap(); // same data dir, --initial-cluster-state existing
 //! // dropping `etcd` kills every member and deletes the certificates and data dirs
 //! ```
+//!
+//! Processes in a [`Lab`]'s hosts cannot reach the machine's loopback:
+//! [`EtcdCluster::start_in_lab`] runs one member in each of the given lab hosts instead,
+//! listening on the host's underlay address (clients on `:2379`, peers on `:2380`), and
+//! runs `etcdctl` inside the first of them, so that no etcd traffic leaves the lab's
+//! namespaces.
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,7 +40,7 @@ use serde::Deserialize;
 
 use crate::certs::openssl;
 use crate::cmd::{self, cmdline, CmdOutput};
-use crate::lab::in_ci;
+use crate::lab::{in_ci, Lab};
 use crate::process::log_tail;
 use crate::wait::{wait_until, Check};
 
@@ -51,6 +57,9 @@ const DIAL_TIMEOUT: &str = "--dial-timeout=1s";
 const START_ATTEMPTS: usize = 3;
 /// Log lines of each member printed when a test fails.
 const LOG_LINES: usize = 40;
+/// etcd's own ports, used by members in lab hosts (each has an address of its own).
+pub const LAB_CLIENT_PORT: u16 = 2379;
+pub const LAB_PEER_PORT: u16 = 2380;
 
 static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -102,6 +111,10 @@ fn binaries() -> Result<(PathBuf, PathBuf)> {
 #[derive(Debug)]
 struct Member {
     name: String,
+    /// The address it listens on: 127.0.0.1, or its lab host's underlay address.
+    ip: Ipv4Addr,
+    /// The network namespace it runs in (a lab host's), or `None` for the machine's.
+    netns: Option<String>,
     client_port: u16,
     peer_port: u16,
     data_dir: PathBuf,
@@ -114,11 +127,11 @@ struct Member {
 
 impl Member {
     fn endpoint(&self) -> String {
-        format!("https://127.0.0.1:{}", self.client_port)
+        format!("https://{}:{}", self.ip, self.client_port)
     }
 
     fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("http://{}:{}", self.ip, self.peer_port)
     }
 
     /// Reaps the process if it has exited; whether it is still running.
@@ -216,6 +229,9 @@ pub struct EtcdCluster {
     server_cert: PathBuf,
     server_key: PathBuf,
     token: String,
+    /// Where the members run: `None` on loopback, else one lab host each (its
+    /// namespace and underlay address).
+    lab_hosts: Option<Vec<(String, Ipv4Addr)>>,
     members: Mutex<Vec<Member>>,
     // last: deleted after the members are killed
     dir: tempfile::TempDir,
@@ -232,6 +248,34 @@ impl EtcdCluster {
     /// quorum read).
     pub fn start(members: usize) -> Result<EtcdCluster> {
         ensure!(members > 0, "an etcd cluster needs at least one member");
+        Self::start_placed(members, None)
+    }
+
+    /// [`EtcdCluster::start`] with one member in each of `hosts` of `lab` (etcd's own
+    /// pid, started as `ip netns exec <host netns> etcd ...`, which execs in place),
+    /// listening on the host's underlay address, clients on [`LAB_CLIENT_PORT`] and
+    /// peers (plain HTTP) on [`LAB_PEER_PORT`]. The server certificate names every
+    /// host's address; `etcdctl` runs in the first host's namespace. The lab kills the
+    /// members too when it is dropped first (with its namespaces).
+    pub fn start_in_lab(lab: &Lab, hosts: &[&str]) -> Result<EtcdCluster> {
+        ensure!(
+            !hosts.is_empty(),
+            "an etcd cluster needs at least one member"
+        );
+        let placed = hosts
+            .iter()
+            .map(|h| {
+                let h = lab.host(h);
+                (h.netns.clone(), h.ip)
+            })
+            .collect();
+        Self::start_placed(hosts.len(), Some(placed))
+    }
+
+    fn start_placed(
+        members: usize,
+        lab_hosts: Option<Vec<(String, Ipv4Addr)>>,
+    ) -> Result<EtcdCluster> {
         let (etcd, etcdctl) = binaries()?;
         let dir = tempfile::Builder::new()
             .prefix("twill-test-etcd")
@@ -250,10 +294,17 @@ impl EtcdCluster {
                 std::process::id(),
                 CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
             ),
+            lab_hosts,
             members: Mutex::new(Vec::new()),
             dir,
         };
-        make_certs(cluster.dir.path()).context("cannot make the etcd test certificates")?;
+        let ips: Vec<Ipv4Addr> = cluster
+            .lab_hosts
+            .iter()
+            .flatten()
+            .map(|(_, ip)| *ip)
+            .collect();
+        make_certs(cluster.dir.path(), &ips).context("cannot make the etcd test certificates")?;
         let mut attempt = 1;
         loop {
             match cluster.launch(members) {
@@ -274,21 +325,35 @@ impl EtcdCluster {
     /// Starts every member of a new cluster with fresh ports and data dirs, and waits
     /// until all are healthy.
     fn launch(&self, members: usize) -> Result<()> {
-        // Hold every listener until all ports are picked, so they are all distinct.
-        let listeners = (0..2 * members)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let ports = listeners
-            .iter()
-            .map(|l| Ok(l.local_addr()?.port()))
-            .collect::<Result<Vec<u16>>>()?;
-        drop(listeners);
+        let placed: Vec<(Option<String>, Ipv4Addr, u16, u16)> = match &self.lab_hosts {
+            Some(hosts) => hosts
+                .iter()
+                .map(|(ns, ip)| (Some(ns.clone()), *ip, LAB_CLIENT_PORT, LAB_PEER_PORT))
+                .collect(),
+            None => {
+                // Hold every listener until all ports are picked, so they are all distinct.
+                let listeners = (0..2 * members)
+                    .map(|_| TcpListener::bind("127.0.0.1:0"))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                let ports = listeners
+                    .iter()
+                    .map(|l| Ok(l.local_addr()?.port()))
+                    .collect::<Result<Vec<u16>>>()?;
+                (0..members)
+                    .map(|i| (None, Ipv4Addr::LOCALHOST, ports[2 * i], ports[2 * i + 1]))
+                    .collect()
+            }
+        };
         let d = self.dir.path();
-        let fresh: Vec<Member> = (0..members)
-            .map(|i| Member {
+        let fresh: Vec<Member> = placed
+            .into_iter()
+            .enumerate()
+            .map(|(i, (netns, ip, client_port, peer_port))| Member {
                 name: format!("etcd{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                ip,
+                netns,
+                client_port,
+                peer_port,
                 data_dir: d.join(format!("etcd{i}.data")),
                 log: d.join(format!("etcd{i}.log")),
                 child: None,
@@ -352,7 +417,7 @@ impl EtcdCluster {
     /// Starts `m`'s etcd process.
     fn spawn(&self, m: &mut Member, initial_cluster: &str, state: &str) -> Result<()> {
         let p = |f: &Path| f.display().to_string();
-        let mut cmd = Command::new(&self.etcd);
+        let mut cmd = self.command(m.netns.as_deref(), &self.etcd);
         cmd.args(["--name", &m.name])
             .args(["--data-dir", &p(&m.data_dir)])
             .args(["--listen-client-urls", &m.endpoint()])
@@ -391,7 +456,8 @@ impl EtcdCluster {
             cmdline(&cmd)
         )?;
         let err = log.try_clone()?;
-        // etcd itself is the child (no shell, no wrapper): its pid is etcd's.
+        // etcd itself is the child (no shell, no wrapper; `ip netns exec` execs in
+        // place): its pid is etcd's.
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -463,7 +529,8 @@ impl EtcdCluster {
         self.member(i, |m| Ok(m.pid())).ok().flatten()
     }
 
-    /// Every member's client URL (`https://127.0.0.1:PORT`), killed ones included.
+    /// Every member's client URL (`https://127.0.0.1:PORT`, or `https://<host
+    /// address>:2379` in a lab), killed ones included.
     pub fn endpoints(&self) -> Vec<String> {
         lock(&self.members).iter().map(Member::endpoint).collect()
     }
@@ -561,7 +628,8 @@ impl EtcdCluster {
         stdin: Option<&[u8]>,
     ) -> Result<CmdOutput> {
         let p = |f: &Path| f.display().to_string();
-        let mut cmd = Command::new(&self.etcdctl);
+        let netns = self.lab_hosts.as_ref().map(|h| h[0].0.as_str());
+        let mut cmd = self.command(netns, &self.etcdctl);
         // hermetic: etcdctl reads ETCDCTL_* variables as flags
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("ETCDCTL_") {
@@ -601,8 +669,21 @@ impl EtcdCluster {
         })
     }
 
+    /// `program`, run in network namespace `netns` (`ip netns exec`, which execs it in
+    /// place) or in the machine's.
+    fn command(&self, netns: Option<&str>, program: &Path) -> Command {
+        match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Each member's state and the tail of its log, for a failure's message.
-    fn log_tails(&self) -> String {
+    pub fn log_tails(&self) -> String {
         let mut out = String::new();
         for m in lock(&self.members).iter_mut() {
             let state = match m.pid() {
@@ -647,16 +728,18 @@ fn initial_cluster(members: &[Member]) -> String {
         .join(",")
 }
 
-/// Writes `ca.crt`/`ca.key`, `server.crt`/`server.key` (serverAuth for 127.0.0.1 and
-/// localhost; also clientAuth, since etcd's gRPC gateway dials its own gRPC server
-/// with it) and `client.crt`/`client.key` (`CN=twill-controller`, clientAuth) into
-/// `dir`, with `openssl`: P-256 keys, valid for two days.
-fn make_certs(dir: &Path) -> Result<()> {
+/// Writes `ca.crt`/`ca.key`, `server.crt`/`server.key` (serverAuth for 127.0.0.1,
+/// localhost and `ips`; also clientAuth, since etcd's gRPC gateway dials its own gRPC
+/// server with it) and `client.crt`/`client.key` (`CN=twill-controller`, clientAuth)
+/// into `dir`, with `openssl`: P-256 keys, valid for two days.
+fn make_certs(dir: &Path, ips: &[Ipv4Addr]) -> Result<()> {
     let p = |f: &str| dir.join(f).display().to_string();
     let cnf = p("openssl.cnf");
+    let sans: String = ips.iter().map(|ip| format!(", IP:{ip}")).collect();
     std::fs::write(
         &cnf,
-        "[req]\n\
+        format!(
+            "[req]\n\
          distinguished_name = dn\n\
          prompt = no\n\
          [dn]\n\
@@ -669,11 +752,12 @@ fn make_certs(dir: &Path) -> Result<()> {
          basicConstraints = critical, CA:FALSE\n\
          keyUsage = critical, digitalSignature\n\
          extendedKeyUsage = serverAuth, clientAuth\n\
-         subjectAltName = IP:127.0.0.1, DNS:localhost\n\
+         subjectAltName = IP:127.0.0.1, DNS:localhost{sans}\n\
          [client]\n\
          basicConstraints = critical, CA:FALSE\n\
          keyUsage = critical, digitalSignature\n\
-         extendedKeyUsage = clientAuth\n",
+         extendedKeyUsage = clientAuth\n"
+        ),
     )?;
     let key_opts = [
         "-newkey",

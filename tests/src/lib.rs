@@ -16,10 +16,15 @@
 //! * [`EtcdCluster`]: real etcd members on loopback with client-certificate TLS, for
 //!   the controller's etcd backend: kill, restart, SIGSTOP/SIGCONT a member; read and
 //!   write keys with `etcdctl`. [`require_etcd`] skips (or fails, in CI) without etcd.
+//!   [`EtcdCluster::start_in_lab`] runs the members inside lab hosts instead.
+//! * [`HaOverlay`]: a lab running Twill highly available: three controller hosts,
+//!   each with an etcd member and a `twill-controller --store etcd`, and agents given
+//!   every replica's URL; who leads, kill and restart a replica, which replica each
+//!   agent watches.
 //!
 //! Everything the lab makes lives inside namespaces it creates and deletes; traffic
-//! never leaves them. (An [`EtcdCluster`] is no lab: it listens on the host's
-//! loopback, on ports the kernel picked free.)
+//! never leaves them. (An [`EtcdCluster`] started with [`EtcdCluster::start`] is no
+//! lab: it listens on the host's loopback, on ports the kernel picked free.)
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -41,18 +46,21 @@ pub mod bins;
 pub mod certs;
 pub mod cmd;
 pub mod etcd;
+pub mod ha;
 pub mod kernel;
 pub mod lab;
 pub mod overlay;
 pub mod ping;
 pub mod pods;
 mod process;
+pub mod replicas;
 pub mod subnet_env;
 pub mod wait;
 
 pub use bins::Bins;
 pub use cmd::CmdOutput;
 pub use etcd::{require_etcd, EtcdCluster};
+pub use ha::HaOverlay;
 pub use kernel::{FdbEntry, Link, Neighbour, Route, FLANNEL_DEV, TWILL_ROUTE_PROTO};
 pub use lab::{
     cleanup_all_labs, cleanup_stale_namespaces, in_ci, require_lab, Host, HttpResponse, Lab,

@@ -157,6 +157,9 @@ pub struct Overlay {
     nodes: Vec<String>,
     agent_args: BTreeMap<String, Vec<String>>,
     bootstrap: bool,
+    /// What the agents get as `--controller`: this overlay's controller, or the
+    /// replicas of an HA overlay ([`crate::ha::HaOverlay`]).
+    controller_urls: Vec<String>,
 }
 
 impl Overlay {
@@ -171,14 +174,8 @@ impl Overlay {
         hosts.extend(cfg.nodes.iter().cloned());
         let lab = Lab::new(LabConfig::new(hosts).mtu(cfg.mtu).verbose(cfg.verbose))?;
         let bins = Bins::locate()?;
-        let ov = Overlay {
-            certs: lab.dir().join("certs"),
-            lab,
-            bins,
-            nodes: cfg.nodes.clone(),
-            agent_args: cfg.agent_args.clone(),
-            bootstrap: cfg.bootstrap,
-        };
+        let url = format!("https://{}:{GRPC_PORT}", lab.host(CONTROLLER_HOST).ip);
+        let ov = Overlay::on_lab(lab, bins, &cfg, vec![url]);
         match ov.bring_up(&cfg) {
             Ok(()) => Ok(ov),
             Err(e) => {
@@ -189,8 +186,27 @@ impl Overlay {
         }
     }
 
+    /// An overlay of `cfg.nodes` on `lab`, its agents pointed at `controller_urls`;
+    /// starts nothing (the caller makes the certificates and starts the controllers).
+    pub(crate) fn on_lab(
+        lab: Lab,
+        bins: Bins,
+        cfg: &OverlayConfig,
+        controller_urls: Vec<String>,
+    ) -> Overlay {
+        Overlay {
+            certs: lab.dir().join("certs"),
+            lab,
+            bins,
+            nodes: cfg.nodes.clone(),
+            agent_args: cfg.agent_args.clone(),
+            bootstrap: cfg.bootstrap,
+            controller_urls,
+        }
+    }
+
     fn bring_up(&self, cfg: &OverlayConfig) -> Result<()> {
-        self.make_certs()?;
+        self.make_certs(&[self.lab.host(CONTROLLER_HOST).ip])?;
         let ctl = self.lab.host(CONTROLLER_HOST);
         let net_conf = ctl.dir.join("net-conf.json");
         std::fs::write(&net_conf, &cfg.net_conf)
@@ -254,10 +270,16 @@ impl Overlay {
         Ok(())
     }
 
-    fn make_certs(&self) -> Result<()> {
-        let ctl_ip = self.lab.host(CONTROLLER_HOST).ip.to_string();
+    /// The CA, one controller certificate naming every address in `controller_ips`,
+    /// node certificates (unless bootstrapping) and the admin certificate.
+    pub(crate) fn make_certs(&self, controller_ips: &[Ipv4Addr]) -> Result<()> {
         self.twillctl_certs(&["init"])?;
-        self.twillctl_certs(&["issue", "controller", "--ip", &ctl_ip, "--dns", "localhost"])?;
+        let mut issue = vec!["issue".to_string(), "controller".into()];
+        for ip in controller_ips {
+            issue.extend(["--ip".into(), ip.to_string()]);
+        }
+        issue.extend(["--dns".into(), "localhost".into()]);
+        self.twillctl_certs(&issue.iter().map(String::as_str).collect::<Vec<_>>())?;
         if !self.bootstrap {
             for n in &self.nodes {
                 self.issue_node_cert(n)?;
@@ -422,7 +444,7 @@ impl Overlay {
     pub fn agent_command_args(&self, node: &str) -> Vec<String> {
         let mut args = vec![
             "--controller".to_string(),
-            self.controller_url(),
+            self.controller_urls.join(","),
             "--node-name".into(),
             node.into(),
             "--tls-cert".into(),
@@ -501,7 +523,7 @@ impl Overlay {
         self.wait_controller_ready(Duration::from_secs(30))
     }
 
-    fn process_gone(&self, proc_name: &str) -> Option<String> {
+    pub(crate) fn process_gone(&self, proc_name: &str) -> Option<String> {
         if self.lab.is_running(proc_name) {
             return None;
         }

@@ -119,13 +119,21 @@ impl Credentials {
         &self.urls[self.current]
     }
 
-    /// A channel to the next controller URL, when there is more than one: the one in
-    /// use could not be reached.
+    /// How many controller URLs there are.
+    pub fn replicas(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// A channel to another controller URL, picked at random, when there is more than
+    /// one: the one in use could not be reached. At random, not the next in the list:
+    /// agents that all left the same dead replica would otherwise all land on the same
+    /// survivor and stay piled there.
     pub fn fail_over(&mut self) -> Option<Channel> {
         if self.urls.len() < 2 {
             return None;
         }
-        self.current = (self.current + 1) % self.urls.len();
+        let step = rand::Rng::random_range(&mut rand::rng(), 1..self.urls.len());
+        self.current = (self.current + step) % self.urls.len();
         // Every URL was checked when loading, and the files read then are unchanged.
         client::mtls_channel(self.url(), &self.pem).ok()
     }
