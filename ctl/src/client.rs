@@ -549,16 +549,13 @@ mod tests {
             .unwrap();
         let d = diagnose_client_cert(good.cert_pem.as_bytes(), p, now);
         assert!(d.contains("signed by the CA the controller trusts"), "{d}");
-        let server = ca
-            .issue(
-                &Role::Controller {
-                    dns: vec!["x".into()],
-                    ips: vec![],
-                },
-                Validity::days(1).unwrap(),
-            )
-            .unwrap();
-        let d = diagnose_client_cert(server.cert_pem.as_bytes(), p, now);
+        // A certificate for serving only (controller certificates from `certs issue
+        // controller` are client certificates too, for replicas on etcd).
+        let mut params = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = params.self_signed(&key).unwrap().pem();
+        let d = diagnose_client_cert(server.as_bytes(), p, now);
         assert!(d.contains("lacks extended key usage clientAuth"), "{d}");
     }
 

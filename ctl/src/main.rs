@@ -114,8 +114,12 @@ enum Command {
     /// table's revision, the size of the store on disk and the controller's version,
     /// then a table of open watch streams: NAME (from the client certificate),
     /// CONNECTED (how long ago the stream opened), LAST-SEEN (how long ago the node last
-    /// called), REVISION (the last one sent to it) and LAG (revisions it is behind).
-    /// `-o wide` adds the timestamps; `-o json|yaml` print the same as a document.
+    /// called), REVISION (the last one sent to it), LAG (revisions it is behind) and
+    /// CERT-EXPIRES (time left on its client certificate). With the controllers on
+    /// etcd it also names the replicas and the leader, prints a table of replicas (URL,
+    /// ROLE, AGENTS; ERROR when one did not answer) and adds a REPLICA column: the
+    /// replica each agent watches. `-o wide` adds the timestamps; `-o json|yaml` print
+    /// the same as a document.
     #[command(after_help = "Examples:\n  twillctl status\n  twillctl status -o json")]
     Status,
     /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved), ordered by

@@ -7,7 +7,7 @@ use serde::Serialize;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
-    ListLeasesResponse, Reservation, StatusResponse, WatchResponse,
+    ListLeasesResponse, Replica, Reservation, StatusResponse, WatchResponse,
 };
 
 /// Output formats of `-o/--output`.
@@ -355,6 +355,10 @@ pub struct AgentDoc {
     pub cert_not_after_unix: i64,
     /// The same, RFC 3339 UTC (empty when unknown).
     pub cert_not_after: String,
+    /// The advertised URL of the replica the stream is open on (etcd store; absent with
+    /// the single-replica sled store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl From<&ConnectedAgent> for AgentDoc {
@@ -369,6 +373,32 @@ impl From<&ConnectedAgent> for AgentDoc {
             revision_lag: a.revision_lag,
             cert_not_after_unix: a.cert_not_after_unix,
             cert_not_after: unix_to_rfc3339(a.cert_not_after_unix),
+            replica: Some(a.replica.clone()).filter(|r| !r.is_empty()),
+        }
+    }
+}
+
+/// One controller replica as printed by `status -o json|yaml` (etcd store).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReplicaDoc {
+    /// Its advertised URL.
+    pub url: String,
+    /// True for the elected leader, the one replica that writes.
+    pub leader: bool,
+    /// Watch streams open on it (0 when it did not answer).
+    pub agents: u32,
+    /// Why it did not answer (absent when it did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<&Replica> for ReplicaDoc {
+    fn from(r: &Replica) -> Self {
+        ReplicaDoc {
+            url: r.url.clone(),
+            leader: r.leader,
+            agents: r.agents,
+            error: Some(r.error.clone()).filter(|e| !e.is_empty()),
         }
     }
 }
@@ -393,6 +423,10 @@ pub struct StatusDoc {
     /// Reservations the controller cannot honour now (absent when none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reservations_stale: Option<u32>,
+    /// The controller replicas, by URL (etcd store; absent with the single-replica sled
+    /// store).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaDoc>,
     /// Open watch streams, ordered by name.
     pub agents: Vec<AgentDoc>,
 }
@@ -408,19 +442,24 @@ impl From<&StatusResponse> for StatusDoc {
             subnets_free: s.subnets_free,
             subnets_reserved: s.subnets_reserved,
             reservations_stale: Some(s.reservations_stale).filter(|n| *n > 0),
+            replicas: s.replicas.iter().map(ReplicaDoc::from).collect(),
             agents: s.agents.iter().map(AgentDoc::from).collect(),
         }
     }
 }
 
-/// `status`: a summary (version, revision, store size, capacity) and the table of
-/// connected agents (NAME, CONNECTED, LAST-SEEN, REVISION, LAG, CERT-EXPIRES; wide:
-/// plus the timestamps), or the status document. `now` is the reference for the ages
-/// and for the time left on each agent's certificate.
+/// `status`: a summary (version, revision, store size, capacity; on etcd the number of
+/// replicas and the leader), on etcd the table of replicas (URL, ROLE, AGENTS; ERROR
+/// when one did not answer), and the table of connected agents (NAME, CONNECTED,
+/// LAST-SEEN, REVISION, LAG, CERT-EXPIRES, and on etcd REPLICA; wide: plus the
+/// timestamps), or the status document. `now` is the reference for the ages and for the
+/// time left on each agent's certificate. Without replicas (the sled store) the output
+/// is what it was before high availability.
 pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> String {
     match format {
         Format::Table | Format::Wide => {
-            let summary = vec![
+            let ha = !s.replicas.is_empty();
+            let mut summary = vec![
                 strings(&["Version:", &or_none(&s.version)]),
                 strings(&["Revision:", &s.revision.to_string()]),
                 strings(&["Store size:", &bytes(s.store_size_bytes)]),
@@ -438,16 +477,23 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                         ),
                     },
                 ]),
-                strings(&[
-                    "Agents:",
-                    &match s.agents.len() {
-                        0 => "none connected".to_string(),
-                        1 => "1 connected".to_string(),
-                        n => format!("{n} connected"),
-                    },
-                ]),
             ];
+            if ha {
+                summary.push(strings(&["Replicas:", &replicas_summary(&s.replicas)]));
+            }
+            summary.push(strings(&[
+                "Agents:",
+                &match s.agents.len() {
+                    0 => "none connected".to_string(),
+                    1 => "1 connected".to_string(),
+                    n => format!("{n} connected"),
+                },
+            ]));
             let mut out = table(&summary);
+            if ha {
+                out.push('\n');
+                out.push_str(&replica_table(&s.replicas));
+            }
             if s.agents.is_empty() {
                 return out;
             }
@@ -460,6 +506,9 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                 "LAG",
                 "CERT-EXPIRES",
             ];
+            if ha {
+                header.push("REPLICA");
+            }
             if wide {
                 header.extend(["CONNECTED-AT", "LAST-SEEN-AT", "CERT-NOT-AFTER"]);
             }
@@ -473,6 +522,9 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                     a.revision_lag.to_string(),
                     expires_in(a.cert_not_after_unix, now),
                 ];
+                if ha {
+                    row.push(or_none(&one_line(&a.replica)));
+                }
                 if wide {
                     row.push(or_none(&unix_to_rfc3339(a.connected_at_unix)));
                     row.push(or_none(&unix_to_rfc3339(a.last_seen_unix)));
@@ -487,6 +539,49 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
         Format::Json => json(&StatusDoc::from(s)),
         Format::Yaml => yaml(&StatusDoc::from(s)),
     }
+}
+
+/// The `Replicas:` line of `status`: how many, which one leads, how many did not answer.
+fn replicas_summary(replicas: &[Replica]) -> String {
+    let leader = match replicas.iter().find(|r| r.leader) {
+        Some(r) => format!("leader {}", or_none(&one_line(&r.url))),
+        None => "no leader now".to_string(),
+    };
+    match replicas.iter().filter(|r| !r.error.is_empty()).count() {
+        0 => format!("{} ({leader})", replicas.len()),
+        down => format!("{} ({leader}, {down} unreachable)", replicas.len()),
+    }
+}
+
+/// The replica table of `status`: URL, ROLE, AGENTS, and ERROR when one of them did not
+/// answer (its AGENTS are then unknown).
+fn replica_table(replicas: &[Replica]) -> String {
+    let errors = replicas.iter().any(|r| !r.error.is_empty());
+    let mut header = vec!["URL", "ROLE", "AGENTS"];
+    if errors {
+        header.push("ERROR");
+    }
+    let mut rows = vec![strings(&header)];
+    for r in replicas {
+        let mut row = vec![
+            or_none(&one_line(&r.url)),
+            if r.leader { "leader" } else { "follower" }.to_string(),
+            if r.error.is_empty() {
+                r.agents.to_string()
+            } else {
+                "<unknown>".to_string()
+            },
+        ];
+        if errors {
+            row.push(if r.error.is_empty() {
+                "<none>".to_string()
+            } else {
+                format!("unreachable: {}", one_line(&r.error))
+            });
+        }
+        rows.push(row);
+    }
+    table(&rows)
 }
 
 /// One bootstrap token as printed by `token list -o json|yaml`. There is deliberately no
@@ -1338,6 +1433,412 @@ node-a   5m3s        3s          9          1     6d23h
         assert_eq!(bytes(0), "0 B");
         assert_eq!(bytes(1023), "1023 B");
         assert_eq!(bytes(1024), "1.0 KiB");
+    }
+
+    /// What a single-replica (sled) controller answers: no replicas, no agent replica.
+    fn sled_status() -> StatusResponse {
+        let agent = |name: &str, lag| ConnectedAgent {
+            name: name.into(),
+            connected_at_unix: 10_000 - 66,
+            last_seen_unix: 10_000 - 6,
+            revision: 12 - lag,
+            revision_lag: lag,
+            cert_not_after_unix: 10_000 + 4 * 86_400 + 11 * 3600,
+            ..Default::default()
+        };
+        StatusResponse {
+            subnets_total: 255,
+            subnets_used: 2,
+            subnets_free: 252,
+            subnets_reserved: 2,
+            reservations_stale: 1,
+            agents: vec![agent("worker-1", 0), agent("worker-22", 2)],
+            revision: 12,
+            store_size_bytes: 1434,
+            version: "0.1.0".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Three replicas on etcd: the leader, a follower, and one that did not answer.
+    fn ha_status() -> StatusResponse {
+        let mut s = sled_status();
+        s.reservations_stale = 0;
+        s.agents[0].replica = "https://10.0.0.11:8474".into();
+        s.agents[1].replica = "https://10.0.0.12:8474".into();
+        s.replicas = vec![
+            Replica {
+                url: "https://10.0.0.11:8474".into(),
+                leader: true,
+                agents: 1,
+                error: String::new(),
+            },
+            Replica {
+                url: "https://10.0.0.12:8474".into(),
+                leader: false,
+                agents: 1,
+                error: String::new(),
+            },
+            Replica {
+                url: "https://10.0.0.13:8474".into(),
+                leader: false,
+                agents: 0,
+                error: "transport error".into(),
+            },
+        ];
+        s
+    }
+
+    /// Without replicas (the sled store), `status` prints exactly what it printed before
+    /// high availability, in every format: these are the fixtures.
+    #[test]
+    fn status_without_replicas_is_unchanged() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let s = sled_status();
+        let table = "\
+Version:      0.1.0
+Revision:     12
+Store size:   1.4 KiB
+Subnets:      255 total, 2 used, 252 free, 2 reserved (1 not honoured now: twillctl reservations -o yaml says why)
+Agents:       2 connected
+
+NAME        CONNECTED   LAST-SEEN   REVISION   LAG   CERT-EXPIRES
+worker-1    66s         6s          12         0     4d11h
+worker-22   66s         6s          10         2     4d11h
+";
+        assert_eq!(render_status(&s, Format::Table, now), table);
+        let wide = "\
+Version:      0.1.0
+Revision:     12
+Store size:   1.4 KiB
+Subnets:      255 total, 2 used, 252 free, 2 reserved (1 not honoured now: twillctl reservations -o yaml says why)
+Agents:       2 connected
+
+NAME        CONNECTED   LAST-SEEN   REVISION   LAG   CERT-EXPIRES   CONNECTED-AT           LAST-SEEN-AT           CERT-NOT-AFTER
+worker-1    66s         6s          12         0     4d11h          1970-01-01T02:45:34Z   1970-01-01T02:46:34Z   1970-01-05T13:46:40Z
+worker-22   66s         6s          10         2     4d11h          1970-01-01T02:45:34Z   1970-01-01T02:46:34Z   1970-01-05T13:46:40Z
+";
+        assert_eq!(render_status(&s, Format::Wide, now), wide);
+        let json = r#"{
+  "version": "0.1.0",
+  "revision": 12,
+  "store_size_bytes": 1434,
+  "subnets_total": 255,
+  "subnets_used": 2,
+  "subnets_free": 252,
+  "subnets_reserved": 2,
+  "reservations_stale": 1,
+  "agents": [
+    {
+      "name": "worker-1",
+      "connected_at_unix": 9934,
+      "connected_at": "1970-01-01T02:45:34Z",
+      "last_seen_unix": 9994,
+      "last_seen": "1970-01-01T02:46:34Z",
+      "revision": 12,
+      "revision_lag": 0,
+      "cert_not_after_unix": 395200,
+      "cert_not_after": "1970-01-05T13:46:40Z"
+    },
+    {
+      "name": "worker-22",
+      "connected_at_unix": 9934,
+      "connected_at": "1970-01-01T02:45:34Z",
+      "last_seen_unix": 9994,
+      "last_seen": "1970-01-01T02:46:34Z",
+      "revision": 10,
+      "revision_lag": 2,
+      "cert_not_after_unix": 395200,
+      "cert_not_after": "1970-01-05T13:46:40Z"
+    }
+  ]
+}
+"#;
+        assert_eq!(render_status(&s, Format::Json, now), json);
+        let yaml = "\
+version: \"0.1.0\"
+revision: 12
+store_size_bytes: 1434
+subnets_total: 255
+subnets_used: 2
+subnets_free: 252
+subnets_reserved: 2
+reservations_stale: 1
+agents:
+- name: \"worker-1\"
+  connected_at_unix: 9934
+  connected_at: \"1970-01-01T02:45:34Z\"
+  last_seen_unix: 9994
+  last_seen: \"1970-01-01T02:46:34Z\"
+  revision: 12
+  revision_lag: 0
+  cert_not_after_unix: 395200
+  cert_not_after: \"1970-01-05T13:46:40Z\"
+- name: \"worker-22\"
+  connected_at_unix: 9934
+  connected_at: \"1970-01-01T02:45:34Z\"
+  last_seen_unix: 9994
+  last_seen: \"1970-01-01T02:46:34Z\"
+  revision: 10
+  revision_lag: 2
+  cert_not_after_unix: 395200
+  cert_not_after: \"1970-01-05T13:46:40Z\"
+";
+        assert_eq!(render_status(&s, Format::Yaml, now), yaml);
+        let none = StatusResponse::default();
+        let table = "\
+Version:      <none>
+Revision:     0
+Store size:   0 B
+Subnets:      0 total, 0 used, 0 free, 0 reserved
+Agents:       none connected
+";
+        assert_eq!(render_status(&none, Format::Table, now), table);
+        assert_eq!(render_status(&none, Format::Wide, now), table);
+        let json = r#"{
+  "version": "",
+  "revision": 0,
+  "store_size_bytes": 0,
+  "subnets_total": 0,
+  "subnets_used": 0,
+  "subnets_free": 0,
+  "subnets_reserved": 0,
+  "agents": []
+}
+"#;
+        assert_eq!(render_status(&none, Format::Json, now), json);
+        let yaml = "\
+version: \"\"
+revision: 0
+store_size_bytes: 0
+subnets_total: 0
+subnets_used: 0
+subnets_free: 0
+subnets_reserved: 0
+agents: []
+";
+        assert_eq!(render_status(&none, Format::Yaml, now), yaml);
+        for f in [Format::Table, Format::Wide, Format::Json, Format::Yaml] {
+            let out = render_status(&s, f, now);
+            assert!(!out.to_lowercase().contains("replica"), "{f:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn status_with_replicas_table() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let s = ha_status();
+        let expected = "\
+Version:      0.1.0
+Revision:     12
+Store size:   1.4 KiB
+Subnets:      255 total, 2 used, 252 free, 2 reserved
+Replicas:     3 (leader https://10.0.0.11:8474, 1 unreachable)
+Agents:       2 connected
+
+URL                      ROLE       AGENTS      ERROR
+https://10.0.0.11:8474   leader     1           <none>
+https://10.0.0.12:8474   follower   1           <none>
+https://10.0.0.13:8474   follower   <unknown>   unreachable: transport error
+
+NAME        CONNECTED   LAST-SEEN   REVISION   LAG   CERT-EXPIRES   REPLICA
+worker-1    66s         6s          12         0     4d11h          https://10.0.0.11:8474
+worker-22   66s         6s          10         2     4d11h          https://10.0.0.12:8474
+";
+        assert_eq!(render_status(&s, Format::Table, now), expected);
+
+        // All answered: no ERROR column, nor a count of unreachable ones.
+        let mut up = s.clone();
+        up.replicas.truncate(2);
+        let t = render_status(&up, Format::Table, now);
+        assert!(
+            t.contains("\nReplicas:     2 (leader https://10.0.0.11:8474)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "\n\nURL                      ROLE       AGENTS\n\
+                 https://10.0.0.11:8474   leader     1\n\
+                 https://10.0.0.12:8474   follower   1\n\n"
+            ),
+            "{t}"
+        );
+
+        // Between two elections.
+        let mut leaderless = up.clone();
+        leaderless.replicas[0].leader = false;
+        let t = render_status(&leaderless, Format::Table, now);
+        assert!(t.contains("\nReplicas:     2 (no leader now)\n"), "{t}");
+        assert!(!t.contains("   leader   "), "{t}");
+
+        // Replicas but no agents: the replica table ends the output; an agent whose
+        // replica is not known says so.
+        let mut idle = up.clone();
+        idle.agents.clear();
+        let t = render_status(&idle, Format::Table, now);
+        assert!(t.contains("Agents:       none connected\n\nURL "), "{t}");
+        assert!(
+            t.ends_with("https://10.0.0.12:8474   follower   1\n"),
+            "{t}"
+        );
+        let mut unknown = up;
+        unknown.agents[1].replica.clear();
+        let t = render_status(&unknown, Format::Table, now);
+        assert!(t.ends_with("   4d11h          <none>\n"), "{t}");
+    }
+
+    #[test]
+    fn status_with_replicas_wide() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let expected = "\
+Version:      0.1.0
+Revision:     12
+Store size:   1.4 KiB
+Subnets:      255 total, 2 used, 252 free, 2 reserved
+Replicas:     3 (leader https://10.0.0.11:8474, 1 unreachable)
+Agents:       2 connected
+
+URL                      ROLE       AGENTS      ERROR
+https://10.0.0.11:8474   leader     1           <none>
+https://10.0.0.12:8474   follower   1           <none>
+https://10.0.0.13:8474   follower   <unknown>   unreachable: transport error
+
+NAME        CONNECTED   LAST-SEEN   REVISION   LAG   CERT-EXPIRES   REPLICA                  CONNECTED-AT           LAST-SEEN-AT           CERT-NOT-AFTER
+worker-1    66s         6s          12         0     4d11h          https://10.0.0.11:8474   1970-01-01T02:45:34Z   1970-01-01T02:46:34Z   1970-01-05T13:46:40Z
+worker-22   66s         6s          10         2     4d11h          https://10.0.0.12:8474   1970-01-01T02:45:34Z   1970-01-01T02:46:34Z   1970-01-05T13:46:40Z
+";
+        assert_eq!(render_status(&ha_status(), Format::Wide, now), expected);
+    }
+
+    #[test]
+    fn status_with_replicas_json() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let out = render_status(&ha_status(), Format::Json, now);
+        let expected = r#"{
+  "version": "0.1.0",
+  "revision": 12,
+  "store_size_bytes": 1434,
+  "subnets_total": 255,
+  "subnets_used": 2,
+  "subnets_free": 252,
+  "subnets_reserved": 2,
+  "replicas": [
+    {
+      "url": "https://10.0.0.11:8474",
+      "leader": true,
+      "agents": 1
+    },
+    {
+      "url": "https://10.0.0.12:8474",
+      "leader": false,
+      "agents": 1
+    },
+    {
+      "url": "https://10.0.0.13:8474",
+      "leader": false,
+      "agents": 0,
+      "error": "transport error"
+    }
+  ],
+  "agents": [
+    {
+      "name": "worker-1",
+      "connected_at_unix": 9934,
+      "connected_at": "1970-01-01T02:45:34Z",
+      "last_seen_unix": 9994,
+      "last_seen": "1970-01-01T02:46:34Z",
+      "revision": 12,
+      "revision_lag": 0,
+      "cert_not_after_unix": 395200,
+      "cert_not_after": "1970-01-05T13:46:40Z",
+      "replica": "https://10.0.0.11:8474"
+    },
+    {
+      "name": "worker-22",
+      "connected_at_unix": 9934,
+      "connected_at": "1970-01-01T02:45:34Z",
+      "last_seen_unix": 9994,
+      "last_seen": "1970-01-01T02:46:34Z",
+      "revision": 10,
+      "revision_lag": 2,
+      "cert_not_after_unix": 395200,
+      "cert_not_after": "1970-01-05T13:46:40Z",
+      "replica": "https://10.0.0.12:8474"
+    }
+  ]
+}
+"#;
+        assert_eq!(out, expected);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let replicas = v["replicas"].as_array().unwrap();
+        assert_eq!(replicas.len(), 3);
+        let keys: Vec<&str> = replicas[2]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            ["agents", "error", "leader", "url"],
+            "a stable interface"
+        );
+        assert!(replicas[0].get("error").is_none());
+        assert_eq!(replicas[0]["leader"], true);
+        assert_eq!(replicas[2]["error"], "transport error");
+        assert_eq!(v["agents"][1]["replica"], "https://10.0.0.12:8474");
+        let mut unknown = ha_status();
+        unknown.agents[1].replica.clear();
+        let v: serde_json::Value =
+            serde_json::from_str(&render_status(&unknown, Format::Json, now)).unwrap();
+        assert!(v["agents"][1].get("replica").is_none());
+    }
+
+    #[test]
+    fn status_with_replicas_yaml() {
+        let now = UNIX_EPOCH + Duration::from_secs(10_000);
+        let expected = "\
+version: \"0.1.0\"
+revision: 12
+store_size_bytes: 1434
+subnets_total: 255
+subnets_used: 2
+subnets_free: 252
+subnets_reserved: 2
+replicas:
+- url: \"https://10.0.0.11:8474\"
+  leader: true
+  agents: 1
+- url: \"https://10.0.0.12:8474\"
+  leader: false
+  agents: 1
+- url: \"https://10.0.0.13:8474\"
+  leader: false
+  agents: 0
+  error: \"transport error\"
+agents:
+- name: \"worker-1\"
+  connected_at_unix: 9934
+  connected_at: \"1970-01-01T02:45:34Z\"
+  last_seen_unix: 9994
+  last_seen: \"1970-01-01T02:46:34Z\"
+  revision: 12
+  revision_lag: 0
+  cert_not_after_unix: 395200
+  cert_not_after: \"1970-01-05T13:46:40Z\"
+  replica: \"https://10.0.0.11:8474\"
+- name: \"worker-22\"
+  connected_at_unix: 9934
+  connected_at: \"1970-01-01T02:45:34Z\"
+  last_seen_unix: 9994
+  last_seen: \"1970-01-01T02:46:34Z\"
+  revision: 10
+  revision_lag: 2
+  cert_not_after_unix: 395200
+  cert_not_after: \"1970-01-05T13:46:40Z\"
+  replica: \"https://10.0.0.12:8474\"
+";
+        assert_eq!(render_status(&ha_status(), Format::Yaml, now), expected);
     }
 
     #[test]
