@@ -315,8 +315,9 @@ impl EtcdFleet {
         out
     }
 
-    /// One more node joins per round; grant (its put's reply) → delivery at each watcher.
-    /// Gives up after `limit` in all.
+    /// One more node joins per round, as flanneld does (LeaseGrant, then Put); measures
+    /// its first request being sent → the key's delivery at each watcher (and, kept for
+    /// comparison, its put's reply → delivery). Gives up after `limit` in all.
     pub async fn fanout(&mut self, rounds: usize, limit: Duration) -> sim::FanoutOutcome {
         let n = self.clients.len();
         let started = Instant::now();
@@ -326,6 +327,7 @@ impl EtcdFleet {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            // The origin of the fan-out delay: the join's first request leaves now.
             let sent = Instant::now();
             if write_lease(&self.joiners[r], Who::Joiner(r as u32), r, true)
                 .await

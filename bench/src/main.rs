@@ -5,6 +5,7 @@
 //! table and writes the raw figures as JSON (default
 //! target/bench-results/<scenario>-<N>.json). See BENCHMARKS.md.
 
+mod charts;
 mod coldstart;
 mod dataplane;
 mod etcd;
@@ -88,6 +89,14 @@ struct Opts {
     /// Also write the report as markdown to this file (e.g. BENCHMARKS.md).
     #[arg(long)]
     write_markdown: Option<PathBuf>,
+    /// Also draw the join storm / fan-out rows against N as SVG charts, Twill beside
+    /// etcd (join storm time, fan-out p99, server peak RSS), into this directory;
+    /// `--charts` alone: bench/charts. Give several --nodes (e.g.
+    /// 100,500,1000,2000,5000). With --write-markdown the document links them. Works
+    /// with `report --from` too.
+    #[arg(long, value_name = "DIR")]
+    #[allow(clippy::option_option)]
+    charts: Option<Option<PathBuf>>,
     /// `report`: the JSON results to render.
     #[arg(long)]
     from: Option<PathBuf>,
@@ -101,7 +110,8 @@ enum Scenario {
     /// N new nodes bootstrap their certificates with a token, then join; alternated
     /// with join storms of N nodes that hold certificates already.
     ColdStart,
-    /// N watchers; one more node joins, 50 times; grant → delivery at each watcher.
+    /// N watchers; one more node joins, 50 times; its request sent → delivery at each
+    /// watcher.
     Fanout,
     /// 1% of nodes release and re-acquire per second.
     Churn,
@@ -225,8 +235,14 @@ pub struct Summary {
     pub deliveries_fraction: f64,
     /// Grant latency from time zero, ms.
     pub grant_ms: Dist,
-    /// Fan-out grant → delivery, ms.
-    pub fanout_ms: Dist,
+    /// Fan-out: the joiner's request sent → delivery at each watcher, ms (NaN in
+    /// results from before this figure).
+    #[serde(default = "crate::stats::nan_dist")]
+    pub fanout_from_send_ms: Dist,
+    /// Fan-out: the joiner's reply → delivery, ms (may be negative); the tables'
+    /// figure before they started at the send (`fanout_ms` then).
+    #[serde(alias = "fanout_ms")]
+    pub fanout_from_reply_ms: Dist,
     /// Fan-out deliveries received / expected.
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub fanout_delivered: f64,
@@ -276,12 +292,13 @@ fn summarize(runs: &[Run]) -> Summary {
         nodes_granted: median(runs.iter().map(|r| r.storm.nodes_granted as f64)),
         deliveries_fraction: median(runs.iter().map(|r| r.storm.deliveries_fraction)),
         grant_ms: median_dist(&runs.iter().map(|r| r.storm.grant_ms).collect::<Vec<_>>()),
-        fanout_ms: median_dist(&fan.iter().map(|f| f.delivery_ms).collect::<Vec<_>>()),
+        fanout_from_send_ms: median_dist(&fan.iter().map(|f| f.from_send_ms).collect::<Vec<_>>()),
+        fanout_from_reply_ms: median_dist(&fan.iter().map(|f| f.from_reply_ms).collect::<Vec<_>>()),
         fanout_delivered: median(fan.iter().map(|f| {
             if f.expected == 0 {
                 f64::NAN
             } else {
-                f.delivery_ms.count as f64 / f.expected as f64
+                f.from_send_ms.count as f64 / f.expected as f64
             }
         })),
         peak_rss_mb: median(runs.iter().map(|r| r.peak_rss_mb)),
@@ -396,11 +413,14 @@ async fn twill_run(
     let fan = if fanout && storm.converged {
         let f = fleet.fanout(o.rounds).await;
         eprintln!(
-            "  twill N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
-            f.delivery_ms.p50,
-            f.delivery_ms.p99,
-            f.delivery_ms.max,
-            f.delivery_ms.count,
+            "  twill N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
+             (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
+            f.from_send_ms.p50,
+            f.from_send_ms.p99,
+            f.from_send_ms.max,
+            f.from_reply_ms.p50,
+            f.from_reply_ms.p99,
+            f.from_send_ms.count,
             f.expected
         );
         Some(f)
@@ -456,11 +476,14 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
     let fan = if fanout && etcd.alive() {
         let f = fleet.fanout(o.rounds, FANOUT_LIMIT).await;
         eprintln!(
-            "  etcd  N={n}: fan-out p50 {:.2} / p99 {:.2} / max {:.2} ms ({} of {} deliveries)",
-            f.delivery_ms.p50,
-            f.delivery_ms.p99,
-            f.delivery_ms.max,
-            f.delivery_ms.count,
+            "  etcd  N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
+             (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
+            f.from_send_ms.p50,
+            f.from_send_ms.p99,
+            f.from_send_ms.max,
+            f.from_reply_ms.p50,
+            f.from_reply_ms.p99,
+            f.from_send_ms.count,
             f.expected
         );
         Some(f)
@@ -807,10 +830,10 @@ async fn run(mut o: Opts) -> Result<Results> {
                 );
             }
             let f = t.fanout.as_ref().context("fan-out ran")?;
-            if f.delivery_ms.count != f.expected {
+            if f.from_send_ms.count != f.expected {
                 bail!(
                     "smoke: fan-out delivered {} of {}",
-                    f.delivery_ms.count,
+                    f.from_send_ms.count,
                     f.expected
                 );
             }
@@ -890,10 +913,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("reading {}", from.display()))?;
         let md = report::markdown(&res);
         println!("{md}");
-        if let Some(path) = &o.write_markdown {
-            std::fs::write(path, report::document(&res))?;
-            eprintln!("wrote {}", path.display());
-        }
+        write_outputs(&o, &res)?;
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -908,8 +928,42 @@ fn main() -> Result<()> {
     std::fs::write(&out, serde_json::to_string_pretty(&res)?)?;
     println!("{}", report::markdown(&res));
     eprintln!("raw figures: {}", out.display());
+    write_outputs(&o, &res)
+}
+
+/// Where `--charts` alone puts the charts (relative to the current directory: the
+/// repository's root in BENCHMARKS.md's commands).
+const DEFAULT_CHARTS: &str = "bench/charts";
+
+/// The charts (--charts) and the document (--write-markdown), which links the charts.
+fn write_outputs(o: &Opts, res: &Results) -> Result<()> {
+    let charts = match &o.charts {
+        Some(dir) => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CHARTS));
+            let charts = charts::write(res, &dir)?;
+            for c in &charts {
+                eprintln!("chart: {}", c.path.display());
+            }
+            if charts.is_empty() {
+                eprintln!("no charts: no join storm / fan-out rows");
+            }
+            charts
+        }
+        None => Vec::new(),
+    };
     if let Some(path) = &o.write_markdown {
-        std::fs::write(path, report::document(&res))?;
+        let doc_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let links: Vec<report::ChartLink> = charts
+            .iter()
+            .map(|c| report::ChartLink {
+                title: c.title.clone(),
+                link: charts::relative(&doc_dir, &c.path),
+            })
+            .collect();
+        std::fs::write(path, report::document(res, &links))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

@@ -330,7 +330,8 @@ pub async fn wait_converged(t: &Tracker, start: Instant, deadline: Duration, lab
     }
 }
 
-/// The result of a fan-out run: delay from grant (the joiner's reply) to delivery.
+/// The result of a fan-out run: delay from the joiner's request being sent to the
+/// lease's delivery at each watcher.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FanoutOutcome {
     /// Watchers.
@@ -339,12 +340,23 @@ pub struct FanoutOutcome {
     pub rounds: usize,
     /// Deliveries expected (rounds × watchers).
     pub expected: u64,
-    /// Grant → delivery at each watcher, ms (may be slightly negative: a watcher can
-    /// hear of a lease before its holder has its reply).
-    pub delivery_ms: Dist,
-    /// Grant → the last watcher, per join, ms.
-    pub last_delivery_ms: Dist,
-    /// The joiner's Acquire/Put round trip, ms.
+    /// The joiner's request sent (Twill: its Acquire; etcd: its LeaseGrant, the first
+    /// of flannel's two calls) → the lease's arrival at each watcher, ms. Never
+    /// negative. Results from before this figure have none (NaN).
+    #[serde(default = "crate::stats::nan_dist")]
+    pub from_send_ms: Dist,
+    /// Request sent → the last watcher, per join, ms.
+    #[serde(default = "crate::stats::nan_dist")]
+    pub last_from_send_ms: Dist,
+    /// The joiner's reply → the lease's arrival at each watcher, ms: the figure the
+    /// tables showed before they started at the send (`delivery_ms` then). It may be
+    /// negative: a watcher can hear of a lease before its holder has the reply.
+    #[serde(alias = "delivery_ms")]
+    pub from_reply_ms: Dist,
+    /// Reply → the last watcher, per join, ms (`last_delivery_ms` before).
+    #[serde(alias = "last_delivery_ms")]
+    pub last_from_reply_ms: Dist,
+    /// The joiner's request round trip (Twill: Acquire; etcd: LeaseGrant + Put), ms.
     pub grant_rtt_ms: Dist,
 }
 
@@ -368,7 +380,8 @@ pub async fn collect_round(
     got
 }
 
-/// Turns the rounds of a fan-out into its outcome.
+/// Turns the rounds of a fan-out, each (request sent, reply received, deliveries),
+/// into its outcome.
 pub fn fanout_outcome(
     watchers: usize,
     rounds: &[(Instant, Instant, Vec<Instant>)],
@@ -380,15 +393,17 @@ pub fn fanout_outcome(
             -(a.duration_since(b).as_secs_f64() * 1e3)
         }
     };
-    let mut all = Vec::new();
-    let mut last = Vec::new();
+    let (mut from_send, mut from_reply) = (Vec::new(), Vec::new());
+    let (mut last_send, mut last_reply) = (Vec::new(), Vec::new());
     let mut rtt = Vec::new();
     for (sent, granted, deliveries) in rounds {
         rtt.push(ms(*sent, *granted));
-        all.extend(deliveries.iter().map(|d| ms(*granted, *d)));
+        from_send.extend(deliveries.iter().map(|d| ms(*sent, *d)));
+        from_reply.extend(deliveries.iter().map(|d| ms(*granted, *d)));
         if deliveries.len() == watchers {
             if let Some(m) = deliveries.iter().max() {
-                last.push(ms(*granted, *m));
+                last_send.push(ms(*sent, *m));
+                last_reply.push(ms(*granted, *m));
             }
         }
     }
@@ -396,8 +411,42 @@ pub fn fanout_outcome(
         watchers,
         rounds: rounds.len(),
         expected: (rounds.len() * watchers) as u64,
-        delivery_ms: Dist::of(all),
-        last_delivery_ms: Dist::of(last),
+        from_send_ms: Dist::of(from_send),
+        last_from_send_ms: Dist::of(last_send),
+        from_reply_ms: Dist::of(from_reply),
+        last_from_reply_ms: Dist::of(last_reply),
         grant_rtt_ms: Dist::of(rtt),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fanout_starts_at_the_send() {
+        let sent = Instant::now();
+        let at = |ms: u64| sent + Duration::from_millis(ms);
+        // The reply comes at 10 ms; one watcher hears at 4 ms (before the reply), the
+        // other at 12 ms.
+        let o = fanout_outcome(2, &[(sent, at(10), vec![at(4), at(12)])]);
+        assert_eq!(o.expected, 2);
+        assert_eq!((o.from_send_ms.p50, o.from_send_ms.max), (4.0, 12.0));
+        assert!(o.from_send_ms.p50 >= 0.0);
+        assert_eq!((o.from_reply_ms.p50, o.from_reply_ms.max), (-6.0, 2.0));
+        assert_eq!(o.last_from_send_ms.max, 12.0);
+        assert_eq!(o.grant_rtt_ms.p50, 10.0);
+    }
+
+    #[test]
+    fn old_results_keep_their_reply_figure() {
+        let old = r#"{"watchers":2,"rounds":1,"expected":2,
+            "delivery_ms":{"count":2,"p50":-1.0,"p99":2.0,"max":2.0},
+            "last_delivery_ms":{"count":1,"p50":2.0,"p99":2.0,"max":2.0},
+            "grant_rtt_ms":{"count":1,"p50":3.0,"p99":3.0,"max":3.0}}"#;
+        let o: FanoutOutcome = serde_json::from_str(old).expect("old fan-out JSON");
+        assert_eq!(o.from_reply_ms.p50, -1.0);
+        assert_eq!(o.from_send_ms.count, 0);
+        assert!(o.from_send_ms.p99.is_nan());
     }
 }

@@ -30,6 +30,17 @@ pub fn nan() -> f64 {
     f64::NAN
 }
 
+/// A distribution of no samples (NaN figures): the serde default of a distribution
+/// that older results do not have.
+pub fn nan_dist() -> Dist {
+    Dist {
+        count: 0,
+        p50: f64::NAN,
+        p99: f64::NAN,
+        max: f64::NAN,
+    }
+}
+
 /// Nearest-rank percentile of sorted samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

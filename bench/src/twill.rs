@@ -230,8 +230,9 @@ impl Fleet {
         out
     }
 
-    /// With the N watchers up to date, one more node joins per round; measures grant →
-    /// delivery at every watcher.
+    /// With the N watchers up to date, one more node joins per round; measures the
+    /// joiner's Acquire being sent → the lease's delivery at every watcher (and, kept
+    /// for comparison, its reply → delivery).
     pub async fn fanout(&mut self, rounds: usize) -> sim::FanoutOutcome {
         let n = self.clients.len();
         let mut out = Vec::new();
@@ -239,6 +240,7 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let mut c = Client::new(self.joiners[r].clone());
             let req = acquire_request(&sim::joiner_name(r), r, true);
+            // The origin of the fan-out delay: the request leaves now.
             let sent = Instant::now();
             if c.acquire(req).await.is_err() {
                 continue;

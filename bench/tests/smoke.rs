@@ -1,5 +1,6 @@
 //! Keeps the benchmark harness from rotting: `twill-bench smoke` (N=50 join storm,
-//! fan-out, churn, reconnect, cold start; data plane with 100 peers when root) against
+//! fan-out, churn, reconnect, cold start; data plane with 100 peers when root; the
+//! charts of its one row) against
 //! the real controller binary, in a few seconds. Checks that everything ran and converged, never
 //! how fast: the machine may be slow or busy.
 
@@ -11,9 +12,12 @@ use serde_json::Value;
 fn smoke_runs_every_scenario() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("smoke.json");
+    let charts = dir.path().join("charts");
     let run = Command::new(env!("CARGO_BIN_EXE_twill-bench"))
         .args(["smoke", "--signal", "kill", "--out"])
         .arg(&out)
+        .arg("--charts")
+        .arg(&charts)
         .output()
         .expect("run twill-bench");
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -40,9 +44,25 @@ fn smoke_runs_every_scenario() {
     assert_eq!(twill["storm"]["converged"], true, "{twill}");
     assert_eq!(twill["storm"]["nodes_granted"], 50);
     assert_eq!(
-        twill["fanout"]["delivery_ms"]["count"],
+        twill["fanout"]["from_send_ms"]["count"],
         twill["fanout"]["expected"]
     );
+    // Fan-out starts at the joiner's request send: no delivery can come before it.
+    let first = twill["fanout"]["from_send_ms"]["p50"]
+        .as_f64()
+        .expect("p50");
+    assert!(first >= 0.0, "{}", twill["fanout"]);
+    assert!(
+        stdout.contains("fan-out from request send"),
+        "fan-out row printed:\n{stdout}"
+    );
+    for chart in ["join-storm.svg", "fanout-p99.svg", "memory.svg"] {
+        let svg = std::fs::read_to_string(charts.join(chart)).expect("chart written");
+        assert!(
+            svg.contains("<text") && svg.contains("Twill"),
+            "{chart}: {svg}"
+        );
+    }
     assert!(
         stdout.contains("| 50 | time zero → all N hold a lease"),
         "cold-start table printed:\n{stdout}"
