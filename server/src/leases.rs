@@ -167,6 +167,9 @@ struct Answer {
 pub struct Leases {
     writer: Arc<std::sync::RwLock<Option<Running>>>,
     ttl: Duration,
+    /// Made by `standby` (etcd store): a writer that stops means this replica no longer
+    /// leads, which is what callers are told.
+    replicated: bool,
 }
 
 /// A started writer: its queue, and whether its thread still runs.
@@ -210,7 +213,10 @@ impl Leases {
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
-        let leases = Self::standby(ttl);
+        let leases = Leases {
+            replicated: false,
+            ..Self::standby(ttl)
+        };
         leases.attach(conf, store, hub, reservations, metrics)?;
         Ok(leases)
     }
@@ -220,6 +226,7 @@ impl Leases {
         Leases {
             writer: Arc::default(),
             ttl: ttl.min(MAX_LEASE_TTL),
+            replicated: true,
         }
     }
 
@@ -329,6 +336,15 @@ impl Leases {
             .is_some_and(|r| r.running.load(Ordering::Relaxed))
     }
 
+    /// Why a writer that went away did not answer.
+    fn stopped(&self) -> LeaseOpError {
+        if self.replicated {
+            LeaseOpError::NotLeader
+        } else {
+            LeaseOpError::Stopped
+        }
+    }
+
     async fn call(&self, op: Op) -> Result<Outcome, LeaseOpError> {
         let (reply, rx) = oneshot::channel();
         let queued = Queued {
@@ -339,12 +355,8 @@ impl Leases {
         let Some(writer) = self.running() else {
             return Err(LeaseOpError::NotLeader);
         };
-        writer
-            .tx
-            .send(queued)
-            .await
-            .map_err(|_| LeaseOpError::Stopped)?;
-        rx.await.map_err(|_| LeaseOpError::Stopped)?
+        writer.tx.send(queued).await.map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
     }
 
     async fn call_done(&self, op: Op) -> Result<bool, LeaseOpError> {

@@ -460,10 +460,13 @@ fn check_store(s: &Stored) -> Result<String> {
             .filter(|r| !s.events.contains_key(r))
             .take(10)
             .collect();
-        problems.push(format!(
-            "the event log {first}..={last} has gaps (holds {} events; first missing: {missing:?})",
+        // Not a fault: after a write that etcd did not confirm (a timeout without
+        // quorum), the writer never reuses that batch's revisions, so that no revision
+        // can name two different events; the log skips them.
+        eprintln!(
+            "note: the event log {first}..={last} skips revisions (holds {} events; first skipped: {missing:?})",
             s.events.len()
-        ));
+        );
     }
     for (r, e) in &s.events {
         if e.revision != *r {
