@@ -166,7 +166,7 @@ async fn cold_node(
     };
     m.connected_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
     tokio::join!(
-        twill::watcher(i, channel.clone(), t.clone()),
+        twill::watcher(i, channel.clone(), t.clone(), None),
         twill::acquire(i, channel, t.clone(), t0)
     );
 }

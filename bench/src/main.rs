@@ -9,6 +9,7 @@ mod charts;
 mod coldstart;
 mod dataplane;
 mod etcd;
+mod ha;
 mod pki;
 mod procstat;
 mod report;
@@ -97,6 +98,10 @@ struct Opts {
     #[arg(long, value_name = "DIR")]
     #[allow(clippy::option_option)]
     charts: Option<Option<PathBuf>>,
+    /// `ha`: leader crashes (SIGKILL) under the N connected nodes, in the last run of
+    /// the replicas.
+    #[arg(long, default_value_t = 5)]
+    kills: usize,
     /// `report`: the JSON results to render.
     #[arg(long)]
     from: Option<PathBuf>,
@@ -119,11 +124,16 @@ enum Scenario {
     Reconnect,
     /// The agent's reconcile over netlink vs ip/bridge -batch (needs root).
     Dataplane,
+    /// 3 controller replicas on a 3-member etcd beside 1 controller on sled: join storm
+    /// and fan-out at N with the nodes spread over the replicas, then --kills leader
+    /// crashes under the N nodes (new leader, watches moved, first grant).
+    Ha,
     /// join-storm + fanout for Twill and etcd side by side, plus churn, reconnect,
     /// cold-start and dataplane.
     Compare,
-    /// A few seconds at N=50 (join-storm, fanout, churn, reconnect, cold-start,
-    /// dataplane P=100), no etcd: keeps the harness from rotting (run by `cargo test`).
+    /// A few seconds at N=50 (join-storm, fanout, churn, reconnect, cold-start, ha with
+    /// one crash when etcd is installed, dataplane P=100): keeps the harness from
+    /// rotting (run by `cargo test`).
     Smoke,
     /// Render a results JSON (--from) as markdown.
     Report,
@@ -373,6 +383,10 @@ pub struct Results {
     /// Cold start (results from before it existed have none).
     #[serde(default)]
     pub cold_start: Vec<ColdStartRow>,
+    /// Replicas on etcd beside one controller on sled (results from before it
+    /// existed have none).
+    #[serde(default)]
+    pub ha: Vec<ha::HaRow>,
     /// Data plane.
     pub dataplane: Vec<dataplane::DataplaneOutcome>,
     /// Notes (skipped parts and why).
@@ -392,15 +406,49 @@ async fn twill_run(
     let joiners = if fanout { o.rounds } else { 0 };
     ensure_certs(pki, n, joiners)?;
     let ctl = servers::Controller::start(bin, pki)?;
-    let connecting = Meter::start(ctl.pid());
-    let (mut fleet, connect_s) = twill::fleet(&ctl.url(), pki, n, joiners).await?;
+    let urls = [ctl.url()];
+    let measured = measure("twill", &[ctl.pid()], &[], n, o, fanout, || {
+        twill::fleet(&urls, pki, n, joiners)
+    })
+    .await?;
+    let mut run = measured.run;
+    run.storm_watch_messages = ctl.metric(servers::WATCH_MESSAGES).unwrap_or(f64::NAN);
+    Ok(run)
+}
+
+/// A Twill run measured, with its fleet still connected.
+struct Measured {
+    run: Run,
+    fleet: twill::Fleet,
+    /// What the `others` processes used during the storm.
+    others_storm: Usage,
+}
+
+/// Connects the fleet (`connect`) to the controller processes `pids`, then runs the
+/// storm and, when `fanout`, the fan-out, metering the processes together (and the
+/// `others`, e.g. the etcd members behind them, apart during the storm).
+async fn measure<'a, F>(
+    label: &str,
+    pids: &[u32],
+    others: &[u32],
+    n: usize,
+    o: &Opts,
+    fanout: bool,
+    connect: impl FnOnce() -> F,
+) -> Result<Measured>
+where
+    F: std::future::Future<Output = Result<(twill::Fleet, f64)>> + 'a,
+{
+    let connecting = Meter::start_all(pids);
+    let (mut fleet, connect_s) = connect().await?;
     let connect_cpu_s = connecting.read().cpu_s;
-    let meter = Meter::start(ctl.pid());
+    let meter = Meter::start_all(pids);
+    let others_meter = Meter::start_all(others);
     let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
     let storm_usage = meter.read();
-    let storm_watch_messages = ctl.metric(servers::WATCH_MESSAGES).unwrap_or(f64::NAN);
+    let others_storm = others_meter.read();
     eprintln!(
-        "  twill N={n}: storm {} (grant p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
+        "  {label} N={n}: storm {} (grant p99 {:.1} ms), server {:.1} s CPU, peak {:.0} MB",
         if storm.converged {
             format!("{:.2} s", storm.converge_s)
         } else {
@@ -413,7 +461,7 @@ async fn twill_run(
     let fan = if fanout && storm.converged {
         let f = fleet.fanout(o.rounds).await;
         eprintln!(
-            "  twill N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
+            "  {label} N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
              (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
             f.from_send_ms.p50,
             f.from_send_ms.p99,
@@ -428,16 +476,19 @@ async fn twill_run(
         None
     };
     let end = meter.read();
-    drop(fleet);
-    Ok(Run {
-        connect_s,
-        connect_cpu_s,
-        storm,
-        storm_usage,
-        storm_watch_messages,
-        fanout: fan,
-        peak_rss_mb: end.peak_rss_mb,
-        end_rss_mb: end.rss_mb,
+    Ok(Measured {
+        run: Run {
+            connect_s,
+            connect_cpu_s,
+            storm,
+            storm_usage,
+            storm_watch_messages: f64::NAN,
+            fanout: fan,
+            peak_rss_mb: end.peak_rss_mb,
+            end_rss_mb: end.rss_mb,
+        },
+        fleet,
+        others_storm,
     })
 }
 
@@ -573,7 +624,7 @@ async fn rows(
 async fn churn(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twill::ChurnOutcome> {
     ensure_certs(pki, n, 0)?;
     let ctl = servers::Controller::start(bin, pki)?;
-    let (mut fleet, _) = twill::fleet(&ctl.url(), pki, n, 0).await?;
+    let (mut fleet, _) = twill::fleet(&[ctl.url()], pki, n, 0).await?;
     let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
     if !storm.converged {
         bail!("churn setup: the join storm of {n} did not converge");
@@ -601,7 +652,7 @@ async fn reconnect(
 ) -> Result<twill::ReconnectOutcome> {
     ensure_certs(pki, n, 0)?;
     let mut ctl = servers::Controller::start(bin, pki)?;
-    let (mut fleet, _) = twill::fleet(&ctl.url(), pki, n, 0).await?;
+    let (mut fleet, _) = twill::fleet(&[ctl.url()], pki, n, 0).await?;
     let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
     if !storm.converged {
         bail!("reconnect setup: the join storm of {n} did not converge");
@@ -765,6 +816,7 @@ async fn run(mut o: Opts) -> Result<Results> {
     let want_etcd = match o.scenario {
         Scenario::Compare => !o.skip_etcd,
         Scenario::JoinStorm | Scenario::Fanout => o.system != SystemChoice::Twill,
+        Scenario::Ha | Scenario::Smoke => true,
         _ => false,
     };
     let etcd_bin = if want_etcd {
@@ -811,6 +863,13 @@ async fn run(mut o: Opts) -> Result<Results> {
                 res.churn = Some(churn(&o, &mut pki, &ctl_bin, n).await?);
             }
         }
+        Scenario::Ha => {
+            let bin = etcd_bin.as_deref().context("the ha scenario needs etcd")?;
+            for &n in &o.nodes {
+                res.ha
+                    .push(ha::row(&o, &mut pki, &ctl_bin, bin, n, o.kills).await?);
+            }
+        }
         Scenario::Reconnect => {
             for &n in &o.nodes {
                 res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, n).await?);
@@ -848,6 +907,14 @@ async fn run(mut o: Opts) -> Result<Results> {
                 );
             }
             res.cold_start = vec![cold];
+            if let Some(bin) = etcd_bin.as_deref() {
+                let row = ha::row(&o, &mut pki, &ctl_bin, bin, 50, 1).await?;
+                let f = row.failovers.first().context("smoke: no failover ran")?;
+                if f.resumed != f.moved || !f.first_grant_s.is_finite() {
+                    bail!("smoke: after the leader's crash {} of {} watches moved, first grant {:?} s", f.resumed, f.moved, f.first_grant_s);
+                }
+                res.ha = vec![row];
+            }
             dataplane_runs(&o, &[100], &mut res);
             if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
                 bail!("smoke: not every watcher resumed after the restart");
@@ -882,6 +949,7 @@ fn default_out(o: &Opts) -> PathBuf {
             match o.scenario {
                 Scenario::JoinStorm => "join-storm".to_string(),
                 Scenario::ColdStart => "cold-start".to_string(),
+                Scenario::Ha => "ha".to_string(),
                 _ => scenario,
             }
         ),

@@ -46,9 +46,11 @@ pub fn self_cpu() -> Duration {
     cpu(std::process::id()).unwrap_or_default()
 }
 
-/// Watches a process during a phase: CPU seconds used and peak RSS since `start`.
+/// Watches a server during a phase: CPU seconds used and peak RSS since `start`. A
+/// server of several processes (replicas) counts their sum: the peak is the sum of
+/// each process's own peak, an upper bound of the peak of the sum.
 pub struct Meter {
-    pid: u32,
+    pids: Vec<u32>,
     cpu0: Duration,
     self_cpu0: Duration,
 }
@@ -73,26 +75,41 @@ pub struct Usage {
 impl Meter {
     /// Starts measuring `pid` now (resets its peak RSS).
     pub fn start(pid: u32) -> Meter {
-        reset_peak(pid);
+        Meter::start_all(&[pid])
+    }
+
+    /// Starts measuring the processes `pids` as one server now (resets their peaks).
+    pub fn start_all(pids: &[u32]) -> Meter {
+        pids.iter().copied().for_each(reset_peak);
         Meter {
-            pid,
-            cpu0: cpu(pid).unwrap_or_default(),
+            pids: pids.to_vec(),
+            cpu0: total_cpu(pids),
             self_cpu0: self_cpu(),
         }
     }
 
-    /// What the process used since `start`.
+    /// What the processes used since `start`.
     pub fn read(&self) -> Usage {
+        let sum_mb = |read: fn(u32) -> Option<f64>| {
+            self.pids
+                .iter()
+                .map(|&p| read(p).unwrap_or(f64::NAN))
+                .sum::<f64>()
+        };
         Usage {
-            cpu_s: cpu(self.pid)
-                .unwrap_or_default()
+            cpu_s: total_cpu(&self.pids)
                 .saturating_sub(self.cpu0)
                 .as_secs_f64(),
-            peak_rss_mb: peak_rss_mb(self.pid).unwrap_or(f64::NAN),
-            rss_mb: rss_mb(self.pid).unwrap_or(f64::NAN),
+            peak_rss_mb: sum_mb(peak_rss_mb),
+            rss_mb: sum_mb(rss_mb),
             client_cpu_s: self_cpu().saturating_sub(self.self_cpu0).as_secs_f64(),
         }
     }
+}
+
+/// CPU time of several processes together (a process that is gone counts nothing).
+fn total_cpu(pids: &[u32]) -> Duration {
+    pids.iter().map(|&p| cpu(p).unwrap_or_default()).sum()
 }
 
 /// Raises this process's open-file limit to the hard limit (thousands of sockets);

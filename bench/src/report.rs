@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::coldstart::ColdStartSummary;
+use crate::ha::HaRow;
 use crate::stats::Dist;
 use crate::{ColdStartRow, Results, Summary, SystemRuns};
 
@@ -344,6 +345,126 @@ pub struct ChartLink {
     pub link: String,
 }
 
+/// Replicas on etcd beside one controller on sled at one N, and the leader crashes.
+fn ha_tables(s: &mut String, row: &HaRow) {
+    let (one, reps) = (&row.sled.median, &row.etcd.median);
+    let n = row.nodes;
+    let _ = writeln!(
+        s,
+        "### High availability: {r} controller replicas on a {r}-member etcd beside 1 controller on sled\n\n\
+         Same sitting, runs alternated; the nodes spread over the replicas (node i on replica i mod {r}), \
+         so two writes in three reach a follower and are forwarded to the leader. CPU and RSS of the \
+         replicas are their sums (a sum of peaks); the etcd members' cost is its own row.\n",
+        r = row.replicas
+    );
+    let _ = writeln!(
+        s,
+        "| N | metric | 1 on sled | {} on etcd | etcd / sled |",
+        row.replicas
+    );
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|");
+    let mut line = |metric: &str, a: String, b: String, r: String| {
+        let _ = writeln!(s, "| {n} | {metric} | {a} | {b} | {r} |");
+    };
+    let conv = |m: &Summary| {
+        if m.converged_runs == m.runs {
+            m.storm_s
+        } else {
+            f64::NAN
+        }
+    };
+    line(
+        &format!(
+            "join storm: all N saw all N leases (median of {})",
+            one.runs
+        ),
+        storm_cell(one, n),
+        storm_cell(reps, n),
+        ratio(conv(reps), conv(one)),
+    );
+    line(
+        "grant latency in the storm p50 / p99, ms",
+        format!("{} / {}", f(one.grant_ms.p50, 1), f(one.grant_ms.p99, 1)),
+        format!("{} / {}", f(reps.grant_ms.p50, 1), f(reps.grant_ms.p99, 1)),
+        ratio(reps.grant_ms.p99, one.grant_ms.p99),
+    );
+    let fan = |r: &SystemRuns| {
+        let mut c = dist3(&r.median.fanout_from_send_ms);
+        if let Delivered::Part(why) = fanout_completeness(r) {
+            let _ = write!(c, " ({why})");
+        }
+        c
+    };
+    line(
+        "fan-out from request send → delivery p50 / p99 / max, ms",
+        fan(&row.sled),
+        fan(&row.etcd),
+        ratio(reps.fanout_from_send_ms.p99, one.fanout_from_send_ms.p99) + " (p99)",
+    );
+    line(
+        "controllers' peak RSS, MB",
+        f(one.peak_rss_mb, 0),
+        f(reps.peak_rss_mb, 0),
+        ratio(reps.peak_rss_mb, one.peak_rss_mb),
+    );
+    line(
+        "controllers' CPU in the storm, s",
+        f(one.storm_cpu_s, 2),
+        f(reps.storm_cpu_s, 2),
+        ratio(reps.storm_cpu_s, one.storm_cpu_s),
+    );
+    let etcd_cpu = crate::stats::median(row.etcd_storm_usage.iter().map(|u| u.cpu_s));
+    let etcd_rss = crate::stats::median(row.etcd_storm_usage.iter().map(|u| u.peak_rss_mb));
+    line(
+        "etcd members' CPU in the storm, s / peak RSS, MB",
+        "–".into(),
+        format!("{} / {}", f(etcd_cpu, 2), f(etcd_rss, 0)),
+        "–".into(),
+    );
+    s.push('\n');
+    let fo = &row.failover;
+    if fo.kills == 0 {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "#### Leader crash under {n} connected nodes ({} × SIGKILL to the leader's pid)\n\n\
+         New leader: SIGKILL → another replica's `twill_is_leader` is 1 (the dead leader's etcd lease, \
+         a few seconds, must lapse first). First grant: a new node asking a surviving replica from the \
+         kill on holds its lease. Watches moved: every watch of the dead replica runs on another one again, \
+         resumed from its revision.\n",
+        fo.kills
+    );
+    let _ = writeln!(s, "| kill | watches on the dead replica | SIGKILL → new leader, s | → first grant, s | → all its watches moved, s | moved | full resets |");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, x) in row.failovers.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} of {} | {} |",
+            i + 1,
+            x.moved,
+            f(x.new_leader_s, 2),
+            f(x.first_grant_s, 2),
+            f(x.all_moved_s, 2),
+            x.resumed,
+            x.moved,
+            x.resets
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| median (worst) | {:.0} | {} ({}) | {} ({}) | {} ({}) | | {} |\n",
+        fo.moved,
+        f(fo.new_leader_s, 2),
+        f(fo.new_leader_worst_s, 2),
+        f(fo.first_grant_s, 2),
+        f(fo.first_grant_worst_s, 2),
+        f(fo.all_moved_s, 2),
+        f(fo.all_moved_worst_s, 2),
+        fo.resets
+    );
+}
+
 /// The result tables, with `charts` after the join storm / fan-out table.
 fn tables(res: &Results, charts: &[ChartLink]) -> String {
     let mut s = String::new();
@@ -489,6 +610,9 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
     }
     for row in &res.cold_start {
         cold_start_table(&mut s, row);
+    }
+    for row in &res.ha {
+        ha_tables(&mut s, row);
     }
     if let Some(c) = &res.churn {
         let _ = writeln!(s, "### Churn (Twill)\n");

@@ -130,7 +130,38 @@ pub struct Controller {
 impl Controller {
     /// Starts the controller with a fresh data dir and waits for /readyz.
     pub fn start(bin: &Path, pki: &Pki) -> Result<Controller> {
-        Controller::launch(bin, pki, Vec::new())
+        Controller::launch(bin, pki, |_| Vec::new())
+    }
+
+    /// A replica with `--store etcd` on `etcd` under `prefix`, advertising its own URL
+    /// to the other replicas (for forwarded writes); waits for /readyz (leader or
+    /// follower). The controller certificate is also its etcd client certificate.
+    pub fn start_replica(
+        bin: &Path,
+        pki: &Pki,
+        etcd: &EtcdCluster,
+        prefix: &str,
+    ) -> Result<Controller> {
+        let p = |name: &str| pki.path(name).display().to_string();
+        let endpoints = etcd.endpoints();
+        Controller::launch(bin, pki, |addr| {
+            vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                endpoints,
+                "--etcd-cert".into(),
+                p("server.crt"),
+                "--etcd-key".into(),
+                p("server.key"),
+                "--etcd-ca".into(),
+                p("ca.crt"),
+                "--etcd-prefix".into(),
+                prefix.into(),
+                "--advertise-url".into(),
+                format!("https://{addr}"),
+            ]
+        })
     }
 
     /// As [`Controller::start`], and it signs node certificates for bootstrapping
@@ -138,9 +169,7 @@ impl Controller {
     /// set-up), each valid for a day: within the benchmark CA's two.
     pub fn start_issuing(bin: &Path, pki: &Pki) -> Result<Controller> {
         let p = |name: &str| pki.path(name).display().to_string();
-        Controller::launch(
-            bin,
-            pki,
+        Controller::launch(bin, pki, |_| {
             vec![
                 "--signing-cert".into(),
                 p("ca.crt"),
@@ -148,11 +177,16 @@ impl Controller {
                 p("ca.key"),
                 "--node-cert-ttl".into(),
                 "24h".into(),
-            ],
-        )
+            ]
+        })
     }
 
-    fn launch(bin: &Path, pki: &Pki, extra: Vec<String>) -> Result<Controller> {
+    /// Starts the controller with the common flags and `extra(its gRPC address)`.
+    fn launch(
+        bin: &Path,
+        pki: &Pki,
+        extra: impl FnOnce(SocketAddr) -> Vec<String>,
+    ) -> Result<Controller> {
         let dir = tempfile::Builder::new()
             .prefix("twill-bench-controller")
             .tempdir()?;
@@ -177,7 +211,7 @@ impl Controller {
             "--tls-client-ca".into(),
             p(&pki.path("ca.crt")),
         ];
-        args.extend(extra);
+        args.extend(extra(addr));
         let log = dir.path().join("controller.log");
         let child = spawn_logged(bin, &args, &log)?;
         let mut c = Controller {
@@ -240,6 +274,12 @@ impl Controller {
         )
     }
 
+    /// Whether this replica leads (`twill_is_leader` is 1); false when it does not
+    /// answer.
+    pub fn is_leader(&self) -> bool {
+        self.metric("twill_is_leader") == Some(1.0)
+    }
+
     /// Stops the process with `signal` (SIGTERM: graceful; SIGKILL: a crash); true
     /// when it did not exit within [`STOP_GRACE`] and was SIGKILLed.
     pub fn stop(&mut self, signal: Signal) -> bool {
@@ -293,18 +333,30 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd with a fresh data dir. Readiness is for the caller to check (it
-    /// needs a TLS client).
+    /// Starts a single-member etcd with a fresh data dir. Readiness is for the caller
+    /// to check (it needs a TLS client).
     pub fn start(bin: &Path, pki: &Pki) -> Result<Etcd> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let cluster = format!("bench=http://127.0.0.1:{peer}");
+        Etcd::start_member(bin, pki, "bench", client, peer, &cluster)
+    }
+
+    /// Starts one member of the cluster `initial_cluster` (`name=peer-url,...`).
+    fn start_member(
+        bin: &Path,
+        pki: &Pki,
+        name: &str,
+        client: u16,
+        peer: u16,
+        initial_cluster: &str,
+    ) -> Result<Etcd> {
         let dir = tempfile::Builder::new()
             .prefix("twill-bench-etcd")
             .tempdir()?;
-        let client = free_port()?;
-        let peer = free_port()?;
         let p = |s: &Path| s.display().to_string();
         let args: Vec<String> = vec![
             "--name".into(),
-            "bench".into(),
+            name.into(),
             "--data-dir".into(),
             p(&dir.path().join("data")),
             "--listen-client-urls".into(),
@@ -316,7 +368,7 @@ impl Etcd {
             "--initial-advertise-peer-urls".into(),
             format!("http://127.0.0.1:{peer}"),
             "--initial-cluster".into(),
-            format!("bench=http://127.0.0.1:{peer}"),
+            initial_cluster.into(),
             "--client-cert-auth".into(),
             "--trusted-ca-file".into(),
             p(&pki.path("ca.crt")),
@@ -365,5 +417,50 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         stop_child(&mut self.child, Signal::SIGKILL);
+    }
+}
+
+/// An etcd cluster of several members on loopback (peers over plain HTTP, clients
+/// over mutual TLS), as the controllers of a high-availability set-up use it; killed
+/// on drop.
+pub struct EtcdCluster {
+    /// The members.
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members with fresh data dirs. Readiness is for the caller to check.
+    pub fn start(bin: &Path, pki: &Pki, size: usize) -> Result<EtcdCluster> {
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, peer))| {
+                Etcd::start_member(bin, pki, &format!("m{i}"), client, peer, &cluster)
+            })
+            .collect::<Result<_>>()?;
+        Ok(EtcdCluster { members })
+    }
+
+    /// The client URLs, comma-separated (`--etcd-endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Etcd::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The members' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(Etcd::pid).collect()
     }
 }

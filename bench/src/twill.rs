@@ -2,7 +2,7 @@
 //! no netlink. Each node watches the lease table and acquires its lease, as
 //! twill-agent does.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,14 +57,15 @@ pub fn node_tls(ca_pem: &str, cert_pem: &str, key_pem: &str) -> ClientTlsConfig 
         .domain_name("localhost")
 }
 
-/// Connects one mTLS channel per name.
-pub async fn connect_all(url: &str, pki: &Pki, names: &[String]) -> Result<Vec<Channel>> {
+/// Connects one mTLS channel per name, the i-th to `urls[i % urls.len()]` (nodes
+/// spread over the replicas, as agents do).
+pub async fn connect_all(urls: &[String], pki: &Pki, names: &[String]) -> Result<Vec<Channel>> {
     let sem = Arc::new(Semaphore::new(CONNECT_PARALLEL));
     let mut set = JoinSet::new();
     for (i, name) in names.iter().enumerate() {
         let cert = pki.node(name);
         let tls = node_tls(&pki.ca_pem, &cert.cert_pem, &cert.key_pem);
-        let url = url.to_string();
+        let url = urls[i % urls.len()].clone();
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await?;
@@ -105,9 +106,70 @@ pub async fn acquire(i: usize, channel: Channel, t: Arc<Tracker>, t0: u64) {
     }
 }
 
+/// The controller replicas of a run and where each node's watch is, so that a watch
+/// that breaks moves to another replica as twill-agent's does.
+pub struct Replicas {
+    urls: Vec<String>,
+    /// Per node: its TLS.
+    tls: Vec<ClientTlsConfig>,
+    /// Per node: the index in `urls` of the replica it watches.
+    pub on: Vec<AtomicUsize>,
+}
+
+impl Replicas {
+    /// `urls` with node i first on `urls[i % len]` (as [`connect_all`] placed it).
+    pub fn new(urls: &[String], pki: &Pki, names: &[String]) -> Replicas {
+        Replicas {
+            urls: urls.to_vec(),
+            tls: names
+                .iter()
+                .map(|n| {
+                    let c = pki.node(n);
+                    node_tls(&pki.ca_pem, &c.cert_pem, &c.key_pem)
+                })
+                .collect(),
+            on: (0..names.len())
+                .map(|i| AtomicUsize::new(i % urls.len()))
+                .collect(),
+        }
+    }
+
+    /// Node `idx`'s watch broke: a channel to another replica that accepts a
+    /// connection, a random one first as twill-agent picks it (so the dead replica's
+    /// nodes spread over the others), then the rest in order (`None`: none did).
+    async fn fail_over(&self, idx: usize) -> Option<Channel> {
+        let k = self.urls.len();
+        let from = self.on[idx].load(Ordering::Relaxed);
+        let first = rand::Rng::random_range(&mut rand::rng(), 1..k);
+        for step in (first..k).chain(1..first) {
+            let at = (from + step) % k;
+            let connected = Endpoint::from_shared(self.urls[at].clone())
+                .ok()?
+                .tls_config(self.tls[idx].clone())
+                .ok()?
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .connect()
+                .await;
+            if let Ok(ch) = connected {
+                self.on[idx].store(at, Ordering::Relaxed);
+                return Some(ch);
+            }
+        }
+        None
+    }
+}
+
 /// A node's watch, for as long as the run lasts: on a broken stream it resumes from
-/// its last revision with the agent's own backoff.
-pub async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
+/// its last revision with the agent's own backoff, on another replica at once when
+/// there are several.
+pub async fn watcher(
+    idx: usize,
+    mut channel: Channel,
+    t: Arc<Tracker>,
+    replicas: Option<Arc<Replicas>>,
+) {
     let mut seen = Seen::new(t.n);
     let mut revision = 0u64;
     let mut broken = false;
@@ -119,6 +181,9 @@ pub async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
         let mut stream = match wire::watch(channel.clone(), revision).await {
             Ok(s) => s,
             Err(_) => {
+                if let Some(moved) = move_on(replicas.as_deref(), idx).await {
+                    channel = moved;
+                }
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
@@ -163,13 +228,23 @@ pub async fn watcher(idx: usize, channel: Channel, t: Arc<Tracker>) {
         }
         broken = true;
         t.breaks.fetch_add(1, Ordering::Relaxed);
+        if let Some(moved) = move_on(replicas.as_deref(), idx).await {
+            channel = moved;
+            continue;
+        }
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+async fn move_on(replicas: Option<&Replicas>, idx: usize) -> Option<Channel> {
+    replicas?.fail_over(idx).await
 }
 
 /// N connected nodes and their watchers.
 pub struct Fleet {
     clients: Vec<Channel>,
+    /// With several replicas: where the watches are and may move.
+    pub replicas: Option<Arc<Replicas>>,
     joiners: Vec<Channel>,
     /// The tracker of this fleet's run.
     pub tracker: Arc<Tracker>,
@@ -184,22 +259,25 @@ impl Drop for Fleet {
     }
 }
 
-/// Connects N nodes and `joiners` extra fan-out joiners (certificates must exist).
-pub async fn fleet(url: &str, pki: &Pki, n: usize, joiners: usize) -> Result<(Fleet, f64)> {
+/// Connects N nodes and `joiners` extra fan-out joiners (certificates must exist),
+/// spread over `urls`: one controller, or replicas (then watches fail over).
+pub async fn fleet(urls: &[String], pki: &Pki, n: usize, joiners: usize) -> Result<(Fleet, f64)> {
     let names: Vec<String> = (0..n).map(sim::node_name).collect();
     let jnames: Vec<String> = (0..joiners).map(sim::joiner_name).collect();
     let started = Instant::now();
-    let clients = connect_all(url, pki, &names)
+    let clients = connect_all(urls, pki, &names)
         .await
         .context("connecting nodes")?;
     let connect_s = started.elapsed().as_secs_f64();
-    let joiners = connect_all(url, pki, &jnames)
+    let joiners = connect_all(urls, pki, &jnames)
         .await
         .context("connecting joiners")?;
+    let replicas = (urls.len() > 1).then(|| Arc::new(Replicas::new(urls, pki, &names)));
     let (tracker, rx) = Tracker::new(n);
     Ok((
         Fleet {
             clients,
+            replicas,
             joiners,
             tracker: Arc::new(tracker),
             rx,
@@ -218,7 +296,8 @@ impl Fleet {
         let start = Instant::now();
         let t0 = t.ns(start);
         for (i, c) in self.clients.iter().enumerate() {
-            self.tasks.spawn(watcher(i, c.clone(), t.clone()));
+            self.tasks
+                .spawn(watcher(i, c.clone(), t.clone(), self.replicas.clone()));
             self.tasks.spawn(acquire(i, c.clone(), t.clone(), t0));
         }
         sim::wait_converged(&t, start, deadline, "twill storm").await;
@@ -319,6 +398,30 @@ impl Fleet {
         }
     }
 
+    /// Forgets the watches resumed so far (before a crash is timed).
+    pub fn drain_resumed(&mut self) {
+        while self.rx.resumed.try_recv().is_ok() {}
+    }
+
+    /// Waits until `count` broken watches have resumed, or `limit`; each one's delay
+    /// after `since`, s.
+    pub async fn collect_resumed(
+        &mut self,
+        count: usize,
+        since: Instant,
+        limit: Duration,
+    ) -> Vec<f64> {
+        let mut resumed = Vec::with_capacity(count);
+        let deadline = tokio::time::Instant::now() + limit;
+        while resumed.len() < count {
+            match tokio::time::timeout_at(deadline, self.rx.resumed.recv()).await {
+                Ok(Some(at)) => resumed.push(at.duration_since(since).as_secs_f64()),
+                _ => break,
+            }
+        }
+        resumed
+    }
+
     /// Restarts the controller under the connected watchers; times their resumption.
     pub async fn reconnect(
         &mut self,
@@ -328,20 +431,15 @@ impl Fleet {
         let t = self.tracker.clone();
         let n = self.clients.len();
         let resets0 = t.resets.load(Ordering::Relaxed);
-        while self.rx.resumed.try_recv().is_ok() {}
+        self.drain_resumed();
         let killed = Instant::now();
         let (escalated, ready_at) = tokio::task::block_in_place(|| -> Result<(bool, Instant)> {
             let escalated = restart()?;
             Ok((escalated, Instant::now()))
         })?;
-        let mut resumed = Vec::with_capacity(n);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-        while resumed.len() < n {
-            match tokio::time::timeout_at(deadline, self.rx.resumed.recv()).await {
-                Ok(Some(at)) => resumed.push(at.duration_since(killed).as_secs_f64()),
-                _ => break,
-            }
-        }
+        let resumed = self
+            .collect_resumed(n, killed, Duration::from_secs(180))
+            .await;
         // Resets arrive as the first message of a resumed stream.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let all = resumed.len() == n;

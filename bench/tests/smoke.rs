@@ -1,5 +1,6 @@
 //! Keeps the benchmark harness from rotting: `twill-bench smoke` (N=50 join storm,
-//! fan-out, churn, reconnect, cold start; data plane with 100 peers when root; the
+//! fan-out, churn, reconnect, cold start; 3 replicas on etcd and a leader crash when
+//! etcd is installed; data plane with 100 peers when root; the
 //! charts of its one row) against
 //! the real controller binary, in a few seconds. Checks that everything ran and converged, never
 //! how fast: the machine may be slow or busy.
@@ -80,4 +81,23 @@ fn smoke_runs_every_scenario() {
             .any(|n| n.as_str().is_some_and(|s| s.contains("dataplane")))
     });
     assert!(dataplane_ran || dataplane_skipped, "{}", res["notes"]);
+
+    // Replicas on etcd: scripts/setup.sh installs etcd, so in CI it must have run.
+    let ha = &res["ha"][0];
+    if ha.is_null() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the ha smoke did not run in CI: {}",
+            res["notes"]
+        );
+        eprintln!("SKIPPED ha smoke: {}", res["notes"]);
+        return;
+    }
+    assert_eq!(ha["etcd"]["runs"][0]["storm"]["converged"], true, "{ha}");
+    let f = &ha["failovers"][0];
+    assert_eq!(f["resumed"], f["moved"], "{f}");
+    assert!(
+        stdout.contains("#### Leader crash under 50 connected nodes"),
+        "failover table printed:\n{stdout}"
+    );
 }
