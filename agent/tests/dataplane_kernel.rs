@@ -7,7 +7,8 @@
 //! the thread: nothing is left behind. Only TEST-NET addresses are used, on a veth
 //! pair that leads nowhere.
 //!
-//! Without root (or without network namespaces) the tests print a loud SKIPPED and pass.
+//! Without root (or without network namespaces) the tests print a loud SKIPPED and pass,
+//! except in CI, where they fail.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -24,6 +25,18 @@ use twill_common::lease::Mac;
 const IP: &str = "/usr/sbin/ip";
 const BRIDGE: &str = "/usr/sbin/bridge";
 
+/// A loud skip; in CI (`CI` set to anything but empty, `0` or `false`) a failure, since
+/// CI runs as root with network namespaces and a skip there would hide the kernel tests.
+fn skip(test: &str, why: &str) {
+    let ci = std::env::var("CI")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
+    assert!(
+        !ci,
+        "{test} cannot run in CI: needs root and network namespaces ({why})"
+    );
+    eprintln!("SKIPPED {test}: needs root and network namespaces ({why})");
+}
+
 /// Runs `body` on a current-thread runtime inside a fresh network namespace with `lo`
 /// up and the underlay `veth0` (192.0.2.1/24, peer `veth1`) up.
 fn in_netns<F, Fut>(test: &'static str, body: F)
@@ -32,12 +45,12 @@ where
     Fut: Future<Output = ()>,
 {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED {test}: needs root and network namespaces (not root)");
+        skip(test, "not root");
         return;
     }
     let thread = std::thread::spawn(move || {
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            eprintln!("SKIPPED {test}: needs root and network namespaces (unshare: {e})");
+            skip(test, &format!("unshare: {e}"));
             return;
         }
         let links = ip_json("link show");

@@ -370,7 +370,7 @@ pub struct Results {
     pub wall_s: f64,
     /// The machine.
     pub machine: Machine,
-    /// The controller binary and its profile.
+    /// The controller: version, build profile, git revision.
     pub controller: String,
     /// etcd's version.
     pub etcd_version: String,
@@ -805,7 +805,7 @@ async fn run(mut o: Opts) -> Result<Results> {
         return Ok(res);
     }
     let ctl_bin = servers::find_controller(o.controller_bin.as_deref())?;
-    res.controller = format!("{} ({})", ctl_bin.display(), servers::profile_of(&ctl_bin));
+    res.controller = servers::describe_controller(&ctl_bin);
     if servers::profile_of(&ctl_bin) != "release" && o.scenario != Scenario::Smoke {
         eprintln!(
             "warning: {} is not a release build; for real figures run `cargo build --release -p twill-server`",

@@ -63,6 +63,46 @@ pub fn profile_of(bin: &Path) -> &'static str {
     }
 }
 
+/// The controller as a reader can rebuild it: its `--version`, build profile and the
+/// git revision of the checkout it was built in (`+changes` when that tree differs
+/// from the commit), e.g. `twill-controller 0.1.0, release, git 07251e8`.
+pub fn describe_controller(bin: &Path) -> String {
+    let run = |cmd: &mut Command| {
+        cmd.output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let version =
+        run(Command::new(bin).arg("--version")).unwrap_or_else(|| "twill-controller".into());
+    // target/<profile>/twill-controller: the checkout is above `target`.
+    let checkout = bin.canonicalize().ok().and_then(|b| {
+        b.ancestors()
+            .find(|a| a.file_name().is_some_and(|n| n == "target"))
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+    });
+    let git = checkout.and_then(|dir| {
+        let rev =
+            run(Command::new("git")
+                .arg("-C")
+                .arg(&dir)
+                .args(["rev-parse", "--short", "HEAD"]))?;
+        let dirty = run(Command::new("git").arg("-C").arg(&dir).args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]))
+        .is_some_and(|s| !s.is_empty());
+        Some(format!("git {rev}{}", if dirty { "+changes" } else { "" }))
+    });
+    format!(
+        "{version}, {}, {}",
+        profile_of(bin),
+        git.unwrap_or_else(|| "git revision unknown".into())
+    )
+}
+
 fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)

@@ -131,22 +131,6 @@ pub async fn connect(opts: &ConnectOptions) -> Result<AdminServiceClient<Channel
     Ok(AdminServiceClient::new(channel))
 }
 
-/// Calls `AdminService/ListLeases`.
-pub async fn list_leases(
-    client: &mut AdminServiceClient<Channel>,
-    prefix: &str,
-) -> Result<ListLeasesResponse, ClientError> {
-    let req = ListLeasesRequest {
-        node_prefix: prefix.to_string(),
-        ..Default::default()
-    };
-    client
-        .list_leases(req)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(ClientError::Status)
-}
-
 fn config(e: twill_common::tls::TlsError) -> ClientError {
     ClientError::Config(e.to_string())
 }
@@ -241,25 +225,6 @@ pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String 
         }
     }
     generic
-}
-
-/// Connects and lists leases; a connection torn down during the call is reported as a
-/// probable refusal of the client certificate, with a diagnosis.
-pub async fn fetch_leases(
-    opts: &ConnectOptions,
-    prefix: &str,
-) -> Result<ListLeasesResponse, ClientError> {
-    let mut client = connect(opts).await?;
-    list_leases(&mut client, prefix).await.map_err(|e| match e {
-        ClientError::Status(status) if is_transport_failure(&status) => {
-            let pem = std::fs::read(&opts.tls_cert).unwrap_or_default();
-            ClientError::Refused {
-                status,
-                hint: diagnose_client_cert(&pem, &opts.tls_cert, SystemTime::now()),
-            }
-        }
-        e => e,
-    })
 }
 
 /// A connection to the admin API. Every call's failure goes through [`Admin::fail`], so a
