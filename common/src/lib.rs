@@ -1,7 +1,9 @@
 //! Shared model of Twill: flannel's file formats (`net-conf.json`, `subnet.env`),
 //! lease helpers used on both sides of the wire, and certificate roles.
-//! No I/O here beyond the files this crate owns (subnet.env, PEM files).
+//! No I/O here beyond the files this crate owns (subnet.env, PEM files) and the
+//! atomic replacement every binary uses for the files it writes ([`fs`]).
 
+pub mod fs;
 pub mod lease;
 pub mod netconf;
 pub mod subnet_env;

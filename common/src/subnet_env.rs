@@ -3,7 +3,6 @@
 //! The node subnet is written with its first usable address (`10.244.74.1/24`) because
 //! flannel's CNI plugin uses it as the bridge gateway; we keep the network form internally.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -150,28 +149,10 @@ impl SubnetEnv {
             path: path.display().to_string(),
             source,
         };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            // The rename itself must survive a crash too.
-            std::fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
         }
-        result.map_err(io)
+        crate::fs::write_atomic(path, self.render().as_bytes(), 0o644).map_err(io)
     }
 }
 

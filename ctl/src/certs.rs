@@ -583,27 +583,7 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<()
         f.sync_all().map_err(io("write", path))?;
         return Ok(());
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(data).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("write", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    twill_common::fs::write_atomic(path, data, mode).map_err(io("write", path))
 }
 
 /// Formats a time as RFC 3339 (UTC, seconds), e.g. `2035-01-01T00:00:00Z`.

@@ -2,8 +2,7 @@
 //! (temp file, fsync, rename, fsync of the directory) with mode 0600 in a 0700 directory,
 //! so DEL works after subnet.env changed or vanished.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::error::{code, CniError};
@@ -29,24 +28,9 @@ pub fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), Cni
         .create(data_dir)
         .map_err(|e| io_error("create data directory", data_dir, e))?;
     let path = path_for(data_dir, container_id);
-    // Container IDs never start with '.', so the temp name cannot be another's file.
-    let tmp = data_dir.join(format!(".{container_id}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_error("save delegate config", &path, e));
-    }
+    // Container IDs never start with '.', so the temporary name cannot be another's file.
+    twill_common::fs::write_atomic(&path, bytes, 0o600)
+        .map_err(|e| io_error("save delegate config", &path, e))?;
     Ok(())
 }
 
