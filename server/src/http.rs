@@ -27,11 +27,21 @@ pub struct HttpState {
     pub replica: Option<Arc<crate::replica::Replica>>,
 }
 
-/// Binds the endpoint; the error names the flag and address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+/// The endpoint's address could not be bound; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on --metrics-addr {addr}: {cause}")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why the kernel refused it (in the message, so not also a source).
+    pub cause: std::io::Error,
+}
+
+/// Binds the endpoint.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))
+        .map_err(|cause| BindError { addr, cause })
 }
 
 /// Serves until the process ends.

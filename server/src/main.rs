@@ -305,9 +305,7 @@ async fn run(args: Args) -> Result<()> {
         leases: leases.clone(),
         replica: replica.clone(),
     });
-    let http_listener = http::bind(args.metrics_addr)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let http_listener = http::bind(args.metrics_addr).await?;
     tokio::spawn(http::serve(http_listener, http_state.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
