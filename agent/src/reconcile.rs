@@ -2,7 +2,8 @@
 //! read what the kernel has, and apply only the difference.
 //!
 //! Removals run before additions (route, FDB, neighbour; then neighbour, FDB, route,
-//! the order REFERENCE.md 1.4 gives), and an error on one entry does not stop the
+//! the order docs/compatibility.md gives under Kernel state), and an error on one entry
+//! does not stop the
 //! others: every error is collected and reported, and the next run retries.
 
 use std::collections::BTreeMap;

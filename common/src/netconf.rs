@@ -1,6 +1,7 @@
 //! flannel's network configuration (`net-conf.json`): parsing, defaults and validation.
 //!
-//! Field names and defaults follow flannel (REFERENCE.md 1.1). Every error names the
+//! Field names and defaults follow flannel (docs/compatibility.md, net-conf.json). Every
+//! error names the
 //! field and the rule it breaks, so an operator can fix the file without reading code.
 
 use std::net::Ipv4Addr;

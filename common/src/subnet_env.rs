@@ -1,4 +1,5 @@
-//! flannel's `subnet.env` (REFERENCE.md 1.2): the file the agent writes and CNI plugins read.
+//! flannel's `subnet.env` (docs/compatibility.md, subnet.env): the file the agent writes
+//! and CNI plugins read.
 //!
 //! The node subnet is written with its first usable address (`10.244.74.1/24`) because
 //! flannel's CNI plugin uses it as the bridge gateway; we keep the network form internally.

@@ -1,4 +1,4 @@
-//! Certificate roles (REFERENCE.md 2.3) and PEM loading.
+//! Certificate roles (docs/compatibility.md, Certificates and roles) and PEM loading.
 //!
 //! Roles come from the client certificate's subject, like Kubernetes node certificates:
 //! `O=twill:nodes` makes the CN a node name, `O=twill:admins` makes the CN an admin.

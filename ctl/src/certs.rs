@@ -1,5 +1,6 @@
 //! The certificate tool behind `twillctl certs`: a CA, the controller's server
-//! certificate and node / admin client certificates laid out as REFERENCE.md 2.3 says.
+//! certificate and node / admin client certificates laid out as docs/compatibility.md
+//! (Certificates and roles) says.
 //!
 //! * CA: `CN=twill-ca`, basic constraints `CA:TRUE`, key usages keyCertSign + cRLSign.
 //! * controller: `CN=twill-controller`, subjectAltName with the DNS names / IPs agents
@@ -447,7 +448,8 @@ fn leaf_params(validity: Validity, what: &str) -> Result<CertificateParams, Cert
     Ok(params)
 }
 
-/// A node certificate's subject and usage (REFERENCE 2.3's node role).
+/// A node certificate's subject and usage (docs/compatibility.md, Certificates and roles:
+/// the node role).
 fn node_subject(params: &mut CertificateParams, dn: &mut DistinguishedName, name: &str) {
     dn.push(DnType::OrganizationName, NODES_GROUP);
     dn.push(DnType::CommonName, name);

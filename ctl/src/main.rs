@@ -221,7 +221,8 @@ enum Command {
     )]
     Token(TokenCommand),
     /// Make certificates locally: a CA, the controller's server certificate, node and
-    /// admin client certificates (the layout of REFERENCE.md 2.3); and list the node
+    /// admin client certificates (the layout in docs/compatibility.md, Certificates and
+    /// roles); and list the node
     /// certificates the controller has issued (`certs issued`).
     #[command(subcommand)]
     Certs(CertsCommand),

@@ -1,5 +1,6 @@
 //! Mutual TLS against the real `twill-controller` binary, with certificates made by
-//! `twillctl certs` and by the `openssl` CLI (REFERENCE.md 2.3).
+//! `twillctl certs` and by the `openssl` CLI (docs/compatibility.md, Certificates and
+//! roles).
 //!
 //! Needs `cargo build --workspace --bins` first (the controller is another crate's binary).
 
@@ -33,7 +34,8 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Certificates made with the `openssl` CLI in REFERENCE.md 2.3's layout: an RSA CA,
+/// Certificates made with the `openssl` CLI in the layout of docs/compatibility.md
+/// (Certificates and roles): an RSA CA,
 /// an EC controller certificate (IP SAN 127.0.0.1, serverAuth), an RSA admin
 /// certificate (O=twill:admins, clientAuth) and an EC node certificate (O=twill:nodes).
 fn openssl_pki(dir: &Path) -> Pki {

@@ -1,4 +1,5 @@
-//! `twill-cni`: a CNI plugin that behaves like flannel's (REFERENCE.md 1.6), so an
+//! `twill-cni`: a CNI plugin that behaves like flannel's (docs/compatibility.md, CNI
+//! plugin), so an
 //! existing flannel conflist needs only its `type` changed.
 //!
 //! It owns the plugin's whole life: reading the CNI environment and the network

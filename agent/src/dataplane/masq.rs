@@ -1,5 +1,5 @@
 //! IP masquerade for pod traffic leaving the overlay (`--ip-masq`), as flannel does it
-//! (REFERENCE.md 1.5), in an nftables table of our own, `inet twill`.
+//! (docs/compatibility.md, IP masquerade), in an nftables table of our own, `inet twill`.
 //!
 //! The whole table is replaced in one `nft -f` transaction, so rules are never half
 //! applied and re-applying is idempotent. Equivalent by hand: `nft -f <(ruleset)`.

@@ -41,7 +41,7 @@ pub enum DataPlaneError {
     Nft(String),
 }
 
-/// The VXLAN device to create or reuse (REFERENCE.md 1.4).
+/// The VXLAN device to create or reuse (docs/compatibility.md, Kernel state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
     /// Device name, `flannel.<VNI>`.

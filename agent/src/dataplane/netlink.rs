@@ -1,5 +1,5 @@
 //! `DataPlane` over rtnetlink: the one place that programs the kernel of the current
-//! network namespace for the overlay (REFERENCE.md 1.4).
+//! network namespace for the overlay (docs/compatibility.md, Kernel state).
 //!
 //! This module owns the `flannel.<VNI>` VXLAN device (create, reuse or recreate, MTU,
 //! up, `accept_ra=0`), its single /32 address, the permanent neighbour (ARP) and FDB
@@ -146,7 +146,8 @@ fn vxlan_seen(link: &LinkMessage) -> Option<VxlanSeen> {
 }
 
 /// Why an existing link cannot be reused for `spec`, or `None` when it can. The VNI,
-/// local address, port and underlying device must match (REFERENCE.md 1.4); so must
+/// local address, port and underlying device must match (docs/compatibility.md, Kernel
+/// state); so must
 /// GBP, which the kernel cannot change on a live device.
 fn incompatibility(link: &LinkMessage, spec: &VxlanSpec) -> Option<String> {
     let Some(seen) = vxlan_seen(link) else {

@@ -1,6 +1,7 @@
 //! Who is calling: the identity in the client certificate that mutual TLS verified.
 //! The TLS layer has already refused clients without a certificate from our CA; here
-//! the subject decides the role (REFERENCE.md 2.3), and the certificate's expiry is
+//! the subject decides the role (docs/compatibility.md, Certificates and roles), and the
+//! certificate's expiry is
 //! checked at every call, because a connection outlives the handshake that checked it.
 
 use std::time::{Duration, UNIX_EPOCH};
