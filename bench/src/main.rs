@@ -980,7 +980,7 @@ fn main() -> Result<()> {
         let res: Results = serde_json::from_str(&std::fs::read_to_string(&from)?)
             .with_context(|| format!("reading {}", from.display()))?;
         let md = report::markdown(&res);
-        println!("{md}");
+        print_report(&md)?;
         write_outputs(&o, &res)?;
         return Ok(());
     }
@@ -994,9 +994,18 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, serde_json::to_string_pretty(&res)?)?;
-    println!("{}", report::markdown(&res));
+    print_report(&report::markdown(&res))?;
     eprintln!("raw figures: {}", out.display());
     write_outputs(&o, &res)
+}
+
+/// Prints the report on stdout; a reader that stops early (`| head`) is not an error.
+fn print_report(md: &str) -> Result<()> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout(), "{md}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 /// Where `--charts` alone puts the charts (relative to the current directory: the
