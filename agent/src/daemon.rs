@@ -22,6 +22,7 @@ use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::reconcile::{self, Topology};
 use twill_common::lease::parse_subnet;
+use twill_common::netconf::BackendType;
 use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
@@ -133,22 +134,33 @@ pub async fn run(args: Args) -> Result<()> {
     let interfaces = dp.interfaces().await?;
     let default = dp.default_route_interface().await.ok();
     let (underlay, public_ip) = iface::select(&selection, &interfaces, default.as_ref())?;
-    let mtu = conf.backend.mtu.unwrap_or(underlay.mtu.saturating_sub(50));
-    let spec = VxlanSpec {
-        name: conf.backend.device_name(),
-        vni: conf.backend.vni,
-        local: underlay.addr.addr(),
-        port: conf.backend.port,
-        underlay_index: underlay.index,
-        mtu,
-        learning: conf.backend.learning,
-        gbp: conf.backend.gbp,
+    let (spec, device, mtu) = match conf.backend.kind {
+        BackendType::Vxlan => {
+            let mtu = conf.backend.mtu.unwrap_or(underlay.mtu.saturating_sub(50));
+            let spec = VxlanSpec {
+                name: conf.backend.device_name(),
+                vni: conf.backend.vni,
+                local: underlay.addr.addr(),
+                port: conf.backend.port,
+                underlay_index: underlay.index,
+                mtu,
+                learning: conf.backend.learning,
+                gbp: conf.backend.gbp,
+            };
+            let device = dp.ensure_device(&spec).await?;
+            info!(node = %node, device = %spec.name, vtep_mac = %device.mac, iface = %underlay.name, public_ip = %public_ip, mtu, "VXLAN device ready");
+            (Some(spec), Some(device), mtu)
+        }
+        BackendType::HostGw => {
+            // No encapsulation: pods get the interface's MTU (flannel's host-gw).
+            info!(node = %node, iface = %underlay.name, public_ip = %public_ip, mtu = underlay.mtu, "host-gw backend: peers are routed via their public addresses");
+            (None, None, underlay.mtu)
+        }
     };
-    let device = dp.ensure_device(&spec).await?;
-    info!(node = %node, device = %spec.name, vtep_mac = %device.mac, iface = %underlay.name, public_ip = %public_ip, mtu, "VXLAN device ready");
 
     let mut peers = PeerTable::new(&node, conf.network);
-    peers.set_own(device.mac, None);
+    peers.set_own(device.map(|d| d.mac), None);
+    let direct_routing = conf.backend.direct_routing;
     let mut agent = Agent {
         node,
         args,
@@ -159,20 +171,21 @@ pub async fn run(args: Args) -> Result<()> {
         creds,
         stats,
         spec,
+        mtu,
         topo: Topology {
             device,
             underlay,
-            direct_routing: false,
+            direct_routing,
         },
         public_ip,
         lease: None,
         peers,
+        unreachable: BTreeMap::new(),
         revision: 0,
         epoch: String::new(),
         heard: false,
         applied: None,
     };
-    agent.topo.direct_routing = agent.conf.backend.direct_routing;
     agent.main_loop(&mut shutdown).await
 }
 
@@ -216,11 +229,17 @@ struct Agent {
     channel: Channel,
     creds: Credentials,
     stats: Arc<Stats>,
-    spec: VxlanSpec,
+    /// The VXLAN device's settings; `None` with host-gw.
+    spec: Option<VxlanSpec>,
+    /// The pod MTU written to subnet.env.
+    mtu: u32,
     topo: Topology,
     public_ip: std::net::Ipv4Addr,
     lease: Option<Lease>,
     peers: PeerTable,
+    /// Peers the last reconcile could give no entry, with the reason (logged when the
+    /// set changes).
+    unreachable: BTreeMap<String, String>,
     revision: u64,
     /// The store epoch `revision` belongs to.
     epoch: String,
@@ -609,8 +628,12 @@ impl Agent {
             node_name: self.node.clone(),
             requested_subnet: requested.map(|s| s.to_string()).unwrap_or_default(),
             public_ip: self.public_ip.to_string(),
-            backend_type: "vxlan".into(),
-            vtep_mac: self.topo.device.mac.to_string(),
+            backend_type: self.conf.backend.kind.as_str().into(),
+            vtep_mac: self
+                .topo
+                .device
+                .map(|d| d.mac.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -627,19 +650,20 @@ impl Agent {
             let env = SubnetEnv {
                 network: Some(self.conf.network),
                 subnet: Some(subnet),
-                mtu: Some(self.spec.mtu),
+                mtu: Some(self.mtu),
                 ipmasq: Some(self.args.ip_masq),
                 ..Default::default()
             };
             env.write(&self.args.subnet_file)?;
-            self.dp
-                .ensure_address(&self.topo.device, subnet.network())
-                .await?;
+            if let Some(dev) = &self.topo.device {
+                self.dp.ensure_address(dev, subnet.network()).await?;
+            }
             self.lease = Some(lease.clone());
             self.ensure_masquerade().await;
             info!(node = %self.node, subnet = %subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
-        self.peers.set_own(self.topo.device.mac, Some(subnet));
+        self.peers
+            .set_own(self.topo.device.map(|d| d.mac), Some(subnet));
         self.stats.lease_expiry.set(lease.expires_at_unix);
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
@@ -699,18 +723,20 @@ impl Agent {
     /// keeps going.
     async fn teardown(&self) {
         // Routes through the underlay (DirectRouting) outlive the device: remove ours first.
-        let want = reconcile::desired(&BTreeMap::new(), &self.topo);
-        match reconcile::reconcile(&self.dp, &self.topo.device, &want).await {
+        let want = reconcile::desired(&BTreeMap::new(), &self.topo).state;
+        match reconcile::reconcile(&self.dp, self.topo.device.as_ref(), &want).await {
             Ok(r) => r.errors.iter().for_each(|e| warn!(error = %e, "teardown")),
             Err(e) => warn!(error = %e, "teardown: cannot read kernel state"),
         }
-        if let Err(e) = self.dp.delete_device(&self.spec.name).await {
-            warn!(error = %e, "teardown");
+        if let Some(spec) = &self.spec {
+            if let Err(e) = self.dp.delete_device(&spec.name).await {
+                warn!(error = %e, "teardown");
+            }
         }
         if let Err(e) = masq::remove().await {
             warn!(error = %e, "teardown");
         }
-        info!(device = %self.spec.name, "exiting; kernel state removed (--teardown-on-exit)");
+        info!("exiting; kernel state removed (--teardown-on-exit)");
     }
 
     /// Makes the masquerade table what `--ip-masq` says: present with the current
@@ -737,12 +763,13 @@ impl Agent {
     /// taken against what was last applied; `full` (the periodic run) reads the kernel
     /// to repair what was changed behind our back.
     async fn reconcile(&mut self, full: bool) {
-        let want = reconcile::desired(self.peers.peers(), &self.topo);
+        let desired = reconcile::desired(self.peers.peers(), &self.topo);
+        self.report_unreachable(desired.unreachable);
+        let want = desired.state;
+        let dev = self.topo.device.as_ref();
         let result = match self.applied.take().filter(|_| !full) {
-            Some(have) => {
-                Ok(reconcile::apply_diff(&self.dp, &self.topo.device, &have, &want).await)
-            }
-            None => reconcile::reconcile(&self.dp, &self.topo.device, &want).await,
+            Some(have) => Ok(reconcile::apply_diff(&self.dp, dev, &have, &want).await),
+            None => reconcile::reconcile(&self.dp, dev, &want).await,
         };
         match result {
             Ok(report) => {
@@ -777,19 +804,37 @@ impl Agent {
         }
     }
 
+    /// Logs peers that became unreachable (each once, with the reason) or reachable
+    /// again, and keeps the gauge: the leases stay, nothing is retried in a loop.
+    fn report_unreachable(&mut self, now: BTreeMap<String, String>) {
+        for (peer, why) in &now {
+            if self.unreachable.get(peer) != Some(why) {
+                warn!(peer = %peer, reason = %why, "peer unreachable: no route programmed");
+            }
+        }
+        for peer in self.unreachable.keys().filter(|p| !now.contains_key(*p)) {
+            if self.peers.peers().contains_key(peer) {
+                info!(peer = %peer, "peer reachable again");
+            }
+        }
+        self.stats.peers_unreachable.set(now.len() as i64);
+        self.unreachable = now;
+    }
+
     /// Recreates the device if it was deleted; a new MAC must reach the peers, so the
     /// lease is renewed at once in that case.
     async fn check_device(&mut self, renew_at: &mut Instant) {
-        match self.dp.ensure_device(&self.spec).await {
-            Ok(dev) if dev != self.topo.device => {
-                warn!(device = %self.spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
-                let mac_changed = dev.mac != self.topo.device.mac;
-                self.topo.device = dev;
+        let Some(spec) = &self.spec else { return };
+        match self.dp.ensure_device(spec).await {
+            Ok(dev) if Some(dev) != self.topo.device => {
+                warn!(device = %spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
+                let mac_changed = Some(dev.mac) != self.topo.device.map(|d| d.mac);
+                self.topo.device = Some(dev);
                 let subnet = self
                     .lease
                     .as_ref()
                     .and_then(|l| parse_subnet(&l.subnet).ok());
-                self.peers.set_own(dev.mac, subnet);
+                self.peers.set_own(Some(dev.mac), subnet);
                 self.applied = None;
                 if let Some(subnet) = self
                     .lease

@@ -27,6 +27,8 @@ pub struct Stats {
     pub contact_margin_secs: AtomicI64,
     /// Leases of other nodes not programmed because they collide or break the rules.
     pub peers_refused: Gauge,
+    /// Peers admitted but given no kernel entry (host-gw: not on this node's L2 subnet).
+    pub peers_unreachable: Gauge,
     /// Unix time the main loop last turned, and how long it may stand still (three
     /// reconcile intervals, at least a minute) before `/livez` fails.
     pub loop_turned: AtomicI64,
@@ -61,6 +63,7 @@ impl Default for Stats {
             contact_lost_at: AtomicI64::new(0),
             contact_margin_secs: AtomicI64::new(i64::MAX),
             peers_refused: Gauge::default(),
+            peers_unreachable: Gauge::default(),
             loop_turned: AtomicI64::new(twill_common::now_unix()),
             loop_grace_secs: AtomicI64::new(60),
             peers: Gauge::default(),
@@ -80,6 +83,11 @@ impl Default for Stats {
             "peers_refused",
             "Peer leases not programmed because they collide with another peer or break the field rules",
             s.peers_refused.clone(),
+        );
+        registry.register(
+            "peers_unreachable",
+            "Peers given no route because they cannot be reached directly (host-gw: not on this node's L2 subnet)",
+            s.peers_unreachable.clone(),
         );
         registry.register(
             "changes",

@@ -47,9 +47,9 @@ impl PeerTable {
         }
     }
 
-    /// This node's VTEP MAC and subnet, which no peer may claim.
-    pub fn set_own(&mut self, mac: Mac, subnet: Option<Ipv4Net>) {
-        self.own_mac = Some(mac);
+    /// This node's VTEP MAC (none with host-gw) and subnet, which no peer may claim.
+    pub fn set_own(&mut self, mac: Option<Mac>, subnet: Option<Ipv4Net>) {
+        self.own_mac = mac;
         self.own_subnet = subnet;
     }
 
@@ -150,7 +150,9 @@ impl PeerTable {
         if let Some(old) = before {
             self.unindex(name, &old);
         }
-        self.by_mac.insert(peer.vtep_mac, name.clone());
+        if let Some(mac) = peer.vtep_mac {
+            self.by_mac.insert(mac, name.clone());
+        }
         self.by_subnet.insert(peer.subnet, name.clone());
         if before != Some(peer) && !(quiet_if_same && before.is_none()) {
             info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, revision, "peer up");
@@ -159,11 +161,8 @@ impl PeerTable {
 
     /// What `peer` would collide with, if anything.
     fn collision(&self, name: &str, peer: &Peer) -> Option<String> {
-        if Some(peer.vtep_mac) == self.own_mac {
-            return Some(format!(
-                "vtep_mac {} is this node's own VTEP MAC",
-                peer.vtep_mac
-            ));
+        if let Some(mac) = peer.vtep_mac.filter(|m| Some(*m) == self.own_mac) {
+            return Some(format!("vtep_mac {mac} is this node's own VTEP MAC"));
         }
         if self
             .own_subnet
@@ -174,10 +173,13 @@ impl PeerTable {
                 peer.subnet
             ));
         }
-        if let Some(other) = self.by_mac.get(&peer.vtep_mac).filter(|o| *o != name) {
+        if let Some((mac, other)) = peer
+            .vtep_mac
+            .and_then(|m| self.by_mac.get(&m).map(|o| (m, o)))
+            .filter(|(_, o)| *o != name)
+        {
             return Some(format!(
-                "vtep_mac {} is already the VTEP MAC of peer {other}",
-                peer.vtep_mac
+                "vtep_mac {mac} is already the VTEP MAC of peer {other}"
             ));
         }
         if let Some(other) = self.by_subnet.get(&peer.subnet).filter(|o| *o != name) {
@@ -190,8 +192,10 @@ impl PeerTable {
     }
 
     fn unindex(&mut self, name: &str, p: &Peer) {
-        if self.by_mac.get(&p.vtep_mac).is_some_and(|n| n == name) {
-            self.by_mac.remove(&p.vtep_mac);
+        if let Some(mac) = p.vtep_mac {
+            if self.by_mac.get(&mac).is_some_and(|n| n == name) {
+                self.by_mac.remove(&mac);
+            }
         }
         if self.by_subnet.get(&p.subnet).is_some_and(|n| n == name) {
             self.by_subnet.remove(&p.subnet);
@@ -234,7 +238,7 @@ mod tests {
     fn table() -> PeerTable {
         let mut t = PeerTable::new("me", "10.244.0.0/16".parse().unwrap());
         t.set_own(
-            "0a:58:00:00:00:ee".parse().unwrap(),
+            Some("0a:58:00:00:00:ee".parse().unwrap()),
             Some("10.244.99.0/24".parse().unwrap()),
         );
         t

@@ -15,49 +15,86 @@ use crate::dataplane::{DataPlane, DataPlaneError, Device, KernelState, Route, Un
 /// How peers are reached.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// The VXLAN device.
-    pub device: Device,
+    /// The VXLAN device; `None` with the host-gw backend, which routes every peer via
+    /// its public address.
+    pub device: Option<Device>,
     /// This node's public interface.
     pub underlay: Underlay,
     /// `Backend.DirectRouting`: plain routes to peers on the underlay's L2 subnet.
     pub direct_routing: bool,
 }
 
-/// The entries the peers call for.
-pub fn desired(peers: &BTreeMap<String, Peer>, topo: &Topology) -> KernelState {
+/// The entries the peers call for, and the peers that cannot be reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// What the kernel should hold.
+    pub state: KernelState,
+    /// Peers given no entry, by node name, with the reason.
+    pub unreachable: BTreeMap<String, String>,
+}
+
+/// The entries the peers call for (docs/compatibility.md, Kernel state and host-gw).
+pub fn desired(peers: &BTreeMap<String, Peer>, topo: &Topology) -> Desired {
     let mut neighbours = Vec::with_capacity(peers.len());
     let mut fdb = Vec::with_capacity(peers.len());
     let mut routes = Vec::with_capacity(peers.len());
-    for peer in peers.values() {
-        let gateway = peer.subnet.network();
-        if topo.direct_routing && topo.underlay.addr.contains(&peer.public_ip) {
-            routes.push((
-                peer.subnet,
-                Route {
-                    dst: peer.subnet,
-                    gateway: peer.public_ip,
-                    oif: topo.underlay.index,
-                },
-            ));
+    let mut unreachable = BTreeMap::new();
+    for (name, peer) in peers {
+        let on_link = topo.underlay.addr.contains(&peer.public_ip);
+        let direct = Route {
+            dst: peer.subnet,
+            gateway: peer.public_ip,
+            oif: topo.underlay.index,
+        };
+        let device = match topo.device {
+            Some(dev) if !(topo.direct_routing && on_link) => dev,
+            // The kernel refuses a gateway that is not on-link (flannel retries that
+            // forever); the peer is reported instead and the others go on.
+            None if !on_link => {
+                unreachable.insert(
+                    name.clone(),
+                    format!(
+                        "public_ip {} is not on {}'s subnet {}: host-gw needs the nodes on one L2 segment",
+                        peer.public_ip,
+                        topo.underlay.name,
+                        topo.underlay.addr.trunc()
+                    ),
+                );
+                continue;
+            }
+            _ => {
+                routes.push((peer.subnet, direct));
+                continue;
+            }
+        };
+        let Some(mac) = peer.vtep_mac else {
+            unreachable.insert(
+                name.clone(),
+                "the lease has no VTEP MAC (a host-gw lease in a VXLAN network)".into(),
+            );
             continue;
-        }
-        neighbours.push((gateway, peer.vtep_mac));
-        fdb.push((peer.vtep_mac, peer.public_ip));
+        };
+        let gateway = peer.subnet.network();
+        neighbours.push((gateway, mac));
+        fdb.push((mac, peer.public_ip));
         routes.push((
             peer.subnet,
             Route {
                 dst: peer.subnet,
                 gateway,
-                oif: topo.device.index,
+                oif: device.index,
             },
         ));
     }
     // Collecting sorts once and builds each map in bulk (a later duplicate key wins, as
     // with inserts): with thousands of peers this runs after every watch batch.
-    KernelState {
-        neighbours: neighbours.into_iter().collect(),
-        fdb: fdb.into_iter().collect(),
-        routes: routes.into_iter().collect(),
+    Desired {
+        state: KernelState {
+            neighbours: neighbours.into_iter().collect(),
+            fdb: fdb.into_iter().collect(),
+            routes: routes.into_iter().collect(),
+        },
+        unreachable,
     }
 }
 
@@ -136,7 +173,7 @@ impl Report {
 /// Brings the kernel to `want`: reads the current state and applies the difference.
 pub async fn reconcile(
     dp: &dyn DataPlane,
-    dev: &Device,
+    dev: Option<&Device>,
     want: &KernelState,
 ) -> Result<Report, DataPlaneError> {
     let have = dp.read_state(dev).await?;
@@ -149,15 +186,12 @@ pub async fn reconcile(
 /// anything changed behind our back.
 pub async fn apply_diff(
     dp: &dyn DataPlane,
-    dev: &Device,
+    dev: Option<&Device>,
     have: &KernelState,
     want: &KernelState,
 ) -> Report {
     let mut report = Report::default();
     let (stale_routes, new_routes) = diff_maps(&have.routes, &want.routes);
-    let (stale_fdb, new_fdb) = diff_maps(&have.fdb, &want.fdb);
-    let (stale_neighbours, new_neighbours) = diff_maps(&have.neighbours, &want.neighbours);
-
     for (_, r) in stale_routes {
         report.record(
             dp.del_route(r).await,
@@ -165,6 +199,31 @@ pub async fn apply_diff(
             format_args!("route {} via {}", r.dst, r.gateway),
         );
     }
+    // Without a device (host-gw) there are no neighbours or FDB entries to hold.
+    if let Some(dev) = dev {
+        apply_device_diff(dp, dev, have, want, &mut report).await;
+    }
+    for (dst, route, had) in new_routes {
+        report.record(
+            dp.add_route(route).await,
+            true,
+            format_args!("route {dst} via {} (had {had:?})", route.gateway),
+        );
+    }
+    report
+}
+
+/// The device's part of `apply_diff`: stale FDB entries and neighbours go, then new
+/// neighbours and FDB entries come, between the route removals and additions.
+async fn apply_device_diff(
+    dp: &dyn DataPlane,
+    dev: &Device,
+    have: &KernelState,
+    want: &KernelState,
+    report: &mut Report,
+) {
+    let (stale_fdb, new_fdb) = diff_maps(&have.fdb, &want.fdb);
+    let (stale_neighbours, new_neighbours) = diff_maps(&have.neighbours, &want.neighbours);
     for (mac, dst) in stale_fdb {
         report.record(
             dp.del_fdb(dev, *mac, *dst).await,
@@ -179,7 +238,6 @@ pub async fn apply_diff(
             format_args!("neighbour {ip}"),
         );
     }
-
     for (ip, mac, had) in new_neighbours {
         report.record(
             dp.add_neighbour(dev, *ip, *mac).await,
@@ -194,14 +252,6 @@ pub async fn apply_diff(
             format_args!("fdb {mac} dst {dst} (had {had:?})"),
         );
     }
-    for (dst, route, had) in new_routes {
-        report.record(
-            dp.add_route(route).await,
-            true,
-            format_args!("route {dst} via {} (had {had:?})", route.gateway),
-        );
-    }
-    report
 }
 
 #[cfg(test)]
@@ -239,7 +289,7 @@ pub(crate) mod tests {
         ) -> Result<(), DataPlaneError> {
             Ok(())
         }
-        async fn read_state(&self, _dev: &Device) -> Result<KernelState, DataPlaneError> {
+        async fn read_state(&self, _dev: Option<&Device>) -> Result<KernelState, DataPlaneError> {
             Ok(self.state.lock().unwrap().clone())
         }
         async fn add_neighbour(
@@ -298,7 +348,7 @@ pub(crate) mod tests {
 
     fn topo(direct: bool) -> Topology {
         Topology {
-            device: dev(),
+            device: Some(dev()),
             underlay: Underlay {
                 index: 2,
                 name: "eth0".into(),
@@ -315,7 +365,7 @@ pub(crate) mod tests {
             Peer {
                 subnet: format!("10.244.{n}.0/24").parse().unwrap(),
                 public_ip: public.parse().unwrap(),
-                vtep_mac: Mac([0x0a, 0, 0, 0, 1, n]),
+                vtep_mac: Some(Mac([0x0a, 0, 0, 0, 1, n])),
             },
         )
     }
@@ -338,7 +388,7 @@ pub(crate) mod tests {
     async fn programs_then_changes_only_the_difference() {
         let k = FakeKernel::default();
         let mut peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
             .await
             .unwrap();
         assert_eq!((r.added, r.removed), (6, 0));
@@ -352,13 +402,13 @@ pub(crate) mod tests {
         );
         k.ops.lock().unwrap().clear();
 
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
             .await
             .unwrap();
         assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
 
         peers.remove("node-1");
-        let r = reconcile(&k, &dev(), &desired(&peers, &topo(false)))
+        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
             .await
             .unwrap();
         assert_eq!((r.added, r.removed), (0, 3));
@@ -377,10 +427,10 @@ pub(crate) mod tests {
     async fn repairs_a_hand_deleted_route() {
         let k = FakeKernel::default();
         let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11")].into();
-        let want = desired(&peers, &topo(false));
-        reconcile(&k, &dev(), &want).await.unwrap();
+        let want = desired(&peers, &topo(false)).state;
+        reconcile(&k, Some(&dev()), &want).await.unwrap();
         k.state.lock().unwrap().routes.clear();
-        let r = reconcile(&k, &dev(), &want).await.unwrap();
+        let r = reconcile(&k, Some(&dev()), &want).await.unwrap();
         assert_eq!((r.added, r.removed), (1, 0));
         assert_eq!(*k.state.lock().unwrap(), want);
     }
@@ -388,7 +438,7 @@ pub(crate) mod tests {
     #[test]
     fn direct_routing_only_for_peers_on_the_same_l2_subnet() {
         let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
-        let want = desired(&peers, &topo(true));
+        let want = desired(&peers, &topo(true)).state;
         let direct = want.routes[&"10.244.1.0/24".parse().unwrap()];
         assert_eq!(
             (direct.gateway.to_string(), direct.oif),
@@ -401,5 +451,37 @@ pub(crate) mod tests {
         );
         assert_eq!(want.neighbours.len(), 1);
         assert_eq!(want.fdb.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn host_gw_routes_on_link_peers_and_reports_the_others() {
+        let k = FakeKernel::default();
+        let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
+        let host_gw = Topology {
+            device: None,
+            ..topo(false)
+        };
+        let want = desired(&peers, &host_gw);
+        assert!(want.state.neighbours.is_empty() && want.state.fdb.is_empty());
+        let route = want.state.routes[&"10.244.1.0/24".parse().unwrap()];
+        assert_eq!(
+            (route.gateway.to_string(), route.oif),
+            ("192.0.2.11".into(), 2)
+        );
+        assert_eq!(want.state.routes.len(), 1);
+        let why = &want.unreachable["node-2"];
+        assert!(why.contains("198.51.100.12") && why.contains("L2"), "{why}");
+        let r = reconcile(&k, None, &want.state).await.unwrap();
+        assert_eq!((r.added, r.removed, r.errors.len()), (1, 0, 0));
+        assert_eq!(*k.ops.lock().unwrap(), ["route replace 10.244.1.0/24"]);
+    }
+
+    #[test]
+    fn a_vxlan_peer_without_a_vtep_mac_is_reported() {
+        let (name, mut p) = peer(3, "198.51.100.13");
+        p.vtep_mac = None;
+        let want = desired(&[(name, p)].into(), &topo(false));
+        assert!(want.state.routes.is_empty());
+        assert!(want.unreachable["node-3"].contains("VTEP MAC"));
     }
 }

@@ -340,7 +340,7 @@ async fn entries_round_trip_through_read_state_in(strict: bool) {
         .expect("address");
     let veth0 = ifindex("veth0");
     assert_eq!(
-        nl.read_state(&dev).await.expect("read"),
+        nl.read_state(Some(&dev)).await.expect("read"),
         KernelState::default()
     );
 
@@ -419,7 +419,7 @@ async fn entries_round_trip_through_read_state_in(strict: bool) {
         "neigh add 10.244.96.0 lladdr 0a:58:00:00:00:96 dev flannel.2 nud permanent",
     );
 
-    let got = nl.read_state(&dev).await.expect("read");
+    let got = nl.read_state(Some(&dev)).await.expect("read");
     assert_eq!(got, want);
 
     // The kernel agrees with what we wrote.
@@ -454,7 +454,7 @@ async fn entries_round_trip_through_read_state_in(strict: bool) {
         ..direct
     };
     nl.add_route(&moved_route).await.expect("route replace");
-    let got = nl.read_state(&dev).await.expect("read");
+    let got = nl.read_state(Some(&dev)).await.expect("read");
     assert_eq!(got.neighbours[&Ipv4Addr::new(10, 244, 12, 0)], moved_mac);
     assert_eq!(got.routes[&direct.dst], moved_route);
     nl.add_neighbour(
@@ -479,7 +479,7 @@ async fn entries_round_trip_through_read_state_in(strict: bool) {
         }
     }
     assert_eq!(
-        nl.read_state(&dev).await.expect("read"),
+        nl.read_state(Some(&dev)).await.expect("read"),
         KernelState::default()
     );
     // Only ours went.

@@ -107,9 +107,13 @@ fn peer(i: usize) -> (String, Peer) {
         Peer {
             subnet: subnet.parse().expect("subnet"),
             public_ip: Ipv4Addr::new(198, 18 + ((i >> 16) & 1) as u8, (i >> 8) as u8, i as u8),
-            vtep_mac: Mac([0x0a, 0x58, (i >> 16) as u8, (i >> 8) as u8, i as u8, 0x01]),
+            vtep_mac: Some(vtep_mac(i)),
         },
     )
+}
+
+fn vtep_mac(i: usize) -> Mac {
+    Mac([0x0a, 0x58, (i >> 16) as u8, (i >> 8) as u8, i as u8, 0x01])
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -148,7 +152,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let topo = Topology {
-                device: dev,
+                device: Some(dev),
                 underlay: Underlay {
                     index: veth0,
                     name: "veth0".into(),
@@ -160,7 +164,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             let mut table: BTreeMap<String, Peer> = (0..peers).map(peer).collect();
 
             let started = Instant::now();
-            let report = reconcile(&nl, &dev, &desired(&table, &topo))
+            let report = reconcile(&nl, Some(&dev), &desired(&table, &topo).state)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let full = ms(started.elapsed());
@@ -180,14 +184,16 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             }
 
             let started = Instant::now();
-            nl.read_state(&dev).await.map_err(|e| anyhow!("{e}"))?;
+            nl.read_state(Some(&dev))
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
             let read = ms(started.elapsed());
 
             // One change at a time: a new peer joins, then leaves again. As the agent
             // does after a watch batch: the diff against what it last applied, no dump.
             let mut times = Vec::new();
             let (name, extra) = peer(peers);
-            let mut applied = desired(&table, &topo);
+            let mut applied = desired(&table, &topo).state;
             for k in 0..changes {
                 if k % 2 == 0 {
                     table.insert(name.clone(), extra);
@@ -195,8 +201,8 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
                     table.remove(&name);
                 }
                 let started = Instant::now();
-                let want = desired(&table, &topo);
-                let r = apply_diff(&nl, &dev, &applied, &want).await;
+                let want = desired(&table, &topo).state;
+                let r = apply_diff(&nl, Some(&dev), &applied, &want).await;
                 times.push(ms(started.elapsed()));
                 applied = want;
                 if !r.errors.is_empty() || r.added + r.removed != 3 {
@@ -243,25 +249,20 @@ fn batch_once(peers: usize, changes: usize) -> Result<(f64, f64)> {
                 let (mut ip, mut br) = (String::new(), String::new());
                 for i in range {
                     let (_, p) = peer(i);
-                    let gw = p.subnet.network();
+                    let (gw, mac) = (p.subnet.network(), vtep_mac(i));
                     if del {
                         writeln!(ip, "route del {} via {gw} dev flannel.1 proto 74", p.subnet)?;
-                        writeln!(
-                            br,
-                            "fdb del {} dev flannel.1 dst {} self",
-                            p.vtep_mac, p.public_ip
-                        )?;
+                        writeln!(br, "fdb del {mac} dev flannel.1 dst {} self", p.public_ip)?;
                         writeln!(ip, "neigh del {gw} dev flannel.1")?;
                     } else {
                         writeln!(
                             ip,
-                            "neigh replace {gw} lladdr {} dev flannel.1 nud permanent",
-                            p.vtep_mac
+                            "neigh replace {gw} lladdr {mac} dev flannel.1 nud permanent"
                         )?;
                         writeln!(
                             br,
-                            "fdb replace {} dev flannel.1 dst {} self permanent",
-                            p.vtep_mac, p.public_ip
+                            "fdb replace {mac} dev flannel.1 dst {} self permanent",
+                            p.public_ip
                         )?;
                         writeln!(
                             ip,

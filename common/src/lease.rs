@@ -110,14 +110,15 @@ pub struct Peer {
     pub subnet: Ipv4Net,
     /// The peer's public (underlay) address.
     pub public_ip: Ipv4Addr,
-    /// The MAC of the peer's VXLAN device.
-    pub vtep_mac: Mac,
+    /// The MAC of the peer's VXLAN device; `None` in a host-gw lease, which has no
+    /// device.
+    pub vtep_mac: Option<Mac>,
 }
 
 impl Peer {
     /// Checks the peer's fields against the rules the controller enforces (a subnet of
-    /// `network`, a unicast public address outside it, a unicast VTEP MAC): an agent
-    /// programs nothing a controller should have refused.
+    /// `network`, a unicast public address outside it, a unicast VTEP MAC when it has
+    /// one): an agent programs nothing a controller should have refused.
     pub fn check(&self, network: Ipv4Net) -> Result<(), LeaseError> {
         if !network.contains(&self.subnet) {
             return Err(LeaseError::Invalid(format!(
@@ -126,7 +127,7 @@ impl Peer {
             )));
         }
         check_public_ip(self.public_ip, network)?;
-        self.vtep_mac.check_unicast()
+        self.vtep_mac.map_or(Ok(()), |m| m.check_unicast())
     }
 }
 
@@ -141,7 +142,10 @@ impl TryFrom<&Lease> for Peer {
                     l.public_ip
                 ))
             })?,
-            vtep_mac: l.vtep_mac.parse()?,
+            vtep_mac: match l.vtep_mac.as_str() {
+                "" => None,
+                m => Some(m.parse()?),
+            },
         })
     }
 }
@@ -258,6 +262,12 @@ mod tests {
         };
         let p = Peer::try_from(&l).unwrap();
         assert_eq!(p.subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(p.vtep_mac, Some(Mac([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])));
+        let host_gw = Lease {
+            vtep_mac: String::new(),
+            ..l
+        };
+        assert_eq!(Peer::try_from(&host_gw).unwrap().vtep_mac, None);
         assert!(parse_subnet("10.244.3.1/24").is_err());
     }
 }

@@ -72,9 +72,38 @@ struct RawBackend {
     direct_routing: Option<bool>,
 }
 
-/// The VXLAN backend settings (`Backend` object).
+/// How peers' pods are reached (`Backend.Type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendType {
+    /// VXLAN encapsulation through `flannel.<VNI>`.
+    Vxlan,
+    /// Plain routes via each peer's public address: no device, no encapsulation; the
+    /// nodes must share an L2 segment.
+    HostGw,
+}
+
+impl BackendType {
+    /// The name used in net-conf.json and in leases.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendType::Vxlan => "vxlan",
+            BackendType::HostGw => "host-gw",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The backend settings (`Backend` object). The VXLAN fields keep their defaults and
+/// are not used when the type is host-gw, as in flannel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanBackend {
+pub struct Backend {
+    /// `Backend.Type`.
+    pub kind: BackendType,
     /// VXLAN network identifier; the device is `flannel.<vni>`.
     pub vni: u32,
     /// UDP port; never 0 here (0 in the file means 8472).
@@ -89,7 +118,7 @@ pub struct VxlanBackend {
     pub direct_routing: bool,
 }
 
-impl VxlanBackend {
+impl Backend {
     /// Name of the VXLAN device, as flannel names it.
     pub fn device_name(&self) -> String {
         format!("flannel.{}", self.vni)
@@ -107,8 +136,8 @@ pub struct NetConf {
     pub subnet_min: Ipv4Net,
     /// Last subnet the allocator may hand out.
     pub subnet_max: Ipv4Net,
-    /// The backend (only VXLAN is supported).
-    pub backend: VxlanBackend,
+    /// The backend.
+    pub backend: Backend,
     /// The document as it was given, served verbatim to agents.
     pub raw: String,
 }
@@ -257,15 +286,16 @@ fn parse_bound(
     Ok(subnet)
 }
 
-fn parse_backend(raw: Option<RawBackend>) -> Result<VxlanBackend, NetConfError> {
+fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, NetConfError> {
     let raw = raw.ok_or_else(|| {
         invalid("Backend is missing: flannel would default to \"udp\", which Twill does not support; add \"Backend\": {\"Type\": \"vxlan\"}")
     })?;
-    match raw.kind.as_deref() {
-        Some("vxlan") => {}
+    let kind = match raw.kind.as_deref() {
+        Some("vxlan") => BackendType::Vxlan,
+        Some("host-gw") => BackendType::HostGw,
         Some(other) => {
             return Err(invalid(format!(
-                "Backend.Type {other:?} is not supported: Twill supports \"vxlan\""
+                "Backend.Type {other:?} is not supported: Twill supports \"vxlan\" and \"host-gw\""
             )))
         }
         None => {
@@ -273,7 +303,7 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<VxlanBackend, NetConfError> 
                 "Backend.Type is missing: flannel would default to \"udp\", which Twill does not support; set \"Type\": \"vxlan\"",
             ))
         }
-    }
+    };
     let vni = raw.vni.unwrap_or(1);
     if vni >= 1 << 24 {
         return Err(invalid(format!(
@@ -289,7 +319,8 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<VxlanBackend, NetConfError> 
         }
         m => Some(m),
     };
-    Ok(VxlanBackend {
+    Ok(Backend {
+        kind,
         vni,
         port: match raw.port.unwrap_or(0) {
             0 => DEFAULT_VXLAN_PORT,
@@ -322,6 +353,15 @@ mod tests {
         assert_eq!(c.backend.port, 8472);
         assert_eq!(c.backend.mtu, None);
         assert_eq!(c.backend.device_name(), "flannel.1");
+        assert_eq!(c.backend.kind, BackendType::Vxlan);
+    }
+
+    #[test]
+    fn host_gw_backend() {
+        let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#)
+            .unwrap();
+        assert_eq!(c.backend.kind, BackendType::HostGw);
+        assert_eq!(c.backend.kind.to_string(), "host-gw");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 use twill_common::lease::{check_public_ip, parse_subnet, validate_node_name, Mac};
+use twill_common::netconf::BackendType;
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
@@ -85,47 +86,70 @@ pub struct AcquireParams {
     pub requested: Option<Ipv4Net>,
     /// The node's public address.
     pub public_ip: Ipv4Addr,
-    /// The node's VTEP MAC.
-    pub vtep_mac: Mac,
+    /// The node's VTEP MAC; `None` with the host-gw backend, which has no device.
+    pub vtep_mac: Option<Mac>,
+}
+
+/// The raw fields of an acquisition request, as the wire carries them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AcquireFields<'a> {
+    /// `requested_subnet`.
+    pub requested: &'a str,
+    /// `public_ip`.
+    pub public_ip: &'a str,
+    /// `backend_type`.
+    pub backend: &'a str,
+    /// `vtep_mac`.
+    pub vtep_mac: &'a str,
 }
 
 impl AcquireParams {
-    /// Validates the raw request fields for a node of `network`; errors name the field.
-    pub fn parse(
-        network: Ipv4Net,
-        node: &str,
-        requested: &str,
-        public_ip: &str,
-        backend: &str,
-        vtep_mac: &str,
-    ) -> Result<Self, LeaseOpError> {
+    /// Validates the raw request fields for a node of `conf`'s network; errors name
+    /// the field.
+    pub fn parse(conf: &NetConf, node: &str, f: AcquireFields<'_>) -> Result<Self, LeaseOpError> {
         let invalid = |m: String| LeaseOpError::Invalid(m);
         validate_node_name(node).map_err(|e| invalid(e.to_string()))?;
-        if !(backend.is_empty() || backend == "vxlan") {
+        let kind = conf.backend.kind;
+        if !(f.backend.is_empty() || f.backend == kind.as_str()) {
             return Err(invalid(format!(
-                "backend_type {backend:?} is not supported: this controller runs \"vxlan\""
+                "backend_type {:?} is not supported: this controller runs \"{kind}\"",
+                f.backend
             )));
         }
-        let requested = match requested {
+        let requested = match f.requested {
             "" => None,
             s => Some(parse_subnet(s).map_err(|e| invalid(format!("requested_subnet: {e}")))?),
         };
-        let public_ip = public_ip
-            .parse()
-            .map_err(|_| invalid(format!("public_ip {public_ip:?} is not an IPv4 address")))?;
-        check_public_ip(public_ip, network).map_err(|e| invalid(e.to_string()))?;
-        let vtep_mac: Mac = vtep_mac
-            .parse()
-            .map_err(|e| invalid(format!("vtep_mac: {e}")))?;
-        vtep_mac
-            .check_unicast()
-            .map_err(|e| invalid(e.to_string()))?;
+        let public_ip = f.public_ip.parse().map_err(|_| {
+            invalid(format!(
+                "public_ip {:?} is not an IPv4 address",
+                f.public_ip
+            ))
+        })?;
+        check_public_ip(public_ip, conf.network).map_err(|e| invalid(e.to_string()))?;
+        // host-gw leases carry no backend data (flannel's neither); a MAC sent anyway
+        // names no device and is dropped.
+        let vtep_mac = match kind {
+            BackendType::HostGw => None,
+            BackendType::Vxlan => {
+                let mac: Mac = f
+                    .vtep_mac
+                    .parse()
+                    .map_err(|e| invalid(format!("vtep_mac: {e}")))?;
+                mac.check_unicast().map_err(|e| invalid(e.to_string()))?;
+                Some(mac)
+            }
+        };
         Ok(AcquireParams {
             node: node.to_string(),
             requested,
             public_ip,
             vtep_mac,
         })
+    }
+
+    fn vtep_mac_text(&self) -> String {
+        self.vtep_mac.map(|m| m.to_string()).unwrap_or_default()
     }
 }
 
@@ -773,12 +797,15 @@ impl Writer {
                 )));
             }
         }
-        if let Some(holder) = self.by_mac.get(&p.vtep_mac).filter(|h| **h != p.node) {
-            warn!(node = %p.node, vtep_mac = %p.vtep_mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
+        if let Some((mac, holder)) = p
+            .vtep_mac
+            .and_then(|m| self.by_mac.get(&m).map(|h| (m, h)))
+            .filter(|(_, h)| **h != p.node)
+        {
+            warn!(node = %p.node, vtep_mac = %mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
             return Err(LeaseOpError::AlreadyExists(format!(
-                "vtep_mac {} is the VTEP MAC of node {holder}'s lease; every node's VXLAN device \
-                 needs a MAC of its own (delete and recreate the device to get a new one)",
-                p.vtep_mac
+                "vtep_mac {mac} is the VTEP MAC of node {holder}'s lease; every node's VXLAN device \
+                 needs a MAC of its own (delete and recreate the device to get a new one)"
             )));
         }
         let expires = now.saturating_add(self.ttl.as_secs() as i64);
@@ -794,7 +821,7 @@ impl Writer {
                 if let Some(r) = p.requested.filter(|r| *r != subnet) {
                     info!(node = %p.node, subnet = %subnet, requested = %r, "node asked for another subnet; keeping the one it holds");
                 }
-                if l.public_ip == p.public_ip.to_string() && l.vtep_mac == p.vtep_mac.to_string() {
+                if l.public_ip == p.public_ip.to_string() && l.vtep_mac == p.vtep_mac_text() {
                     // Only the expiry moves: stored, but no revision and no broadcast.
                     let mut renewed = l;
                     renewed.expires_at_unix = expires;
@@ -822,15 +849,15 @@ impl Writer {
             node_name: p.node.clone(),
             subnet: subnet.to_string(),
             public_ip: p.public_ip.to_string(),
-            backend_type: "vxlan".into(),
-            vtep_mac: p.vtep_mac.to_string(),
+            backend_type: self.conf.backend.kind.as_str().into(),
+            vtep_mac: p.vtep_mac_text(),
             expires_at_unix: expires,
             revision: self.next_revision(),
             vni: self.conf.backend.vni,
             reserved: false,
         };
         if renewal {
-            info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %p.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
+            info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
         } else {
             info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, revision = lease.revision, "lease granted");
         }
@@ -1061,12 +1088,25 @@ mod tests {
         format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
     }
 
-    fn net() -> Ipv4Net {
-        "10.0.0.0/8".parse().unwrap()
+    fn conf_of(network: &str, backend: &str) -> NetConf {
+        NetConf::parse(&format!(
+            r#"{{"Network": "{network}", "Backend": {{"Type": "{backend}"}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn fields<'a>(requested: &'a str, public_ip: &'a str, vtep_mac: &'a str) -> AcquireFields<'a> {
+        AcquireFields {
+            requested,
+            public_ip,
+            backend: "vxlan",
+            vtep_mac,
+        }
     }
 
     fn params(node: &str, requested: &str) -> AcquireParams {
-        AcquireParams::parse(net(), node, requested, "192.0.2.1", "vxlan", &mac_of(node)).unwrap()
+        let conf = conf_of("10.0.0.0/8", "vxlan");
+        AcquireParams::parse(&conf, node, fields(requested, "192.0.2.1", &mac_of(node))).unwrap()
     }
 
     #[tokio::test]
@@ -1215,46 +1255,63 @@ mod tests {
     #[test]
     fn bad_requests_name_the_field() {
         let e = |r: Result<AcquireParams, LeaseOpError>| r.unwrap_err().to_string();
-        let n = net();
-        assert!(e(AcquireParams::parse(
-            n,
-            "",
-            "",
-            "192.0.2.1",
-            "vxlan",
-            "0a:00:00:00:00:01"
-        ))
-        .contains("empty"));
-        assert!(e(AcquireParams::parse(
-            n,
-            "a",
-            "10.244.1.5/24",
-            "192.0.2.1",
-            "vxlan",
-            "0a:00:00:00:00:01"
-        ))
-        .contains("requested_subnet"));
-        assert!(e(AcquireParams::parse(
-            n,
-            "a",
-            "",
-            "nope",
-            "vxlan",
-            "0a:00:00:00:00:01"
-        ))
-        .contains("public_ip"));
-        assert!(e(AcquireParams::parse(
-            n,
-            "a",
-            "",
-            "192.0.2.1",
-            "udp",
-            "0a:00:00:00:00:01"
-        ))
-        .contains("backend_type"));
+        let c = conf_of("10.0.0.0/8", "vxlan");
+        let mac = "0a:00:00:00:00:01";
+        let parse = |node, f| AcquireParams::parse(&c, node, f);
+        assert!(e(parse("", fields("", "192.0.2.1", mac))).contains("empty"));
         assert!(
-            e(AcquireParams::parse(n, "a", "", "192.0.2.1", "vxlan", "zz")).contains("vtep_mac")
+            e(parse("a", fields("10.244.1.5/24", "192.0.2.1", mac))).contains("requested_subnet")
         );
+        assert!(e(parse("a", fields("", "nope", mac))).contains("public_ip"));
+        let udp = AcquireFields {
+            backend: "udp",
+            ..fields("", "192.0.2.1", mac)
+        };
+        assert!(e(parse("a", udp)).contains("backend_type"));
+        assert!(e(parse("a", fields("", "192.0.2.1", "zz"))).contains("vtep_mac"));
+    }
+
+    #[test]
+    fn host_gw_leases_carry_no_vtep_mac() {
+        let c = conf_of("10.244.0.0/16", "host-gw");
+        let f = AcquireFields {
+            backend: "host-gw",
+            ..fields("", "192.0.2.1", "")
+        };
+        let p = AcquireParams::parse(&c, "a", f).unwrap();
+        assert_eq!(p.vtep_mac, None);
+        let e = AcquireParams::parse(&c, "a", fields("", "192.0.2.1", "0a:00:00:00:00:01"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("this controller runs \"host-gw\""), "{e}");
+    }
+
+    #[tokio::test]
+    async fn host_gw_grants_leases_without_backend_data() {
+        let conf = conf_of("10.244.0.0/16", "host-gw");
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let (leases, hub) = start_on(&conf, store).await;
+        let p = |node: &str| {
+            let f = AcquireFields {
+                backend: "",
+                ..fields("", "192.0.2.1", "")
+            };
+            AcquireParams::parse(&conf, node, f).unwrap()
+        };
+        let a = leases.acquire(p("a")).await.unwrap();
+        let b = leases.acquire(p("b")).await.unwrap();
+        assert_eq!(
+            (a.backend_type.as_str(), a.vtep_mac.as_str()),
+            ("host-gw", "")
+        );
+        assert_ne!(a.subnet, b.subnet);
+        assert_eq!(
+            leases.acquire(p("a")).await.unwrap().revision,
+            a.revision,
+            "a plain renewal"
+        );
+        assert_eq!(hub.leases().0.len(), 2);
     }
 
     /// Starts the writer over what `store` holds, as the controller does at start.
@@ -1289,7 +1346,7 @@ mod tests {
         let f = start("10.244.0.0/16", Duration::from_secs(3600));
         let a = f.leases.acquire(params("a", "")).await.unwrap();
         let mut spoof = params("mallory", "");
-        spoof.vtep_mac = a.vtep_mac.parse().unwrap();
+        spoof.vtep_mac = a.vtep_mac.parse().ok();
         spoof.public_ip = "198.51.100.66".parse().unwrap();
         let e = f.leases.acquire(spoof.clone()).await.unwrap_err();
         assert!(matches!(e, LeaseOpError::AlreadyExists(_)), "{e}");
@@ -1308,7 +1365,7 @@ mod tests {
     #[test]
     fn lease_fields_must_be_unicast_and_outside_the_pod_network() {
         let parse = |ip: &str, mac: &str| {
-            AcquireParams::parse("10.244.0.0/16".parse().unwrap(), "a", "", ip, "vxlan", mac)
+            AcquireParams::parse(&conf_of("10.244.0.0/16", "vxlan"), "a", fields("", ip, mac))
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };

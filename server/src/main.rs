@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tonic::transport::Server;
 use tracing::info;
-use twill_common::{tls::read_pem, NetConf};
+use twill_common::{netconf::BackendType, tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
 use twill_server::events::{Hub, HISTORY_LEN};
@@ -191,7 +191,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let metrics = Arc::new(Metrics::default());
-    let layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
+    let layout = store_layout(&conf);
     let (store, etcd_store, snapshot, etcd_revision): (Arc<dyn Store>, _, Snapshot, i64) =
         match args.store {
             StoreKind::Sled => {
@@ -364,6 +364,17 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `--migrate-from-sled DIR`: copies a sled store into etcd, once.
+/// What the stored leases depend on: a store allocated under another layout is
+/// refused. The backend joins the string only when it is not VXLAN, so stores written
+/// before host-gw existed keep matching.
+fn store_layout(conf: &NetConf) -> String {
+    let mut layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
+    if conf.backend.kind != BackendType::Vxlan {
+        layout.push_str(&format!(" Backend={}", conf.backend.kind));
+    }
+    layout
+}
+
 async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
     let config = args.etcd_config()?;
     if !dir.join("conf").exists() && !dir.join("db").exists() {

@@ -9,7 +9,7 @@ use support::{acquire_request, Controller, Pki, NET_CONF};
 use twill_proto::ListLeasesRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changed_network_or_subnet_len_is_refused_at_start() {
+async fn changed_network_subnet_len_or_backend_is_refused_at_start() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -34,6 +34,10 @@ async fn changed_network_or_subnet_len_is_refused_at_start() {
         (
             r#"{"Network": "10.64.0.0/16", "Backend": {"Type": "vxlan"}}"#,
             "Network changed",
+        ),
+        (
+            r#"{"Network": "10.128.0.0/12", "Backend": {"Type": "host-gw"}}"#,
+            "Backend changed from vxlan to host-gw",
         ),
     ] {
         std::fs::write(&ctl.net_conf, conf).unwrap();

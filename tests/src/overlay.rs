@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use crate::bins::Bins;
 use crate::cmd;
 use crate::kernel::{FLANNEL_DEV, TWILL_ROUTE_PROTO};
-use crate::lab::{Host, Lab, LabConfig, LabError};
+use crate::lab::{Host, Lab, LabConfig, LabError, HOST_IFACE};
 use crate::subnet_env::SubnetEnv;
 use crate::wait::{wait_until, Check};
 
@@ -612,10 +612,15 @@ impl Overlay {
             };
             for peer in nodes.iter().filter(|p| *p != n) {
                 let want = envs[*peer].subnet_net();
-                if !routes
-                    .iter()
-                    .any(|r| r.dst_net() == Some(want) && r.dev.as_deref() == Some(FLANNEL_DEV))
-                {
+                // Over VXLAN, or straight to the peer's underlay address (host-gw,
+                // DirectRouting).
+                let via_peer = self.public_ip(peer).to_string();
+                if !routes.iter().any(|r| {
+                    r.dst_net() == Some(want)
+                        && (r.dev.as_deref() == Some(FLANNEL_DEV)
+                            || (r.dev.as_deref() == Some(HOST_IFACE)
+                                && r.gateway.as_deref() == Some(via_peer.as_str())))
+                }) {
                     missing.push(format!("{n} has no route to {peer}'s {want}"));
                 }
             }

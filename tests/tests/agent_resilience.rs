@@ -9,6 +9,8 @@
 //! * a lease that expires while its agent is down disappears from every peer;
 //! * `Backend.DirectRouting`: plain routes to peers on the same L2 subnet, VXLAN to
 //!   a peer behind a router, pings both ways;
+//! * `Backend.Type: host-gw`: plain routes and no device; a peer behind a router is
+//!   reported (log, metric), its lease stays, the others keep working;
 //! * `--ip-masq`: pod traffic leaving the overlay is masqueraded, pod-to-pod traffic
 //!   is not; an agent restarted without it removes `table inet twill`.
 
@@ -22,6 +24,7 @@ use ipnet::Ipv4Net;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use twill_tests::lab::in_netns;
+use twill_tests::replicas::metric_value;
 use twill_tests::{
     cmd, hold_for, require_lab, wait_until, Check, ContinuousPing, Overlay, OverlayConfig,
     SubnetEnv, CONTROLLER_HOST, FLANNEL_DEV,
@@ -629,22 +632,27 @@ fn move_behind_router(ov: &Overlay, host: &str) -> Result<()> {
     Ok(())
 }
 
-fn direct_routing_scenario(ov: &Overlay) -> Result<()> {
+/// Moves node-c behind the router and starts the three agents, node-c's with its
+/// metrics on its new underlay address (the lab's address for it is gone).
+fn start_with_c_behind_router(ov: &Overlay) -> Result<()> {
     let (a, b, c) = ("node-a", "node-b", "node-c");
-    let lab = ov.lab();
     move_behind_router(ov, c)?;
-
     ov.start_agent(a)?;
     ov.start_agent(b)?;
-    // node-c's agent: the lab's arguments, with the metrics address moved to its new
-    // underlay address (the lab's address for it is gone).
     let mut args = ov.agent_command_args(c);
     let i = args
         .iter()
         .position(|x| x == "--metrics-addr")
         .context("no --metrics-addr in the agent's arguments")?;
     args[i + 1] = SocketAddrV4::new(REMOTE_IP, 8476).to_string();
-    lab.spawn(c, &Overlay::agent_proc(c), &ov.bins().agent(), args)?;
+    ov.lab()
+        .spawn(c, &Overlay::agent_proc(c), &ov.bins().agent(), args)
+}
+
+fn direct_routing_scenario(ov: &Overlay) -> Result<()> {
+    let (a, b, c) = ("node-a", "node-b", "node-c");
+    let lab = ov.lab();
+    start_with_c_behind_router(ov)?;
 
     let publics: BTreeMap<&str, Ipv4Addr> =
         [(a, ov.public_ip(a)), (b, ov.public_ip(b)), (c, REMOTE_IP)].into();
@@ -754,6 +762,127 @@ fn direct_routing_scenario(ov: &Overlay) -> Result<()> {
         expected,
     )?;
     println!("DirectRouting: {a} <-> {b} direct over eth0, {c} ({REMOTE_NET}) over VXLAN; pings ok both ways");
+    Ok(())
+}
+
+const HOST_GW_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+#[test]
+fn host_gw_routes_peers_on_one_l2_subnet_and_reports_a_host_behind_a_router() {
+    let Some(ov) = require_lab(
+        "agent_resilience::host_gw",
+        Overlay::start(
+            OverlayConfig::three_nodes()
+                .net_conf(HOST_GW_NET_CONF)
+                .start_agents(false),
+        ),
+    ) else {
+        return;
+    };
+    ov.run_scenario(host_gw_scenario);
+}
+
+/// host-gw: node-a and node-b share the underlay bridge and get plain routes to each
+/// other, no VXLAN device anywhere; node-c, one router hop away, holds a lease but
+/// cannot be routed to directly: every agent says so (log line, metric) and the
+/// others keep working.
+fn host_gw_scenario(ov: &Overlay) -> Result<()> {
+    let (a, b, c) = ("node-a", "node-b", "node-c");
+    let lab = ov.lab();
+    start_with_c_behind_router(ov)?;
+    let envs = ov.wait_converged_among(&[a, b], CONVERGE)?;
+    let env_c = wait_until(CONVERGE, "node-c's subnet.env", || ov.subnet_env(c))?;
+    for n in [a, b, c] {
+        ensure!(
+            lab.link(n, FLANNEL_DEV).is_err(),
+            "{n} has a {FLANNEL_DEV} device under host-gw"
+        );
+    }
+    let leases = ov.leases()?;
+    ensure!(
+        leases.len() == 3
+            && leases
+                .iter()
+                .all(|l| l.backend_type == "host-gw" && l.vtep_mac.is_empty()),
+        "three host-gw leases without a VTEP MAC: {leases:?}"
+    );
+    for (on, peer) in [(a, b), (b, a)] {
+        let subnet = envs[peer].subnet_net();
+        let routes = lab.routes(on)?;
+        let r = routes
+            .iter()
+            .find(|r| r.dst_net() == Some(subnet))
+            .with_context(|| format!("{on}: no proto 74 route to {peer}'s {subnet}: {routes:?}"))?;
+        let via = ov.public_ip(peer).to_string();
+        ensure!(
+            r.gateway.as_deref() == Some(&*via) && r.dev.as_deref() == Some("eth0"),
+            "{on}: route {r:?}, want {subnet} via {via} dev eth0 proto 74 (host-gw)"
+        );
+    }
+
+    // node-c is reported by node-a and node-b, and node-c reports both of them.
+    let unreachable = |n: &str| -> Check<()> {
+        let addr = if n == c {
+            std::net::SocketAddr::from(SocketAddrV4::new(REMOTE_IP, 8476))
+        } else {
+            ov.agent_metrics_addr(n)
+        };
+        let want = if n == c { 2.0 } else { 1.0 };
+        match lab.http_get(n, addr, "/metrics") {
+            Ok(r) if metric_value(&r.body, "twill_agent_peers_unreachable") == Some(want) => {
+                Check::Ready(())
+            }
+            Ok(r) => Check::NotYet(format!(
+                "{n}: twill_agent_peers_unreachable is {:?}, want {want}",
+                metric_value(&r.body, "twill_agent_peers_unreachable")
+            )),
+            Err(e) => Check::NotYet(format!("{n}: {e:#}")),
+        }
+    };
+    for n in [a, b, c] {
+        wait_until(
+            SETTLE,
+            &format!("{n} to report its unreachable peers"),
+            || unreachable(n),
+        )?;
+    }
+    for n in [a, b] {
+        let log = lab.log(&Overlay::agent_proc(n));
+        ensure!(
+            log.contains("peer unreachable") && log.contains("node-c") && log.contains("L2"),
+            "{n}'s log does not say why node-c gets no route:\n{}",
+            lab.log_tail(&Overlay::agent_proc(n), 20)
+        );
+        ensure!(
+            !lab.routes(n)?
+                .iter()
+                .any(|r| r.dst_net() == Some(env_c.subnet_net())),
+            "{n} has a route to node-c's {} although node-c is not on-link",
+            env_c.subnet_net()
+        );
+    }
+
+    // Pods on a and b reach each other over the plain routes; the lease of node-c
+    // stays in the table.
+    for n in [a, b] {
+        lab.add_bridge(n, "pods0", envs[n].subnet)?;
+    }
+    for (from, to) in [(a, b), (b, a)] {
+        ping_from(ov, from, envs[from].gateway(), envs[to].gateway())
+            .with_context(|| format!("{from} -> {to} over host-gw"))?;
+    }
+    let (gw_a, gw_b) = (envs[a].gateway().to_string(), envs[b].gateway().to_string());
+    let get = lab.exec(a, &["ip", "route", "get", &gw_b, "from", &gw_a])?;
+    ensure!(
+        get.contains(&format!("via {} dev eth0", ov.public_ip(b))),
+        "node-a's path to node-b's pods: {get}"
+    );
+    hold_for(Duration::from_secs(3), "node-c's lease to stay", || {
+        let leases = ov.leases()?;
+        ensure!(leases.iter().any(|l| l.node_name == c), "{leases:?}");
+        Ok(())
+    })?;
+    println!("host-gw: {a} <-> {b} over plain routes via eth0; {c} ({REMOTE_NET}) reported unreachable by both, lease kept");
     Ok(())
 }
 

@@ -10,6 +10,9 @@
 //! with DF set passes and one byte more does not; DEL removes the pod's veth, releases
 //! its address in host-local's store, and a second DEL succeeds.
 //!
+//! The same runs twice: over VXLAN, and over the host-gw backend (plain routes via
+//! the peers' underlay addresses, no device, the underlay's MTU).
+//!
 //! Needs root, network namespaces, `iperf3` and Debian's containernetworking-plugins;
 //! without them it is skipped loudly, or fails when `CI` is set.
 
@@ -35,17 +38,47 @@ const IPERF_SECONDS: &str = "3";
 /// How many underlay/overlay pairs of transfers to run.
 const IPERF_ROUNDS: usize = 3;
 
+/// The backend a run uses, and what it implies for the pods.
+struct Backend {
+    /// Its name in logs and printed figures.
+    name: &'static str,
+    net_conf: &'static str,
+    /// FLANNEL_MTU on a 1500-byte underlay.
+    mtu: u32,
+}
+
+const VXLAN: Backend = Backend {
+    name: "VXLAN",
+    net_conf: r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    mtu: 1450,
+};
+
+const HOST_GW: Backend = Backend {
+    name: "host-gw",
+    net_conf: r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    mtu: 1500,
+};
+
 #[test]
 fn pods_attached_by_twill_cni_talk_across_the_overlay() {
+    run("e2e_pods", &VXLAN);
+}
+
+#[test]
+fn pods_attached_by_twill_cni_talk_over_host_gw() {
+    run("e2e_pods host-gw", &HOST_GW);
+}
+
+fn run(test: &str, backend: &Backend) {
     if let Some(why) = missing_tools() {
         if in_ci() {
-            panic!("e2e_pods: {why}, and CI is set, so this is a failure, not a skip");
+            panic!("{test}: {why}, and CI is set, so this is a failure, not a skip");
         }
         let bar = "!".repeat(78);
         // straight to the stderr handle: the test harness captures eprintln!
         let _ = writeln!(
             std::io::stderr(),
-            "\n{bar}\n!!! SKIPPED: e2e_pods: {why}\n{bar}\n"
+            "\n{bar}\n!!! SKIPPED: {test}: {why}\n{bar}\n"
         );
         return;
     }
@@ -53,10 +86,11 @@ fn pods_attached_by_twill_cni_talk_across_the_overlay() {
     // lab's dump still shows cni0 and the pods' veths, then this guard deletes the pod
     // namespaces (and kills what runs inside them) — also on panic.
     let mut pods = PodGuard::default();
-    let Some(ov) = require_lab("e2e_pods", Overlay::start(OverlayConfig::three_nodes())) else {
+    let config = OverlayConfig::three_nodes().net_conf(backend.net_conf);
+    let Some(ov) = require_lab(test, Overlay::start(config)) else {
         return;
     };
-    if let Err(e) = scenario(&ov, &mut pods) {
+    if let Err(e) = scenario(&ov, &mut pods, backend) {
         pods.dump();
         panic!("{e:#}");
     }
@@ -86,14 +120,16 @@ fn missing_tools() -> Option<String> {
     }
 }
 
-fn scenario(ov: &Overlay, guard: &mut PodGuard) -> Result<()> {
+fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()> {
     let (a, b) = ("node-a", "node-b");
     let envs = ov.wait_converged(CONVERGE)?;
     for (node, env) in &envs {
         ensure!(
-            env.mtu == 1450,
-            "{node}: FLANNEL_MTU {} with a 1500 underlay",
-            env.mtu
+            env.mtu == backend.mtu,
+            "{node}: FLANNEL_MTU {} with a 1500 underlay and {}, not {}",
+            env.mtu,
+            backend.name,
+            backend.mtu
         );
     }
     let cni_bin = ov.bins().path("twill-cni");
@@ -215,14 +251,16 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard) -> Result<()> {
         u / 1e9
     );
     println!(
-        "throughput overlay  {} -> {} (pod to pod over VXLAN, median of {IPERF_ROUNDS} x {IPERF_SECONDS} s): \
+        "throughput overlay  {} -> {} (pod to pod over {}, median of {IPERF_ROUNDS} x {IPERF_SECONDS} s): \
          {:.2} Gbit/s",
         pa.addr,
         pb.addr,
+        backend.name,
         o / 1e9
     );
     println!(
-        "throughput ratio overlay/underlay: {:.3} (encapsulation cost {:.1} %)",
+        "throughput ratio overlay/underlay ({}): {:.3} (cost {:.1} %)",
+        backend.name,
         o / u,
         (1.0 - o / u) * 100.0
     );

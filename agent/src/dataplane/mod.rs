@@ -120,8 +120,9 @@ pub trait DataPlane: Send + Sync {
     /// (`ip addr replace 10.244.74.0/32 dev flannel.1`)
     async fn ensure_address(&self, dev: &Device, addr: Ipv4Addr) -> Result<(), DataPlaneError>;
 
-    /// Reads the entries Twill owns on the device.
-    async fn read_state(&self, dev: &Device) -> Result<KernelState, DataPlaneError>;
+    /// Reads the entries Twill owns: the device's neighbours and FDB entries (none
+    /// without a device, as with host-gw) and every route with Twill's protocol.
+    async fn read_state(&self, dev: Option<&Device>) -> Result<KernelState, DataPlaneError>;
 
     /// `ip neigh replace IP lladdr MAC dev flannel.1 nud permanent`
     async fn add_neighbour(

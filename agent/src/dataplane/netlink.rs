@@ -441,6 +441,69 @@ impl Netlink {
             .collect())
     }
 
+    /// The permanent neighbours and FDB entries with a `dst` on the VXLAN device.
+    async fn read_device_entries(
+        &self,
+        dev: &Device,
+        state: &mut KernelState,
+    ) -> Result<(), DataPlaneError> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet);
+        // NDA_IFINDEX filters kernel-side with or without strict checking.
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::IfIndex(dev.index));
+        let neighbours: Vec<NeighbourMessage> = match req.execute().try_collect().await {
+            Ok(n) => n,
+            Err(e) => {
+                let name = self.dev_name(dev.index).await;
+                return Err(netlink_err(format!("ip -4 neigh show dev {name}"), e));
+            }
+        };
+        for n in neighbours {
+            if n.header.ifindex != dev.index
+                || n.header.family != AddressFamily::Inet
+                || n.header.state != NeighbourState::Permanent
+            {
+                continue;
+            }
+            if let (Some(ip), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
+                state.neighbours.insert(ip, mac);
+            }
+        }
+
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge);
+        // Under strict checking the kernel dumps only this device's FDB; otherwise it
+        // dumps every device's and the filter below does the work.
+        req.message_mut().header.ifindex = dev.index;
+        let fdb: Vec<NeighbourMessage> = match req.execute().try_collect().await {
+            Ok(n) => n,
+            Err(e) => {
+                let name = self.dev_name(dev.index).await;
+                return Err(netlink_err(format!("bridge fdb show dev {name}"), e));
+            }
+        };
+        for n in fdb {
+            if n.header.ifindex != dev.index || n.header.family != AddressFamily::Bridge {
+                continue;
+            }
+            if let (Some(dst), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
+                if mac.0 != [0; 6] {
+                    state.fdb.insert(mac, dst);
+                }
+            }
+        }
+
+        Ok(())
+    }
+
     /// Every interface's IPv4 addresses, one entry per address (with its prefix
     /// length), in interface-index order; an interface's addresses keep the kernel's
     /// order, primary first. (`ip -4 -o addr show`)
@@ -716,64 +779,13 @@ impl DataPlane for Netlink {
     }
 
     /// `ip -4 neigh show dev flannel.1 nud permanent`, `bridge fdb show dev flannel.1`
-    /// (entries with a `dst`), `ip -4 route show table main proto 74`.
-    async fn read_state(&self, dev: &Device) -> Result<KernelState, DataPlaneError> {
+    /// (entries with a `dst`; both skipped without a device), `ip -4 route show table
+    /// main proto 74`.
+    async fn read_state(&self, dev: Option<&Device>) -> Result<KernelState, DataPlaneError> {
         let mut state = KernelState::default();
-
-        let mut req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet);
-        // NDA_IFINDEX filters kernel-side with or without strict checking.
-        req.message_mut()
-            .attributes
-            .push(NeighbourAttribute::IfIndex(dev.index));
-        let neighbours: Vec<NeighbourMessage> = match req.execute().try_collect().await {
-            Ok(n) => n,
-            Err(e) => {
-                let name = self.dev_name(dev.index).await;
-                return Err(netlink_err(format!("ip -4 neigh show dev {name}"), e));
-            }
-        };
-        for n in neighbours {
-            if n.header.ifindex != dev.index
-                || n.header.family != AddressFamily::Inet
-                || n.header.state != NeighbourState::Permanent
-            {
-                continue;
-            }
-            if let (Some(ip), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
-                state.neighbours.insert(ip, mac);
-            }
+        if let Some(dev) = dev {
+            self.read_device_entries(dev, &mut state).await?;
         }
-
-        let mut req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge);
-        // Under strict checking the kernel dumps only this device's FDB; otherwise it
-        // dumps every device's and the filter below does the work.
-        req.message_mut().header.ifindex = dev.index;
-        let fdb: Vec<NeighbourMessage> = match req.execute().try_collect().await {
-            Ok(n) => n,
-            Err(e) => {
-                let name = self.dev_name(dev.index).await;
-                return Err(netlink_err(format!("bridge fdb show dev {name}"), e));
-            }
-        };
-        for n in fdb {
-            if n.header.ifindex != dev.index || n.header.family != AddressFamily::Bridge {
-                continue;
-            }
-            if let (Some(dst), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
-                if mac.0 != [0; 6] {
-                    state.fdb.insert(mac, dst);
-                }
-            }
-        }
-
         for r in self.main_routes(ROUTE_PROTOCOL).await? {
             let (mut dst, mut gateway) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
             for a in &r.attributes {

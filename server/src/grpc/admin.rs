@@ -268,7 +268,7 @@ impl AdminService for AdminApi {
             subnet_len: c.subnet_len.into(),
             subnet_min: c.subnet_min.to_string(),
             subnet_max: c.subnet_max.to_string(),
-            backend_type: "vxlan".into(),
+            backend_type: c.backend.kind.as_str().into(),
             vni: c.backend.vni,
             port: c.backend.port.into(),
             mtu: c.backend.mtu.unwrap_or(0),

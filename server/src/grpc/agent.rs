@@ -14,7 +14,7 @@ use super::limit::NodeLimiter;
 use super::{auth, watch};
 use crate::events::Hub;
 use crate::identity::Identity;
-use crate::leases::{AcquireParams, Leases};
+use crate::leases::{AcquireFields, AcquireParams, Leases};
 use crate::metrics::{Agents, Metrics};
 
 /// The agent service.
@@ -77,12 +77,14 @@ impl AgentService for AgentApi {
         let r = req.get_ref();
         self.agents.seen(&node);
         let params = AcquireParams::parse(
-            self.conf.network,
+            &self.conf,
             &node,
-            &r.requested_subnet,
-            &r.public_ip,
-            &r.backend_type,
-            &r.vtep_mac,
+            AcquireFields {
+                requested: &r.requested_subnet,
+                public_ip: &r.public_ip,
+                backend: &r.backend_type,
+                vtep_mac: &r.vtep_mac,
+            },
         )?;
         // Checked once the request is known to be well formed: only what would reach the
         // lease writer counts.
