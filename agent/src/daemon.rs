@@ -2,12 +2,12 @@
 //! renew until SIGTERM. Kernel state is never torn down here: while the controller is
 //! away the data plane keeps forwarding with what it has.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
@@ -15,13 +15,13 @@ use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
 use twill_agent::client::{self, no_answer, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
-use twill_agent::dataplane::{masq, DataPlane, KernelState, VxlanSpec};
+use twill_agent::dataplane::{masq, Family, Underlay};
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
 use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
-use twill_agent::reconcile::{self, Topology};
-use twill_common::lease::parse_subnet;
+use twill_agent::plane::{vxlan_overhead, Plane};
+use twill_common::lease::{parse_subnet, parse_subnet6};
 use twill_common::netconf::BackendType;
 use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
@@ -61,6 +61,7 @@ pub async fn run(args: Args) -> Result<()> {
             .transpose()
             .context("--iface-regex")?,
         public_ip: args.public_ip,
+        public_ipv6: args.public_ipv6,
         can_reach: None,
     };
     let stats = Arc::new(Stats::default());
@@ -134,33 +135,38 @@ pub async fn run(args: Args) -> Result<()> {
     let interfaces = dp.interfaces().await?;
     let default = dp.default_route_interface().await.ok();
     let (underlay, public_ip) = iface::select(&selection, &interfaces, default.as_ref())?;
-    let (spec, device, mtu) = match conf.backend.kind {
-        BackendType::Vxlan => {
-            let mtu = conf.backend.mtu.unwrap_or(underlay.mtu.saturating_sub(50));
-            let spec = VxlanSpec {
-                name: conf.backend.device_name(),
-                vni: conf.backend.vni,
-                local: underlay.addr.addr(),
-                port: conf.backend.port,
-                underlay_index: underlay.index,
-                mtu,
-                learning: conf.backend.learning,
-                gbp: conf.backend.gbp,
-            };
-            let device = dp.ensure_device(&spec).await?;
-            info!(node = %node, device = %spec.name, vtep_mac = %device.mac, iface = %underlay.name, public_ip = %public_ip, mtu, "VXLAN device ready");
-            (Some(spec), Some(device), mtu)
+    let underlay6 = match &conf.ipv6 {
+        Some(_) => {
+            let default6 = dp.default_route_interface_v6().await.ok();
+            Some(iface::select6(&selection, &interfaces, default6.as_ref())?)
         }
-        BackendType::HostGw => {
-            // No encapsulation: pods get the interface's MTU (flannel's host-gw).
-            info!(node = %node, iface = %underlay.name, public_ip = %public_ip, mtu = underlay.mtu, "host-gw backend: peers are routed via their public addresses");
-            (None, None, underlay.mtu)
-        }
+        None => None,
     };
+    let mtu = pod_mtu(&conf, &underlay, underlay6.as_ref().map(|(u, _)| u));
+    let v4 = Plane::start(&dp, &conf.backend, underlay, public_ip.into(), mtu).await?;
+    let v6 = match underlay6 {
+        Some((u, ip)) => Some(Plane::start(&dp, &conf.backend, u, ip.into(), mtu).await?),
+        None => None,
+    };
+    for plane in std::iter::once(&v4).chain(&v6) {
+        match plane.mac() {
+            Some(mac) => {
+                info!(node = %node, device = %plane.name(), vtep_mac = %mac, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "VXLAN device ready")
+            }
+            None => {
+                info!(node = %node, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "host-gw backend: peers are routed via their public addresses")
+            }
+        }
+    }
 
-    let mut peers = PeerTable::new(&node, conf.network);
-    peers.set_own(device.map(|d| d.mac), None);
-    let direct_routing = conf.backend.direct_routing;
+    let mut peers = PeerTable::new(&node, conf.network, conf.ipv6.as_ref().map(|p| p.network));
+    peers.set_own(
+        std::iter::once(&v4)
+            .chain(&v6)
+            .filter_map(Plane::mac)
+            .collect(),
+        Vec::new(),
+    );
     let mut agent = Agent {
         node,
         args,
@@ -170,27 +176,39 @@ pub async fn run(args: Args) -> Result<()> {
         channel,
         creds,
         stats,
-        spec,
         mtu,
-        topo: Topology {
-            device,
-            underlay,
-            direct_routing,
-        },
-        public_ip,
+        v4,
+        v6,
         lease: None,
         peers,
-        unreachable: BTreeMap::new(),
         revision: 0,
         epoch: String::new(),
         heard: false,
-        applied: None,
     };
     agent.main_loop(&mut shutdown).await
 }
 
 /// The network configuration, from whichever controller answers first; `channel` is
 /// left on that one.
+/// The pod MTU (`FLANNEL_MTU`), one for both families so that a pod's packets fit
+/// either tunnel: `Backend.MTU` when set; else the public interface's MTU less the
+/// VXLAN overhead, the larger IPv6 one on a dual-stack node (flannel #1781); with
+/// host-gw, the interface's MTU.
+fn pod_mtu(conf: &NetConf, underlay: &Underlay, underlay6: Option<&Underlay>) -> u32 {
+    let host = underlay6.map_or(underlay.mtu, |u6| underlay.mtu.min(u6.mtu));
+    match conf.backend.kind {
+        BackendType::HostGw => host,
+        BackendType::Vxlan => conf.backend.mtu.unwrap_or_else(|| {
+            let family = if underlay6.is_some() {
+                Family::V6
+            } else {
+                Family::V4
+            };
+            host.saturating_sub(vxlan_overhead(family))
+        }),
+    }
+}
+
 async fn fetch_config(
     creds: &mut Credentials,
     channel: &mut Channel,
@@ -229,25 +247,19 @@ struct Agent {
     channel: Channel,
     creds: Credentials,
     stats: Arc<Stats>,
-    /// The VXLAN device's settings; `None` with host-gw.
-    spec: Option<VxlanSpec>,
     /// The pod MTU written to subnet.env.
     mtu: u32,
-    topo: Topology,
-    public_ip: std::net::Ipv4Addr,
+    /// The IPv4 overlay, and the IPv6 one on a dual-stack network.
+    v4: Plane,
+    v6: Option<Plane>,
     lease: Option<Lease>,
     peers: PeerTable,
-    /// Peers the last reconcile could give no entry, with the reason (logged when the
-    /// set changes).
-    unreachable: BTreeMap<String, String>,
     revision: u64,
     /// The store epoch `revision` belongs to.
     epoch: String,
     /// False until the first watch message: peers are not removed before the
     /// controller has said who they are (an agent restart must not flap routes).
     heard: bool,
-    /// What the last fully successful run left in the kernel; `None` forces a read.
-    applied: Option<KernelState>,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -473,7 +485,7 @@ impl Agent {
                         }
                         rotate_at = self.next_rotation();
                     }
-                    self.check_device(&mut renew_at).await;
+                    self.check_devices(&mut renew_at).await;
                     if self.args.ip_masq {
                         self.ensure_masquerade().await;
                     }
@@ -617,75 +629,126 @@ impl Agent {
         self.args.renew_margin.unwrap_or(ttl / 3).min(ttl)
     }
 
-    /// What to ask the controller for: the subnet held, else the one a previous run
+    /// What to ask the controller for: the subnets held, else the ones a previous run
     /// left in subnet.env.
     fn acquire_request(&self) -> AcquireRequest {
-        let requested = match self.lease.as_ref() {
-            Some(l) => parse_subnet(&l.subnet).ok(),
-            None => self.previous_subnet(),
+        let (requested, requested6) = match self.lease.as_ref() {
+            Some(l) => (
+                parse_subnet(&l.subnet).ok(),
+                parse_subnet6(&l.ipv6_subnet).ok(),
+            ),
+            None => self.previous_subnets(),
         };
+        let text = |v: Option<String>| v.unwrap_or_default();
+        let v6 = self.v6.as_ref();
         AcquireRequest {
             node_name: self.node.clone(),
-            requested_subnet: requested.map(|s| s.to_string()).unwrap_or_default(),
-            public_ip: self.public_ip.to_string(),
+            requested_subnet: text(requested.map(|s| s.to_string())),
+            public_ip: self.v4.public_ip.to_string(),
             backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac: self
-                .topo
-                .device
-                .map(|d| d.mac.to_string())
-                .unwrap_or_default(),
+            vtep_mac: text(self.v4.mac().map(|m| m.to_string())),
+            requested_ipv6_subnet: text(requested6.map(|s| s.to_string())),
+            public_ipv6: text(v6.map(|p| p.public_ip.to_string())),
+            vtep_mac_v6: text(v6.and_then(Plane::mac).map(|m| m.to_string())),
         }
     }
 
-    /// Applies a granted or renewed lease locally (subnet.env, device address,
+    /// Both planes, IPv4 first.
+    fn planes(&self) -> impl Iterator<Item = &Plane> {
+        std::iter::once(&self.v4).chain(&self.v6)
+    }
+
+    /// Tells the peer table this node's own MACs and subnets, which no peer may claim.
+    fn set_own(&mut self) {
+        let macs = self.planes().filter_map(Plane::mac).collect();
+        let subnets = self
+            .lease
+            .as_ref()
+            .map(|l| {
+                let v4 = parse_subnet(&l.subnet).ok().map(IpNet::from);
+                let v6 = parse_subnet6(&l.ipv6_subnet).ok().map(IpNet::from);
+                v4.into_iter().chain(v6).collect()
+            })
+            .unwrap_or_default();
+        self.peers.set_own(macs, subnets);
+    }
+
+    /// Applies a granted or renewed lease locally (subnet.env, device addresses,
     /// masquerade); returns the TTL.
     async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
         let lease = resp.lease.context("controller answered without a lease")?;
         let subnet = parse_subnet(&lease.subnet)?;
-        let changed = self.lease.as_ref().map(|l| l.subnet.as_str()) != Some(lease.subnet.as_str());
+        let subnet6 = match (&self.v6, lease.ipv6_subnet.as_str()) {
+            (Some(_), "") => bail!("the controller granted no IPv6 subnet on a dual-stack network"),
+            (Some(_), s) => Some(parse_subnet6(s)?),
+            (None, _) => None,
+        };
+        let changed = self
+            .lease
+            .as_ref()
+            .is_none_or(|l| l.subnet != lease.subnet || l.ipv6_subnet != lease.ipv6_subnet);
         if changed {
             if let Some(old) = self.lease.as_ref() {
-                warn!(node = %self.node, old = %old.subnet, subnet = %subnet, "the controller gave this node a different subnet");
+                warn!(node = %self.node, old = %old.subnet, subnet = %subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %lease.ipv6_subnet, "the controller gave this node a different subnet");
             }
             let env = SubnetEnv {
                 network: Some(self.conf.network),
                 subnet: Some(subnet),
+                ipv6_network: self.conf.ipv6.as_ref().map(|p| p.network),
+                ipv6_subnet: subnet6,
                 mtu: Some(self.mtu),
                 ipmasq: Some(self.args.ip_masq),
-                ..Default::default()
             };
             env.write(&self.args.subnet_file)?;
-            if let Some(dev) = &self.topo.device {
-                self.dp.ensure_address(dev, subnet.network()).await?;
-            }
+            self.address_devices(subnet, subnet6).await?;
             self.lease = Some(lease.clone());
             self.ensure_masquerade().await;
-            info!(node = %self.node, subnet = %subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
+            info!(node = %self.node, subnet = %subnet, ipv6_subnet = %lease.ipv6_subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
-        self.peers
-            .set_own(self.topo.device.map(|d| d.mac), Some(subnet));
         self.stats.lease_expiry.set(lease.expires_at_unix);
         self.lease = Some(lease);
+        self.set_own();
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
     }
 
-    /// The subnet of the subnet.env a previous run left, when it belongs to this network
-    /// (one left by another network, e.g. a rebuilt cluster, is no claim here).
-    fn previous_subnet(&self) -> Option<ipnet::Ipv4Net> {
+    /// Gives each device its subnet's network address.
+    async fn address_devices(&self, subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> Result<()> {
+        self.v4.address(&self.dp, subnet.network().into()).await?;
+        if let (Some(plane), Some(s6)) = (&self.v6, subnet6) {
+            plane.address(&self.dp, s6.network().into()).await?;
+        }
+        Ok(())
+    }
+
+    /// The subnets of the subnet.env a previous run left, when they belong to this
+    /// network (ones left by another network, e.g. a rebuilt cluster, are no claim
+    /// here).
+    fn previous_subnets(&self) -> (Option<Ipv4Net>, Option<Ipv6Net>) {
         let previous = match SubnetEnv::read(&self.args.subnet_file) {
-            Ok(env) => env.and_then(|e| e.subnet),
+            Ok(env) => env.unwrap_or_default(),
             Err(e) => {
                 warn!(error = %e, "ignoring unreadable subnet.env");
-                None
+                SubnetEnv::default()
             }
         };
-        previous.filter(|s| {
+        let v4 = previous.subnet.filter(|s| {
             let fits = self.conf.network.contains(s) && s.prefix_len() == self.conf.subnet_len;
             if !fits {
                 info!(subnet = %s, network = %self.conf.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
             }
             fits
-        })
+        });
+        let v6 = match &self.conf.ipv6 {
+            Some(pool) => previous.ipv6_subnet.filter(|s| {
+                let fits = pool.network.contains(s) && s.prefix_len() == pool.subnet_len;
+                if !fits {
+                    info!(ipv6_subnet = %s, ipv6_network = %pool.network, "not asking for the IPv6 subnet in subnet.env: it is not a subnet of this network");
+                }
+                fits
+            }),
+            None => None,
+        };
+        (v4, v6)
     }
 
     /// Folds a complete watch message into the peer set. Returns true when our own
@@ -722,16 +785,8 @@ impl Agent {
     /// Removes everything this agent put in the kernel; reports every failure and
     /// keeps going.
     async fn teardown(&self) {
-        // Routes through the underlay (DirectRouting) outlive the device: remove ours first.
-        let want = reconcile::desired(&BTreeMap::new(), &self.topo).state;
-        match reconcile::reconcile(&self.dp, self.topo.device.as_ref(), &want).await {
-            Ok(r) => r.errors.iter().for_each(|e| warn!(error = %e, "teardown")),
-            Err(e) => warn!(error = %e, "teardown: cannot read kernel state"),
-        }
-        if let Some(spec) = &self.spec {
-            if let Err(e) = self.dp.delete_device(&spec.name).await {
-                warn!(error = %e, "teardown");
-            }
+        for plane in self.planes() {
+            plane.teardown(&self.dp).await;
         }
         if let Err(e) = masq::remove().await {
             warn!(error = %e, "teardown");
@@ -740,16 +795,17 @@ impl Agent {
     }
 
     /// Makes the masquerade table what `--ip-masq` says: present with the current
-    /// subnet's rules (re-applied on every tick, like flannel's re-check), or absent
+    /// subnets' rules (re-applied on every tick, like flannel's re-check), or absent
     /// (removed once, when the lease is first applied).
     async fn ensure_masquerade(&self) {
-        let result = match (
-            self.args.ip_masq,
-            self.lease
-                .as_ref()
-                .and_then(|l| parse_subnet(&l.subnet).ok()),
-        ) {
-            (true, Some(subnet)) => masq::apply(self.conf.network, subnet).await,
+        let lease = self.lease.as_ref();
+        let subnet = lease.and_then(|l| parse_subnet(&l.subnet).ok());
+        let v6 = self.conf.ipv6.as_ref().and_then(|pool| {
+            let s6 = parse_subnet6(&lease?.ipv6_subnet).ok()?;
+            Some((pool.network, s6))
+        });
+        let result = match (self.args.ip_masq, subnet) {
+            (true, Some(subnet)) => masq::apply(self.conf.network, subnet, v6).await,
             (true, None) => return,
             (false, _) => masq::remove().await,
         };
@@ -759,100 +815,76 @@ impl Agent {
         }
     }
 
-    /// Brings the kernel to what the peers call for. After a watch batch the diff is
-    /// taken against what was last applied; `full` (the periodic run) reads the kernel
-    /// to repair what was changed behind our back.
+    /// Brings the kernel to what the peers call for, family by family. After a watch
+    /// batch the diff is taken against what was last applied; `full` (the periodic
+    /// run) reads the kernel to repair what was changed behind our back.
     async fn reconcile(&mut self, full: bool) {
-        let desired = reconcile::desired(self.peers.peers(), &self.topo);
-        self.report_unreachable(desired.unreachable);
-        let want = desired.state;
-        let dev = self.topo.device.as_ref();
-        let result = match self.applied.take().filter(|_| !full) {
-            Some(have) => Ok(reconcile::apply_diff(&self.dp, dev, &have, &want).await),
-            None => reconcile::reconcile(&self.dp, dev, &want).await,
-        };
-        match result {
-            Ok(report) => {
-                if report.errors.is_empty() {
-                    self.applied = Some(want);
-                }
-                let runs = self.stats.reconciles.inc();
-                if runs > 0 {
-                    self.stats
-                        .changes
-                        .inc_by((report.added + report.removed) as u64);
-                }
-                self.stats.peers.set(self.peers.peers().len() as i64);
-                self.stats.netlink_errors.inc_by(report.errors.len() as u64);
-                if report.added + report.removed > 0 {
-                    info!(
-                        peers = self.peers.peers().len(),
-                        added = report.added,
-                        removed = report.removed,
-                        revision = self.revision,
-                        "kernel state reconciled"
-                    );
-                }
-                for e in &report.errors {
-                    warn!(error = %e, "kernel operation failed; will retry");
-                }
-            }
-            Err(e) => {
-                self.stats.netlink_errors.inc();
-                warn!(error = %e, "cannot read kernel state; will retry");
-            }
-        }
-    }
-
-    /// Logs peers that became unreachable (each once, with the reason) or reachable
-    /// again, and keeps the gauge: the leases stay, nothing is retried in a loop.
-    fn report_unreachable(&mut self, now: BTreeMap<String, String>) {
-        for (peer, why) in &now {
-            if self.unreachable.get(peer) != Some(why) {
-                warn!(peer = %peer, reason = %why, "peer unreachable: no route programmed");
-            }
-        }
-        for peer in self.unreachable.keys().filter(|p| !now.contains_key(*p)) {
-            if self.peers.peers().contains_key(peer) {
-                info!(peer = %peer, "peer reachable again");
-            }
-        }
-        self.stats.peers_unreachable.set(now.len() as i64);
-        self.unreachable = now;
-    }
-
-    /// Recreates the device if it was deleted; a new MAC must reach the peers, so the
-    /// lease is renewed at once in that case.
-    async fn check_device(&mut self, renew_at: &mut Instant) {
-        let Some(spec) = &self.spec else { return };
-        match self.dp.ensure_device(spec).await {
-            Ok(dev) if Some(dev) != self.topo.device => {
-                warn!(device = %spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
-                let mac_changed = Some(dev.mac) != self.topo.device.map(|d| d.mac);
-                self.topo.device = Some(dev);
-                let subnet = self
-                    .lease
-                    .as_ref()
-                    .and_then(|l| parse_subnet(&l.subnet).ok());
-                self.peers.set_own(Some(dev.mac), subnet);
-                self.applied = None;
-                if let Some(subnet) = self
-                    .lease
-                    .as_ref()
-                    .and_then(|l| parse_subnet(&l.subnet).ok())
-                {
-                    if let Err(e) = self.dp.ensure_address(&dev, subnet.network()).await {
-                        warn!(error = %e, "cannot address the VXLAN device");
+        let (mut added, mut removed, mut errors) = (0, 0, 0);
+        let planes = std::iter::once((&mut self.v4, self.peers.peers()))
+            .chain(self.v6.as_mut().map(|p| (p, self.peers.peers6())));
+        for (plane, peers) in planes {
+            match plane.reconcile(&self.dp, peers, full).await {
+                Ok(report) => {
+                    added += report.added;
+                    removed += report.removed;
+                    errors += report.errors.len();
+                    for e in &report.errors {
+                        warn!(device = %plane.name(), error = %e, "kernel operation failed; will retry");
                     }
                 }
-                if mac_changed {
-                    *renew_at = Instant::now();
+                Err(e) => {
+                    errors += 1;
+                    warn!(device = %plane.name(), error = %e, "cannot read kernel state; will retry");
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                self.stats.netlink_errors.inc();
-                warn!(error = %e, "cannot check the VXLAN device");
+        }
+        let runs = self.stats.reconciles.inc();
+        if runs > 0 {
+            self.stats.changes.inc_by((added + removed) as u64);
+        }
+        self.stats.peers.set(self.peers.peers().len() as i64);
+        self.stats.netlink_errors.inc_by(errors as u64);
+        let unreachable: usize = self.planes().map(Plane::unreachable).sum();
+        self.stats.peers_unreachable.set(unreachable as i64);
+        if added + removed > 0 {
+            info!(
+                peers = self.peers.peers().len(),
+                added,
+                removed,
+                revision = self.revision,
+                "kernel state reconciled"
+            );
+        }
+    }
+
+    /// Recreates a device that was deleted; a new MAC must reach the peers, so the
+    /// lease is renewed at once in that case.
+    async fn check_devices(&mut self, renew_at: &mut Instant) {
+        let mut recreated = false;
+        for plane in std::iter::once(&mut self.v4).chain(self.v6.as_mut()) {
+            match plane.check_device(&self.dp).await {
+                Ok(Some(r)) => {
+                    recreated = true;
+                    if r.mac_changed {
+                        *renew_at = Instant::now();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.stats.netlink_errors.inc();
+                    warn!(device = %plane.name(), error = %e, "cannot check the VXLAN device");
+                }
+            }
+        }
+        if !recreated {
+            return;
+        }
+        self.set_own();
+        let lease = self.lease.as_ref();
+        if let Some(subnet) = lease.and_then(|l| parse_subnet(&l.subnet).ok()) {
+            let subnet6 = lease.and_then(|l| parse_subnet6(&l.ipv6_subnet).ok());
+            if let Err(e) = self.address_devices(subnet, subnet6).await {
+                warn!(error = %e, "cannot address the VXLAN device");
             }
         }
     }

@@ -2,23 +2,27 @@
 //! `--iface` (names or addresses, first match wins), `--iface-regex`,
 //! `--iface-can-reach`, `--public-ip`, else the interface that holds the default route.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
-use crate::dataplane::Underlay;
+use crate::dataplane::{Family, Underlay};
 
 /// How the operator asked for the public interface.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
-    /// `--iface`: interface names or IPv4 addresses, in order of preference.
+    /// `--iface`: interface names or addresses (either family), in order of
+    /// preference.
     pub ifaces: Vec<String>,
     /// `--iface-regex`: matched against interface names and addresses.
     pub iface_regex: Option<regex::Regex>,
-    /// `--iface-can-reach`: the index of the interface the kernel routes that address through.
-    pub can_reach: Option<(std::net::Ipv4Addr, u32)>,
-    /// `--public-ip`: the address advertised to peers.
+    /// `--iface-can-reach`: the address, and the index of the interface the kernel
+    /// routes it through; both families use that interface.
+    pub can_reach: Option<(IpAddr, u32)>,
+    /// `--public-ip`: the IPv4 address advertised to peers.
     pub public_ip: Option<Ipv4Addr>,
+    /// `--public-ipv6`: the IPv6 address advertised to peers (dual-stack).
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
 /// No interface matched the selection.
@@ -26,69 +30,110 @@ pub struct Selection {
 #[error("{0}")]
 pub struct SelectError(String);
 
-/// Picks the underlay interface and the public IP advertised to peers.
-/// `default` is the interface of the default route, if there is one.
+/// Picks the underlay interface and the IPv4 address advertised to peers.
+/// `default` is the interface of the IPv4 default route, if there is one.
 pub fn select(
     sel: &Selection,
     interfaces: &[Underlay],
     default: Option<&Underlay>,
 ) -> Result<(Underlay, Ipv4Addr), SelectError> {
+    let (u, ip) = select_family(sel, Family::V4, interfaces, default)?;
+    match ip {
+        IpAddr::V4(ip) => Ok((u, ip)),
+        IpAddr::V6(_) => unreachable!("only IPv4 entries are candidates"),
+    }
+}
+
+/// Picks the interface and IPv6 address of a dual-stack node, by the same rules as
+/// for IPv4 applied to the IPv6 addresses (flannel applied --iface-regex and
+/// --iface-can-reach to IPv4 only: flannel issue #2081). `default` is the interface of
+/// the IPv6 default route, if there is one.
+pub fn select6(
+    sel: &Selection,
+    interfaces: &[Underlay],
+    default: Option<&Underlay>,
+) -> Result<(Underlay, Ipv6Addr), SelectError> {
+    let (u, ip) = select_family(sel, Family::V6, interfaces, default)?;
+    match ip {
+        IpAddr::V6(ip) => Ok((u, ip)),
+        IpAddr::V4(_) => unreachable!("only IPv6 entries are candidates"),
+    }
+}
+
+fn select_family(
+    sel: &Selection,
+    family: Family,
+    interfaces: &[Underlay],
+    default: Option<&Underlay>,
+) -> Result<(Underlay, IpAddr), SelectError> {
+    let of_family = |u: &Underlay| Family::of(u.addr.addr()) == family;
+    // An IPv6 address the operator gives by hand is a candidate on the IPv6 side only.
+    let public: Option<IpAddr> = match family {
+        Family::V4 => sel.public_ip.map(IpAddr::from),
+        Family::V6 => sel.public_ipv6.map(IpAddr::from),
+    };
+    let candidates: Vec<&Underlay> = interfaces.iter().filter(|u| of_family(u)).collect();
     let names = || {
-        interfaces
+        candidates
             .iter()
             .map(|i| format!("{} ({})", i.name, i.addr))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let chosen = if !sel.ifaces.is_empty() {
+    let what = format!("an {family} address");
+    let chosen: &Underlay = if !sel.ifaces.is_empty() {
         sel.ifaces
             .iter()
-            .find_map(|want| match want.parse::<Ipv4Addr>() {
-                Ok(ip) => interfaces.iter().find(|i| i.addr.addr() == ip),
-                Err(_) => interfaces.iter().find(|i| i.name == *want),
+            .find_map(|want| match want.parse::<IpAddr>() {
+                Ok(ip) => candidates.iter().find(|i| i.addr.addr() == ip),
+                Err(_) => candidates.iter().find(|i| i.name == *want),
             })
+            .copied()
             .ok_or_else(|| {
                 SelectError(format!(
-                    "none of --iface {} is an interface with an IPv4 address; this host has: {}",
+                    "none of --iface {} is an interface with {what}; this host has: {}",
                     sel.ifaces.join(","),
                     names()
                 ))
             })?
     } else if let Some(re) = &sel.iface_regex {
-        interfaces
+        candidates
             .iter()
             .find(|i| re.is_match(&i.name) || re.is_match(&i.addr.addr().to_string()))
+            .copied()
             .ok_or_else(|| {
                 SelectError(format!(
-                    "--iface-regex {} matches no interface with an IPv4 address; this host has: {}",
+                    "--iface-regex {} matches no interface with {what}; this host has: {}",
                     re.as_str(),
                     names()
                 ))
             })?
     } else if let Some((addr, index)) = sel.can_reach {
-        interfaces.iter().find(|i| i.index == index).ok_or_else(|| {
-            SelectError(format!(
-                "--iface-can-reach {addr}: the route to it leaves through an interface without an IPv4 address"
-            ))
-        })?
-    } else if let Some(ip) = sel
-        .public_ip
-        .filter(|ip| interfaces.iter().any(|i| i.addr.addr() == *ip))
-    {
-        interfaces
+        candidates
             .iter()
-            .find(|i| i.addr.addr() == ip)
-            .expect("checked above")
+            .find(|i| i.index == index)
+            .copied()
+            .ok_or_else(|| {
+                SelectError(format!(
+                    "--iface-can-reach {addr}: the route to it leaves through an interface without {what}"
+                ))
+            })?
+    } else if let Some(held) = public.and_then(|ip| candidates.iter().find(|i| i.addr.addr() == ip))
+    {
+        held
     } else {
-        default.ok_or_else(|| {
+        default.filter(|u| of_family(u)).ok_or_else(|| {
+            let flag = match family {
+                Family::V4 => "--public-ip",
+                Family::V6 => "--public-ipv6",
+            };
             SelectError(format!(
-                "no IPv4 default route to pick the public interface from: pass --iface or --public-ip; this host has: {}",
+                "no {family} default route to pick the public interface from: pass --iface or {flag}; this host has: {}",
                 names()
             ))
         })?
     };
-    let public = sel.public_ip.unwrap_or(chosen.addr.addr());
-    Ok((chosen.clone(), public))
+    Ok((chosen.clone(), public.unwrap_or(chosen.addr.addr())))
 }
 
 #[cfg(test)]
@@ -112,7 +157,19 @@ mod tests {
             Underlay {
                 index: 3,
                 name: "ens4".into(),
+                addr: "2001:db8:4::9/64".parse().unwrap(),
+                mtu: 9000,
+            },
+            Underlay {
+                index: 3,
+                name: "ens4".into(),
                 addr: "198.51.100.9/24".parse().unwrap(),
+                mtu: 9000,
+            },
+            Underlay {
+                index: 4,
+                name: "ens5".into(),
+                addr: "2001:db8:5::9/64".parse().unwrap(),
                 mtu: 9000,
             },
         ]
@@ -147,6 +204,32 @@ mod tests {
             e.0.contains("none of --iface wlan0") && e.0.contains("eth0 (192.0.2.5/24)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ipv6_entries_are_no_candidates() {
+        let all = ifaces();
+        let sel = Selection {
+            ifaces: vec!["ens5".into()],
+            ..Default::default()
+        };
+        let e = select(&sel, &all, Some(&all[1])).unwrap_err();
+        assert!(
+            e.0.contains("none of --iface ens5") && !e.0.contains("2001:db8"),
+            "{e}"
+        );
+        let sel = Selection {
+            ifaces: vec!["ens4".into()],
+            ..Default::default()
+        };
+        let (u, ip) = select(&sel, &all, None).unwrap();
+        assert_eq!(
+            (u.addr.to_string(), ip.to_string()),
+            ("198.51.100.9/24".into(), "198.51.100.9".into()),
+            "ens4's IPv4 address, though its IPv6 one is listed first"
+        );
+        let e = select(&Selection::default(), &all, Some(&all[4])).unwrap_err();
+        assert!(e.0.contains("no IPv4 default route"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   and (`identity::rotation`) renewing it before it expires and picking up
 //!   rewritten TLS files.
 //! - `iface`: choosing the public interface and address.
+//! - `plane`: one address family's overlay (device, topology, last applied state).
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
 //! - `cni`: the twill-cni plugin (flannel-compatible).
@@ -20,4 +21,5 @@ pub mod dataplane;
 pub mod identity;
 pub mod iface;
 pub mod peers;
+pub mod plane;
 pub mod reconcile;

@@ -1,6 +1,6 @@
 //! twill-agent: the node daemon (see the library docs for what each module owns).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,21 +46,28 @@ pub struct Args {
     /// change (as --tls-ca always is).
     #[arg(long, env = "TWILL_BOOTSTRAP_TOKEN_FILE", value_name = "FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
-    /// Public interface: a name or an IPv4 address; repeat to give fallbacks (first match wins).
-    /// Default: the interface of the default route.
+    /// Public interface: a name or an address (IPv4 or IPv6); repeat to give fallbacks
+    /// (first match wins). On a dual-stack network each family takes the first entry
+    /// that has an address of that family. Default: the interface of the default route
+    /// (of each family).
     #[arg(long, env = "TWILL_IFACE", value_delimiter = ',')]
     pub iface: Vec<String>,
-    /// Public interface: first interface whose name or address matches this regex.
+    /// Public interface: first interface whose name or address matches this regex (each
+    /// family: the first match with an address of that family).
     #[arg(long, env = "TWILL_IFACE_REGEX")]
     pub iface_regex: Option<String>,
-    /// Public interface: the one the kernel routes this address through
-    /// (like `ip route get ADDR`).
+    /// Public interface: the one the kernel routes this address (IPv4 or IPv6) through
+    /// (like `ip route get ADDR`); both families use that interface.
     #[arg(long, env = "TWILL_IFACE_CAN_REACH")]
-    pub iface_can_reach: Option<Ipv4Addr>,
+    pub iface_can_reach: Option<IpAddr>,
     /// IPv4 address advertised to peers as this node's VXLAN endpoint
     /// (default: the public interface's address).
     #[arg(long, env = "TWILL_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 address advertised to peers as this node's flannel-v6.<VNI> endpoint on a
+    /// dual-stack network (default: the public interface's global IPv6 address).
+    #[arg(long, env = "TWILL_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
     /// Where to write flannel's subnet.env.
     #[arg(
         long,

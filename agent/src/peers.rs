@@ -4,10 +4,15 @@
 //! A colliding lease would move an FDB entry (and with it another node's traffic) to
 //! whoever sent it, so it is refused and logged; the peer that held the key first
 //! keeps it, and a refused lease is admitted once the collision is gone.
+//!
+//! On a dual-stack network a lease makes two peers, one per family, admitted or
+//! refused together; its IPv6 subnet and its IPv6 device's MAC are keys like the
+//! IPv4 ones. A lease without IPv6 fields (granted before the network had IPv6) is an
+//! IPv4 peer only.
 
 use std::collections::{BTreeMap, HashMap};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
 use twill_common::lease::{Mac, Peer};
 use twill_proto::{lease_event::Type as EventType, Lease, WatchResponse};
@@ -16,11 +21,13 @@ use twill_proto::{lease_event::Type as EventType, Lease, WatchResponse};
 pub struct PeerTable {
     own: String,
     network: Ipv4Net,
-    own_mac: Option<Mac>,
-    own_subnet: Option<Ipv4Net>,
+    network6: Option<Ipv6Net>,
+    own_macs: Vec<Mac>,
+    own_subnets: Vec<IpNet>,
     peers: BTreeMap<String, Peer>,
+    peers6: BTreeMap<String, Peer>,
     by_mac: HashMap<Mac, String>,
-    by_subnet: HashMap<Ipv4Net, String>,
+    by_subnet: HashMap<IpNet, String>,
     /// Leases not admitted, and why: retried whenever a peer leaves.
     refused: BTreeMap<String, (Lease, String)>,
 }
@@ -33,29 +40,38 @@ pub struct Applied {
 }
 
 impl PeerTable {
-    /// An empty table for node `own` of pod network `network`.
-    pub fn new(own: &str, network: Ipv4Net) -> Self {
+    /// An empty table for node `own` of pod network `network` (and `network6` on a
+    /// dual-stack network).
+    pub fn new(own: &str, network: Ipv4Net, network6: Option<Ipv6Net>) -> Self {
         PeerTable {
             own: own.to_string(),
             network,
-            own_mac: None,
-            own_subnet: None,
+            network6,
+            own_macs: Vec::new(),
+            own_subnets: Vec::new(),
             peers: BTreeMap::new(),
+            peers6: BTreeMap::new(),
             by_mac: HashMap::new(),
             by_subnet: HashMap::new(),
             refused: BTreeMap::new(),
         }
     }
 
-    /// This node's VTEP MAC (none with host-gw) and subnet, which no peer may claim.
-    pub fn set_own(&mut self, mac: Option<Mac>, subnet: Option<Ipv4Net>) {
-        self.own_mac = mac;
-        self.own_subnet = subnet;
+    /// This node's VTEP MACs (none with host-gw) and subnets, of both families, which
+    /// no peer may claim.
+    pub fn set_own(&mut self, macs: Vec<Mac>, subnets: Vec<IpNet>) {
+        self.own_macs = macs;
+        self.own_subnets = subnets;
     }
 
-    /// The admitted peers.
+    /// The admitted peers: their IPv4 side.
     pub fn peers(&self) -> &BTreeMap<String, Peer> {
         &self.peers
+    }
+
+    /// The admitted peers' IPv6 side (dual-stack networks).
+    pub fn peers6(&self) -> &BTreeMap<String, Peer> {
+        &self.peers6
     }
 
     /// Leases refused, by node name, with the reason.
@@ -70,6 +86,7 @@ impl PeerTable {
         let mut applied = Applied::default();
         if resp.reset {
             let old = std::mem::take(&mut self.peers);
+            self.peers6.clear();
             self.by_mac.clear();
             self.by_subnet.clear();
             self.refused.clear();
@@ -107,6 +124,9 @@ impl PeerTable {
                 self.refused.remove(&lease.node_name);
                 if let Some(p) = self.peers.remove(&lease.node_name) {
                     self.unindex(&lease.node_name, &p);
+                    if let Some(p6) = self.peers6.remove(&lease.node_name) {
+                        self.unindex(&lease.node_name, &p6);
+                    }
                     info!(peer = %lease.node_name, subnet = %lease.subnet, revision = ev.revision, "peer left");
                     left = true;
                 }
@@ -124,19 +144,37 @@ impl PeerTable {
         applied
     }
 
-    /// Admits `lease` (replacing the same node's entry) or records why not.
+    /// The lease's peers (IPv4, and IPv6 on a dual-stack network), checked against
+    /// the field rules.
+    fn parse(&self, lease: &Lease) -> Result<(Peer, Option<Peer>), String> {
+        let p = Peer::try_from(lease).map_err(|e| e.to_string())?;
+        p.check(self.network.into()).map_err(|e| e.to_string())?;
+        let Some(network6) = self.network6 else {
+            return Ok((p, None));
+        };
+        let p6 = Peer::v6(lease).map_err(|e| e.to_string())?;
+        if let Some(p6) = &p6 {
+            p6.check(network6.into()).map_err(|e| e.to_string())?;
+            if p6.vtep_mac.is_some() && p6.vtep_mac == p.vtep_mac {
+                return Err("vtep_mac_v6 is the lease's IPv4 VTEP MAC too".into());
+            }
+        }
+        Ok((p, p6))
+    }
+
+    /// Admits `lease` (replacing the same node's entries) or records why not.
     fn admit(&mut self, lease: &Lease, revision: u64, quiet_if_same: bool) {
         let name = &lease.node_name;
-        let peer = match Peer::try_from(lease)
-            .and_then(|p| p.check(self.network).map(|()| p))
-            .map_err(|e| e.to_string())
-            .and_then(|p| self.collision(name, &p).map_or(Ok(p), Err))
-        {
-            Ok(p) => p,
+        let parsed = self.parse(lease).and_then(|(p, p6)| {
+            let clash = self
+                .collision(name, &p)
+                .or_else(|| p6.as_ref().and_then(|p6| self.collision(name, p6)));
+            clash.map_or(Ok((p, p6)), Err)
+        });
+        let (peer, peer6) = match parsed {
+            Ok(pair) => pair,
             Err(why) => {
-                if let Some(old) = self.peers.remove(name) {
-                    self.unindex(name, &old);
-                }
+                self.drop_peer(name);
                 let again = self.refused.get(name).is_some_and(|(_, w)| *w == why);
                 if !again {
                     warn!(peer = %name, revision, reason = %why, "refusing to program a peer lease");
@@ -146,30 +184,54 @@ impl PeerTable {
             }
         };
         self.refused.remove(name);
-        let before = self.peers.insert(name.clone(), peer);
-        if let Some(old) = before {
+        let before = self.peers.get(name).copied();
+        let before6 = self.peers6.get(name).copied();
+        self.drop_peer(name);
+        for p in std::iter::once(&peer).chain(peer6.as_ref()) {
+            if let Some(mac) = p.vtep_mac {
+                self.by_mac.insert(mac, name.clone());
+            }
+            self.by_subnet.insert(p.subnet, name.clone());
+        }
+        self.peers.insert(name.clone(), peer);
+        if let Some(p6) = peer6 {
+            self.peers6.insert(name.clone(), p6);
+        }
+        let changed = before != Some(peer) || before6 != peer6;
+        if changed && !(quiet_if_same && before.is_none()) {
+            match peer6 {
+                Some(p6) => {
+                    info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, ipv6_subnet = %p6.subnet, public_ipv6 = %p6.public_ip, revision, "peer up")
+                }
+                None => {
+                    info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, revision, "peer up")
+                }
+            }
+        }
+    }
+
+    /// Removes `name`'s peers of both families and their index entries.
+    fn drop_peer(&mut self, name: &str) {
+        if let Some(old) = self.peers.remove(name) {
             self.unindex(name, &old);
         }
-        if let Some(mac) = peer.vtep_mac {
-            self.by_mac.insert(mac, name.clone());
-        }
-        self.by_subnet.insert(peer.subnet, name.clone());
-        if before != Some(peer) && !(quiet_if_same && before.is_none()) {
-            info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, revision, "peer up");
+        if let Some(old) = self.peers6.remove(name) {
+            self.unindex(name, &old);
         }
     }
 
     /// What `peer` would collide with, if anything.
     fn collision(&self, name: &str, peer: &Peer) -> Option<String> {
-        if let Some(mac) = peer.vtep_mac.filter(|m| Some(*m) == self.own_mac) {
+        if let Some(mac) = peer.vtep_mac.filter(|m| self.own_macs.contains(m)) {
             return Some(format!("vtep_mac {mac} is this node's own VTEP MAC"));
         }
-        if self
-            .own_subnet
-            .is_some_and(|s| s.contains(&peer.subnet) || peer.subnet.contains(&s))
+        if let Some(own) = self
+            .own_subnets
+            .iter()
+            .find(|s| s.contains(&peer.subnet) || peer.subnet.contains(*s))
         {
             return Some(format!(
-                "subnet {} overlaps this node's own subnet",
+                "subnet {} overlaps this node's own subnet {own}",
                 peer.subnet
             ));
         }
@@ -236,12 +298,109 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        let mut t = PeerTable::new("me", "10.244.0.0/16".parse().unwrap());
+        let mut t = PeerTable::new("me", "10.244.0.0/16".parse().unwrap(), None);
         t.set_own(
-            Some("0a:58:00:00:00:ee".parse().unwrap()),
-            Some("10.244.99.0/24".parse().unwrap()),
+            vec!["0a:58:00:00:00:ee".parse().unwrap()],
+            vec!["10.244.99.0/24".parse().unwrap()],
         );
         t
+    }
+
+    fn table6() -> PeerTable {
+        let mut t = PeerTable::new(
+            "me",
+            "10.244.0.0/16".parse().unwrap(),
+            Some("fd00:10:244::/56".parse().unwrap()),
+        );
+        t.set_own(
+            vec![
+                "0a:58:00:00:00:ee".parse().unwrap(),
+                "0a:58:00:00:06:ee".parse().unwrap(),
+            ],
+            vec![
+                "10.244.99.0/24".parse().unwrap(),
+                "fd00:10:244:99::/64".parse().unwrap(),
+            ],
+        );
+        t
+    }
+
+    fn dual(node: &str, n: u8, ip6: &str, mac6: &str) -> Lease {
+        Lease {
+            ipv6_subnet: format!("fd00:10:244:{n}::/64"),
+            public_ipv6: ip6.into(),
+            vtep_mac_v6: mac6.into(),
+            ..lease(
+                node,
+                &format!("10.244.{n}.0/24"),
+                &format!("192.0.2.{n}"),
+                &format!("0a:58:00:00:00:{n:02x}"),
+            )
+        }
+    }
+
+    #[test]
+    fn dual_stack_leases_make_two_peers_refused_together() {
+        let mut t = table6();
+        t.apply(&batch(
+            false,
+            &[(PUT, dual("b", 2, "2001:db8::2", "0a:58:00:00:06:02"))],
+        ));
+        assert_eq!(t.peers()["b"].subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(t.peers6()["b"].subnet.to_string(), "fd00:10:244:2::/64");
+        assert_eq!(t.peers6()["b"].public_ip.to_string(), "2001:db8::2");
+
+        for (l, why) in [
+            (dual("m", 3, "ff02::1", "0a:58:00:00:06:03"), "multicast"),
+            (dual("l", 4, "fe80::4", "0a:58:00:00:06:04"), "link-local"),
+            (dual("u", 5, "::", "0a:58:00:00:06:05"), "unspecified"),
+            (
+                dual("x", 6, "2001:db8::6", "0a:58:00:00:06:02"),
+                "VTEP MAC of peer b",
+            ),
+            (
+                dual("y", 7, "2001:db8::7", "0a:58:00:00:06:ee"),
+                "own VTEP MAC",
+            ),
+            (
+                dual("z", 8, "2001:db8::8", "0a:58:00:00:00:08"),
+                "IPv4 VTEP MAC too",
+            ),
+        ] {
+            t.apply(&batch(false, &[(PUT, l.clone())]));
+            assert!(
+                !t.peers().contains_key(&l.node_name) && !t.peers6().contains_key(&l.node_name),
+                "{why}: neither family admitted"
+            );
+            let reasons: Vec<_> = t.refused().map(|(_, w)| w.to_string()).collect();
+            assert!(
+                reasons.iter().any(|r| r.contains(why)),
+                "{why}: {reasons:?}"
+            );
+        }
+        let own6 = Lease {
+            ipv6_subnet: "fd00:10:244:99::/64".into(),
+            ..dual("o", 9, "2001:db8::9", "0a:58:00:00:06:09")
+        };
+        t.apply(&batch(false, &[(PUT, own6)]));
+        assert!(!t.peers().contains_key("o"), "our own IPv6 subnet");
+
+        // A lease from before the network had IPv6 is an IPv4 peer only.
+        t.apply(&batch(
+            false,
+            &[(
+                PUT,
+                lease("v4", "10.244.20.0/24", "192.0.2.20", "0a:58:00:00:00:20"),
+            )],
+        ));
+        assert!(t.peers().contains_key("v4") && !t.peers6().contains_key("v4"));
+        t.apply(&batch(false, &[(DELETE, dual("b", 2, "2001:db8::2", ""))]));
+        assert!(t.peers6().is_empty() || !t.peers6().contains_key("b"));
+        assert!(
+            t.peers().contains_key("x"),
+            "admitted once b's IPv6 MAC is free: {:?}",
+            t.refused().collect::<Vec<_>>()
+        );
     }
 
     const PUT: EventType = EventType::Put;

@@ -5,23 +5,34 @@
 //! the order docs/compatibility.md gives under Kernel state), and an error on one entry
 //! does not stop the
 //! others: every error is collected and reported, and the next run retries.
+//!
+//! One reconciler serves one address family: a dual-stack node runs one per
+//! [`Topology`] (`flannel.<VNI>` over the IPv4 underlay, `flannel-v6.<VNI>` over the
+//! IPv6 one), each reading and writing only the entries of its family.
 
 use std::collections::BTreeMap;
 
 use twill_common::lease::Peer;
 
-use crate::dataplane::{DataPlane, DataPlaneError, Device, KernelState, Route, Underlay};
+use crate::dataplane::{DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay};
 
-/// How peers are reached.
+/// How peers of one address family are reached.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// The VXLAN device; `None` with the host-gw backend, which routes every peer via
-    /// its public address.
+    /// The VXLAN device of the family; `None` with the host-gw backend, which routes
+    /// every peer via its public address.
     pub device: Option<Device>,
-    /// This node's public interface.
+    /// This node's public interface, with its address of the family.
     pub underlay: Underlay,
     /// `Backend.DirectRouting`: plain routes to peers on the underlay's L2 subnet.
     pub direct_routing: bool,
+}
+
+impl Topology {
+    /// The address family this topology reaches peers in: its underlay address's.
+    pub fn family(&self) -> Family {
+        Family::of_net(self.underlay.addr)
+    }
 }
 
 /// The entries the peers call for, and the peers that cannot be reached.
@@ -34,12 +45,28 @@ pub struct Desired {
 }
 
 /// The entries the peers call for (docs/compatibility.md, Kernel state and host-gw).
+///
+/// Peers are of the topology's family. A peer whose subnet or public address is of the
+/// other family gets no entry and is reported in `unreachable`: a dual-stack caller
+/// hands each family's reconciler that family's peers, so such a peer is a mistake that
+/// should show (log, metric) rather than vanish.
 pub fn desired(peers: &BTreeMap<String, Peer>, topo: &Topology) -> Desired {
+    let family = topo.family();
     let mut neighbours = Vec::with_capacity(peers.len());
     let mut fdb = Vec::with_capacity(peers.len());
     let mut routes = Vec::with_capacity(peers.len());
     let mut unreachable = BTreeMap::new();
     for (name, peer) in peers {
+        if Family::of_net(peer.subnet) != family || Family::of(peer.public_ip) != family {
+            unreachable.insert(
+                name.clone(),
+                format!(
+                    "subnet {} via public_ip {} is not {family}, the family of {}'s address {}",
+                    peer.subnet, peer.public_ip, topo.underlay.name, topo.underlay.addr
+                ),
+            );
+            continue;
+        }
         let on_link = topo.underlay.addr.contains(&peer.public_ip);
         let direct = Route {
             dst: peer.subnet,
@@ -170,20 +197,23 @@ impl Report {
     }
 }
 
-/// Brings the kernel to `want`: reads the current state and applies the difference.
+/// Brings the kernel to `want`: reads the current state of `family` (the family of
+/// `want`'s entries) and applies the difference; the other family's entries are not
+/// read, so they are left alone.
 pub async fn reconcile(
     dp: &dyn DataPlane,
     dev: Option<&Device>,
+    family: Family,
     want: &KernelState,
 ) -> Result<Report, DataPlaneError> {
-    let have = dp.read_state(dev).await?;
+    let have = dp.read_state(dev, family).await?;
     Ok(apply_diff(dp, dev, &have, want).await)
 }
 
 /// Applies the difference between `have` (what the kernel is believed to hold) and
-/// `want`. Cheaper than `reconcile` when `have` is known (the last applied state): a
-/// dump of thousands of entries is skipped, and the periodic `reconcile` catches
-/// anything changed behind our back.
+/// `want`, both of one family. Cheaper than `reconcile` when `have` is known (the last
+/// applied state): a dump of thousands of entries is skipped, and the periodic
+/// `reconcile` catches anything changed behind our back.
 pub async fn apply_diff(
     dp: &dyn DataPlane,
     dev: Option<&Device>,
@@ -256,7 +286,7 @@ async fn apply_device_diff(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
     use std::sync::Mutex;
 
     use twill_common::lease::Mac;
@@ -264,7 +294,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::dataplane::VxlanSpec;
 
-    /// An in-memory kernel: what the reconciler's logic is tested against.
+    /// An in-memory kernel: what the reconciler's logic is tested against. It holds
+    /// both families' entries, as one kernel does, and reads one family at a time.
     #[derive(Default)]
     pub struct FakeKernel {
         pub state: Mutex<KernelState>,
@@ -282,27 +313,47 @@ pub(crate) mod tests {
         async fn ensure_device(&self, _spec: &VxlanSpec) -> Result<Device, DataPlaneError> {
             Ok(dev())
         }
-        async fn ensure_address(
-            &self,
-            _dev: &Device,
-            _addr: Ipv4Addr,
-        ) -> Result<(), DataPlaneError> {
+        async fn ensure_address(&self, _dev: &Device, _addr: IpAddr) -> Result<(), DataPlaneError> {
             Ok(())
         }
-        async fn read_state(&self, _dev: Option<&Device>) -> Result<KernelState, DataPlaneError> {
-            Ok(self.state.lock().unwrap().clone())
+        async fn read_state(
+            &self,
+            _dev: Option<&Device>,
+            family: Family,
+        ) -> Result<KernelState, DataPlaneError> {
+            let all = self.state.lock().unwrap();
+            Ok(KernelState {
+                neighbours: all
+                    .neighbours
+                    .iter()
+                    .filter(|(ip, _)| Family::of(**ip) == family)
+                    .map(|(ip, mac)| (*ip, *mac))
+                    .collect(),
+                fdb: all
+                    .fdb
+                    .iter()
+                    .filter(|(_, dst)| Family::of(**dst) == family)
+                    .map(|(mac, dst)| (*mac, *dst))
+                    .collect(),
+                routes: all
+                    .routes
+                    .iter()
+                    .filter(|(dst, _)| Family::of_net(**dst) == family)
+                    .map(|(dst, r)| (*dst, *r))
+                    .collect(),
+            })
         }
         async fn add_neighbour(
             &self,
             _dev: &Device,
-            ip: Ipv4Addr,
+            ip: IpAddr,
             mac: Mac,
         ) -> Result<(), DataPlaneError> {
             self.log(format!("neigh replace {ip}"));
             self.state.lock().unwrap().neighbours.insert(ip, mac);
             Ok(())
         }
-        async fn del_neighbour(&self, _dev: &Device, ip: Ipv4Addr) -> Result<(), DataPlaneError> {
+        async fn del_neighbour(&self, _dev: &Device, ip: IpAddr) -> Result<(), DataPlaneError> {
             self.log(format!("neigh del {ip}"));
             self.state.lock().unwrap().neighbours.remove(&ip);
             Ok(())
@@ -311,7 +362,7 @@ pub(crate) mod tests {
             &self,
             _dev: &Device,
             mac: Mac,
-            dst: Ipv4Addr,
+            dst: IpAddr,
         ) -> Result<(), DataPlaneError> {
             self.log(format!("fdb replace {mac}"));
             self.state.lock().unwrap().fdb.insert(mac, dst);
@@ -321,7 +372,7 @@ pub(crate) mod tests {
             &self,
             _dev: &Device,
             mac: Mac,
-            _dst: Ipv4Addr,
+            _dst: IpAddr,
         ) -> Result<(), DataPlaneError> {
             self.log(format!("fdb del {mac}"));
             self.state.lock().unwrap().fdb.remove(&mac);
@@ -370,6 +421,42 @@ pub(crate) mod tests {
         )
     }
 
+    pub fn dev6() -> Device {
+        Device {
+            index: 8,
+            mac: Mac([0x0a, 0, 0, 0, 0, 2]),
+        }
+    }
+
+    /// The IPv6 side of the same node: `flannel-v6.1` over eth0's 2001:db8:1::1/64.
+    fn topo6(direct: bool) -> Topology {
+        Topology {
+            device: Some(dev6()),
+            underlay: Underlay {
+                index: 2,
+                name: "eth0".into(),
+                addr: "2001:db8:1::1/64".parse().unwrap(),
+                mtu: 1500,
+            },
+            direct_routing: direct,
+        }
+    }
+
+    fn peer6(n: u8, public: &str) -> (String, Peer) {
+        (
+            format!("node-{n}"),
+            Peer {
+                subnet: format!("fd00:10:244:{n}::/64").parse().unwrap(),
+                public_ip: public.parse().unwrap(),
+                vtep_mac: Some(Mac([0x0a, 0, 0, 0, 6, n])),
+            },
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn the_merge_finds_stale_new_and_changed_entries() {
         let have: BTreeMap<u8, char> = [(1, 'a'), (2, 'b'), (4, 'd'), (6, 'f')].into();
@@ -388,9 +475,14 @@ pub(crate) mod tests {
     async fn programs_then_changes_only_the_difference() {
         let k = FakeKernel::default();
         let mut peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
-        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
-            .await
-            .unwrap();
+        let r = reconcile(
+            &k,
+            Some(&dev()),
+            Family::V4,
+            &desired(&peers, &topo(false)).state,
+        )
+        .await
+        .unwrap();
         assert_eq!((r.added, r.removed), (6, 0));
         assert_eq!(
             k.ops.lock().unwrap()[..3],
@@ -402,15 +494,25 @@ pub(crate) mod tests {
         );
         k.ops.lock().unwrap().clear();
 
-        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
-            .await
-            .unwrap();
+        let r = reconcile(
+            &k,
+            Some(&dev()),
+            Family::V4,
+            &desired(&peers, &topo(false)).state,
+        )
+        .await
+        .unwrap();
         assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
 
         peers.remove("node-1");
-        let r = reconcile(&k, Some(&dev()), &desired(&peers, &topo(false)).state)
-            .await
-            .unwrap();
+        let r = reconcile(
+            &k,
+            Some(&dev()),
+            Family::V4,
+            &desired(&peers, &topo(false)).state,
+        )
+        .await
+        .unwrap();
         assert_eq!((r.added, r.removed), (0, 3));
         assert_eq!(
             *k.ops.lock().unwrap(),
@@ -428,9 +530,13 @@ pub(crate) mod tests {
         let k = FakeKernel::default();
         let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11")].into();
         let want = desired(&peers, &topo(false)).state;
-        reconcile(&k, Some(&dev()), &want).await.unwrap();
+        reconcile(&k, Some(&dev()), Family::V4, &want)
+            .await
+            .unwrap();
         k.state.lock().unwrap().routes.clear();
-        let r = reconcile(&k, Some(&dev()), &want).await.unwrap();
+        let r = reconcile(&k, Some(&dev()), Family::V4, &want)
+            .await
+            .unwrap();
         assert_eq!((r.added, r.removed), (1, 0));
         assert_eq!(*k.state.lock().unwrap(), want);
     }
@@ -471,7 +577,7 @@ pub(crate) mod tests {
         assert_eq!(want.state.routes.len(), 1);
         let why = &want.unreachable["node-2"];
         assert!(why.contains("198.51.100.12") && why.contains("L2"), "{why}");
-        let r = reconcile(&k, None, &want.state).await.unwrap();
+        let r = reconcile(&k, None, Family::V4, &want.state).await.unwrap();
         assert_eq!((r.added, r.removed, r.errors.len()), (1, 0, 0));
         assert_eq!(*k.ops.lock().unwrap(), ["route replace 10.244.1.0/24"]);
     }
@@ -483,5 +589,173 @@ pub(crate) mod tests {
         let want = desired(&[(name, p)].into(), &topo(false));
         assert!(want.state.routes.is_empty());
         assert!(want.unreachable["node-3"].contains("VTEP MAC"));
+    }
+
+    #[tokio::test]
+    async fn ipv6_peers_get_a_neighbour_an_fdb_entry_and_an_onlink_route() {
+        let k = FakeKernel::default();
+        let mut peers: BTreeMap<_, _> =
+            [peer6(1, "2001:db8:1::11"), peer6(2, "2001:db8:2::12")].into();
+        let want = desired(&peers, &topo6(false));
+        assert!(want.unreachable.is_empty(), "{:?}", want.unreachable);
+        let (_, p1) = &peer6(1, "2001:db8:1::11");
+        let gw = ip("fd00:10:244:1::");
+        assert_eq!(want.state.neighbours[&gw], p1.vtep_mac.unwrap());
+        assert_eq!(
+            want.state.fdb[&p1.vtep_mac.unwrap()],
+            ip("2001:db8:1::11"),
+            "FDB to the peer's public IPv6 address"
+        );
+        assert_eq!(
+            want.state.routes[&p1.subnet],
+            Route {
+                dst: p1.subnet,
+                gateway: gw,
+                oif: dev6().index
+            },
+            "S6 via S6.network dev flannel-v6.1"
+        );
+
+        let r = reconcile(&k, Some(&dev6()), Family::V6, &want.state)
+            .await
+            .unwrap();
+        assert_eq!((r.added, r.removed, r.errors.len()), (6, 0, 0));
+        assert_eq!(
+            k.ops.lock().unwrap()[..3],
+            [
+                "neigh replace fd00:10:244:1::",
+                "neigh replace fd00:10:244:2::",
+                "fdb replace 0a:00:00:00:06:01"
+            ]
+        );
+        k.ops.lock().unwrap().clear();
+        let again = desired(&peers, &topo6(false)).state;
+        let r = reconcile(&k, Some(&dev6()), Family::V6, &again)
+            .await
+            .unwrap();
+        assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
+
+        peers.remove("node-1");
+        let r = reconcile(
+            &k,
+            Some(&dev6()),
+            Family::V6,
+            &desired(&peers, &topo6(false)).state,
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.added, r.removed), (0, 3));
+        assert_eq!(
+            *k.ops.lock().unwrap(),
+            [
+                "route del fd00:10:244:1::/64",
+                "fdb del 0a:00:00:00:06:01",
+                "neigh del fd00:10:244:1::"
+            ],
+            "removal runs route, fdb, neighbour"
+        );
+    }
+
+    #[test]
+    fn ipv6_direct_routing_only_for_peers_on_the_same_l2_subnet() {
+        let peers: BTreeMap<_, _> = [peer6(1, "2001:db8:1::11"), peer6(2, "2001:db8:2::12")].into();
+        let want = desired(&peers, &topo6(true)).state;
+        let direct = want.routes[&"fd00:10:244:1::/64".parse().unwrap()];
+        assert_eq!((direct.gateway, direct.oif), (ip("2001:db8:1::11"), 2));
+        let vxlan = want.routes[&"fd00:10:244:2::/64".parse().unwrap()];
+        assert_eq!((vxlan.gateway, vxlan.oif), (ip("fd00:10:244:2::"), 8));
+        assert_eq!(
+            want.neighbours.keys().copied().collect::<Vec<_>>(),
+            [ip("fd00:10:244:2::")]
+        );
+        assert_eq!(
+            want.fdb.values().copied().collect::<Vec<_>>(),
+            [ip("2001:db8:2::12")]
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_host_gw_routes_on_link_peers_and_reports_the_others() {
+        let k = FakeKernel::default();
+        let peers: BTreeMap<_, _> = [peer6(1, "2001:db8:1::11"), peer6(2, "2001:db8:2::12")].into();
+        let host_gw = Topology {
+            device: None,
+            ..topo6(false)
+        };
+        let want = desired(&peers, &host_gw);
+        assert!(want.state.neighbours.is_empty() && want.state.fdb.is_empty());
+        let route = want.state.routes[&"fd00:10:244:1::/64".parse().unwrap()];
+        assert_eq!((route.gateway, route.oif), (ip("2001:db8:1::11"), 2));
+        assert_eq!(want.state.routes.len(), 1);
+        let why = &want.unreachable["node-2"];
+        assert!(
+            why.contains("2001:db8:2::12") && why.contains("2001:db8:1::/64") && why.contains("L2"),
+            "{why}"
+        );
+        let r = reconcile(&k, None, Family::V6, &want.state).await.unwrap();
+        assert_eq!((r.added, r.removed, r.errors.len()), (1, 0, 0));
+        assert_eq!(*k.ops.lock().unwrap(), ["route replace fd00:10:244:1::/64"]);
+    }
+
+    #[test]
+    fn peers_of_the_other_family_are_reported_not_programmed() {
+        let v4: BTreeMap<_, _> = [peer(1, "192.0.2.11")].into();
+        let v6: BTreeMap<_, _> = [peer6(2, "2001:db8:1::12")].into();
+        for (peers, topo, name, family) in [
+            (&v4, topo6(false), "node-1", "IPv6"),
+            (&v6, topo(false), "node-2", "IPv4"),
+        ] {
+            let want = desired(peers, &topo);
+            assert_eq!(want.state, KernelState::default());
+            let why = &want.unreachable[name];
+            assert!(why.contains(&format!("is not {family}")), "{why}");
+        }
+        // A subnet and public address of different families is no peer of either.
+        let (name, mut mixed) = peer6(3, "2001:db8:1::13");
+        mixed.public_ip = ip("192.0.2.13");
+        let peers: BTreeMap<_, _> = [(name, mixed)].into();
+        for topo in [topo(false), topo6(false)] {
+            let want = desired(&peers, &topo);
+            assert_eq!(want.state, KernelState::default());
+            assert!(want.unreachable.contains_key("node-3"));
+        }
+    }
+
+    #[tokio::test]
+    async fn each_family_reconciles_only_its_own_entries() {
+        let k = FakeKernel::default();
+        let v4: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
+        let v6: BTreeMap<_, _> = [peer6(1, "2001:db8:1::11"), peer6(2, "2001:db8:2::12")].into();
+        let want4 = desired(&v4, &topo(false)).state;
+        let want6 = desired(&v6, &topo6(false)).state;
+        let r = reconcile(&k, Some(&dev()), Family::V4, &want4)
+            .await
+            .unwrap();
+        assert_eq!((r.added, r.removed), (6, 0));
+        let r = reconcile(&k, Some(&dev6()), Family::V6, &want6)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.added, r.removed),
+            (6, 0),
+            "the IPv4 entries are not stale"
+        );
+        assert_eq!(k.read_state(None, Family::V4).await.unwrap(), want4);
+        assert_eq!(k.read_state(None, Family::V6).await.unwrap(), want6);
+
+        // Losing every IPv4 peer (or tearing the IPv4 side down) leaves IPv6 alone.
+        let r = reconcile(&k, Some(&dev()), Family::V4, &KernelState::default())
+            .await
+            .unwrap();
+        assert_eq!((r.added, r.removed), (0, 6));
+        assert_eq!(
+            k.read_state(None, Family::V4).await.unwrap(),
+            KernelState::default()
+        );
+        assert_eq!(k.read_state(None, Family::V6).await.unwrap(), want6);
+        let r = reconcile(&k, Some(&dev6()), Family::V6, &want6)
+            .await
+            .unwrap();
+        assert_eq!((r.added, r.removed), (0, 0));
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use twill_agent::dataplane::netlink::Netlink;
-use twill_agent::dataplane::{DataPlane, Underlay, VxlanSpec};
+use twill_agent::dataplane::{DataPlane, Family, Underlay, VxlanSpec};
 use twill_agent::reconcile::{apply_diff, desired, reconcile, Topology};
 use twill_common::lease::{Mac, Peer};
 
@@ -106,7 +106,8 @@ fn peer(i: usize) -> (String, Peer) {
         format!("peer-{i:05}"),
         Peer {
             subnet: subnet.parse().expect("subnet"),
-            public_ip: Ipv4Addr::new(198, 18 + ((i >> 16) & 1) as u8, (i >> 8) as u8, i as u8),
+            public_ip: Ipv4Addr::new(198, 18 + ((i >> 16) & 1) as u8, (i >> 8) as u8, i as u8)
+                .into(),
             vtep_mac: Some(vtep_mac(i)),
         },
     )
@@ -140,7 +141,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             let spec = VxlanSpec {
                 name: "flannel.1".into(),
                 vni: 1,
-                local: Ipv4Addr::new(192, 0, 2, 1),
+                local: Ipv4Addr::new(192, 0, 2, 1).into(),
                 port: 8472,
                 underlay_index: veth0,
                 mtu: 1450,
@@ -148,7 +149,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
                 gbp: false,
             };
             let dev = nl.ensure_device(&spec).await.map_err(|e| anyhow!("{e}"))?;
-            nl.ensure_address(&dev, Ipv4Addr::new(10, 255, 255, 0))
+            nl.ensure_address(&dev, Ipv4Addr::new(10, 255, 255, 0).into())
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let topo = Topology {
@@ -164,7 +165,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             let mut table: BTreeMap<String, Peer> = (0..peers).map(peer).collect();
 
             let started = Instant::now();
-            let report = reconcile(&nl, Some(&dev), &desired(&table, &topo).state)
+            let report = reconcile(&nl, Some(&dev), Family::V4, &desired(&table, &topo).state)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let full = ms(started.elapsed());
@@ -184,7 +185,7 @@ fn twill_once(peers: usize, changes: usize) -> Result<(f64, f64, f64)> {
             }
 
             let started = Instant::now();
-            nl.read_state(Some(&dev))
+            nl.read_state(Some(&dev), Family::V4)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let read = ms(started.elapsed());

@@ -13,14 +13,13 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::AcquireRequest;
 
 use crate::pki::Pki;
 use crate::procstat::Usage;
 use crate::servers::{Controller, EtcdCluster};
 use crate::stats::{median, Dist};
 use crate::twill::{self, Fleet};
-use crate::{sim, Opts, Run, SystemRuns};
+use crate::{Opts, Run, SystemRuns};
 
 /// Controller replicas and etcd members.
 pub const REPLICAS: usize = 3;
@@ -316,13 +315,7 @@ async fn failover(
 /// A new node asks the surviving replica for a lease until it holds one; when.
 async fn first_grant(channel: Channel, name: String, i: usize) -> Instant {
     let mut c = AgentServiceClient::new(channel);
-    let req = AcquireRequest {
-        node_name: name,
-        requested_subnet: String::new(),
-        public_ip: sim::public_ip(i),
-        backend_type: "vxlan".into(),
-        vtep_mac: sim::vtep_mac(i, false),
-    };
+    let req = twill::acquire_request(&name, i, false);
     loop {
         let mut call = tonic::Request::new(req.clone());
         call.set_timeout(PROBE_TIMEOUT);

@@ -80,13 +80,14 @@ pub async fn connect_all(urls: &[String], pki: &Pki, names: &[String]) -> Result
     Ok(out.into_iter().map(|c| c.expect("connected")).collect())
 }
 
-fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
+/// Storm node `i`'s acquisition (an IPv4 VXLAN network, as the bench runs it).
+pub fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
     AcquireRequest {
         node_name: name.to_string(),
-        requested_subnet: String::new(),
         public_ip: sim::public_ip(i),
         backend_type: "vxlan".into(),
         vtep_mac: sim::vtep_mac(i, joiner),
+        ..Default::default()
     }
 }
 

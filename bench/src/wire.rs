@@ -170,6 +170,7 @@ mod tests {
                 revision: rev,
                 vni: 1,
                 reserved: false,
+                ..Default::default()
             }),
         }
     }

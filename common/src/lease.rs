@@ -1,9 +1,9 @@
 //! Lease helpers shared by the controller and the agent: typed views of the wire
 //! `Lease`, MAC address text, and the rules for node names.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 use twill_proto::Lease;
 
@@ -103,49 +103,112 @@ pub fn check_public_ip(ip: Ipv4Addr, network: Ipv4Net) -> Result<(), LeaseError>
     }
 }
 
-/// What a peer needs to know about another node's lease to reach its pods.
+/// Checks that `ip` can be a node's IPv6 VXLAN endpoint: a global unicast address,
+/// not unspecified, loopback, multicast, link-local (fe80::/10: it names no node
+/// beyond one link, and the kernel needs a scope to use it), an IPv4-mapped address,
+/// nor inside the IPv6 pod network.
+pub fn check_public_ipv6(ip: Ipv6Addr, network: Ipv6Net) -> Result<(), LeaseError> {
+    let why = if ip.is_unspecified() {
+        Some("unspecified (::)")
+    } else if ip.is_loopback() {
+        Some("the loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("a link-local address (fe80::/10)")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("an IPv4-mapped address")
+    } else if network.contains(&ip) {
+        Some("inside the IPv6 pod network")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(LeaseError::Invalid(format!(
+            "public_ipv6 {ip} is {why}; it must be the node's unicast IPv6 underlay address"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What a peer needs to know about another node's lease to reach its pods, for one
+/// address family (a dual-stack lease makes two peers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Peer {
     /// The peer's pod subnet.
-    pub subnet: Ipv4Net,
-    /// The peer's public (underlay) address.
-    pub public_ip: Ipv4Addr,
-    /// The MAC of the peer's VXLAN device; `None` in a host-gw lease, which has no
-    /// device.
+    pub subnet: IpNet,
+    /// The peer's public (underlay) address, of the subnet's family.
+    pub public_ip: IpAddr,
+    /// The MAC of the peer's VXLAN device of that family; `None` in a host-gw lease,
+    /// which has no device.
     pub vtep_mac: Option<Mac>,
 }
 
 impl Peer {
     /// Checks the peer's fields against the rules the controller enforces (a subnet of
-    /// `network`, a unicast public address outside it, a unicast VTEP MAC when it has
-    /// one): an agent programs nothing a controller should have refused.
-    pub fn check(&self, network: Ipv4Net) -> Result<(), LeaseError> {
+    /// `network`, a unicast public address of the same family outside it, a unicast
+    /// VTEP MAC when it has one): an agent programs nothing a controller should have
+    /// refused.
+    pub fn check(&self, network: IpNet) -> Result<(), LeaseError> {
         if !network.contains(&self.subnet) {
             return Err(LeaseError::Invalid(format!(
                 "subnet {} is outside the network {network}",
                 self.subnet
             )));
         }
-        check_public_ip(self.public_ip, network)?;
+        match (self.public_ip, network) {
+            (IpAddr::V4(ip), IpNet::V4(n)) => check_public_ip(ip, n)?,
+            (IpAddr::V6(ip), IpNet::V6(n)) => check_public_ipv6(ip, n)?,
+            (ip, _) => {
+                return Err(LeaseError::Invalid(format!(
+                    "public address {ip} is not of the family of subnet {}",
+                    self.subnet
+                )))
+            }
+        }
         self.vtep_mac.map_or(Ok(()), |m| m.check_unicast())
+    }
+
+    /// The lease's IPv6 peer; `None` when the lease has no IPv6 subnet.
+    pub fn v6(l: &Lease) -> Result<Option<Peer>, LeaseError> {
+        if l.ipv6_subnet.is_empty() {
+            return Ok(None);
+        }
+        let public: Ipv6Addr = l.public_ipv6.parse().map_err(|_| {
+            LeaseError::Invalid(format!(
+                "public_ipv6 {:?} is not an IPv6 address",
+                l.public_ipv6
+            ))
+        })?;
+        Ok(Some(Peer {
+            subnet: parse_subnet6(&l.ipv6_subnet)?.into(),
+            public_ip: public.into(),
+            vtep_mac: optional_mac(&l.vtep_mac_v6)?,
+        }))
     }
 }
 
+fn optional_mac(text: &str) -> Result<Option<Mac>, LeaseError> {
+    match text {
+        "" => Ok(None),
+        m => Ok(Some(m.parse()?)),
+    }
+}
+
+/// The lease's IPv4 peer.
 impl TryFrom<&Lease> for Peer {
     type Error = LeaseError;
     fn try_from(l: &Lease) -> Result<Self, Self::Error> {
+        let public: Ipv4Addr = l.public_ip.parse().map_err(|_| {
+            LeaseError::Invalid(format!(
+                "public_ip {:?} is not an IPv4 address",
+                l.public_ip
+            ))
+        })?;
         Ok(Peer {
-            subnet: parse_subnet(&l.subnet)?,
-            public_ip: l.public_ip.parse().map_err(|_| {
-                LeaseError::Invalid(format!(
-                    "public_ip {:?} is not an IPv4 address",
-                    l.public_ip
-                ))
-            })?,
-            vtep_mac: match l.vtep_mac.as_str() {
-                "" => None,
-                m => Some(m.parse()?),
-            },
+            subnet: parse_subnet(&l.subnet)?.into(),
+            public_ip: public.into(),
+            vtep_mac: optional_mac(&l.vtep_mac)?,
         })
     }
 }
@@ -160,6 +223,22 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net, LeaseError> {
     if net.addr() != net.network() {
         return Err(LeaseError::Invalid(format!(
             "subnet {s:?} has host bits set (expected {})",
+            net.trunc()
+        )));
+    }
+    Ok(net)
+}
+
+/// Parses an IPv6 subnet in CIDR form; host bits must be clear.
+pub fn parse_subnet6(s: &str) -> Result<Ipv6Net, LeaseError> {
+    let net: Ipv6Net = s.parse().map_err(|_| {
+        LeaseError::Invalid(format!(
+            "ipv6_subnet {s:?} is not an IPv6 CIDR such as fd00:10:244:3::/64"
+        ))
+    })?;
+    if net.addr() != net.network() {
+        return Err(LeaseError::Invalid(format!(
+            "ipv6_subnet {s:?} has host bits set (expected {})",
             net.trunc()
         )));
     }
@@ -245,6 +324,25 @@ mod tests {
     }
 
     #[test]
+    fn public_ipv6_must_be_a_global_unicast_underlay_address() {
+        let net: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+        let ok = |s: &str| check_public_ipv6(s.parse().unwrap(), net);
+        assert!(ok("2001:db8::7").is_ok());
+        assert!(ok("fd00:1::7").is_ok());
+        for bad in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "::ffff:192.0.2.1",
+            "fd00:10:244:3::1",
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("public_ipv6"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn node_names() {
         assert!(validate_node_name("worker-1.example.com").is_ok());
         assert!(validate_node_name("").is_err());
@@ -262,6 +360,18 @@ mod tests {
         };
         let p = Peer::try_from(&l).unwrap();
         assert_eq!(p.subnet.to_string(), "10.244.3.0/24");
+        assert_eq!(Peer::v6(&l).unwrap(), None, "no IPv6 subnet, no IPv6 peer");
+        let dual = Lease {
+            ipv6_subnet: "fd00:10:244:3::/64".into(),
+            public_ipv6: "2001:db8::7".into(),
+            vtep_mac_v6: "aa:bb:cc:dd:ee:01".into(),
+            ..l.clone()
+        };
+        let p6 = Peer::v6(&dual).unwrap().unwrap();
+        assert_eq!(p6.subnet.to_string(), "fd00:10:244:3::/64");
+        assert!(p6.check("fd00:10:244::/56".parse().unwrap()).is_ok());
+        assert!(p6.check("10.244.0.0/16".parse().unwrap()).is_err());
+        assert!(parse_subnet6("fd00:10:244:3::1/64").is_err());
         assert_eq!(p.vtep_mac, Some(Mac([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])));
         let host_gw = Lease {
             vtep_mac: String::new(),

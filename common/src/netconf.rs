@@ -4,9 +4,9 @@
 //! error names the
 //! field and the rule it breaks, so an operator can fix the file without reading code.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -50,6 +50,14 @@ struct RawNetConf {
     subnet_min: Option<String>,
     #[serde(rename = "SubnetMax")]
     subnet_max: Option<String>,
+    #[serde(rename = "IPv6Network")]
+    ipv6_network: Option<String>,
+    #[serde(rename = "IPv6SubnetLen")]
+    ipv6_subnet_len: Option<u8>,
+    #[serde(rename = "IPv6SubnetMin")]
+    ipv6_subnet_min: Option<String>,
+    #[serde(rename = "IPv6SubnetMax")]
+    ipv6_subnet_max: Option<String>,
     #[serde(rename = "Backend")]
     backend: Option<RawBackend>,
 }
@@ -136,10 +144,90 @@ pub struct NetConf {
     pub subnet_min: Ipv4Net,
     /// Last subnet the allocator may hand out.
     pub subnet_max: Ipv4Net,
+    /// The IPv6 pod network (`EnableIPv6`), `None` on an IPv4-only network.
+    pub ipv6: Option<Ipv6Pool>,
     /// The backend.
     pub backend: Backend,
     /// The document as it was given, served verbatim to agents.
     pub raw: String,
+}
+
+/// Most IPv6 subnets one network hands out: a /48 split into /64s already holds
+/// 65,536, and the free-subnet bitmap stays at 2 MiB. A larger range is used from
+/// `IPv6SubnetMin` on.
+pub const MAX_IPV6_SUBNETS: u32 = 1 << 24;
+
+/// The IPv6 pod network and its allocatable range (`IPv6Network`, `IPv6SubnetLen`,
+/// `IPv6SubnetMin`, `IPv6SubnetMax`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Pool {
+    /// The IPv6 pod network.
+    pub network: Ipv6Net,
+    /// Prefix length of every node's IPv6 subnet.
+    pub subnet_len: u8,
+    /// First subnet the allocator may hand out.
+    pub subnet_min: Ipv6Net,
+    /// Last subnet the allocator may hand out.
+    pub subnet_max: Ipv6Net,
+}
+
+/// A range of equal-sized subnets counted from its first one: what the allocator
+/// hands out, for either family.
+pub trait SubnetPool {
+    /// The subnet type.
+    type Net: Copy + Eq + std::fmt::Display;
+    /// Number of allocatable subnets.
+    fn count(&self) -> u32;
+    /// The `index`-th subnet.
+    fn at(&self, index: u32) -> Self::Net;
+    /// The index of `subnet`, when it is an allocatable subnet.
+    fn index_of(&self, subnet: Self::Net) -> Option<u32>;
+}
+
+impl SubnetPool for NetConf {
+    type Net = Ipv4Net;
+    fn count(&self) -> u32 {
+        self.subnet_count()
+    }
+    fn at(&self, index: u32) -> Ipv4Net {
+        self.subnet_at(index)
+    }
+    fn index_of(&self, subnet: Ipv4Net) -> Option<u32> {
+        NetConf::index_of(self, subnet)
+    }
+}
+
+impl Ipv6Pool {
+    fn step(&self) -> u128 {
+        1u128 << (128 - u32::from(self.subnet_len))
+    }
+}
+
+impl SubnetPool for Ipv6Pool {
+    type Net = Ipv6Net;
+    fn count(&self) -> u32 {
+        let span = (u128::from(self.subnet_max.network()) - u128::from(self.subnet_min.network()))
+            / self.step()
+            + 1;
+        u32::try_from(span.min(u128::from(MAX_IPV6_SUBNETS))).unwrap_or(MAX_IPV6_SUBNETS)
+    }
+    fn at(&self, index: u32) -> Ipv6Net {
+        let addr = u128::from(self.subnet_min.network()) + u128::from(index) * self.step();
+        Ipv6Net::new(Ipv6Addr::from(addr), self.subnet_len).expect("valid prefix")
+    }
+    fn index_of(&self, subnet: Ipv6Net) -> Option<u32> {
+        if subnet.prefix_len() != self.subnet_len || subnet.network() != subnet.addr() {
+            return None;
+        }
+        let addr = u128::from(subnet.network());
+        let min = u128::from(self.subnet_min.network());
+        if addr < min || addr > u128::from(self.subnet_max.network()) {
+            return None;
+        }
+        u32::try_from((addr - min) / self.step())
+            .ok()
+            .filter(|i| *i < self.count())
+    }
 }
 
 impl NetConf {
@@ -157,11 +245,6 @@ impl NetConf {
         let raw: RawNetConf = serde_json::from_str(text)?;
         if raw.enable_ipv4 == Some(false) {
             return Err(invalid("EnableIPv4 is false: Twill needs an IPv4 overlay"));
-        }
-        if raw.enable_ipv6 == Some(true) {
-            return Err(invalid(
-                "EnableIPv6 is true: Twill does not support an IPv6 overlay yet",
-            ));
         }
         let network_text = raw.network.ok_or_else(|| {
             invalid("Network is missing: set it to the pod network, e.g. \"10.244.0.0/16\"")
@@ -216,12 +299,22 @@ impl NetConf {
                 subnet_max.network()
             )));
         }
+        let ipv6 = match raw.enable_ipv6 {
+            Some(true) => Some(parse_ipv6(
+                raw.ipv6_network,
+                raw.ipv6_subnet_len,
+                raw.ipv6_subnet_min,
+                raw.ipv6_subnet_max,
+            )?),
+            _ => None,
+        };
         let backend = parse_backend(raw.backend)?;
         Ok(NetConf {
             network,
             subnet_len,
             subnet_min,
             subnet_max,
+            ipv6,
             backend,
             raw: text.to_string(),
         })
@@ -280,6 +373,101 @@ fn parse_bound(
     if subnet.network() != addr {
         return Err(invalid(format!(
             "{field} {addr} is not on a /{subnet_len} boundary (SubnetLen): did you mean {}?",
+            subnet.network()
+        )));
+    }
+    Ok(subnet)
+}
+
+/// flannel's IPv6 rules: the network at most /124; `IPv6SubnetLen` 64 by default
+/// (prefix + 2 for a network longer than /62), at most 126 and at least prefix + 2
+/// (four subnets); the bounds as for IPv4.
+fn parse_ipv6(
+    network: Option<String>,
+    subnet_len: Option<u8>,
+    min: Option<String>,
+    max: Option<String>,
+) -> Result<Ipv6Pool, NetConfError> {
+    let text = network.ok_or_else(|| {
+        invalid("EnableIPv6 is true but IPv6Network is missing: set it to the IPv6 pod network, e.g. \"fd00:10:244::/56\"")
+    })?;
+    let network: Ipv6Net = text.parse().map_err(|_| {
+        invalid(format!(
+            "IPv6Network {text:?} is not an IPv6 CIDR such as fd00:10:244::/56"
+        ))
+    })?;
+    if network.network() != network.addr() {
+        return Err(invalid(format!(
+            "IPv6Network {network} has host bits set: did you mean {}?",
+            network.trunc()
+        )));
+    }
+    let prefix = network.prefix_len();
+    if prefix > 124 {
+        return Err(invalid(format!(
+            "IPv6Network {network} is too small: its prefix must be /124 or shorter"
+        )));
+    }
+    let subnet_len = match subnet_len {
+        Some(len) => len,
+        None if prefix <= 62 => 64,
+        None => prefix + 2,
+    };
+    if subnet_len > 126 {
+        return Err(invalid(format!(
+            "IPv6SubnetLen {subnet_len} must be at most 126"
+        )));
+    }
+    if subnet_len < prefix + 2 {
+        return Err(invalid(format!(
+            "IPv6SubnetLen {subnet_len} must be at least the prefix of IPv6Network {network} + 2 (room for four subnets)"
+        )));
+    }
+    let step = 1u128 << (128 - u32::from(subnet_len));
+    let first = u128::from(network.network());
+    let last = u128::from(network.broadcast()) - (step - 1);
+    let bound = |field: &str, text: Option<String>, default: u128| match text {
+        Some(t) => parse_bound6(field, &t, network, subnet_len),
+        None => Ok(Ipv6Net::new(Ipv6Addr::from(default), subnet_len).expect("valid prefix")),
+    };
+    let subnet_min = bound("IPv6SubnetMin", min, first + step)?;
+    let subnet_max = bound("IPv6SubnetMax", max, last)?;
+    if u128::from(subnet_min.network()) > u128::from(subnet_max.network()) {
+        return Err(invalid(format!(
+            "IPv6SubnetMin {} is after IPv6SubnetMax {}",
+            subnet_min.network(),
+            subnet_max.network()
+        )));
+    }
+    Ok(Ipv6Pool {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+    })
+}
+
+fn parse_bound6(
+    field: &str,
+    text: &str,
+    network: Ipv6Net,
+    subnet_len: u8,
+) -> Result<Ipv6Net, NetConfError> {
+    let addr: Ipv6Addr = text
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| invalid(format!("{field} {text:?} is not an IPv6 address")))?;
+    if !network.contains(&addr) {
+        return Err(invalid(format!(
+            "{field} {addr} is outside IPv6Network {network}"
+        )));
+    }
+    let subnet = Ipv6Net::new(addr, subnet_len).expect("valid prefix");
+    if subnet.network() != addr {
+        return Err(invalid(format!(
+            "{field} {addr} is not on a /{subnet_len} boundary (IPv6SubnetLen): did you mean {}?",
             subnet.network()
         )));
     }
@@ -354,6 +542,70 @@ mod tests {
         assert_eq!(c.backend.mtu, None);
         assert_eq!(c.backend.device_name(), "flannel.1");
         assert_eq!(c.backend.kind, BackendType::Vxlan);
+    }
+
+    #[test]
+    fn dual_stack_defaults_and_rules() {
+        let c = NetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56",
+                "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        let p = c.ipv6.as_ref().unwrap();
+        assert_eq!(p.subnet_len, 64);
+        assert_eq!(p.subnet_min.to_string(), "fd00:10:244:1::/64");
+        assert_eq!(p.subnet_max.to_string(), "fd00:10:244:ff::/64");
+        assert_eq!(p.count(), 255);
+        assert_eq!(p.at(2).to_string(), "fd00:10:244:3::/64");
+        assert_eq!(p.index_of("fd00:10:244:3::/64".parse().unwrap()), Some(2));
+        assert_eq!(p.index_of("fd00:10:244::/64".parse().unwrap()), None);
+        assert_eq!(p.index_of("fd00:10:244:3::/80".parse().unwrap()), None);
+
+        let small = NetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/120",
+                "IPv6SubnetMin": "fd00::40", "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        let p = small.ipv6.unwrap();
+        assert_eq!((p.subnet_len, p.count()), (122, 3));
+
+        let huge = NetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/16",
+                "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(huge.ipv6.unwrap().count(), MAX_IPV6_SUBNETS);
+
+        let off = NetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "IPv6Network": "fd00::/56", "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(
+            off.ipv6.is_none(),
+            "IPv6Network without EnableIPv6 is ignored, as in flannel"
+        );
+
+        let v6 = |extra: &str| {
+            err(&format!(
+                r#"{{"Network": "10.244.0.0/16", "EnableIPv6": true, {extra} "Backend": {{"Type": "vxlan"}}}}"#
+            ))
+        };
+        assert!(v6("").contains("IPv6Network is missing"));
+        assert!(v6(r#""IPv6Network": "10.0.0.0/8","#).contains("IPv6Network \"10.0.0.0/8\""));
+        assert!(v6(r#""IPv6Network": "fd00::1/56","#).contains("host bits"));
+        assert!(v6(r#""IPv6Network": "fd00::/126","#).contains("too small"));
+        assert!(v6(r#""IPv6Network": "fd00::/56", "IPv6SubnetLen": 127,"#).contains("at most 126"));
+        assert!(v6(r#""IPv6Network": "fd00::/56", "IPv6SubnetLen": 57,"#).contains("at least"));
+        assert!(
+            v6(r#""IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd01::","#)
+                .contains("IPv6SubnetMin fd01:: is outside IPv6Network fd00::/56")
+        );
+        assert!(
+            v6(r#""IPv6Network": "fd00::/56", "IPv6SubnetMax": "fd00:0:0:3::1","#)
+                .contains("IPv6SubnetMax fd00:0:0:3::1 is not on a /64 boundary")
+        );
+        assert!(v6(r#""IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00:0:0:9::", "IPv6SubnetMax": "fd00:0:0:2::","#)
+            .contains("after IPv6SubnetMax"));
     }
 
     #[test]

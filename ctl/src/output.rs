@@ -46,6 +46,15 @@ pub struct LeaseDoc {
     pub expires_at: String,
     /// The subnet is reserved for this node.
     pub reserved: bool,
+    /// IPv6 pod subnet (dual-stack networks only; absent otherwise).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ipv6_subnet: String,
+    /// Public IPv6 address (dual-stack networks only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub public_ipv6: String,
+    /// MAC of the node's IPv6 VXLAN device (dual-stack VXLAN networks only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub vtep_mac_v6: String,
 }
 
 /// The document printed by `-o json` / `-o yaml`.
@@ -79,8 +88,15 @@ impl From<&Lease> for LeaseDoc {
             expires_at_unix: l.expires_at_unix,
             expires_at: unix_to_rfc3339(l.expires_at_unix),
             reserved: l.reserved,
+            ipv6_subnet: l.ipv6_subnet.clone(),
+            public_ipv6: l.public_ipv6.clone(),
+            vtep_mac_v6: l.vtep_mac_v6.clone(),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn unix_to_rfc3339(secs: i64) -> String {
@@ -118,8 +134,16 @@ fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
         "EXPIRES-IN",
         "RESERVED",
     ];
+    // IPv6 columns only on a dual-stack network, so IPv4 tables keep their layout.
+    let dual = leases.iter().any(|l| !l.ipv6_subnet.is_empty());
+    if dual {
+        header.insert(2, "IPV6-SUBNET");
+    }
     if wide {
         header.extend(["VNI", "REVISION"]);
+        if dual {
+            header.extend(["PUBLIC-IPV6", "VTEP-MAC-V6"]);
+        }
     }
     let mut rows = vec![strings(&header)];
     for l in leases {
@@ -131,9 +155,16 @@ fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
             expires_in(l.expires_at_unix, now),
             yes_no(l.reserved),
         ];
+        if dual {
+            row.insert(2, or_none(&l.ipv6_subnet));
+        }
         if wide {
             row.push(l.vni.to_string());
             row.push(l.revision.to_string());
+            if dual {
+                row.push(or_none(&l.public_ipv6));
+                row.push(or_none(&l.vtep_mac_v6));
+            }
         }
         rows.push(row);
     }
@@ -257,7 +288,19 @@ pub struct ConfigDoc {
     pub subnet_min: String,
     /// Last allocatable subnet.
     pub subnet_max: String,
-    /// Backend type ("vxlan").
+    /// The IPv6 pod network (dual-stack only; the IPv6 keys are absent otherwise).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ipv6_network: String,
+    /// Prefix length of node IPv6 subnets.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ipv6_subnet_len: u32,
+    /// First allocatable IPv6 subnet.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ipv6_subnet_min: String,
+    /// Last allocatable IPv6 subnet.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ipv6_subnet_max: String,
+    /// Backend type ("vxlan" or "host-gw").
     pub backend_type: String,
     /// VXLAN network identifier.
     pub vni: u32,
@@ -280,6 +323,10 @@ impl From<&GetConfigResponse> for ConfigDoc {
             subnet_len: c.subnet_len,
             subnet_min: c.subnet_min.clone(),
             subnet_max: c.subnet_max.clone(),
+            ipv6_network: c.ipv6_network.clone(),
+            ipv6_subnet_len: c.ipv6_subnet_len,
+            ipv6_subnet_min: c.ipv6_subnet_min.clone(),
+            ipv6_subnet_max: c.ipv6_subnet_max.clone(),
             backend_type: c.backend_type.clone(),
             vni: c.vni,
             port: c.port,
@@ -320,6 +367,15 @@ pub fn render_config(c: &GetConfigResponse, format: Format) -> String {
                     &humanize(Duration::from_secs(c.lease_ttl_seconds)),
                 ]),
             ];
+            if !c.ipv6_network.is_empty() {
+                let v6 = [
+                    strings(&["IPv6Network", &c.ipv6_network]),
+                    strings(&["IPv6SubnetLen", &c.ipv6_subnet_len.to_string()]),
+                    strings(&["IPv6SubnetMin", &or_none(&c.ipv6_subnet_min)]),
+                    strings(&["IPv6SubnetMax", &or_none(&c.ipv6_subnet_max)]),
+                ];
+                rows.splice(5..5, v6);
+            }
             if format == Format::Wide {
                 let compact = serde_json::from_str::<serde_json::Value>(&c.net_conf_json)
                     .map(|v| v.to_string())
@@ -1274,6 +1330,49 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired    
     }
 
     #[test]
+    fn dual_stack_leases_show_both_families() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let resp = ListLeasesResponse {
+            leases: vec![Lease {
+                ipv6_subnet: "fd00:10:244:1::/64".into(),
+                public_ipv6: "2001:db8::10".into(),
+                vtep_mac_v6: "0a:58:0a:f4:06:01".into(),
+                ..lease("a", "10.244.1.0/24", 1_000_000 + 60)
+            }],
+            revision: 9,
+            ..Default::default()
+        };
+        let out = render_leases(&resp, Format::Table, now);
+        assert_eq!(
+            out,
+            "\
+NODE   SUBNET          IPV6-SUBNET          PUBLIC-IP      VTEP-MAC            EXPIRES-IN   RESERVED
+a      10.244.1.0/24   fd00:10:244:1::/64   192.168.1.10   0a:58:0a:f4:01:01   60s          no
+"
+        );
+        let wide = render_leases(&resp, Format::Wide, now);
+        assert!(
+            wide.lines()
+                .next()
+                .unwrap()
+                .ends_with("PUBLIC-IPV6    VTEP-MAC-V6"),
+            "{wide}"
+        );
+        assert!(wide.contains("2001:db8::10   0a:58:0a:f4:06:01"), "{wide}");
+        let v: serde_json::Value =
+            serde_json::from_str(&render_leases(&resp, Format::Json, now)).unwrap();
+        assert_eq!(v["leases"][0]["ipv6_subnet"], "fd00:10:244:1::/64");
+        assert_eq!(v["leases"][0]["public_ipv6"], "2001:db8::10");
+        let y = render_leases(&resp, Format::Yaml, now);
+        assert!(y.contains("vtep_mac_v6: \"0a:58:0a:f4:06:01\""), "{y}");
+        let v4 = ListLeasesResponse {
+            leases: vec![lease("a", "10.244.1.0/24", 1_000_000 + 60)],
+            ..Default::default()
+        };
+        assert!(!render_leases(&v4, Format::Json, now).contains("ipv6"));
+    }
+
+    #[test]
     fn json_has_stable_keys() {
         let resp = ListLeasesResponse {
             leases: vec![lease("a", "10.244.1.0/24", 86_400)],
@@ -1855,6 +1954,7 @@ agents:
             mtu: 0,
             direct_routing: false,
             lease_ttl_seconds: 86_400,
+            ..Default::default()
         };
         let t = render_config(&c, Format::Table);
         assert!(

@@ -203,6 +203,7 @@ fn acquire(ctl: &Controller, pki: &Pki, public_ip: &str) -> twill_proto::Lease {
                 public_ip: public_ip.into(),
                 backend_type: "vxlan".into(),
                 vtep_mac: "0a:58:0a:f4:01:01".into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("Acquire: {e:?}\n{}", ctl.logs()));

@@ -5,24 +5,24 @@
 //! leases, and hands out recently freed subnets last (a departed node's stale routes
 //! have time to go before its subnet is reused).
 
-use ipnet::Ipv4Net;
-use twill_common::NetConf;
+use twill_common::netconf::SubnetPool;
 
-/// Tracks taken subnets by their index counted from SubnetMin.
+/// Tracks taken subnets of one pool (the IPv4 network, or the IPv6 one) by their index
+/// counted from its SubnetMin.
 #[derive(Debug, Clone)]
-pub struct Allocator {
-    conf: NetConf,
+pub struct Allocator<P> {
+    pool: P,
     words: Vec<u64>,
     cursor: u32,
     taken: u32,
 }
 
-impl Allocator {
-    /// An index with every subnet free.
-    pub fn new(conf: &NetConf) -> Self {
-        let count = conf.subnet_count();
+impl<P: SubnetPool + Clone> Allocator<P> {
+    /// An index with every subnet of `pool` free.
+    pub fn new(pool: &P) -> Self {
+        let count = pool.count();
         Allocator {
-            conf: conf.clone(),
+            pool: pool.clone(),
             words: vec![0; count.div_ceil(64) as usize],
             cursor: 0,
             taken: 0,
@@ -31,7 +31,7 @@ impl Allocator {
 
     /// Number of allocatable subnets.
     pub fn capacity(&self) -> u32 {
-        self.conf.subnet_count()
+        self.pool.count()
     }
 
     /// Number of subnets taken.
@@ -40,13 +40,13 @@ impl Allocator {
     }
 
     /// True when `subnet` is allocatable and not taken.
-    pub fn is_free(&self, subnet: Ipv4Net) -> bool {
-        self.conf.index_of(subnet).is_some_and(|i| !self.bit(i))
+    pub fn is_free(&self, subnet: P::Net) -> bool {
+        self.pool.index_of(subnet).is_some_and(|i| !self.bit(i))
     }
 
     /// Marks `subnet` taken; false when it is outside the range or already taken.
-    pub fn take(&mut self, subnet: Ipv4Net) -> bool {
-        match self.conf.index_of(subnet) {
+    pub fn take(&mut self, subnet: P::Net) -> bool {
+        match self.pool.index_of(subnet) {
             Some(i) if !self.bit(i) => {
                 self.set(i, true);
                 true
@@ -56,8 +56,8 @@ impl Allocator {
     }
 
     /// Marks `subnet` free again.
-    pub fn free(&mut self, subnet: Ipv4Net) {
-        if let Some(i) = self.conf.index_of(subnet) {
+    pub fn free(&mut self, subnet: P::Net) {
+        if let Some(i) = self.pool.index_of(subnet) {
             if self.bit(i) {
                 self.set(i, false);
             }
@@ -65,7 +65,7 @@ impl Allocator {
     }
 
     /// Takes the next free subnet after the cursor, wrapping around; `None` when full.
-    pub fn allocate(&mut self) -> Option<Ipv4Net> {
+    pub fn allocate(&mut self) -> Option<P::Net> {
         let count = self.capacity();
         if self.taken >= count {
             return None;
@@ -79,7 +79,7 @@ impl Allocator {
                 if candidate < count {
                     self.set(candidate, true);
                     self.cursor = candidate + 1;
-                    return Some(self.conf.subnet_at(candidate));
+                    return Some(self.pool.at(candidate));
                 }
             }
             i = ((i / 64 + 1) * 64) % count.next_multiple_of(64);
@@ -110,6 +110,8 @@ impl Allocator {
 mod tests {
     use std::collections::HashSet;
 
+    use twill_common::NetConf;
+
     use super::*;
 
     fn conf(text: &str) -> NetConf {
@@ -122,7 +124,7 @@ mod tests {
         let mut a = Allocator::new(&c);
         let mut seen = HashSet::new();
         while let Some(s) = a.allocate() {
-            assert!(c.index_of(s).is_some(), "{s} in range");
+            assert!(NetConf::index_of(&c, s).is_some(), "{s} in range");
             assert!(seen.insert(s), "{s} handed out twice");
         }
         assert_eq!(seen.len(), 255);
@@ -166,5 +168,22 @@ mod tests {
         again.sort();
         assert_eq!(again, vec![all[3], all[70]]);
         assert_eq!(a.allocate(), None);
+    }
+
+    #[test]
+    fn hands_out_ipv6_subnets() {
+        let c = conf(
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/60",
+                "Backend": {"Type": "vxlan"}}"#,
+        );
+        let pool = c.ipv6.unwrap();
+        let mut a = Allocator::new(&pool);
+        let all: Vec<_> = std::iter::from_fn(|| a.allocate()).collect();
+        assert_eq!(all.len(), 15);
+        assert_eq!(all[0].to_string(), "fd00:10:244:1::/64");
+        assert_eq!(all[14].to_string(), "fd00:10:244:f::/64");
+        a.free(all[4]);
+        assert!(a.is_free(all[4]));
+        assert_eq!(a.allocate(), Some(all[4]));
     }
 }

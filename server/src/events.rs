@@ -610,6 +610,9 @@ mod tests {
             revision: rev,
             vni: 1,
             reserved: false,
+            ipv6_subnet: "fd00:10:244:7::/64".into(),
+            public_ipv6: "fd18:0:0:7::1".into(),
+            vtep_mac_v6: "0a:58:00:00:07:06".into(),
         };
         let hub = Hub::new(vec![full("a", 0)], vec![], 0).with_epoch("0123456789abcdef");
         hub.commit(vec![LeaseEvent {
@@ -633,10 +636,12 @@ mod tests {
             epoch: "0123456789abcdef".into(),
         };
         assert_eq!(first.encoded, grpc_message(&want), "byte for byte");
+        let len = u32::try_from(first.encoded.len() - GRPC_PREFIX).unwrap();
+        assert_eq!(first.encoded[0], 0, "uncompressed");
         assert_eq!(
-            first.encoded[..GRPC_PREFIX],
-            [0, 0, 0, 0, (first.encoded.len() - GRPC_PREFIX) as u8],
-            "uncompressed, its length"
+            first.encoded[1..GRPC_PREFIX],
+            len.to_be_bytes(),
+            "its length"
         );
         let again = hub.subscribe(0, "").initial.unwrap();
         assert_eq!(

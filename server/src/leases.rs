@@ -13,16 +13,18 @@
 //! the store fails, the writer reloads what the store holds instead of guessing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-use twill_common::lease::{check_public_ip, parse_subnet, validate_node_name, Mac};
-use twill_common::netconf::BackendType;
+use twill_common::lease::{
+    check_public_ip, check_public_ipv6, parse_subnet, parse_subnet6, validate_node_name, Mac,
+};
+use twill_common::netconf::{BackendType, Ipv6Pool};
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
@@ -88,6 +90,19 @@ pub struct AcquireParams {
     pub public_ip: Ipv4Addr,
     /// The node's VTEP MAC; `None` with the host-gw backend, which has no device.
     pub vtep_mac: Option<Mac>,
+    /// The IPv6 side, present exactly when the network has EnableIPv6.
+    pub v6: Option<AcquireV6>,
+}
+
+/// The IPv6 side of an acquisition.
+#[derive(Debug, Clone)]
+pub struct AcquireV6 {
+    /// Subnet from the node's previous subnet.env (`FLANNEL_IPV6_SUBNET`), if any.
+    pub requested: Option<Ipv6Net>,
+    /// The node's public IPv6 address.
+    pub public_ip: Ipv6Addr,
+    /// The MAC of the node's flannel-v6.<VNI>; `None` with host-gw.
+    pub vtep_mac: Option<Mac>,
 }
 
 /// The raw fields of an acquisition request, as the wire carries them.
@@ -101,6 +116,12 @@ pub struct AcquireFields<'a> {
     pub backend: &'a str,
     /// `vtep_mac`.
     pub vtep_mac: &'a str,
+    /// `requested_ipv6_subnet`.
+    pub requested_ipv6: &'a str,
+    /// `public_ipv6`.
+    pub public_ipv6: &'a str,
+    /// `vtep_mac_v6`.
+    pub vtep_mac_v6: &'a str,
 }
 
 impl AcquireParams {
@@ -127,30 +148,115 @@ impl AcquireParams {
             ))
         })?;
         check_public_ip(public_ip, conf.network).map_err(|e| invalid(e.to_string()))?;
-        // host-gw leases carry no backend data (flannel's neither); a MAC sent anyway
-        // names no device and is dropped.
-        let vtep_mac = match kind {
-            BackendType::HostGw => None,
-            BackendType::Vxlan => {
-                let mac: Mac = f
-                    .vtep_mac
-                    .parse()
-                    .map_err(|e| invalid(format!("vtep_mac: {e}")))?;
-                mac.check_unicast().map_err(|e| invalid(e.to_string()))?;
-                Some(mac)
-            }
+        let vtep_mac = vtep_mac_of(kind, "vtep_mac", f.vtep_mac)?;
+        let v6 = match &conf.ipv6 {
+            Some(pool) => Some(AcquireV6::parse(kind, pool, f)?),
+            None => None,
         };
+        if let (Some(m), Some(m6)) = (vtep_mac, v6.as_ref().and_then(|v| v.vtep_mac)) {
+            if m == m6 {
+                return Err(invalid(format!(
+                    "vtep_mac_v6 {m6} is the MAC of the IPv4 device too; flannel.<VNI> and \
+                     flannel-v6.<VNI> are two devices with a MAC each"
+                )));
+            }
+        }
         Ok(AcquireParams {
             node: node.to_string(),
             requested,
             public_ip,
             vtep_mac,
+            v6,
         })
     }
 
     fn vtep_mac_text(&self) -> String {
-        self.vtep_mac.map(|m| m.to_string()).unwrap_or_default()
+        mac_text(self.vtep_mac)
     }
+
+    /// The MACs this request claims, of both families.
+    fn macs(&self) -> impl Iterator<Item = Mac> + '_ {
+        self.vtep_mac
+            .into_iter()
+            .chain(self.v6.as_ref().and_then(|v| v.vtep_mac))
+    }
+}
+
+impl AcquireV6 {
+    fn parse(
+        kind: BackendType,
+        pool: &Ipv6Pool,
+        f: AcquireFields<'_>,
+    ) -> Result<Self, LeaseOpError> {
+        let invalid = |m: String| LeaseOpError::Invalid(m);
+        if f.public_ipv6.is_empty() {
+            return Err(invalid(
+                "public_ipv6 is empty, but this network has EnableIPv6: give the node's public \
+                 interface an IPv6 address, or start the agent with --public-ipv6 (an agent \
+                 older than dual-stack support cannot join this network)"
+                    .into(),
+            ));
+        }
+        let requested = match f.requested_ipv6 {
+            "" => None,
+            s => {
+                Some(parse_subnet6(s).map_err(|e| invalid(format!("requested_ipv6_subnet: {e}")))?)
+            }
+        };
+        if let Some(r) = requested {
+            if !pool.network.contains(&r) || r.prefix_len() != pool.subnet_len {
+                return Err(invalid(format!(
+                    "requested_ipv6_subnet {r} is not a /{} subnet of IPv6Network {}",
+                    pool.subnet_len, pool.network
+                )));
+            }
+        }
+        let public_ip: Ipv6Addr = f.public_ipv6.parse().map_err(|_| {
+            invalid(format!(
+                "public_ipv6 {:?} is not an IPv6 address",
+                f.public_ipv6
+            ))
+        })?;
+        check_public_ipv6(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
+        Ok(AcquireV6 {
+            requested,
+            public_ip,
+            vtep_mac: vtep_mac_of(kind, "vtep_mac_v6", f.vtep_mac_v6)?,
+        })
+    }
+}
+
+/// A VTEP MAC field: required and unicast with VXLAN; host-gw leases carry no backend
+/// data (flannel's neither), so a MAC sent anyway names no device and is dropped.
+fn vtep_mac_of(kind: BackendType, field: &str, text: &str) -> Result<Option<Mac>, LeaseOpError> {
+    match kind {
+        BackendType::HostGw => Ok(None),
+        BackendType::Vxlan => {
+            let mac: Mac = text
+                .parse()
+                .map_err(|e| LeaseOpError::Invalid(format!("{field}: {e}")))?;
+            mac.check_unicast()
+                .map_err(|e| LeaseOpError::Invalid(e.to_string().replacen("vtep_mac", field, 1)))?;
+            Ok(Some(mac))
+        }
+    }
+}
+
+/// Whether a held lease already says what the request's IPv6 side says (a held lease
+/// without an IPv6 subnet on a dual-stack network is not the same: it gets one).
+fn same_v6(l: &Lease, v6: Option<&AcquireV6>) -> bool {
+    match v6 {
+        None => l.ipv6_subnet.is_empty(),
+        Some(v) => {
+            !l.ipv6_subnet.is_empty()
+                && l.public_ipv6 == v.public_ip.to_string()
+                && l.vtep_mac_v6 == mac_text(v.vtep_mac)
+        }
+    }
+}
+
+fn mac_text(mac: Option<Mac>) -> String {
+    mac.map(|m| m.to_string()).unwrap_or_default()
 }
 
 enum Op {
@@ -271,8 +377,10 @@ impl Leases {
             hub,
             ttl,
             alloc: Allocator::new(conf),
+            alloc6: conf.ipv6.as_ref().map(Allocator::new),
             leases: BTreeMap::new(),
             by_subnet: HashMap::new(),
+            by_subnet6: HashMap::new(),
             by_mac: HashMap::new(),
             reservations,
             reserved: HashMap::new(),
@@ -441,10 +549,14 @@ struct Writer {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     ttl: Duration,
-    alloc: Allocator,
+    alloc: Allocator<NetConf>,
+    /// The IPv6 pool's allocator, on a dual-stack network.
+    alloc6: Option<Allocator<Ipv6Pool>>,
     leases: BTreeMap<String, Lease>,
-    /// The node holding each leased subnet, and each lease's VTEP MAC.
+    /// The node holding each leased subnet of either family, and each lease's VTEP
+    /// MACs (both devices' MACs share one index: no MAC may name two nodes).
     by_subnet: HashMap<Ipv4Net, String>,
+    by_subnet6: HashMap<Ipv6Net, String>,
     by_mac: HashMap<Mac, String>,
     reservations: BTreeMap<String, Ipv4Net>,
     /// The node each honoured reservation keeps its subnet for.
@@ -460,9 +572,22 @@ struct Writer {
     last_publish: Instant,
 }
 
-/// A stored lease's subnet and MAC (stored leases were checked when granted).
-fn lease_keys(l: &Lease) -> (Option<Ipv4Net>, Option<Mac>) {
-    (parse_subnet(&l.subnet).ok(), l.vtep_mac.parse().ok())
+/// A stored lease's index keys (stored leases were checked when granted).
+struct LeaseKeys {
+    subnet: Option<Ipv4Net>,
+    subnet6: Option<Ipv6Net>,
+    macs: Vec<Mac>,
+}
+
+fn lease_keys(l: &Lease) -> LeaseKeys {
+    LeaseKeys {
+        subnet: parse_subnet(&l.subnet).ok(),
+        subnet6: parse_subnet6(&l.ipv6_subnet).ok(),
+        macs: [&l.vtep_mac, &l.vtep_mac_v6]
+            .into_iter()
+            .filter_map(|m| m.parse().ok())
+            .collect(),
+    }
 }
 
 impl Writer {
@@ -684,8 +809,10 @@ impl Writer {
     /// the reservations; reservations that cannot be honoured are recorded as stale.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
         self.alloc = Allocator::new(&self.conf);
+        self.alloc6 = self.conf.ipv6.as_ref().map(Allocator::new);
         self.leases.clear();
         self.by_subnet.clear();
+        self.by_subnet6.clear();
         self.by_mac.clear();
         for l in leases {
             let subnet = parse_subnet(&l.subnet)
@@ -698,8 +825,22 @@ impl Writer {
                     l.node_name
                 ));
             }
-            if let Some(other) = lease_keys(&l).1.and_then(|m| self.by_mac.get(&m)) {
-                warn!(node = %l.node_name, other = %other, vtep_mac = %l.vtep_mac, "stored leases share a VTEP MAC; the next acquisition of either must change it");
+            // A lease granted before the network had IPv6 has none yet (its next
+            // renewal adds one).
+            if let (Some(alloc6), Some(s6)) = (self.alloc6.as_mut(), lease_keys(&l).subnet6) {
+                if !alloc6.take(s6) {
+                    return Err(format!(
+                        "stored lease of {} holds {s6}, which is outside IPv6SubnetMin..IPv6SubnetMax \
+                         of the configured network or overlaps another lease; restore the previous \
+                         net-conf.json or move the data directory aside to start a new network",
+                        l.node_name
+                    ));
+                }
+            }
+            for m in lease_keys(&l).macs {
+                if let Some(other) = self.by_mac.get(&m) {
+                    warn!(node = %l.node_name, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
+                }
             }
             self.index(&l);
             self.leases.insert(l.node_name.clone(), l);
@@ -759,24 +900,32 @@ impl Writer {
 
     /// Records `l` in the subnet and MAC indexes.
     fn index(&mut self, l: &Lease) {
-        let (subnet, mac) = lease_keys(l);
-        if let Some(s) = subnet {
+        let keys = lease_keys(l);
+        if let Some(s) = keys.subnet {
             self.by_subnet.insert(s, l.node_name.clone());
         }
-        if let Some(m) = mac {
+        if let Some(s) = keys.subnet6 {
+            self.by_subnet6.insert(s, l.node_name.clone());
+        }
+        for m in keys.macs {
             self.by_mac.entry(m).or_insert_with(|| l.node_name.clone());
         }
     }
 
     /// Drops `l` from the subnet and MAC indexes.
     fn unindex(&mut self, l: &Lease) {
-        let (subnet, mac) = lease_keys(l);
-        if let Some(s) = subnet {
+        let keys = lease_keys(l);
+        if let Some(s) = keys.subnet {
             if self.by_subnet.get(&s) == Some(&l.node_name) {
                 self.by_subnet.remove(&s);
             }
         }
-        if let Some(m) = mac {
+        if let Some(s) = keys.subnet6 {
+            if self.by_subnet6.get(&s) == Some(&l.node_name) {
+                self.by_subnet6.remove(&s);
+            }
+        }
+        for m in keys.macs {
             if self.by_mac.get(&m) == Some(&l.node_name) {
                 self.by_mac.remove(&m);
             }
@@ -798,8 +947,8 @@ impl Writer {
             }
         }
         if let Some((mac, holder)) = p
-            .vtep_mac
-            .and_then(|m| self.by_mac.get(&m).map(|h| (m, h)))
+            .macs()
+            .find_map(|m| self.by_mac.get(&m).map(|h| (m, h)))
             .filter(|(_, h)| **h != p.node)
         {
             warn!(node = %p.node, vtep_mac = %mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
@@ -821,7 +970,10 @@ impl Writer {
                 if let Some(r) = p.requested.filter(|r| *r != subnet) {
                     info!(node = %p.node, subnet = %subnet, requested = %r, "node asked for another subnet; keeping the one it holds");
                 }
-                if l.public_ip == p.public_ip.to_string() && l.vtep_mac == p.vtep_mac_text() {
+                if l.public_ip == p.public_ip.to_string()
+                    && l.vtep_mac == p.vtep_mac_text()
+                    && same_v6(&l, p.v6.as_ref())
+                {
                     // Only the expiry moves: stored, but no revision and no broadcast.
                     let mut renewed = l;
                     renewed.expires_at_unix = expires;
@@ -841,10 +993,21 @@ impl Writer {
                     if let Ok(s) = parse_subnet(&old.subnet) {
                         self.free(s);
                     }
+                    self.free6(&old);
                 }
                 (self.pick(&p)?, false)
             }
         };
+        let subnet6 = match self.subnet6_for(&p) {
+            Ok(s6) => s6,
+            Err(e) => {
+                if !renewal {
+                    self.free(subnet);
+                }
+                return Err(e);
+            }
+        };
+        let v6 = p.v6.as_ref();
         let lease = Lease {
             node_name: p.node.clone(),
             subnet: subnet.to_string(),
@@ -855,6 +1018,9 @@ impl Writer {
             revision: self.next_revision(),
             vni: self.conf.backend.vni,
             reserved: false,
+            ipv6_subnet: subnet6.map(|s| s.to_string()).unwrap_or_default(),
+            public_ipv6: v6.map(|v| v.public_ip.to_string()).unwrap_or_default(),
+            vtep_mac_v6: mac_text(v6.and_then(|v| v.vtep_mac)),
         };
         if renewal {
             info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
@@ -920,6 +1086,42 @@ impl Writer {
         })
     }
 
+    /// The node's IPv6 subnet on a dual-stack network: the one its lease holds, else
+    /// the one it asked for when free, else the next free one; taken in the allocator.
+    fn subnet6_for(&mut self, p: &AcquireParams) -> Result<Option<Ipv6Net>, LeaseOpError> {
+        let (Some(alloc6), Some(v6)) = (self.alloc6.as_mut(), p.v6.as_ref()) else {
+            return Ok(None);
+        };
+        let held = self
+            .leases
+            .get(&p.node)
+            .and_then(|l| parse_subnet6(&l.ipv6_subnet).ok())
+            .filter(|s| self.by_subnet6.get(s) == Some(&p.node));
+        if let Some(s) = held {
+            return Ok(Some(s));
+        }
+        if let Some(r) = v6.requested {
+            if alloc6.take(r) {
+                return Ok(Some(r));
+            }
+            info!(node = %p.node, requested = %r, "requested IPv6 subnet not granted: it is taken or outside IPv6SubnetMin..IPv6SubnetMax; allocating a fresh one");
+        }
+        let pool = self
+            .conf
+            .ipv6
+            .as_ref()
+            .expect("an allocator implies a pool");
+        alloc6.allocate().map(Some).ok_or_else(|| {
+            warn!(node = %p.node, "out of IPv6 subnets");
+            LeaseOpError::Exhausted(format!(
+                "out of IPv6 subnets: all {} subnets between IPv6SubnetMin {} and IPv6SubnetMax {} are leased",
+                alloc6.capacity(),
+                pool.subnet_min,
+                pool.subnet_max
+            ))
+        })
+    }
+
     fn remove(&mut self, node: &str, events: &mut Vec<LeaseEvent>) -> bool {
         let Some(mut lease) = self.leases.remove(node) else {
             return false;
@@ -928,6 +1130,7 @@ impl Writer {
         if let Ok(s) = parse_subnet(&lease.subnet) {
             self.free(s);
         }
+        self.free6(&lease);
         lease.revision = self.next_revision();
         events.push(LeaseEvent {
             r#type: EventType::Delete as i32,
@@ -935,6 +1138,13 @@ impl Writer {
             lease: Some(lease),
         });
         true
+    }
+
+    /// Returns the IPv6 subnet of a lease that ended to its pool.
+    fn free6(&mut self, lease: &Lease) {
+        if let (Some(alloc6), Ok(s6)) = (self.alloc6.as_mut(), parse_subnet6(&lease.ipv6_subnet)) {
+            alloc6.free(s6);
+        }
     }
 
     /// Returns a subnet whose lease ended to the pool, unless a reservation keeps it
@@ -1101,6 +1311,7 @@ mod tests {
             public_ip,
             backend: "vxlan",
             vtep_mac,
+            ..Default::default()
         }
     }
 
@@ -1269,6 +1480,121 @@ mod tests {
         };
         assert!(e(parse("a", udp)).contains("backend_type"));
         assert!(e(parse("a", fields("", "192.0.2.1", "zz"))).contains("vtep_mac"));
+    }
+
+    fn dual_conf() -> NetConf {
+        NetConf::parse(
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/60",
+                "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn dual_params(conf: &NetConf, node: &str, requested6: &str) -> AcquireParams {
+        let mac = mac_of(node);
+        let mac6 = format!("0a:59{}", &mac[5..]);
+        let f = AcquireFields {
+            requested_ipv6: requested6,
+            public_ipv6: "2001:db8::1",
+            vtep_mac_v6: &mac6,
+            ..fields("", "192.0.2.1", &mac)
+        };
+        AcquireParams::parse(conf, node, f).unwrap()
+    }
+
+    #[tokio::test]
+    async fn dual_stack_leases_get_a_subnet_of_each_family_and_keep_both() {
+        let conf = dual_conf();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let (leases, hub) = start_on(&conf, store.clone()).await;
+        let a = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
+        let b = leases
+            .acquire(dual_params(&conf, "b", "fd00:10:244:9::/64"))
+            .await
+            .unwrap();
+        assert_eq!(a.ipv6_subnet, "fd00:10:244:1::/64");
+        assert_eq!(
+            b.ipv6_subnet, "fd00:10:244:9::/64",
+            "the requested one, free"
+        );
+        assert_eq!(
+            (a.public_ipv6.as_str(), a.vtep_mac_v6.is_empty()),
+            ("2001:db8::1", false)
+        );
+        let again = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
+        assert_eq!(
+            (again.revision, again.ipv6_subnet),
+            (a.revision, a.ipv6_subnet.clone())
+        );
+
+        // The v6 subnets come back after a restart of the writer, so c cannot get b's.
+        drop(leases);
+        let (leases, _hub) = start_on(&conf, store).await;
+        let c = leases
+            .acquire(dual_params(&conf, "c", "fd00:10:244:9::/64"))
+            .await
+            .unwrap();
+        assert_ne!(c.ipv6_subnet, b.ipv6_subnet);
+        assert!(leases.release("b").await.unwrap());
+        let d = leases
+            .acquire(dual_params(&conf, "d", "fd00:10:244:9::/64"))
+            .await
+            .unwrap();
+        assert_eq!(d.ipv6_subnet, b.ipv6_subnet, "released with its lease");
+        drop(hub);
+    }
+
+    #[tokio::test]
+    async fn a_v6_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
+        let conf = dual_conf();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let (leases, hub) = start_on(&conf, store).await;
+        let a = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
+        let mut spoof = dual_params(&conf, "mallory", "");
+        spoof.v6.as_mut().unwrap().vtep_mac = a.vtep_mac_v6.parse().ok();
+        let e = leases.acquire(spoof).await.unwrap_err();
+        assert!(matches!(e, LeaseOpError::AlreadyExists(_)), "{e}");
+        assert!(e.to_string().contains("node a"), "{e}");
+        let mut cross = dual_params(&conf, "mallory", "");
+        cross.v6.as_mut().unwrap().vtep_mac = a.vtep_mac.parse().ok();
+        assert!(
+            leases.acquire(cross).await.is_err(),
+            "a's IPv4 MAC as an IPv6 one"
+        );
+        let (table, revision) = hub.leases();
+        assert_eq!((table.len(), revision), (1, a.revision), "nothing written");
+    }
+
+    #[test]
+    fn bad_ipv6_fields_name_the_field() {
+        let conf = dual_conf();
+        let mac = "0a:00:00:00:00:01";
+        let e = |ip6: &str, mac6: &str, req6: &str| {
+            let f = AcquireFields {
+                requested_ipv6: req6,
+                public_ipv6: ip6,
+                vtep_mac_v6: mac6,
+                ..fields("", "192.0.2.1", mac)
+            };
+            AcquireParams::parse(&conf, "a", f).unwrap_err().to_string()
+        };
+        let m6 = "0a:00:00:00:06:01";
+        assert!(e("", m6, "").contains("public_ipv6 is empty"));
+        for bad in ["ff02::1", "fe80::1", "::", "::1", "fd00:10:244:1::5"] {
+            assert!(e(bad, m6, "").contains("public_ipv6"), "{bad}");
+        }
+        assert!(e("2001:db8::1", "33:33:00:00:00:01", "").contains("vtep_mac_v6"));
+        assert!(e("2001:db8::1", "", "").contains("vtep_mac_v6"));
+        assert!(e("2001:db8::1", mac, "").contains("MAC of the IPv4 device"));
+        assert!(e("2001:db8::1", m6, "fd00:99::/64").contains("requested_ipv6_subnet"));
+        assert!(e("2001:db8::1", m6, "fd00:10:244:1::/80").contains("requested_ipv6_subnet"));
+        // On an IPv4-only network the IPv6 fields are ignored (an agent of the
+        // previous version sends none).
+        let v4 = conf_of("10.244.0.0/16", "vxlan");
+        let p = AcquireParams::parse(&v4, "a", fields("", "192.0.2.1", mac)).unwrap();
+        assert!(p.v6.is_none());
     }
 
     #[test]

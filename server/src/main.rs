@@ -365,10 +365,17 @@ async fn run(args: Args) -> Result<()> {
 
 /// `--migrate-from-sled DIR`: copies a sled store into etcd, once.
 /// What the stored leases depend on: a store allocated under another layout is
-/// refused. The backend joins the string only when it is not VXLAN, so stores written
-/// before host-gw existed keep matching.
+/// refused. The IPv6 pool and the backend join the string only when set (not VXLAN),
+/// so stores written before dual-stack and host-gw existed keep matching; turning
+/// IPv6 on or off under existing leases is a network change like any other.
 fn store_layout(conf: &NetConf) -> String {
     let mut layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
+    if let Some(v6) = &conf.ipv6 {
+        layout.push_str(&format!(
+            " IPv6Network={} IPv6SubnetLen={}",
+            v6.network, v6.subnet_len
+        ));
+    }
     if conf.backend.kind != BackendType::Vxlan {
         layout.push_str(&format!(" Backend={}", conf.backend.kind));
     }

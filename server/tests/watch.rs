@@ -250,6 +250,7 @@ async fn store_with_leases(dir: &std::path::Path, n: u32) {
                     revision: rev,
                     vni: 1,
                     reserved: false,
+                    ..Default::default()
                 }),
             }
         })

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 
@@ -170,6 +170,8 @@ pub struct Host {
     pub netns: String,
     /// Its underlay address (on `eth0`).
     pub ip: Ipv4Addr,
+    /// Its IPv6 underlay address (on `eth0` too: the underlay is dual-stack).
+    pub ip6: Ipv6Addr,
     /// A directory of its own in the lab's temp dir.
     pub dir: PathBuf,
 }
@@ -197,6 +199,8 @@ pub struct Lab {
     underlay_netns: String,
     underlay: Ipv4Net,
     gateway: Ipv4Addr,
+    underlay6: Ipv6Net,
+    gateway6: Ipv6Addr,
     mtu: u32,
     hosts: Vec<Host>,
     dir: PathBuf,
@@ -322,6 +326,10 @@ impl Lab {
         let k = (pid.wrapping_mul(7919).wrapping_add(n.wrapping_mul(131))) % 254 + 1;
         let underlay = Ipv4Net::new(Ipv4Addr::new(198, 18, k as u8, 0), 24).expect("valid");
         let gateway = Ipv4Addr::new(198, 18, k as u8, 254);
+        // The IPv6 underlay: a unique local prefix per lab, fd18:k::/64.
+        let underlay6 =
+            Ipv6Net::new(Ipv6Addr::new(0xfd18, k as u16, 0, 0, 0, 0, 0, 0), 64).expect("valid");
+        let gateway6 = Ipv6Addr::new(0xfd18, k as u16, 0, 0, 0, 0, 0, 0xfe);
 
         let tempdir = tempfile::Builder::new()
             .prefix(&format!("twill-lab-{id}-"))
@@ -343,6 +351,7 @@ impl Lab {
                 name: name.clone(),
                 netns: format!("{NETNS_PREFIX}{id}-{i}"),
                 ip: Ipv4Addr::from(u32::from(underlay.network()) + i as u32 + 1),
+                ip6: Ipv6Addr::from(u128::from(underlay6.network()) + i as u128 + 1),
                 dir: dir.join(name),
             })
             .collect::<Vec<_>>();
@@ -351,6 +360,8 @@ impl Lab {
             id,
             underlay,
             gateway,
+            underlay6,
+            gateway6,
             mtu: cfg.mtu,
             hosts,
             dir,
@@ -402,6 +413,9 @@ impl Lab {
             ],
         )?;
         self.ip(u, &["addr", "add", &gw, "dev", UNDERLAY_BRIDGE])?;
+        // nodad: usable at once, no duplicate address detection to wait for.
+        let gw6 = format!("{}/{}", self.gateway6, self.underlay6.prefix_len());
+        self.ip(u, &["addr", "add", &gw6, "dev", UNDERLAY_BRIDGE, "nodad"])?;
         self.ip(u, &["link", "set", UNDERLAY_BRIDGE, "up"])?;
         for (i, h) in self.hosts.iter().enumerate() {
             std::fs::create_dir_all(&h.dir)
@@ -420,6 +434,11 @@ impl Lab {
             )?;
             self.ip(u, &["link", "set", &veth, "master", UNDERLAY_BRIDGE, "up"])?;
             self.ip(&h.netns, &["addr", "add", &addr, "dev", HOST_IFACE])?;
+            let addr6 = format!("{}/{}", h.ip6, self.underlay6.prefix_len());
+            self.ip(
+                &h.netns,
+                &["addr", "add", &addr6, "dev", HOST_IFACE, "nodad"],
+            )?;
             self.ip(&h.netns, &["link", "set", HOST_IFACE, "up"])?;
             self.ip(
                 &h.netns,
@@ -433,7 +452,23 @@ impl Lab {
                     HOST_IFACE,
                 ],
             )?;
-            self.say(&format!("host {} = netns {} at {}", h.name, h.netns, h.ip));
+            self.ip(
+                &h.netns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &self.gateway6.to_string(),
+                    "dev",
+                    HOST_IFACE,
+                ],
+            )?;
+            self.say(&format!(
+                "host {} = netns {} at {} and {}",
+                h.name, h.netns, h.ip, h.ip6
+            ));
         }
         Ok(())
     }
@@ -469,6 +504,11 @@ impl Lab {
     /// The gateway address on the underlay bridge (every host's default route).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The IPv6 underlay network (`fd18:k::/64`).
+    pub fn underlay6(&self) -> Ipv6Net {
+        self.underlay6
     }
 
     /// The namespace holding the underlay bridge.

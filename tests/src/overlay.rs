@@ -142,6 +142,13 @@ pub struct LeaseRow {
     pub backend_type: String,
     #[serde(default)]
     pub vni: u32,
+    /// Dual-stack networks only (absent from twillctl's JSON otherwise).
+    #[serde(default)]
+    pub ipv6_subnet: String,
+    #[serde(default)]
+    pub public_ipv6: String,
+    #[serde(default)]
+    pub vtep_mac_v6: String,
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,21 +37,18 @@ impl ContinuousPing {
     }
 
     /// Starts pinging `dst` from `host` with source address `src` (`ping -I src`).
-    pub fn start_from(
-        lab: &Lab,
-        host: &str,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-    ) -> Result<ContinuousPing> {
+    /// Either family: ping picks ICMPv6 for an IPv6 destination.
+    pub fn start_from(lab: &Lab, host: &str, src: IpAddr, dst: IpAddr) -> Result<ContinuousPing> {
         Self::spawn(lab, host, Some(src), dst)
     }
 
     fn spawn(
         lab: &Lab,
         host: &str,
-        src: Option<Ipv4Addr>,
-        dst: Ipv4Addr,
+        src: Option<IpAddr>,
+        dst: impl Into<IpAddr>,
     ) -> Result<ContinuousPing> {
+        let dst = dst.into();
         let out = lab.dir().join(format!("ping-{host}-{dst}.out"));
         let f = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
         let mut cmd = Command::new("ip");

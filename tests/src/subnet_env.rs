@@ -1,11 +1,11 @@
 //! Reading flannel's `subnet.env` as the agent writes it.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// A parsed `subnet.env`:
 ///
@@ -22,6 +22,9 @@ pub struct SubnetEnv {
     /// `FLANNEL_SUBNET` as written: the node subnet with its first usable address
     /// (`10.244.74.1/24`).
     pub subnet: Ipv4Net,
+    /// `FLANNEL_IPV6_NETWORK` and `FLANNEL_IPV6_SUBNET` (the latter with its first
+    /// usable address, `fd00:10:244:3::1/64`), on a dual-stack network.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
     /// `FLANNEL_MTU`.
     pub mtu: u32,
     /// `FLANNEL_IPMASQ`.
@@ -59,6 +62,19 @@ impl SubnetEnv {
         let subnet: Ipv4Net = get("FLANNEL_SUBNET")?
             .parse()
             .context("FLANNEL_SUBNET is not an IPv4 CIDR")?;
+        let ipv6 = match (
+            vars.get("FLANNEL_IPV6_NETWORK"),
+            vars.get("FLANNEL_IPV6_SUBNET"),
+        ) {
+            (None, None) => None,
+            (Some(n), Some(s)) => Some((
+                n.parse()
+                    .context("FLANNEL_IPV6_NETWORK is not an IPv6 CIDR")?,
+                s.parse()
+                    .context("FLANNEL_IPV6_SUBNET is not an IPv6 CIDR")?,
+            )),
+            _ => bail!("FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET come together"),
+        };
         let mtu = get("FLANNEL_MTU")?
             .parse()
             .context("FLANNEL_MTU is not a number")?;
@@ -70,6 +86,7 @@ impl SubnetEnv {
         Ok(SubnetEnv {
             network,
             subnet,
+            ipv6,
             mtu,
             ipmasq,
             vars,
@@ -98,6 +115,17 @@ impl SubnetEnv {
     /// (`10.244.74.1`), as `FLANNEL_SUBNET` writes it.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    }
+
+    /// The node's IPv6 subnet as a network (`fd00:10:244:3::/64`).
+    pub fn subnet6_net(&self) -> Option<Ipv6Net> {
+        self.ipv6.map(|(_, s)| s.trunc())
+    }
+
+    /// The IPv6 pod bridge's gateway (`fd00:10:244:3::1`).
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.ipv6
+            .map(|(_, s)| Ipv6Addr::from(u128::from(s.network()) + 1))
     }
 }
 

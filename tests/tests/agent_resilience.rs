@@ -416,7 +416,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
     ping_from(ov, b, dst, src)?;
     wait_watchers(ov, 3)?;
 
-    let mut ping = ContinuousPing::start_from(ov.lab(), a, src, dst)?;
+    let mut ping = ContinuousPing::start_from(ov.lab(), a, src.into(), dst.into())?;
     let started = Instant::now();
     hold_for(Duration::from_secs(2), "ping to run", || {
         ping.still_running("warm-up")

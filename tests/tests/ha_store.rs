@@ -188,6 +188,7 @@ async fn acquire(ch: &Channel, n: &Node, ip: &str, requested: &str) -> Answer {
         public_ip: ip.to_string(),
         backend_type: "vxlan".into(),
         vtep_mac: n.mac.clone(),
+        ..Default::default()
     };
     match tokio::time::timeout(
         CALL_TIMEOUT,

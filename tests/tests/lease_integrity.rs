@@ -163,7 +163,7 @@ struct Attempt {
 
 /// What became of an Acquire.
 enum Answer {
-    Granted(AcquireResponse),
+    Granted(Box<AcquireResponse>),
     Refused(Status),
     Unanswered,
 }
@@ -200,10 +200,11 @@ fn acquire_as(ov: &Overlay, node: &str, pems: &Pems, attempts: &[Attempt]) -> Re
                 public_ip: t.public_ip.clone(),
                 backend_type: "vxlan".into(),
                 vtep_mac: t.vtep_mac.clone(),
+                ..Default::default()
             };
             answers.push(
                 match tokio::time::timeout(CALL_TIMEOUT, client.acquire(req)).await {
-                    Ok(Ok(r)) => Answer::Granted(r.into_inner()),
+                    Ok(Ok(r)) => Answer::Granted(Box::new(r.into_inner())),
                     Ok(Err(s)) => Answer::Refused(s),
                     Err(_) => Answer::Unanswered,
                 },

@@ -4,7 +4,7 @@
 //! The whole table is replaced in one `nft -f` transaction, so rules are never half
 //! applied and re-applying is idempotent. Equivalent by hand: `nft -f <(ruleset)`.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -14,8 +14,33 @@ use super::DataPlaneError;
 pub const TABLE: &str = "inet twill";
 
 /// The nft script that replaces the table with masquerade rules for a node holding
-/// `subnet` in pod network `network`.
-pub fn ruleset(network: Ipv4Net, subnet: Ipv4Net) -> String {
+/// `subnet` in pod network `network`, and on a dual-stack network the same rules for
+/// its IPv6 subnet and network (`ip6`, multicast ff00::/8).
+pub fn ruleset(network: Ipv4Net, subnet: Ipv4Net, v6: Option<(Ipv6Net, Ipv6Net)>) -> String {
+    let mut post = family_rules(
+        "ip",
+        &network.to_string(),
+        &subnet.to_string(),
+        "224.0.0.0/4",
+    );
+    let mut forward = format!(
+        "    ip saddr {network} accept
+    ip daddr {network} accept
+"
+    );
+    if let Some((network6, subnet6)) = v6 {
+        post.push_str(&family_rules(
+            "ip6",
+            &network6.to_string(),
+            &subnet6.to_string(),
+            "ff00::/8",
+        ));
+        forward.push_str(&format!(
+            "    ip6 saddr {network6} accept
+    ip6 daddr {network6} accept
+"
+        ));
+    }
     format!(
         "table {TABLE}
 delete table {TABLE}
@@ -23,18 +48,24 @@ table {TABLE} {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     meta mark & 0x4000 == 0x4000 return comment \"marked by kube-proxy for masquerade\"
-    ip saddr {subnet} ip daddr {network} return comment \"pod to pod\"
-    ip saddr {network} ip daddr {subnet} return comment \"pod to pod\"
-    ip saddr != {network} ip daddr {subnet} return comment \"outside to this node's pods\"
-    ip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random comment \"pods to outside\"
-    ip saddr != {network} ip daddr {network} masquerade fully-random comment \"outside to other nodes' pods\"
-  }}
+{post}  }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
-    ip saddr {network} accept
-    ip daddr {network} accept
-  }}
+{forward}  }}
 }}
+"
+    )
+}
+
+/// flannel's five postrouting rules after the kube-proxy mark, for one family (`ip`
+/// or `ip6`).
+fn family_rules(ip: &str, network: &str, subnet: &str, multicast: &str) -> String {
+    format!(
+        "    {ip} saddr {subnet} {ip} daddr {network} return comment \"pod to pod\"
+    {ip} saddr {network} {ip} daddr {subnet} return comment \"pod to pod\"
+    {ip} saddr != {network} {ip} daddr {subnet} return comment \"outside to this node's pods\"
+    {ip} saddr {network} {ip} daddr != {multicast} masquerade fully-random comment \"pods to outside\"
+    {ip} saddr != {network} {ip} daddr {network} masquerade fully-random comment \"outside to other nodes' pods\"
 "
     )
 }
@@ -45,8 +76,12 @@ pub fn teardown() -> String {
 }
 
 /// Installs or refreshes the masquerade rules.
-pub async fn apply(network: Ipv4Net, subnet: Ipv4Net) -> Result<(), DataPlaneError> {
-    nft(&ruleset(network, subnet)).await
+pub async fn apply(
+    network: Ipv4Net,
+    subnet: Ipv4Net,
+    v6: Option<(Ipv6Net, Ipv6Net)>,
+) -> Result<(), DataPlaneError> {
+    nft(&ruleset(network, subnet, v6)).await
 }
 
 /// Removes the masquerade rules, if any.
@@ -95,6 +130,7 @@ mod tests {
         let r = ruleset(
             "10.244.0.0/16".parse().unwrap(),
             "10.244.3.0/24".parse().unwrap(),
+            None,
         );
         let rules: Vec<&str> = r
             .lines()
@@ -110,5 +146,26 @@ mod tests {
             r.starts_with("table inet twill\ndelete table inet twill\n"),
             "atomic replace"
         );
+    }
+
+    #[test]
+    fn dual_stack_adds_the_same_rules_for_ipv6() {
+        let r = ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+            Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:3::/64".parse().unwrap(),
+            )),
+        );
+        let v6: Vec<&str> = r
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("ip6 "))
+            .collect();
+        assert_eq!(v6.len(), 7);
+        assert!(v6[0].starts_with("ip6 saddr fd00:10:244:3::/64 ip6 daddr fd00:10:244::/56 return"));
+        assert!(v6[3].contains("ip6 daddr != ff00::/8 masquerade fully-random"));
+        assert_eq!(r.lines().filter(|l| l.trim().starts_with("ip ")).count(), 7);
     }
 }

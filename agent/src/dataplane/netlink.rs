@@ -1,25 +1,27 @@
 //! `DataPlane` over rtnetlink: the one place that programs the kernel of the current
 //! network namespace for the overlay (docs/compatibility.md, Kernel state).
 //!
-//! This module owns the `flannel.<VNI>` VXLAN device (create, reuse or recreate, MTU,
-//! up, `accept_ra=0`), its single /32 address, the permanent neighbour (ARP) and FDB
-//! entries on it, and the main-table IPv4 routes stamped with protocol
-//! [`ROUTE_PROTOCOL`]. It also answers the two read-only questions the agent asks to
-//! pick its public interface: which IPv4 addresses exist, and which interface holds the
-//! default route. It never touches entries it does not own.
+//! This module owns, for each address family, the VXLAN device (`flannel.<VNI>` with
+//! an IPv4 `local`, `flannel-v6.<VNI>` with an IPv6 `local6`: create, reuse or
+//! recreate, MTU, up, `accept_ra=0`), its single /32 or /128 address, the permanent
+//! neighbour (ARP or NDP) and FDB entries on it, and the main-table routes of that
+//! family stamped with protocol [`ROUTE_PROTOCOL`]. It also answers the read-only
+//! questions the agent asks to pick its public interface: which addresses exist, which
+//! interface holds the IPv4 or IPv6 default route, and which one a destination is
+//! routed through. It never touches entries it does not own.
 //!
-//! Every operation names the `ip`/`bridge` command it equals, and errors carry that
-//! command, so an operator can check or repeat it by hand.
+//! Every operation names the `ip`/`bridge` command it equals (`ip -6 ...` for IPv6),
+//! and errors carry that command, so an operator can check or repeat it by hand.
 //!
 //! Dumps are filtered by the kernel when it supports strict checking
 //! (`NETLINK_GET_STRICT_CHK`, Linux >= 4.20), and always filtered again here, so the
 //! results do not depend on the kernel doing it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -35,7 +37,8 @@ use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use twill_common::lease::Mac;
 
 use super::{
-    DataPlane, DataPlaneError, Device, KernelState, Route, Underlay, VxlanSpec, ROUTE_PROTOCOL,
+    DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,
+    ROUTE_PROTOCOL,
 };
 
 /// errno values the kernel answers when the thing to delete is already gone.
@@ -68,6 +71,43 @@ fn already_gone(e: &rtnetlink::Error) -> bool {
 
 fn netlink_err(op: String, source: rtnetlink::Error) -> DataPlaneError {
     DataPlaneError::Netlink { op, source }
+}
+
+fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
+
+/// The `ip` invocation that changes entries of `family`, as an operator types it: IPv4
+/// is `ip`'s default, IPv6 is spelt out.
+fn ip_cmd(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip -6",
+    }
+}
+
+/// The `ip` option of a dump restricted to `family`.
+fn ip_flag(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    }
+}
+
+fn unspecified(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
+        Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// IPv6 link-local (fe80::/10): the kernel gives every IPv6 interface one of its own,
+/// it names no node beyond the link, and removing it would break neighbour discovery.
+fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -109,7 +149,7 @@ fn link_infos(link: &LinkMessage) -> &[LinkInfo] {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct VxlanSeen {
     vni: Option<u32>,
-    local: Option<Ipv4Addr>,
+    local: Option<IpAddr>,
     port: Option<u16>,
     dev: Option<u32>,
     learning: Option<bool>,
@@ -133,7 +173,8 @@ fn vxlan_seen(link: &LinkMessage) -> Option<VxlanSeen> {
         for a in attrs {
             match a {
                 InfoVxlan::Id(v) => seen.vni = Some(*v),
-                InfoVxlan::Local(v) => seen.local = Some(*v),
+                InfoVxlan::Local(v) => seen.local = Some((*v).into()),
+                InfoVxlan::Local6(v) => seen.local = Some((*v).into()),
                 InfoVxlan::Port(v) => seen.port = Some(*v),
                 InfoVxlan::Link(v) => seen.dev = Some(*v),
                 InfoVxlan::Learning(v) => seen.learning = Some(*v),
@@ -199,11 +240,11 @@ fn route_table(r: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(r.header.table))
 }
 
-/// An IPv4 route dump request of the main table; with strict checking the kernel
-/// only answers routes of `protocol` (0: any).
-fn route_dump(protocol: u8) -> RouteMessage {
+/// A route dump request of the main table for `family`; with strict checking the
+/// kernel only answers routes of `protocol` (0: any).
+fn route_dump(family: Family, protocol: u8) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
+    m.header.address_family = address_family(family);
     m.header.table = MAIN;
     m.header.protocol = RouteProtocol::from(protocol);
     m.header.scope = RouteScope::Universe;
@@ -211,38 +252,61 @@ fn route_dump(protocol: u8) -> RouteMessage {
     m
 }
 
-/// `ip route replace DST via GW dev DEV onlink proto 74` as a message.
-fn route_message(route: &Route) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .table_id(u32::from(MAIN))
-        .destination_prefix(route.dst.network(), route.dst.prefix_len())
-        .gateway(route.gateway)
-        .output_interface(route.oif)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
-        .scope(RouteScope::Universe)
-        .kind(RouteType::Unicast)
-        .onlink()
-        .build()
+/// `ip [-6] route replace DST via GW dev DEV onlink proto 74` as a message; `None`
+/// when the gateway is not of the destination's family.
+fn route_message(route: &Route) -> Option<RouteMessage> {
+    fn finish<T>(builder: RouteMessageBuilder<T>, route: &Route) -> RouteMessage {
+        builder
+            .table_id(u32::from(MAIN))
+            .output_interface(route.oif)
+            .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+            .scope(RouteScope::Universe)
+            .kind(RouteType::Unicast)
+            .onlink()
+            .build()
+    }
+    match (route.dst, route.gateway) {
+        (IpNet::V4(dst), IpAddr::V4(gw)) => Some(finish(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw),
+            route,
+        )),
+        (IpNet::V6(dst), IpAddr::V6(gw)) => Some(finish(
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .gateway(gw),
+            route,
+        )),
+        _ => None,
+    }
 }
 
-/// `ip route del DST via GW dev DEV proto 74` as a message: without `onlink`, which
-/// the kernel does not match on when deleting.
-fn route_del_message(route: &Route) -> RouteMessage {
-    let mut m = route_message(route);
+/// `ip [-6] route del DST via GW dev DEV proto 74` as a message: without `onlink`,
+/// which the kernel does not match on when deleting.
+fn route_del_message(route: &Route) -> Option<RouteMessage> {
+    let mut m = route_message(route)?;
     m.header.flags = Default::default();
-    m
+    Some(m)
 }
 
-fn neighbour_del_message(dev: &Device, ip: Ipv4Addr) -> NeighbourMessage {
+/// A route whose gateway is not of its destination's family: no request is sent.
+fn mixed_families(op: String) -> DataPlaneError {
+    DataPlaneError::Invalid(format!(
+        "{op}: the gateway is not of the destination's family"
+    ))
+}
+
+fn neighbour_del_message(dev: &Device, ip: IpAddr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
+    m.header.family = address_family(Family::of(ip));
     m.header.ifindex = dev.index;
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
     m
 }
 
-fn fdb_del_message(dev: &Device, mac: Mac, dst: Ipv4Addr) -> NeighbourMessage {
+fn fdb_del_message(dev: &Device, mac: Mac, dst: IpAddr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
     m.header.ifindex = dev.index;
@@ -250,30 +314,35 @@ fn fdb_del_message(dev: &Device, mac: Mac, dst: Ipv4Addr) -> NeighbourMessage {
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
     m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(dst)));
     m
 }
 
-/// The IPv4 address of a dumped address message (`IFA_LOCAL`, else `IFA_ADDRESS`).
-fn address_ipv4(a: &AddressMessage) -> Option<Ipv4Addr> {
+/// The address of a dumped address message (`IFA_LOCAL`, else `IFA_ADDRESS`: IPv6
+/// addresses carry only the latter but on point-to-point links).
+fn address_ip(a: &AddressMessage) -> Option<IpAddr> {
     let pick = |local: bool| {
         a.attributes.iter().find_map(|attr| match (attr, local) {
-            (AddressAttribute::Local(IpAddr::V4(ip)), true)
-            | (AddressAttribute::Address(IpAddr::V4(ip)), false) => Some(*ip),
+            (AddressAttribute::Local(ip), true) | (AddressAttribute::Address(ip), false) => {
+                Some(*ip)
+            }
             _ => None,
         })
     };
     pick(true).or_else(|| pick(false))
 }
 
-/// A dumped IPv4 neighbour or FDB destination (`NDA_DST`); FDB dumps (AF_BRIDGE)
-/// carry it as raw bytes.
-fn neighbour_dst(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+/// A dumped neighbour or FDB destination (`NDA_DST`); FDB dumps (AF_BRIDGE) carry it
+/// as raw bytes, whose length tells the family.
+fn neighbour_dst(n: &NeighbourMessage) -> Option<IpAddr> {
     n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-        }
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some((*ip).into()),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some((*ip).into()),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     })
 }
@@ -392,34 +461,46 @@ impl Netlink {
             .map_err(|e| netlink_err("ip link show".into(), e))
     }
 
-    /// `ip -4 addr show [dev DEV]`: IPv4 address messages, of one link or all.
-    async fn addresses(&self, index: Option<u32>) -> Result<Vec<AddressMessage>, DataPlaneError> {
+    /// `ip -4|-6 addr show [dev DEV]`: the address messages of `family`, of one link or
+    /// all.
+    async fn addresses(
+        &self,
+        index: Option<u32>,
+        family: Family,
+    ) -> Result<Vec<AddressMessage>, DataPlaneError> {
+        let af = address_family(family);
         let mut req = self.handle.address().get();
-        req.message_mut().header.family = AddressFamily::Inet;
+        req.message_mut().header.family = af;
         if let Some(index) = index {
             // Kernel-side filter under strict checking; filtered here as well.
             req.message_mut().header.index = index;
             req = req.set_link_index_filter(index);
         }
         let addrs: Vec<AddressMessage> = req.execute().try_collect().await.map_err(|e| {
+            let flag = ip_flag(family);
             let op = match index {
-                Some(i) => format!("ip -4 addr show dev if{i}"),
-                None => "ip -4 addr show".into(),
+                Some(i) => format!("ip {flag} addr show dev if{i}"),
+                None => format!("ip {flag} addr show"),
             };
             netlink_err(op, e)
         })?;
         Ok(addrs
             .into_iter()
-            .filter(|a| a.header.family == AddressFamily::Inet)
+            .filter(|a| a.header.family == af)
             .collect())
     }
 
-    /// `ip -4 route show table main [proto P]`.
-    async fn main_routes(&self, protocol: u8) -> Result<Vec<RouteMessage>, DataPlaneError> {
+    /// `ip -4|-6 route show table main [proto P]`.
+    async fn main_routes(
+        &self,
+        family: Family,
+        protocol: u8,
+    ) -> Result<Vec<RouteMessage>, DataPlaneError> {
+        let af = address_family(family);
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
-            .get(route_dump(protocol))
+            .get(route_dump(family, protocol))
             .execute()
             .try_collect()
             .await
@@ -429,29 +510,31 @@ impl Netlink {
                 } else {
                     format!(" proto {protocol}")
                 };
-                netlink_err(format!("ip -4 route show table main{proto}"), e)
+                netlink_err(
+                    format!("ip {} route show table main{proto}", ip_flag(family)),
+                    e,
+                )
             })?;
         Ok(routes
             .into_iter()
             .filter(|r| {
-                r.header.address_family == AddressFamily::Inet
+                r.header.address_family == af
                     && route_table(r) == u32::from(MAIN)
                     && (protocol == 0 || u8::from(r.header.protocol) == protocol)
             })
             .collect())
     }
 
-    /// The permanent neighbours and FDB entries with a `dst` on the VXLAN device.
+    /// The permanent neighbours of `family` and the FDB entries with a `dst` of
+    /// `family` on the VXLAN device.
     async fn read_device_entries(
         &self,
         dev: &Device,
+        family: Family,
         state: &mut KernelState,
     ) -> Result<(), DataPlaneError> {
-        let mut req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet);
+        let af = address_family(family);
+        let mut req = self.handle.neighbours().get().set_address_family(af);
         // NDA_IFINDEX filters kernel-side with or without strict checking.
         req.message_mut()
             .attributes
@@ -460,12 +543,15 @@ impl Netlink {
             Ok(n) => n,
             Err(e) => {
                 let name = self.dev_name(dev.index).await;
-                return Err(netlink_err(format!("ip -4 neigh show dev {name}"), e));
+                return Err(netlink_err(
+                    format!("ip {} neigh show dev {name}", ip_flag(family)),
+                    e,
+                ));
             }
         };
         for n in neighbours {
             if n.header.ifindex != dev.index
-                || n.header.family != AddressFamily::Inet
+                || n.header.family != af
                 || n.header.state != NeighbourState::Permanent
             {
                 continue;
@@ -495,7 +581,7 @@ impl Netlink {
                 continue;
             }
             if let (Some(dst), Some(mac)) = (neighbour_dst(&n), neighbour_mac(&n)) {
-                if mac.0 != [0; 6] {
+                if mac.0 != [0; 6] && Family::of(dst) == family {
                     state.fdb.insert(mac, dst);
                 }
             }
@@ -504,31 +590,39 @@ impl Netlink {
         Ok(())
     }
 
-    /// Every interface's IPv4 addresses, one entry per address (with its prefix
-    /// length), in interface-index order; an interface's addresses keep the kernel's
-    /// order, primary first. (`ip -4 -o addr show`)
+    /// Every interface's addresses of both families, one entry per address (with its
+    /// prefix length), in interface-index order; an interface's IPv4 addresses come
+    /// first, then its IPv6 ones, each in the kernel's order, primary first. IPv6
+    /// link-local addresses are left out: no peer can reach a node through one.
+    /// Callers filter by family. (`ip -o addr show`)
     pub async fn interfaces(&self) -> Result<Vec<Underlay>, DataPlaneError> {
         let links = self.links().await?;
         let by_index: BTreeMap<u32, &LinkMessage> =
             links.iter().map(|l| (l.header.index, l)).collect();
         let mut out = Vec::new();
-        for a in self.addresses(None).await? {
-            let Some(link) = by_index.get(&a.header.index) else {
-                continue;
-            };
-            let (Some(ip), Some(name)) = (address_ipv4(&a), link_name(link)) else {
-                continue;
-            };
-            let Ok(addr) = Ipv4Net::new(ip, a.header.prefix_len) else {
-                continue;
-            };
-            out.push(Underlay {
-                index: a.header.index,
-                name: name.to_string(),
-                addr,
-                mtu: link_mtu(link).unwrap_or(1500),
-            });
+        for family in [Family::V4, Family::V6] {
+            for a in self.addresses(None, family).await? {
+                let Some(link) = by_index.get(&a.header.index) else {
+                    continue;
+                };
+                let (Some(ip), Some(name)) = (address_ip(&a), link_name(link)) else {
+                    continue;
+                };
+                if is_link_local(ip) {
+                    continue;
+                }
+                let Ok(addr) = IpNet::new(ip, a.header.prefix_len) else {
+                    continue;
+                };
+                out.push(Underlay {
+                    index: a.header.index,
+                    name: name.to_string(),
+                    addr,
+                    mtu: link_mtu(link).unwrap_or(1500),
+                });
+            }
         }
+        // Stable: each interface keeps IPv4 before IPv6 and the kernel's order within.
         out.sort_by_key(|u| u.index);
         Ok(out)
     }
@@ -537,8 +631,23 @@ impl Netlink {
     /// metric wins), with its first IPv4 address. (`ip -4 route show default`, then
     /// `ip -4 addr show dev DEV`)
     pub async fn default_route_interface(&self) -> Result<Underlay, DataPlaneError> {
+        self.default_route_of(Family::V4).await
+    }
+
+    /// The interface of the IPv6 default route (main table, `::/0`; the lowest metric
+    /// wins), with its first global IPv6 address. (`ip -6 route show default`, then
+    /// `ip -6 addr show dev DEV scope global`)
+    pub async fn default_route_interface_v6(&self) -> Result<Underlay, DataPlaneError> {
+        self.default_route_of(Family::V6).await
+    }
+
+    async fn default_route_of(&self, family: Family) -> Result<Underlay, DataPlaneError> {
+        let public_flag = match family {
+            Family::V4 => "--public-ip",
+            Family::V6 => "--public-ipv6",
+        };
         let oif = self
-            .main_routes(0)
+            .main_routes(family, 0)
             .await?
             .iter()
             .filter(|r| {
@@ -548,35 +657,36 @@ impl Netlink {
             .min()
             .map(|(_, oif)| oif)
             .ok_or_else(|| {
-                DataPlaneError::NotFound(
-                    "no IPv4 default route: pass --iface or --public-ip".into(),
-                )
+                DataPlaneError::NotFound(format!(
+                    "no {family} default route: pass --iface or {public_flag}"
+                ))
             })?;
         let found = self
             .interfaces()
             .await?
             .into_iter()
-            .find(|u| u.index == oif);
+            .find(|u| u.index == oif && Family::of_net(u.addr) == family);
         match found {
             Some(u) => Ok(u),
             None => Err(DataPlaneError::NotFound(format!(
-                "the IPv4 default route's interface {} has no IPv4 address: pass --iface or --public-ip",
+                "the {family} default route's interface {} has no {family} address: pass --iface or {public_flag}",
                 self.dev_name(oif).await
             ))),
         }
     }
 
     /// The index of the interface the kernel would send a packet to `addr` through,
-    /// for `--iface-can-reach`. (`ip route get ADDR`)
-    pub async fn route_interface(&self, addr: Ipv4Addr) -> Result<u32, DataPlaneError> {
+    /// for `--iface-can-reach`. (`ip route get ADDR`, `ip -6 route get ADDR6`)
+    pub async fn route_interface(&self, addr: IpAddr) -> Result<u32, DataPlaneError> {
+        let family = Family::of(addr);
         // A route lookup, not a dump: the header must stay zero but for the family
-        // and a /32 destination (strict checking rejects anything else).
+        // and a host destination (strict checking rejects anything else).
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
-        m.header.destination_prefix_length = 32;
+        m.header.address_family = address_family(family);
+        m.header.destination_prefix_length = family.host_prefix_len();
         m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(addr)));
-        let op = || format!("ip route get {addr}");
+            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let op = || format!("{} route get {addr}", ip_cmd(family));
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
@@ -615,12 +725,45 @@ impl Netlink {
             .ok_or_else(|| DataPlaneError::NotFound(format!("interface {index} reports no MTU")))
     }
 
+    /// Deletes a dumped address of the device. (`ip [-6] addr del ADDR/LEN dev DEV`)
+    async fn del_address(
+        &self,
+        dev: &Device,
+        family: Family,
+        a: AddressMessage,
+    ) -> Result<(), DataPlaneError> {
+        let shown = match address_ip(&a) {
+            Some(ip) => format!("{ip}/{}", a.header.prefix_len),
+            None => "?".into(),
+        };
+        let mut del = AddressMessage::default();
+        del.header = a.header.clone();
+        del.attributes = a
+            .attributes
+            .into_iter()
+            .filter(|attr| {
+                matches!(
+                    attr,
+                    AddressAttribute::Local(_) | AddressAttribute::Address(_)
+                )
+            })
+            .collect();
+        let result = self.handle.address().del(del).execute().await;
+        self.check(result, dev.index, true, |name| {
+            format!("{} addr del {shown} dev {name}", ip_cmd(family))
+        })
+        .await
+    }
+
     /// `ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning
-    /// [gbp]`
+    /// [gbp]`; an IPv6 `local` (netlink `local6`) makes an IPv6 tunnel.
     async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), DataPlaneError> {
-        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
-            .dev(spec.underlay_index)
-            .local(spec.local)
+        let builder = LinkVxlan::new(&spec.name, spec.vni).dev(spec.underlay_index);
+        let builder = match spec.local {
+            IpAddr::V4(ip) => builder.local(ip),
+            IpAddr::V6(ip) => builder.local6(ip),
+        };
+        let mut builder = builder
             .port(spec.port)
             .learning(spec.learning)
             .mtu(spec.mtu);
@@ -729,73 +872,75 @@ impl DataPlane for Netlink {
     }
 
     /// `ip addr replace ADDR/32 dev flannel.1` and `ip addr del OTHER dev flannel.1`
-    /// for every other IPv4 address.
-    async fn ensure_address(&self, dev: &Device, addr: Ipv4Addr) -> Result<(), DataPlaneError> {
-        let current = self.addresses(Some(dev.index)).await?;
+    /// for every other IPv4 address; for IPv6 `ip -6 addr replace ADDR6/128 dev
+    /// flannel-v6.1` and `ip -6 addr del OTHER6 dev flannel-v6.1` for every other
+    /// IPv6 address but the link-local ones.
+    async fn ensure_address(&self, dev: &Device, addr: IpAddr) -> Result<(), DataPlaneError> {
+        let family = Family::of(addr);
+        let plen = family.host_prefix_len();
+        let current = self.addresses(Some(dev.index), family).await?;
         let present = current
             .iter()
-            .any(|a| a.header.prefix_len == 32 && address_ipv4(a) == Some(addr));
+            .any(|a| a.header.prefix_len == plen && address_ip(a) == Some(addr));
+        let (first, later): (Vec<_>, Vec<_>) = current
+            .into_iter()
+            .filter(|a| {
+                let ip = address_ip(a);
+                let wanted = a.header.prefix_len == plen && ip == Some(addr);
+                !wanted && !ip.is_some_and(is_link_local)
+            })
+            // IPv6 knows an address by the address alone: `replace` would keep the old
+            // prefix length, and deleting that entry afterwards would delete the
+            // address. So the same address with another prefix goes first. IPv4 keeps
+            // both, so there the old entries go only once the new one is in place.
+            .partition(|a| family == Family::V6 && address_ip(a) == Some(addr));
+        for a in first {
+            self.del_address(dev, family, a).await?;
+        }
         if !present {
             let result = self
                 .handle
                 .address()
-                .add(dev.index, IpAddr::V4(addr), 32)
+                .add(dev.index, addr, plen)
                 .replace()
                 .execute()
                 .await;
             self.check(result, dev.index, false, |name| {
-                format!("ip addr replace {addr}/32 dev {name}")
+                format!("{} addr replace {addr}/{plen} dev {name}", ip_cmd(family))
             })
             .await?;
         }
-        for a in current {
-            let ip = address_ipv4(&a);
-            if a.header.prefix_len == 32 && ip == Some(addr) {
-                continue;
-            }
-            let shown = match ip {
-                Some(ip) => format!("{ip}/{}", a.header.prefix_len),
-                None => "?".into(),
-            };
-            let mut del = AddressMessage::default();
-            del.header = a.header.clone();
-            del.attributes = a
-                .attributes
-                .into_iter()
-                .filter(|attr| {
-                    matches!(
-                        attr,
-                        AddressAttribute::Local(_) | AddressAttribute::Address(_)
-                    )
-                })
-                .collect();
-            let result = self.handle.address().del(del).execute().await;
-            self.check(result, dev.index, true, |name| {
-                format!("ip addr del {shown} dev {name}")
-            })
-            .await?;
+        for a in later {
+            self.del_address(dev, family, a).await?;
         }
         Ok(())
     }
 
-    /// `ip -4 neigh show dev flannel.1 nud permanent`, `bridge fdb show dev flannel.1`
-    /// (entries with a `dst`; both skipped without a device), `ip -4 route show table
-    /// main proto 74`.
-    async fn read_state(&self, dev: Option<&Device>) -> Result<KernelState, DataPlaneError> {
+    /// `ip -4 neigh show dev flannel.1 nud permanent` (`ip -6 neigh show dev
+    /// flannel-v6.1 nud permanent`), `bridge fdb show dev DEV` (entries with a `dst` of
+    /// the family; both skipped without a device), `ip -4|-6 route show table main
+    /// proto 74`.
+    async fn read_state(
+        &self,
+        dev: Option<&Device>,
+        family: Family,
+    ) -> Result<KernelState, DataPlaneError> {
         let mut state = KernelState::default();
         if let Some(dev) = dev {
-            self.read_device_entries(dev, &mut state).await?;
+            self.read_device_entries(dev, family, &mut state).await?;
         }
-        for r in self.main_routes(ROUTE_PROTOCOL).await? {
-            let (mut dst, mut gateway) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
+        for r in self.main_routes(family, ROUTE_PROTOCOL).await? {
+            let (mut dst, mut gateway) = (unspecified(family), unspecified(family));
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(i)) => dst = *i,
-                    RouteAttribute::Gateway(RouteAddress::Inet(i)) => gateway = *i,
+                    RouteAttribute::Destination(RouteAddress::Inet(i)) => dst = (*i).into(),
+                    RouteAttribute::Destination(RouteAddress::Inet6(i)) => dst = (*i).into(),
+                    RouteAttribute::Gateway(RouteAddress::Inet(i)) => gateway = (*i).into(),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(i)) => gateway = (*i).into(),
                     _ => {}
                 }
             }
-            let Ok(dst) = Ipv4Net::new(dst, r.header.destination_prefix_length) else {
+            let Ok(dst) = IpNet::new(dst, r.header.destination_prefix_length) else {
                 continue;
             };
             let oif = route_oif(&r).unwrap_or(0);
@@ -805,29 +950,33 @@ impl DataPlane for Netlink {
     }
 
     /// `ip neigh replace IP lladdr MAC dev flannel.1 nud permanent`
+    /// (`ip -6 neigh replace IP6 lladdr MAC dev flannel-v6.1 nud permanent`)
     async fn add_neighbour(
         &self,
         dev: &Device,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: Mac,
     ) -> Result<(), DataPlaneError> {
         let result = self
             .handle
             .neighbours()
-            .add(dev.index, IpAddr::V4(ip))
+            .add(dev.index, ip)
             .link_layer_address(&mac.0)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
             .await;
         self.check(result, dev.index, false, |name| {
-            format!("ip neigh replace {ip} lladdr {mac} dev {name} nud permanent")
+            format!(
+                "{} neigh replace {ip} lladdr {mac} dev {name} nud permanent",
+                ip_cmd(Family::of(ip))
+            )
         })
         .await
     }
 
-    /// `ip neigh del IP dev flannel.1`
-    async fn del_neighbour(&self, dev: &Device, ip: Ipv4Addr) -> Result<(), DataPlaneError> {
+    /// `ip neigh del IP dev flannel.1` (`ip -6 neigh del IP6 dev flannel-v6.1`)
+    async fn del_neighbour(&self, dev: &Device, ip: IpAddr) -> Result<(), DataPlaneError> {
         let result = self
             .handle
             .neighbours()
@@ -835,18 +984,19 @@ impl DataPlane for Netlink {
             .execute()
             .await;
         self.check(result, dev.index, true, |name| {
-            format!("ip neigh del {ip} dev {name}")
+            format!("{} neigh del {ip} dev {name}", ip_cmd(Family::of(ip)))
         })
         .await
     }
 
     /// `bridge fdb replace MAC dev flannel.1 dst IP self permanent`
-    async fn add_fdb(&self, dev: &Device, mac: Mac, dst: Ipv4Addr) -> Result<(), DataPlaneError> {
+    /// (`bridge fdb replace MAC dev flannel-v6.1 dst IP6 self permanent`)
+    async fn add_fdb(&self, dev: &Device, mac: Mac, dst: IpAddr) -> Result<(), DataPlaneError> {
         let result = self
             .handle
             .neighbours()
             .add_bridge(dev.index, &mac.0)
-            .destination(IpAddr::V4(dst))
+            .destination(dst)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
@@ -859,7 +1009,8 @@ impl DataPlane for Netlink {
     }
 
     /// `bridge fdb del MAC dev flannel.1 dst IP self`
-    async fn del_fdb(&self, dev: &Device, mac: Mac, dst: Ipv4Addr) -> Result<(), DataPlaneError> {
+    /// (`bridge fdb del MAC dev flannel-v6.1 dst IP6 self`)
+    async fn del_fdb(&self, dev: &Device, mac: Mac, dst: IpAddr) -> Result<(), DataPlaneError> {
         let result = self
             .handle
             .neighbours()
@@ -872,38 +1023,39 @@ impl DataPlane for Netlink {
         .await
     }
 
-    /// `ip route replace DST via GW dev DEV onlink proto 74` (main table, scope global)
+    /// `ip route replace DST via GW dev DEV onlink proto 74` (`ip -6 route replace
+    /// DST6 via GW6 dev DEV onlink proto 74`; main table, scope global)
     async fn add_route(&self, route: &Route) -> Result<(), DataPlaneError> {
-        let result = self
-            .handle
-            .route()
-            .add(route_message(route))
-            .replace()
-            .execute()
-            .await;
-        self.check(result, route.oif, false, |name| {
+        let op = |name: &str| {
             format!(
-                "ip route replace {} via {} dev {name} onlink proto {ROUTE_PROTOCOL}",
-                route.dst, route.gateway
+                "{} route replace {} via {} dev {name} onlink proto {ROUTE_PROTOCOL}",
+                ip_cmd(Family::of_net(route.dst)),
+                route.dst,
+                route.gateway
             )
-        })
-        .await
+        };
+        let Some(message) = route_message(route) else {
+            return Err(mixed_families(op(&self.dev_name(route.oif).await)));
+        };
+        let result = self.handle.route().add(message).replace().execute().await;
+        self.check(result, route.oif, false, op).await
     }
 
-    /// `ip route del DST via GW dev DEV proto 74`
+    /// `ip route del DST via GW dev DEV proto 74` (`ip -6 route del DST6 via GW6 dev
+    /// DEV proto 74`)
     async fn del_route(&self, route: &Route) -> Result<(), DataPlaneError> {
-        let result = self
-            .handle
-            .route()
-            .del(route_del_message(route))
-            .execute()
-            .await;
-        self.check(result, route.oif, true, |name| {
+        let op = |name: &str| {
             format!(
-                "ip route del {} via {} dev {name} proto {ROUTE_PROTOCOL}",
-                route.dst, route.gateway
+                "{} route del {} via {} dev {name} proto {ROUTE_PROTOCOL}",
+                ip_cmd(Family::of_net(route.dst)),
+                route.dst,
+                route.gateway
             )
-        })
-        .await
+        };
+        let Some(message) = route_del_message(route) else {
+            return Err(mixed_families(op(&self.dev_name(route.oif).await)));
+        };
+        let result = self.handle.route().del(message).execute().await;
+        self.check(result, route.oif, true, op).await
     }
 }

@@ -474,6 +474,7 @@ pub async fn try_acquire_as(
             public_ip: public_ip.into(),
             backend_type: "vxlan".into(),
             vtep_mac: mac(name),
+            ..Default::default()
         }),
     )
     .await

@@ -274,6 +274,22 @@ impl AdminService for AdminApi {
             mtu: c.backend.mtu.unwrap_or(0),
             direct_routing: c.backend.direct_routing,
             lease_ttl_seconds: self.leases.ttl().as_secs(),
+            ipv6_network: c
+                .ipv6
+                .as_ref()
+                .map(|p| p.network.to_string())
+                .unwrap_or_default(),
+            ipv6_subnet_len: c.ipv6.as_ref().map_or(0, |p| p.subnet_len.into()),
+            ipv6_subnet_min: c
+                .ipv6
+                .as_ref()
+                .map(|p| p.subnet_min.to_string())
+                .unwrap_or_default(),
+            ipv6_subnet_max: c
+                .ipv6
+                .as_ref()
+                .map(|p| p.subnet_max.to_string())
+                .unwrap_or_default(),
         }))
     }
 

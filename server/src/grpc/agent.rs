@@ -84,6 +84,9 @@ impl AgentService for AgentApi {
                 public_ip: &r.public_ip,
                 backend: &r.backend_type,
                 vtep_mac: &r.vtep_mac,
+                requested_ipv6: &r.requested_ipv6_subnet,
+                public_ipv6: &r.public_ipv6,
+                vtep_mac_v6: &r.vtep_mac_v6,
             },
         )?;
         // Checked once the request is known to be well formed: only what would reach the

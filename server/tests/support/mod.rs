@@ -278,6 +278,7 @@ pub fn acquire_request(node: &str, requested: &str) -> twill_proto::AcquireReque
         public_ip: "192.0.2.10".into(),
         backend_type: "vxlan".into(),
         vtep_mac: mac(node),
+        ..Default::default()
     }
 }
 

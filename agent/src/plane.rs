@@ -1,0 +1,195 @@
+//! One address family's overlay on this node: its VXLAN device (`flannel.<VNI>` or
+//! `flannel-v6.<VNI>`; none with host-gw), how its peers are reached, and what the
+//! last reconcile left in the kernel. A dual-stack node runs two planes side by side;
+//! each reads, diffs and repairs only its own family's entries.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use tracing::{info, warn};
+use twill_common::lease::{Mac, Peer};
+use twill_common::netconf::{Backend, BackendType};
+
+use crate::dataplane::netlink::Netlink;
+use crate::dataplane::{
+    DataPlane, DataPlaneError, Device, Family, KernelState, Underlay, VxlanSpec,
+};
+use crate::reconcile::{self, Report, Topology};
+
+/// Extra bytes VXLAN adds on top of the pod packet: outer IP header, UDP (8), VXLAN
+/// (8) and the inner Ethernet header (14).
+pub fn vxlan_overhead(family: Family) -> u32 {
+    match family {
+        Family::V4 => 20 + 8 + 8 + 14,
+        Family::V6 => 40 + 8 + 8 + 14,
+    }
+}
+
+/// One family's overlay.
+#[derive(Debug)]
+pub struct Plane {
+    /// The family.
+    pub family: Family,
+    /// The VXLAN device's settings; `None` with host-gw.
+    pub spec: Option<VxlanSpec>,
+    /// The device and the public interface of this family.
+    pub topo: Topology,
+    /// The address peers send this family's traffic to (`--public-ip`,
+    /// `--public-ipv6`, else the interface's).
+    pub public_ip: IpAddr,
+    /// What the last fully successful run left in the kernel; `None` forces a read.
+    applied: Option<KernelState>,
+    /// Peers the last run could give no entry, with the reason.
+    unreachable: BTreeMap<String, String>,
+}
+
+/// A device recreated behind the agent's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recreated {
+    /// Its MAC changed: peers must learn the new one (renew the lease now).
+    pub mac_changed: bool,
+}
+
+impl Plane {
+    /// Creates or reuses the family's device (none with host-gw) on `underlay`, with
+    /// `mtu`; peers reach this node at `public_ip`.
+    pub async fn start(
+        dp: &dyn DataPlane,
+        backend: &Backend,
+        underlay: Underlay,
+        public_ip: IpAddr,
+        mtu: u32,
+    ) -> Result<Plane, DataPlaneError> {
+        let family = Family::of(underlay.addr.addr());
+        let spec = match backend.kind {
+            BackendType::HostGw => None,
+            BackendType::Vxlan => Some(VxlanSpec {
+                name: match family {
+                    Family::V4 => backend.device_name(),
+                    Family::V6 => format!("flannel-v6.{}", backend.vni),
+                },
+                vni: backend.vni,
+                local: underlay.addr.addr(),
+                port: backend.port,
+                underlay_index: underlay.index,
+                mtu,
+                learning: backend.learning,
+                gbp: backend.gbp,
+            }),
+        };
+        let device = match &spec {
+            Some(spec) => Some(dp.ensure_device(spec).await?),
+            None => None,
+        };
+        Ok(Plane {
+            family,
+            spec,
+            topo: Topology {
+                device,
+                underlay,
+                direct_routing: backend.direct_routing,
+            },
+            public_ip,
+            applied: None,
+            unreachable: BTreeMap::new(),
+        })
+    }
+
+    /// The device's name, for logs (`host-gw` without one).
+    pub fn name(&self) -> &str {
+        self.spec.as_ref().map_or("host-gw", |s| s.name.as_str())
+    }
+
+    /// The VTEP MAC peers program for this family; `None` with host-gw.
+    pub fn mac(&self) -> Option<Mac> {
+        self.topo.device.map(|d| d.mac)
+    }
+
+    /// Peers given no entry by the last run.
+    pub fn unreachable(&self) -> usize {
+        self.unreachable.len()
+    }
+
+    /// Gives the device the node subnet's network address (/32 or /128); nothing to do
+    /// with host-gw.
+    pub async fn address(&self, dp: &dyn DataPlane, addr: IpAddr) -> Result<(), DataPlaneError> {
+        match &self.topo.device {
+            Some(dev) => dp.ensure_address(dev, addr).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Brings the kernel to what `peers` call for. `full` reads the kernel to repair
+    /// what changed behind our back; otherwise the diff is taken against what was last
+    /// applied. Unreachable peers are logged when that changes, each once.
+    pub async fn reconcile(
+        &mut self,
+        dp: &dyn DataPlane,
+        peers: &BTreeMap<String, Peer>,
+        full: bool,
+    ) -> Result<Report, DataPlaneError> {
+        let desired = reconcile::desired(peers, &self.topo);
+        self.note_unreachable(desired.unreachable, peers);
+        let want = desired.state;
+        let dev = self.topo.device.as_ref();
+        let report = match self.applied.take().filter(|_| !full) {
+            Some(have) => reconcile::apply_diff(dp, dev, &have, &want).await,
+            None => reconcile::reconcile(dp, dev, self.family, &want).await?,
+        };
+        if report.errors.is_empty() {
+            self.applied = Some(want);
+        }
+        Ok(report)
+    }
+
+    fn note_unreachable(&mut self, now: BTreeMap<String, String>, peers: &BTreeMap<String, Peer>) {
+        for (peer, why) in &now {
+            if self.unreachable.get(peer) != Some(why) {
+                warn!(peer = %peer, device = %self.name(), reason = %why, "peer unreachable: no route programmed");
+            }
+        }
+        for peer in self.unreachable.keys().filter(|p| !now.contains_key(*p)) {
+            if peers.contains_key(peer) {
+                info!(peer = %peer, device = %self.name(), "peer reachable again");
+            }
+        }
+        self.unreachable = now;
+    }
+
+    /// Recreates the device if it was deleted or changed; `Some` when it was, and the
+    /// next reconcile reads the kernel again.
+    pub async fn check_device(
+        &mut self,
+        dp: &dyn DataPlane,
+    ) -> Result<Option<Recreated>, DataPlaneError> {
+        let Some(spec) = &self.spec else {
+            return Ok(None);
+        };
+        let dev: Device = dp.ensure_device(spec).await?;
+        if Some(dev) == self.topo.device {
+            return Ok(None);
+        }
+        warn!(device = %spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
+        let mac_changed = Some(dev.mac) != self.mac();
+        self.topo.device = Some(dev);
+        self.applied = None;
+        Ok(Some(Recreated { mac_changed }))
+    }
+
+    /// Removes this plane's entries and its device; every failure is logged and the
+    /// rest goes on.
+    pub async fn teardown(&self, dp: &Netlink) {
+        // Routes through the underlay (DirectRouting, host-gw) outlive the device:
+        // remove ours first.
+        let dev = self.topo.device.as_ref();
+        match reconcile::reconcile(dp, dev, self.family, &KernelState::default()).await {
+            Ok(r) => r.errors.iter().for_each(|e| warn!(error = %e, "teardown")),
+            Err(e) => warn!(error = %e, "teardown: cannot read kernel state"),
+        }
+        if let Some(spec) = &self.spec {
+            if let Err(e) = dp.delete_device(&spec.name).await {
+                warn!(error = %e, "teardown");
+            }
+        }
+    }
+}
