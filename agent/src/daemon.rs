@@ -650,6 +650,13 @@ impl Agent {
             requested_ipv6_subnet: text(requested6.map(|s| s.to_string())),
             public_ipv6: text(v6.map(|p| p.public_ip.to_string())),
             vtep_mac_v6: text(v6.and_then(Plane::mac).map(|m| m.to_string())),
+            // The controller's host-gw report needs the L2 subnet of the advertised
+            // address; an address given by hand (--public-ip) has none it can know.
+            public_ip_prefix_len: if self.v4.public_ip == self.v4.topo.underlay.addr.addr() {
+                self.v4.topo.underlay.addr.prefix_len().into()
+            } else {
+                0
+            },
         }
     }
 

@@ -233,6 +233,51 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_selection_follows_the_same_flags() {
+        let all = ifaces();
+        // The IPv6 default route's interface by default.
+        let (u, ip) = select6(&Selection::default(), &all, Some(&all[4])).unwrap();
+        assert_eq!(
+            (u.name.as_str(), ip.to_string()),
+            ("ens5", "2001:db8:5::9".into())
+        );
+        let e = select6(&Selection::default(), &all, Some(&all[1])).unwrap_err();
+        assert!(
+            e.0.contains("no IPv6 default route") && e.0.contains("--public-ipv6"),
+            "{e}"
+        );
+        // --iface: names, and addresses of either family (each family takes its own).
+        let sel = Selection {
+            ifaces: vec!["eth0".into(), "2001:db8:4::9".into(), "ens5".into()],
+            ..Default::default()
+        };
+        assert_eq!(select6(&sel, &all, None).unwrap().0.name, "ens4");
+        assert_eq!(select(&sel, &all, None).unwrap().0.name, "eth0");
+        // --iface-regex and --iface-can-reach apply to IPv6 too (flannel #2081).
+        let sel = Selection {
+            iface_regex: Some(regex::Regex::new("^ens").unwrap()),
+            public_ipv6: Some("2001:db8:99::1".parse().unwrap()),
+            ..Default::default()
+        };
+        let (u, ip) = select6(&sel, &all, None).unwrap();
+        assert_eq!(
+            (u.name.as_str(), ip.to_string()),
+            ("ens4", "2001:db8:99::1".into())
+        );
+        let sel = Selection {
+            can_reach: Some(("2001:db8:5::1".parse().unwrap(), 4)),
+            ..Default::default()
+        };
+        assert_eq!(select6(&sel, &all, None).unwrap().0.name, "ens5");
+        let sel = Selection {
+            can_reach: Some(("192.0.2.77".parse().unwrap(), 2)),
+            ..Default::default()
+        };
+        let e = select6(&sel, &all, None).unwrap_err();
+        assert!(e.0.contains("without an IPv6 address"), "{e}");
+    }
+
+    #[test]
     fn regex_and_public_ip() {
         let all = ifaces();
         let sel = Selection {

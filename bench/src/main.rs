@@ -71,6 +71,10 @@ struct Opts {
     /// Peer counts of the data-plane scenario.
     #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
     peers: Vec<usize>,
+    /// `dataplane`: every peer dual-stack (an IPv4 and an IPv6 side, on flannel.1 and
+    /// flannel-v6.1), against batches doing the same.
+    #[arg(long)]
+    dual_stack: bool,
     /// Which system(s) `join-storm` and `fanout` measure.
     #[arg(long, value_enum, default_value = "twill")]
     system: SystemChoice,
@@ -758,7 +762,7 @@ async fn cold_start_row(
     })
 }
 
-fn dataplane_runs(o: &Opts, peers: &[usize], res: &mut Results) {
+fn dataplane_runs(o: &Opts, peers: &[usize], dual: bool, res: &mut Results) {
     if let Err(why) = dataplane::available() {
         eprintln!("SKIPPED dataplane: {why}");
         res.notes.push(format!("dataplane skipped: {why}"));
@@ -767,7 +771,7 @@ fn dataplane_runs(o: &Opts, peers: &[usize], res: &mut Results) {
     for &p in peers {
         let k = o.repeat.max(1);
         eprintln!("dataplane P={p} ({k} runs)");
-        match dataplane::run(p, k) {
+        match dataplane::run(p, k, dual) {
             Ok(d) => {
                 eprintln!(
                     "  twill {:.1} ms full, {:.2} ms one change; ip/bridge -batch {:.1} ms full, {:.2} ms one change",
@@ -800,7 +804,7 @@ async fn run(mut o: Opts) -> Result<Results> {
         eprintln!("warning: open-file limit {nofile} is low for {max_n} nodes");
     }
     if o.scenario == Scenario::Dataplane {
-        dataplane_runs(&o, &o.peers.clone(), &mut res);
+        dataplane_runs(&o, &o.peers.clone(), o.dual_stack, &mut res);
         res.wall_s = started.elapsed().as_secs_f64();
         return Ok(res);
     }
@@ -849,7 +853,7 @@ async fn run(mut o: Opts) -> Result<Results> {
                 res.cold_start = vec![cold_start_row(&o, &mut pki, &ctl_bin, max_n).await?];
             }
             if o.scenario == Scenario::Compare && !o.skip_dataplane {
-                dataplane_runs(&o, &o.peers.clone(), &mut res);
+                dataplane_runs(&o, &o.peers.clone(), o.dual_stack, &mut res);
             }
         }
         Scenario::ColdStart => {
@@ -915,7 +919,8 @@ async fn run(mut o: Opts) -> Result<Results> {
                 }
                 res.ha = vec![row];
             }
-            dataplane_runs(&o, &[100], &mut res);
+            dataplane_runs(&o, &[100], false, &mut res);
+            dataplane_runs(&o, &[100], true, &mut res);
             if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
                 bail!("smoke: not every watcher resumed after the restart");
             }

@@ -114,7 +114,10 @@ fn targets(res: &Results) -> Vec<Target> {
         got: mem_ratio.map_or("not run".into(), |v| format!("{}×", f(v, 1))),
         met: check(mem_ratio, &|v| v >= 2.0),
     });
-    let dp = res.dataplane.iter().find(|d| d.peers == 5000);
+    let dp = res
+        .dataplane
+        .iter()
+        .find(|d| d.peers == 5000 && !d.dual_stack);
     let dp_ratio = dp.map(|d| d.twill_full_ms / d.batch_full_ms);
     out.push(Target {
         what: "5,000 peers programmed, Twill / ip+bridge -batch".into(),
@@ -668,10 +671,15 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
         let _ = writeln!(s, "| peers | Twill from empty, ms | ip+bridge -batch from empty, ms | Twill / batch | Twill one change, ms | batch one change, ms | Twill full kernel read (periodic resync), ms |");
         let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
         for d in &res.dataplane {
+            let peers = if d.dual_stack {
+                format!("{} dual-stack", d.peers)
+            } else {
+                d.peers.to_string()
+            };
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} |",
-                d.peers,
+                peers,
                 f(d.twill_full_ms, 1),
                 f(d.batch_full_ms, 1),
                 ratio(d.twill_full_ms, d.batch_full_ms),

@@ -485,6 +485,20 @@ pub struct StatusDoc {
     pub replicas: Vec<ReplicaDoc>,
     /// Open watch streams, ordered by name.
     pub agents: Vec<AgentDoc>,
+    /// host-gw: nodes with peers they cannot route to directly (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub off_link: Vec<OffLinkDoc>,
+}
+
+/// A node and the peers outside its underlay subnet (host-gw), in `status -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OffLinkDoc {
+    /// The node.
+    pub node: String,
+    /// Its underlay subnet.
+    pub underlay: String,
+    /// The peers it has no route to.
+    pub peers: Vec<String>,
 }
 
 impl From<&StatusResponse> for StatusDoc {
@@ -500,6 +514,15 @@ impl From<&StatusResponse> for StatusDoc {
             reservations_stale: Some(s.reservations_stale).filter(|n| *n > 0),
             replicas: s.replicas.iter().map(ReplicaDoc::from).collect(),
             agents: s.agents.iter().map(AgentDoc::from).collect(),
+            off_link: s
+                .off_link
+                .iter()
+                .map(|o| OffLinkDoc {
+                    node: o.node.clone(),
+                    underlay: o.underlay.clone(),
+                    peers: o.peers.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -545,10 +568,27 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                     n => format!("{n} connected"),
                 },
             ]));
+            if !s.off_link.is_empty() {
+                summary.push(strings(&[
+                    "Unreachable:",
+                    &format!(
+                        "{} node(s) cannot route to some peers directly (host-gw needs one L2 segment)",
+                        s.off_link.len()
+                    ),
+                ]));
+            }
             let mut out = table(&summary);
             if ha {
                 out.push('\n');
                 out.push_str(&replica_table(&s.replicas));
+            }
+            if !s.off_link.is_empty() {
+                let mut rows = vec![strings(&["NODE", "UNDERLAY", "NO-ROUTE-TO"])];
+                for o in &s.off_link {
+                    rows.push(vec![o.node.clone(), o.underlay.clone(), o.peers.join(",")]);
+                }
+                out.push('\n');
+                out.push_str(&table(&rows));
             }
             if s.agents.is_empty() {
                 return out;
@@ -1327,6 +1367,33 @@ node-long-name   10.244.12.0/24   192.168.1.10   0a:58:0a:f4:01:01   expired    
                 .ends_with("23h59m       yes        1     7"),
             "{wide}"
         );
+    }
+
+    #[test]
+    fn status_lists_host_gw_nodes_with_unreachable_peers() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = StatusResponse {
+            version: "0.1.0".into(),
+            off_link: vec![twill_proto::OffLink {
+                node: "node-c".into(),
+                underlay: "192.0.2.0/24".into(),
+                peers: vec!["node-a".into(), "node-b".into()],
+            }],
+            ..Default::default()
+        };
+        let t = render_status(&s, Format::Table, now);
+        assert!(t.contains("Unreachable:"), "{t}");
+        assert!(
+            t.contains(
+                "NODE     UNDERLAY       NO-ROUTE-TO\nnode-c   192.0.2.0/24   node-a,node-b\n"
+            ),
+            "{t}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_status(&s, Format::Json, now)).unwrap();
+        assert_eq!(v["off_link"][0]["peers"][1], "node-b");
+        let quiet = render_status(&StatusResponse::default(), Format::Json, now);
+        assert!(!quiet.contains("off_link"), "{quiet}");
     }
 
     #[test]

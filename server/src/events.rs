@@ -613,6 +613,7 @@ mod tests {
             ipv6_subnet: "fd00:10:244:7::/64".into(),
             public_ipv6: "fd18:0:0:7::1".into(),
             vtep_mac_v6: "0a:58:00:00:07:06".into(),
+            public_ip_prefix_len: 24,
         };
         let hub = Hub::new(vec![full("a", 0)], vec![], 0).with_epoch("0123456789abcdef");
         hub.commit(vec![LeaseEvent {

@@ -92,6 +92,8 @@ pub struct AcquireParams {
     pub vtep_mac: Option<Mac>,
     /// The IPv6 side, present exactly when the network has EnableIPv6.
     pub v6: Option<AcquireV6>,
+    /// Prefix length of the node's underlay subnet (0: not known).
+    pub public_prefix_len: u8,
 }
 
 /// The IPv6 side of an acquisition.
@@ -122,6 +124,8 @@ pub struct AcquireFields<'a> {
     pub public_ipv6: &'a str,
     /// `vtep_mac_v6`.
     pub vtep_mac_v6: &'a str,
+    /// `public_ip_prefix_len`.
+    pub public_prefix_len: u32,
 }
 
 impl AcquireParams {
@@ -161,12 +165,22 @@ impl AcquireParams {
                 )));
             }
         }
+        let public_prefix_len = u8::try_from(f.public_prefix_len)
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "public_ip_prefix_len {} is not an IPv4 prefix length (0 to 32)",
+                    f.public_prefix_len
+                ))
+            })?;
         Ok(AcquireParams {
             node: node.to_string(),
             requested,
             public_ip,
             vtep_mac,
             v6,
+            public_prefix_len,
         })
     }
 
@@ -972,6 +986,7 @@ impl Writer {
                 }
                 if l.public_ip == p.public_ip.to_string()
                     && l.vtep_mac == p.vtep_mac_text()
+                    && l.public_ip_prefix_len == u32::from(p.public_prefix_len)
                     && same_v6(&l, p.v6.as_ref())
                 {
                     // Only the expiry moves: stored, but no revision and no broadcast.
@@ -1021,6 +1036,7 @@ impl Writer {
             ipv6_subnet: subnet6.map(|s| s.to_string()).unwrap_or_default(),
             public_ipv6: v6.map(|v| v.public_ip.to_string()).unwrap_or_default(),
             vtep_mac_v6: mac_text(v6.and_then(|v| v.vtep_mac)),
+            public_ip_prefix_len: p.public_prefix_len.into(),
         };
         if renewal {
             info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");

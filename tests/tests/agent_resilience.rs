@@ -862,6 +862,26 @@ fn host_gw_scenario(ov: &Overlay) -> Result<()> {
         );
     }
 
+    // The controller tells the same from the leases: `twillctl status`.
+    let status = wait_until(
+        SETTLE,
+        "twillctl status to list node-c as unreachable",
+        || {
+            let out = ov.twillctl(&["status"])?;
+            ensure!(out.contains("NO-ROUTE-TO"), "{out}");
+            Ok::<_, anyhow::Error>(out)
+        },
+    )?;
+    for (n, want) in [(a, "node-c"), (b, "node-c"), (c, "node-a,node-b")] {
+        ensure!(
+            status
+                .lines()
+                .any(|l| l.starts_with(n) && l.trim_end().ends_with(want)),
+            "twillctl status should say {n} has no route to {want}:\n{status}"
+        );
+    }
+    println!("{status}");
+
     // Pods on a and b reach each other over the plain routes; the lease of node-c
     // stays in the table.
     for n in [a, b] {

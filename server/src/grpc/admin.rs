@@ -1,15 +1,17 @@
 //! `twill.v1.AdminService`: what operators (twillctl) call. Admin certificates only.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tonic::{Request, Response, Status};
 use twill_common::lease::parse_subnet;
+use twill_common::netconf::BackendType;
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
 use twill_proto::{
     ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease, ListLeasesRequest,
-    ListLeasesResponse, ListReservationsRequest, ListReservationsResponse, Reservation,
+    ListLeasesResponse, ListReservationsRequest, ListReservationsResponse, OffLink, Reservation,
     ReserveRequest, ReserveResponse, RevokeLeaseRequest, RevokeLeaseResponse, StatusRequest,
     StatusResponse, UnreserveRequest, UnreserveResponse, WatchRequest,
 };
@@ -136,6 +138,42 @@ impl AdminApi {
         }
         leases
     }
+}
+
+/// host-gw: for each node whose underlay subnet is known, the peers whose public address
+/// lies outside it (the agent programs no route to them and says so in its log and
+/// metrics; this is the same judgement made centrally). Nodes on one subnet share the
+/// answer, so each distinct subnet is worked out once.
+fn off_link(leases: &[Lease]) -> Vec<OffLink> {
+    let addr = |l: &Lease| l.public_ip.parse::<std::net::Ipv4Addr>().ok();
+    let mut by_subnet: BTreeMap<Ipv4Net, Vec<String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for l in leases {
+        let Some(net) = addr(l).and_then(|ip| {
+            let len = u8::try_from(l.public_ip_prefix_len)
+                .ok()
+                .filter(|n| *n > 0)?;
+            Ipv4Net::new(ip, len).ok().map(|n| n.trunc())
+        }) else {
+            continue;
+        };
+        let peers = by_subnet.entry(net).or_insert_with(|| {
+            leases
+                .iter()
+                .filter(|p| addr(p).is_some_and(|ip| !net.contains(&ip)))
+                .map(|p| p.node_name.clone())
+                .collect()
+        });
+        if !peers.is_empty() {
+            out.push(OffLink {
+                node: l.node_name.clone(),
+                underlay: net.to_string(),
+                peers: peers.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
 }
 
 #[tonic::async_trait]
@@ -351,6 +389,10 @@ impl AdminService for AdminApi {
             version: env!("CARGO_PKG_VERSION").to_string(),
             reservations_stale: stale.len() as u32,
             replicas,
+            off_link: match self.conf.backend.kind {
+                BackendType::HostGw => off_link(&leases),
+                BackendType::Vxlan => Vec::new(),
+            },
         }))
     }
 
@@ -428,5 +470,44 @@ impl AdminService for AdminApi {
             from,
             epoch,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_link_lists_the_peers_outside_each_nodes_underlay_subnet() {
+        let lease = |node: &str, ip: &str, len: u32| Lease {
+            node_name: node.into(),
+            public_ip: ip.into(),
+            public_ip_prefix_len: len,
+            ..Default::default()
+        };
+        let leases = [
+            lease("a", "198.18.3.1", 24),
+            lease("b", "198.18.3.2", 24),
+            lease("c", "192.0.2.1", 24),
+            lease("old", "198.18.3.9", 0),
+        ];
+        let got: Vec<(String, String, Vec<String>)> = off_link(&leases)
+            .into_iter()
+            .map(|o| (o.node, o.underlay, o.peers))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), "198.18.3.0/24".into(), vec!["c".to_string()]),
+                ("b".into(), "198.18.3.0/24".into(), vec!["c".to_string()]),
+                (
+                    "c".into(),
+                    "192.0.2.0/24".into(),
+                    vec!["a".to_string(), "b".into(), "old".into()]
+                ),
+            ],
+            "a node of unknown subnet ('old', an older agent) is judged only as a peer"
+        );
+        assert!(off_link(&leases[..2]).is_empty());
     }
 }

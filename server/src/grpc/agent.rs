@@ -87,6 +87,7 @@ impl AgentService for AgentApi {
                 requested_ipv6: &r.requested_ipv6_subnet,
                 public_ipv6: &r.public_ipv6,
                 vtep_mac_v6: &r.vtep_mac_v6,
+                public_prefix_len: r.public_ip_prefix_len,
             },
         )?;
         // Checked once the request is known to be well formed: only what would reach the
