@@ -66,7 +66,12 @@ impl NodeLimiter {
 
     /// Takes one write for `node`, or says when to retry (RESOURCE_EXHAUSTED).
     pub fn check(&self, node: &str) -> Result<(), Status> {
-        let now = Instant::now();
+        self.check_at(node, Instant::now())
+    }
+
+    /// `check` at time `now` (tests give the time, so a slow machine cannot refill a
+    /// bucket between two calls).
+    fn check_at(&self, node: &str, now: Instant) -> Result<(), Status> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // A walk over every node's bucket, at most once per idle period: per request it
         // would cost a 5,000-node join storm 25 million visits under this lock.
@@ -107,18 +112,19 @@ mod tests {
     #[test]
     fn a_burst_then_the_rate_per_node() {
         let l = NodeLimiter::new(1000.0, 3.0);
+        let t0 = Instant::now();
         for _ in 0..3 {
-            l.check("a").unwrap();
+            l.check_at("a", t0).unwrap();
         }
-        let e = l.check("a").unwrap_err();
+        let e = l.check_at("a", t0).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(
             e.message().contains("node a") && e.message().contains("retry in"),
             "{}",
             e.message()
         );
-        l.check("b").expect("other nodes are not affected");
-        std::thread::sleep(Duration::from_millis(5));
-        l.check("a").expect("refilled at the rate");
+        l.check_at("b", t0).expect("other nodes are not affected");
+        l.check_at("a", t0 + Duration::from_millis(5))
+            .expect("refilled at the rate");
     }
 }
