@@ -977,11 +977,14 @@ impl WatchPrinter {
                     let mut row = vec![d.revision.to_string(), d.kind.clone()];
                     match &d.lease {
                         Some(l) => {
+                            // The header is out before the first lease is known, so a
+                            // dual-stack lease shows both families in one cell, as
+                            // kubectl shows a dual-stack node's addresses.
                             row.extend([
                                 or_none(&l.node_name),
-                                or_none(&l.subnet),
-                                or_none(&l.public_ip),
-                                or_none(&l.vtep_mac),
+                                or_none(&both(&l.subnet, &l.ipv6_subnet)),
+                                or_none(&both(&l.public_ip, &l.public_ipv6)),
+                                or_none(&both(&l.vtep_mac, &l.vtep_mac_v6)),
                             ]);
                             if wide {
                                 row.push(expires_in(l.expires_at_unix, now));
@@ -1029,6 +1032,15 @@ fn watch_line(cells: &[String]) -> String {
     let mut line = line.trim_end().to_string();
     line.push('\n');
     line
+}
+
+/// `v4,v6`, or whichever of the two is set.
+fn both(v4: &str, v6: &str) -> String {
+    match (v4.is_empty(), v6.is_empty()) {
+        (_, true) => v4.to_string(),
+        (true, false) => v6.to_string(),
+        (false, false) => format!("{v4},{v6}"),
+    }
 }
 
 fn strings(cells: &[&str]) -> Vec<String> {
@@ -2104,6 +2116,33 @@ agents:
         assert_eq!(
             render_revoked(&lease("node-a", "10.244.1.0/24", 1), Format::Table),
             "lease/node-a revoked (subnet 10.244.1.0/24)\n"
+        );
+    }
+
+    #[test]
+    fn watch_lines_show_both_families_of_a_dual_stack_lease() {
+        use twill_proto::LeaseEvent;
+        let resp = WatchResponse {
+            events: vec![LeaseEvent {
+                r#type: EventType::Put as i32,
+                lease: Some(Lease {
+                    ipv6_subnet: "fd00:10:244:1::/64".into(),
+                    public_ipv6: "2001:db8::10".into(),
+                    vtep_mac_v6: "0a:58:0a:f4:06:01".into(),
+                    ..lease("node-a", "10.244.1.0/24", 86_400)
+                }),
+                revision: 7,
+            }],
+            revision: 7,
+            ..Default::default()
+        };
+        let out = WatchPrinter::new(Format::Table).render(&resp, UNIX_EPOCH);
+        let row = out.lines().nth(1).unwrap();
+        assert!(
+            row.contains("10.244.1.0/24,fd00:10:244:1::/64")
+                && row.contains("192.168.1.10,2001:db8::10")
+                && row.ends_with("0a:58:0a:f4:01:01,0a:58:0a:f4:06:01"),
+            "{out}"
         );
     }
 

@@ -15,15 +15,7 @@ async fn changed_network_subnet_len_or_backend_is_refused_at_start() {
     let data = dir.path().join("data");
     let mut ctl = Controller::start(&pki, &data, NET_CONF, &[]);
     let a = pki.node("a");
-    let lease = ctl
-        .agent(&pki, &a)
-        .await
-        .acquire(acquire_request("a", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .lease
-        .unwrap();
+    let lease = ctl.grant(&pki, &a, acquire_request("a", "")).await;
     ctl.kill9();
 
     for (conf, why) in [

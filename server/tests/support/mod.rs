@@ -183,6 +183,23 @@ impl Controller {
         AgentServiceClient::new(self.channel(pki, Some(id)).await.expect("connect"))
     }
 
+    /// The lease `id` is granted for `req`; panics when it is refused.
+    pub async fn grant(
+        &self,
+        pki: &Pki,
+        id: &Issued,
+        req: twill_proto::AcquireRequest,
+    ) -> twill_proto::Lease {
+        self.agent(pki, id)
+            .await
+            .acquire(req)
+            .await
+            .expect("acquire")
+            .into_inner()
+            .lease
+            .expect("a lease")
+    }
+
     pub async fn admin(&self, pki: &Pki) -> AdminServiceClient<Channel> {
         AdminServiceClient::new(
             self.channel(pki, Some(&pki.admin("root")))
