@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rand::Rng;
 use thiserror::Error;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
-use twill_common::tls::{read_pem, TlsError};
+use twill_common::tls::{ClientPem, TlsError};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::WatchResponse;
 
@@ -115,39 +115,21 @@ pub struct TlsFiles<'a> {
     pub ca: &'a Path,
 }
 
-/// The PEM contents of the mutual-TLS files, as read from disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsPem {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-    pub ca: Vec<u8>,
-}
-
-impl TlsPem {
+impl TlsFiles<'_> {
     /// Reads the three files, checking that each holds the PEM block it should.
-    pub fn read(tls: &TlsFiles<'_>) -> Result<TlsPem, ClientError> {
-        Ok(TlsPem {
-            cert: read_pem(tls.cert, "--tls-cert", "CERTIFICATE")?,
-            key: read_pem(tls.key, "--tls-key", "PRIVATE KEY")?,
-            ca: read_pem(tls.ca, "--tls-ca", "CERTIFICATE")?,
-        })
+    pub fn read(&self) -> Result<ClientPem, ClientError> {
+        Ok(ClientPem::read(self.cert, self.key, self.ca)?)
     }
 }
 
 /// A lazily connecting channel: it (re)connects on use, so callers only retry calls.
 pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
-    mtls_channel(url, &TlsPem::read(tls)?)
+    mtls_channel(url, &tls.read()?)
 }
 
 /// A lazily connecting channel presenting `pem`'s certificate.
-pub fn mtls_channel(url: &str, pem: &TlsPem) -> Result<Channel, ClientError> {
-    endpoint(
-        url,
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&pem.ca))
-            .identity(Identity::from_pem(&pem.cert, &pem.key)),
-    )
-    .map(|e| e.connect_lazy())
+pub fn mtls_channel(url: &str, pem: &ClientPem) -> Result<Channel, ClientError> {
+    endpoint(url, pem.client_tls()).map(|e| e.connect_lazy())
 }
 
 /// The controller at `url` (which must be `https://`) with `tls` and the agent's

@@ -129,3 +129,33 @@ pub fn read_pem(path: &Path, what: &str, label: &str) -> Result<Vec<u8>, TlsErro
     }
     Ok(bytes)
 }
+
+/// What a client of the controller presents and trusts, read from the PEM files of
+/// `--tls-cert`, `--tls-key` and `--tls-ca` (the agent and twillctl alike).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPem {
+    /// Client certificate chain.
+    pub cert: Vec<u8>,
+    /// Its private key.
+    pub key: Vec<u8>,
+    /// The CA the controller's certificate must chain to.
+    pub ca: Vec<u8>,
+}
+
+impl ClientPem {
+    /// Reads the three files, checking that each holds the PEM block it should.
+    pub fn read(cert: &Path, key: &Path, ca: &Path) -> Result<ClientPem, TlsError> {
+        Ok(ClientPem {
+            cert: read_pem(cert, "--tls-cert", "CERTIFICATE")?,
+            key: read_pem(key, "--tls-key", "PRIVATE KEY")?,
+            ca: read_pem(ca, "--tls-ca", "CERTIFICATE")?,
+        })
+    }
+
+    /// Mutual TLS to the controller: trust the CA, present the certificate.
+    pub fn client_tls(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+    }
+}

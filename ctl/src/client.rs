@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use twill_common::tls::read_pem;
+use tonic::transport::{Channel, Endpoint};
+use twill_common::tls::ClientPem;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
     BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
@@ -105,13 +105,8 @@ pub async fn connect(opts: &ConnectOptions) -> Result<AdminServiceClient<Channel
             "--controller {url:?} must be an https:// URL: the controller only speaks mutual TLS"
         )));
     }
-    let cert = read_pem(&opts.tls_cert, "--tls-cert", "CERTIFICATE").map_err(config)?;
-    let key = read_pem(&opts.tls_key, "--tls-key", "PRIVATE KEY").map_err(config)?;
-    let ca = read_pem(&opts.tls_ca, "--tls-ca", "CERTIFICATE").map_err(config)?;
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(cert, key))
-        .timeout(opts.timeout);
+    let pem = ClientPem::read(&opts.tls_cert, &opts.tls_key, &opts.tls_ca).map_err(config)?;
+    let mut tls = pem.client_tls().timeout(opts.timeout);
     if let Some(name) = &opts.tls_server_name {
         tls = tls.domain_name(name.clone());
     }

@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 use twill_common::now_unix;
+use twill_common::tls::ClientPem;
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::RenewRequest;
 
@@ -33,7 +34,7 @@ use super::{
     check_certificate, check_issued, code_name, csr_pem, describe, first_certificate, generate_key,
     hint, status_text, write_atomic, CertCheck, CertInfo, CERT_MODE, KEY_MODE,
 };
-use crate::client::{self, ClientError, TlsFiles, TlsPem};
+use crate::client::{self, ClientError, TlsFiles};
 
 /// Earliest and latest point of the lifetime at which the certificate is rotated.
 pub const ROTATE_FROM: f64 = 0.7;
@@ -64,9 +65,9 @@ pub struct Credentials {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
-    pem: TlsPem,
+    pem: ClientPem,
     /// Contents found unusable once, so they are reported once, not on every check.
-    refused: Option<TlsPem>,
+    refused: Option<ClientPem>,
     /// The certificate in use, when it reads as this node's and valid.
     pub info: Option<CertInfo>,
     /// When the certificate in use was written (its file's modification time).
@@ -82,7 +83,7 @@ impl Credentials {
         node: &str,
         files: &TlsFiles<'_>,
     ) -> Result<(Credentials, Channel), ClientError> {
-        let pem = TlsPem::read(files)?;
+        let pem = files.read()?;
         for url in urls {
             client::endpoint(url, tonic::transport::ClientTlsConfig::new())?;
         }
@@ -151,7 +152,7 @@ impl Credentials {
     /// configuration; `Ok(None)` when nothing changed. An error says why changed files
     /// are not used; it is returned once per content, and the old channel stays.
     pub fn reload(&mut self) -> Result<Option<Channel>, String> {
-        let pem = TlsPem::read(&self.files()).map_err(|e| e.to_string())?;
+        let pem = self.files().read().map_err(|e| e.to_string())?;
         if pem == self.pem || self.refused.as_ref() == Some(&pem) {
             return Ok(None);
         }
