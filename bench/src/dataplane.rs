@@ -192,6 +192,25 @@ fn ipv6_underlay(dual: bool) -> Result<()> {
     Ok(())
 }
 
+/// Checks that the kernel holds `peers` Twill routes of each family the run uses.
+fn check_routes(dual: bool, peers: usize, who: &str) -> Result<()> {
+    for side in sides(dual) {
+        let fam = match side.family {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        let routes = sh(IP, &[fam, "route", "show", "proto", "74"])?;
+        if routes.lines().count() != peers {
+            bail!(
+                "{who}: {} {} routes in the kernel, {peers} expected",
+                routes.lines().count(),
+                side.family
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One family's device and peer table in the Twill run.
 struct Plane {
     dev: twill_agent::dataplane::Device,
@@ -262,21 +281,7 @@ fn twill_once(peers: usize, changes: usize, dual: bool) -> Result<(f64, f64, f64
             if added != 3 * peers * planes.len() {
                 bail!("reconcile of {peers} peers: {added} entries added");
             }
-            for side in sides(dual) {
-                let fam = if side.family == Family::V6 {
-                    "-6"
-                } else {
-                    "-4"
-                };
-                let routes = sh(IP, &[fam, "route", "show", "proto", "74"])?;
-                if routes.lines().count() != peers {
-                    bail!(
-                        "{} {} routes in the kernel, {peers} expected",
-                        routes.lines().count(),
-                        side.family
-                    );
-                }
-            }
+            check_routes(dual, peers, "Twill")?;
 
             let started = Instant::now();
             for p in &planes {
@@ -395,21 +400,7 @@ fn batch_once(peers: usize, changes: usize, dual: bool) -> Result<(f64, f64)> {
         };
         let full_files = write(0..peers, false, "full")?;
         let full = ms(run(&full_files)?);
-        for side in sides(dual) {
-            let fam = if side.family == Family::V6 {
-                "-6"
-            } else {
-                "-4"
-            };
-            let routes = sh(IP, &[fam, "route", "show", "proto", "74"])?;
-            if routes.lines().count() != peers {
-                bail!(
-                    "ip -batch: {} {} routes, {peers} expected",
-                    routes.lines().count(),
-                    side.family
-                );
-            }
-        }
+        check_routes(dual, peers, "ip -batch")?;
         let add = write(peers..peers + 1, false, "add")?;
         let del = write(peers..peers + 1, true, "del")?;
         let mut times = Vec::new();

@@ -590,17 +590,14 @@ struct Writer {
 struct LeaseKeys {
     subnet: Option<Ipv4Net>,
     subnet6: Option<Ipv6Net>,
-    macs: Vec<Mac>,
+    macs: [Option<Mac>; 2],
 }
 
 fn lease_keys(l: &Lease) -> LeaseKeys {
     LeaseKeys {
         subnet: parse_subnet(&l.subnet).ok(),
         subnet6: parse_subnet6(&l.ipv6_subnet).ok(),
-        macs: [&l.vtep_mac, &l.vtep_mac_v6]
-            .into_iter()
-            .filter_map(|m| m.parse().ok())
-            .collect(),
+        macs: [l.vtep_mac.parse().ok(), l.vtep_mac_v6.parse().ok()],
     }
 }
 
@@ -839,9 +836,10 @@ impl Writer {
                     l.node_name
                 ));
             }
+            let keys = lease_keys(&l);
             // A lease granted before the network had IPv6 has none yet (its next
             // renewal adds one).
-            if let (Some(alloc6), Some(s6)) = (self.alloc6.as_mut(), lease_keys(&l).subnet6) {
+            if let (Some(alloc6), Some(s6)) = (self.alloc6.as_mut(), keys.subnet6) {
                 if !alloc6.take(s6) {
                     return Err(format!(
                         "stored lease of {} holds {s6}, which is outside IPv6SubnetMin..IPv6SubnetMax \
@@ -851,7 +849,7 @@ impl Writer {
                     ));
                 }
             }
-            for m in lease_keys(&l).macs {
+            for m in keys.macs.into_iter().flatten() {
                 if let Some(other) = self.by_mac.get(&m) {
                     warn!(node = %l.node_name, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
                 }
@@ -921,7 +919,7 @@ impl Writer {
         if let Some(s) = keys.subnet6 {
             self.by_subnet6.insert(s, l.node_name.clone());
         }
-        for m in keys.macs {
+        for m in keys.macs.into_iter().flatten() {
             self.by_mac.entry(m).or_insert_with(|| l.node_name.clone());
         }
     }
@@ -939,7 +937,7 @@ impl Writer {
                 self.by_subnet6.remove(&s);
             }
         }
-        for m in keys.macs {
+        for m in keys.macs.into_iter().flatten() {
             if self.by_mac.get(&m) == Some(&l.node_name) {
                 self.by_mac.remove(&m);
             }

@@ -678,6 +678,29 @@ impl Overlay {
         self.lab.exec(CONTROLLER_HOST, &all)
     }
 
+    /// One ping from `host` with source `src` to `dst` (either family), retried until
+    /// a reply comes (each echo waits up to 1 s), up to `timeout`.
+    pub fn ping_from(
+        &self,
+        host: &str,
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        timeout: Duration,
+    ) -> Result<()> {
+        let (s, d) = (src.to_string(), dst.to_string());
+        wait_until(timeout, &format!("{host}: ping -I {s} {d}"), || {
+            let out = self.lab.try_exec(
+                host,
+                &["ping", "-n", "-q", "-c", "1", "-W", "1", "-I", &s, &d],
+            )?;
+            if out.success() {
+                Ok(())
+            } else {
+                bail!("{}", out.stdout.trim().lines().last().unwrap_or("").trim())
+            }
+        })
+    }
+
     /// `twillctl leases` (a table).
     pub fn leases_table(&self) -> Result<String> {
         self.twillctl(&["leases"])

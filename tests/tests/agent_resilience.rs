@@ -81,21 +81,9 @@ fn ip(netns: &str, args: &[&str]) -> Result<String> {
     cmd::run(&all)
 }
 
-/// One ping from `host` with source `src` to `dst`, retried until a reply comes
-/// (each echo waits up to 1 s), up to `SETTLE`.
+/// One ping from `host` with source `src` to `dst`, retried up to `SETTLE`.
 fn ping_from(ov: &Overlay, host: &str, src: Ipv4Addr, dst: Ipv4Addr) -> Result<()> {
-    let (s, d) = (src.to_string(), dst.to_string());
-    wait_until(SETTLE, &format!("{host}: ping -I {s} {d}"), || {
-        let out = ov.lab().try_exec(
-            host,
-            &["ping", "-n", "-q", "-c", "1", "-W", "1", "-I", &s, &d],
-        )?;
-        if out.success() {
-            Ok(())
-        } else {
-            bail!("{}", out.stdout.trim().lines().last().unwrap_or("").trim())
-        }
-    })
+    ov.ping_from(host, src.into(), dst.into(), SETTLE)
 }
 
 /// The controller's `twill_watchers` gauge (open watch streams).

@@ -137,8 +137,8 @@ fn scenario(ov: &Overlay) -> Result<()> {
                 envs[from].gateway6().context("gw6")?,
                 envs[to].gateway6().context("gw6")?,
             );
-            ping_from(ov, from, s4.into(), d4.into())?;
-            ping_from(ov, from, s6.into(), d6.into())?;
+            ov.ping_from(from, s4.into(), d4.into(), SETTLE)?;
+            ov.ping_from(from, s6.into(), d6.into(), SETTLE)?;
             matrix.push(format!("{from} -> {to}: {d4} ok, {d6} ok"));
         }
     }
@@ -335,20 +335,4 @@ fn v6_entries(ov: &Overlay, on: &str, peer: &str, subnet6: Ipv6Net) -> Result<()
         "{on}: no route {subnet6} via {gw} dev {V6_DEV} onlink: {routes}"
     );
     Ok(())
-}
-
-/// One ping from `host` with source `src` to `dst`, retried until a reply comes.
-fn ping_from(ov: &Overlay, host: &str, src: IpAddr, dst: IpAddr) -> Result<()> {
-    let (s, d) = (src.to_string(), dst.to_string());
-    wait_until(SETTLE, &format!("{host}: ping -I {s} {d}"), || {
-        let out = ov.lab().try_exec(
-            host,
-            &["ping", "-n", "-q", "-c", "1", "-W", "1", "-I", &s, &d],
-        )?;
-        if out.success() {
-            Ok(())
-        } else {
-            bail!("{}", out.stdout.trim().lines().last().unwrap_or("").trim())
-        }
-    })
 }
