@@ -22,7 +22,7 @@ use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::plane::{vxlan_overhead, Plane};
 use twill_common::lease::{parse_subnet, parse_subnet6};
-use twill_common::netconf::BackendType;
+use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
@@ -133,8 +133,13 @@ pub async fn run(args: Args) -> Result<()> {
         selection.can_reach = Some((addr, dp.route_interface(addr).await?));
     }
     let interfaces = dp.interfaces().await?;
-    let default = dp.default_route_interface().await.ok();
-    let (underlay, public_ip) = iface::select(&selection, &interfaces, default.as_ref())?;
+    let underlay4 = match &conf.ipv4 {
+        Some(_) => {
+            let default = dp.default_route_interface().await.ok();
+            Some(iface::select(&selection, &interfaces, default.as_ref())?)
+        }
+        None => None,
+    };
     let underlay6 = match &conf.ipv6 {
         Some(_) => {
             let default6 = dp.default_route_interface_v6().await.ok();
@@ -142,13 +147,20 @@ pub async fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    let mtu = pod_mtu(&conf, &underlay, underlay6.as_ref().map(|(u, _)| u));
-    let v4 = Plane::start(&dp, &conf.backend, underlay, public_ip.into(), mtu).await?;
+    let mtu = pod_mtu(
+        &conf,
+        underlay4.as_ref().map(|(u, _)| u),
+        underlay6.as_ref().map(|(u, _)| u),
+    );
+    let v4 = match underlay4 {
+        Some((u, ip)) => Some(Plane::start(&dp, &conf.backend, u, ip.into(), mtu).await?),
+        None => None,
+    };
     let v6 = match underlay6 {
         Some((u, ip)) => Some(Plane::start(&dp, &conf.backend, u, ip.into(), mtu).await?),
         None => None,
     };
-    for plane in std::iter::once(&v4).chain(&v6) {
+    for plane in v4.iter().chain(&v6) {
         match plane.mac() {
             Some(mac) => {
                 info!(node = %node, device = %plane.name(), vtep_mac = %mac, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "VXLAN device ready")
@@ -159,12 +171,9 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let mut peers = PeerTable::new(&node, conf.network, conf.ipv6.as_ref().map(|p| p.network));
+    let mut peers = PeerTable::new(&node, conf.network4(), conf.network6());
     peers.set_own(
-        std::iter::once(&v4)
-            .chain(&v6)
-            .filter_map(Plane::mac)
-            .collect(),
+        v4.iter().chain(&v6).filter_map(Plane::mac).collect(),
         Vec::new(),
     );
     let mut agent = Agent {
@@ -188,14 +197,17 @@ pub async fn run(args: Args) -> Result<()> {
     agent.main_loop(&mut shutdown).await
 }
 
-/// The network configuration, from whichever controller answers first; `channel` is
-/// left on that one.
 /// The pod MTU (`FLANNEL_MTU`), one for both families so that a pod's packets fit
 /// either tunnel: `Backend.MTU` when set; else the public interface's MTU less the
-/// VXLAN overhead, the larger IPv6 one on a dual-stack node (flannel #1781); with
-/// host-gw, the interface's MTU.
-fn pod_mtu(conf: &NetConf, underlay: &Underlay, underlay6: Option<&Underlay>) -> u32 {
-    let host = underlay6.map_or(underlay.mtu, |u6| underlay.mtu.min(u6.mtu));
+/// VXLAN overhead, the larger IPv6 one when the node has an IPv6 tunnel (flannel
+/// #1781); with host-gw, the interface's MTU.
+fn pod_mtu(conf: &NetConf, underlay: Option<&Underlay>, underlay6: Option<&Underlay>) -> u32 {
+    let host = underlay
+        .iter()
+        .chain(&underlay6)
+        .map(|u| u.mtu)
+        .min()
+        .unwrap_or(1500);
     match conf.backend.kind {
         BackendType::HostGw => host,
         BackendType::Vxlan => conf.backend.mtu.unwrap_or_else(|| {
@@ -209,6 +221,20 @@ fn pod_mtu(conf: &NetConf, underlay: &Underlay, underlay6: Option<&Underlay>) ->
     }
 }
 
+/// The subnet of one family a previous run left in subnet.env, when it belongs to
+/// this network (one left by another network, e.g. a rebuilt cluster, is no claim
+/// here).
+fn previous_of<N: PoolNet>(pool: Option<&Pool<N>>, previous: Option<N>) -> Option<N> {
+    let (pool, s) = (pool?, previous?);
+    if !pool.fits(s) {
+        info!(subnet = %s, network = %pool.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
+        return None;
+    }
+    Some(s)
+}
+
+/// The network configuration, from whichever controller answers first; `channel` is
+/// left on that one.
 async fn fetch_config(
     creds: &mut Credentials,
     channel: &mut Channel,
@@ -249,8 +275,8 @@ struct Agent {
     stats: Arc<Stats>,
     /// The pod MTU written to subnet.env.
     mtu: u32,
-    /// The IPv4 overlay, and the IPv6 one on a dual-stack network.
-    v4: Plane,
+    /// The IPv4 overlay and the IPv6 one, each present when the network has the family.
+    v4: Option<Plane>,
     v6: Option<Plane>,
     lease: Option<Lease>,
     peers: PeerTable,
@@ -640,29 +666,30 @@ impl Agent {
             None => self.previous_subnets(),
         };
         let text = |v: Option<String>| v.unwrap_or_default();
-        let v6 = self.v6.as_ref();
+        let (v4, v6) = (self.v4.as_ref(), self.v6.as_ref());
+        // The controller's host-gw report needs the L2 subnet of the advertised address
+        // (IPv4, or IPv6 on an IPv6-only network); an address given by hand
+        // (--public-ip) has none it can know.
+        let public_ip_prefix_len = v4
+            .or(v6)
+            .filter(|p| p.public_ip == p.topo.underlay.addr.addr())
+            .map_or(0, |p| p.topo.underlay.addr.prefix_len().into());
         AcquireRequest {
             node_name: self.node.clone(),
             requested_subnet: text(requested.map(|s| s.to_string())),
-            public_ip: self.v4.public_ip.to_string(),
+            public_ip: text(v4.map(|p| p.public_ip.to_string())),
             backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac: text(self.v4.mac().map(|m| m.to_string())),
+            vtep_mac: text(v4.and_then(Plane::mac).map(|m| m.to_string())),
             requested_ipv6_subnet: text(requested6.map(|s| s.to_string())),
             public_ipv6: text(v6.map(|p| p.public_ip.to_string())),
             vtep_mac_v6: text(v6.and_then(Plane::mac).map(|m| m.to_string())),
-            // The controller's host-gw report needs the L2 subnet of the advertised
-            // address; an address given by hand (--public-ip) has none it can know.
-            public_ip_prefix_len: if self.v4.public_ip == self.v4.topo.underlay.addr.addr() {
-                self.v4.topo.underlay.addr.prefix_len().into()
-            } else {
-                0
-            },
+            public_ip_prefix_len,
         }
     }
 
-    /// Both planes, IPv4 first.
+    /// The planes, IPv4 first.
     fn planes(&self) -> impl Iterator<Item = &Plane> {
-        std::iter::once(&self.v4).chain(&self.v6)
+        self.v4.iter().chain(&self.v6)
     }
 
     /// Tells the peer table this node's own MACs and subnets, which no peer may claim.
@@ -684,9 +711,13 @@ impl Agent {
     /// masquerade); returns the TTL.
     async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
         let lease = resp.lease.context("controller answered without a lease")?;
-        let subnet = parse_subnet(&lease.subnet)?;
+        let subnet = match (&self.v4, lease.subnet.as_str()) {
+            (Some(_), "") => bail!("the controller granted no IPv4 subnet on an IPv4 network"),
+            (Some(_), s) => Some(parse_subnet(s)?),
+            (None, _) => None,
+        };
         let subnet6 = match (&self.v6, lease.ipv6_subnet.as_str()) {
-            (Some(_), "") => bail!("the controller granted no IPv6 subnet on a dual-stack network"),
+            (Some(_), "") => bail!("the controller granted no IPv6 subnet on an IPv6 network"),
             (Some(_), s) => Some(parse_subnet6(s)?),
             (None, _) => None,
         };
@@ -696,12 +727,12 @@ impl Agent {
             .is_none_or(|l| l.subnet != lease.subnet || l.ipv6_subnet != lease.ipv6_subnet);
         if changed {
             if let Some(old) = self.lease.as_ref() {
-                warn!(node = %self.node, old = %old.subnet, subnet = %subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %lease.ipv6_subnet, "the controller gave this node a different subnet");
+                warn!(node = %self.node, old = %old.subnet, subnet = %lease.subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %lease.ipv6_subnet, "the controller gave this node a different subnet");
             }
             let env = SubnetEnv {
-                network: Some(self.conf.network),
-                subnet: Some(subnet),
-                ipv6_network: self.conf.ipv6.as_ref().map(|p| p.network),
+                network: self.conf.network4(),
+                subnet,
+                ipv6_network: self.conf.network6(),
                 ipv6_subnet: subnet6,
                 mtu: Some(self.mtu),
                 ipmasq: Some(self.args.ip_masq),
@@ -710,7 +741,7 @@ impl Agent {
             self.address_devices(subnet, subnet6).await?;
             self.lease = Some(lease.clone());
             self.ensure_masquerade().await;
-            info!(node = %self.node, subnet = %subnet, ipv6_subnet = %lease.ipv6_subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
+            info!(node = %self.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
         self.stats.lease_expiry.set(lease.expires_at_unix);
         self.lease = Some(lease);
@@ -719,8 +750,14 @@ impl Agent {
     }
 
     /// Gives each device its subnet's network address.
-    async fn address_devices(&self, subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> Result<()> {
-        self.v4.address(&self.dp, subnet.network().into()).await?;
+    async fn address_devices(
+        &self,
+        subnet: Option<Ipv4Net>,
+        subnet6: Option<Ipv6Net>,
+    ) -> Result<()> {
+        if let (Some(plane), Some(s)) = (&self.v4, subnet) {
+            plane.address(&self.dp, s.network().into()).await?;
+        }
         if let (Some(plane), Some(s6)) = (&self.v6, subnet6) {
             plane.address(&self.dp, s6.network().into()).await?;
         }
@@ -738,24 +775,10 @@ impl Agent {
                 SubnetEnv::default()
             }
         };
-        let v4 = previous.subnet.filter(|s| {
-            let fits = self.conf.network.contains(s) && s.prefix_len() == self.conf.subnet_len;
-            if !fits {
-                info!(subnet = %s, network = %self.conf.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
-            }
-            fits
-        });
-        let v6 = match &self.conf.ipv6 {
-            Some(pool) => previous.ipv6_subnet.filter(|s| {
-                let fits = pool.network.contains(s) && s.prefix_len() == pool.subnet_len;
-                if !fits {
-                    info!(ipv6_subnet = %s, ipv6_network = %pool.network, "not asking for the IPv6 subnet in subnet.env: it is not a subnet of this network");
-                }
-                fits
-            }),
-            None => None,
-        };
-        (v4, v6)
+        (
+            previous_of(self.conf.ipv4.as_ref(), previous.subnet),
+            previous_of(self.conf.ipv6.as_ref(), previous.ipv6_subnet),
+        )
     }
 
     /// Folds a complete watch message into the peer set. Returns true when our own
@@ -806,13 +829,16 @@ impl Agent {
     /// (removed once, when the lease is first applied).
     async fn ensure_masquerade(&self) {
         let lease = self.lease.as_ref();
-        let subnet = lease.and_then(|l| parse_subnet(&l.subnet).ok());
-        let v6 = self.conf.ipv6.as_ref().and_then(|pool| {
-            let s6 = parse_subnet6(&lease?.ipv6_subnet).ok()?;
-            Some((pool.network, s6))
-        });
-        let result = match (self.args.ip_masq, subnet) {
-            (true, Some(subnet)) => masq::apply(self.conf.network, subnet, v6).await,
+        let v4 = self
+            .conf
+            .network4()
+            .zip(lease.and_then(|l| parse_subnet(&l.subnet).ok()));
+        let v6 = self
+            .conf
+            .network6()
+            .zip(lease.and_then(|l| parse_subnet6(&l.ipv6_subnet).ok()));
+        let result = match (self.args.ip_masq, lease) {
+            (true, Some(_)) => masq::apply(v4, v6).await,
             (true, None) => return,
             (false, _) => masq::remove().await,
         };
@@ -827,7 +853,11 @@ impl Agent {
     /// run) reads the kernel to repair what was changed behind our back.
     async fn reconcile(&mut self, full: bool) {
         let (mut added, mut removed, mut errors) = (0, 0, 0);
-        let planes = std::iter::once((&mut self.v4, self.peers.peers()))
+        let planes = self
+            .v4
+            .as_mut()
+            .map(|p| (p, self.peers.peers()))
+            .into_iter()
             .chain(self.v6.as_mut().map(|p| (p, self.peers.peers6())));
         for (plane, peers) in planes {
             match plane.reconcile(&self.dp, peers, full).await {
@@ -849,13 +879,13 @@ impl Agent {
         if runs > 0 {
             self.stats.changes.inc_by((added + removed) as u64);
         }
-        self.stats.peers.set(self.peers.peers().len() as i64);
+        self.stats.peers.set(self.peers.len() as i64);
         self.stats.netlink_errors.inc_by(errors as u64);
         let unreachable: usize = self.planes().map(Plane::unreachable).sum();
         self.stats.peers_unreachable.set(unreachable as i64);
         if added + removed > 0 {
             info!(
-                peers = self.peers.peers().len(),
+                peers = self.peers.len(),
                 added,
                 removed,
                 revision = self.revision,
@@ -868,7 +898,7 @@ impl Agent {
     /// lease is renewed at once in that case.
     async fn check_devices(&mut self, renew_at: &mut Instant) {
         let mut recreated = false;
-        for plane in std::iter::once(&mut self.v4).chain(self.v6.as_mut()) {
+        for plane in self.v4.iter_mut().chain(self.v6.as_mut()) {
             match plane.check_device(&self.dp).await {
                 Ok(Some(r)) => {
                     recreated = true;
@@ -887,9 +917,9 @@ impl Agent {
             return;
         }
         self.set_own();
-        let lease = self.lease.as_ref();
-        if let Some(subnet) = lease.and_then(|l| parse_subnet(&l.subnet).ok()) {
-            let subnet6 = lease.and_then(|l| parse_subnet6(&l.ipv6_subnet).ok());
+        if let Some(l) = self.lease.as_ref() {
+            let subnet = parse_subnet(&l.subnet).ok();
+            let subnet6 = parse_subnet6(&l.ipv6_subnet).ok();
             if let Err(e) = self.address_devices(subnet, subnet6).await {
                 warn!(error = %e, "cannot address the VXLAN device");
             }

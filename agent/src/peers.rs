@@ -8,7 +8,7 @@
 //! On a dual-stack network a lease makes two peers, one per family, admitted or
 //! refused together; its IPv6 subnet and its IPv6 device's MAC are keys like the
 //! IPv4 ones. A lease without IPv6 fields (granted before the network had IPv6) is an
-//! IPv4 peer only.
+//! IPv4 peer only; on an IPv6-only network every lease is an IPv6 peer only.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,7 +20,7 @@ use twill_proto::{lease_event::Type as EventType, Lease, WatchResponse};
 /// Peers by node name, with the indexes that keep their kernel keys unique.
 pub struct PeerTable {
     own: String,
-    network: Ipv4Net,
+    network: Option<Ipv4Net>,
     network6: Option<Ipv6Net>,
     own_macs: Vec<Mac>,
     own_subnets: Vec<IpNet>,
@@ -40,9 +40,9 @@ pub struct Applied {
 }
 
 impl PeerTable {
-    /// An empty table for node `own` of pod network `network` (and `network6` on a
-    /// dual-stack network).
-    pub fn new(own: &str, network: Ipv4Net, network6: Option<Ipv6Net>) -> Self {
+    /// An empty table for node `own` of the pod networks of each family the network
+    /// has.
+    pub fn new(own: &str, network: Option<Ipv4Net>, network6: Option<Ipv6Net>) -> Self {
         PeerTable {
             own: own.to_string(),
             network,
@@ -69,9 +69,28 @@ impl PeerTable {
         &self.peers
     }
 
-    /// The admitted peers' IPv6 side (dual-stack networks).
+    /// The admitted peers' IPv6 side.
     pub fn peers6(&self) -> &BTreeMap<String, Peer> {
         &self.peers6
+    }
+
+    /// Number of admitted peer nodes (every IPv6 peer is an IPv4 one too unless the
+    /// network is IPv6-only).
+    pub fn len(&self) -> usize {
+        self.peers.len().max(self.peers6.len())
+    }
+
+    /// True when no peer is admitted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The admitted peers of node `name`, of both families.
+    fn pair(&self, name: &str) -> (Option<Peer>, Option<Peer>) {
+        (
+            self.peers.get(name).copied(),
+            self.peers6.get(name).copied(),
+        )
     }
 
     /// Leases refused, by node name, with the reason.
@@ -85,8 +104,10 @@ impl PeerTable {
     pub fn apply(&mut self, resp: &WatchResponse) -> Applied {
         let mut applied = Applied::default();
         if resp.reset {
-            let old = std::mem::take(&mut self.peers);
-            self.peers6.clear();
+            let old4 = std::mem::take(&mut self.peers);
+            let old6 = std::mem::take(&mut self.peers6);
+            let old = |name: &str| (old4.get(name).copied(), old6.get(name).copied());
+            let was = |name: &str| old4.contains_key(name) || old6.contains_key(name);
             self.by_mac.clear();
             self.by_subnet.clear();
             self.refused.clear();
@@ -101,15 +122,17 @@ impl PeerTable {
                 .iter()
                 .filter_map(|e| e.lease.as_ref())
                 .filter(|l| l.node_name != self.own)
-                .partition(|l| {
-                    old.get(&l.node_name)
-                        .is_some_and(|p| Peer::try_from(*l).as_ref() == Ok(p))
-                });
+                .partition(|l| was(&l.node_name) && self.parse(l) == Ok(old(&l.node_name)));
             for l in incumbents.into_iter().chain(rest) {
-                self.admit(l, resp.revision, old.contains_key(&l.node_name));
+                self.admit(l, resp.revision, was(&l.node_name));
             }
-            for name in old.keys().filter(|n| !self.peers.contains_key(*n)) {
-                info!(peer = %name, revision = resp.revision, "peer left");
+            for name in old4
+                .keys()
+                .chain(old6.keys().filter(|n| !old4.contains_key(*n)))
+            {
+                if self.pair(name) == (None, None) {
+                    info!(peer = %name, revision = resp.revision, "peer left");
+                }
             }
             return applied;
         }
@@ -122,17 +145,13 @@ impl PeerTable {
             }
             if ev.r#type == EventType::Delete as i32 {
                 self.refused.remove(&lease.node_name);
-                if let Some(p) = self.peers.remove(&lease.node_name) {
-                    self.unindex(&lease.node_name, &p);
-                    if let Some(p6) = self.peers6.remove(&lease.node_name) {
-                        self.unindex(&lease.node_name, &p6);
-                    }
-                    info!(peer = %lease.node_name, subnet = %lease.subnet, revision = ev.revision, "peer left");
+                if self.drop_peer(&lease.node_name) {
+                    info!(peer = %lease.node_name, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, revision = ev.revision, "peer left");
                     left = true;
                 }
                 continue;
             }
-            let known = self.peers.contains_key(&lease.node_name);
+            let known = self.pair(&lease.node_name) != (None, None);
             self.admit(lease, ev.revision, known);
         }
         if left && !self.refused.is_empty() {
@@ -144,20 +163,34 @@ impl PeerTable {
         applied
     }
 
-    /// The lease's peers (IPv4, and IPv6 on a dual-stack network), checked against
-    /// the field rules.
-    fn parse(&self, lease: &Lease) -> Result<(Peer, Option<Peer>), String> {
-        let p = Peer::try_from(lease).map_err(|e| e.to_string())?;
-        p.check(self.network.into()).map_err(|e| e.to_string())?;
-        let Some(network6) = self.network6 else {
-            return Ok((p, None));
+    /// The lease's peers of each family the network has, checked against the field
+    /// rules; at least one.
+    fn parse(&self, lease: &Lease) -> Result<(Option<Peer>, Option<Peer>), String> {
+        let p = match self.network {
+            Some(network) => {
+                let p = Peer::try_from(lease).map_err(|e| e.to_string())?;
+                p.check(network.into()).map_err(|e| e.to_string())?;
+                Some(p)
+            }
+            None => None,
         };
-        let p6 = Peer::v6(lease).map_err(|e| e.to_string())?;
-        if let Some(p6) = &p6 {
-            p6.check(network6.into()).map_err(|e| e.to_string())?;
+        let p6 = match self.network6 {
+            Some(network6) => {
+                let p6 = Peer::v6(lease).map_err(|e| e.to_string())?;
+                if let Some(p6) = &p6 {
+                    p6.check(network6.into()).map_err(|e| e.to_string())?;
+                }
+                p6
+            }
+            None => None,
+        };
+        if let (Some(p), Some(p6)) = (&p, &p6) {
             if p6.vtep_mac.is_some() && p6.vtep_mac == p.vtep_mac {
                 return Err("vtep_mac_v6 is the lease's IPv4 VTEP MAC too".into());
             }
+        }
+        if p.is_none() && p6.is_none() {
+            return Err("the lease has no IPv6 subnet, which an IPv6-only network needs".into());
         }
         Ok((p, p6))
     }
@@ -166,9 +199,7 @@ impl PeerTable {
     fn admit(&mut self, lease: &Lease, revision: u64, quiet_if_same: bool) {
         let name = &lease.node_name;
         let parsed = self.parse(lease).and_then(|(p, p6)| {
-            let clash = self
-                .collision(name, &p)
-                .or_else(|| p6.as_ref().and_then(|p6| self.collision(name, p6)));
+            let clash = p.iter().chain(&p6).find_map(|p| self.collision(name, p));
             clash.map_or(Ok((p, p6)), Err)
         });
         let (peer, peer6) = match parsed {
@@ -184,40 +215,45 @@ impl PeerTable {
             }
         };
         self.refused.remove(name);
-        let before = self.peers.get(name).copied();
-        let before6 = self.peers6.get(name).copied();
+        let before = self.pair(name);
         self.drop_peer(name);
-        for p in std::iter::once(&peer).chain(peer6.as_ref()) {
+        for p in peer.iter().chain(&peer6) {
             if let Some(mac) = p.vtep_mac {
                 self.by_mac.insert(mac, name.clone());
             }
             self.by_subnet.insert(p.subnet, name.clone());
         }
-        self.peers.insert(name.clone(), peer);
+        if let Some(p) = peer {
+            self.peers.insert(name.clone(), p);
+        }
         if let Some(p6) = peer6 {
             self.peers6.insert(name.clone(), p6);
         }
-        let changed = before != Some(peer) || before6 != peer6;
-        if changed && !(quiet_if_same && before.is_none()) {
-            match peer6 {
-                Some(p6) => {
-                    info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, ipv6_subnet = %p6.subnet, public_ipv6 = %p6.public_ip, revision, "peer up")
-                }
-                None => {
-                    info!(peer = %name, subnet = %peer.subnet, public_ip = %peer.public_ip, revision, "peer up")
-                }
-            }
+        let changed = before != (peer, peer6);
+        if changed && !(quiet_if_same && before == (None, None)) {
+            let text =
+                |p: Option<Peer>, f: fn(&Peer) -> String| p.as_ref().map(f).unwrap_or_default();
+            info!(
+                peer = %name,
+                subnet = %text(peer, |p| p.subnet.to_string()),
+                public_ip = %text(peer, |p| p.public_ip.to_string()),
+                ipv6_subnet = %text(peer6, |p| p.subnet.to_string()),
+                public_ipv6 = %text(peer6, |p| p.public_ip.to_string()),
+                revision,
+                "peer up"
+            );
         }
     }
 
-    /// Removes `name`'s peers of both families and their index entries.
-    fn drop_peer(&mut self, name: &str) {
-        if let Some(old) = self.peers.remove(name) {
-            self.unindex(name, &old);
+    /// Removes `name`'s peers of both families and their index entries; true when it
+    /// had any.
+    fn drop_peer(&mut self, name: &str) -> bool {
+        let old = self.peers.remove(name);
+        let old6 = self.peers6.remove(name);
+        for p in old.iter().chain(&old6) {
+            self.unindex(name, p);
         }
-        if let Some(old) = self.peers6.remove(name) {
-            self.unindex(name, &old);
-        }
+        old.is_some() || old6.is_some()
     }
 
     /// What `peer` would collide with, if anything.
@@ -298,7 +334,7 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        let mut t = PeerTable::new("me", "10.244.0.0/16".parse().unwrap(), None);
+        let mut t = PeerTable::new("me", Some("10.244.0.0/16".parse().unwrap()), None);
         t.set_own(
             vec!["0a:58:00:00:00:ee".parse().unwrap()],
             vec!["10.244.99.0/24".parse().unwrap()],
@@ -309,7 +345,7 @@ mod tests {
     fn table6() -> PeerTable {
         let mut t = PeerTable::new(
             "me",
-            "10.244.0.0/16".parse().unwrap(),
+            Some("10.244.0.0/16".parse().unwrap()),
             Some("fd00:10:244::/56".parse().unwrap()),
         );
         t.set_own(
@@ -337,6 +373,45 @@ mod tests {
                 &format!("0a:58:00:00:00:{n:02x}"),
             )
         }
+    }
+
+    #[test]
+    fn ipv6_only_leases_are_ipv6_peers_and_leave_on_delete_and_reset() {
+        let mut t = PeerTable::new("me", None, Some("fd00:10:244::/56".parse().unwrap()));
+        t.set_own(
+            vec!["0a:58:00:00:06:ee".parse().unwrap()],
+            vec!["fd00:10:244:99::/64".parse().unwrap()],
+        );
+        let v6only = |node: &str, n: u8| Lease {
+            subnet: String::new(),
+            public_ip: String::new(),
+            vtep_mac: String::new(),
+            ..dual(
+                node,
+                n,
+                &format!("2001:db8::{n}"),
+                &format!("0a:58:00:00:06:{n:02x}"),
+            )
+        };
+        t.apply(&batch(
+            false,
+            &[(PUT, v6only("b", 2)), (PUT, v6only("c", 3))],
+        ));
+        assert!(t.peers().is_empty(), "no IPv4 side");
+        assert_eq!(t.peers6()["b"].subnet.to_string(), "fd00:10:244:2::/64");
+        assert_eq!(t.len(), 2);
+        let no_v6 = Lease {
+            ipv6_subnet: String::new(),
+            ..v6only("n", 4)
+        };
+        t.apply(&batch(false, &[(PUT, no_v6)]));
+        assert!(t
+            .refused()
+            .any(|(n, w)| n == "n" && w.contains("no IPv6 subnet")));
+        t.apply(&batch(false, &[(DELETE, v6only("c", 3))]));
+        assert_eq!(t.peers6().keys().collect::<Vec<_>>(), vec!["b"]);
+        t.apply(&batch(true, &[(PUT, v6only("b", 2))]));
+        assert_eq!(t.len(), 1, "a reset keeps the incumbent");
     }
 
     #[test]

@@ -133,17 +133,14 @@ impl Backend {
     }
 }
 
-/// A validated network configuration with flannel's defaults filled in.
+/// A validated network configuration with flannel's defaults filled in. At least one
+/// family is present: IPv4 only (flannel's default), dual-stack, or IPv6 only
+/// (`EnableIPv4: false`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConf {
-    /// The pod network.
-    pub network: Ipv4Net,
-    /// Prefix length of every node subnet.
-    pub subnet_len: u8,
-    /// First subnet the allocator may hand out.
-    pub subnet_min: Ipv4Net,
-    /// Last subnet the allocator may hand out.
-    pub subnet_max: Ipv4Net,
+    /// The IPv4 pod network (`Network`, `SubnetLen`, `SubnetMin`, `SubnetMax`), `None`
+    /// on an IPv6-only network.
+    pub ipv4: Option<Ipv4Pool>,
     /// The IPv6 pod network (`EnableIPv6`), `None` on an IPv4-only network.
     pub ipv6: Option<Ipv6Pool>,
     /// The backend.
@@ -157,76 +154,182 @@ pub struct NetConf {
 /// `IPv6SubnetMin` on.
 pub const MAX_IPV6_SUBNETS: u32 = 1 << 24;
 
-/// The IPv6 pod network and its allocatable range (`IPv6Network`, `IPv6SubnetLen`,
-/// `IPv6SubnetMin`, `IPv6SubnetMax`).
+/// One family's pod network and its allocatable range of equal-sized node subnets,
+/// counted from the first one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ipv6Pool {
-    /// The IPv6 pod network.
-    pub network: Ipv6Net,
-    /// Prefix length of every node's IPv6 subnet.
+pub struct Pool<N> {
+    /// The pod network.
+    pub network: N,
+    /// Prefix length of every node subnet.
     pub subnet_len: u8,
     /// First subnet the allocator may hand out.
-    pub subnet_min: Ipv6Net,
+    pub subnet_min: N,
     /// Last subnet the allocator may hand out.
-    pub subnet_max: Ipv6Net,
+    pub subnet_max: N,
 }
 
-/// A range of equal-sized subnets counted from its first one: what the allocator
-/// hands out, for either family.
-pub trait SubnetPool {
-    /// The subnet type.
-    type Net: Copy + Eq + std::fmt::Display;
-    /// Number of allocatable subnets.
-    fn count(&self) -> u32;
-    /// The `index`-th subnet.
-    fn at(&self, index: u32) -> Self::Net;
-    /// The index of `subnet`, when it is an allocatable subnet.
-    fn index_of(&self, subnet: Self::Net) -> Option<u32>;
+/// The IPv4 pool.
+pub type Ipv4Pool = Pool<Ipv4Net>;
+/// The IPv6 pool.
+pub type Ipv6Pool = Pool<Ipv6Net>;
+
+/// What differs between the families' pools: address width, flannel's limits, and the
+/// net-conf.json key names errors use.
+pub trait PoolNet:
+    Copy + Eq + Ord + std::hash::Hash + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static
+{
+    /// Prefix of this family's net-conf.json keys: `""` (`SubnetLen`) or `"IPv6"`.
+    const KEY: &'static str;
+    /// The family's name in messages.
+    const FAMILY: &'static str;
+    /// An example network for messages.
+    const EXAMPLE: &'static str;
+    /// Address width in bits.
+    const BITS: u8;
+    /// Longest network prefix flannel accepts.
+    const MAX_PREFIX: u8;
+    /// Longest subnet prefix flannel accepts.
+    const MAX_SUBNET_LEN: u8;
+    /// The default subnet length, for networks with a prefix up to `DEFAULT_LEN - 2`.
+    const DEFAULT_LEN: u8;
+    /// Most subnets one pool hands out.
+    const MAX_SUBNETS: u32;
+    /// The network address as a number.
+    fn bits(self) -> u128;
+    /// The subnet of `len` at address `addr`, truncated to its network.
+    fn make(addr: u128, len: u8) -> Self;
+    /// The address as written before any `/len`.
+    fn parse_addr(text: &str) -> Option<u128>;
+    /// Prefix length.
+    fn prefix(self) -> u8;
+    /// True when `addr` lies inside this network.
+    fn holds(self, addr: u128) -> bool {
+        let span = 1u128
+            .checked_shl(u32::from(Self::BITS - self.prefix()))
+            .unwrap_or(0);
+        addr >= self.bits() && (span == 0 || addr - self.bits() < span)
+    }
+    /// Parses a CIDR of this family.
+    fn parse_net(text: &str) -> Option<Self>;
+    /// Whether the address part has bits set beyond the prefix.
+    fn host_bits(text: &str) -> bool;
 }
 
-impl SubnetPool for NetConf {
-    type Net = Ipv4Net;
-    fn count(&self) -> u32 {
-        self.subnet_count()
+impl PoolNet for Ipv4Net {
+    const KEY: &'static str = "";
+    const FAMILY: &'static str = "IPv4";
+    const EXAMPLE: &'static str = "10.244.0.0/16";
+    const BITS: u8 = 32;
+    const MAX_PREFIX: u8 = 28;
+    const MAX_SUBNET_LEN: u8 = 30;
+    const DEFAULT_LEN: u8 = 24;
+    const MAX_SUBNETS: u32 = u32::MAX;
+    fn bits(self) -> u128 {
+        u32::from(self.network()).into()
     }
-    fn at(&self, index: u32) -> Ipv4Net {
-        self.subnet_at(index)
+    fn make(addr: u128, len: u8) -> Self {
+        let addr = u32::try_from(addr).unwrap_or(u32::MAX);
+        Ipv4Net::new(Ipv4Addr::from(addr), len)
+            .expect("valid prefix")
+            .trunc()
     }
-    fn index_of(&self, subnet: Ipv4Net) -> Option<u32> {
-        NetConf::index_of(self, subnet)
+    fn parse_addr(text: &str) -> Option<u128> {
+        let a: Ipv4Addr = text.split('/').next()?.parse().ok()?;
+        Some(u32::from(a).into())
+    }
+    fn prefix(self) -> u8 {
+        self.prefix_len()
+    }
+    fn parse_net(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
+    fn host_bits(text: &str) -> bool {
+        text.parse::<Ipv4Net>()
+            .is_ok_and(|n| n.network() != n.addr())
     }
 }
 
-impl Ipv6Pool {
+impl PoolNet for Ipv6Net {
+    const KEY: &'static str = "IPv6";
+    const FAMILY: &'static str = "IPv6";
+    const EXAMPLE: &'static str = "fd00:10:244::/56";
+    const BITS: u8 = 128;
+    const MAX_PREFIX: u8 = 124;
+    const MAX_SUBNET_LEN: u8 = 126;
+    const DEFAULT_LEN: u8 = 64;
+    const MAX_SUBNETS: u32 = MAX_IPV6_SUBNETS;
+    fn bits(self) -> u128 {
+        self.network().into()
+    }
+    fn make(addr: u128, len: u8) -> Self {
+        Ipv6Net::new(Ipv6Addr::from(addr), len)
+            .expect("valid prefix")
+            .trunc()
+    }
+    fn parse_addr(text: &str) -> Option<u128> {
+        let a: Ipv6Addr = text.split('/').next()?.parse().ok()?;
+        Some(a.into())
+    }
+    fn prefix(self) -> u8 {
+        self.prefix_len()
+    }
+    fn parse_net(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
+    fn host_bits(text: &str) -> bool {
+        text.parse::<Ipv6Net>()
+            .is_ok_and(|n| n.network() != n.addr())
+    }
+}
+
+impl<N: PoolNet> Pool<N> {
     fn step(&self) -> u128 {
-        1u128 << (128 - u32::from(self.subnet_len))
+        1u128 << (N::BITS - self.subnet_len)
     }
-}
 
-impl SubnetPool for Ipv6Pool {
-    type Net = Ipv6Net;
-    fn count(&self) -> u32 {
-        let span = (u128::from(self.subnet_max.network()) - u128::from(self.subnet_min.network()))
-            / self.step()
-            + 1;
-        u32::try_from(span.min(u128::from(MAX_IPV6_SUBNETS))).unwrap_or(MAX_IPV6_SUBNETS)
+    /// Number of allocatable subnets (at most `MAX_SUBNETS`; a larger range is used
+    /// from its first subnet on).
+    pub fn count(&self) -> u32 {
+        let span = (self.subnet_max.bits() - self.subnet_min.bits()) / self.step() + 1;
+        u32::try_from(span.min(u128::from(N::MAX_SUBNETS))).unwrap_or(N::MAX_SUBNETS)
     }
-    fn at(&self, index: u32) -> Ipv6Net {
-        let addr = u128::from(self.subnet_min.network()) + u128::from(index) * self.step();
-        Ipv6Net::new(Ipv6Addr::from(addr), self.subnet_len).expect("valid prefix")
+
+    /// The `index`-th subnet counted from the first one.
+    pub fn at(&self, index: u32) -> N {
+        N::make(
+            self.subnet_min.bits() + u128::from(index) * self.step(),
+            self.subnet_len,
+        )
     }
-    fn index_of(&self, subnet: Ipv6Net) -> Option<u32> {
-        if subnet.prefix_len() != self.subnet_len || subnet.network() != subnet.addr() {
+
+    /// The index of `subnet`, when it is an allocatable subnet.
+    pub fn index_of(&self, subnet: N) -> Option<u32> {
+        if subnet.prefix() != self.subnet_len || N::make(subnet.bits(), subnet.prefix()) != subnet {
             return None;
         }
-        let addr = u128::from(subnet.network());
-        let min = u128::from(self.subnet_min.network());
-        if addr < min || addr > u128::from(self.subnet_max.network()) {
+        let (addr, min) = (subnet.bits(), self.subnet_min.bits());
+        if addr < min || addr > self.subnet_max.bits() {
             return None;
         }
         u32::try_from((addr - min) / self.step())
             .ok()
             .filter(|i| *i < self.count())
+    }
+
+    /// True when `subnet` is a node-sized subnet of the network (allocatable or not).
+    pub fn fits(&self, subnet: N) -> bool {
+        subnet.prefix() == self.subnet_len && self.network.holds(subnet.bits())
+    }
+
+    /// `SubnetMin..SubnetMax` with this family's key names, for messages.
+    pub fn range_text(&self) -> String {
+        format!(
+            "{k}SubnetMin {}..{k}SubnetMax {} (/{})",
+            self.subnet_min,
+            self.subnet_max,
+            self.subnet_len,
+            k = N::KEY
+        )
     }
 }
 
@@ -243,64 +346,17 @@ impl NetConf {
     /// Parses and validates a net-conf.json document.
     pub fn parse(text: &str) -> Result<Self, NetConfError> {
         let raw: RawNetConf = serde_json::from_str(text)?;
-        if raw.enable_ipv4 == Some(false) {
-            return Err(invalid("EnableIPv4 is false: Twill needs an IPv4 overlay"));
-        }
-        let network_text = raw.network.ok_or_else(|| {
-            invalid("Network is missing: set it to the pod network, e.g. \"10.244.0.0/16\"")
-        })?;
-        let network: Ipv4Net = network_text.parse().map_err(|_| {
-            invalid(format!(
-                "Network {network_text:?} is not an IPv4 CIDR such as 10.244.0.0/16"
-            ))
-        })?;
-        if network.network() != network.addr() {
-            return Err(invalid(format!(
-                "Network {network} has host bits set: did you mean {}?",
-                network.trunc()
-            )));
-        }
-        let prefix = network.prefix_len();
-        if prefix > 28 {
-            return Err(invalid(format!(
-                "Network {network} is too small: its prefix must be /28 or shorter"
-            )));
-        }
-        let subnet_len = match raw.subnet_len {
-            Some(len) => len,
-            None if prefix <= 22 => 24,
-            None => prefix + 2,
+        let ipv4 = match raw.enable_ipv4 {
+            Some(false) => None,
+            _ => Some(parse_pool::<Ipv4Net>(
+                raw.network,
+                raw.subnet_len,
+                raw.subnet_min,
+                raw.subnet_max,
+            )?),
         };
-        if subnet_len <= prefix {
-            return Err(invalid(format!(
-                "SubnetLen {subnet_len} must be longer than the prefix of Network {network}"
-            )));
-        }
-        if subnet_len > 30 {
-            return Err(invalid(format!(
-                "SubnetLen {subnet_len} must be at most 30"
-            )));
-        }
-        let step = subnet_size(subnet_len);
-        let first = u32::from(network.network());
-        let last_subnet = u32::from(network.broadcast()) - (step - 1);
-        let subnet_min = match raw.subnet_min {
-            Some(s) => parse_bound("SubnetMin", &s, network, subnet_len)?,
-            None => Ipv4Net::new(Ipv4Addr::from(first + step), subnet_len).expect("valid prefix"),
-        };
-        let subnet_max = match raw.subnet_max {
-            Some(s) => parse_bound("SubnetMax", &s, network, subnet_len)?,
-            None => Ipv4Net::new(Ipv4Addr::from(last_subnet), subnet_len).expect("valid prefix"),
-        };
-        if u32::from(subnet_min.network()) > u32::from(subnet_max.network()) {
-            return Err(invalid(format!(
-                "SubnetMin {} is after SubnetMax {}",
-                subnet_min.network(),
-                subnet_max.network()
-            )));
-        }
         let ipv6 = match raw.enable_ipv6 {
-            Some(true) => Some(parse_ipv6(
+            Some(true) => Some(parse_pool::<Ipv6Net>(
                 raw.ipv6_network,
                 raw.ipv6_subnet_len,
                 raw.ipv6_subnet_min,
@@ -308,138 +364,113 @@ impl NetConf {
             )?),
             _ => None,
         };
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(invalid(
+                "EnableIPv4 is false and EnableIPv6 is not true: the network has no address \
+                 family; for an IPv6-only network set \"EnableIPv6\": true and IPv6Network",
+            ));
+        }
         let backend = parse_backend(raw.backend)?;
         Ok(NetConf {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
+            ipv4,
             ipv6,
             backend,
             raw: text.to_string(),
         })
     }
 
-    /// Number of subnets between SubnetMin and SubnetMax, inclusive.
-    pub fn subnet_count(&self) -> u32 {
-        (u32::from(self.subnet_max.network()) - u32::from(self.subnet_min.network()))
-            / subnet_size(self.subnet_len)
-            + 1
+    /// The IPv4 pod network, if the network has IPv4.
+    pub fn network4(&self) -> Option<Ipv4Net> {
+        self.ipv4.as_ref().map(|p| p.network)
     }
 
-    /// The `index`-th subnet counted from SubnetMin.
-    pub fn subnet_at(&self, index: u32) -> Ipv4Net {
-        let addr = u32::from(self.subnet_min.network()) + index * subnet_size(self.subnet_len);
-        Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).expect("valid prefix")
-    }
-
-    /// The index of `subnet` counted from SubnetMin, when it is an allocatable subnet.
-    pub fn index_of(&self, subnet: Ipv4Net) -> Option<u32> {
-        if subnet.prefix_len() != self.subnet_len || subnet.network() != subnet.addr() {
-            return None;
-        }
-        let addr = u32::from(subnet.network());
-        let min = u32::from(self.subnet_min.network());
-        let max = u32::from(self.subnet_max.network());
-        (min..=max)
-            .contains(&addr)
-            .then(|| (addr - min) / subnet_size(self.subnet_len))
+    /// The IPv6 pod network, if the network has IPv6.
+    pub fn network6(&self) -> Option<Ipv6Net> {
+        self.ipv6.as_ref().map(|p| p.network)
     }
 }
 
-fn subnet_size(len: u8) -> u32 {
-    1u32 << (32 - u32::from(len))
-}
-
-fn parse_bound(
-    field: &str,
-    text: &str,
-    network: Ipv4Net,
-    subnet_len: u8,
-) -> Result<Ipv4Net, NetConfError> {
-    // flannel accepts both "10.244.4.0" and "10.244.4.0/24" here.
-    let addr: Ipv4Addr = text
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| invalid(format!("{field} {text:?} is not an IPv4 address")))?;
-    if !network.contains(&addr) {
-        return Err(invalid(format!(
-            "{field} {addr} is outside Network {network}"
-        )));
-    }
-    let subnet = Ipv4Net::new(addr, subnet_len).expect("valid prefix");
-    if subnet.network() != addr {
-        return Err(invalid(format!(
-            "{field} {addr} is not on a /{subnet_len} boundary (SubnetLen): did you mean {}?",
-            subnet.network()
-        )));
-    }
-    Ok(subnet)
-}
-
-/// flannel's IPv6 rules: the network at most /124; `IPv6SubnetLen` 64 by default
-/// (prefix + 2 for a network longer than /62), at most 126 and at least prefix + 2
-/// (four subnets); the bounds as for IPv4.
-fn parse_ipv6(
+/// flannel's rules for one family's keys: the network at most /28 (IPv6: /124); the
+/// subnet length 24 by default (IPv6: 64), prefix + 2 for a smaller network, at most
+/// 30 (126) and longer than the prefix (IPv6: at least prefix + 2, four subnets); the
+/// bounds inside the network on a subnet boundary, the second and the last subnet by
+/// default.
+fn parse_pool<N: PoolNet>(
     network: Option<String>,
     subnet_len: Option<u8>,
     min: Option<String>,
     max: Option<String>,
-) -> Result<Ipv6Pool, NetConfError> {
+) -> Result<Pool<N>, NetConfError> {
+    let k = N::KEY;
     let text = network.ok_or_else(|| {
-        invalid("EnableIPv6 is true but IPv6Network is missing: set it to the IPv6 pod network, e.g. \"fd00:10:244::/56\"")
+        invalid(if k.is_empty() {
+            "Network is missing: set it to the pod network, e.g. \"10.244.0.0/16\"".to_string()
+        } else {
+            format!(
+                "EnableIPv6 is true but IPv6Network is missing: set it to the IPv6 pod network, e.g. \"{}\"",
+                N::EXAMPLE
+            )
+        })
     })?;
-    let network: Ipv6Net = text.parse().map_err(|_| {
+    let parsed = N::parse_net(&text).ok_or_else(|| {
         invalid(format!(
-            "IPv6Network {text:?} is not an IPv6 CIDR such as fd00:10:244::/56"
+            "{k}Network {text:?} is not an {} CIDR such as {}",
+            N::FAMILY,
+            N::EXAMPLE
         ))
     })?;
-    if network.network() != network.addr() {
+    let network = N::make(parsed.bits(), parsed.prefix());
+    if N::host_bits(&text) {
         return Err(invalid(format!(
-            "IPv6Network {network} has host bits set: did you mean {}?",
-            network.trunc()
+            "{k}Network {parsed} has host bits set: did you mean {network}?"
         )));
     }
-    let prefix = network.prefix_len();
-    if prefix > 124 {
+    let prefix = network.prefix();
+    if prefix > N::MAX_PREFIX {
         return Err(invalid(format!(
-            "IPv6Network {network} is too small: its prefix must be /124 or shorter"
+            "{k}Network {network} is too small: its prefix must be /{} or shorter",
+            N::MAX_PREFIX
         )));
     }
     let subnet_len = match subnet_len {
         Some(len) => len,
-        None if prefix <= 62 => 64,
+        None if prefix <= N::DEFAULT_LEN - 2 => N::DEFAULT_LEN,
         None => prefix + 2,
     };
-    if subnet_len > 126 {
+    if k.is_empty() && subnet_len <= prefix {
         return Err(invalid(format!(
-            "IPv6SubnetLen {subnet_len} must be at most 126"
+            "SubnetLen {subnet_len} must be longer than the prefix of Network {network}"
         )));
     }
-    if subnet_len < prefix + 2 {
+    if subnet_len > N::MAX_SUBNET_LEN {
         return Err(invalid(format!(
-            "IPv6SubnetLen {subnet_len} must be at least the prefix of IPv6Network {network} + 2 (room for four subnets)"
+            "{k}SubnetLen {subnet_len} must be at most {}",
+            N::MAX_SUBNET_LEN
         )));
     }
-    let step = 1u128 << (128 - u32::from(subnet_len));
-    let first = u128::from(network.network());
-    let last = u128::from(network.broadcast()) - (step - 1);
+    if !k.is_empty() && subnet_len < prefix + 2 {
+        return Err(invalid(format!(
+            "{k}SubnetLen {subnet_len} must be at least the prefix of {k}Network {network} + 2 (room for four subnets)"
+        )));
+    }
+    let step = 1u128 << (N::BITS - subnet_len);
+    let first = network.bits();
+    let span = 1u128.checked_shl(u32::from(N::BITS - prefix));
+    let last = span.map_or(u128::MAX, |s| first + (s - 1)) - (step - 1);
     let bound = |field: &str, text: Option<String>, default: u128| match text {
-        Some(t) => parse_bound6(field, &t, network, subnet_len),
-        None => Ok(Ipv6Net::new(Ipv6Addr::from(default), subnet_len).expect("valid prefix")),
+        Some(t) => parse_bound::<N>(&format!("{k}{field}"), &t, network, subnet_len),
+        None => Ok(N::make(default, subnet_len)),
     };
-    let subnet_min = bound("IPv6SubnetMin", min, first + step)?;
-    let subnet_max = bound("IPv6SubnetMax", max, last)?;
-    if u128::from(subnet_min.network()) > u128::from(subnet_max.network()) {
+    let subnet_min = bound("SubnetMin", min, first + step)?;
+    let subnet_max = bound("SubnetMax", max, last)?;
+    if subnet_min.bits() > subnet_max.bits() {
         return Err(invalid(format!(
-            "IPv6SubnetMin {} is after IPv6SubnetMax {}",
-            subnet_min.network(),
-            subnet_max.network()
+            "{k}SubnetMin {} is after {k}SubnetMax {}",
+            addr_text(subnet_min),
+            addr_text(subnet_max)
         )));
     }
-    Ok(Ipv6Pool {
+    Ok(Pool {
         network,
         subnet_len,
         subnet_min,
@@ -447,28 +478,34 @@ fn parse_ipv6(
     })
 }
 
-fn parse_bound6(
+/// A subnet's address without its prefix length.
+fn addr_text<N: PoolNet>(n: N) -> String {
+    let s = n.to_string();
+    s.split('/').next().unwrap_or_default().to_string()
+}
+
+fn parse_bound<N: PoolNet>(
     field: &str,
     text: &str,
-    network: Ipv6Net,
+    network: N,
     subnet_len: u8,
-) -> Result<Ipv6Net, NetConfError> {
-    let addr: Ipv6Addr = text
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| invalid(format!("{field} {text:?} is not an IPv6 address")))?;
-    if !network.contains(&addr) {
+) -> Result<N, NetConfError> {
+    // flannel accepts both "10.244.4.0" and "10.244.4.0/24" here.
+    let addr = N::parse_addr(text)
+        .ok_or_else(|| invalid(format!("{field} {text:?} is not an {} address", N::FAMILY)))?;
+    let addr_only = addr_text(N::make(addr, N::BITS));
+    if !network.holds(addr) {
         return Err(invalid(format!(
-            "{field} {addr} is outside IPv6Network {network}"
+            "{field} {addr_only} is outside {}Network {network}",
+            N::KEY
         )));
     }
-    let subnet = Ipv6Net::new(addr, subnet_len).expect("valid prefix");
-    if subnet.network() != addr {
+    let subnet = N::make(addr, subnet_len);
+    if subnet.bits() != addr {
         return Err(invalid(format!(
-            "{field} {addr} is not on a /{subnet_len} boundary (IPv6SubnetLen): did you mean {}?",
-            subnet.network()
+            "{field} {addr_only} is not on a /{subnet_len} boundary ({}SubnetLen): did you mean {}?",
+            N::KEY,
+            addr_text(subnet)
         )));
     }
     Ok(subnet)
@@ -533,10 +570,16 @@ mod tests {
     fn flannel_defaults() {
         let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#)
             .unwrap();
-        assert_eq!(c.subnet_len, 24);
-        assert_eq!(c.subnet_min.to_string(), "10.244.1.0/24");
-        assert_eq!(c.subnet_max.to_string(), "10.244.255.0/24");
-        assert_eq!(c.subnet_count(), 255);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 24);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min.to_string(),
+            "10.244.1.0/24"
+        );
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_max.to_string(),
+            "10.244.255.0/24"
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().count(), 255);
         assert_eq!(c.backend.vni, 1);
         assert_eq!(c.backend.port, 8472);
         assert_eq!(c.backend.mtu, None);
@@ -609,6 +652,25 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_only() {
+        let c = NetConf::parse(
+            r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56",
+                "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        assert!(c.ipv4.is_none());
+        assert_eq!(c.network6(), Some("fd00:10:244::/56".parse().unwrap()));
+        assert!(
+            err(r#"{"EnableIPv4": false, "Backend": {"Type": "vxlan"}}"#)
+                .contains("no address family")
+        );
+        assert!(
+            err(r#"{"EnableIPv4": false, "EnableIPv6": true, "Backend": {"Type": "vxlan"}}"#)
+                .contains("IPv6Network is missing")
+        );
+    }
+
+    #[test]
     fn host_gw_backend() {
         let c = NetConf::parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#)
             .unwrap();
@@ -620,8 +682,8 @@ mod tests {
     fn small_network_gets_prefix_plus_two() {
         let c =
             NetConf::parse(r#"{"Network": "10.1.0.0/26", "Backend": {"Type": "vxlan"}}"#).unwrap();
-        assert_eq!(c.subnet_len, 28);
-        assert_eq!(c.subnet_count(), 3);
+        assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 28);
+        assert_eq!(c.ipv4.as_ref().unwrap().count(), 3);
     }
 
     #[test]
@@ -631,16 +693,37 @@ mod tests {
                 "Backend": {"Type": "vxlan", "VNI": 42, "Port": 4789, "MTU": 1400, "DirectRouting": true}}"#,
         )
         .unwrap();
-        assert_eq!(c.subnet_min.to_string(), "10.16.0.0/20");
-        assert_eq!(c.subnet_count(), 257);
+        assert_eq!(
+            c.ipv4.as_ref().unwrap().subnet_min.to_string(),
+            "10.16.0.0/20"
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().count(), 257);
         assert_eq!(c.backend.device_name(), "flannel.42");
         assert_eq!(c.backend.port, 4789);
         assert_eq!(c.backend.mtu, Some(1400));
         assert!(c.backend.direct_routing);
-        assert_eq!(c.index_of("10.16.16.0/20".parse().unwrap()), Some(1));
-        assert_eq!(c.subnet_at(1).to_string(), "10.16.16.0/20");
-        assert_eq!(c.index_of("10.15.0.0/20".parse().unwrap()), None);
-        assert_eq!(c.index_of("10.16.1.0/20".parse().unwrap()), None);
+        assert_eq!(
+            c.ipv4
+                .as_ref()
+                .unwrap()
+                .index_of("10.16.16.0/20".parse().unwrap()),
+            Some(1)
+        );
+        assert_eq!(c.ipv4.as_ref().unwrap().at(1).to_string(), "10.16.16.0/20");
+        assert_eq!(
+            c.ipv4
+                .as_ref()
+                .unwrap()
+                .index_of("10.15.0.0/20".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            c.ipv4
+                .as_ref()
+                .unwrap()
+                .index_of("10.16.1.0/20".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

@@ -316,16 +316,23 @@ impl Admin {
         }
     }
 
-    /// `AdminService/Reserve`.
-    pub async fn reserve(&mut self, node: &str, subnet: &str) -> Result<Reservation, ClientError> {
+    /// `AdminService/Reserve`: `subnet` (IPv4) and `ipv6_subnet`, either may be empty.
+    pub async fn reserve(
+        &mut self,
+        node: &str,
+        subnet: &str,
+        ipv6_subnet: &str,
+    ) -> Result<Reservation, ClientError> {
         let req = ReserveRequest {
             node_name: node.to_string(),
             subnet: subnet.to_string(),
+            ipv6_subnet: ipv6_subnet.to_string(),
         };
         match self.client.reserve(req).await {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
                 node_name: node.to_string(),
                 subnet: subnet.to_string(),
+                ipv6_subnet: ipv6_subnet.to_string(),
                 stale: String::new(),
             })),
             Err(s) => Err(self.fail(s)),
@@ -340,8 +347,7 @@ impl Admin {
         match self.client.unreserve(req).await {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
                 node_name: node.to_string(),
-                subnet: String::new(),
-                stale: String::new(),
+                ..Default::default()
             })),
             Err(s) => Err(self.fail(s)),
         }

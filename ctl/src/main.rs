@@ -154,21 +154,25 @@ enum Command {
     /// Reserve a subnet for a node: no other node is ever given it, and the node gets it
     /// when it next acquires.
     ///
-    /// The subnet must be an allocatable subnet of the network (between SubnetMin and
-    /// SubnetMax, of SubnetLen), else INVALID_ARGUMENT. The controller refuses it
+    /// Give one subnet per family: an IPv4 one, an IPv6 one (dual-stack or IPv6-only
+    /// networks), or one of each; the reservation replaces the node's previous one. Each
+    /// must be an allocatable subnet of the network (between SubnetMin and SubnetMax, of
+    /// SubnetLen, or the IPv6 equivalents), else INVALID_ARGUMENT. The controller refuses it
     /// (FAILED_PRECONDITION) when another node holds or has reserved it, and when the
     /// node itself holds a lease on a different subnet: revoke that lease first, or
     /// reserve the subnet it holds.
     #[command(
         after_help = "Examples:\n  twillctl reserve worker-4 10.244.7.0/24\n  \
+        twillctl reserve worker-4 10.244.7.0/24 fd00:10:244:7::/64\n  \
         twillctl reserve worker-1 \"$(twillctl lease get worker-1 -o json | jq -r .subnet)\""
     )]
     Reserve {
         /// Node name the subnet is kept for.
         node: String,
-        /// The subnet, CIDR, e.g. 10.244.7.0/24.
-        #[arg(value_parser = cidr)]
-        subnet: String,
+        /// The subnets, CIDR, at most one per family: e.g. 10.244.7.0/24, or
+        /// 10.244.7.0/24 fd00:10:244:7::/64.
+        #[arg(value_parser = cidr, num_args = 1..=2, required = true)]
+        subnets: Vec<Cidr>,
     },
     /// Drop a node's reservation; its lease, if any, is left alone.
     #[command(after_help = "Examples:\n  twillctl unreserve worker-2")]
@@ -501,9 +505,10 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             emit(&output::render_revoked(&l, format))
         }
-        Command::Reserve { node, subnet } => {
+        Command::Reserve { node, subnets } => {
+            let (v4, v6) = per_family(&subnets)?;
             let r = call(conn, "reserve", |mut a| async move {
-                a.reserve(&node, &subnet).await
+                a.reserve(&node, &v4, &v6).await
             })?;
             emit(&output::render_reservation_change(&r, "created", format))
         }
@@ -541,14 +546,44 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Checks an IPv4 CIDR such as 10.244.7.0/24 (usage error otherwise).
-fn cidr(s: &str) -> Result<String, String> {
-    let bad = || format!("{s:?} is not an IPv4 CIDR such as 10.244.7.0/24");
+/// A subnet argument, as typed, with its family.
+#[derive(Debug, Clone)]
+struct Cidr {
+    text: String,
+    v6: bool,
+}
+
+fn cidr(s: &str) -> Result<Cidr, String> {
+    let bad = || format!("{s:?} is not a CIDR such as 10.244.7.0/24 or fd00:10:244:7::/64");
     let (addr, len) = s.split_once('/').ok_or_else(bad)?;
-    addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?;
+    let (v6, max) = match addr.parse::<std::net::IpAddr>().map_err(|_| bad())? {
+        std::net::IpAddr::V4(_) => (false, 32),
+        std::net::IpAddr::V6(_) => (true, 128),
+    };
     match len.parse::<u8>() {
-        Ok(n) if n <= 32 && !len.starts_with('+') => Ok(s.to_string()),
+        Ok(n) if n <= max && !len.starts_with('+') => Ok(Cidr {
+            text: s.to_string(),
+            v6,
+        }),
         _ => Err(bad()),
     }
+}
+
+/// The IPv4 and the IPv6 subnet of a `reserve` (empty when not given).
+fn per_family(subnets: &[Cidr]) -> Result<(String, String)> {
+    let (mut v4, mut v6) = (String::new(), String::new());
+    for c in subnets {
+        let slot = if c.v6 { &mut v6 } else { &mut v4 };
+        if !slot.is_empty() {
+            anyhow::bail!(
+                "two {} subnets given ({slot} and {}): a reservation holds at most one subnet per family",
+                if c.v6 { "IPv6" } else { "IPv4" },
+                c.text
+            );
+        }
+        *slot = c.text.clone();
+    }
+    Ok((v4, v6))
 }
 
 /// Writes to stdout; a closed pipe (`twillctl ... | head`) is not an error.

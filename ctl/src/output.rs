@@ -204,6 +204,9 @@ pub struct ReservationDoc {
     pub node_name: String,
     /// The reserved subnet, CIDR.
     pub subnet: String,
+    /// The reserved IPv6 subnet, CIDR (absent when none is).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ipv6_subnet: String,
     /// Whether the node holds a lease on that subnet now (`reservations -o wide|json|yaml`
     /// only; absent elsewhere).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,9 +227,13 @@ fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc 
     ReservationDoc {
         node_name: r.node_name.clone(),
         subnet: r.subnet.clone(),
+        ipv6_subnet: r.ipv6_subnet.clone(),
         in_use: leases.map(|ls| {
-            ls.iter()
-                .any(|l| l.node_name == r.node_name && l.subnet == r.subnet)
+            ls.iter().any(|l| {
+                l.node_name == r.node_name
+                    && (r.subnet.is_empty() || l.subnet == r.subnet)
+                    && (r.ipv6_subnet.is_empty() || l.ipv6_subnet == r.ipv6_subnet)
+            })
         }),
         stale: Some(r.stale.clone()).filter(|s| !s.is_empty()),
     }
@@ -239,7 +246,7 @@ pub fn render_reservation_change(r: &Reservation, verb: &str, format: Format) ->
         Format::Table | Format::Wide => format!(
             "reservation/{} {verb} (subnet {})\n",
             r.node_name,
-            or_none(&r.subnet)
+            or_none(&both(&r.subnet, &r.ipv6_subnet))
         ),
         Format::Json => json(&reservation_doc(r, None)),
         Format::Yaml => yaml(&reservation_doc(r, None)),
@@ -258,13 +265,20 @@ pub fn render_reservations(rs: &[Reservation], leases: Option<&[Lease]>, format:
                 return String::new();
             }
             let wide = format == Format::Wide && leases.is_some();
+            let dual = rs.iter().any(|r| !r.ipv6_subnet.is_empty());
             let mut header = vec!["NODE", "SUBNET"];
+            if dual {
+                header.push("IPV6-SUBNET");
+            }
             if wide {
                 header.push("IN-USE");
             }
             let mut rows = vec![strings(&header)];
             for r in &doc.reservations {
                 let mut row = vec![or_none(&r.node_name), or_none(&r.subnet)];
+                if dual {
+                    row.push(or_none(&r.ipv6_subnet));
+                }
                 if wide {
                     row.push(yes_no(r.in_use.unwrap_or(false)));
                 }
@@ -2062,6 +2076,7 @@ agents:
             node_name: "node-x".into(),
             subnet: "10.244.0.0/24".into(),
             stale: "10.244.0.0/24 is outside SubnetMin".into(),
+            ..Default::default()
         }];
         let v: serde_json::Value =
             serde_json::from_str(&render_reservations(&rs, None, Format::Json)).unwrap();

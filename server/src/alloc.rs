@@ -5,21 +5,21 @@
 //! leases, and hands out recently freed subnets last (a departed node's stale routes
 //! have time to go before its subnet is reused).
 
-use twill_common::netconf::SubnetPool;
+use twill_common::netconf::{Pool, PoolNet};
 
 /// Tracks taken subnets of one pool (the IPv4 network, or the IPv6 one) by their index
 /// counted from its SubnetMin.
 #[derive(Debug, Clone)]
-pub struct Allocator<P> {
-    pool: P,
+pub struct Allocator<N> {
+    pool: Pool<N>,
     words: Vec<u64>,
     cursor: u32,
     taken: u32,
 }
 
-impl<P: SubnetPool + Clone> Allocator<P> {
+impl<N: PoolNet> Allocator<N> {
     /// An index with every subnet of `pool` free.
-    pub fn new(pool: &P) -> Self {
+    pub fn new(pool: &Pool<N>) -> Self {
         let count = pool.count();
         Allocator {
             pool: pool.clone(),
@@ -40,12 +40,12 @@ impl<P: SubnetPool + Clone> Allocator<P> {
     }
 
     /// True when `subnet` is allocatable and not taken.
-    pub fn is_free(&self, subnet: P::Net) -> bool {
+    pub fn is_free(&self, subnet: N) -> bool {
         self.pool.index_of(subnet).is_some_and(|i| !self.bit(i))
     }
 
     /// Marks `subnet` taken; false when it is outside the range or already taken.
-    pub fn take(&mut self, subnet: P::Net) -> bool {
+    pub fn take(&mut self, subnet: N) -> bool {
         match self.pool.index_of(subnet) {
             Some(i) if !self.bit(i) => {
                 self.set(i, true);
@@ -56,7 +56,7 @@ impl<P: SubnetPool + Clone> Allocator<P> {
     }
 
     /// Marks `subnet` free again.
-    pub fn free(&mut self, subnet: P::Net) {
+    pub fn free(&mut self, subnet: N) {
         if let Some(i) = self.pool.index_of(subnet) {
             if self.bit(i) {
                 self.set(i, false);
@@ -65,7 +65,7 @@ impl<P: SubnetPool + Clone> Allocator<P> {
     }
 
     /// Takes the next free subnet after the cursor, wrapping around; `None` when full.
-    pub fn allocate(&mut self) -> Option<P::Net> {
+    pub fn allocate(&mut self) -> Option<N> {
         let count = self.capacity();
         if self.taken >= count {
             return None;
@@ -114,8 +114,8 @@ mod tests {
 
     use super::*;
 
-    fn conf(text: &str) -> NetConf {
-        NetConf::parse(text).unwrap()
+    fn conf(text: &str) -> twill_common::netconf::Ipv4Pool {
+        NetConf::parse(text).unwrap().ipv4.unwrap()
     }
 
     #[test]
@@ -124,7 +124,7 @@ mod tests {
         let mut a = Allocator::new(&c);
         let mut seen = HashSet::new();
         while let Some(s) = a.allocate() {
-            assert!(NetConf::index_of(&c, s).is_some(), "{s} in range");
+            assert!(c.index_of(s).is_some(), "{s} in range");
             assert!(seen.insert(s), "{s} handed out twice");
         }
         assert_eq!(seen.len(), 255);
@@ -161,7 +161,7 @@ mod tests {
             conf(r#"{"Network": "10.1.0.0/18", "SubnetLen": 26, "Backend": {"Type": "vxlan"}}"#);
         let mut a = Allocator::new(&c);
         let all: Vec<_> = std::iter::from_fn(|| a.allocate()).collect();
-        assert_eq!(all.len() as u32, c.subnet_count());
+        assert_eq!(all.len() as u32, c.count());
         a.free(all[3]);
         a.free(all[70]);
         let mut again = vec![a.allocate().unwrap(), a.allocate().unwrap()];
@@ -172,11 +172,13 @@ mod tests {
 
     #[test]
     fn hands_out_ipv6_subnets() {
-        let c = conf(
+        let pool = NetConf::parse(
             r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/60",
                 "Backend": {"Type": "vxlan"}}"#,
-        );
-        let pool = c.ipv6.unwrap();
+        )
+        .unwrap()
+        .ipv6
+        .unwrap();
         let mut a = Allocator::new(&pool);
         let all: Vec<_> = std::iter::from_fn(|| a.allocate()).collect();
         assert_eq!(all.len(), 15);

@@ -18,8 +18,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 
+use crate::store::Reservation;
 use bytes::Bytes;
-use ipnet::Ipv4Net;
 use prost::Message;
 use tokio::sync::broadcast;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent, WatchResponse};
@@ -35,7 +35,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 #[derive(Default)]
 struct Table {
     leases: BTreeMap<String, Lease>,
-    reservations: BTreeMap<String, Ipv4Net>,
+    reservations: BTreeMap<String, Reservation>,
     /// Why some reservations cannot be honoured now, by node.
     stale: BTreeMap<String, String>,
     revision: u64,
@@ -209,7 +209,7 @@ impl Hub {
     /// some of them cannot be honoured now.
     pub fn set_reservations(
         &self,
-        reservations: BTreeMap<String, Ipv4Net>,
+        reservations: BTreeMap<String, Reservation>,
         stale: BTreeMap<String, String>,
     ) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
@@ -218,7 +218,7 @@ impl Hub {
     }
 
     /// The committed reservations, by node name.
-    pub fn reservations(&self) -> BTreeMap<String, Ipv4Net> {
+    pub fn reservations(&self) -> BTreeMap<String, Reservation> {
         self.table
             .read()
             .unwrap_or_else(|p| p.into_inner())

@@ -24,14 +24,14 @@ use tracing::{error, info, warn};
 use twill_common::lease::{
     check_public_ip, check_public_ipv6, parse_subnet, parse_subnet6, validate_node_name, Mac,
 };
-use twill_common::netconf::{BackendType, Ipv6Pool};
+use twill_common::netconf::{BackendType, Ipv6Pool, PoolNet};
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
-use crate::alloc::Allocator;
 use crate::events::Hub;
 use crate::metrics::{now_unix, Metrics};
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Reservation, Store, StoreError};
+use crate::subnets::Subnets;
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
 const QUEUE_LEN: usize = 4096;
@@ -84,26 +84,22 @@ pub enum LeaseOpError {
 pub struct AcquireParams {
     /// The node (from its certificate).
     pub node: String,
-    /// Subnet from the node's previous subnet.env, if any.
-    pub requested: Option<Ipv4Net>,
-    /// The node's public address.
-    pub public_ip: Ipv4Addr,
-    /// The node's VTEP MAC; `None` with the host-gw backend, which has no device.
-    pub vtep_mac: Option<Mac>,
-    /// The IPv6 side, present exactly when the network has EnableIPv6.
-    pub v6: Option<AcquireV6>,
+    /// The IPv4 side, present exactly when the network has IPv4.
+    pub v4: Option<FamilyRequest<Ipv4Net, Ipv4Addr>>,
+    /// The IPv6 side, present exactly when the network has IPv6.
+    pub v6: Option<FamilyRequest<Ipv6Net, Ipv6Addr>>,
     /// Prefix length of the node's underlay subnet (0: not known).
     pub public_prefix_len: u8,
 }
 
-/// The IPv6 side of an acquisition.
+/// One family's side of an acquisition.
 #[derive(Debug, Clone)]
-pub struct AcquireV6 {
-    /// Subnet from the node's previous subnet.env (`FLANNEL_IPV6_SUBNET`), if any.
-    pub requested: Option<Ipv6Net>,
-    /// The node's public IPv6 address.
-    pub public_ip: Ipv6Addr,
-    /// The MAC of the node's flannel-v6.<VNI>; `None` with host-gw.
+pub struct FamilyRequest<N, A> {
+    /// Subnet from the node's previous subnet.env, if any.
+    pub requested: Option<N>,
+    /// The node's public address of this family.
+    pub public_ip: A,
+    /// The MAC of the node's VXLAN device of this family; `None` with host-gw.
     pub vtep_mac: Option<Mac>,
 }
 
@@ -130,7 +126,7 @@ pub struct AcquireFields<'a> {
 
 impl AcquireParams {
     /// Validates the raw request fields for a node of `conf`'s network; errors name
-    /// the field.
+    /// the field. The fields of a family the network does not have are ignored.
     pub fn parse(conf: &NetConf, node: &str, f: AcquireFields<'_>) -> Result<Self, LeaseOpError> {
         let invalid = |m: String| LeaseOpError::Invalid(m);
         validate_node_name(node).map_err(|e| invalid(e.to_string()))?;
@@ -141,23 +137,37 @@ impl AcquireParams {
                 f.backend
             )));
         }
-        let requested = match f.requested {
-            "" => None,
-            s => Some(parse_subnet(s).map_err(|e| invalid(format!("requested_subnet: {e}")))?),
-        };
-        let public_ip = f.public_ip.parse().map_err(|_| {
-            invalid(format!(
-                "public_ip {:?} is not an IPv4 address",
-                f.public_ip
-            ))
-        })?;
-        check_public_ip(public_ip, conf.network).map_err(|e| invalid(e.to_string()))?;
-        let vtep_mac = vtep_mac_of(kind, "vtep_mac", f.vtep_mac)?;
-        let v6 = match &conf.ipv6 {
-            Some(pool) => Some(AcquireV6::parse(kind, pool, f)?),
+        let v4 = match &conf.ipv4 {
+            Some(pool) => {
+                let requested = match f.requested {
+                    "" => None,
+                    s => Some(
+                        parse_subnet(s).map_err(|e| invalid(format!("requested_subnet: {e}")))?,
+                    ),
+                };
+                let public_ip = f.public_ip.parse().map_err(|_| {
+                    invalid(format!(
+                        "public_ip {:?} is not an IPv4 address",
+                        f.public_ip
+                    ))
+                })?;
+                check_public_ip(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
+                Some(FamilyRequest {
+                    requested,
+                    public_ip,
+                    vtep_mac: vtep_mac_of(kind, "vtep_mac", f.vtep_mac)?,
+                })
+            }
             None => None,
         };
-        if let (Some(m), Some(m6)) = (vtep_mac, v6.as_ref().and_then(|v| v.vtep_mac)) {
+        let v6 = match &conf.ipv6 {
+            Some(pool) => Some(parse_v6(kind, pool, f)?),
+            None => None,
+        };
+        if let (Some(m), Some(m6)) = (
+            v4.as_ref().and_then(|v| v.vtep_mac),
+            v6.as_ref().and_then(|v| v.vtep_mac),
+        ) {
             if m == m6 {
                 return Err(invalid(format!(
                     "vtep_mac_v6 {m6} is the MAC of the IPv4 device too; flannel.<VNI> and \
@@ -165,78 +175,81 @@ impl AcquireParams {
                 )));
             }
         }
+        let max = if v4.is_some() { 32 } else { 128 };
         let public_prefix_len = u8::try_from(f.public_prefix_len)
             .ok()
-            .filter(|l| *l <= 32)
+            .filter(|l| *l <= max)
             .ok_or_else(|| {
                 invalid(format!(
-                    "public_ip_prefix_len {} is not an IPv4 prefix length (0 to 32)",
+                    "public_ip_prefix_len {} is not a prefix length of the node's public address (0 to {max})",
                     f.public_prefix_len
                 ))
             })?;
         Ok(AcquireParams {
             node: node.to_string(),
-            requested,
-            public_ip,
-            vtep_mac,
+            v4,
             v6,
             public_prefix_len,
         })
     }
 
-    fn vtep_mac_text(&self) -> String {
-        mac_text(self.vtep_mac)
-    }
-
     /// The MACs this request claims, of both families.
     fn macs(&self) -> impl Iterator<Item = Mac> + '_ {
-        self.vtep_mac
+        self.v4
+            .as_ref()
+            .and_then(|v| v.vtep_mac)
             .into_iter()
             .chain(self.v6.as_ref().and_then(|v| v.vtep_mac))
     }
 }
 
-impl AcquireV6 {
-    fn parse(
-        kind: BackendType,
-        pool: &Ipv6Pool,
-        f: AcquireFields<'_>,
-    ) -> Result<Self, LeaseOpError> {
-        let invalid = |m: String| LeaseOpError::Invalid(m);
-        if f.public_ipv6.is_empty() {
-            return Err(invalid(
-                "public_ipv6 is empty, but this network has EnableIPv6: give the node's public \
-                 interface an IPv6 address, or start the agent with --public-ipv6 (an agent \
-                 older than dual-stack support cannot join this network)"
-                    .into(),
-            ));
-        }
-        let requested = match f.requested_ipv6 {
-            "" => None,
-            s => {
-                Some(parse_subnet6(s).map_err(|e| invalid(format!("requested_ipv6_subnet: {e}")))?)
-            }
-        };
-        if let Some(r) = requested {
-            if !pool.network.contains(&r) || r.prefix_len() != pool.subnet_len {
-                return Err(invalid(format!(
-                    "requested_ipv6_subnet {r} is not a /{} subnet of IPv6Network {}",
-                    pool.subnet_len, pool.network
-                )));
-            }
-        }
-        let public_ip: Ipv6Addr = f.public_ipv6.parse().map_err(|_| {
-            invalid(format!(
-                "public_ipv6 {:?} is not an IPv6 address",
-                f.public_ipv6
-            ))
-        })?;
-        check_public_ipv6(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
-        Ok(AcquireV6 {
-            requested,
-            public_ip,
-            vtep_mac: vtep_mac_of(kind, "vtep_mac_v6", f.vtep_mac_v6)?,
-        })
+fn parse_v6(
+    kind: BackendType,
+    pool: &Ipv6Pool,
+    f: AcquireFields<'_>,
+) -> Result<FamilyRequest<Ipv6Net, Ipv6Addr>, LeaseOpError> {
+    let invalid = |m: String| LeaseOpError::Invalid(m);
+    if f.public_ipv6.is_empty() {
+        return Err(invalid(
+            "public_ipv6 is empty, but this network has EnableIPv6: give the node's public \
+             interface an IPv6 address, or start the agent with --public-ipv6 (an agent \
+             older than dual-stack support cannot join this network)"
+                .into(),
+        ));
+    }
+    let requested = match f.requested_ipv6 {
+        "" => None,
+        s => Some(parse_subnet6(s).map_err(|e| invalid(format!("requested_ipv6_subnet: {e}")))?),
+    };
+    let public_ip: Ipv6Addr = f.public_ipv6.parse().map_err(|_| {
+        invalid(format!(
+            "public_ipv6 {:?} is not an IPv6 address",
+            f.public_ipv6
+        ))
+    })?;
+    check_public_ipv6(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
+    Ok(FamilyRequest {
+        requested,
+        public_ip,
+        vtep_mac: vtep_mac_of(kind, "vtep_mac_v6", f.vtep_mac_v6)?,
+    })
+}
+
+/// A requested subnet must be a node subnet of the pool's network (inside
+/// SubnetMin..SubnetMax or not: outside, the node is simply given another).
+fn check_requested<N: PoolNet>(
+    f: Option<&Subnets<N>>,
+    field: &str,
+    requested: Option<N>,
+) -> Result<(), LeaseOpError> {
+    match (f.map(Subnets::pool), requested) {
+        (Some(pool), Some(r)) if !pool.fits(r) => Err(LeaseOpError::Invalid(format!(
+            "{field} {r} is not a /{} subnet of {}Network {}",
+            pool.subnet_len,
+            N::KEY,
+            pool.network
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -256,17 +269,28 @@ fn vtep_mac_of(kind: BackendType, field: &str, text: &str) -> Result<Option<Mac>
     }
 }
 
-/// Whether a held lease already says what the request's IPv6 side says (a held lease
-/// without an IPv6 subnet on a dual-stack network is not the same: it gets one).
-fn same_v6(l: &Lease, v6: Option<&AcquireV6>) -> bool {
-    match v6 {
-        None => l.ipv6_subnet.is_empty(),
-        Some(v) => {
-            !l.ipv6_subnet.is_empty()
-                && l.public_ipv6 == v.public_ip.to_string()
-                && l.vtep_mac_v6 == mac_text(v.vtep_mac)
-        }
+/// Where a family's subnet sits in a lease.
+trait LeaseNet: PoolNet {
+    fn of(l: &Lease) -> Option<Self>;
+}
+
+impl LeaseNet for Ipv4Net {
+    fn of(l: &Lease) -> Option<Self> {
+        parse_subnet(&l.subnet).ok()
     }
+}
+
+impl LeaseNet for Ipv6Net {
+    fn of(l: &Lease) -> Option<Self> {
+        parse_subnet6(&l.ipv6_subnet).ok()
+    }
+}
+
+/// The lease fields one family's request sets: public address and VTEP MAC, as text.
+fn family_fields<N, A: std::fmt::Display>(r: Option<&FamilyRequest<N, A>>) -> (String, String) {
+    r.map_or_else(Default::default, |r| {
+        (r.public_ip.to_string(), mac_text(r.vtep_mac))
+    })
 }
 
 fn mac_text(mac: Option<Mac>) -> String {
@@ -277,7 +301,7 @@ enum Op {
     Acquire(AcquireParams),
     Release(String),
     Revoke { node: String, by: String },
-    Reserve { node: String, subnet: Ipv4Net },
+    Reserve { node: String, subnet: Reservation },
     Unreserve(String),
     Sweep,
 }
@@ -353,7 +377,7 @@ impl Leases {
         conf: &NetConf,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
-        reservations: BTreeMap<String, Ipv4Net>,
+        reservations: BTreeMap<String, Reservation>,
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
@@ -380,7 +404,7 @@ impl Leases {
         conf: &NetConf,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
-        reservations: BTreeMap<String, Ipv4Net>,
+        reservations: BTreeMap<String, Reservation>,
         metrics: Arc<Metrics>,
     ) -> Result<(), StartError> {
         let ttl = self.ttl;
@@ -390,21 +414,17 @@ impl Leases {
             store,
             hub,
             ttl,
-            alloc: Allocator::new(conf),
-            alloc6: conf.ipv6.as_ref().map(Allocator::new),
+            v4: None,
+            v6: None,
             leases: BTreeMap::new(),
-            by_subnet: HashMap::new(),
-            by_subnet6: HashMap::new(),
             by_mac: HashMap::new(),
-            reservations,
-            reserved: HashMap::new(),
-            stale: BTreeMap::new(),
             revision,
             metrics,
             unpublished: Vec::new(),
             waiting: Vec::new(),
             last_publish: Instant::now(),
         };
+        writer.load_reservations(reservations);
         writer.rebuild(leases).map_err(StartError::Inconsistent)?;
         writer.update_gauges();
         writer.publish_reservations();
@@ -534,8 +554,9 @@ impl Leases {
         .await
     }
 
-    /// Reserves `subnet` for `node`: nobody else is ever given it.
-    pub async fn reserve(&self, node: &str, subnet: Ipv4Net) -> Result<(), LeaseOpError> {
+    /// Reserves `subnet` (one subnet per family) for `node`, replacing the node's
+    /// reservation: nobody else is ever given them.
+    pub async fn reserve(&self, node: &str, subnet: Reservation) -> Result<(), LeaseOpError> {
         self.call_done(Op::Reserve {
             node: node.to_string(),
             subnet,
@@ -563,20 +584,13 @@ struct Writer {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     ttl: Duration,
-    alloc: Allocator<NetConf>,
-    /// The IPv6 pool's allocator, on a dual-stack network.
-    alloc6: Option<Allocator<Ipv6Pool>>,
+    /// Each family's subnets, present exactly when the network has the family.
+    v4: Option<Subnets<Ipv4Net>>,
+    v6: Option<Subnets<Ipv6Net>>,
     leases: BTreeMap<String, Lease>,
-    /// The node holding each leased subnet of either family, and each lease's VTEP
-    /// MACs (both devices' MACs share one index: no MAC may name two nodes).
-    by_subnet: HashMap<Ipv4Net, String>,
-    by_subnet6: HashMap<Ipv6Net, String>,
+    /// The node holding each VTEP MAC (both devices' MACs share one index: no MAC may
+    /// name two nodes).
     by_mac: HashMap<Mac, String>,
-    reservations: BTreeMap<String, Ipv4Net>,
-    /// The node each honoured reservation keeps its subnet for.
-    reserved: HashMap<Ipv4Net, String>,
-    /// Reservations that cannot be honoured now, and why.
-    stale: BTreeMap<String, String>,
     revision: u64,
     metrics: Arc<Metrics>,
     /// Durable events not yet published, and the answers waiting for them: a reply
@@ -586,19 +600,36 @@ struct Writer {
     last_publish: Instant,
 }
 
-/// A stored lease's index keys (stored leases were checked when granted).
-struct LeaseKeys {
-    subnet: Option<Ipv4Net>,
-    subnet6: Option<Ipv6Net>,
-    macs: [Option<Mac>; 2],
+/// A stored lease's VTEP MACs (stored leases were checked when granted).
+fn lease_macs(l: &Lease) -> [Option<Mac>; 2] {
+    [l.vtep_mac.parse().ok(), l.vtep_mac_v6.parse().ok()]
 }
 
-fn lease_keys(l: &Lease) -> LeaseKeys {
-    LeaseKeys {
-        subnet: parse_subnet(&l.subnet).ok(),
-        subnet6: parse_subnet6(&l.ipv6_subnet).ok(),
-        macs: [l.vtep_mac.parse().ok(), l.vtep_mac_v6.parse().ok()],
+/// Splits stored reservations by family; a part for a family the network does not
+/// have cannot be honoured and is dropped (the store layout pins the families, so
+/// only a hand-edited store holds one).
+fn split_reservations(
+    conf: &NetConf,
+    all: BTreeMap<String, Reservation>,
+) -> (BTreeMap<String, Ipv4Net>, BTreeMap<String, Ipv6Net>) {
+    let (mut v4, mut v6) = (BTreeMap::new(), BTreeMap::new());
+    for (node, r) in all {
+        if let Some(s) = r.v4 {
+            if conf.ipv4.is_some() {
+                v4.insert(node.clone(), s);
+            } else {
+                warn!(node = %node, subnet = %s, "dropping a stored IPv4 reservation: the network has no IPv4");
+            }
+        }
+        if let Some(s) = r.v6 {
+            if conf.ipv6.is_some() {
+                v6.insert(node, s);
+            } else {
+                warn!(node = %node, subnet = %s, "dropping a stored IPv6 reservation: the network has no IPv6");
+            }
+        }
     }
+    (v4, v6)
 }
 
 impl Writer {
@@ -701,10 +732,11 @@ impl Writer {
                 });
             }
         }
+        let reservations = changes.reservations.then(|| self.reservations());
         let batch = Batch {
             events: &changes.events,
             renewed: &changes.renewed,
-            reservations: changes.reservations.then_some(&self.reservations),
+            reservations: reservations.as_ref(),
         };
         if !batch.is_empty() {
             if let Err(e) = self.persist(&batch).await {
@@ -712,11 +744,9 @@ impl Writer {
             }
             self.unpublished.extend(changes.events);
             self.hub.renew(&changes.renewed);
-            if changes.reservations {
-                self.publish_reservations();
-            }
             self.update_gauges();
         }
+        self.publish_reservations_if_changed(changes.reservations);
         self.waiting.extend(answers);
         true
     }
@@ -804,7 +834,7 @@ impl Writer {
         warn!(error = %e, kept_events = kept.len(), stored_revision = snap.revision, "store write failed; reloaded the table from the store and answered the batch with an error");
         self.hub.commit(kept);
         self.hub.renew(&renewed);
-        self.reservations = snap.reservations;
+        self.load_reservations(snap.reservations);
         let (leases, revision) = self.hub.leases();
         if let Err(why) = self.rebuild(leases) {
             error!(error = %why, "the reloaded store is inconsistent; the lease writer stops");
@@ -816,93 +846,100 @@ impl Writer {
         true
     }
 
-    /// Rebuilds the lease map, its indexes and the free-subnet index from `leases` and
+    /// Takes the reservations (as the store holds them) for the next `rebuild`.
+    fn load_reservations(&mut self, all: BTreeMap<String, Reservation>) {
+        let (r4, r6) = split_reservations(&self.conf, all);
+        self.v4 = self.conf.ipv4.clone().map(|p| Subnets::new(p, r4));
+        self.v6 = self.conf.ipv6.clone().map(|p| Subnets::new(p, r6));
+    }
+
+    /// Rebuilds the lease map, its indexes and the free-subnet indexes from `leases` and
     /// the reservations; reservations that cannot be honoured are recorded as stale.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
-        self.alloc = Allocator::new(&self.conf);
-        self.alloc6 = self.conf.ipv6.as_ref().map(Allocator::new);
+        if let Some(f) = self.v4.as_mut() {
+            f.reset(f.reservations().clone());
+        }
+        if let Some(f) = self.v6.as_mut() {
+            f.reset(f.reservations().clone());
+        }
         self.leases.clear();
-        self.by_subnet.clear();
-        self.by_subnet6.clear();
         self.by_mac.clear();
+        // Every lease holds a subnet of the network's first family; an IPv6 subnet is
+        // optional on a dual-stack network (a lease granted before the network had IPv6
+        // gets one at its next renewal).
+        let v4_first = self.v4.is_some();
         for l in leases {
-            let subnet = parse_subnet(&l.subnet)
-                .map_err(|e| format!("stored lease of {}: {e}", l.node_name))?;
-            if !self.alloc.take(subnet) {
-                return Err(format!(
-                    "stored lease of {} holds {subnet}, which is outside SubnetMin..SubnetMax of the \
-                     configured network or overlaps another lease; restore the previous net-conf.json \
-                     or move the data directory aside to start a new network",
-                    l.node_name
-                ));
-            }
-            let keys = lease_keys(&l);
-            // A lease granted before the network had IPv6 has none yet (its next
-            // renewal adds one).
-            if let (Some(alloc6), Some(s6)) = (self.alloc6.as_mut(), keys.subnet6) {
-                if !alloc6.take(s6) {
-                    return Err(format!(
-                        "stored lease of {} holds {s6}, which is outside IPv6SubnetMin..IPv6SubnetMax \
-                         of the configured network or overlaps another lease; restore the previous \
-                         net-conf.json or move the data directory aside to start a new network",
-                        l.node_name
-                    ));
-                }
-            }
-            for m in keys.macs.into_iter().flatten() {
+            restore(self.v4.as_mut(), &l, true)?;
+            restore(self.v6.as_mut(), &l, !v4_first)?;
+            for m in lease_macs(&l).into_iter().flatten() {
                 if let Some(other) = self.by_mac.get(&m) {
                     warn!(node = %l.node_name, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
                 }
             }
-            self.index(&l);
+            self.index_macs(&l);
             self.leases.insert(l.node_name.clone(), l);
         }
-        self.reserved.clear();
-        self.stale.clear();
-        let reservations = self.reservations.clone();
-        for (node, subnet) in &reservations {
-            match self.reservation_problem(node, *subnet) {
-                Some(why) => {
-                    warn!(node = %node, subnet = %subnet, reason = %why, "reservation cannot be honoured; the node will be given another subnet until that changes");
-                    self.stale.insert(node.clone(), why);
-                }
-                None => {
-                    self.reserved.insert(*subnet, node.clone());
-                    self.alloc.take(*subnet);
-                }
-            }
+        if let Some(f) = self.v4.as_mut() {
+            f.honour_reservations();
+        }
+        if let Some(f) = self.v6.as_mut() {
+            f.honour_reservations();
         }
         Ok(())
     }
 
-    /// Why `node`'s reservation of `subnet` cannot be honoured now, if it cannot.
-    fn reservation_problem(&self, node: &str, subnet: Ipv4Net) -> Option<String> {
-        if self.conf.index_of(subnet).is_none() {
-            return Some(format!(
-                "{subnet} is outside SubnetMin {}..SubnetMax {} (/{})",
-                self.conf.subnet_min, self.conf.subnet_max, self.conf.subnet_len
-            ));
+    /// Every reservation, both families of a node together.
+    fn reservations(&self) -> BTreeMap<String, Reservation> {
+        let mut all: BTreeMap<String, Reservation> = BTreeMap::new();
+        for (node, s) in self.v4.iter().flat_map(|f| f.reservations()) {
+            all.entry(node.clone()).or_default().v4 = Some(*s);
         }
-        if let Some(holder) = self.by_subnet.get(&subnet).filter(|h| *h != node) {
-            return Some(format!("{subnet} is leased to node {holder}"));
+        for (node, s) in self.v6.iter().flat_map(|f| f.reservations()) {
+            all.entry(node.clone()).or_default().v6 = Some(*s);
         }
-        if let Some(other) = self.reserved.get(&subnet).filter(|o| *o != node) {
-            return Some(format!("{subnet} is also reserved for node {other}"));
+        all
+    }
+
+    /// Publishes the reservations and why some cannot be honoured, when they changed
+    /// (`stored`: the set itself was just written) or a family's view moved.
+    fn publish_reservations_if_changed(&mut self, stored: bool) {
+        let moved4 = self.v4.as_mut().is_some_and(Subnets::take_changed);
+        let moved6 = self.v6.as_mut().is_some_and(Subnets::take_changed);
+        if stored || moved4 || moved6 {
+            self.publish_reservations();
         }
-        None
     }
 
     fn publish_reservations(&self) {
-        self.metrics.reservations_stale.set(self.stale.len() as i64);
-        self.hub
-            .set_reservations(self.reservations.clone(), self.stale.clone());
+        let mut stale: BTreeMap<String, String> = BTreeMap::new();
+        let reasons = self
+            .v4
+            .iter()
+            .flat_map(|f| f.stale())
+            .chain(self.v6.iter().flat_map(|f| f.stale()));
+        for (node, why) in reasons {
+            stale
+                .entry(node.clone())
+                .and_modify(|w| {
+                    w.push_str("; ");
+                    w.push_str(why);
+                })
+                .or_insert_with(|| why.clone());
+        }
+        self.metrics.reservations_stale.set(stale.len() as i64);
+        self.hub.set_reservations(self.reservations(), stale);
     }
 
     fn update_gauges(&self) {
         self.metrics.leases.set(self.leases.len() as i64);
+        let (capacity, taken) = match (&self.v4, &self.v6) {
+            (Some(f), _) => (f.capacity(), f.taken()),
+            (None, Some(f)) => (f.capacity(), f.taken()),
+            (None, None) => (0, 0),
+        };
         self.metrics
             .subnets_free
-            .set(i64::from(self.alloc.capacity()) - i64::from(self.alloc.taken()));
+            .set(i64::from(capacity) - i64::from(taken));
     }
 
     fn next_revision(&mut self) -> u64 {
@@ -910,38 +947,25 @@ impl Writer {
         self.revision
     }
 
-    /// Records `l` in the subnet and MAC indexes.
-    fn index(&mut self, l: &Lease) {
-        let keys = lease_keys(l);
-        if let Some(s) = keys.subnet {
-            self.by_subnet.insert(s, l.node_name.clone());
-        }
-        if let Some(s) = keys.subnet6 {
-            self.by_subnet6.insert(s, l.node_name.clone());
-        }
-        for m in keys.macs.into_iter().flatten() {
+    fn index_macs(&mut self, l: &Lease) {
+        for m in lease_macs(l).into_iter().flatten() {
             self.by_mac.entry(m).or_insert_with(|| l.node_name.clone());
         }
     }
 
-    /// Drops `l` from the subnet and MAC indexes.
-    fn unindex(&mut self, l: &Lease) {
-        let keys = lease_keys(l);
-        if let Some(s) = keys.subnet {
-            if self.by_subnet.get(&s) == Some(&l.node_name) {
-                self.by_subnet.remove(&s);
-            }
-        }
-        if let Some(s) = keys.subnet6 {
-            if self.by_subnet6.get(&s) == Some(&l.node_name) {
-                self.by_subnet6.remove(&s);
-            }
-        }
-        for m in keys.macs.into_iter().flatten() {
+    fn unindex_macs(&mut self, l: &Lease) {
+        for m in lease_macs(l).into_iter().flatten() {
             if self.by_mac.get(&m) == Some(&l.node_name) {
                 self.by_mac.remove(&m);
             }
         }
+    }
+
+    /// Forgets a lease that ended: its MACs and both subnets go back.
+    fn forget(&mut self, l: &Lease) {
+        self.unindex_macs(l);
+        release(self.v4.as_mut(), l);
+        release(self.v6.as_mut(), l);
     }
 
     fn acquire(
@@ -950,14 +974,16 @@ impl Writer {
         now: i64,
         changes: &mut Changes,
     ) -> Result<Lease, LeaseOpError> {
-        if let Some(r) = p.requested {
-            if !self.conf.network.contains(&r) || r.prefix_len() != self.conf.subnet_len {
-                return Err(LeaseOpError::Invalid(format!(
-                    "requested_subnet {r} is not a /{} subnet of Network {}",
-                    self.conf.subnet_len, self.conf.network
-                )));
-            }
-        }
+        check_requested(
+            self.v4.as_ref(),
+            "requested_subnet",
+            p.v4.as_ref().and_then(|r| r.requested),
+        )?;
+        check_requested(
+            self.v6.as_ref(),
+            "requested_ipv6_subnet",
+            p.v6.as_ref().and_then(|r| r.requested),
+        )?;
         if let Some((mac, holder)) = p
             .macs()
             .find_map(|m| self.by_mac.get(&m).map(|h| (m, h)))
@@ -970,81 +996,92 @@ impl Writer {
             )));
         }
         let expires = now.saturating_add(self.ttl.as_secs() as i64);
+        let (public_ip, vtep_mac) = family_fields(p.v4.as_ref());
+        let (public_ipv6, vtep_mac_v6) = family_fields(p.v6.as_ref());
         let existing = self
             .leases
             .get(&p.node)
             .filter(|l| l.expires_at_unix > now)
             .cloned();
-        let (subnet, renewal) = match existing {
-            Some(l) => {
-                let subnet =
-                    parse_subnet(&l.subnet).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-                if let Some(r) = p.requested.filter(|r| *r != subnet) {
-                    info!(node = %p.node, subnet = %subnet, requested = %r, "node asked for another subnet; keeping the one it holds");
-                }
-                if l.public_ip == p.public_ip.to_string()
-                    && l.vtep_mac == p.vtep_mac_text()
+        match &existing {
+            Some(l)
+                if l.public_ip == public_ip
+                    && l.vtep_mac == vtep_mac
+                    && l.public_ipv6 == public_ipv6
+                    && l.vtep_mac_v6 == vtep_mac_v6
                     && l.public_ip_prefix_len == u32::from(p.public_prefix_len)
-                    && same_v6(&l, p.v6.as_ref())
-                {
-                    // Only the expiry moves: stored, but no revision and no broadcast.
-                    let mut renewed = l;
-                    renewed.expires_at_unix = expires;
-                    tracing::debug!(node = %p.node, subnet = %subnet, "lease renewed");
-                    self.leases.insert(p.node, renewed.clone());
-                    changes.renewed.retain(|r| r.node_name != renewed.node_name);
-                    changes.renewed.push(renewed.clone());
-                    return Ok(renewed);
-                }
-                (subnet, true)
+                    && Ipv4Net::of(l).is_some() == p.v4.is_some()
+                    && Ipv6Net::of(l).is_some() == p.v6.is_some() =>
+            {
+                // Only the expiry moves: stored, but no revision and no broadcast.
+                let mut renewed = l.clone();
+                renewed.expires_at_unix = expires;
+                tracing::debug!(node = %p.node, subnet = %renewed.subnet, ipv6_subnet = %renewed.ipv6_subnet, "lease renewed");
+                self.leases.insert(p.node, renewed.clone());
+                changes.renewed.retain(|r| r.node_name != renewed.node_name);
+                changes.renewed.push(renewed.clone());
+                return Ok(renewed);
             }
+            Some(_) => {}
             None => {
-                // An expired lease not yet swept: give its subnet back first.
+                // An expired lease not yet swept: give its subnets back first.
                 if let Some(old) = self.leases.remove(&p.node) {
-                    warn!(node = %p.node, subnet = %old.subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
-                    self.unindex(&old);
-                    if let Ok(s) = parse_subnet(&old.subnet) {
-                        self.free(s);
-                    }
-                    self.free6(&old);
+                    warn!(node = %p.node, subnet = %old.subnet, ipv6_subnet = %old.ipv6_subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
+                    self.forget(&old);
                 }
-                (self.pick(&p)?, false)
             }
-        };
-        let subnet6 = match self.subnet6_for(&p) {
+        }
+        let held = existing.as_ref();
+        let s4 = grant(
+            self.v4.as_mut(),
+            held,
+            &p.node,
+            p.v4.as_ref().map(|r| r.requested),
+        )?;
+        let s6 = match grant(
+            self.v6.as_mut(),
+            held,
+            &p.node,
+            p.v6.as_ref().map(|r| r.requested),
+        ) {
             Ok(s6) => s6,
             Err(e) => {
-                if !renewal {
-                    self.free(subnet);
+                if let (Some(f), Some((s, true))) = (self.v4.as_mut(), s4) {
+                    f.free(s, &p.node);
                 }
                 return Err(e);
             }
         };
-        let v6 = p.v6.as_ref();
         let lease = Lease {
             node_name: p.node.clone(),
-            subnet: subnet.to_string(),
-            public_ip: p.public_ip.to_string(),
+            subnet: s4.map(|(s, _)| s.to_string()).unwrap_or_default(),
+            public_ip,
             backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac: p.vtep_mac_text(),
+            vtep_mac,
             expires_at_unix: expires,
             revision: self.next_revision(),
             vni: self.conf.backend.vni,
             reserved: false,
-            ipv6_subnet: subnet6.map(|s| s.to_string()).unwrap_or_default(),
-            public_ipv6: v6.map(|v| v.public_ip.to_string()).unwrap_or_default(),
-            vtep_mac_v6: mac_text(v6.and_then(|v| v.vtep_mac)),
+            ipv6_subnet: s6.map(|(s, _)| s.to_string()).unwrap_or_default(),
+            public_ipv6,
+            vtep_mac_v6,
             public_ip_prefix_len: p.public_prefix_len.into(),
         };
-        if renewal {
-            info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
+        if existing.is_some() {
+            info!(node = %p.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, public_ip = %lease.public_ip, public_ipv6 = %lease.public_ipv6, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
         } else {
-            info!(node = %p.node, subnet = %subnet, public_ip = %p.public_ip, revision = lease.revision, "lease granted");
+            info!(node = %p.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, public_ip = %lease.public_ip, public_ipv6 = %lease.public_ipv6, revision = lease.revision, "lease granted");
+        }
+        if let (Some(f), Some((s, _))) = (self.v4.as_mut(), s4) {
+            f.hold(s, &p.node);
+        }
+        if let (Some(f), Some((s, _))) = (self.v6.as_mut(), s6) {
+            f.hold(s, &p.node);
         }
         if let Some(old) = self.leases.insert(p.node, lease.clone()) {
-            self.unindex(&old);
+            self.unindex_macs(&old);
         }
-        self.index(&lease);
+        self.index_macs(&lease);
         changes.events.push(LeaseEvent {
             r#type: EventType::Put as i32,
             lease: Some(lease.clone()),
@@ -1053,98 +1090,11 @@ impl Writer {
         Ok(lease)
     }
 
-    /// A subnet for a node that holds none: its reservation when that can be honoured,
-    /// else the subnet it asked for when free, else the next free one. Every path takes
-    /// the subnet's bit in the allocator.
-    fn pick(&mut self, p: &AcquireParams) -> Result<Ipv4Net, LeaseOpError> {
-        if let Some(reserved) = self.reservations.get(&p.node).copied() {
-            match self.reservation_problem(&p.node, reserved) {
-                None => {
-                    // Its bit is normally kept on the node's behalf; take it when it
-                    // was not (a reservation that was stale until now).
-                    self.alloc.take(reserved);
-                    self.reserved.insert(reserved, p.node.clone());
-                    if self.stale.remove(&p.node).is_some() {
-                        self.publish_reservations();
-                    }
-                    info!(node = %p.node, subnet = %reserved, "granting the node its reserved subnet");
-                    return Ok(reserved);
-                }
-                Some(why) => {
-                    warn!(node = %p.node, subnet = %reserved, reason = %why, "reservation cannot be honoured; allocating another subnet");
-                    if self.stale.insert(p.node.clone(), why).is_none() {
-                        self.publish_reservations();
-                    }
-                }
-            }
-        }
-        if let Some(r) = p.requested {
-            if !self.reserved.contains_key(&r) && self.alloc.take(r) {
-                return Ok(r);
-            }
-            let why = if self.conf.index_of(r).is_none() {
-                "it is outside SubnetMin..SubnetMax"
-            } else {
-                "another node holds or has reserved it"
-            };
-            info!(node = %p.node, requested = %r, "requested subnet not granted: {why}; allocating a fresh one");
-        }
-        self.alloc.allocate().ok_or_else(|| {
-            warn!(node = %p.node, "out of subnets");
-            LeaseOpError::Exhausted(format!(
-                "out of subnets: all {} subnets between SubnetMin {} and SubnetMax {} are leased or reserved",
-                self.alloc.capacity(),
-                self.conf.subnet_min,
-                self.conf.subnet_max
-            ))
-        })
-    }
-
-    /// The node's IPv6 subnet on a dual-stack network: the one its lease holds, else
-    /// the one it asked for when free, else the next free one; taken in the allocator.
-    fn subnet6_for(&mut self, p: &AcquireParams) -> Result<Option<Ipv6Net>, LeaseOpError> {
-        let (Some(alloc6), Some(v6)) = (self.alloc6.as_mut(), p.v6.as_ref()) else {
-            return Ok(None);
-        };
-        let held = self
-            .leases
-            .get(&p.node)
-            .and_then(|l| parse_subnet6(&l.ipv6_subnet).ok())
-            .filter(|s| self.by_subnet6.get(s) == Some(&p.node));
-        if let Some(s) = held {
-            return Ok(Some(s));
-        }
-        if let Some(r) = v6.requested {
-            if alloc6.take(r) {
-                return Ok(Some(r));
-            }
-            info!(node = %p.node, requested = %r, "requested IPv6 subnet not granted: it is taken or outside IPv6SubnetMin..IPv6SubnetMax; allocating a fresh one");
-        }
-        let pool = self
-            .conf
-            .ipv6
-            .as_ref()
-            .expect("an allocator implies a pool");
-        alloc6.allocate().map(Some).ok_or_else(|| {
-            warn!(node = %p.node, "out of IPv6 subnets");
-            LeaseOpError::Exhausted(format!(
-                "out of IPv6 subnets: all {} subnets between IPv6SubnetMin {} and IPv6SubnetMax {} are leased",
-                alloc6.capacity(),
-                pool.subnet_min,
-                pool.subnet_max
-            ))
-        })
-    }
-
     fn remove(&mut self, node: &str, events: &mut Vec<LeaseEvent>) -> bool {
         let Some(mut lease) = self.leases.remove(node) else {
             return false;
         };
-        self.unindex(&lease);
-        if let Ok(s) = parse_subnet(&lease.subnet) {
-            self.free(s);
-        }
-        self.free6(&lease);
+        self.forget(&lease);
         lease.revision = self.next_revision();
         events.push(LeaseEvent {
             r#type: EventType::Delete as i32,
@@ -1154,116 +1104,126 @@ impl Writer {
         true
     }
 
-    /// Returns the IPv6 subnet of a lease that ended to its pool.
-    fn free6(&mut self, lease: &Lease) {
-        if let (Some(alloc6), Ok(s6)) = (self.alloc6.as_mut(), parse_subnet6(&lease.ipv6_subnet)) {
-            alloc6.free(s6);
-        }
-    }
-
-    /// Returns a subnet whose lease ended to the pool, unless a reservation keeps it
-    /// (for its own node or, when that reservation was stale because of this lease,
-    /// for the node that reserved it: its reservation can be honoured from now on).
-    fn free(&mut self, subnet: Ipv4Net) {
-        if self.reserved.contains_key(&subnet) {
-            return;
-        }
-        let waiting = self
-            .reservations
-            .iter()
-            .find(|(_, s)| **s == subnet)
-            .map(|(n, _)| n.clone());
-        match waiting.filter(|n| self.reservation_problem(n, subnet).is_none()) {
-            Some(node) => {
-                info!(node = %node, subnet = %subnet, "reservation can be honoured again");
-                self.stale.remove(&node);
-                self.reserved.insert(subnet, node);
-                self.publish_reservations();
-            }
-            None => self.alloc.free(subnet),
-        }
-    }
-
-    fn reserve(&mut self, node: &str, subnet: Ipv4Net) -> Result<(), LeaseOpError> {
+    fn reserve(&mut self, node: &str, r: Reservation) -> Result<(), LeaseOpError> {
         validate_node_name(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-        if self.conf.index_of(subnet).is_none() {
-            return Err(LeaseOpError::Invalid(format!(
-                "{subnet} is not a /{} subnet between SubnetMin {} and SubnetMax {}",
-                self.conf.subnet_len, self.conf.subnet_min, self.conf.subnet_max
-            )));
+        if r.v4.is_none() && r.v6.is_none() {
+            return Err(LeaseOpError::Invalid(
+                "no subnet to reserve: give an IPv4 subnet, an IPv6 subnet, or one of each".into(),
+            ));
         }
-        if let Some((other, _)) = self
-            .reservations
-            .iter()
-            .find(|(n, s)| **s == subnet && n.as_str() != node)
-        {
-            return Err(LeaseOpError::Conflict(format!(
-                "{subnet} is already reserved for node {other}"
-            )));
-        }
-        if let Some(holder) = self.by_subnet.get(&subnet).filter(|h| *h != node) {
-            return Err(LeaseOpError::Conflict(format!(
-                "{subnet} is leased to node {holder}; revoke that lease first"
-            )));
-        }
-        if let Some(own) = self
-            .leases
-            .get(node)
-            .filter(|l| l.subnet != subnet.to_string())
-        {
-            return Err(LeaseOpError::Conflict(format!(
-                "node {node} holds {}; revoke its lease first or reserve that subnet",
-                own.subnet
-            )));
-        }
-        if let Some(previous) = self.reservations.insert(node.to_string(), subnet) {
-            if previous != subnet && self.reserved.get(&previous).is_some_and(|n| n == node) {
-                self.reserved.remove(&previous);
-                if !self.by_subnet.contains_key(&previous) {
-                    self.alloc.free(previous);
-                }
-            }
-        }
-        // Taken now, so the allocator never hands it to anyone else (already taken when
-        // the node's own lease holds it).
-        self.alloc.take(subnet);
-        self.reserved.insert(subnet, node.to_string());
-        self.stale.remove(node);
-        info!(node = %node, subnet = %subnet, "subnet reserved");
+        let own = self.leases.get(node);
+        check_reserve(
+            self.v4.as_ref(),
+            node,
+            r.v4,
+            own,
+            "IPv4 (EnableIPv4 is false)",
+        )?;
+        check_reserve(
+            self.v6.as_ref(),
+            node,
+            r.v6,
+            own,
+            "IPv6 (EnableIPv6 is not set)",
+        )?;
+        replace_reservation(self.v4.as_mut(), node, r.v4);
+        replace_reservation(self.v6.as_mut(), node, r.v6);
         Ok(())
     }
 
     fn unreserve(&mut self, node: &str) -> bool {
-        let Some(subnet) = self.reservations.remove(node) else {
-            return false;
-        };
-        self.stale.remove(node);
-        if self.reserved.get(&subnet).is_some_and(|n| n == node) {
-            self.reserved.remove(&subnet);
-            // Only an idle reservation's bit goes back: a leased subnet stays taken.
-            if !self.by_subnet.contains_key(&subnet) {
-                self.alloc.free(subnet);
-            }
-        }
-        info!(node = %node, subnet = %subnet, "reservation removed");
-        true
+        let v4 = self.v4.as_mut().and_then(|f| f.unreserve(node)).is_some();
+        let v6 = self.v6.as_mut().and_then(|f| f.unreserve(node)).is_some();
+        v4 || v6
     }
 
     fn sweep(&mut self, now: i64, events: &mut Vec<LeaseEvent>) {
-        let expired: Vec<String> = self
+        let expired: Vec<(String, String)> = self
             .leases
             .values()
             .filter(|l| l.expires_at_unix <= now)
-            .map(|l| l.node_name.clone())
+            .map(|l| (l.node_name.clone(), l.subnet.clone()))
             .collect();
-        for node in expired {
-            let subnet = self
-                .leases
-                .get(&node)
-                .map(|l| l.subnet.clone())
-                .unwrap_or_default();
+        for (node, subnet) in expired {
             info!(node = %node, subnet = %subnet, "lease expired");
             self.remove(&node, events);
+        }
+    }
+}
+
+/// Records a stored lease's subnet of one family; `required`: a lease without one is
+/// inconsistent with the network.
+fn restore<N: LeaseNet>(
+    f: Option<&mut Subnets<N>>,
+    l: &Lease,
+    required: bool,
+) -> Result<(), String> {
+    let Some(f) = f else { return Ok(()) };
+    match N::of(l) {
+        Some(s) => f.restore(&l.node_name, s),
+        None if required => Err(format!(
+            "stored lease of {} has no {} subnet, which the configured network needs; restore \
+             the previous net-conf.json or move the data directory aside to start a new network",
+            l.node_name,
+            N::FAMILY
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Gives a lease's subnet of one family back to its pool.
+fn release<N: LeaseNet>(f: Option<&mut Subnets<N>>, l: &Lease) {
+    if let (Some(f), Some(s)) = (f, N::of(l)) {
+        f.free(s, &l.node_name);
+    }
+}
+
+/// The node's subnet of one family (`None` when the network lacks the family): the one
+/// its live lease holds, else a new pick. The flag says whether it was picked now (and
+/// must be freed if the grant fails).
+fn grant<N: LeaseNet>(
+    f: Option<&mut Subnets<N>>,
+    held: Option<&Lease>,
+    node: &str,
+    requested: Option<Option<N>>,
+) -> Result<Option<(N, bool)>, LeaseOpError> {
+    let (Some(f), Some(requested)) = (f, requested) else {
+        return Ok(None);
+    };
+    let own = held.and_then(N::of).filter(|s| f.holder(*s) == Some(node));
+    if let Some(s) = own {
+        if let Some(r) = requested.filter(|r| *r != s) {
+            info!(node = %node, subnet = %s, requested = %r, "node asked for another subnet; keeping the one it holds");
+        }
+        return Ok(Some((s, false)));
+    }
+    f.pick(node, requested).map(|s| Some((s, true)))
+}
+
+fn check_reserve<N: LeaseNet>(
+    f: Option<&Subnets<N>>,
+    node: &str,
+    subnet: Option<N>,
+    own: Option<&Lease>,
+    missing: &str,
+) -> Result<(), LeaseOpError> {
+    match (f, subnet) {
+        (_, None) => Ok(()),
+        (None, Some(s)) => Err(LeaseOpError::Invalid(format!(
+            "cannot reserve {s}: this network has no {missing}"
+        ))),
+        (Some(f), Some(s)) => f.check_reserve(node, s, own.and_then(N::of)),
+    }
+}
+
+/// Sets `node`'s reservation of one family to `subnet`, or drops it.
+fn replace_reservation<N: LeaseNet>(f: Option<&mut Subnets<N>>, node: &str, subnet: Option<N>) {
+    if let Some(f) = f {
+        match subnet {
+            Some(s) => f.reserve(node, s),
+            None => {
+                f.unreserve(node);
+            }
         }
     }
 }
@@ -1415,7 +1375,7 @@ mod tests {
     async fn reservations_are_never_handed_to_others() {
         let f = start("10.1.0.0/26", Duration::from_secs(3600));
         let reserved: Ipv4Net = "10.1.0.32/28".parse().unwrap();
-        f.leases.reserve("x", reserved).await.unwrap();
+        f.leases.reserve("x", reserved.into()).await.unwrap();
         let a = f.leases.acquire(params("a", "10.1.0.32/28")).await.unwrap();
         let b = f.leases.acquire(params("b", "")).await.unwrap();
         assert!(a.subnet != reserved.to_string() && b.subnet != reserved.to_string());
@@ -1517,11 +1477,104 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ipv6_only_leases_and_reservations_hold_across_a_restart() {
+        let conf = NetConf::parse(
+            r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/60",
+                "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let (leases, hub) = start_on(&conf, store.clone()).await;
+        let a = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
+        assert_eq!(
+            (a.subnet.as_str(), a.public_ip.as_str(), a.vtep_mac.as_str()),
+            ("", "", ""),
+            "no IPv4 side: the request's IPv4 fields are ignored"
+        );
+        assert_eq!(a.ipv6_subnet, "fd00:10:244:1::/64");
+        let e = leases
+            .reserve("c", "10.244.1.0/24".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, LeaseOpError::Invalid(m) if m.contains("no IPv4")),
+            "{e}"
+        );
+        let e = leases
+            .reserve("c", "fd00:10:244:1::/64".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LeaseOpError::Conflict(_)), "a's subnet: {e}");
+        leases
+            .reserve("b", "fd00:10:244:7::/64".parse().unwrap())
+            .await
+            .unwrap();
+        let c = leases
+            .acquire(dual_params(&conf, "c", "fd00:10:244:7::/64"))
+            .await
+            .unwrap();
+        assert_ne!(c.ipv6_subnet, "fd00:10:244:7::/64", "reserved for b");
+        let b = leases.acquire(dual_params(&conf, "b", "")).await.unwrap();
+        assert_eq!(b.ipv6_subnet, "fd00:10:244:7::/64");
+        assert_no_shared_subnet(&hub);
+        drop(leases);
+
+        let (leases, hub) = start_on(&conf, store.clone()).await;
+        assert_eq!(
+            hub.reservations()["b"].to_string(),
+            "fd00:10:244:7::/64",
+            "the IPv6 reservation was stored"
+        );
+        for (node, before) in [("a", &a), ("b", &b), ("c", &c)] {
+            let again = leases.acquire(dual_params(&conf, node, "")).await.unwrap();
+            assert_eq!(
+                again.ipv6_subnet, before.ipv6_subnet,
+                "{node} keeps its subnet"
+            );
+        }
+        assert!(leases.unreserve("b").await.unwrap());
+        assert!(!hub.reservations().contains_key("b"));
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_reservation_keeps_both_subnets() {
+        let conf = dual_conf();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+        let (leases, hub) = start_on(&conf, store.clone()).await;
+        let both: Reservation = "10.244.9.0/24,fd00:10:244:9::/64".parse().unwrap();
+        leases.reserve("r", both).await.unwrap();
+        let other = leases
+            .acquire(dual_params(&conf, "x", "fd00:10:244:9::/64"))
+            .await
+            .unwrap();
+        assert_ne!(other.ipv6_subnet, "fd00:10:244:9::/64");
+        let r = leases.acquire(dual_params(&conf, "r", "")).await.unwrap();
+        assert_eq!(
+            (r.subnet.as_str(), r.ipv6_subnet.as_str()),
+            ("10.244.9.0/24", "fd00:10:244:9::/64")
+        );
+        drop(leases);
+        let (_leases, hub2) = start_on(&conf, store).await;
+        assert_eq!(hub2.reservations()["r"], both, "stored as one record");
+        assert_eq!(hub.reservations()["r"], both);
+    }
+
+    #[tokio::test]
     async fn dual_stack_leases_get_a_subnet_of_each_family_and_keep_both() {
         let conf = dual_conf();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
         let (leases, hub) = start_on(&conf, store.clone()).await;
+        for bad in ["fd00:99::/64", "fd00:10:244:1::/80"] {
+            let e = leases
+                .acquire(dual_params(&conf, "bad", bad))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("requested_ipv6_subnet"), "{bad}: {e}");
+        }
         let a = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
         let b = leases
             .acquire(dual_params(&conf, "b", "fd00:10:244:9::/64"))
@@ -1602,8 +1655,6 @@ mod tests {
         assert!(e("2001:db8::1", "33:33:00:00:00:01", "").contains("vtep_mac_v6"));
         assert!(e("2001:db8::1", "", "").contains("vtep_mac_v6"));
         assert!(e("2001:db8::1", mac, "").contains("MAC of the IPv4 device"));
-        assert!(e("2001:db8::1", m6, "fd00:99::/64").contains("requested_ipv6_subnet"));
-        assert!(e("2001:db8::1", m6, "fd00:10:244:1::/80").contains("requested_ipv6_subnet"));
         // On an IPv4-only network the IPv6 fields are ignored (an agent of the
         // previous version sends none).
         let v4 = conf_of("10.244.0.0/16", "vxlan");
@@ -1619,7 +1670,7 @@ mod tests {
             ..fields("", "192.0.2.1", "")
         };
         let p = AcquireParams::parse(&c, "a", f).unwrap();
-        assert_eq!(p.vtep_mac, None);
+        assert_eq!(p.v4.unwrap().vtep_mac, None);
         let e = AcquireParams::parse(&c, "a", fields("", "192.0.2.1", "0a:00:00:00:00:01"))
             .unwrap_err()
             .to_string();
@@ -1675,8 +1726,13 @@ mod tests {
         let (leases, _) = hub.leases();
         let mut seen = BTreeMap::new();
         for l in &leases {
-            if let Some(other) = seen.insert(l.subnet.clone(), l.node_name.clone()) {
-                panic!("{} and {other} share {}", l.node_name, l.subnet);
+            for s in [&l.subnet, &l.ipv6_subnet]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+            {
+                if let Some(other) = seen.insert(s.clone(), l.node_name.clone()) {
+                    panic!("{} and {other} share {s}", l.node_name);
+                }
             }
         }
     }
@@ -1686,8 +1742,9 @@ mod tests {
         let f = start("10.244.0.0/16", Duration::from_secs(3600));
         let a = f.leases.acquire(params("a", "")).await.unwrap();
         let mut spoof = params("mallory", "");
-        spoof.vtep_mac = a.vtep_mac.parse().ok();
-        spoof.public_ip = "198.51.100.66".parse().unwrap();
+        let v4 = spoof.v4.as_mut().unwrap();
+        v4.vtep_mac = a.vtep_mac.parse().ok();
+        v4.public_ip = "198.51.100.66".parse().unwrap();
         let e = f.leases.acquire(spoof.clone()).await.unwrap_err();
         assert!(matches!(e, LeaseOpError::AlreadyExists(_)), "{e}");
         assert!(
@@ -1751,7 +1808,7 @@ mod tests {
         };
         // Written straight into the store: what no sequence of API calls makes, but a
         // narrowed range, a restored backup or another version can leave behind.
-        let reservations: BTreeMap<String, Ipv4Net> = [
+        let reservations: BTreeMap<String, Reservation> = [
             ("x", "10.1.0.32/28"),  // leased to a
             ("y", "10.1.0.0/28"),   // before SubnetMin
             ("z", "10.1.0.64/28"),  // fine
@@ -1967,7 +2024,7 @@ mod tests {
         assert!(feed.try_recv().is_err(), "no watcher woken");
         assert_eq!(f.hub.leases().1, a.revision);
         let mut moved = params("a", "");
-        moved.public_ip = "192.0.2.77".parse().unwrap();
+        moved.v4.as_mut().unwrap().public_ip = "192.0.2.77".parse().unwrap();
         let moved = f.leases.acquire(moved).await.unwrap();
         assert_eq!(moved.subnet, a.subnet);
         assert!(

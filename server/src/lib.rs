@@ -1,7 +1,8 @@
 //! twill-controller: the single source of truth for who owns which pod subnet.
 //!
 //! - `store`: durable storage behind the `Store` trait (sled, or etcd for several replicas).
-//! - `alloc`: the free-subnet index; where a subnet is picked.
+//! - `alloc`: the free-subnet index; `subnets`: one family's allocation policy (holders,
+//!   reservations), where a subnet is picked.
 //! - `leases`: the single writer that decides, stores (group commit) and acknowledges.
 //! - `events`: the committed table, its revision log and the fan-out to watchers.
 //! - `identity`: bootstrap tokens and the signing of node certificates.
@@ -21,4 +22,5 @@ pub mod leases;
 pub mod metrics;
 pub mod replica;
 pub mod store;
+pub mod subnets;
 pub mod tls;

@@ -237,8 +237,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     info!(
-        network = %conf.network,
-        subnet_len = conf.subnet_len,
+        layout = %layout,
         leases = snapshot.leases.len(),
         revision = snapshot.revision,
         store = %whence,
@@ -369,17 +368,23 @@ async fn run(args: Args) -> Result<()> {
 /// so stores written before dual-stack and host-gw existed keep matching; turning
 /// IPv6 on or off under existing leases is a network change like any other.
 fn store_layout(conf: &NetConf) -> String {
-    let mut layout = format!("Network={} SubnetLen={}", conf.network, conf.subnet_len);
+    let mut parts = Vec::new();
+    if let Some(v4) = &conf.ipv4 {
+        parts.push(format!(
+            "Network={} SubnetLen={}",
+            v4.network, v4.subnet_len
+        ));
+    }
     if let Some(v6) = &conf.ipv6 {
-        layout.push_str(&format!(
-            " IPv6Network={} IPv6SubnetLen={}",
+        parts.push(format!(
+            "IPv6Network={} IPv6SubnetLen={}",
             v6.network, v6.subnet_len
         ));
     }
     if conf.backend.kind != BackendType::Vxlan {
-        layout.push_str(&format!(" Backend={}", conf.backend.kind));
+        parts.push(format!("Backend={}", conf.backend.kind));
     }
-    layout
+    parts.join(" ")
 }
 
 async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {

@@ -13,21 +13,24 @@ use super::DataPlaneError;
 /// The nftables table Twill owns.
 pub const TABLE: &str = "inet twill";
 
-/// The nft script that replaces the table with masquerade rules for a node holding
-/// `subnet` in pod network `network`, and on a dual-stack network the same rules for
-/// its IPv6 subnet and network (`ip6`, multicast ff00::/8).
-pub fn ruleset(network: Ipv4Net, subnet: Ipv4Net, v6: Option<(Ipv6Net, Ipv6Net)>) -> String {
-    let mut post = family_rules(
-        "ip",
-        &network.to_string(),
-        &subnet.to_string(),
-        "224.0.0.0/4",
-    );
-    let mut forward = format!(
-        "    ip saddr {network} accept
+/// The nft script that replaces the table with masquerade rules for a node, per family
+/// the network has: `(pod network, node subnet)` for IPv4 (`ip`, multicast
+/// 224.0.0.0/4) and for IPv6 (`ip6`, multicast ff00::/8).
+pub fn ruleset(v4: Option<(Ipv4Net, Ipv4Net)>, v6: Option<(Ipv6Net, Ipv6Net)>) -> String {
+    let (mut post, mut forward) = (String::new(), String::new());
+    if let Some((network, subnet)) = v4 {
+        post.push_str(&family_rules(
+            "ip",
+            &network.to_string(),
+            &subnet.to_string(),
+            "224.0.0.0/4",
+        ));
+        forward.push_str(&format!(
+            "    ip saddr {network} accept
     ip daddr {network} accept
 "
-    );
+        ));
+    }
     if let Some((network6, subnet6)) = v6 {
         post.push_str(&family_rules(
             "ip6",
@@ -77,11 +80,10 @@ pub fn teardown() -> String {
 
 /// Installs or refreshes the masquerade rules.
 pub async fn apply(
-    network: Ipv4Net,
-    subnet: Ipv4Net,
+    v4: Option<(Ipv4Net, Ipv4Net)>,
     v6: Option<(Ipv6Net, Ipv6Net)>,
 ) -> Result<(), DataPlaneError> {
-    nft(&ruleset(network, subnet, v6)).await
+    nft(&ruleset(v4, v6)).await
 }
 
 /// Removes the masquerade rules, if any.
@@ -128,8 +130,10 @@ mod tests {
     #[test]
     fn ruleset_follows_flannel_order() {
         let r = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.3.0/24".parse().unwrap(),
+            Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.3.0/24".parse().unwrap(),
+            )),
             None,
         );
         let rules: Vec<&str> = r
@@ -151,8 +155,10 @@ mod tests {
     #[test]
     fn dual_stack_adds_the_same_rules_for_ipv6() {
         let r = ruleset(
-            "10.244.0.0/16".parse().unwrap(),
-            "10.244.3.0/24".parse().unwrap(),
+            Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.3.0/24".parse().unwrap(),
+            )),
             Some((
                 "fd00:10:244::/56".parse().unwrap(),
                 "fd00:10:244:3::/64".parse().unwrap(),
@@ -167,5 +173,21 @@ mod tests {
         assert!(v6[0].starts_with("ip6 saddr fd00:10:244:3::/64 ip6 daddr fd00:10:244::/56 return"));
         assert!(v6[3].contains("ip6 daddr != ff00::/8 masquerade fully-random"));
         assert_eq!(r.lines().filter(|l| l.trim().starts_with("ip ")).count(), 7);
+    }
+
+    #[test]
+    fn ipv6_only_has_no_ipv4_rules() {
+        let r = ruleset(
+            None,
+            Some((
+                "fd00:10:244::/56".parse().unwrap(),
+                "fd00:10:244:3::/64".parse().unwrap(),
+            )),
+        );
+        assert_eq!(
+            r.lines().filter(|l| l.trim().starts_with("ip6 ")).count(),
+            7
+        );
+        assert_eq!(r.lines().filter(|l| l.trim().starts_with("ip ")).count(), 0);
     }
 }

@@ -1,11 +1,12 @@
 //! `twill.v1.AdminService`: what operators (twillctl) call. Admin certificates only.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tonic::{Request, Response, Status};
-use twill_common::lease::parse_subnet;
+use twill_common::lease::{parse_subnet, parse_subnet6};
 use twill_common::netconf::BackendType;
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
@@ -26,7 +27,7 @@ use crate::events::Hub;
 use crate::identity::Identity;
 use crate::leases::Leases;
 use crate::metrics::{Agents, Metrics};
-use crate::store::Store;
+use crate::store::{Reservation as StoredReservation, Store};
 
 /// The admin service.
 pub struct AdminApi {
@@ -132,11 +133,26 @@ impl AdminApi {
     fn mark_reserved(&self, mut leases: Vec<Lease>) -> Vec<Lease> {
         let reservations = self.hub.reservations();
         for l in &mut leases {
-            l.reserved = reservations
-                .get(&l.node_name)
-                .is_some_and(|s| s.to_string() == l.subnet);
+            l.reserved = reservations.get(&l.node_name).is_some_and(|r| holds(l, r));
         }
         leases
+    }
+}
+
+/// Whether `l` holds the subnets `r` reserves.
+fn holds(l: &Lease, r: &StoredReservation) -> bool {
+    let same = |want: Option<String>, held: &str| want.is_none_or(|w| w == held);
+    (r.v4.is_some() || r.v6.is_some())
+        && same(r.v4.map(|s| s.to_string()), &l.subnet)
+        && same(r.v6.map(|s| s.to_string()), &l.ipv6_subnet)
+}
+
+fn reservation_message(node: &str, r: StoredReservation, stale: String) -> Reservation {
+    Reservation {
+        node_name: node.to_string(),
+        subnet: r.v4.map(|s| s.to_string()).unwrap_or_default(),
+        ipv6_subnet: r.v6.map(|s| s.to_string()).unwrap_or_default(),
+        stale,
     }
 }
 
@@ -145,15 +161,21 @@ impl AdminApi {
 /// metrics; this is the same judgement made centrally). Nodes on one subnet share the
 /// answer, so each distinct subnet is worked out once.
 fn off_link(leases: &[Lease]) -> Vec<OffLink> {
-    let addr = |l: &Lease| l.public_ip.parse::<std::net::Ipv4Addr>().ok();
-    let mut by_subnet: BTreeMap<Ipv4Net, Vec<String>> = BTreeMap::new();
+    // The address the prefix length belongs to: IPv4, or IPv6 on an IPv6-only network.
+    let addr = |l: &Lease| {
+        l.public_ip
+            .parse::<IpAddr>()
+            .or_else(|_| l.public_ipv6.parse())
+            .ok()
+    };
+    let mut by_subnet: BTreeMap<IpNet, Vec<String>> = BTreeMap::new();
     let mut out = Vec::new();
     for l in leases {
         let Some(net) = addr(l).and_then(|ip| {
             let len = u8::try_from(l.public_ip_prefix_len)
                 .ok()
                 .filter(|n| *n > 0)?;
-            Ipv4Net::new(ip, len).ok().map(|n| n.trunc())
+            IpNet::new(ip, len).ok().map(|n| n.trunc())
         }) else {
             continue;
         };
@@ -184,19 +206,27 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListLeasesResponse>, Status> {
         auth::admin_caller(&req)?;
         let r = req.into_inner();
-        let within: Option<Ipv4Net> = match r.subnet.as_str() {
+        let within: Option<IpNet> = match r.subnet.as_str() {
             "" => None,
             s => Some(
-                s.parse::<Ipv4Net>()
+                s.parse::<IpNet>()
                     .map_err(|_| {
-                        Status::invalid_argument(format!("subnet {s:?} is not an IPv4 CIDR"))
+                        Status::invalid_argument(format!(
+                            "subnet {s:?} is not a CIDR such as 10.244.0.0/16 or fd00:10:244::/56"
+                        ))
                     })?
                     .trunc(),
             ),
         };
+        // A lease is within when its subnet of the filter's family is.
         let keep = |l: &Lease| {
             l.node_name.starts_with(r.node_prefix.as_str())
-                && within.is_none_or(|w| parse_subnet(&l.subnet).is_ok_and(|s| w.contains(&s)))
+                && within.is_none_or(|w| {
+                    [&l.subnet, &l.ipv6_subnet]
+                        .into_iter()
+                        .filter_map(|s| s.parse::<IpNet>().ok())
+                        .any(|s| w.contains(&s))
+                })
         };
         let (leases, more, revision) = self.hub.page(&r.page_token, r.page_size as usize, keep);
         let next_page_token = match (more, leases.last()) {
@@ -240,15 +270,25 @@ impl AdminService for AdminApi {
         auth::admin_caller(&req)?;
         let r = req.get_ref();
         let node = node_arg(&r.node_name)?;
-        let subnet =
-            parse_subnet(&r.subnet).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let subnet = StoredReservation {
+            v4: match r.subnet.as_str() {
+                "" => None,
+                s => Some(
+                    parse_subnet(s)
+                        .map_err(|e| Status::invalid_argument(format!("subnet: {e}")))?,
+                ),
+            },
+            v6: match r.ipv6_subnet.as_str() {
+                "" => None,
+                s => Some(
+                    parse_subnet6(s)
+                        .map_err(|e| Status::invalid_argument(format!("ipv6_subnet: {e}")))?,
+                ),
+            },
+        };
         self.leases.reserve(node, subnet).await?;
         Ok(Response::new(ReserveResponse {
-            reservation: Some(Reservation {
-                node_name: node.to_string(),
-                subnet: subnet.to_string(),
-                stale: String::new(),
-            }),
+            reservation: Some(reservation_message(node, subnet, String::new())),
         }))
     }
 
@@ -262,11 +302,7 @@ impl AdminService for AdminApi {
         match subnet {
             Some(subnet) if self.leases.unreserve(node).await? => {
                 Ok(Response::new(UnreserveResponse {
-                    reservation: Some(Reservation {
-                        node_name: node.to_string(),
-                        subnet: subnet.to_string(),
-                        stale: String::new(),
-                    }),
+                    reservation: Some(reservation_message(node, subnet, String::new())),
                 }))
             }
             _ => Err(Status::not_found(format!(
@@ -285,10 +321,9 @@ impl AdminService for AdminApi {
             .hub
             .reservations()
             .into_iter()
-            .map(|(node_name, s)| Reservation {
-                stale: stale.remove(&node_name).unwrap_or_default(),
-                node_name,
-                subnet: s.to_string(),
+            .map(|(node, r)| {
+                let why = stale.remove(&node).unwrap_or_default();
+                reservation_message(&node, r, why)
             })
             .collect();
         Ok(Response::new(ListReservationsResponse { reservations }))
@@ -302,10 +337,18 @@ impl AdminService for AdminApi {
         let c = &self.conf;
         Ok(Response::new(GetConfigResponse {
             net_conf_json: c.raw.clone(),
-            network: c.network.to_string(),
-            subnet_len: c.subnet_len.into(),
-            subnet_min: c.subnet_min.to_string(),
-            subnet_max: c.subnet_max.to_string(),
+            network: c.network4().map(|n| n.to_string()).unwrap_or_default(),
+            subnet_len: c.ipv4.as_ref().map_or(0, |p| p.subnet_len.into()),
+            subnet_min: c
+                .ipv4
+                .as_ref()
+                .map(|p| p.subnet_min.to_string())
+                .unwrap_or_default(),
+            subnet_max: c
+                .ipv4
+                .as_ref()
+                .map(|p| p.subnet_max.to_string())
+                .unwrap_or_default(),
             backend_type: c.backend.kind.as_str().into(),
             vni: c.backend.vni,
             port: c.backend.port.into(),
@@ -343,18 +386,20 @@ impl AdminService for AdminApi {
         let (leases, revision) = self.hub.leases();
         let reservations = self.hub.reservations();
         let stale = self.hub.stale_reservations();
-        let total = self.conf.subnet_count();
+        // The counts are of the first family's pool: IPv4, or IPv6 on an IPv6-only
+        // network (on a dual-stack one every lease holds a subnet of each).
+        let total = match (&self.conf.ipv4, &self.conf.ipv6) {
+            (Some(p), _) => p.count(),
+            (None, Some(p)) => p.count(),
+            (None, None) => 0,
+        };
         let used = leases.len() as u32;
         // A reservation held by its own node's lease takes one subnet, not two; a stale
         // one takes none of its own.
         let reserved_idle = reservations
             .iter()
             .filter(|(node, s)| {
-                !stale.contains_key(*node)
-                    && self
-                        .hub
-                        .lease(node)
-                        .is_none_or(|l| l.subnet != s.to_string())
+                !stale.contains_key(*node) && self.hub.lease(node).is_none_or(|l| !holds(&l, s))
             })
             .count() as u32;
         let mut agents: Vec<ConnectedAgent> = self

@@ -60,7 +60,7 @@ enum Gap {
 async fn follow(
     r: &Replica,
     from: i64,
-    reservations: &mut BTreeMap<String, ipnet::Ipv4Net>,
+    reservations: &mut BTreeMap<String, crate::store::Reservation>,
 ) -> Result<std::convert::Infallible, Gap> {
     let key = r.store.etcd().key("");
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -132,7 +132,7 @@ async fn follow(
 fn apply(
     r: &Replica,
     events: &[twill_proto::etcd::mvccpb::Event],
-    reservations: &mut BTreeMap<String, ipnet::Ipv4Net>,
+    reservations: &mut BTreeMap<String, crate::store::Reservation>,
 ) {
     let mut lease_events: Vec<LeaseEvent> = Vec::new();
     let mut renewed = Vec::new();
@@ -183,7 +183,7 @@ fn apply(
 /// stored event history.
 async fn reload(
     r: &Replica,
-    reservations: &mut BTreeMap<String, ipnet::Ipv4Net>,
+    reservations: &mut BTreeMap<String, crate::store::Reservation>,
 ) -> Result<(), StoreError> {
     let (snap, at) = r.store.load_at().await?;
     let (_, revision) = r.hub.leases();

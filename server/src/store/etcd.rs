@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use twill_proto::etcd::etcdserverpb::{
@@ -303,7 +302,7 @@ pub enum Entry {
     /// An event of the log.
     Event(LeaseEvent),
     /// A node's reservation.
-    Reservation(String, Ipv4Net),
+    Reservation(String, super::Reservation),
     /// A record (`kind`, `id`).
     Record(String, String),
     /// `meta/revision`.
@@ -388,7 +387,7 @@ impl EtcdStore {
         } else if let Some(node) = rest.strip_prefix("reservation/") {
             let subnet = String::from_utf8_lossy(&kv.value)
                 .parse()
-                .map_err(|e: ipnet::AddrParseError| corrupt(e.to_string()))?;
+                .map_err(corrupt)?;
             Entry::Reservation(node.to_string(), subnet)
         } else if let Some(r) = rest.strip_prefix("record/") {
             match r.split_once('/') {

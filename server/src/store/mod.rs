@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use twill_proto::{Lease, LeaseEvent};
 
 pub mod etcd;
@@ -43,13 +43,61 @@ pub struct Snapshot {
     /// The most recent events, oldest first, for watchers resuming from a revision.
     pub history: Vec<LeaseEvent>,
     /// Reserved subnets by node name.
-    pub reservations: BTreeMap<String, Ipv4Net>,
+    pub reservations: BTreeMap<String, Reservation>,
     /// The network layout the leases were allocated in (`Network` and `SubnetLen`),
     /// `None` for a new store.
     pub layout: Option<String>,
     /// The store's identity, made when it was created: revisions of one epoch mean
     /// nothing in another, so a watcher resuming with another epoch starts over.
     pub epoch: String,
+}
+
+/// The subnets kept for one node, at most one per family. Stored as text, the IPv4
+/// subnet first and comma-separated (`10.244.9.0/24`, `10.244.9.0/24,fd00:0:0:9::/64`,
+/// `fd00:0:0:9::/64`), so a reservation stored before dual-stack reads unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reservation {
+    /// The reserved IPv4 subnet.
+    pub v4: Option<Ipv4Net>,
+    /// The reserved IPv6 subnet.
+    pub v6: Option<Ipv6Net>,
+}
+
+impl std::fmt::Display for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.v4, self.v6) {
+            (Some(a), Some(b)) => write!(f, "{a},{b}"),
+            (Some(a), None) => write!(f, "{a}"),
+            (None, Some(b)) => write!(f, "{b}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl From<Ipv4Net> for Reservation {
+    fn from(v4: Ipv4Net) -> Self {
+        Reservation {
+            v4: Some(v4),
+            v6: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Reservation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut r = Reservation::default();
+        for part in s.split(',') {
+            if let Ok(v4) = part.parse::<Ipv4Net>() {
+                r.v4 = Some(v4);
+            } else if let Ok(v6) = part.parse::<Ipv6Net>() {
+                r.v6 = Some(v6);
+            } else {
+                return Err(format!("{part:?} is not a subnet in CIDR form"));
+            }
+        }
+        Ok(r)
+    }
 }
 
 /// One atomic write: what one batch of the lease writer changed.
@@ -62,7 +110,7 @@ pub struct Batch<'a> {
     /// no event and no new revision.
     pub renewed: &'a [Lease],
     /// The complete reservation set, when it changed.
-    pub reservations: Option<&'a BTreeMap<String, Ipv4Net>>,
+    pub reservations: Option<&'a BTreeMap<String, Reservation>>,
 }
 
 impl Batch<'_> {

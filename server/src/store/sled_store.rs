@@ -92,9 +92,7 @@ impl Store for SledStore {
             };
             let node = String::from_utf8(key[RESERVATION_PREFIX.len()..].to_vec())
                 .map_err(|e| corrupt(e.to_string()))?;
-            let subnet = String::from_utf8_lossy(&value)
-                .parse()
-                .map_err(|e: ipnet::AddrParseError| corrupt(e.to_string()))?;
+            let subnet = String::from_utf8_lossy(&value).parse().map_err(corrupt)?;
             snap.reservations.insert(node, subnet);
         }
         if let Some(v) = self
