@@ -137,8 +137,9 @@ enum Command {
         /// Only leases whose node name starts with this prefix.
         #[arg(long, env = "TWILL_PREFIX", default_value = "")]
         prefix: String,
-        /// Only leases whose subnet lies inside this CIDR, e.g. 10.244.0.0/20.
-        #[arg(long, env = "TWILL_SUBNET", value_name = "CIDR", value_parser = cidr)]
+        /// Only leases whose subnet lies inside this CIDR, e.g. 10.244.0.0/20 (or, for
+        /// the IPv6 subnets, fd00:10:244::/60).
+        #[arg(long, env = "TWILL_SUBNET", value_name = "CIDR", value_parser = cidr_text)]
         subnet: Option<String>,
         /// Leases asked for per call.
         #[arg(long, env = "TWILL_PAGE_SIZE", default_value_t = PAGE_SIZE, hide = true,
@@ -567,6 +568,10 @@ fn cidr(s: &str) -> Result<Cidr, String> {
         }),
         _ => Err(bad()),
     }
+}
+
+fn cidr_text(s: &str) -> Result<String, String> {
+    cidr(s).map(|c| c.text)
 }
 
 /// The IPv4 and the IPv6 subnet of a `reserve` (empty when not given).

@@ -125,17 +125,18 @@ pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime)
 }
 
 /// The lease table (header and one row per lease), as `leases` and `lease get` print it.
+/// IPv4 tables keep their layout; a dual-stack network adds IPV6-SUBNET (and, wide, the
+/// IPv6 address and MAC); an IPv6-only network shows the IPv6 fields in their place.
 fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
-    let mut header = vec![
-        "NODE",
-        "SUBNET",
-        "PUBLIC-IP",
-        "VTEP-MAC",
-        "EXPIRES-IN",
-        "RESERVED",
-    ];
-    // IPv6 columns only on a dual-stack network, so IPv4 tables keep their layout.
     let dual = leases.iter().any(|l| !l.ipv6_subnet.is_empty());
+    let v6_only = dual && leases.iter().all(|l| l.subnet.is_empty());
+    let mut header = if v6_only {
+        vec!["NODE", "IPV6-SUBNET", "PUBLIC-IPV6", "VTEP-MAC-V6"]
+    } else {
+        vec!["NODE", "SUBNET", "PUBLIC-IP", "VTEP-MAC"]
+    };
+    header.extend(["EXPIRES-IN", "RESERVED"]);
+    let dual = dual && !v6_only;
     if dual {
         header.insert(2, "IPV6-SUBNET");
     }
@@ -147,11 +148,16 @@ fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
     }
     let mut rows = vec![strings(&header)];
     for l in leases {
+        let (subnet, ip, mac) = if v6_only {
+            (&l.ipv6_subnet, &l.public_ipv6, &l.vtep_mac_v6)
+        } else {
+            (&l.subnet, &l.public_ip, &l.vtep_mac)
+        };
         let mut row = vec![
             or_none(&l.node_name),
-            or_none(&l.subnet),
-            or_none(&l.public_ip),
-            or_none(&l.vtep_mac),
+            or_none(subnet),
+            or_none(ip),
+            or_none(mac),
             expires_in(l.expires_at_unix, now),
             yes_no(l.reserved),
         ];
@@ -189,7 +195,7 @@ pub fn render_revoked(lease: &Lease, format: Format) -> String {
             format!(
                 "lease/{} revoked (subnet {})\n",
                 lease.node_name,
-                or_none(&lease.subnet)
+                or_none(&both(&lease.subnet, &lease.ipv6_subnet))
             )
         }
         Format::Json => json(&LeaseDoc::from(lease)),
@@ -1463,6 +1469,44 @@ a      10.244.1.0/24   fd00:10:244:1::/64   192.168.1.10   0a:58:0a:f4:01:01   6
             ..Default::default()
         };
         assert!(!render_leases(&v4, Format::Json, now).contains("ipv6"));
+    }
+
+    #[test]
+    fn ipv6_only_leases_show_the_ipv6_fields_in_place_of_the_ipv4_ones() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let resp = ListLeasesResponse {
+            leases: vec![Lease {
+                subnet: String::new(),
+                public_ip: String::new(),
+                vtep_mac: String::new(),
+                ipv6_subnet: "fd00:10:244:1::/64".into(),
+                public_ipv6: "2001:db8::10".into(),
+                vtep_mac_v6: "0a:58:0a:f4:06:01".into(),
+                ..lease("a", "", 1_000_000 + 60)
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            render_leases(&resp, Format::Table, now),
+            "\
+NODE   IPV6-SUBNET          PUBLIC-IPV6    VTEP-MAC-V6         EXPIRES-IN   RESERVED
+a      fd00:10:244:1::/64   2001:db8::10   0a:58:0a:f4:06:01   60s          no
+"
+        );
+        let r = Reservation {
+            node_name: "a".into(),
+            ipv6_subnet: "fd00:10:244:7::/64".into(),
+            ..Default::default()
+        };
+        let out = render_reservations(std::slice::from_ref(&r), None, Format::Table);
+        assert!(
+            out.contains("IPV6-SUBNET") && out.contains("fd00:10:244:7::/64"),
+            "{out}"
+        );
+        assert_eq!(
+            render_reservation_change(&r, "created", Format::Table),
+            "reservation/a created (subnet fd00:10:244:7::/64)\n"
+        );
     }
 
     #[test]

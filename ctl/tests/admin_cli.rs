@@ -771,3 +771,59 @@ fn every_command_has_help() {
     let out = twillctl(&["leases", "-o", "xml"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `reserve` with one subnet per family on a dual-stack network; an IPv6 subnet on an
+/// IPv4-only network and two subnets of one family are refused.
+#[test]
+fn reservations_of_both_families() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = twillctl_pki(dir.path());
+    let dual = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true,
+                   "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
+    let ctl = Controller::for_pki(&pki, dual);
+    let (v4, v6) = ("10.244.7.0/24", "fd00:10:244:7::/64");
+    assert_eq!(
+        admin(&ctl, &pki, &["reserve", "node-r", v6, v4]),
+        format!("reservation/node-r created (subnet {v4},{v6})\n")
+    );
+    let out = ctl_as(&ctl, &pki, &pki.admin, &["reservations"]);
+    assert_eq!(
+        ok(&out),
+        format!("NODE     SUBNET          IPV6-SUBNET\nnode-r   {v4}   {v6}\n")
+    );
+    let doc = json(&admin(&ctl, &pki, &["reservations", "-o", "json"]));
+    assert_eq!(
+        doc,
+        serde_json::json!({"reservations": [{"node_name": "node-r", "subnet": v4, "ipv6_subnet": v6, "in_use": false}]})
+    );
+    let err = failed(
+        &ctl_as(
+            &ctl,
+            &pki,
+            &pki.admin,
+            &[
+                "reserve",
+                "node-x",
+                "fd00:10:244:8::/64",
+                "fd00:10:244:9::/64",
+            ],
+        ),
+        &ctl,
+    );
+    assert!(err.contains("at most one subnet per family"), "{err}");
+    let err = failed(
+        &ctl_as(&ctl, &pki, &pki.admin, &["reserve", "node-x", v6]),
+        &ctl,
+    );
+    assert!(err.starts_with("error: FAILED_PRECONDITION: "), "{err}");
+
+    let v4_only = Controller::for_pki(&pki, NET_CONF);
+    let err = failed(
+        &ctl_as(&v4_only, &pki, &pki.admin, &["reserve", "node-x", v6]),
+        &v4_only,
+    );
+    assert!(
+        err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("no IPv6"),
+        "{err}"
+    );
+}

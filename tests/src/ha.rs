@@ -46,7 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -159,7 +159,7 @@ impl HaOverlay {
         hosts.extend(cfg.nodes.iter().cloned());
         let lab = Lab::new(LabConfig::new(hosts).mtu(cfg.mtu).verbose(cfg.verbose))?;
         let bins = Bins::locate()?;
-        let ips: Vec<Ipv4Addr> = ctl_hosts.iter().map(|h| lab.host(h).ip).collect();
+        let ips: Vec<IpAddr> = ctl_hosts.iter().map(|h| lab.host(h).addr()).collect();
         let urls: Vec<String> = ips
             .iter()
             .map(|ip| format!("https://{ip}:{GRPC_PORT}"))

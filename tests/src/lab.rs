@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -138,6 +138,8 @@ pub struct LabConfig {
     pub mtu: u32,
     /// Print progress to stderr.
     pub verbose: bool,
+    /// An IPv6-only underlay: the hosts get no IPv4 address and no IPv4 route.
+    pub ipv6_only: bool,
 }
 
 impl LabConfig {
@@ -146,7 +148,13 @@ impl LabConfig {
             hosts: hosts.into_iter().map(Into::into).collect(),
             mtu: 1500,
             verbose: false,
+            ipv6_only: false,
         }
+    }
+
+    pub fn ipv6_only(mut self, yes: bool) -> Self {
+        self.ipv6_only = yes;
+        self
     }
 
     pub fn mtu(mut self, mtu: u32) -> Self {
@@ -168,12 +176,26 @@ pub struct Host {
     pub name: String,
     /// Its network namespace (`tw-<id>-<n>`).
     pub netns: String,
-    /// Its underlay address (on `eth0`).
+    /// Its underlay address (on `eth0`; not configured on an IPv6-only underlay).
     pub ip: Ipv4Addr,
     /// Its IPv6 underlay address (on `eth0` too: the underlay is dual-stack).
     pub ip6: Ipv6Addr,
+    /// The underlay is IPv6-only: `ip` is not configured.
+    pub ipv6_only: bool,
     /// A directory of its own in the lab's temp dir.
     pub dir: PathBuf,
+}
+
+impl Host {
+    /// The address its services listen on and are reached at: the IPv4 underlay
+    /// address, or the IPv6 one on an IPv6-only underlay.
+    pub fn addr(&self) -> IpAddr {
+        if self.ipv6_only {
+            self.ip6.into()
+        } else {
+            self.ip.into()
+        }
+    }
 }
 
 /// An HTTP response.
@@ -352,6 +374,7 @@ impl Lab {
                 netns: format!("{NETNS_PREFIX}{id}-{i}"),
                 ip: Ipv4Addr::from(u32::from(underlay.network()) + i as u32 + 1),
                 ip6: Ipv6Addr::from(u128::from(underlay6.network()) + i as u128 + 1),
+                ipv6_only: cfg.ipv6_only,
                 dir: dir.join(name),
             })
             .collect::<Vec<_>>();
@@ -412,7 +435,9 @@ impl Lab {
                 "bridge",
             ],
         )?;
-        self.ip(u, &["addr", "add", &gw, "dev", UNDERLAY_BRIDGE])?;
+        if !self.ipv6_only() {
+            self.ip(u, &["addr", "add", &gw, "dev", UNDERLAY_BRIDGE])?;
+        }
         // nodad: usable at once, no duplicate address detection to wait for.
         let gw6 = format!("{}/{}", self.gateway6, self.underlay6.prefix_len());
         self.ip(u, &["addr", "add", &gw6, "dev", UNDERLAY_BRIDGE, "nodad"])?;
@@ -433,25 +458,29 @@ impl Lab {
                 ],
             )?;
             self.ip(u, &["link", "set", &veth, "master", UNDERLAY_BRIDGE, "up"])?;
-            self.ip(&h.netns, &["addr", "add", &addr, "dev", HOST_IFACE])?;
+            if !h.ipv6_only {
+                self.ip(&h.netns, &["addr", "add", &addr, "dev", HOST_IFACE])?;
+            }
             let addr6 = format!("{}/{}", h.ip6, self.underlay6.prefix_len());
             self.ip(
                 &h.netns,
                 &["addr", "add", &addr6, "dev", HOST_IFACE, "nodad"],
             )?;
             self.ip(&h.netns, &["link", "set", HOST_IFACE, "up"])?;
-            self.ip(
-                &h.netns,
-                &[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &self.gateway.to_string(),
-                    "dev",
-                    HOST_IFACE,
-                ],
-            )?;
+            if !h.ipv6_only {
+                self.ip(
+                    &h.netns,
+                    &[
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &self.gateway.to_string(),
+                        "dev",
+                        HOST_IFACE,
+                    ],
+                )?;
+            }
             self.ip(
                 &h.netns,
                 &[
@@ -504,6 +533,11 @@ impl Lab {
     /// The gateway address on the underlay bridge (every host's default route).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// True when the underlay has no IPv4 ([`LabConfig::ipv6_only`]).
+    pub fn ipv6_only(&self) -> bool {
+        self.hosts.first().is_some_and(|h| h.ipv6_only)
     }
 
     /// The IPv6 underlay network (`fd18:k::/64`).

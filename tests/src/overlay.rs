@@ -2,7 +2,7 @@
 //! `twill-controller`, one `twill-agent` per node host.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -57,6 +57,9 @@ pub struct OverlayConfig {
     pub bootstrap: bool,
     /// The controller's `--node-cert-ttl` (with [`OverlayConfig::bootstrap`]), e.g. `2h`.
     pub node_cert_ttl: Option<String>,
+    /// An IPv6-only underlay ([`LabConfig::ipv6_only`]): the controller listens on, and
+    /// the agents dial, IPv6 addresses.
+    pub ipv6_only: bool,
 }
 
 impl OverlayConfig {
@@ -71,6 +74,7 @@ impl OverlayConfig {
             verbose: false,
             bootstrap: false,
             node_cert_ttl: None,
+            ipv6_only: false,
         }
     }
 
@@ -114,6 +118,12 @@ impl OverlayConfig {
 
     pub fn verbose(mut self, yes: bool) -> Self {
         self.verbose = yes;
+        self
+    }
+
+    /// See [`OverlayConfig::ipv6_only`] (the field).
+    pub fn ipv6_only(mut self, yes: bool) -> Self {
+        self.ipv6_only = yes;
         self
     }
 
@@ -179,9 +189,17 @@ impl Overlay {
         }
         let mut hosts = vec![CONTROLLER_HOST.to_string()];
         hosts.extend(cfg.nodes.iter().cloned());
-        let lab = Lab::new(LabConfig::new(hosts).mtu(cfg.mtu).verbose(cfg.verbose))?;
+        let lab = Lab::new(
+            LabConfig::new(hosts)
+                .mtu(cfg.mtu)
+                .verbose(cfg.verbose)
+                .ipv6_only(cfg.ipv6_only),
+        )?;
         let bins = Bins::locate()?;
-        let url = format!("https://{}:{GRPC_PORT}", lab.host(CONTROLLER_HOST).ip);
+        let url = format!(
+            "https://{}",
+            SocketAddr::new(lab.host(CONTROLLER_HOST).addr(), GRPC_PORT)
+        );
         let ov = Overlay::on_lab(lab, bins, &cfg, vec![url]);
         match ov.bring_up(&cfg) {
             Ok(()) => Ok(ov),
@@ -213,7 +231,7 @@ impl Overlay {
     }
 
     fn bring_up(&self, cfg: &OverlayConfig) -> Result<()> {
-        self.make_certs(&[self.lab.host(CONTROLLER_HOST).ip])?;
+        self.make_certs(&[self.lab.host(CONTROLLER_HOST).addr()])?;
         let ctl = self.lab.host(CONTROLLER_HOST);
         let net_conf = ctl.dir.join("net-conf.json");
         std::fs::write(&net_conf, &cfg.net_conf)
@@ -221,7 +239,7 @@ impl Overlay {
         let c = |f: &str| self.certs.join(f).display().to_string();
         let mut args = vec![
             "--listen".to_string(),
-            format!("{}:{GRPC_PORT}", ctl.ip),
+            SocketAddr::new(ctl.addr(), GRPC_PORT).to_string(),
             "--data-dir".into(),
             ctl.dir.join("data").display().to_string(),
             "--net-conf".into(),
@@ -233,7 +251,7 @@ impl Overlay {
             "--tls-client-ca".into(),
             c("ca.crt"),
             "--metrics-addr".into(),
-            format!("{}:{CONTROLLER_METRICS_PORT}", ctl.ip),
+            SocketAddr::new(ctl.addr(), CONTROLLER_METRICS_PORT).to_string(),
         ];
         if cfg.bootstrap {
             args.extend([
@@ -279,7 +297,7 @@ impl Overlay {
 
     /// The CA, one controller certificate naming every address in `controller_ips`,
     /// node certificates (unless bootstrapping) and the admin certificate.
-    pub(crate) fn make_certs(&self, controller_ips: &[Ipv4Addr]) -> Result<()> {
+    pub(crate) fn make_certs(&self, controller_ips: &[IpAddr]) -> Result<()> {
         self.twillctl_certs(&["init"])?;
         let mut issue = vec!["issue".to_string(), "controller".into()];
         for ip in controller_ips {
@@ -415,15 +433,18 @@ impl Overlay {
 
     /// `https://<controller ip>:8474`.
     pub fn controller_url(&self) -> String {
-        format!("https://{}:{GRPC_PORT}", self.controller_host().ip)
+        format!(
+            "https://{}",
+            SocketAddr::new(self.controller_host().addr(), GRPC_PORT)
+        )
     }
 
     pub fn controller_metrics_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.controller_host().ip.into(), CONTROLLER_METRICS_PORT)
+        SocketAddr::new(self.controller_host().addr(), CONTROLLER_METRICS_PORT)
     }
 
     pub fn agent_metrics_addr(&self, node: &str) -> SocketAddr {
-        SocketAddr::new(self.node_host(node).ip.into(), AGENT_METRICS_PORT)
+        SocketAddr::new(self.node_host(node).addr(), AGENT_METRICS_PORT)
     }
 
     /// The directory with `ca.crt`, `controller.crt`, `node-<n>.crt`, `admin-<u>.crt`

@@ -4,12 +4,12 @@
 //! end-to-end test and the demo.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::Overlay;
@@ -31,8 +31,8 @@ pub struct Pod {
     pub netns: String,
     /// CNI_CONTAINERID.
     pub container_id: String,
-    /// Its address on eth0.
-    pub addr: Ipv4Addr,
+    /// Its first address on eth0 (IPv4, or IPv6 on an IPv6-only network).
+    pub addr: IpAddr,
     /// The host side of its veth pair.
     pub host_veth: String,
 }
@@ -70,13 +70,13 @@ pub fn attach(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str) -> Result<(Po
         node: node.to_string(),
         container_id: format!("twill-{}-{node}-{tag}", ov.lab().id()),
         netns,
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: Ipv4Addr::UNSPECIFIED.into(),
         host_veth: String::new(),
     };
     let what = format!("ADD of {} on {node}", pod.container_id);
     let result = cni(ov, cni_bin, node, "ADD", &pod)?
         .with_context(|| format!("{what} printed no result"))?;
-    let addr: Ipv4Net = result["ips"][0]["address"]
+    let addr: IpNet = result["ips"][0]["address"]
         .as_str()
         .with_context(|| format!("{what}: no IP in the result {result}"))?
         .parse()

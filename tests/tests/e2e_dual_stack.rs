@@ -1,5 +1,6 @@
-//! End to end, dual-stack: a controller and three hosts whose underlay has IPv4 and
-//! IPv6 addresses, with `EnableIPv6` in net-conf.json, real binaries.
+//! End to end, dual-stack and IPv6-only: a controller and three hosts whose underlay
+//! has IPv4 and IPv6 addresses (IPv6 only, for the IPv6-only network), with
+//! `EnableIPv6` in net-conf.json, real binaries.
 //!
 //! Every host gets a subnet of each family (subnet.env in flannel's order, the IPv6
 //! subnet with its first usable address), a `flannel.1` and a `flannel-v6.1` with
@@ -188,11 +189,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
         attached.push((pod, v6addr));
     }
     let ((pa, a6), (pb, b6)) = (&attached[0], &attached[1]);
-    for (from, to) in [
-        (pa, IpAddr::from(pb.addr)),
-        (pa, (*b6).into()),
-        (pb, (*a6).into()),
-    ] {
+    for (from, to) in [(pa, pb.addr), (pa, (*b6).into()), (pb, (*a6).into())] {
         wait_until(SETTLE, &format!("pod {} -> {to}", from.netns), || {
             let out = exec_in(
                 &from.netns,
@@ -203,7 +200,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
         })?;
     }
     let mtu = envs[&pa.node].mtu;
-    for (dst, header) in [(IpAddr::from(pb.addr), 28), ((*b6).into(), 48)] {
+    for (dst, header) in [(pb.addr, 28), ((*b6).into(), 48)] {
         let fits = (mtu - header).to_string();
         let over = (mtu - header + 1).to_string();
         let d = dst.to_string();
@@ -334,5 +331,170 @@ fn v6_entries(ov: &Overlay, on: &str, peer: &str, subnet6: Ipv6Net) -> Result<()
         ),
         "{on}: no route {subnet6} via {gw} dev {V6_DEV} onlink: {routes}"
     );
+    Ok(())
+}
+
+const V6_ONLY_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+
+/// IPv6-only: `EnableIPv4: false` on an underlay without IPv4 (the controller listens
+/// on, and the agents dial, IPv6 addresses). No IPv4 device, lease field or
+/// subnet.env line; hosts and pods reach each other over IPv6; kill -9 of an agent
+/// and of the controller loses no ping.
+#[test]
+fn ipv6_only_hosts_and_pods_reach_each_other() {
+    let Some(ov) = require_lab(
+        "e2e_dual_stack (IPv6-only)",
+        Overlay::start(
+            OverlayConfig::three_nodes()
+                .net_conf(V6_ONLY_CONF)
+                .ipv6_only(true),
+        ),
+    ) else {
+        return;
+    };
+    ov.run_scenario(ipv6_only);
+}
+
+fn ipv6_only(ov: &Overlay) -> Result<()> {
+    let nodes: Vec<String> = ov.nodes().to_vec();
+    let lab = ov.lab();
+
+    // 1. subnet.env: the IPv6 lines only, in flannel's order; one MTU for the IPv6
+    //    tunnel (1500 - 70).
+    let envs: BTreeMap<String, twill_common::SubnetEnv> =
+        wait_until(CONVERGE, "every node's subnet.env", || {
+            let mut envs = BTreeMap::new();
+            for n in &nodes {
+                let env = twill_common::SubnetEnv::read(&ov.subnet_file(n))?
+                    .with_context(|| format!("{n}: no subnet.env yet"))?;
+                envs.insert(n.clone(), env);
+            }
+            Ok::<_, anyhow::Error>(envs)
+        })?;
+    let mut seen = BTreeMap::new();
+    for n in &nodes {
+        let text = std::fs::read_to_string(ov.subnet_file(n))?;
+        let keys: Vec<&str> = text.lines().filter_map(|l| l.split('=').next()).collect();
+        ensure!(
+            keys == [
+                "FLANNEL_IPV6_NETWORK",
+                "FLANNEL_IPV6_SUBNET",
+                "FLANNEL_MTU",
+                "FLANNEL_IPMASQ"
+            ],
+            "{n}: subnet.env keys {keys:?}"
+        );
+        let e = &envs[n];
+        let s6 = e.ipv6_subnet.context("no FLANNEL_IPV6_SUBNET")?;
+        ensure!(
+            e.ipv6_network.map(|n| n.to_string()).as_deref() == Some("fd00:10:244::/56")
+                && s6.prefix_len() == 64
+                && e.mtu == Some(1430),
+            "{n}: {e:?}"
+        );
+        if let Some(other) = seen.insert(s6, n.clone()) {
+            bail!("{n} and {other} share the IPv6 subnet {s6}");
+        }
+    }
+    let v6 = |n: &str| envs[n].ipv6_subnet.context("no IPv6 subnet");
+    let gw = |n: &str| v6(n).map(|s| Ipv6Addr::from(u128::from(s.network()) + 1));
+
+    // 2. Kernel state: no IPv4 anywhere in the underlay or the overlay, flannel-v6.1
+    //    with flannel's entries for every peer.
+    for n in &nodes {
+        let v4 = lab.exec(n, &["ip", "-4", "-o", "addr", "show", "scope", "global"])?;
+        ensure!(v4.trim().is_empty(), "{n} has IPv4 addresses: {v4}");
+        ensure!(
+            !lab.try_exec(n, &["ip", "link", "show", FLANNEL_DEV])?
+                .success(),
+            "{n}: {FLANNEL_DEV} exists on an IPv6-only network"
+        );
+    }
+    wait_until(CONVERGE, "every host's IPv6 entries for every peer", || {
+        for on in &nodes {
+            for peer in nodes.iter().filter(|p| *p != on) {
+                v6_entries(ov, on, peer, v6(peer)?)?;
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    for n in &nodes {
+        let link = lab.link(n, V6_DEV)?;
+        ensure!(link.mtu == 1430, "{n}: MTU {:?} on {V6_DEV}", link.mtu);
+    }
+    println!("{}", ov.leases_table()?);
+    for l in &ov.leases()? {
+        ensure!(
+            l.subnet.is_empty()
+                && l.public_ip.is_empty()
+                && l.vtep_mac.is_empty()
+                && !l.ipv6_subnet.is_empty()
+                && !l.vtep_mac_v6.is_empty(),
+            "an IPv6-only lease with IPv4 fields or without IPv6 ones: {l:?}"
+        );
+    }
+
+    // 3. Host ping matrix over IPv6, pod gateway to pod gateway.
+    for n in &nodes {
+        let addr = format!("{}/64", gw(n)?);
+        lab.exec(n, &["ip", "link", "add", "pods0", "type", "bridge"])?;
+        lab.exec(n, &["ip", "addr", "add", &addr, "dev", "pods0", "nodad"])?;
+        lab.exec(n, &["ip", "link", "set", "pods0", "up"])?;
+    }
+    let mut matrix = Vec::new();
+    for from in &nodes {
+        for to in nodes.iter().filter(|t| *t != from) {
+            ov.ping_from(from, gw(from)?.into(), gw(to)?.into(), SETTLE)?;
+            matrix.push(format!("{from} -> {to}: {} ok", gw(to)?));
+        }
+    }
+    println!(
+        "IPv6-only ping matrix (pod gateways):\n  {}",
+        matrix.join("\n  ")
+    );
+    for n in &nodes {
+        lab.exec(n, &["ip", "link", "del", "pods0"])?;
+    }
+
+    // 4. Pods attached by twill-cni: one IPv6 address each, reachable across hosts.
+    let cni_bin = ov.bins().path("twill-cni");
+    let mut pods_up = Vec::new();
+    for (i, n) in nodes.iter().take(2).enumerate() {
+        let (pod, result) = pods::attach(ov, &cni_bin, n, &format!("s{i}"))?;
+        let ips = result["ips"].as_array().map_or(0, Vec::len);
+        ensure!(
+            ips == 1 && matches!(pod.addr, IpAddr::V6(a) if v6(n)?.contains(&a)),
+            "pod on {n}: {result}"
+        );
+        pods_up.push(pod);
+    }
+    let (pa, pb) = (&pods_up[0], &pods_up[1]);
+    for (from, to) in [(pa, pb.addr), (pb, pa.addr)] {
+        wait_until(SETTLE, &format!("pod {} -> {to}", from.netns), || {
+            let out = exec_in(
+                &from.netns,
+                &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
+            )?;
+            ensure!(out.success, "{}", out.stdout.trim());
+            Ok::<(), anyhow::Error>(())
+        })?;
+    }
+
+    // 5. kill -9 of an agent, then of the controller, under a continuous IPv6 ping.
+    let (a, b) = (nodes[0].as_str(), nodes[1].as_str());
+    // Between the pods' gateways, which cni0 holds on both hosts.
+    let mut ping = ContinuousPing::start_from(lab, a, gw(a)?.into(), gw(b)?.into())?;
+    std::thread::sleep(Duration::from_secs(1));
+    ov.kill_agent(b)?;
+    ov.restart_agent(b)?;
+    ov.wait_agent_healthy(b, SETTLE)?;
+    ov.kill_controller()?;
+    ov.restart_controller()?;
+    ov.wait_agent_healthy(a, SETTLE)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let report = ping.finish()?;
+    let problems = report.problems(10, "agent and controller kill -9");
+    ensure!(problems.is_empty(), "IPv6 ping: {problems:?} ({report:?})");
+    println!("IPv6-only ping across kill -9 of agent and controller: {report:?}");
     Ok(())
 }

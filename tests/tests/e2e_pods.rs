@@ -17,7 +17,7 @@
 //! without them it is skipped loudly, or fails when `CI` is set.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -215,7 +215,7 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()>
         let u = iperf(
             &ov.node_host(b).netns,
             &ov.node_host(a).netns,
-            ov.public_ip(b),
+            ov.public_ip(b).into(),
             guard,
         )
         .with_context(|| {
@@ -397,7 +397,7 @@ fn del_pod(ov: &Overlay, cni_bin: &Path, pod: &Pod) -> Result<()> {
 
 /// Pings `addr` from `netns` with `extra` options: up to 3 echo requests, one at a
 /// time, each waiting up to 1 s; the first reply is success.
-fn ping(netns: &str, addr: Ipv4Addr, extra: &[&str]) -> Result<()> {
+fn ping(netns: &str, addr: IpAddr, extra: &[&str]) -> Result<()> {
     let a = addr.to_string();
     let mut args = vec!["ping", "-n", "-q", "-c", "1", "-W", "1"];
     args.extend_from_slice(extra);
@@ -447,7 +447,7 @@ impl Throughput {
 fn iperf(
     server_ns: &str,
     client_ns: &str,
-    server_addr: Ipv4Addr,
+    server_addr: IpAddr,
     guard: &mut PodGuard,
 ) -> Result<Throughput> {
     let addr = server_addr.to_string();
