@@ -65,18 +65,10 @@ pub async fn run(args: Args) -> Result<()> {
         can_reach: None,
     };
     let stats = Arc::new(Stats::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))?;
-    tokio::spawn(http::serve(listener, stats.clone()));
+    let listener = twill_runtime::bind(args.metrics_addr).await?;
+    tokio::spawn(twill_runtime::serve(listener, http::routes(stats.clone())));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => info!("interrupt received"),
-        }
-    };
+    let shutdown = twill_runtime::shutdown_signal();
     tokio::pin!(shutdown);
 
     rotation::finish_install(&args.tls_cert, &args.tls_key)

@@ -14,7 +14,6 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 /// What the daemon reports: health and its metrics.
 pub struct Stats {
@@ -171,16 +170,13 @@ impl Stats {
     }
 }
 
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
-    let app = Router::new()
+/// The agent's routes: `/healthz`, `/livez`, `/metrics`.
+pub fn routes(stats: Arc<Stats>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/metrics", get(metrics))
-        .with_state(stats);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "HTTP endpoint stopped");
-    }
+        .with_state(stats)
 }
 
 async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
@@ -206,13 +202,7 @@ async fn metrics(State(s): State<Arc<Stats>>) -> ([(&'static str, &'static str);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &s.registry);
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
+    twill_runtime::openmetrics(out)
 }
 
 #[cfg(test)]

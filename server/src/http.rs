@@ -2,7 +2,6 @@
 //! gRPC serving and the lease writer running; with the etcd store: connected to etcd
 //! and following its watch) and `/metrics` (Prometheus text format).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +9,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
 
 use crate::leases::Leases;
 use crate::metrics::Metrics;
@@ -27,33 +25,13 @@ pub struct HttpState {
     pub replica: Option<Arc<crate::replica::Replica>>,
 }
 
-/// The endpoint's address could not be bound; the message names the flag.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on --metrics-addr {addr}: {cause}")]
-pub struct BindError {
-    /// The address asked for.
-    pub addr: SocketAddr,
-    /// Why the kernel refused it (in the message, so not also a source).
-    pub cause: std::io::Error,
-}
-
-/// Binds the endpoint.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|cause| BindError { addr, cause })
-}
-
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
-    let app = Router::new()
+/// The controller's routes: `/healthz`, `/readyz`, `/metrics`.
+pub fn routes(state: Arc<HttpState>) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "HTTP endpoint stopped");
-    }
+        .with_state(state)
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
@@ -84,11 +62,5 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> ([(&'static str, &'static str); 1], String) {
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
+    twill_runtime::openmetrics(s.metrics.render())
 }

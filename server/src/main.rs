@@ -304,8 +304,11 @@ async fn run(args: Args) -> Result<()> {
         leases: leases.clone(),
         replica: replica.clone(),
     });
-    let http_listener = http::bind(args.metrics_addr).await?;
-    tokio::spawn(http::serve(http_listener, http_state.clone()));
+    let http_listener = twill_runtime::bind(args.metrics_addr).await?;
+    tokio::spawn(twill_runtime::serve(
+        http_listener,
+        http::routes(http_state.clone()),
+    ));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -347,7 +350,7 @@ async fn run(args: Args) -> Result<()> {
     http_state.ready.store(true, Ordering::Relaxed);
     server
         .serve_with_incoming_shutdown(incoming, async {
-            shutdown_signal().await;
+            twill_runtime::shutdown_signal().await;
             // A leader resigns now, so another replica leads while this one drains.
             shutdown_tx.send_replace(true);
             // Watch streams never end on their own; end them so the shutdown completes.
@@ -438,15 +441,4 @@ async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
         dir.display()
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("interrupt received"),
-    }
 }
