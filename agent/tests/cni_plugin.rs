@@ -3,6 +3,8 @@
 //! Needs root, network namespaces and Debian's containernetworking-plugins in /usr/lib/cni;
 //! without them the kernel test is skipped loudly, or fails when `CI` is set.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 

@@ -13,6 +13,8 @@
 //! Without root (or without network namespaces) the tests print a loud SKIPPED and pass,
 //! except in CI, where they fail.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;

@@ -1,6 +1,8 @@
 //! Bad durations are refused at start with a message that names the flag, never a
 //! panic (a zero `--reconcile-interval` used to panic the agent's timer).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::process::Command;
 
 fn agent(extra: &[&str]) -> (Option<i32>, String) {

@@ -179,15 +179,12 @@ pub async fn watcher(
         if t.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let mut stream = match wire::watch(channel.clone(), revision).await {
-            Ok(s) => s,
-            Err(_) => {
-                if let Some(moved) = move_on(replicas.as_deref(), idx).await {
-                    channel = moved;
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
+        let Ok(mut stream) = wire::watch(channel.clone(), revision).await else {
+            if let Some(moved) = move_on(replicas.as_deref(), idx).await {
+                channel = moved;
             }
+            tokio::time::sleep(backoff.next_delay()).await;
+            continue;
         };
         backoff.reset();
         if broken {

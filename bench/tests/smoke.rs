@@ -5,6 +5,8 @@
 //! the real controller binary, in a few seconds. Checks that everything ran and converged, never
 //! how fast: the machine may be slow or busy.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::process::Command;
 
 use serde_json::Value;

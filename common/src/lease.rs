@@ -43,7 +43,7 @@ impl std::str::FromStr for Mac {
         };
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
-        for byte in out.iter_mut() {
+        for byte in &mut out {
             let p = parts.next().ok_or_else(bad)?;
             if p.len() != 2 {
                 return Err(bad());

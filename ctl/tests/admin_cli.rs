@@ -3,6 +3,8 @@
 //!
 //! Needs `cargo build --workspace --bins` first (the controller is another crate's binary).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::process::Stdio;

@@ -1,5 +1,7 @@
 //! `twillctl certs`: the library API and the real binary.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};

@@ -6,6 +6,8 @@
 //! grpcio-tools`); the interpreter is `$PYTHON` if set. Without them the test is
 //! skipped with a loud message, unless `CI` is set, in which case it fails.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::path::{Path, PathBuf};

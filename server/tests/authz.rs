@@ -1,6 +1,8 @@
 //! Authorization matrix: who may call what, proven against the real controller.
 //! Every refused call must leave the lease table untouched.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::time::{Duration, SystemTime};

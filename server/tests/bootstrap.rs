@@ -4,6 +4,8 @@
 //! and the issuance record survive a controller kill -9; a certificate that expires
 //! on an open connection ends its watch and its calls.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,6 +1,8 @@
 //! A controller restarted with a net-conf.json that no longer fits its stored leases
 //! refuses to start and says what to do; the store is left as it was.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::process::Command;

@@ -3,6 +3,8 @@
 //! Every acknowledged lease must survive with the same subnet, no two leases may
 //! overlap, and every lease must lie inside the configured range.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::collections::{BTreeMap, HashMap};

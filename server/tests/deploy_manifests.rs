@@ -16,6 +16,8 @@
 //! The external checks print a loud SKIPPED when their tool is missing, and fail
 //! instead when the environment variable CI is set.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};

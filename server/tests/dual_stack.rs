@@ -3,6 +3,8 @@
 //! refused with the right status code and nothing is written; an IPv4-only
 //! controller ignores the IPv6 fields a newer agent sends.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use support::{acquire_request, mac, Controller, Pki, NET_CONF};

@@ -1,6 +1,8 @@
 //! Bad lease TTLs are refused at start with a message that names the flag, never a
 //! panic or an overflowed expiry.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::process::Command;
 
 fn controller(ttl: &str) -> (Option<i32>, String) {

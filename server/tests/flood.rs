@@ -2,6 +2,8 @@
 //! per node, so it costs the table a handful of revisions, and another node's changes
 //! still reach a watcher as fast as on a quiet controller.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

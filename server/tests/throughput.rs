@@ -3,6 +3,8 @@
 //! test: run it with
 //! `cargo test --release -p twill-server --test throughput -- --ignored --nocapture`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::sync::Arc;

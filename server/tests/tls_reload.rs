@@ -2,6 +2,8 @@
 //! cert-manager and the kubelet rewrite a mounted Secret): new handshakes present the
 //! new certificate, open connections carry on, nothing restarts.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::process::{Command, Stdio};

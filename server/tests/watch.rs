@@ -2,6 +2,8 @@
 //! across a controller restart), a reset when the revision is unknown or belongs to
 //! another store, and a table too large for one message delivered in parts.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::time::Duration;

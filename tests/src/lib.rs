@@ -42,6 +42,8 @@
 //! // dropping `ov` kills every process and deletes every namespace
 //! ```
 
+#![allow(missing_docs, clippy::unwrap_used)] // test code: a panic is the failure report
+
 pub mod bins;
 pub mod certs;
 pub mod cmd;

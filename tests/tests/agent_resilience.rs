@@ -14,6 +14,8 @@
 //! * `--ip-masq`: pod traffic leaving the overlay is masqueraded, pod-to-pod traffic
 //!   is not; an agent restarted without it removes `table inet twill`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::Child;

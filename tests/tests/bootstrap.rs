@@ -17,6 +17,8 @@
 //!   backoff, does not get healthy and exits cleanly on SIGTERM; a corrected token
 //!   file is picked up without a restart.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -11,6 +11,8 @@
 //! IPv6 entries come back; and a SIGKILLed agent and controller lose no ping on
 //! either family.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;

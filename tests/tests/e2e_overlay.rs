@@ -5,6 +5,8 @@
 //! subnet and VTEP MAC; an agent leaving with `--release-on-exit` is removed from its
 //! peers.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -16,6 +16,8 @@
 //! Needs root, network namespaces, `iperf3` and Debian's containernetworking-plugins;
 //! without them it is skipped loudly, or fails when `CI` is set.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;

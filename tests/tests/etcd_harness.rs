@@ -3,6 +3,8 @@
 //! are killed and regain it when they are restarted; a SIGSTOPped member is stopped
 //! for real; dropping the cluster leaves no process and no file behind.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -15,6 +15,8 @@
 //! The tests take turns (one lab at a time): failover timings on a busy two-core
 //! machine would measure the other tests.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;

@@ -26,6 +26,8 @@
 //! Each test skips loudly without etcd or the binaries (fails with CI set). They run
 //! one at a time (a lock): each one alone fills the two cores of a test machine.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 use std::net::Ipv4Addr;

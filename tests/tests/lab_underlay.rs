@@ -1,6 +1,8 @@
 //! The lab itself, without any Twill binary: namespaces, the underlay bridge, hosts
 //! that reach each other and the gateway, processes, and a clean teardown.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

@@ -11,6 +11,8 @@
 //!   itself unhealthy once its lease has run out, and exits promptly and cleanly on
 //!   SIGTERM.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;

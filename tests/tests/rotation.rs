@@ -14,6 +14,8 @@
 //!   connection, and no kernel entry was added or removed
 //!   (`twill_agent_changes_total` unchanged): the data plane never noticed.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -106,7 +108,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     }
     let started = Instant::now();
     hold_for(ROTATING, "pings and agents to keep running", || {
-        for (from, to, ping) in pings.iter_mut() {
+        for (from, to, ping) in &mut pings {
             ping.still_running(&format!("{from} -> {to} while rotating"))?;
         }
         for n in &nodes {
@@ -116,7 +118,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     })?;
 
     let mut problems = Vec::new();
-    for (from, to, ping) in pings.iter_mut() {
+    for (from, to, ping) in &mut pings {
         match ping.finish() {
             Ok(report) => {
                 println!(

@@ -60,8 +60,9 @@ pub struct CertInfo {
     pub node: String,
     /// The serial number, lowercase hex.
     pub serial: String,
-    /// Validity, Unix seconds.
+    /// Start of validity, Unix seconds.
     pub not_before: i64,
+    /// End of validity, Unix seconds.
     pub not_after: i64,
 }
 
@@ -336,8 +337,9 @@ pub struct Bootstrap<'a> {
     pub controller: &'a [String],
     /// This node's name: the CSR's CN.
     pub node: &'a str,
-    /// `--tls-cert`, `--tls-key`: written here.
+    /// `--tls-cert`: the issued certificate is written here.
     pub cert: &'a Path,
+    /// `--tls-key`: the node's new key is written here.
     pub key: &'a Path,
     /// `--tls-ca`: verifies the controller.
     pub ca: &'a Path,

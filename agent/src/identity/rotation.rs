@@ -36,8 +36,9 @@ use super::{
 };
 use crate::client::{self, ClientError, TlsFiles};
 
-/// Earliest and latest point of the lifetime at which the certificate is rotated.
+/// Earliest point of the lifetime at which the certificate is rotated.
 pub const ROTATE_FROM: f64 = 0.7;
+/// Latest point of the lifetime at which the certificate is rotated.
 pub const ROTATE_TO: f64 = 0.9;
 
 /// A fraction of the lifetime drawn from [`ROTATE_FROM`]..=[`ROTATE_TO`], so that nodes

@@ -4,6 +4,7 @@
 //!
 //! Needs `cargo build --workspace --bins` first (the controller is another crate's binary).
 
+#![allow(missing_docs, clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -230,6 +230,7 @@ pub mod body {
     }
 
     impl WatchBody {
+        /// A body streaming `messages`, already framed.
         pub fn new(messages: EncodedStream) -> Self {
             WatchBody {
                 messages,

@@ -1,6 +1,7 @@
 //! A controller under test: certificates made with twillctl's library, the real
 //! `twill-controller` binary on loopback, and mTLS clients for any role.
 
+#![allow(missing_docs, clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
