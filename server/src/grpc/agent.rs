@@ -111,7 +111,9 @@ impl AgentService for AgentApi {
         Ok(Response::new(ReleaseResponse { released }))
     }
 
-    type WatchStream = watch::WatchStream;
+    /// Empty: the messages leave pre-encoded, through the `WatchSlot` that
+    /// `AgentRouter` put in the request (see there).
+    type WatchStream = futures::stream::Empty<Result<twill_proto::WatchResponse, Status>>;
 
     async fn watch(
         &self,
@@ -119,8 +121,13 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::watcher(&req)?;
         self.check(&req)?;
+        let slot = req
+            .extensions()
+            .get::<WatchSlot>()
+            .cloned()
+            .ok_or_else(|| Status::internal("Watch served without AgentRouter"))?;
         let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-        Ok(Response::new(watch::stream(
+        slot.put(watch::encoded(
             &self.hub,
             &self.metrics,
             &self.agents,
@@ -128,7 +135,22 @@ impl AgentService for AgentApi {
             &who,
             from,
             epoch,
-        )))
+        ));
+        Ok(Response::new(futures::stream::empty()))
+    }
+}
+
+/// Where `AgentApi::watch` leaves a watch's pre-encoded messages for `AgentRouter`.
+#[derive(Clone, Default)]
+struct WatchSlot(Arc<std::sync::Mutex<Option<watch::EncodedStream>>>);
+
+impl WatchSlot {
+    fn put(&self, stream: watch::EncodedStream) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+    }
+
+    fn take(&self) -> Option<watch::EncodedStream> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -137,67 +159,30 @@ const MAX_REQUEST_BYTES: usize = 64 << 10;
 /// Largest response: watch messages hold at most `MAX_MESSAGE_BYTES` of events.
 const MAX_RESPONSE_BYTES: usize = crate::events::MAX_MESSAGE_BYTES + (64 << 10);
 
-/// `AgentServiceServer` with the Watch method served pre-encoded (see `watch`): the
-/// hot path of a 5,000-node fan-out. Every other method goes to the generated server.
+/// `AgentServiceServer` with the Watch responses served pre-encoded: the hot path of a
+/// 5,000-node fan-out. Every call, Watch included, goes through the generated server
+/// and `AgentApi`; for a Watch this layer first puts a `WatchSlot` in the request, and
+/// once `AgentApi::watch` has accepted the call (tonic has written the response headers,
+/// or the refusal) it serves the slot's frames as the body (`WatchBody`: the bytes the
+/// hub encoded once, shared by every watcher) instead of tonic's empty stream.
 #[derive(Clone)]
 pub struct AgentRouter {
-    api: Arc<AgentApi>,
     generated: AgentServiceServer<AgentApi>,
 }
 
 impl AgentRouter {
     /// Serves `api`.
     pub fn new(api: AgentApi) -> Self {
-        let api = Arc::new(api);
         AgentRouter {
-            generated: AgentServiceServer::from_arc(api.clone())
+            generated: AgentServiceServer::new(api)
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
-            api,
         }
     }
 }
 
 impl tonic::server::NamedService for AgentRouter {
     const NAME: &'static str = twill_proto::agent_service_server::SERVICE_NAME;
-}
-
-/// The agents' Watch as tonic sees it: tonic decodes the request, runs this and writes
-/// the response headers (or the error); the messages themselves leave through
-/// `stream`, for `AgentRouter` to serve as a `WatchBody`, and tonic's own body stays
-/// empty.
-struct EncodedWatch {
-    api: Arc<AgentApi>,
-    stream: Option<tokio::sync::oneshot::Sender<watch::EncodedStream>>,
-}
-
-impl tonic::server::ServerStreamingService<WatchRequest> for EncodedWatch {
-    type Response = twill_proto::WatchResponse;
-    type ResponseStream = futures::stream::Empty<Result<Self::Response, Status>>;
-    type Future =
-        futures::future::BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, req: Request<WatchRequest>) -> Self::Future {
-        let api = self.api.clone();
-        let out = self.stream.take();
-        Box::pin(async move {
-            let id = auth::watcher(&req)?;
-            auth::not_revoked(&id, &api.identity)?;
-            let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-            let stream = watch::encoded(
-                &api.hub,
-                &api.metrics,
-                &api.agents,
-                &api.identity,
-                &id,
-                from,
-                epoch,
-            );
-            out.and_then(|tx| tx.send(stream).ok())
-                .ok_or_else(|| Status::internal("watch stream handed over twice"))?;
-            Ok(Response::new(futures::stream::empty()))
-        })
-    }
 }
 
 impl<B> tower::Service<http::Request<B>> for AgentRouter
@@ -211,40 +196,31 @@ where
 
     fn poll_ready(
         &mut self,
-        _cx: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
+        tower::Service::<http::Request<B>>::poll_ready(&mut self.generated, cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() == "/twill.v1.AgentService/Watch" {
-            let api = self.api.clone();
-            Box::pin(async move {
-                let (tx, mut rx) = tokio::sync::oneshot::channel();
-                let svc = EncodedWatch {
-                    api,
-                    stream: Some(tx),
-                };
-                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-                    twill_proto::WatchResponse,
-                    WatchRequest,
-                >::default())
-                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), Some(MAX_RESPONSE_BYTES));
-                let resp = grpc.server_streaming(svc, req).await;
-                // No stream: the call was refused, and tonic's response says why.
-                Ok(match rx.try_recv() {
-                    Ok(stream) => {
-                        let (parts, _) = resp.into_parts();
-                        http::Response::from_parts(
-                            parts,
-                            tonic::body::Body::new(watch::body::WatchBody::new(stream)),
-                        )
-                    }
-                    Err(_) => resp,
-                })
-            })
-        } else {
-            Box::pin(self.generated.call(req))
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/twill.v1.AgentService/Watch" {
+            return Box::pin(self.generated.call(req));
         }
+        let slot = WatchSlot::default();
+        req.extensions_mut().insert(slot.clone());
+        let call = self.generated.call(req);
+        Box::pin(async move {
+            let resp = call.await?;
+            // No stream: the call was refused, and tonic's response says why.
+            Ok(match slot.take() {
+                Some(stream) => {
+                    let (parts, _) = resp.into_parts();
+                    http::Response::from_parts(
+                        parts,
+                        tonic::body::Body::new(watch::body::WatchBody::new(stream)),
+                    )
+                }
+                None => resp,
+            })
+        })
     }
 }
