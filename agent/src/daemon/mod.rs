@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
@@ -15,7 +15,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
 use twill_agent::client::{self, no_answer, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
-use twill_agent::dataplane::{masq, Family, Underlay};
+use twill_agent::dataplane::{Family, Underlay};
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
 use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
@@ -28,7 +28,11 @@ use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
 
 use crate::http::{self, Stats};
+
+mod kernel;
+
 use crate::Args;
+use kernel::Kernel;
 
 /// Longest wait between retries of a controller call.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -163,28 +167,21 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let mut peers = PeerTable::new(&node, conf.network4(), conf.network6());
-    peers.set_own(
-        v4.iter().chain(&v6).filter_map(Plane::mac).collect(),
-        Vec::new(),
-    );
+    let peers = PeerTable::new(&node, conf.network4(), conf.network6());
+    let kernel = Kernel::new(dp, v4, v6, peers, stats.clone());
     let mut agent = Agent {
         node,
         args,
         conf,
-        dp,
         api,
         channel,
         creds,
         stats,
         mtu,
-        v4,
-        v6,
+        kernel,
         lease: None,
-        peers,
         revision: 0,
         epoch: String::new(),
-        heard: false,
     };
     agent.main_loop(&mut shutdown).await
 }
@@ -258,7 +255,6 @@ struct Agent {
     node: String,
     args: Args,
     conf: NetConf,
-    dp: Netlink,
     /// The controller API for new calls, over `channel`, which presents the
     /// certificate `creds` last loaded.
     api: Api,
@@ -267,17 +263,12 @@ struct Agent {
     stats: Arc<Stats>,
     /// The pod MTU written to subnet.env.
     mtu: u32,
-    /// The IPv4 overlay and the IPv6 one, each present when the network has the family.
-    v4: Option<Plane>,
-    v6: Option<Plane>,
+    /// The planes, the peer set and everything else this agent does to the kernel.
+    kernel: Kernel,
     lease: Option<Lease>,
-    peers: PeerTable,
     revision: u64,
     /// The store epoch `revision` belongs to.
     epoch: String,
-    /// False until the first watch message: peers are not removed before the
-    /// controller has said who they are (an agent restart must not flap routes).
-    heard: bool,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -444,7 +435,7 @@ impl Agent {
                                 if self.apply(&mut whole) {
                                     renew_at = Instant::now();
                                 }
-                                self.reconcile(false).await;
+                                self.kernel.reconcile(false, self.revision).await;
                             }
                         }
                         Ok(None) | Err(_) => {
@@ -503,13 +494,13 @@ impl Agent {
                         }
                         rotate_at = self.next_rotation();
                     }
-                    self.check_devices(&mut renew_at).await;
+                    if self.kernel.check_devices(self.lease.as_ref()).await {
+                        renew_at = Instant::now();
+                    }
                     if self.args.ip_masq {
-                        self.ensure_masquerade().await;
+                        self.kernel.masquerade(&self.conf, true, self.lease.as_ref()).await;
                     }
-                    if self.heard {
-                        self.reconcile(true).await;
-                    }
+                    self.kernel.reconcile(true, self.revision).await;
                 }
             }
         }
@@ -536,7 +527,7 @@ impl Agent {
             }
         }
         if self.args.teardown_on_exit {
-            self.teardown().await;
+            self.kernel.teardown().await;
         } else {
             info!("exiting; kernel state left in place");
         }
@@ -658,60 +649,34 @@ impl Agent {
             None => self.previous_subnets(),
         };
         let text = |v: Option<String>| v.unwrap_or_default();
-        let (v4, v6) = (self.v4.as_ref(), self.v6.as_ref());
-        // The controller's host-gw report needs the L2 subnet of the advertised address
-        // (IPv4, or IPv6 on an IPv6-only network); an address given by hand
-        // (--public-ip) has none it can know.
-        let public_ip_prefix_len = v4
-            .or(v6)
-            .filter(|p| p.public_ip == p.topo.underlay.addr.addr())
-            .map_or(0, |p| p.topo.underlay.addr.prefix_len().into());
+        let e = self.kernel.endpoints();
         AcquireRequest {
             node_name: self.node.clone(),
             requested_subnet: text(requested.map(|s| s.to_string())),
-            public_ip: text(v4.map(|p| p.public_ip.to_string())),
+            public_ip: e.public_ip,
             backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac: text(v4.and_then(Plane::mac).map(|m| m.to_string())),
+            vtep_mac: e.vtep_mac,
             requested_ipv6_subnet: text(requested6.map(|s| s.to_string())),
-            public_ipv6: text(v6.map(|p| p.public_ip.to_string())),
-            vtep_mac_v6: text(v6.and_then(Plane::mac).map(|m| m.to_string())),
-            public_ip_prefix_len,
+            public_ipv6: e.public_ipv6,
+            vtep_mac_v6: e.vtep_mac_v6,
+            public_ip_prefix_len: e.public_ip_prefix_len,
         }
-    }
-
-    /// The planes, IPv4 first.
-    fn planes(&self) -> impl Iterator<Item = &Plane> {
-        self.v4.iter().chain(&self.v6)
-    }
-
-    /// Tells the peer table this node's own MACs and subnets, which no peer may claim.
-    fn set_own(&mut self) {
-        let macs = self.planes().filter_map(Plane::mac).collect();
-        let subnets = self
-            .lease
-            .as_ref()
-            .map(|l| {
-                let v4 = parse_subnet(&l.subnet).ok().map(IpNet::from);
-                let v6 = parse_subnet6(&l.ipv6_subnet).ok().map(IpNet::from);
-                v4.into_iter().chain(v6).collect()
-            })
-            .unwrap_or_default();
-        self.peers.set_own(macs, subnets);
     }
 
     /// Applies a granted or renewed lease locally (subnet.env, device addresses,
     /// masquerade); returns the TTL.
     async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
         let lease = resp.lease.context("controller answered without a lease")?;
-        let subnet = match (&self.v4, lease.subnet.as_str()) {
-            (Some(_), "") => bail!("the controller granted no IPv4 subnet on an IPv4 network"),
-            (Some(_), s) => Some(parse_subnet(s)?),
-            (None, _) => None,
+        let (has4, has6) = self.kernel.families();
+        let subnet = match (has4, lease.subnet.as_str()) {
+            (true, "") => bail!("the controller granted no IPv4 subnet on an IPv4 network"),
+            (true, s) => Some(parse_subnet(s)?),
+            (false, _) => None,
         };
-        let subnet6 = match (&self.v6, lease.ipv6_subnet.as_str()) {
-            (Some(_), "") => bail!("the controller granted no IPv6 subnet on an IPv6 network"),
-            (Some(_), s) => Some(parse_subnet6(s)?),
-            (None, _) => None,
+        let subnet6 = match (has6, lease.ipv6_subnet.as_str()) {
+            (true, "") => bail!("the controller granted no IPv6 subnet on an IPv6 network"),
+            (true, s) => Some(parse_subnet6(s)?),
+            (false, _) => None,
         };
         let changed = self
             .lease
@@ -730,30 +695,16 @@ impl Agent {
                 ipmasq: Some(self.args.ip_masq),
             };
             env.write(&self.args.subnet_file)?;
-            self.address_devices(subnet, subnet6).await?;
-            self.lease = Some(lease.clone());
-            self.ensure_masquerade().await;
+            self.kernel.address(&lease).await?;
+            self.kernel
+                .masquerade(&self.conf, self.args.ip_masq, Some(&lease))
+                .await;
             info!(node = %self.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
         self.stats.lease_expiry.set(lease.expires_at_unix);
+        self.kernel.set_own(Some(&lease));
         self.lease = Some(lease);
-        self.set_own();
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
-    }
-
-    /// Gives each device its subnet's network address.
-    async fn address_devices(
-        &self,
-        subnet: Option<Ipv4Net>,
-        subnet6: Option<Ipv6Net>,
-    ) -> Result<()> {
-        if let (Some(plane), Some(s)) = (&self.v4, subnet) {
-            plane.address(&self.dp, s.network().into()).await?;
-        }
-        if let (Some(plane), Some(s6)) = (&self.v6, subnet6) {
-            plane.address(&self.dp, s6.network().into()).await?;
-        }
-        Ok(())
     }
 
     /// The subnets of the subnet.env a previous run left, when they belong to this
@@ -783,10 +734,7 @@ impl Agent {
             // it was opened, so it may repeat what the old one delivered since.
             resp.events.retain(|e| e.revision > self.revision);
         }
-        let applied = self.peers.apply(resp);
-        self.stats
-            .peers_refused
-            .set(self.peers.refused().count() as i64);
+        let applied = self.kernel.apply(resp);
         self.revision = if resp.reset {
             resp.revision
         } else {
@@ -795,127 +743,12 @@ impl Agent {
         if !resp.epoch.is_empty() {
             self.epoch.clone_from(&resp.epoch);
         }
-        self.heard = true;
         if applied.lost_own {
             warn!(node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
             self.lease = None;
             self.stats.lease_expiry.set(0);
         }
         applied.lost_own
-    }
-
-    /// Removes everything this agent put in the kernel; reports every failure and
-    /// keeps going.
-    async fn teardown(&self) {
-        for plane in self.planes() {
-            plane.teardown(&self.dp).await;
-        }
-        if let Err(e) = masq::remove().await {
-            warn!(error = %e, "teardown");
-        }
-        info!("exiting; kernel state removed (--teardown-on-exit)");
-    }
-
-    /// Makes the masquerade table what `--ip-masq` says: present with the current
-    /// subnets' rules (re-applied on every tick, like flannel's re-check), or absent
-    /// (removed once, when the lease is first applied).
-    async fn ensure_masquerade(&self) {
-        let lease = self.lease.as_ref();
-        let v4 = self
-            .conf
-            .network4()
-            .zip(lease.and_then(|l| parse_subnet(&l.subnet).ok()));
-        let v6 = self
-            .conf
-            .network6()
-            .zip(lease.and_then(|l| parse_subnet6(&l.ipv6_subnet).ok()));
-        let result = match (self.args.ip_masq, lease) {
-            (true, Some(_)) => masq::apply(v4, v6).await,
-            (true, None) => return,
-            (false, _) => masq::remove().await,
-        };
-        if let Err(e) = result {
-            self.stats.netlink_errors.inc();
-            warn!(error = %e, "cannot program IP masquerade");
-        }
-    }
-
-    /// Brings the kernel to what the peers call for, family by family. After a watch
-    /// batch the diff is taken against what was last applied; `full` (the periodic
-    /// run) reads the kernel to repair what was changed behind our back.
-    async fn reconcile(&mut self, full: bool) {
-        let (mut added, mut removed, mut errors) = (0, 0, 0);
-        let planes = self
-            .v4
-            .as_mut()
-            .map(|p| (p, self.peers.peers()))
-            .into_iter()
-            .chain(self.v6.as_mut().map(|p| (p, self.peers.peers6())));
-        for (plane, peers) in planes {
-            match plane.reconcile(&self.dp, peers, full).await {
-                Ok(report) => {
-                    added += report.added;
-                    removed += report.removed;
-                    errors += report.errors.len();
-                    for e in &report.errors {
-                        warn!(device = %plane.name(), error = %e, "kernel operation failed; will retry");
-                    }
-                }
-                Err(e) => {
-                    errors += 1;
-                    warn!(device = %plane.name(), error = %e, "cannot read kernel state; will retry");
-                }
-            }
-        }
-        let runs = self.stats.reconciles.inc();
-        if runs > 0 {
-            self.stats.changes.inc_by((added + removed) as u64);
-        }
-        self.stats.peers.set(self.peers.len() as i64);
-        self.stats.netlink_errors.inc_by(errors as u64);
-        let unreachable: usize = self.planes().map(Plane::unreachable).sum();
-        self.stats.peers_unreachable.set(unreachable as i64);
-        if added + removed > 0 {
-            info!(
-                peers = self.peers.len(),
-                added,
-                removed,
-                revision = self.revision,
-                "kernel state reconciled"
-            );
-        }
-    }
-
-    /// Recreates a device that was deleted; a new MAC must reach the peers, so the
-    /// lease is renewed at once in that case.
-    async fn check_devices(&mut self, renew_at: &mut Instant) {
-        let mut recreated = false;
-        for plane in self.v4.iter_mut().chain(self.v6.as_mut()) {
-            match plane.check_device(&self.dp).await {
-                Ok(Some(r)) => {
-                    recreated = true;
-                    if r.mac_changed {
-                        *renew_at = Instant::now();
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.stats.netlink_errors.inc();
-                    warn!(device = %plane.name(), error = %e, "cannot check the VXLAN device");
-                }
-            }
-        }
-        if !recreated {
-            return;
-        }
-        self.set_own();
-        if let Some(l) = self.lease.as_ref() {
-            let subnet = parse_subnet(&l.subnet).ok();
-            let subnet6 = parse_subnet6(&l.ipv6_subnet).ok();
-            if let Err(e) = self.address_devices(subnet, subnet6).await {
-                warn!(error = %e, "cannot address the VXLAN device");
-            }
-        }
     }
 }
 
