@@ -228,6 +228,45 @@ pub struct Run {
     pub end_rss_mb: f64,
 }
 
+impl Run {
+    /// A run from its parts; `end` is the server's usage at the end (storm and
+    /// fan-out). The watch message count is filled in by the caller that knows it.
+    fn measured(
+        connect_s: f64,
+        connect_cpu_s: f64,
+        storm: sim::StormOutcome,
+        storm_usage: Usage,
+        fanout: Option<sim::FanoutOutcome>,
+        end: &Usage,
+    ) -> Run {
+        Run {
+            connect_s,
+            connect_cpu_s,
+            storm,
+            storm_usage,
+            storm_watch_messages: f64::NAN,
+            fanout,
+            peak_rss_mb: end.peak_rss_mb,
+            end_rss_mb: end.rss_mb,
+        }
+    }
+}
+
+/// Logs one fan-out's figures.
+fn log_fanout(label: &str, n: usize, f: &sim::FanoutOutcome) {
+    eprintln!(
+        "  {label} N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
+         (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
+        f.from_send_ms.p50,
+        f.from_send_ms.p99,
+        f.from_send_ms.max,
+        f.from_reply_ms.p50,
+        f.from_reply_ms.p99,
+        f.from_send_ms.count,
+        f.expected
+    );
+}
+
 /// Medians over the runs of one system at one N.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Summary {
@@ -464,33 +503,20 @@ where
     );
     let fan = if fanout && storm.converged {
         let f = fleet.fanout(o.rounds).await;
-        eprintln!(
-            "  {label} N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
-             (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
-            f.from_send_ms.p50,
-            f.from_send_ms.p99,
-            f.from_send_ms.max,
-            f.from_reply_ms.p50,
-            f.from_reply_ms.p99,
-            f.from_send_ms.count,
-            f.expected
-        );
+        log_fanout(label, n, &f);
         Some(f)
     } else {
         None
     };
-    let end = meter.read();
     Ok(Measured {
-        run: Run {
+        run: Run::measured(
             connect_s,
             connect_cpu_s,
             storm,
             storm_usage,
-            storm_watch_messages: f64::NAN,
-            fanout: fan,
-            peak_rss_mb: end.peak_rss_mb,
-            end_rss_mb: end.rss_mb,
-        },
+            fan,
+            &meter.read(),
+        ),
         fleet,
         others_storm,
     })
@@ -530,33 +556,21 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
     );
     let fan = if fanout && etcd.alive() {
         let f = fleet.fanout(o.rounds, FANOUT_LIMIT).await;
-        eprintln!(
-            "  etcd  N={n}: fan-out from request send p50 {:.2} / p99 {:.2} / max {:.2} ms \
-             (from the reply: p50 {:.2} / p99 {:.2}) ({} of {} deliveries)",
-            f.from_send_ms.p50,
-            f.from_send_ms.p99,
-            f.from_send_ms.max,
-            f.from_reply_ms.p50,
-            f.from_reply_ms.p99,
-            f.from_send_ms.count,
-            f.expected
-        );
+        log_fanout("etcd ", n, &f);
         Some(f)
     } else {
         None
     };
     let end = meter.read();
     drop(fleet);
-    Ok(Run {
+    Ok(Run::measured(
         connect_s,
         connect_cpu_s,
         storm,
         storm_usage,
-        storm_watch_messages: f64::NAN,
-        fanout: fan,
-        peak_rss_mb: end.peak_rss_mb,
-        end_rss_mb: end.rss_mb,
-    })
+        fan,
+        &end,
+    ))
 }
 
 fn ensure_certs(pki: &mut pki::Pki, n: usize, joiners: usize) -> Result<()> {

@@ -15,6 +15,15 @@ fn f(x: f64, digits: usize) -> String {
     }
 }
 
+/// The storm's median time when every run converged, else NaN (shown as a dash).
+fn converged_storm_s(m: &Summary) -> f64 {
+    if m.converged_runs == m.runs {
+        m.storm_s
+    } else {
+        f64::NAN
+    }
+}
+
 fn ratio(twill: f64, etcd: f64) -> String {
     if twill.is_finite() && etcd.is_finite() && etcd > 0.0 {
         format!("{:.2}", twill / etcd)
@@ -293,18 +302,12 @@ fn cold_start_table(s: &mut String, row: &ColdStartRow) {
         format!("{} + {}", f(w.connect_cpu_s, 2), f(w.storm_cpu_s, 2)),
         ratio(c.server_cpu_s, w.connect_cpu_s + w.storm_cpu_s),
     );
-    line(
-        "controller peak RSS, MB",
-        f(c.peak_rss_mb, 0),
-        f(w.peak_rss_mb, 0),
-        ratio(c.peak_rss_mb, w.peak_rss_mb),
-    );
-    line(
-        "controller RSS at the end, MB",
-        f(c.end_rss_mb, 0),
-        f(w.end_rss_mb, 0),
-        ratio(c.end_rss_mb, w.end_rss_mb),
-    );
+    for (metric, cold, warm) in [
+        ("controller peak RSS, MB", c.peak_rss_mb, w.peak_rss_mb),
+        ("controller RSS at the end, MB", c.end_rss_mb, w.end_rss_mb),
+    ] {
+        line(metric, f(cold, 0), f(warm, 0), ratio(cold, warm));
+    }
     line(
         "watch messages the controller sent, millions",
         f(c.watch_messages / 1e6, 2),
@@ -369,13 +372,6 @@ fn ha_tables(s: &mut String, row: &HaRow) {
     let mut line = |metric: &str, a: String, b: String, r: String| {
         let _ = writeln!(s, "| {n} | {metric} | {a} | {b} | {r} |");
     };
-    let conv = |m: &Summary| {
-        if m.converged_runs == m.runs {
-            m.storm_s
-        } else {
-            f64::NAN
-        }
-    };
     line(
         &format!(
             "join storm: all N saw all N leases (median of {})",
@@ -383,7 +379,7 @@ fn ha_tables(s: &mut String, row: &HaRow) {
         ),
         storm_cell(one, n),
         storm_cell(reps, n),
-        ratio(conv(reps), conv(one)),
+        ratio(converged_storm_s(reps), converged_storm_s(one)),
     );
     line(
         "grant latency in the storm p50 / p99, ms",
@@ -404,18 +400,23 @@ fn ha_tables(s: &mut String, row: &HaRow) {
         fan(&row.etcd),
         ratio(reps.fanout_from_send_ms.p99, one.fanout_from_send_ms.p99) + " (p99)",
     );
-    line(
-        "controllers' peak RSS, MB",
-        f(one.peak_rss_mb, 0),
-        f(reps.peak_rss_mb, 0),
-        ratio(reps.peak_rss_mb, one.peak_rss_mb),
-    );
-    line(
-        "controllers' CPU in the storm, s",
-        f(one.storm_cpu_s, 2),
-        f(reps.storm_cpu_s, 2),
-        ratio(reps.storm_cpu_s, one.storm_cpu_s),
-    );
+    // (metric, 1 on sled, N on etcd, decimals)
+    for (metric, sled, etcd, digits) in [
+        (
+            "controllers' peak RSS, MB",
+            one.peak_rss_mb,
+            reps.peak_rss_mb,
+            0,
+        ),
+        (
+            "controllers' CPU in the storm, s",
+            one.storm_cpu_s,
+            reps.storm_cpu_s,
+            2,
+        ),
+    ] {
+        line(metric, f(sled, digits), f(etcd, digits), ratio(etcd, sled));
+    }
     let etcd_cpu = crate::stats::median(row.etcd_storm_usage.iter().map(|u| u.cpu_s));
     let etcd_rss = crate::stats::median(row.etcd_storm_usage.iter().map(|u| u.peak_rss_mb));
     line(
@@ -508,18 +509,12 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
                         let _ = writeln!(s, "| {} | {metric} | {tv} |", row.nodes);
                     }
                 };
-            let conv = |m: &Summary| {
-                if m.converged_runs == m.runs {
-                    m.storm_s
-                } else {
-                    f64::NAN
-                }
-            };
             line(
                 &format!("join storm: all N saw all N leases (median of {runs})"),
                 t.map(|m| storm_cell(m, row.nodes)),
                 e.map(|m| storm_cell(m, row.nodes)),
-                t.zip(e).map(|(a, b)| ratio(conv(a), conv(b))),
+                t.zip(e)
+                    .map(|(a, b)| ratio(converged_storm_s(a), converged_storm_s(b))),
             );
             line(
                 "grant latency in the storm p50 / p99, ms",

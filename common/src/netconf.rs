@@ -176,7 +176,16 @@ pub type Ipv6Pool = Pool<Ipv6Net>;
 /// What differs between the families' pools: address width, flannel's limits, and the
 /// net-conf.json key names errors use.
 pub trait PoolNet:
-    Copy + Eq + Ord + std::hash::Hash + std::fmt::Display + std::fmt::Debug + Send + Sync + 'static
+    Copy
+    + Eq
+    + Ord
+    + std::hash::Hash
+    + std::fmt::Display
+    + std::fmt::Debug
+    + std::str::FromStr
+    + Send
+    + Sync
+    + 'static
 {
     /// Prefix of this family's net-conf.json keys: `""` (`SubnetLen`) or `"IPv6"`.
     const KEY: &'static str;
@@ -210,9 +219,13 @@ pub trait PoolNet:
         addr >= self.bits() && (span == 0 || addr - self.bits() < span)
     }
     /// Parses a CIDR of this family.
-    fn parse_net(text: &str) -> Option<Self>;
+    fn parse_net(text: &str) -> Option<Self> {
+        text.parse().ok()
+    }
     /// Whether the address part has bits set beyond the prefix.
-    fn host_bits(text: &str) -> bool;
+    fn host_bits(text: &str) -> bool {
+        Self::parse_net(text).is_some_and(|n| Self::make(n.bits(), n.prefix()) != n)
+    }
 }
 
 impl PoolNet for Ipv4Net {
@@ -240,13 +253,6 @@ impl PoolNet for Ipv4Net {
     fn prefix(self) -> u8 {
         self.prefix_len()
     }
-    fn parse_net(text: &str) -> Option<Self> {
-        text.parse().ok()
-    }
-    fn host_bits(text: &str) -> bool {
-        text.parse::<Ipv4Net>()
-            .is_ok_and(|n| n.network() != n.addr())
-    }
 }
 
 impl PoolNet for Ipv6Net {
@@ -272,13 +278,6 @@ impl PoolNet for Ipv6Net {
     }
     fn prefix(self) -> u8 {
         self.prefix_len()
-    }
-    fn parse_net(text: &str) -> Option<Self> {
-        text.parse().ok()
-    }
-    fn host_bits(text: &str) -> bool {
-        text.parse::<Ipv6Net>()
-            .is_ok_and(|n| n.network() != n.addr())
     }
 }
 

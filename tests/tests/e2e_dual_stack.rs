@@ -87,14 +87,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     }
 
     // 2. Kernel state of flannel-v6.1 for every peer, and the lease table.
-    wait_until(CONVERGE, "every host's IPv6 entries for every peer", || {
-        for on in &nodes {
-            for peer in nodes.iter().filter(|p| *p != on) {
-                v6_entries(ov, on, peer, v6(peer)?)?;
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    })?;
+    wait_v6_entries(ov, &nodes, v6)?;
     for n in &nodes {
         let link = ov.lab().link(n, V6_DEV)?;
         let link4 = ov.lab().link(n, FLANNEL_DEV)?;
@@ -293,6 +286,23 @@ fn scenario(ov: &Overlay) -> Result<()> {
     Ok(())
 }
 
+/// Waits until every host has flannel's IPv6 entries for every other host (`v6`: a
+/// node's IPv6 subnet).
+fn wait_v6_entries(
+    ov: &Overlay,
+    nodes: &[String],
+    v6: impl Fn(&str) -> Result<Ipv6Net>,
+) -> Result<()> {
+    wait_until(CONVERGE, "every host's IPv6 entries for every peer", || {
+        for on in nodes {
+            for peer in nodes.iter().filter(|p| *p != on) {
+                v6_entries(ov, on, peer, v6(peer)?)?;
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
 /// `on` has flannel's IPv6 entries for `peer`: neighbour `S6.network -> MAC6`
 /// (permanent), FDB `MAC6 -> peer's IPv6 underlay address`, route `S6 via S6.network
 /// dev flannel-v6.1 onlink proto 74`.
@@ -412,14 +422,7 @@ fn ipv6_only(ov: &Overlay) -> Result<()> {
             "{n}: {FLANNEL_DEV} exists on an IPv6-only network"
         );
     }
-    wait_until(CONVERGE, "every host's IPv6 entries for every peer", || {
-        for on in &nodes {
-            for peer in nodes.iter().filter(|p| *p != on) {
-                v6_entries(ov, on, peer, v6(peer)?)?;
-            }
-        }
-        Ok::<(), anyhow::Error>(())
-    })?;
+    wait_v6_entries(ov, &nodes, v6)?;
     for n in &nodes {
         let link = lab.link(n, V6_DEV)?;
         ensure!(link.mtu == 1430, "{n}: MTU {:?} on {V6_DEV}", link.mtu);
