@@ -288,9 +288,14 @@ async fn failover(
     let new_leader = tokio::task::block_in_place(|| wait_leader(ctls, Some(leader)))
         .map(|_| killed.elapsed().as_secs_f64())?;
     let resumed = fleet.collect_resumed(moved, killed, FAILOVER_LIMIT).await;
+    // A probe that got no lease in time must not go on asking through the next kill.
+    let stop_probe = grant.abort_handle();
     let first_grant_s = match tokio::time::timeout(FAILOVER_LIMIT, grant).await {
         Ok(Ok(at)) => at.duration_since(killed).as_secs_f64(),
-        _ => f64::NAN,
+        _ => {
+            stop_probe.abort();
+            f64::NAN
+        }
     };
     // Resets arrive as the first message of a resumed stream.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -141,10 +141,10 @@ impl AdminApi {
 
 /// Whether `l` holds the subnets `r` reserves.
 fn holds(l: &Lease, r: &StoredReservation) -> bool {
-    let same = |want: Option<String>, held: &str| want.is_none_or(|w| w == held);
     (r.v4.is_some() || r.v6.is_some())
-        && same(r.v4.map(|s| s.to_string()), &l.subnet)
-        && same(r.v6.map(|s| s.to_string()), &l.ipv6_subnet)
+        && r.v4.is_none_or(|s| parse_subnet(&l.subnet).ok() == Some(s))
+        && r.v6
+            .is_none_or(|s| parse_subnet6(&l.ipv6_subnet).ok() == Some(s))
 }
 
 fn reservation_message(node: &str, r: StoredReservation, stale: String) -> Reservation {
