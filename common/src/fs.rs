@@ -2,14 +2,19 @@
 //! (subnet.env, the CNI plugin's saved delegate configurations, certificates and keys).
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Tells apart the temporary files of concurrent writes from one process.
+static WRITES: AtomicU32 = AtomicU32::new(0);
 
 /// Replaces `path` with `data` so that a reader sees the old file or the new one, never
 /// half of either, and the new one survives a crash once this returns: a temporary file
-/// beside it, created with `mode` (subject to the umask) so that an old file's looser
-/// permissions never carry over, fsync, rename over `path`, fsync of the directory. On
-/// failure the temporary file is removed and `path` is as it was.
+/// beside it, created with exactly `mode` (whatever the umask; a key is never readable
+/// by others, not even briefly, and an old file's looser permissions never carry over),
+/// fsync, rename over `path`, fsync of the directory. On failure the temporary file is
+/// removed and `path` is as it was.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -21,7 +26,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         .unwrap_or_default();
     // A leading dot keeps the temporary file out of listings and away from the names
     // the callers use (container IDs, PEM files, subnet.env).
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_file(&tmp);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -29,6 +38,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

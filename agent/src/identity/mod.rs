@@ -22,10 +22,9 @@
 //! public id (the part before the dot) is. Replacing the certificate before it
 //! expires, and picking up rewritten files, is [`rotation`]'s.
 
-use std::fs::{DirBuilder, File, OpenOptions, Permissions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::DirBuilder;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -268,44 +267,7 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
     DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
-/// Replaces `path` with `contents` atomically: a temporary file in the same
-/// directory, created with `mode` (so a key is never readable by others, not even
-/// briefly), written, flushed to disk and renamed over `path`.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:08x}",
-        name.to_string_lossy(),
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // Exactly `mode`, whatever the umask.
-        f.set_permissions(Permissions::from_mode(mode))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
+pub use twill_common::fs::write_atomic;
 
 /// Checks what the controller returned: a PEM chain whose first certificate is for
 /// `node`, a node certificate, and certifies `key`.
@@ -539,6 +501,9 @@ pub fn check_mode(path: &Path, mode: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::Permissions;
+    use std::path::PathBuf;
+
     use super::*;
     use rcgen::{date_time_ymd, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
     use x509_parser::certification_request::X509CertificationRequest;
