@@ -506,7 +506,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::admin(&req)?;
         let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-        Ok(Response::new(watch::stream(
+        let encoded = watch::encoded(
             &self.hub,
             &self.metrics,
             &self.agents,
@@ -514,7 +514,8 @@ impl AdminService for AdminApi {
             &who,
             from,
             epoch,
-        )))
+        );
+        Ok(Response::new(watch::decoded(encoded)))
     }
 }
 

@@ -185,28 +185,19 @@ async fn revocation(identity: &Identity, who: &CertIdentity) -> Status {
     }
 }
 
-/// The same stream, decoded, for the generated service traits.
-pub fn stream(
-    hub: &Arc<Hub>,
-    metrics: &Arc<Metrics>,
-    agents: &Arc<Agents>,
-    identity: &Arc<Identity>,
-    who: &CertIdentity,
-    from: u64,
-    epoch: &str,
-) -> WatchStream {
-    Box::pin(
-        encoded(hub, metrics, agents, identity, who, from, epoch).flat_map(|r| {
-            let msgs: Vec<Result<WatchResponse, Status>> = match r {
-                Ok(Encoded(b)) => match events::decode(&b) {
-                    Ok(msgs) => msgs.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(Status::internal(format!("watch message: {e}")))],
-                },
-                Err(s) => vec![Err(s)],
-            };
-            futures::stream::iter(msgs)
-        }),
-    )
+/// An encoded watch stream decoded again, for a service trait that wants messages
+/// (the admin API's Watch).
+pub fn decoded(encoded: EncodedStream) -> WatchStream {
+    Box::pin(encoded.flat_map(|r| {
+        let msgs: Vec<Result<WatchResponse, Status>> = match r {
+            Ok(Encoded(b)) => match events::decode(&b) {
+                Ok(msgs) => msgs.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(Status::internal(format!("watch message: {e}")))],
+            },
+            Err(s) => vec![Err(s)],
+        };
+        futures::stream::iter(msgs)
+    }))
 }
 
 /// The HTTP body of an agent's Watch response: each message, already framed for gRPC,
@@ -381,8 +372,12 @@ mod tests {
         let agents = Arc::new(Agents::default());
         let (_dir, identity) = identity().await;
         let (slow_cert, fast_cert) = (node("slow", i64::MAX), node("fast", i64::MAX));
-        let mut slow = stream(&hub, &metrics, &agents, &identity, &slow_cert, 0, "");
-        let mut fast = stream(&hub, &metrics, &agents, &identity, &fast_cert, 0, "");
+        let mut slow = decoded(encoded(
+            &hub, &metrics, &agents, &identity, &slow_cert, 0, "",
+        ));
+        let mut fast = decoded(encoded(
+            &hub, &metrics, &agents, &identity, &fast_cert, 0, "",
+        ));
         assert!(
             fast.next().await.unwrap().unwrap().reset,
             "initial snapshot"
