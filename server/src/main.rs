@@ -319,6 +319,12 @@ async fn run(args: Args) -> Result<()> {
     tls.watch();
     let incoming = tls.incoming(listener);
     let conf = Arc::new(conf);
+    let sources = twill_server::grpc::watch::Sources {
+        hub,
+        metrics: metrics.clone(),
+        agents,
+        identity: identity.clone(),
+    };
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -326,11 +332,8 @@ async fn run(args: Args) -> Result<()> {
         .add_service(AgentRouter::new(AgentApi {
             conf: conf.clone(),
             leases: leases.clone(),
-            hub: hub.clone(),
-            metrics: metrics.clone(),
-            agents: agents.clone(),
+            watch: sources.clone(),
             limiter: NodeLimiter::default(),
-            identity: identity.clone(),
         }))
         .add_service(IdentityServiceServer::new(IdentityApi::new(
             identity.clone(),
@@ -339,11 +342,8 @@ async fn run(args: Args) -> Result<()> {
         .add_service(AdminServiceServer::new(AdminApi {
             conf,
             leases,
-            hub,
+            watch: sources,
             store: store_for_admin,
-            metrics,
-            agents,
-            identity,
             replica,
         }));
     info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");

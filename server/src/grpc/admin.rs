@@ -23,10 +23,7 @@ use twill_proto::{
 };
 
 use super::{auth, watch};
-use crate::events::Hub;
-use crate::identity::Identity;
 use crate::leases::Leases;
-use crate::metrics::{Agents, Metrics};
 use crate::store::{Reservation as StoredReservation, Store};
 
 /// The admin service.
@@ -35,16 +32,10 @@ pub struct AdminApi {
     pub conf: Arc<NetConf>,
     /// The lease writer.
     pub leases: Leases,
-    /// The committed table.
-    pub hub: Arc<Hub>,
+    /// The table, metrics, agent records, tokens and issued certificates.
+    pub watch: watch::Sources,
     /// The store (for its size).
     pub store: Arc<dyn Store>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Connected agents.
-    pub agents: Arc<Agents>,
-    /// Bootstrap tokens and issued certificates.
-    pub identity: Arc<Identity>,
     /// This replica, with the etcd store (`None` with sled).
     pub replica: Option<Arc<crate::replica::Replica>>,
 }
@@ -77,7 +68,7 @@ impl AdminApi {
                 ..Default::default()
             };
             if url == me.advertise_url {
-                replica.agents = self.agents.watchers().len() as u32;
+                replica.agents = self.watch.agents.watchers().len() as u32;
                 replicas.push(replica);
                 continue;
             }
@@ -131,7 +122,7 @@ fn node_arg(name: &str) -> Result<&str, Status> {
 
 impl AdminApi {
     fn mark_reserved(&self, mut leases: Vec<Lease>) -> Vec<Lease> {
-        let reservations = self.hub.reservations();
+        let reservations = self.watch.hub.reservations();
         for l in &mut leases {
             l.reserved = reservations.get(&l.node_name).is_some_and(|r| holds(l, r));
         }
@@ -228,7 +219,10 @@ impl AdminService for AdminApi {
                         .any(|s| w.contains(&s))
                 })
         };
-        let (leases, more, revision) = self.hub.page(&r.page_token, r.page_size as usize, keep);
+        let (leases, more, revision) =
+            self.watch
+                .hub
+                .page(&r.page_token, r.page_size as usize, keep);
         let next_page_token = match (more, leases.last()) {
             (true, Some(last)) => last.node_name.clone(),
             _ => String::new(),
@@ -244,6 +238,7 @@ impl AdminService for AdminApi {
         auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
         let lease = self
+            .watch
             .hub
             .lease(node)
             .ok_or_else(|| Status::not_found(format!("node {node:?} holds no lease")))?;
@@ -256,7 +251,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<RevokeLeaseResponse>, Status> {
         let admin = auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
-        let before = self.hub.lease(node);
+        let before = self.watch.hub.lease(node);
         if !self.leases.revoke(node, &admin).await? {
             return Err(Status::not_found(format!("node {node:?} holds no lease")));
         }
@@ -298,7 +293,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<UnreserveResponse>, Status> {
         auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
-        let subnet = self.hub.reservations().get(node).copied();
+        let subnet = self.watch.hub.reservations().get(node).copied();
         match subnet {
             Some(subnet) if self.leases.unreserve(node).await? => {
                 Ok(Response::new(UnreserveResponse {
@@ -316,8 +311,9 @@ impl AdminService for AdminApi {
         req: Request<ListReservationsRequest>,
     ) -> Result<Response<ListReservationsResponse>, Status> {
         auth::admin_caller(&req)?;
-        let mut stale = self.hub.stale_reservations();
+        let mut stale = self.watch.hub.stale_reservations();
         let reservations = self
+            .watch
             .hub
             .reservations()
             .into_iter()
@@ -383,9 +379,9 @@ impl AdminService for AdminApi {
             Some(r) if !req.get_ref().this_replica_only => Some(self.replicas(r, &req).await),
             _ => None,
         };
-        let (leases, revision) = self.hub.leases();
-        let reservations = self.hub.reservations();
-        let stale = self.hub.stale_reservations();
+        let (leases, revision) = self.watch.hub.leases();
+        let reservations = self.watch.hub.reservations();
+        let stale = self.watch.hub.stale_reservations();
         // The counts are of the first family's pool: IPv4, or IPv6 on an IPv6-only
         // network (on a dual-stack one every lease holds a subnet of each).
         let total = match (&self.conf.ipv4, &self.conf.ipv6) {
@@ -399,15 +395,21 @@ impl AdminService for AdminApi {
         let reserved_idle = reservations
             .iter()
             .filter(|(node, s)| {
-                !stale.contains_key(*node) && self.hub.lease(node).is_none_or(|l| !holds(&l, s))
+                !stale.contains_key(*node)
+                    && self.watch.hub.lease(node).is_none_or(|l| !holds(&l, s))
             })
             .count() as u32;
         let mut agents: Vec<ConnectedAgent> = self
+            .watch
             .agents
             .watchers()
             .into_iter()
             .map(|w| ConnectedAgent {
-                last_seen_unix: self.agents.last_seen(&w.name).unwrap_or(w.connected_at),
+                last_seen_unix: self
+                    .watch
+                    .agents
+                    .last_seen(&w.name)
+                    .unwrap_or(w.connected_at),
                 revision_lag: revision.saturating_sub(w.revision),
                 name: w.name,
                 connected_at_unix: w.connected_at,
@@ -448,7 +450,11 @@ impl AdminService for AdminApi {
         let admin = auth::admin_caller(&req)?;
         let r = req.get_ref();
         let ttl = std::time::Duration::from_secs(r.ttl_seconds);
-        let (token, info) = self.identity.create_token(ttl, &r.description).await?;
+        let (token, info) = self
+            .watch
+            .identity
+            .create_token(ttl, &r.description)
+            .await?;
         tracing::info!(admin = %admin, token_id = %info.id, "bootstrap token made");
         Ok(Response::new(CreateTokenResponse {
             token,
@@ -461,7 +467,7 @@ impl AdminService for AdminApi {
         req: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
         auth::admin_caller(&req)?;
-        let tokens = self.identity.list_tokens().await?;
+        let tokens = self.watch.identity.list_tokens().await?;
         Ok(Response::new(ListTokensResponse { tokens }))
     }
 
@@ -470,7 +476,7 @@ impl AdminService for AdminApi {
         req: Request<DeleteTokenRequest>,
     ) -> Result<Response<DeleteTokenResponse>, Status> {
         auth::admin_caller(&req)?;
-        self.identity.delete_token(&req.get_ref().id).await?;
+        self.watch.identity.delete_token(&req.get_ref().id).await?;
         Ok(Response::new(DeleteTokenResponse {}))
     }
 
@@ -479,7 +485,7 @@ impl AdminService for AdminApi {
         req: Request<ListIssuedCertificatesRequest>,
     ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
         auth::admin_caller(&req)?;
-        let certificates = self.identity.issued().await?;
+        let certificates = self.watch.identity.issued().await?;
         Ok(Response::new(ListIssuedCertificatesResponse {
             certificates,
         }))
@@ -491,7 +497,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<RevokeNodeCertificatesResponse>, Status> {
         let admin = auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
-        let revoked_at_unix = self.identity.revoke(node).await?;
+        let revoked_at_unix = self.watch.identity.revoke(node).await?;
         tracing::info!(admin = %admin, node = %node, "node certificates revoked by an operator");
         Ok(Response::new(RevokeNodeCertificatesResponse {
             revoked_at_unix,
@@ -506,16 +512,9 @@ impl AdminService for AdminApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = auth::admin(&req)?;
         let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-        let encoded = watch::encoded(
-            &self.hub,
-            &self.metrics,
-            &self.agents,
-            &self.identity,
-            &who,
-            from,
-            epoch,
-        );
-        Ok(Response::new(watch::decoded(encoded)))
+        Ok(Response::new(watch::decoded(
+            self.watch.encoded(&who, from, epoch),
+        )))
     }
 }
 

@@ -12,10 +12,7 @@ use twill_proto::{
 
 use super::limit::NodeLimiter;
 use super::{auth, watch};
-use crate::events::Hub;
-use crate::identity::Identity;
 use crate::leases::{AcquireFields, AcquireParams, Leases};
-use crate::metrics::{Agents, Metrics};
 
 /// The agent service.
 pub struct AgentApi {
@@ -23,33 +20,27 @@ pub struct AgentApi {
     pub conf: Arc<NetConf>,
     /// The lease writer.
     pub leases: Leases,
-    /// The committed table and its fan-out.
-    pub hub: Arc<Hub>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Connected agents.
-    pub agents: Arc<Agents>,
+    /// The table, metrics, agent records and revocations (shared with watches).
+    pub watch: watch::Sources,
     /// Per-node limit of lease writes.
     pub limiter: NodeLimiter,
-    /// Revoked node certificates.
-    pub identity: Arc<Identity>,
 }
 
 impl AgentApi {
     /// The caller's certificate, refused when revoked.
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if !self.identity.has_revocations() {
+        if !self.watch.identity.has_revocations() {
             return Ok(());
         }
         match auth::caller(req) {
-            Ok(id) => auth::not_revoked(&id, &self.identity),
+            Ok(id) => auth::not_revoked(&id, &self.watch.identity),
             Err(_) => Ok(()),
         }
     }
 
     fn limit(&self, node: &str) -> Result<(), Status> {
         self.limiter.check(node).inspect_err(|_| {
-            self.metrics.rate_limited.inc();
+            self.watch.metrics.rate_limited.inc();
             tracing::debug!(node = %node, "lease write refused: rate limit");
         })
     }
@@ -75,7 +66,7 @@ impl AgentService for AgentApi {
         let node = auth::node_caller(&req, &req.get_ref().node_name)?;
         self.check(&req)?;
         let r = req.get_ref();
-        self.agents.seen(&node);
+        self.watch.agents.seen(&node);
         let params = AcquireParams::parse(
             &self.conf,
             &node,
@@ -105,7 +96,7 @@ impl AgentService for AgentApi {
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
         let node = auth::node_caller(&req, &req.get_ref().node_name)?;
-        self.agents.seen(&node);
+        self.watch.agents.seen(&node);
         self.limit(&node)?;
         let released = self.leases.release(&node).await?;
         Ok(Response::new(ReleaseResponse { released }))
@@ -127,15 +118,7 @@ impl AgentService for AgentApi {
             .cloned()
             .ok_or_else(|| Status::internal("Watch served without AgentRouter"))?;
         let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-        slot.put(watch::encoded(
-            &self.hub,
-            &self.metrics,
-            &self.agents,
-            &self.identity,
-            &who,
-            from,
-            epoch,
-        ));
+        slot.put(self.watch.encoded(&who, from, epoch));
         Ok(Response::new(futures::stream::empty()))
     }
 }

@@ -88,6 +88,35 @@ impl Watcher {
     }
 }
 
+/// What a watch touches: the hub it follows, the metrics and agent records it keeps,
+/// and the identity whose revocations end it. The agent and admin services share one.
+#[derive(Clone)]
+pub struct Sources {
+    /// The committed table and its fan-out.
+    pub hub: Arc<Hub>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Connected agents.
+    pub agents: Arc<Agents>,
+    /// Revoked node certificates (and, for the admin API, tokens and issued certificates).
+    pub identity: Arc<Identity>,
+}
+
+impl Sources {
+    /// [`encoded`] over these sources.
+    pub fn encoded(&self, who: &CertIdentity, from: u64, epoch: &str) -> EncodedStream {
+        encoded(
+            &self.hub,
+            &self.metrics,
+            &self.agents,
+            &self.identity,
+            who,
+            from,
+            epoch,
+        )
+    }
+}
+
 /// Starts a watch for the holder of certificate `who` after revision `from` of store
 /// `epoch`: its messages, encoded, until the certificate stops being valid.
 pub fn encoded(
