@@ -222,10 +222,6 @@ pub trait PoolNet:
     fn parse_net(text: &str) -> Option<Self> {
         text.parse().ok()
     }
-    /// Whether the address part has bits set beyond the prefix.
-    fn host_bits(text: &str) -> bool {
-        Self::parse_net(text).is_some_and(|n| Self::make(n.bits(), n.prefix()) != n)
-    }
 }
 
 impl PoolNet for Ipv4Net {
@@ -419,7 +415,7 @@ fn parse_pool<N: PoolNet>(
         ))
     })?;
     let network = N::make(parsed.bits(), parsed.prefix());
-    if N::host_bits(&text) {
+    if parsed != network {
         return Err(invalid(format!(
             "{k}Network {parsed} has host bits set: did you mean {network}?"
         )));

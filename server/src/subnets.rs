@@ -75,10 +75,11 @@ impl<N: PoolNet> Subnets<N> {
         std::mem::take(&mut self.changed)
     }
 
-    /// Forgets every holder and every taken bit, keeping the reservations in `with`
-    /// (a rebuild from the store follows).
-    pub fn reset(&mut self, with: BTreeMap<String, N>) {
-        *self = Subnets::new(self.pool.clone(), with);
+    /// Forgets every holder and every taken bit, keeping the reservations (a rebuild
+    /// from the store follows).
+    pub fn reset(&mut self) {
+        let reservations = std::mem::take(&mut self.reservations);
+        *self = Subnets::new(self.pool.clone(), reservations);
     }
 
     /// Records the subnet of a stored lease; the error says why the store and the

@@ -185,14 +185,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     }
     let ((pa, a6), (pb, b6)) = (&attached[0], &attached[1]);
     for (from, to) in [(pa, pb.addr), (pa, (*b6).into()), (pb, (*a6).into())] {
-        wait_until(SETTLE, &format!("pod {} -> {to}", from.netns), || {
-            let out = exec_in(
-                &from.netns,
-                &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
-            )?;
-            ensure!(out.success, "{}", out.stdout.trim());
-            Ok::<(), anyhow::Error>(())
-        })?;
+        wait_pod_ping(from, to)?;
     }
     let mtu = envs[&pa.node].mtu;
     for (dst, header) in [(pb.addr, 28), ((*b6).into(), 48)] {
@@ -284,6 +277,18 @@ fn scenario(ov: &Overlay) -> Result<()> {
         println!("{what} ping across kill -9 of agent and controller: {report:?}");
     }
     Ok(())
+}
+
+/// Waits until pod `from` gets an answer from `to`.
+fn wait_pod_ping(from: &pods::Pod, to: IpAddr) -> Result<()> {
+    wait_until(SETTLE, &format!("pod {} -> {to}", from.netns), || {
+        let out = exec_in(
+            &from.netns,
+            &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
+        )?;
+        ensure!(out.success, "{}", out.stdout.trim());
+        Ok::<(), anyhow::Error>(())
+    })
 }
 
 /// Waits until every host has flannel's IPv6 entries for every other host (`v6`: a
@@ -475,14 +480,7 @@ fn ipv6_only(ov: &Overlay) -> Result<()> {
     }
     let (pa, pb) = (&pods_up[0], &pods_up[1]);
     for (from, to) in [(pa, pb.addr), (pb, pa.addr)] {
-        wait_until(SETTLE, &format!("pod {} -> {to}", from.netns), || {
-            let out = exec_in(
-                &from.netns,
-                &["ping", "-n", "-q", "-c", "1", "-W", "1", &to.to_string()],
-            )?;
-            ensure!(out.success, "{}", out.stdout.trim());
-            Ok::<(), anyhow::Error>(())
-        })?;
+        wait_pod_ping(from, to)?;
     }
 
     // 5. kill -9 of an agent, then of the controller, under a continuous IPv6 ping.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tonic::{Request, Response, Status};
 use twill_common::lease::{parse_subnet, parse_subnet6};
-use twill_common::netconf::BackendType;
+use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
 use twill_proto::{
@@ -128,6 +128,19 @@ impl AdminApi {
         }
         leases
     }
+}
+
+/// A pool's network, subnet length and bounds as `GetConfigResponse` carries them
+/// (empty and 0 for a family the network does not have).
+fn pool_fields<N: PoolNet>(p: Option<&Pool<N>>) -> (String, u32, String, String) {
+    p.map_or_else(Default::default, |p| {
+        (
+            p.network.to_string(),
+            p.subnet_len.into(),
+            p.subnet_min.to_string(),
+            p.subnet_max.to_string(),
+        )
+    })
 }
 
 /// Whether `l` holds the subnets `r` reserves.
@@ -331,42 +344,25 @@ impl AdminService for AdminApi {
     ) -> Result<Response<GetConfigResponse>, Status> {
         auth::admin_caller(&req)?;
         let c = &self.conf;
+        let (network, subnet_len, subnet_min, subnet_max) = pool_fields(c.ipv4.as_ref());
+        let (ipv6_network, ipv6_subnet_len, ipv6_subnet_min, ipv6_subnet_max) =
+            pool_fields(c.ipv6.as_ref());
         Ok(Response::new(GetConfigResponse {
             net_conf_json: c.raw.clone(),
-            network: c.network4().map(|n| n.to_string()).unwrap_or_default(),
-            subnet_len: c.ipv4.as_ref().map_or(0, |p| p.subnet_len.into()),
-            subnet_min: c
-                .ipv4
-                .as_ref()
-                .map(|p| p.subnet_min.to_string())
-                .unwrap_or_default(),
-            subnet_max: c
-                .ipv4
-                .as_ref()
-                .map(|p| p.subnet_max.to_string())
-                .unwrap_or_default(),
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
             backend_type: c.backend.kind.as_str().into(),
             vni: c.backend.vni,
             port: c.backend.port.into(),
             mtu: c.backend.mtu.unwrap_or(0),
             direct_routing: c.backend.direct_routing,
             lease_ttl_seconds: self.leases.ttl().as_secs(),
-            ipv6_network: c
-                .ipv6
-                .as_ref()
-                .map(|p| p.network.to_string())
-                .unwrap_or_default(),
-            ipv6_subnet_len: c.ipv6.as_ref().map_or(0, |p| p.subnet_len.into()),
-            ipv6_subnet_min: c
-                .ipv6
-                .as_ref()
-                .map(|p| p.subnet_min.to_string())
-                .unwrap_or_default(),
-            ipv6_subnet_max: c
-                .ipv6
-                .as_ref()
-                .map(|p| p.subnet_max.to_string())
-                .unwrap_or_default(),
+            ipv6_network,
+            ipv6_subnet_len,
+            ipv6_subnet_min,
+            ipv6_subnet_max,
         }))
     }
 

@@ -678,10 +678,10 @@ impl Writer {
     /// the reservations; reservations that cannot be honoured are recorded as stale.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
         if let Some(f) = self.v4.as_mut() {
-            f.reset(f.reservations().clone());
+            f.reset();
         }
         if let Some(f) = self.v6.as_mut() {
-            f.reset(f.reservations().clone());
+            f.reset();
         }
         self.leases.clear();
         self.by_mac.clear();
