@@ -34,6 +34,7 @@ pub async fn create_token(url: &str, pki: &Pki) -> Result<String> {
         .create_token(CreateTokenRequest {
             ttl_seconds: 3600,
             description: "twill-bench cold start".into(),
+            ..Default::default()
         })
         .await
         .context("AdminService.CreateToken")?;

@@ -42,6 +42,7 @@ impl Pki {
             &Role::Controller {
                 dns: vec!["localhost".into()],
                 ips: vec!["127.0.0.1".parse()?],
+                replica: false,
             },
             validity,
         )?;

@@ -48,3 +48,38 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// Lower-case hex of `bytes` (certificate serials, key hashes, DER in headers).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Decodes `hex`; `None` when it is not an even number of hex digits.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() & 1 == 1 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let b = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(super::hex(&b), "00017f80ff");
+        assert_eq!(super::unhex(&super::hex(&b)).as_deref(), Some(&b[..]));
+        assert_eq!(super::unhex("abc"), None);
+        assert_eq!(super::unhex("zz"), None);
+        assert_eq!(super::unhex("+f"), None, "no sign");
+    }
+}

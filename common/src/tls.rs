@@ -60,6 +60,32 @@ pub struct Identity {
     /// The end of the certificate's validity (Unix seconds, inclusive as in X.509): TLS
     /// checks it only at the handshake, so a long-lived connection must check it again.
     pub not_after_unix: i64,
+    /// SHA-256 of the certificate's public key (its SubjectPublicKeyInfo): a lease
+    /// belongs to the key that took it.
+    pub key_sha256: [u8; 32],
+}
+
+/// What a certificate's subject lets it do (docs/compatibility.md, Certificates and
+/// roles). A certificate is of exactly one role; one that names several is of none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// An agent: `O=twill:nodes`, the CN is the node it acts for.
+    Node,
+    /// An operator: `O=twill:admins`.
+    Admin,
+    /// A controller replica: `O=twill:controllers`.
+    Controller,
+}
+
+impl Role {
+    /// The name operators use for it (`twillctl certs revoke --role`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Admin => "admin",
+            Role::Controller => "controller",
+        }
+    }
 }
 
 impl Identity {
@@ -78,12 +104,26 @@ impl Identity {
             .iter_organization()
             .filter_map(|o| o.as_str().ok().map(str::to_string))
             .collect();
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+        let mut key_sha256 = [0u8; 32];
+        key_sha256.copy_from_slice(digest.as_ref());
         Ok(Identity {
             name,
             groups,
             not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
+            key_sha256,
         })
+    }
+
+    /// The certificate's role: `None` when it names no Twill group, or several.
+    pub fn role(&self) -> Option<Role> {
+        match (self.is_node(), self.is_admin(), self.is_controller()) {
+            (true, false, false) => Some(Role::Node),
+            (false, true, false) => Some(Role::Admin),
+            (false, false, true) => Some(Role::Controller),
+            _ => None,
+        }
     }
 
     /// True once the certificate's validity has ended at `now_unix` (Unix seconds).
@@ -158,4 +198,36 @@ impl ClientPem {
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
             .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
     }
+}
+
+/// Whether the certificate `der` names the host of `url` (`https://host:port`) in its
+/// subjectAltNames, as a DNS name or an IP address: a replica's certificate must name
+/// the address it is registered under.
+pub fn names_host_of(der: &[u8], url: &str) -> bool {
+    let Some(host) = url
+        .strip_prefix("https://")
+        .map(|rest| rest.split('/').next().unwrap_or_default())
+        .map(|authority| match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        })
+    else {
+        return false;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let ip: Option<std::net::IpAddr> = host.parse().ok();
+    san.value.general_names.iter().any(|n| match n {
+        GeneralName::DNSName(d) => d.eq_ignore_ascii_case(host),
+        GeneralName::IPAddress(b) => match (ip, b.len()) {
+            (Some(std::net::IpAddr::V4(a)), 4) => a.octets()[..] == b[..],
+            (Some(std::net::IpAddr::V6(a)), 16) => a.octets()[..] == b[..],
+            _ => false,
+        },
+        _ => false,
+    })
 }

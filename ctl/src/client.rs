@@ -46,6 +46,45 @@ pub fn parse_token_ttl(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(d.as_secs()))
 }
 
+/// Parses `--node` of `token create`: a node name the token may bootstrap, checked as
+/// the controller will (letters, digits, '-', '.', '_'; at most 253 characters).
+pub fn parse_token_node(s: &str) -> Result<String, String> {
+    twill_common::lease::validate_node_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// Parses `--node-prefix` of `token create`: the start of the node names the token may
+/// bootstrap, made of the characters of a node name; empty is refused (leave the flag
+/// out to allow any name).
+pub fn parse_token_node_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err(
+            "the prefix is empty: leave --node-prefix out to let the token bootstrap any name"
+                .to_string(),
+        );
+    }
+    twill_common::lease::validate_node_name(s)
+        .map_err(|e| e.to_string().replacen("node name", "prefix", 1))?;
+    Ok(s.to_string())
+}
+
+/// Parses `--uses` of `token create`: how many certificates the token may be exchanged
+/// for, at least 1 (leaving the flag out means no limit).
+pub fn parse_token_uses(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err(
+            "0 uses would make a token that can never be used: give 1 or more, or leave \
+             --uses out for no limit"
+                .to_string(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "{s:?} is not a number of uses (1 to {}); leave --uses out for no limit",
+            u32::MAX
+        )),
+    }
+}
+
 /// Why a call to the controller failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -381,18 +420,15 @@ impl Admin {
         }
     }
 
-    /// `AdminService/CreateToken`: a bootstrap token living `ttl_seconds` (0: the
-    /// controller's default, 24 hours). The response's `token` is the only copy of the
-    /// secret; the controller keeps a hash of it.
+    /// `AdminService/CreateToken`: a bootstrap token living `req.ttl_seconds` (0: the
+    /// controller's default, 24 hours), for the node names `req.nodes` and those
+    /// starting with `req.node_prefix` (neither: any name), `req.max_uses` times (0: no
+    /// limit). The response's `token` is the only copy of the secret; the controller
+    /// keeps a hash of it.
     pub async fn create_token(
         &mut self,
-        ttl_seconds: u64,
-        description: &str,
+        req: CreateTokenRequest,
     ) -> Result<CreateTokenResponse, ClientError> {
-        let req = CreateTokenRequest {
-            ttl_seconds,
-            description: description.to_string(),
-        };
         match self.client.create_token(req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
@@ -418,10 +454,16 @@ impl Admin {
         }
     }
 
-    /// `AdminService/RevokeNodeCertificates`: when the revocation took effect (Unix).
-    pub async fn revoke_node_certificates(&mut self, node: &str) -> Result<i64, ClientError> {
+    /// `AdminService/RevokeNodeCertificates` for `name`'s certificates of `role`
+    /// (`"node"` or `"admin"`): when the revocation took effect (Unix).
+    pub async fn revoke_node_certificates(
+        &mut self,
+        name: &str,
+        role: &str,
+    ) -> Result<i64, ClientError> {
         let req = twill_proto::RevokeNodeCertificatesRequest {
-            node_name: node.to_string(),
+            node_name: name.to_string(),
+            role: role.to_string(),
         };
         match self.client.revoke_node_certificates(req).await {
             Ok(r) => Ok(r.into_inner().revoked_at_unix),
@@ -430,17 +472,33 @@ impl Admin {
     }
 
     /// `AdminService/ListIssuedCertificates`: every node certificate the controller has
-    /// signed, oldest first.
+    /// signed and still keeps a record of, oldest first, fetched `page_size` at a time
+    /// (0: the controller's default) until it returns an empty `next_page_token`.
     pub async fn list_issued_certificates(
         &mut self,
+        page_size: u32,
     ) -> Result<Vec<IssuedCertificate>, ClientError> {
-        match self
-            .client
-            .list_issued_certificates(ListIssuedCertificatesRequest {})
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().certificates),
-            Err(s) => Err(self.fail(s)),
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = ListIssuedCertificatesRequest {
+                page_size,
+                page_token: token.clone(),
+            };
+            let resp = match self.client.list_issued_certificates(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => return Err(self.fail(s)),
+            };
+            all.extend(resp.certificates);
+            if resp.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            if resp.next_page_token == token {
+                return Err(ClientError::Config(format!(
+                    "the controller returned the same page token {token:?} twice"
+                )));
+            }
+            token = resp.next_page_token;
         }
     }
 
@@ -515,13 +573,19 @@ mod tests {
             .unwrap();
         let d = diagnose_client_cert(good.cert_pem.as_bytes(), p, now);
         assert!(d.contains("signed by the CA the controller trusts"), "{d}");
-        // A certificate for serving only (controller certificates from `certs issue
-        // controller` are client certificates too, for replicas on etcd).
-        let mut params = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let server = params.self_signed(&key).unwrap().pem();
-        let d = diagnose_client_cert(server.as_bytes(), p, now);
+        // A certificate for serving only: a single controller's (`certs issue
+        // controller` without --replica).
+        let server = ca
+            .issue(
+                &Role::Controller {
+                    dns: vec!["x".into()],
+                    ips: vec![],
+                    replica: false,
+                },
+                Validity::days(1).unwrap(),
+            )
+            .unwrap();
+        let d = diagnose_client_cert(server.cert_pem.as_bytes(), p, now);
         assert!(d.contains("lacks extended key usage clientAuth"), "{d}");
     }
 
@@ -544,6 +608,34 @@ mod tests {
         assert!(parse_token_ttl("366d").is_err());
         let bad = parse_token_ttl("soon").unwrap_err();
         assert!(bad.contains("invalid duration"), "{bad}");
+    }
+
+    #[test]
+    fn token_bindings_are_checked_before_the_call() {
+        assert_eq!(parse_token_node("worker-1"), Ok("worker-1".to_string()));
+        for bad in ["", "a/b", "two words"] {
+            assert!(parse_token_node(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_token_node(&"n".repeat(254)).is_err());
+        assert_eq!(
+            parse_token_node_prefix("worker-"),
+            Ok("worker-".to_string())
+        );
+        let empty = parse_token_node_prefix("").unwrap_err();
+        assert!(empty.contains("leave --node-prefix out"), "{empty}");
+        let slash = parse_token_node_prefix("rack/7").unwrap_err();
+        assert!(
+            slash.starts_with("prefix \"rack/7\" contains '/'"),
+            "{slash}"
+        );
+        assert_eq!(parse_token_uses("50"), Ok(50));
+        assert_eq!(parse_token_uses("1"), Ok(1));
+        let zero = parse_token_uses("0").unwrap_err();
+        assert!(zero.contains("never be used"), "{zero}");
+        for bad in ["-1", "many", "", "4294967296"] {
+            let e = parse_token_uses(bad).unwrap_err();
+            assert!(e.contains("not a number of uses"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

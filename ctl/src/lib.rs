@@ -1,9 +1,12 @@
-//! `twillctl`'s library: the certificate tool ([`certs`]), the admin API client
-//! ([`client`]), connection settings from the config file ([`config`]) and the
-//! printers of the admin API's answers ([`output`]). The `twillctl` binary is a
-//! thin command-line layer over these, and tests or other crates may call them directly.
+//! `twillctl`'s library: the certificate tool ([`certs`], which is the `twill-pki`
+//! crate), the admin API client ([`client`]), connection settings from the config file
+//! ([`config`]) and the printers of the admin API's answers ([`output`]). The
+//! `twillctl` binary is a thin command-line layer over these, and tests or other crates
+//! may call them directly.
 
-pub mod certs;
+/// The certificate tool behind `twillctl certs`: the `twill-pki` crate, under the name
+/// it had when it lived here (`twill_ctl::certs::Ca` is `twill_pki::Ca`).
+pub use twill_pki as certs;
 pub mod client;
 pub mod config;
 pub mod output;

@@ -20,6 +20,9 @@ Examples:
   # Make a CA and the certificates (once)
   twillctl certs init --dir /etc/twill/pki
   twillctl certs issue controller --dir /etc/twill/pki --dns twill.example.com --ip 10.0.0.1
+  # (several controllers on etcd: one certificate for all replicas, with --replica)
+  twillctl certs issue controller --dir /etc/twill/pki --replica --dns twill.example.com \\
+      --ip 10.0.0.1 --ip 10.0.0.2 --ip 10.0.0.3
   twillctl certs issue node worker-1 --dir /etc/twill/pki
   twillctl certs issue admin alice --dir /etc/twill/pki
 
@@ -33,9 +36,12 @@ Examples:
 
   # Let new nodes fetch their own certificates with a bootstrap token
   TOKEN=$(twillctl token create --ttl 2h --description \"rack 7\")
+  # ... bound to names: at most 50 certificates, for nodes named worker-*
+  TOKEN=$(twillctl token create --node-prefix worker- --uses 50)
   twillctl token list
   twillctl certs issued
   twillctl token delete abc123
+  twillctl certs revoke worker-7      # a node that lost its key, before it rejoins
 
 Connection settings come from flags, else TWILL_* environment variables (e.g.
 TWILL_CONTROLLER), else the config file ~/.config/twill/config.toml
@@ -222,13 +228,14 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  TOKEN=$(twillctl token create --ttl 2h --description \"rack 7\")\n  \
+        TOKEN=$(twillctl token create --node-prefix worker- --uses 50)\n  \
         twillctl token list\n  twillctl token delete abc123"
     )]
     Token(TokenCommand),
     /// Make certificates locally: a CA, the controller's server certificate, node and
     /// admin client certificates (the layout in docs/compatibility.md, Certificates and
-    /// roles); and list the node
-    /// certificates the controller has issued (`certs issued`).
+    /// roles); list the node certificates the controller has issued (`certs issued`);
+    /// revoke a node's or an admin's certificates (`certs revoke`).
     #[command(subcommand)]
     Certs(CertsCommand),
 }
@@ -242,11 +249,16 @@ enum TokenCommand {
     /// --bootstrap-token-file). The controller keeps only a hash of the secret: this is
     /// the one time it is shown, and `token list` shows the id alone. The output is the
     /// bare token whatever -o says, so that `TOKEN=$(twillctl token create)` works; use
-    /// `twillctl token list -o json` for its record. Anyone holding the token can get a
-    /// node certificate for any node name until it expires or is deleted: keep the TTL
-    /// short and the token secret.
+    /// `twillctl token list -o json` for its record.
+    ///
+    /// Without --node or --node-prefix, anyone holding the token can get a node
+    /// certificate for any node name that is not alive (no live lease, no valid
+    /// certificate) until the token expires or is deleted; bind it to the names it is
+    /// for and to a number of uses, keep the TTL short and the token secret.
     #[command(after_help = "Examples:\n  twillctl token create\n  \
         TOKEN=$(twillctl token create --ttl 2h --description \"rack 7 install\")\n  \
+        twillctl token create --node-prefix worker- --uses 50\n  \
+        twillctl token create --node db-1 --node db-2 --uses 2 --ttl 1h\n  \
         twillctl token create --ttl 7d > /run/secrets/twill-bootstrap-token")]
     Create {
         /// How long the token is accepted (humantime: 30m, 2h, 7d; at least 1s, at most 1y).
@@ -256,14 +268,32 @@ enum TokenCommand {
         /// What the token is for, shown by `token list`.
         #[arg(long, env = "TWILL_TOKEN_DESCRIPTION", value_name = "TEXT")]
         description: Option<String>,
+        /// A node name the token may bootstrap, exactly (repeatable; comma-separated in
+        /// the env). With --node-prefix too, a name may match either. Neither: any name.
+        #[arg(long = "node", env = "TWILL_TOKEN_NODE", value_delimiter = ',',
+              value_name = "NAME", value_parser = twill_ctl::client::parse_token_node)]
+        nodes: Vec<String>,
+        /// The token may bootstrap the node names that start with PREFIX (e.g. worker-).
+        #[arg(long, env = "TWILL_TOKEN_NODE_PREFIX", value_name = "PREFIX",
+              value_parser = twill_ctl::client::parse_token_node_prefix)]
+        node_prefix: Option<String>,
+        /// How many node certificates the token may be exchanged for (1 or more); once
+        /// used up it is refused [default: no limit].
+        #[arg(long, env = "TWILL_TOKEN_USES", value_name = "N",
+              value_parser = twill_ctl::client::parse_token_uses)]
+        uses: Option<u32>,
     },
     /// List the bootstrap tokens that have not expired, ordered by id (never their
     /// secrets).
     ///
-    /// Columns: ID (the part of the token before the dot), DESCRIPTION, EXPIRES-IN,
-    /// USES (node certificates issued with it), LAST-USED (how long ago, or never);
-    /// `-o wide` adds CREATED and EXPIRES-AT; `-o json|yaml` print the same as a
-    /// document. An empty result prints nothing on stdout and says so on stderr.
+    /// Columns: ID (the part of the token before the dot), DESCRIPTION, NODES (the names
+    /// it may bootstrap: exact names and `prefix*`, comma-separated, or `*` for any
+    /// name), EXPIRES-IN, USES (node certificates issued with it, out of the most it was
+    /// made for: `3/50`; just `3` without a limit), LAST-USED (how long ago, or never);
+    /// `-o wide` lists every name (the table shortens long lists) and adds USES-LEFT,
+    /// CREATED and EXPIRES-AT; `-o json|yaml` print the same as a document (`nodes`,
+    /// `node_prefix`, `max_uses` (0: no limit), `uses_left` (null: no limit)). An
+    /// empty result prints nothing on stdout and says so on stderr.
     #[command(
         after_help = "Examples:\n  twillctl token list\n  twillctl token list -o wide\n  \
         twillctl token list -o json | jq -r '.tokens[] | select(.uses == 0) | .id'"
@@ -313,42 +343,93 @@ enum CertsCommand {
     /// Issue a certificate signed by the CA in DIR (or --ca-cert/--ca-key).
     #[command(subcommand)]
     Issue(IssueCommand),
-    /// List the node certificates the controller has issued to bootstrapping agents,
-    /// oldest first (asks the controller: needs the connection flags).
+    /// List the node certificates the controller has issued (to bootstrapping agents and
+    /// renewals), oldest first (asks the controller: needs the connection flags).
     ///
-    /// Columns: NODE (the certificate's CN), SERIAL (hex), ISSUED (how long ago),
-    /// EXPIRES-IN, TOKEN (id of the bootstrap token it was issued with); `-o wide` adds
-    /// ISSUED-AT and NOT-AFTER; `-o json|yaml` print the same as a document. An empty
-    /// result prints nothing on stdout and says so on stderr.
+    /// The controller keeps a record until a while after the certificate expires; the
+    /// list is fetched a page at a time. Columns: NODE (the certificate's CN), SERIAL
+    /// (hex), ISSUED (how long ago), EXPIRES-IN, TOKEN (id of the bootstrap token it
+    /// was issued with; <none> for a renewal), KEY-SHA256 (SHA-256 of its public key,
+    /// the first 16 hex digits; the key a node's lease belongs to); `-o wide` shows the
+    /// whole KEY-SHA256 and adds ISSUED-AT and NOT-AFTER; `-o json|yaml` print the same
+    /// as a document. An empty result prints nothing on stdout and says so on stderr.
     #[command(
         after_help = "Examples:\n  twillctl certs issued\n  twillctl certs issued -o wide\n  \
         twillctl certs issued -o json | jq -r '.certificates[] | select(.token_id == \"abc123\") | .node_name'"
     )]
-    Issued,
-    /// Revoke every certificate of NODE valid from before now, whoever issued it (asks
-    /// the controller: needs the connection flags). Its calls are refused with
-    /// PERMISSION_DENIED from then on and its open watch is closed; it can come back only
-    /// by bootstrapping with a token. Its lease is not touched (`twillctl lease revoke`).
-    #[command(after_help = "Example:\n  twillctl certs revoke worker-7")]
-    Revoke {
-        /// The node name (the certificates' CN).
-        node: String,
+    Issued {
+        /// Certificates asked for per call.
+        #[arg(long, env = "TWILL_PAGE_SIZE", default_value_t = 1000, hide = true,
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        page_size: u32,
     },
+    /// Revoke every certificate of NAME valid from before now, whoever issued it: a
+    /// node's (the default) or, with --role admin, an admin's (asks the controller:
+    /// needs the connection flags).
+    ///
+    /// Its calls are refused with PERMISSION_DENIED from then on and its open
+    /// connections are closed. A node can come back only by bootstrapping with a token
+    /// (the way back for a node that lost its key: a new key cannot take over the name
+    /// of a node whose certificate is still valid), and its lease no longer belongs to
+    /// the revoked key; the lease itself stays until it expires or `twillctl lease
+    /// revoke`. An admin needs a new certificate (`twillctl certs issue admin`).
+    #[command(after_help = "Examples:\n  twillctl certs revoke worker-7\n  \
+        twillctl certs revoke alice --role admin")]
+    Revoke {
+        /// The node name, or with --role admin the admin's name (the certificates' CN).
+        name: String,
+        /// Whose certificates: a node's (O=twill:nodes) or an admin's (O=twill:admins).
+        #[arg(long, env = "TWILL_REVOKE_ROLE", value_enum, default_value_t = RevokeRole::Node)]
+        role: RevokeRole,
+    },
+}
+
+/// Whose certificates `certs revoke` revokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RevokeRole {
+    /// A node's: `CN=NAME, O=twill:nodes`.
+    Node,
+    /// An admin's: `CN=NAME, O=twill:admins`.
+    Admin,
+}
+
+impl RevokeRole {
+    /// The role as RevokeNodeCertificatesRequest.role says it.
+    fn wire(self) -> &'static str {
+        match self {
+            RevokeRole::Node => "node",
+            RevokeRole::Admin => "admin",
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum IssueCommand {
-    /// The controller's server certificate: DIR/controller.crt and DIR/controller.key
-    /// (CN=twill-controller, O=twill:controllers, serverAuth and clientAuth: replicas on
-    /// etcd present it to each other; subjectAltNames from --dns and --ip, localhost and
-    /// 127.0.0.1 when neither is given).
+    /// The controller's certificate: DIR/controller.crt and DIR/controller.key
+    /// (CN=twill-controller, O=twill:controllers, serverAuth; with --replica also
+    /// clientAuth; subjectAltNames from --dns and --ip, localhost and 127.0.0.1 when
+    /// neither is given).
+    #[command(after_help = "Examples:\n  \
+        twillctl certs issue controller --dir pki --dns twill.example.com --ip 10.0.0.1\n  \
+        twillctl certs issue controller --dir pki --replica --dns twill.example.com \\\n      \
+        --ip 10.0.0.1 --ip 10.0.0.2 --ip 10.0.0.3")]
     Controller {
-        /// DNS name agents and twillctl dial (repeatable; comma-separated in the env).
+        /// DNS name agents, twillctl and the other replicas dial (repeatable;
+        /// comma-separated in the env).
         #[arg(long, env = "TWILL_DNS", value_delimiter = ',', value_name = "NAME")]
         dns: Vec<String>,
-        /// IP address agents and twillctl dial (repeatable; comma-separated in the env).
+        /// IP address agents, twillctl and the other replicas dial (repeatable;
+        /// comma-separated in the env).
         #[arg(long, env = "TWILL_IP", value_delimiter = ',', value_name = "IP")]
         ip: Vec<IpAddr>,
+        /// For several controllers on etcd (`--store etcd`): add extended key usage
+        /// clientAuth, so that a replica can present this certificate when it forwards a
+        /// write to the leader (which accepts forwarded calls only from such a
+        /// certificate). Give every replica's address with --dns/--ip. Without
+        /// --replica the certificate is serverAuth only: it serves, and is refused as a
+        /// client.
+        #[arg(long, env = "TWILL_REPLICA")]
+        replica: bool,
         #[command(flatten)]
         issue: IssueFlags,
     },
@@ -413,9 +494,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Certs(CertsCommand::Init { out, days }) => certs_init(&out, days),
         Command::Certs(CertsCommand::Issue(cmd)) => certs_issue(cmd),
-        Command::Certs(CertsCommand::Issued) => {
+        Command::Certs(CertsCommand::Issued { page_size }) => {
             let cs = call(conn, "certs issued", |mut a| async move {
-                a.list_issued_certificates().await
+                a.list_issued_certificates(page_size).await
             })?;
             let text = output::render_issued(&cs, format, SystemTime::now());
             if text.is_empty() {
@@ -423,17 +504,32 @@ fn run(cli: Cli) -> Result<()> {
             }
             emit(&text)
         }
-        Command::Certs(CertsCommand::Revoke { node }) => {
-            let n = node.clone();
+        Command::Certs(CertsCommand::Revoke { name, role }) => {
+            let n = name.clone();
             call(conn, "certs revoke", |mut a| async move {
-                a.revoke_node_certificates(&n).await
+                a.revoke_node_certificates(&n, role.wire()).await
             })?;
-            emit(&format!("certificates/{node} revoked\n"))
+            emit(&match role {
+                RevokeRole::Node => format!("certificates/{name} revoked\n"),
+                RevokeRole::Admin => format!("certificates/{name} (admin) revoked\n"),
+            })
         }
-        Command::Token(TokenCommand::Create { ttl, description }) => {
+        Command::Token(TokenCommand::Create {
+            ttl,
+            description,
+            nodes,
+            node_prefix,
+            uses,
+        }) => {
+            let req = twill_proto::CreateTokenRequest {
+                ttl_seconds: ttl.as_secs(),
+                description: description.unwrap_or_default(),
+                nodes,
+                node_prefix: node_prefix.unwrap_or_default(),
+                max_uses: uses.unwrap_or(0),
+            };
             let resp = call(conn, "token create", |mut a| async move {
-                a.create_token(ttl.as_secs(), description.as_deref().unwrap_or(""))
-                    .await
+                a.create_token(req).await
             })?;
             let token = resp.token.trim();
             if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -755,7 +851,12 @@ fn certs_init(out: &OutFlags, days: u32) -> Result<()> {
 
 fn certs_issue(cmd: IssueCommand) -> Result<()> {
     let (role, flags) = match cmd {
-        IssueCommand::Controller { mut dns, ip, issue } => {
+        IssueCommand::Controller {
+            mut dns,
+            ip,
+            replica,
+            issue,
+        } => {
             if dns.is_empty() && ip.is_empty() {
                 dns.push("localhost".to_string());
                 eprintln!("note: no --dns or --ip given: using DNS:localhost and IP:127.0.0.1");
@@ -763,11 +864,19 @@ fn certs_issue(cmd: IssueCommand) -> Result<()> {
                     Role::Controller {
                         dns,
                         ips: vec![IpAddr::from([127, 0, 0, 1])],
+                        replica,
                     },
                     issue,
                 )
             } else {
-                (Role::Controller { dns, ips: ip }, issue)
+                (
+                    Role::Controller {
+                        dns,
+                        ips: ip,
+                        replica,
+                    },
+                    issue,
+                )
             }
         }
         IssueCommand::Node { name, issue } => (Role::Node(name), issue),

@@ -723,6 +723,15 @@ pub struct TokenDoc {
     pub last_used_unix: i64,
     /// The same, RFC 3339 UTC; null when never used.
     pub last_used: Option<String>,
+    /// The node names it may bootstrap, exactly (with `node_prefix`, a name may match
+    /// either; both empty: any name).
+    pub nodes: Vec<String>,
+    /// It may bootstrap the node names that start with this (empty: none by prefix).
+    pub node_prefix: String,
+    /// How many certificates it was made for (0: no limit).
+    pub max_uses: u32,
+    /// How many it may still be exchanged for; null when there is no limit.
+    pub uses_left: Option<u64>,
 }
 
 impl From<&BootstrapToken> for TokenDoc {
@@ -737,7 +746,48 @@ impl From<&BootstrapToken> for TokenDoc {
             uses: t.uses,
             last_used_unix: t.last_used_unix,
             last_used: Some(unix_to_rfc3339(t.last_used_unix)).filter(|s| !s.is_empty()),
+            nodes: t.nodes.clone(),
+            node_prefix: t.node_prefix.clone(),
+            max_uses: t.max_uses,
+            uses_left: uses_left(t),
         }
+    }
+}
+
+/// How many more certificates a token may be exchanged for; `None` without a limit.
+fn uses_left(t: &BootstrapToken) -> Option<u64> {
+    (t.max_uses > 0).then(|| u64::from(t.max_uses).saturating_sub(t.uses))
+}
+
+/// The names shown in a table's NODES column before it says how many more there are.
+const TABLE_NODES: usize = 3;
+
+/// NODES: the exact names and `prefix*`, comma-separated, or `*` for any name. With
+/// `limit`, names past the first `limit` are counted (`a,b,c,+2 more`).
+fn token_nodes(t: &BootstrapToken, limit: Option<usize>) -> String {
+    let mut all: Vec<String> = t.nodes.iter().map(|n| one_line(n)).collect();
+    if !t.node_prefix.is_empty() {
+        all.push(format!("{}*", one_line(&t.node_prefix)));
+    }
+    if all.is_empty() {
+        return "*".to_string();
+    }
+    match limit {
+        Some(n) if all.len() > n + 1 => {
+            let more = all.len() - n;
+            all.truncate(n);
+            format!("{},+{more} more", all.join(","))
+        }
+        _ => all.join(","),
+    }
+}
+
+/// USES: `used/max`, or `used` without a limit.
+fn token_uses(t: &BootstrapToken) -> String {
+    if t.max_uses > 0 {
+        format!("{}/{}", t.uses, t.max_uses)
+    } else {
+        t.uses.to_string()
     }
 }
 
@@ -748,9 +798,10 @@ pub struct TokensDoc {
     pub tokens: Vec<TokenDoc>,
 }
 
-/// `token list`: ID, DESCRIPTION, EXPIRES-IN, USES, LAST-USED (wide: plus CREATED and
-/// EXPIRES-AT), or the tokens document. An empty table renders as an empty string (the
-/// caller says so on stderr). `now` is the reference for the ages.
+/// `token list`: ID, DESCRIPTION, NODES, EXPIRES-IN, USES, LAST-USED (wide: every name
+/// in NODES, plus USES-LEFT, CREATED and EXPIRES-AT), or the tokens document. An empty
+/// table renders as an empty string (the caller says so on stderr). `now` is the
+/// reference for the ages.
 pub fn render_tokens(tokens: &[BootstrapToken], format: Format, now: SystemTime) -> String {
     match format {
         Format::Table | Format::Wide => {
@@ -758,17 +809,25 @@ pub fn render_tokens(tokens: &[BootstrapToken], format: Format, now: SystemTime)
                 return String::new();
             }
             let wide = format == Format::Wide;
-            let mut header = vec!["ID", "DESCRIPTION", "EXPIRES-IN", "USES", "LAST-USED"];
+            let mut header = vec![
+                "ID",
+                "DESCRIPTION",
+                "NODES",
+                "EXPIRES-IN",
+                "USES",
+                "LAST-USED",
+            ];
             if wide {
-                header.extend(["CREATED", "EXPIRES-AT"]);
+                header.extend(["USES-LEFT", "CREATED", "EXPIRES-AT"]);
             }
             let mut rows = vec![strings(&header)];
             for t in tokens {
                 let mut row = vec![
                     or_none(&one_line(&t.id)),
                     or_none(&one_line(&t.description)),
+                    token_nodes(t, (!wide).then_some(TABLE_NODES)),
                     expires_in(t.expires_at_unix, now),
-                    t.uses.to_string(),
+                    token_uses(t),
                     if t.last_used_unix <= 0 {
                         "never".to_string()
                     } else {
@@ -776,6 +835,9 @@ pub fn render_tokens(tokens: &[BootstrapToken], format: Format, now: SystemTime)
                     },
                 ];
                 if wide {
+                    row.push(
+                        uses_left(t).map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
+                    );
                     row.push(age(t.created_at_unix, now));
                     row.push(or_none(&unix_to_rfc3339(t.expires_at_unix)));
                 }
@@ -841,8 +903,10 @@ pub struct IssuedCertificateDoc {
     pub not_after_unix: i64,
     /// The same, RFC 3339 UTC.
     pub not_after: String,
-    /// Id of the bootstrap token it was issued with.
+    /// Id of the bootstrap token it was issued with (empty for a renewal).
     pub token_id: String,
+    /// SHA-256 of its public key (SubjectPublicKeyInfo), hex.
+    pub key_sha256: String,
 }
 
 impl From<&IssuedCertificate> for IssuedCertificateDoc {
@@ -855,9 +919,13 @@ impl From<&IssuedCertificate> for IssuedCertificateDoc {
             not_after_unix: c.not_after_unix,
             not_after: unix_to_rfc3339(c.not_after_unix),
             token_id: c.token_id.clone(),
+            key_sha256: c.key_sha256.clone(),
         }
     }
 }
+
+/// Hex digits of KEY-SHA256 in the table (wide shows all 64).
+const TABLE_KEY_DIGITS: usize = 16;
 
 /// The document printed by `certs issued -o json|yaml`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -866,9 +934,10 @@ pub struct IssuedCertificatesDoc {
     pub certificates: Vec<IssuedCertificateDoc>,
 }
 
-/// `certs issued`: NODE, SERIAL, ISSUED, EXPIRES-IN, TOKEN (wide: plus ISSUED-AT and
-/// NOT-AFTER), or the certificates document. An empty table renders as an empty string
-/// (the caller says so on stderr). `now` is the reference for the ages.
+/// `certs issued`: NODE, SERIAL, ISSUED, EXPIRES-IN, TOKEN, KEY-SHA256 (its first 16
+/// hex digits; wide: all of it, plus ISSUED-AT and NOT-AFTER), or the certificates
+/// document. An empty table renders as an empty string (the caller says so on stderr).
+/// `now` is the reference for the ages.
 pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTime) -> String {
     let doc = || IssuedCertificatesDoc {
         certificates: certs.iter().map(IssuedCertificateDoc::from).collect(),
@@ -879,18 +948,32 @@ pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTim
                 return String::new();
             }
             let wide = format == Format::Wide;
-            let mut header = vec!["NODE", "SERIAL", "ISSUED", "EXPIRES-IN", "TOKEN"];
+            let mut header = vec![
+                "NODE",
+                "SERIAL",
+                "ISSUED",
+                "EXPIRES-IN",
+                "TOKEN",
+                "KEY-SHA256",
+            ];
             if wide {
                 header.extend(["ISSUED-AT", "NOT-AFTER"]);
             }
             let mut rows = vec![strings(&header)];
             for c in certs {
+                let key = one_line(&c.key_sha256);
+                let key = if wide {
+                    key
+                } else {
+                    key.chars().take(TABLE_KEY_DIGITS).collect()
+                };
                 let mut row = vec![
                     or_none(&one_line(&c.node_name)),
                     or_none(&one_line(&c.serial)),
                     age(c.issued_at_unix, now),
                     expires_in(c.not_after_unix, now),
                     or_none(&one_line(&c.token_id)),
+                    or_none(&key),
                 ];
                 if wide {
                     row.push(or_none(&unix_to_rfc3339(c.issued_at_unix)));
@@ -2157,6 +2240,7 @@ REVISION   TYPE     NODE               SUBNET               PUBLIC-IP         VT
             expires_at_unix: 1_000_000 + 86_399,
             uses,
             last_used_unix: last_used,
+            ..Default::default()
         }
     }
 
@@ -2169,19 +2253,19 @@ REVISION   TYPE     NODE               SUBNET               PUBLIC-IP         VT
         ];
         let t = render_tokens(&ts, Format::Table, now);
         let expected = "\
-ID       DESCRIPTION     EXPIRES-IN   USES   LAST-USED
-abc123   worker pool B   23h59m       0      never
-zz9xy0   <none>          23h59m       3      5m3s
+ID       DESCRIPTION     NODES   EXPIRES-IN   USES   LAST-USED
+abc123   worker pool B   *       23h59m       0      never
+zz9xy0   <none>          *       23h59m       3      5m3s
 ";
         assert_eq!(t, expected);
         let w = render_tokens(&ts, Format::Wide, now);
         let lines: Vec<&str> = w.lines().collect();
         assert!(
-            lines[0].ends_with("LAST-USED   CREATED   EXPIRES-AT"),
+            lines[0].ends_with("LAST-USED   USES-LEFT   CREATED   EXPIRES-AT"),
             "{w}"
         );
         assert!(
-            lines[1].ends_with("never       10m       1970-01-13T13:46:39Z"),
+            lines[1].ends_with("never       unlimited   10m       1970-01-13T13:46:39Z"),
             "{w}"
         );
         assert_eq!(render_tokens(&[], Format::Table, now), "");
@@ -2191,6 +2275,81 @@ zz9xy0   <none>          23h59m       3      5m3s
             ..token("old000", "x", 0, 0)
         };
         assert!(render_tokens(&[expired], Format::Table, now).contains(" expired "));
+    }
+
+    #[test]
+    fn tokens_show_their_binding_and_uses_left() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ts = vec![
+            BootstrapToken {
+                node_prefix: "worker-".into(),
+                max_uses: 50,
+                ..token("abc123", "pool", 3, 1_000_000 - 303)
+            },
+            BootstrapToken {
+                nodes: vec!["db-1".into(), "db-2".into()],
+                max_uses: 2,
+                ..token("def456", "", 2, 1_000_000 - 60)
+            },
+            BootstrapToken {
+                nodes: (1..=5).map(|i| format!("n{i}")).collect(),
+                node_prefix: "x\ty".into(),
+                ..token("ghi789", "", 0, 0)
+            },
+        ];
+        let t = render_tokens(&ts, Format::Table, now);
+        let expected = "\
+ID       DESCRIPTION   NODES              EXPIRES-IN   USES   LAST-USED
+abc123   pool          worker-*           23h59m       3/50   5m3s
+def456   <none>        db-1,db-2          23h59m       2/2    60s
+ghi789   <none>        n1,n2,n3,+3 more   23h59m       0      never
+";
+        assert_eq!(t, expected);
+        let w = render_tokens(&ts, Format::Wide, now);
+        let lines: Vec<&str> = w.lines().collect();
+        assert!(
+            lines[0].contains("   USES   LAST-USED   USES-LEFT   CREATED"),
+            "{w}"
+        );
+        assert!(
+            lines[1].contains("   3/50   5m3s        47          10m"),
+            "{w}"
+        );
+        assert!(
+            lines[2].contains("   2/2    60s         0           10m"),
+            "{w}"
+        );
+        assert!(lines[3].contains(" n1,n2,n3,n4,n5,x y* "), "{w}");
+        assert!(lines[3].contains("   never       unlimited   10m"), "{w}");
+        // Four names fit: "+1 more" would not be shorter than the name.
+        let four = BootstrapToken {
+            nodes: (1..=4).map(|i| format!("n{i}")).collect(),
+            ..token("jkl012", "", 0, 0)
+        };
+        assert!(render_tokens(&[four], Format::Table, now).contains(" n1,n2,n3,n4 "));
+
+        let v: serde_json::Value =
+            serde_json::from_str(&render_tokens(&ts, Format::Json, now)).unwrap();
+        let list = v["tokens"].as_array().unwrap();
+        assert_eq!(list[0]["nodes"], serde_json::json!([]));
+        assert_eq!(list[0]["node_prefix"], "worker-");
+        assert_eq!(list[0]["max_uses"], 50);
+        assert_eq!(list[0]["uses_left"], 47);
+        assert_eq!(list[1]["nodes"], serde_json::json!(["db-1", "db-2"]));
+        assert_eq!(list[1]["uses_left"], 0);
+        assert_eq!(list[2]["max_uses"], 0);
+        assert!(list[2]["uses_left"].is_null());
+        // More uses than it was made for (a controller that counts a race twice): 0 left.
+        let over = BootstrapToken {
+            max_uses: 1,
+            ..token("mno345", "", 2, 0)
+        };
+        assert_eq!(uses_left(&over), Some(0));
+        let y = render_tokens(&ts[1..2], Format::Yaml, now);
+        assert!(
+            y.contains("\n  nodes:\n  - \"db-1\"\n  - \"db-2\"\n  node_prefix: \"\"\n  max_uses: 2\n  uses_left: 0\n"),
+            "{y}"
+        );
     }
 
     #[test]
@@ -2215,6 +2374,10 @@ zz9xy0   <none>          23h59m       3      5m3s
             "uses",
             "last_used_unix",
             "last_used",
+            "nodes",
+            "node_prefix",
+            "max_uses",
+            "uses_left",
         ];
         assert_eq!(keys, expected, "the fields are a stable interface");
         assert!(
@@ -2258,6 +2421,8 @@ zz9xy0   <none>          23h59m       3      5m3s
         assert_eq!(y, "id: \"abc123\"\ndeleted: true\n");
     }
 
+    const KEY: &str = "2d5daf46033bf6595e4c12269602541565cde5d1d1cdcb50f23c73b34235b722";
+
     #[test]
     fn issued_certificates() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -2268,6 +2433,7 @@ zz9xy0   <none>          23h59m       3      5m3s
                 issued_at_unix: 1_000_000 - 7200,
                 not_after_unix: 1_000_000 + 365 * 86_400,
                 token_id: "abc123".into(),
+                key_sha256: KEY.into(),
             },
             IssuedCertificate {
                 node_name: "worker-22".into(),
@@ -2275,21 +2441,27 @@ zz9xy0   <none>          23h59m       3      5m3s
                 issued_at_unix: 1_000_000 - 30,
                 not_after_unix: 1_000_000 + 3600,
                 token_id: String::new(),
+                key_sha256: String::new(),
             },
         ];
         let t = render_issued(&cs, Format::Table, now);
         let expected = "\
-NODE        SERIAL     ISSUED   EXPIRES-IN   TOKEN
-worker-1    3f2a9c01   2h       365d         abc123
-worker-22   01         30s      1h           <none>
+NODE        SERIAL     ISSUED   EXPIRES-IN   TOKEN    KEY-SHA256
+worker-1    3f2a9c01   2h       365d         abc123   2d5daf46033bf659
+worker-22   01         30s      1h           <none>   <none>
 ";
         assert_eq!(t, expected);
         let w = render_issued(&cs, Format::Wide, now);
+        let lines: Vec<&str> = w.lines().collect();
         assert!(
-            w.lines()
-                .next()
-                .unwrap()
-                .ends_with("TOKEN    ISSUED-AT              NOT-AFTER"),
+            lines[0].ends_with(&format!(
+                "TOKEN    KEY-SHA256{}   ISSUED-AT              NOT-AFTER",
+                " ".repeat(54)
+            )),
+            "{w}"
+        );
+        assert!(
+            lines[1].contains(&format!("   abc123   {KEY}   1970-01-12T11:46:40Z")),
             "{w}"
         );
         assert_eq!(render_issued(&[], Format::Table, now), "");
@@ -2302,7 +2474,9 @@ worker-22   01         30s      1h           <none>
         assert_eq!(c["issued_at"], "1970-01-12T11:46:40Z");
         assert_eq!(c["not_after_unix"], 1_000_000 + 365 * 86_400);
         assert_eq!(c["token_id"], "abc123");
+        assert_eq!(c["key_sha256"], KEY);
         assert_eq!(v["certificates"][1]["token_id"], "");
+        assert_eq!(v["certificates"][1]["key_sha256"], "");
         assert_eq!(
             render_issued(&[], Format::Json, now),
             "{\n  \"certificates\": []\n}\n"

@@ -107,18 +107,25 @@ fn admin_certificate_has_admin_role() {
 }
 
 #[test]
-fn controller_certificate_serves_and_is_a_replica_client_certificate() {
+fn controller_certificate_serves_and_only_a_replicas_is_a_client_certificate() {
     let ca = test_ca();
-    let ctl = ca
-        .issue(
+    let issue = |replica| {
+        ca.issue(
             &Role::Controller {
                 dns: vec!["twill.example.com".into()],
                 ips: vec!["10.0.0.1".parse().unwrap()],
+                replica,
             },
             Validity::days(30).unwrap(),
         )
-        .unwrap();
-    // Client too: replicas on etcd present it to each other when they forward writes.
+        .unwrap()
+    };
+    // A single controller's certificate serves only.
+    let e = ekus(&issue(false).cert_der);
+    assert!(e.server && !e.client);
+    // A replica's is a client certificate too: replicas on etcd present it to each
+    // other when they forward writes.
+    let ctl = issue(true);
     let e = ekus(&ctl.cert_der);
     assert!(e.server && e.client);
     let (_, cert) = X509Certificate::from_der(&ctl.cert_der).unwrap();
@@ -278,7 +285,36 @@ fn cli_controller_defaults_to_localhost() {
         .general_names
         .iter()
         .any(|n| matches!(n, GeneralName::IPAddress(ip) if *ip == [127, 0, 0, 1])));
-    assert!(ekus(&der).server);
+    let e = ekus(&der);
+    assert!(e.server && !e.client, "serverAuth only without --replica");
+}
+
+#[test]
+fn cli_replica_controller_certificate_is_also_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().to_str().unwrap();
+    ok(&twillctl(&["certs", "init", "--dir", ds]));
+    let out = ok(&twillctl(&[
+        "certs",
+        "issue",
+        "controller",
+        "--dir",
+        ds,
+        "--replica",
+        "--ip",
+        "10.0.0.1",
+        "--ip",
+        "10.0.0.2",
+    ]));
+    assert!(out.contains("serverAuth + clientAuth"), "{out}");
+    let der = der_of(&std::fs::read(dir.path().join("controller.crt")).unwrap());
+    let e = ekus(&der);
+    assert!(e.server && e.client);
+    let help = ok(&twillctl(&["certs", "issue", "controller", "--help"]));
+    assert!(
+        help.contains("--replica") && help.contains("clientAuth"),
+        "{help}"
+    );
 }
 
 #[test]

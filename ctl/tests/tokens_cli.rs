@@ -118,7 +118,14 @@ fn token_lifecycle() {
     println!("twillctl token list:\n{table}");
     assert_eq!(
         header(&table),
-        ["ID", "DESCRIPTION", "EXPIRES-IN", "USES", "LAST-USED"]
+        [
+            "ID",
+            "DESCRIPTION",
+            "NODES",
+            "EXPIRES-IN",
+            "USES",
+            "LAST-USED"
+        ]
     );
     let row = table
         .lines()
@@ -130,7 +137,7 @@ fn token_lifecycle() {
     assert!(!table.contains(&secret), "{table}");
     let wide = admin(&ctl, &pki, &["token", "list", "-o", "wide"]);
     assert!(
-        header(&wide).ends_with(&["LAST-USED", "CREATED", "EXPIRES-AT"]),
+        header(&wide).ends_with(&["LAST-USED", "USES-LEFT", "CREATED", "EXPIRES-AT"]),
         "{wide}"
     );
 
@@ -220,6 +227,90 @@ fn bad_ttl_is_a_usage_error() {
     assert!(err.contains("is zero"), "{err}");
 }
 
+/// A token bound to nothing, or used zero times, is a usage error (exit 2), from the
+/// flag or the environment, before any connection is tried.
+#[test]
+fn bad_binding_is_a_usage_error() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--uses", "0"], "never be used"),
+        (&["--uses=-3"], "not a number of uses"),
+        (&["--node", "a/b"], "contains '/'"),
+        (&["--node", "ok", "--node", ""], "node name is empty"),
+        (&["--node-prefix", ""], "leave --node-prefix out"),
+    ];
+    for (flags, says) in cases {
+        let mut args = vec!["--controller", "https://127.0.0.1:1", "token", "create"];
+        args.extend_from_slice(flags);
+        let out = twillctl(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{flags:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+    for (var, value, says) in [
+        ("TWILL_TOKEN_USES", "0", "never be used"),
+        ("TWILL_TOKEN_NODE", "db-1,a b", "contains ' '"),
+        (
+            "TWILL_TOKEN_NODE_PREFIX",
+            "rack/",
+            "prefix \"rack/\" contains '/'",
+        ),
+    ] {
+        let out = twillctl_cmd()
+            .env(var, value)
+            .args(["--controller", "https://127.0.0.1:1", "token", "create"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{var}={value}: {err}");
+    }
+}
+
+/// A token bound to names and a number of uses says so in `token list`.
+#[test]
+fn a_bound_token_shows_its_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = twillctl_pki(dir.path());
+    let ctl = Controller::for_pki(&pki, NET_CONF);
+    let (_, id, secret) = create(
+        &ctl,
+        &pki,
+        &[
+            "--node",
+            "db-1",
+            "--node",
+            "db-2",
+            "--node-prefix",
+            "worker-",
+            "--uses",
+            "5",
+        ],
+    );
+    let tokens = list_json(&ctl, &pki, &[&secret]);
+    let t = tokens.iter().find(|t| t["id"] == id.as_str()).unwrap();
+    assert_eq!(t["nodes"], serde_json::json!(["db-1", "db-2"]), "{t}");
+    assert_eq!(t["node_prefix"], "worker-", "{t}");
+    assert_eq!(t["max_uses"], 5, "{t}");
+    assert_eq!(t["uses_left"], 5, "{t}");
+    let table = admin(&ctl, &pki, &["token", "list"]);
+    let row = table.lines().find(|l| l.starts_with(&id)).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert!(cells.contains(&"db-1,db-2,worker-*"), "{table}");
+    assert_eq!(cells[cells.len() - 2..], ["0/5", "never"], "{row}");
+    // Unbound: any name, no limit.
+    let (_, any, _) = create(&ctl, &pki, &[]);
+    let t = list_json(&ctl, &pki, &[])
+        .into_iter()
+        .find(|t| t["id"] == any.as_str())
+        .unwrap();
+    assert_eq!(t["max_uses"], 0, "{t}");
+    assert!(t["uses_left"].is_null(), "{t}");
+    let table = admin(&ctl, &pki, &["token", "list"]);
+    let row = table.lines().find(|l| l.starts_with(&any)).unwrap();
+    assert!(row.split_whitespace().any(|c| c == "*"), "{row}");
+}
+
 /// `certs issued` on a controller that has issued nothing.
 #[test]
 fn certs_issued_on_a_fresh_controller() {
@@ -258,6 +349,17 @@ fn certs_revoke_names_the_node_and_refuses_bad_names() {
         admin(&ctl, &pki, &["certs", "revoke", "worker-7"]),
         "certificates/worker-7 revoked\n"
     );
+    assert_eq!(
+        admin(&ctl, &pki, &["certs", "revoke", "bob", "--role", "admin"]),
+        "certificates/bob (admin) revoked\n"
+    );
+    let out = ctl_as(
+        &ctl,
+        &pki,
+        &pki.admin,
+        &["certs", "revoke", "x", "--role", "root"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = ctl_as(&ctl, &pki, &pki.admin, &["certs", "revoke", "a/b"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
@@ -295,12 +397,13 @@ fn non_admin_certificate_is_refused() {
 /// The new commands explain themselves.
 #[test]
 fn token_commands_have_help() {
-    let commands: [&[&str]; 5] = [
+    let commands: [&[&str]; 6] = [
         &["token"],
         &["token", "create"],
         &["token", "list"],
         &["token", "delete"],
         &["certs", "issued"],
+        &["certs", "revoke"],
     ];
     for c in commands {
         let mut args = c.to_vec();
@@ -315,9 +418,24 @@ fn token_commands_have_help() {
         "TWILL_TOKEN_TTL",
         "--description",
         "TWILL_TOKEN_DESCRIPTION",
+        "--node <NAME>",
+        "TWILL_TOKEN_NODE",
+        "--node-prefix <PREFIX>",
+        "TWILL_TOKEN_NODE_PREFIX",
+        "--uses <N>",
+        "TWILL_TOKEN_USES",
+        "--node-prefix worker- --uses 50",
     ] {
         assert!(create.contains(s), "{s} missing:\n{create}");
     }
+    let revoke = ok(&twillctl(&["certs", "revoke", "--help"]));
+    assert!(revoke.contains("--role <ROLE>"), "{revoke}");
+    assert!(revoke.contains("[default: node]"), "{revoke}");
+    let list = ok(&twillctl(&["token", "list", "--help"]));
+    assert!(
+        list.contains("NODES") && list.contains("USES-LEFT"),
+        "{list}"
+    );
     let top = ok(&twillctl(&["--help"]));
     assert!(top.contains("\n  token "), "{top}");
     let certs = ok(&twillctl(&["certs", "--help"]));

@@ -24,3 +24,17 @@ pub mod etcd {
         tonic::include_proto!("v3electionpb");
     }
 }
+
+/// One RPC of Twill's services, as the .proto files declare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// The gRPC path, `/twill.v1.Service/Method`.
+    pub path: &'static str,
+    /// The number of the request's `node_name` field; 0 when it has none.
+    pub node_name_field: i32,
+    /// The answer is a stream.
+    pub server_streaming: bool,
+}
+
+/// Every RPC of every Twill service, from the compiled descriptors.
+pub const METHODS: &[Method] = include!(concat!(env!("OUT_DIR"), "/methods.rs"));

@@ -16,7 +16,7 @@
 //! several complete batches. Every message carries the store's epoch, which a resuming
 //! watcher must match (a replaced store reuses revision numbers for other events).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -84,7 +84,10 @@ impl Pacing {
 
 #[derive(Default)]
 struct Table {
+    /// The leases as watchers see them: without `holder_key`, which stays in `holders`
+    /// (the controller's own business, never sent to agents).
     leases: BTreeMap<String, Lease>,
+    holders: HashMap<String, Vec<u8>>,
     reservations: BTreeMap<String, Reservation>,
     /// Why some reservations cannot be honoured now, by node.
     stale: BTreeMap<String, String>,
@@ -153,15 +156,26 @@ impl Hub {
         let (tx, _) = broadcast::channel(capacity);
         let skip = history.len().saturating_sub(HISTORY_LEN);
         let history = history
-            .iter()
+            .into_iter()
             .skip(skip)
-            .map(|e| (e.revision, Bytes::from(e.encode_to_vec())))
+            .map(|mut e| {
+                if let Some(l) = e.lease.as_mut() {
+                    l.holder_key.clear();
+                }
+                (e.revision, Bytes::from(e.encode_to_vec()))
+            })
+            .collect();
+        let mut holders = HashMap::new();
+        let leases = leases
+            .into_iter()
+            .map(|mut l| {
+                hold(&mut holders, &mut l);
+                (l.node_name.clone(), l)
+            })
             .collect();
         let table = Table {
-            leases: leases
-                .into_iter()
-                .map(|l| (l.node_name.clone(), l))
-                .collect(),
+            leases,
+            holders,
             revision,
             history,
             ..Table::default()
@@ -199,12 +213,21 @@ impl Hub {
             return;
         };
         let mut framer = Framer::new(false, last, &self.epoch, 256 * events.len());
-        for e in events {
+        for mut e in events {
+            let deleted = e.r#type == EventType::Delete as i32;
+            if let Some(lease) = e.lease.as_mut() {
+                if deleted {
+                    lease.holder_key.clear();
+                    t.holders.remove(&lease.node_name);
+                } else {
+                    hold(&mut t.holders, lease);
+                }
+            }
             let encoded = Bytes::from(e.encode_to_vec());
             framer.push(e.revision, &encoded);
             t.history.push_back((e.revision, encoded));
             let Some(lease) = e.lease else { continue };
-            if e.r#type == EventType::Delete as i32 {
+            if deleted {
                 t.leases.remove(&lease.node_name);
             } else {
                 t.leases.insert(lease.node_name.clone(), lease);
@@ -222,17 +245,23 @@ impl Hub {
         });
     }
 
-    /// Moves the expiry of leases whose renewal changed nothing else: no revision, no
-    /// broadcast (agents do not act on a peer's expiry), only what readers of the table
-    /// (the admin API, new watchers' snapshots) see.
+    /// Moves the expiry (and the holder's key) of leases whose renewal changed nothing
+    /// else: no revision, no broadcast (agents do not act on a peer's expiry), only what
+    /// readers of the table (the admin API, new watchers' snapshots) see.
     pub fn renew(&self, renewed: &[Lease]) {
         if renewed.is_empty() {
             return;
         }
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *t;
         for r in renewed {
             if let Some(l) = t.leases.get_mut(&r.node_name) {
                 l.expires_at_unix = r.expires_at_unix;
+                if r.holder_key.is_empty() {
+                    t.holders.remove(&r.node_name);
+                } else {
+                    t.holders.insert(r.node_name.clone(), r.holder_key.clone());
+                }
             }
         }
         // Same revision, other content: the cached snapshot is out of date.
@@ -295,6 +324,13 @@ impl Hub {
             .cloned()
     }
 
+    /// Whether `node` holds a lease that has not expired at `now` and that a key holds
+    /// (one whose certificates were revoked is held by none until its next grant).
+    pub fn held(&self, node: &str, now: i64) -> bool {
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        t.holders.contains_key(node) && t.leases.get(node).is_some_and(|l| l.expires_at_unix > now)
+    }
+
     /// Up to `limit` leases (0: no limit) with node names after `after`, that `keep`
     /// accepts, ordered by node name; and whether more remain.
     pub fn page(
@@ -321,10 +357,22 @@ impl Hub {
         (page, more, t.revision)
     }
 
-    /// The current leases, ordered by node name, and the revision they reflect.
+    /// The current leases, ordered by node name, with their holders' keys (for the
+    /// lease writer), and the revision they reflect.
     pub fn leases(&self) -> (Vec<Lease>, u64) {
         let t = self.table.read().unwrap_or_else(|p| p.into_inner());
-        (t.leases.values().cloned().collect(), t.revision)
+        let leases = t
+            .leases
+            .values()
+            .map(|l| {
+                let mut l = l.clone();
+                if let Some(h) = t.holders.get(&l.node_name) {
+                    l.holder_key.clone_from(h);
+                }
+                l
+            })
+            .collect();
+        (leases, t.revision)
     }
 
     /// Starts a watch after `from_revision` (0: from scratch) of store `epoch` (empty:
@@ -410,6 +458,17 @@ impl Hub {
 /// Bytes before the protobuf encoding in a gRPC message: a compressed flag (0) and the
 /// length (big-endian u32).
 const GRPC_PREFIX: usize = 5;
+
+/// Takes a lease's holder key out into `holders` (or forgets the node's there when it
+/// has none): what the table keeps and watchers are sent carries none.
+fn hold(holders: &mut HashMap<String, Vec<u8>>, l: &mut Lease) {
+    let key = std::mem::take(&mut l.holder_key);
+    if key.is_empty() {
+        holders.remove(&l.node_name);
+    } else {
+        holders.insert(l.node_name.clone(), key);
+    }
+}
 
 /// Builds the gRPC messages of one `WatchResponse` from encoded events, starting a new
 /// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. Everything is
@@ -664,12 +723,17 @@ mod tests {
             public_ipv6: "fd18:0:0:7::1".into(),
             vtep_mac_v6: "0a:58:00:00:07:06".into(),
             public_ip_prefix_len: 24,
+            holder_key: Vec::new(),
         };
-        let hub = Hub::new(vec![full("a", 0)], vec![], 0).with_epoch("0123456789abcdef");
+        let held = |node: &str, rev: u64| Lease {
+            holder_key: vec![7; 32],
+            ..full(node, rev)
+        };
+        let hub = Hub::new(vec![held("a", 0)], vec![], 0).with_epoch("0123456789abcdef");
         hub.commit(vec![LeaseEvent {
             r#type: EventType::Put as i32,
             revision: 300,
-            lease: Some(full("b", 300)),
+            lease: Some(held("b", 300)),
         }]);
         let first = hub.subscribe(0, "").initial.unwrap();
         let want = WatchResponse {
@@ -686,7 +750,15 @@ mod tests {
             more: false,
             epoch: "0123456789abcdef".into(),
         };
-        assert_eq!(first.encoded, grpc_message(&want), "byte for byte");
+        assert_eq!(
+            first.encoded,
+            grpc_message(&want),
+            "byte for byte, without the holders' keys"
+        );
+        assert!(
+            hub.leases().0.iter().all(|l| l.holder_key == [7; 32]),
+            "the writer still gets the holders' keys"
+        );
         let len = u32::try_from(first.encoded.len() - GRPC_PREFIX).unwrap();
         assert_eq!(first.encoded[0], 0, "uncompressed");
         assert_eq!(

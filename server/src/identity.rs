@@ -7,6 +7,13 @@
 //! request's key (`CN=<node>, O=twill:nodes`, clientAuth): its private key never
 //! leaves it. Tokens and the record of every certificate issued are kept in the store
 //! beside the leases, so they survive restarts.
+//!
+//! A token never lets its holder act as a node that is alive (docs/threat-model.md): a
+//! name with a live lease, or with an unexpired certificate issued here and not
+//! revoked, is refused, and a token may be bound to names (`--node`, `--node-prefix`)
+//! and to a number of uses. Revocation and issuance take one lock, so a renewal either
+//! finishes before a revocation (and its certificate is revoked with the others) or is
+//! refused after it. Issued records are pruned a grace period after they expire.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
+use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use twill_ctl::certs::{Ca, CertError, CsrFault, Validity};
@@ -25,6 +33,17 @@ use crate::store::{Store, StoreError};
 const TOKEN_KIND: &str = "token";
 const ISSUED_KIND: &str = "issued";
 const REVOKED_KIND: &str = "revoked";
+/// Revocation records of admin certificates are kept under this prefix of the name (a
+/// node name cannot hold a colon, so the two never meet).
+const ADMIN_REVOCATION: &str = "admin:";
+/// An issued record is kept this long after its certificate expires.
+pub const ISSUED_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Issued records are pruned at most this often (Unix seconds).
+const PRUNE_EVERY_SECS: i64 = 600;
+/// Renewals one node may make in a burst, and per hour after it: an agent renews once
+/// per certificate lifetime (days), and retries a failed renewal with backoff.
+const RENEW_BURST: f64 = 5.0;
+const RENEWS_PER_HOUR: f64 = 12.0;
 const ID_LEN: usize = 6;
 const SECRET_LEN: usize = 16;
 /// Lifetime of a token made without one.
@@ -64,6 +83,25 @@ pub enum IdentityError {
     /// No such token.
     #[error("{0}")]
     NotFound(String),
+    /// The name to bootstrap is alive: a live lease, or a certificate not expired and
+    /// not revoked. The message names the way out.
+    #[error("{0}")]
+    Alive(String),
+    /// The token may not be used for this: another name than it is bound to, or its
+    /// uses are spent.
+    #[error("{msg}")]
+    TokenNotAllowed {
+        /// Which of those.
+        refusal: Refusal,
+        /// What is wrong, for a person.
+        msg: String,
+    },
+    /// The certificate renewing is revoked.
+    #[error("{0}")]
+    Revoked(String),
+    /// The node renews faster than it may.
+    #[error("{0}")]
+    RateLimited(String),
     /// The store failed; nothing was issued.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -95,6 +133,10 @@ impl IdentityError {
             IdentityError::BadToken { fault, .. } => Some(Refusal::Token(*fault)),
             IdentityError::BadCsr { fault, .. } => Some(Refusal::Csr(*fault)),
             IdentityError::NoSigningCa => Some(Refusal::NoSigner),
+            IdentityError::Alive(_) => Some(Refusal::NameAlive),
+            IdentityError::TokenNotAllowed { refusal, .. } => Some(*refusal),
+            IdentityError::Revoked(_) => Some(Refusal::Revoked),
+            IdentityError::RateLimited(_) => Some(Refusal::RenewRateLimited),
             IdentityError::Invalid(_) | IdentityError::NotFound(_) | IdentityError::Store(_) => {
                 None
             }
@@ -121,6 +163,14 @@ struct TokenRecord {
     expires_at_unix: i64,
     uses: u64,
     last_used_unix: i64,
+    /// Names it may bootstrap (records made before bindings existed have none).
+    #[serde(default)]
+    nodes: Vec<String>,
+    #[serde(default)]
+    node_prefix: String,
+    /// Uses it was made for; 0: no limit.
+    #[serde(default)]
+    max_uses: u32,
 }
 
 impl TokenRecord {
@@ -132,8 +182,38 @@ impl TokenRecord {
             expires_at_unix: self.expires_at_unix,
             uses: self.uses,
             last_used_unix: self.last_used_unix,
+            nodes: self.nodes.clone(),
+            node_prefix: self.node_prefix.clone(),
+            max_uses: self.max_uses,
         }
     }
+
+    /// Whether the token may bootstrap `node`.
+    fn admits(&self, node: &str) -> bool {
+        (self.nodes.is_empty() && self.node_prefix.is_empty())
+            || self.nodes.iter().any(|n| n == node)
+            || (!self.node_prefix.is_empty() && node.starts_with(&self.node_prefix))
+    }
+
+    /// The names it is bound to, for a message.
+    fn binding(&self) -> String {
+        let mut names: Vec<String> = self.nodes.clone();
+        if !self.node_prefix.is_empty() {
+            names.push(format!("{}*", self.node_prefix));
+        }
+        names.join(", ")
+    }
+}
+
+/// What a new token is bound to.
+#[derive(Debug, Clone, Default)]
+pub struct TokenBinding {
+    /// Exact node names it may bootstrap.
+    pub nodes: Vec<String>,
+    /// Names starting with this it may bootstrap.
+    pub node_prefix: String,
+    /// Certificates it may be exchanged for; 0: no limit.
+    pub max_uses: u32,
 }
 
 /// An issued certificate as recorded.
@@ -144,6 +224,29 @@ struct IssuedRecord {
     issued_at_unix: i64,
     not_after_unix: i64,
     token_id: String,
+    /// Records made before key hashes were kept have none.
+    #[serde(default)]
+    key_sha256: String,
+    /// The start of the certificate's validity (0 in records made before it was kept:
+    /// such a certificate counts as not revoked until it expires).
+    #[serde(default)]
+    not_before_unix: i64,
+}
+
+/// The certificates of one node that may still be in use, from the issued records.
+#[derive(Debug, Clone, Copy)]
+struct LiveCert {
+    not_before_unix: i64,
+    not_after_unix: i64,
+}
+
+/// What the identity lock guards.
+#[derive(Default)]
+struct State {
+    /// Unexpired certificates issued here, by node (pruned as they expire).
+    certs: HashMap<String, Vec<LiveCert>>,
+    /// When issued records were last pruned (Unix seconds).
+    pruned_at: i64,
 }
 
 /// The CA that signs node certificates, and what agents need beside their own
@@ -175,12 +278,16 @@ pub struct Identity {
     signer: std::sync::RwLock<Option<Arc<Signer>>>,
     node_cert_ttl: Duration,
     metrics: Arc<Metrics>,
-    /// Token records are read, changed and written back (use counts): one at a time.
-    lock: tokio::sync::Mutex<()>,
-    /// When each revoked node's certificates stopped being accepted (Unix seconds),
-    /// and a counter that moves at every revocation (open watches check theirs).
+    /// Token records are read, changed and written back (use counts), certificates
+    /// issued and revocations made: one at a time, so none of them races another.
+    lock: tokio::sync::Mutex<State>,
+    /// When each revoked node's (or admin's, under `ADMIN_REVOCATION`) certificates
+    /// stopped being accepted (Unix seconds), and a counter that moves at every
+    /// revocation (open watches and connections check theirs).
     revoked: std::sync::RwLock<HashMap<String, i64>>,
     revocations: tokio::sync::watch::Sender<u64>,
+    /// Renewals per node.
+    renewals: crate::grpc::limit::NodeLimiter,
 }
 
 fn hash(secret: &str) -> String {
@@ -231,32 +338,57 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 impl Identity {
-    /// Tokens and records in `store`; issuance on when `signer` is given.
+    /// Tokens and records in `store`; issuance on when `signer` is given. Fails when
+    /// the revocations or the issued records cannot be read: a controller that started
+    /// without them would accept revoked certificates (fail closed).
     pub async fn new(
         store: Arc<dyn Store>,
         signer: Option<Signer>,
         node_cert_ttl: Duration,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        let revoked = store
-            .records(REVOKED_KIND)
-            .await
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read the revocations; none in force");
-                Vec::new()
-            })
-            .into_iter()
-            .filter_map(|(node, v)| Some((node, String::from_utf8(v).ok()?.parse().ok()?)))
-            .collect();
-        Identity {
+    ) -> Result<Self, IdentityError> {
+        let identity = Identity {
             store,
             signer: std::sync::RwLock::new(signer.map(Arc::new)),
             node_cert_ttl,
             metrics,
-            lock: tokio::sync::Mutex::new(()),
-            revoked: std::sync::RwLock::new(revoked),
+            lock: tokio::sync::Mutex::new(State::default()),
+            revoked: std::sync::RwLock::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
+            renewals: crate::grpc::limit::NodeLimiter::new(RENEWS_PER_HOUR / 3600.0, RENEW_BURST),
+        };
+        identity.reload().await?;
+        Ok(identity)
+    }
+
+    /// Reads the revocations and the issued certificates again from the store: at
+    /// start, when this replica becomes the leader, and after the etcd watch lost
+    /// events (compaction). Revocations are only ever added here, never dropped: one
+    /// that cannot be read again stays in force.
+    pub async fn reload(&self) -> Result<(), IdentityError> {
+        let revoked = self.store.records(REVOKED_KIND).await?;
+        for (name, v) in revoked {
+            if let Some(at) = Self::revocation_record(REVOKED_KIND, &v) {
+                self.revoked_at(&name, at);
+            } else {
+                warn!(name = %name, "ignoring an unreadable revocation record");
+            }
         }
+        let now = now_unix();
+        let mut certs: HashMap<String, Vec<LiveCert>> = HashMap::new();
+        for (_, v) in self.store.records(ISSUED_KIND).await? {
+            let Ok(r) = serde_json::from_slice::<IssuedRecord>(&v) else {
+                continue;
+            };
+            if r.not_after_unix > now {
+                certs.entry(r.node_name).or_default().push(LiveCert {
+                    not_before_unix: r.not_before_unix,
+                    not_after_unix: r.not_after_unix,
+                });
+            }
+        }
+        self.lock.lock().await.certs = certs;
+        Ok(())
     }
 
     /// Why `node`'s certificate valid from `not_before_unix` is refused, if it is.
@@ -272,6 +404,28 @@ impl Identity {
                  only by bootstrapping with a token"
             )
         })
+    }
+
+    /// Why the certificate `id` is refused for a revocation, if it is: node and admin
+    /// certificates can be revoked.
+    pub fn refused(&self, id: &twill_common::tls::Identity) -> Option<String> {
+        match id.role()? {
+            twill_common::tls::Role::Node => self.revoked(&id.name, id.not_before_unix),
+            twill_common::tls::Role::Admin => {
+                let at = *self
+                    .revoked
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&format!("{ADMIN_REVOCATION}{}", id.name))?;
+                (id.not_before_unix <= at).then(|| {
+                    format!(
+                        "the certificates of admin {} were revoked at {at} (Unix time); ask for a new one",
+                        id.name
+                    )
+                })
+            }
+            twill_common::tls::Role::Controller => None,
+        }
     }
 
     fn signer(&self) -> Result<Arc<Signer>, IdentityError> {
@@ -333,20 +487,34 @@ impl Identity {
         self.revocations.subscribe()
     }
 
-    /// Revokes every certificate of `node` valid from before now.
-    pub async fn revoke(&self, node: &str) -> Result<i64, IdentityError> {
-        twill_common::lease::validate_node_name(node)
+    /// Revokes every certificate of `node` (or, with `admin`, of the admin of that
+    /// name) valid from before now. Under the issuance lock: a renewal in progress
+    /// finishes first, and its certificate is revoked with the others.
+    pub async fn revoke(&self, name: &str, admin: bool) -> Result<i64, IdentityError> {
+        twill_common::lease::validate_node_name(name)
             .map_err(|e| IdentityError::Invalid(format!("node_name: {e}")))?;
+        let mut state = self.lock.lock().await;
         // One second back: a certificate issued from now on starts at the current
         // second (certificate times have no finer grain) and must not be caught, nor
-        // be valid only from the future.
+        // be valid only from the future. Every certificate issued before now started
+        // minutes earlier (backdated), so it is caught.
         let at = now_unix() - 1;
+        let key = if admin {
+            format!("{ADMIN_REVOCATION}{name}")
+        } else {
+            name.to_string()
+        };
         self.store
-            .put_record(REVOKED_KIND, node, at.to_string().as_bytes())
+            .put_record(REVOKED_KIND, &key, at.to_string().as_bytes())
             .await?;
         self.store.flush().await?;
-        self.revoked_at(node, at);
-        info!(node = %node, revoked_at_unix = at, "node certificates revoked");
+        self.revoked_at(&key, at);
+        if !admin {
+            if let Some(certs) = state.certs.get_mut(name) {
+                certs.retain(|c| c.not_before_unix > at);
+            }
+        }
+        info!(name = %name, role = if admin { "admin" } else { "node" }, revoked_at_unix = at, "certificates revoked");
         Ok(at)
     }
 
@@ -412,7 +580,23 @@ impl Identity {
         &self,
         ttl: Duration,
         description: &str,
+        binding: TokenBinding,
     ) -> Result<(String, BootstrapToken), IdentityError> {
+        for n in &binding.nodes {
+            twill_common::lease::validate_node_name(n)
+                .map_err(|e| IdentityError::Invalid(format!("nodes: {n:?}: {e}")))?;
+        }
+        if binding.node_prefix.len() > 63
+            || !binding
+                .node_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(IdentityError::Invalid(format!(
+                "node_prefix {:?}: at most 63 characters of a-z, 0-9, '-' and '.' (the start of a node name)",
+                binding.node_prefix
+            )));
+        }
         let ttl = if ttl.is_zero() {
             DEFAULT_TOKEN_TTL
         } else {
@@ -425,10 +609,9 @@ impl Identity {
             )));
         }
         let _guard = self.lock.lock().await;
-        let existing = self.tokens().await?;
         let id = loop {
             let id = random_chars(ID_LEN);
-            if !existing.iter().any(|t| t.id == id) {
+            if self.store.record(TOKEN_KIND, &id).await?.is_none() {
                 break id;
             }
         };
@@ -442,10 +625,13 @@ impl Identity {
             expires_at_unix: now.saturating_add(ttl.as_secs() as i64),
             uses: 0,
             last_used_unix: 0,
+            nodes: binding.nodes,
+            node_prefix: binding.node_prefix,
+            max_uses: binding.max_uses,
         };
         self.put_token(&record).await?;
         self.store.flush().await?;
-        info!(token_id = %id, expires_at_unix = record.expires_at_unix, description = %description, "bootstrap token created");
+        info!(token_id = %id, expires_at_unix = record.expires_at_unix, description = %description, nodes = %record.binding(), max_uses = record.max_uses, "bootstrap token created");
         Ok((format!("{id}.{secret}"), record.public()))
     }
 
@@ -482,26 +668,34 @@ impl Identity {
         Ok(())
     }
 
-    /// Signs a node certificate for `csr_pem`, given a valid `token`.
+    /// Signs a node certificate for `csr_pem`, given a valid `token`. `has_lease`
+    /// says whether a node name holds a live lease that a key holds (not one whose
+    /// certificates were revoked since): such a name is alive, and no token may take it
+    /// over.
     pub async fn bootstrap(
         &self,
         token: &str,
         csr_pem: &str,
+        has_lease: impl Fn(&str) -> bool,
     ) -> Result<BootstrapResponse, IdentityError> {
         let signer = self.signer()?;
         let (id, secret) = parse_token(token)?;
-        let _guard = self.lock.lock().await;
-        let mut record = self
-            .tokens()
-            .await?
-            .into_iter()
-            .find(|t| t.id == id)
-            .ok_or_else(|| {
+        let mut state = self.lock.lock().await;
+        let mut record = match self.store.record(TOKEN_KIND, id).await? {
+            Some(v) => serde_json::from_slice::<TokenRecord>(&v).map_err(|e| {
+                warn!(token_id = %id, error = %e, "unreadable token record");
                 IdentityError::token(
                     TokenFault::Unknown,
-                    format!("unknown bootstrap token {id}: it was never made here, or was deleted"),
+                    format!("unknown bootstrap token {id}: its record does not read"),
                 )
-            })?;
+            })?,
+            None => {
+                return Err(IdentityError::token(
+                    TokenFault::Unknown,
+                    format!("unknown bootstrap token {id}: it was never made here, or was deleted"),
+                ))
+            }
+        };
         let now = now_unix();
         if record.expires_at_unix <= now {
             // Forgotten now: an expired token is no use to anyone.
@@ -520,23 +714,86 @@ impl Identity {
                 format!("bootstrap token {id}: wrong secret"),
             ));
         }
+        if record.max_uses > 0 && record.uses >= u64::from(record.max_uses) {
+            return Err(IdentityError::TokenNotAllowed {
+                refusal: Refusal::TokenUsedUp,
+                msg: format!(
+                    "bootstrap token {id} has been used {} times, all it was made for: make a new one with `twillctl token create`",
+                    record.uses
+                ),
+            });
+        }
+        let csr = twill_ctl::certs::csr_common_name(csr_pem)?;
+        if !record.admits(&csr) {
+            return Err(IdentityError::TokenNotAllowed {
+                refusal: Refusal::TokenNotForName,
+                msg: format!(
+                    "bootstrap token {id} may not bootstrap node {csr:?}: it is bound to {}",
+                    record.binding()
+                ),
+            });
+        }
+        if let Some(why) = self.alive(&state, &csr, now, has_lease(&csr)) {
+            return Err(IdentityError::Alive(format!(
+                "node {csr} is alive ({why}): a bootstrap token cannot take over a live node. \
+                 If this machine really is {csr} and lost its key, run `twillctl certs revoke {csr}` \
+                 first (or wait until its lease and certificates expire)"
+            )));
+        }
         record.uses += 1;
         record.last_used_unix = now;
-        let issued = self.issue(&signer, csr_pem, None, id).await?;
+        let issued = self.issue(&mut state, &signer, csr_pem, None, id).await?;
         self.put_token(&record).await?;
         self.store.flush().await?;
         Ok(issued)
     }
 
-    /// Signs a new certificate for `node`, which presented a valid one (rotation).
+    /// Why node `name` counts as alive, if it does: a live lease, or a certificate
+    /// issued here that has not expired and was not revoked.
+    fn alive(&self, state: &State, name: &str, now: i64, has_lease: bool) -> Option<String> {
+        if has_lease {
+            return Some("it holds a live lease".into());
+        }
+        let revoked_at = self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied();
+        let live = state.certs.get(name)?.iter().find(|c| {
+            c.not_after_unix > now && revoked_at.is_none_or(|at| c.not_before_unix > at)
+        })?;
+        Some(format!(
+            "a certificate issued to it is valid until {}",
+            humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + Duration::from_secs(live.not_after_unix.max(0) as u64)
+            )
+        ))
+    }
+
+    /// Signs a new certificate for `node`, which presented the certificate `current`
+    /// (rotation). Checked again under the lock: a revocation made since the call was
+    /// admitted refuses it.
     pub async fn renew(
         &self,
-        node: &str,
+        current: &twill_common::tls::Identity,
         csr_pem: &str,
     ) -> Result<BootstrapResponse, IdentityError> {
         let signer = self.signer()?;
-        let _guard = self.lock.lock().await;
-        let issued = self.issue(&signer, csr_pem, Some(node), "").await?;
+        let node = current.name.as_str();
+        if self.renewals.check(node).is_err() {
+            return Err(IdentityError::RateLimited(format!(
+                "node {node} renews its certificate faster than {RENEW_BURST} times at once or \
+                 {RENEWS_PER_HOUR} an hour; retry later"
+            )));
+        }
+        let mut state = self.lock.lock().await;
+        if let Some(why) = self.refused(current) {
+            return Err(IdentityError::Revoked(why));
+        }
+        let issued = self
+            .issue(&mut state, &signer, csr_pem, Some(node), "")
+            .await?;
         self.store.flush().await?;
         self.metrics.certs_renewed.inc();
         Ok(issued)
@@ -545,6 +802,7 @@ impl Identity {
     /// Signs `csr_pem` (for `node` only, when given) and records it; not flushed.
     async fn issue(
         &self,
+        state: &mut State,
         signer: &Signer,
         csr_pem: &str,
         node: Option<&str>,
@@ -559,14 +817,23 @@ impl Identity {
                 ),
             });
         }
-        let signed = signer.ca.sign_node_csr(csr_pem, self.validity_for(&cn))?;
+        let validity = self.validity_for(&cn);
+        let signed = signer.ca.sign_node_csr(csr_pem, validity)?;
         let now = now_unix();
+        let key_sha256 = twill_common::tls::Identity::from_der(
+            &rustls::pki_types::CertificateDer::from_pem_slice(signed.cert_pem.as_bytes())
+                .map_err(|e| IdentityError::Invalid(format!("the signed certificate: {e}")))?,
+        )
+        .map(|id| twill_common::hex(&id.key_sha256))
+        .map_err(|e| IdentityError::Invalid(format!("the signed certificate: {e}")))?;
         let issued = IssuedRecord {
             node_name: signed.node.clone(),
             serial: signed.serial.clone(),
             issued_at_unix: now,
             not_after_unix: unix(signed.not_after),
             token_id: token_id.to_string(),
+            key_sha256,
+            not_before_unix: unix(validity.not_before),
         };
         let value =
             serde_json::to_vec(&issued).map_err(|e| IdentityError::Invalid(e.to_string()))?;
@@ -577,30 +844,93 @@ impl Identity {
         self.store
             .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)
             .await?;
+        let certs = state.certs.entry(issued.node_name.clone()).or_default();
+        certs.retain(|c| c.not_after_unix > now);
+        certs.push(LiveCert {
+            not_before_unix: issued.not_before_unix,
+            not_after_unix: issued.not_after_unix,
+        });
         self.metrics.certs_issued.inc();
         info!(node = %issued.node_name, serial = %issued.serial, token_id = %token_id, not_after_unix = issued.not_after_unix, renewal = node.is_some(), "node certificate issued");
+        if now - state.pruned_at >= PRUNE_EVERY_SECS {
+            state.pruned_at = now;
+            self.prune(now).await?;
+        }
         Ok(BootstrapResponse {
             certificate_chain_pem: format!("{}{}", signed.cert_pem, signer.chain),
             not_after_unix: issued.not_after_unix,
         })
     }
 
-    /// Every certificate issued, oldest first.
-    pub async fn issued(&self) -> Result<Vec<IssuedCertificate>, IdentityError> {
-        Ok(self
-            .store
-            .records(ISSUED_KIND)
-            .await?
+    /// Deletes the issued records whose certificates expired more than `ISSUED_GRACE`
+    /// ago; returns how many.
+    async fn prune(&self, now: i64) -> Result<usize, IdentityError> {
+        let cutoff = now - ISSUED_GRACE.as_secs() as i64;
+        let mut pruned = 0;
+        for (key, v) in self.store.records(ISSUED_KIND).await? {
+            let expired = serde_json::from_slice::<IssuedRecord>(&v)
+                .map_or(true, |r| r.not_after_unix < cutoff);
+            if expired && self.store.delete_record(ISSUED_KIND, &key).await? {
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            info!(
+                pruned,
+                "pruned the records of certificates that expired over a day ago"
+            );
+        }
+        Ok(pruned)
+    }
+
+    /// Issued certificates, oldest first: up to `page_size` (0: 1,000; at most 10,000)
+    /// after the record `page_token`, and the token of the next page (empty: none).
+    /// Records expired beyond the grace period are pruned first.
+    pub async fn issued(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<IssuedCertificate>, String), IdentityError> {
+        let limit = match page_size {
+            0 => 1000,
+            n => n.min(10_000),
+        } as usize;
+        {
+            let mut state = self.lock.lock().await;
+            let now = now_unix();
+            if now - state.pruned_at >= PRUNE_EVERY_SECS {
+                state.pruned_at = now;
+                self.prune(now).await?;
+                self.store.flush().await?;
+            }
+        }
+        let records = self.store.records(ISSUED_KIND).await?;
+        let mut page: Vec<(String, IssuedCertificate)> = records
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice::<IssuedRecord>(&v).ok())
-            .map(|r| IssuedCertificate {
-                node_name: r.node_name,
-                serial: r.serial,
-                issued_at_unix: r.issued_at_unix,
-                not_after_unix: r.not_after_unix,
-                token_id: r.token_id,
+            .filter(|(key, _)| page_token.is_empty() || key.as_str() > page_token)
+            .filter_map(|(key, v)| Some((key, serde_json::from_slice::<IssuedRecord>(&v).ok()?)))
+            .take(limit + 1)
+            .map(|(key, r)| {
+                (
+                    key,
+                    IssuedCertificate {
+                        node_name: r.node_name,
+                        serial: r.serial,
+                        issued_at_unix: r.issued_at_unix,
+                        not_after_unix: r.not_after_unix,
+                        token_id: r.token_id,
+                        key_sha256: r.key_sha256,
+                    },
+                )
             })
-            .collect())
+            .collect();
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|(k, _)| k.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((page.into_iter().map(|(_, c)| c).collect(), next))
     }
 }
 

@@ -15,7 +15,8 @@ use twill_common::{netconf::BackendType, tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
 use twill_server::events::{Hub, HISTORY_LEN};
-use twill_server::grpc::identity::IdentityApi;
+use twill_server::grpc::auth::{AuthLayer, Gate};
+use twill_server::grpc::identity::{IdentityApi, MAX_REQUEST_BYTES as IDENTITY_MAX_REQUEST_BYTES};
 use twill_server::grpc::{
     admin::AdminApi, agent::AgentApi, agent::AgentRouter, limit::NodeLimiter,
 };
@@ -27,6 +28,9 @@ use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
 use twill_server::store::{EtcdStore, SledStore, Snapshot, Store};
 use twill_server::tls::{ReloadingTls, TlsFiles};
+
+/// Largest admin request: a reservation or a token's names are a few hundred bytes.
+const ADMIN_MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// The Twill controller: hands every node a pod subnet (a lease), stores leases
 /// durably and streams them to every agent over gRPC with mutual TLS.
@@ -251,7 +255,9 @@ async fn run(args: Args) -> Result<()> {
     let closing_hub = hub.clone();
     let agents = Arc::new(Agents::default());
     let identity = Arc::new(
-        NodeIdentity::new(store.clone(), signer, args.node_cert_ttl, metrics.clone()).await,
+        NodeIdentity::new(store.clone(), signer, args.node_cert_ttl, metrics.clone())
+            .await
+            .context("cannot read the revocations and issued certificates from the store")?,
     );
     if let (Some(cert), Some(key)) = (&args.signing_cert, &args.signing_key) {
         identity.watch_signer(cert.clone(), key.clone(), args.tls_client_ca.clone());
@@ -317,10 +323,20 @@ async fn run(args: Args) -> Result<()> {
     // are re-read when their files change, and a client certificate is optional at the
     // handshake (a new node may only call IdentityService.Bootstrap without one).
     tls.watch();
+    {
+        let (revocations, identity) = (identity.revocations(), identity.clone());
+        tls.enforce(move |id| identity.refused(id), revocations);
+    }
     let incoming = tls.incoming(listener);
+    let gate = Gate {
+        identity: identity.clone(),
+        tls: tls.clone(),
+        replica: replica.clone(),
+        metrics: metrics.clone(),
+    };
     let conf = Arc::new(conf);
     let sources = twill_server::grpc::watch::Sources {
-        hub,
+        hub: hub.clone(),
         metrics: metrics.clone(),
         agents,
         identity: identity.clone(),
@@ -328,6 +344,8 @@ async fn run(args: Args) -> Result<()> {
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost first: every call is authorized before it is forwarded or served.
+        .layer(AuthLayer::new(gate))
         .layer(ForwardLayer::new(replica.clone()))
         .add_service(AgentRouter::new(AgentApi {
             conf: conf.clone(),
@@ -335,17 +353,25 @@ async fn run(args: Args) -> Result<()> {
             watch: sources.clone(),
             limiter: NodeLimiter::default(),
         }))
-        .add_service(IdentityServiceServer::new(IdentityApi::new(
-            identity.clone(),
-            metrics.clone(),
-        )))
-        .add_service(AdminServiceServer::new(AdminApi {
-            conf,
-            leases,
-            watch: sources,
-            store: store_for_admin,
-            replica,
-        }));
+        .add_service(
+            IdentityServiceServer::new(IdentityApi::new(
+                identity.clone(),
+                metrics.clone(),
+                hub,
+                leases.clone(),
+            ))
+            .max_decoding_message_size(IDENTITY_MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            AdminServiceServer::new(AdminApi {
+                conf,
+                leases,
+                watch: sources,
+                store: store_for_admin,
+                replica,
+            })
+            .max_decoding_message_size(ADMIN_MAX_REQUEST_BYTES),
+        );
     info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");
     http_state.ready.store(true, Ordering::Relaxed);
     server

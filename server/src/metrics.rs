@@ -77,12 +77,21 @@ pub enum Refusal {
     NoSigner,
     /// Too many failed token attempts from the caller's address (`rate_limited`).
     RateLimited,
+    /// Bootstrap of a node name that is alive: it holds a live lease or an unexpired,
+    /// unrevoked certificate (`name_alive`).
+    NameAlive,
+    /// Bootstrap of a name the token is not bound to (`token_not_for_name`).
+    TokenNotForName,
+    /// Bootstrap with a token whose uses are spent (`token_used_up`).
+    TokenUsedUp,
+    /// Renewals faster than a node may make them (`renew_rate_limited`).
+    RenewRateLimited,
 }
 
 impl Refusal {
     /// Every reason, so that each is exported (at zero) before it first happens and a
     /// rate over it has a starting point.
-    const ALL: [Refusal; 13] = [
+    const ALL: [Refusal; 17] = [
         Refusal::Token(TokenFault::Malformed),
         Refusal::Token(TokenFault::Unknown),
         Refusal::Token(TokenFault::Expired),
@@ -96,6 +105,10 @@ impl Refusal {
         Refusal::Revoked,
         Refusal::NoSigner,
         Refusal::RateLimited,
+        Refusal::NameAlive,
+        Refusal::TokenNotForName,
+        Refusal::TokenUsedUp,
+        Refusal::RenewRateLimited,
     ];
 
     /// The label value.
@@ -114,6 +127,10 @@ impl Refusal {
             Refusal::Revoked => "revoked",
             Refusal::NoSigner => "no_signer",
             Refusal::RateLimited => "rate_limited",
+            Refusal::NameAlive => "name_alive",
+            Refusal::TokenNotForName => "token_not_for_name",
+            Refusal::TokenUsedUp => "token_used_up",
+            Refusal::RenewRateLimited => "renew_rate_limited",
         }
     }
 }

@@ -2,11 +2,28 @@
 //! certificates must chain to, both re-read when their files change (cert-manager and
 //! the kubelet rewrite mounted Secrets in place), so renewing them needs no restart.
 //! Client certificates are optional at the handshake: a node without one may only
-//! call IdentityService.Bootstrap (the services refuse everything else).
+//! call IdentityService.Bootstrap (`grpc::auth` refuses everything else).
+//!
+//! The client certificate is read once per connection, here (`Peer`, which tonic puts
+//! in every request of the connection), never per call. Every live connection is
+//! registered, so that one whose certificate stops being valid (the client CA replaced,
+//! the certificate revoked or expired) is closed instead of serving until the client
+//! hangs up; connections without a certificate are capped in number and closed when
+//! idle.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+use twill_common::tls::Identity as CertIdentity;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -24,6 +41,18 @@ use tracing::{info, warn};
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections without a client certificate open at once, at most: they can only
+/// bootstrap, which takes one call.
+pub const MAX_ANONYMOUS: usize = 256;
+/// A connection without a client certificate is closed after this long without a byte
+/// from its client.
+pub const ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
+/// How long after a revocation its connections are closed: long enough for the open
+/// calls and watches to be refused with the reason.
+const REVOKED_GRACE: Duration = Duration::from_secs(1);
+/// How often every connection's certificate is checked for expiry (revocations and a
+/// replaced client CA are acted on at once).
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +227,9 @@ pub struct ReloadingTls {
     resolver: Arc<Resolver>,
     verifier: Arc<Verifier>,
     acceptor: TlsAcceptor,
+    connections: Arc<Connections>,
+    /// Moves when the client CA is replaced.
+    ca_changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -223,7 +255,70 @@ impl ReloadingTls {
             resolver,
             verifier,
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            connections: Arc::default(),
+            ca_changed: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Whether `chain` (a leaf, then intermediates) verifies against the client CA in
+    /// force now, as at a handshake: how the leader checks a certificate a replica
+    /// forwarded, and how open connections are re-checked when the CA is replaced.
+    pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "no certificate".to_string())?;
+        self.verifier
+            .current()
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Closes every open connection whose client certificate is no longer valid: it
+    /// does not verify against the client CA in force, has expired, or `refused` (the
+    /// revocations) names a reason. Runs until the process ends: at once when the CA
+    /// changes or `revocations` moves, and every few seconds for expiries.
+    pub fn enforce(
+        self: &Arc<Self>,
+        refused: impl Fn(&CertIdentity) -> Option<String> + Send + Sync + 'static,
+        mut revocations: tokio::sync::watch::Receiver<u64>,
+    ) {
+        let tls = self.clone();
+        let mut ca = self.ca_changed.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_CHECK_EVERY);
+            loop {
+                let reverify = tokio::select! {
+                    _ = tick.tick() => false,
+                    r = revocations.changed() => {
+                        if r.is_err() { return; }
+                        // The calls and watches of a revoked certificate are refused
+                        // with the reason first (PERMISSION_DENIED); the connection
+                        // closes a moment later.
+                        tokio::time::sleep(REVOKED_GRACE).await;
+                        false
+                    }
+                    r = ca.changed() => {
+                        if r.is_err() { return; }
+                        true
+                    }
+                };
+                let now = twill_common::now_unix();
+                tls.connections.close_where(|id, chain| {
+                    if id.expired(now) {
+                        return Some("the client certificate expired".to_string());
+                    }
+                    if reverify {
+                        if let Err(e) = tls.verify_client(chain) {
+                            return Some(format!(
+                                "the client certificate no longer verifies against --tls-client-ca: {e}"
+                            ));
+                        }
+                    }
+                    refused(id)
+                });
+            }
+        });
     }
 
     /// Re-reads the files whenever one changes, for as long as the process runs. A file
@@ -250,7 +345,10 @@ impl ReloadingTls {
                     }
                 }
                 match client_verifier(&tls.files.client_ca) {
-                    Ok(v) => *tls.verifier.0.write().unwrap_or_else(|p| p.into_inner()) = v,
+                    Ok(v) => {
+                        *tls.verifier.0.write().unwrap_or_else(|p| p.into_inner()) = v;
+                        tls.ca_changed.send_modify(|n| *n += 1);
+                    }
                     Err(e) => warn!(error = %e, "client CA not reloaded; keeping the one in force"),
                 }
                 info!(cert = %tls.files.cert.display(), client_ca = %tls.files.client_ca.display(), "TLS files changed; new connections use them");
@@ -263,7 +361,7 @@ impl ReloadingTls {
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<Conn, std::io::Error>> {
         let (tx, rx) = tokio::sync::mpsc::channel(128);
         let tls = self.clone();
         tokio::spawn(async move {
@@ -281,10 +379,13 @@ impl ReloadingTls {
                     return;
                 }
                 let (acceptor, out) = (tls.acceptor.clone(), tx.clone());
+                let connections = tls.connections.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let _ = out.send(Ok(stream)).await;
+                            if let Some(conn) = connections.admit(stream, peer) {
+                                let _ = out.send(Ok(conn)).await;
+                            }
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -295,5 +396,261 @@ impl ReloadingTls {
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// Who is at the other end of a connection: read once, when it opened.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client certificate's identity; `None` for a connection without one.
+    pub identity: Option<Arc<CertIdentity>>,
+    /// The certificates the client presented, leaf first (what a replica forwards).
+    pub chain: Arc<Vec<CertificateDer<'static>>>,
+    /// The client's address.
+    pub remote: SocketAddr,
+}
+
+/// What the registry and a connection share.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Set to close the connection: its next read or write fails.
+    closed: AtomicBool,
+    waker: AtomicWaker,
+    /// Milliseconds since `Connections::epoch` of the last byte read.
+    last_read_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Every open connection with a client certificate, and the count of those without.
+#[derive(Debug)]
+struct Connections {
+    epoch: Instant,
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Registered>>,
+    anonymous: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Registered {
+    peer: Peer,
+    state: Weak<ConnState>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            live: Mutex::default(),
+            anonymous: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Connections {
+    /// A connection whose handshake completed, ready for the gRPC server; `None` when
+    /// it is refused (too many without a certificate, or a certificate that does not
+    /// parse).
+    fn admit(self: &Arc<Self>, stream: TlsStream<TcpStream>, remote: SocketAddr) -> Option<Conn> {
+        let chain: Vec<CertificateDer<'static>> = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let identity = match chain
+            .first()
+            .map(|leaf| CertIdentity::from_der(leaf.as_ref()))
+        {
+            None => None,
+            Some(Ok(id)) => Some(Arc::new(id)),
+            Some(Err(e)) => {
+                warn!(peer = %remote, error = %e, "refused a connection: its client certificate cannot be read");
+                return None;
+            }
+        };
+        let state = Arc::new(ConnState::default());
+        let anonymous = identity.is_none();
+        if anonymous {
+            if self.anonymous.fetch_add(1, Ordering::AcqRel) >= MAX_ANONYMOUS {
+                self.anonymous.fetch_sub(1, Ordering::AcqRel);
+                warn!(peer = %remote, limit = MAX_ANONYMOUS, "refused a connection without a client certificate: too many are open");
+                return None;
+            }
+            self.close_when_idle(&state);
+        }
+        let peer = Peer {
+            identity,
+            chain: Arc::new(chain),
+            remote,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if !anonymous {
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                id,
+                Registered {
+                    peer: peer.clone(),
+                    state: Arc::downgrade(&state),
+                },
+            );
+        }
+        Some(Conn {
+            inner: stream,
+            peer,
+            state,
+            registry: self.clone(),
+            id,
+            anonymous,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Closes an anonymous connection once it has read nothing for `ANONYMOUS_IDLE`.
+    fn close_when_idle(self: &Arc<Self>, state: &Arc<ConnState>) {
+        state.last_read_ms.store(self.now_ms(), Ordering::Relaxed);
+        let (state, registry) = (Arc::downgrade(state), Arc::downgrade(self));
+        tokio::spawn(async move {
+            let mut wait = ANONYMOUS_IDLE;
+            loop {
+                tokio::time::sleep(wait).await;
+                let (Some(state), Some(registry)) = (state.upgrade(), registry.upgrade()) else {
+                    return;
+                };
+                let idle = registry
+                    .now_ms()
+                    .saturating_sub(state.last_read_ms.load(Ordering::Relaxed));
+                let limit = ANONYMOUS_IDLE.as_millis() as u64;
+                if idle >= limit {
+                    tracing::debug!("closing an idle connection without a client certificate");
+                    state.close();
+                    return;
+                }
+                wait = Duration::from_millis(limit - idle);
+            }
+        });
+    }
+
+    /// Closes every registered connection for which `why` gives a reason.
+    fn close_where(
+        &self,
+        why: impl Fn(&CertIdentity, &[CertificateDer<'static>]) -> Option<String>,
+    ) {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for r in live.values() {
+            let Some(id) = &r.peer.identity else { continue };
+            if let (Some(reason), Some(state)) = (why(id, &r.peer.chain), r.state.upgrade()) {
+                if !state.closed.load(Ordering::Acquire) {
+                    info!(peer = %r.peer.remote, name = %id.name, reason = %reason, "closing a connection whose certificate is no longer valid");
+                    state.close();
+                }
+            }
+        }
+    }
+}
+
+/// A TLS connection the gRPC server serves; see `Peer`.
+pub struct Conn {
+    inner: TlsStream<TcpStream>,
+    peer: Peer,
+    state: Arc<ConnState>,
+    registry: Arc<Connections>,
+    id: u64,
+    anonymous: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.anonymous {
+            self.registry.anonymous.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.registry
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.id);
+        }
+    }
+}
+
+fn closed_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "closed by the controller: the client certificate is no longer valid, or the connection was idle",
+    )
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.state.waker.register(cx.waker());
+        if this.state.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.anonymous && buf.filled().len() > before {
+            this.state
+                .last_read_ms
+                .store(this.registry.now_ms(), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.state.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.state.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(closed_error()));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -64,6 +64,7 @@ async fn token(admin: &mut AdminServiceClient<tonic::transport::Channel>, ttl: u
         .create_token(CreateTokenRequest {
             ttl_seconds: ttl,
             description: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,7 +211,7 @@ async fn a_node_with_only_the_ca_and_a_token_gets_a_certificate_it_can_use() {
     ctl.restart();
     let mut admin = ctl.admin(&pki).await;
     let issued = admin
-        .list_issued_certificates(ListIssuedCertificatesRequest {})
+        .list_issued_certificates(ListIssuedCertificatesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -337,7 +338,7 @@ async fn bad_tokens_and_requests_are_refused_clearly_and_issue_nothing() {
     );
 
     let issued = admin
-        .list_issued_certificates(ListIssuedCertificatesRequest {})
+        .list_issued_certificates(ListIssuedCertificatesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -488,6 +489,7 @@ async fn rotation_needs_the_current_certificate_and_revocation_cuts_one_node_off
     admin
         .revoke_node_certificates(RevokeNodeCertificatesRequest {
             node_name: "node-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -719,7 +719,7 @@ fn agent_daemonset_meets_the_contract() {
         "/run/flannel",
         "/etc/cni/net.d",
         "/opt/cni/bin",
-        "/var/lib/twill/pki",
+        "/var/lib/twill",
     ] {
         assert!(host_paths.contains(p), "hostPath {p} is mounted");
     }
@@ -750,9 +750,11 @@ fn agent_daemonset_meets_the_contract() {
             "{var}={file}: the agent writes it (volume {vol})"
         );
         let host = &volume(pod, &vol)["hostPath"];
+        // The parent of the key directory: the agent makes pki/ itself, 0700, and
+        // refuses one others can read (kubelet would make it 0755).
         assert_eq!(
             host["path"].as_str(),
-            Some("/var/lib/twill/pki"),
+            Some("/var/lib/twill"),
             "{var}={file}: on the node"
         );
         assert_eq!(

@@ -64,6 +64,7 @@ async fn a_replaced_serving_certificate_is_used_without_a_restart() {
     let fresh = pki.issue(Role::Controller {
         dns: vec!["localhost".into()],
         ips: vec!["127.0.0.1".parse().unwrap()],
+        replica: false,
     });
     for (name, text) in [
         ("controller.key", &fresh.key_pem),

@@ -170,7 +170,7 @@ impl HaOverlay {
             ov.lab().dump();
             LabError::Failed(e)
         };
-        if let Err(e) = ov.make_certs(&ips) {
+        if let Err(e) = ov.make_certs(&ips, true) {
             return Err(failed(&ov, e));
         }
         let refs: Vec<&str> = ctl_hosts.iter().map(String::as_str).collect();

@@ -231,7 +231,7 @@ impl Overlay {
     }
 
     fn bring_up(&self, cfg: &OverlayConfig) -> Result<()> {
-        self.make_certs(&[self.lab.host(CONTROLLER_HOST).addr()])?;
+        self.make_certs(&[self.lab.host(CONTROLLER_HOST).addr()], false)?;
         let ctl = self.lab.host(CONTROLLER_HOST);
         let net_conf = ctl.dir.join("net-conf.json");
         std::fs::write(&net_conf, &cfg.net_conf)
@@ -295,11 +295,15 @@ impl Overlay {
         Ok(())
     }
 
-    /// The CA, one controller certificate naming every address in `controller_ips`,
-    /// node certificates (unless bootstrapping) and the admin certificate.
-    pub(crate) fn make_certs(&self, controller_ips: &[IpAddr]) -> Result<()> {
+    /// The CA, one controller certificate naming every address in `controller_ips`
+    /// (with `replica`, for replicas on etcd: `--replica`, clientAuth too), node
+    /// certificates (unless bootstrapping) and the admin certificate.
+    pub(crate) fn make_certs(&self, controller_ips: &[IpAddr], replica: bool) -> Result<()> {
         self.twillctl_certs(&["init"])?;
         let mut issue = vec!["issue".to_string(), "controller".into()];
+        if replica {
+            issue.push("--replica".into());
+        }
         for ip in controller_ips {
             issue.extend(["--ip".into(), ip.to_string()]);
         }

@@ -77,8 +77,8 @@ pub struct Pem {
 }
 
 /// The test PKI: files from `twillctl certs` in [`Pki::dir`] (`ca.crt`, `ca.key`,
-/// `controller.crt/.key` with O=twill:controllers, `admin-ha-admin.crt/.key`), and node
-/// certificates issued in-process by the same CA.
+/// `controller.crt/.key` with O=twill:controllers and clientAuth, from `--replica`,
+/// `admin-ha-admin.crt/.key`), and node certificates issued in-process by the same CA.
 pub struct Pki {
     dir: PathBuf,
     ca: Ca,
@@ -88,8 +88,8 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Makes the CA, the controller certificate (IP 127.0.0.1, DNS localhost) and the
-    /// admin certificate in `dir` with `twillctl certs`.
+    /// Makes the CA, the controller certificate for the replicas (`--replica`, IP
+    /// 127.0.0.1, DNS localhost) and the admin certificate in `dir` with `twillctl certs`.
     pub fn create(bins: &Bins, dir: &Path) -> Result<Pki> {
         let ctl = bins.twillctl().display().to_string();
         let d = dir.display().to_string();
@@ -99,6 +99,7 @@ impl Pki {
             "certs",
             "issue",
             "controller",
+            "--replica",
             "--dir",
             &d,
             "--ip",

@@ -165,7 +165,7 @@ fn node_channels(pki: &Pki, set: &ReplicaSet, name: &str) -> Result<Vec<Channel>
 /// What became of one Acquire.
 #[derive(Debug, Clone)]
 enum Answer {
-    Granted(Lease),
+    Granted(Box<Lease>),
     Refused(Code, String),
     Unanswered,
 }
@@ -199,7 +199,7 @@ async fn acquire(ch: &Channel, n: &Node, ip: &str, requested: &str) -> Answer {
     .await
     {
         Ok(Ok(r)) => match r.into_inner().lease {
-            Some(l) => Answer::Granted(l),
+            Some(l) => Answer::Granted(Box::new(l)),
             None => Answer::Refused(Code::Internal, "an answer without a lease".into()),
         },
         Ok(Err(s)) => Answer::Refused(s.code(), s.message().to_string()),
@@ -249,7 +249,7 @@ async fn acquire_retrying(
         let via = (first + failed as usize) % chans.len();
         let a = acquire(&chans[via], n, ip, "").await;
         match a {
-            Answer::Granted(l) => return Ok((l, failed)),
+            Answer::Granted(l) => return Ok((*l, failed)),
             ref a if retriable(a) => {
                 tally.refused(a);
                 failed += 1;

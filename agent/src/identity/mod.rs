@@ -8,22 +8,27 @@
 //!    unreadable, the certificate does not parse, is expired or not yet valid, is not a
 //!    node certificate for this node (`CN=<node>, O=twill:nodes`), or the key does not
 //!    belong to it.
-//! 2. [`bootstrap`]: a fresh ECDSA P-256 key is written to `--tls-key` (mode 0600,
-//!    atomically; its directory is made with mode 0700 when missing), a CSR for
+//! 2. [`bootstrap`]: the key's directory must be private to the agent's user
+//!    ([`check_key_dir`]: not a symlink, owned by the effective uid, mode 0700 or
+//!    stricter; made with mode 0700 when missing). A fresh ECDSA P-256 key is staged
+//!    beside `--tls-key` ([`install::Staged`], mode 0600), a CSR for
 //!    `CN=<node>, O=twill:nodes` is sent with the token over TLS that verifies the
 //!    controller with `--tls-ca` and presents no client certificate, and the returned
-//!    chain is checked (this node, this key) and written to `--tls-cert` (mode 0644,
-//!    atomically). Refusals and an unreachable controller are retried with the
-//!    capped [`Backoff`]; the token file is read again before every retry, so a
-//!    corrected token is picked up without a restart (a file that cannot be read
+//!    chain is checked (this node, this key). Only then do the new certificate
+//!    (mode 0644) and key replace the old pair, which a refusal, a wrong answer or an
+//!    abandoned attempt leave untouched (a certificate that looks unusable may be one
+//!    the clock is wrong about). Refusals and an unreachable controller are retried
+//!    with the capped [`Backoff`]; the token file is read again before every retry,
+//!    so a corrected token is picked up without a restart (a file that cannot be read
 //!    then, e.g. half rewritten, leaves the token read before in use).
 //!
 //! The private key never leaves the node and is never logged; of the token only its
 //! public id (the part before the dot) is. Replacing the certificate before it
-//! expires, and picking up rewritten files, is [`rotation`]'s.
+//! expires, and picking up rewritten files, is [`rotation`]'s; how a new pair
+//! replaces the old one, crash-safely, is [`install`]'s.
 
 use std::fs::DirBuilder;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -41,6 +46,7 @@ use x509_parser::prelude::*;
 
 use crate::client::{self, Backoff};
 
+pub mod install;
 pub mod rotation;
 
 /// Mode of the private key file.
@@ -267,6 +273,112 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
     DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes sure the directory of `key` (`--tls-key`) may hold the node's private key,
+/// creating it (and missing parents) with [`KEY_DIR_MODE`] when missing: it must not
+/// be a symlink, must be owned by the user the agent runs as (its effective uid: root
+/// in production) and must give group and others no access at all (no bit of
+/// `0o077`). An existing key file must be a regular file, owned by that user and
+/// unreadable by group and others too. The error names the path, what is wrong and
+/// the command that fixes it. Used before every key is written and before staged
+/// files are moved into place.
+pub fn check_key_dir(key: &Path) -> Result<()> {
+    let dir = parent_dir(key);
+    if let Err(e) = std::fs::symlink_metadata(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e)
+                .with_context(|| format!("cannot stat the --tls-key directory {}", dir.display()));
+        }
+        ensure_dir(dir, KEY_DIR_MODE)
+            .with_context(|| format!("cannot create the --tls-key directory {}", dir.display()))?;
+    }
+    let euid = effective_uid()?;
+    check_private(dir, Private::KeyDir, euid)?;
+    match std::fs::symlink_metadata(key) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => check_private(key, Private::KeyFile, euid),
+    }
+}
+
+/// What [`check_private`] looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Private {
+    /// The directory holding `--tls-key`.
+    KeyDir,
+    /// `--tls-key`, or a new key staged beside it.
+    KeyFile,
+}
+
+/// Fails unless `path` is private to the user `euid`: not a symlink, of the expected
+/// kind, owned by `euid`, and without any permission bit for group or others.
+fn check_private(path: &Path, what: Private, euid: u32) -> Result<()> {
+    let (name, want_mode) = match what {
+        Private::KeyDir => ("the --tls-key directory", KEY_DIR_MODE),
+        Private::KeyFile => ("the key file", KEY_MODE),
+    };
+    let shown = path.display();
+    let meta =
+        std::fs::symlink_metadata(path).with_context(|| format!("cannot stat {name} {shown}"))?;
+    if meta.file_type().is_symlink() {
+        let to = std::fs::read_link(path)
+            .map(|t| format!(" (to {})", t.display()))
+            .unwrap_or_default();
+        bail!(
+            "refusing {name} {shown}: it is a symlink{to}, and the node's private key is kept only where this agent's user alone controls it; replace the link with the real {} or point --tls-key at the real path",
+            if what == Private::KeyDir { "directory" } else { "file" }
+        );
+    }
+    match what {
+        Private::KeyDir if !meta.is_dir() => {
+            bail!("refusing {name} {shown}: it is not a directory")
+        }
+        Private::KeyFile if !meta.is_file() => {
+            bail!("refusing {name} {shown}: it is not a regular file")
+        }
+        _ => {}
+    }
+    let user = if euid == 0 {
+        "root".to_string()
+    } else {
+        euid.to_string()
+    };
+    if meta.uid() != euid {
+        bail!(
+            "refusing {name} {shown}: it is owned by uid {}, not by {user} (uid {euid}) whom this agent runs as, so another user controls the node's private key; fix with `chown {user} {shown}`",
+            meta.uid()
+        );
+    }
+    let mode = mode_bits(&meta);
+    if mode & 0o077 != 0 {
+        bail!(
+            "refusing {name} {shown}: its mode {mode:04o} gives group or others access to the node's private key; fix with `chmod {want_mode:04o} {shown}`{}",
+            if what == Private::KeyFile { " (or remove it to have a new key made)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// The effective uid of this process. `std` has no `geteuid` and the agent forbids
+/// `unsafe` (no libc call), so it is read where Linux publishes it: the second field
+/// of `Uid:` in `/proc/self/status` (real, effective, saved, filesystem).
+fn effective_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .context("cannot read /proc/self/status to learn which user this agent runs as")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("/proc/self/status has no effective uid")
+}
+
 pub use twill_common::fs::write_atomic;
 
 /// Checks what the controller returned: a PEM chain whose first certificate is for
@@ -324,12 +436,16 @@ pub enum Outcome {
 
 /// Makes sure `--tls-cert`/`--tls-key` are usable, getting a new certificate from the
 /// controller when they are not (see the module documentation). Returns only once
-/// they are, or with an error retrying cannot fix (a token or CA file unreadable at
-/// the start, a key that cannot be written, a certificate that is not for this node's
-/// key).
-/// Cancel-safe: dropped while it waits, it leaves at worst a new key without a
-/// certificate, which the next start replaces.
+/// they are, or with an error retrying cannot fix (a key directory that is not
+/// private, a token or CA file unreadable at the start, a key that cannot be written,
+/// a certificate that is not for this node's key). On every error the old key and
+/// certificate are as they were.
+/// Cancel-safe: dropped while it waits, it removes the key it staged and leaves the
+/// old pair untouched (a crash leaves the staged key, which the next start removes).
 pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
+    check_key_dir(cfg.key)?;
+    install::finish_install(cfg.cert, cfg.key)
+        .context("cannot finish the node key and certificate installation a restart interrupted")?;
     let why = match check_certificate(cfg.cert, cfg.key, cfg.node, now_unix()) {
         CertCheck::Usable(info) => {
             info!(node = %cfg.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate present; not bootstrapping");
@@ -349,32 +465,17 @@ pub async fn bootstrap(cfg: &Bootstrap<'_>) -> Result<Outcome> {
     ensure!(!channels.is_empty(), "no controller URL given");
     let mut at = client::first_pick(channels.len());
 
-    let key = generate_key()?;
-    if let Some(dir) = cfg.key.parent() {
-        ensure_dir(dir, KEY_DIR_MODE)
-            .with_context(|| format!("cannot create the --tls-key directory {}", dir.display()))?;
-    }
-    write_atomic(cfg.key, key.serialize_pem().as_bytes(), KEY_MODE)
-        .with_context(|| format!("cannot write --tls-key {}", cfg.key.display()))?;
-    let csr = csr_pem(cfg.node, &key)?;
+    // The old pair stays in place until the new certificate is in hand: dropping
+    // `staged` (an error, a cancelled bootstrap) removes the new key.
+    let staged = install::Staged::new(cfg.cert, cfg.key)?;
+    let csr = csr_pem(cfg.node, staged.key())?;
 
     let mut backoff = Backoff::new(cfg.backoff_cap);
     let mut token = token;
     loop {
         match call(&channels[at], &token, &csr, cfg.call_timeout).await {
             Ok(resp) => {
-                let info = check_issued(&resp.certificate_chain_pem, cfg.node, &key)?;
-                if let Some(dir) = cfg.cert.parent() {
-                    ensure_dir(dir, CERT_DIR_MODE).with_context(|| {
-                        format!("cannot create the --tls-cert directory {}", dir.display())
-                    })?;
-                }
-                write_atomic(cfg.cert, resp.certificate_chain_pem.as_bytes(), CERT_MODE)
-                    .with_context(|| format!("cannot write --tls-cert {}", cfg.cert.display()))?;
-                let now = now_unix();
-                if now < info.not_before || now > info.not_after {
-                    warn!(node = %cfg.node, not_before = %rfc3339(info.not_before), not_after = %info.not_after_rfc3339(), "the issued certificate is not valid by this node's clock; is the clock right?");
-                }
+                let info = staged.install(&resp.certificate_chain_pem, cfg.node)?;
                 info!(node = %cfg.node, not_after = %info.not_after_rfc3339(), serial = %info.serial, token_id = %token.id(), cert = %cfg.cert.display(), key = %cfg.key.display(), "node certificate issued");
                 return Ok(Outcome::Issued(info));
             }
@@ -486,13 +587,16 @@ fn rfc3339(unix: i64) -> String {
     }
 }
 
+/// The permission bits of a file (with setuid, setgid and sticky).
+fn mode_bits(meta: &std::fs::Metadata) -> u32 {
+    meta.permissions().mode() & 0o7777
+}
+
 /// Fails unless `path` is `mode` exactly (for tests and checks).
 pub fn check_mode(path: &Path, mode: u32) -> Result<()> {
-    let got = std::fs::metadata(path)
-        .with_context(|| format!("cannot stat {}", path.display()))?
-        .permissions()
-        .mode()
-        & 0o7777;
+    let got = mode_bits(
+        &std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?,
+    );
     if got != mode {
         bail!("{} has mode {got:o}, want {mode:o}", path.display());
     }
@@ -704,6 +808,160 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
     }
 
+    /// `<tmp>/pki/node.key`, its directory made by [`check_key_dir`].
+    fn private_pki() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        let key = pki.join("node.key");
+        check_key_dir(&key).unwrap();
+        (dir, pki, key)
+    }
+
+    /// Why `check_key_dir(key)` refuses, which must name `path`.
+    fn refused(key: &Path, path: &Path) -> String {
+        let why = format!("{:#}", check_key_dir(key).unwrap_err());
+        assert!(
+            why.contains(&path.display().to_string()),
+            "the message names {}: {why}",
+            path.display()
+        );
+        why
+    }
+
+    /// Whether the tests run as root, which the ownership cases need (to chown).
+    fn root() -> bool {
+        let euid = effective_uid().unwrap();
+        if euid != 0 {
+            eprintln!("skipped: giving a file to another user needs root (euid {euid})");
+        }
+        euid == 0
+    }
+
+    #[test]
+    fn a_missing_key_directory_is_made_0700_and_an_open_one_is_refused() {
+        let (_dir, pki, key) = private_pki();
+        check_mode(&pki, KEY_DIR_MODE).unwrap();
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, Permissions::from_mode(0o600)).unwrap();
+        check_key_dir(&key).unwrap();
+        std::fs::set_permissions(&pki, Permissions::from_mode(0o500)).unwrap();
+        check_key_dir(&key).unwrap();
+
+        for (mode, what) in [
+            (0o770, "group-writable"),
+            (0o750, "group-readable"),
+            (0o704, "world-readable"),
+            (0o701, "world-searchable"),
+        ] {
+            std::fs::set_permissions(&pki, Permissions::from_mode(mode)).unwrap();
+            let why = refused(&key, &pki);
+            assert!(
+                why.contains(&format!("mode {mode:04o}"))
+                    && why.contains(&format!("chmod 0700 {}", pki.display())),
+                "{what}: {why}"
+            );
+        }
+        std::fs::set_permissions(&pki, Permissions::from_mode(0o700)).unwrap();
+        check_key_dir(&key).unwrap();
+    }
+
+    #[test]
+    fn a_symlinked_key_directory_is_refused() {
+        let (dir, pki, _) = private_pki();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&pki, &link).unwrap();
+        let why = refused(&link.join("node.key"), &link);
+        assert!(why.contains("symlink"), "{why}");
+        // Dangling: refused as a symlink, not created through.
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        let why = refused(&dangling.join("node.key"), &dangling);
+        assert!(why.contains("symlink"), "{why}");
+        assert!(!dir.path().join("nowhere").exists());
+        // Not a directory at all.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_key_dir(&file.join("node.key")).is_err());
+    }
+
+    #[test]
+    fn a_key_directory_owned_by_another_user_is_refused() {
+        if !root() {
+            return;
+        }
+        let (_dir, pki, key) = private_pki();
+        std::os::unix::fs::chown(&pki, Some(65534), Some(65534)).unwrap();
+        let why = refused(&key, &pki);
+        assert!(
+            why.contains("owned by uid 65534")
+                && why.contains(&format!("chown root {}", pki.display())),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_exposed_or_linked_key_file_is_refused() {
+        let (dir, _pki, key) = private_pki();
+        std::fs::write(&key, "key").unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&key, Permissions::from_mode(mode)).unwrap();
+            let why = refused(&key, &key);
+            assert!(
+                why.contains(&format!("chmod 0600 {}", key.display())),
+                "{mode:o}: {why}"
+            );
+        }
+        std::fs::set_permissions(&key, Permissions::from_mode(0o600)).unwrap();
+        if root() {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let why = refused(&key, &key);
+            assert!(why.contains("chown root"), "{why}");
+            std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+        }
+        check_key_dir(&key).unwrap();
+
+        let elsewhere = dir.path().join("elsewhere.key");
+        std::fs::rename(&key, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &key).unwrap();
+        let why = refused(&key, &key);
+        assert!(why.contains("symlink"), "{why}");
+        std::fs::remove_file(&key).unwrap();
+        std::fs::create_dir(&key).unwrap();
+        std::fs::set_permissions(&key, Permissions::from_mode(0o700)).unwrap();
+        let why = refused(&key, &key);
+        assert!(why.contains("not a regular file"), "{why}");
+    }
+
+    /// Bootstrap refuses an open key directory before it reads the token or calls
+    /// anyone, and leaves the key in it alone.
+    #[tokio::test]
+    async fn bootstrap_refuses_an_open_key_directory() {
+        let (dir, pki, key) = private_pki();
+        let (cert_pem, pair) = node_cert("node-a", 2020, 2021);
+        let cert = pki.join("node.crt");
+        std::fs::write(&cert, &cert_pem).unwrap();
+        std::fs::write(&key, pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&pki, Permissions::from_mode(0o755)).unwrap();
+        let urls = ["https://127.0.0.1:1".to_string()];
+        let cfg = Bootstrap {
+            controller: &urls,
+            node: "node-a",
+            cert: &cert,
+            key: &key,
+            ca: &dir.path().join("no-ca.crt"),
+            token_file: &dir.path().join("no-token"),
+            call_timeout: Duration::from_secs(1),
+            backoff_cap: Duration::from_millis(100),
+        };
+        let why = format!("{:#}", bootstrap(&cfg).await.unwrap_err());
+        assert!(
+            why.contains(&format!("chmod 0700 {}", pki.display())),
+            "{why}"
+        );
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), pair.serialize_pem());
+    }
+
     #[test]
     fn tokens_are_trimmed_and_never_shown_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -752,6 +1010,16 @@ mod tests {
             req.signed_by(&self.issuer).unwrap().pem()
         }
 
+        /// A node certificate for `node` and the key `csr` carries (whatever its CN).
+        fn sign_for(&self, csr: &str, node: &str) -> String {
+            let mut req = rcgen::CertificateSigningRequestParams::from_pem(csr).unwrap();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, node);
+            dn.push(DnType::OrganizationName, NODES_GROUP);
+            req.params.distinguished_name = dn;
+            req.signed_by(&self.issuer).unwrap().pem()
+        }
+
         fn server_cert(&self) -> (String, String) {
             let key = generate_key().unwrap();
             let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
@@ -784,10 +1052,53 @@ mod tests {
 
         use super::*;
 
+        /// What the fake controller answers a valid request with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Answer {
+            /// A certificate for the request's node and key.
+            Sign,
+            /// An error.
+            Refuse,
+            /// A certificate for the node, but for another key.
+            OtherKey,
+            /// A certificate for the request's key, but for node-b.
+            OtherNode,
+            /// Not a certificate.
+            Garbage,
+        }
+
         struct Fake {
             ca: Arc<TestCa>,
             token: String,
             calls: Arc<AtomicUsize>,
+            answer: Answer,
+        }
+
+        impl Fake {
+            fn new(ca: &Arc<TestCa>, answer: Answer) -> Fake {
+                Fake {
+                    ca: ca.clone(),
+                    token: "abcdef.0123456789abcdef".into(),
+                    calls: Arc::new(AtomicUsize::new(0)),
+                    answer,
+                }
+            }
+
+            fn answer(&self, csr: &str) -> Result<Response<BootstrapResponse>, Status> {
+                let chain = match self.answer {
+                    Answer::Sign => self.ca.sign(csr),
+                    Answer::Refuse => return Err(Status::permission_denied("revoked")),
+                    Answer::OtherKey => self
+                        .ca
+                        .sign(&csr_pem("node-a", &generate_key().unwrap()).unwrap()),
+                    Answer::OtherNode => self.ca.sign_for(csr, "node-b"),
+                    Answer::Garbage => "not a certificate".into(),
+                };
+                Ok(Response::new(BootstrapResponse {
+                    certificate_chain_pem: chain,
+                    not_after_unix: 0,
+                }))
+            }
         }
 
         #[tonic::async_trait]
@@ -808,18 +1119,195 @@ mod tests {
                         req.token
                     )));
                 }
-                Ok(Response::new(BootstrapResponse {
-                    certificate_chain_pem: self.ca.sign(&req.csr_pem),
-                    not_after_unix: 0,
-                }))
+                self.answer(&req.csr_pem)
             }
 
             async fn renew(
                 &self,
-                _: Request<twill_proto::RenewRequest>,
+                req: Request<twill_proto::RenewRequest>,
             ) -> Result<Response<BootstrapResponse>, Status> {
-                Err(Status::unimplemented("not part of this test"))
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                self.answer(&req.into_inner().csr_pem)
             }
+        }
+
+        /// Serves `fake` on a local port, over TLS with the CA's server certificate
+        /// when `tls`, else in clear (enough for [`rotation::renew`], which is given
+        /// its channel).
+        async fn serve(fake: Fake, tls: bool) -> std::net::SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut server = Server::builder();
+            if tls {
+                let (cert, key) = fake.ca.server_cert();
+                server = server
+                    .tls_config(
+                        ServerTlsConfig::new().identity(ServerIdentity::from_pem(cert, key)),
+                    )
+                    .unwrap();
+            }
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(
+                server
+                    .add_service(IdentityServiceServer::new(fake))
+                    .serve_with_incoming(incoming),
+            );
+            addr
+        }
+
+        /// The names in `dir`, sorted.
+        fn names(dir: &Path) -> Vec<String> {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        }
+
+        /// A private `pki` directory holding `cert_pem` and `key` as node.crt and
+        /// node.key (0600).
+        fn old_pair(dir: &Path, cert_pem: &str, key: &KeyPair) -> (PathBuf, PathBuf) {
+            let pki = dir.join("pki");
+            let (cert, key_file) = (pki.join("node.crt"), pki.join("node.key"));
+            check_key_dir(&key_file).unwrap();
+            std::fs::write(&cert, cert_pem).unwrap();
+            write_atomic(&key_file, key.serialize_pem().as_bytes(), KEY_MODE).unwrap();
+            (cert, key_file)
+        }
+
+        /// A renewal the controller refuses, or answers with a certificate for another
+        /// key or node, or with garbage, leaves the old key and certificate byte for
+        /// byte, and nothing beside them; one it answers well replaces both.
+        #[tokio::test]
+        async fn a_failed_renewal_leaves_the_old_pair_untouched() {
+            let ca = Arc::new(TestCa::new());
+            let dir = tempfile::tempdir().unwrap();
+            let old_key = generate_key().unwrap();
+            let old_cert = ca.sign(&csr_pem("node-a", &old_key).unwrap());
+            let (cert, key) = old_pair(dir.path(), &old_cert, &old_key);
+            let pki = key.parent().unwrap().to_path_buf();
+            let old_key_bytes = std::fs::read(&key).unwrap();
+            for answer in [
+                Answer::Refuse,
+                Answer::OtherKey,
+                Answer::OtherNode,
+                Answer::Garbage,
+            ] {
+                let addr = serve(Fake::new(&ca, answer), false).await;
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy();
+                let err = rotation::renew(channel, "node-a", &cert, &key, Duration::from_secs(5))
+                    .await
+                    .unwrap_err();
+                match answer {
+                    Answer::Refuse => assert!(matches!(err, rotation::RotateError::Refused(_))),
+                    _ => assert!(matches!(err, rotation::RotateError::Local(_)), "{err}"),
+                }
+                assert_eq!(std::fs::read(&key).unwrap(), old_key_bytes, "{answer:?}");
+                assert_eq!(
+                    std::fs::read_to_string(&cert).unwrap(),
+                    old_cert,
+                    "{answer:?}"
+                );
+                assert_eq!(names(&pki), ["node.crt", "node.key"], "{answer:?}");
+                check_mode(&key, KEY_MODE).unwrap();
+            }
+
+            let addr = serve(Fake::new(&ca, Answer::Sign), false).await;
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy();
+            let info = rotation::renew(channel, "node-a", &cert, &key, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_ne!(std::fs::read(&key).unwrap(), old_key_bytes);
+            assert_eq!(names(&pki), ["node.crt", "node.key"]);
+            check_mode(&key, KEY_MODE).unwrap();
+            check_mode(&cert, CERT_MODE).unwrap();
+            match check_certificate(&cert, &key, "node-a", now_unix()) {
+                CertCheck::Usable(again) => assert_eq!(again, info),
+                CertCheck::Needed(why) => panic!("{why}"),
+            }
+        }
+
+        /// An expired certificate (or one a wrong clock calls expired) is replaced
+        /// only by a certificate in hand: a wrong answer, or a bootstrap abandoned
+        /// while refused, leaves the old key and certificate as they were.
+        #[tokio::test]
+        async fn a_failed_or_abandoned_bootstrap_leaves_the_old_pair_untouched() {
+            let ca = Arc::new(TestCa::new());
+            let dir = tempfile::tempdir().unwrap();
+            let (old_cert, old_key) = node_cert("node-a", 2020, 2021);
+            let (cert, key) = old_pair(dir.path(), &old_cert, &old_key);
+            let pki = key.parent().unwrap().to_path_buf();
+            let old_key_bytes = std::fs::read(&key).unwrap();
+            let ca_file = dir.path().join("ca.crt");
+            std::fs::write(&ca_file, &ca.pem).unwrap();
+            let token_file = dir.path().join("token");
+            std::fs::write(&token_file, "abcdef.0123456789abcdef").unwrap();
+
+            for answer in [Answer::OtherKey, Answer::OtherNode, Answer::Garbage] {
+                let url = format!("https://{}", serve(Fake::new(&ca, answer), true).await);
+                let urls = [url];
+                let cfg = Bootstrap {
+                    controller: &urls,
+                    node: "node-a",
+                    cert: &cert,
+                    key: &key,
+                    ca: &ca_file,
+                    token_file: &token_file,
+                    call_timeout: Duration::from_secs(5),
+                    backoff_cap: Duration::from_millis(100),
+                };
+                let err = tokio::time::timeout(Duration::from_secs(10), bootstrap(&cfg))
+                    .await
+                    .unwrap()
+                    .unwrap_err();
+                assert!(format!("{err:#}").contains("the controller"), "{err:#}");
+                assert_eq!(std::fs::read(&key).unwrap(), old_key_bytes, "{answer:?}");
+                assert_eq!(
+                    std::fs::read_to_string(&cert).unwrap(),
+                    old_cert,
+                    "{answer:?}"
+                );
+                assert_eq!(names(&pki), ["node.crt", "node.key"], "{answer:?}");
+            }
+
+            // Refused (a wrong token), retried, then abandoned.
+            std::fs::write(&token_file, "abcdef.wrongwrongwrong00").unwrap();
+            let fake = Fake::new(&ca, Answer::Sign);
+            let calls = fake.calls.clone();
+            let urls = [format!("https://{}", serve(fake, true).await)];
+            let cfg = Bootstrap {
+                controller: &urls,
+                node: "node-a",
+                cert: &cert,
+                key: &key,
+                ca: &ca_file,
+                token_file: &token_file,
+                call_timeout: Duration::from_secs(5),
+                backoff_cap: Duration::from_millis(100),
+            };
+            {
+                let run = bootstrap(&cfg);
+                tokio::pin!(run);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while calls.load(Ordering::SeqCst) < 2 {
+                    tokio::select! {
+                        r = &mut run => panic!("finished with a wrong token: {r:?}"),
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                    assert!(tokio::time::Instant::now() < deadline, "no retries");
+                }
+                // Meanwhile the new key waits beside the old one.
+                assert_eq!(names(&pki), [".node.key.next", "node.crt", "node.key"]);
+                check_mode(&pki.join(".node.key.next"), KEY_MODE).unwrap();
+            }
+            assert_eq!(std::fs::read(&key).unwrap(), old_key_bytes);
+            assert_eq!(std::fs::read_to_string(&cert).unwrap(), old_cert);
+            assert_eq!(names(&pki), ["node.crt", "node.key"]);
         }
 
         /// Against a TLS controller: a refused token is retried, the corrected token
@@ -827,24 +1315,9 @@ mod tests {
         #[tokio::test]
         async fn refusals_are_retried_and_the_issued_files_written() {
             let ca = Arc::new(TestCa::new());
-            let (cert, key) = ca.server_cert();
-            let calls = Arc::new(AtomicUsize::new(0));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let svc = IdentityServiceServer::new(Fake {
-                ca: ca.clone(),
-                token: "abcdef.0123456789abcdef".into(),
-                calls: calls.clone(),
-            });
-            tokio::spawn(
-                Server::builder()
-                    .tls_config(
-                        ServerTlsConfig::new().identity(ServerIdentity::from_pem(cert, key)),
-                    )
-                    .unwrap()
-                    .add_service(svc)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
+            let fake = Fake::new(&ca, Answer::Sign);
+            let calls = fake.calls.clone();
+            let addr = serve(fake, true).await;
 
             let dir = tempfile::tempdir().unwrap();
             let ca_file = dir.path().join("ca.crt");
@@ -876,8 +1349,10 @@ mod tests {
                 }
                 assert!(tokio::time::Instant::now() < deadline, "no retries");
             }
+            // Nothing in place until the certificate is: the new key waits beside.
             assert!(!cert_file.exists());
-            check_mode(&key_file, KEY_MODE).unwrap();
+            assert!(!key_file.exists());
+            check_mode(&pki.join(".node.key.next"), KEY_MODE).unwrap();
             check_mode(&pki, KEY_DIR_MODE).unwrap();
             // A token file emptied while retrying (being rewritten) is no reason to stop.
             std::fs::write(&token_file, "").unwrap();
@@ -900,6 +1375,7 @@ mod tests {
             assert_eq!(info.node, "node-a");
             check_mode(&cert_file, CERT_MODE).unwrap();
             check_mode(&key_file, KEY_MODE).unwrap();
+            assert_eq!(names(&pki), ["node.crt", "node.key"]);
             match check_certificate(&cert_file, &key_file, "node-a", now_unix()) {
                 CertCheck::Usable(again) => assert_eq!(again, info),
                 CertCheck::Needed(why) => panic!("{why}"),

@@ -8,32 +8,29 @@
 //!   kubelet does). The lifetime is counted from when the certificate was written
 //!   here, not from notBefore: issuers backdate notBefore by minutes for clock skew,
 //!   which would otherwise make a short-lived certificate look already due.
-//! - [`renew`]: a new key, a CSR, `IdentityService.Renew` over the current mutual-TLS
-//!   channel (the current certificate is the credential; no token), then
-//!   [`install`]. The new key is written beside the old one first (`.<key>.next`),
-//!   then the certificate, then the key renamed into place, so a crash at any point
-//!   leaves either the old pair or a state [`finish_install`] completes at the next
-//!   start.
+//! - [`renew`]: a new key staged beside the old one, a CSR, `IdentityService.Renew`
+//!   over the current mutual-TLS channel (the current certificate is the credential; no
+//!   token), then the checked certificate and the new key moved into place
+//!   ([`super::install`]). A refusal or a wrong answer leaves the old pair as it was; a
+//!   crash leaves either the old pair or a state [`finish_install`] completes at the
+//!   next start.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::Context;
 use rand::Rng;
-use rcgen::KeyPair;
 use thiserror::Error;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tracing::{info, warn};
+use tracing::warn;
 use twill_common::now_unix;
 use twill_common::tls::ClientPem;
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::RenewRequest;
 
-use super::{
-    check_certificate, check_issued, code_name, csr_pem, describe, first_certificate, generate_key,
-    hint, status_text, write_atomic, CertCheck, CertInfo, CERT_MODE, KEY_MODE,
-};
+pub use super::install::finish_install;
+use super::install::Staged;
+use super::{check_certificate, code_name, csr_pem, hint, status_text, CertCheck, CertInfo};
 use crate::client::{self, ClientError, TlsFiles};
 
 /// Earliest point of the lifetime at which the certificate is rotated.
@@ -199,8 +196,9 @@ pub enum RotateError {
     /// The controller answered with a refusal or could not be reached.
     #[error("the controller did not renew the certificate: {}: {}", code_name(.0.code()), status_text(.0))]
     Refused(Status),
-    /// Something on this node failed (key generation, writing the files) or the
-    /// controller's answer was not a certificate for this node's new key.
+    /// Something on this node failed (a key directory that is not private, key
+    /// generation, writing the files) or the controller's answer was not a certificate
+    /// for this node's new key. The old key and certificate are as they were.
     #[error("{0:#}")]
     Local(#[from] anyhow::Error),
 }
@@ -216,13 +214,17 @@ impl RotateError {
                 "the controller refused the certificate request"
             }
             RotateError::Refused(s) => hint(s.code()),
-            RotateError::Local(_) => "check the --tls-cert and --tls-key paths are writable",
+            RotateError::Local(_) => {
+                "check the --tls-cert and --tls-key paths are writable and the key's directory is the agent user's alone (mode 0700)"
+            }
         }
     }
 }
 
 /// Replaces the node certificate and key with new ones signed by the controller,
-/// asking over `channel` (which presents the current certificate).
+/// asking over `channel` (which presents the current certificate). The new key is
+/// staged until the controller's certificate for it is in hand and checked; on any
+/// error the old key and certificate are left as they were.
 pub async fn renew(
     channel: Channel,
     node: &str,
@@ -230,9 +232,9 @@ pub async fn renew(
     key: &Path,
     deadline: Duration,
 ) -> Result<CertInfo, RotateError> {
-    let pair = generate_key()?;
+    let staged = Staged::new(cert, key)?;
     let req = RenewRequest {
-        csr_pem: csr_pem(node, &pair)?,
+        csr_pem: csr_pem(node, staged.key())?,
     };
     let mut api = IdentityServiceClient::new(channel)
         .max_decoding_message_size(1 << 20)
@@ -241,72 +243,14 @@ pub async fn renew(
         .await
         .map_err(RotateError::Refused)?
         .into_inner();
-    let info = check_issued(&resp.certificate_chain_pem, node, &pair)?;
-    install(cert, key, &resp.certificate_chain_pem, &pair)?;
-    Ok(info)
-}
-
-/// Where a new key waits until its certificate is in place.
-fn pending_key(key: &Path) -> PathBuf {
-    let name = key
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    key.with_file_name(format!(".{name}.next"))
-}
-
-/// Writes a new pair so that a crash at any point leaves a pair that belongs
-/// together, or one [`finish_install`] completes.
-pub fn install(cert: &Path, key: &Path, chain_pem: &str, pair: &KeyPair) -> anyhow::Result<()> {
-    let pending = pending_key(key);
-    write_atomic(&pending, pair.serialize_pem().as_bytes(), KEY_MODE)
-        .with_context(|| format!("cannot write the new key {}", pending.display()))?;
-    write_atomic(cert, chain_pem.as_bytes(), CERT_MODE)
-        .with_context(|| format!("cannot write --tls-cert {}", cert.display()))?;
-    std::fs::rename(&pending, key)
-        .with_context(|| format!("cannot move the new key into --tls-key {}", key.display()))?;
-    if let Some(dir) = key.parent().and_then(|d| std::fs::File::open(d).ok()) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
-
-/// Completes a rotation a crash interrupted: a pending key that belongs to the
-/// certificate is moved into place; one that does not (the crash came before the
-/// certificate was written) is removed. Nothing happens when there is none.
-pub fn finish_install(cert: &Path, key: &Path) -> anyhow::Result<()> {
-    let pending = pending_key(key);
-    let Ok(pending_pem) = std::fs::read_to_string(&pending) else {
-        return Ok(());
-    };
-    let belongs = (|| {
-        let der = first_certificate(&std::fs::read(cert).ok()?).ok()?;
-        let (_, spki) = describe(&der).ok()?;
-        let pair = KeyPair::from_pem(&pending_pem).ok()?;
-        Some(pair.public_key_raw() == spki.as_slice())
-    })()
-    .unwrap_or(false);
-    if belongs {
-        std::fs::rename(&pending, key).with_context(|| {
-            format!(
-                "cannot move {} into --tls-key {}",
-                pending.display(),
-                key.display()
-            )
-        })?;
-        info!(key = %key.display(), "finished a certificate rotation a restart interrupted");
-    } else {
-        std::fs::remove_file(&pending)
-            .with_context(|| format!("cannot remove {}", pending.display()))?;
-        info!(key = %key.display(), "discarded a new key whose certificate never arrived");
-    }
-    Ok(())
+    Ok(staged.install(&resp.certificate_chain_pem, node)?)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::generate_key;
     use super::*;
-    use rcgen::{CertificateParams, DistinguishedName, DnType};
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
     use twill_common::tls::NODES_GROUP;
 
     fn info(not_before: i64, not_after: i64) -> CertInfo {
@@ -349,45 +293,6 @@ mod tests {
         dn.push(DnType::OrganizationName, NODES_GROUP);
         params.distinguished_name = dn;
         params.self_signed(key).unwrap().pem()
-    }
-
-    #[test]
-    fn an_interrupted_install_is_finished_or_undone_at_the_next_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("node.crt"), dir.path().join("node.key"));
-        let old = generate_key().unwrap();
-        std::fs::write(&cert, self_signed("node-a", &old)).unwrap();
-        std::fs::write(&key, old.serialize_pem()).unwrap();
-        finish_install(&cert, &key).unwrap();
-        assert_eq!(std::fs::read_to_string(&key).unwrap(), old.serialize_pem());
-
-        // Crash after the new key, before the certificate: the key is dropped.
-        let new = generate_key().unwrap();
-        std::fs::write(pending_key(&key), new.serialize_pem()).unwrap();
-        finish_install(&cert, &key).unwrap();
-        assert!(!pending_key(&key).exists());
-        assert_eq!(std::fs::read_to_string(&key).unwrap(), old.serialize_pem());
-
-        // Crash after the certificate, before the key's rename: the rename is done.
-        std::fs::write(pending_key(&key), new.serialize_pem()).unwrap();
-        std::fs::write(&cert, self_signed("node-a", &new)).unwrap();
-        finish_install(&cert, &key).unwrap();
-        assert!(!pending_key(&key).exists());
-        assert_eq!(std::fs::read_to_string(&key).unwrap(), new.serialize_pem());
-        assert!(matches!(
-            check_certificate(&cert, &key, "node-a", now_unix()),
-            CertCheck::Usable(_)
-        ));
-
-        // A whole install leaves a matching pair, the key 0600, nothing pending.
-        let third = generate_key().unwrap();
-        install(&cert, &key, &self_signed("node-a", &third), &third).unwrap();
-        super::super::check_mode(&key, KEY_MODE).unwrap();
-        assert!(!pending_key(&key).exists());
-        assert_eq!(
-            std::fs::read_to_string(&key).unwrap(),
-            third.serialize_pem()
-        );
     }
 
     #[test]

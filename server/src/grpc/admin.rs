@@ -1,4 +1,5 @@
-//! `twill.v1.AdminService`: what operators (twillctl) call. Admin certificates only.
+//! `twill.v1.AdminService`: what operators (twillctl) call. Admin certificates only:
+//! `auth::AuthLayer` admitted the caller before any method here runs.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,7 +23,8 @@ use twill_proto::{
     ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 
-use super::{auth, watch};
+use super::auth::Authorized;
+use super::watch;
 use crate::leases::Leases;
 use crate::store::{Reservation as StoredReservation, Store};
 
@@ -55,10 +57,10 @@ impl AdminApi {
             urls.push(me.advertise_url.clone());
             urls.sort();
         }
-        let admin_cert: Option<String> = req
-            .peer_certs()
-            .and_then(|c| c.first().cloned())
-            .map(|leaf| leaf.as_ref().iter().map(|b| format!("{b:02x}")).collect());
+        let admin_cert: Option<String> = Authorized::of(req)
+            .ok()
+            .filter(|c| !c.chain.is_empty())
+            .map(|c| crate::replica::forward::encode_chain(&c.chain));
         let mut replicas = Vec::new();
         let mut agents = Vec::new();
         for url in urls {
@@ -208,7 +210,6 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListLeasesRequest>,
     ) -> Result<Response<ListLeasesResponse>, Status> {
-        auth::admin_caller(&req)?;
         let r = req.into_inner();
         let within: Option<IpNet> = match r.subnet.as_str() {
             "" => None,
@@ -248,7 +249,6 @@ impl AdminService for AdminApi {
     }
 
     async fn get_lease(&self, req: Request<GetLeaseRequest>) -> Result<Response<Lease>, Status> {
-        auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
         let lease = self
             .watch
@@ -262,7 +262,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RevokeLeaseRequest>,
     ) -> Result<Response<RevokeLeaseResponse>, Status> {
-        let admin = auth::admin_caller(&req)?;
+        let admin = Authorized::of(&req)?.cert()?.name.clone();
         let node = node_arg(&req.get_ref().node_name)?;
         let before = self.watch.hub.lease(node);
         if !self.leases.revoke(node, &admin).await? {
@@ -275,7 +275,6 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ReserveRequest>,
     ) -> Result<Response<ReserveResponse>, Status> {
-        auth::admin_caller(&req)?;
         let r = req.get_ref();
         let node = node_arg(&r.node_name)?;
         let subnet = StoredReservation {
@@ -304,7 +303,6 @@ impl AdminService for AdminApi {
         &self,
         req: Request<UnreserveRequest>,
     ) -> Result<Response<UnreserveResponse>, Status> {
-        auth::admin_caller(&req)?;
         let node = node_arg(&req.get_ref().node_name)?;
         let subnet = self.watch.hub.reservations().get(node).copied();
         match subnet {
@@ -321,9 +319,8 @@ impl AdminService for AdminApi {
 
     async fn list_reservations(
         &self,
-        req: Request<ListReservationsRequest>,
+        _req: Request<ListReservationsRequest>,
     ) -> Result<Response<ListReservationsResponse>, Status> {
-        auth::admin_caller(&req)?;
         let mut stale = self.watch.hub.stale_reservations();
         let reservations = self
             .watch
@@ -340,9 +337,8 @@ impl AdminService for AdminApi {
 
     async fn get_config(
         &self,
-        req: Request<GetConfigRequest>,
+        _req: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
-        auth::admin_caller(&req)?;
         let c = &self.conf;
         let (network, subnet_len, subnet_min, subnet_max) = pool_fields(c.ipv4.as_ref());
         let (ipv6_network, ipv6_subnet_len, ipv6_subnet_min, ipv6_subnet_max) =
@@ -370,7 +366,6 @@ impl AdminService for AdminApi {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        auth::admin_caller(&req)?;
         let replicas = match &self.replica {
             Some(r) if !req.get_ref().this_replica_only => Some(self.replicas(r, &req).await),
             _ => None,
@@ -443,13 +438,21 @@ impl AdminService for AdminApi {
         &self,
         req: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let admin = auth::admin_caller(&req)?;
+        let admin = Authorized::of(&req)?.cert()?.name.clone();
         let r = req.get_ref();
         let ttl = std::time::Duration::from_secs(r.ttl_seconds);
         let (token, info) = self
             .watch
             .identity
-            .create_token(ttl, &r.description)
+            .create_token(
+                ttl,
+                &r.description,
+                crate::identity::TokenBinding {
+                    nodes: r.nodes.clone(),
+                    node_prefix: r.node_prefix.clone(),
+                    max_uses: r.max_uses,
+                },
+            )
             .await?;
         tracing::info!(admin = %admin, token_id = %info.id, "bootstrap token made");
         Ok(Response::new(CreateTokenResponse {
@@ -460,9 +463,8 @@ impl AdminService for AdminApi {
 
     async fn list_tokens(
         &self,
-        req: Request<ListTokensRequest>,
+        _req: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        auth::admin_caller(&req)?;
         let tokens = self.watch.identity.list_tokens().await?;
         Ok(Response::new(ListTokensResponse { tokens }))
     }
@@ -471,7 +473,6 @@ impl AdminService for AdminApi {
         &self,
         req: Request<DeleteTokenRequest>,
     ) -> Result<Response<DeleteTokenResponse>, Status> {
-        auth::admin_caller(&req)?;
         self.watch.identity.delete_token(&req.get_ref().id).await?;
         Ok(Response::new(DeleteTokenResponse {}))
     }
@@ -480,10 +481,15 @@ impl AdminService for AdminApi {
         &self,
         req: Request<ListIssuedCertificatesRequest>,
     ) -> Result<Response<ListIssuedCertificatesResponse>, Status> {
-        auth::admin_caller(&req)?;
-        let certificates = self.watch.identity.issued().await?;
+        let r = req.get_ref();
+        let (certificates, next_page_token) = self
+            .watch
+            .identity
+            .issued(r.page_size, &r.page_token)
+            .await?;
         Ok(Response::new(ListIssuedCertificatesResponse {
             certificates,
+            next_page_token,
         }))
     }
 
@@ -491,10 +497,24 @@ impl AdminService for AdminApi {
         &self,
         req: Request<RevokeNodeCertificatesRequest>,
     ) -> Result<Response<RevokeNodeCertificatesResponse>, Status> {
-        let admin = auth::admin_caller(&req)?;
+        let admin = Authorized::of(&req)?.cert()?.name.clone();
         let node = node_arg(&req.get_ref().node_name)?;
-        let revoked_at_unix = self.watch.identity.revoke(node).await?;
-        tracing::info!(admin = %admin, node = %node, "node certificates revoked by an operator");
+        let as_admin = match req.get_ref().role.as_str() {
+            "" | "node" => false,
+            "admin" => true,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role {other:?}: give \"node\" or \"admin\""
+                )))
+            }
+        };
+        let revoked_at_unix = self.watch.identity.revoke(node, as_admin).await?;
+        if !as_admin {
+            // The revoked key no longer holds the node's lease: the node's next
+            // certificate (bootstrapped after this) may take it over.
+            self.leases.disown(node).await?;
+        }
+        tracing::info!(admin = %admin, name = %node, role = if as_admin { "admin" } else { "node" }, "certificates revoked by an operator");
         Ok(Response::new(RevokeNodeCertificatesResponse {
             revoked_at_unix,
         }))
@@ -506,7 +526,7 @@ impl AdminService for AdminApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = auth::admin(&req)?;
+        let who = Authorized::of(&req)?.cert()?.clone();
         let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
         Ok(Response::new(watch::decoded(
             self.watch.encoded(&who, from, epoch),

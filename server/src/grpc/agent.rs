@@ -1,4 +1,7 @@
-//! `twill.v1.AgentService`: what every agent calls.
+//! `twill.v1.AgentService`: what every agent calls. `auth::AuthLayer` has admitted the
+//! caller before any method here runs (a current, unrevoked node certificate; an admin
+//! too for the reads); a method only checks that the node a request names is the
+//! caller.
 
 use std::sync::Arc;
 
@@ -10,8 +13,9 @@ use twill_proto::{
     ReleaseResponse, WatchRequest,
 };
 
+use super::auth::Authorized;
 use super::limit::NodeLimiter;
-use super::{auth, watch};
+use super::watch;
 use crate::leases::{AcquireFields, AcquireParams, Leases};
 
 /// The agent service.
@@ -27,17 +31,6 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
-    /// The caller's certificate, refused when revoked.
-    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if !self.watch.identity.has_revocations() {
-            return Ok(());
-        }
-        match auth::caller(req) {
-            Ok(id) => auth::not_revoked(&id, &self.watch.identity),
-            Err(_) => Ok(()),
-        }
-    }
-
     fn limit(&self, node: &str) -> Result<(), Status> {
         self.limiter.check(node).inspect_err(|_| {
             self.watch.metrics.rate_limited.inc();
@@ -50,10 +43,8 @@ impl AgentApi {
 impl AgentService for AgentApi {
     async fn get_network_config(
         &self,
-        req: Request<GetNetworkConfigRequest>,
+        _req: Request<GetNetworkConfigRequest>,
     ) -> Result<Response<NetworkConfig>, Status> {
-        auth::watcher(&req)?;
-        self.check(&req)?;
         Ok(Response::new(NetworkConfig {
             net_conf_json: self.conf.raw.clone(),
         }))
@@ -63,11 +54,12 @@ impl AgentService for AgentApi {
         &self,
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
-        let node = auth::node_caller(&req, &req.get_ref().node_name)?;
-        self.check(&req)?;
+        let caller = Authorized::of(&req)?;
+        let node = caller.acts_for(&req.get_ref().node_name)?;
+        let key = caller.cert()?.key_sha256.to_vec();
         let r = req.get_ref();
         self.watch.agents.seen(&node);
-        let params = AcquireParams::parse(
+        let mut params = AcquireParams::parse(
             &self.conf,
             &node,
             AcquireFields {
@@ -81,10 +73,12 @@ impl AgentService for AgentApi {
                 public_prefix_len: r.public_ip_prefix_len,
             },
         )?;
+        params.key = key;
         // Checked once the request is known to be well formed: only what would reach the
         // lease writer counts.
         self.limit(&node)?;
-        let lease = self.leases.acquire(params).await?;
+        let mut lease = self.leases.acquire(params).await?;
+        lease.holder_key.clear();
         Ok(Response::new(AcquireResponse {
             lease: Some(lease),
             ttl_seconds: self.leases.ttl().as_secs(),
@@ -95,10 +89,12 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let node = auth::node_caller(&req, &req.get_ref().node_name)?;
+        let caller = Authorized::of(&req)?;
+        let node = caller.acts_for(&req.get_ref().node_name)?;
+        let key = caller.cert()?.key_sha256;
         self.watch.agents.seen(&node);
         self.limit(&node)?;
-        let released = self.leases.release(&node).await?;
+        let released = self.leases.release(&node, &key).await?;
         Ok(Response::new(ReleaseResponse { released }))
     }
 
@@ -110,8 +106,7 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = auth::watcher(&req)?;
-        self.check(&req)?;
+        let who = Authorized::of(&req)?.cert()?.clone();
         let slot = req
             .extensions()
             .get::<WatchSlot>()

@@ -1,6 +1,9 @@
 //! `twill.v1.IdentityService`: the one service a caller without a client certificate
-//! may use. Failed token attempts are limited per source address.
+//! may use (`auth::POLICIES`). Token attempts are limited per source address (an
+//! IPv6 caller by its /64) and in total: each attempt takes a token from its
+//! address's bucket before any work is done, and gets it back only if it succeeds.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -8,29 +11,50 @@ use tracing::{debug, warn};
 use twill_proto::identity_service_server::IdentityService;
 use twill_proto::{BootstrapRequest, BootstrapResponse, RenewRequest};
 
-use super::auth;
+use super::auth::Authorized;
 use super::limit::NodeLimiter;
+use crate::events::Hub;
 use crate::identity::{Identity, IdentityError};
+use crate::leases::Leases;
 use crate::metrics::{Metrics, Refusal};
 
 /// Failed token attempts one address may make in a burst, and per minute after it.
 const FAILED_ATTEMPTS_BURST: f64 = 10.0;
 const FAILED_ATTEMPTS_PER_MINUTE: f64 = 10.0;
+/// Failed token attempts from all addresses together, in a burst and per minute: many
+/// addresses guessing at once are held back too.
+const GLOBAL_FAILURES_BURST: f64 = 100.0;
+const GLOBAL_FAILURES_PER_MINUTE: f64 = 100.0;
+/// Largest request this service takes: a token and a CSR are a few hundred bytes, an
+/// RSA-4096 CSR under 2 KiB.
+pub const MAX_REQUEST_BYTES: usize = 16 << 10;
 
 /// The identity service.
 pub struct IdentityApi {
     identity: Arc<Identity>,
     metrics: Arc<Metrics>,
+    hub: Arc<Hub>,
+    leases: Leases,
     failures: NodeLimiter,
+    global: NodeLimiter,
 }
 
 impl IdentityApi {
-    /// Serves `identity`.
-    pub fn new(identity: Arc<Identity>, metrics: Arc<Metrics>) -> Self {
+    /// Serves `identity`; `hub` tells which names hold live leases, and `leases` moves
+    /// a lease to a renewed certificate's key.
+    pub fn new(
+        identity: Arc<Identity>,
+        metrics: Arc<Metrics>,
+        hub: Arc<Hub>,
+        leases: Leases,
+    ) -> Self {
         IdentityApi {
             identity,
             metrics,
+            hub,
+            leases,
             failures: NodeLimiter::new(FAILED_ATTEMPTS_PER_MINUTE / 60.0, FAILED_ATTEMPTS_BURST),
+            global: NodeLimiter::new(GLOBAL_FAILURES_PER_MINUTE / 60.0, GLOBAL_FAILURES_BURST),
         }
     }
 }
@@ -43,8 +67,28 @@ impl From<IdentityError> for Status {
             IdentityError::Invalid(m) => Status::invalid_argument(m),
             e @ IdentityError::NoSigningCa => Status::failed_precondition(e.to_string()),
             IdentityError::NotFound(m) => Status::not_found(m),
+            IdentityError::Alive(m) => Status::already_exists(m),
+            IdentityError::TokenNotAllowed { msg, .. } | IdentityError::Revoked(msg) => {
+                Status::permission_denied(msg)
+            }
+            IdentityError::RateLimited(m) => Status::resource_exhausted(m),
             IdentityError::Store(e) => Status::unavailable(format!("{e}; retry")),
         }
+    }
+}
+
+/// The key a caller's failed attempts count under: its IPv4 address, or its IPv6 /64
+/// (one host usually holds a whole /64).
+fn source_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = a.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
     }
 }
 
@@ -55,32 +99,17 @@ impl IdentityApi {
         status
     }
 
-    /// The node certificate a renewal is made on: presented, a node's, not expired,
-    /// not revoked.
-    fn renewing_node<T>(&self, req: &Request<T>) -> Result<twill_common::tls::Identity, Status> {
-        let id = match auth::presented(req) {
-            Ok(Some(id)) if id.is_node() => id,
-            Ok(Some(id)) => {
-                return Err(self.refuse(
-                    Refusal::NoNodeCertificate,
-                    Status::permission_denied(format!(
-                        "certificate {:?} is not a node certificate",
-                        id.name
-                    )),
-                ))
-            }
-            Ok(None) | Err(_) => {
-                return Err(self.refuse(
-                    Refusal::NoNodeCertificate,
-                    Status::permission_denied(
-                        "renewal needs the node's current certificate (bootstrap with a token otherwise)",
-                    ),
-                ))
-            }
-        };
-        auth::unexpired(&id).map_err(|s| self.refuse(Refusal::CertificateExpired, s))?;
-        auth::not_revoked(&id, &self.identity).map_err(|s| self.refuse(Refusal::Revoked, s))?;
-        Ok(id)
+    fn rate_limited(&self, from: &str) -> Status {
+        // Debug, not warn: a guesser being held back would otherwise flood the log; the
+        // refusal metric counts it.
+        debug!(from = %from, "bootstrap refused: too many failed token attempts");
+        self.refuse(
+            Refusal::RateLimited,
+            Status::resource_exhausted(format!(
+                "too many failed bootstrap attempts from {from}, or from everywhere: at most \
+                 {FAILED_ATTEMPTS_PER_MINUTE} a minute per address; retry later"
+            )),
+        )
     }
 }
 
@@ -90,20 +119,29 @@ impl IdentityService for IdentityApi {
         &self,
         req: Request<BootstrapRequest>,
     ) -> Result<Response<BootstrapResponse>, Status> {
-        let from = super::auth::client_ip(&req);
-        if !self.failures.allows(&from) {
-            // Debug, not warn: a guesser being held back would otherwise flood the log;
-            // the refusal metric counts it.
-            debug!(from = %from, "bootstrap refused: too many failed token attempts");
-            return Err(self.refuse(
-                Refusal::RateLimited,
-                Status::resource_exhausted(format!(
-                    "too many failed bootstrap attempts from {from}: at most {FAILED_ATTEMPTS_PER_MINUTE} a minute; retry later"
-                )),
-            ));
+        let from = source_key(Authorized::of(&req)?.ip);
+        if self.failures.check(&from).is_err() {
+            return Err(self.rate_limited(&from));
+        }
+        if self.global.check("").is_err() {
+            self.failures.refund(&from);
+            return Err(self.rate_limited(&from));
         }
         let r = req.into_inner();
-        match self.identity.bootstrap(&r.token, &r.csr_pem).await {
+        let hub = &self.hub;
+        let result = self
+            .identity
+            .bootstrap(&r.token, &r.csr_pem, |node| {
+                hub.held(node, twill_common::now_unix())
+            })
+            .await;
+        let token_failed = matches!(result, Err(IdentityError::BadToken { .. }));
+        if !token_failed {
+            // Only a wrong token counts against the address and the budget.
+            self.failures.refund(&from);
+            self.global.refund("");
+        }
+        match result {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
                 if let Some(reason) = e.refusal() {
@@ -112,7 +150,6 @@ impl IdentityService for IdentityApi {
                 match &e {
                     IdentityError::BadToken { fault, msg } => {
                         self.metrics.bootstrap_token_failures.inc();
-                        let _ = self.failures.check(&from);
                         warn!(from = %from, fault = ?fault, reason = %msg, "bootstrap refused: token");
                     }
                     IdentityError::BadCsr { fault, msg } => {
@@ -129,18 +166,45 @@ impl IdentityService for IdentityApi {
         &self,
         req: Request<RenewRequest>,
     ) -> Result<Response<BootstrapResponse>, Status> {
-        let id = self
-            .renewing_node(&req)
-            .inspect_err(|s| warn!(error = %s.message(), "certificate renewal refused"))?;
-        match self.identity.renew(&id.name, &req.get_ref().csr_pem).await {
-            Ok(resp) => Ok(Response::new(resp)),
+        let current = Authorized::of(&req)?.cert()?.clone();
+        let csr = &req.get_ref().csr_pem;
+        let resp = match self.identity.renew(&current, csr).await {
+            Ok(resp) => resp,
             Err(e) => {
                 if let Some(reason) = e.refusal() {
                     self.metrics.cert_refused(reason);
                 }
-                warn!(node = %id.name, error = %e, "certificate renewal refused");
-                Err(e.into())
+                warn!(node = %current.name, error = %e, "certificate renewal refused");
+                return Err(e.into());
             }
-        }
+        };
+        // The node's lease follows it to its new key: only the holder's key, or one
+        // renewed from it, may change the lease's addresses or release it.
+        let new_key = twill_ctl::certs::key_sha256_of_csr(csr)
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        self.leases
+            .rekey(&current.name, current.key_sha256, new_key)
+            .await?;
+        Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_count_per_ipv4_address_and_per_ipv6_64() {
+        assert_eq!(source_key("10.0.0.7".parse().unwrap()), "10.0.0.7");
+        assert_eq!(
+            source_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            source_key("2001:db8:1:2:bbbb::9".parse().unwrap()),
+            "one /64"
+        );
+        assert_ne!(
+            source_key("2001:db8:1:2::1".parse().unwrap()),
+            source_key("2001:db8:1:3::1".parse().unwrap())
+        );
+        assert_eq!(source_key("::ffff:10.0.0.7".parse().unwrap()), "10.0.0.7");
     }
 }

@@ -17,6 +17,9 @@ pub const NODE_WRITE_BURST: f64 = 10.0;
 /// Buckets unused this long are forgotten: they have refilled (a full bucket is what a
 /// new node gets anyway).
 const IDLE: Duration = Duration::from_secs(600);
+/// Keys tracked at most: past it, buckets that have refilled are forgotten at once,
+/// and a new key finds no room (refused) until some have.
+pub const MAX_KEYS: usize = 100_000;
 
 /// Token buckets by node name.
 pub struct NodeLimiter {
@@ -54,14 +57,13 @@ impl NodeLimiter {
         }
     }
 
-    /// Whether `key` has a token left, without taking it.
-    pub fn allows(&self, key: &str) -> bool {
-        let now = Instant::now();
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        buckets
-            .by_node
-            .get(key)
-            .is_none_or(|b| b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate >= 1.0)
+    /// Gives back a token taken by `check` for work that turned out not to count (a
+    /// bootstrap that succeeded).
+    pub fn refund(&self, key: &str) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = buckets.by_node.get_mut(key) {
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
     }
 
     /// Takes one write for `node`, or says when to retry (RESOURCE_EXHAUSTED).
@@ -80,6 +82,17 @@ impl NodeLimiter {
             buckets
                 .by_node
                 .retain(|_, b| now.duration_since(b.at) < IDLE);
+        }
+        if buckets.by_node.len() >= MAX_KEYS && !buckets.by_node.contains_key(node) {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets
+                .by_node
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            if buckets.by_node.len() >= MAX_KEYS {
+                return Err(Status::resource_exhausted(format!(
+                    "{MAX_KEYS} callers are being rate-limited at once; retry later"
+                )));
+            }
         }
         let b = match buckets.by_node.get_mut(node) {
             Some(b) => b,
@@ -126,5 +139,33 @@ mod tests {
         l.check_at("b", t0).expect("other nodes are not affected");
         l.check_at("a", t0 + Duration::from_millis(5))
             .expect("refilled at the rate");
+    }
+
+    #[test]
+    fn a_refund_gives_one_token_back_and_never_more_than_the_burst() {
+        let l = NodeLimiter::new(0.001, 2.0);
+        let t0 = Instant::now();
+        l.check_at("a", t0).unwrap();
+        l.check_at("a", t0).unwrap();
+        assert!(l.check_at("a", t0).is_err());
+        l.refund("a");
+        l.check_at("a", t0).expect("refunded");
+        l.refund("a");
+        l.refund("a");
+        l.refund("a");
+        l.check_at("a", t0).unwrap();
+        l.check_at("a", t0).unwrap();
+        assert!(l.check_at("a", t0).is_err(), "never more than the burst");
+    }
+
+    #[test]
+    fn the_map_of_keys_is_capped() {
+        let l = NodeLimiter::new(0.000_001, 1.0);
+        let t0 = Instant::now();
+        for i in 0..MAX_KEYS {
+            l.check_at(&i.to_string(), t0).unwrap();
+        }
+        let e = l.check_at("one-more", t0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     }
 }

@@ -19,6 +19,7 @@ impl From<LeaseOpError> for Status {
         match e {
             LeaseOpError::Invalid(m) => Status::invalid_argument(m),
             LeaseOpError::AlreadyExists(m) => Status::already_exists(m),
+            LeaseOpError::Forbidden(m) => Status::permission_denied(m),
             LeaseOpError::Exhausted(m) => Status::resource_exhausted(m),
             LeaseOpError::Conflict(m) => Status::failed_precondition(m),
             LeaseOpError::Store(e) => Status::unavailable(e.to_string()),

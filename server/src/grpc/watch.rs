@@ -194,17 +194,14 @@ async fn expiry(who: &CertIdentity) -> Status {
     auth::expired(who)
 }
 
-/// Resolves once node certificate `who` is revoked, with the status that says so;
-/// never for other certificates, which cannot be revoked.
+/// Resolves once certificate `who` is revoked (nodes and admins can be), with the
+/// status that says so.
 async fn revocation(identity: &Identity, who: &CertIdentity) -> Status {
-    if !who.is_node() {
-        return std::future::pending().await;
-    }
     let mut changes = identity.revocations();
     loop {
         // Checked before the first wait too: a revocation between the call's own check
         // and the subscription above would otherwise go unseen.
-        if let Some(why) = identity.revoked(&who.name, who.not_before_unix) {
+        if let Some(why) = identity.refused(who) {
             info!(node = %who.name, "closing the watch of a revoked certificate");
             return Status::permission_denied(why);
         }
@@ -309,7 +306,9 @@ mod tests {
         let store: Arc<dyn crate::store::Store> =
             Arc::new(crate::store::SledStore::open(dir.path(), 16).unwrap());
         let metrics = Arc::new(Metrics::default());
-        let identity = Identity::new(store, None, Duration::from_secs(3600), metrics).await;
+        let identity = Identity::new(store, None, Duration::from_secs(3600), metrics)
+            .await
+            .unwrap();
         (dir, Arc::new(identity))
     }
 
@@ -320,6 +319,7 @@ mod tests {
             groups: vec![twill_common::tls::NODES_GROUP.into()],
             not_before_unix: 0,
             not_after_unix,
+            key_sha256: [0; 32],
         }
     }
 

@@ -8,6 +8,8 @@
 //! answers. A reply therefore always means "durably stored, and visible to watchers".
 //!
 //! The writer keeps the table's invariants: no two leases share a subnet or a VTEP MAC;
+//! a lease's addresses change, and it is released, only by its holder's key (the key
+//! of the certificate that took it, or of one renewed from it: `Lease.holder_key`);
 //! a subnet's bit in the allocator is set exactly when a lease holds it or a
 //! reservation that can be honoured keeps it; a revision is never issued twice. When
 //! the store fails, the writer reloads what the store holds instead of guessing.
@@ -49,6 +51,9 @@ pub enum LeaseOpError {
     /// A field names something another node holds (a VTEP MAC).
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller's key does not hold the lease it would change or release.
+    #[error("{0}")]
+    Forbidden(String),
     /// No free subnet is left.
     #[error("{0}")]
     Exhausted(String),
@@ -121,7 +126,20 @@ type Reply<T> = oneshot::Sender<Result<T, LeaseOpError>>;
 /// An operation, with the channel its caller waits on (the periodic sweep has none).
 enum Op {
     Acquire(AcquireParams, Reply<Lease>),
-    Release(String, Reply<bool>),
+    Release {
+        node: String,
+        key: Vec<u8>,
+        reply: Reply<bool>,
+    },
+    /// The lease held by key `from` passes to key `to` (a renewed certificate); with
+    /// `from` empty the lease is held by nobody until its next acquisition (the node's
+    /// certificates were revoked).
+    Rekey {
+        node: String,
+        from: Vec<u8>,
+        to: Vec<u8>,
+        reply: Reply<bool>,
+    },
     Revoke {
         node: String,
         by: String,
@@ -377,10 +395,45 @@ impl Leases {
         self.call(|reply| Op::Acquire(params, reply)).await
     }
 
-    /// Releases a node's lease at its agent's request; `Ok(false)` when it held none.
-    pub async fn release(&self, node: &str) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Release(node.to_string(), reply))
-            .await
+    /// Releases a node's lease at its agent's request, made with the certificate key
+    /// `key`; `Ok(false)` when it held none.
+    pub async fn release(&self, node: &str, key: &[u8]) -> Result<bool, LeaseOpError> {
+        self.call(|reply| Op::Release {
+            node: node.to_string(),
+            key: key.to_vec(),
+            reply,
+        })
+        .await
+    }
+
+    /// Hands `node`'s lease from its holder's key `from` to the key `to` of the
+    /// certificate renewed from it; `Ok(false)` when the node holds no lease, or one
+    /// another key holds.
+    pub async fn rekey(
+        &self,
+        node: &str,
+        from: [u8; 32],
+        to: [u8; 32],
+    ) -> Result<bool, LeaseOpError> {
+        self.call(|reply| Op::Rekey {
+            node: node.to_string(),
+            from: from.to_vec(),
+            to: to.to_vec(),
+            reply,
+        })
+        .await
+    }
+
+    /// Frees `node`'s lease from the key that holds it (its certificates were revoked):
+    /// the next certificate of the node to acquire it holds it.
+    pub async fn disown(&self, node: &str) -> Result<bool, LeaseOpError> {
+        self.call(|reply| Op::Rekey {
+            node: node.to_string(),
+            from: Vec::new(),
+            to: Vec::new(),
+            reply,
+        })
+        .await
     }
 
     /// Removes a node's lease on an operator's order; `Ok(false)` when it held none.
@@ -525,13 +578,19 @@ impl Writer {
         for Queued { op, queued } in ops {
             let answer = match op {
                 Op::Acquire(p, reply) => Answer::Lease(reply, self.acquire(p, now, &mut changes)),
-                Op::Release(node, reply) => {
-                    let released = self.remove(&node, &mut changes.events);
-                    if released {
+                Op::Release { node, key, reply } => {
+                    let released = self.release(&node, &key, &mut changes.events);
+                    if let Ok(true) = released {
                         info!(node = %node, "lease released by its agent");
                     }
-                    Answer::Done(reply, Ok(released))
+                    Answer::Done(reply, released)
                 }
+                Op::Rekey {
+                    node,
+                    from,
+                    to,
+                    reply,
+                } => Answer::Done(reply, Ok(self.rekey(&node, &from, to, &mut changes))),
                 Op::Revoke { node, by, reply } => {
                     let revoked = self.remove(&node, &mut changes.events);
                     if revoked {
@@ -824,6 +883,12 @@ impl Writer {
             .get(&p.node)
             .filter(|l| l.expires_at_unix > now)
             .cloned();
+        // Whose the lease is: the holder's, or nobody's yet (granted before holders
+        // were kept, or its certificates revoked) and then the caller's from now on.
+        let holder = match existing.as_ref().map(|l| &l.holder_key) {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => p.key.clone(),
+        };
         match &existing {
             Some(l)
                 if l.public_ip == public_ip
@@ -834,14 +899,26 @@ impl Writer {
                     && Ipv4Net::of(l).is_some() == p.v4.is_some()
                     && Ipv6Net::of(l).is_some() == p.v6.is_some() =>
             {
-                // Only the expiry moves: stored, but no revision and no broadcast.
+                // Only the expiry moves: stored, but no revision and no broadcast. Any
+                // certificate of the node may renew it unchanged (the holder stays).
                 let mut renewed = l.clone();
                 renewed.expires_at_unix = expires;
+                renewed.holder_key = holder;
                 tracing::debug!(node = %p.node, subnet = %renewed.subnet, ipv6_subnet = %renewed.ipv6_subnet, "lease renewed");
                 self.leases.insert(p.node, renewed.clone());
                 changes.renewed.retain(|r| r.node_name != renewed.node_name);
                 changes.renewed.push(renewed.clone());
                 return Ok(renewed);
+            }
+            Some(_) if holder != p.key => {
+                warn!(node = %p.node, "refused a change of the lease's address or VTEP MAC from a key that does not hold it");
+                return Err(LeaseOpError::Forbidden(format!(
+                    "the lease of node {} is held by another key: only the certificate that took \
+                     it (or one renewed from it) may change its public address or VTEP MAC. If \
+                     this node really lost its key, an admin can run `twillctl certs revoke {}` \
+                     (or `twillctl lease revoke {}`)",
+                    p.node, p.node, p.node
+                )));
             }
             Some(_) => {}
             None => {
@@ -887,6 +964,7 @@ impl Writer {
             public_ipv6,
             vtep_mac_v6,
             public_ip_prefix_len: p.public_prefix_len.into(),
+            holder_key: holder,
         };
         if existing.is_some() {
             info!(node = %p.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, public_ip = %lease.public_ip, public_ipv6 = %lease.public_ipv6, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
@@ -909,6 +987,43 @@ impl Writer {
             revision: lease.revision,
         });
         Ok(lease)
+    }
+
+    /// Releases `node`'s lease for a caller with certificate key `key`.
+    fn release(
+        &mut self,
+        node: &str,
+        key: &[u8],
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<bool, LeaseOpError> {
+        match self.leases.get(node) {
+            Some(l) if !l.holder_key.is_empty() && l.holder_key != key => {
+                warn!(node = %node, "refused a release from a key that does not hold the lease");
+                Err(LeaseOpError::Forbidden(format!(
+                    "the lease of node {node} is held by another key: only the certificate that \
+                     took it (or one renewed from it) may release it"
+                )))
+            }
+            _ => Ok(self.remove(node, events)),
+        }
+    }
+
+    /// See `Op::Rekey`.
+    fn rekey(&mut self, node: &str, from: &[u8], to: Vec<u8>, changes: &mut Changes) -> bool {
+        let Some(l) = self.leases.get_mut(node) else {
+            return false;
+        };
+        if !from.is_empty() && l.holder_key != from {
+            return false;
+        }
+        if l.holder_key == to {
+            return true;
+        }
+        l.holder_key = to;
+        let renewed = l.clone();
+        changes.renewed.retain(|r| r.node_name != node);
+        changes.renewed.push(renewed);
+        true
     }
 
     fn remove(&mut self, node: &str, events: &mut Vec<LeaseEvent>) -> bool {

@@ -24,6 +24,9 @@ pub struct AcquireParams {
     pub v6: Option<FamilyRequest<Ipv6Net, Ipv6Addr>>,
     /// Prefix length of the node's underlay subnet (0: not known).
     pub public_prefix_len: u8,
+    /// SHA-256 of the caller's certificate key (empty: not known, only in tests); see
+    /// `Lease.holder_key`.
+    pub key: Vec<u8>,
 }
 
 /// One family's side of an acquisition.
@@ -124,6 +127,7 @@ impl AcquireParams {
             v4,
             v6,
             public_prefix_len,
+            key: Vec::new(),
         })
     }
 

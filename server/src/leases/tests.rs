@@ -133,9 +133,9 @@ async fn exhaustion_release_and_reuse() {
     let e = f.leases.acquire(params("d", "")).await.unwrap_err();
     assert!(matches!(e, LeaseOpError::Exhausted(_)), "{e}");
     assert!(e.to_string().contains("out of subnets"));
-    assert!(f.leases.release("b").await.unwrap());
+    assert!(f.leases.release("b", &[]).await.unwrap());
     assert!(
-        !f.leases.release("b").await.unwrap(),
+        !f.leases.release("b", &[]).await.unwrap(),
         "releasing twice is no error"
     );
     f.leases.acquire(params("d", "")).await.unwrap();
@@ -157,7 +157,7 @@ async fn reservations_are_never_handed_to_others() {
         f.leases.acquire(params("x", "")).await.unwrap().subnet,
         reserved.to_string()
     );
-    assert!(f.leases.release("x").await.unwrap());
+    assert!(f.leases.release("x", &[]).await.unwrap());
     assert!(
         matches!(
             f.leases.acquire(params("c", "")).await.unwrap_err(),
@@ -371,7 +371,7 @@ async fn dual_stack_leases_get_a_subnet_of_each_family_and_keep_both() {
         .await
         .unwrap();
     assert_ne!(c.ipv6_subnet, b.ipv6_subnet);
-    assert!(leases.release("b").await.unwrap());
+    assert!(leases.release("b", &[]).await.unwrap());
     let d = leases
         .acquire(dual_params(&conf, "d", "fd00:10:244:9::/64"))
         .await
@@ -522,7 +522,7 @@ async fn a_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
     assert_eq!((leases.len(), revision), (1, a.revision), "nothing written");
     // A node may keep its own MAC, and once a's lease is gone the MAC is free.
     f.leases.acquire(params("a", "")).await.unwrap();
-    assert!(f.leases.release("a").await.unwrap());
+    assert!(f.leases.release("a", &[]).await.unwrap());
     f.leases.acquire(spoof).await.unwrap();
 }
 
@@ -610,12 +610,12 @@ async fn reservations_that_disagree_with_stored_leases_never_yield_a_shared_subn
     );
     let x = leases.acquire(params("x", "")).await.unwrap();
     assert_ne!(x.subnet, "10.1.0.32/28", "held by a");
-    assert!(leases.release("x").await.unwrap());
+    assert!(leases.release("x", &[]).await.unwrap());
     assert!(
         leases.unreserve("x").await.unwrap(),
         "dropping a stale reservation"
     );
-    assert!(leases.release("a").await.unwrap());
+    assert!(leases.release("a", &[]).await.unwrap());
     // .32 is free now: exactly one node may get it.
     let mut n = 0;
     loop {
@@ -679,6 +679,9 @@ impl Store for FailingStore {
     }
     async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.records(kind).await
+    }
+    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.record(kind, id).await
     }
     async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
         self.inner.set_layout(layout).await

@@ -145,6 +145,12 @@ async fn lead(
         // Expiries as etcd holds them: a renewal the mirror has not applied yet must
         // not look like an expired lease to this writer's sweeper.
         r.hub.renew(&snap.leases);
+        // Revocations and issued certificates as etcd holds them: the leader decides
+        // bootstraps and renewals, and must not miss one the mirror has not applied.
+        r.identity
+            .reload()
+            .await
+            .map_err(|e| StoreError::Backend(format!("reading revocations: {e}")))?;
         r.leases
             .attach(
                 &r.conf,

@@ -1,10 +1,11 @@
 //! Passing writes to the leader: a layer in front of every gRPC service.
 //!
-//! A write (an RPC in `WRITES`) that reaches a replica which does not lead is sent on,
-//! unchanged, to the leader over mutual TLS with this replica's certificate
-//! (`O=twill:controllers`). The caller's verified client certificate travels beside it
-//! in `x-twill-forwarded-cert` and its address in `x-twill-forwarded-for`; the leader
-//! believes those headers only from a controller certificate (`grpc::auth`), so what the
+//! A write (an RPC whose `grpc::auth::POLICIES` row says so) that reaches a replica
+//! which does not lead is sent on, unchanged, to the leader over mutual TLS with this
+//! replica's certificate (`O=twill:controllers`, clientAuth). The caller's certificate
+//! chain travels beside it in `x-twill-forwarded-cert` and its address in
+//! `x-twill-forwarded-for`; the leader believes those headers only from a registered
+//! replica and verifies the chain against the client CA (`grpc::auth`), so what the
 //! leader checks (the node a certificate may act for, revocations, rate limits) is the
 //! original caller's. Reads and watches are always served where they arrive.
 
@@ -16,12 +17,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
+use rustls::pki_types::CertificateDer;
 use tonic::body::Body;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tower::{Layer, Service, ServiceExt};
 
 use super::Replica;
+use crate::grpc::auth::{self, Authorized};
 
 /// The header that carries the caller's certificate (DER, hex).
 pub const FORWARDED_CERT: &str = "x-twill-forwarded-cert";
@@ -32,22 +34,6 @@ pub const FORWARDED_BY: &str = "x-twill-forwarded-by";
 
 /// How long the leader may take to start answering a forwarded write.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The RPCs that write: only the leader may serve them.
-const WRITES: &[&str] = &[
-    "/twill.v1.AgentService/Acquire",
-    "/twill.v1.AgentService/Release",
-    "/twill.v1.AdminService/RevokeLease",
-    "/twill.v1.AdminService/Reserve",
-    "/twill.v1.AdminService/Unreserve",
-    "/twill.v1.AdminService/CreateToken",
-    // Listing forgets expired tokens, which is a write.
-    "/twill.v1.AdminService/ListTokens",
-    "/twill.v1.AdminService/DeleteToken",
-    "/twill.v1.AdminService/RevokeNodeCertificates",
-    "/twill.v1.IdentityService/Bootstrap",
-    "/twill.v1.IdentityService/Renew",
-];
 
 /// Wraps the services; without a replica (sled store) it passes everything through.
 #[derive(Clone)]
@@ -100,9 +86,10 @@ where
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         // A call another replica forwarded is never passed on again: two replicas that
         // each still believe the other leads would bounce it between them.
+        // `AuthLayer` has removed the header from every caller but a replica.
         let replica = match &self.replica {
             Some(r)
-                if WRITES.contains(&req.uri().path())
+                if auth::policy(req.uri().path()).is_some_and(|p| p.write)
                     && !r.is_leading()
                     && !req.headers().contains_key(FORWARDED_BY) =>
             {
@@ -118,19 +105,26 @@ where
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A certificate chain as `FORWARDED_CERT` carries it: each certificate's DER in hex,
+/// leaf first, comma-separated.
+pub fn encode_chain(chain: &[CertificateDer<'_>]) -> String {
+    chain
+        .iter()
+        .map(|c| twill_common::hex(c.as_ref()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// Decodes `FORWARDED_CERT`.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+/// Decodes `FORWARDED_CERT`; `None` when it is not a chain of hex DER.
+pub fn decode_chain(s: &str) -> Option<Vec<CertificateDer<'static>>> {
+    s.split(',')
+        .map(|c| {
+            twill_common::unhex(c.trim())
+                .filter(|der| !der.is_empty())
+                .map(CertificateDer::from)
+        })
+        .collect::<Option<Vec<_>>>()
+        .filter(|c| !c.is_empty())
 }
 
 async fn forward(
@@ -144,24 +138,19 @@ async fn forward(
              being served; retry in a few seconds",
         ));
     };
-    let info = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .cloned();
+    let caller = req.extensions().get::<Authorized>().cloned();
     let headers = req.headers_mut();
     for h in [FORWARDED_CERT, FORWARDED_FOR, FORWARDED_BY] {
         headers.remove(h);
     }
-    if let Some(info) = &info {
-        if let Some(leaf) = info.peer_certs().and_then(|c| c.first().cloned()) {
-            if let Ok(v) = HeaderValue::from_str(&hex(leaf.as_ref())) {
+    if let Some(caller) = &caller {
+        if !caller.chain.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&encode_chain(&caller.chain)) {
                 headers.insert(FORWARDED_CERT, v);
             }
         }
-        if let Some(addr) = info.get_ref().remote_addr() {
-            if let Ok(v) = HeaderValue::from_str(&addr.ip().to_string()) {
-                headers.insert(FORWARDED_FOR, v);
-            }
+        if let Ok(v) = HeaderValue::from_str(&caller.ip.to_string()) {
+            headers.insert(FORWARDED_FOR, v);
         }
     }
     if let Ok(v) = HeaderValue::from_str(&r.advertise_url) {
@@ -198,24 +187,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn certificates_travel_as_hex_and_bad_hex_is_refused() {
-        let der = [0u8, 1, 0x7f, 0x80, 0xff];
-        assert_eq!(unhex(&hex(&der)).as_deref(), Some(&der[..]));
-        assert_eq!(unhex("abc"), None, "odd length");
-        assert_eq!(unhex("zz"), None, "not hex");
-    }
-
-    #[test]
-    fn only_writes_are_forwarded() {
-        assert!(WRITES.contains(&"/twill.v1.AgentService/Acquire"));
-        assert!(WRITES.contains(&"/twill.v1.IdentityService/Bootstrap"));
-        for read in [
-            "/twill.v1.AgentService/Watch",
-            "/twill.v1.AgentService/GetNetworkConfig",
-            "/twill.v1.AdminService/Status",
-            "/twill.v1.AdminService/ListLeases",
-        ] {
-            assert!(!WRITES.contains(&read), "{read}");
-        }
+    fn chains_travel_as_hex_and_bad_hex_is_refused() {
+        let chain = [
+            CertificateDer::from(vec![0u8, 1, 0x7f]),
+            CertificateDer::from(vec![0x80u8, 0xff]),
+        ];
+        assert_eq!(
+            decode_chain(&encode_chain(&chain)).as_deref(),
+            Some(&chain[..])
+        );
+        assert_eq!(decode_chain("abc"), None, "odd length");
+        assert_eq!(decode_chain("zz"), None, "not hex");
+        assert_eq!(decode_chain("00,"), None, "an empty certificate");
     }
 }

@@ -201,6 +201,11 @@ async fn reload(
     }
     r.hub.commit(missed);
     r.hub.renew(&snap.leases);
+    // Revocations made during the gap the watch lost.
+    r.identity
+        .reload()
+        .await
+        .map_err(|e| StoreError::Backend(format!("reading revocations: {e}")))?;
     *reservations = snap.reservations;
     if !r.is_leading() {
         r.hub

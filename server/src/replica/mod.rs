@@ -61,6 +61,8 @@ pub struct Replica {
     /// The etcd revision the mirror has applied.
     applied: tokio::sync::watch::Sender<i64>,
     peers: Mutex<HashMap<String, Channel>>,
+    /// The registered replicas as last read, and when (see `is_registered`).
+    registered: Mutex<(Vec<String>, Option<std::time::Instant>)>,
 }
 
 /// The files of this replica's certificate, for its calls to other replicas.
@@ -102,6 +104,7 @@ impl Replica {
             caught_up: AtomicBool::new(false),
             applied: tokio::sync::watch::Sender::new(applied),
             peers: Mutex::new(HashMap::new()),
+            registered: Mutex::default(),
         })
     }
 
@@ -196,6 +199,27 @@ impl Replica {
             .collect();
         urls.sort();
         urls.dedup();
+        *self.registered.lock().unwrap_or_else(|p| p.into_inner()) =
+            (urls.clone(), Some(std::time::Instant::now()));
         Ok(urls)
+    }
+
+    /// Whether `url` is a registered replica's: from the list last read when it names
+    /// `url`, else read again (at most once a second, so that a stream of calls naming
+    /// an unknown URL does not become a stream of etcd reads).
+    pub async fn is_registered(&self, url: &str) -> bool {
+        let fresh_enough = {
+            let r = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+            if r.0.iter().any(|u| u == url) {
+                return true;
+            }
+            r.1.is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        };
+        if fresh_enough {
+            return false;
+        }
+        self.replicas()
+            .await
+            .is_ok_and(|urls| urls.iter().any(|u| u == url))
     }
 }

@@ -636,6 +636,13 @@ impl Store for EtcdStore {
             .collect())
     }
 
+    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("record/{kind}/{id}");
+        let full = self.etcd.key(&key);
+        let (kvs, _) = self.etcd.range(&key).await?;
+        Ok(kvs.into_iter().find(|kv| kv.key == full).map(|kv| kv.value))
+    }
+
     async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
         let key = self.etcd.key("meta/layout");
         // Whichever replica starts first records the layout; the others compare theirs

@@ -138,6 +138,8 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
     /// Every record of a kind, ordered by id.
     async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// One record of a kind, by id.
+    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Records the network layout the leases belong to.
     async fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.

@@ -189,6 +189,13 @@ impl Store for SledStore {
             .collect()
     }
 
+    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get(record_key(kind, id))
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(backend("reading a record"))
+    }
+
     async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
         self.db
             .insert(LAYOUT_KEY, layout.as_bytes())

@@ -32,6 +32,7 @@ impl Pki {
                 &Role::Controller {
                     dns: vec!["localhost".into()],
                     ips: vec!["127.0.0.1".parse().unwrap()],
+                    replica: false,
                 },
                 Validity::days(1).unwrap(),
             )

@@ -1,102 +1,31 @@
-//! The certificate tool behind `twillctl certs`: a CA, the controller's server
-//! certificate and node / admin client certificates laid out as docs/compatibility.md
-//! (Certificates and roles) says.
-//!
-//! * CA: `CN=twill-ca`, basic constraints `CA:TRUE`, key usages keyCertSign + cRLSign.
-//! * controller: `CN=twill-controller`, subjectAltName with the DNS names / IPs agents
-//!   dial, extended key usage serverAuth.
-//! * node: `CN=<node name>, O=twill:nodes`, extended key usage clientAuth.
-//! * admin: `CN=<user>, O=twill:admins`, extended key usage clientAuth.
-//!
-//! Keys are ECDSA P-256 in PKCS#8 PEM (`PRIVATE KEY`), which rustls, openssl and
-//! Go all read. Key files are created with mode 0600, certificates with 0644.
+//! The CA and the certificates it issues: with a fresh key ([`Ca::issue`]) or for the
+//! key of a node's request ([`Ca::sign_node`]).
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use thiserror::Error;
 use time::OffsetDateTime;
 use twill_common::tls::{ADMINS_GROUP, CONTROLLERS_GROUP, NODES_GROUP};
+
+use crate::csr::{parse_node_csr, NodeCsr};
+use crate::error::CertError;
+use crate::files::read_to_string;
 
 /// Common name of the CA certificate.
 pub const CA_COMMON_NAME: &str = "twill-ca";
 /// Common name of the controller's server certificate.
 pub const CONTROLLER_COMMON_NAME: &str = "twill-controller";
-/// File name of the CA certificate inside the certificate directory.
-pub const CA_CERT_FILE: &str = "ca.crt";
-/// File name of the CA private key inside the certificate directory.
-pub const CA_KEY_FILE: &str = "ca.key";
 /// Default validity of the CA, in days (10 years).
 pub const DEFAULT_CA_DAYS: u32 = 3650;
 /// Default validity of controller, node and admin certificates, in days.
 pub const DEFAULT_LEAF_DAYS: u32 = 365;
 /// How far back `not_before` is set, to tolerate clocks that run a little behind.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
-/// Mode of private key files.
-pub const KEY_MODE: u32 = 0o600;
-/// Mode of certificate files.
-pub const CERT_MODE: u32 = 0o644;
-
-/// Why a certificate could not be made or written.
-#[derive(Debug, Error)]
-pub enum CertError {
-    /// rcgen refused the parameters or failed to sign.
-    #[error("cannot generate the {what}: {source}")]
-    Generate {
-        /// What was being made, e.g. "CA certificate".
-        what: String,
-        /// The underlying error.
-        source: rcgen::Error,
-    },
-    /// A file to write exists already and `--force` was not given.
-    #[error("{0} exists; pass --force to overwrite")]
-    Exists(PathBuf),
-    /// A file could not be read or written.
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        /// "read", "write", "create" ...
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The CA certificate or key is unusable.
-    #[error("{0}")]
-    BadCa(String),
-    /// A request parameter is invalid (node name, validity, SANs).
-    #[error("{0}")]
-    Invalid(String),
-    /// A certificate signing request was refused.
-    #[error("csr_pem: {msg}")]
-    Csr {
-        /// What kind of fault, for callers that count refusals by reason.
-        fault: CsrFault,
-        /// What is wrong, for a person.
-        msg: String,
-    },
-}
-
-/// What is wrong with a certificate signing request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CsrFault {
-    /// It is no PEM PKCS#10 request.
-    Malformed,
-    /// Its signature does not verify with the key it carries.
-    BadSignature,
-    /// Its key is too weak (RSA under 2048 bits).
-    WeakKey,
-    /// Its subject has no CN that is a valid node name.
-    Subject,
-}
 
 /// A certificate and its private key, both PEM.
 #[derive(Debug, Clone)]
@@ -146,12 +75,18 @@ impl Validity {
 /// What kind of certificate to issue with the CA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    /// The controller's server certificate (serverAuth) for these names and addresses.
+    /// The controller's certificate for these names and addresses:
+    /// `CN=twill-controller, O=twill:controllers`, serverAuth; with `replica` also
+    /// clientAuth.
     Controller {
         /// DNS subjectAltNames.
         dns: Vec<String>,
         /// IP subjectAltNames.
         ips: Vec<IpAddr>,
+        /// For one of several replicas on etcd (`--store etcd`): also a client
+        /// certificate (clientAuth), which a replica presents when it forwards a write
+        /// to the leader. A single controller's certificate serves only.
+        replica: bool,
     },
     /// An agent's client certificate: `CN=<name>, O=twill:nodes`.
     Node(String),
@@ -172,14 +107,19 @@ impl Role {
     /// Short human description, e.g. `CN=node-1, O=twill:nodes, clientAuth`.
     pub fn describe(&self) -> String {
         match self {
-            Role::Controller { dns, ips } => {
+            Role::Controller { dns, ips, replica } => {
                 let sans: Vec<String> = dns
                     .iter()
                     .map(|d| format!("DNS:{d}"))
                     .chain(ips.iter().map(|i| format!("IP:{i}")))
                     .collect();
+                let usage = if *replica {
+                    "serverAuth + clientAuth (replica)"
+                } else {
+                    "serverAuth"
+                };
                 format!(
-                    "CN={CONTROLLER_COMMON_NAME}, O={CONTROLLERS_GROUP}, serverAuth + clientAuth, SANs {}",
+                    "CN={CONTROLLER_COMMON_NAME}, O={CONTROLLERS_GROUP}, {usage}, SANs {}",
                     sans.join(" ")
                 )
             }
@@ -190,7 +130,7 @@ impl Role {
 
     fn validate(&self) -> Result<(), CertError> {
         match self {
-            Role::Controller { dns, ips } => {
+            Role::Controller { dns, ips, .. } => {
                 if dns.is_empty() && ips.is_empty() {
                     return Err(CertError::Invalid(
                         "a controller certificate needs at least one --dns name or --ip address"
@@ -217,6 +157,23 @@ impl std::fmt::Debug for Ca {
     }
 }
 
+/// A node certificate signed for a certificate signing request.
+#[derive(Debug, Clone)]
+pub struct SignedNode {
+    /// The node (the request's CN).
+    pub node: String,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it expires.
+    pub not_after: SystemTime,
+    /// SHA-256 of its SubjectPublicKeyInfo: the request's key (see [`crate::spki_sha256`]).
+    pub key_sha256: [u8; 32],
+}
+
 impl Ca {
     /// Loads a CA from its certificate and PKCS#8 key (both PEM) and checks that
     /// they belong together and that the certificate is a CA.
@@ -236,8 +193,7 @@ impl Ca {
             .basic_constraints()
             .ok()
             .flatten()
-            .map(|bc| bc.value.ca)
-            .unwrap_or(false);
+            .is_some_and(|bc| bc.value.ca);
         if !is_ca {
             return Err(CertError::BadCa(
                 "the CA certificate is not a CA (basic constraints CA:TRUE missing)".into(),
@@ -280,7 +236,7 @@ impl Ca {
         let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
         match role {
-            Role::Controller { dns, ips } => {
+            Role::Controller { dns, ips, replica } => {
                 dn.push(DnType::CommonName, CONTROLLER_COMMON_NAME);
                 for d in dns {
                     let name = d.clone().try_into().map_err(|e| {
@@ -291,13 +247,16 @@ impl Ca {
                 params
                     .subject_alt_names
                     .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-                // Replicas on etcd present their serving certificate to each other when
-                // they forward a write to the leader: it is a client certificate too.
                 dn.push(DnType::OrganizationName, CONTROLLERS_GROUP);
-                params.extended_key_usages = vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                // Replicas on etcd present their serving certificate to each other when
+                // they forward a write to the leader: theirs is a client certificate too.
+                // A single controller's is not, so it cannot act as a client anywhere.
+                if *replica {
+                    params
+                        .extended_key_usages
+                        .push(ExtendedKeyUsagePurpose::ClientAuth);
+                }
             }
             Role::Node(name) => node_subject(&mut params, &mut dn, name),
             Role::Admin(name) => {
@@ -321,56 +280,20 @@ impl Ca {
             not_after: validity.not_after,
         })
     }
-}
 
-/// A node certificate signed from a certificate signing request.
-#[derive(Debug, Clone)]
-pub struct SignedNode {
-    /// The node (the request's CN).
-    pub node: String,
-    /// The certificate, PEM.
-    pub cert_pem: String,
-    /// Its serial number, hex.
-    pub serial: String,
-    /// When it expires.
-    pub not_after: SystemTime,
-}
-
-impl Ca {
-    /// Signs a node certificate for the key of a PKCS#10 request (PEM): subject
-    /// `CN=<the request's CN>, O=twill:nodes`, extended key usage clientAuth, valid for
-    /// `validity`. The request's signature is verified; the rest of its subject and
-    /// its extensions are not copied. Refused ([`CertError::Csr`], with its fault): a
-    /// request that does not parse or whose signature is wrong, an RSA key under 2048
-    /// bits, a CN that is no valid node name.
-    pub fn sign_node_csr(
-        &self,
-        csr_pem: &str,
-        validity: Validity,
-    ) -> Result<SignedNode, CertError> {
-        let (der, node) = parse_csr(csr_pem)?;
-        // Verifies the request's signature.
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).map_err(|e| {
-            let fault = match e {
-                rcgen::Error::InvalidCertificationRequestSignature => CsrFault::BadSignature,
-                _ => CsrFault::Malformed,
-            };
-            CertError::Csr {
-                fault,
-                msg: e.to_string(),
-            }
-        })?;
+    /// Signs a node certificate for the key of a request that [`parse_node_csr`] accepted:
+    /// subject `CN=<the request's CN>, O=twill:nodes`, extended key usage clientAuth,
+    /// valid for `validity`. Nothing else of the request (the rest of its subject, its
+    /// extensions) is copied.
+    pub fn sign_node(&self, csr: &NodeCsr, validity: Validity) -> Result<SignedNode, CertError> {
+        let node = csr.common_name.clone();
         let what = format!("node certificate for {node}");
         let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
         node_subject(&mut params, &mut dn, &node);
         params.distinguished_name = dn;
-        let request = rcgen::CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        };
-        let cert = request
-            .signed_by(&self.issuer)
+        let cert = params
+            .signed_by(csr.public_key(), &self.issuer)
             .map_err(|source| CertError::Generate { what, source })?;
         let serial = x509_parser::parse_x509_certificate(cert.der())
             .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))
@@ -378,65 +301,23 @@ impl Ca {
         Ok(SignedNode {
             node,
             cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
             serial,
             not_after: validity.not_after,
+            key_sha256: csr.key_sha256,
         })
     }
-}
 
-/// The DER of a PKCS#10 request (PEM) and its subject CN, checked to be a valid node
-/// name; RSA keys under 2048 bits are refused. The signature is checked by the signer.
-fn parse_csr(csr_pem: &str) -> Result<(Vec<u8>, String), CertError> {
-    use x509_parser::prelude::FromDer;
-    let bad = |fault: CsrFault, msg: String| CertError::Csr { fault, msg };
-    let der = pem_block(csr_pem, "CERTIFICATE REQUEST").ok_or_else(|| {
-        bad(
-            CsrFault::Malformed,
-            "no PEM CERTIFICATE REQUEST block".into(),
-        )
-    })?;
-    let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-        .map_err(|e| bad(CsrFault::Malformed, format!("not a PKCS#10 request: {e}")))?;
-    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) =
-        parsed.certification_request_info.subject_pki.parsed()
-    {
-        if rsa.key_size() < 2048 {
-            return Err(bad(
-                CsrFault::WeakKey,
-                format!(
-                    "an RSA key of {} bits is too weak: use ECDSA P-256 or RSA of 2048 bits or more",
-                    rsa.key_size()
-                ),
-            ));
-        }
+    /// [`parse_node_csr`] and [`Ca::sign_node`] in one: signs a node certificate for a
+    /// PKCS#10 request (PEM), refused ([`CertError::Csr`], with its fault) as
+    /// [`parse_node_csr`] says.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        validity: Validity,
+    ) -> Result<SignedNode, CertError> {
+        self.sign_node(&parse_node_csr(csr_pem)?, validity)
     }
-    let node = parsed
-        .certification_request_info
-        .subject
-        .iter_common_name()
-        .next()
-        .ok_or_else(|| {
-            bad(
-                CsrFault::Subject,
-                "the subject has no CN (the node name)".into(),
-            )
-        })?
-        .as_str()
-        .map_err(|e| {
-            bad(
-                CsrFault::Subject,
-                format!("subject CN is not a string: {e}"),
-            )
-        })?
-        .to_string();
-    twill_common::lease::validate_node_name(&node)
-        .map_err(|e| bad(CsrFault::Subject, format!("subject CN: {e}")))?;
-    Ok((der, node))
-}
-
-/// The node a certificate signing request (PEM) is for: its subject CN.
-pub fn csr_common_name(csr_pem: &str) -> Result<String, CertError> {
-    parse_csr(csr_pem).map(|(_, node)| node)
 }
 
 /// What every leaf certificate has: not a CA, digital signature, the CA's key id.
@@ -509,85 +390,6 @@ fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
         .map(|p| p.contents)
 }
 
-fn read_to_string(path: &Path) -> Result<String, CertError> {
-    std::fs::read_to_string(path).map_err(|source| CertError::Io {
-        action: "read",
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// The two files a certificate is written to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Written {
-    /// The certificate file (mode 0644).
-    pub cert: PathBuf,
-    /// The key file (mode 0600).
-    pub key: PathBuf,
-}
-
-/// Writes `issued` as `DIR/STEM.crt` (0644) and `DIR/STEM.key` (0600), creating `dir`
-/// when missing. Without `force`, refuses when either file exists (before writing any).
-pub fn write_pair(
-    dir: &Path,
-    stem: &str,
-    issued: &Issued,
-    force: bool,
-) -> Result<Written, CertError> {
-    let written = Written {
-        cert: dir.join(format!("{stem}.crt")),
-        key: dir.join(format!("{stem}.key")),
-    };
-    if !force {
-        for p in [&written.key, &written.cert] {
-            if p.symlink_metadata().is_ok() {
-                return Err(CertError::Exists(p.clone()));
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
-        action: "create directory",
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    write_file(&written.key, issued.key_pem.as_bytes(), KEY_MODE, force)?;
-    write_file(&written.cert, issued.cert_pem.as_bytes(), CERT_MODE, force)?;
-    Ok(written)
-}
-
-/// Writes `data` to `path`, creating it with `mode` (subject to the umask).
-/// Without `force` the file must not exist (checked atomically with `O_EXCL`); with
-/// `force` a temporary file is created with `mode` beside it and renamed over `path`,
-/// so an old file's looser permissions never carry over to a new key.
-pub fn write_file(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<(), CertError> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CertError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    if !force {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    CertError::Exists(path.to_path_buf())
-                } else {
-                    io("create", path)(e)
-                }
-            })?;
-        f.write_all(data).map_err(io("write", path))?;
-        f.sync_all().map_err(io("write", path))?;
-        return Ok(());
-    }
-    twill_common::fs::write_atomic(path, data, mode).map_err(io("write", path))
-}
-
 /// Formats a time as RFC 3339 (UTC, seconds), e.g. `2035-01-01T00:00:00Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -596,6 +398,19 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn test_ca() -> Ca {
+        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
+        Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap()
+    }
+
+    /// (serverAuth, clientAuth) of a certificate.
+    fn ekus(der: &[u8]) -> (bool, bool) {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        (eku.server_auth, eku.client_auth)
+    }
 
     #[test]
     fn ca_and_key_must_match() {
@@ -608,8 +423,7 @@ mod tests {
 
     #[test]
     fn leaf_cannot_sign() {
-        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
-        let ca = Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let ca = test_ca();
         let node = ca
             .issue(&Role::Node("n1".into()), Validity::days(1).unwrap())
             .unwrap();
@@ -619,8 +433,7 @@ mod tests {
 
     #[test]
     fn bad_names_refused() {
-        let ca = new_ca(Validity::days(1).unwrap()).unwrap();
-        let ca = Ca::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let ca = test_ca();
         let v = Validity::days(1).unwrap();
         assert!(ca.issue(&Role::Node("bad name".into()), v).is_err());
         assert!(ca.issue(&Role::Admin(String::new()), v).is_err());
@@ -628,10 +441,48 @@ mod tests {
             .issue(
                 &Role::Controller {
                     dns: vec![],
-                    ips: vec![]
+                    ips: vec![],
+                    replica: false,
                 },
                 v
             )
             .is_err());
+    }
+
+    #[test]
+    fn only_a_replica_controller_certificate_is_a_client_certificate() {
+        let ca = test_ca();
+        let v = Validity::days(1).unwrap();
+        let role = |replica| Role::Controller {
+            dns: vec!["twill.example.com".into()],
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            replica,
+        };
+        let single = ca.issue(&role(false), v).unwrap();
+        assert_eq!(ekus(&single.cert_der), (true, false));
+        let replica = ca.issue(&role(true), v).unwrap();
+        assert_eq!(ekus(&replica.cert_der), (true, true));
+        for issued in [&single, &replica] {
+            let (_, cert) = X509Certificate::from_der(&issued.cert_der).unwrap();
+            let orgs: Vec<&str> = cert
+                .subject()
+                .iter_organization()
+                .map(|o| o.as_str().unwrap())
+                .collect();
+            assert_eq!(orgs, [CONTROLLERS_GROUP]);
+        }
+        assert!(role(false)
+            .describe()
+            .contains(", serverAuth, SANs DNS:twill"));
+        assert!(role(true).describe().contains("serverAuth + clientAuth"));
+    }
+
+    #[test]
+    fn node_and_admin_certificates_are_client_certificates() {
+        let ca = test_ca();
+        let v = Validity::days(1).unwrap();
+        for role in [Role::Node("n1".into()), Role::Admin("alice".into())] {
+            assert_eq!(ekus(&ca.issue(&role, v).unwrap().cert_der), (false, true));
+        }
     }
 }

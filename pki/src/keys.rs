@@ -1,0 +1,88 @@
+//! The SHA-256 of a public key (its whole SubjectPublicKeyInfo, DER), which names the
+//! key a lease belongs to, and hex, the form such hashes and serials are shown in.
+
+use ring::digest::{digest, SHA256};
+
+use crate::csr::{csr_der, parse_request};
+use crate::error::CertError;
+
+/// SHA-256 of a SubjectPublicKeyInfo (DER): the algorithm and the key, as a certificate
+/// or a request carries them (`x509_parser`'s `public_key().raw`; rcgen's
+/// `PublicKeyData::subject_public_key_info()` for a key pair).
+pub fn spki_sha256(spki_der: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, spki_der).as_ref());
+    out
+}
+
+/// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate in DER form, e.g.
+/// a TLS peer's. [`CertError::BadCert`] when it does not parse.
+pub fn key_sha256_of_cert_der(der: &[u8]) -> Result<[u8; 32], CertError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::BadCert(e.to_string()))?;
+    Ok(spki_sha256(cert.public_key().raw))
+}
+
+/// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate signing request
+/// (PEM), equal to that of a certificate signed for it ([`crate::Ca::sign_node`]). The
+/// request must be well-formed as [`crate::parse_node_csr`] says (one PEM block, one
+/// request, nothing after it: else [`CertError::Csr`] with
+/// [`crate::CsrFault::Malformed`]); its key, subject and signature are not checked.
+pub fn key_sha256_of_csr(csr_pem: &str) -> Result<[u8; 32], CertError> {
+    let der = csr_der(csr_pem)?;
+    let req = parse_request(&der)?;
+    Ok(spki_sha256(req.certification_request_info.subject_pki.raw))
+}
+
+pub use twill_common::{hex, unhex};
+
+#[cfg(test)]
+mod tests {
+    use rcgen::PublicKeyData;
+
+    use super::*;
+    use crate::ca::{new_ca, Ca, Validity};
+    use crate::csr::{generate_key, node_csr_pem};
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(unhex("000fa5ff"), Some(vec![0x00, 0x0f, 0xa5, 0xff]));
+        assert_eq!(unhex("000FA5Ff"), Some(vec![0x00, 0x0f, 0xa5, 0xff]));
+        assert_eq!(unhex(""), Some(vec![]));
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(unhex(&hex(&all)), Some(all));
+        for bad in [
+            "0", "abc", "0g", "+f", "-1", " 0f", "0x0f", "0f ", "é0", "0f:00",
+        ] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_and_its_request_hash_to_the_same_key() {
+        let root = new_ca(Validity::days(1).unwrap()).unwrap();
+        let ca = Ca::from_pem(&root.cert_pem, &root.key_pem).unwrap();
+        let key = generate_key().unwrap();
+        let csr = node_csr_pem("node-a", &key).unwrap();
+        let from_csr = key_sha256_of_csr(&csr).unwrap();
+        assert_eq!(from_csr, spki_sha256(&key.subject_public_key_info()));
+        let signed = ca.sign_node_csr(&csr, Validity::days(1).unwrap()).unwrap();
+        assert_eq!(key_sha256_of_cert_der(&signed.cert_der).unwrap(), from_csr);
+        assert_eq!(signed.key_sha256, from_csr);
+        // The hash of a well-known value, so that other tools can compute it too
+        // (`openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`).
+        assert_eq!(
+            hex(&spki_sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // Another key, another hash.
+        let other = node_csr_pem("node-a", &generate_key().unwrap()).unwrap();
+        assert_ne!(key_sha256_of_csr(&other).unwrap(), from_csr);
+        assert!(matches!(
+            key_sha256_of_cert_der(b"not a certificate"),
+            Err(CertError::BadCert(_))
+        ));
+    }
+}
