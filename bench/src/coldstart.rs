@@ -23,7 +23,7 @@ use crate::pki::Pki;
 use crate::procstat::Usage;
 use crate::sim::{self, Tracker};
 use crate::stats::{median, median_dist, Dist};
-use crate::twill::{self, connect_one, node_tls, CONNECT_PARALLEL};
+use crate::twill::{self, connect_from, connect_one, node_tls, CONNECT_PARALLEL};
 
 /// Makes the bootstrap token of a run with the admin certificate, as `twillctl token
 /// create` does.
@@ -105,6 +105,13 @@ struct Node {
     prepared: Prepared,
 }
 
+/// Simulated node `i`'s own source address, in 127.0.0.0/8 (all of it is this
+/// machine's loopback): 127.1.0.0 onwards.
+fn loopback_source(i: usize) -> std::net::IpAddr {
+    let [_, b, c, d] = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();
+    std::net::Ipv4Addr::new(127, b.saturating_add(1), c, d).into()
+}
+
 /// One node's cold start. Connections take a permit of `handshakes`, as the join
 /// storm's do before its time zero (a burst of thousands overflows the listen backlog).
 async fn cold_node(
@@ -129,7 +136,9 @@ async fn cold_node(
         let Ok(_permit) = handshakes.acquire().await else {
             return;
         };
-        match connect_one(&url, tls).await {
+        // Each node from an address of its own, as real nodes are: the controller
+        // limits token attempts per source address.
+        match connect_from(&url, tls, Some(loopback_source(i))).await {
             Ok(c) => c,
             Err(e) => return m.fail(i, format!("bootstrap connection: {e:#}")),
         }

@@ -42,7 +42,9 @@ impl Pki {
             &Role::Controller {
                 dns: vec!["localhost".into()],
                 ips: vec!["127.0.0.1".parse()?],
-                replica: false,
+                // The same certificate serves the HA scenario's replicas, which call
+                // each other with it (clientAuth).
+                replica: true,
             },
             validity,
         )?;

@@ -28,9 +28,19 @@ type Client = AgentServiceClient<Channel>;
 /// Opens one TLS channel to the controller now, trying 5 times half a second apart
 /// (a connection refused under a burst of handshakes is retried, as the agent would).
 pub async fn connect_one(url: &str, tls: ClientTlsConfig) -> Result<Channel> {
+    connect_from(url, tls, None).await
+}
+
+/// `connect_one` from source address `local` (`None`: the system's choice).
+pub async fn connect_from(
+    url: &str,
+    tls: ClientTlsConfig,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel> {
     let mut last = None;
     for _ in 0..5 {
         match Endpoint::from_shared(url.to_string())?
+            .local_address(local)
             .tls_config(tls.clone())?
             .connect_timeout(Duration::from_secs(20))
             .http2_keep_alive_interval(Duration::from_secs(30))

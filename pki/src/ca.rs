@@ -382,6 +382,28 @@ fn to_offset(t: SystemTime) -> Result<OffsetDateTime, CertError> {
         .map_err(|e| CertError::Invalid(format!("validity date out of range: {e}")))
 }
 
+/// Whether the certificate in `cert_pem` is one of the CA certificates in `bundle_pem`,
+/// or is signed by one of them: a signing CA must chain to the client CA, or the
+/// certificates it signs would be refused at every handshake.
+pub fn chains_to(cert_pem: &str, bundle_pem: &str) -> bool {
+    let Some(der) = pem_block(cert_pem, "CERTIFICATE") else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    x509_parser::pem::Pem::iter_from_buffer(bundle_pem.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "CERTIFICATE")
+        .any(|p| {
+            p.contents == der
+                || x509_parser::parse_x509_certificate(&p.contents).is_ok_and(|(_, ca)| {
+                    cert.issuer() == ca.subject()
+                        && cert.verify_signature(Some(ca.public_key())).is_ok()
+                })
+        })
+}
+
 /// Decodes the first PEM block labelled `label`.
 fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
@@ -399,6 +421,23 @@ pub fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use x509_parser::prelude::{FromDer, X509Certificate};
+
+    #[test]
+    fn a_certificate_chains_to_its_ca_only() {
+        let (a, b) = (test_ca(), test_ca());
+        let leaf = a
+            .issue(&Role::Node("n1".into()), Validity::days(1).unwrap())
+            .unwrap();
+        let bundle = format!("{}{}", b.cert_pem(), a.cert_pem());
+        assert!(chains_to(a.cert_pem(), a.cert_pem()), "the CA itself");
+        assert!(
+            chains_to(&leaf.cert_pem, &bundle),
+            "signed by one in the bundle"
+        );
+        assert!(!chains_to(&leaf.cert_pem, b.cert_pem()), "another CA");
+        assert!(!chains_to(b.cert_pem(), a.cert_pem()));
+        assert!(!chains_to("not PEM", a.cert_pem()));
+    }
 
     fn test_ca() -> Ca {
         let ca = new_ca(Validity::days(1).unwrap()).unwrap();

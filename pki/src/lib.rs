@@ -27,7 +27,7 @@ mod files;
 mod keys;
 
 pub use ca::{
-    new_ca, rfc3339, Ca, Issued, Role, SignedNode, Validity, BACKDATE, CA_COMMON_NAME,
+    chains_to, new_ca, rfc3339, Ca, Issued, Role, SignedNode, Validity, BACKDATE, CA_COMMON_NAME,
     CONTROLLER_COMMON_NAME, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS,
 };
 pub use csr::{

@@ -21,10 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use twill_ctl::certs::{Ca, CertError, CsrFault, Validity};
+use twill_pki::{parse_node_csr, Ca, CertError, CsrFault, NodeCsr, Validity};
 use twill_proto::{BootstrapResponse, BootstrapToken, IssuedCertificate};
 
 use crate::metrics::{now_unix, Metrics, Refusal};
@@ -261,6 +260,13 @@ impl Signer {
     /// client CA itself (an intermediate), it is sent after each node certificate.
     pub fn load(cert: &Path, key: &Path, client_ca_pem: &str) -> Result<Self, String> {
         let ca = Ca::load(cert, key).map_err(|e| format!("--signing-cert/--signing-key: {e}"))?;
+        if !twill_pki::chains_to(ca.cert_pem(), client_ca_pem) {
+            return Err(format!(
+                "--signing-cert {} is neither the client CA (--tls-client-ca) nor signed by it: \
+                 the certificates it signs would be refused at every handshake",
+                cert.display()
+            ));
+        }
         let same = ca.cert_pem().trim() == client_ca_pem.trim()
             || client_ca_pem.contains(ca.cert_pem().trim());
         let chain = if same {
@@ -498,12 +504,20 @@ impl Identity {
         // second (certificate times have no finer grain) and must not be caught, nor
         // be valid only from the future. Every certificate issued before now started
         // minutes earlier (backdated), so it is caught.
-        let at = now_unix() - 1;
         let key = if admin {
             format!("{ADMIN_REVOCATION}{name}")
         } else {
             name.to_string()
         };
+        // A second revocation within the second of the first must still catch what was
+        // issued between them (valid from the first's second + 1): it moves forward.
+        let before = self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
+        let at = (now_unix() - 1).max(before.map_or(i64::MIN, |b| b + 1));
         self.store
             .put_record(REVOKED_KIND, &key, at.to_string().as_bytes())
             .await?;
@@ -723,7 +737,8 @@ impl Identity {
                 ),
             });
         }
-        let csr = twill_ctl::certs::csr_common_name(csr_pem)?;
+        let request = parse_node_csr(csr_pem)?;
+        let csr = request.common_name.clone();
         if !record.admits(&csr) {
             return Err(IdentityError::TokenNotAllowed {
                 refusal: Refusal::TokenNotForName,
@@ -742,7 +757,7 @@ impl Identity {
         }
         record.uses += 1;
         record.last_used_unix = now;
-        let issued = self.issue(&mut state, &signer, csr_pem, None, id).await?;
+        let issued = self.issue(&mut state, &signer, &request, None, id).await?;
         self.put_token(&record).await?;
         self.store.flush().await?;
         Ok(issued)
@@ -772,13 +787,13 @@ impl Identity {
     }
 
     /// Signs a new certificate for `node`, which presented the certificate `current`
-    /// (rotation). Checked again under the lock: a revocation made since the call was
-    /// admitted refuses it.
+    /// (rotation), and says the new key's hash. Checked again under the lock: a
+    /// revocation made since the call was admitted refuses it.
     pub async fn renew(
         &self,
         current: &twill_common::tls::Identity,
         csr_pem: &str,
-    ) -> Result<BootstrapResponse, IdentityError> {
+    ) -> Result<(BootstrapResponse, [u8; 32]), IdentityError> {
         let signer = self.signer()?;
         let node = current.name.as_str();
         if self.renewals.check(node).is_err() {
@@ -787,29 +802,30 @@ impl Identity {
                  {RENEWS_PER_HOUR} an hour; retry later"
             )));
         }
+        let request = parse_node_csr(csr_pem)?;
         let mut state = self.lock.lock().await;
         if let Some(why) = self.refused(current) {
             return Err(IdentityError::Revoked(why));
         }
         let issued = self
-            .issue(&mut state, &signer, csr_pem, Some(node), "")
+            .issue(&mut state, &signer, &request, Some(node), "")
             .await?;
         self.store.flush().await?;
         self.metrics.certs_renewed.inc();
-        Ok(issued)
+        Ok((issued, request.key_sha256))
     }
 
-    /// Signs `csr_pem` (for `node` only, when given) and records it; not flushed.
+    /// Signs `csr` (for `node` only, when given) and records it; not flushed.
     async fn issue(
         &self,
         state: &mut State,
         signer: &Signer,
-        csr_pem: &str,
+        csr: &NodeCsr,
         node: Option<&str>,
         token_id: &str,
     ) -> Result<BootstrapResponse, IdentityError> {
-        let cn = twill_ctl::certs::csr_common_name(csr_pem)?;
-        if let Some(node) = node.filter(|n| *n != cn) {
+        let cn = &csr.common_name;
+        if let Some(node) = node.filter(|n| n != cn) {
             return Err(IdentityError::BadCsr {
                 fault: CsrFault::Subject,
                 msg: format!(
@@ -817,15 +833,10 @@ impl Identity {
                 ),
             });
         }
-        let validity = self.validity_for(&cn);
-        let signed = signer.ca.sign_node_csr(csr_pem, validity)?;
+        let validity = self.validity_for(cn);
+        let signed = signer.ca.sign_node(csr, validity)?;
         let now = now_unix();
-        let key_sha256 = twill_common::tls::Identity::from_der(
-            &rustls::pki_types::CertificateDer::from_pem_slice(signed.cert_pem.as_bytes())
-                .map_err(|e| IdentityError::Invalid(format!("the signed certificate: {e}")))?,
-        )
-        .map(|id| twill_common::hex(&id.key_sha256))
-        .map_err(|e| IdentityError::Invalid(format!("the signed certificate: {e}")))?;
+        let key_sha256 = twill_common::hex(&signed.key_sha256);
         let issued = IssuedRecord {
             node_name: signed.node.clone(),
             serial: signed.serial.clone(),

@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use twill_ctl::certs::CsrFault;
+use twill_pki::CsrFault;
 
 use crate::identity::TokenFault;
 

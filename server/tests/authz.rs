@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use support::{acquire_request, Controller, Pki, NET_CONF};
 use tonic::Code;
-use twill_ctl::certs::{Role, Validity};
+use twill_pki::{Role, Validity};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{ListLeasesRequest, ReleaseRequest};
 
@@ -26,12 +26,7 @@ async fn lease_count(ctl: &Controller, pki: &Pki) -> usize {
 
 /// A call over a connection the controller must refuse at the TLS layer: either the
 /// handshake fails or the first call does; nothing may succeed.
-async fn assert_refused(
-    ctl: &Controller,
-    pki: &Pki,
-    id: Option<&twill_ctl::certs::Issued>,
-    what: &str,
-) {
+async fn assert_refused(ctl: &Controller, pki: &Pki, id: Option<&twill_pki::Issued>, what: &str) {
     let factory = ctl.channel_factory().with_ca(pki);
     match factory.connect_as(id).await {
         Err(_) => {}

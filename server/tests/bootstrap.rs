@@ -14,7 +14,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P2
 use support::{acquire_request, http_get, Controller, Pki, NET_CONF};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
-use twill_ctl::certs::{Role, Validity};
+use twill_pki::{Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::identity_service_client::IdentityServiceClient;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{acquire_request, Controller, Pki, NET_CONF};
-use twill_ctl::certs::Role;
+use twill_pki::Role;
 
 /// The serial of the certificate the controller presents, as openssl reads it.
 fn presented_serial(ctl: &Controller) -> String {

@@ -13,7 +13,7 @@ use support::{acquire_request, http_get, Controller, Pki, NET_CONF};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use twill_ctl::certs::Role;
+use twill_pki::Role;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::{
@@ -51,7 +51,7 @@ async fn bootstrap(
     pki: &Pki,
     token: &str,
     cn: &str,
-) -> Result<twill_ctl::certs::Issued, Status> {
+) -> Result<twill_pki::Issued, Status> {
     let (csr_pem, key) = csr(cn);
     let resp = IdentityServiceClient::new(ctl.channel(pki, None).await.unwrap())
         .bootstrap(BootstrapRequest {
@@ -60,7 +60,7 @@ async fn bootstrap(
         })
         .await?
         .into_inner();
-    Ok(twill_ctl::certs::Issued {
+    Ok(twill_pki::Issued {
         cert_der: Vec::new(),
         cert_pem: resp.certificate_chain_pem,
         key_pem: key.serialize_pem(),
@@ -212,7 +212,7 @@ async fn a_lease_belongs_to_the_key_that_took_it_across_renewal_and_restart() {
         .await
         .unwrap()
         .into_inner();
-    let renewed = twill_ctl::certs::Issued {
+    let renewed = twill_pki::Issued {
         cert_der: Vec::new(),
         cert_pem: renewed.certificate_chain_pem,
         key_pem: key.serialize_pem(),
@@ -362,7 +362,7 @@ async fn every_rpc_admits_exactly_the_callers_its_policy_names() {
     // Backdated, as every certificate is: it starts before the revocation.
     let revoked = pki.issue(Role::Node("revoked-node".into()));
     let expired = {
-        let mut v = twill_ctl::certs::Validity::days(1).unwrap();
+        let mut v = twill_pki::Validity::days(1).unwrap();
         v.not_after = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
         pki.ca.issue(&Role::Node("self-node".into()), v).unwrap()
     };
@@ -380,7 +380,7 @@ async fn every_rpc_admits_exactly_the_callers_its_policy_names() {
         ("x-twill-forwarded-by", ctl.url()),
         ("x-twill-forwarded-for", "203.0.113.9".into()),
     ];
-    let connect = |id: Option<twill_ctl::certs::Issued>| {
+    let connect = |id: Option<twill_pki::Issued>| {
         let f = ctl.channel_factory().with_ca(&pki);
         async move { f.connect_as(id.as_ref()).await.ok() }
     };

@@ -133,7 +133,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     ov.wait_converged(SETTLE)?;
 
     // 5. Start to first lease with nothing but the token, again and again (node-b's
-    //    key and certificate removed before each start).
+    //    key and certificate removed, and the node revoked, before each start).
     let mut fresh = Vec::new();
     for _ in 0..FRESH_BOOTSTRAPS {
         ensure!(
@@ -142,6 +142,9 @@ fn scenario(ov: &Overlay) -> Result<()> {
         );
         std::fs::remove_file(ov.node_cert_file(b))?;
         std::fs::remove_file(ov.node_key_file(b))?;
+        // A node that lost its key is alive to the controller (its lease and
+        // certificate): a token cannot take its name until an admin revokes it.
+        ov.twillctl(&["certs", "revoke", b])?;
         let t = Instant::now();
         ov.restart_agent(b)?;
         fresh.extend(wait_all_healthy(ov, &BTreeMap::from([(b, t)]), SETTLE)?.into_values());
@@ -166,6 +169,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
         "node-c's agent did not exit cleanly"
     );
     std::fs::remove_file(ov.node_cert_file(c))?;
+    ov.twillctl(&["certs", "revoke", c])?;
     ov.write_bootstrap_token(c, WRONG_TOKEN)?;
     ov.restart_agent(c)?;
     let refusals = wait_refusals(ov, c, 2)?;

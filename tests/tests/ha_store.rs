@@ -1667,7 +1667,12 @@ fn migration_scenario(bins: &Bins, dir: &Path) -> Result<()> {
     for (node, l) in &sled_table {
         let mut want = l.clone();
         want.reserved = false;
-        if stored.leases.get(node) != Some(&want) {
+        // The admin API does not show whose key holds a lease; the copy must keep it.
+        let got = stored.leases.get(node).map(|g| {
+            let mut g = g.clone();
+            (std::mem::take(&mut g.holder_key), g)
+        });
+        if !matches!(&got, Some((key, g)) if *g == want && key.len() == 32) {
             differ.push(format!(
                 "{node}: sled {want:?}, etcd {:?}",
                 stored.leases.get(node)

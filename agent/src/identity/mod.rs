@@ -33,7 +33,7 @@ use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::KeyPair;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 use tracing::{info, warn};
@@ -247,23 +247,10 @@ pub fn read_token(path: &Path) -> Result<Token> {
     Ok(Token(token.to_string()))
 }
 
-/// A new ECDSA P-256 key.
-pub fn generate_key() -> Result<KeyPair> {
-    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("cannot generate a key")
-}
-
-/// A PKCS#10 request (PEM) for `CN=<node>, O=twill:nodes`, signed with `key`.
-pub fn csr_pem(node: &str, key: &KeyPair) -> Result<String> {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, node);
-    dn.push(DnType::OrganizationName, NODES_GROUP);
-    params.distinguished_name = dn;
-    params
-        .serialize_request(key)
-        .and_then(|csr| csr.pem())
-        .context("cannot make the certificate signing request")
-}
+/// A new ECDSA P-256 key, and the PKCS#10 request (PEM) for `CN=<node>,
+/// O=twill:nodes` that a node sends to get its certificate: made by the PKI crate the
+/// controller parses them with.
+pub use twill_pki::{generate_key, node_csr_pem as csr_pem};
 
 /// Creates `dir` (and missing parents) with `mode` unless it exists.
 pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
@@ -609,7 +596,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use rcgen::{date_time_ymd, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
+    use rcgen::{
+        date_time_ymd, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyUsagePurpose,
+    };
     use x509_parser::certification_request::X509CertificationRequest;
 
     const NOW: i64 = 1_767_225_600; // 2026-01-01

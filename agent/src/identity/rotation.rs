@@ -234,7 +234,7 @@ pub async fn renew(
 ) -> Result<CertInfo, RotateError> {
     let staged = Staged::new(cert, key)?;
     let req = RenewRequest {
-        csr_pem: csr_pem(node, staged.key())?,
+        csr_pem: csr_pem(node, staged.key()).map_err(anyhow::Error::from)?,
     };
     let mut api = IdentityServiceClient::new(channel)
         .max_decoding_message_size(1 << 20)

@@ -63,7 +63,8 @@ def generate_stubs(proto_dir, out_dir):
 
 
 def to_dict(msg):
-    """A message as a dict of every field (defaults included), by proto field name."""
+    """A message as a dict of every field (defaults included), by proto field name;
+    bytes as hex."""
     out = {}
     for f in msg.DESCRIPTOR.fields:
         value = getattr(msg, f.name)
@@ -73,6 +74,8 @@ def to_dict(msg):
             out[f.name] = [to_dict(v) if is_msg else v for v in value]
         elif is_msg:
             out[f.name] = to_dict(value) if msg.HasField(f.name) else None
+        elif isinstance(value, bytes):
+            out[f.name] = value.hex()
         else:
             out[f.name] = value
     return out

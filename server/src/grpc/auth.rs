@@ -195,7 +195,7 @@ impl Gate {
         let policy = policy(path).ok_or_else(|| {
             Status::unimplemented(format!("{path} is not an RPC of this controller"))
         })?;
-        let caller = match self.forwarder(peer, headers).await {
+        let caller = match self.forwarder(peer, headers).await? {
             Some(replica) => self.forwarded(peer, headers).inspect_err(|e| {
                 tracing::warn!(replica = %replica, error = %e.message(), "refused a forwarded call");
             })?,
@@ -226,24 +226,47 @@ impl Gate {
         Ok(caller)
     }
 
-    /// The registered replica that forwarded this call, when it really is one.
-    async fn forwarder(&self, peer: &Peer, headers: &http::HeaderMap) -> Option<String> {
-        let replica = self.replica.as_ref()?;
-        let id = peer.identity.as_deref()?;
+    /// The registered replica that forwarded this call, when it is forwarded: `None`
+    /// for a call that is not (no replica set, not a controller certificate, no
+    /// forwarding header). A controller certificate forwarding for a URL that is not a
+    /// registered replica's is refused: UNAVAILABLE while it is not registered (a
+    /// replica whose etcd session lapsed re-registers; the caller retries), and
+    /// PERMISSION_DENIED when the certificate does not name the URL's host.
+    async fn forwarder(
+        &self,
+        peer: &Peer,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<String>, Status> {
+        let (Some(replica), Some(id)) = (self.replica.as_ref(), peer.identity.as_deref()) else {
+            return Ok(None);
+        };
         if id.role() != Some(Role::Controller) {
-            return None;
+            return Ok(None);
         }
-        let by = headers.get(forward::FORWARDED_BY)?.to_str().ok()?;
+        let Some(by) = headers
+            .get(forward::FORWARDED_BY)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Ok(None);
+        };
+        let names_it = peer
+            .chain
+            .first()
+            .is_some_and(|der| twill_common::tls::names_host_of(der.as_ref(), by));
+        if !names_it {
+            tracing::warn!(url = %by, name = %id.name, "refused a call forwarded for a replica URL the certificate's subjectAltNames do not name");
+            return Err(Status::permission_denied(format!(
+                "the forwarding certificate does not name {by} in its subjectAltNames"
+            )));
+        }
         if !replica.is_registered(by).await {
-            tracing::warn!(url = %by, name = %id.name, "a controller certificate forwarded a call as a replica that is not registered; headers ignored");
-            return None;
+            tracing::warn!(url = %by, name = %id.name, "refused a call forwarded by a replica that is not registered");
+            return Err(Status::unavailable(format!(
+                "{by} forwarded this call but is not a registered replica right now (its etcd \
+                 session may have lapsed); retry"
+            )));
         }
-        let der = peer.chain.first()?;
-        if !twill_common::tls::names_host_of(der.as_ref(), by) {
-            tracing::warn!(url = %by, name = %id.name, "a controller certificate forwarded a call for a replica URL its subjectAltNames do not name; headers ignored");
-            return None;
-        }
-        Some(by.to_string())
+        Ok(Some(by.to_string()))
     }
 
     /// The original caller of a forwarded call: its chain verified against the client

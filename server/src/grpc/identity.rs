@@ -1,7 +1,8 @@
 //! `twill.v1.IdentityService`: the one service a caller without a client certificate
 //! may use (`auth::POLICIES`). Token attempts are limited per source address (an
 //! IPv6 caller by its /64) and in total: each attempt takes a token from its
-//! address's bucket before any work is done, and gets it back only if it succeeds.
+//! address's bucket before any work is done, and gets it back unless its token was
+//! wrong; wrong tokens from all addresses together have a budget too.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -120,11 +121,11 @@ impl IdentityService for IdentityApi {
         req: Request<BootstrapRequest>,
     ) -> Result<Response<BootstrapResponse>, Status> {
         let from = source_key(Authorized::of(&req)?.ip);
-        if self.failures.check(&from).is_err() {
-            return Err(self.rate_limited(&from));
-        }
-        if self.global.check("").is_err() {
-            self.failures.refund(&from);
+        // The address's attempt is taken before any work (and given back when the
+        // token was right), so attempts made at once cannot walk past the limit. The
+        // budget of all addresses together counts failures only: taken up front, it
+        // would cap how many nodes may bootstrap at once across the whole cluster.
+        if !self.global.allows("") || self.failures.check(&from).is_err() {
             return Err(self.rate_limited(&from));
         }
         let r = req.into_inner();
@@ -135,11 +136,11 @@ impl IdentityService for IdentityApi {
                 hub.held(node, twill_common::now_unix())
             })
             .await;
-        let token_failed = matches!(result, Err(IdentityError::BadToken { .. }));
-        if !token_failed {
+        if matches!(result, Err(IdentityError::BadToken { .. })) {
+            let _ = self.global.check("");
+        } else {
             // Only a wrong token counts against the address and the budget.
             self.failures.refund(&from);
-            self.global.refund("");
         }
         match result {
             Ok(resp) => Ok(Response::new(resp)),
@@ -168,8 +169,8 @@ impl IdentityService for IdentityApi {
     ) -> Result<Response<BootstrapResponse>, Status> {
         let current = Authorized::of(&req)?.cert()?.clone();
         let csr = &req.get_ref().csr_pem;
-        let resp = match self.identity.renew(&current, csr).await {
-            Ok(resp) => resp,
+        let (resp, new_key) = match self.identity.renew(&current, csr).await {
+            Ok(renewed) => renewed,
             Err(e) => {
                 if let Some(reason) = e.refusal() {
                     self.metrics.cert_refused(reason);
@@ -180,8 +181,6 @@ impl IdentityService for IdentityApi {
         };
         // The node's lease follows it to its new key: only the holder's key, or one
         // renewed from it, may change the lease's addresses or release it.
-        let new_key = twill_ctl::certs::key_sha256_of_csr(csr)
-            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
         self.leases
             .rekey(&current.name, current.key_sha256, new_key)
             .await?;

@@ -57,6 +57,16 @@ impl NodeLimiter {
         }
     }
 
+    /// Whether `key` has a token left, without taking it.
+    pub fn allows(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        buckets
+            .by_node
+            .get(key)
+            .is_none_or(|b| b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate >= 1.0)
+    }
+
     /// Gives back a token taken by `check` for work that turned out not to count (a
     /// bootstrap that succeeded).
     pub fn refund(&self, key: &str) {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use twill_ctl::certs::{new_ca, Ca, Issued, Role, Validity};
+use twill_pki::{new_ca, Ca, Issued, Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 
