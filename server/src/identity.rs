@@ -447,20 +447,12 @@ impl Identity {
     pub fn watch_signer(self: &Arc<Self>, cert: PathBuf, key: PathBuf, client_ca: PathBuf) {
         let identity = self.clone();
         tokio::spawn(async move {
-            let stamp = |p: &Path| {
-                std::fs::metadata(p)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())))
-            };
-            let mut seen = [stamp(&cert), stamp(&key), stamp(&client_ca)];
+            let mut files =
+                crate::tls::Followed::new(vec![cert.clone(), key.clone(), client_ca.clone()]);
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                let now = [stamp(&cert), stamp(&key), stamp(&client_ca)];
-                if now == seen {
-                    continue;
-                }
-                seen = now;
+                let Some(now) = files.changed() else { continue };
                 let loaded = std::fs::read_to_string(&client_ca)
                     .map_err(|e| format!("--tls-client-ca {}: {e}", client_ca.display()))
                     .and_then(|ca| Signer::load(&cert, &key, &ca));
@@ -468,10 +460,13 @@ impl Identity {
                     Ok(s) => {
                         *identity.signer.write().unwrap_or_else(|p| p.into_inner()) =
                             Some(Arc::new(s));
+                        files.loaded(now);
                         info!(cert = %cert.display(), "signing CA changed; new node certificates use it");
                     }
                     Err(e) => {
-                        warn!(error = %e, "signing CA not reloaded; keeping the one in force")
+                        if files.failed(now) {
+                            warn!(error = %e, "signing CA not reloaded; keeping the one in force and reading it again every few seconds")
+                        }
                     }
                 }
             }
@@ -948,6 +943,186 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twill_common::tls::{Identity as CertIdentity, NODES_GROUP};
+
+    /// An identity with a signing CA on a throwaway store; the directory lives as long
+    /// as it.
+    async fn signing() -> (tempfile::TempDir, Arc<Identity>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = twill_pki::new_ca(Validity::days(1).unwrap()).unwrap();
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        std::fs::write(&cert, &ca.cert_pem).unwrap();
+        std::fs::write(&key, &ca.key_pem).unwrap();
+        let signer = Signer::load(&cert, &key, &ca.cert_pem).unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("db"), 16).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let identity = Identity::new(store, Some(signer), Duration::from_secs(3600), metrics)
+            .await
+            .unwrap();
+        (dir, Arc::new(identity))
+    }
+
+    /// The certificate a node presents: issued minutes ago, as every certificate is.
+    fn presented(node: &str) -> CertIdentity {
+        let now = now_unix();
+        CertIdentity {
+            name: node.into(),
+            groups: vec![NODES_GROUP.into()],
+            not_before_unix: now - 300,
+            not_after_unix: now + 3600,
+            key_sha256: [1; 32],
+        }
+    }
+
+    fn csr(node: &str) -> String {
+        twill_pki::node_csr_pem(node, &twill_pki::generate_key().unwrap()).unwrap()
+    }
+
+    /// What a certificate in a BootstrapResponse says of itself.
+    fn identity_of(chain_pem: &str) -> CertIdentity {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        CertIdentity::from_der(&CertificateDer::from_pem_slice(chain_pem.as_bytes()).unwrap())
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_renewal_racing_a_revocation_survives_it() {
+        let (_dir, identity) = signing().await;
+        for round in 0..20 {
+            let node = format!("n{round}");
+            let mut renewals = tokio::task::JoinSet::new();
+            for _ in 0..5 {
+                let (identity, node, csr) = (identity.clone(), node.clone(), csr(&node));
+                renewals.spawn(async move { identity.renew(&presented(&node), &csr).await });
+            }
+            tokio::task::yield_now().await;
+            identity.revoke(&node, false).await.unwrap();
+            while let Some(r) = renewals.join_next().await {
+                match r.unwrap() {
+                    Ok((resp, _)) => {
+                        let cert = identity_of(&resp.certificate_chain_pem);
+                        assert!(
+                            identity.refused(&cert).is_some(),
+                            "{node}: a certificate renewed around the revocation survived it"
+                        );
+                    }
+                    Err(IdentityError::Revoked(_)) => {}
+                    Err(e) => panic!("{node}: {e}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn renewals_are_limited_per_node() {
+        let (_dir, identity) = signing().await;
+        for _ in 0..RENEW_BURST as usize {
+            identity.renew(&presented("a"), &csr("a")).await.unwrap();
+        }
+        let e = identity
+            .renew(&presented("a"), &csr("a"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal(), Some(Refusal::RenewRateLimited), "{e}");
+        identity
+            .renew(&presented("b"), &csr("b"))
+            .await
+            .expect("another node is not held back");
+    }
+
+    #[tokio::test]
+    async fn issued_records_are_pruned_after_the_grace_and_listed_in_pages() {
+        let (_dir, identity) = signing().await;
+        let now = now_unix();
+        let long_ago = IssuedRecord {
+            node_name: "old".into(),
+            serial: "01".into(),
+            issued_at_unix: 0,
+            not_after_unix: now - ISSUED_GRACE.as_secs() as i64 - 1,
+            token_id: String::new(),
+            key_sha256: String::new(),
+            not_before_unix: 0,
+        };
+        identity
+            .store
+            .put_record(ISSUED_KIND, "0", &serde_json::to_vec(&long_ago).unwrap())
+            .await
+            .unwrap();
+        for n in ["a", "b", "c"] {
+            identity.renew(&presented(n), &csr(n)).await.unwrap();
+        }
+        // The first issue pruned it (records are pruned at most every few minutes).
+        let (first, token) = identity.issued(2, "").await.unwrap();
+        assert_eq!((first.len(), token.is_empty()), (2, false));
+        let (rest, token) = identity.issued(2, &token).await.unwrap();
+        assert_eq!((rest.len(), token.as_str()), (1, ""));
+        let names: Vec<_> = first
+            .iter()
+            .chain(&rest)
+            .map(|c| c.node_name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["a", "b", "c"],
+            "oldest first, the expired one pruned"
+        );
+        assert!(rest[0].key_sha256.len() == 64, "the key's hash, hex");
+    }
+
+    #[tokio::test]
+    async fn a_bootstrap_never_takes_a_live_name_and_a_token_keeps_its_binding() {
+        let (_dir, identity) = signing().await;
+        let (token, _) = identity
+            .create_token(
+                Duration::ZERO,
+                "t",
+                TokenBinding {
+                    nodes: vec!["a".into()],
+                    node_prefix: "w-".into(),
+                    max_uses: 3,
+                },
+            )
+            .await
+            .unwrap();
+        identity
+            .bootstrap(&token, &csr("a"), |_| false)
+            .await
+            .unwrap();
+        let e = identity
+            .bootstrap(&token, &csr("a"), |_| false)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.refusal(),
+            Some(Refusal::NameAlive),
+            "a live certificate: {e}"
+        );
+        let e = identity
+            .bootstrap(&token, &csr("w-1"), |_| true)
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal(), Some(Refusal::NameAlive), "a live lease: {e}");
+        let e = identity
+            .bootstrap(&token, &csr("x"), |_| false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal(), Some(Refusal::TokenNotForName), "{e}");
+        identity.revoke("a", false).await.unwrap();
+        identity
+            .bootstrap(&token, &csr("a"), |_| false)
+            .await
+            .expect("a revoked node rejoins");
+        identity
+            .bootstrap(&token, &csr("w-2"), |_| false)
+            .await
+            .unwrap();
+        let e = identity
+            .bootstrap(&token, &csr("w-3"), |_| false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal(), Some(Refusal::TokenUsedUp), "{e}");
+    }
 
     #[test]
     fn tokens_have_kubelets_form_and_bad_ones_never_echo_the_secret() {

@@ -232,9 +232,54 @@ pub struct ReloadingTls {
     ca_changed: tokio::sync::watch::Sender<u64>,
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// When a file was last changed, and its length: what tells a rewrite.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+/// Files followed for changes (cert-manager and the kubelet rewrite mounted Secrets in
+/// place). A change counts as seen only once it loaded, so files caught half written
+/// are read again at the next check instead of being skipped until the next change.
+#[derive(Debug)]
+pub struct Followed {
+    paths: Vec<PathBuf>,
+    loaded: Vec<Stamp>,
+    failed: Option<Vec<Stamp>>,
+}
+
+impl Followed {
+    /// Follows `paths`, taking what they hold now as loaded.
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        let loaded = paths.iter().map(|p| stamp(p)).collect();
+        Followed {
+            paths,
+            loaded,
+            failed: None,
+        }
+    }
+
+    /// The files' stamps now, when they differ from those last loaded.
+    pub fn changed(&self) -> Option<Vec<Stamp>> {
+        let now: Vec<Stamp> = self.paths.iter().map(|p| stamp(p)).collect();
+        (now != self.loaded).then_some(now)
+    }
+
+    /// The files as stamped `now` loaded.
+    pub fn loaded(&mut self, now: Vec<Stamp>) {
+        self.loaded = now;
+        self.failed = None;
+    }
+
+    /// The files as stamped `now` did not load; true the first time for these stamps
+    /// (say so once, not at every retry).
+    pub fn failed(&mut self, now: Vec<Stamp>) -> bool {
+        let first = self.failed.as_ref() != Some(&now);
+        self.failed = Some(now);
+        first
+    }
 }
 
 impl ReloadingTls {
@@ -326,32 +371,36 @@ impl ReloadingTls {
     pub fn watch(self: &Arc<Self>) {
         let tls = self.clone();
         tokio::spawn(async move {
-            let paths = [&tls.files.cert, &tls.files.key, &tls.files.client_ca];
-            let mut seen: Vec<_> = paths.iter().map(|p| stamp(p)).collect();
+            let mut files = Followed::new(vec![
+                tls.files.cert.clone(),
+                tls.files.key.clone(),
+                tls.files.client_ca.clone(),
+            ]);
             let mut tick = tokio::time::interval(CHECK_EVERY);
             loop {
                 tick.tick().await;
-                let now: Vec<_> = paths.iter().map(|p| stamp(p)).collect();
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-                match certified_key(&tls.files) {
-                    Ok(ck) => {
+                let Some(now) = files.changed() else { continue };
+                // All or nothing: a certificate rewritten before its key (or caught half
+                // written) fails to load now and is read again at the next check.
+                match (
+                    certified_key(&tls.files),
+                    client_verifier(&tls.files.client_ca),
+                ) {
+                    (Ok(ck), Ok(v)) => {
                         *tls.resolver.0.write().unwrap_or_else(|p| p.into_inner()) = ck;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "serving certificate not reloaded; keeping the one in force")
-                    }
-                }
-                match client_verifier(&tls.files.client_ca) {
-                    Ok(v) => {
                         *tls.verifier.0.write().unwrap_or_else(|p| p.into_inner()) = v;
                         tls.ca_changed.send_modify(|n| *n += 1);
+                        files.loaded(now);
+                        info!(cert = %tls.files.cert.display(), client_ca = %tls.files.client_ca.display(), "TLS files changed; new connections use them");
                     }
-                    Err(e) => warn!(error = %e, "client CA not reloaded; keeping the one in force"),
+                    (ck, v) => {
+                        if files.failed(now) {
+                            for e in [ck.err(), v.err()].into_iter().flatten() {
+                                warn!(error = %e, "TLS files not reloaded; keeping the ones in force and reading them again every few seconds");
+                            }
+                        }
+                    }
                 }
-                info!(cert = %tls.files.cert.display(), client_ca = %tls.files.client_ca.display(), "TLS files changed; new connections use them");
             }
         });
     }
@@ -652,5 +701,26 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_seen_until_it_loads_and_said_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cert.pem");
+        std::fs::write(&f, "one").unwrap();
+        let mut files = Followed::new(vec![f.clone()]);
+        assert!(files.changed().is_none());
+        std::fs::write(&f, "half-").unwrap();
+        let now = files.changed().expect("changed");
+        assert!(files.failed(now.clone()), "said the first time");
+        assert!(!files.failed(now), "not at every retry");
+        let again = files.changed().expect("still to load: read again");
+        files.loaded(again);
+        assert!(files.changed().is_none());
     }
 }
