@@ -1124,6 +1124,66 @@ mod tests {
         assert_eq!(e.refusal(), Some(Refusal::TokenUsedUp), "{e}");
     }
 
+    /// A store whose records cannot be read (etcd unreachable at start, say).
+    struct Unreadable(crate::store::SledStore);
+
+    #[async_trait::async_trait]
+    impl Store for Unreadable {
+        async fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.0.load().await
+        }
+        async fn write(&self, b: &crate::store::Batch<'_>) -> Result<(), StoreError> {
+            self.0.write(b).await
+        }
+        async fn put_record(&self, kind: &str, id: &str, v: &[u8]) -> Result<(), StoreError> {
+            self.0.put_record(kind, id, v).await
+        }
+        async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+            self.0.delete_record(kind, id).await
+        }
+        async fn records(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Err(StoreError::Backend("injected read failure".into()))
+        }
+        async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.record(kind, id).await
+        }
+        async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+            self.0.set_layout(layout).await
+        }
+        fn size_on_disk(&self) -> u64 {
+            0
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.0.flush().await
+        }
+    }
+
+    #[tokio::test]
+    async fn revocations_that_cannot_be_read_stop_the_start_and_a_failed_reload_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = crate::store::SledStore::open(dir.path(), 16).unwrap();
+        sled.put_record(REVOKED_KIND, "n1", b"1000").await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let e = Identity::new(
+            Arc::new(Unreadable(sled)),
+            None,
+            Duration::from_secs(60),
+            metrics.clone(),
+        )
+        .await
+        .err()
+        .expect("no identity without its revocations");
+        assert!(e.to_string().contains("injected read failure"), "{e}");
+
+        let (_dir, identity) = signing().await;
+        identity.revoke("n1", false).await.unwrap();
+        let mut old = presented("n1");
+        old.not_before_unix = 0;
+        assert!(identity.refused(&old).is_some());
+        identity.reload().await.unwrap();
+        assert!(identity.refused(&old).is_some(), "a reload never drops one");
+    }
+
     #[test]
     fn tokens_have_kubelets_form_and_bad_ones_never_echo_the_secret() {
         let t = format!("{}.{}", random_chars(6), random_chars(16));

@@ -591,3 +591,71 @@ async fn a_revoked_admin_certificate_is_refused_and_others_are_not() {
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 }
+
+/// A TLS connection without a client certificate, as a node before its bootstrap.
+async fn anonymous(
+    ctl: &Controller,
+    pki: &Pki,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(ctl.addr).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+#[tokio::test]
+async fn connections_without_a_certificate_are_capped_and_closed_when_idle() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(&pki, &dir.path().join("data"), NET_CONF, &[]);
+    let started = std::time::Instant::now();
+    let mut idle = anonymous(&ctl, &pki).await.unwrap();
+    // It says nothing: the controller closes it (after its HTTP/2 preface, if any).
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection without a certificate stays open"
+    );
+    println!(
+        "idle connection without a certificate closed after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // At most 256 at once: the next is closed right after its handshake.
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(anonymous(&ctl, &pki).await.unwrap());
+    }
+    let mut extra = anonymous(&ctl, &pki).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the connection over the cap is closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    drop(held);
+    let page = http_get(ctl.metrics, "/healthz");
+    assert!(page.is_some(), "the controller still serves");
+}
