@@ -340,7 +340,7 @@ pub fn finish_install(cert: &Path, key: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use rcgen::{CertificateParams, DistinguishedName, DnType};
@@ -351,7 +351,7 @@ mod tests {
 
     /// A self-signed node certificate for `node` and `key`: [`check_issued`] and
     /// [`finish_install`] look at the subject and the key, not at the issuer.
-    fn cert_for(node: &str, key: &KeyPair) -> String {
+    pub(in crate::identity) fn cert_for(node: &str, key: &KeyPair) -> String {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, node);

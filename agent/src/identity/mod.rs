@@ -49,10 +49,8 @@ use crate::client::{self, Backoff};
 pub mod install;
 pub mod rotation;
 
-/// Mode of the private key file.
-pub const KEY_MODE: u32 = 0o600;
-/// Mode of the certificate file.
-pub const CERT_MODE: u32 = 0o644;
+/// Modes of the private key file (0600) and the certificate file (0644).
+pub use twill_pki::{CERT_MODE, KEY_MODE};
 /// Mode of a key directory the agent has to create.
 pub const KEY_DIR_MODE: u32 = 0o700;
 /// Mode of a certificate directory the agent has to create (when it is not the key's).

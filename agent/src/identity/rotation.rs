@@ -249,9 +249,8 @@ pub async fn renew(
 #[cfg(test)]
 mod tests {
     use super::super::generate_key;
+    use super::super::install::tests::cert_for;
     use super::*;
-    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
-    use twill_common::tls::NODES_GROUP;
 
     fn info(not_before: i64, not_after: i64) -> CertInfo {
         CertInfo {
@@ -286,15 +285,6 @@ mod tests {
         }
     }
 
-    fn self_signed(node: &str, key: &KeyPair) -> String {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node);
-        dn.push(DnType::OrganizationName, NODES_GROUP);
-        params.distinguished_name = dn;
-        params.self_signed(key).unwrap().pem()
-    }
-
     #[test]
     fn changed_files_give_a_new_channel_and_a_broken_pair_keeps_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -304,9 +294,9 @@ mod tests {
             dir.path().join("ca.crt"),
         );
         let k1 = generate_key().unwrap();
-        std::fs::write(&cert, self_signed("node-a", &k1)).unwrap();
+        std::fs::write(&cert, cert_for("node-a", &k1)).unwrap();
         std::fs::write(&key, k1.serialize_pem()).unwrap();
-        std::fs::write(&ca, self_signed("ca", &generate_key().unwrap())).unwrap();
+        std::fs::write(&ca, cert_for("ca", &generate_key().unwrap())).unwrap();
         let files = TlsFiles {
             cert: &cert,
             key: &key,
@@ -337,12 +327,12 @@ mod tests {
         assert!(creds.reload().unwrap().is_none(), "nothing changed");
 
         // A new CA alone: a new channel.
-        std::fs::write(&ca, self_signed("ca2", &generate_key().unwrap())).unwrap();
+        std::fs::write(&ca, cert_for("ca2", &generate_key().unwrap())).unwrap();
         assert!(creds.reload().unwrap().is_some());
 
         // Half a rotation (certificate without its key): refused once, old kept.
         let k2 = generate_key().unwrap();
-        std::fs::write(&cert, self_signed("node-a", &k2)).unwrap();
+        std::fs::write(&cert, cert_for("node-a", &k2)).unwrap();
         let why = creds.reload().unwrap_err();
         assert!(why.contains("does not belong"), "{why}");
         assert!(creds.reload().unwrap().is_none(), "reported once");
