@@ -70,6 +70,11 @@ struct Args {
     /// Private key (PEM, PKCS#8) of --signing-cert.
     #[arg(long, env = "TWILL_SIGNING_KEY", requires = "signing_cert")]
     signing_key: Option<PathBuf>,
+    /// Connections without a client certificate (nodes bootstrapping with a token) open
+    /// at once, at most; more are closed right after their handshake. Each is closed
+    /// after 10 s with no call under way.
+    #[arg(long, env = "TWILL_MAX_ANONYMOUS_CONNECTIONS", default_value_t = twill_server::tls::MAX_ANONYMOUS)]
+    max_anonymous_connections: usize,
     /// Lifetime of the node certificates the controller issues.
     #[arg(long, env = "TWILL_NODE_CERT_TTL", default_value = "168h", value_parser = twill_common::parse_nonzero_duration)]
     node_cert_ttl: Duration,
@@ -322,6 +327,7 @@ async fn run(args: Args) -> Result<()> {
     // Our own TLS acceptor (not tonic's): the serving certificate and the client CA
     // are re-read when their files change, and a client certificate is optional at the
     // handshake (a new node may only call IdentityService.Bootstrap without one).
+    tls.set_max_anonymous(args.max_anonymous_connections);
     tls.watch();
     {
         let (revocations, identity) = (identity.revocations(), identity.clone());

@@ -41,11 +41,13 @@ use tracing::{info, warn};
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections without a client certificate open at once, at most: they can only
-/// bootstrap, which takes one call.
-pub const MAX_ANONYMOUS: usize = 256;
-/// A connection without a client certificate is closed after this long without a byte
-/// from its client.
+/// Connections without a client certificate open at once, at most, unless told
+/// otherwise (`--max-anonymous-connections`): they can only bootstrap, which takes one
+/// call, but a cold start of thousands of nodes opens as many at once, each waiting
+/// for its certificate.
+pub const MAX_ANONYMOUS: usize = 4096;
+/// A connection without a client certificate is closed after this long with no call
+/// under way and no byte from its client.
 pub const ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
 /// How long after a revocation its connections are closed: long enough for the open
 /// calls and watches to be refused with the reason.
@@ -305,6 +307,11 @@ impl ReloadingTls {
         }))
     }
 
+    /// Sets how many connections without a client certificate may be open at once.
+    pub fn set_max_anonymous(&self, n: usize) {
+        self.connections.max_anonymous.store(n, Ordering::Relaxed);
+    }
+
     /// Whether `chain` (a leaf, then intermediates) verifies against the client CA in
     /// force now, as at a handshake: how the leader checks a certificate a replica
     /// forwarded, and how open connections are re-checked when the CA is replaced.
@@ -457,29 +464,83 @@ pub struct Peer {
     pub chain: Arc<Vec<CertificateDer<'static>>>,
     /// The client's address.
     pub remote: SocketAddr,
+    /// What the connection is doing, for the idle timeout.
+    state: Arc<ConnState>,
+}
+
+impl Peer {
+    /// Marks a call under way on this connection until the guard is dropped: a
+    /// connection waiting for its answer is not idle.
+    pub fn call_started(&self) -> CallGuard {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.state.clone())
+    }
+}
+
+/// A call under way on a connection (see `Peer::call_started`).
+#[derive(Debug)]
+pub struct CallGuard(Arc<ConnState>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        // The idle time counts from the end of the last call.
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the registry and a connection share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ConnState {
     /// Set to close the connection: its next read or write fails.
     closed: AtomicBool,
     waker: AtomicWaker,
-    /// Milliseconds since `Connections::epoch` of the last byte read.
-    last_read_ms: AtomicU64,
+    /// When the connection opened: `last_active_ms` counts from it.
+    opened: Instant,
+    /// Milliseconds since `opened` of the last byte read or call ended.
+    last_active_ms: AtomicU64,
+    /// Calls under way.
+    in_flight: AtomicUsize,
 }
 
 impl ConnState {
+    fn new() -> Self {
+        ConnState {
+            closed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            opened: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long nothing happened on the connection: zero while a call is under way.
+    fn idle_ms(&self) -> u64 {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return 0;
+        }
+        self.now_ms()
+            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed))
     }
 }
 
 /// Every open connection with a client certificate, and the count of those without.
 #[derive(Debug)]
 struct Connections {
-    epoch: Instant,
+    max_anonymous: AtomicUsize,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Registered>>,
     anonymous: AtomicUsize,
@@ -494,7 +555,7 @@ struct Registered {
 impl Default for Connections {
     fn default() -> Self {
         Connections {
-            epoch: Instant::now(),
+            max_anonymous: AtomicUsize::new(MAX_ANONYMOUS),
             next_id: AtomicU64::new(0),
             live: Mutex::default(),
             anonymous: AtomicUsize::new(0),
@@ -524,20 +585,22 @@ impl Connections {
                 return None;
             }
         };
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new());
         let anonymous = identity.is_none();
         if anonymous {
-            if self.anonymous.fetch_add(1, Ordering::AcqRel) >= MAX_ANONYMOUS {
+            let limit = self.max_anonymous.load(Ordering::Relaxed);
+            if self.anonymous.fetch_add(1, Ordering::AcqRel) >= limit {
                 self.anonymous.fetch_sub(1, Ordering::AcqRel);
-                warn!(peer = %remote, limit = MAX_ANONYMOUS, "refused a connection without a client certificate: too many are open");
+                warn!(peer = %remote, limit, "refused a connection without a client certificate: too many are open (--max-anonymous-connections)");
                 return None;
             }
-            self.close_when_idle(&state);
+            close_when_idle(&state);
         }
         let peer = Peer {
             identity,
             chain: Arc::new(chain),
             remote,
+            state: state.clone(),
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if !anonymous {
@@ -559,35 +622,6 @@ impl Connections {
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Closes an anonymous connection once it has read nothing for `ANONYMOUS_IDLE`.
-    fn close_when_idle(self: &Arc<Self>, state: &Arc<ConnState>) {
-        state.last_read_ms.store(self.now_ms(), Ordering::Relaxed);
-        let (state, registry) = (Arc::downgrade(state), Arc::downgrade(self));
-        tokio::spawn(async move {
-            let mut wait = ANONYMOUS_IDLE;
-            loop {
-                tokio::time::sleep(wait).await;
-                let (Some(state), Some(registry)) = (state.upgrade(), registry.upgrade()) else {
-                    return;
-                };
-                let idle = registry
-                    .now_ms()
-                    .saturating_sub(state.last_read_ms.load(Ordering::Relaxed));
-                let limit = ANONYMOUS_IDLE.as_millis() as u64;
-                if idle >= limit {
-                    tracing::debug!("closing an idle connection without a client certificate");
-                    state.close();
-                    return;
-                }
-                wait = Duration::from_millis(limit - idle);
-            }
-        });
-    }
-
     /// Closes every registered connection for which `why` gives a reason.
     fn close_where(
         &self,
@@ -604,6 +638,27 @@ impl Connections {
             }
         }
     }
+}
+
+/// Closes an anonymous connection once it has been idle (`ConnState::idle_ms`) for
+/// `ANONYMOUS_IDLE`.
+fn close_when_idle(state: &Arc<ConnState>) {
+    let state = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let limit = ANONYMOUS_IDLE.as_millis() as u64;
+        let mut wait = ANONYMOUS_IDLE;
+        loop {
+            tokio::time::sleep(wait).await;
+            let Some(state) = state.upgrade() else { return };
+            let idle = state.idle_ms();
+            if idle >= limit {
+                tracing::debug!("closing an idle connection without a client certificate");
+                state.close();
+                return;
+            }
+            wait = Duration::from_millis(limit - idle);
+        }
+    });
 }
 
 /// A TLS connection the gRPC server serves; see `Peer`.
@@ -658,9 +713,7 @@ impl AsyncRead for Conn {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if this.anonymous && buf.filled().len() > before {
-            this.state
-                .last_read_ms
-                .store(this.registry.now_ms(), Ordering::Relaxed);
+            this.state.touch();
         }
         r
     }
@@ -707,6 +760,19 @@ impl AsyncWrite for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_waiting_for_its_answer_is_not_idle() {
+        let state = Arc::new(ConnState::new());
+        state.last_active_ms.store(0, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(state.idle_ms() >= 20);
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let call = CallGuard(state.clone());
+        assert_eq!(state.idle_ms(), 0, "a call under way");
+        drop(call);
+        assert!(state.idle_ms() < 20, "idle again from the end of the call");
+    }
 
     #[test]
     fn a_change_is_seen_until_it_loads_and_said_once() {

@@ -314,7 +314,7 @@ pub fn finish_install(cert: &Path, key: &Path) -> Result<()> {
     }
     check_key_dir(key)?;
     if present(&p.next_key) {
-        check_private(&p.next_key, Private::KeyFile, effective_uid()?)?;
+        check_private(&p.next_key, Private::KeyFile, effective_uid())?;
     }
     let in_place = (certified_key(cert), public_key(key));
     let staged = (certified_key(&p.next_cert), public_key(&p.next_key));

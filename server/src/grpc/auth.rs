@@ -426,6 +426,7 @@ where
                 return Ok(Status::internal("a call without its connection's peer").into_http());
             };
             let path = req.uri().path().to_string();
+            let _call = peer.call_started();
             match gate.authorize(&path, &peer, req.headers_mut()).await {
                 Ok(caller) => {
                     req.extensions_mut().insert(caller);
