@@ -55,6 +55,7 @@ pub mod overlay;
 pub mod ping;
 pub mod pods;
 mod process;
+pub mod raw_grpc;
 pub mod replicas;
 pub mod subnet_env;
 pub mod wait;
