@@ -222,13 +222,13 @@ pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String 
          the CA the controller trusts (its --tls-client-ca)",
         path.display()
     );
-    let Some(der) = Pem::iter_from_buffer(pem)
-        .filter_map(Result::ok)
-        .find(|p| p.label == "CERTIFICATE")
+    let Some(der) = twill_pki::pem_blocks(pem, "CERTIFICATE")
+        .ok()
+        .and_then(|blocks| blocks.into_iter().next())
     else {
         return generic;
     };
-    let Ok((_, cert)) = X509Certificate::from_der(&der.contents) else {
+    let Ok((_, cert)) = X509Certificate::from_der(&der) else {
         return generic;
     };
     let now = now

@@ -392,12 +392,12 @@ pub fn chains_to(cert_pem: &str, bundle_pem: &str) -> bool {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
         return false;
     };
-    x509_parser::pem::Pem::iter_from_buffer(bundle_pem.as_bytes())
-        .filter_map(Result::ok)
-        .filter(|p| p.label == "CERTIFICATE")
-        .any(|p| {
-            p.contents == der
-                || x509_parser::parse_x509_certificate(&p.contents).is_ok_and(|(_, ca)| {
+    pem_blocks(bundle_pem.as_bytes(), "CERTIFICATE")
+        .unwrap_or_default()
+        .into_iter()
+        .any(|ca_der| {
+            ca_der == der
+                || x509_parser::parse_x509_certificate(&ca_der).is_ok_and(|(_, ca)| {
                     cert.issuer() == ca.subject()
                         && cert.verify_signature(Some(ca.public_key())).is_ok()
                 })
@@ -406,10 +406,21 @@ pub fn chains_to(cert_pem: &str, bundle_pem: &str) -> bool {
 
 /// Decodes the first PEM block labelled `label`.
 fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {
-    x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
-        .filter_map(Result::ok)
-        .find(|p| p.label == label)
-        .map(|p| p.contents)
+    pem_blocks(text.as_bytes(), label).ok()?.into_iter().next()
+}
+
+/// The contents (DER) of every PEM block labelled `label` (`CERTIFICATE`), in order:
+/// the one PEM reader of the controller, the agent and twillctl. Blocks of other labels
+/// are skipped; text that is not PEM at all, or a block that does not decode, is an
+/// error.
+pub fn pem_blocks(pem: &[u8], label: &str) -> Result<Vec<Vec<u8>>, CertError> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter(|p| p.as_ref().map_or(true, |p| p.label == label))
+        .map(|p| {
+            p.map(|p| p.contents)
+                .map_err(|e| CertError::BadCert(format!("cannot read PEM: {e}")))
+        })
+        .collect()
 }
 
 /// Formats a time as RFC 3339 (UTC, seconds), e.g. `2035-01-01T00:00:00Z`.

@@ -27,8 +27,8 @@ mod files;
 mod keys;
 
 pub use ca::{
-    chains_to, new_ca, rfc3339, Ca, Issued, Role, SignedNode, Validity, BACKDATE, CA_COMMON_NAME,
-    CONTROLLER_COMMON_NAME, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS,
+    chains_to, new_ca, pem_blocks, rfc3339, Ca, Issued, Role, SignedNode, Validity, BACKDATE,
+    CA_COMMON_NAME, CONTROLLER_COMMON_NAME, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS,
 };
 pub use csr::{
     csr_common_name, generate_key, node_csr_pem, parse_node_csr, KeyKind, NodeCsr, CSR_LABELS,

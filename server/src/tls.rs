@@ -113,9 +113,11 @@ fn certificates(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let pem = read(flag, path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(flag, path, e))?;
+    let certs: Vec<CertificateDer<'static>> = twill_pki::pem_blocks(&pem, "CERTIFICATE")
+        .map_err(|e| bad(flag, path, e))?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
     if certs.is_empty() {
         return Err(bad(flag, path, "no PEM CERTIFICATE block"));
     }

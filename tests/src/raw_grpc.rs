@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use prost::bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
@@ -184,11 +184,7 @@ pub async fn call(
 
 /// The DER of every `CERTIFICATE` block of `pem`, in order.
 pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let out: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<_, _>>()
-        .context("a CERTIFICATE block that does not decode")?;
+    let out = twill_ctl::certs::pem_blocks(pem.as_bytes(), "CERTIFICATE")?;
     if out.is_empty() {
         bail!("no CERTIFICATE block in the PEM");
     }

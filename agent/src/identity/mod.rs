@@ -41,7 +41,6 @@ use twill_common::now_unix;
 use twill_common::tls::{read_pem, Identity, NODES_GROUP};
 use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::{BootstrapRequest, BootstrapResponse};
-use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
 use crate::client::{self, Backoff};
@@ -161,13 +160,11 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 
 /// The DER of the first `CERTIFICATE` block of a PEM file.
 fn first_certificate(pem: &[u8]) -> Result<Vec<u8>, String> {
-    for block in Pem::iter_from_buffer(pem) {
-        let block = block.map_err(|e| format!("cannot parse PEM: {e}"))?;
-        if block.label == "CERTIFICATE" {
-            return Ok(block.contents);
-        }
-    }
-    Err("holds no PEM CERTIFICATE".into())
+    twill_pki::pem_blocks(pem, "CERTIFICATE")
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "holds no PEM CERTIFICATE".into())
 }
 
 /// What the log needs of a certificate, and its raw subject public key.
