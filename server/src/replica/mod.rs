@@ -205,15 +205,17 @@ impl Replica {
     }
 
     /// Whether `url` is a registered replica's: from the list last read when it names
-    /// `url`, else read again (at most once a second, so that a stream of calls naming
-    /// an unknown URL does not become a stream of etcd reads).
+    /// `url` and is under 30 s old (a replica that left stops being believed soon), else
+    /// read again (at most once a second, so that a stream of calls naming an unknown
+    /// URL does not become a stream of etcd reads).
     pub async fn is_registered(&self, url: &str) -> bool {
         let fresh_enough = {
             let r = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-            if r.0.iter().any(|u| u == url) {
+            let age = r.1.map(|at| at.elapsed());
+            if r.0.iter().any(|u| u == url) && age.is_some_and(|a| a < Duration::from_secs(30)) {
                 return true;
             }
-            r.1.is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            age.is_some_and(|a| a < Duration::from_secs(1))
         };
         if fresh_enough {
             return false;
