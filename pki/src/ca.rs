@@ -12,7 +12,7 @@ use rcgen::{
 use time::OffsetDateTime;
 use twill_common::tls::{ADMINS_GROUP, CONTROLLERS_GROUP, NODES_GROUP};
 
-use crate::csr::{parse_node_csr, NodeCsr};
+use crate::csr::NodeCsr;
 use crate::error::CertError;
 use crate::files::read_to_string;
 
@@ -306,17 +306,6 @@ impl Ca {
             not_after: validity.not_after,
             key_sha256: csr.key_sha256,
         })
-    }
-
-    /// [`parse_node_csr`] and [`Ca::sign_node`] in one: signs a node certificate for a
-    /// PKCS#10 request (PEM), refused ([`CertError::Csr`], with its fault) as
-    /// [`parse_node_csr`] says.
-    pub fn sign_node_csr(
-        &self,
-        csr_pem: &str,
-        validity: Validity,
-    ) -> Result<SignedNode, CertError> {
-        self.sign_node(&parse_node_csr(csr_pem)?, validity)
     }
 }
 

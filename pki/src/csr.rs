@@ -157,13 +157,6 @@ pub fn parse_node_csr(csr_pem: &str) -> Result<NodeCsr, CertError> {
     })
 }
 
-/// The node a certificate signing request (PEM) is for: its subject CN, once
-/// [`parse_node_csr`] accepted it. Prefer [`parse_node_csr`], whose result can be
-/// signed without parsing the request again.
-pub fn csr_common_name(csr_pem: &str) -> Result<String, CertError> {
-    parse_node_csr(csr_pem).map(|csr| csr.common_name)
-}
-
 /// A new ECDSA P-256 key pair, the kind `twill-agent` makes for itself.
 pub fn generate_key() -> Result<KeyPair, CertError> {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CertError::Generate {
@@ -600,7 +593,6 @@ ocVOiXK0Xa/pYfJTCzM=
         assert_eq!(csr.common_name, "node-a");
         assert_eq!(csr.key, KeyKind::EcdsaP256);
         assert_eq!(csr.key_sha256, spki_sha256(&key.subject_public_key_info()));
-        assert_eq!(csr_common_name(&csr_pem).unwrap(), "node-a");
         let signed = ca.sign_node(&csr, Validity::days(1).unwrap()).unwrap();
         assert_eq!(signed.node, "node-a");
         assert_eq!(signed.key_sha256, csr.key_sha256);
@@ -625,7 +617,10 @@ ocVOiXK0Xa/pYfJTCzM=
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let csr_pem = params.serialize_request(&key).unwrap().pem().unwrap();
         let signed = ca
-            .sign_node_csr(&csr_pem, Validity::days(1).unwrap())
+            .sign_node(
+                &parse_node_csr(&csr_pem).unwrap(),
+                Validity::days(1).unwrap(),
+            )
             .unwrap();
         let (_, cert) = X509Certificate::from_der(&signed.cert_der).unwrap();
         let orgs: Vec<&str> = cert

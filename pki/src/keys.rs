@@ -3,7 +3,9 @@
 
 use ring::digest::{digest, SHA256};
 
+#[cfg(test)]
 use crate::csr::{csr_der, parse_request};
+#[cfg(test)]
 use crate::error::CertError;
 
 /// SHA-256 of a SubjectPublicKeyInfo (DER): the algorithm and the key, as a certificate
@@ -15,20 +17,20 @@ pub fn spki_sha256(spki_der: &[u8]) -> [u8; 32] {
     out
 }
 
-/// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate in DER form, e.g.
-/// a TLS peer's. [`CertError::BadCert`] when it does not parse.
-pub fn key_sha256_of_cert_der(der: &[u8]) -> Result<[u8; 32], CertError> {
+/// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate in DER form: the
+/// tests' cross-check of [`crate::SignedNode::key_sha256`].
+#[cfg(test)]
+pub(crate) fn key_sha256_of_cert_der(der: &[u8]) -> Result<[u8; 32], CertError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| CertError::BadCert(e.to_string()))?;
     Ok(spki_sha256(cert.public_key().raw))
 }
 
-/// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate signing request
-/// (PEM), equal to that of a certificate signed for it ([`crate::Ca::sign_node`]). The
-/// request must be well-formed as [`crate::parse_node_csr`] says (one PEM block, one
-/// request, nothing after it: else [`CertError::Csr`] with
-/// [`crate::CsrFault::Malformed`]); its key, subject and signature are not checked.
-pub fn key_sha256_of_csr(csr_pem: &str) -> Result<[u8; 32], CertError> {
+/// SHA-256 of the public key of a certificate signing request (PEM), read without the
+/// other checks of [`crate::parse_node_csr`]: the tests' cross-check of
+/// [`crate::NodeCsr::key_sha256`].
+#[cfg(test)]
+pub(crate) fn key_sha256_of_csr(csr_pem: &str) -> Result<[u8; 32], CertError> {
     let der = csr_der(csr_pem)?;
     let req = parse_request(&der)?;
     Ok(spki_sha256(req.certification_request_info.subject_pki.raw))
@@ -68,7 +70,12 @@ mod tests {
         let csr = node_csr_pem("node-a", &key).unwrap();
         let from_csr = key_sha256_of_csr(&csr).unwrap();
         assert_eq!(from_csr, spki_sha256(&key.subject_public_key_info()));
-        let signed = ca.sign_node_csr(&csr, Validity::days(1).unwrap()).unwrap();
+        let signed = ca
+            .sign_node(
+                &crate::parse_node_csr(&csr).unwrap(),
+                Validity::days(1).unwrap(),
+            )
+            .unwrap();
         assert_eq!(key_sha256_of_cert_der(&signed.cert_der).unwrap(), from_csr);
         assert_eq!(signed.key_sha256, from_csr);
         // The hash of a well-known value, so that other tools can compute it too

@@ -31,9 +31,9 @@ pub use ca::{
     CA_COMMON_NAME, CONTROLLER_COMMON_NAME, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS,
 };
 pub use csr::{
-    csr_common_name, generate_key, node_csr_pem, parse_node_csr, KeyKind, NodeCsr, CSR_LABELS,
-    MAX_CSR_PEM_LEN, MAX_RSA_BITS, MIN_RSA_BITS,
+    generate_key, node_csr_pem, parse_node_csr, KeyKind, NodeCsr, CSR_LABELS, MAX_CSR_PEM_LEN,
+    MAX_RSA_BITS, MIN_RSA_BITS,
 };
 pub use error::{CertError, CsrFault};
 pub use files::{write_file, write_pair, Written, CA_CERT_FILE, CA_KEY_FILE, CERT_MODE, KEY_MODE};
-pub use keys::{hex, key_sha256_of_cert_der, key_sha256_of_csr, spki_sha256, unhex};
+pub use keys::{hex, spki_sha256, unhex};

@@ -473,16 +473,6 @@ impl Identity {
         });
     }
 
-    /// Whether any node was ever revoked (most controllers: never, so the per-call
-    /// check costs nothing).
-    pub fn has_revocations(&self) -> bool {
-        !self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-    }
-
     /// Moves at every revocation.
     pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revocations.subscribe()
