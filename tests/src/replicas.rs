@@ -745,3 +745,52 @@ impl Drop for ReplicaSet {
         }
     }
 }
+
+/// The binaries for a replicated-controller test, or a loud skip (a failure with CI
+/// set) when etcd or they are missing.
+pub fn replica_bins(test: &str) -> Option<Bins> {
+    if !crate::require_etcd(test) {
+        return None;
+    }
+    match Bins::locate() {
+        Ok(b) => Some(b),
+        Err(e) if crate::lab::in_ci() => {
+            panic!("{test}: {e:#}, and CI is set, so this is a failure")
+        }
+        Err(e) => {
+            let bar = "!".repeat(78);
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n{bar}\n!!! SKIPPED: {test} needs the Twill binaries: {e:#}\n{bar}\n"
+            );
+            None
+        }
+    }
+}
+
+/// Runs a scenario in a temp dir of its own (certificates, net-conf, every
+/// controller's log). On failure the dir is kept, and its path printed, so that the
+/// logs can be read; with `TWILL_HA_KEEP` set it is always kept.
+pub fn run_kept(prefix: &str, scenario: impl FnOnce(&Path) -> Result<()>) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temp dir");
+    let result = scenario(dir.path());
+    if result.is_err() || std::env::var_os("TWILL_HA_KEEP").is_some() {
+        let kept = dir.keep();
+        eprintln!("{prefix}: logs kept in {}", kept.display());
+    }
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}
+
+/// A two-thread runtime for a scenario's client side.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}

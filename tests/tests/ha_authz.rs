@@ -47,7 +47,6 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -58,10 +57,11 @@ use twill_ctl::certs::{new_ca, Ca, Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{Method, RevokeNodeCertificatesRequest, StatusRequest};
 use twill_server::grpc::auth::{policy, Who};
-use twill_tests::lab::in_ci;
 use twill_tests::raw_grpc::{call, pem_certificates, Headers, Verdict};
-use twill_tests::replicas::{Pem, Pki, ReplicaSet, ADMIN, HA_NET_CONF};
-use twill_tests::{require_etcd, wait_until, Bins, Check, EtcdCluster};
+use twill_tests::replicas::{
+    replica_bins, run_kept, runtime, Pem, Pki, ReplicaSet, ADMIN, HA_NET_CONF,
+};
+use twill_tests::{wait_until, Bins, Check, EtcdCluster};
 
 /// How long one gRPC call may take (a forwarded write may wait 5 s for the leader, and
 /// the leader 5 s for etcd).
@@ -80,50 +80,6 @@ const NODE: &str = "self-node";
 const FORWARDED_FOR: &str = "203.0.113.9";
 
 // ------------------------------------------------------------------ set-up
-
-/// The binaries, or a loud skip (a failure with CI set) when etcd or they are missing.
-fn setup(test: &str) -> Option<Bins> {
-    if !require_etcd(test) {
-        return None;
-    }
-    match Bins::locate() {
-        Ok(b) => Some(b),
-        Err(e) if in_ci() => panic!("{test}: {e:#}, and CI is set, so this is a failure"),
-        Err(e) => {
-            let bar = "!".repeat(78);
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n{bar}\n!!! SKIPPED: {test} needs the Twill binaries: {e:#}\n{bar}\n"
-            );
-            None
-        }
-    }
-}
-
-/// Runs the scenario in a temp dir of its own (certificates, net-conf, every
-/// controller's log), kept on failure (or with `TWILL_HA_KEEP` set) and its path printed.
-fn run(prefix: &str, scenario: impl FnOnce(&Path) -> Result<()>) {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("a temp dir");
-    let result = scenario(dir.path());
-    if result.is_err() || std::env::var_os("TWILL_HA_KEEP").is_some() {
-        let kept = dir.keep();
-        eprintln!("{prefix}: logs kept in {}", kept.display());
-    }
-    if let Err(e) = result {
-        panic!("{e:#}");
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 /// A lazily connecting TLS channel to `url`, with `pem`'s client certificate or none.
 fn channel(url: &str, ca: &str, pem: Option<&Pem>) -> Result<Channel> {
@@ -378,10 +334,10 @@ async fn verdict(ch: &Channel, m: &Method, headers: &Headers) -> (Verdict, u32) 
 #[test]
 fn every_rpc_admits_exactly_the_callers_its_policy_names_on_replicas() {
     let test = "ha_authz::every_rpc_admits_exactly_the_callers_its_policy_names_on_replicas";
-    let Some(bins) = setup(test) else {
+    let Some(bins) = replica_bins(test) else {
         return;
     };
-    run("twill-ha-authz", |dir| scenario(&bins, dir));
+    run_kept("twill-ha-authz", |dir| scenario(&bins, dir));
 }
 
 fn scenario(bins: &Bins, dir: &Path) -> Result<()> {

@@ -29,7 +29,6 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -49,11 +48,11 @@ use twill_proto::{
     AcquireRequest, GetNetworkConfigRequest, Lease, LeaseEvent, ListLeasesRequest, StatusRequest,
     WatchRequest,
 };
-use twill_tests::lab::in_ci;
 use twill_tests::replicas::{
-    base_args, etcd_args, pick_addrs, Controller, Pem, Pki, Ready, ReplicaSet, HA_NET_CONF,
+    base_args, etcd_args, pick_addrs, replica_bins, run_kept, runtime, Controller, Pem, Pki, Ready,
+    ReplicaSet, HA_NET_CONF,
 };
-use twill_tests::{hold_for, require_etcd, wait_until, Bins, Check, EtcdCluster};
+use twill_tests::{hold_for, wait_until, Bins, Check, EtcdCluster};
 
 /// One test at a time: three etcd members and three debug controllers per test.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -71,54 +70,15 @@ const REPLICAS: usize = 3;
 
 // ------------------------------------------------------------------ set-up
 
-/// The binaries, or a loud skip (a failure with CI set) when etcd or they are missing.
-fn setup(test: &str) -> Option<Bins> {
-    if !require_etcd(test) {
-        return None;
-    }
-    match Bins::locate() {
-        Ok(b) => Some(b),
-        Err(e) if in_ci() => panic!("{test}: {e:#}, and CI is set, so this is a failure"),
-        Err(e) => {
-            let bar = "!".repeat(78);
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n{bar}\n!!! SKIPPED: {test} needs the Twill binaries: {e:#}\n{bar}\n"
-            );
-            None
-        }
-    }
-}
-
-/// Runs a scenario in a temp dir of its own (certificates, net-conf, every
-/// controller's log). On failure the dir is kept, and its path printed, so that the
-/// logs can be read; with `TWILL_HA_KEEP` set it is always kept.
+/// One scenario at a time (each runs three replicas and an etcd cluster), in a temp dir
+/// of its own (see `run_kept`).
 fn run(prefix: &str, scenario: impl FnOnce(&Path) -> Result<()>) {
     let _serial = serial();
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("a temp dir");
-    let result = scenario(dir.path());
-    if result.is_err() || std::env::var_os("TWILL_HA_KEEP").is_some() {
-        let kept = dir.keep();
-        eprintln!("{prefix}: logs kept in {}", kept.display());
-    }
-    if let Err(e) = result {
-        panic!("{e:#}");
-    }
+    run_kept(prefix, scenario);
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }
 
 /// A test node: a name, a unicast locally administered VTEP MAC and two public IPs (it
@@ -764,7 +724,7 @@ struct Kill {
 
 #[test]
 fn leader_kills_lose_no_acknowledged_lease() {
-    let Some(bins) = setup("ha_store::leader_kills_lose_no_acknowledged_lease") else {
+    let Some(bins) = replica_bins("ha_store::leader_kills_lose_no_acknowledged_lease") else {
         return;
     };
     run("twill-ha-crash", |dir| crash_scenario(&bins, dir));
@@ -977,7 +937,7 @@ fn crash_scenario(bins: &Bins, dir: &Path) -> Result<()> {
 
 #[test]
 fn a_frozen_leader_is_fenced() {
-    let Some(bins) = setup("ha_store::a_frozen_leader_is_fenced") else {
+    let Some(bins) = replica_bins("ha_store::a_frozen_leader_is_fenced") else {
         return;
     };
     run("twill-ha-fence", |dir| fencing_scenario(&bins, dir));
@@ -1251,7 +1211,7 @@ impl Watcher {
 
 #[test]
 fn etcd_quorum_loss_stops_writes_not_reads() {
-    let Some(bins) = setup("ha_store::etcd_quorum_loss_stops_writes_not_reads") else {
+    let Some(bins) = replica_bins("ha_store::etcd_quorum_loss_stops_writes_not_reads") else {
         return;
     };
     run("twill-ha-quorum", |dir| quorum_scenario(&bins, dir));
@@ -1554,7 +1514,7 @@ fn run_once(program: &Path, args: &[String], timeout: Duration) -> Result<(bool,
 
 #[test]
 fn sled_store_migrates_to_etcd() {
-    let Some(bins) = setup("ha_store::sled_store_migrates_to_etcd") else {
+    let Some(bins) = replica_bins("ha_store::sled_store_migrates_to_etcd") else {
         return;
     };
     run("twill-ha-migrate", |dir| migration_scenario(&bins, dir));
