@@ -266,19 +266,7 @@ impl Ca {
             }
         }
         params.distinguished_name = dn;
-        let key = KeyPair::generate().map_err(|source| CertError::Generate {
-            what: what.clone(),
-            source,
-        })?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| CertError::Generate { what, source })?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().to_vec(),
-            not_after: validity.not_after,
-        })
+        with_new_key(validity, what, |key| params.signed_by(key, &self.issuer))
     }
 
     /// Signs a node certificate for the key of a request that [`parse_node_csr`] accepted:
@@ -335,13 +323,20 @@ pub fn new_ca(validity: Validity) -> Result<Issued, CertError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    with_new_key(validity, what, |key| params.self_signed(key))
+}
+
+/// A new key and the certificate `sign` makes for it (`what` names it in errors).
+fn with_new_key(
+    validity: Validity,
+    what: String,
+    sign: impl FnOnce(&KeyPair) -> Result<rcgen::Certificate, rcgen::Error>,
+) -> Result<Issued, CertError> {
     let key = KeyPair::generate().map_err(|source| CertError::Generate {
         what: what.clone(),
         source,
     })?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(|source| CertError::Generate { what, source })?;
+    let cert = sign(&key).map_err(|source| CertError::Generate { what, source })?;
     Ok(Issued {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),

@@ -7,10 +7,8 @@
 
 mod support;
 
-use bytes::{Buf, BufMut};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use support::{acquire_request, http_get, Controller, Pki, NET_CONF};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use twill_pki::Role;
@@ -20,6 +18,7 @@ use twill_proto::{
     BootstrapRequest, CreateTokenRequest, GetLeaseRequest, ListTokensRequest, ReleaseRequest,
     RenewRequest, RevokeNodeCertificatesRequest,
 };
+use twill_tests::raw_grpc::{body, Headers, Raw};
 
 fn start(pki: &Pki, dir: &std::path::Path) -> Controller {
     let ca = pki.path("ca.crt").display().to_string();
@@ -250,57 +249,6 @@ async fn a_bootstrap_larger_than_16_kib_is_refused_before_the_token_is_read() {
         0,
         "refused before the token was looked at"
     );
-}
-
-/// Requests and answers as bytes: any RPC, whatever its message types.
-#[derive(Debug, Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n).to_vec()))
-    }
-}
-
-/// Metadata a caller adds to its calls.
-type Headers = Vec<(&'static str, String)>;
-
-/// A request naming `node` in field `field` (0: an empty request).
-fn body(field: i32, node: &str) -> Vec<u8> {
-    if field == 0 {
-        return Vec::new();
-    }
-    let mut b = vec![
-        u8::try_from(field << 3 | 2).unwrap(),
-        u8::try_from(node.len()).unwrap(),
-    ];
-    b.extend_from_slice(node.as_bytes());
-    b
 }
 
 /// What one caller gets from one RPC: `Ok` when the controller let the call through
