@@ -10,22 +10,24 @@
 //! IPv4 ones. A lease without IPv6 fields (granted before the network had IPv6) is an
 //! IPv4 peer only; on an IPv6-only network every lease is an IPv6 peer only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tracing::{info, warn};
-use twill_common::lease::{Mac, Peer};
+use twill_common::model::{Family, Mac, Peer, PerFamily};
 use twill_proto::{lease_event::Type as EventType, Lease, WatchResponse};
+
+/// No peers (of a family the network does not have).
+static NONE: BTreeMap<String, Peer> = BTreeMap::new();
 
 /// Peers by node name, with the indexes that keep their kernel keys unique.
 pub struct PeerTable {
     own: String,
-    network: Option<Ipv4Net>,
-    network6: Option<Ipv6Net>,
+    networks: PerFamily<IpNet>,
     own_macs: Vec<Mac>,
     own_subnets: Vec<IpNet>,
-    peers: BTreeMap<String, Peer>,
-    peers6: BTreeMap<String, Peer>,
+    /// The admitted peers' side of each family the network has.
+    peers: PerFamily<BTreeMap<String, Peer>>,
     by_mac: HashMap<Mac, String>,
     by_subnet: HashMap<IpNet, String>,
     /// Leases not admitted, and why: retried whenever a peer leaves.
@@ -42,42 +44,35 @@ pub struct Applied {
 impl PeerTable {
     /// An empty table for node `own` of the pod networks of each family the network
     /// has.
-    pub fn new(own: &str, network: Option<Ipv4Net>, network6: Option<Ipv6Net>) -> Self {
+    pub fn new(own: &str, networks: PerFamily<IpNet>) -> Self {
         PeerTable {
             own: own.to_string(),
-            network,
-            network6,
+            networks,
             own_macs: Vec::new(),
             own_subnets: Vec::new(),
-            peers: BTreeMap::new(),
-            peers6: BTreeMap::new(),
+            peers: networks.map(|_, _| BTreeMap::new()),
             by_mac: HashMap::new(),
             by_subnet: HashMap::new(),
             refused: BTreeMap::new(),
         }
     }
 
-    /// This node's VTEP MACs (none with host-gw) and subnets, of both families, which
+    /// This node's VTEP MACs (none with host-gw) and subnets, of every family, which
     /// no peer may claim.
     pub fn set_own(&mut self, macs: Vec<Mac>, subnets: Vec<IpNet>) {
         self.own_macs = macs;
         self.own_subnets = subnets;
     }
 
-    /// The admitted peers: their IPv4 side.
-    pub fn peers(&self) -> &BTreeMap<String, Peer> {
-        &self.peers
-    }
-
-    /// The admitted peers' IPv6 side.
-    pub fn peers6(&self) -> &BTreeMap<String, Peer> {
-        &self.peers6
+    /// The admitted peers' side of `family` (none when the network lacks it).
+    pub fn peers(&self, family: Family) -> &BTreeMap<String, Peer> {
+        self.peers.get(family).unwrap_or(&NONE)
     }
 
     /// Number of admitted peer nodes (every IPv6 peer is an IPv4 one too unless the
     /// network is IPv6-only).
     pub fn len(&self) -> usize {
-        self.peers.len().max(self.peers6.len())
+        self.peers.values().map(BTreeMap::len).max().unwrap_or(0)
     }
 
     /// True when no peer is admitted.
@@ -85,12 +80,9 @@ impl PeerTable {
         self.len() == 0
     }
 
-    /// The admitted peers of node `name`, of both families.
-    fn pair(&self, name: &str) -> (Option<Peer>, Option<Peer>) {
-        (
-            self.peers.get(name).copied(),
-            self.peers6.get(name).copied(),
-        )
+    /// The admitted peers of node `name`, of every family.
+    fn sides(&self, name: &str) -> PerFamily<Peer> {
+        sides_in(&self.peers, name)
     }
 
     /// Leases refused, by node name, with the reason.
@@ -104,10 +96,9 @@ impl PeerTable {
     pub fn apply(&mut self, resp: &WatchResponse) -> Applied {
         let mut applied = Applied::default();
         if resp.reset {
-            let old4 = std::mem::take(&mut self.peers);
-            let old6 = std::mem::take(&mut self.peers6);
-            let old = |name: &str| (old4.get(name).copied(), old6.get(name).copied());
-            let was = |name: &str| old4.contains_key(name) || old6.contains_key(name);
+            let empty = self.networks.map(|_, _| BTreeMap::new());
+            let old = std::mem::replace(&mut self.peers, empty);
+            let was = |name: &str| old.values().any(|m| m.contains_key(name));
             self.by_mac.clear();
             self.by_subnet.clear();
             self.refused.clear();
@@ -122,15 +113,15 @@ impl PeerTable {
                 .iter()
                 .filter_map(|e| e.lease.as_ref())
                 .filter(|l| l.node_name != self.own)
-                .partition(|l| was(&l.node_name) && self.parse(l) == Ok(old(&l.node_name)));
+                .partition(|l| {
+                    was(&l.node_name) && self.parse(l) == Ok(sides_in(&old, &l.node_name))
+                });
             for l in incumbents.into_iter().chain(rest) {
                 self.admit(l, resp.revision, was(&l.node_name));
             }
-            for name in old4
-                .keys()
-                .chain(old6.keys().filter(|n| !old4.contains_key(*n)))
-            {
-                if self.pair(name) == (None, None) {
+            let names: BTreeSet<&String> = old.values().flat_map(BTreeMap::keys).collect();
+            for name in names {
+                if self.sides(name).is_empty() {
                     info!(peer = %name, revision = resp.revision, "peer left");
                 }
             }
@@ -151,7 +142,7 @@ impl PeerTable {
                 }
                 continue;
             }
-            let known = self.pair(&lease.node_name) != (None, None);
+            let known = !self.sides(&lease.node_name).is_empty();
             self.admit(lease, ev.revision, known);
         }
         if left && !self.refused.is_empty() {
@@ -163,47 +154,43 @@ impl PeerTable {
         applied
     }
 
-    /// The lease's peers of each family the network has, checked against the field
-    /// rules; at least one.
-    fn parse(&self, lease: &Lease) -> Result<(Option<Peer>, Option<Peer>), String> {
-        let p = match self.network {
-            Some(network) => {
-                let p = Peer::try_from(lease).map_err(|e| e.to_string())?;
-                p.check(network.into()).map_err(|e| e.to_string())?;
-                Some(p)
-            }
-            None => None,
-        };
-        let p6 = match self.network6 {
-            Some(network6) => {
-                let p6 = Peer::v6(lease).map_err(|e| e.to_string())?;
-                if let Some(p6) = &p6 {
-                    p6.check(network6.into()).map_err(|e| e.to_string())?;
+    /// The lease's sides of each family the network has, checked against the field
+    /// rules: one of the network's first family, and an IPv6 one unless the lease was
+    /// granted before the network had IPv6.
+    fn parse(&self, lease: &Lease) -> Result<PerFamily<Peer>, String> {
+        let sides = self
+            .networks
+            .try_map(|family, network| {
+                let p = Peer::of(lease, family).map_err(|e| e.to_string())?;
+                if let Some(p) = &p {
+                    p.check(network).map_err(|e| e.to_string())?;
                 }
-                p6
-            }
-            None => None,
-        };
-        if let (Some(p), Some(p6)) = (&p, &p6) {
+                Ok::<_, String>(p)
+            })?
+            .filter_map(|_, p| p);
+        if self.networks.has(Family::V4) && !sides.has(Family::V4) {
+            return Err("the lease has no IPv4 subnet, which this network needs".into());
+        }
+        if sides.is_empty() {
+            return Err("the lease has no IPv6 subnet, which an IPv6-only network needs".into());
+        }
+        if let (Some(p), Some(p6)) = (&sides.v4, &sides.v6) {
             if p6.vtep_mac.is_some() && p6.vtep_mac == p.vtep_mac {
                 return Err("vtep_mac_v6 is the lease's IPv4 VTEP MAC too".into());
             }
         }
-        if p.is_none() && p6.is_none() {
-            return Err("the lease has no IPv6 subnet, which an IPv6-only network needs".into());
-        }
-        Ok((p, p6))
+        Ok(sides)
     }
 
     /// Admits `lease` (replacing the same node's entries) or records why not.
     fn admit(&mut self, lease: &Lease, revision: u64, quiet_if_same: bool) {
         let name = &lease.node_name;
-        let parsed = self.parse(lease).and_then(|(p, p6)| {
-            let clash = p.iter().chain(&p6).find_map(|p| self.collision(name, p));
-            clash.map_or(Ok((p, p6)), Err)
+        let parsed = self.parse(lease).and_then(|sides| {
+            let clash = sides.values().find_map(|p| self.collision(name, p));
+            clash.map_or(Ok(sides), Err)
         });
-        let (peer, peer6) = match parsed {
-            Ok(pair) => pair,
+        let sides = match parsed {
+            Ok(sides) => sides,
             Err(why) => {
                 self.drop_peer(name);
                 let again = self.refused.get(name).is_some_and(|(_, w)| *w == why);
@@ -215,45 +202,48 @@ impl PeerTable {
             }
         };
         self.refused.remove(name);
-        let before = self.pair(name);
+        let before = self.sides(name);
         self.drop_peer(name);
-        for p in peer.iter().chain(&peer6) {
+        for (family, p) in sides.iter() {
             if let Some(mac) = p.vtep_mac {
                 self.by_mac.insert(mac, name.clone());
             }
             self.by_subnet.insert(p.subnet, name.clone());
+            if let Some(peers) = self.peers.get_mut(family) {
+                peers.insert(name.clone(), *p);
+            }
         }
-        if let Some(p) = peer {
-            self.peers.insert(name.clone(), p);
-        }
-        if let Some(p6) = peer6 {
-            self.peers6.insert(name.clone(), p6);
-        }
-        let changed = before != (peer, peer6);
-        if changed && !(quiet_if_same && before == (None, None)) {
+        if before != sides && !(quiet_if_same && before.is_empty()) {
             let text =
-                |p: Option<Peer>, f: fn(&Peer) -> String| p.as_ref().map(f).unwrap_or_default();
+                |f: Family, get: fn(&Peer) -> String| sides.get(f).map(get).unwrap_or_default();
+            let (subnet, ip) = (
+                |p: &Peer| p.subnet.to_string(),
+                |p: &Peer| p.public_ip.to_string(),
+            );
             info!(
                 peer = %name,
-                subnet = %text(peer, |p| p.subnet.to_string()),
-                public_ip = %text(peer, |p| p.public_ip.to_string()),
-                ipv6_subnet = %text(peer6, |p| p.subnet.to_string()),
-                public_ipv6 = %text(peer6, |p| p.public_ip.to_string()),
+                subnet = %text(Family::V4, subnet),
+                public_ip = %text(Family::V4, ip),
+                ipv6_subnet = %text(Family::V6, subnet),
+                public_ipv6 = %text(Family::V6, ip),
                 revision,
                 "peer up"
             );
         }
     }
 
-    /// Removes `name`'s peers of both families and their index entries; true when it
+    /// Removes `name`'s peers of every family and their index entries; true when it
     /// had any.
     fn drop_peer(&mut self, name: &str) -> bool {
-        let old = self.peers.remove(name);
-        let old6 = self.peers6.remove(name);
-        for p in old.iter().chain(&old6) {
+        let old: Vec<Peer> = self
+            .peers
+            .iter_mut()
+            .filter_map(|(_, m)| m.remove(name))
+            .collect();
+        for p in &old {
             self.unindex(name, p);
         }
-        old.is_some() || old6.is_some()
+        !old.is_empty()
     }
 
     /// What `peer` would collide with, if anything.
@@ -301,11 +291,24 @@ impl PeerTable {
     }
 }
 
+/// Node `name`'s sides in `peers`.
+fn sides_in(peers: &PerFamily<BTreeMap<String, Peer>>, name: &str) -> PerFamily<Peer> {
+    PerFamily::from_fn(|f| peers.get(f).and_then(|m| m.get(name)).copied())
+}
+
 #[cfg(test)]
 mod tests {
     use twill_proto::LeaseEvent;
 
     use super::*;
+    use Family::{V4, V6};
+
+    fn nets(v4: Option<&str>, v6: Option<&str>) -> PerFamily<IpNet> {
+        PerFamily::new(
+            v4.map(|n| n.parse().unwrap()),
+            v6.map(|n| n.parse().unwrap()),
+        )
+    }
 
     fn lease(node: &str, subnet: &str, ip: &str, mac: &str) -> Lease {
         Lease {
@@ -334,7 +337,7 @@ mod tests {
     }
 
     fn table() -> PeerTable {
-        let mut t = PeerTable::new("me", Some("10.244.0.0/16".parse().unwrap()), None);
+        let mut t = PeerTable::new("me", nets(Some("10.244.0.0/16"), None));
         t.set_own(
             vec!["0a:58:00:00:00:ee".parse().unwrap()],
             vec!["10.244.99.0/24".parse().unwrap()],
@@ -343,11 +346,7 @@ mod tests {
     }
 
     fn table6() -> PeerTable {
-        let mut t = PeerTable::new(
-            "me",
-            Some("10.244.0.0/16".parse().unwrap()),
-            Some("fd00:10:244::/56".parse().unwrap()),
-        );
+        let mut t = PeerTable::new("me", nets(Some("10.244.0.0/16"), Some("fd00:10:244::/56")));
         t.set_own(
             vec![
                 "0a:58:00:00:00:ee".parse().unwrap(),
@@ -377,7 +376,7 @@ mod tests {
 
     #[test]
     fn ipv6_only_leases_are_ipv6_peers_and_leave_on_delete_and_reset() {
-        let mut t = PeerTable::new("me", None, Some("fd00:10:244::/56".parse().unwrap()));
+        let mut t = PeerTable::new("me", nets(None, Some("fd00:10:244::/56")));
         t.set_own(
             vec!["0a:58:00:00:06:ee".parse().unwrap()],
             vec!["fd00:10:244:99::/64".parse().unwrap()],
@@ -397,8 +396,8 @@ mod tests {
             false,
             &[(PUT, v6only("b", 2)), (PUT, v6only("c", 3))],
         ));
-        assert!(t.peers().is_empty(), "no IPv4 side");
-        assert_eq!(t.peers6()["b"].subnet.to_string(), "fd00:10:244:2::/64");
+        assert!(t.peers(V4).is_empty(), "no IPv4 side");
+        assert_eq!(t.peers(V6)["b"].subnet.to_string(), "fd00:10:244:2::/64");
         assert_eq!(t.len(), 2);
         let no_v6 = Lease {
             ipv6_subnet: String::new(),
@@ -409,7 +408,7 @@ mod tests {
             .refused()
             .any(|(n, w)| n == "n" && w.contains("no IPv6 subnet")));
         t.apply(&batch(false, &[(DELETE, v6only("c", 3))]));
-        assert_eq!(t.peers6().keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(t.peers(V6).keys().collect::<Vec<_>>(), vec!["b"]);
         t.apply(&batch(true, &[(PUT, v6only("b", 2))]));
         assert_eq!(t.len(), 1, "a reset keeps the incumbent");
     }
@@ -421,9 +420,9 @@ mod tests {
             false,
             &[(PUT, dual("b", 2, "2001:db8::2", "0a:58:00:00:06:02"))],
         ));
-        assert_eq!(t.peers()["b"].subnet.to_string(), "10.244.2.0/24");
-        assert_eq!(t.peers6()["b"].subnet.to_string(), "fd00:10:244:2::/64");
-        assert_eq!(t.peers6()["b"].public_ip.to_string(), "2001:db8::2");
+        assert_eq!(t.peers(V4)["b"].subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(t.peers(V6)["b"].subnet.to_string(), "fd00:10:244:2::/64");
+        assert_eq!(t.peers(V6)["b"].public_ip.to_string(), "2001:db8::2");
 
         for (l, why) in [
             (dual("m", 3, "ff02::1", "0a:58:00:00:06:03"), "multicast"),
@@ -444,7 +443,7 @@ mod tests {
         ] {
             t.apply(&batch(false, &[(PUT, l.clone())]));
             assert!(
-                !t.peers().contains_key(&l.node_name) && !t.peers6().contains_key(&l.node_name),
+                !t.peers(V4).contains_key(&l.node_name) && !t.peers(V6).contains_key(&l.node_name),
                 "{why}: neither family admitted"
             );
             let reasons: Vec<_> = t.refused().map(|(_, w)| w.to_string()).collect();
@@ -458,7 +457,7 @@ mod tests {
             ..dual("o", 9, "2001:db8::9", "0a:58:00:00:06:09")
         };
         t.apply(&batch(false, &[(PUT, own6)]));
-        assert!(!t.peers().contains_key("o"), "our own IPv6 subnet");
+        assert!(!t.peers(V4).contains_key("o"), "our own IPv6 subnet");
 
         // A lease from before the network had IPv6 is an IPv4 peer only.
         t.apply(&batch(
@@ -468,11 +467,11 @@ mod tests {
                 lease("v4", "10.244.20.0/24", "192.0.2.20", "0a:58:00:00:00:20"),
             )],
         ));
-        assert!(t.peers().contains_key("v4") && !t.peers6().contains_key("v4"));
+        assert!(t.peers(V4).contains_key("v4") && !t.peers(V6).contains_key("v4"));
         t.apply(&batch(false, &[(DELETE, dual("b", 2, "2001:db8::2", ""))]));
-        assert!(t.peers6().is_empty() || !t.peers6().contains_key("b"));
+        assert!(t.peers(V6).is_empty() || !t.peers(V6).contains_key("b"));
         assert!(
-            t.peers().contains_key("x"),
+            t.peers(V4).contains_key("x"),
             "admitted once b's IPv6 MAC is free: {:?}",
             t.refused().collect::<Vec<_>>()
         );
@@ -494,19 +493,19 @@ mod tests {
         );
         t.apply(&batch(false, &[(PUT, spoof.clone())]));
         assert_eq!(
-            t.peers()["b"].public_ip.to_string(),
+            t.peers(V4)["b"].public_ip.to_string(),
             "192.0.2.2",
             "b keeps its MAC"
         );
-        assert!(!t.peers().contains_key("mallory"));
+        assert!(!t.peers(V4).contains_key("mallory"));
         let refused: Vec<_> = t.refused().collect();
         assert!(refused[0].1.contains("VTEP MAC of peer b"), "{refused:?}");
         // A reset lists mallory first (name order does not matter): b keeps it.
         t.apply(&batch(true, &[(PUT, spoof.clone()), (PUT, b.clone())]));
-        assert_eq!(t.peers().keys().collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(t.peers(V4).keys().collect::<Vec<_>>(), vec!["b"]);
         t.apply(&batch(false, &[(DELETE, b)]));
         assert!(
-            t.peers().contains_key("mallory"),
+            t.peers(V4).contains_key("mallory"),
             "admitted once the collision is gone"
         );
     }
@@ -541,7 +540,7 @@ mod tests {
             ),
         ] {
             t.apply(&batch(false, &[(PUT, l)]));
-            assert!(t.peers().is_empty(), "{why}");
+            assert!(t.peers(V4).is_empty(), "{why}");
             let reasons: Vec<_> = t.refused().map(|(_, w)| w.to_string()).collect();
             assert!(
                 reasons.iter().any(|r| r.contains(why)),
@@ -552,7 +551,7 @@ mod tests {
         t.apply(&batch(false, &[(PUT, a.clone())]));
         let same_subnet = lease("c", "10.244.1.0/24", "192.0.2.3", "0a:58:00:00:00:03");
         t.apply(&batch(false, &[(PUT, same_subnet)]));
-        assert_eq!(t.peers().keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(t.peers(V4).keys().collect::<Vec<_>>(), vec!["a"]);
     }
 
     #[test]
@@ -560,7 +559,7 @@ mod tests {
         let mut t = table();
         let me = lease("me", "10.244.99.0/24", "192.0.2.99", "0a:58:00:00:00:ee");
         assert!(!t.apply(&batch(true, &[(PUT, me.clone())])).lost_own);
-        assert!(t.peers().is_empty(), "we are no peer of ours");
+        assert!(t.peers(V4).is_empty(), "we are no peer of ours");
         assert!(t.apply(&batch(false, &[(DELETE, me)])).lost_own);
         assert!(t.apply(&batch(true, &[])).lost_own);
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use tracing::{info, warn};
-use twill_common::lease::{Mac, Peer};
+use twill_common::model::{Mac, Peer};
 use twill_common::netconf::{Backend, BackendType};
 
 use crate::dataplane::netlink::Netlink;

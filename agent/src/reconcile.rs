@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use twill_common::lease::Peer;
+use twill_common::model::Peer;
 
 use crate::dataplane::{DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay};
 
@@ -289,7 +289,7 @@ pub(crate) mod tests {
     use std::net::IpAddr;
     use std::sync::Mutex;
 
-    use twill_common::lease::Mac;
+    use twill_common::model::Mac;
 
     use super::*;
     use crate::dataplane::VxlanSpec;

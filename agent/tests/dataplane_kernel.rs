@@ -32,7 +32,7 @@ use twill_agent::dataplane::{
     ROUTE_PROTOCOL,
 };
 use twill_agent::reconcile::{desired, reconcile, Topology};
-use twill_common::lease::{Mac, Peer};
+use twill_common::model::{Mac, Peer};
 
 const IP: &str = "/usr/sbin/ip";
 const BRIDGE: &str = "/usr/sbin/bridge";

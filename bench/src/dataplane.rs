@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::{DataPlane, Family, Underlay, VxlanSpec};
 use twill_agent::reconcile::{apply_diff, desired, reconcile, Topology};
-use twill_common::lease::{Mac, Peer};
+use twill_common::model::{Mac, Peer};
 
 use crate::stats::median;
 

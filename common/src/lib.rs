@@ -1,10 +1,10 @@
 //! Shared model of Twill: flannel's file formats (`net-conf.json`, `subnet.env`),
-//! lease helpers used on both sides of the wire, and certificate roles.
+//! the lease model both sides carry (parsed at the wire edge), and certificate roles.
 //! No I/O here beyond the files this crate owns (subnet.env, PEM files) and the
 //! atomic replacement every binary uses for the files it writes ([`fs`]).
 
 pub mod fs;
-pub mod lease;
+pub mod model;
 pub mod netconf;
 pub mod subnet_env;
 pub mod tls;

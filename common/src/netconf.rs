@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -185,6 +185,7 @@ pub trait PoolNet:
     + std::str::FromStr
     + Send
     + Sync
+    + Into<IpNet>
     + 'static
 {
     /// Prefix of this family's net-conf.json keys: `""` (`SubnetLen`) or `"IPv6"`.
@@ -222,6 +223,8 @@ pub trait PoolNet:
     fn parse_net(text: &str) -> Option<Self> {
         text.parse().ok()
     }
+    /// The network, when it is of this family.
+    fn from_net(net: IpNet) -> Option<Self>;
 }
 
 impl PoolNet for Ipv4Net {
@@ -249,6 +252,12 @@ impl PoolNet for Ipv4Net {
     fn prefix(self) -> u8 {
         self.prefix_len()
     }
+    fn from_net(net: IpNet) -> Option<Self> {
+        match net {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        }
+    }
 }
 
 impl PoolNet for Ipv6Net {
@@ -274,6 +283,12 @@ impl PoolNet for Ipv6Net {
     }
     fn prefix(self) -> u8 {
         self.prefix_len()
+    }
+    fn from_net(net: IpNet) -> Option<Self> {
+        match net {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        }
     }
 }
 
@@ -382,6 +397,14 @@ impl NetConf {
     /// The IPv6 pod network, if the network has IPv6.
     pub fn network6(&self) -> Option<Ipv6Net> {
         self.ipv6.as_ref().map(|p| p.network)
+    }
+
+    /// The pod network of each family the network has.
+    pub fn networks(&self) -> crate::model::PerFamily<IpNet> {
+        crate::model::PerFamily::new(
+            self.network4().map(IpNet::from),
+            self.network6().map(IpNet::from),
+        )
     }
 }
 

@@ -49,7 +49,7 @@ pub fn parse_token_ttl(s: &str) -> Result<Duration, String> {
 /// Parses `--node` of `token create`: a node name the token may bootstrap, checked as
 /// the controller will (letters, digits, '-', '.', '_'; at most 253 characters).
 pub fn parse_token_node(s: &str) -> Result<String, String> {
-    twill_common::lease::validate_node_name(s).map_err(|e| e.to_string())?;
+    twill_common::model::validate_node_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 
@@ -63,7 +63,7 @@ pub fn parse_token_node_prefix(s: &str) -> Result<String, String> {
                 .to_string(),
         );
     }
-    twill_common::lease::validate_node_name(s)
+    twill_common::model::validate_node_name(s)
         .map_err(|e| e.to_string().replacen("node name", "prefix", 1))?;
     Ok(s.to_string())
 }

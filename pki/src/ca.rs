@@ -139,7 +139,7 @@ impl Role {
                 }
                 Ok(())
             }
-            Role::Node(name) | Role::Admin(name) => twill_common::lease::validate_node_name(name)
+            Role::Node(name) | Role::Admin(name) => twill_common::model::validate_node_name(name)
                 .map_err(|e| CertError::Invalid(e.to_string())),
         }
     }

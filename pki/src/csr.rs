@@ -169,7 +169,7 @@ pub fn generate_key() -> Result<KeyPair, CertError> {
 /// node sends to get its certificate. [`CertError::Invalid`] when `node` is no valid
 /// node name.
 pub fn node_csr_pem(node: &str, key: &KeyPair) -> Result<String, CertError> {
-    twill_common::lease::validate_node_name(node)
+    twill_common::model::validate_node_name(node)
         .map_err(|e| CertError::Invalid(format!("node name: {e}")))?;
     let what = || format!("certificate signing request for {node}");
     let mut params = CertificateParams::default();
@@ -412,7 +412,7 @@ fn subject_cn(subject: &X509Name<'_>) -> Result<String, CertError> {
     let name = cn
         .as_str()
         .map_err(|e| bad(format!("the subject CN is not a string: {e}")))?;
-    twill_common::lease::validate_node_name(name).map_err(|e| bad(format!("subject CN: {e}")))?;
+    twill_common::model::validate_node_name(name).map_err(|e| bad(format!("subject CN: {e}")))?;
     Ok(name.to_string())
 }
 

@@ -482,7 +482,7 @@ impl Identity {
     /// name) valid from before now. Under the issuance lock: a renewal in progress
     /// finishes first, and its certificate is revoked with the others.
     pub async fn revoke(&self, name: &str, admin: bool) -> Result<i64, IdentityError> {
-        twill_common::lease::validate_node_name(name)
+        twill_common::model::validate_node_name(name)
             .map_err(|e| IdentityError::Invalid(format!("node_name: {e}")))?;
         let mut state = self.lock.lock().await;
         // One second back: a certificate issued from now on starts at the current
@@ -582,7 +582,7 @@ impl Identity {
         binding: TokenBinding,
     ) -> Result<(String, BootstrapToken), IdentityError> {
         for n in &binding.nodes {
-            twill_common::lease::validate_node_name(n)
+            twill_common::model::validate_node_name(n)
                 .map_err(|e| IdentityError::Invalid(format!("nodes: {n:?}: {e}")))?;
         }
         if binding.node_prefix.len() > 63

@@ -1,7 +1,8 @@
 //! One address family's allocation policy: which node holds which subnet, which
 //! subnets are reserved for whom (and which reservations cannot be honoured now), and
-//! the free-subnet index under both. The lease writer keeps one `Subnets` per family
-//! of the network and asks each for a node's subnet of that family.
+//! the free-subnet index under both. The lease writer keeps one per family of the
+//! network (`PerFamily<Box<dyn FamilySubnets>>`) and asks each, through the same
+//! calls, for a node's subnet of that family.
 //!
 //! The invariant kept here: a subnet's bit in the allocator is set exactly when a lease
 //! holds it or a reservation that can be honoured keeps it, so `Allocator::allocate`
@@ -9,14 +10,91 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use ipnet::IpNet;
 use tracing::{info, warn};
 use twill_common::netconf::{Pool, PoolNet};
 
 use crate::alloc::Allocator;
-use crate::leases::LeaseOpError;
+
+/// Why a family's policy refused a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    /// The subnet is not one this pool hands out.
+    #[error("{0}")]
+    Invalid(String),
+    /// Another node holds or has reserved it.
+    #[error("{0}")]
+    Conflict(String),
+    /// No free subnet is left.
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+/// One family's subnets, seen through `IpNet` so that one code path in the writer
+/// serves every family. A subnet of another family is a caller's bug: it is never
+/// held, and refused where a refusal can be said.
+pub trait FamilySubnets: Send {
+    /// Number of allocatable subnets.
+    fn capacity(&self) -> u32;
+    /// Number of subnets held or kept by a reservation.
+    fn taken(&self) -> u32;
+    /// Checks that `requested` is a node subnet of the pool's network (inside
+    /// SubnetMin..SubnetMax or not: outside, the node is simply given another);
+    /// `field` names it in the refusal.
+    fn check_requested(&self, field: &str, requested: IpNet) -> Result<(), Refusal>;
+    /// The reservations, by node.
+    fn reservations(&self) -> Vec<(String, IpNet)>;
+    /// Why some reservations cannot be honoured now, by node.
+    fn stale(&self) -> &BTreeMap<String, String>;
+    /// True once after the reservation view changed.
+    fn take_changed(&mut self) -> bool;
+    /// Forgets every holder and every taken bit, keeping the reservations (a rebuild
+    /// from the store follows).
+    fn reset(&mut self);
+    /// Records the subnet of a stored lease; the error says why the store and the
+    /// configured network disagree.
+    fn restore(&mut self, node: &str, subnet: IpNet) -> Result<(), String>;
+    /// After `restore`: keeps every reservation that can be honoured, records the
+    /// others as stale.
+    fn honour_reservations(&mut self);
+    /// The node holding `subnet`, if a lease does.
+    fn holder(&self, subnet: IpNet) -> Option<&str>;
+    /// Records that `node`'s lease holds `subnet` (its bit is already taken).
+    fn hold(&mut self, subnet: IpNet, node: &str);
+    /// A subnet for `node`, which holds none of this family: its reservation when that
+    /// can be honoured, else `requested` when free, else the next free one. Every path
+    /// takes the subnet's bit; `hold` it once the lease is granted, or `free` it.
+    fn pick(&mut self, node: &str, requested: Option<IpNet>) -> Result<IpNet, Refusal>;
+    /// Returns a subnet that `node`'s lease held (or that `pick` took for it) to the
+    /// pool, unless a reservation keeps it: for its own node or, when that reservation
+    /// was stale because of this lease, for the node that reserved it (its reservation
+    /// can be honoured from now on).
+    fn free(&mut self, subnet: IpNet, node: &str);
+    /// Whether `node` may reserve `subnet`; `own` is the subnet of this family its
+    /// lease holds, if any. Checked for every family before any is changed.
+    fn check_reserve(&self, node: &str, subnet: IpNet, own: Option<IpNet>) -> Result<(), Refusal>;
+    /// Reserves `subnet` for `node` (after `check_reserve`), replacing the node's
+    /// reservation of this family.
+    fn reserve(&mut self, node: &str, subnet: IpNet);
+    /// Drops `node`'s reservation of this family; the subnet it kept, if any.
+    fn unreserve(&mut self, node: &str) -> Option<IpNet>;
+}
+
+/// The policy of `pool`, with `reservations` not yet honoured (`restore` the stored
+/// leases, then `honour_reservations`).
+pub fn family<N: PoolNet>(
+    pool: Pool<N>,
+    reservations: impl IntoIterator<Item = (String, IpNet)>,
+) -> Box<dyn FamilySubnets> {
+    let reservations = reservations
+        .into_iter()
+        .filter_map(|(node, s)| N::from_net(s).map(|s| (node, s)))
+        .collect();
+    Box::new(Subnets::new(pool, reservations))
+}
 
 /// One family's subnets.
-pub struct Subnets<N> {
+struct Subnets<N> {
     pool: Pool<N>,
     alloc: Allocator<N>,
     /// The node whose lease holds each leased subnet.
@@ -31,9 +109,7 @@ pub struct Subnets<N> {
 }
 
 impl<N: PoolNet> Subnets<N> {
-    /// Every subnet of `pool` free, with `reservations` not yet honoured (`restore`
-    /// the stored leases, then `honour_reservations`).
-    pub fn new(pool: Pool<N>, reservations: BTreeMap<String, N>) -> Self {
+    fn new(pool: Pool<N>, reservations: BTreeMap<String, N>) -> Self {
         Subnets {
             alloc: Allocator::new(&pool),
             pool,
@@ -45,47 +121,87 @@ impl<N: PoolNet> Subnets<N> {
         }
     }
 
-    /// The pool.
-    pub fn pool(&self) -> &Pool<N> {
-        &self.pool
+    /// Why `node`'s reservation of `subnet` cannot be honoured now, if it cannot.
+    fn problem(&self, node: &str, subnet: N) -> Option<String> {
+        if self.pool.index_of(subnet).is_none() {
+            return Some(format!("{subnet} is outside {}", self.pool.range_text()));
+        }
+        if let Some(holder) = self.holders.get(&subnet).filter(|h| *h != node) {
+            return Some(format!("{subnet} is leased to node {holder}"));
+        }
+        if let Some(other) = self.reserved.get(&subnet).filter(|o| *o != node) {
+            return Some(format!("{subnet} is also reserved for node {other}"));
+        }
+        None
     }
 
-    /// Number of allocatable subnets.
-    pub fn capacity(&self) -> u32 {
+    /// Stops keeping `subnet` for `node`: only an idle reservation's bit goes back, a
+    /// leased subnet stays taken.
+    fn release_reserved(&mut self, node: &str, subnet: N) {
+        if self.reserved.get(&subnet).is_some_and(|n| n == node) {
+            self.reserved.remove(&subnet);
+            if !self.holders.contains_key(&subnet) {
+                self.alloc.free(subnet);
+            }
+        }
+    }
+
+    /// `subnet` as this family's, or the refusal naming what it is not.
+    fn typed(&self, subnet: IpNet) -> Result<N, Refusal> {
+        N::from_net(subnet).ok_or_else(|| {
+            Refusal::Invalid(format!(
+                "{subnet} is not an {} subnet of {}",
+                N::FAMILY,
+                self.pool.network
+            ))
+        })
+    }
+}
+
+impl<N: PoolNet> FamilySubnets for Subnets<N> {
+    fn capacity(&self) -> u32 {
         self.alloc.capacity()
     }
 
-    /// Number of subnets held or kept by a reservation.
-    pub fn taken(&self) -> u32 {
+    fn taken(&self) -> u32 {
         self.alloc.taken()
     }
 
-    /// The reservations, by node.
-    pub fn reservations(&self) -> &BTreeMap<String, N> {
-        &self.reservations
+    fn check_requested(&self, field: &str, requested: IpNet) -> Result<(), Refusal> {
+        match N::from_net(requested) {
+            Some(r) if self.pool.fits(r) => Ok(()),
+            _ => Err(Refusal::Invalid(format!(
+                "{field} {requested} is not a /{} subnet of {}Network {}",
+                self.pool.subnet_len,
+                N::KEY,
+                self.pool.network
+            ))),
+        }
     }
 
-    /// Why some reservations cannot be honoured now, by node.
-    pub fn stale(&self) -> &BTreeMap<String, String> {
+    fn reservations(&self) -> Vec<(String, IpNet)> {
+        self.reservations
+            .iter()
+            .map(|(node, s)| (node.clone(), (*s).into()))
+            .collect()
+    }
+
+    fn stale(&self) -> &BTreeMap<String, String> {
         &self.stale
     }
 
-    /// True once after the reservation view changed.
-    pub fn take_changed(&mut self) -> bool {
+    fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
     }
 
-    /// Forgets every holder and every taken bit, keeping the reservations (a rebuild
-    /// from the store follows).
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         let reservations = std::mem::take(&mut self.reservations);
         *self = Subnets::new(self.pool.clone(), reservations);
     }
 
-    /// Records the subnet of a stored lease; the error says why the store and the
-    /// configured network disagree.
-    pub fn restore(&mut self, node: &str, subnet: N) -> Result<(), String> {
-        if !self.alloc.take(subnet) {
+    fn restore(&mut self, node: &str, subnet: IpNet) -> Result<(), String> {
+        let taken = N::from_net(subnet).is_some_and(|s| self.alloc.take(s));
+        if !taken {
             return Err(format!(
                 "stored lease of {node} holds {subnet}, which is outside {k}SubnetMin..{k}SubnetMax \
                  of the configured network or overlaps another lease; restore the previous \
@@ -93,13 +209,11 @@ impl<N: PoolNet> Subnets<N> {
                 k = N::KEY
             ));
         }
-        self.holders.insert(subnet, node.to_string());
+        self.hold(subnet, node);
         Ok(())
     }
 
-    /// After `restore`: keeps every reservation that can be honoured, records the
-    /// others as stale.
-    pub fn honour_reservations(&mut self) {
+    fn honour_reservations(&mut self) {
         self.reserved.clear();
         self.stale.clear();
         let reservations = self.reservations.clone();
@@ -118,34 +232,18 @@ impl<N: PoolNet> Subnets<N> {
         self.changed = true;
     }
 
-    /// The node holding `subnet`, if a lease does.
-    pub fn holder(&self, subnet: N) -> Option<&str> {
+    fn holder(&self, subnet: IpNet) -> Option<&str> {
+        let subnet = N::from_net(subnet)?;
         self.holders.get(&subnet).map(String::as_str)
     }
 
-    /// Records that `node`'s lease holds `subnet` (its bit is already taken).
-    pub fn hold(&mut self, subnet: N, node: &str) {
-        self.holders.insert(subnet, node.to_string());
+    fn hold(&mut self, subnet: IpNet, node: &str) {
+        if let Some(subnet) = N::from_net(subnet) {
+            self.holders.insert(subnet, node.to_string());
+        }
     }
 
-    /// Why `node`'s reservation of `subnet` cannot be honoured now, if it cannot.
-    fn problem(&self, node: &str, subnet: N) -> Option<String> {
-        if self.pool.index_of(subnet).is_none() {
-            return Some(format!("{subnet} is outside {}", self.pool.range_text()));
-        }
-        if let Some(holder) = self.holder(subnet).filter(|h| *h != node) {
-            return Some(format!("{subnet} is leased to node {holder}"));
-        }
-        if let Some(other) = self.reserved.get(&subnet).filter(|o| *o != node) {
-            return Some(format!("{subnet} is also reserved for node {other}"));
-        }
-        None
-    }
-
-    /// A subnet for `node`, which holds none of this family: its reservation when that
-    /// can be honoured, else `requested` when free, else the next free one. Every path
-    /// takes the subnet's bit; `hold` it once the lease is granted, or `free` it.
-    pub fn pick(&mut self, node: &str, requested: Option<N>) -> Result<N, LeaseOpError> {
+    fn pick(&mut self, node: &str, requested: Option<IpNet>) -> Result<IpNet, Refusal> {
         if let Some(reserved) = self.reservations.get(node).copied() {
             match self.problem(node, reserved) {
                 None => {
@@ -155,7 +253,7 @@ impl<N: PoolNet> Subnets<N> {
                     self.reserved.insert(reserved, node.to_string());
                     self.changed |= self.stale.remove(node).is_some();
                     info!(node = %node, subnet = %reserved, "granting the node its reserved subnet");
-                    return Ok(reserved);
+                    return Ok(reserved.into());
                 }
                 Some(why) => {
                     warn!(node = %node, subnet = %reserved, reason = %why, "reservation cannot be honoured; allocating another subnet");
@@ -163,9 +261,9 @@ impl<N: PoolNet> Subnets<N> {
                 }
             }
         }
-        if let Some(r) = requested {
+        if let Some(r) = requested.and_then(N::from_net) {
             if !self.reserved.contains_key(&r) && self.alloc.take(r) {
-                return Ok(r);
+                return Ok(r.into());
             }
             let why = if self.pool.index_of(r).is_none() {
                 format!("it is outside {}", self.pool.range_text())
@@ -174,9 +272,9 @@ impl<N: PoolNet> Subnets<N> {
             };
             info!(node = %node, requested = %r, "requested subnet not granted: {why}; allocating a fresh one");
         }
-        self.alloc.allocate().ok_or_else(|| {
+        self.alloc.allocate().map(Into::into).ok_or_else(|| {
             warn!(node = %node, family = N::FAMILY, "out of subnets");
-            LeaseOpError::Exhausted(format!(
+            Refusal::Exhausted(format!(
                 "out of {k}{space}subnets: all {} subnets between {k}SubnetMin {} and {k}SubnetMax {} are leased or reserved",
                 self.alloc.capacity(),
                 self.pool.subnet_min,
@@ -187,11 +285,10 @@ impl<N: PoolNet> Subnets<N> {
         })
     }
 
-    /// Returns a subnet that `node`'s lease held (or that `pick` took for it) to the
-    /// pool, unless a reservation keeps it: for its own node or, when that reservation
-    /// was stale because of this lease, for the node that reserved it (its reservation
-    /// can be honoured from now on).
-    pub fn free(&mut self, subnet: N, node: &str) {
+    fn free(&mut self, subnet: IpNet, node: &str) {
+        let Some(subnet) = N::from_net(subnet) else {
+            return;
+        };
         if self.holders.get(&subnet).is_some_and(|h| h == node) {
             self.holders.remove(&subnet);
         }
@@ -214,11 +311,10 @@ impl<N: PoolNet> Subnets<N> {
         }
     }
 
-    /// Whether `node` may reserve `subnet`; `own` is the subnet of this family its lease
-    /// holds, if any. Checked for every family before any is changed.
-    pub fn check_reserve(&self, node: &str, subnet: N, own: Option<N>) -> Result<(), LeaseOpError> {
+    fn check_reserve(&self, node: &str, subnet: IpNet, own: Option<IpNet>) -> Result<(), Refusal> {
+        let subnet = self.typed(subnet)?;
         if self.pool.index_of(subnet).is_none() {
-            return Err(LeaseOpError::Invalid(format!(
+            return Err(Refusal::Invalid(format!(
                 "{subnet} is not a /{} subnet between {k}SubnetMin {} and {k}SubnetMax {}",
                 self.pool.subnet_len,
                 self.pool.subnet_min,
@@ -231,26 +327,27 @@ impl<N: PoolNet> Subnets<N> {
             .iter()
             .find(|(n, s)| **s == subnet && n.as_str() != node)
         {
-            return Err(LeaseOpError::Conflict(format!(
+            return Err(Refusal::Conflict(format!(
                 "{subnet} is already reserved for node {other}"
             )));
         }
-        if let Some(holder) = self.holder(subnet).filter(|h| *h != node) {
-            return Err(LeaseOpError::Conflict(format!(
+        if let Some(holder) = self.holders.get(&subnet).filter(|h| *h != node) {
+            return Err(Refusal::Conflict(format!(
                 "{subnet} is leased to node {holder}; revoke that lease first"
             )));
         }
-        if let Some(own) = own.filter(|o| *o != subnet) {
-            return Err(LeaseOpError::Conflict(format!(
+        if let Some(own) = own.and_then(N::from_net).filter(|o| *o != subnet) {
+            return Err(Refusal::Conflict(format!(
                 "node {node} holds {own}; revoke its lease first or reserve that subnet"
             )));
         }
         Ok(())
     }
 
-    /// Reserves `subnet` for `node` (after `check_reserve`), replacing the node's
-    /// reservation of this family.
-    pub fn reserve(&mut self, node: &str, subnet: N) {
+    fn reserve(&mut self, node: &str, subnet: IpNet) {
+        let Some(subnet) = N::from_net(subnet) else {
+            return;
+        };
         if let Some(previous) = self.reservations.insert(node.to_string(), subnet) {
             if previous != subnet {
                 self.release_reserved(node, previous);
@@ -264,23 +361,11 @@ impl<N: PoolNet> Subnets<N> {
         info!(node = %node, subnet = %subnet, "subnet reserved");
     }
 
-    /// Drops `node`'s reservation of this family; the subnet it kept, if any.
-    pub fn unreserve(&mut self, node: &str) -> Option<N> {
+    fn unreserve(&mut self, node: &str) -> Option<IpNet> {
         let subnet = self.reservations.remove(node)?;
         self.stale.remove(node);
         self.release_reserved(node, subnet);
         info!(node = %node, subnet = %subnet, "reservation removed");
-        Some(subnet)
-    }
-
-    /// Stops keeping `subnet` for `node`: only an idle reservation's bit goes back, a
-    /// leased subnet stays taken.
-    fn release_reserved(&mut self, node: &str, subnet: N) {
-        if self.reserved.get(&subnet).is_some_and(|n| n == node) {
-            self.reserved.remove(&subnet);
-            if !self.holders.contains_key(&subnet) {
-                self.alloc.free(subnet);
-            }
-        }
+        Some(subnet.into())
     }
 }

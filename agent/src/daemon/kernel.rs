@@ -3,35 +3,33 @@
 //! devices, IP masquerade and the reconcile runs. The lease and connection state
 //! machine (`super`) tells it what the controller said; it never calls the controller.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
-use ipnet::IpNet;
 use tracing::{info, warn};
 use twill_agent::dataplane::masq;
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::peers::{Applied, PeerTable};
 use twill_agent::plane::Plane;
-use twill_common::lease::{parse_subnet, parse_subnet6};
+use twill_common::model::{Lease, Mac, PerFamily};
 use twill_common::NetConf;
-use twill_proto::{Lease, WatchResponse};
+use twill_proto::WatchResponse;
 
 use crate::http::Stats;
 
-/// The node's fields of an acquisition that come from the kernel.
+/// The node's fields of an acquisition that come from the kernel: per family, the
+/// public address and the VXLAN device's MAC (none with host-gw).
 pub(super) struct Endpoints {
-    pub public_ip: String,
-    pub vtep_mac: String,
-    pub public_ipv6: String,
-    pub vtep_mac_v6: String,
+    pub parts: PerFamily<(IpAddr, Option<Mac>)>,
+    /// Prefix length of the public address's subnet (0: not known).
     pub public_ip_prefix_len: u32,
 }
 
 pub(super) struct Kernel {
     dp: Netlink,
-    /// The IPv4 overlay and the IPv6 one, each present when the network has the family.
-    v4: Option<Plane>,
-    v6: Option<Plane>,
+    /// The overlay of each family the network has.
+    planes: PerFamily<Plane>,
     peers: PeerTable,
     stats: Arc<Stats>,
     /// False until the first watch message: peers are not removed before the
@@ -42,75 +40,54 @@ pub(super) struct Kernel {
 impl Kernel {
     pub(super) fn new(
         dp: Netlink,
-        v4: Option<Plane>,
-        v6: Option<Plane>,
+        planes: PerFamily<Plane>,
         mut peers: PeerTable,
         stats: Arc<Stats>,
     ) -> Self {
-        peers.set_own(
-            v4.iter().chain(&v6).filter_map(Plane::mac).collect(),
-            Vec::new(),
-        );
+        peers.set_own(planes.values().filter_map(Plane::mac).collect(), Vec::new());
         Kernel {
             dp,
-            v4,
-            v6,
+            planes,
             peers,
             stats,
             heard: false,
         }
     }
 
-    /// The planes, IPv4 first.
-    fn planes(&self) -> impl Iterator<Item = &Plane> {
-        self.v4.iter().chain(&self.v6)
-    }
-
-    /// Whether the IPv4 and the IPv6 plane exist.
-    pub(super) fn families(&self) -> (bool, bool) {
-        (self.v4.is_some(), self.v6.is_some())
+    /// Which families have a plane.
+    pub(super) fn families(&self) -> PerFamily<()> {
+        self.planes.families()
     }
 
     /// The public addresses and VTEP MACs to advertise.
     pub(super) fn endpoints(&self) -> Endpoints {
-        let text = |v: Option<String>| v.unwrap_or_default();
-        let (v4, v6) = (self.v4.as_ref(), self.v6.as_ref());
         // The controller's host-gw report needs the L2 subnet of the advertised address
         // (IPv4, or IPv6 on an IPv6-only network); an address given by hand
         // (--public-ip) has none it can know.
-        let public_ip_prefix_len = v4
-            .or(v6)
+        let public_ip_prefix_len = self
+            .planes
+            .first()
             .filter(|p| p.public_ip == p.topo.underlay.addr.addr())
             .map_or(0, |p| p.topo.underlay.addr.prefix_len().into());
         Endpoints {
-            public_ip: text(v4.map(|p| p.public_ip.to_string())),
-            vtep_mac: text(v4.and_then(Plane::mac).map(|m| m.to_string())),
-            public_ipv6: text(v6.map(|p| p.public_ip.to_string())),
-            vtep_mac_v6: text(v6.and_then(Plane::mac).map(|m| m.to_string())),
+            parts: self.planes.as_ref().map(|_, p| (p.public_ip, p.mac())),
             public_ip_prefix_len,
         }
     }
 
     /// Tells the peer table this node's own MACs and subnets, which no peer may claim.
     pub(super) fn set_own(&mut self, lease: Option<&Lease>) {
-        let macs = self.planes().filter_map(Plane::mac).collect();
+        let macs = self.planes.values().filter_map(Plane::mac).collect();
         let subnets = lease
-            .map(|l| {
-                let v4 = parse_subnet(&l.subnet).ok().map(IpNet::from);
-                let v6 = parse_subnet6(&l.ipv6_subnet).ok().map(IpNet::from);
-                v4.into_iter().chain(v6).collect()
-            })
+            .map(|l| l.parts.values().map(|p| p.subnet).collect())
             .unwrap_or_default();
         self.peers.set_own(macs, subnets);
     }
 
     /// Gives each device its subnet's network address.
     pub(super) async fn address(&self, lease: &Lease) -> Result<()> {
-        if let (Some(plane), Ok(s)) = (&self.v4, parse_subnet(&lease.subnet)) {
-            plane.address(&self.dp, s.network().into()).await?;
-        }
-        if let (Some(plane), Ok(s6)) = (&self.v6, parse_subnet6(&lease.ipv6_subnet)) {
-            plane.address(&self.dp, s6.network().into()).await?;
+        for (plane, part) in self.planes.as_ref().zip(lease.parts).values() {
+            plane.address(&self.dp, part.subnet.network()).await?;
         }
         Ok(())
     }
@@ -128,7 +105,7 @@ impl Kernel {
     /// Removes everything this agent put in the kernel; reports every failure and
     /// keeps going.
     pub(super) async fn teardown(&self) {
-        for plane in self.planes() {
+        for plane in self.planes.values() {
             plane.teardown(&self.dp).await;
         }
         if let Err(e) = masq::remove().await {
@@ -141,14 +118,11 @@ impl Kernel {
     /// lease's subnets' rules (re-applied on every tick, like flannel's re-check), or
     /// absent (removed once, when the lease is first applied).
     pub(super) async fn masquerade(&self, conf: &NetConf, on: bool, lease: Option<&Lease>) {
-        let v4 = conf
-            .network4()
-            .zip(lease.and_then(|l| parse_subnet(&l.subnet).ok()));
-        let v6 = conf
-            .network6()
-            .zip(lease.and_then(|l| parse_subnet6(&l.ipv6_subnet).ok()));
+        let families = lease.map_or_else(PerFamily::default, |l| {
+            conf.networks().zip(l.parts.map(|_, p| p.subnet))
+        });
         let result = match (on, lease) {
-            (true, Some(_)) => masq::apply(v4, v6).await,
+            (true, Some(_)) => masq::apply(families).await,
             (true, None) => return,
             (false, _) => masq::remove().await,
         };
@@ -167,12 +141,11 @@ impl Kernel {
             return;
         }
         let (mut added, mut removed, mut errors) = (0, 0, 0);
+        let peers = &self.peers;
         let planes = self
-            .v4
-            .as_mut()
-            .map(|p| (p, self.peers.peers()))
-            .into_iter()
-            .chain(self.v6.as_mut().map(|p| (p, self.peers.peers6())));
+            .planes
+            .iter_mut()
+            .map(|(family, p)| (p, peers.peers(family)));
         for (plane, peers) in planes {
             match plane.reconcile(&self.dp, peers, full).await {
                 Ok(report) => {
@@ -195,7 +168,7 @@ impl Kernel {
         }
         self.stats.peers.set(self.peers.len() as i64);
         self.stats.netlink_errors.inc_by(errors as u64);
-        let unreachable: usize = self.planes().map(Plane::unreachable).sum();
+        let unreachable: usize = self.planes.values().map(Plane::unreachable).sum();
         self.stats.peers_unreachable.set(unreachable as i64);
         if added + removed > 0 {
             info!(
@@ -210,7 +183,7 @@ impl Kernel {
     /// lease is to be renewed at once.
     pub(super) async fn check_devices(&mut self, lease: Option<&Lease>) -> bool {
         let (mut recreated, mut mac_changed) = (false, false);
-        for plane in self.v4.iter_mut().chain(self.v6.as_mut()) {
+        for (_, plane) in self.planes.iter_mut() {
             match plane.check_device(&self.dp).await {
                 Ok(Some(r)) => {
                     recreated = true;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ipnet::{Ipv4Net, Ipv6Net};
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
@@ -15,17 +17,17 @@ use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
 use twill_agent::client::{self, no_answer, Assembler, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
-use twill_agent::dataplane::{Family, Underlay};
+use twill_agent::dataplane::Underlay;
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
 use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::plane::{vxlan_overhead, Plane};
-use twill_common::lease::{parse_subnet, parse_subnet6};
+use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{AcquireRequest, Lease, ReleaseRequest, WatchRequest, WatchResponse};
+use twill_proto::{AcquireRequest, ReleaseRequest, WatchRequest, WatchResponse};
 
 use crate::http::{self, Stats};
 
@@ -55,7 +57,7 @@ pub async fn run(args: Args) -> Result<()> {
             .trim()
             .to_string(),
     };
-    twill_common::lease::validate_node_name(&node).context("--node-name")?;
+    twill_common::model::validate_node_name(&node).context("--node-name")?;
     let mut selection = Selection {
         ifaces: args.iface.clone(),
         iface_regex: args
@@ -129,34 +131,29 @@ pub async fn run(args: Args) -> Result<()> {
         selection.can_reach = Some((addr, dp.route_interface(addr).await?));
     }
     let interfaces = dp.interfaces().await?;
-    let underlay4 = match &conf.ipv4 {
-        Some(_) => {
-            let default = dp.default_route_interface().await.ok();
-            Some(iface::select(&selection, &interfaces, default.as_ref())?)
-        }
-        None => None,
-    };
-    let underlay6 = match &conf.ipv6 {
-        Some(_) => {
-            let default6 = dp.default_route_interface_v6().await.ok();
-            Some(iface::select6(&selection, &interfaces, default6.as_ref())?)
-        }
-        None => None,
-    };
-    let mtu = pod_mtu(
-        &conf,
-        underlay4.as_ref().map(|(u, _)| u),
-        underlay6.as_ref().map(|(u, _)| u),
-    );
-    let v4 = match underlay4 {
-        Some((u, ip)) => Some(Plane::start(&dp, &conf.backend, u, ip.into(), mtu).await?),
-        None => None,
-    };
-    let v6 = match underlay6 {
-        Some((u, ip)) => Some(Plane::start(&dp, &conf.backend, u, ip.into(), mtu).await?),
-        None => None,
-    };
-    for plane in v4.iter().chain(&v6) {
+    let mut underlays: PerFamily<(Underlay, IpAddr)> = PerFamily::default();
+    for (family, _) in conf.networks().iter() {
+        // Each family has its own default route and its own selection flags.
+        let picked = match family {
+            Family::V4 => {
+                let default = dp.default_route_interface().await.ok();
+                iface::select(&selection, &interfaces, default.as_ref())
+                    .map(|(u, ip)| (u, IpAddr::from(ip)))?
+            }
+            Family::V6 => {
+                let default = dp.default_route_interface_v6().await.ok();
+                iface::select6(&selection, &interfaces, default.as_ref())
+                    .map(|(u, ip)| (u, IpAddr::from(ip)))?
+            }
+        };
+        *underlays.slot(family) = Some(picked);
+    }
+    let mtu = pod_mtu(&conf, &underlays);
+    let mut planes = PerFamily::default();
+    for (family, (u, ip)) in underlays.iter() {
+        *planes.slot(family) = Some(Plane::start(&dp, &conf.backend, u.clone(), *ip, mtu).await?);
+    }
+    for plane in planes.values() {
         match plane.mac() {
             Some(mac) => {
                 info!(node = %node, device = %plane.name(), vtep_mac = %mac, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "VXLAN device ready")
@@ -167,8 +164,8 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let peers = PeerTable::new(&node, conf.network4(), conf.network6());
-    let kernel = Kernel::new(dp, v4, v6, peers, stats.clone());
+    let peers = PeerTable::new(&node, conf.networks());
+    let kernel = Kernel::new(dp, planes, peers, stats.clone());
     let mut agent = Agent {
         node,
         args,
@@ -190,17 +187,12 @@ pub async fn run(args: Args) -> Result<()> {
 /// either tunnel: `Backend.MTU` when set; else the public interface's MTU less the
 /// VXLAN overhead, the larger IPv6 one when the node has an IPv6 tunnel (flannel
 /// #1781); with host-gw, the interface's MTU.
-fn pod_mtu(conf: &NetConf, underlay: Option<&Underlay>, underlay6: Option<&Underlay>) -> u32 {
-    let host = underlay
-        .iter()
-        .chain(&underlay6)
-        .map(|u| u.mtu)
-        .min()
-        .unwrap_or(1500);
+fn pod_mtu(conf: &NetConf, underlays: &PerFamily<(Underlay, IpAddr)>) -> u32 {
+    let host = underlays.values().map(|(u, _)| u.mtu).min().unwrap_or(1500);
     match conf.backend.kind {
         BackendType::HostGw => host,
         BackendType::Vxlan => conf.backend.mtu.unwrap_or_else(|| {
-            let family = if underlay6.is_some() {
+            let family = if underlays.has(Family::V6) {
                 Family::V6
             } else {
                 Family::V4
@@ -641,24 +633,31 @@ impl Agent {
     /// What to ask the controller for: the subnets held, else the ones a previous run
     /// left in subnet.env.
     fn acquire_request(&self) -> AcquireRequest {
-        let (requested, requested6) = match self.lease.as_ref() {
-            Some(l) => (
-                parse_subnet(&l.subnet).ok(),
-                parse_subnet6(&l.ipv6_subnet).ok(),
-            ),
+        let requested = match self.lease.as_ref() {
+            Some(l) => l.parts.map(|_, p| p.subnet),
             None => self.previous_subnets(),
         };
-        let text = |v: Option<String>| v.unwrap_or_default();
         let e = self.kernel.endpoints();
+        let text = |family: Family, get: fn(&(IpAddr, Option<Mac>)) -> String| {
+            e.parts.get(family).map(get).unwrap_or_default()
+        };
+        let ip = |p: &(IpAddr, Option<Mac>)| p.0.to_string();
+        let mac = |p: &(IpAddr, Option<Mac>)| p.1.map(|m| m.to_string()).unwrap_or_default();
+        let requested = |family: Family| {
+            requested
+                .get(family)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
         AcquireRequest {
             node_name: self.node.clone(),
-            requested_subnet: text(requested.map(|s| s.to_string())),
-            public_ip: e.public_ip,
+            requested_subnet: requested(Family::V4),
+            public_ip: text(Family::V4, ip),
             backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac: e.vtep_mac,
-            requested_ipv6_subnet: text(requested6.map(|s| s.to_string())),
-            public_ipv6: e.public_ipv6,
-            vtep_mac_v6: e.vtep_mac_v6,
+            vtep_mac: text(Family::V4, mac),
+            requested_ipv6_subnet: requested(Family::V6),
+            public_ipv6: text(Family::V6, ip),
+            vtep_mac_v6: text(Family::V6, mac),
             public_ip_prefix_len: e.public_ip_prefix_len,
         }
     }
@@ -666,31 +665,27 @@ impl Agent {
     /// Applies a granted or renewed lease locally (subnet.env, device addresses,
     /// masquerade); returns the TTL.
     async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
-        let lease = resp.lease.context("controller answered without a lease")?;
-        let (has4, has6) = self.kernel.families();
-        let subnet = match (has4, lease.subnet.as_str()) {
-            (true, "") => bail!("the controller granted no IPv4 subnet on an IPv4 network"),
-            (true, s) => Some(parse_subnet(s)?),
-            (false, _) => None,
-        };
-        let subnet6 = match (has6, lease.ipv6_subnet.as_str()) {
-            (true, "") => bail!("the controller granted no IPv6 subnet on an IPv6 network"),
-            (true, s) => Some(parse_subnet6(s)?),
-            (false, _) => None,
-        };
+        let wire = resp.lease.context("controller answered without a lease")?;
+        let lease = Lease::try_from(&wire).context("the controller's lease")?;
+        for (family, _) in self.kernel.families().iter() {
+            if !lease.parts.has(family) {
+                bail!("the controller granted no {family} subnet on an {family} network");
+            }
+        }
+        let subnets = lease.parts.map(|_, p| p.subnet);
         let changed = self
             .lease
             .as_ref()
-            .is_none_or(|l| l.subnet != lease.subnet || l.ipv6_subnet != lease.ipv6_subnet);
+            .is_none_or(|l| l.parts.map(|_, p| p.subnet) != subnets);
         if changed {
-            if let Some(old) = self.lease.as_ref() {
-                warn!(node = %self.node, old = %old.subnet, subnet = %lease.subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %lease.ipv6_subnet, "the controller gave this node a different subnet");
+            if let Some(old) = self.lease.as_ref().map(twill_proto::Lease::from) {
+                warn!(node = %self.node, old = %old.subnet, subnet = %wire.subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %wire.ipv6_subnet, "the controller gave this node a different subnet");
             }
             let env = SubnetEnv {
                 network: self.conf.network4(),
-                subnet,
+                subnet: subnets.v4.and_then(Ipv4Net::from_net),
                 ipv6_network: self.conf.network6(),
-                ipv6_subnet: subnet6,
+                ipv6_subnet: subnets.v6.and_then(Ipv6Net::from_net),
                 mtu: Some(self.mtu),
                 ipmasq: Some(self.args.ip_masq),
             };
@@ -699,7 +694,7 @@ impl Agent {
             self.kernel
                 .masquerade(&self.conf, self.args.ip_masq, Some(&lease))
                 .await;
-            info!(node = %self.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, revision = lease.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
+            info!(node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
         }
         self.stats.lease_expiry.set(lease.expires_at_unix);
         self.kernel.set_own(Some(&lease));
@@ -710,7 +705,7 @@ impl Agent {
     /// The subnets of the subnet.env a previous run left, when they belong to this
     /// network (ones left by another network, e.g. a rebuilt cluster, are no claim
     /// here).
-    fn previous_subnets(&self) -> (Option<Ipv4Net>, Option<Ipv6Net>) {
+    fn previous_subnets(&self) -> PerFamily<IpNet> {
         let previous = match SubnetEnv::read(&self.args.subnet_file) {
             Ok(env) => env.unwrap_or_default(),
             Err(e) => {
@@ -718,9 +713,9 @@ impl Agent {
                 SubnetEnv::default()
             }
         };
-        (
-            previous_of(self.conf.ipv4.as_ref(), previous.subnet),
-            previous_of(self.conf.ipv6.as_ref(), previous.ipv6_subnet),
+        PerFamily::new(
+            previous_of(self.conf.ipv4.as_ref(), previous.subnet).map(IpNet::from),
+            previous_of(self.conf.ipv6.as_ref(), previous.ipv6_subnet).map(IpNet::from),
         )
     }
 

@@ -4,9 +4,10 @@
 //! The whole table is replaced in one `nft -f` transaction, so rules are never half
 //! applied and re-applying is idempotent. Equivalent by hand: `nft -f <(ruleset)`.
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use twill_common::model::{Family, PerFamily};
 
 use super::DataPlaneError;
 
@@ -14,33 +15,24 @@ use super::DataPlaneError;
 pub const TABLE: &str = "inet twill";
 
 /// The nft script that replaces the table with masquerade rules for a node, per family
-/// the network has: `(pod network, node subnet)` for IPv4 (`ip`, multicast
-/// 224.0.0.0/4) and for IPv6 (`ip6`, multicast ff00::/8).
-pub fn ruleset(v4: Option<(Ipv4Net, Ipv4Net)>, v6: Option<(Ipv6Net, Ipv6Net)>) -> String {
+/// the network has: `(pod network, node subnet)`, IPv4 rules with `ip` (multicast
+/// 224.0.0.0/4), IPv6 rules with `ip6` (multicast ff00::/8).
+pub fn ruleset(families: PerFamily<(IpNet, IpNet)>) -> String {
     let (mut post, mut forward) = (String::new(), String::new());
-    if let Some((network, subnet)) = v4 {
+    for (family, (network, subnet)) in families.iter() {
+        let (ip, multicast) = match family {
+            Family::V4 => ("ip", "224.0.0.0/4"),
+            Family::V6 => ("ip6", "ff00::/8"),
+        };
         post.push_str(&family_rules(
-            "ip",
+            ip,
             &network.to_string(),
             &subnet.to_string(),
-            "224.0.0.0/4",
+            multicast,
         ));
         forward.push_str(&format!(
-            "    ip saddr {network} accept
-    ip daddr {network} accept
-"
-        ));
-    }
-    if let Some((network6, subnet6)) = v6 {
-        post.push_str(&family_rules(
-            "ip6",
-            &network6.to_string(),
-            &subnet6.to_string(),
-            "ff00::/8",
-        ));
-        forward.push_str(&format!(
-            "    ip6 saddr {network6} accept
-    ip6 daddr {network6} accept
+            "    {ip} saddr {network} accept
+    {ip} daddr {network} accept
 "
         ));
     }
@@ -79,11 +71,8 @@ pub fn teardown() -> String {
 }
 
 /// Installs or refreshes the masquerade rules.
-pub async fn apply(
-    v4: Option<(Ipv4Net, Ipv4Net)>,
-    v6: Option<(Ipv6Net, Ipv6Net)>,
-) -> Result<(), DataPlaneError> {
-    nft(&ruleset(v4, v6)).await
+pub async fn apply(families: PerFamily<(IpNet, IpNet)>) -> Result<(), DataPlaneError> {
+    nft(&ruleset(families)).await
 }
 
 /// Removes the masquerade rules, if any.
@@ -129,13 +118,13 @@ mod tests {
 
     #[test]
     fn ruleset_follows_flannel_order() {
-        let r = ruleset(
+        let r = ruleset(PerFamily::new(
             Some((
                 "10.244.0.0/16".parse().unwrap(),
                 "10.244.3.0/24".parse().unwrap(),
             )),
             None,
-        );
+        ));
         let rules: Vec<&str> = r
             .lines()
             .map(str::trim)
@@ -154,7 +143,7 @@ mod tests {
 
     #[test]
     fn dual_stack_adds_the_same_rules_for_ipv6() {
-        let r = ruleset(
+        let r = ruleset(PerFamily::new(
             Some((
                 "10.244.0.0/16".parse().unwrap(),
                 "10.244.3.0/24".parse().unwrap(),
@@ -163,7 +152,7 @@ mod tests {
                 "fd00:10:244::/56".parse().unwrap(),
                 "fd00:10:244:3::/64".parse().unwrap(),
             )),
-        );
+        ));
         let v6: Vec<&str> = r
             .lines()
             .map(str::trim)
@@ -177,13 +166,13 @@ mod tests {
 
     #[test]
     fn ipv6_only_has_no_ipv4_rules() {
-        let r = ruleset(
+        let r = ruleset(PerFamily::new(
             None,
             Some((
                 "fd00:10:244::/56".parse().unwrap(),
                 "fd00:10:244:3::/64".parse().unwrap(),
             )),
-        );
+        ));
         assert_eq!(
             r.lines().filter(|l| l.trim().starts_with("ip6 ")).count(),
             7

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use thiserror::Error;
-use twill_common::lease::Mac;
+use twill_common::model::Mac;
 
 pub mod masq;
 pub mod netlink;
@@ -23,46 +23,7 @@ pub mod netlink;
 /// so ownership is explicit and routes of others are never touched.
 pub const ROUTE_PROTOCOL: u8 = 74;
 
-/// An IP address family: which of the two overlays an entry belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// IPv4: `flannel.<VNI>`, `ip -4`.
-    V4,
-    /// IPv6: `flannel-v6.<VNI>`, `ip -6`.
-    V6,
-}
-
-impl Family {
-    /// The family of an address.
-    pub fn of(ip: IpAddr) -> Family {
-        match ip {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    /// The family of a prefix.
-    pub fn of_net(net: IpNet) -> Family {
-        Family::of(net.addr())
-    }
-
-    /// The prefix length of a single address: 32 or 128.
-    pub fn host_prefix_len(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
+pub use twill_common::model::Family;
 
 /// A kernel operation failed.
 #[derive(Debug, Error)]

@@ -34,7 +34,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
-use twill_common::lease::Mac;
+use twill_common::model::Mac;
 
 use super::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use tonic::{Request, Response, Status};
-use twill_common::lease::{parse_subnet, parse_subnet6};
+use twill_common::model::{parse_subnet, Family, Peer, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
@@ -117,7 +117,7 @@ impl AdminApi {
 }
 
 fn node_arg(name: &str) -> Result<&str, Status> {
-    twill_common::lease::validate_node_name(name)
+    twill_common::model::validate_node_name(name)
         .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?;
     Ok(name)
 }
@@ -147,10 +147,19 @@ fn pool_fields<N: PoolNet>(p: Option<&Pool<N>>) -> (String, u32, String, String)
 
 /// Whether `l` holds the subnets `r` reserves.
 fn holds(l: &Lease, r: &StoredReservation) -> bool {
-    (r.v4.is_some() || r.v6.is_some())
-        && r.v4.is_none_or(|s| parse_subnet(&l.subnet).ok() == Some(s))
-        && r.v6
-            .is_none_or(|s| parse_subnet6(&l.ipv6_subnet).ok() == Some(s))
+    let held = Peer::parts(l).unwrap_or_default().map(|_, p| p.subnet);
+    let reserved = PerFamily::new(r.v4.map(IpNet::from), r.v6.map(IpNet::from));
+    !reserved.is_empty() && reserved.iter().all(|(f, s)| held.get(f) == Some(s))
+}
+
+/// A reservation's subnet of `family` as the request writes it (empty: none).
+fn reserved_part<N: PoolNet>(family: Family, text: &str) -> Result<Option<N>, Status> {
+    match text {
+        "" => Ok(None),
+        s => parse_subnet(family, s)
+            .map(N::from_net)
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", family.wire().subnet))),
+    }
 }
 
 fn reservation_message(node: &str, r: StoredReservation, stale: String) -> Reservation {
@@ -278,20 +287,8 @@ impl AdminService for AdminApi {
         let r = req.get_ref();
         let node = node_arg(&r.node_name)?;
         let subnet = StoredReservation {
-            v4: match r.subnet.as_str() {
-                "" => None,
-                s => Some(
-                    parse_subnet(s)
-                        .map_err(|e| Status::invalid_argument(format!("subnet: {e}")))?,
-                ),
-            },
-            v6: match r.ipv6_subnet.as_str() {
-                "" => None,
-                s => Some(
-                    parse_subnet6(s)
-                        .map_err(|e| Status::invalid_argument(format!("ipv6_subnet: {e}")))?,
-                ),
-            },
+            v4: reserved_part(Family::V4, &r.subnet)?,
+            v6: reserved_part(Family::V6, &r.ipv6_subnet)?,
         };
         self.leases.reserve(node, subnet).await?;
         Ok(Response::new(ReserveResponse {

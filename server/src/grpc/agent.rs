@@ -16,7 +16,7 @@ use twill_proto::{
 use super::auth::Authorized;
 use super::limit::NodeLimiter;
 use super::watch;
-use crate::leases::{AcquireFields, AcquireParams, Leases};
+use crate::leases::{AcquireParams, Leases};
 
 /// The agent service.
 pub struct AgentApi {
@@ -57,22 +57,8 @@ impl AgentService for AgentApi {
         let caller = Authorized::of(&req)?;
         let node = caller.acts_for(&req.get_ref().node_name)?;
         let key = caller.cert()?.key_sha256.to_vec();
-        let r = req.get_ref();
         self.watch.agents.seen(&node);
-        let mut params = AcquireParams::parse(
-            &self.conf,
-            &node,
-            AcquireFields {
-                requested: &r.requested_subnet,
-                public_ip: &r.public_ip,
-                backend: &r.backend_type,
-                vtep_mac: &r.vtep_mac,
-                requested_ipv6: &r.requested_ipv6_subnet,
-                public_ipv6: &r.public_ipv6,
-                vtep_mac_v6: &r.vtep_mac_v6,
-                public_prefix_len: r.public_ip_prefix_len,
-            },
-        )?;
+        let mut params = AcquireParams::parse(&self.conf, node.clone(), req.get_ref())?;
         params.key = key;
         // Checked once the request is known to be well formed: only what would reach the
         // lease writer counts.

@@ -31,7 +31,7 @@ use rustls::pki_types::CertificateDer;
 use tonic::body::Body;
 use tonic::Status;
 use tower::{Layer, Service};
-use twill_common::lease::validate_node_name;
+use twill_common::model::NodeName;
 use twill_common::now_unix;
 use twill_common::tls::{Identity, Role, ADMINS_GROUP, NODES_GROUP};
 
@@ -142,17 +142,18 @@ impl Authorized {
 
     /// The node the caller acts for when a request names `claimed`: its certificate's
     /// CN, and nobody else, whatever the body says.
-    pub fn acts_for(&self, claimed: &str) -> Result<String, Status> {
-        validate_node_name(claimed)
+    pub fn acts_for(&self, claimed: &str) -> Result<NodeName, Status> {
+        let claimed = NodeName::new(claimed)
             .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?;
         let id = self.cert()?;
-        if claimed != id.name {
+        if *claimed != *id.name {
             return Err(Status::permission_denied(format!(
-                "certificate of node {:?} cannot act for node {claimed:?}",
-                id.name
+                "certificate of node {:?} cannot act for node {:?}",
+                id.name,
+                claimed.as_str()
             )));
         }
-        Ok(id.name.clone())
+        Ok(claimed)
     }
 }
 

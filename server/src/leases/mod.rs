@@ -21,18 +21,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-use twill_common::lease::{parse_subnet, parse_subnet6, validate_node_name, Mac};
-use twill_common::netconf::PoolNet;
+use twill_common::model::{self, validate_node_name, Family, Mac, Peer, PerFamily};
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
 use crate::events::{Hub, Pacing};
 use crate::metrics::{now_unix, Metrics};
 use crate::store::{Batch, Reservation, Store, StoreError};
-use crate::subnets::Subnets;
+use crate::subnets::{self, FamilySubnets, Refusal};
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
 const QUEUE_LEN: usize = 4096;
@@ -73,52 +72,16 @@ pub enum LeaseOpError {
     NotLeader,
 }
 
-pub use request::{AcquireFields, AcquireParams, FamilyRequest};
+pub use request::{AcquireParams, FamilyRequest};
 
-/// A requested subnet must be a node subnet of the pool's network (inside
-/// SubnetMin..SubnetMax or not: outside, the node is simply given another).
-fn check_requested<N: PoolNet>(
-    f: Option<&Subnets<N>>,
-    field: &str,
-    requested: Option<N>,
-) -> Result<(), LeaseOpError> {
-    match (f.map(Subnets::pool), requested) {
-        (Some(pool), Some(r)) if !pool.fits(r) => Err(LeaseOpError::Invalid(format!(
-            "{field} {r} is not a /{} subnet of {}Network {}",
-            pool.subnet_len,
-            N::KEY,
-            pool.network
-        ))),
-        _ => Ok(()),
+impl From<Refusal> for LeaseOpError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Invalid(m) => LeaseOpError::Invalid(m),
+            Refusal::Conflict(m) => LeaseOpError::Conflict(m),
+            Refusal::Exhausted(m) => LeaseOpError::Exhausted(m),
+        }
     }
-}
-
-/// Where a family's subnet sits in a lease.
-trait LeaseNet: PoolNet {
-    fn of(l: &Lease) -> Option<Self>;
-}
-
-impl LeaseNet for Ipv4Net {
-    fn of(l: &Lease) -> Option<Self> {
-        parse_subnet(&l.subnet).ok()
-    }
-}
-
-impl LeaseNet for Ipv6Net {
-    fn of(l: &Lease) -> Option<Self> {
-        parse_subnet6(&l.ipv6_subnet).ok()
-    }
-}
-
-/// The lease fields one family's request sets: public address and VTEP MAC, as text.
-fn family_fields<N, A: std::fmt::Display>(r: Option<&FamilyRequest<N, A>>) -> (String, String) {
-    r.map_or_else(Default::default, |r| {
-        (r.public_ip.to_string(), mac_text(r.vtep_mac))
-    })
-}
-
-fn mac_text(mac: Option<Mac>) -> String {
-    mac.map(|m| m.to_string()).unwrap_or_default()
 }
 
 type Reply<T> = oneshot::Sender<Result<T, LeaseOpError>>;
@@ -279,8 +242,7 @@ impl Leases {
             store,
             hub,
             ttl,
-            v4: None,
-            v6: None,
+            subnets: PerFamily::default(),
             leases: BTreeMap::new(),
             by_mac: HashMap::new(),
             revision,
@@ -479,9 +441,8 @@ struct Writer {
     hub: Arc<Hub>,
     ttl: Duration,
     /// Each family's subnets, present exactly when the network has the family.
-    v4: Option<Subnets<Ipv4Net>>,
-    v6: Option<Subnets<Ipv6Net>>,
-    leases: BTreeMap<String, Lease>,
+    subnets: PerFamily<Box<dyn FamilySubnets>>,
+    leases: BTreeMap<String, model::Lease>,
     /// The node holding each VTEP MAC (both devices' MACs share one index: no MAC may
     /// name two nodes).
     by_mac: HashMap<Mac, String>,
@@ -494,36 +455,25 @@ struct Writer {
     pacing: Pacing,
 }
 
-/// A stored lease's VTEP MACs (stored leases were checked when granted).
-fn lease_macs(l: &Lease) -> [Option<Mac>; 2] {
-    [l.vtep_mac.parse().ok(), l.vtep_mac_v6.parse().ok()]
+/// A reservation's subnets, by family.
+fn reservation_parts(r: &Reservation) -> PerFamily<IpNet> {
+    PerFamily::new(r.v4.map(IpNet::from), r.v6.map(IpNet::from))
 }
 
-/// Splits stored reservations by family; a part for a family the network does not
-/// have cannot be honoured and is dropped (the store layout pins the families, so
-/// only a hand-edited store holds one).
-fn split_reservations(
-    conf: &NetConf,
-    all: BTreeMap<String, Reservation>,
-) -> (BTreeMap<String, Ipv4Net>, BTreeMap<String, Ipv6Net>) {
-    let (mut v4, mut v6) = (BTreeMap::new(), BTreeMap::new());
-    for (node, r) in all {
-        if let Some(s) = r.v4 {
-            if conf.ipv4.is_some() {
-                v4.insert(node.clone(), s);
-            } else {
-                warn!(node = %node, subnet = %s, "dropping a stored IPv4 reservation: the network has no IPv4");
-            }
-        }
-        if let Some(s) = r.v6 {
-            if conf.ipv6.is_some() {
-                v6.insert(node, s);
-            } else {
-                warn!(node = %node, subnet = %s, "dropping a stored IPv6 reservation: the network has no IPv6");
-            }
-        }
+/// Sets the part of `r` of `subnet`'s family.
+fn set_reservation_part(r: &mut Reservation, subnet: IpNet) {
+    match subnet {
+        IpNet::V4(s) => r.v4 = Some(s),
+        IpNet::V6(s) => r.v6 = Some(s),
     }
-    (v4, v6)
+}
+
+/// What a network without `family` lacks, for refusals.
+fn missing(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "IPv4 (EnableIPv4 is false)",
+        Family::V6 => "IPv6 (EnableIPv6 is not set)",
+    }
 }
 
 impl Writer {
@@ -726,20 +676,41 @@ impl Writer {
         true
     }
 
-    /// Takes the reservations (as the store holds them) for the next `rebuild`.
+    /// Takes the reservations (as the store holds them) for the next `rebuild`. A
+    /// part for a family the network does not have cannot be honoured and is dropped
+    /// (the store layout pins the families, so only a hand-edited store holds one).
     fn load_reservations(&mut self, all: BTreeMap<String, Reservation>) {
-        let (r4, r6) = split_reservations(&self.conf, all);
-        self.v4 = self.conf.ipv4.clone().map(|p| Subnets::new(p, r4));
-        self.v6 = self.conf.ipv6.clone().map(|p| Subnets::new(p, r6));
+        let parts: Vec<(String, PerFamily<IpNet>)> = all
+            .iter()
+            .map(|(node, r)| (node.clone(), reservation_parts(r)))
+            .collect();
+        let networks = self.conf.networks();
+        for (node, p) in &parts {
+            for (family, s) in p.iter().filter(|(f, _)| !networks.has(*f)) {
+                warn!(node = %node, subnet = %s, "dropping a stored {family} reservation: the network has no {family}");
+            }
+        }
+        let of = |family: Family| {
+            parts
+                .iter()
+                .filter_map(move |(node, p)| p.get(family).map(|s| (node.clone(), *s)))
+        };
+        self.subnets = PerFamily::new(
+            self.conf
+                .ipv4
+                .clone()
+                .map(|pool| subnets::family(pool, of(Family::V4))),
+            self.conf
+                .ipv6
+                .clone()
+                .map(|pool| subnets::family(pool, of(Family::V6))),
+        );
     }
 
     /// Rebuilds the lease map, its indexes and the free-subnet indexes from `leases` and
     /// the reservations; reservations that cannot be honoured are recorded as stale.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
-        if let Some(f) = self.v4.as_mut() {
-            f.reset();
-        }
-        if let Some(f) = self.v6.as_mut() {
+        for (_, f) in self.subnets.iter_mut() {
             f.reset();
         }
         self.leases.clear();
@@ -747,22 +718,38 @@ impl Writer {
         // Every lease holds a subnet of the network's first family; an IPv6 subnet is
         // optional on a dual-stack network (a lease granted before the network had IPv6
         // gets one at its next renewal).
-        let v4_first = self.v4.is_some();
-        for l in leases {
-            restore(self.v4.as_mut(), &l, true)?;
-            restore(self.v6.as_mut(), &l, !v4_first)?;
-            for m in lease_macs(&l).into_iter().flatten() {
+        let first = self.subnets.iter().next().map(|(f, _)| f);
+        for stored in leases {
+            let l = model::Lease::try_from(&stored).map_err(|e| {
+                format!(
+                    "stored lease of {} cannot be read ({e}); restore the previous \
+                     net-conf.json or move the data directory aside to start a new network",
+                    stored.node_name
+                )
+            })?;
+            for (family, f) in self.subnets.iter_mut() {
+                match l.parts.get(family) {
+                    Some(p) => f.restore(&l.node, p.subnet)?,
+                    None if Some(family) == first => {
+                        return Err(format!(
+                            "stored lease of {} has no {family} subnet, which the configured \
+                             network needs; restore the previous net-conf.json or move the \
+                             data directory aside to start a new network",
+                            l.node
+                        ))
+                    }
+                    None => {}
+                }
+            }
+            for m in l.macs() {
                 if let Some(other) = self.by_mac.get(&m) {
-                    warn!(node = %l.node_name, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
+                    warn!(node = %l.node, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
                 }
             }
             self.index_macs(&l);
-            self.leases.insert(l.node_name.clone(), l);
+            self.leases.insert(l.node.to_string(), l);
         }
-        if let Some(f) = self.v4.as_mut() {
-            f.honour_reservations();
-        }
-        if let Some(f) = self.v6.as_mut() {
+        for (_, f) in self.subnets.iter_mut() {
             f.honour_reservations();
         }
         Ok(())
@@ -771,11 +758,8 @@ impl Writer {
     /// Every reservation, both families of a node together.
     fn reservations(&self) -> BTreeMap<String, Reservation> {
         let mut all: BTreeMap<String, Reservation> = BTreeMap::new();
-        for (node, s) in self.v4.iter().flat_map(|f| f.reservations()) {
-            all.entry(node.clone()).or_default().v4 = Some(*s);
-        }
-        for (node, s) in self.v6.iter().flat_map(|f| f.reservations()) {
-            all.entry(node.clone()).or_default().v6 = Some(*s);
+        for (node, s) in self.subnets.values().flat_map(|f| f.reservations()) {
+            set_reservation_part(all.entry(node).or_default(), s);
         }
         all
     }
@@ -783,21 +767,19 @@ impl Writer {
     /// Publishes the reservations and why some cannot be honoured, when they changed
     /// (`stored`: the set itself was just written) or a family's view moved.
     fn publish_reservations_if_changed(&mut self, stored: bool) {
-        let moved4 = self.v4.as_mut().is_some_and(Subnets::take_changed);
-        let moved6 = self.v6.as_mut().is_some_and(Subnets::take_changed);
-        if stored || moved4 || moved6 {
+        // Every family's flag is taken (no short circuit).
+        let moved = self
+            .subnets
+            .iter_mut()
+            .fold(false, |moved, (_, f)| f.take_changed() | moved);
+        if stored || moved {
             self.publish_reservations();
         }
     }
 
     fn publish_reservations(&self) {
         let mut stale: BTreeMap<String, String> = BTreeMap::new();
-        let reasons = self
-            .v4
-            .iter()
-            .flat_map(|f| f.stale())
-            .chain(self.v6.iter().flat_map(|f| f.stale()));
-        for (node, why) in reasons {
+        for (node, why) in self.subnets.values().flat_map(|f| f.stale()) {
             stale
                 .entry(node.clone())
                 .and_modify(|w| {
@@ -812,11 +794,10 @@ impl Writer {
 
     fn update_gauges(&self) {
         self.metrics.leases.set(self.leases.len() as i64);
-        let (capacity, taken) = match (&self.v4, &self.v6) {
-            (Some(f), _) => (f.capacity(), f.taken()),
-            (None, Some(f)) => (f.capacity(), f.taken()),
-            (None, None) => (0, 0),
-        };
+        let (capacity, taken) = self
+            .subnets
+            .first()
+            .map_or((0, 0), |f| (f.capacity(), f.taken()));
         self.metrics
             .subnets_free
             .set(i64::from(capacity) - i64::from(taken));
@@ -827,25 +808,28 @@ impl Writer {
         self.revision
     }
 
-    fn index_macs(&mut self, l: &Lease) {
-        for m in lease_macs(l).into_iter().flatten() {
-            self.by_mac.entry(m).or_insert_with(|| l.node_name.clone());
+    fn index_macs(&mut self, l: &model::Lease) {
+        for m in l.macs() {
+            self.by_mac.entry(m).or_insert_with(|| l.node.to_string());
         }
     }
 
-    fn unindex_macs(&mut self, l: &Lease) {
-        for m in lease_macs(l).into_iter().flatten() {
-            if self.by_mac.get(&m) == Some(&l.node_name) {
+    fn unindex_macs(&mut self, l: &model::Lease) {
+        for m in l.macs() {
+            if self.by_mac.get(&m).is_some_and(|n| *n == *l.node) {
                 self.by_mac.remove(&m);
             }
         }
     }
 
-    /// Forgets a lease that ended: its MACs and both subnets go back.
-    fn forget(&mut self, l: &Lease) {
+    /// Forgets a lease that ended: its MACs and its subnets go back.
+    fn forget(&mut self, l: &model::Lease) {
         self.unindex_macs(l);
-        release(self.v4.as_mut(), l);
-        release(self.v6.as_mut(), l);
+        for (family, f) in self.subnets.iter_mut() {
+            if let Some(p) = l.parts.get(family) {
+                f.free(p.subnet, &l.node);
+            }
+        }
     }
 
     fn acquire(
@@ -854,20 +838,15 @@ impl Writer {
         now: i64,
         changes: &mut Changes,
     ) -> Result<Lease, LeaseOpError> {
-        check_requested(
-            self.v4.as_ref(),
-            "requested_subnet",
-            p.v4.as_ref().and_then(|r| r.requested),
-        )?;
-        check_requested(
-            self.v6.as_ref(),
-            "requested_ipv6_subnet",
-            p.v6.as_ref().and_then(|r| r.requested),
-        )?;
+        for (family, r) in p.parts.iter() {
+            if let (Some(f), Some(requested)) = (self.subnets.get(family), r.requested) {
+                f.check_requested(family.wire().requested, requested)?;
+            }
+        }
         if let Some((mac, holder)) = p
             .macs()
             .find_map(|m| self.by_mac.get(&m).map(|h| (m, h)))
-            .filter(|(_, h)| **h != p.node)
+            .filter(|(_, h)| **h != *p.node)
         {
             warn!(node = %p.node, vtep_mac = %mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
             return Err(LeaseOpError::AlreadyExists(format!(
@@ -876,11 +855,9 @@ impl Writer {
             )));
         }
         let expires = now.saturating_add(self.ttl.as_secs() as i64);
-        let (public_ip, vtep_mac) = family_fields(p.v4.as_ref());
-        let (public_ipv6, vtep_mac_v6) = family_fields(p.v6.as_ref());
         let existing = self
             .leases
-            .get(&p.node)
+            .get(p.node.as_str())
             .filter(|l| l.expires_at_unix > now)
             .cloned();
         // Whose the lease is: the holder's, or nobody's yet (granted before holders
@@ -889,26 +866,23 @@ impl Writer {
             Some(h) if !h.is_empty() => h.clone(),
             _ => p.key.clone(),
         };
+        let endpoints = p.parts.map(|_, r| (r.public_ip, r.vtep_mac));
         match &existing {
             Some(l)
-                if l.public_ip == public_ip
-                    && l.vtep_mac == vtep_mac
-                    && l.public_ipv6 == public_ipv6
-                    && l.vtep_mac_v6 == vtep_mac_v6
-                    && l.public_ip_prefix_len == u32::from(p.public_prefix_len)
-                    && Ipv4Net::of(l).is_some() == p.v4.is_some()
-                    && Ipv6Net::of(l).is_some() == p.v6.is_some() =>
+                if l.parts.map(|_, x| (x.public_ip, x.vtep_mac)) == endpoints
+                    && l.public_prefix_len == p.public_prefix_len =>
             {
                 // Only the expiry moves: stored, but no revision and no broadcast. Any
                 // certificate of the node may renew it unchanged (the holder stays).
                 let mut renewed = l.clone();
                 renewed.expires_at_unix = expires;
                 renewed.holder_key = holder;
-                tracing::debug!(node = %p.node, subnet = %renewed.subnet, ipv6_subnet = %renewed.ipv6_subnet, "lease renewed");
-                self.leases.insert(p.node, renewed.clone());
-                changes.renewed.retain(|r| r.node_name != renewed.node_name);
-                changes.renewed.push(renewed.clone());
-                return Ok(renewed);
+                let wire = Lease::from(&renewed);
+                tracing::debug!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, "lease renewed");
+                self.leases.insert(p.node.to_string(), renewed);
+                changes.renewed.retain(|r| r.node_name != wire.node_name);
+                changes.renewed.push(wire.clone());
+                return Ok(wire);
             }
             Some(_) if holder != p.key => {
                 warn!(node = %p.node, "refused a change of the lease's address or VTEP MAC from a key that does not hold it");
@@ -923,70 +897,71 @@ impl Writer {
             Some(_) => {}
             None => {
                 // An expired lease not yet swept: give its subnets back first.
-                if let Some(old) = self.leases.remove(&p.node) {
-                    warn!(node = %p.node, subnet = %old.subnet, ipv6_subnet = %old.ipv6_subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
+                if let Some(old) = self.leases.remove(p.node.as_str()) {
+                    let old_wire = Lease::from(&old);
+                    warn!(node = %p.node, subnet = %old_wire.subnet, ipv6_subnet = %old_wire.ipv6_subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
                     self.forget(&old);
                 }
             }
         }
-        let held = existing.as_ref();
-        let s4 = grant(
-            self.v4.as_mut(),
-            held,
-            &p.node,
-            p.v4.as_ref().map(|r| r.requested),
-        )?;
-        let s6 = match grant(
-            self.v6.as_mut(),
-            held,
-            &p.node,
-            p.v6.as_ref().map(|r| r.requested),
-        ) {
-            Ok(s6) => s6,
-            Err(e) => {
-                if let (Some(f), Some((s, true))) = (self.v4.as_mut(), s4) {
-                    f.free(s, &p.node);
+        let mut granted: PerFamily<(IpNet, bool)> = PerFamily::default();
+        for (family, r) in p.parts.iter() {
+            let Some(f) = self.subnets.get_mut(family) else {
+                continue;
+            };
+            let held = existing
+                .as_ref()
+                .and_then(|l| l.parts.get(family))
+                .map(|x| x.subnet);
+            match grant(f.as_mut(), held, &p.node, r.requested) {
+                Ok(g) => *granted.slot(family) = Some(g),
+                Err(e) => {
+                    // The families granted before give back what was picked for them.
+                    for (family, (s, picked)) in granted.iter() {
+                        if let (true, Some(f)) = (*picked, self.subnets.get_mut(family)) {
+                            f.free(*s, &p.node);
+                        }
+                    }
+                    return Err(e.into());
                 }
-                return Err(e);
             }
-        };
-        let lease = Lease {
-            node_name: p.node.clone(),
-            subnet: s4.map(|(s, _)| s.to_string()).unwrap_or_default(),
-            public_ip,
-            backend_type: self.conf.backend.kind.as_str().into(),
-            vtep_mac,
+        }
+        let lease = model::Lease {
+            node: p.node.clone(),
+            parts: granted.zip(p.parts).map(|_, ((subnet, _), r)| Peer {
+                subnet,
+                public_ip: r.public_ip,
+                vtep_mac: r.vtep_mac,
+            }),
+            backend: self.conf.backend.kind,
+            vni: self.conf.backend.vni,
             expires_at_unix: expires,
             revision: self.next_revision(),
-            vni: self.conf.backend.vni,
             reserved: false,
-            ipv6_subnet: s6.map(|(s, _)| s.to_string()).unwrap_or_default(),
-            public_ipv6,
-            vtep_mac_v6,
-            public_ip_prefix_len: p.public_prefix_len.into(),
+            public_prefix_len: p.public_prefix_len,
             holder_key: holder,
         };
+        let wire = Lease::from(&lease);
         if existing.is_some() {
-            info!(node = %p.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, public_ip = %lease.public_ip, public_ipv6 = %lease.public_ipv6, vtep_mac = %lease.vtep_mac, revision = lease.revision, "lease renewed with a new address or VTEP MAC");
+            info!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, public_ip = %wire.public_ip, public_ipv6 = %wire.public_ipv6, vtep_mac = %wire.vtep_mac, revision = wire.revision, "lease renewed with a new address or VTEP MAC");
         } else {
-            info!(node = %p.node, subnet = %lease.subnet, ipv6_subnet = %lease.ipv6_subnet, public_ip = %lease.public_ip, public_ipv6 = %lease.public_ipv6, revision = lease.revision, "lease granted");
+            info!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, public_ip = %wire.public_ip, public_ipv6 = %wire.public_ipv6, revision = wire.revision, "lease granted");
         }
-        if let (Some(f), Some((s, _))) = (self.v4.as_mut(), s4) {
-            f.hold(s, &p.node);
+        for (family, part) in lease.parts.iter() {
+            if let Some(f) = self.subnets.get_mut(family) {
+                f.hold(part.subnet, &p.node);
+            }
         }
-        if let (Some(f), Some((s, _))) = (self.v6.as_mut(), s6) {
-            f.hold(s, &p.node);
-        }
-        if let Some(old) = self.leases.insert(p.node, lease.clone()) {
+        if let Some(old) = self.leases.insert(p.node.to_string(), lease.clone()) {
             self.unindex_macs(&old);
         }
         self.index_macs(&lease);
         changes.events.push(LeaseEvent {
             r#type: EventType::Put as i32,
-            lease: Some(lease.clone()),
-            revision: lease.revision,
+            lease: Some(wire.clone()),
+            revision: wire.revision,
         });
-        Ok(lease)
+        Ok(wire)
     }
 
     /// Releases `node`'s lease for a caller with certificate key `key`.
@@ -1020,57 +995,62 @@ impl Writer {
             return true;
         }
         l.holder_key = to;
-        let renewed = l.clone();
+        let renewed = Lease::from(&*l);
         changes.renewed.retain(|r| r.node_name != node);
         changes.renewed.push(renewed);
         true
     }
 
     fn remove(&mut self, node: &str, events: &mut Vec<LeaseEvent>) -> bool {
-        let Some(mut lease) = self.leases.remove(node) else {
+        let Some(lease) = self.leases.remove(node) else {
             return false;
         };
         self.forget(&lease);
-        lease.revision = self.next_revision();
+        let mut wire = Lease::from(&lease);
+        wire.revision = self.next_revision();
         events.push(LeaseEvent {
             r#type: EventType::Delete as i32,
-            revision: lease.revision,
-            lease: Some(lease),
+            revision: wire.revision,
+            lease: Some(wire),
         });
         true
     }
 
     fn reserve(&mut self, node: &str, r: Reservation) -> Result<(), LeaseOpError> {
         validate_node_name(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-        if r.v4.is_none() && r.v6.is_none() {
+        let parts = reservation_parts(&r);
+        if parts.is_empty() {
             return Err(LeaseOpError::Invalid(
                 "no subnet to reserve: give an IPv4 subnet, an IPv6 subnet, or one of each".into(),
             ));
         }
         let own = self.leases.get(node);
-        check_reserve(
-            self.v4.as_ref(),
-            node,
-            r.v4,
-            own,
-            "IPv4 (EnableIPv4 is false)",
-        )?;
-        check_reserve(
-            self.v6.as_ref(),
-            node,
-            r.v6,
-            own,
-            "IPv6 (EnableIPv6 is not set)",
-        )?;
-        replace_reservation(self.v4.as_mut(), node, r.v4);
-        replace_reservation(self.v6.as_mut(), node, r.v6);
+        for (family, s) in parts.iter() {
+            let Some(f) = self.subnets.get(family) else {
+                return Err(LeaseOpError::Invalid(format!(
+                    "cannot reserve {s}: this network has no {}",
+                    missing(family)
+                )));
+            };
+            let held = own.and_then(|l| l.parts.get(family)).map(|p| p.subnet);
+            f.check_reserve(node, *s, held)?;
+        }
+        for (family, f) in self.subnets.iter_mut() {
+            match parts.get(family) {
+                Some(s) => f.reserve(node, *s),
+                None => {
+                    f.unreserve(node);
+                }
+            }
+        }
         Ok(())
     }
 
     fn unreserve(&mut self, node: &str) -> bool {
-        let v4 = self.v4.as_mut().and_then(|f| f.unreserve(node)).is_some();
-        let v6 = self.v6.as_mut().and_then(|f| f.unreserve(node)).is_some();
-        v4 || v6
+        // Every family's reservation goes (no short circuit).
+        self.subnets
+            .iter_mut()
+            .fold(false, |done, (_, f)| f.unreserve(node).is_some() | done)
     }
 
     fn sweep(&mut self, now: i64, events: &mut Vec<LeaseEvent>) {
@@ -1078,7 +1058,10 @@ impl Writer {
             .leases
             .values()
             .filter(|l| l.expires_at_unix <= now)
-            .map(|l| (l.node_name.clone(), l.subnet.clone()))
+            .map(|l| {
+                let first = l.parts.first().map(|p| p.subnet.to_string());
+                (l.node.to_string(), first.unwrap_or_default())
+            })
             .collect();
         for (node, subnet) in expired {
             info!(node = %node, subnet = %subnet, "lease expired");
@@ -1087,81 +1070,22 @@ impl Writer {
     }
 }
 
-/// Records a stored lease's subnet of one family; `required`: a lease without one is
-/// inconsistent with the network.
-fn restore<N: LeaseNet>(
-    f: Option<&mut Subnets<N>>,
-    l: &Lease,
-    required: bool,
-) -> Result<(), String> {
-    let Some(f) = f else { return Ok(()) };
-    match N::of(l) {
-        Some(s) => f.restore(&l.node_name, s),
-        None if required => Err(format!(
-            "stored lease of {} has no {} subnet, which the configured network needs; restore \
-             the previous net-conf.json or move the data directory aside to start a new network",
-            l.node_name,
-            N::FAMILY
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Gives a lease's subnet of one family back to its pool.
-fn release<N: LeaseNet>(f: Option<&mut Subnets<N>>, l: &Lease) {
-    if let (Some(f), Some(s)) = (f, N::of(l)) {
-        f.free(s, &l.node_name);
-    }
-}
-
-/// The node's subnet of one family (`None` when the network lacks the family): the one
-/// its live lease holds, else a new pick. The flag says whether it was picked now (and
-/// must be freed if the grant fails).
-fn grant<N: LeaseNet>(
-    f: Option<&mut Subnets<N>>,
-    held: Option<&Lease>,
+/// The node's subnet of one family: the one its live lease holds (`held`, when the
+/// family's index still names the node), else a new pick. The flag says whether it
+/// was picked now (and must be freed if the grant fails).
+fn grant(
+    f: &mut dyn FamilySubnets,
+    held: Option<IpNet>,
     node: &str,
-    requested: Option<Option<N>>,
-) -> Result<Option<(N, bool)>, LeaseOpError> {
-    let (Some(f), Some(requested)) = (f, requested) else {
-        return Ok(None);
-    };
-    let own = held.and_then(N::of).filter(|s| f.holder(*s) == Some(node));
-    if let Some(s) = own {
+    requested: Option<IpNet>,
+) -> Result<(IpNet, bool), Refusal> {
+    if let Some(s) = held.filter(|s| f.holder(*s) == Some(node)) {
         if let Some(r) = requested.filter(|r| *r != s) {
             info!(node = %node, subnet = %s, requested = %r, "node asked for another subnet; keeping the one it holds");
         }
-        return Ok(Some((s, false)));
+        return Ok((s, false));
     }
-    f.pick(node, requested).map(|s| Some((s, true)))
-}
-
-fn check_reserve<N: LeaseNet>(
-    f: Option<&Subnets<N>>,
-    node: &str,
-    subnet: Option<N>,
-    own: Option<&Lease>,
-    missing: &str,
-) -> Result<(), LeaseOpError> {
-    match (f, subnet) {
-        (_, None) => Ok(()),
-        (None, Some(s)) => Err(LeaseOpError::Invalid(format!(
-            "cannot reserve {s}: this network has no {missing}"
-        ))),
-        (Some(f), Some(s)) => f.check_reserve(node, s, own.and_then(N::of)),
-    }
-}
-
-/// Sets `node`'s reservation of one family to `subnet`, or drops it.
-fn replace_reservation<N: LeaseNet>(f: Option<&mut Subnets<N>>, node: &str, subnet: Option<N>) {
-    if let Some(f) = f {
-        match subnet {
-            Some(s) => f.reserve(node, s),
-            None => {
-                f.unreserve(node);
-            }
-        }
-    }
+    f.pick(node, requested).map(|s| (s, true))
 }
 
 #[cfg(test)]

@@ -1,15 +1,16 @@
-//! What an agent asks for: the raw fields of an acquisition, validated into typed
-//! per-family requests. Every error names the field (the allocation itself is the
+//! What an agent asks for: an `AcquireRequest` from the wire, validated into a typed
+//! request per family. Every error names the field (the allocation itself is the
 //! writer's, in `super`).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use ipnet::{Ipv4Net, Ipv6Net};
-use twill_common::lease::{
-    check_public_ip, check_public_ipv6, parse_subnet, parse_subnet6, validate_node_name, Mac,
+use ipnet::IpNet;
+use twill_common::model::{
+    check_public_ip, parse_public_ip, parse_subnet, Family, Mac, NodeName, PerFamily,
 };
-use twill_common::netconf::{BackendType, Ipv6Pool};
+use twill_common::netconf::BackendType;
 use twill_common::NetConf;
+use twill_proto::AcquireRequest;
 
 use super::LeaseOpError;
 
@@ -17,11 +18,9 @@ use super::LeaseOpError;
 #[derive(Debug, Clone)]
 pub struct AcquireParams {
     /// The node (from its certificate).
-    pub node: String,
-    /// The IPv4 side, present exactly when the network has IPv4.
-    pub v4: Option<FamilyRequest<Ipv4Net, Ipv4Addr>>,
-    /// The IPv6 side, present exactly when the network has IPv6.
-    pub v6: Option<FamilyRequest<Ipv6Net, Ipv6Addr>>,
+    pub node: NodeName,
+    /// One side per family of the network (exactly those).
+    pub parts: PerFamily<FamilyRequest>,
     /// Prefix length of the node's underlay subnet (0: not known).
     pub public_prefix_len: u8,
     /// SHA-256 of the caller's certificate key (empty: not known, only in tests); see
@@ -30,80 +29,42 @@ pub struct AcquireParams {
 }
 
 /// One family's side of an acquisition.
-#[derive(Debug, Clone)]
-pub struct FamilyRequest<N, A> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilyRequest {
     /// Subnet from the node's previous subnet.env, if any.
-    pub requested: Option<N>,
+    pub requested: Option<IpNet>,
     /// The node's public address of this family.
-    pub public_ip: A,
+    pub public_ip: IpAddr,
     /// The MAC of the node's VXLAN device of this family; `None` with host-gw.
     pub vtep_mac: Option<Mac>,
 }
 
-/// The raw fields of an acquisition request, as the wire carries them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AcquireFields<'a> {
-    /// `requested_subnet`.
-    pub requested: &'a str,
-    /// `public_ip`.
-    pub public_ip: &'a str,
-    /// `backend_type`.
-    pub backend: &'a str,
-    /// `vtep_mac`.
-    pub vtep_mac: &'a str,
-    /// `requested_ipv6_subnet`.
-    pub requested_ipv6: &'a str,
-    /// `public_ipv6`.
-    pub public_ipv6: &'a str,
-    /// `vtep_mac_v6`.
-    pub vtep_mac_v6: &'a str,
-    /// `public_ip_prefix_len`.
-    pub public_prefix_len: u32,
+fn invalid(m: impl ToString) -> LeaseOpError {
+    LeaseOpError::Invalid(m.to_string())
 }
 
 impl AcquireParams {
-    /// Validates the raw request fields for a node of `conf`'s network; errors name
-    /// the field. The fields of a family the network does not have are ignored.
-    pub fn parse(conf: &NetConf, node: &str, f: AcquireFields<'_>) -> Result<Self, LeaseOpError> {
-        let invalid = |m: String| LeaseOpError::Invalid(m);
-        validate_node_name(node).map_err(|e| invalid(e.to_string()))?;
+    /// Validates `req` for node `node` of `conf`'s network; errors name the field.
+    /// The fields of a family the network does not have are ignored (an agent of the
+    /// previous version sends none).
+    pub fn parse(
+        conf: &NetConf,
+        node: NodeName,
+        req: &AcquireRequest,
+    ) -> Result<Self, LeaseOpError> {
         let kind = conf.backend.kind;
-        if !(f.backend.is_empty() || f.backend == kind.as_str()) {
+        if !(req.backend_type.is_empty() || req.backend_type == kind.as_str()) {
             return Err(invalid(format!(
                 "backend_type {:?} is not supported: this controller runs \"{kind}\"",
-                f.backend
+                req.backend_type
             )));
         }
-        let v4 = match &conf.ipv4 {
-            Some(pool) => {
-                let requested = match f.requested {
-                    "" => None,
-                    s => Some(
-                        parse_subnet(s).map_err(|e| invalid(format!("requested_subnet: {e}")))?,
-                    ),
-                };
-                let public_ip = f.public_ip.parse().map_err(|_| {
-                    invalid(format!(
-                        "public_ip {:?} is not an IPv4 address",
-                        f.public_ip
-                    ))
-                })?;
-                check_public_ip(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
-                Some(FamilyRequest {
-                    requested,
-                    public_ip,
-                    vtep_mac: vtep_mac_of(kind, "vtep_mac", f.vtep_mac)?,
-                })
-            }
-            None => None,
-        };
-        let v6 = match &conf.ipv6 {
-            Some(pool) => Some(parse_v6(kind, pool, f)?),
-            None => None,
-        };
+        let parts = conf
+            .networks()
+            .try_map(|family, network| family_request(kind, family, network, req))?;
         if let (Some(m), Some(m6)) = (
-            v4.as_ref().and_then(|v| v.vtep_mac),
-            v6.as_ref().and_then(|v| v.vtep_mac),
+            parts.v4.and_then(|v| v.vtep_mac),
+            parts.v6.and_then(|v| v.vtep_mac),
         ) {
             if m == m6 {
                 return Err(invalid(format!(
@@ -112,79 +73,76 @@ impl AcquireParams {
                 )));
             }
         }
-        let max = if v4.is_some() { 32 } else { 128 };
-        let public_prefix_len = u8::try_from(f.public_prefix_len)
+        let max = if parts.has(Family::V4) { 32 } else { 128 };
+        let public_prefix_len = u8::try_from(req.public_ip_prefix_len)
             .ok()
             .filter(|l| *l <= max)
             .ok_or_else(|| {
                 invalid(format!(
                     "public_ip_prefix_len {} is not a prefix length of the node's public address (0 to {max})",
-                    f.public_prefix_len
+                    req.public_ip_prefix_len
                 ))
             })?;
         Ok(AcquireParams {
-            node: node.to_string(),
-            v4,
-            v6,
+            node,
+            parts,
             public_prefix_len,
             key: Vec::new(),
         })
     }
 
-    /// The MACs this request claims, of both families.
+    /// The MACs this request claims, of every family.
     pub(super) fn macs(&self) -> impl Iterator<Item = Mac> + '_ {
-        self.v4
-            .as_ref()
-            .and_then(|v| v.vtep_mac)
-            .into_iter()
-            .chain(self.v6.as_ref().and_then(|v| v.vtep_mac))
+        self.parts.values().filter_map(|r| r.vtep_mac)
     }
 }
 
-fn parse_v6(
+/// The request's side of `family`, whose pod network is `network`.
+fn family_request(
     kind: BackendType,
-    pool: &Ipv6Pool,
-    f: AcquireFields<'_>,
-) -> Result<FamilyRequest<Ipv6Net, Ipv6Addr>, LeaseOpError> {
-    let invalid = |m: String| LeaseOpError::Invalid(m);
-    if f.public_ipv6.is_empty() {
+    family: Family,
+    network: IpNet,
+    req: &AcquireRequest,
+) -> Result<FamilyRequest, LeaseOpError> {
+    let (requested, public_ip, vtep_mac) = match family {
+        Family::V4 => (&req.requested_subnet, &req.public_ip, &req.vtep_mac),
+        Family::V6 => (
+            &req.requested_ipv6_subnet,
+            &req.public_ipv6,
+            &req.vtep_mac_v6,
+        ),
+    };
+    let names = family.wire();
+    if family == Family::V6 && public_ip.is_empty() {
         return Err(invalid(
             "public_ipv6 is empty, but this network has EnableIPv6: give the node's public \
              interface an IPv6 address, or start the agent with --public-ipv6 (an agent \
-             older than dual-stack support cannot join this network)"
-                .into(),
+             older than dual-stack support cannot join this network)",
         ));
     }
-    let requested = match f.requested_ipv6 {
+    let requested = match requested.as_str() {
         "" => None,
-        s => Some(parse_subnet6(s).map_err(|e| invalid(format!("requested_ipv6_subnet: {e}")))?),
+        s => Some(
+            parse_subnet(family, s).map_err(|e| invalid(format!("{}: {e}", names.requested)))?,
+        ),
     };
-    let public_ip: Ipv6Addr = f.public_ipv6.parse().map_err(|_| {
-        invalid(format!(
-            "public_ipv6 {:?} is not an IPv6 address",
-            f.public_ipv6
-        ))
-    })?;
-    check_public_ipv6(public_ip, pool.network).map_err(|e| invalid(e.to_string()))?;
+    let public_ip = parse_public_ip(family, public_ip).map_err(invalid)?;
+    check_public_ip(public_ip, network).map_err(invalid)?;
+    // host-gw leases carry no backend data (flannel's neither), so a MAC sent anyway
+    // names no device and is dropped.
+    let vtep_mac = match kind {
+        BackendType::HostGw => None,
+        BackendType::Vxlan => {
+            let mac: Mac = vtep_mac
+                .parse()
+                .map_err(|e| invalid(format!("{}: {e}", names.vtep_mac)))?;
+            mac.check_unicast(names.vtep_mac).map_err(invalid)?;
+            Some(mac)
+        }
+    };
     Ok(FamilyRequest {
         requested,
         public_ip,
-        vtep_mac: vtep_mac_of(kind, "vtep_mac_v6", f.vtep_mac_v6)?,
+        vtep_mac,
     })
-}
-
-/// A VTEP MAC field: required and unicast with VXLAN; host-gw leases carry no backend
-/// data (flannel's neither), so a MAC sent anyway names no device and is dropped.
-fn vtep_mac_of(kind: BackendType, field: &str, text: &str) -> Result<Option<Mac>, LeaseOpError> {
-    match kind {
-        BackendType::HostGw => Ok(None),
-        BackendType::Vxlan => {
-            let mac: Mac = text
-                .parse()
-                .map_err(|e| LeaseOpError::Invalid(format!("{field}: {e}")))?;
-            mac.check_unicast()
-                .map_err(|e| LeaseOpError::Invalid(e.to_string().replacen("vtep_mac", field, 1)))?;
-            Ok(Some(mac))
-        }
-    }
 }

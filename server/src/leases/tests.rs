@@ -1,5 +1,9 @@
 //! The lease writer against a real sled store (and one that fails on purpose).
 
+use ipnet::Ipv4Net;
+use twill_common::model::NodeName;
+use twill_proto::AcquireRequest;
+
 use super::*;
 use crate::store::SledStore;
 
@@ -49,19 +53,30 @@ fn conf_of(network: &str, backend: &str) -> NetConf {
     .unwrap()
 }
 
-fn fields<'a>(requested: &'a str, public_ip: &'a str, vtep_mac: &'a str) -> AcquireFields<'a> {
-    AcquireFields {
-        requested,
-        public_ip,
-        backend: "vxlan",
-        vtep_mac,
+fn fields(requested: &str, public_ip: &str, vtep_mac: &str) -> AcquireRequest {
+    AcquireRequest {
+        requested_subnet: requested.into(),
+        public_ip: public_ip.into(),
+        backend_type: "vxlan".into(),
+        vtep_mac: vtep_mac.into(),
         ..Default::default()
     }
 }
 
+/// `AcquireParams::parse` for a node named by text, as the service does after taking
+/// the name from the caller's certificate.
+fn parse_params(
+    conf: &NetConf,
+    node: &str,
+    f: AcquireRequest,
+) -> Result<AcquireParams, LeaseOpError> {
+    let node = NodeName::new(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
+    AcquireParams::parse(conf, node, &f)
+}
+
 fn params(node: &str, requested: &str) -> AcquireParams {
     let conf = conf_of("10.0.0.0/8", "vxlan");
-    AcquireParams::parse(&conf, node, fields(requested, "192.0.2.1", &mac_of(node))).unwrap()
+    parse_params(&conf, node, fields(requested, "192.0.2.1", &mac_of(node))).unwrap()
 }
 
 #[tokio::test]
@@ -212,12 +227,12 @@ fn bad_requests_name_the_field() {
     let e = |r: Result<AcquireParams, LeaseOpError>| r.unwrap_err().to_string();
     let c = conf_of("10.0.0.0/8", "vxlan");
     let mac = "0a:00:00:00:00:01";
-    let parse = |node, f| AcquireParams::parse(&c, node, f);
+    let parse = |node, f| parse_params(&c, node, f);
     assert!(e(parse("", fields("", "192.0.2.1", mac))).contains("empty"));
     assert!(e(parse("a", fields("10.244.1.5/24", "192.0.2.1", mac))).contains("requested_subnet"));
     assert!(e(parse("a", fields("", "nope", mac))).contains("public_ip"));
-    let udp = AcquireFields {
-        backend: "udp",
+    let udp = AcquireRequest {
+        backend_type: "udp".into(),
         ..fields("", "192.0.2.1", mac)
     };
     assert!(e(parse("a", udp)).contains("backend_type"));
@@ -235,13 +250,13 @@ fn dual_conf() -> NetConf {
 fn dual_params(conf: &NetConf, node: &str, requested6: &str) -> AcquireParams {
     let mac = mac_of(node);
     let mac6 = format!("0a:59{}", &mac[5..]);
-    let f = AcquireFields {
-        requested_ipv6: requested6,
-        public_ipv6: "2001:db8::1",
-        vtep_mac_v6: &mac6,
+    let f = AcquireRequest {
+        requested_ipv6_subnet: requested6.into(),
+        public_ipv6: "2001:db8::1".into(),
+        vtep_mac_v6: mac6,
         ..fields("", "192.0.2.1", &mac)
     };
-    AcquireParams::parse(conf, node, f).unwrap()
+    parse_params(conf, node, f).unwrap()
 }
 
 #[tokio::test]
@@ -388,12 +403,12 @@ async fn a_v6_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() 
     let (leases, hub) = start_on(&conf, store).await;
     let a = leases.acquire(dual_params(&conf, "a", "")).await.unwrap();
     let mut spoof = dual_params(&conf, "mallory", "");
-    spoof.v6.as_mut().unwrap().vtep_mac = a.vtep_mac_v6.parse().ok();
+    spoof.parts.v6.as_mut().unwrap().vtep_mac = a.vtep_mac_v6.parse().ok();
     let e = leases.acquire(spoof).await.unwrap_err();
     assert!(matches!(e, LeaseOpError::AlreadyExists(_)), "{e}");
     assert!(e.to_string().contains("node a"), "{e}");
     let mut cross = dual_params(&conf, "mallory", "");
-    cross.v6.as_mut().unwrap().vtep_mac = a.vtep_mac.parse().ok();
+    cross.parts.v6.as_mut().unwrap().vtep_mac = a.vtep_mac.parse().ok();
     assert!(
         leases.acquire(cross).await.is_err(),
         "a's IPv4 MAC as an IPv6 one"
@@ -407,13 +422,13 @@ fn bad_ipv6_fields_name_the_field() {
     let conf = dual_conf();
     let mac = "0a:00:00:00:00:01";
     let e = |ip6: &str, mac6: &str, req6: &str| {
-        let f = AcquireFields {
-            requested_ipv6: req6,
-            public_ipv6: ip6,
-            vtep_mac_v6: mac6,
+        let f = AcquireRequest {
+            requested_ipv6_subnet: req6.into(),
+            public_ipv6: ip6.into(),
+            vtep_mac_v6: mac6.into(),
             ..fields("", "192.0.2.1", mac)
         };
-        AcquireParams::parse(&conf, "a", f).unwrap_err().to_string()
+        parse_params(&conf, "a", f).unwrap_err().to_string()
     };
     let m6 = "0a:00:00:00:06:01";
     assert!(e("", m6, "").contains("public_ipv6 is empty"));
@@ -426,20 +441,20 @@ fn bad_ipv6_fields_name_the_field() {
     // On an IPv4-only network the IPv6 fields are ignored (an agent of the
     // previous version sends none).
     let v4 = conf_of("10.244.0.0/16", "vxlan");
-    let p = AcquireParams::parse(&v4, "a", fields("", "192.0.2.1", mac)).unwrap();
-    assert!(p.v6.is_none());
+    let p = parse_params(&v4, "a", fields("", "192.0.2.1", mac)).unwrap();
+    assert!(p.parts.v6.is_none());
 }
 
 #[test]
 fn host_gw_leases_carry_no_vtep_mac() {
     let c = conf_of("10.244.0.0/16", "host-gw");
-    let f = AcquireFields {
-        backend: "host-gw",
+    let f = AcquireRequest {
+        backend_type: "host-gw".into(),
         ..fields("", "192.0.2.1", "")
     };
-    let p = AcquireParams::parse(&c, "a", f).unwrap();
-    assert_eq!(p.v4.unwrap().vtep_mac, None);
-    let e = AcquireParams::parse(&c, "a", fields("", "192.0.2.1", "0a:00:00:00:00:01"))
+    let p = parse_params(&c, "a", f).unwrap();
+    assert_eq!(p.parts.v4.unwrap().vtep_mac, None);
+    let e = parse_params(&c, "a", fields("", "192.0.2.1", "0a:00:00:00:00:01"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("this controller runs \"host-gw\""), "{e}");
@@ -452,11 +467,11 @@ async fn host_gw_grants_leases_without_backend_data() {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
     let (leases, hub) = start_on(&conf, store).await;
     let p = |node: &str| {
-        let f = AcquireFields {
-            backend: "",
+        let f = AcquireRequest {
+            backend_type: String::new(),
             ..fields("", "192.0.2.1", "")
         };
-        AcquireParams::parse(&conf, node, f).unwrap()
+        parse_params(&conf, node, f).unwrap()
     };
     let a = leases.acquire(p("a")).await.unwrap();
     let b = leases.acquire(p("b")).await.unwrap();
@@ -509,7 +524,7 @@ async fn a_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
     let f = start("10.244.0.0/16", Duration::from_secs(3600));
     let a = f.leases.acquire(params("a", "")).await.unwrap();
     let mut spoof = params("mallory", "");
-    let v4 = spoof.v4.as_mut().unwrap();
+    let v4 = spoof.parts.v4.as_mut().unwrap();
     v4.vtep_mac = a.vtep_mac.parse().ok();
     v4.public_ip = "198.51.100.66".parse().unwrap();
     let e = f.leases.acquire(spoof.clone()).await.unwrap_err();
@@ -529,7 +544,7 @@ async fn a_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
 #[test]
 fn lease_fields_must_be_unicast_and_outside_the_pod_network() {
     let parse = |ip: &str, mac: &str| {
-        AcquireParams::parse(&conf_of("10.244.0.0/16", "vxlan"), "a", fields("", ip, mac))
+        parse_params(&conf_of("10.244.0.0/16", "vxlan"), "a", fields("", ip, mac))
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -790,7 +805,7 @@ async fn an_unchanged_renewal_costs_no_revision_and_a_changed_one_does() {
     assert!(feed.try_recv().is_err(), "no watcher woken");
     assert_eq!(f.hub.leases().1, a.revision);
     let mut moved = params("a", "");
-    moved.v4.as_mut().unwrap().public_ip = "192.0.2.77".parse().unwrap();
+    moved.parts.v4.as_mut().unwrap().public_ip = "192.0.2.77".parse().unwrap();
     let moved = f.leases.acquire(moved).await.unwrap();
     assert_eq!(moved.subnet, a.subnet);
     assert!(
