@@ -26,7 +26,10 @@ use tracing::{info, warn};
 use twill_pki::{parse_node_csr, Ca, CertError, CsrFault, NodeCsr, Validity};
 use twill_proto::{BootstrapResponse, BootstrapToken, IssuedCertificate};
 
-use crate::metrics::{now_unix, Metrics, Refusal};
+use twill_common::now_unix;
+
+use crate::metrics::Metrics;
+use crate::refusal::{Refusal, TokenFault};
 use crate::store::{Store, StoreError};
 
 const TOKEN_KIND: &str = "token";
@@ -104,19 +107,6 @@ pub enum IdentityError {
     /// The store failed; nothing was issued.
     #[error("{0}")]
     Store(#[from] StoreError),
-}
-
-/// What is wrong with a bootstrap token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TokenFault {
-    /// Not `<id>.<secret>` of kubelet's form.
-    Malformed,
-    /// Never made here, or deleted.
-    Unknown,
-    /// Past its expiry.
-    Expired,
-    /// The id is known, the secret is not its.
-    WrongSecret,
 }
 
 impl IdentityError {

@@ -13,6 +13,7 @@
 //!   serves from, and the forwarding of writes to the leader.
 //! - `tls`: the serving certificate and client CA, reloaded when their files change.
 
+pub mod agents;
 pub mod alloc;
 pub mod events;
 pub mod grpc;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod identity;
 pub mod leases;
 pub mod metrics;
+pub mod refusal;
 pub mod replica;
 pub mod store;
 pub mod subnets;

@@ -14,6 +14,7 @@ use tracing::info;
 use twill_common::{netconf::BackendType, tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
+use twill_server::agents::Agents;
 use twill_server::events::{Hub, HISTORY_LEN};
 use twill_server::grpc::auth::{AuthLayer, Gate};
 use twill_server::grpc::identity::{IdentityApi, MAX_REQUEST_BYTES as IDENTITY_MAX_REQUEST_BYTES};
@@ -23,7 +24,7 @@ use twill_server::grpc::{
 use twill_server::http::{self, HttpState};
 use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
-use twill_server::metrics::{Agents, Metrics};
+use twill_server::metrics::Metrics;
 use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
 use twill_server::store::{EtcdStore, SledStore, Snapshot, Store};

@@ -1,19 +1,14 @@
-//! The controller's Prometheus metrics and its record of connected agents.
-
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+//! The controller's Prometheus metrics.
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use twill_pki::CsrFault;
 
-use crate::identity::TokenFault;
+use crate::refusal::Refusal;
 
 /// Every metric the controller exports.
 pub struct Metrics {
@@ -54,91 +49,6 @@ pub struct Metrics {
     pub etcd_request_seconds: Histogram,
     /// Writes this replica forwarded to the leader.
     pub forwarded_writes: Counter,
-}
-
-/// Why a Bootstrap or Renew request got no certificate: the `reason` label of
-/// `twill_node_certificates_refused_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// The bootstrap token (`token_malformed`, `token_unknown`, `token_expired`,
-    /// `token_wrong_secret`).
-    Token(TokenFault),
-    /// The certificate signing request (`csr_malformed`, `csr_bad_signature`,
-    /// `csr_weak_key`, `csr_subject`).
-    Csr(CsrFault),
-    /// Renewal without a node certificate (`no_node_certificate`).
-    NoNodeCertificate,
-    /// Renewal with a certificate that has expired since its connection opened
-    /// (`certificate_expired`).
-    CertificateExpired,
-    /// Renewal with a revoked certificate (`revoked`).
-    Revoked,
-    /// The controller has no signing CA (`no_signer`).
-    NoSigner,
-    /// Too many failed token attempts from the caller's address (`rate_limited`).
-    RateLimited,
-    /// Bootstrap of a node name that is alive: it holds a live lease or an unexpired,
-    /// unrevoked certificate (`name_alive`).
-    NameAlive,
-    /// Bootstrap of a name the token is not bound to (`token_not_for_name`).
-    TokenNotForName,
-    /// Bootstrap with a token whose uses are spent (`token_used_up`).
-    TokenUsedUp,
-    /// Renewals faster than a node may make them (`renew_rate_limited`).
-    RenewRateLimited,
-}
-
-impl Refusal {
-    /// Every reason, so that each is exported (at zero) before it first happens and a
-    /// rate over it has a starting point.
-    const ALL: [Refusal; 17] = [
-        Refusal::Token(TokenFault::Malformed),
-        Refusal::Token(TokenFault::Unknown),
-        Refusal::Token(TokenFault::Expired),
-        Refusal::Token(TokenFault::WrongSecret),
-        Refusal::Csr(CsrFault::Malformed),
-        Refusal::Csr(CsrFault::BadSignature),
-        Refusal::Csr(CsrFault::WeakKey),
-        Refusal::Csr(CsrFault::Subject),
-        Refusal::NoNodeCertificate,
-        Refusal::CertificateExpired,
-        Refusal::Revoked,
-        Refusal::NoSigner,
-        Refusal::RateLimited,
-        Refusal::NameAlive,
-        Refusal::TokenNotForName,
-        Refusal::TokenUsedUp,
-        Refusal::RenewRateLimited,
-    ];
-
-    /// The label value.
-    fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Token(TokenFault::Malformed) => "token_malformed",
-            Refusal::Token(TokenFault::Unknown) => "token_unknown",
-            Refusal::Token(TokenFault::Expired) => "token_expired",
-            Refusal::Token(TokenFault::WrongSecret) => "token_wrong_secret",
-            Refusal::Csr(CsrFault::Malformed) => "csr_malformed",
-            Refusal::Csr(CsrFault::BadSignature) => "csr_bad_signature",
-            Refusal::Csr(CsrFault::WeakKey) => "csr_weak_key",
-            Refusal::Csr(CsrFault::Subject) => "csr_subject",
-            Refusal::NoNodeCertificate => "no_node_certificate",
-            Refusal::CertificateExpired => "certificate_expired",
-            Refusal::Revoked => "revoked",
-            Refusal::NoSigner => "no_signer",
-            Refusal::RateLimited => "rate_limited",
-            Refusal::NameAlive => "name_alive",
-            Refusal::TokenNotForName => "token_not_for_name",
-            Refusal::TokenUsedUp => "token_used_up",
-            Refusal::RenewRateLimited => "renew_rate_limited",
-        }
-    }
-}
-
-impl EncodeLabelValue for Refusal {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(encoder, self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -277,99 +187,10 @@ impl Metrics {
     }
 }
 
-pub use twill_common::now_unix;
-
-/// One open watch stream.
-#[derive(Debug, Clone)]
-pub struct WatcherInfo {
-    /// Who is watching (node or admin name).
-    pub name: String,
-    /// When the stream opened (Unix seconds).
-    pub connected_at: i64,
-    /// Revision of the last message sent to it.
-    pub revision: u64,
-    /// When the client certificate the stream was opened with expires (Unix seconds).
-    pub cert_not_after: i64,
-}
-
-/// The agents the controller knows to be alive: open watch streams, and when each
-/// node last called.
-#[derive(Default)]
-pub struct Agents {
-    next_id: AtomicU64,
-    watchers: Mutex<HashMap<u64, WatcherInfo>>,
-    last_seen: Mutex<HashMap<String, i64>>,
-}
-
-impl Agents {
-    /// Records a new watch stream, opened with a certificate valid until
-    /// `cert_not_after` (Unix seconds); returns its id.
-    pub fn connected(&self, name: &str, revision: u64, cert_not_after: i64) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let info = WatcherInfo {
-            name: name.to_string(),
-            connected_at: now_unix(),
-            revision,
-            cert_not_after,
-        };
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, info);
-        self.seen(name);
-        id
-    }
-
-    /// Records the revision just sent on stream `id`.
-    pub fn sent(&self, id: u64, revision: u64) {
-        if let Some(w) = self
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
-            w.revision = revision;
-        }
-    }
-
-    /// Forgets stream `id`.
-    pub fn disconnected(&self, id: u64) {
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-    }
-
-    /// Records that `name` called now.
-    pub fn seen(&self, name: &str) {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), now_unix());
-    }
-
-    /// Open watch streams.
-    pub fn watchers(&self) -> Vec<WatcherInfo> {
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    /// When `name` last called, if ever since start-up.
-    pub fn last_seen(&self, name: &str) -> Option<i64> {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use twill_pki::CsrFault;
+
     use super::*;
 
     #[test]

@@ -36,7 +36,7 @@ use twill_common::now_unix;
 use twill_common::tls::{Identity, Role, ADMINS_GROUP, NODES_GROUP};
 
 use crate::identity::Identity as NodeIdentity;
-use crate::metrics::Refusal;
+use crate::refusal::Refusal;
 use crate::replica::{forward, Replica};
 use crate::tls::{Peer, ReloadingTls};
 

@@ -17,7 +17,8 @@ use super::limit::NodeLimiter;
 use crate::events::Hub;
 use crate::identity::{Identity, IdentityError};
 use crate::leases::Leases;
-use crate::metrics::{Metrics, Refusal};
+use crate::metrics::Metrics;
+use crate::refusal::Refusal;
 
 /// Failed token attempts one address may make in a burst, and per minute after it.
 const FAILED_ATTEMPTS_BURST: f64 = 10.0;

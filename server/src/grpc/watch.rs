@@ -27,9 +27,10 @@ use twill_common::tls::Identity as CertIdentity;
 use twill_proto::WatchResponse;
 
 use super::auth;
+use crate::agents::Agents;
 use crate::events::{self, Hub, WatchMessage};
 use crate::identity::Identity;
-use crate::metrics::{Agents, Metrics};
+use crate::metrics::Metrics;
 
 /// The response stream of a Watch call as the generated service traits want it.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
@@ -446,7 +447,7 @@ mod tests {
         let (_dir, identity) = identity().await;
         // Valid through the next second; a certificate of the same node valid for a day
         // (the one an agent rotated to) watches beside it.
-        let not_after = crate::metrics::now_unix() + 1;
+        let not_after = twill_common::now_unix() + 1;
         let old = node("node-1", not_after);
         let rotated = node("node-1", not_after + 86_400);
         let mut expiring = encoded(&hub, &metrics, &agents, &identity, &old, 0, "");
@@ -463,7 +464,7 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(
-            crate::metrics::now_unix() > not_after,
+            twill_common::now_unix() > not_after,
             "not before the certificate's last second was over"
         );
         assert_eq!(ended.code(), tonic::Code::Unauthenticated);

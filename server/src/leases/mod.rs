@@ -14,6 +14,7 @@
 //! reservation that can be honoured keeps it; a revision is never issued twice. When
 //! the store fails, the writer reloads what the store holds instead of guessing.
 
+mod pacing;
 mod request;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,10 +29,13 @@ use twill_common::model::{self, validate_node_name, Family, Mac, Peer, PerFamily
 use twill_common::NetConf;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
-use crate::events::{Hub, Pacing};
-use crate::metrics::{now_unix, Metrics};
+use crate::events::Hub;
+use twill_common::now_unix;
+
+use crate::metrics::Metrics;
 use crate::store::{Batch, Reservation, Store, StoreError};
 use crate::subnets::{self, FamilySubnets, Refusal};
+use pacing::Pacing;
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
 const QUEUE_LEN: usize = 4096;

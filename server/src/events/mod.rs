@@ -1,5 +1,5 @@
-//! The committed lease table, its revision log and the fan-out to watchers, and the
-//! pacing of the lease writer's publications (`Pacing`).
+//! The committed lease table, its revision log and the fan-out to watchers (the
+//! gRPC framing of what goes out is `wire`'s).
 //!
 //! The lease writer commits each durable batch here; `commit` applies it to the table,
 //! appends it to a bounded history and broadcasts it, all under one write lock, so a
@@ -18,14 +18,18 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::broadcast;
-use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent, WatchResponse};
+use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
 use crate::store::Reservation;
+
+mod wire;
+
+use wire::Framer;
+pub use wire::{decode, DecodeError};
 
 /// Batches a watcher may fall behind before it is sent a reset snapshot instead.
 const BROADCAST_CAPACITY: usize = 1024;
@@ -34,53 +38,6 @@ pub const HISTORY_LEN: usize = 16 * 1024;
 /// Most bytes of events in one `WatchResponse`: far below the 4 MiB that gRPC
 /// decoders accept by default, whatever the size of the table.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
-
-/// The lease writer publishes durable batches to the watchers at most once per this much time per
-/// open watch stream, up to `MAX_PUBLISH_INTERVAL` (reached at 100 watchers). A
-/// publication wakes every watch stream, which costs the same for one event as for
-/// hundreds: with 5,000 watchers a join storm's hundreds of small batches a second took
-/// all the CPU, so the batches of one interval go out together. With a handful of
-/// watchers the interval is next to nothing, so a lone client issuing one request after
-/// another is not held back (a flat 20 ms capped it at 47 leases/s); a change after a
-/// quiet spell goes out at once.
-const PUBLISH_INTERVAL_PER_WATCHER: Duration = Duration::from_micros(200);
-const MAX_PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
-
-/// When the lease writer may publish next (see `PUBLISH_INTERVAL_PER_WATCHER`).
-pub struct Pacing {
-    last: Instant,
-}
-
-impl Default for Pacing {
-    fn default() -> Self {
-        Pacing {
-            last: Instant::now(),
-        }
-    }
-}
-
-impl Pacing {
-    fn interval(watchers: usize) -> Duration {
-        PUBLISH_INTERVAL_PER_WATCHER
-            .saturating_mul(u32::try_from(watchers).unwrap_or(u32::MAX))
-            .min(MAX_PUBLISH_INTERVAL)
-    }
-
-    /// The earliest moment of the next publication with `watchers` open streams.
-    pub fn due(&self, watchers: usize) -> Instant {
-        self.last + Self::interval(watchers)
-    }
-
-    /// True when a publication may go out now.
-    pub fn is_due(&self, watchers: usize) -> bool {
-        self.last.elapsed() >= Self::interval(watchers)
-    }
-
-    /// Records a publication.
-    pub fn published(&mut self) {
-        self.last = Instant::now();
-    }
-}
 
 #[derive(Default)]
 struct Table {
@@ -455,10 +412,6 @@ impl Hub {
     }
 }
 
-/// Bytes before the protobuf encoding in a gRPC message: a compressed flag (0) and the
-/// length (big-endian u32).
-const GRPC_PREFIX: usize = 5;
-
 /// Takes a lease's holder key out into `holders` (or forgets the node's there when it
 /// has none): what the table keeps and watchers are sent carries none.
 fn hold(holders: &mut HashMap<String, Vec<u8>>, l: &mut Lease) {
@@ -468,130 +421,6 @@ fn hold(holders: &mut HashMap<String, Vec<u8>>, l: &mut Lease) {
     } else {
         holders.insert(l.node_name.clone(), key);
     }
-}
-
-/// Builds the gRPC messages of one `WatchResponse` from encoded events, starting a new
-/// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. Everything is
-/// written once, straight into the output (the 5-byte prefix is patched when a part
-/// ends), in field order as prost writes it, so a single part is byte for byte what
-/// prost makes of the same response.
-struct Framer<'a> {
-    out: Vec<u8>,
-    /// Where the current part's prefix starts, and how many events it holds.
-    part_start: usize,
-    part_events: usize,
-    part_revision: u64,
-    reset: bool,
-    revision: u64,
-    epoch: &'a str,
-    first: bool,
-}
-
-impl<'a> Framer<'a> {
-    fn new(reset: bool, revision: u64, epoch: &'a str, capacity: usize) -> Self {
-        let mut f = Framer {
-            out: Vec::with_capacity(capacity),
-            part_start: 0,
-            part_events: 0,
-            part_revision: revision,
-            reset,
-            revision,
-            epoch,
-            first: true,
-        };
-        f.begin_part();
-        f
-    }
-
-    fn begin_part(&mut self) {
-        self.part_start = self.out.len();
-        self.part_events = 0;
-        self.out.extend_from_slice(&[0; GRPC_PREFIX]);
-        if self.reset && self.first {
-            prost::encoding::bool::encode(1, &true, &mut self.out);
-        }
-    }
-
-    /// Adds one `LeaseEvent` of revision `revision` whose encoding is `len` bytes,
-    /// written by `write`.
-    fn push_with(&mut self, revision: u64, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
-        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-        let entry = key_len(2) + encoded_len_varint(len as u64) + len;
-        let used = self.out.len() - self.part_start - GRPC_PREFIX;
-        if self.part_events > 0 && used + entry > MAX_MESSAGE_BYTES {
-            self.end_part(true);
-            self.begin_part();
-        }
-        encode_key(2, WireType::LengthDelimited, &mut self.out);
-        encode_varint(len as u64, &mut self.out);
-        write(&mut self.out);
-        self.part_events += 1;
-        self.part_revision = revision;
-    }
-
-    /// Adds one encoded `LeaseEvent`.
-    fn push(&mut self, revision: u64, event: &[u8]) {
-        self.push_with(revision, event.len(), |out| out.extend_from_slice(event));
-    }
-
-    /// Ends the current part; `more` when events follow it.
-    fn end_part(&mut self, more: bool) {
-        use prost::encoding::{bool as pbool, string, uint64};
-        // A reset's parts all carry the snapshot's revision and only the first resets;
-        // the parts of anything else are complete batches, each up to its last event.
-        let revision = if self.reset || !more {
-            self.revision
-        } else {
-            self.part_revision
-        };
-        if revision != 0 {
-            uint64::encode(3, &revision, &mut self.out);
-        }
-        if more && self.reset {
-            pbool::encode(4, &true, &mut self.out);
-        }
-        if !self.epoch.is_empty() {
-            string::encode(5, &self.epoch.to_string(), &mut self.out);
-        }
-        let len = (self.out.len() - self.part_start - GRPC_PREFIX) as u32;
-        self.out[self.part_start + 1..self.part_start + GRPC_PREFIX]
-            .copy_from_slice(&len.to_be_bytes());
-        self.first = false;
-    }
-
-    /// The messages, back to back (at least one, even without events).
-    fn finish(mut self) -> Bytes {
-        self.end_part(false);
-        self.out.into()
-    }
-}
-
-/// Encoded watch messages that do not decode.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// The bytes end inside a gRPC message.
-    #[error("truncated gRPC message")]
-    Truncated,
-    /// A message is not a `WatchResponse`.
-    #[error(transparent)]
-    Proto(#[from] prost::DecodeError),
-}
-
-/// Every `WatchResponse` in `msgs`, gRPC messages back to back as the hub makes them.
-pub fn decode(mut msgs: &[u8]) -> Result<Vec<WatchResponse>, DecodeError> {
-    let mut out = Vec::new();
-    while !msgs.is_empty() {
-        let len = msgs
-            .get(1..GRPC_PREFIX)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or(DecodeError::Truncated)?;
-        let body = msgs
-            .get(GRPC_PREFIX..GRPC_PREFIX + len)
-            .ok_or(DecodeError::Truncated)?;
-        out.push(WatchResponse::decode(body)?);
-        msgs = &msgs[GRPC_PREFIX + len..];
-    }
-    Ok(out)
 }
 
 /// The reset snapshot of `t`: a PUT per lease, encoded from the table without cloning
@@ -625,6 +454,9 @@ fn encode_snapshot(t: &Table, epoch: &str) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use twill_proto::WatchResponse;
+
+    use super::wire::GRPC_PREFIX;
     use super::*;
 
     fn put(node: &str, rev: u64) -> LeaseEvent {
