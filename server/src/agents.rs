@@ -1,9 +1,9 @@
 //! The controller's record of connected agents: open watch streams, and when each node
 //! last called (the admin API's `status` and `agents` read it).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use twill_common::now_unix;
 
@@ -40,58 +40,35 @@ impl Agents {
             revision,
             cert_not_after,
         };
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, info);
+        self.watchers.lock().insert(id, info);
         self.seen(name);
         id
     }
 
     /// Records the revision just sent on stream `id`.
     pub fn sent(&self, id: u64, revision: u64) {
-        if let Some(w) = self
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
+        if let Some(w) = self.watchers.lock().get_mut(&id) {
             w.revision = revision;
         }
     }
 
     /// Forgets stream `id`.
     pub fn disconnected(&self, id: u64) {
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.watchers.lock().remove(&id);
     }
 
     /// Records that `name` called now.
     pub fn seen(&self, name: &str) {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), now_unix());
+        self.last_seen.lock().insert(name.to_string(), now_unix());
     }
 
     /// Open watch streams.
     pub fn watchers(&self) -> Vec<WatcherInfo> {
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.watchers.lock().values().cloned().collect()
     }
 
     /// When `name` last called, if ever since start-up.
     pub fn last_seen(&self, name: &str) -> Option<i64> {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
+        self.last_seen.lock().get(name).copied()
     }
 }

@@ -271,7 +271,7 @@ impl Signer {
 /// Tokens and issuance.
 pub struct Identity {
     store: Arc<dyn Store>,
-    signer: std::sync::RwLock<Option<Arc<Signer>>>,
+    signer: parking_lot::RwLock<Option<Arc<Signer>>>,
     node_cert_ttl: Duration,
     metrics: Arc<Metrics>,
     /// Token records are read, changed and written back (use counts), certificates
@@ -280,7 +280,7 @@ pub struct Identity {
     /// When each revoked node's (or admin's, under `ADMIN_REVOCATION`) certificates
     /// stopped being accepted (Unix seconds), and a counter that moves at every
     /// revocation (open watches and connections check theirs).
-    revoked: std::sync::RwLock<HashMap<String, i64>>,
+    revoked: parking_lot::RwLock<HashMap<String, i64>>,
     revocations: tokio::sync::watch::Sender<u64>,
     /// Renewals per node.
     renewals: crate::grpc::limit::NodeLimiter,
@@ -345,11 +345,11 @@ impl Identity {
     ) -> Result<Self, IdentityError> {
         let identity = Identity {
             store,
-            signer: std::sync::RwLock::new(signer.map(Arc::new)),
+            signer: parking_lot::RwLock::new(signer.map(Arc::new)),
             node_cert_ttl,
             metrics,
             lock: tokio::sync::Mutex::new(State::default()),
-            revoked: std::sync::RwLock::new(HashMap::new()),
+            revoked: parking_lot::RwLock::new(HashMap::new()),
             revocations: tokio::sync::watch::Sender::new(0),
             renewals: crate::grpc::limit::NodeLimiter::new(RENEWS_PER_HOUR / 3600.0, RENEW_BURST),
         };
@@ -389,11 +389,7 @@ impl Identity {
 
     /// Why `node`'s certificate valid from `not_before_unix` is refused, if it is.
     pub fn revoked(&self, node: &str, not_before_unix: i64) -> Option<String> {
-        let at = *self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)?;
+        let at = *self.revoked.read().get(node)?;
         (not_before_unix <= at).then(|| {
             format!(
                 "the certificates of node {node} were revoked at {at} (Unix time); it can rejoin \
@@ -411,7 +407,6 @@ impl Identity {
                 let at = *self
                     .revoked
                     .read()
-                    .unwrap_or_else(|p| p.into_inner())
                     .get(&format!("{ADMIN_REVOCATION}{}", id.name))?;
                 (id.not_before_unix <= at).then(|| {
                     format!(
@@ -425,11 +420,7 @@ impl Identity {
     }
 
     fn signer(&self) -> Result<Arc<Signer>, IdentityError> {
-        self.signer
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(IdentityError::NoSigningCa)
+        self.signer.read().clone().ok_or(IdentityError::NoSigningCa)
     }
 
     /// Re-reads the signing CA (and the client CA it must chain to) whenever one of the
@@ -448,8 +439,7 @@ impl Identity {
                     .and_then(|ca| Signer::load(&cert, &key, &ca));
                 match loaded {
                     Ok(s) => {
-                        *identity.signer.write().unwrap_or_else(|p| p.into_inner()) =
-                            Some(Arc::new(s));
+                        *identity.signer.write() = Some(Arc::new(s));
                         files.loaded(now);
                         info!(cert = %cert.display(), "signing CA changed; new node certificates use it");
                     }
@@ -486,12 +476,7 @@ impl Identity {
         };
         // A second revocation within the second of the first must still catch what was
         // issued between them (valid from the first's second + 1): it moves forward.
-        let before = self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .copied();
+        let before = self.revoked.read().get(&key).copied();
         let at = (now_unix() - 1).max(before.map_or(i64::MIN, |b| b + 1));
         self.store
             .put_record(REVOKED_KIND, &key, at.to_string().as_bytes())
@@ -510,7 +495,7 @@ impl Identity {
     /// Puts a revocation in force: made here, or seen in the store when another
     /// replica made it.
     pub fn revoked_at(&self, node: &str, at: i64) {
-        let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        let mut revoked = self.revoked.write();
         if revoked.get(node) == Some(&at) {
             return;
         }
@@ -530,12 +515,7 @@ impl Identity {
     /// revocation, if any, so that a certificate issued after it is never refused.
     fn validity_for(&self, node: &str) -> Validity {
         let mut v = Validity::lasting(self.node_cert_ttl);
-        if let Some(at) = self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-        {
+        if let Some(at) = self.revoked.read().get(node) {
             let after = UNIX_EPOCH + Duration::from_secs(at.saturating_add(1).max(0) as u64);
             v.not_before = v.not_before.max(after);
         }
@@ -744,12 +724,7 @@ impl Identity {
         if has_lease {
             return Some("it holds a live lease".into());
         }
-        let revoked_at = self
-            .revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied();
+        let revoked_at = self.revoked.read().get(name).copied();
         let live = state.certs.get(name)?.iter().find(|c| {
             c.not_after_unix > now && revoked_at.is_none_or(|at| c.not_before_unix > at)
         })?;

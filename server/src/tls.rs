@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -163,7 +165,7 @@ struct Resolver(RwLock<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+        Some(self.0.read().clone())
     }
 }
 
@@ -173,7 +175,7 @@ struct Verifier(RwLock<Arc<dyn ClientCertVerifier>>);
 
 impl Verifier {
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.read().clone()
     }
 }
 
@@ -396,8 +398,8 @@ impl ReloadingTls {
                     client_verifier(&tls.files.client_ca),
                 ) {
                     (Ok(ck), Ok(v)) => {
-                        *tls.resolver.0.write().unwrap_or_else(|p| p.into_inner()) = ck;
-                        *tls.verifier.0.write().unwrap_or_else(|p| p.into_inner()) = v;
+                        *tls.resolver.0.write() = ck;
+                        *tls.verifier.0.write() = v;
                         tls.ca_changed.send_modify(|n| *n += 1);
                         files.loaded(now);
                         info!(cert = %tls.files.cert.display(), client_ca = %tls.files.client_ca.display(), "TLS files changed; new connections use them");
@@ -606,7 +608,7 @@ impl Connections {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if !anonymous {
-            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            self.live.lock().insert(
                 id,
                 Registered {
                     peer: peer.clone(),
@@ -629,7 +631,7 @@ impl Connections {
         &self,
         why: impl Fn(&CertIdentity, &[CertificateDer<'static>]) -> Option<String>,
     ) {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.live.lock();
         for r in live.values() {
             let Some(id) = &r.peer.identity else { continue };
             if let (Some(reason), Some(state)) = (why(id, &r.peer.chain), r.state.upgrade()) {
@@ -678,11 +680,7 @@ impl Drop for Conn {
         if self.anonymous {
             self.registry.anonymous.fetch_sub(1, Ordering::AcqRel);
         } else {
-            self.registry
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.id);
+            self.registry.live.lock().remove(&self.id);
         }
     }
 }

@@ -16,8 +16,8 @@
 //! several complete batches. Every message carries the store's epoch, which a resuming
 //! watcher must match (a replaced store reuses revision numbers for other events).
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Mutex, RwLock};
 
 use bytes::Bytes;
 use prost::Message;
@@ -164,7 +164,7 @@ impl Hub {
     /// Events at or below the hub's revision are skipped: with the etcd store a
     /// leader's hub hears of its writes twice (from its writer and from its watch).
     pub fn commit(&self, mut events: Vec<LeaseEvent>) {
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.write();
         events.retain(|e| e.revision > t.revision);
         let Some(last) = events.last().map(|e| e.revision) else {
             return;
@@ -209,7 +209,7 @@ impl Hub {
         if renewed.is_empty() {
             return;
         }
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.write();
         let t = &mut *t;
         for r in renewed {
             if let Some(l) = t.leases.get_mut(&r.node_name) {
@@ -222,7 +222,7 @@ impl Hub {
             }
         }
         // Same revision, other content: the cached snapshot is out of date.
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.snapshot.lock() = None;
     }
 
     /// Ends every watch stream (at shutdown: a stream never ends on its own, and a
@@ -248,43 +248,30 @@ impl Hub {
         reservations: BTreeMap<String, Reservation>,
         stale: BTreeMap<String, String>,
     ) {
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.write();
         t.reservations = reservations;
         t.stale = stale;
     }
 
     /// The committed reservations, by node name.
     pub fn reservations(&self) -> BTreeMap<String, Reservation> {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .reservations
-            .clone()
+        self.table.read().reservations.clone()
     }
 
     /// Why reservations cannot be honoured now, by node name.
     pub fn stale_reservations(&self) -> BTreeMap<String, String> {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .stale
-            .clone()
+        self.table.read().stale.clone()
     }
 
     /// One node's lease.
     pub fn lease(&self, node: &str) -> Option<Lease> {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .leases
-            .get(node)
-            .cloned()
+        self.table.read().leases.get(node).cloned()
     }
 
     /// Whether `node` holds a lease that has not expired at `now` and that a key holds
     /// (one whose certificates were revoked is held by none until its next grant).
     pub fn held(&self, node: &str, now: i64) -> bool {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.read();
         t.holders.contains_key(node) && t.leases.get(node).is_some_and(|l| l.expires_at_unix > now)
     }
 
@@ -297,7 +284,7 @@ impl Hub {
         keep: impl Fn(&Lease) -> bool,
     ) -> (Vec<Lease>, bool, u64) {
         use std::ops::Bound::{Excluded, Unbounded};
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.read();
         let start = if after.is_empty() {
             Unbounded
         } else {
@@ -317,7 +304,7 @@ impl Hub {
     /// The current leases, ordered by node name, with their holders' keys (for the
     /// lease writer), and the revision they reflect.
     pub fn leases(&self) -> (Vec<Lease>, u64) {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.read();
         let leases = t
             .leases
             .values()
@@ -338,7 +325,7 @@ impl Hub {
     /// watcher never holds up the writer's next commit.
     pub fn subscribe(&self, from_revision: u64, epoch: &str) -> Subscription {
         let (start, feed) = {
-            let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+            let t = self.table.read();
             let feed = self.tx.subscribe();
             let same_store = epoch.is_empty() || epoch == self.epoch;
             let oldest_kept = t.history.front().map_or(t.revision + 1, |e| e.0);
@@ -368,7 +355,7 @@ impl Hub {
     /// The missed events after `from` up to `revision`, framed once per (from,
     /// revision).
     fn replay(&self, from: u64, events: &[(u64, Bytes)], revision: u64) -> WatchMessage {
-        let mut cached = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.replay.lock();
         if let Some((_, m)) = cached
             .as_ref()
             .filter(|(f, m)| *f == from && m.revision == revision)
@@ -391,14 +378,14 @@ impl Hub {
 
     /// A reset snapshot with a fresh feed, for a watcher that fell behind.
     pub fn resubscribe(&self) -> (WatchMessage, broadcast::Receiver<WatchMessage>) {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.read();
         (self.snapshot(&t), self.tx.subscribe())
     }
 
     /// The reset snapshot of `t` (read-locked, so its revision holds still), encoded
     /// once per revision.
     fn snapshot(&self, t: &Table) -> WatchMessage {
-        let mut cached = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.snapshot.lock();
         if let Some(s) = cached.as_ref().filter(|s| s.revision == t.revision) {
             return s.clone();
         }

@@ -106,15 +106,15 @@ impl AgentService for AgentApi {
 
 /// Where `AgentApi::watch` leaves a watch's pre-encoded messages for `AgentRouter`.
 #[derive(Clone, Default)]
-struct WatchSlot(Arc<std::sync::Mutex<Option<watch::EncodedStream>>>);
+struct WatchSlot(Arc<parking_lot::Mutex<Option<watch::EncodedStream>>>);
 
 impl WatchSlot {
     fn put(&self, stream: watch::EncodedStream) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        *self.0.lock() = Some(stream);
     }
 
     fn take(&self) -> Option<watch::EncodedStream> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.0.lock().take()
     }
 }
 

@@ -2,8 +2,8 @@
 //! cost every other node revisions, fsyncs and broadcasts. A token bucket per node,
 //! checked before a request reaches the lease writer.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tonic::Status;
@@ -60,7 +60,7 @@ impl NodeLimiter {
     /// Whether `key` has a token left, without taking it.
     pub fn allows(&self, key: &str) -> bool {
         let now = Instant::now();
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let buckets = self.buckets.lock();
         buckets
             .by_node
             .get(key)
@@ -70,7 +70,7 @@ impl NodeLimiter {
     /// Gives back a token taken by `check` for work that turned out not to count (a
     /// bootstrap that succeeded).
     pub fn refund(&self, key: &str) {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets = self.buckets.lock();
         if let Some(b) = buckets.by_node.get_mut(key) {
             b.tokens = (b.tokens + 1.0).min(self.burst);
         }
@@ -84,7 +84,7 @@ impl NodeLimiter {
     /// `check` at time `now` (tests give the time, so a slow machine cannot refill a
     /// bucket between two calls).
     fn check_at(&self, node: &str, now: Instant) -> Result<(), Status> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buckets = self.buckets.lock();
         // A walk over every node's bucket, at most once per idle period: per request it
         // would cost a 5,000-node join storm 25 million visits under this lock.
         if now.duration_since(buckets.pruned) >= IDLE {

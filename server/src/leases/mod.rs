@@ -165,7 +165,7 @@ struct Waiting {
 /// `detach` follow the election.
 #[derive(Clone)]
 pub struct Leases {
-    writer: Arc<std::sync::RwLock<Option<Running>>>,
+    writer: Arc<parking_lot::RwLock<Option<Running>>>,
     ttl: Duration,
     /// Made by `standby` (etcd store): a writer that stops means this replica no longer
     /// leads, which is what callers are told.
@@ -293,24 +293,18 @@ impl Leases {
                 }
             }
         });
-        *self.writer.write().unwrap_or_else(|p| p.into_inner()) = Some(Running { tx, running });
+        *self.writer.write() = Some(Running { tx, running });
         Ok(())
     }
 
     /// Lets the writer go: it finishes what it holds and stops; later operations
     /// answer `NotLeader`.
     pub fn detach(&self) {
-        self.writer
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.writer.write().take();
     }
 
     fn running(&self) -> Option<Running> {
-        self.writer
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.writer.read().clone()
     }
 
     /// Lease time to live.

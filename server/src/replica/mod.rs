@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -122,14 +124,11 @@ impl Replica {
 
     /// The leader's advertised URL, when one is known.
     pub fn leader(&self) -> Option<String> {
-        self.leader
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.leader.read().clone()
     }
 
     fn set_leader(&self, url: Option<String>) {
-        let mut leader = self.leader.write().unwrap_or_else(|p| p.into_inner());
+        let mut leader = self.leader.write();
         if *leader != url {
             if url.is_some() {
                 self.metrics.leader_changes.inc();
@@ -151,12 +150,7 @@ impl Replica {
 
     /// A channel to another replica, made once per URL, with mutual TLS.
     pub fn peer(&self, url: &str) -> Result<Channel, String> {
-        if let Some(ch) = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(url)
-        {
+        if let Some(ch) = self.peers.lock().get(url) {
             return Ok(ch.clone());
         }
         let read =
@@ -174,20 +168,14 @@ impl Replica {
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
             .connect_lazy();
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(url.to_string(), ch.clone());
+        self.peers.lock().insert(url.to_string(), ch.clone());
         Ok(ch)
     }
 
     /// Forgets a replica's channel (after it failed, so the next call dials again,
     /// with the certificate files as they are now).
     pub fn forget_peer(&self, url: &str) {
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(url);
+        self.peers.lock().remove(url);
     }
 
     /// The replicas registered in etcd (their advertised URLs), sorted.
@@ -199,8 +187,7 @@ impl Replica {
             .collect();
         urls.sort();
         urls.dedup();
-        *self.registered.lock().unwrap_or_else(|p| p.into_inner()) =
-            (urls.clone(), Some(std::time::Instant::now()));
+        *self.registered.lock() = (urls.clone(), Some(std::time::Instant::now()));
         Ok(urls)
     }
 
@@ -210,7 +197,7 @@ impl Replica {
     /// URL does not become a stream of etcd reads).
     pub async fn is_registered(&self, url: &str) -> bool {
         let fresh_enough = {
-            let r = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+            let r = self.registered.lock();
             let age = r.1.map(|at| at.elapsed());
             if r.0.iter().any(|u| u == url) && age.is_some_and(|a| a < Duration::from_secs(30)) {
                 return true;
