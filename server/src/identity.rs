@@ -30,11 +30,8 @@ use twill_common::now_unix;
 
 use crate::metrics::Metrics;
 use crate::refusal::{Refusal, TokenFault};
-use crate::store::{Store, StoreError};
+use crate::store::{RecordKind, Store, StoreError};
 
-const TOKEN_KIND: &str = "token";
-const ISSUED_KIND: &str = "issued";
-const REVOKED_KIND: &str = "revoked";
 /// Revocation records of admin certificates are kept under this prefix of the name (a
 /// node name cannot hold a colon, so the two never meet).
 const ADMIN_REVOCATION: &str = "admin:";
@@ -362,9 +359,9 @@ impl Identity {
     /// events (compaction). Revocations are only ever added here, never dropped: one
     /// that cannot be read again stays in force.
     pub async fn reload(&self) -> Result<(), IdentityError> {
-        let revoked = self.store.records(REVOKED_KIND).await?;
+        let revoked = self.store.records(RecordKind::Revoked).await?;
         for (name, v) in revoked {
-            if let Some(at) = Self::revocation_record(REVOKED_KIND, &v) {
+            if let Some(at) = Self::revocation_record(RecordKind::Revoked, &v) {
                 self.revoked_at(&name, at);
             } else {
                 warn!(name = %name, "ignoring an unreadable revocation record");
@@ -372,7 +369,7 @@ impl Identity {
         }
         let now = now_unix();
         let mut certs: HashMap<String, Vec<LiveCert>> = HashMap::new();
-        for (_, v) in self.store.records(ISSUED_KIND).await? {
+        for (_, v) in self.store.records(RecordKind::Issued).await? {
             let Ok(r) = serde_json::from_slice::<IssuedRecord>(&v) else {
                 continue;
             };
@@ -479,7 +476,7 @@ impl Identity {
         let before = self.revoked.read().get(&key).copied();
         let at = (now_unix() - 1).max(before.map_or(i64::MIN, |b| b + 1));
         self.store
-            .put_record(REVOKED_KIND, &key, at.to_string().as_bytes())
+            .put_record(RecordKind::Revoked, &key, at.to_string().as_bytes())
             .await?;
         self.store.flush().await?;
         self.revoked_at(&key, at);
@@ -505,8 +502,8 @@ impl Identity {
     }
 
     /// A revocation record's kind and value, as the store holds it.
-    pub fn revocation_record(kind: &str, value: &[u8]) -> Option<i64> {
-        (kind == REVOKED_KIND)
+    pub fn revocation_record(kind: RecordKind, value: &[u8]) -> Option<i64> {
+        (kind == RecordKind::Revoked)
             .then(|| std::str::from_utf8(value).ok()?.parse().ok())
             .flatten()
     }
@@ -525,7 +522,7 @@ impl Identity {
     async fn tokens(&self) -> Result<Vec<TokenRecord>, IdentityError> {
         Ok(self
             .store
-            .records(TOKEN_KIND)
+            .records(RecordKind::Token)
             .await?
             .into_iter()
             .filter_map(|(id, v)| match serde_json::from_slice::<TokenRecord>(&v) {
@@ -540,7 +537,9 @@ impl Identity {
 
     async fn put_token(&self, t: &TokenRecord) -> Result<(), IdentityError> {
         let value = serde_json::to_vec(t).map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        self.store.put_record(TOKEN_KIND, &t.id, &value).await?;
+        self.store
+            .put_record(RecordKind::Token, &t.id, &value)
+            .await?;
         Ok(())
     }
 
@@ -580,7 +579,7 @@ impl Identity {
         let _guard = self.lock.lock().await;
         let id = loop {
             let id = random_chars(ID_LEN);
-            if self.store.record(TOKEN_KIND, &id).await?.is_none() {
+            if self.store.record(RecordKind::Token, &id).await?.is_none() {
                 break id;
             }
         };
@@ -615,7 +614,7 @@ impl Identity {
             .partition(|t| t.expires_at_unix > now);
         if !expired.is_empty() {
             for t in &expired {
-                self.store.delete_record(TOKEN_KIND, &t.id).await?;
+                self.store.delete_record(RecordKind::Token, &t.id).await?;
                 info!(token_id = %t.id, "bootstrap token expired; forgotten");
             }
             self.store.flush().await?;
@@ -627,7 +626,7 @@ impl Identity {
     pub async fn delete_token(&self, id: &str) -> Result<(), IdentityError> {
         let id = id.split_once('.').map_or(id, |(id, _)| id).trim();
         let _guard = self.lock.lock().await;
-        if !self.store.delete_record(TOKEN_KIND, id).await? {
+        if !self.store.delete_record(RecordKind::Token, id).await? {
             return Err(IdentityError::NotFound(format!(
                 "no bootstrap token with id {id:?}"
             )));
@@ -650,7 +649,7 @@ impl Identity {
         let signer = self.signer()?;
         let (id, secret) = parse_token(token)?;
         let mut state = self.lock.lock().await;
-        let mut record = match self.store.record(TOKEN_KIND, id).await? {
+        let mut record = match self.store.record(RecordKind::Token, id).await? {
             Some(v) => serde_json::from_slice::<TokenRecord>(&v).map_err(|e| {
                 warn!(token_id = %id, error = %e, "unreadable token record");
                 IdentityError::token(
@@ -668,7 +667,7 @@ impl Identity {
         let now = now_unix();
         if record.expires_at_unix <= now {
             // Forgotten now: an expired token is no use to anyone.
-            self.store.delete_record(TOKEN_KIND, id).await?;
+            self.store.delete_record(RecordKind::Token, id).await?;
             return Err(IdentityError::token(
                 TokenFault::Expired,
                 format!(
@@ -803,7 +802,11 @@ impl Identity {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         self.store
-            .put_record(ISSUED_KIND, &format!("{at:024}-{}", issued.serial), &value)
+            .put_record(
+                RecordKind::Issued,
+                &format!("{at:024}-{}", issued.serial),
+                &value,
+            )
             .await?;
         let certs = state.certs.entry(issued.node_name.clone()).or_default();
         certs.retain(|c| c.not_after_unix > now);
@@ -828,10 +831,10 @@ impl Identity {
     async fn prune(&self, now: i64) -> Result<usize, IdentityError> {
         let cutoff = now - ISSUED_GRACE.as_secs() as i64;
         let mut pruned = 0;
-        for (key, v) in self.store.records(ISSUED_KIND).await? {
+        for (key, v) in self.store.records(RecordKind::Issued).await? {
             let expired = serde_json::from_slice::<IssuedRecord>(&v)
                 .map_or(true, |r| r.not_after_unix < cutoff);
-            if expired && self.store.delete_record(ISSUED_KIND, &key).await? {
+            if expired && self.store.delete_record(RecordKind::Issued, &key).await? {
                 pruned += 1;
             }
         }
@@ -865,7 +868,7 @@ impl Identity {
                 self.store.flush().await?;
             }
         }
-        let records = self.store.records(ISSUED_KIND).await?;
+        let records = self.store.records(RecordKind::Issued).await?;
         let mut page: Vec<(String, IssuedCertificate)> = records
             .into_iter()
             .filter(|(key, _)| page_token.is_empty() || key.as_str() > page_token)
@@ -1001,7 +1004,11 @@ mod tests {
         };
         identity
             .store
-            .put_record(ISSUED_KIND, "0", &serde_json::to_vec(&long_ago).unwrap())
+            .put_record(
+                RecordKind::Issued,
+                "0",
+                &serde_json::to_vec(&long_ago).unwrap(),
+            )
             .await
             .unwrap();
         for n in ["a", "b", "c"] {
@@ -1090,19 +1097,19 @@ mod tests {
         async fn write(&self, b: &crate::store::Batch<'_>) -> Result<(), StoreError> {
             self.0.write(b).await
         }
-        async fn put_record(&self, kind: &str, id: &str, v: &[u8]) -> Result<(), StoreError> {
+        async fn put_record(&self, kind: RecordKind, id: &str, v: &[u8]) -> Result<(), StoreError> {
             self.0.put_record(kind, id, v).await
         }
-        async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+        async fn delete_record(&self, kind: RecordKind, id: &str) -> Result<bool, StoreError> {
             self.0.delete_record(kind, id).await
         }
-        async fn records(&self, _: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        async fn records(&self, _: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             Err(StoreError::Backend("injected read failure".into()))
         }
-        async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.0.record(kind, id).await
         }
-        async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+        async fn set_layout(&self, layout: &crate::store::Layout) -> Result<(), StoreError> {
             self.0.set_layout(layout).await
         }
         fn size_on_disk(&self) -> u64 {
@@ -1117,7 +1124,9 @@ mod tests {
     async fn revocations_that_cannot_be_read_stop_the_start_and_a_failed_reload_keeps_them() {
         let dir = tempfile::tempdir().unwrap();
         let sled = crate::store::SledStore::open(dir.path(), 16).unwrap();
-        sled.put_record(REVOKED_KIND, "n1", b"1000").await.unwrap();
+        sled.put_record(RecordKind::Revoked, "n1", b"1000")
+            .await
+            .unwrap();
         let metrics = Arc::new(Metrics::default());
         let e = Identity::new(
             Arc::new(Unreadable(sled)),

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tonic::transport::Server;
 use tracing::info;
-use twill_common::{netconf::BackendType, tls::read_pem, NetConf};
+use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
 use twill_server::agents::Agents;
@@ -27,7 +27,7 @@ use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::Metrics;
 use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
-use twill_server::store::{EtcdStore, SledStore, Snapshot, Store};
+use twill_server::store::{EtcdStore, Layout, SledStore, Snapshot, Store};
 use twill_server::tls::{ReloadingTls, TlsFiles};
 
 /// Largest admin request: a reservation or a token's names are a few hundred bytes.
@@ -201,7 +201,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let metrics = Arc::new(Metrics::default());
-    let layout = store_layout(&conf);
+    let layout = Layout::from(&conf);
     let (store, etcd_store, snapshot, etcd_revision): (Arc<dyn Store>, _, Snapshot, i64) =
         match args.store {
             StoreKind::Sled => {
@@ -399,30 +399,6 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `--migrate-from-sled DIR`: copies a sled store into etcd, once.
-/// What the stored leases depend on: a store allocated under another layout is
-/// refused. The IPv6 pool and the backend join the string only when set (not VXLAN),
-/// so stores written before dual-stack and host-gw existed keep matching; turning
-/// IPv6 on or off under existing leases is a network change like any other.
-fn store_layout(conf: &NetConf) -> String {
-    let mut parts = Vec::new();
-    if let Some(v4) = &conf.ipv4 {
-        parts.push(format!(
-            "Network={} SubnetLen={}",
-            v4.network, v4.subnet_len
-        ));
-    }
-    if let Some(v6) = &conf.ipv6 {
-        parts.push(format!(
-            "IPv6Network={} IPv6SubnetLen={}",
-            v6.network, v6.subnet_len
-        ));
-    }
-    if conf.backend.kind != BackendType::Vxlan {
-        parts.push(format!("Backend={}", conf.backend.kind));
-    }
-    parts.join(" ")
-}
-
 async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
     let config = args.etcd_config()?;
     if !dir.join("conf").exists() && !dir.join("db").exists() {

@@ -5,7 +5,7 @@ use twill_common::model::NodeName;
 use twill_proto::AcquireRequest;
 
 use super::*;
-use crate::store::SledStore;
+use crate::store::{Layout, RecordKind, SledStore};
 
 struct Fixture {
     leases: Leases,
@@ -686,19 +686,19 @@ impl Store for FailingStore {
         }
         self.inner.write(batch).await
     }
-    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    async fn put_record(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_record(kind, id, value).await
     }
-    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+    async fn delete_record(&self, kind: RecordKind, id: &str) -> Result<bool, StoreError> {
         self.inner.delete_record(kind, id).await
     }
-    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn records(&self, kind: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.records(kind).await
     }
-    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.record(kind, id).await
     }
-    async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+    async fn set_layout(&self, layout: &Layout) -> Result<(), StoreError> {
         self.inner.set_layout(layout).await
     }
     fn size_on_disk(&self) -> u64 {

@@ -24,12 +24,13 @@ use twill_proto::etcd::v3electionpb::{
 
 use super::{Replica, LEASE_TTL};
 use crate::store::etcd::{put, Fence};
+use crate::store::schema::Key;
 use crate::store::StoreError;
 
 const RETRY: Duration = Duration::from_millis(500);
 
 fn election_name(r: &Replica) -> Vec<u8> {
-    r.store.etcd().key("election")
+    r.store.etcd().key(&Key::Election)
 }
 
 /// Campaigns, leads, steps down and campaigns again, until shutdown.
@@ -70,7 +71,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
             Vec::new(),
             vec![{
                 let mut op = put(
-                    etcd.key(&format!("replicas/{lease:016x}")),
+                    etcd.key(&Key::Replica(lease)),
                     r.advertise_url.clone().into_bytes(),
                 );
                 if let Some(twill_proto::etcd::etcdserverpb::request_op::Request::RequestPut(p)) =
@@ -88,12 +89,14 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
                 name: election_name(r),
                 lease,
                 value: r.advertise_url.clone().into_bytes(),
-            }) => won.map_err(|s| StoreError::Backend(format!("etcd refused the campaign: {}", s.message())))?,
+            }) => won.map_err(|source| StoreError::Etcd { what: "the campaign".into(), source })?,
             _ = lost.wait_for(|l| *l) => return Ok(()),
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };
         let Some(key) = won.into_inner().leader else {
-            return Err(StoreError::Backend("etcd elected us without a leader key".into()));
+            return Err(StoreError::Backend(
+                "etcd elected us without a leader key".into(),
+            ));
         };
         lead(r, &key, &mut lost, shutdown).await;
         // Give the election up at once rather than at the lease's expiry, so the next
@@ -150,7 +153,7 @@ async fn lead(
         r.identity
             .reload()
             .await
-            .map_err(|e| StoreError::Backend(format!("reading revocations: {e}")))?;
+            .map_err(|e| StoreError::Revocations(Box::new(e)))?;
         r.leases
             .attach(
                 &r.conf,

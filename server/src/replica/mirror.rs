@@ -22,6 +22,7 @@ use twill_proto::LeaseEvent;
 use super::Replica;
 use crate::identity::Identity as NodeIdentity;
 use crate::store::etcd::{prefix_end, Entry};
+use crate::store::schema::{Key, Range};
 use crate::store::StoreError;
 
 /// Follows etcd for as long as the process runs, reopening the watch after a failure.
@@ -62,7 +63,7 @@ async fn follow(
     from: i64,
     reservations: &mut BTreeMap<String, crate::store::Reservation>,
 ) -> Result<std::convert::Infallible, Gap> {
-    let key = r.store.etcd().key("");
+    let key = r.store.etcd().range_start(Range::All);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(WatchRequest {
         request_union: Some(watch_request::RequestUnion::CreateRequest(
@@ -140,14 +141,9 @@ fn apply(
     for e in events {
         let Some(kv) = &e.kv else { continue };
         let deleted = e.r#type == EtcdEvent::Delete as i32;
-        let full = String::from_utf8_lossy(&kv.key).into_owned();
-        let rest = full
-            .strip_prefix(r.store.etcd().prefix())
-            .unwrap_or_default()
-            .to_string();
         if deleted {
-            if let Some(node) = rest.strip_prefix("reservation/") {
-                reservations.remove(node);
+            if let Some(Key::Reservation(node)) = r.store.etcd().decode(&kv.key) {
+                reservations.remove(&node);
                 reservations_changed = true;
             }
             continue;
@@ -160,12 +156,14 @@ fn apply(
                 reservations_changed = true;
             }
             Ok(Entry::Record(kind, node)) => {
-                if let Some(at) = NodeIdentity::revocation_record(&kind, &kv.value) {
+                if let Some(at) = NodeIdentity::revocation_record(kind, &kv.value) {
                     r.identity.revoked_at(&node, at);
                 }
             }
             Ok(_) => {}
-            Err(err) => error!(key = %full, error = %err, "ignoring an unreadable key in etcd"),
+            Err(err) => {
+                error!(key = %String::from_utf8_lossy(&kv.key), error = %err, "ignoring an unreadable key in etcd")
+            }
         }
     }
     lease_events.sort_by_key(|e| e.revision);
@@ -205,7 +203,7 @@ async fn reload(
     r.identity
         .reload()
         .await
-        .map_err(|e| StoreError::Backend(format!("reading revocations: {e}")))?;
+        .map_err(|e| StoreError::Revocations(Box::new(e)))?;
     *reservations = snap.reservations;
     if !r.is_leading() {
         r.hub

@@ -25,6 +25,7 @@ use crate::events::Hub;
 use crate::identity::Identity as NodeIdentity;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
+use crate::store::schema::Range;
 use crate::store::EtcdStore;
 use twill_common::NetConf;
 
@@ -180,7 +181,7 @@ impl Replica {
 
     /// The replicas registered in etcd (their advertised URLs), sorted.
     pub async fn replicas(&self) -> Result<Vec<String>, crate::store::StoreError> {
-        let (kvs, _) = self.store.etcd().range("replicas/").await?;
+        let (kvs, _) = self.store.etcd().range(Range::Replicas).await?;
         let mut urls: Vec<String> = kvs
             .into_iter()
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())

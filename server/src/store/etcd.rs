@@ -1,9 +1,8 @@
 //! The etcd store: every durable record under one key prefix, reached over mutual TLS.
 //!
-//! Keys (under `--etcd-prefix`, default `/twill/`): `lease/<node>`, `event/<revision>`
-//! (20 digits, so they sort), `reservation/<node>`, `record/<kind>/<id>`,
-//! `meta/revision`, `meta/layout`, `meta/epoch`, plus the replicas' `election` and
-//! `replicas/` keys (see `crate::replica`). Twill's revisions are its own counter,
+//! Keys (under `--etcd-prefix`, default `/twill/`) are those of `schema`, in its etcd
+//! dialect, including the replicas' election and registrations (see `crate::replica`).
+//! Twill's revisions are its own counter,
 //! stored in `meta/revision` and in the event keys, not etcd's: every replica therefore
 //! numbers events the same way, and an agent that moves between replicas resumes from
 //! its revision (etcd's revisions also count renewals, records and elections).
@@ -13,10 +12,12 @@
 //! which has not noticed yet, writes nothing. A replica that is not the leader has no
 //! fence and refuses to write.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -27,9 +28,10 @@ use twill_proto::etcd::etcdserverpb::{
     TxnResponse,
 };
 use twill_proto::etcd::mvccpb::KeyValue;
-use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
+use twill_proto::{Lease, LeaseEvent};
 
-use super::{Batch, Snapshot, Store, StoreError};
+use super::schema::{self, Dialect, Key, Layout, Op, Range, RecordKind};
+use super::{Batch, Malformed, Snapshot, Store, StoreError};
 use crate::metrics::Metrics;
 
 /// How long one etcd request may take. Without a quorum etcd holds a write until its
@@ -73,12 +75,17 @@ pub struct Etcd {
 }
 
 fn read(path: &PathBuf, flag: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path)
-        .map_err(|e| StoreError::Backend(format!("cannot read {flag} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|source| StoreError::Io {
+        what: format!("cannot read {flag} {}", path.display()),
+        source,
+    })
 }
 
 fn status(what: &str) -> impl Fn(tonic::Status) -> StoreError + '_ {
-    move |s| StoreError::Backend(format!("etcd refused {what}: {}", s.message()))
+    move |source| StoreError::Etcd {
+        what: what.to_string(),
+        source,
+    }
 }
 
 impl Etcd {
@@ -104,10 +111,14 @@ impl Etcd {
                     "--etcd-endpoints {url}: etcd is reached over mutual TLS, so each URL starts with https://"
                 )));
             }
+            let bad_url = |source| StoreError::Connect {
+                what: format!("--etcd-endpoints {url}"),
+                source,
+            };
             let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| StoreError::Backend(format!("--etcd-endpoints {url}: {e}")))?
+                .map_err(bad_url)?
                 .tls_config(tls.clone())
-                .map_err(|e| StoreError::Backend(format!("--etcd-endpoints {url}: {e}")))?
+                .map_err(bad_url)?
                 .connect_timeout(Duration::from_secs(2))
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(2))
@@ -126,14 +137,21 @@ impl Etcd {
         self.channel.clone()
     }
 
-    /// The key prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
+    /// A key, prefix and all.
+    pub fn key(&self, key: &Key) -> Vec<u8> {
+        [self.prefix.as_bytes(), &key.encode(Dialect::Etcd)].concat()
     }
 
-    /// `prefix` + `rest`, as a key.
-    pub fn key(&self, rest: &str) -> Vec<u8> {
-        format!("{}{rest}", self.prefix).into_bytes()
+    /// The first key of a range, prefix and all (a watch or read covers every key
+    /// from it to its `prefix_end`).
+    pub fn range_start(&self, range: Range) -> Vec<u8> {
+        [self.prefix.as_bytes(), &range.prefix()].concat()
+    }
+
+    /// The key a stored key (prefix and all) is, `None` for one outside the prefix or
+    /// one Twill does not write.
+    pub fn decode(&self, key: &[u8]) -> Option<Key> {
+        Key::decode(Dialect::Etcd, key.strip_prefix(self.prefix.as_bytes())?)
     }
 
     /// Runs one request with the request timeout, timing it.
@@ -159,9 +177,9 @@ impl Etcd {
         KvClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
-    /// Every key under `prefix + rest`, and etcd's revision of the read.
-    pub async fn range(&self, rest: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let key = self.key(rest);
+    /// Every key of `range`, and etcd's revision of the read.
+    pub async fn range(&self, range: Range) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let key = self.range_start(range);
         let range_end = prefix_end(&key);
         let r = self
             .timed(
@@ -177,12 +195,12 @@ impl Etcd {
     }
 
     /// One key's value.
-    pub async fn get(&self, rest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError> {
         let r = self
             .timed(
                 "a read",
                 self.kv().range(RangeRequest {
-                    key: self.key(rest),
+                    key: self.key(key),
                     ..Default::default()
                 }),
             )
@@ -276,17 +294,6 @@ fn fence_holds(f: &Fence) -> Compare {
     }
 }
 
-/// Decodes a Twill revision stored as decimal text.
-fn revision_of(key: &str, value: &[u8]) -> Result<u64, StoreError> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| StoreError::Corrupt {
-            key: key.to_string(),
-            msg: "not a decimal revision".into(),
-        })
-}
-
 /// Leases, events, reservations and metadata under the prefix.
 pub struct EtcdStore {
     etcd: Etcd,
@@ -304,11 +311,11 @@ pub enum Entry {
     /// A node's reservation.
     Reservation(String, super::Reservation),
     /// A record (`kind`, `id`).
-    Record(String, String),
+    Record(RecordKind, String),
     /// `meta/revision`.
     Revision(u64),
     /// `meta/layout`.
-    Layout(String),
+    Layout(Layout),
     /// `meta/epoch`.
     Epoch(String),
     /// Election and replica keys, and anything else under the prefix.
@@ -319,7 +326,7 @@ impl EtcdStore {
     /// Connects and makes sure the prefix has an epoch (made by whichever replica
     /// comes first).
     pub async fn open(etcd: Etcd, retention: u64) -> Result<Self, StoreError> {
-        let epoch = etcd.key("meta/epoch");
+        let epoch = etcd.key(&Key::Epoch);
         etcd.txn(
             "creating the store epoch",
             vec![absent(epoch.clone())],
@@ -344,21 +351,17 @@ impl EtcdStore {
 
     /// Arms (Some) or disarms (None) the fence: only a leader writes.
     pub fn set_fence(&self, fence: Option<Fence>) {
-        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = fence;
+        *self.fence.write() = fence;
     }
 
     fn fence(&self) -> Result<Fence, StoreError> {
-        self.fence
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                StoreError::NotLeader(
-                    "this controller replica is not the elected leader, so it does not write; \
+        self.fence.read().clone().ok_or_else(|| {
+            StoreError::NotLeader(
+                "this controller replica is not the elected leader, so it does not write; \
                      the write goes to the leader"
-                        .into(),
-                )
-            })
+                    .into(),
+            )
+        })
     }
 
     /// Refreshes the size `size_on_disk` reports.
@@ -370,45 +373,36 @@ impl EtcdStore {
 
     /// Classifies a key under the prefix.
     pub fn entry(&self, kv: &KeyValue) -> Result<Entry, StoreError> {
-        let full = String::from_utf8_lossy(&kv.key);
-        let Some(rest) = full.strip_prefix(self.etcd.prefix()) else {
-            return Ok(Entry::Other);
-        };
-        let corrupt = |msg: String| StoreError::Corrupt {
-            key: full.to_string(),
-            msg,
-        };
-        Ok(if rest.starts_with("lease/") {
-            Entry::Lease(Lease::decode(kv.value.as_slice()).map_err(|e| corrupt(e.to_string()))?)
-        } else if rest.starts_with("event/") {
-            Entry::Event(
-                LeaseEvent::decode(kv.value.as_slice()).map_err(|e| corrupt(e.to_string()))?,
-            )
-        } else if let Some(node) = rest.strip_prefix("reservation/") {
-            let subnet = String::from_utf8_lossy(&kv.value)
-                .parse()
-                .map_err(corrupt)?;
-            Entry::Reservation(node.to_string(), subnet)
-        } else if let Some(r) = rest.strip_prefix("record/") {
-            match r.split_once('/') {
-                Some((kind, id)) => Entry::Record(kind.to_string(), id.to_string()),
-                None => Entry::Other,
+        let corrupt = |e: Malformed| StoreError::corrupt(&kv.key, e);
+        let text = || String::from_utf8_lossy(&kv.value).into_owned();
+        Ok(match self.etcd.decode(&kv.key) {
+            Some(Key::Lease(_)) => {
+                Entry::Lease(Lease::decode(kv.value.as_slice()).map_err(|e| corrupt(e.into()))?)
             }
-        } else if rest == "meta/revision" {
-            Entry::Revision(revision_of(&full, &kv.value)?)
-        } else if rest == "meta/layout" {
-            Entry::Layout(String::from_utf8_lossy(&kv.value).into_owned())
-        } else if rest == "meta/epoch" {
-            Entry::Epoch(String::from_utf8_lossy(&kv.value).into_owned())
-        } else {
-            Entry::Other
+            Some(Key::Event(_)) => Entry::Event(
+                LeaseEvent::decode(kv.value.as_slice()).map_err(|e| corrupt(e.into()))?,
+            ),
+            Some(Key::Reservation(node)) => {
+                Entry::Reservation(node, text().parse().map_err(|e: String| corrupt(e.into()))?)
+            }
+            Some(Key::Record(kind, id)) => Entry::Record(kind, id),
+            Some(Key::Revision) => Entry::Revision(
+                Dialect::Etcd
+                    .parse_revision(&kv.value)
+                    .map_err(|e| corrupt(e.into()))?,
+            ),
+            Some(Key::Layout) => {
+                Entry::Layout(text().parse().map_err(|e: String| corrupt(e.into()))?)
+            }
+            Some(Key::Epoch) => Entry::Epoch(text()),
+            Some(Key::Election | Key::Replica(_)) | None => Entry::Other,
         })
     }
 
     /// Everything, and the etcd revision it was read at (a watch continues from the
     /// next one).
     pub async fn load_at(&self) -> Result<(Snapshot, i64), StoreError> {
-        let (kvs, at) = self.etcd.range("").await?;
+        let (kvs, at) = self.etcd.range(Range::All).await?;
         let mut snap = Snapshot::default();
         for kv in &kvs {
             match self.entry(kv)? {
@@ -441,41 +435,30 @@ impl EtcdStore {
         Ok(r)
     }
 
-    fn event_key(&self, revision: u64) -> Vec<u8> {
-        self.etcd.key(&format!("event/{revision:020}"))
-    }
-
-    fn lease_key(&self, node: &str) -> Vec<u8> {
-        self.etcd.key(&format!("lease/{node}"))
-    }
-
-    fn record_key(&self, kind: &str, id: &str) -> Vec<u8> {
-        self.etcd.key(&format!("record/{kind}/{id}"))
-    }
-
     /// Writes the copy of another store (`twill-controller --migrate-from-sled`):
     /// leases, events, reservations, records and metadata, in parts, unfenced. The
     /// caller has checked that the prefix holds no leases.
     pub async fn import(
         &self,
         snap: &Snapshot,
-        records: &[(String, Vec<u8>)],
+        records: &[(RecordKind, String, Vec<u8>)],
     ) -> Result<(), StoreError> {
+        let key = |k: Key| self.etcd.key(&k);
         let mut ops: Vec<RequestOp> = Vec::new();
         for l in &snap.leases {
-            ops.push(put(self.lease_key(&l.node_name), l.encode_to_vec()));
+            ops.push(put(key(Key::Lease(l.node_name.clone())), l.encode_to_vec()));
         }
         for e in &snap.history {
-            ops.push(put(self.event_key(e.revision), e.encode_to_vec()));
+            ops.push(put(key(Key::Event(e.revision)), e.encode_to_vec()));
         }
         for (node, subnet) in &snap.reservations {
             ops.push(put(
-                self.etcd.key(&format!("reservation/{node}")),
+                key(Key::Reservation(node.clone())),
                 subnet.to_string().into_bytes(),
             ));
         }
-        for (key, value) in records {
-            ops.push(put(self.etcd.key(&format!("record/{key}")), value.clone()));
+        for (kind, id, value) in records {
+            ops.push(put(key(Key::Record(*kind, id.clone())), value.clone()));
         }
         for part in ops.chunks(MAX_TXN_OPS) {
             self.etcd
@@ -485,17 +468,11 @@ impl EtcdStore {
         // The metadata last: a copy that stopped half-way has no revision yet, and a
         // rerun (which the emptiness check allows, as it looks at the revision) finishes it.
         let mut meta = vec![
-            put(self.etcd.key("meta/epoch"), snap.epoch.clone().into_bytes()),
-            put(
-                self.etcd.key("meta/revision"),
-                snap.revision.to_string().into_bytes(),
-            ),
+            put(key(Key::Epoch), snap.epoch.clone().into_bytes()),
+            put(key(Key::Revision), Dialect::Etcd.revision(snap.revision)),
         ];
         if let Some(layout) = &snap.layout {
-            meta.push(put(
-                self.etcd.key("meta/layout"),
-                layout.clone().into_bytes(),
-            ));
+            meta.push(put(key(Key::Layout), layout.to_string().into_bytes()));
         }
         self.etcd.txn("copying the store", Vec::new(), meta).await?;
         Ok(())
@@ -540,58 +517,31 @@ impl Store for EtcdStore {
         if b.is_empty() {
             return Ok(());
         }
-        // Each part ends with the revision of its last event, so whatever parts
-        // landed, the store is the state after some prefix of the events.
+        let stored = match b.reservations {
+            Some(_) => {
+                let (kvs, _) = self.etcd.range(Range::Reservations).await?;
+                kvs.iter()
+                    .filter_map(|kv| match self.etcd.decode(&kv.key) {
+                        Some(Key::Reservation(node)) => Some(node),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            None => Default::default(),
+        };
+        // Parts hold whole steps, so whatever parts landed, the store is the state after
+        // some prefix of the events.
         let mut parts = Vec::new();
         let mut part = Part::default();
-        for event in b.events {
-            if part.len() + 4 > MAX_TXN_OPS {
+        for step in schema::batch_steps(b, self.retention, Dialect::Etcd, &stored) {
+            if part.len() + step.len() > MAX_TXN_OPS {
                 parts.push(std::mem::take(&mut part));
             }
-            if let Some(lease) = &event.lease {
-                if event.r#type == EventType::Delete as i32 {
-                    part.delete(self.lease_key(&lease.node_name));
-                } else {
-                    part.put(self.lease_key(&lease.node_name), lease.encode_to_vec());
+            for op in step {
+                match op {
+                    Op::Put(k, v) => part.put(self.etcd.key(&k), v),
+                    Op::Delete(k) => part.delete(self.etcd.key(&k)),
                 }
-            }
-            part.put(self.event_key(event.revision), event.encode_to_vec());
-            if let Some(old) = event.revision.checked_sub(self.retention) {
-                part.delete(self.event_key(old));
-            }
-            part.put(
-                self.etcd.key("meta/revision"),
-                event.revision.to_string().into_bytes(),
-            );
-        }
-        for lease in b.renewed {
-            if part.len() + 1 > MAX_TXN_OPS {
-                parts.push(std::mem::take(&mut part));
-            }
-            part.put(self.lease_key(&lease.node_name), lease.encode_to_vec());
-        }
-        if let Some(reservations) = b.reservations {
-            let (stored, _) = self.etcd.range("reservation/").await?;
-            let keep: BTreeSet<Vec<u8>> = reservations
-                .keys()
-                .map(|n| self.etcd.key(&format!("reservation/{n}")))
-                .collect();
-            for kv in stored {
-                if !keep.contains(&kv.key) {
-                    if part.len() + 1 > MAX_TXN_OPS {
-                        parts.push(std::mem::take(&mut part));
-                    }
-                    part.delete(kv.key);
-                }
-            }
-            for (node, subnet) in reservations {
-                if part.len() + 1 > MAX_TXN_OPS {
-                    parts.push(std::mem::take(&mut part));
-                }
-                part.put(
-                    self.etcd.key(&format!("reservation/{node}")),
-                    subnet.to_string().into_bytes(),
-                );
             }
         }
         parts.push(part);
@@ -603,28 +553,30 @@ impl Store for EtcdStore {
         Ok(())
     }
 
-    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    async fn put_record(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError> {
         self.fenced(
             "writing a record",
-            vec![put(self.record_key(kind, id), value.to_vec())],
+            vec![put(
+                self.etcd.key(&Key::Record(kind, id.into())),
+                value.to_vec(),
+            )],
         )
         .await
         .map(|_| ())
     }
 
-    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
-        let r = self
-            .fenced("deleting a record", vec![delete(self.record_key(kind, id))])
-            .await?;
+    async fn delete_record(&self, kind: RecordKind, id: &str) -> Result<bool, StoreError> {
+        let key = self.etcd.key(&Key::Record(kind, id.into()));
+        let r = self.fenced("deleting a record", vec![delete(key)]).await?;
         Ok(r.responses.iter().any(|op| {
             matches!(&op.response, Some(response_op::Response::ResponseDeleteRange(d)) if d.deleted > 0)
         }))
     }
 
-    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let prefix = format!("record/{kind}/");
-        let (kvs, _) = self.etcd.range(&prefix).await?;
-        let strip = self.etcd.key(&prefix).len();
+    async fn records(&self, kind: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let range = Range::RecordsOf(kind);
+        let (kvs, _) = self.etcd.range(range).await?;
+        let strip = self.etcd.range_start(range).len();
         Ok(kvs
             .into_iter()
             .map(|kv| {
@@ -636,22 +588,19 @@ impl Store for EtcdStore {
             .collect())
     }
 
-    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = format!("record/{kind}/{id}");
-        let full = self.etcd.key(&key);
-        let (kvs, _) = self.etcd.range(&key).await?;
-        Ok(kvs.into_iter().find(|kv| kv.key == full).map(|kv| kv.value))
+    async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.etcd.get(&Key::Record(kind, id.into())).await
     }
 
-    async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
-        let key = self.etcd.key("meta/layout");
+    async fn set_layout(&self, layout: &Layout) -> Result<(), StoreError> {
+        let key = self.etcd.key(&Key::Layout);
         // Whichever replica starts first records the layout; the others compare theirs
         // with it at start.
         self.etcd
             .txn(
                 "recording the network layout",
                 vec![absent(key.clone())],
-                vec![put(key, layout.as_bytes().to_vec())],
+                vec![put(key, layout.to_string().into_bytes())],
             )
             .await
             .map(|_| ())

@@ -1,6 +1,6 @@
 //! Durable lease storage. The services only see the `Store` trait: sled (embedded, one
 //! replica) or etcd (several replicas, one elected writer whose every write is fenced by
-//! its leadership; see `etcd`).
+//! its leadership; see `etcd`). Both keep the one key space of `schema`.
 
 use std::collections::BTreeMap;
 
@@ -8,15 +8,59 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use twill_proto::{Lease, LeaseEvent};
 
 pub mod etcd;
+pub mod schema;
 mod sled_store;
 
 pub use etcd::EtcdStore;
+pub use schema::{Layout, RecordKind};
 pub use sled_store::SledStore;
 
-/// A storage failure; the message says what was being done.
+/// A storage failure; the message says what was being done, and the error it came
+/// from is its source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backing database failed.
+    /// sled failed.
+    #[error("store: {what}: {source}")]
+    Sled {
+        /// What was being done.
+        what: String,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// etcd answered a request with an error.
+    #[error("store: etcd refused {what}: {}", source.message())]
+    Etcd {
+        /// The request.
+        what: String,
+        /// etcd's answer.
+        #[source]
+        source: tonic::Status,
+    },
+    /// The connection to etcd cannot be set up (an endpoint URL, the TLS material).
+    #[error("store: {what}: {source}")]
+    Connect {
+        /// The flag at fault.
+        what: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A file the store needs cannot be read.
+    #[error("store: {what}: {source}")]
+    Io {
+        /// Which file, and for what.
+        what: String,
+        /// The error reading it.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The revocation records cannot be read back (a replica taking the lead, or
+    /// catching up after its watch lost events).
+    #[error("store: reading revocations: {0}")]
+    Revocations(#[source] Box<crate::identity::IdentityError>),
+    /// The backend failed in a way no underlying error describes (no answer in time, a
+    /// misconfiguration); the message says what.
     #[error("store: {0}")]
     Backend(String),
     /// This replica may not write: it is not (or no longer) the elected leader, so a
@@ -24,13 +68,42 @@ pub enum StoreError {
     #[error("store: {0}")]
     NotLeader(String),
     /// A stored record does not decode: the store was written by something else.
-    #[error("store: corrupt record {key:?}: {msg}")]
+    #[error("store: corrupt record {key:?}: {source}")]
     Corrupt {
         /// The record's key.
         key: String,
         /// What is wrong with it.
-        msg: String,
+        #[source]
+        source: Malformed,
     },
+}
+
+/// What is wrong with a stored record.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    /// A lease or an event that is no protobuf of its type.
+    #[error(transparent)]
+    Protobuf(#[from] prost::DecodeError),
+    /// A value stored as text (a revision, a reservation, the layout) or a key that
+    /// does not read; the message says how.
+    #[error("{0}")]
+    Text(String),
+}
+
+impl StoreError {
+    /// The record under `key` (as stored, prefix and all) does not decode.
+    pub fn corrupt(key: &[u8], source: impl Into<Malformed>) -> Self {
+        StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+impl From<String> for Malformed {
+    fn from(msg: String) -> Self {
+        Malformed::Text(msg)
+    }
 }
 
 /// What the store holds at start-up.
@@ -44,9 +117,9 @@ pub struct Snapshot {
     pub history: Vec<LeaseEvent>,
     /// Reserved subnets by node name.
     pub reservations: BTreeMap<String, Reservation>,
-    /// The network layout the leases were allocated in (`Network` and `SubnetLen`),
+    /// The network layout the leases were allocated in,
     /// `None` for a new store.
-    pub layout: Option<String>,
+    pub layout: Option<Layout>,
     /// The store's identity, made when it was created: revisions of one epoch mean
     /// nothing in another, so a watcher resuming with another epoch starts over.
     pub epoch: String,
@@ -133,15 +206,15 @@ pub trait Store: Send + Sync + 'static {
     async fn write(&self, batch: &Batch<'_>) -> Result<(), StoreError>;
     /// Stores a durable record beside the leases (a bootstrap token, an issued
     /// certificate), by kind and id, replacing one with the same id.
-    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    async fn put_record(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Deletes a record; false when there was none.
-    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
+    async fn delete_record(&self, kind: RecordKind, id: &str) -> Result<bool, StoreError>;
     /// Every record of a kind, ordered by id.
-    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    async fn records(&self, kind: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// One record of a kind, by id.
-    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Records the network layout the leases belong to.
-    async fn set_layout(&self, layout: &str) -> Result<(), StoreError>;
+    async fn set_layout(&self, layout: &Layout) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> u64;
     /// Makes every applied change durable.

@@ -1,23 +1,15 @@
-//! The sled implementation of `Store`: one tree, keys `lease/<node>` (protobuf-encoded
-//! `Lease`), `event/<revision, big-endian>` (protobuf-encoded `LeaseEvent`, the last
-//! `retention` of them), `reservation/<node>` (the subnet as text) and
-//! `meta/revision`, `meta/layout`, `meta/epoch`, and other records as
-//! `record/<kind>/<id>`; each batch is applied atomically.
+//! The sled implementation of `Store`: one tree holding the key space of `schema`
+//! (sled dialect: event keys and the revision as big-endian bytes); each batch is
+//! applied atomically.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use prost::Message;
-use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
+use twill_proto::{Lease, LeaseEvent};
 
+use super::schema::{self, Dialect, Key, Layout, Op, Range, RecordKind};
 use super::{Batch, Snapshot, Store, StoreError};
-
-const LEASE_PREFIX: &[u8] = b"lease/";
-const EVENT_PREFIX: &[u8] = b"event/";
-const RESERVATION_PREFIX: &[u8] = b"reservation/";
-const REVISION_KEY: &[u8] = b"meta/revision";
-const LAYOUT_KEY: &[u8] = b"meta/layout";
-const EPOCH_KEY: &[u8] = b"meta/epoch";
-const RECORD_PREFIX: &str = "record/";
 
 /// Leases in a sled database under the controller's data directory.
 pub struct SledStore {
@@ -26,41 +18,65 @@ pub struct SledStore {
 }
 
 fn backend(what: &str) -> impl Fn(sled::Error) -> StoreError + '_ {
-    move |e| StoreError::Backend(format!("{what}: {e}"))
+    move |source| StoreError::Sled {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn key(k: &Key) -> Vec<u8> {
+    k.encode(Dialect::Sled)
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`, keeping the last `retention` events. A
     /// new store is given its epoch here, durably, before anything else is written.
     pub fn open(dir: &Path, retention: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            StoreError::Backend(format!("cannot open the store in {}: {e}", dir.display()))
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|source| StoreError::Sled {
+                what: format!("cannot open the store in {}", dir.display()),
+                source,
+            })?;
         if db
-            .get(EPOCH_KEY)
+            .get(key(&Key::Epoch))
             .map_err(backend("reading the epoch"))?
             .is_none()
         {
             let epoch = format!("{:016x}", rand::random::<u64>());
-            db.insert(EPOCH_KEY, epoch.as_bytes())
+            db.insert(key(&Key::Epoch), epoch.as_bytes())
                 .map_err(backend("writing the epoch"))?;
             db.flush().map_err(backend("flushing the epoch"))?;
         }
         Ok(SledStore { db, retention })
     }
-}
 
-impl SledStore {
-    /// Every record, keyed `<kind>/<id>` (for copying the store into etcd).
-    pub fn all_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Every record, as kind, id and value (for copying the store into etcd).
+    pub fn all_records(&self) -> Result<Vec<(RecordKind, String, Vec<u8>)>, StoreError> {
         self.db
-            .scan_prefix(RECORD_PREFIX.as_bytes())
+            .scan_prefix(Range::Records.prefix())
             .map(|item| {
-                let (key, value) = item.map_err(backend("reading records"))?;
-                let id = String::from_utf8_lossy(&key[RECORD_PREFIX.len()..]).into_owned();
-                Ok((id, value.to_vec()))
+                let (k, value) = item.map_err(backend("reading records"))?;
+                match Key::decode(Dialect::Sled, &k) {
+                    Some(Key::Record(kind, id)) => Ok((kind, id, value.to_vec())),
+                    _ => Err(StoreError::corrupt(&k, "not a record key".to_string())),
+                }
             })
             .collect()
+    }
+
+    /// The nodes whose reservations are stored.
+    fn stored_reservations(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut nodes = BTreeSet::new();
+        for item in self.db.scan_prefix(Range::Reservations.prefix()).keys() {
+            let k = item.map_err(backend("reading reservations"))?;
+            match Key::decode(Dialect::Sled, &k) {
+                Some(Key::Reservation(node)) => nodes.insert(node),
+                _ => return Err(StoreError::corrupt(&k, "not valid UTF-8".to_string())),
+            };
+        }
+        Ok(nodes)
     }
 }
 
@@ -68,54 +84,52 @@ impl SledStore {
 impl Store for SledStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot::default();
-        for item in self.db.scan_prefix(LEASE_PREFIX) {
-            let (key, value) = item.map_err(backend("reading leases"))?;
-            let lease = Lease::decode(value.as_ref()).map_err(|e| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                msg: e.to_string(),
-            })?;
+        for item in self.db.scan_prefix(Range::Leases.prefix()) {
+            let (k, value) = item.map_err(backend("reading leases"))?;
+            let lease = Lease::decode(value.as_ref()).map_err(|e| StoreError::corrupt(&k, e))?;
             snap.leases.push(lease);
         }
-        for item in self.db.scan_prefix(EVENT_PREFIX) {
-            let (key, value) = item.map_err(backend("reading events"))?;
-            let event = LeaseEvent::decode(value.as_ref()).map_err(|e| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                msg: e.to_string(),
-            })?;
+        for item in self.db.scan_prefix(Range::Events.prefix()) {
+            let (k, value) = item.map_err(backend("reading events"))?;
+            let event =
+                LeaseEvent::decode(value.as_ref()).map_err(|e| StoreError::corrupt(&k, e))?;
             snap.history.push(event);
         }
-        for item in self.db.scan_prefix(RESERVATION_PREFIX) {
-            let (key, value) = item.map_err(backend("reading reservations"))?;
-            let corrupt = |msg: String| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                msg,
+        for item in self.db.scan_prefix(Range::Reservations.prefix()) {
+            let (k, value) = item.map_err(backend("reading reservations"))?;
+            let Some(Key::Reservation(node)) = Key::decode(Dialect::Sled, &k) else {
+                return Err(StoreError::corrupt(&k, "not valid UTF-8".to_string()));
             };
-            let node = String::from_utf8(key[RESERVATION_PREFIX.len()..].to_vec())
-                .map_err(|e| corrupt(e.to_string()))?;
-            let subnet = String::from_utf8_lossy(&value).parse().map_err(corrupt)?;
+            let subnet = String::from_utf8_lossy(&value)
+                .parse()
+                .map_err(|e: String| StoreError::corrupt(&k, e))?;
             snap.reservations.insert(node, subnet);
         }
+        let revision = key(&Key::Revision);
         if let Some(v) = self
             .db
-            .get(REVISION_KEY)
+            .get(&revision)
             .map_err(backend("reading the revision"))?
         {
-            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                key: "meta/revision".into(),
-                msg: format!("{} bytes, expected 8", v.len()),
-            })?;
-            snap.revision = u64::from_be_bytes(bytes);
+            snap.revision = Dialect::Sled
+                .parse_revision(&v)
+                .map_err(|e| StoreError::corrupt(&revision, e))?;
         }
+        let layout = key(&Key::Layout);
         if let Some(v) = self
             .db
-            .get(LAYOUT_KEY)
+            .get(&layout)
             .map_err(backend("reading the layout"))?
         {
-            snap.layout = Some(String::from_utf8_lossy(&v).into_owned());
+            snap.layout = Some(
+                String::from_utf8_lossy(&v)
+                    .parse()
+                    .map_err(|e: String| StoreError::corrupt(&layout, e))?,
+            );
         }
         if let Some(v) = self
             .db
-            .get(EPOCH_KEY)
+            .get(key(&Key::Epoch))
             .map_err(backend("reading the epoch"))?
         {
             snap.epoch = String::from_utf8_lossy(&v).into_owned();
@@ -127,35 +141,19 @@ impl Store for SledStore {
         if b.is_empty() {
             return Ok(());
         }
+        let stored = match b.reservations {
+            Some(_) => self.stored_reservations()?,
+            None => BTreeSet::new(),
+        };
+        // sled applies the whole batch at once, so its steps need no separate parts.
         let mut batch = sled::Batch::default();
-        for lease in b.renewed {
-            batch.insert(lease_key(&lease.node_name), lease.encode_to_vec());
-        }
-        for event in b.events {
-            let Some(lease) = &event.lease else { continue };
-            if event.r#type == EventType::Delete as i32 {
-                batch.remove(lease_key(&lease.node_name));
-            } else {
-                batch.insert(lease_key(&lease.node_name), lease.encode_to_vec());
-            }
-            batch.insert(event_key(event.revision), event.encode_to_vec());
-            // Revisions are consecutive, so each new event pushes exactly one out.
-            if let Some(old) = event.revision.checked_sub(self.retention) {
-                batch.remove(event_key(old));
-            }
-        }
-        if let Some(last) = b.events.last() {
-            batch.insert(REVISION_KEY, &last.revision.to_be_bytes());
-        }
-        if let Some(reservations) = b.reservations {
-            for item in self.db.scan_prefix(RESERVATION_PREFIX).keys() {
-                batch.remove(item.map_err(backend("reading reservations"))?);
-            }
-            for (node, subnet) in reservations {
-                batch.insert(
-                    [RESERVATION_PREFIX, node.as_bytes()].concat(),
-                    subnet.to_string().as_bytes(),
-                );
+        for op in schema::batch_steps(b, self.retention, Dialect::Sled, &stored)
+            .into_iter()
+            .flatten()
+        {
+            match op {
+                Op::Put(k, v) => batch.insert(key(&k), v),
+                Op::Delete(k) => batch.remove(key(&k)),
             }
         }
         self.db
@@ -163,42 +161,42 @@ impl Store for SledStore {
             .map_err(backend("writing leases"))
     }
 
-    async fn put_record(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+    async fn put_record(&self, kind: RecordKind, id: &str, value: &[u8]) -> Result<(), StoreError> {
         self.db
-            .insert(record_key(kind, id), value)
+            .insert(key(&Key::Record(kind, id.into())), value)
             .map(|_| ())
             .map_err(backend("writing a record"))
     }
 
-    async fn delete_record(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+    async fn delete_record(&self, kind: RecordKind, id: &str) -> Result<bool, StoreError> {
         self.db
-            .remove(record_key(kind, id))
+            .remove(key(&Key::Record(kind, id.into())))
             .map(|old| old.is_some())
             .map_err(backend("deleting a record"))
     }
 
-    async fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let prefix = record_key(kind, "");
+    async fn records(&self, kind: RecordKind) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = Range::RecordsOf(kind).prefix();
         self.db
             .scan_prefix(&prefix)
             .map(|item| {
-                let (key, value) = item.map_err(backend("reading records"))?;
-                let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                let (k, value) = item.map_err(backend("reading records"))?;
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                 Ok((id, value.to_vec()))
             })
             .collect()
     }
 
-    async fn record(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.db
-            .get(record_key(kind, id))
+            .get(key(&Key::Record(kind, id.into())))
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(backend("reading a record"))
     }
 
-    async fn set_layout(&self, layout: &str) -> Result<(), StoreError> {
+    async fn set_layout(&self, layout: &Layout) -> Result<(), StoreError> {
         self.db
-            .insert(LAYOUT_KEY, layout.as_bytes())
+            .insert(key(&Key::Layout), layout.to_string().as_bytes())
             .map(|_| ())
             .map_err(backend("writing the layout"))
     }
@@ -216,21 +214,10 @@ impl Store for SledStore {
     }
 }
 
-fn record_key(kind: &str, id: &str) -> Vec<u8> {
-    format!("{RECORD_PREFIX}{kind}/{id}").into_bytes()
-}
-
-fn lease_key(node: &str) -> Vec<u8> {
-    [LEASE_PREFIX, node.as_bytes()].concat()
-}
-
-fn event_key(revision: u64) -> Vec<u8> {
-    [EVENT_PREFIX, &revision.to_be_bytes()].concat()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twill_proto::lease_event::Type as EventType;
 
     fn lease(node: &str, subnet: &str) -> Lease {
         Lease {
@@ -247,6 +234,8 @@ mod tests {
             revision,
         }
     }
+
+    const LAYOUT: &str = "Network=10.244.0.0/16 SubnetLen=24";
 
     #[tokio::test]
     async fn survives_reopen() {
@@ -272,7 +261,7 @@ mod tests {
             )]))
             .await
             .unwrap();
-            s.set_layout("10.244.0.0/16 /24").await.unwrap();
+            s.set_layout(&LAYOUT.parse().unwrap()).await.unwrap();
             let mut renewed = lease("b", "10.244.2.0/24");
             renewed.expires_at_unix = 42;
             s.write(&Batch {
@@ -303,7 +292,7 @@ mod tests {
         );
         assert_eq!(snap.leases.len(), 1);
         assert_eq!(snap.leases[0].expires_at_unix, 42, "renewed in place");
-        assert_eq!(snap.layout.as_deref(), Some("10.244.0.0/16 /24"));
+        assert_eq!(snap.layout.map(|l| l.to_string()).as_deref(), Some(LAYOUT));
         assert_eq!(snap.reservations.len(), 1);
     }
 }
