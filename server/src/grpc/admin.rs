@@ -148,16 +148,16 @@ fn pool_fields<N: PoolNet>(p: Option<&Pool<N>>) -> (String, u32, String, String)
 /// Whether `l` holds the subnets `r` reserves.
 fn holds(l: &Lease, r: &StoredReservation) -> bool {
     let held = Peer::parts(l).unwrap_or_default().map(|_, p| p.subnet);
-    let reserved = PerFamily::new(r.v4.map(IpNet::from), r.v6.map(IpNet::from));
+    let reserved = r.0;
     !reserved.is_empty() && reserved.iter().all(|(f, s)| held.get(f) == Some(s))
 }
 
 /// A reservation's subnet of `family` as the request writes it (empty: none).
-fn reserved_part<N: PoolNet>(family: Family, text: &str) -> Result<Option<N>, Status> {
+fn reserved_part(family: Family, text: &str) -> Result<Option<IpNet>, Status> {
     match text {
         "" => Ok(None),
         s => parse_subnet(family, s)
-            .map(N::from_net)
+            .map(Some)
             .map_err(|e| Status::invalid_argument(format!("{}: {e}", family.wire().subnet))),
     }
 }
@@ -165,8 +165,8 @@ fn reserved_part<N: PoolNet>(family: Family, text: &str) -> Result<Option<N>, St
 fn reservation_message(node: &str, r: StoredReservation, stale: String) -> Reservation {
     Reservation {
         node_name: node.to_string(),
-        subnet: r.v4.map(|s| s.to_string()).unwrap_or_default(),
-        ipv6_subnet: r.v6.map(|s| s.to_string()).unwrap_or_default(),
+        subnet: r.0.v4.map(|s| s.to_string()).unwrap_or_default(),
+        ipv6_subnet: r.0.v6.map(|s| s.to_string()).unwrap_or_default(),
         stale,
     }
 }
@@ -286,10 +286,10 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ReserveResponse>, Status> {
         let r = req.get_ref();
         let node = node_arg(&r.node_name)?;
-        let subnet = StoredReservation {
-            v4: reserved_part(Family::V4, &r.subnet)?,
-            v6: reserved_part(Family::V6, &r.ipv6_subnet)?,
-        };
+        let subnet = StoredReservation(PerFamily::new(
+            reserved_part(Family::V4, &r.subnet)?,
+            reserved_part(Family::V6, &r.ipv6_subnet)?,
+        ));
         self.leases.reserve(node, subnet).await?;
         Ok(Response::new(ReserveResponse {
             reservation: Some(reservation_message(node, subnet, String::new())),

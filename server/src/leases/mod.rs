@@ -453,19 +453,6 @@ struct Writer {
     pacing: Pacing,
 }
 
-/// A reservation's subnets, by family.
-fn reservation_parts(r: &Reservation) -> PerFamily<IpNet> {
-    PerFamily::new(r.v4.map(IpNet::from), r.v6.map(IpNet::from))
-}
-
-/// Sets the part of `r` of `subnet`'s family.
-fn set_reservation_part(r: &mut Reservation, subnet: IpNet) {
-    match subnet {
-        IpNet::V4(s) => r.v4 = Some(s),
-        IpNet::V6(s) => r.v6 = Some(s),
-    }
-}
-
 /// What a network without `family` lacks, for refusals.
 fn missing(family: Family) -> &'static str {
     match family {
@@ -678,10 +665,8 @@ impl Writer {
     /// part for a family the network does not have cannot be honoured and is dropped
     /// (the store layout pins the families, so only a hand-edited store holds one).
     fn load_reservations(&mut self, all: BTreeMap<String, Reservation>) {
-        let parts: Vec<(String, PerFamily<IpNet>)> = all
-            .iter()
-            .map(|(node, r)| (node.clone(), reservation_parts(r)))
-            .collect();
+        let parts: Vec<(String, PerFamily<IpNet>)> =
+            all.iter().map(|(node, r)| (node.clone(), r.0)).collect();
         let networks = self.conf.networks();
         for (node, p) in &parts {
             for (family, s) in p.iter().filter(|(f, _)| !networks.has(*f)) {
@@ -757,7 +742,7 @@ impl Writer {
     fn reservations(&self) -> BTreeMap<String, Reservation> {
         let mut all: BTreeMap<String, Reservation> = BTreeMap::new();
         for (node, s) in self.subnets.values().flat_map(|f| f.reservations()) {
-            set_reservation_part(all.entry(node).or_default(), s);
+            *all.entry(node).or_default().0.slot(Family::of_net(s)) = Some(s);
         }
         all
     }
@@ -1016,7 +1001,7 @@ impl Writer {
 
     fn reserve(&mut self, node: &str, r: Reservation) -> Result<(), LeaseOpError> {
         validate_node_name(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-        let parts = reservation_parts(&r);
+        let parts = r.0;
         if parts.is_empty() {
             return Err(LeaseOpError::Invalid(
                 "no subnet to reserve: give an IPv4 subnet, an IPv6 subnet, or one of each".into(),

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net};
+use twill_common::model::{Family, PerFamily};
 use twill_proto::{Lease, LeaseEvent};
 
 pub mod etcd;
@@ -129,47 +130,37 @@ pub struct Snapshot {
 /// subnet first and comma-separated (`10.244.9.0/24`, `10.244.9.0/24,fd00:0:0:9::/64`,
 /// `fd00:0:0:9::/64`), so a reservation stored before dual-stack reads unchanged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reservation {
-    /// The reserved IPv4 subnet.
-    pub v4: Option<Ipv4Net>,
-    /// The reserved IPv6 subnet.
-    pub v6: Option<Ipv6Net>,
-}
+pub struct Reservation(pub PerFamily<IpNet>);
 
 impl std::fmt::Display for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.v4, self.v6) {
-            (Some(a), Some(b)) => write!(f, "{a},{b}"),
-            (Some(a), None) => write!(f, "{a}"),
-            (None, Some(b)) => write!(f, "{b}"),
-            (None, None) => Ok(()),
+        for (i, s) in self.0.values().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{s}")?;
         }
+        Ok(())
     }
 }
 
 impl From<Ipv4Net> for Reservation {
     fn from(v4: Ipv4Net) -> Self {
-        Reservation {
-            v4: Some(v4),
-            v6: None,
-        }
+        Reservation(PerFamily::new(Some(v4.into()), None))
     }
 }
 
 impl std::str::FromStr for Reservation {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut r = Reservation::default();
+        let mut r = PerFamily::default();
         for part in s.split(',') {
-            if let Ok(v4) = part.parse::<Ipv4Net>() {
-                r.v4 = Some(v4);
-            } else if let Ok(v6) = part.parse::<Ipv6Net>() {
-                r.v6 = Some(v6);
-            } else {
-                return Err(format!("{part:?} is not a subnet in CIDR form"));
-            }
+            let subnet: IpNet = part
+                .parse()
+                .map_err(|_| format!("{part:?} is not a subnet in CIDR form"))?;
+            *r.slot(Family::of_net(subnet)) = Some(subnet);
         }
-        Ok(r)
+        Ok(Reservation(r))
     }
 }
 
