@@ -158,101 +158,215 @@ impl Args {
     }
 }
 
+/// What the controller does with its flags: serve, or copy a sled store into etcd.
+enum Command {
+    Serve(Box<Config>),
+    Migrate { from: PathBuf, etcd: EtcdConfig },
+}
+
+/// Where leases live.
+enum Mode {
+    /// sled in `data_dir`: one replica.
+    Single { data_dir: PathBuf },
+    /// etcd: several replicas, this one reached at `advertise_url`.
+    Replicated {
+        etcd: EtcdConfig,
+        advertise_url: String,
+    },
+}
+
+/// The controller's settings, checked before anything is opened or bound: every
+/// refusal names its flag.
+struct Config {
+    listen: SocketAddr,
+    metrics_addr: SocketAddr,
+    conf: NetConf,
+    net_conf_path: PathBuf,
+    tls: TlsFiles,
+    /// `--signing-cert` and `--signing-key`, given together or not at all.
+    signing: Option<(PathBuf, PathBuf)>,
+    max_anonymous_connections: usize,
+    node_cert_ttl: Duration,
+    lease_ttl: Duration,
+    mode: Mode,
+}
+
+impl TryFrom<&Args> for Command {
+    type Error = anyhow::Error;
+    fn try_from(args: &Args) -> Result<Self> {
+        if args.lease_ttl < Duration::from_secs(10) {
+            bail!(
+                "--lease-ttl {} is too short: use at least 10s",
+                humantime::format_duration(args.lease_ttl)
+            );
+        }
+        if args.lease_ttl > MAX_LEASE_TTL {
+            bail!(
+                "--lease-ttl {} is too long: use at most {} (flannel's is 24h)",
+                humantime::format_duration(args.lease_ttl),
+                humantime::format_duration(MAX_LEASE_TTL)
+            );
+        }
+        if let Some(from) = &args.migrate_from_sled {
+            return Ok(Command::Migrate {
+                from: from.clone(),
+                etcd: args.etcd_config()?,
+            });
+        }
+        let mode = match args.store {
+            StoreKind::Sled => Mode::Single {
+                data_dir: args.data_dir.clone(),
+            },
+            StoreKind::Etcd => {
+                let etcd = args.etcd_config()?;
+                let advertise_url = args.advertise_url.clone().context(
+                    "--store etcd needs --advertise-url: how the other replicas and the agents reach this one (https://<address>:8474)",
+                )?;
+                if !advertise_url.starts_with("https://") {
+                    bail!("--advertise-url {advertise_url}: replicas are reached over mutual TLS, so it starts with https://");
+                }
+                Mode::Replicated {
+                    etcd,
+                    advertise_url,
+                }
+            }
+        };
+        let conf = NetConf::from_file(&args.net_conf)
+            .with_context(|| format!("--net-conf {}", args.net_conf.display()))?;
+        Ok(Command::Serve(Box::new(Config {
+            listen: args.listen,
+            metrics_addr: args.metrics_addr,
+            conf,
+            net_conf_path: args.net_conf.clone(),
+            tls: TlsFiles {
+                cert: args.tls_cert.clone(),
+                key: args.tls_key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            },
+            signing: args.signing_cert.clone().zip(args.signing_key.clone()),
+            max_anonymous_connections: args.max_anonymous_connections,
+            node_cert_ttl: args.node_cert_ttl,
+            lease_ttl: args.lease_ttl,
+            mode,
+        })))
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     twill_common::init_logging();
-    if let Err(e) = run(args).await {
+    let result = match Command::try_from(&args) {
+        Ok(Command::Serve(config)) => serve(*config).await,
+        Ok(Command::Migrate { from, etcd }) => migrate(&from, &etcd).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
         eprintln!("twill-controller: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<()> {
-    if args.lease_ttl < Duration::from_secs(10) {
-        bail!(
-            "--lease-ttl {} is too short: use at least 10s",
-            humantime::format_duration(args.lease_ttl)
-        );
-    }
-    if args.lease_ttl > MAX_LEASE_TTL {
-        bail!(
-            "--lease-ttl {} is too long: use at most {} (flannel's is 24h)",
-            humantime::format_duration(args.lease_ttl),
-            humantime::format_duration(MAX_LEASE_TTL)
-        );
-    }
-    if let Some(dir) = &args.migrate_from_sled {
-        return migrate(&args, dir).await;
-    }
-    let conf = NetConf::from_file(&args.net_conf)
-        .with_context(|| format!("--net-conf {}", args.net_conf.display()))?;
-    let tls = ReloadingTls::load(TlsFiles {
-        cert: args.tls_cert.clone(),
-        key: args.tls_key.clone(),
-        client_ca: args.tls_client_ca.clone(),
-    })?;
-    let ca = read_pem(&args.tls_client_ca, "--tls-client-ca", "CERTIFICATE")?;
-    let signer = match (&args.signing_cert, &args.signing_key) {
-        (Some(cert), Some(key)) => Some(
-            Signer::load(cert, key, &String::from_utf8_lossy(&ca)).map_err(anyhow::Error::msg)?,
-        ),
-        _ => None,
-    };
+/// The store a controller opened, and what it held.
+struct Opened {
+    store: Arc<dyn Store>,
+    /// The same store when it is etcd (replicas elect a leader through it).
+    etcd: Option<Arc<EtcdStore>>,
+    snapshot: Snapshot,
+    /// The etcd revision `snapshot` was read at (0 for sled).
+    etcd_revision: i64,
+    /// Where the store is, for messages.
+    whence: String,
+}
 
-    let metrics = Arc::new(Metrics::default());
-    let layout = Layout::from(&conf);
-    let (store, etcd_store, snapshot, etcd_revision): (Arc<dyn Store>, _, Snapshot, i64) =
-        match args.store {
-            StoreKind::Sled => {
-                std::fs::create_dir_all(&args.data_dir).with_context(|| {
-                    format!("cannot create --data-dir {}", args.data_dir.display())
-                })?;
-                let store = SledStore::open(&args.data_dir, HISTORY_LEN as u64)?;
-                let snapshot = store.load().await?;
-                (Arc::new(store), None, snapshot, 0)
-            }
-            StoreKind::Etcd => {
-                let config = args.etcd_config()?;
-                let etcd = Etcd::connect(&config, metrics.clone())?;
-                let store = Arc::new(
-                    EtcdStore::open(etcd, HISTORY_LEN as u64)
-                        .await
-                        .with_context(|| {
-                            format!(
-                                "cannot open the etcd store at {}",
-                                config.endpoints.join(",")
-                            )
-                        })?,
-                );
-                let (snapshot, at) = store.load_at().await?;
-                (store.clone(), Some(store), snapshot, at)
-            }
-        };
-    let whence = match args.store {
-        StoreKind::Sled => format!("the store in {}", args.data_dir.display()),
-        StoreKind::Etcd => format!("etcd prefix {}", args.etcd_prefix),
-    };
+/// Opens the store `mode` names and reads what it holds.
+async fn open_store(mode: &Mode, metrics: &Arc<Metrics>) -> Result<Opened> {
+    match mode {
+        Mode::Single { data_dir } => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create --data-dir {}", data_dir.display()))?;
+            let store = SledStore::open(data_dir, HISTORY_LEN as u64)?;
+            let snapshot = store.load().await?;
+            Ok(Opened {
+                store: Arc::new(store),
+                etcd: None,
+                snapshot,
+                etcd_revision: 0,
+                whence: format!("the store in {}", data_dir.display()),
+            })
+        }
+        Mode::Replicated { etcd, .. } => {
+            let client = Etcd::connect(etcd, metrics.clone())?;
+            let store = Arc::new(
+                EtcdStore::open(client, HISTORY_LEN as u64)
+                    .await
+                    .with_context(|| {
+                        format!("cannot open the etcd store at {}", etcd.endpoints.join(","))
+                    })?,
+            );
+            let (snapshot, etcd_revision) = store.load_at().await?;
+            Ok(Opened {
+                store: store.clone(),
+                etcd: Some(store),
+                snapshot,
+                etcd_revision,
+                whence: format!("etcd prefix {}", etcd.prefix),
+            })
+        }
+    }
+}
+
+/// Records the network layout in a store that has none (or no leases), and refuses a
+/// store whose leases were allocated in another.
+async fn adopt_layout(config: &Config, opened: &Opened) -> Result<()> {
+    let layout = Layout::from(&config.conf);
+    let snapshot = &opened.snapshot;
     match &snapshot.layout {
         Some(stored) if *stored != layout && !snapshot.leases.is_empty() => bail!(
-            "{whence} holds {} lease(s) allocated with {stored}, but {} says {layout}; \
+            "{} holds {} lease(s) allocated with {stored}, but {} says {layout}; \
              restore the previous net-conf.json, or move the data aside to start a new network",
+            opened.whence,
             snapshot.leases.len(),
-            args.net_conf.display()
+            config.net_conf_path.display()
         ),
         Some(stored) if *stored == layout => {}
         _ => {
-            store.set_layout(&layout).await?;
-            store.flush().await?;
+            opened.store.set_layout(&layout).await?;
+            opened.store.flush().await?;
         }
     }
     info!(
         layout = %layout,
         leases = snapshot.leases.len(),
         revision = snapshot.revision,
-        store = %whence,
+        store = %opened.whence,
         "store opened"
     );
+    Ok(())
+}
+
+/// Opens the store, starts the lease writer (or the replica's campaign for it) and
+/// serves the gRPC services and the HTTP endpoint until SIGTERM.
+async fn serve(config: Config) -> Result<()> {
+    let tls = ReloadingTls::load(config.tls.clone())?;
+    let ca = read_pem(&config.tls.client_ca, "--tls-client-ca", "CERTIFICATE")?;
+    let signer = match &config.signing {
+        Some((cert, key)) => Some(
+            Signer::load(cert, key, &String::from_utf8_lossy(&ca)).map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let opened = open_store(&config.mode, &metrics).await?;
+    adopt_layout(&config, &opened).await?;
+    let Opened {
+        store,
+        etcd,
+        snapshot,
+        etcd_revision,
+        ..
+    } = opened;
 
     let store_for_admin = store.clone();
     let hub = Arc::new(
@@ -261,52 +375,46 @@ async fn run(args: Args) -> Result<()> {
     let closing_hub = hub.clone();
     let agents = Arc::new(Agents::default());
     let identity = Arc::new(
-        NodeIdentity::new(store.clone(), signer, args.node_cert_ttl, metrics.clone())
+        NodeIdentity::new(store.clone(), signer, config.node_cert_ttl, metrics.clone())
             .await
             .context("cannot read the revocations and issued certificates from the store")?,
     );
-    if let (Some(cert), Some(key)) = (&args.signing_cert, &args.signing_key) {
-        identity.watch_signer(cert.clone(), key.clone(), args.tls_client_ca.clone());
+    if let Some((cert, key)) = &config.signing {
+        identity.watch_signer(cert.clone(), key.clone(), config.tls.client_ca.clone());
     }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let (leases, replica) = match etcd_store {
-        None => (
-            Leases::start(
-                &conf,
-                store,
-                hub.clone(),
-                snapshot.reservations,
-                args.lease_ttl,
-                metrics.clone(),
-            )?,
-            None,
-        ),
-        Some(etcd_store) => {
-            let url = args.advertise_url.clone().context(
-                "--store etcd needs --advertise-url: how the other replicas and the agents reach this one (https://<address>:8474)",
-            )?;
-            if !url.starts_with("https://") {
-                bail!("--advertise-url {url}: replicas are reached over mutual TLS, so it starts with https://");
-            }
+    let (leases, replica) = match (&config.mode, etcd) {
+        (Mode::Replicated { advertise_url, .. }, Some(etcd_store)) => {
             hub.set_reservations(snapshot.reservations, Default::default());
-            let leases = Leases::standby(args.lease_ttl);
+            let leases = Leases::standby(config.lease_ttl);
             let replica = Replica::new(
-                url,
+                advertise_url.clone(),
                 etcd_store,
                 hub.clone(),
                 leases.clone(),
                 identity.clone(),
-                conf.clone(),
+                config.conf.clone(),
                 metrics.clone(),
                 PeerTls {
-                    cert: args.tls_cert.clone(),
-                    key: args.tls_key.clone(),
-                    ca: args.tls_client_ca.clone(),
+                    cert: config.tls.cert.clone(),
+                    key: config.tls.key.clone(),
+                    ca: config.tls.client_ca.clone(),
                 },
                 etcd_revision,
             );
             (leases, Some(replica))
         }
+        _ => (
+            Leases::start(
+                &config.conf,
+                store,
+                hub.clone(),
+                snapshot.reservations,
+                config.lease_ttl,
+                metrics.clone(),
+            )?,
+            None,
+        ),
     };
     let campaign = replica.as_ref().map(|r| r.spawn(shutdown_rx));
 
@@ -316,19 +424,19 @@ async fn run(args: Args) -> Result<()> {
         leases: leases.clone(),
         replica: replica.clone(),
     });
-    let http_listener = twill_runtime::bind(args.metrics_addr).await?;
+    let http_listener = twill_runtime::bind(config.metrics_addr).await?;
     tokio::spawn(twill_runtime::serve(
         http_listener,
         http::routes(http_state.clone()),
     ));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+        .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
     // Our own TLS acceptor (not tonic's): the serving certificate and the client CA
     // are re-read when their files change, and a client certificate is optional at the
     // handshake (a new node may only call IdentityService.Bootstrap without one).
-    tls.set_max_anonymous(args.max_anonymous_connections);
+    tls.set_max_anonymous(config.max_anonymous_connections);
     tls.watch();
     {
         let (revocations, identity) = (identity.revocations(), identity.clone());
@@ -341,7 +449,7 @@ async fn run(args: Args) -> Result<()> {
         replica: replica.clone(),
         metrics: metrics.clone(),
     };
-    let conf = Arc::new(conf);
+    let conf = Arc::new(config.conf);
     let sources = twill_server::grpc::watch::Sources {
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -379,7 +487,7 @@ async fn run(args: Args) -> Result<()> {
             })
             .max_decoding_message_size(ADMIN_MAX_REQUEST_BYTES),
         );
-    info!(listen = %args.listen, metrics = %args.metrics_addr, "serving");
+    info!(listen = %config.listen, metrics = %config.metrics_addr, "serving");
     http_state.ready.store(true, Ordering::Relaxed);
     server
         .serve_with_incoming_shutdown(incoming, async {
@@ -399,8 +507,7 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `--migrate-from-sled DIR`: copies a sled store into etcd, once.
-async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
-    let config = args.etcd_config()?;
+async fn migrate(dir: &std::path::Path, config: &EtcdConfig) -> Result<()> {
     if !dir.join("conf").exists() && !dir.join("db").exists() {
         bail!(
             "--migrate-from-sled {}: no sled store there (expected the --data-dir of a stopped single controller)",
@@ -415,7 +522,7 @@ async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
     })?;
     let snap = sled.load().await?;
     let records = sled.all_records()?;
-    let etcd = Etcd::connect(&config, Arc::new(Metrics::default()))?;
+    let etcd = Etcd::connect(config, Arc::new(Metrics::default()))?;
     let target = EtcdStore::open(etcd, HISTORY_LEN as u64).await?;
     let (existing, _) = target.load_at().await?;
     let prefix = &config.prefix;
@@ -450,4 +557,129 @@ async fn migrate(args: &Args, dir: &std::path::Path) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let base = [
+            "twill-controller",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ];
+        Args::try_parse_from(base.iter().chain(extra)).expect("flags parse")
+    }
+
+    fn refusal(extra: &[&str]) -> String {
+        match Command::try_from(&args(extra)) {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => panic!("{extra:?} was accepted"),
+        }
+    }
+
+    fn net_conf() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net-conf.json");
+        std::fs::write(
+            &path,
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+        )
+        .unwrap();
+        (dir, path.display().to_string())
+    }
+
+    const ETCD: [&str; 9] = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        "https://127.0.0.1:2379",
+        "--etcd-cert",
+        "e.pem",
+        "--etcd-key",
+        "e.key",
+        "--etcd-ca=e-ca.pem",
+    ];
+
+    #[test]
+    fn lease_ttls_out_of_bounds_name_the_flag() {
+        assert!(refusal(&["--lease-ttl", "5s"]).contains("--lease-ttl 5s is too short"));
+        assert!(refusal(&["--lease-ttl", "20years"]).contains("is too long"));
+    }
+
+    #[test]
+    fn an_unreadable_net_conf_names_the_flag() {
+        let e = refusal(&["--net-conf", "/nonexistent/net-conf.json"]);
+        assert!(
+            e.starts_with("--net-conf /nonexistent/net-conf.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn etcd_needs_its_flags_and_an_https_advertise_url() {
+        let e = refusal(&["--store", "etcd"]);
+        assert!(e.contains("--etcd-endpoints"), "{e}");
+        let e = refusal(&ETCD[..8]);
+        assert!(e.contains("--etcd-ca"), "{e}");
+        let e = refusal(&ETCD);
+        assert!(e.contains("--advertise-url"), "{e}");
+        let plain = [&ETCD[..], &["--advertise-url", "http://10.0.0.1:8474"]].concat();
+        assert!(refusal(&plain).contains("starts with https://"));
+        let prefix = [&ETCD[..], &["--etcd-prefix", "twill"]].concat();
+        assert!(refusal(&prefix).contains("--etcd-prefix"));
+    }
+
+    #[test]
+    fn a_valid_configuration_serves_in_the_mode_it_names() {
+        let (_dir, conf) = net_conf();
+        let single = args(&["--net-conf", &conf, "--data-dir", "/srv/twill"]);
+        let Ok(Command::Serve(config)) = Command::try_from(&single) else {
+            panic!("refused");
+        };
+        assert!(config.signing.is_none());
+        match config.mode {
+            Mode::Single { data_dir } => assert_eq!(data_dir, PathBuf::from("/srv/twill")),
+            Mode::Replicated { .. } => panic!("not a single controller"),
+        }
+        let url = [
+            "--net-conf",
+            &conf,
+            "--advertise-url",
+            "https://10.0.0.1:8474",
+        ];
+        let Ok(Command::Serve(config)) = Command::try_from(&args(&[&ETCD[..], &url].concat()))
+        else {
+            panic!("refused");
+        };
+        match config.mode {
+            Mode::Replicated {
+                etcd,
+                advertise_url,
+            } => {
+                assert_eq!(advertise_url, "https://10.0.0.1:8474");
+                assert_eq!(etcd.prefix, "/twill/");
+            }
+            Mode::Single { .. } => panic!("not a replica"),
+        }
+    }
+
+    #[test]
+    fn migration_needs_etcd_and_reads_no_net_conf() {
+        let without_etcd = ["twill-controller", "--migrate-from-sled", "/var/lib/twill"];
+        assert!(
+            Args::try_parse_from(without_etcd).is_err(),
+            "clap requires --etcd-endpoints"
+        );
+        let m = args(&[&ETCD[..], &["--migrate-from-sled", "/var/lib/twill"]].concat());
+        match Command::try_from(&m) {
+            Ok(Command::Migrate { from, .. }) => assert_eq!(from, PathBuf::from("/var/lib/twill")),
+            _ => panic!("not a migration"),
+        }
+    }
 }
