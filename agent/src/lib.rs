@@ -12,6 +12,7 @@
 //! - `iface`: choosing the public interface and address.
 //! - `plane`: one address family's overlay (device, topology, last applied state).
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
+//! - `schedule`: when each kind of controller call is next due (backoff, failover).
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
 //! - `cni`: the twill-cni plugin (flannel-compatible).
 
@@ -23,3 +24,4 @@ pub mod iface;
 pub mod peers;
 pub mod plane;
 pub mod reconcile;
+pub mod schedule;

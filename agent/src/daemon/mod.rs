@@ -23,6 +23,7 @@ use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::plane::{vxlan_overhead, Plane};
+use twill_agent::schedule::Retry;
 use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::{now_unix, NetConf, SubnetEnv};
@@ -308,8 +309,7 @@ impl Agent {
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<()> {
         let deadline = self.args.call_timeout;
-        let mut renew_at = Instant::now();
-        let mut renew_backoff = Backoff::new(BACKOFF_CAP);
+        let mut renew = Retry::now(BACKOFF_CAP);
         let mut acquiring: Call<twill_proto::AcquireResponse> = None;
         let mut watch: Option<Streaming<WatchResponse>> = None;
         // The API the watch was opened on: its connection must live as long as the
@@ -319,14 +319,10 @@ impl Agent {
         // A watch open on an older certificate's connection is to be replaced by one on
         // the current channel: opened first, so no event is missed.
         let mut moving = false;
-        let mut rotate_at = self.next_rotation();
+        let mut rotate = Retry::at(self.next_rotation(), BACKOFF_CAP);
         let mut rotating: Call<CertInfo, RotateError> = None;
-        let mut rotate_backoff = Backoff::new(BACKOFF_CAP);
         let mut assembler = Assembler::default();
-        let mut watch_at = Instant::now();
-        let mut watch_backoff = Backoff::new(BACKOFF_CAP);
-        // Moves to another controller since the last success, per call kind.
-        let (mut renew_moves, mut watch_moves) = (0usize, 0usize);
+        let mut rewatch = Retry::now(BACKOFF_CAP);
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
@@ -336,7 +332,7 @@ impl Agent {
             self.stats.loop_turned.store(now_unix(), Ordering::Relaxed);
             tokio::select! {
                 () = &mut *shutdown => break,
-                () = sleep_until(renew_at), if acquiring.is_none() => {
+                () = sleep_until(renew.due()), if acquiring.is_none() => {
                     let req = self.acquire_request();
                     let mut api = self.api.clone();
                     acquiring = Some(tokio::spawn(async move {
@@ -364,22 +360,19 @@ impl Agent {
                     };
                     match result {
                         Ok(ttl) => {
-                            renew_backoff.reset();
-                            renew_moves = 0;
                             // Renew once less than the margin (default a third of the TTL) remains.
                             let margin = self.renew_margin(ttl);
                             self.stats.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
-                            renew_at = later((ttl - margin).max(Duration::from_secs(1)));
+                            renew.succeeded(later((ttl - margin).max(Duration::from_secs(1))));
                         }
                         Err(e) => {
                             let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
-                            let wait = self.retry_delay(&mut renew_backoff, &mut renew_moves, moved);
+                            let wait = renew.failed(moved, self.creds.replicas());
                             warn!(node = %self.node, error = %format!("{e:#}"), retry_in = ?wait, "lease acquire/renew failed; keeping the data plane as it is");
-                            renew_at = Instant::now() + wait;
                         }
                     }
                 }
-                () = sleep_until(watch_at), if (watch.is_none() || moving) && opening.is_none() && self.lease.is_some() => {
+                () = sleep_until(rewatch.due()), if (watch.is_none() || moving) && opening.is_none() && self.lease.is_some() => {
                     let req = WatchRequest { from_revision: self.revision, epoch: self.epoch.clone() };
                     let mut api = self.api.clone();
                     opening = Some(tokio::spawn(async move {
@@ -404,28 +397,26 @@ impl Agent {
                             // An open watch is a success: on a quiet table no message
                             // follows that would reset the wait, and the next break
                             // would wait longer and longer.
-                            watch_backoff.reset();
-                            watch_moves = 0;
+                            rewatch.settled();
                         }
                         Err(s) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
                                 self.fail_over();
                             }
-                            let wait = self.retry_delay(&mut watch_backoff, &mut watch_moves, no_answer(&s));
+                            let wait = rewatch.failed(no_answer(&s), self.creds.replicas());
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
-                            watch_at = Instant::now() + wait;
                         }
                     }
                 }
                 msg = next_message(&mut watch) => {
                     match msg {
                         Ok(Some(resp)) => {
-                            watch_backoff.reset();
+                            rewatch.heard();
                             self.stats.contact(now_unix());
                             if let Some(mut whole) = assembler.push(resp) {
                                 if self.apply(&mut whole) {
-                                    renew_at = Instant::now();
+                                    renew.set(Instant::now());
                                 }
                                 self.kernel.reconcile(false, self.revision).await;
                             }
@@ -436,7 +427,7 @@ impl Agent {
                             if moved {
                                 self.fail_over();
                             }
-                            let wait = self.retry_delay(&mut watch_backoff, &mut watch_moves, moved);
+                            let wait = rewatch.failed(moved, self.creds.replicas());
                             match msg {
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
@@ -445,36 +436,34 @@ impl Agent {
                             watch_api = None;
                             moving = false;
                             assembler.clear();
-                            watch_at = Instant::now() + wait;
                         }
                     }
                 }
-                () = sleep_until(rotate_at), if rotating.is_none() => {
+                () = sleep_until(rotate.due()), if rotating.is_none() => {
                     rotating = Some(self.start_rotation());
                 }
                 r = finished(&mut rotating) => {
                     match r {
                         Ok(info) => {
                             self.stats.cert_rotations.inc();
-                            rotate_backoff.reset();
                             info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
+                            rotate.settled();
                             if self.reload_credentials() {
                                 if watch.is_some() {
                                     moving = true;
-                                    watch_at = Instant::now();
+                                    rewatch.set(Instant::now());
                                 }
-                                rotate_at = self.next_rotation();
+                                rotate.set(self.next_rotation());
                             } else {
                                 // Still on the old certificate, which is due: do not
                                 // ask for certificates in a tight loop.
-                                rotate_at = Instant::now() + rotate_backoff.next_delay();
+                                rotate.failed(false, 0);
                             }
                         }
                         Err(e) => {
                             self.stats.cert_rotation_failures.inc();
-                            let wait = rotate_backoff.next_delay();
+                            let wait = rotate.failed(false, 0);
                             warn!(node = %self.node, error = %e, hint = e.hint(), retry_in = ?wait, "cannot rotate the node certificate; the current one stays in use");
-                            rotate_at = Instant::now() + wait;
                         }
                     }
                 }
@@ -482,12 +471,12 @@ impl Agent {
                     if rotating.is_none() && self.reload_credentials() {
                         if watch.is_some() {
                             moving = true;
-                            watch_at = Instant::now();
+                            rewatch.set(Instant::now());
                         }
-                        rotate_at = self.next_rotation();
+                        rotate.set(self.next_rotation());
                     }
                     if self.kernel.check_devices(self.lease.as_ref()).await {
-                        renew_at = Instant::now();
+                        renew.set(Instant::now());
                     }
                     if self.args.ip_masq {
                         self.kernel.masquerade(&self.conf, true, self.lease.as_ref()).await;
@@ -574,20 +563,6 @@ impl Agent {
         }
         let channel = self.channel.clone();
         tokio::spawn(async move { rotation::renew(channel, &node, &cert, &key, deadline).await })
-    }
-
-    /// The wait before retrying a failed call (`moved`: it failed for want of an answer,
-    /// and new calls moved to another controller). While there are controllers not yet
-    /// tried since the last success (a failover: one replica died, another already
-    /// leads), the next is tried almost at once; the backoff grows once per round over
-    /// all of them, so a controller that is down everywhere is not hammered.
-    fn retry_delay(&self, backoff: &mut Backoff, moves: &mut usize, moved: bool) -> Duration {
-        *moves += 1;
-        if moved && *moves < self.creds.replicas() {
-            return Duration::from_millis(rand::Rng::random_range(&mut rand::rng(), 100..300));
-        }
-        *moves = 0;
-        backoff.next_delay()
     }
 
     /// Moves new calls to another controller URL, if there is more than one: the one
