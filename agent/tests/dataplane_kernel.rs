@@ -37,16 +37,10 @@ use twill_common::model::{Mac, Peer};
 const IP: &str = "/usr/sbin/ip";
 const BRIDGE: &str = "/usr/sbin/bridge";
 
-/// A loud skip; in CI (`CI` set to anything but empty, `0` or `false`) a failure, since
-/// CI runs as root with network namespaces and a skip there would hide the kernel tests.
+/// A loud skip; in CI a failure, since CI runs as root with network namespaces and a
+/// skip there would hide the kernel tests.
 fn skip(test: &str, why: &str) {
-    let ci = std::env::var("CI")
-        .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
-    assert!(
-        !ci,
-        "{test} cannot run in CI: needs root and network namespaces ({why})"
-    );
-    eprintln!("SKIPPED {test}: needs root and network namespaces ({why})");
+    twill_tests::kit::skip(test, &format!("needs root and network namespaces ({why})"));
 }
 
 /// Runs `body` on a current-thread runtime inside a fresh network namespace with `lo`

@@ -10,12 +10,8 @@
 use std::process::Command;
 
 use serde_json::Value;
-
-/// Whether we run in CI (`CI` set to anything but empty, `0` or `false`), where a part
-/// that could not run is a failure, not a skip.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
-}
+// In CI a part that could not run is a failure, not a skip.
+use twill_tests::kit::in_ci;
 
 #[test]
 fn smoke_runs_every_scenario() {

@@ -34,17 +34,10 @@ fn python_ready() -> bool {
         ),
         Err(e) => format!("cannot run {py}: {e}"),
     };
-    let msg = format!(
-        "\n\n{bar}\n!!! SKIPPED python_client: {why}\n!!! Install with: {py} -m pip install grpcio grpcio-tools\n{bar}\n\n",
-        bar = "!".repeat(78)
+    twill_tests::kit::skip(
+        "python_client",
+        &format!("{why} (install with: {py} -m pip install grpcio grpcio-tools)"),
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}(CI is set, so a missing Python client is a failure)");
-    }
-    // Straight to the process's stderr: the test harness captures eprintln! of passing
-    // tests, and this must be seen.
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-    println!("{msg}");
     false
 }
 

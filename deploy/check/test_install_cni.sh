@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs deploy/docker/twill-install-cni (the agent DaemonSet's init container) against
 # a fake host in a temporary directory and checks what it installed. Run by
-# server/tests/deploy_manifests.rs. Usage: test_install_cni.sh CNI_CONF_JSON
+# tests/tests/deploy_manifests.rs. Usage: test_install_cni.sh CNI_CONF_JSON
 #   CNI_CONF_JSON: the conflist to install (the test passes the ConfigMap's cni-conf.json)
 set -eu
 

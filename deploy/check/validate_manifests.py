@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Offline checks of Twill's Kubernetes manifests (run by server/tests/deploy_manifests.rs).
+"""Offline checks of Twill's Kubernetes manifests (run by tests/tests/deploy_manifests.rs).
 
 For each kustomization (deploy/kubernetes and deploy/kubernetes/cert-manager, the
 single-controller default; deploy/kubernetes-ha and deploy/kubernetes-ha/cert-manager,

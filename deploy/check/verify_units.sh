@@ -2,7 +2,7 @@
 # Checks deploy/systemd/*.service with `systemd-analyze verify` and
 # `systemd-analyze security --offline`, and that the env files (deploy/systemd/*.env and
 # deploy/systemd/ha/*.env) hold only KEY=value lines and comments. Run by
-# server/tests/deploy_manifests.rs.
+# tests/tests/deploy_manifests.rs.
 #
 # Usage: verify_units.sh BIN_DIR
 #   BIN_DIR holds the built twill-controller and twill-agent. The units are copied to

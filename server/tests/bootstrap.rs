@@ -11,7 +11,7 @@ mod support;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
-use support::{acquire_request, http_get, Controller, Pki, NET_CONF};
+use support::{acquire_request, Controller, Pki, NET_CONF};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use twill_pki::{Role, Validity};
@@ -22,6 +22,7 @@ use twill_proto::{
     BootstrapRequest, CreateTokenRequest, DeleteTokenRequest, ListIssuedCertificatesRequest,
     ListTokensRequest, RenewRequest, RevokeNodeCertificatesRequest, StatusRequest, WatchRequest,
 };
+use twill_tests::kit::http_get;
 
 fn signing(pki: &Pki) -> Vec<String> {
     vec![
@@ -90,7 +91,9 @@ async fn bootstrap(
 
 /// The value of counter `series` (name and labels, as exported) on the metrics page.
 fn counter(ctl: &Controller, series: &str) -> u64 {
-    let page = http_get(ctl.metrics, "/metrics").expect("metrics answer");
+    let page = http_get(ctl.metrics, "/metrics")
+        .expect("metrics answer")
+        .body;
     page.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{page}"))
@@ -347,7 +350,7 @@ async fn bad_tokens_and_requests_are_refused_clearly_and_issue_nothing() {
         issued.iter().all(|c| c.node_name == "short"),
         "nothing issued but while the short token lived: {issued:?}"
     );
-    assert!(http_get(ctl.metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert!(http_get(ctl.metrics, "/readyz").is_ok_and(|r| r.status == 200));
 
     // Guessing is limited per address: past ten failures even a good token waits.
     let mut limited = false;

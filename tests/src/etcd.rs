@@ -26,7 +26,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,7 +40,8 @@ use serde::Deserialize;
 
 use crate::certs::openssl;
 use crate::cmd::{self, cmdline, CmdOutput};
-use crate::lab::{in_ci, Lab};
+use crate::kit::{free_ports, skip};
+use crate::lab::Lab;
 use crate::process::log_tail;
 use crate::wait::{wait_until, Check};
 
@@ -64,7 +65,7 @@ pub const LAB_PEER_PORT: u16 = 2380;
 static CLUSTER_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Whether `etcd` and `etcdctl` are installed; if not, prints a loud
-/// `SKIPPED: <test> needs etcd` and returns `false`, or panics (fails the test) when
+/// `SKIPPED: <test>: needs etcd` and returns `false`, or panics (fails the test) when
 /// `CI` is set.
 ///
 /// ```no_run
@@ -77,15 +78,9 @@ pub fn require_etcd(test: &str) -> bool {
     let Err(why) = binaries() else {
         return true;
     };
-    if in_ci() {
-        panic!("{test}: {why:#}, and CI is set, so this is a failure, not a skip");
-    }
-    let bar = "!".repeat(78);
-    // straight to the stderr handle: the test harness captures eprintln!
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n{bar}\n!!! SKIPPED: {test} needs etcd: {why:#}\n\
-         !!! (run scripts/setup.sh as root; with CI=true this is a failure)\n{bar}\n"
+    skip(
+        test,
+        &format!("needs etcd: {why:#} (run scripts/setup.sh as root)"),
     );
     false
 }
@@ -331,14 +326,7 @@ impl EtcdCluster {
                 .map(|(ns, ip)| (Some(ns.clone()), *ip, LAB_CLIENT_PORT, LAB_PEER_PORT))
                 .collect(),
             None => {
-                // Hold every listener until all ports are picked, so they are all distinct.
-                let listeners = (0..2 * members)
-                    .map(|_| TcpListener::bind("127.0.0.1:0"))
-                    .collect::<std::io::Result<Vec<_>>>()?;
-                let ports = listeners
-                    .iter()
-                    .map(|l| Ok(l.local_addr()?.port()))
-                    .collect::<Result<Vec<u16>>>()?;
+                let ports = free_ports(2 * members)?;
                 (0..members)
                     .map(|i| (None, Ipv4Addr::LOCALHOST, ports[2 * i], ports[2 * i + 1]))
                     .collect()

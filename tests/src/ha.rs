@@ -49,7 +49,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
@@ -59,9 +59,10 @@ use twill_proto::{Lease, ListLeasesRequest, StatusRequest, StatusResponse};
 
 use crate::bins::Bins;
 use crate::etcd::EtcdCluster;
-use crate::lab::{HttpResponse, Lab, LabConfig, LabError};
+use crate::kit::HttpResponse;
+use crate::lab::{Lab, LabConfig, LabError};
 use crate::overlay::{Overlay, OverlayConfig, ADMIN_USER, CONTROLLER_METRICS_PORT, GRPC_PORT};
-use crate::wait::{wait_until, Check, Observed, Outcome};
+use crate::wait::{poll_until, wait_until, Check};
 
 /// How many controller replicas (and etcd members) an [`HaOverlay`] runs.
 pub const REPLICAS: usize = 3;
@@ -95,37 +96,6 @@ pub enum Role {
     Leader,
     /// `ready (follower)`.
     Follower,
-}
-
-/// Polls `f` every `every` (instead of [`crate::wait::POLL_INTERVAL`]) until it
-/// reports success, like [`wait_until`]; for waits whose duration is measured.
-pub fn poll_until<O: Outcome>(
-    timeout: Duration,
-    every: Duration,
-    what: &str,
-    mut f: impl FnMut() -> O,
-) -> Result<O::Value> {
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let mut polls = 0u32;
-    loop {
-        polls += 1;
-        let last = match f().observe() {
-            Observed::Ready(v) => return Ok(v),
-            Observed::NotYet(s) => s,
-            Observed::Fatal(s) => bail!(
-                "gave up waiting for {what} after {:.1?}: {s}",
-                start.elapsed()
-            ),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out after {:.1?} ({polls} polls) waiting for {what}; last observation: {last}",
-                start.elapsed()
-            );
-        }
-        std::thread::sleep(every.min(deadline.saturating_duration_since(Instant::now())));
-    }
 }
 
 /// A running HA overlay. Dropping it stops the controllers and agents (SIGTERM, so a

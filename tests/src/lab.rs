@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,6 +18,7 @@ use nix::sys::signal::Signal;
 
 use crate::cmd::{self, CmdOutput};
 use crate::kernel::{self, FdbEntry, Link, Neighbour, Route, FLANNEL_DEV, TWILL_ROUTE_PROTO};
+use crate::kit::{http_get, skip, HttpResponse};
 use crate::process::{self, Proc};
 
 /// Prefix of every namespace the lab creates (`make clean-lab` removes them).
@@ -63,16 +63,8 @@ impl From<anyhow::Error> for LabError {
     }
 }
 
-/// Whether we run in CI (`CI` set to anything but empty, `0` or `false`), where a lab
-/// that cannot start is a failure rather than a skip.
-pub fn in_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
-        .unwrap_or(false)
-}
-
-/// Turns the result of starting a lab into the lab, or a loud skip: prints
-/// `SKIPPED: <test> needs root and network namespaces` and returns `None` when the
+/// Turns the result of starting a lab into the lab, or a loud skip ([`skip`]): prints
+/// `SKIPPED: <test>: needs root and network namespaces` and returns `None` when the
 /// machine cannot run a lab. Panics (fails the test) when the lab failed, and also when
 /// it is unavailable while `CI` is set.
 ///
@@ -83,16 +75,10 @@ pub fn in_ci() -> bool {
 pub fn require_lab<T>(test: &str, started: Result<T, LabError>) -> Option<T> {
     match started {
         Ok(v) => Some(v),
-        Err(LabError::Unavailable(why)) if in_ci() => panic!(
-            "{test}: needs root and network namespaces, and CI is set, so this is a failure, not a skip: {why}"
-        ),
         Err(LabError::Unavailable(why)) => {
-            let bar = "!".repeat(78);
-            // straight to the stderr handle: the test harness captures eprintln!
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n{bar}\n!!! SKIPPED: {test} needs root and network namespaces: {why}\n\
-                 !!! (run as root; with CI=true this is a failure)\n{bar}\n"
+            skip(
+                test,
+                &format!("needs root and network namespaces ({why}); run as root"),
             );
             None
         }
@@ -196,13 +182,6 @@ impl Host {
             self.ip.into()
         }
     }
-}
-
-/// An HTTP response.
-#[derive(Debug, Clone)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub body: String,
 }
 
 #[derive(Debug, Default)]
@@ -892,61 +871,6 @@ pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T>
     })
 }
 
-/// A minimal HTTP/1.1 GET (Connection: close) from the current thread's namespace.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
-    let timeout = Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: twill-lab\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    parse_http_response(&buf)
-}
-
-fn parse_http_response(buf: &[u8]) -> Result<HttpResponse> {
-    let text = String::from_utf8_lossy(buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP response: {text:?}"))?;
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad HTTP status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok(HttpResponse { status, body })
-}
-
-fn dechunk(mut rest: &str) -> Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("truncated chunk header")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .with_context(|| format!("bad chunk size {size:?}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = after.get(..size).context("truncated chunk")?;
-        out.push_str(chunk);
-        rest = after.get(size..).unwrap_or("").trim_start_matches("\r\n");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,16 +882,5 @@ mod tests {
         assert_eq!(u32::from_str_radix("2hwcg", 36).unwrap(), 4_194_304);
         assert_eq!(base36(35, 1), "z");
         assert_eq!(base36(36, 1), "10");
-    }
-
-    #[test]
-    fn parses_http_responses() {
-        let r = parse_http_response(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
-        let r = parse_http_response(
-            b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_str()), (503, "abcde"));
     }
 }

@@ -8,6 +8,8 @@
 //!   drop (also on panic, after printing every host's state and every log's tail).
 //! * [`Overlay`]: a lab running Twill: certificates from `twillctl certs`, a
 //!   `controller` host running `twill-controller`, one `twill-agent` per node.
+//! * [`kit`]: what every suite of the workspace shares: [`in_ci`], a loud skip that is
+//!   a failure in CI, free ports, a plain HTTP GET.
 //! * [`wait_until`]/[`hold_for`]: polling with deadlines instead of sleeps.
 //! * [`ContinuousPing`]: a ping in the background that tells, once stopped, which
 //!   echo requests were lost while a test disturbed the overlay.
@@ -50,6 +52,7 @@ pub mod cmd;
 pub mod etcd;
 pub mod ha;
 pub mod kernel;
+pub mod kit;
 pub mod lab;
 pub mod overlay;
 pub mod ping;
@@ -65,9 +68,9 @@ pub use cmd::CmdOutput;
 pub use etcd::{require_etcd, EtcdCluster};
 pub use ha::HaOverlay;
 pub use kernel::{FdbEntry, Link, Neighbour, Route, FLANNEL_DEV, TWILL_ROUTE_PROTO};
+pub use kit::{in_ci, HttpResponse};
 pub use lab::{
-    cleanup_all_labs, cleanup_stale_namespaces, in_ci, require_lab, Host, HttpResponse, Lab,
-    LabConfig, LabError,
+    cleanup_all_labs, cleanup_stale_namespaces, require_lab, Host, Lab, LabConfig, LabError,
 };
 pub use overlay::{LeaseRow, Overlay, OverlayConfig, CONTROLLER_HOST, DEFAULT_NET_CONF};
 pub use ping::{ContinuousPing, PingReport};

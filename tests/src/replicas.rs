@@ -29,8 +29,8 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -43,6 +43,7 @@ use twill_ctl::certs::{Ca, Role, Validity};
 
 use crate::cmd::{self, cmdline};
 use crate::etcd::EtcdCluster;
+use crate::kit::{free_ports, http_get, skip};
 use crate::process::log_tail;
 use crate::wait::{wait_until, Check};
 use crate::Bins;
@@ -58,8 +59,6 @@ pub const ADMIN: &str = "ha-admin";
 const TERM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a freeze or thaw may take to show in `/proc`.
 const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one HTTP request to `/readyz` or `/metrics` may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Log lines of each controller printed when a test fails.
 const LOG_LINES: usize = 40;
 
@@ -404,43 +403,6 @@ impl Drop for Controller {
     }
 }
 
-/// `n` distinct free ports on 127.0.0.1 (held until all are picked; another process
-/// may still take one before the controller binds it).
-pub fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-/// A plain HTTP/1.1 GET; the status code and body.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
-        .with_context(|| format!("cannot connect to http://{addr}"))?;
-    s.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    s.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("no answer from http://{addr}{path}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("http://{addr}{path} answered {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("http://{addr}{path} answered {head:?}"))?;
-    Ok((code, body.to_string()))
-}
-
 /// The value of an unlabelled metric in Prometheus text.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
@@ -673,18 +635,22 @@ impl ReplicaSet {
             return Ready::Not("not running, or SIGSTOPped".into());
         }
         match http_get(self.addrs[i].http, "/readyz") {
-            Ok((200, body)) if body.trim() == "ready (leader)" => Ready::Leader,
-            Ok((200, body)) if body.trim() == "ready (follower)" => Ready::Follower,
-            Ok((code, body)) => Ready::Not(format!("{code} {}", body.trim())),
+            Ok(r) if r.status == 200 && r.body.trim() == "ready (leader)" => Ready::Leader,
+            Ok(r) if r.status == 200 && r.body.trim() == "ready (follower)" => Ready::Follower,
+            Ok(r) => Ready::Not(format!("{} {}", r.status, r.body.trim())),
             Err(e) => Ready::Not(format!("{e:#}")),
         }
     }
 
     /// Replica `i`'s `/metrics` text.
     pub fn metrics(&self, i: usize) -> Result<String> {
-        let (code, body) = http_get(self.addrs[i].http, "/metrics")?;
-        ensure!(code == 200, "/metrics of replica {i} answered {code}");
-        Ok(body)
+        let r = http_get(self.addrs[i].http, "/metrics")?;
+        ensure!(
+            r.status == 200,
+            "/metrics of replica {i} answered {}",
+            r.status
+        );
+        Ok(r.body)
     }
 
     /// Waits until replica `i` answers `/readyz` with 200; what it said.
@@ -754,15 +720,8 @@ pub fn replica_bins(test: &str) -> Option<Bins> {
     }
     match Bins::locate() {
         Ok(b) => Some(b),
-        Err(e) if crate::lab::in_ci() => {
-            panic!("{test}: {e:#}, and CI is set, so this is a failure")
-        }
         Err(e) => {
-            let bar = "!".repeat(78);
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n{bar}\n!!! SKIPPED: {test} needs the Twill binaries: {e:#}\n{bar}\n"
-            );
+            skip(test, &format!("needs the Twill binaries: {e:#}"));
             None
         }
     }

@@ -84,6 +84,17 @@ impl<T, E: fmt::Display> Outcome for Result<T, E> {
 pub fn wait_until<O: Outcome>(
     timeout: Duration,
     what: &str,
+    f: impl FnMut() -> O,
+) -> Result<O::Value> {
+    poll_until(timeout, POLL_INTERVAL, what, f)
+}
+
+/// [`wait_until`], polling every `every` instead of [`POLL_INTERVAL`]: for waits whose
+/// duration is measured, finer than the default interval.
+pub fn poll_until<O: Outcome>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
     mut f: impl FnMut() -> O,
 ) -> Result<O::Value> {
     let start = Instant::now();
@@ -105,7 +116,7 @@ pub fn wait_until<O: Outcome>(
                 start.elapsed()
             );
         }
-        std::thread::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(every.min(deadline.saturating_duration_since(Instant::now())));
     }
 }
 

@@ -18,7 +18,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,8 +26,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
+use twill_tests::kit::skip;
 use twill_tests::pods::{self, cni, cni_data_dir, exec_in, ipam_dir, Pod, CNI_PATH, NETWORK};
-use twill_tests::{in_ci, require_lab, wait_until, Overlay, OverlayConfig, SubnetEnv};
+use twill_tests::{require_lab, wait_until, Overlay, OverlayConfig, SubnetEnv};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Pods per host.
@@ -73,15 +73,7 @@ fn pods_attached_by_twill_cni_talk_over_host_gw() {
 
 fn run(test: &str, backend: &Backend) {
     if let Some(why) = missing_tools() {
-        if in_ci() {
-            panic!("{test}: {why}, and CI is set, so this is a failure, not a skip");
-        }
-        let bar = "!".repeat(78);
-        // straight to the stderr handle: the test harness captures eprintln!
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n{bar}\n!!! SKIPPED: {test}: {why}\n{bar}\n"
-        );
+        skip(test, &why);
         return;
     }
     // Declared before the overlay so that it is dropped after it: on a failure the

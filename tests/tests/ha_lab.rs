@@ -24,7 +24,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use twill_tests::ha::{poll_until, replica_host, Role, ETCD_PREFIX, REPLICAS};
+use twill_tests::ha::{replica_host, Role, ETCD_PREFIX, REPLICAS};
+use twill_tests::wait::poll_until;
 use twill_tests::{
     require_etcd, require_lab, Check, ContinuousPing, HaOverlay, Overlay, OverlayConfig, SubnetEnv,
 };

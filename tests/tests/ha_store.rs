@@ -1545,9 +1545,9 @@ fn migration_scenario(bins: &Bins, dir: &Path) -> Result<()> {
     wait_until(
         Duration::from_secs(30),
         "the sled controller to be ready",
-        || match twill_tests::replicas::http_get(addrs.http, "/readyz") {
-            Ok((200, _)) => Check::Ready(()),
-            Ok((c, b)) => Check::NotYet(format!("{c} {b}")),
+        || match twill_tests::kit::http_get(addrs.http, "/readyz") {
+            Ok(r) if r.status == 200 => Check::Ready(()),
+            Ok(r) => Check::NotYet(format!("{} {}", r.status, r.body)),
             Err(e) if single.is_running() => Check::NotYet(format!("{e:#}")),
             Err(_) => Check::Fatal(single.log_tail(40)),
         },

@@ -7,8 +7,8 @@
 #![allow(missing_docs, clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -20,21 +20,15 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use twill_ctl::certs::{self, Ca, Role, Validity};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, WatchRequest, WatchResponse};
+pub use twill_tests::kit::mac;
+use twill_tests::kit::{free_port, http_get};
+use twill_tests::wait::{poll_until, Check};
 
 pub const READY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The net-conf.json most tests use: 255 allocatable /24s.
 pub const NET_CONF: &str =
     r#"{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan", "VNI": 1}}"#;
-
-/// The VTEP MAC test agent `node` announces: its own, as every node's must be.
-pub fn mac(node: &str) -> String {
-    let h = node
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        .to_be_bytes();
-    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
-}
 
 // ---------------------------------------------------------------------------------------
 // The controller process
@@ -63,11 +57,6 @@ pub fn controller_bin() -> PathBuf {
         "the twill-controller binary is missing (looked at {candidates:?}): \
          run `cargo build --workspace --bins` first"
     );
-}
-
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().port()
 }
 
 /// A running controller, killed on drop.
@@ -146,23 +135,29 @@ impl Controller {
 
     /// Polls `/readyz` and the gRPC port until both answer, the process dies, or the deadline passes.
     fn wait_ready(&mut self, metrics: SocketAddr) {
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("twill-controller exited early ({status}):\n{}", self.logs());
-            }
-            if http_status(metrics, "/readyz") == Some(200)
-                && TcpStream::connect_timeout(&self.grpc, Duration::from_millis(200)).is_ok()
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "twill-controller not ready after {READY_DEADLINE:?}:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let (child, grpc) = (&mut self.child, self.grpc);
+        let ready = poll_until(
+            READY_DEADLINE,
+            Duration::from_millis(50),
+            "twill-controller to be ready",
+            || {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Check::Fatal(format!("twill-controller exited early ({status})"));
+                }
+                match http_get(metrics, "/readyz") {
+                    Ok(r) if r.status != 200 => {
+                        Check::NotYet(format!("/readyz: {} {}", r.status, r.body))
+                    }
+                    Err(e) => Check::NotYet(format!("{e:#}")),
+                    Ok(_) => match TcpStream::connect_timeout(&grpc, Duration::from_millis(200)) {
+                        Ok(_) => Check::Ready(()),
+                        Err(e) => Check::NotYet(format!("gRPC port {grpc}: {e}")),
+                    },
+                }
+            },
+        );
+        if let Err(e) = ready {
+            panic!("{e:#}:\n{}", self.logs());
         }
     }
 }
@@ -172,19 +167,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -409,17 +391,16 @@ pub fn terminate(child: &Child) {
 
 /// Waits for a child to exit, killing it after `within`.
 pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("child did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(
+        within,
+        Duration::from_millis(20),
+        "the child to exit",
+        || child.try_wait().unwrap(),
+    )
+    .unwrap_or_else(|e| {
+        let _ = child.kill();
+        panic!("{e:#}");
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,16 +4,18 @@
 #![allow(missing_docs, clippy::unwrap_used)] // test code: a panic is the failure report
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use twill_pki::{new_ca, Ca, Issued, Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
+pub use twill_tests::kit::mac;
+use twill_tests::kit::{free_port, http_get};
+use twill_tests::wait::{poll_until, Check};
 
 /// A CA and the controller's certificate, in a temp dir.
 pub struct Pki {
@@ -63,14 +65,6 @@ impl Pki {
     pub fn admin(&self, name: &str) -> Issued {
         self.issue(Role::Admin(name.into()))
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `twill-controller`; killed on drop.
@@ -123,20 +117,23 @@ impl Controller {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "controller exited with {status} before it was ready:\n{}",
-                    self.log_text()
-                );
-            }
-            if http_get(self.metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let (child, metrics) = (&mut self.child, self.metrics);
+        let ready = poll_until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            "the controller to be ready",
+            || match child.try_wait().unwrap() {
+                Some(status) => Check::Fatal(format!("controller exited with {status}")),
+                None => match http_get(metrics, "/readyz") {
+                    Ok(r) if r.status == 200 => Check::Ready(()),
+                    Ok(r) => Check::NotYet(format!("/readyz: {} {}", r.status, r.body)),
+                    Err(e) => Check::NotYet(format!("{e:#}")),
+                },
+            },
+        );
+        if let Err(e) = ready {
+            panic!("{e:#}:\n{}", self.log_text());
         }
-        panic!("controller not ready after 30s:\n{}", self.log_text());
     }
 
     /// SIGKILL, as a crash would.
@@ -276,20 +273,6 @@ fn spawn(args: &[String], log: &Path) -> Child {
         .expect("start twill-controller")
 }
 
-/// A bare HTTP/1.1 GET; `None` when nothing answers.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 pub fn acquire_request(node: &str, requested: &str) -> twill_proto::AcquireRequest {
     twill_proto::AcquireRequest {
         node_name: node.into(),
@@ -299,15 +282,6 @@ pub fn acquire_request(node: &str, requested: &str) -> twill_proto::AcquireReque
         vtep_mac: mac(node),
         ..Default::default()
     }
-}
-
-/// The VTEP MAC of test node `node`: its own, as every node's must be.
-pub fn mac(node: &str) -> String {
-    let h = node
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-        .to_be_bytes();
-    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
 }
 
 pub const NET_CONF: &str = r#"{"Network": "10.128.0.0/12", "Backend": {"Type": "vxlan"}}"#;

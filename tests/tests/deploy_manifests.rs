@@ -25,6 +25,8 @@ use std::process::Command;
 
 use serde::Deserialize;
 use serde_yaml::Value;
+use twill_tests::kit::{in_ci, loud, skip};
+use twill_tests::Bins;
 
 /// Exit status of a check script that skipped because a tool is missing.
 const SKIPPED: i32 = 77;
@@ -45,48 +47,9 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-fn in_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false" | "no"
-        ),
-        Err(_) => false,
-    }
-}
-
-/// Prints past the test harness's output capture, so a skip is seen in a normal run.
-fn loud(msg: &str) {
-    let bar = "!".repeat(78);
-    let _ = writeln!(std::io::stderr().lock(), "\n{bar}\n!! {msg}\n{bar}");
-}
-
 /// The directory of the built binaries (target/<profile>).
 fn bin_dir() -> PathBuf {
-    let mut candidates = Vec::new();
-    // Tests run as target/<profile>/deps/<name>-<hash>.
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.to_path_buf()))
-    {
-        candidates.push(dir);
-    }
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(dir).join("debug"));
-    }
-    candidates.push(repo().join("target").join("debug"));
-    for dir in &candidates {
-        if ["twill-controller", "twill-agent"]
-            .iter()
-            .all(|b| dir.join(b).is_file())
-        {
-            return dir.clone();
-        }
-    }
-    panic!(
-        "twill-controller and twill-agent are missing (looked in {candidates:?}): \
-         run cargo build --workspace --bins first"
-    );
+    Bins::locate().unwrap_or_else(|e| panic!("{e:#}")).dir
 }
 
 /// `BIN --help`, whitespace collapsed (clap may wrap long lines).
@@ -998,12 +961,8 @@ fn help_with_contract(bin: &str, contract: &[&str]) -> String {
 /// failure when CI is set), when neither can run.
 fn render(rel: &str) -> Option<Vec<Value>> {
     let dir = deploy(rel);
-    let skip = |why: String| {
-        let msg = format!("SKIPPED the checks of the rendered {rel}: {why}");
-        if in_ci() {
-            panic!("{msg}; CI is set, so nothing may be skipped");
-        }
-        loud(&msg);
+    let skipped = |why: String| {
+        skip(&format!("the checks of the rendered {rel}"), &why);
         None
     };
     let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
@@ -1017,11 +976,11 @@ fn render(rel: &str) -> Option<Vec<Value>> {
                 Ok(out) => {
                     let stderr = String::from_utf8_lossy(&out.stderr);
                     if !out.status.success() && stderr.contains("ModuleNotFoundError") {
-                        return skip(format!("no kubectl, and python3 lacks PyYAML: {stderr}"));
+                        return skipped(format!("no kubectl, and python3 lacks PyYAML: {stderr}"));
                     }
                     out
                 }
-                Err(e) => return skip(format!("neither kubectl nor python3 runs ({e})")),
+                Err(e) => return skipped(format!("neither kubectl nor python3 runs ({e})")),
             }
         }
         Err(e) => panic!("kubectl kustomize {}: {e}", dir.display()),
@@ -1782,11 +1741,7 @@ fn run_check(what: &str, cmd: &mut Command) {
     let out = match cmd.output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let msg = format!("SKIPPED {what}: interpreter not found ({e})");
-            if in_ci() {
-                panic!("{msg}; CI is set, so nothing may be skipped");
-            }
-            loud(&msg);
+            skip(what, &format!("interpreter not found ({e})"));
             return;
         }
         Err(e) => panic!("{what}: {e}"),
