@@ -6,7 +6,9 @@
 //! acquires its lease, as in the join storm.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -91,7 +93,6 @@ impl Marks {
         self.failed_nodes.fetch_add(1, Ordering::Relaxed);
         self.first_failure
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| format!("{}: {what}", sim::node_name(i)));
     }
 }
@@ -252,11 +253,7 @@ pub async fn run(
         )
     };
     let all_granted = storm.nodes_granted == n;
-    let first_failure = m
-        .first_failure
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let first_failure = m.first_failure.lock().clone();
     ColdStartOutcome {
         nodes: n,
         converged: storm.converged && all_granted,

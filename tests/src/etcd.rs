@@ -24,13 +24,13 @@
 //! runs `etcdctl` inside the first of them, so that no etcd traffic leaves the lab's
 //! namespaces.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -233,7 +233,7 @@ pub struct EtcdCluster {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    m.lock()
 }
 
 impl EtcdCluster {

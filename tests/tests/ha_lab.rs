@@ -17,10 +17,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -46,8 +46,8 @@ const RESUME: Duration = Duration::from_secs(10);
 
 static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+fn turn() -> parking_lot::MutexGuard<'static, ()> {
+    ONE_LAB_AT_A_TIME.lock()
 }
 
 /// Starts an HA overlay, or returns `None` after a loud skip (no etcd, not root).

@@ -33,7 +33,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -77,8 +79,8 @@ fn run(prefix: &str, scenario: impl FnOnce(&Path) -> Result<()>) {
     run_kept(prefix, scenario);
 }
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+fn serial() -> parking_lot::MutexGuard<'static, ()> {
+    SERIAL.lock()
 }
 
 /// A test node: a name, a unicast locally administered VTEP MAC and two public IPs (it
@@ -240,13 +242,13 @@ struct Tally {
 
 impl Tally {
     fn refused(&self, a: &Answer) {
-        let mut m = self.by_kind.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut m = self.by_kind.lock();
         let e = m.entry(answer_kind(a)).or_insert((0, a.describe()));
         e.0 += 1;
     }
 
     fn report(&self) -> String {
-        let m = self.by_kind.lock().unwrap_or_else(PoisonError::into_inner);
+        let m = self.by_kind.lock();
         if m.is_empty() {
             return "none".into();
         }
@@ -257,7 +259,7 @@ impl Tally {
     }
 
     fn total(&self) -> u64 {
-        let m = self.by_kind.lock().unwrap_or_else(PoisonError::into_inner);
+        let m = self.by_kind.lock();
         m.values().map(|(n, _)| n).sum()
     }
 }
@@ -281,7 +283,6 @@ impl Acks {
     fn record(&self, l: &Lease) {
         self.by_node
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .entry(l.node_name.clone())
             .or_default()
             .push(Ack {
@@ -297,10 +298,7 @@ impl Acks {
     }
 
     fn snapshot(&self) -> BTreeMap<String, Vec<Ack>> {
-        self.by_node
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.by_node.lock().clone()
     }
 }
 
@@ -1176,7 +1174,7 @@ impl Watcher {
                 match stream.message().await {
                     Ok(Some(resp)) => {
                         messages.fetch_add(1, Ordering::SeqCst);
-                        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                        let mut seen = seen.lock();
                         for e in resp.events {
                             if e.r#type == EventType::Put as i32 {
                                 if let Some(l) = e.lease {
@@ -1189,23 +1187,17 @@ impl Watcher {
                     Err(s) => break format!("{:?}: {}", s.code(), s.message()),
                 }
             };
-            *ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+            *ended.lock() = Some(why);
         });
         Ok(w)
     }
 
     fn ended(&self) -> Option<String> {
-        self.ended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.ended.lock().clone()
     }
 
     fn has_seen(&self, node: &str) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(node)
+        self.seen.lock().contains(node)
     }
 }
 

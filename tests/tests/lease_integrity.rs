@@ -16,7 +16,9 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -452,7 +454,7 @@ struct CallLog(Arc<Mutex<Vec<Call>>>);
 
 impl CallLog {
     fn record<T>(&self, req: &Request<T>, method: &'static str) {
-        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = self.0.lock();
         v.push(Call {
             peer: req.remote_addr(),
             method,
@@ -462,7 +464,7 @@ impl CallLog {
 
     /// Methods called from `ip`, in order, with when.
     fn from(&self, ip: Ipv4Addr) -> Vec<(&'static str, Instant)> {
-        let v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let v = self.0.lock();
         v.iter()
             .filter(|c| c.peer.map(|p| p.ip()) == Some(ip.into()))
             .map(|c| (c.method, c.at))
