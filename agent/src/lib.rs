@@ -15,6 +15,9 @@
 //! - `schedule`: when each kind of controller call is next due (backoff, failover).
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
 //! - `cni`: the twill-cni plugin (flannel-compatible).
+//!
+//! The agent talks to the controller only (never to etcd, never to another node's
+//! control plane), and to the kernel only through `dataplane`.
 
 pub mod client;
 pub mod cni;

@@ -2,7 +2,8 @@
 //! crate), the admin API client ([`client`]), connection settings from the config file
 //! ([`config`]) and the printers of the admin API's answers ([`output`]). The
 //! `twillctl` binary is a thin command-line layer over these, and tests or other crates
-//! may call them directly.
+//! may call them directly. Nothing here reads the controller's store: every answer
+//! comes through the admin API, with an admin certificate.
 
 /// The certificate tool behind `twillctl certs`: the `twill-pki` crate, under the name
 /// it had when it lived here (`twill_ctl::certs::Ca` is `twill_pki::Ca`).
