@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use etcdv3client::pb::{
-    self, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
-};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic012::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use twill_proto::etcd::etcdserverpb::{
+    self as pb, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
+};
+use twill_proto::etcd::mvccpb::event::EventType;
 
 use crate::pki::Pki;
 use crate::sim::{self, Seen, Tracker, TrackerRx, Who};
@@ -204,7 +205,7 @@ async fn watcher(idx: usize, ch: Channel, t: Arc<Tracker>) {
             }
             for ev in &resp.events {
                 let Some(kv) = &ev.kv else { continue };
-                let delete = ev.r#type == pb::event::EventType::Delete as i32;
+                let delete = ev.r#type == EventType::Delete as i32;
                 match key_who(&kv.key) {
                     Who::Node(i) => {
                         if delete {
