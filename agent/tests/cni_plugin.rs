@@ -150,6 +150,7 @@ fn write_subnet_env(dir: &Path) {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn add_check_del_with_real_bridge_and_host_local() {
     if !is_root() {
         return skip("not root");

@@ -43,6 +43,25 @@ fn skip(test: &str, why: &str) {
     twill_tests::kit::skip(test, &format!("needs root and network namespaces ({why})"));
 }
 
+/// The kernel tests run twice: with netlink's strict checking (what current kernels
+/// do) and without it (what older ones do, where dumps ignore the filters we send),
+/// as `$strict` and `$loose`, each a call of `$body(strict)` in its own namespace.
+macro_rules! strict_and_not {
+    ($strict:ident, $loose:ident, $body:ident) => {
+        #[test]
+        #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+        fn $strict() {
+            in_netns(stringify!($strict), || $body(true));
+        }
+
+        #[test]
+        #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+        fn $loose() {
+            in_netns(stringify!($loose), || $body(false));
+        }
+    };
+}
+
 /// Runs `body` on a current-thread runtime inside a fresh network namespace with `lo`
 /// up and the underlay `veth0` (192.0.2.1/24 and 2001:db8:1::1/64, peer `veth1`) up.
 fn in_netns<F, Fut>(test: &'static str, body: F)
@@ -243,20 +262,11 @@ fn assert_device_matches(dev: &Device, spec: &VxlanSpec) {
     assert_eq!(accept_ra.trim(), "0");
 }
 
-#[test]
-fn ensure_device_creates_reuses_and_recreates() {
-    in_netns("ensure_device_creates_reuses_and_recreates", || {
-        ensure_device_creates_reuses_and_recreates_in(true)
-    });
-}
-
-#[test]
-fn ensure_device_creates_reuses_and_recreates_without_strict_check() {
-    in_netns(
-        "ensure_device_creates_reuses_and_recreates_without_strict_check",
-        || ensure_device_creates_reuses_and_recreates_in(false),
-    );
-}
+strict_and_not!(
+    ensure_device_creates_reuses_and_recreates,
+    ensure_device_creates_reuses_and_recreates_without_strict_check,
+    ensure_device_creates_reuses_and_recreates_in
+);
 
 async fn ensure_device_creates_reuses_and_recreates_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -341,20 +351,11 @@ async fn ensure_device_creates_reuses_and_recreates_in(strict: bool) {
     );
 }
 
-#[test]
-fn ensure_address_leaves_exactly_one() {
-    in_netns("ensure_address_leaves_exactly_one", || {
-        ensure_address_leaves_exactly_one_in(true)
-    });
-}
-
-#[test]
-fn ensure_address_leaves_exactly_one_without_strict_check() {
-    in_netns(
-        "ensure_address_leaves_exactly_one_without_strict_check",
-        || ensure_address_leaves_exactly_one_in(false),
-    );
-}
+strict_and_not!(
+    ensure_address_leaves_exactly_one,
+    ensure_address_leaves_exactly_one_without_strict_check,
+    ensure_address_leaves_exactly_one_in
+);
 
 async fn ensure_address_leaves_exactly_one_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -395,20 +396,11 @@ async fn ensure_address_leaves_exactly_one_in(strict: bool) {
     );
 }
 
-#[test]
-fn entries_round_trip_through_read_state() {
-    in_netns("entries_round_trip_through_read_state", || {
-        entries_round_trip_through_read_state_in(true)
-    });
-}
-
-#[test]
-fn entries_round_trip_through_read_state_without_strict_check() {
-    in_netns(
-        "entries_round_trip_through_read_state_without_strict_check",
-        || entries_round_trip_through_read_state_in(false),
-    );
-}
+strict_and_not!(
+    entries_round_trip_through_read_state,
+    entries_round_trip_through_read_state_without_strict_check,
+    entries_round_trip_through_read_state_in
+);
 
 async fn entries_round_trip_through_read_state_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -604,19 +596,11 @@ async fn entries_round_trip_through_read_state_in(strict: bool) {
     );
 }
 
-#[test]
-fn error_ops_name_the_device() {
-    in_netns("error_ops_name_the_device", || {
-        error_ops_name_the_device_in(true)
-    });
-}
-
-#[test]
-fn error_ops_name_the_device_without_strict_check() {
-    in_netns("error_ops_name_the_device_without_strict_check", || {
-        error_ops_name_the_device_in(false)
-    });
-}
+strict_and_not!(
+    error_ops_name_the_device,
+    error_ops_name_the_device_without_strict_check,
+    error_ops_name_the_device_in
+);
 
 async fn error_ops_name_the_device_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -639,17 +623,11 @@ async fn error_ops_name_the_device_in(strict: bool) {
     );
 }
 
-#[test]
-fn underlay_discovery() {
-    in_netns("underlay_discovery", || underlay_discovery_in(true));
-}
-
-#[test]
-fn underlay_discovery_without_strict_check() {
-    in_netns("underlay_discovery_without_strict_check", || {
-        underlay_discovery_in(false)
-    });
-}
+strict_and_not!(
+    underlay_discovery,
+    underlay_discovery_without_strict_check,
+    underlay_discovery_in
+);
 
 async fn underlay_discovery_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -836,17 +814,11 @@ fn peer(subnet: &str, public: &str, vtep: &str) -> Peer {
     }
 }
 
-#[test]
-fn ensure_device_ipv6() {
-    in_netns("ensure_device_ipv6", || ensure_device_ipv6_in(true));
-}
-
-#[test]
-fn ensure_device_ipv6_without_strict_check() {
-    in_netns("ensure_device_ipv6_without_strict_check", || {
-        ensure_device_ipv6_in(false)
-    });
-}
+strict_and_not!(
+    ensure_device_ipv6,
+    ensure_device_ipv6_without_strict_check,
+    ensure_device_ipv6_in
+);
 
 async fn ensure_device_ipv6_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -883,20 +855,11 @@ async fn ensure_device_ipv6_in(strict: bool) {
     assert_device_matches(&back, &s);
 }
 
-#[test]
-fn ensure_address_ipv6_leaves_exactly_one_global() {
-    in_netns("ensure_address_ipv6_leaves_exactly_one_global", || {
-        ensure_address_ipv6_in(true)
-    });
-}
-
-#[test]
-fn ensure_address_ipv6_leaves_exactly_one_global_without_strict_check() {
-    in_netns(
-        "ensure_address_ipv6_leaves_exactly_one_global_without_strict_check",
-        || ensure_address_ipv6_in(false),
-    );
-}
+strict_and_not!(
+    ensure_address_ipv6_leaves_exactly_one_global,
+    ensure_address_ipv6_leaves_exactly_one_global_without_strict_check,
+    ensure_address_ipv6_in
+);
 
 async fn ensure_address_ipv6_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -947,20 +910,11 @@ async fn ensure_address_ipv6_in(strict: bool) {
     assert_eq!(global_addrs6("flannel-v6.1"), ["fd00:10:244:c::/128"]);
 }
 
-#[test]
-fn ipv6_entries_reconcile_and_repair() {
-    in_netns("ipv6_entries_reconcile_and_repair", || {
-        ipv6_entries_reconcile_and_repair_in(true)
-    });
-}
-
-#[test]
-fn ipv6_entries_reconcile_and_repair_without_strict_check() {
-    in_netns(
-        "ipv6_entries_reconcile_and_repair_without_strict_check",
-        || ipv6_entries_reconcile_and_repair_in(false),
-    );
-}
+strict_and_not!(
+    ipv6_entries_reconcile_and_repair,
+    ipv6_entries_reconcile_and_repair_without_strict_check,
+    ipv6_entries_reconcile_and_repair_in
+);
 
 async fn ipv6_entries_reconcile_and_repair_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -1172,6 +1126,7 @@ async fn ipv6_entries_reconcile_and_repair_in(strict: bool) {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn ipv6_host_gw_routes_via_public_addresses() {
     in_netns("ipv6_host_gw_routes_via_public_addresses", || async {
         let nl = Netlink::new().expect("netlink");
@@ -1209,20 +1164,11 @@ fn ipv6_host_gw_routes_via_public_addresses() {
     });
 }
 
-#[test]
-fn dual_stack_families_stay_apart() {
-    in_netns("dual_stack_families_stay_apart", || {
-        dual_stack_families_stay_apart_in(true)
-    });
-}
-
-#[test]
-fn dual_stack_families_stay_apart_without_strict_check() {
-    in_netns(
-        "dual_stack_families_stay_apart_without_strict_check",
-        || dual_stack_families_stay_apart_in(false),
-    );
-}
+strict_and_not!(
+    dual_stack_families_stay_apart,
+    dual_stack_families_stay_apart_without_strict_check,
+    dual_stack_families_stay_apart_in
+);
 
 async fn dual_stack_families_stay_apart_in(strict: bool) {
     let nl = Netlink::with_strict_check(strict).expect("netlink");
@@ -1333,6 +1279,7 @@ async fn dual_stack_families_stay_apart_in(strict: bool) {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn ping6_across_flannel_v6_between_two_namespaces() {
     in_netns("ping6_across_flannel_v6_between_two_namespaces", || async {
         // Node A is this namespace (veth0, 2001:db8:1::1); node B a second one that

@@ -134,6 +134,7 @@ const REPAIR_SLACK: Duration = Duration::from_millis(1500);
 const REPAIR_SAMPLES: usize = 20;
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn hand_deleted_entries_are_repaired_within_one_reconcile_interval() {
     let cfg = OverlayConfig::new(["node-a", "node-b"])
         .agent_args("node-a", ["--reconcile-interval", "1s"])
@@ -382,6 +383,7 @@ fn repair_scenario(ov: &Overlay) -> Result<()> {
 // ------------------------------------------- 2. restarts without loss
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn continuous_ping_loses_nothing_while_controller_and_agent_are_killed_and_restarted() {
     let Some(ov) = require_lab(
         "agent_resilience::restarts",
@@ -465,6 +467,7 @@ fn restart_scenario(ov: &Overlay) -> Result<()> {
 // ------------------------------------------------ 3. lease expiry
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn a_lease_that_expires_while_its_agent_is_down_disappears_from_every_peer() {
     let Some(ov) = require_lab(
         "agent_resilience::expiry",
@@ -559,6 +562,7 @@ const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const REMOTE_ROUTER: &str = "192.0.2.254/24";
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn direct_routing_on_one_l2_subnet_and_vxlan_to_a_host_behind_a_router() {
     let Some(ov) = require_lab(
         "agent_resilience::direct_routing",
@@ -758,6 +762,7 @@ fn direct_routing_scenario(ov: &Overlay) -> Result<()> {
 const HOST_GW_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn host_gw_routes_peers_on_one_l2_subnet_and_reports_a_host_behind_a_router() {
     let Some(ov) = require_lab(
         "agent_resilience::host_gw",
@@ -903,6 +908,7 @@ const OUTSIDE_PORT: u16 = 9090;
 const POD_PORT: u16 = 9091;
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn ip_masq_masquerades_traffic_leaving_the_overlay_but_not_pod_to_pod() {
     let Some(ov) = require_lab(
         "agent_resilience::ip_masq",

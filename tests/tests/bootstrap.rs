@@ -42,6 +42,7 @@ const FRESH_BOOTSTRAPS: usize = 20;
 const WRONG_TOKEN: &str = "zzzzzz.0000000000000000";
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn agents_with_only_a_token_bootstrap_converge_and_keep_their_certificates() {
     let Some(ov) = require_lab(
         "bootstrap",

@@ -28,6 +28,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(30);
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn dual_stack_hosts_and_pods_reach_each_other_over_both_families() {
     let Some(ov) = require_lab(
         "e2e_dual_stack",
@@ -358,6 +359,7 @@ const V6_ONLY_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network
 /// subnet.env line; hosts and pods reach each other over IPv6; kill -9 of an agent
 /// and of the controller loses no ping.
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn ipv6_only_hosts_and_pods_reach_each_other() {
     let Some(ov) = require_lab(
         "e2e_dual_stack (IPv6-only)",

@@ -20,6 +20,7 @@ const CONVERGE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(30);
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn three_hosts_converge_ping_and_survive_agent_restarts() {
     let Some(ov) = require_lab(
         "e2e_overlay",

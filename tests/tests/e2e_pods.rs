@@ -62,11 +62,13 @@ const HOST_GW: Backend = Backend {
 };
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn pods_attached_by_twill_cni_talk_across_the_overlay() {
     run("e2e_pods", &VXLAN);
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn pods_attached_by_twill_cni_talk_over_host_gw() {
     run("e2e_pods host-gw", &HOST_GW);
 }

@@ -141,6 +141,7 @@ fn ms(d: Duration) -> u128 {
 // ------------------------------------------------------------ 1. converge
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn three_replicas_on_etcd_converge_and_ping() {
     let _turn = turn();
     let Some(ha) = start("ha_lab", OverlayConfig::three_nodes()) else {
@@ -264,6 +265,7 @@ fn wait_until_serves(ha: &HaOverlay, i: usize, envs: &BTreeMap<String, SubnetEnv
 // --------------------------------------------------- 2. kill the leader x10
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn leader_killed_ten_times_under_ping() {
     let _turn = turn();
     let Some(ha) = start("ha_lab", OverlayConfig::three_nodes()) else {
@@ -430,6 +432,7 @@ fn failover_scenario(ha: &HaOverlay) -> Result<()> {
 // ------------------------------------------- 3. an agent joins mid-failover
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn agent_started_during_failover_gets_its_lease() {
     let _turn = turn();
     let cfg = OverlayConfig::new(["node-a", "node-b", "node-c", "node-d"]).start_agents(false);

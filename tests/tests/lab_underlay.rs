@@ -16,6 +16,7 @@ fn netns_exists(name: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn hosts_reach_each_other_over_the_underlay_and_everything_is_cleaned_up() {
     let Some(lab) = require_lab("lab_underlay", Lab::new(LabConfig::new(["a", "b", "c"]))) else {
         return;
@@ -145,6 +146,7 @@ fn hosts_reach_each_other_over_the_underlay_and_everything_is_cleaned_up() {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn two_labs_run_side_by_side() {
     let Some(one) = require_lab("lab_underlay (parallel)", Lab::new(LabConfig::new(["x"]))) else {
         return;

@@ -308,6 +308,7 @@ impl NothingChanged<'_> {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn a_spoofed_vtep_mac_cannot_take_another_nodes_traffic() {
     let Some(ov) = require_lab(
         "lease_integrity::spoofed_vtep_mac",
@@ -607,6 +608,7 @@ impl Drop for HungController {
 }
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn an_agent_keeps_reconciling_and_exits_on_sigterm_when_the_controller_never_answers() {
     let agent_args = ["--reconcile-interval", "1s", "--renew-margin", "8s"];
     let cfg = OverlayConfig::new(["node-a", "node-b"])

@@ -31,6 +31,7 @@ const ROTATING: Duration = Duration::from_secs(90);
 const MIN_PINGS: u64 = 1_000;
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn certificates_rotate_under_traffic_without_a_lost_ping_or_a_watch_reset() {
     let Some(ov) = require_lab(
         "rotation",

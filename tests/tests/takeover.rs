@@ -52,6 +52,7 @@ const ISSUED: &str = "node certificate issued";
 const NAME_ALIVE: &str = r#"twill_node_certificates_refused_total{reason="name_alive"}"#;
 
 #[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn a_token_cannot_take_over_a_live_node_and_its_pings_never_stop() {
     let Some(ov) = require_lab(
         "takeover",
