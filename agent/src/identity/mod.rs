@@ -180,11 +180,7 @@ fn describe(der: &[u8]) -> Result<(CertInfo, Vec<u8>), String> {
         .to_string();
     let info = CertInfo {
         node,
-        serial: cert
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        serial: twill_common::hex(cert.raw_serial()),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     };

@@ -17,9 +17,6 @@ pub enum Family {
 }
 
 impl Family {
-    /// Both families, IPv4 first (the order every report and log uses).
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
     /// The family of an address.
     pub fn of(ip: IpAddr) -> Family {
         match ip {
@@ -194,20 +191,6 @@ impl<T> PerFamily<T> {
     }
 }
 
-impl<T> FromIterator<T> for PerFamily<T>
-where
-    T: Into<IpNet> + Copy,
-{
-    /// Places networks by their family; a later one of a family replaces an earlier.
-    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
-        let mut out = PerFamily::default();
-        for t in iter {
-            *out.slot(Family::of_net(t.into())) = Some(t);
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,11 +216,5 @@ mod tests {
         assert_eq!(r.unwrap_err(), "IPv6");
         assert!(PerFamily::<u8>::default().is_empty());
         assert_eq!(p.families(), PerFamily::new(Some(()), Some(())));
-        let nets: PerFamily<IpNet> = ["fd00::/64", "10.0.0.0/8"]
-            .iter()
-            .map(|s| s.parse::<IpNet>().unwrap())
-            .collect();
-        assert_eq!(nets.v4.unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(Family::of_net(nets.v6.unwrap()), Family::V6);
     }
 }

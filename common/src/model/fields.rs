@@ -135,11 +135,6 @@ impl NodeName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The name, as a `String`.
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 impl std::ops::Deref for NodeName {
@@ -165,12 +160,6 @@ impl std::str::FromStr for NodeName {
     type Err = LeaseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         NodeName::new(s)
-    }
-}
-
-impl From<NodeName> for String {
-    fn from(n: NodeName) -> String {
-        n.0
     }
 }
 

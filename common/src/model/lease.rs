@@ -52,11 +52,6 @@ impl Peer {
         ))
     }
 
-    /// The part's family.
-    pub fn family(&self) -> Family {
-        Family::of_net(self.subnet)
-    }
-
     /// Checks the part against the rules the controller enforces (a subnet of
     /// `network`, a unicast public address of the same family outside it, a unicast
     /// VTEP MAC when it has one): an agent programs nothing a controller should have
