@@ -13,6 +13,8 @@
 //! - `plane`: one address family's overlay (device, topology, last applied state).
 //! - `reconcile`: desired entries vs the kernel's, applying the difference.
 //! - `schedule`: when each kind of controller call is next due (backoff, failover).
+//! - `watch`: the lease watch session (open, move to new credentials, reset parts,
+//!   breaks).
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
 //! - `cni`: the twill-cni plugin (flannel-compatible).
 //!
@@ -28,3 +30,4 @@ pub mod peers;
 pub mod plane;
 pub mod reconcile;
 pub mod schedule;
+pub mod watch;

@@ -15,7 +15,7 @@ use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
-use twill_agent::client::{self, no_answer, Assembler, Backoff, TlsFiles};
+use twill_agent::client::{self, no_answer, Backoff, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::Underlay;
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
@@ -24,6 +24,7 @@ use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::plane::{vxlan_overhead, Plane};
 use twill_agent::schedule::Retry;
+use twill_agent::watch::{Opened, WatchSession};
 use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::{now_unix, NetConf, SubnetEnv};
@@ -311,18 +312,10 @@ impl Agent {
         let deadline = self.args.call_timeout;
         let mut renew = Retry::now(BACKOFF_CAP);
         let mut acquiring: Call<twill_proto::AcquireResponse> = None;
-        let mut watch: Option<Streaming<WatchResponse>> = None;
-        // The API the watch was opened on: its connection must live as long as the
-        // watch, also after new calls moved to a newer certificate's channel.
-        let mut watch_api: Option<Api> = None;
+        let mut watch: WatchSession<Streaming<WatchResponse>, Api> = WatchSession::new(BACKOFF_CAP);
         let mut opening: Call<(Streaming<WatchResponse>, Api)> = None;
-        // A watch open on an older certificate's connection is to be replaced by one on
-        // the current channel: opened first, so no event is missed.
-        let mut moving = false;
         let mut rotate = Retry::at(self.next_rotation(), BACKOFF_CAP);
         let mut rotating: Call<CertInfo, RotateError> = None;
-        let mut assembler = Assembler::default();
-        let mut rewatch = Retry::now(BACKOFF_CAP);
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
@@ -372,7 +365,7 @@ impl Agent {
                         }
                     }
                 }
-                () = sleep_until(rewatch.due()), if (watch.is_none() || moving) && opening.is_none() && self.lease.is_some() => {
+                () = sleep_until(watch.due()), if watch.wants_open() && opening.is_none() && self.lease.is_some() => {
                     let req = WatchRequest { from_revision: self.revision, epoch: self.epoch.clone() };
                     let mut api = self.api.clone();
                     opening = Some(tokio::spawn(async move {
@@ -385,36 +378,26 @@ impl Agent {
                     match r {
                         Ok((stream, api)) => {
                             self.stats.contact(now_unix());
-                            if watch.is_some() {
-                                info!(from_revision = self.revision, "lease watch moved to a connection with the current certificate");
-                            } else {
-                                info!(from_revision = self.revision, "watching leases");
+                            match watch.opened(stream, api) {
+                                Opened::Moved => info!(from_revision = self.revision, "lease watch moved to a connection with the current certificate"),
+                                Opened::First => info!(from_revision = self.revision, "watching leases"),
                             }
-                            moving = false;
-                            assembler.clear();
-                            watch = Some(stream);
-                            watch_api = Some(api);
-                            // An open watch is a success: on a quiet table no message
-                            // follows that would reset the wait, and the next break
-                            // would wait longer and longer.
-                            rewatch.settled();
                         }
                         Err(s) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
                                 self.fail_over();
                             }
-                            let wait = rewatch.failed(no_answer(&s), self.creds.replicas());
+                            let wait = watch.open_failed(no_answer(&s), self.creds.replicas());
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
                         }
                     }
                 }
-                msg = next_message(&mut watch) => {
+                msg = next_message(watch.stream()) => {
                     match msg {
                         Ok(Some(resp)) => {
-                            rewatch.heard();
                             self.stats.contact(now_unix());
-                            if let Some(mut whole) = assembler.push(resp) {
+                            if let Some(mut whole) = watch.message(resp) {
                                 if self.apply(&mut whole) {
                                     renew.set(Instant::now());
                                 }
@@ -427,15 +410,11 @@ impl Agent {
                             if moved {
                                 self.fail_over();
                             }
-                            let wait = rewatch.failed(moved, self.creds.replicas());
+                            let wait = watch.broke(moved, self.creds.replicas());
                             match msg {
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
                             }
-                            watch = None;
-                            watch_api = None;
-                            moving = false;
-                            assembler.clear();
                         }
                     }
                 }
@@ -449,10 +428,7 @@ impl Agent {
                             info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
                             rotate.settled();
                             if self.reload_credentials() {
-                                if watch.is_some() {
-                                    moving = true;
-                                    rewatch.set(Instant::now());
-                                }
+                                watch.move_to_current();
                                 rotate.set(self.next_rotation());
                             } else {
                                 // Still on the old certificate, which is due: do not
@@ -469,10 +445,7 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     if rotating.is_none() && self.reload_credentials() {
-                        if watch.is_some() {
-                            moving = true;
-                            rewatch.set(Instant::now());
-                        }
+                        watch.move_to_current();
                         rotate.set(self.next_rotation());
                     }
                     if self.kernel.check_devices(self.lease.as_ref()).await {
@@ -485,7 +458,7 @@ impl Agent {
                 }
             }
         }
-        drop(watch_api);
+        drop(watch);
         for call in [
             acquiring.map(|h| h.abort_handle()),
             opening.map(|h| h.abort_handle()),
@@ -723,7 +696,7 @@ impl Agent {
 }
 
 async fn next_message(
-    watch: &mut Option<Streaming<WatchResponse>>,
+    watch: Option<&mut Streaming<WatchResponse>>,
 ) -> Result<Option<WatchResponse>, Status> {
     match watch {
         Some(s) => s.message().await,

@@ -1,0 +1,211 @@
+//! The lease watch as a session: the stream open (with the connection it was opened
+//! on, which must live as long as the stream), whether it is to move to the current
+//! certificate's connection, the parts of a reset being put together, and when to try
+//! again. The daemon opens streams and reads them; it tells the session what happened
+//! (opened, a message, a break, new credentials) and the session says what follows.
+//! Generic over the stream and the connection so that it is tested without a
+//! controller.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use twill_proto::WatchResponse;
+
+use crate::client::Assembler;
+use crate::schedule::Retry;
+
+/// One agent's lease watch.
+pub struct WatchSession<S, C> {
+    open: Option<(S, C)>,
+    /// The open stream is on an older certificate's connection: a new one is opened
+    /// first and replaces it, so no event is missed.
+    moving: bool,
+    assembler: Assembler,
+    retry: Retry,
+}
+
+/// What an opened stream was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// The watch (there was none open).
+    First,
+    /// The replacement of one on an older connection.
+    Moved,
+}
+
+impl<S, C> WatchSession<S, C> {
+    /// No stream yet; the first open is due now, failures back off up to `cap`.
+    pub fn new(cap: Duration) -> Self {
+        WatchSession {
+            open: None,
+            moving: false,
+            assembler: Assembler::default(),
+            retry: Retry::now(cap),
+        }
+    }
+
+    /// The stream to read, if one is open (while a move is pending, the old one).
+    pub fn stream(&mut self) -> Option<&mut S> {
+        self.open.as_mut().map(|(s, _)| s)
+    }
+
+    /// Whether a stream is to be opened: none is open, or one is to move.
+    pub fn wants_open(&self) -> bool {
+        self.open.is_none() || self.moving
+    }
+
+    /// When the next open is due.
+    pub fn due(&self) -> Instant {
+        self.retry.due()
+    }
+
+    /// A stream was opened on `conn`; it replaces the one open, if any.
+    pub fn opened(&mut self, stream: S, conn: C) -> Opened {
+        let kind = if self.open.is_some() {
+            Opened::Moved
+        } else {
+            Opened::First
+        };
+        self.moving = false;
+        self.assembler.clear();
+        self.open = Some((stream, conn));
+        // An open watch is a success: on a quiet table no message follows that would
+        // reset the wait, and the next break would wait longer and longer.
+        self.retry.settled();
+        kind
+    }
+
+    /// Opening failed; `moved`: the controller did not answer and new calls moved to
+    /// the next of `replicas` URLs. The wait before the next try.
+    pub fn open_failed(&mut self, moved: bool, replicas: usize) -> Duration {
+        self.retry.failed(moved, replicas)
+    }
+
+    /// A message arrived: a complete response to apply, once every part of a reset is
+    /// in.
+    pub fn message(&mut self, msg: WatchResponse) -> Option<WatchResponse> {
+        self.retry.heard();
+        self.assembler.push(msg)
+    }
+
+    /// The stream ended or broke (see [`WatchSession::open_failed`] for `moved`): it is
+    /// dropped with its connection, a reset in parts is forgotten. The wait before the
+    /// next open.
+    pub fn broke(&mut self, moved: bool, replicas: usize) -> Duration {
+        self.open = None;
+        self.moving = false;
+        self.assembler.clear();
+        self.retry.failed(moved, replicas)
+    }
+
+    /// New calls use a new connection (a rotated or rewritten certificate): an open
+    /// stream moves to it now.
+    pub fn move_to_current(&mut self) {
+        if self.open.is_some() {
+            self.moving = true;
+            self.retry.set(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twill_proto::{Lease, LeaseEvent};
+
+    const CAP: Duration = Duration::from_secs(30);
+
+    type Session = WatchSession<&'static str, u32>;
+
+    fn part(reset: bool, more: bool, node: &str) -> WatchResponse {
+        WatchResponse {
+            reset,
+            more,
+            events: vec![LeaseEvent {
+                lease: Some(Lease {
+                    node_name: node.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_open_is_due_at_once_and_then_no_other_is_wanted() {
+        let mut w = Session::new(CAP);
+        assert!(w.wants_open() && w.due() <= Instant::now());
+        assert!(w.stream().is_none());
+        assert_eq!(w.opened("s1", 1), Opened::First);
+        assert!(!w.wants_open());
+        assert_eq!(w.stream(), Some(&mut "s1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_in_parts_cut_by_a_break_is_dropped_and_the_next_stream_starts_clean() {
+        let mut w = Session::new(CAP);
+        w.opened("s1", 1);
+        assert!(w.message(part(true, true, "a")).is_none());
+        assert!(w.message(part(false, true, "b")).is_none());
+        w.broke(false, 1);
+        assert!(w.stream().is_none() && w.wants_open());
+        w.opened("s2", 2);
+        let whole = w.message(part(false, false, "c")).expect("a batch");
+        assert!(!whole.reset, "no half reset survives the break");
+        assert_eq!(whole.events.len(), 1);
+        assert!(w.message(part(true, true, "a")).is_none());
+        let whole = w
+            .message(part(false, false, "b"))
+            .expect("the reset, whole");
+        assert!(whole.reset && !whole.more && whole.events.len() == 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_credentials_move_the_stream_and_the_old_one_serves_until_the_new_is_open() {
+        let mut w = Session::new(CAP);
+        w.move_to_current();
+        assert!(
+            w.wants_open(),
+            "nothing open: nothing to move, an open is wanted anyway"
+        );
+        w.opened("old", 1);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        w.move_to_current();
+        assert!(
+            w.wants_open() && w.due() <= Instant::now(),
+            "the move is due now"
+        );
+        assert_eq!(
+            w.stream(),
+            Some(&mut "old"),
+            "events keep flowing meanwhile"
+        );
+        assert_eq!(w.opened("new", 2), Opened::Moved);
+        assert!(!w.wants_open());
+        assert_eq!(w.stream(), Some(&mut "new"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_opens_back_off_and_an_open_starts_the_backoff_over() {
+        let mut w = Session::new(CAP);
+        let waits: Vec<Duration> = (0..6).map(|_| w.open_failed(false, 1)).collect();
+        assert!(waits[5] >= Duration::from_secs(8), "doubling: {waits:?}");
+        assert!(waits.iter().all(|d| *d <= CAP), "capped: {waits:?}");
+        assert_eq!(w.due(), Instant::now() + waits[5]);
+        w.opened("s", 1);
+        assert!(w.broke(false, 1) <= Duration::from_millis(500), "settled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_controller_is_left_for_the_next_url_almost_at_once() {
+        let mut w = Session::new(CAP);
+        w.opened("s", 1);
+        assert!(w.broke(true, 3) < Duration::from_millis(300));
+        assert!(w.open_failed(true, 3) < Duration::from_millis(300));
+        assert!(
+            w.open_failed(true, 3) >= Duration::from_millis(250),
+            "every URL tried: back off"
+        );
+    }
+}
