@@ -173,6 +173,54 @@ pub fn first_pick(n: usize) -> usize {
     }
 }
 
+/// The controller's URLs (one per replica) and the one new calls go to.
+#[derive(Debug, Clone)]
+pub struct Controllers {
+    urls: Vec<String>,
+    current: usize,
+}
+
+impl Controllers {
+    /// Checks every URL and picks the first at random ([`first_pick`]).
+    pub fn new(urls: &[String]) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::Endpoint {
+                url: String::new(),
+                msg: "no controller URL given".into(),
+            });
+        }
+        for url in urls {
+            endpoint(url, ClientTlsConfig::new())?;
+        }
+        Ok(Controllers {
+            urls: urls.to_vec(),
+            current: first_pick(urls.len()),
+        })
+    }
+
+    /// The URL in use.
+    pub fn url(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// How many URLs (replicas) there are: at least one.
+    pub fn replicas(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// Moves to another URL, when there is more than one; whether it moved. At
+    /// random, not the next in the list: agents that all left the same dead replica
+    /// would otherwise all land on the same survivor and stay piled there.
+    pub fn fail_over(&mut self) -> bool {
+        if self.urls.len() < 2 {
+            return false;
+        }
+        let step = rand::rng().random_range(1..self.urls.len());
+        self.current = (self.current + step) % self.urls.len();
+        true
+    }
+}
+
 /// Jittered exponential backoff: 0.5 s doubling up to a cap, each wait drawn
 /// between half and all of the current step so that agents don't retry in lockstep.
 #[derive(Debug, Clone)]
@@ -249,6 +297,32 @@ mod tests {
             !a.push(part(false, false, &["x"])).unwrap().reset,
             "a broken reset is dropped"
         );
+    }
+
+    #[test]
+    fn controllers_are_checked_and_a_failover_always_lands_elsewhere() {
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(Controllers::new(&[]).is_err(), "no URL");
+        let e = Controllers::new(&urls(&["https://a:8474", "http://b:8474"])).unwrap_err();
+        assert!(e.to_string().contains("http://b:8474"), "{e}");
+        let mut one = Controllers::new(&urls(&["https://a:8474"])).unwrap();
+        assert!(!one.fail_over());
+        assert_eq!(one.url(), "https://a:8474");
+        let mut three = Controllers::new(&urls(&[
+            "https://a:8474",
+            "https://b:8474",
+            "https://c:8474",
+        ]))
+        .unwrap();
+        assert_eq!(three.replicas(), 3);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let before = three.url().to_string();
+            assert!(three.fail_over());
+            assert_ne!(three.url(), before, "a move never stays");
+            seen.insert(three.url().to_string());
+        }
+        assert_eq!(seen.len(), 3, "every replica is reached");
     }
 
     #[test]

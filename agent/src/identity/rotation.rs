@@ -31,7 +31,7 @@ use twill_proto::RenewRequest;
 pub use super::install::finish_install;
 use super::install::Staged;
 use super::{check_certificate, code_name, csr_pem, hint, status_text, CertCheck, CertInfo};
-use crate::client::{self, ClientError, TlsFiles};
+use crate::client::{self, ClientError, Controllers, TlsFiles};
 
 /// Earliest point of the lifetime at which the certificate is rotated.
 pub const ROTATE_FROM: f64 = 0.7;
@@ -57,8 +57,7 @@ pub fn rotation_delay(info: &CertInfo, received_at: i64, now: i64, fraction: f64
 /// which of the controller's URLs (replicas) it connects to.
 #[derive(Debug)]
 pub struct Credentials {
-    urls: Vec<String>,
-    current: usize,
+    controllers: Controllers,
     node: String,
     cert: PathBuf,
     key: PathBuf,
@@ -82,15 +81,8 @@ impl Credentials {
         files: &TlsFiles<'_>,
     ) -> Result<(Credentials, Channel), ClientError> {
         let pem = files.read()?;
-        for url in urls {
-            client::endpoint(url, tonic::transport::ClientTlsConfig::new())?;
-        }
-        let current = client::first_pick(urls.len());
-        let url = urls.get(current).ok_or_else(|| ClientError::Endpoint {
-            url: String::new(),
-            msg: "no controller URL given".into(),
-        })?;
-        let channel = client::mtls_channel(url, &pem)?;
+        let controllers = Controllers::new(urls)?;
+        let channel = client::mtls_channel(controllers.url(), &pem)?;
         let info = match check_certificate(files.cert, files.key, node, now_unix()) {
             CertCheck::Usable(info) => Some(info),
             CertCheck::Needed(why) => {
@@ -99,8 +91,7 @@ impl Credentials {
             }
         };
         let creds = Credentials {
-            urls: urls.to_vec(),
-            current,
+            controllers,
             node: node.to_string(),
             cert: files.cert.to_path_buf(),
             key: files.key.to_path_buf(),
@@ -115,24 +106,20 @@ impl Credentials {
 
     /// The controller URL in use.
     pub fn url(&self) -> &str {
-        &self.urls[self.current]
+        self.controllers.url()
     }
 
     /// How many controller URLs there are.
     pub fn replicas(&self) -> usize {
-        self.urls.len()
+        self.controllers.replicas()
     }
 
-    /// A channel to another controller URL, picked at random, when there is more than
-    /// one: the one in use could not be reached. At random, not the next in the list:
-    /// agents that all left the same dead replica would otherwise all land on the same
-    /// survivor and stay piled there.
+    /// A channel to another controller URL ([`Controllers::fail_over`]), when there is
+    /// more than one: the one in use could not be reached.
     pub fn fail_over(&mut self) -> Option<Channel> {
-        if self.urls.len() < 2 {
+        if !self.controllers.fail_over() {
             return None;
         }
-        let step = rand::Rng::random_range(&mut rand::rng(), 1..self.urls.len());
-        self.current = (self.current + step) % self.urls.len();
         // Every URL was checked when loading, and the files read then are unchanged.
         client::mtls_channel(self.url(), &self.pem).ok()
     }
