@@ -1,7 +1,8 @@
 //! When the agent next makes each kind of controller call (renew the lease, open the
 //! watch, rotate the certificate): a due time, a capped and jittered backoff after
 //! failures, and quick moves through the other controller URLs while the one in use
-//! does not answer. The daemon's loop keeps one [`Retry`] per kind of call.
+//! does not answer. The daemon's loop keeps one [`Retry`] per kind of call; the lease's
+//! is a [`LeaseKeeping`], which also knows when a granted lease is renewed.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -85,6 +86,58 @@ impl Retry {
     }
 }
 
+/// `now + d`, or far in the future when that does not fit (a TTL from a controller
+/// configured with an absurd one must not panic the agent).
+pub fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+/// When the lease is next acquired or renewed: at once at start, once less than the
+/// renew margin of its TTL remains, sooner after a failure (backoff, failover), and at
+/// once when it must be acquired again (lost, or a device was re-created).
+pub struct LeaseKeeping {
+    retry: Retry,
+    /// `--renew-margin`; a third of the TTL when not given.
+    margin: Option<Duration>,
+}
+
+impl LeaseKeeping {
+    /// Due now; failures back off up to `cap`.
+    pub fn new(cap: Duration, margin: Option<Duration>) -> Self {
+        LeaseKeeping {
+            retry: Retry::now(cap),
+            margin,
+        }
+    }
+
+    /// When the next call is due.
+    pub fn due(&self) -> Instant {
+        self.retry.due()
+    }
+
+    /// The lease was granted or renewed for `ttl`: the next renewal comes when the
+    /// margin remains, and never sooner than a second from now. Returns the margin:
+    /// how long the controller may be away before the lease cannot be renewed in time.
+    pub fn granted(&mut self, ttl: Duration) -> Duration {
+        let margin = self.margin.unwrap_or(ttl / 3).min(ttl);
+        self.retry
+            .succeeded(later((ttl - margin).max(Duration::from_secs(1))));
+        margin
+    }
+
+    /// The call failed (see [`Retry::failed`]); the wait before the next.
+    pub fn failed(&mut self, moved: bool, replicas: usize) -> Duration {
+        self.retry.failed(moved, replicas)
+    }
+
+    /// Acquire again at once.
+    pub fn now(&mut self) {
+        self.retry.set(Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +192,56 @@ mod tests {
         assert!(
             r.failed(true, 2) < SHORT,
             "moves start over after a success"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_renewed_when_its_margin_remains() {
+        let mut k = LeaseKeeping::new(CAP, None);
+        assert!(k.due() <= Instant::now(), "acquired at once");
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(k.granted(day), day / 3, "a third of the TTL by default");
+        assert_eq!(k.due(), Instant::now() + day * 2 / 3);
+        let mut flagged = LeaseKeeping::new(CAP, Some(Duration::from_secs(3600)));
+        assert_eq!(flagged.granted(day), Duration::from_secs(3600));
+        assert_eq!(
+            flagged.due(),
+            Instant::now() + day - Duration::from_secs(3600)
+        );
+        assert_eq!(
+            flagged.granted(Duration::from_secs(60)),
+            Duration::from_secs(60),
+            "never more than the TTL"
+        );
+        assert_eq!(
+            flagged.due(),
+            Instant::now() + Duration::from_secs(1),
+            "at least a second apart"
+        );
+        k.granted(Duration::MAX);
+        assert!(
+            k.due() > Instant::now() + day,
+            "an absurd TTL does not panic"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_backs_off_and_a_lost_lease_is_acquired_at_once() {
+        let mut k = LeaseKeeping::new(CAP, None);
+        k.granted(Duration::from_secs(600));
+        let first = k.failed(false, 1);
+        assert!(first <= Duration::from_millis(500), "{first:?}");
+        assert_eq!(k.due(), Instant::now() + first);
+        for _ in 0..8 {
+            k.failed(false, 1);
+        }
+        assert!(k.failed(false, 1) >= CAP / 2, "backed off to the cap");
+        k.now();
+        assert_eq!(k.due(), Instant::now());
+        k.granted(Duration::from_secs(600));
+        assert!(
+            k.failed(false, 1) <= Duration::from_millis(500),
+            "a grant starts over"
         );
     }
 }

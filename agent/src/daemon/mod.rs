@@ -23,7 +23,7 @@ use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::peers::PeerTable;
 use twill_agent::plane::{vxlan_overhead, Plane};
-use twill_agent::schedule::Retry;
+use twill_agent::schedule::{later, LeaseKeeping, Retry};
 use twill_agent::watch::{Opened, WatchSession};
 use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
@@ -296,21 +296,13 @@ async fn finished<T, E: TaskError>(call: &mut Call<T, E>) -> Result<T, E> {
     result
 }
 
-/// `now + d`, or far in the future when that does not fit (a TTL from a controller
-/// configured with an absurd one must not panic the agent).
-fn later(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
-}
-
 impl Agent {
     async fn main_loop(
         &mut self,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<()> {
         let deadline = self.args.call_timeout;
-        let mut renew = Retry::now(BACKOFF_CAP);
+        let mut renew = LeaseKeeping::new(BACKOFF_CAP, self.args.renew_margin);
         let mut acquiring: Call<twill_proto::AcquireResponse> = None;
         let mut watch: WatchSession<Streaming<WatchResponse>, Api> = WatchSession::new(BACKOFF_CAP);
         let mut opening: Call<(Streaming<WatchResponse>, Api)> = None;
@@ -353,10 +345,8 @@ impl Agent {
                     };
                     match result {
                         Ok(ttl) => {
-                            // Renew once less than the margin (default a third of the TTL) remains.
-                            let margin = self.renew_margin(ttl);
+                            let margin = renew.granted(ttl);
                             self.stats.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
-                            renew.succeeded(later((ttl - margin).max(Duration::from_secs(1))));
                         }
                         Err(e) => {
                             let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
@@ -399,7 +389,7 @@ impl Agent {
                             self.stats.contact(now_unix());
                             if let Some(mut whole) = watch.message(resp) {
                                 if self.apply(&mut whole) {
-                                    renew.set(Instant::now());
+                                    renew.now();
                                 }
                                 self.kernel.reconcile(false, self.revision).await;
                             }
@@ -449,7 +439,7 @@ impl Agent {
                         rotate.set(self.next_rotation());
                     }
                     if self.kernel.check_devices(self.lease.as_ref()).await {
-                        renew.set(Instant::now());
+                        renew.now();
                     }
                     if self.args.ip_masq {
                         self.kernel.masquerade(&self.conf, true, self.lease.as_ref()).await;
@@ -571,11 +561,6 @@ impl Agent {
                 false
             }
         }
-    }
-
-    /// How long before expiry the lease is renewed.
-    fn renew_margin(&self, ttl: Duration) -> Duration {
-        self.args.renew_margin.unwrap_or(ttl / 3).min(ttl)
     }
 
     /// What to ask the controller for: the subnets held, else the ones a previous run
