@@ -26,6 +26,7 @@ REQUIREMENTS=(
 	"iproute2 bridge"
 	"iputils-ping ping"
 	"nftables nft"
+	"ethtool ethtool"
 	"iperf3 iperf3"
 	"containernetworking-plugins /usr/lib/cni/bridge"
 	"containernetworking-plugins /usr/lib/cni/host-local"

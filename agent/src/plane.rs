@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use twill_common::model::{Mac, Peer};
 use twill_common::netconf::{Backend, BackendType};
 
@@ -75,10 +75,17 @@ impl Plane {
                 mtu,
                 learning: backend.learning,
                 gbp: backend.gbp,
+                tx_checksum_offload: backend.tx_checksum_offload,
             }),
         };
         let device = match &spec {
-            Some(spec) => Some(dp.ensure_device(spec).await?),
+            Some(spec) => {
+                let device = dp.ensure_device(spec).await?;
+                // At start as well as on re-creation: a device left by an earlier run
+                // may predate the setting.
+                offloads(dp, spec).await;
+                Some(device)
+            }
             None => None,
         };
         Ok(Plane {
@@ -170,6 +177,7 @@ impl Plane {
             return Ok(None);
         }
         warn!(device = %spec.name, vtep_mac = %dev.mac, "VXLAN device was recreated");
+        offloads(dp, spec).await;
         let mac_changed = Some(dev.mac) != self.mac();
         self.topo.device = Some(dev);
         self.applied = None;
@@ -190,6 +198,23 @@ impl Plane {
             if let Err(e) = dp.delete_device(&spec.name).await {
                 warn!(error = %e, "teardown");
             }
+        }
+    }
+}
+
+/// Applies the device's offload settings (`TxChecksumOffload: false`); a failure is
+/// reported and the device is used anyway: traffic still flows, only where checksums
+/// get corrupted does it not.
+async fn offloads(dp: &dyn DataPlane, spec: &VxlanSpec) {
+    if spec.tx_checksum_offload {
+        return;
+    }
+    match dp.set_tx_checksum_offload(&spec.name, false).await {
+        Ok(()) => {
+            info!(device = %spec.name, "transmit checksum offload turned off (TxChecksumOffload: false)")
+        }
+        Err(e) => {
+            error!(device = %spec.name, error = %e, "cannot turn transmit checksum offload off as net-conf.json asks (TxChecksumOffload: false)")
         }
     }
 }

@@ -313,6 +313,14 @@ pub(crate) mod tests {
         async fn ensure_device(&self, _spec: &VxlanSpec) -> Result<Device, DataPlaneError> {
             Ok(dev())
         }
+        async fn set_tx_checksum_offload(
+            &self,
+            device: &str,
+            on: bool,
+        ) -> Result<(), DataPlaneError> {
+            self.log(format!("tx-checksum {device} {on}"));
+            Ok(())
+        }
         async fn ensure_address(&self, _dev: &Device, _addr: IpAddr) -> Result<(), DataPlaneError> {
             Ok(())
         }

@@ -31,6 +31,7 @@ use twill_agent::dataplane::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,
     ROUTE_PROTOCOL,
 };
+use twill_agent::plane::Plane;
 use twill_agent::reconcile::{desired, reconcile, Topology};
 use twill_common::model::{Mac, Peer};
 
@@ -212,6 +213,7 @@ fn spec() -> VxlanSpec {
         mtu: 1450,
         learning: false,
         gbp: false,
+        tx_checksum_offload: true,
     }
 }
 
@@ -1379,4 +1381,61 @@ fn ping6_across_flannel_v6_between_two_namespaces() {
             assert!(tx >= 2, "flannel-v6.1 sent {tx} packets");
         }
     });
+}
+
+/// `ethtool -k DEV`: whether `tx-checksum-ip-generic` is on.
+fn tx_checksum_on(dev: &str) -> bool {
+    let out = sh("ethtool", &format!("-k {dev}"));
+    let line = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tx-checksum-ip-generic:"))
+        .unwrap_or_else(|| panic!("no tx-checksum-ip-generic in ethtool -k {dev}:\n{out}"));
+    line.trim().starts_with("on")
+}
+
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn tx_checksum_offload_off_holds_from_start_and_after_the_device_is_recreated() {
+    in_netns(
+        "tx_checksum_offload_off_holds_from_start_and_after_the_device_is_recreated",
+        || async {
+            let nl = Netlink::new().expect("netlink");
+            let conf = twill_common::NetConf::parse(
+                r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "TxChecksumOffload": false}}"#,
+            )
+            .unwrap();
+            let underlay = Underlay {
+                index: ifindex("veth0"),
+                name: "veth0".into(),
+                addr: "192.0.2.1/24".parse().unwrap(),
+                mtu: 1500,
+            };
+            let mut plane = Plane::start(&nl, &conf.backend, underlay, v4(192, 0, 2, 1), 1450)
+                .await
+                .expect("plane");
+            assert!(!tx_checksum_on("flannel.1"), "off from the start");
+            sh(IP, "link del flannel.1");
+            let recreated = plane.check_device(&nl).await.expect("check");
+            assert!(recreated.is_some(), "the device came back");
+            assert!(!tx_checksum_on("flannel.1"), "off again after re-creation");
+            sh(IP, "link del flannel.1");
+            let on = twill_common::NetConf::parse(
+                r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
+            )
+            .unwrap();
+            let underlay = Underlay {
+                index: ifindex("veth0"),
+                name: "veth0".into(),
+                addr: "192.0.2.1/24".parse().unwrap(),
+                mtu: 1500,
+            };
+            Plane::start(&nl, &on.backend, underlay, v4(192, 0, 2, 1), 1450)
+                .await
+                .expect("plane");
+            assert!(
+                tx_checksum_on("flannel.1"),
+                "the kernel's default is left alone"
+            );
+        },
+    );
 }

@@ -242,6 +242,7 @@ fn twill_once(peers: usize, changes: usize, dual: bool) -> Result<(f64, f64, f64
                     mtu: 1430,
                     learning: false,
                     gbp: false,
+                    tx_checksum_offload: true,
                 };
                 let dev = nl.ensure_device(&spec).await.map_err(|e| anyhow!("{e}"))?;
                 nl.ensure_address(&dev, side.own.parse()?)

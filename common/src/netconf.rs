@@ -16,9 +16,10 @@ pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 /// Why a `net-conf.json` was refused.
 #[derive(Debug, Error)]
 pub enum NetConfError {
-    /// The document is not valid JSON or a field has the wrong JSON type.
+    /// The document is not valid JSON or a field has the wrong JSON type (the error
+    /// names the field, e.g. `Backend.VNI`).
     #[error("net-conf.json is not valid: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(#[from] serde_path_to_error::Error<serde_json::Error>),
     /// A field breaks one of flannel's rules; the message names the field.
     #[error("{0}")]
     Invalid(String),
@@ -78,6 +79,8 @@ struct RawBackend {
     learning: Option<bool>,
     #[serde(rename = "DirectRouting")]
     direct_routing: Option<bool>,
+    #[serde(rename = "TxChecksumOffload")]
+    tx_checksum_offload: Option<bool>,
 }
 
 /// How peers' pods are reached (`Backend.Type`).
@@ -124,6 +127,11 @@ pub struct Backend {
     pub learning: bool,
     /// Plain routes to peers on the same L2 subnet.
     pub direct_routing: bool,
+    /// Twill's own key `TxChecksumOffload` (default true): false turns transmit
+    /// checksum offload off on the VXLAN devices whenever they are created, for
+    /// kernels and NAT paths that corrupt offloaded VXLAN checksums (flannel users
+    /// script `ethtool -K flannel.1 tx-checksum-ip-generic off` for this).
+    pub tx_checksum_offload: bool,
 }
 
 impl Backend {
@@ -355,7 +363,8 @@ impl NetConf {
 
     /// Parses and validates a net-conf.json document.
     pub fn parse(text: &str) -> Result<Self, NetConfError> {
-        let raw: RawNetConf = serde_json::from_str(text)?;
+        let raw: RawNetConf =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))?;
         let ipv4 = match raw.enable_ipv4 {
             Some(false) => None,
             _ => Some(parse_pool::<Ipv4Net>(
@@ -573,6 +582,7 @@ fn parse_backend(raw: Option<RawBackend>) -> Result<Backend, NetConfError> {
         gbp: raw.gbp.unwrap_or(false),
         learning: raw.learning.unwrap_or(false),
         direct_routing: raw.direct_routing.unwrap_or(false),
+        tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
     })
 }
 
@@ -702,6 +712,27 @@ mod tests {
             NetConf::parse(r#"{"Network": "10.1.0.0/26", "Backend": {"Type": "vxlan"}}"#).unwrap();
         assert_eq!(c.ipv4.as_ref().unwrap().subnet_len, 28);
         assert_eq!(c.ipv4.as_ref().unwrap().count(), 3);
+    }
+
+    #[test]
+    fn tx_checksum_offload_stays_on_unless_turned_off() {
+        let conf = |backend: &str| {
+            NetConf::parse(&format!(
+                r#"{{"Network": "10.0.0.0/8", "Backend": {backend}}}"#
+            ))
+        };
+        assert!(
+            conf(r#"{"Type": "vxlan"}"#)
+                .unwrap()
+                .backend
+                .tx_checksum_offload
+        );
+        let off = conf(r#"{"Type": "vxlan", "TxChecksumOffload": false}"#).unwrap();
+        assert!(!off.backend.tx_checksum_offload);
+        let e = conf(r#"{"Type": "vxlan", "TxChecksumOffload": "off"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TxChecksumOffload"), "{e}");
     }
 
     #[test]

@@ -893,7 +893,7 @@ fn dockerfiles_build_existing_binaries() {
         }
     }
     let agent = read("docker/Dockerfile.agent");
-    for pkg in ["nftables", "containernetworking-plugins"] {
+    for pkg in ["nftables", "ethtool", "containernetworking-plugins"] {
         assert!(agent.contains(pkg), "the agent image installs {pkg}");
     }
     assert!(

@@ -3,7 +3,8 @@
 //! The overlay converges, every host reaches every other host's pods over VXLAN with
 //! the kernel state flannel would have; an agent restarted with SIGTERM keeps its
 //! subnet and VTEP MAC; an agent leaving with `--release-on-exit` is removed from its
-//! peers.
+//! peers. A network with `"TxChecksumOffload": false` gets devices without transmit
+//! checksum offload.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -33,6 +34,34 @@ fn three_hosts_converge_ping_and_survive_agent_restarts() {
     if let Err(e) = scenario(&ov) {
         panic!("{e:#}");
     }
+}
+
+/// `"TxChecksumOffload": false` reaches every agent through the controller: each
+/// host's flannel.1 sends without transmit checksum offload, and the overlay carries
+/// traffic.
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn tx_checksum_offload_off_reaches_every_device_and_the_overlay_carries_traffic() {
+    let conf =
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","TxChecksumOffload":false}}"#;
+    let Some(ov) = require_lab(
+        "e2e_overlay (TxChecksumOffload)",
+        Overlay::start(OverlayConfig::three_nodes().net_conf(conf)),
+    ) else {
+        return;
+    };
+    ov.run_scenario(|ov| {
+        let envs = ov.wait_converged(CONVERGE)?;
+        for n in ov.nodes() {
+            let k = ov.lab().exec(n, &["ethtool", "-k", FLANNEL_DEV])?;
+            ensure!(
+                k.lines().any(|l| l.trim() == "tx-checksum-ip-generic: off"),
+                "{n}: {FLANNEL_DEV} still offloads transmit checksums:\n{k}"
+            );
+            ov.lab().add_bridge(n, "pods0", envs[n].subnet)?;
+        }
+        every_pair_pings(ov, &envs, &["node-a", "node-b", "node-c"])
+    });
 }
 
 fn scenario(ov: &Overlay) -> Result<()> {

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 use twill_common::model::Mac;
 
+pub mod ethtool;
 pub mod masq;
 pub mod netlink;
 
@@ -45,6 +46,9 @@ pub enum DataPlaneError {
     /// Programming nftables failed.
     #[error("{0}")]
     Nft(String),
+    /// Changing a device's offloads with ethtool failed.
+    #[error("{0}")]
+    Ethtool(String),
     /// The caller asked for something no kernel accepts, such as a route whose
     /// gateway is not of its destination's family; the message names the command.
     #[error("{0}")]
@@ -71,6 +75,9 @@ pub struct VxlanSpec {
     pub learning: bool,
     /// Group based policy.
     pub gbp: bool,
+    /// Transmit checksum offload; when false it is turned off whenever the agent
+    /// creates the device or starts with it.
+    pub tx_checksum_offload: bool,
 }
 
 /// The VXLAN device as it exists in the kernel.
@@ -132,6 +139,10 @@ pub trait DataPlane: Send + Sync {
     /// `ip link add flannel-v6.1 type vxlan id 1 local P6 dev eth0 dstport 8472
     /// nolearning`)
     async fn ensure_device(&self, spec: &VxlanSpec) -> Result<Device, DataPlaneError>;
+
+    /// Turns the device's transmit checksum offload on or off
+    /// (`ethtool -K flannel.1 tx-checksum-ip-generic off`).
+    async fn set_tx_checksum_offload(&self, device: &str, on: bool) -> Result<(), DataPlaneError>;
 
     /// Makes `addr/32` (IPv4) or `addr/128` (IPv6) the only global address of its
     /// family on the device; IPv6 link-local addresses stay.

@@ -871,6 +871,10 @@ impl DataPlane for Netlink {
         Ok(Device { index, mac })
     }
 
+    async fn set_tx_checksum_offload(&self, device: &str, on: bool) -> Result<(), DataPlaneError> {
+        super::ethtool::set_tx_checksum(device, on).await
+    }
+
     /// `ip addr replace ADDR/32 dev flannel.1` and `ip addr del OTHER dev flannel.1`
     /// for every other IPv4 address; for IPv6 `ip -6 addr replace ADDR6/128 dev
     /// flannel-v6.1` and `ip -6 addr del OTHER6 dev flannel-v6.1` for every other
