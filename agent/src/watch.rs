@@ -1,7 +1,7 @@
 //! The lease watch as a session: the stream open (with the connection it was opened
 //! on, which must live as long as the stream), whether it is to move to the current
-//! certificate's connection, the parts of a reset being put together, and when to try
-//! again. The daemon opens streams and reads them; it tells the session what happened
+//! certificate's connection, the parts of a reset being put together, where to resume
+//! from (revision and store epoch), and when to try again. The daemon opens streams and reads them; it tells the session what happened
 //! (opened, a message, a break, new credentials) and the session says what follows.
 //! Generic over the stream and the connection so that it is tested without a
 //! controller.
@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use twill_proto::WatchResponse;
+use twill_proto::{WatchRequest, WatchResponse};
 
 use crate::client::Assembler;
 use crate::schedule::Retry;
@@ -22,6 +22,10 @@ pub struct WatchSession<S, C> {
     moving: bool,
     assembler: Assembler,
     retry: Retry,
+    /// The revision applied: a new stream resumes after it.
+    revision: u64,
+    /// The store epoch `revision` belongs to (another epoch: the controller resets).
+    epoch: String,
 }
 
 /// What an opened stream was.
@@ -41,7 +45,22 @@ impl<S, C> WatchSession<S, C> {
             moving: false,
             assembler: Assembler::default(),
             retry: Retry::now(cap),
+            revision: 0,
+            epoch: String::new(),
         }
+    }
+
+    /// What to open the next stream with: resume after the revision applied.
+    pub fn request(&self) -> WatchRequest {
+        WatchRequest {
+            from_revision: self.revision,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// The revision applied.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// The stream to read, if one is open (while a move is pending, the old one).
@@ -82,10 +101,22 @@ impl<S, C> WatchSession<S, C> {
     }
 
     /// A message arrived: a complete response to apply, once every part of a reset is
-    /// in.
+    /// in, without the events applied already (a stream moved to a new connection
+    /// resumes from the revision applied when it was opened, so it may repeat what the
+    /// old one delivered since). The session then counts it as applied.
     pub fn message(&mut self, msg: WatchResponse) -> Option<WatchResponse> {
         self.retry.heard();
-        self.assembler.push(msg)
+        let mut whole = self.assembler.push(msg)?;
+        if whole.reset {
+            self.revision = whole.revision;
+        } else {
+            whole.events.retain(|e| e.revision > self.revision);
+            self.revision = self.revision.max(whole.revision);
+        }
+        if !whole.epoch.is_empty() {
+            self.epoch.clone_from(&whole.epoch);
+        }
+        Some(whole)
     }
 
     /// The stream ended or broke (see [`WatchSession::open_failed`] for `moved`): it is
@@ -117,17 +148,28 @@ mod tests {
 
     type Session = WatchSession<&'static str, u32>;
 
-    fn part(reset: bool, more: bool, node: &str) -> WatchResponse {
+    /// A part of a message whose one event is `node`'s at `revision`.
+    fn part(reset: bool, more: bool, node: &str, revision: u64) -> WatchResponse {
+        at(reset, more, &[(node, revision)], revision)
+    }
+
+    /// A message at `revision` with events `(node, revision)`.
+    fn at(reset: bool, more: bool, events: &[(&str, u64)], revision: u64) -> WatchResponse {
         WatchResponse {
             reset,
             more,
-            events: vec![LeaseEvent {
-                lease: Some(Lease {
-                    node_name: node.into(),
+            revision,
+            events: events
+                .iter()
+                .map(|(node, revision)| LeaseEvent {
+                    lease: Some(Lease {
+                        node_name: node.to_string(),
+                        ..Default::default()
+                    }),
+                    revision: *revision,
                     ..Default::default()
-                }),
-                ..Default::default()
-            }],
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -146,17 +188,17 @@ mod tests {
     async fn a_reset_in_parts_cut_by_a_break_is_dropped_and_the_next_stream_starts_clean() {
         let mut w = Session::new(CAP);
         w.opened("s1", 1);
-        assert!(w.message(part(true, true, "a")).is_none());
-        assert!(w.message(part(false, true, "b")).is_none());
+        assert!(w.message(part(true, true, "a", 1)).is_none());
+        assert!(w.message(part(false, true, "b", 2)).is_none());
         w.broke(false, 1);
         assert!(w.stream().is_none() && w.wants_open());
         w.opened("s2", 2);
-        let whole = w.message(part(false, false, "c")).expect("a batch");
+        let whole = w.message(part(false, false, "c", 3)).expect("a batch");
         assert!(!whole.reset, "no half reset survives the break");
         assert_eq!(whole.events.len(), 1);
-        assert!(w.message(part(true, true, "a")).is_none());
+        assert!(w.message(part(true, true, "a", 1)).is_none());
         let whole = w
-            .message(part(false, false, "b"))
+            .message(part(false, false, "b", 4))
             .expect("the reset, whole");
         assert!(whole.reset && !whole.more && whole.events.len() == 2);
     }
@@ -207,5 +249,38 @@ mod tests {
             w.open_failed(true, 3) >= Duration::from_millis(250),
             "every URL tried: back off"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_stream_resumes_after_what_was_applied_and_repeats_nothing() {
+        let mut w = Session::new(CAP);
+        assert_eq!(w.request().from_revision, 0, "from scratch");
+        w.opened("old", 1);
+        let mut first = at(true, false, &[("a", 3), ("b", 5)], 5);
+        first.epoch = "e1".into();
+        w.message(first).expect("the reset");
+        w.message(at(false, false, &[("c", 6), ("d", 7)], 7));
+        assert_eq!(w.revision(), 7);
+        w.move_to_current();
+        let req = w.request();
+        assert_eq!((req.from_revision, req.epoch.as_str()), (7, "e1"));
+        w.opened("new", 2);
+        // The new stream was opened at 6 on another replica: it repeats 7.
+        let again = w
+            .message(at(false, false, &[("d", 7), ("e", 8)], 8))
+            .expect("a batch");
+        let nodes: Vec<_> = again
+            .events
+            .iter()
+            .map(|e| e.lease.as_ref().unwrap().node_name.as_str())
+            .collect();
+        assert_eq!(nodes, ["e"], "7 was applied already");
+        assert_eq!(w.revision(), 8);
+        let old = w.message(at(false, false, &[], 4)).expect("a batch");
+        assert!(old.events.is_empty());
+        assert_eq!(w.revision(), 8, "never goes back");
+        w.message(at(true, false, &[("a", 2)], 2)).expect("a reset");
+        assert_eq!(w.revision(), 2, "a reset is the new truth");
+        assert_eq!(w.request().epoch, "e1", "kept while messages carry none");
     }
 }

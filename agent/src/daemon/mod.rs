@@ -29,7 +29,7 @@ use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
 use twill_common::{now_unix, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{AcquireRequest, ReleaseRequest, WatchRequest, WatchResponse};
+use twill_proto::{AcquireRequest, ReleaseRequest, WatchResponse};
 
 use crate::http::{self, Stats};
 
@@ -179,8 +179,6 @@ pub async fn run(args: Args) -> Result<()> {
         mtu,
         kernel,
         lease: None,
-        revision: 0,
-        epoch: String::new(),
     };
     agent.main_loop(&mut shutdown).await
 }
@@ -260,9 +258,6 @@ struct Agent {
     /// The planes, the peer set and everything else this agent does to the kernel.
     kernel: Kernel,
     lease: Option<Lease>,
-    revision: u64,
-    /// The store epoch `revision` belongs to.
-    epoch: String,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -356,7 +351,7 @@ impl Agent {
                     }
                 }
                 () = sleep_until(watch.due()), if watch.wants_open() && opening.is_none() && self.lease.is_some() => {
-                    let req = WatchRequest { from_revision: self.revision, epoch: self.epoch.clone() };
+                    let req = watch.request();
                     let mut api = self.api.clone();
                     opening = Some(tokio::spawn(async move {
                         client::within(deadline, api.watch(req))
@@ -369,8 +364,8 @@ impl Agent {
                         Ok((stream, api)) => {
                             self.stats.contact(now_unix());
                             match watch.opened(stream, api) {
-                                Opened::Moved => info!(from_revision = self.revision, "lease watch moved to a connection with the current certificate"),
-                                Opened::First => info!(from_revision = self.revision, "watching leases"),
+                                Opened::Moved => info!(from_revision = watch.revision(), "lease watch moved to a connection with the current certificate"),
+                                Opened::First => info!(from_revision = watch.revision(), "watching leases"),
                             }
                         }
                         Err(s) => {
@@ -387,11 +382,11 @@ impl Agent {
                     match msg {
                         Ok(Some(resp)) => {
                             self.stats.contact(now_unix());
-                            if let Some(mut whole) = watch.message(resp) {
-                                if self.apply(&mut whole) {
+                            if let Some(whole) = watch.message(resp) {
+                                if self.apply(&whole) {
                                     renew.now();
                                 }
-                                self.kernel.reconcile(false, self.revision).await;
+                                self.kernel.reconcile(false, watch.revision()).await;
                             }
                         }
                         Ok(None) | Err(_) => {
@@ -444,7 +439,7 @@ impl Agent {
                     if self.args.ip_masq {
                         self.kernel.masquerade(&self.conf, true, self.lease.as_ref()).await;
                     }
-                    self.kernel.reconcile(true, self.revision).await;
+                    self.kernel.reconcile(true, watch.revision()).await;
                 }
             }
         }
@@ -654,23 +649,11 @@ impl Agent {
 
     /// Folds a complete watch message into the peer set. Returns true when our own
     /// lease disappeared (revoked or expired) and must be acquired again now.
-    fn apply(&mut self, resp: &mut WatchResponse) -> bool {
+    fn apply(&mut self, resp: &WatchResponse) -> bool {
         if resp.reset {
             self.stats.watch_resets.inc();
-        } else {
-            // A watch moved to a new connection resumes from the revision applied when
-            // it was opened, so it may repeat what the old one delivered since.
-            resp.events.retain(|e| e.revision > self.revision);
         }
         let applied = self.kernel.apply(resp);
-        self.revision = if resp.reset {
-            resp.revision
-        } else {
-            self.revision.max(resp.revision)
-        };
-        if !resp.epoch.is_empty() {
-            self.epoch.clone_from(&resp.epoch);
-        }
         if applied.lost_own {
             warn!(node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
             self.lease = None;
