@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tonic::transport::Server;
-use tracing::info;
+use tracing::{info, warn};
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
@@ -32,6 +32,9 @@ use twill_server::tls::{ReloadingTls, TlsFiles};
 
 /// Largest admin request: a reservation or a token's names are a few hundred bytes.
 const ADMIN_MAX_REQUEST_BYTES: usize = 64 << 10;
+/// The first and the longest wait between tries while etcd does not answer at start.
+const ETCD_WAIT_FIRST: Duration = Duration::from_millis(500);
+const ETCD_WAIT_CAP: Duration = Duration::from_secs(10);
 
 /// The Twill controller: hands every node a pod subnet (a lease), stores leases
 /// durably and streams them to every agent over gRPC with mutual TLS.
@@ -279,39 +282,71 @@ struct Opened {
     whence: String,
 }
 
-/// Opens the store `mode` names and reads what it holds.
-async fn open_store(mode: &Mode, metrics: &Arc<Metrics>) -> Result<Opened> {
+/// Opens the store `mode` names and reads what it holds; `None` when SIGTERM came while
+/// waiting for etcd.
+async fn open_store(mode: &Mode, metrics: &Arc<Metrics>) -> Result<Option<Opened>> {
     match mode {
         Mode::Single { data_dir } => {
             std::fs::create_dir_all(data_dir)
                 .with_context(|| format!("cannot create --data-dir {}", data_dir.display()))?;
             let store = SledStore::open(data_dir, HISTORY_LEN as u64)?;
             let snapshot = store.load().await?;
-            Ok(Opened {
+            Ok(Some(Opened {
                 store: Arc::new(store),
                 etcd: None,
                 snapshot,
                 etcd_revision: 0,
                 whence: format!("the store in {}", data_dir.display()),
-            })
+            }))
         }
         Mode::Replicated { etcd, .. } => {
             let client = Etcd::connect(etcd, metrics.clone())?;
-            let store = Arc::new(
-                EtcdStore::open(client, HISTORY_LEN as u64)
-                    .await
-                    .with_context(|| {
-                        format!("cannot open the etcd store at {}", etcd.endpoints.join(","))
-                    })?,
-            );
+            let Some(store) = open_etcd(etcd, client).await? else {
+                return Ok(None);
+            };
+            let store = Arc::new(store);
             let (snapshot, etcd_revision) = store.load_at().await?;
-            Ok(Opened {
+            Ok(Some(Opened {
                 store: store.clone(),
                 etcd: Some(store),
                 snapshot,
                 etcd_revision,
                 whence: format!("etcd prefix {}", etcd.prefix),
-            })
+            }))
+        }
+    }
+}
+
+/// Opens the etcd store, waiting as long as etcd does not answer: a controller started
+/// before etcd, or beside it, becomes ready when etcd does instead of exiting. An answer
+/// that refuses (a certificate etcd does not accept, a permission) ends the wait with
+/// the error. `None`: SIGTERM came first.
+async fn open_etcd(config: &EtcdConfig, etcd: Etcd) -> Result<Option<EtcdStore>> {
+    let shutdown = twill_runtime::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut wait = ETCD_WAIT_FIRST;
+    loop {
+        match EtcdStore::open(etcd.clone(), HISTORY_LEN as u64).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_unreachable() => {
+                warn!(endpoints = %config.endpoints.join(","), error = %e, retry_in = ?wait, "waiting for etcd: it does not answer yet");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = &mut shutdown => {
+                        info!("exiting before etcd answered");
+                        return Ok(None);
+                    }
+                }
+                wait = (wait * 2).min(ETCD_WAIT_CAP);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot open the etcd store at {}",
+                        config.endpoints.join(",")
+                    )
+                })
+            }
         }
     }
 }
@@ -358,7 +393,9 @@ async fn serve(config: Config) -> Result<()> {
     };
 
     let metrics = Arc::new(Metrics::default());
-    let opened = open_store(&config.mode, &metrics).await?;
+    let Some(opened) = open_store(&config.mode, &metrics).await? else {
+        return Ok(());
+    };
     adopt_layout(&config, &opened).await?;
     let Opened {
         store,

@@ -166,10 +166,10 @@ impl Etcd {
             .observe(started.elapsed().as_secs_f64());
         match out {
             Ok(r) => r.map(tonic::Response::into_inner).map_err(status(what)),
-            Err(_) => Err(StoreError::Backend(format!(
-                "etcd did not answer within {}s while {what}: are a quorum of its members up and reachable?",
-                REQUEST_TIMEOUT.as_secs()
-            ))),
+            Err(_) => Err(StoreError::Timeout {
+                what: what.to_string(),
+                after: REQUEST_TIMEOUT,
+            }),
         }
     }
 

@@ -29,8 +29,8 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
-    /// etcd answered a request with an error.
-    #[error("store: etcd refused {what}: {}", source.message())]
+    /// etcd answered a request with an error, or could not be reached for it.
+    #[error("store: {what}: {}", etcd_said(source))]
     Etcd {
         /// The request.
         what: String,
@@ -60,8 +60,16 @@ pub enum StoreError {
     /// catching up after its watch lost events).
     #[error("store: reading revocations: {0}")]
     Revocations(#[source] Box<crate::identity::IdentityError>),
-    /// The backend failed in a way no underlying error describes (no answer in time, a
-    /// misconfiguration); the message says what.
+    /// etcd did not answer a request in time.
+    #[error("store: etcd did not answer within {}s while {what}: are a quorum of its members up and reachable?", after.as_secs())]
+    Timeout {
+        /// The request.
+        what: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// The backend failed in a way no underlying error describes (a misconfiguration);
+    /// the message says what.
     #[error("store: {0}")]
     Backend(String),
     /// This replica may not write: it is not (or no longer) the elected leader, so a
@@ -91,12 +99,33 @@ pub enum Malformed {
     Text(String),
 }
 
+/// What etcd's status says, in words: unreachable is not a refusal.
+fn etcd_said(s: &tonic::Status) -> String {
+    match s.code() {
+        tonic::Code::Unavailable => format!("etcd cannot be reached: {}", s.message()),
+        _ => format!("etcd refused: {}", s.message()),
+    }
+}
+
 impl StoreError {
     /// The record under `key` (as stored, prefix and all) does not decode.
     pub fn corrupt(key: &[u8], source: impl Into<Malformed>) -> Self {
         StoreError::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
             source: source.into(),
+        }
+    }
+
+    /// Whether etcd could not be reached or did not answer (down, starting, or without
+    /// quorum), as opposed to an answer that refused the request: worth waiting for.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Timeout { .. } => true,
+            StoreError::Etcd { source, .. } => matches!(
+                source.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ),
+            _ => false,
         }
     }
 }

@@ -1,0 +1,109 @@
+//! A controller with `--store etcd` started while etcd does not answer (issue 28): it
+//! waits, saying so in its log, instead of exiting; once etcd answers it becomes
+//! ready; SIGTERM while it waits ends it at once with a clean exit. Real etcd on
+//! 127.0.0.1 (`tests/src/etcd.rs`), the real controller binary, signals sent to the
+//! controller's own process.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use twill_tests::kit::http_get;
+use twill_tests::replicas::{
+    base_args, etcd_args, pick_addrs, replica_bins, run_kept, Controller, Pki, HA_NET_CONF,
+};
+use twill_tests::{wait_until, Bins, Check, EtcdCluster};
+
+/// The controller's log line for each try while etcd does not answer.
+const WAITING: &str = "waiting for etcd";
+/// How long the waits of this test may take on a busy machine.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_controller_started_before_etcd_waits_for_it_and_then_serves() {
+    let test = "a_controller_started_before_etcd_waits_for_it_and_then_serves";
+    let Some(bins) = replica_bins(test) else {
+        return;
+    };
+    run_kept("twill-etcd-wait", |dir| scenario(&bins, dir));
+}
+
+fn scenario(bins: &Bins, dir: &Path) -> Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    etcd.kill(0)?;
+    let pki = Pki::create(bins, dir)?;
+    let conf = dir.join("net-conf.json");
+    std::fs::write(&conf, HA_NET_CONF)?;
+    let addrs = pick_addrs(2)?;
+    let controller = |i: usize| {
+        let mut args = base_args(&pki, addrs[i], &conf, &dir.join(format!("c{i}.data")));
+        args.extend(etcd_args(&etcd, "/twill-etcd-wait/"));
+        args.extend([
+            "--advertise-url".into(),
+            format!("https://{}", addrs[i].grpc),
+        ]);
+        Controller::new(
+            &format!("c{i}"),
+            &bins.controller(),
+            args,
+            dir.join(format!("c{i}.log")),
+        )
+    };
+
+    // 1. SIGTERM while waiting: a clean exit, at once (terminate() fails past 10 s).
+    let mut early = controller(0);
+    early.start()?;
+    keeps_waiting(&mut early)?;
+    let status = early.terminate()?;
+    ensure!(
+        status.success(),
+        "SIGTERM while waiting for etcd ended the controller with {status}:\n{}",
+        early.log_tail(20)
+    );
+    ensure!(
+        early.log_text().contains("exiting before etcd answered"),
+        "{}",
+        early.log_tail(20)
+    );
+
+    // 2. etcd comes back: the waiting controller opens the store and is ready.
+    let mut c = controller(1);
+    c.start()?;
+    keeps_waiting(&mut c)?;
+    etcd.restart(0)?;
+    wait_until(
+        PATIENCE,
+        "the controller to answer /readyz with 200 once etcd answers",
+        || {
+            if !c.is_running() {
+                return Check::Fatal(format!("it exited:\n{}", c.log_tail(30)));
+            }
+            match http_get(addrs[1].http, "/readyz") {
+                Ok(r) if r.status == 200 => Check::Ready(()),
+                Ok(r) => Check::NotYet(format!("{} {}", r.status, r.body.trim())),
+                Err(e) => Check::NotYet(format!("{e:#}")),
+            }
+        },
+    )?;
+    let status = c.terminate()?;
+    ensure!(status.success(), "the controller ended with {status}");
+    Ok(())
+}
+
+/// Waits until `c` has said twice that it waits for etcd and still runs: it retries
+/// instead of exiting.
+fn keeps_waiting(c: &mut Controller) -> Result<()> {
+    let what = format!("{} to say twice that it waits for etcd", c.name);
+    wait_until(PATIENCE, &what, || {
+        if !c.is_running() {
+            return Check::Fatal(format!("it exited:\n{}", c.log_tail(30)));
+        }
+        let log = c.log_text();
+        match log.matches(WAITING).count() {
+            n if n >= 2 => Check::Ready(()),
+            n => Check::NotYet(format!("{n} time(s) so far")),
+        }
+    })
+}
