@@ -339,6 +339,104 @@ fn add_check_del_with_real_bridge_and_host_local() {
     );
 }
 
+/// CNI 1.1 GC as a runtime calls it, with the real `bridge` and `host-local`: a pod
+/// whose network namespace went away without a DEL (a crashed runtime) is released
+/// (host-local's address file, the saved config, the host's veth), a pod the runtime
+/// still lists is kept; the freed address can be handed out again.
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
+    if !is_root() {
+        return skip("not root");
+    }
+    if !Path::new(PLUGINS).join("bridge").exists()
+        || !Path::new(PLUGINS).join("host-local").exists()
+    {
+        return skip("containernetworking-plugins not installed in /usr/lib/cni");
+    }
+    let pid = std::process::id();
+    let (host, gone, kept) = (
+        format!("twgc-{pid}-h"),
+        format!("twgc-{pid}-a"),
+        format!("twgc-{pid}-b"),
+    );
+    let mut ns = match Namespaces::create(&[host.clone(), gone.clone(), kept.clone()]) {
+        Ok(ns) => ns,
+        Err(e) => return skip(&e),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_subnet_env(dir);
+    let config = conf(dir, "1.1.0");
+    let cni_path = format!("/nonexistent:{PLUGINS}");
+    let add = |cid: &str, pod: &str| -> String {
+        let netns = format!("/run/netns/{pod}");
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", cid),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", cni_path.as_str()),
+        ];
+        let (rc, result) = cni(Some(&host), &env, &config);
+        assert_eq!(rc, 0, "ADD {cid} failed: {result}");
+        assert_eq!(
+            result["cniVersion"],
+            json!("1.1.0"),
+            "answered in the caller's version (the delegate was asked in 1.0.0)"
+        );
+        let addr = result["ips"][0]["address"].as_str().expect("an IP");
+        addr.split('/').next().unwrap().to_string()
+    };
+    let (gone_cid, kept_cid) = (format!("twgc-{pid}-a"), format!("twgc-{pid}-b"));
+    let gone_ip = add(&gone_cid, &gone);
+    let kept_ip = add(&kept_cid, &kept);
+    let ipam = dir.join("ipam").join("twcni-test");
+    assert!(ipam.join(&gone_ip).exists() && ipam.join(&kept_ip).exists());
+
+    // The runtime crashed: the pod's namespace is gone, no DEL came.
+    must(&["ip", "netns", "del", &gone]);
+    ns.0.retain(|n| *n != gone);
+
+    let mut gc: Value = serde_json::from_str(&config).unwrap();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": kept_cid, "ifname": "eth0"}]);
+    let env = [("CNI_COMMAND", "GC"), ("CNI_PATH", cni_path.as_str())];
+    let (rc, out) = cni(Some(&host), &env, &gc.to_string());
+    assert_eq!((rc, out), (0, Value::Null), "GC");
+    assert!(
+        !ipam.join(&gone_ip).exists(),
+        "host-local still holds {gone_ip}"
+    );
+    assert!(
+        ipam.join(&kept_ip).exists(),
+        "the listed pod keeps {kept_ip}"
+    );
+    assert!(!dir.join("flannel").join(&gone_cid).exists());
+    assert!(dir.join("flannel").join(&kept_cid).exists());
+    let veths = must(&["ip", "-n", &host, "-o", "link", "show", "type", "veth"]);
+    assert_eq!(
+        veths.lines().count(),
+        1,
+        "only the kept pod's veth: {veths}"
+    );
+
+    // The address is free again: host-local hands out addresses in order after the
+    // last one it gave, so fill up to it and see it come back.
+    let mut seen = Vec::new();
+    for i in 0..300 {
+        let pod = format!("twgc-{pid}-{i}");
+        let cid = format!("twgc-{pid}-n{i}");
+        ns.0.push(pod.clone());
+        must(&["ip", "netns", "add", &pod]);
+        let ip = add(&cid, &pod);
+        if ip == gone_ip {
+            return;
+        }
+        seen.push(ip);
+    }
+    panic!("{gone_ip} was never handed out again: {seen:?}");
+}
+
 /// Error paths that need neither root nor plugins: run the binary directly.
 #[test]
 fn errors_are_cni_json() {
@@ -380,7 +478,7 @@ fn errors_are_cni_json() {
     // Unsupported cniVersion: code 1.
     let (rc, err) = cni(None, &env, &conf(dir, "0.2.0"));
     assert_eq!((rc, err["code"].clone()), (1, json!(1)));
-    let (rc, err) = cni(None, &env, &conf(dir, "1.1.0"));
+    let (rc, err) = cni(None, &env, &conf(dir, "1.2.0"));
     assert_eq!((rc, err["code"].clone()), (1, json!(1)));
 
     // Bad JSON: code 6.
@@ -405,6 +503,6 @@ fn errors_are_cni_json() {
     assert_eq!(rc, 0);
     assert_eq!(
         v["supportedVersions"],
-        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 }

@@ -10,13 +10,25 @@ use twill_common::SubnetEnv;
 use super::error::{code, CniError};
 
 /// The CNI specification versions we accept in a network configuration.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// flannel's default `subnetFile`.
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 /// flannel's default `dataDir` (where delegate configs are saved for DEL).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
 /// The bridge flannel's default delegate (the bridge plugin) creates.
 pub const DEFAULT_BRIDGE: &str = "cni0";
+/// Where STATUS asks the node's agent whether it is healthy (`agentURL`; the agent's
+/// default `--metrics-addr` is 0.0.0.0:8476).
+pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:8476";
+
+/// One attachment the runtime still holds (CNI 1.1 GC, `cni.dev/valid-attachments`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// `containerID`.
+    pub container_id: String,
+    /// `ifname`.
+    pub ifname: String,
+}
 
 /// The plugin's own network configuration (one entry of a conflist, as the runtime
 /// hands it over on stdin).
@@ -38,6 +50,11 @@ pub struct NetConf {
     pub runtime_config: Option<Value>,
     /// `prevResult`: passed to the delegate on CHECK.
     pub prev_result: Option<Value>,
+    /// `agentURL` (Twill's own key): the agent STATUS asks for `/healthz`; `None`
+    /// (`""`) to check subnet.env alone.
+    pub agent_url: Option<String>,
+    /// `cni.dev/valid-attachments` (GC): the attachments to keep.
+    pub valid_attachments: Option<Vec<Attachment>>,
 }
 
 /// The `cniVersion` a configuration declares, if it is JSON with a string `cniVersion`;
@@ -57,6 +74,26 @@ pub fn valid_cni_name(s: &str) -> bool {
         _ => return false,
     }
     chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// The version the delegate is asked in for a configuration of `version`: 1.1.0 adds
+/// verbs (STATUS, GC), not result fields, so a 1.1.0 call goes to the delegate as 1.0.0,
+/// which every 1.x plugin speaks (Debian's 1.1.1 plugins stop there), and its result
+/// is relabelled [`relabel`].
+pub fn delegate_version(version: &str) -> &str {
+    if version_at_least(version, "1.1.0") {
+        "1.0.0"
+    } else {
+        version
+    }
+}
+
+/// Gives a delegate's result (or a prevResult going to it) the `cniVersion` of the
+/// other side.
+pub fn relabel(result: &mut Value, version: &str) {
+    if let Some(obj) = result.as_object_mut() {
+        obj.insert("cniVersion".into(), json!(version));
+    }
 }
 
 /// Compares two dotted versions numerically (`0.4.0` < `1.0.0`).
@@ -170,6 +207,44 @@ impl NetConf {
         }
         let runtime_config = obj.get("runtimeConfig").filter(|v| !v.is_null()).cloned();
         let prev_result = obj.get("prevResult").filter(|v| !v.is_null()).cloned();
+        let agent_url = match string_field("agentURL")? {
+            None => Some(DEFAULT_AGENT_URL.to_string()),
+            Some(u) if u.is_empty() => None,
+            Some(u) if u.starts_with("http://") => Some(u.trim_end_matches('/').to_string()),
+            Some(u) => {
+                return Err(invalid(format!(
+                    "agentURL {u:?} must start with http:// (the agent's HTTP endpoint, e.g. \
+                     {DEFAULT_AGENT_URL}), or be empty to check subnet.env alone"
+                )))
+            }
+        };
+        let valid_attachments = match obj.get("cni.dev/valid-attachments") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|item| {
+                        let field =
+                            |k: &str| item.get(k).and_then(Value::as_str).map(str::to_string);
+                        match (field("containerID"), field("ifname")) {
+                            (Some(container_id), Some(ifname)) => Ok(Attachment {
+                                container_id,
+                                ifname,
+                            }),
+                            _ => Err(invalid(format!(
+                                "cni.dev/valid-attachments: {item} is not an object with string \
+                                 containerID and ifname"
+                            ))),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "cni.dev/valid-attachments must be an array, found {other}"
+                )))
+            }
+        };
         Ok(Self {
             cni_version,
             name,
@@ -179,6 +254,8 @@ impl NetConf {
             ipam,
             runtime_config,
             prev_result,
+            agent_url,
+            valid_attachments,
         })
     }
 }
@@ -259,7 +336,10 @@ pub fn build_delegate(conf: &NetConf, env: &SubnetEnv) -> Map<String, Value> {
         d.entry("isGateway").or_insert_with(|| json!(true));
         d.entry("hairpinMode").or_insert_with(|| json!(true));
     }
-    d.insert("cniVersion".into(), json!(conf.cni_version));
+    d.insert(
+        "cniVersion".into(),
+        json!(delegate_version(&conf.cni_version)),
+    );
     if let Some(rc) = &conf.runtime_config {
         d.insert("runtimeConfig".into(), rc.clone());
     }

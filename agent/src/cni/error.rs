@@ -22,6 +22,9 @@ pub mod code {
     pub const INVALID_NETWORK_CONFIG: u32 = 7;
     /// Try again later: a transient condition (the agent has not written subnet.env yet).
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin is not available (no subnet.env yet, or the agent is not
+    /// healthy); the runtime must not create pods on this network yet.
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
     /// Twill: subnet.env exists but is malformed or incomplete.
     pub const BAD_SUBNET_ENV: u32 = 100;
     /// Twill: the delegate plugin could not be found, run, or returned garbage.

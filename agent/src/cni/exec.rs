@@ -39,6 +39,17 @@ pub fn find_plugin(plugin: &str, cni_path: &str) -> Result<PathBuf, CniError> {
 /// On failure the plugin's own CNI error is returned with its code, the message prefixed
 /// with the plugin's name.
 pub fn invoke(plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
+    invoke_with(plugin, command, stdin, &[])
+}
+
+/// [`invoke`] with `env` set for the delegate over what it inherits (GC's DELs name
+/// the container and interface that the runtime's GC call does not).
+pub fn invoke_with(
+    plugin: &Path,
+    command: &str,
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> Result<Vec<u8>, CniError> {
     let name = plugin
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -48,6 +59,7 @@ pub fn invoke(plugin: &Path, command: &str, stdin: &[u8]) -> Result<Vec<u8>, Cni
     let mut child = loop {
         let spawned = Command::new(plugin)
             .env("CNI_COMMAND", command)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

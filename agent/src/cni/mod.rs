@@ -3,7 +3,8 @@
 //! existing flannel conflist needs only its `type` changed.
 //!
 //! It owns the plugin's whole life: reading the CNI environment and the network
-//! configuration (spec 1.0.0; configs declaring 0.3.0, 0.3.1 and 0.4.0 are accepted),
+//! configuration (spec 1.1.0 with STATUS and GC; configs declaring 0.3.0 to 1.0.0 are
+//! accepted),
 //! building the delegate configuration from flannel's subnet.env (the `bridge` plugin
 //! with `host-local` IPAM unless told otherwise), saving it under `<dataDir>/<containerID>`
 //! so DEL does not depend on subnet.env, running the delegate from `CNI_PATH`, and
@@ -12,11 +13,13 @@
 //! - `config`: the network configuration, subnet.env checks, the delegate config (pure).
 //! - `exec`: finding and invoking the delegate plugin.
 //! - `store`: the saved delegate configurations.
+//! - `status`: STATUS (subnet.env and the agent's health).
 //! - `error`: the CNI error type and codes.
 
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod status;
 pub mod store;
 
 use std::io::{Read, Write};
@@ -28,7 +31,10 @@ pub use config::{NetConf, SUPPORTED_VERSIONS};
 pub use error::{code, CniError};
 
 /// The version we answer in when the caller's cannot be determined.
-pub const LATEST_VERSION: &str = "1.0.0";
+pub const LATEST_VERSION: &str = "1.1.0";
+/// The interface GC assumes for an attachment saved without one (by flannel, or an
+/// older twill-cni): what Kubernetes runtimes name a pod's interface.
+const DEFAULT_IFNAME: &str = "eth0";
 
 /// A CNI command (`CNI_COMMAND`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +47,10 @@ pub enum Command {
     Check,
     /// Report the supported versions.
     Version,
+    /// Whether pods can be attached now (CNI 1.1).
+    Status,
+    /// Release every attachment the runtime no longer holds (CNI 1.1).
+    Gc,
 }
 
 impl Command {
@@ -50,6 +60,8 @@ impl Command {
             Command::Del => "DEL",
             Command::Check => "CHECK",
             Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
         }
     }
 }
@@ -85,9 +97,12 @@ impl Args {
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
             "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
             other => {
                 return Err(invalid(format!(
-                    "unknown CNI_COMMAND {other:?} (twill-cni supports ADD, DEL, CHECK, VERSION)"
+                    "unknown CNI_COMMAND {other:?} (twill-cni supports ADD, DEL, CHECK, VERSION, \
+                     STATUS, GC)"
                 )))
             }
         };
@@ -98,7 +113,8 @@ impl Args {
             get("CNI_PATH"),
         );
         let required: &[(&str, &str)] = match command {
-            Command::Version => &[],
+            Command::Version | Command::Status => &[],
+            Command::Gc => &[("CNI_PATH", &cni_path)],
             Command::Del => &[
                 ("CNI_CONTAINERID", &container_id),
                 ("CNI_IFNAME", &ifname),
@@ -124,7 +140,7 @@ impl Args {
                 command.name()
             )));
         }
-        if command != Command::Version {
+        if matches!(command, Command::Add | Command::Del | Command::Check) {
             if !config::valid_cni_name(&container_id) {
                 return Err(invalid(format!(
                     "invalid characters in CNI_CONTAINERID {container_id:?} (allowed: [a-zA-Z0-9][a-zA-Z0-9_.-]*)"
@@ -167,8 +183,28 @@ pub fn run(args: &Args, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
         Command::Add => cmd_add(args, &conf),
         Command::Del => cmd_del(args, &conf),
         Command::Check => cmd_check(args, &conf),
+        Command::Status => {
+            since_1_1(&conf, args.command)?;
+            status::check(&conf).map(|()| Vec::new())
+        }
+        Command::Gc => cmd_gc(args, &conf),
         Command::Version => unreachable!("handled above"),
     }
+}
+
+/// STATUS and GC exist from CNI 1.1 on.
+fn since_1_1(conf: &NetConf, command: Command) -> Result<(), CniError> {
+    if config::version_at_least(&conf.cni_version, "1.1.0") {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::INCOMPATIBLE_VERSION,
+        format!(
+            "config version {} does not allow {} (needs 1.1.0 or later)",
+            conf.cni_version,
+            command.name()
+        ),
+    ))
 }
 
 fn delegate_type(conf: &serde_json::Map<String, Value>) -> Option<&str> {
@@ -184,8 +220,9 @@ fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     // Saved before the delegate runs: after a failed ADD the runtime calls DEL, which
     // must find it to undo whatever the delegate did half-way (flannel does the same).
     store::save(&conf.data_dir, &args.container_id, &bytes)?;
+    store::save_ifname(&conf.data_dir, &args.container_id, &args.ifname)?;
     let out = exec::invoke(&plugin, "ADD", &bytes)?;
-    if serde_json::from_slice::<Value>(&out).is_err() {
+    let Ok(mut result) = serde_json::from_slice::<Value>(&out) else {
         return Err(CniError::new(
             code::DELEGATE_FAILED,
             format!(
@@ -194,14 +231,30 @@ fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
             ),
         )
         .with_details(String::from_utf8_lossy(&out).into_owned()));
+    };
+    if config::delegate_version(&conf.cni_version) == conf.cni_version {
+        return Ok(out);
     }
-    Ok(out)
+    config::relabel(&mut result, &conf.cni_version);
+    Ok(result.to_string().into_bytes())
 }
 
 fn cmd_del(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
-    let Some(saved) = store::load(&conf.data_dir, &args.container_id)? else {
+    delete(conf, &args.container_id, &args.cni_path, &[])?;
+    Ok(Vec::new())
+}
+
+/// Undoes `container_id`'s attachment through the delegate it was added with, and
+/// forgets it; `env` is set for the delegate (GC names the container and interface).
+fn delete(
+    conf: &NetConf,
+    container_id: &str,
+    cni_path: &str,
+    env: &[(&str, &str)],
+) -> Result<(), CniError> {
+    let Some(saved) = store::load(&conf.data_dir, container_id)? else {
         // Unknown container or already deleted: nothing to do (spec: DEL is idempotent).
-        return Ok(Vec::new());
+        return Ok(());
     };
     let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&saved).ok();
     let Some(plugin_type) = parsed.as_ref().and_then(delegate_type) else {
@@ -209,18 +262,58 @@ fn cmd_del(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
         // away with the network namespace.
         eprintln!(
             "twill-cni: ignoring unparseable saved delegate config {}",
-            store::path_for(&conf.data_dir, &args.container_id).display()
+            store::path_for(&conf.data_dir, container_id).display()
         );
-        store::remove(&conf.data_dir, &args.container_id)?;
-        return Ok(Vec::new());
+        return store::remove(&conf.data_dir, container_id);
     };
-    let plugin = exec::find_plugin(plugin_type, &args.cni_path)?;
+    let plugin = exec::find_plugin(plugin_type, cni_path)?;
     // The saved bytes are passed as saved (flannel does): the delegate sees the config
     // it was added with, whatever subnet.env says now. The file stays on failure so a
     // retried DEL still has it.
-    exec::invoke(&plugin, "DEL", &saved)?;
-    store::remove(&conf.data_dir, &args.container_id)?;
-    Ok(Vec::new())
+    exec::invoke_with(&plugin, "DEL", &saved, env)?;
+    store::remove(&conf.data_dir, container_id)
+}
+
+/// GC: every saved attachment whose container the runtime no longer names in
+/// `cni.dev/valid-attachments` is deleted through its delegate (as DEL would, the
+/// network namespace being gone), so host-local gives its addresses back. One that
+/// fails is reported and the others go on.
+fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
+    since_1_1(conf, args.command)?;
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "GC needs cni.dev/valid-attachments (the attachments to keep); without it \
+             nothing is released",
+        ));
+    };
+    let mut failed = Vec::new();
+    for id in store::containers(&conf.data_dir)? {
+        if valid.iter().any(|a| a.container_id == id) {
+            continue;
+        }
+        let ifname = store::load_ifname(&conf.data_dir, &id)?;
+        let ifname = ifname.as_deref().unwrap_or(DEFAULT_IFNAME);
+        let env = [
+            ("CNI_CONTAINERID", id.as_str()),
+            ("CNI_IFNAME", ifname),
+            ("CNI_NETNS", ""),
+        ];
+        if let Err(e) = delete(conf, &id, &args.cni_path, &env) {
+            failed.push(format!("{id}: {}", e.msg));
+        }
+    }
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    Err(CniError::new(
+        code::DELEGATE_FAILED,
+        format!(
+            "GC could not release {} attachment(s); they are tried again at the next GC",
+            failed.len()
+        ),
+    )
+    .with_details(failed.join("; ")))
 }
 
 fn cmd_check(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
@@ -253,10 +346,14 @@ fn cmd_check(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
         ));
     };
     let plugin = exec::find_plugin(delegate_type(&delegate).unwrap_or(""), &args.cni_path)?;
-    // The prevResult is in the caller's version, so the delegate must be asked in it.
-    delegate.insert("cniVersion".into(), json!(conf.cni_version));
+    // The prevResult is in the caller's version, so the delegate must be asked in it
+    // (1.1.0 as 1.0.0, the same result format).
+    let version = config::delegate_version(&conf.cni_version);
+    delegate.insert("cniVersion".into(), json!(version));
     if let Some(prev) = &conf.prev_result {
-        delegate.insert("prevResult".into(), prev.clone());
+        let mut prev = prev.clone();
+        config::relabel(&mut prev, version);
+        delegate.insert("prevResult".into(), prev);
     }
     if let Some(rc) = &conf.runtime_config {
         delegate.insert("runtimeConfig".into(), rc.clone());
@@ -355,9 +452,9 @@ mod tests {
         assert_eq!(rc, 0);
         assert_eq!(
             v["supportedVersions"],
-            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
-        assert_eq!(v["cniVersion"], json!("1.0.0"));
+        assert_eq!(v["cniVersion"], json!("1.1.0"));
     }
 
     #[test]
@@ -413,7 +510,7 @@ mod tests {
         let (_, v) = call(&env, "not json");
         assert_eq!(
             (v["code"].clone(), v["cniVersion"].clone()),
-            (json!(6), json!("1.0.0"))
+            (json!(6), json!("1.1.0"))
         );
         let (_, v) = call(&env, r#"{"cniVersion":"2.0.0","name":"n"}"#);
         assert_eq!(v["code"], json!(1));
@@ -458,5 +555,141 @@ mod tests {
         ];
         assert_eq!(call(&env, &conf).0, 0);
         assert!(!saved_config_path(&data, "c1").exists());
+    }
+
+    const SUBNET_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
+
+    /// An agent's `/healthz` on 127.0.0.1 that answers each connection with the next of
+    /// `answers` (status, body).
+    fn agent(answers: Vec<(u16, &'static str)>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let (mut c, _) = l.accept().unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut c, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn status_needs_subnet_env_and_a_healthy_agent() {
+        let d = tempfile::tempdir().unwrap();
+        let env = d.path().join("subnet.env");
+        let conf = |url: &str, version: &str| {
+            json!({"cniVersion": version, "name": "n", "subnetFile": env, "agentURL": url})
+                .to_string()
+        };
+        let status = [("CNI_COMMAND", "STATUS")];
+        let url = agent(vec![(503, "no lease held"), (200, "ok")]);
+
+        let (rc, v) = call(&status, &conf(&url, "1.1.0"));
+        assert_eq!((rc, v["code"].clone()), (1, json!(50)), "{v}");
+        assert!(v["msg"].as_str().unwrap().contains("subnet.env"), "{v}");
+
+        std::fs::write(&env, SUBNET_ENV).unwrap();
+        let (rc, v) = call(&status, &conf(&url, "1.1.0"));
+        assert_eq!((rc, v["code"].clone()), (1, json!(50)), "{v}");
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.contains("not healthy") && msg.contains("no lease held"),
+            "{msg}"
+        );
+
+        let (rc, v) = call(&status, &conf(&url, "1.1.0"));
+        assert_eq!((rc, v), (0, Value::Null), "available");
+
+        let closed = format!("http://{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        });
+        let (rc, v) = call(&status, &conf(&closed, "1.1.0"));
+        assert_eq!((rc, v["code"].clone()), (1, json!(50)), "{v}");
+        assert!(
+            v["msg"].as_str().unwrap().contains("does not answer"),
+            "{v}"
+        );
+
+        assert_eq!(call(&status, &conf("", "1.1.0")).0, 0, "subnet.env alone");
+        let (_, v) = call(&status, &conf("", "1.0.0"));
+        assert_eq!(v["code"], json!(1), "STATUS is CNI 1.1");
+        let (_, v) = call(&status, &conf("https://x", "1.1.0"));
+        assert_eq!(v["code"], json!(7), "agentURL is plain http");
+    }
+
+    #[test]
+    fn gc_deletes_through_the_delegate_what_the_runtime_no_longer_holds() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (bin, data, log) = (
+            d.path().join("bin"),
+            d.path().join("data"),
+            d.path().join("log"),
+        );
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(d.path().join("subnet.env"), SUBNET_ENV).unwrap();
+        // A delegate that records each call and succeeds.
+        let bridge = bin.join("bridge");
+        std::fs::write(
+            &bridge,
+            format!(
+                "#!/bin/sh\necho \"$CNI_COMMAND $CNI_CONTAINERID $CNI_IFNAME\" >> {}\necho '{{}}'\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bridge, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cni_path = bin.display().to_string();
+        let conf = |extra: Value| {
+            let mut c = json!({"cniVersion": "1.1.0", "name": "n", "type": "twill-cni",
+                "subnetFile": d.path().join("subnet.env"), "dataDir": data});
+            if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(e.clone());
+            }
+            c.to_string()
+        };
+        for (id, ifname) in [("c1", "eth0"), ("c2", "net1"), ("c3", "net2")] {
+            let env = [
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", "/var/run/netns/x"),
+                ("CNI_IFNAME", ifname),
+                ("CNI_PATH", cni_path.as_str()),
+            ];
+            assert_eq!(call(&env, &conf(json!({}))).0, 0);
+        }
+        // Saved by flannel: no interface name kept.
+        std::fs::write(data.join("old"), r#"{"type":"bridge","name":"n"}"#).unwrap();
+        std::fs::write(&log, "").unwrap();
+
+        let gc = [("CNI_COMMAND", "GC"), ("CNI_PATH", cni_path.as_str())];
+        let (_, v) = call(&gc, &conf(json!({})));
+        assert_eq!(v["code"], json!(7), "no list, nothing released: {v}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "");
+
+        let keep = json!({"cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "net1"}]});
+        let (rc, v) = call(&gc, &conf(keep));
+        assert_eq!((rc, v), (0, Value::Null));
+        let mut calls: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        calls.sort();
+        assert_eq!(calls, ["DEL c1 eth0", "DEL c3 net2", "DEL old eth0"]);
+        assert_eq!(store::containers(&data).unwrap(), ["c2"]);
     }
 }

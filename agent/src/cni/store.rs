@@ -1,6 +1,9 @@
 //! The saved delegate configurations: `<dataDir>/<containerID>`, written atomically
 //! (temp file, fsync, rename, fsync of the directory) with mode 0600 in a 0700 directory,
-//! so DEL works after subnet.env changed or vanished.
+//! so DEL works after subnet.env changed or vanished. The file is the delegate
+//! configuration alone, as flannel saves it (a node moving from flannel keeps working);
+//! the interface name GC needs is kept beside it in `<dataDir>/.ifname/<containerID>`
+//! (container IDs never start with '.', so no container's file is in the way).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -44,14 +47,57 @@ pub fn load(data_dir: &Path, container_id: &str) -> Result<Option<Vec<u8>>, CniE
     }
 }
 
-/// Removes `container_id`'s delegate configuration; a missing file is fine.
+/// Removes `container_id`'s delegate configuration and interface name; missing files
+/// are fine.
 pub fn remove(data_dir: &Path, container_id: &str) -> Result<(), CniError> {
-    let path = path_for(data_dir, container_id);
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error("remove saved delegate config", &path, e)),
+    for path in [
+        path_for(data_dir, container_id),
+        data_dir.join(IFNAMES).join(container_id),
+    ] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove saved delegate config", &path, e)),
+        }
     }
+    Ok(())
+}
+
+/// The directory of the interface names, under the data directory.
+const IFNAMES: &str = ".ifname";
+
+/// Keeps the interface `container_id` was attached with, for GC.
+pub fn save_ifname(data_dir: &Path, container_id: &str, ifname: &str) -> Result<(), CniError> {
+    save(&data_dir.join(IFNAMES), container_id, ifname.as_bytes())
+}
+
+/// The interface `container_id` was attached with, when it was kept (configurations
+/// saved by flannel, or by an older twill-cni, have none).
+pub fn load_ifname(data_dir: &Path, container_id: &str) -> Result<Option<String>, CniError> {
+    Ok(load(&data_dir.join(IFNAMES), container_id)?
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|s| !s.is_empty()))
+}
+
+/// Every container with a saved delegate configuration (a data directory that does not
+/// exist has none).
+pub fn containers(data_dir: &Path) -> Result<Vec<String>, CniError> {
+    let entries = match std::fs::read_dir(data_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("list data directory", data_dir, e)),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("list data directory", data_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Temporary files and the interface names start with '.'; container IDs never do.
+        if super::config::valid_cni_name(&name) && entry.path().is_file() {
+            ids.push(name);
+        }
+    }
+    ids.sort();
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -82,5 +128,21 @@ mod tests {
         remove(&dir, "c1").unwrap();
         remove(&dir, "c1").unwrap();
         assert_eq!(load(&dir, "c1").unwrap(), None);
+    }
+
+    #[test]
+    fn interface_names_live_beside_and_go_with_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("data");
+        assert!(containers(&dir).unwrap().is_empty(), "no directory yet");
+        save(&dir, "b", b"{}").unwrap();
+        save(&dir, "a", b"{}").unwrap();
+        save_ifname(&dir, "a", "eth0").unwrap();
+        assert_eq!(containers(&dir).unwrap(), ["a", "b"], "not .ifname");
+        assert_eq!(load_ifname(&dir, "a").unwrap().as_deref(), Some("eth0"));
+        assert_eq!(load_ifname(&dir, "b").unwrap(), None, "saved by flannel");
+        remove(&dir, "a").unwrap();
+        assert_eq!(load_ifname(&dir, "a").unwrap(), None);
+        assert_eq!(containers(&dir).unwrap(), ["b"]);
     }
 }
