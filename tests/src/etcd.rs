@@ -586,6 +586,19 @@ impl EtcdCluster {
         out.ok().map(drop)
     }
 
+    /// The IDs of the leases etcd holds (`etcdctl lease list`).
+    pub fn leases(&self) -> Result<Vec<String>> {
+        let out = self.etcdctl(&["lease", "list"], None)?.ok()?;
+        // "found N leases" and then one hex ID a line.
+        Ok(out
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Deletes every key under `prefix`; how many there were.
     pub fn del_prefix(&self, prefix: &str) -> Result<u64> {
         let out = self

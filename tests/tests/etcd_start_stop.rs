@@ -1,8 +1,14 @@
-//! A controller with `--store etcd` started while etcd does not answer (issue 28): it
-//! waits, saying so in its log, instead of exiting; once etcd answers it becomes
-//! ready; SIGTERM while it waits ends it at once with a clean exit. Real etcd on
-//! 127.0.0.1 (`tests/src/etcd.rs`), the real controller binary, signals sent to the
-//! controller's own process.
+//! Controllers on etcd starting and stopping (issue 28). Real etcd on 127.0.0.1
+//! (`tests/src/etcd.rs`), the real controller binary, signals sent to the controller's
+//! own process.
+//!
+//! 1. `a_controller_started_before_etcd_waits_for_it_and_then_serves`: started while
+//!    etcd does not answer, a controller waits, saying so in its log, instead of
+//!    exiting; once etcd answers it becomes ready; SIGTERM while it waits ends it at
+//!    once with a clean exit.
+//! 2. `a_leader_stopped_with_sigterm_hands_over_without_waiting_for_its_lease`: a leader
+//!    that stops resigns and revokes its etcd lease on the way out, so the other
+//!    replica leads without waiting for the lease's 3 s TTL.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -12,7 +18,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use twill_tests::kit::http_get;
 use twill_tests::replicas::{
-    base_args, etcd_args, pick_addrs, replica_bins, run_kept, Controller, Pki, HA_NET_CONF,
+    base_args, etcd_args, pick_addrs, replica_bins, run_kept, Controller, Pki, ReplicaSet,
+    HA_NET_CONF,
 };
 use twill_tests::{wait_until, Bins, Check, EtcdCluster};
 
@@ -106,4 +113,32 @@ fn keeps_waiting(c: &mut Controller) -> Result<()> {
             n => Check::NotYet(format!("{n} time(s) so far")),
         }
     })
+}
+
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_without_waiting_for_its_lease() {
+    let test = "a_leader_stopped_with_sigterm_hands_over_without_waiting_for_its_lease";
+    let Some(bins) = replica_bins(test) else {
+        return;
+    };
+    run_kept("twill-handover", |dir| handover(&bins, dir));
+}
+
+fn handover(bins: &Bins, dir: &Path) -> Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let pki = Pki::create(bins, dir)?;
+    let set = ReplicaSet::start(bins, &etcd, &pki, dir, 2, "/twill-handover/", HA_NET_CONF)?;
+    let leader = set.wait_leader(PATIENCE, None)?;
+    let before = etcd.leases()?;
+    let status = set.with(leader, Controller::terminate)?;
+    ensure!(status.success(), "the leader ended with {status}");
+    // Right after the exit: a lease left to expire would still be there for 3 s.
+    let after = etcd.leases()?;
+    ensure!(
+        after.len() < before.len(),
+        "the stopped leader's etcd lease is still held ({before:?} before, {after:?} after): \
+         it did not revoke it, so its successor waits for the TTL"
+    );
+    set.wait_leader(PATIENCE, Some(leader))?;
+    Ok(())
 }
