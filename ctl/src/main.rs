@@ -498,11 +498,10 @@ fn run(cli: Cli) -> Result<()> {
             let cs = call(conn, "certs issued", |mut a| async move {
                 a.list_issued_certificates(page_size).await
             })?;
-            let text = output::render_issued(&cs, format, SystemTime::now());
-            if text.is_empty() {
-                eprintln!("No issued certificates found.");
-            }
-            emit(&text)
+            emit_list(
+                &output::render_issued(&cs, format, SystemTime::now()),
+                "No issued certificates found.",
+            )
         }
         Command::Certs(CertsCommand::Revoke { name, role }) => {
             let n = name.clone();
@@ -546,11 +545,10 @@ fn run(cli: Cli) -> Result<()> {
                 "token list",
                 |mut a| async move { a.list_tokens().await },
             )?;
-            let text = output::render_tokens(&ts, format, SystemTime::now());
-            if text.is_empty() {
-                eprintln!("No bootstrap tokens found.");
-            }
-            emit(&text)
+            emit_list(
+                &output::render_tokens(&ts, format, SystemTime::now()),
+                "No bootstrap tokens found.",
+            )
         }
         Command::Token(TokenCommand::Delete { id }) => {
             let arg = id.clone();
@@ -573,22 +571,22 @@ fn run(cli: Cli) -> Result<()> {
             let resp = call(conn, "leases", |mut a| async move {
                 a.list_all_leases(&p, &sn, page_size).await
             })?;
-            let text = output::render_leases(&resp, format, SystemTime::now());
-            if text.is_empty() {
-                let mut why = Vec::new();
-                if !prefix.is_empty() {
-                    why.push(format!("with prefix {prefix:?}"));
-                }
-                if !subnet.is_empty() {
-                    why.push(format!("in {subnet}"));
-                }
-                if why.is_empty() {
-                    eprintln!("No leases found.");
-                } else {
-                    eprintln!("No leases found {}.", why.join(" "));
-                }
+            let mut why = Vec::new();
+            if !prefix.is_empty() {
+                why.push(format!("with prefix {prefix:?}"));
             }
-            emit(&text)
+            if !subnet.is_empty() {
+                why.push(format!("in {subnet}"));
+            }
+            let none = if why.is_empty() {
+                "No leases found.".to_string()
+            } else {
+                format!("No leases found {}.", why.join(" "))
+            };
+            emit_list(
+                &output::render_leases(&resp, format, SystemTime::now()),
+                &none,
+            )
         }
         Command::Lease(LeaseCommand::Get { node }) => {
             let l = call(conn, "lease get", |mut a| async move {
@@ -628,11 +626,10 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 Ok((rs, leases))
             })?;
-            let text = output::render_reservations(&rs, leases.as_deref(), format);
-            if text.is_empty() {
-                eprintln!("No reservations found.");
-            }
-            emit(&text)
+            emit_list(
+                &output::render_reservations(&rs, leases.as_deref(), format),
+                "No reservations found.",
+            )
         }
         Command::Config => {
             let c = call(conn, "config", |mut a| async move { a.get_config().await })?;
@@ -642,7 +639,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Checks an IPv4 CIDR such as 10.244.7.0/24 (usage error otherwise).
 /// A subnet argument, as typed, with its family.
 #[derive(Debug, Clone)]
 struct Cidr {
@@ -688,6 +684,15 @@ fn per_family(subnets: &[Cidr]) -> Result<(String, String)> {
 }
 
 /// Writes to stdout; a closed pipe (`twillctl ... | head`) is not an error.
+/// Prints a list; an empty one says so on stderr (as kubectl does), so that stdout
+/// stays parseable.
+fn emit_list(text: &str, none: &str) -> Result<()> {
+    if text.is_empty() {
+        eprintln!("{none}");
+    }
+    emit(text)
+}
+
 fn emit(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
