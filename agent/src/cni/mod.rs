@@ -274,10 +274,13 @@ fn delete(
     store::remove(&conf.data_dir, container_id)
 }
 
-/// GC: every saved attachment whose container the runtime no longer names in
-/// `cni.dev/valid-attachments` is deleted through its delegate (as DEL would, the
-/// network namespace being gone), so host-local gives its addresses back. One that
-/// fails is reported and the others go on.
+/// GC: every saved attachment of this network whose container the runtime no longer
+/// names in `cni.dev/valid-attachments` is deleted through its delegate (as DEL would,
+/// the network namespace being gone), so host-local gives its addresses back. One that
+/// fails is reported and the others go on. The list names this network's attachments
+/// only, and networks may share a data directory (flannel's default is one for all):
+/// a saved configuration of another network (its delegate's `name`), or one that does
+/// not parse, is left alone.
 fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     since_1_1(conf, args.command)?;
     let Some(valid) = &conf.valid_attachments else {
@@ -290,6 +293,13 @@ fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     let mut failed = Vec::new();
     for id in store::containers(&conf.data_dir)? {
         if valid.iter().any(|a| a.container_id == id) {
+            continue;
+        }
+        let saved = store::load(&conf.data_dir, &id)?.unwrap_or_default();
+        let network = serde_json::from_slice::<Value>(&saved)
+            .ok()
+            .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
+        if network.as_deref() != Some(conf.name.as_str()) {
             continue;
         }
         let ifname = store::load_ifname(&conf.data_dir, &id)?;
@@ -673,6 +683,9 @@ mod tests {
         }
         // Saved by flannel: no interface name kept.
         std::fs::write(data.join("old"), r#"{"type":"bridge","name":"n"}"#).unwrap();
+        // Another network's, in the same data directory, and one that does not parse.
+        std::fs::write(data.join("blue"), r#"{"type":"bridge","name":"blue"}"#).unwrap();
+        std::fs::write(data.join("torn"), "{").unwrap();
         std::fs::write(&log, "").unwrap();
 
         let gc = [("CNI_COMMAND", "GC"), ("CNI_PATH", cni_path.as_str())];
@@ -690,6 +703,6 @@ mod tests {
             .collect();
         calls.sort();
         assert_eq!(calls, ["DEL c1 eth0", "DEL c3 net2", "DEL old eth0"]);
-        assert_eq!(store::containers(&data).unwrap(), ["c2"]);
+        assert_eq!(store::containers(&data).unwrap(), ["blue", "c2", "torn"]);
     }
 }
