@@ -120,12 +120,27 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Skips loudly, or fails under CI.
-fn skip(why: &str) {
-    twill_tests::kit::skip(
-        "add_check_del_with_real_bridge_and_host_local",
-        &format!("needs root and network namespaces ({why})"),
-    );
+/// Skips `test` loudly, or fails under CI.
+fn skip(test: &str, why: &str) {
+    twill_tests::kit::skip(test, &format!("needs root and network namespaces ({why})"));
+}
+
+/// Whether `test` can run here (root, the plugins); a loud skip when it cannot.
+fn can_run(test: &str) -> bool {
+    if !is_root() {
+        skip(test, "not root");
+        return false;
+    }
+    if !Path::new(PLUGINS).join("bridge").exists()
+        || !Path::new(PLUGINS).join("host-local").exists()
+    {
+        skip(
+            test,
+            "containernetworking-plugins not installed in /usr/lib/cni",
+        );
+        return false;
+    }
+    true
 }
 
 fn conf(dir: &Path, version: &str) -> String {
@@ -152,19 +167,15 @@ fn write_subnet_env(dir: &Path) {
 #[test]
 #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn add_check_del_with_real_bridge_and_host_local() {
-    if !is_root() {
-        return skip("not root");
-    }
-    if !Path::new(PLUGINS).join("bridge").exists()
-        || !Path::new(PLUGINS).join("host-local").exists()
-    {
-        return skip("containernetworking-plugins not installed in /usr/lib/cni");
+    let test = "add_check_del_with_real_bridge_and_host_local";
+    if !can_run(test) {
+        return;
     }
     let pid = std::process::id();
     let (host, pod) = (format!("twcni-{pid}-h"), format!("twcni-{pid}-p"));
     let _ns = match Namespaces::create(&[host.clone(), pod.clone()]) {
         Ok(ns) => ns,
-        Err(e) => return skip(&e),
+        Err(e) => return skip(test, &e),
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -346,13 +357,9 @@ fn add_check_del_with_real_bridge_and_host_local() {
 #[test]
 #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
-    if !is_root() {
-        return skip("not root");
-    }
-    if !Path::new(PLUGINS).join("bridge").exists()
-        || !Path::new(PLUGINS).join("host-local").exists()
-    {
-        return skip("containernetworking-plugins not installed in /usr/lib/cni");
+    let test = "gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local";
+    if !can_run(test) {
+        return;
     }
     let pid = std::process::id();
     let (host, gone, kept) = (
@@ -362,7 +369,7 @@ fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
     );
     let mut ns = match Namespaces::create(&[host.clone(), gone.clone(), kept.clone()]) {
         Ok(ns) => ns,
-        Err(e) => return skip(&e),
+        Err(e) => return skip(test, &e),
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

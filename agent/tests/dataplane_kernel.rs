@@ -1383,6 +1383,16 @@ fn ping6_across_flannel_v6_between_two_namespaces() {
     });
 }
 
+/// The test namespace's underlay, `veth0` with 192.0.2.1/24.
+fn veth0() -> Underlay {
+    Underlay {
+        index: ifindex("veth0"),
+        name: "veth0".into(),
+        addr: "192.0.2.1/24".parse().unwrap(),
+        mtu: 1500,
+    }
+}
+
 /// `ethtool -k DEV`: whether `tx-checksum-ip-generic` is on.
 fn tx_checksum_on(dev: &str) -> bool {
     let out = sh("ethtool", &format!("-k {dev}"));
@@ -1404,13 +1414,7 @@ fn tx_checksum_offload_off_holds_from_start_and_after_the_device_is_recreated() 
                 r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "TxChecksumOffload": false}}"#,
             )
             .unwrap();
-            let underlay = Underlay {
-                index: ifindex("veth0"),
-                name: "veth0".into(),
-                addr: "192.0.2.1/24".parse().unwrap(),
-                mtu: 1500,
-            };
-            let mut plane = Plane::start(&nl, &conf.backend, underlay, v4(192, 0, 2, 1), 1450)
+            let mut plane = Plane::start(&nl, &conf.backend, veth0(), v4(192, 0, 2, 1), 1450)
                 .await
                 .expect("plane");
             assert!(!tx_checksum_on("flannel.1"), "off from the start");
@@ -1423,13 +1427,7 @@ fn tx_checksum_offload_off_holds_from_start_and_after_the_device_is_recreated() 
                 r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#,
             )
             .unwrap();
-            let underlay = Underlay {
-                index: ifindex("veth0"),
-                name: "veth0".into(),
-                addr: "192.0.2.1/24".parse().unwrap(),
-                mtu: 1500,
-            };
-            Plane::start(&nl, &on.backend, underlay, v4(192, 0, 2, 1), 1450)
+            Plane::start(&nl, &on.backend, veth0(), v4(192, 0, 2, 1), 1450)
                 .await
                 .expect("plane");
             assert!(
