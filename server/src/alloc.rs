@@ -40,7 +40,8 @@ impl<N: PoolNet> Allocator<N> {
     }
 
     /// True when `subnet` is allocatable and not taken.
-    pub fn is_free(&self, subnet: N) -> bool {
+    #[cfg(test)]
+    fn is_free(&self, subnet: N) -> bool {
         self.pool.index_of(subnet).is_some_and(|i| !self.bit(i))
     }
 

@@ -23,7 +23,6 @@ pub mod status;
 pub mod store;
 
 use std::io::{Read, Write};
-use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -427,11 +426,6 @@ pub fn main() -> i32 {
     )
 }
 
-/// The file a container's delegate configuration is saved in.
-pub fn saved_config_path(data_dir: &Path, container_id: &str) -> std::path::PathBuf {
-    store::path_for(data_dir, container_id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,7 +558,7 @@ mod tests {
             ("CNI_PATH", "/nonexistent"),
         ];
         assert_eq!(call(&env, &conf).0, 0);
-        assert!(!saved_config_path(&data, "c1").exists());
+        assert!(!store::path_for(&data, "c1").exists());
     }
 
     const SUBNET_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";

@@ -561,8 +561,9 @@ fn mode_bits(meta: &std::fs::Metadata) -> u32 {
     meta.permissions().mode() & 0o7777
 }
 
-/// Fails unless `path` is `mode` exactly (for tests and checks).
-pub fn check_mode(path: &Path, mode: u32) -> Result<()> {
+/// Fails unless `path` is `mode` exactly.
+#[cfg(test)]
+fn check_mode(path: &Path, mode: u32) -> Result<()> {
     let got = mode_bits(
         &std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?,
     );
