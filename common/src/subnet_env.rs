@@ -5,7 +5,7 @@
 //! flannel's CNI plugin uses it as the bridge gateway; we keep the network form internally.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use thiserror::Error;
@@ -48,6 +48,14 @@ pub struct SubnetEnv {
     pub mtu: Option<u32>,
     /// `FLANNEL_IPMASQ`.
     pub ipmasq: Option<bool>,
+}
+
+/// The network a node's one lease belongs to (`--net-conf`), by name.
+pub const DEFAULT_NETWORK: &str = "default";
+
+/// A network's env file in `dir` (`--subnet-dir`): `<network>.env`.
+pub fn network_file(dir: &Path, network: &str) -> PathBuf {
+    dir.join(format!("{network}.env"))
 }
 
 impl SubnetEnv {

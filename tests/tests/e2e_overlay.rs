@@ -38,7 +38,7 @@ fn three_hosts_converge_ping_and_survive_agent_restarts() {
 
 /// `"TxChecksumOffload": false` reaches every agent through the controller: each
 /// host's flannel.1 sends without transmit checksum offload, and the overlay carries
-/// traffic.
+/// traffic. Each agent also writes its network's `networks/default.env`.
 #[test]
 #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn tx_checksum_offload_off_reaches_every_device_and_the_overlay_carries_traffic() {
@@ -59,6 +59,16 @@ fn tx_checksum_offload_off_reaches_every_device_and_the_overlay_carries_traffic(
                 "{n}: {FLANNEL_DEV} still offloads transmit checksums:\n{k}"
             );
             ov.lab().add_bridge(n, "pods0", envs[n].subnet)?;
+            // The network's own env file (`--subnet-dir`, default `networks` beside
+            // --subnet-file), for CNI configurations that name their network.
+            let file = ov.subnet_file(n);
+            let named = file.with_file_name("networks").join("default.env");
+            ensure!(
+                std::fs::read(&named).ok() == std::fs::read(&file).ok(),
+                "{n}: {} is not {}",
+                named.display(),
+                file.display()
+            );
         }
         every_pair_pings(ov, &envs, &["node-a", "node-b", "node-c"])
     });

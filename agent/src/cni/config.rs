@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
-use twill_common::SubnetEnv;
+use twill_common::{subnet_env, SubnetEnv};
 
 use super::error::{code, CniError};
 
@@ -13,6 +13,8 @@ use super::error::{code, CniError};
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// flannel's default `subnetFile`.
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
+/// The agent's default `--subnet-dir`, where a named network's env file is.
+pub const DEFAULT_SUBNET_DIR: &str = "/run/flannel/networks";
 /// flannel's default `dataDir` (where delegate configs are saved for DEL).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
 /// The bridge flannel's default delegate (the bridge plugin) creates.
@@ -38,7 +40,10 @@ pub struct NetConf {
     pub cni_version: String,
     /// `name`: the network name; becomes the delegate's name.
     pub name: String,
-    /// `subnetFile`.
+    /// `network` (Twill's own key, default `default`): whose env file to read.
+    pub network: String,
+    /// `subnetFile`; when not given, the `default` network's is flannel's
+    /// `/run/flannel/subnet.env` and another's `<subnetDir>/<network>.env`.
     pub subnet_file: PathBuf,
     /// `dataDir`.
     pub data_dir: PathBuf,
@@ -169,9 +174,22 @@ impl NetConf {
             )));
         }
 
-        let subnet_file = string_field("subnetFile")?
+        let network = string_field("network")?
             .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_SUBNET_FILE.into());
+            .unwrap_or_else(|| subnet_env::DEFAULT_NETWORK.into());
+        if !valid_cni_name(&network) {
+            return Err(invalid(format!(
+                "invalid characters in network {network:?} (allowed: [a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+            )));
+        }
+        let subnet_dir = string_field("subnetDir")?
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_SUBNET_DIR.into());
+        let subnet_file = match string_field("subnetFile")?.filter(|s| !s.is_empty()) {
+            Some(file) => PathBuf::from(file),
+            None if network == subnet_env::DEFAULT_NETWORK => DEFAULT_SUBNET_FILE.into(),
+            None => subnet_env::network_file(Path::new(&subnet_dir), &network),
+        };
         let data_dir = string_field("dataDir")?
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
@@ -248,7 +266,8 @@ impl NetConf {
         Ok(Self {
             cni_version,
             name,
-            subnet_file: subnet_file.into(),
+            network,
+            subnet_file,
             data_dir: data_dir.into(),
             delegate,
             ipam,
@@ -533,6 +552,27 @@ mod tests {
             d["runtimeConfig"],
             json!({"portMappings": [{"hostPort": 80}]})
         );
+    }
+
+    #[test]
+    fn network_picks_the_env_file_and_subnet_file_wins() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "network": "default"}));
+        assert_eq!(c.subnet_file, PathBuf::from(DEFAULT_SUBNET_FILE));
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "network": "blue"}));
+        assert_eq!(
+            (c.network.as_str(), c.subnet_file),
+            ("blue", PathBuf::from("/run/flannel/networks/blue.env"))
+        );
+        let c =
+            conf(json!({"cniVersion": "1.0.0", "name": "n", "network": "blue", "subnetDir": "/x"}));
+        assert_eq!(c.subnet_file, PathBuf::from("/x/blue.env"));
+        let c = conf(
+            json!({"cniVersion": "1.0.0", "name": "n", "network": "blue", "subnetFile": "/y.env"}),
+        );
+        assert_eq!(c.subnet_file, PathBuf::from("/y.env"));
+        let e = NetConf::parse(br#"{"cniVersion": "1.0.0", "name": "n", "network": "../x"}"#)
+            .unwrap_err();
+        assert_eq!(e.code, code::INVALID_NETWORK_CONFIG, "{e}");
     }
 
     #[test]

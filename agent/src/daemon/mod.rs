@@ -2,6 +2,7 @@
 //! renew until SIGTERM. Kernel state is never torn down here: while the controller is
 //! away the data plane keeps forwarding with what it has.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use twill_agent::schedule::{later, LeaseKeeping, Retry};
 use twill_agent::watch::{Opened, WatchSession};
 use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
-use twill_common::{now_unix, NetConf, SubnetEnv};
+use twill_common::{now_unix, subnet_env, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, ReleaseRequest, WatchResponse};
 
@@ -617,17 +618,32 @@ impl Agent {
                 mtu: Some(self.mtu),
                 ipmasq: Some(self.args.ip_masq),
             };
+            let network_file = self.network_file();
             env.write(&self.args.subnet_file)?;
+            env.write(&network_file)?;
             self.kernel.address(&lease).await?;
             self.kernel
                 .masquerade(&self.conf, self.args.ip_masq, Some(&lease))
                 .await;
-            info!(node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %self.args.subnet_file.display(), "lease held; subnet.env written");
+            info!(node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %self.args.subnet_file.display(), network_file = %network_file.display(), "lease held; subnet.env written");
         }
         self.stats.lease_expiry.set(lease.expires_at_unix);
         self.kernel.set_own(Some(&lease));
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
+    }
+
+    /// The `default` network's env file under --subnet-dir (by default `networks`
+    /// beside --subnet-file).
+    fn network_file(&self) -> PathBuf {
+        let dir = self.args.subnet_dir.clone().unwrap_or_else(|| {
+            self.args
+                .subnet_file
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join("networks")
+        });
+        subnet_env::network_file(&dir, subnet_env::DEFAULT_NETWORK)
     }
 
     /// The subnets of the subnet.env a previous run left, when they belong to this
