@@ -10,7 +10,6 @@ use tracing::{error, info, warn};
 use twill_common::model::{Mac, Peer};
 use twill_common::netconf::{Backend, BackendType};
 
-use crate::dataplane::netlink::Netlink;
 use crate::dataplane::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Underlay, VxlanSpec,
 };
@@ -186,7 +185,7 @@ impl Plane {
 
     /// Removes this plane's entries and its device; every failure is logged and the
     /// rest goes on.
-    pub async fn teardown(&self, dp: &Netlink) {
+    pub async fn teardown(&self, dp: &dyn DataPlane) {
         // Routes through the underlay (DirectRouting, host-gw) outlive the device:
         // remove ours first.
         let dev = self.topo.device.as_ref();

@@ -321,6 +321,10 @@ pub(crate) mod tests {
             self.log(format!("tx-checksum {device} {on}"));
             Ok(())
         }
+        async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
+            self.log(format!("delete {name}"));
+            Ok(())
+        }
         async fn ensure_address(&self, _dev: &Device, _addr: IpAddr) -> Result<(), DataPlaneError> {
             Ok(())
         }

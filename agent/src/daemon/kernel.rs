@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tracing::{info, warn};
 use twill_agent::dataplane::masq;
-use twill_agent::dataplane::netlink::Netlink;
+use twill_agent::dataplane::DataPlane;
 use twill_agent::peers::{Applied, PeerTable};
 use twill_agent::plane::Plane;
 use twill_common::model::{Lease, Mac, PerFamily};
@@ -27,7 +27,7 @@ pub(super) struct Endpoints {
 }
 
 pub(super) struct Kernel {
-    dp: Netlink,
+    dp: Box<dyn DataPlane>,
     /// The overlay of each family the network has.
     planes: PerFamily<Plane>,
     peers: PeerTable,
@@ -39,7 +39,7 @@ pub(super) struct Kernel {
 
 impl Kernel {
     pub(super) fn new(
-        dp: Netlink,
+        dp: Box<dyn DataPlane>,
         planes: PerFamily<Plane>,
         mut peers: PeerTable,
         stats: Arc<Stats>,
@@ -87,7 +87,9 @@ impl Kernel {
     /// Gives each device its subnet's network address.
     pub(super) async fn address(&self, lease: &Lease) -> Result<()> {
         for (plane, part) in self.planes.as_ref().zip(lease.parts).values() {
-            plane.address(&self.dp, part.subnet.network()).await?;
+            plane
+                .address(self.dp.as_ref(), part.subnet.network())
+                .await?;
         }
         Ok(())
     }
@@ -106,7 +108,7 @@ impl Kernel {
     /// keeps going.
     pub(super) async fn teardown(&self) {
         for plane in self.planes.values() {
-            plane.teardown(&self.dp).await;
+            plane.teardown(self.dp.as_ref()).await;
         }
         if let Err(e) = masq::remove().await {
             warn!(error = %e, "teardown");
@@ -147,7 +149,7 @@ impl Kernel {
             .iter_mut()
             .map(|(family, p)| (p, peers.peers(family)));
         for (plane, peers) in planes {
-            match plane.reconcile(&self.dp, peers, full).await {
+            match plane.reconcile(self.dp.as_ref(), peers, full).await {
                 Ok(report) => {
                     added += report.added;
                     removed += report.removed;
@@ -184,7 +186,7 @@ impl Kernel {
     pub(super) async fn check_devices(&mut self, lease: Option<&Lease>) -> bool {
         let (mut recreated, mut mac_changed) = (false, false);
         for (_, plane) in self.planes.iter_mut() {
-            match plane.check_device(&self.dp).await {
+            match plane.check_device(self.dp.as_ref()).await {
                 Ok(Some(r)) => {
                     recreated = true;
                     mac_changed |= r.mac_changed;

@@ -35,6 +35,8 @@ use twill_proto::{AcquireRequest, ReleaseRequest, WatchResponse};
 use crate::http::{self, Stats};
 
 mod kernel;
+#[cfg(test)]
+mod tests;
 
 use crate::Args;
 use kernel::Kernel;
@@ -168,7 +170,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
 
     let peers = PeerTable::new(&node, conf.networks());
-    let kernel = Kernel::new(dp, planes, peers, stats.clone());
+    let kernel = Kernel::new(Box::new(dp), planes, peers, stats.clone());
     let mut agent = Agent {
         node,
         args,

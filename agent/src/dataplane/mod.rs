@@ -144,6 +144,10 @@ pub trait DataPlane: Send + Sync {
     /// (`ethtool -K flannel.1 tx-checksum-ip-generic off`).
     async fn set_tx_checksum_offload(&self, device: &str, on: bool) -> Result<(), DataPlaneError>;
 
+    /// Deletes the VXLAN device (and with it every neighbour, FDB entry and route on
+    /// it); an absent device is fine. (`ip link del NAME`)
+    async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError>;
+
     /// Makes `addr/32` (IPv4) or `addr/128` (IPv6) the only global address of its
     /// family on the device; IPv6 link-local addresses stay.
     /// (`ip addr replace 10.244.74.0/32 dev flannel.1`,

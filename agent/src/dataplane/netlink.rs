@@ -700,19 +700,6 @@ impl Netlink {
         })
     }
 
-    /// Deletes the VXLAN device (and with it every neighbour, FDB entry and route on
-    /// it); an absent device is fine. (`ip link del NAME`)
-    pub async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
-        let Some(link) = self.link_by_name(name).await? else {
-            return Ok(());
-        };
-        let result = self.handle.link().del(link.header.index).execute().await;
-        self.check(result, link.header.index, true, |_| {
-            format!("ip link del {name}")
-        })
-        .await
-    }
-
     /// The MTU of interface `index`. (`ip link show dev DEV`)
     pub async fn link_mtu(&self, index: u32) -> Result<u32, DataPlaneError> {
         let mut links = self.handle.link().get().match_index(index).execute();
@@ -873,6 +860,17 @@ impl DataPlane for Netlink {
 
     async fn set_tx_checksum_offload(&self, device: &str, on: bool) -> Result<(), DataPlaneError> {
         super::ethtool::set_tx_checksum(device, on).await
+    }
+
+    async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(());
+        };
+        let result = self.handle.link().del(link.header.index).execute().await;
+        self.check(result, link.header.index, true, |_| {
+            format!("ip link del {name}")
+        })
+        .await
     }
 
     /// `ip addr replace ADDR/32 dev flannel.1` and `ip addr del OTHER dev flannel.1`
