@@ -15,23 +15,43 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// What the daemon reports: health and its metrics.
-pub struct Stats {
-    registry: Registry,
+/// What `/healthz` and `/livez` judge by.
+pub struct Health {
     /// Unix time the controller stopped answering (a call failed or the watch broke),
     /// 0 while it answers.
-    pub contact_lost_at: AtomicI64,
+    contact_lost_at: AtomicI64,
     /// How long contact may be lost before the agent reports unhealthy: its renew
     /// margin (after that, the lease cannot be renewed in time).
     pub contact_margin_secs: AtomicI64,
-    /// Leases of other nodes not programmed because they collide or break the rules.
-    pub peers_refused: Gauge,
-    /// Peers admitted but given no kernel entry (host-gw: not on this node's L2 subnet).
-    pub peers_unreachable: Gauge,
     /// Unix time the main loop last turned, and how long it may stand still (three
     /// reconcile intervals, at least a minute) before `/livez` fails.
     pub loop_turned: AtomicI64,
     pub loop_grace_secs: AtomicI64,
+    /// Unix time the lease expires (also the `lease_expiry_seconds` metric).
+    pub lease_expiry: Gauge,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            contact_lost_at: AtomicI64::new(0),
+            contact_margin_secs: AtomicI64::new(i64::MAX),
+            loop_turned: AtomicI64::new(twill_common::now_unix()),
+            loop_grace_secs: AtomicI64::new(60),
+            lease_expiry: Gauge::default(),
+        }
+    }
+}
+
+/// What the daemon reports: its health and its metrics.
+pub struct Stats {
+    registry: Registry,
+    /// What the health endpoints judge by.
+    pub health: Health,
+    /// Leases of other nodes not programmed because they collide or break the rules.
+    pub peers_refused: Gauge,
+    /// Peers admitted but given no kernel entry (host-gw: not on this node's L2 subnet).
+    pub peers_unreachable: Gauge,
     /// Peers currently programmed.
     pub peers: Gauge,
     /// Reconcile runs.
@@ -42,8 +62,6 @@ pub struct Stats {
     pub netlink_errors: Counter,
     /// Unix time of the last successful controller call or message.
     pub last_contact: Gauge,
-    /// Unix time the lease expires.
-    pub lease_expiry: Gauge,
     /// Unix time the node certificate in use expires (0: not known).
     pub cert_expiry: Gauge,
     /// Node certificates replaced by rotation, and rotation attempts that failed.
@@ -59,18 +77,14 @@ impl Default for Stats {
         let mut registry = Registry::with_prefix("twill_agent");
         let s = Stats {
             registry: Registry::default(),
-            contact_lost_at: AtomicI64::new(0),
-            contact_margin_secs: AtomicI64::new(i64::MAX),
+            health: Health::default(),
             peers_refused: Gauge::default(),
             peers_unreachable: Gauge::default(),
-            loop_turned: AtomicI64::new(twill_common::now_unix()),
-            loop_grace_secs: AtomicI64::new(60),
             peers: Gauge::default(),
             reconciles: Counter::default(),
             changes: Counter::default(),
             netlink_errors: Counter::default(),
             last_contact: Gauge::default(),
-            lease_expiry: Gauge::default(),
             cert_expiry: Gauge::default(),
             cert_rotations: Counter::default(),
             cert_rotation_failures: Counter::default(),
@@ -106,7 +120,7 @@ impl Default for Stats {
         registry.register(
             "lease_expiry_seconds",
             "Unix time the lease expires",
-            s.lease_expiry.clone(),
+            s.health.lease_expiry.clone(),
         );
         registry.register(
             "cert_expiry_seconds",
@@ -136,17 +150,29 @@ impl Stats {
     /// The controller answered.
     pub fn contact(&self, now: i64) {
         self.last_contact.set(now);
-        self.contact_lost_at.store(0, Ordering::Relaxed);
+        self.health.contact_lost_at.store(0, Ordering::Relaxed);
     }
 
     /// The controller did not answer (from `now` on, unless it had already stopped).
     pub fn no_contact(&self, now: i64) {
-        let _ = self
-            .contact_lost_at
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.health.contact_lost_at.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl Health {
+    /// Why the agent's loop counts as stuck at `now`, if it does (`/livez`).
+    pub fn stalled(&self, now: i64) -> Option<String> {
+        let idle = now - self.loop_turned.load(Ordering::Relaxed);
+        (idle > self.loop_grace_secs.load(Ordering::Relaxed))
+            .then(|| format!("the agent's main loop has not turned for {idle}s"))
     }
 
-    /// Why the agent is unhealthy at `now`, if it is.
+    /// Why the agent is unhealthy at `now`, if it is (`/healthz`).
     pub fn unhealthy(&self, now: i64) -> Option<String> {
         let expiry = self.lease_expiry.get();
         if expiry == 0 {
@@ -180,21 +206,16 @@ pub fn routes(stats: Arc<Stats>) -> Router {
 }
 
 async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
-    match s.unhealthy(twill_common::now_unix()) {
+    match s.health.unhealthy(twill_common::now_unix()) {
         None => (StatusCode::OK, "ok\n".into()),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
 async fn livez(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
-    let idle = twill_common::now_unix() - s.loop_turned.load(Ordering::Relaxed);
-    if idle > s.loop_grace_secs.load(Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the agent's main loop has not turned for {idle}s\n"),
-        )
-    } else {
-        (StatusCode::OK, "ok\n".into())
+    match s.health.stalled(twill_common::now_unix()) {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
@@ -212,21 +233,35 @@ mod tests {
     #[test]
     fn health_follows_the_lease_and_the_controller_contact() {
         let s = Stats::default();
-        assert!(s.unhealthy(100).unwrap().contains("no lease"));
-        s.lease_expiry.set(1_000);
-        s.contact_margin_secs.store(60, Ordering::Relaxed);
+        let h = &s.health;
+        assert!(h.unhealthy(100).unwrap().contains("no lease"));
+        h.lease_expiry.set(1_000);
+        h.contact_margin_secs.store(60, Ordering::Relaxed);
         s.contact(100);
-        assert_eq!(s.unhealthy(100), None);
+        assert_eq!(h.unhealthy(100), None);
         s.no_contact(200);
         s.no_contact(250);
-        assert_eq!(s.unhealthy(260), None, "within the renew margin");
-        let why = s.unhealthy(261).unwrap();
+        assert_eq!(h.unhealthy(260), None, "within the renew margin");
+        let why = h.unhealthy(261).unwrap();
         assert!(
             why.contains("no answer from the controller for 61s"),
             "{why}"
         );
         s.contact(270);
-        assert_eq!(s.unhealthy(270), None);
-        assert!(s.unhealthy(1_000).unwrap().contains("expired"));
+        assert_eq!(h.unhealthy(270), None);
+        assert!(h.unhealthy(1_000).unwrap().contains("expired"));
+    }
+
+    #[test]
+    fn liveness_follows_the_loop_not_the_controller() {
+        let h = Health::default();
+        h.loop_turned.store(100, Ordering::Relaxed);
+        h.loop_grace_secs.store(60, Ordering::Relaxed);
+        assert_eq!(h.stalled(160), None);
+        let why = h.stalled(161).unwrap();
+        assert!(why.contains("not turned for 61s"), "{why}");
+        assert!(h.unhealthy(161).is_some(), "no lease: unhealthy, yet alive");
+        h.loop_turned.store(161, Ordering::Relaxed);
+        assert_eq!(h.stalled(161), None);
     }
 }

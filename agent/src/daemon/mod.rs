@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> Result<()> {
                     r.context("node certificate bootstrap")?;
                     break;
                 }
-                _ = beat.tick() => stats.loop_turned.store(now_unix(), Ordering::Relaxed),
+                _ = beat.tick() => stats.health.loop_turned.store(now_unix(), Ordering::Relaxed),
                 () = &mut shutdown => {
                     info!(node = %node, "exiting before a node certificate was issued");
                     return Ok(());
@@ -309,10 +309,16 @@ impl Agent {
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
-        self.stats.loop_grace_secs.store(grace, Ordering::Relaxed);
+        self.stats
+            .health
+            .loop_grace_secs
+            .store(grace, Ordering::Relaxed);
 
         loop {
-            self.stats.loop_turned.store(now_unix(), Ordering::Relaxed);
+            self.stats
+                .health
+                .loop_turned
+                .store(now_unix(), Ordering::Relaxed);
             tokio::select! {
                 () = &mut *shutdown => break,
                 () = sleep_until(renew.due()), if acquiring.is_none() => {
@@ -344,7 +350,7 @@ impl Agent {
                     match result {
                         Ok(ttl) => {
                             let margin = renew.granted(ttl);
-                            self.stats.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
+                            self.stats.health.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
                         }
                         Err(e) => {
                             let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
@@ -629,7 +635,7 @@ impl Agent {
                 .await;
             info!(node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %self.args.subnet_file.display(), network_file = %network_file.display(), "lease held; subnet.env written");
         }
-        self.stats.lease_expiry.set(lease.expires_at_unix);
+        self.stats.health.lease_expiry.set(lease.expires_at_unix);
         self.kernel.set_own(Some(&lease));
         self.lease = Some(lease);
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
@@ -675,7 +681,7 @@ impl Agent {
         if applied.lost_own {
             warn!(node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
             self.lease = None;
-            self.stats.lease_expiry.set(0);
+            self.stats.health.lease_expiry.set(0);
         }
         applied.lost_own
     }
