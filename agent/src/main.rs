@@ -77,10 +77,13 @@ pub struct Args {
     pub subnet_file: PathBuf,
     /// Where each network's env file is written, `<name>.env` in subnet.env's format,
     /// for CNI configurations that name their network (twill-cni's "network"); this
-    /// node's network is `default`. Default: `networks` beside --subnet-file
-    /// (/run/flannel/networks).
-    #[arg(long, env = "TWILL_SUBNET_DIR")]
-    pub subnet_dir: Option<PathBuf>,
+    /// node's network is `default`.
+    #[arg(
+        long,
+        env = "TWILL_SUBNET_DIR",
+        default_value = "/run/flannel/networks"
+    )]
+    pub subnet_dir: PathBuf,
     /// Masquerade pod traffic leaving the overlay (recorded as FLANNEL_IPMASQ in subnet.env).
     #[arg(long, env = "TWILL_IP_MASQ", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub ip_masq: bool,

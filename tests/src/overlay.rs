@@ -487,6 +487,12 @@ impl Overlay {
             self.certs.join("ca.crt").display().to_string(),
             "--subnet-file".into(),
             self.subnet_file(node).display().to_string(),
+            // Beside subnet.env, never the host's /run/flannel/networks.
+            "--subnet-dir".into(),
+            self.subnet_file(node)
+                .with_file_name("networks")
+                .display()
+                .to_string(),
             "--metrics-addr".into(),
             self.agent_metrics_addr(node).to_string(),
         ];

@@ -119,6 +119,13 @@ impl Impostor {
             ("--tls-cert", self.cert.display().to_string()),
             ("--tls-key", self.key.display().to_string()),
             ("--subnet-file", self.subnet_file.display().to_string()),
+            (
+                "--subnet-dir",
+                self.subnet_file
+                    .with_file_name("networks")
+                    .display()
+                    .to_string(),
+            ),
             ("--metrics-addr", self.metrics.to_string()),
             (
                 "--bootstrap-token-file",

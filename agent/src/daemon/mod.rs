@@ -2,7 +2,7 @@
 //! renew until SIGTERM. Kernel state is never torn down here: while the controller is
 //! away the data plane keeps forwarding with what it has.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -641,17 +641,9 @@ impl Agent {
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
     }
 
-    /// The `default` network's env file under --subnet-dir (by default `networks`
-    /// beside --subnet-file).
+    /// The `default` network's env file under --subnet-dir.
     fn network_file(&self) -> PathBuf {
-        let dir = self.args.subnet_dir.clone().unwrap_or_else(|| {
-            self.args
-                .subnet_file
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join("networks")
-        });
-        subnet_env::network_file(&dir, subnet_env::DEFAULT_NETWORK)
+        subnet_env::network_file(&self.args.subnet_dir, subnet_env::DEFAULT_NETWORK)
     }
 
     /// The subnets of the subnet.env a previous run left, when they belong to this

@@ -249,6 +249,7 @@ fn pki(dir: &std::path::Path) -> [PathBuf; 3] {
 async fn node_a(fake: &FakeController, dir: &std::path::Path) -> (Agent, MemoryKernel) {
     let [cert, key, ca] = pki(dir);
     let subnet_file = dir.join("subnet.env");
+    let subnet_dir = dir.join("networks");
     let args = Args::try_parse_from([
         "twill-agent",
         "--controller",
@@ -263,6 +264,8 @@ async fn node_a(fake: &FakeController, dir: &std::path::Path) -> (Agent, MemoryK
         ca.to_str().expect("utf-8"),
         "--subnet-file",
         subnet_file.to_str().expect("utf-8"),
+        "--subnet-dir",
+        subnet_dir.to_str().expect("utf-8"),
         "--reconcile-interval",
         "1s",
     ])
