@@ -109,17 +109,6 @@ impl Drop for Namespaces {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Skips `test` loudly, or fails under CI.
 fn skip(test: &str, why: &str) {
     twill_tests::kit::skip(test, &format!("needs root and network namespaces ({why})"));
@@ -127,7 +116,7 @@ fn skip(test: &str, why: &str) {
 
 /// Whether `test` can run here (root, the plugins); a loud skip when it cannot.
 fn can_run(test: &str) -> bool {
-    if !is_root() {
+    if !nix::unistd::Uid::effective().is_root() {
         skip(test, "not root");
         return false;
     }

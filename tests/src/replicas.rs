@@ -473,6 +473,30 @@ pub fn etcd_args(etcd: &EtcdCluster, prefix: &str) -> Vec<String> {
     ]
 }
 
+/// A controller on `etcd` under `prefix`, not started: the addresses `addrs`, advertised
+/// at its gRPC address, the net-conf `dir/net-conf.json`, its data dir
+/// `dir/<name>.data` and its log `dir/<name>.log`.
+pub fn replica(
+    bins: &Bins,
+    etcd: &EtcdCluster,
+    pki: &Pki,
+    dir: &Path,
+    prefix: &str,
+    name: &str,
+    addrs: Addrs,
+) -> Controller {
+    let conf = dir.join("net-conf.json");
+    let mut args = base_args(pki, addrs, &conf, &dir.join(format!("{name}.data")));
+    args.extend(etcd_args(etcd, prefix));
+    args.extend(["--advertise-url".into(), format!("https://{}", addrs.grpc)]);
+    Controller::new(
+        name,
+        &bins.controller(),
+        args,
+        dir.join(format!("{name}.log")),
+    )
+}
+
 /// Picks free ports for `n` controllers (gRPC and HTTP each).
 pub fn pick_addrs(n: usize) -> Result<Vec<Addrs>> {
     let ports = free_ports(2 * n)?;
@@ -497,23 +521,12 @@ impl ReplicaSet {
         prefix: &str,
         net_conf: &str,
     ) -> Result<ReplicaSet> {
-        let conf = dir.join("net-conf.json");
-        std::fs::write(&conf, net_conf)?;
+        std::fs::write(dir.join("net-conf.json"), net_conf)?;
         let addrs = pick_addrs(n)?;
         let controllers = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| {
-                let mut args = base_args(pki, *a, &conf, &dir.join(format!("replica{i}.data")));
-                args.extend(etcd_args(etcd, prefix));
-                args.extend(["--advertise-url".into(), format!("https://{}", a.grpc)]);
-                Controller::new(
-                    &format!("replica{i}"),
-                    &bins.controller(),
-                    args,
-                    dir.join(format!("replica{i}.log")),
-                )
-            })
+            .map(|(i, a)| replica(bins, etcd, pki, dir, prefix, &format!("replica{i}"), *a))
             .collect();
         let set = ReplicaSet {
             addrs,

@@ -18,8 +18,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use twill_tests::kit::http_get;
 use twill_tests::replicas::{
-    base_args, etcd_args, pick_addrs, replica_bins, run_kept, Controller, Pki, ReplicaSet,
-    HA_NET_CONF,
+    pick_addrs, replica, replica_bins, run_kept, Controller, Pki, ReplicaSet, HA_NET_CONF,
 };
 use twill_tests::{wait_until, Bins, Check, EtcdCluster};
 
@@ -41,22 +40,11 @@ fn scenario(bins: &Bins, dir: &Path) -> Result<()> {
     let etcd = EtcdCluster::start(1)?;
     etcd.kill(0)?;
     let pki = Pki::create(bins, dir)?;
-    let conf = dir.join("net-conf.json");
-    std::fs::write(&conf, HA_NET_CONF)?;
+    std::fs::write(dir.join("net-conf.json"), HA_NET_CONF)?;
     let addrs = pick_addrs(2)?;
     let controller = |i: usize| {
-        let mut args = base_args(&pki, addrs[i], &conf, &dir.join(format!("c{i}.data")));
-        args.extend(etcd_args(&etcd, "/twill-etcd-wait/"));
-        args.extend([
-            "--advertise-url".into(),
-            format!("https://{}", addrs[i].grpc),
-        ]);
-        Controller::new(
-            &format!("c{i}"),
-            &bins.controller(),
-            args,
-            dir.join(format!("c{i}.log")),
-        )
+        let name = format!("c{i}");
+        replica(bins, &etcd, &pki, dir, "/twill-etcd-wait/", &name, addrs[i])
     };
 
     // 1. SIGTERM while waiting: a clean exit, at once (terminate() fails past 10 s).

@@ -239,23 +239,24 @@ fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
 }
 
 fn cmd_del(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
-    delete(conf, &args.container_id, &args.cni_path, &[])?;
+    // Unknown container or already deleted: nothing to do (spec: DEL is idempotent).
+    if let Some(saved) = store::load(&conf.data_dir, &args.container_id)? {
+        delete(conf, &args.container_id, &saved, &args.cni_path, &[])?;
+    }
     Ok(Vec::new())
 }
 
-/// Undoes `container_id`'s attachment through the delegate it was added with, and
-/// forgets it; `env` is set for the delegate (GC names the container and interface).
+/// Undoes `container_id`'s attachment through the delegate configuration it was
+/// added with (`saved`), and forgets it; `env` is set for the delegate (GC names the
+/// container and interface).
 fn delete(
     conf: &NetConf,
     container_id: &str,
+    saved: &[u8],
     cni_path: &str,
     env: &[(&str, &str)],
 ) -> Result<(), CniError> {
-    let Some(saved) = store::load(&conf.data_dir, container_id)? else {
-        // Unknown container or already deleted: nothing to do (spec: DEL is idempotent).
-        return Ok(());
-    };
-    let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&saved).ok();
+    let parsed: Option<serde_json::Map<String, Value>> = serde_json::from_slice(saved).ok();
     let Some(plugin_type) = parsed.as_ref().and_then(delegate_type) else {
         // flannel: an unreadable saved config is logged and dropped; the interface goes
         // away with the network namespace.
@@ -269,7 +270,7 @@ fn delete(
     // The saved bytes are passed as saved (flannel does): the delegate sees the config
     // it was added with, whatever subnet.env says now. The file stays on failure so a
     // retried DEL still has it.
-    exec::invoke_with(&plugin, "DEL", &saved, env)?;
+    exec::invoke_with(&plugin, "DEL", saved, env)?;
     store::remove(&conf.data_dir, container_id)
 }
 
@@ -294,7 +295,9 @@ fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
         if valid.iter().any(|a| a.container_id == id) {
             continue;
         }
-        let saved = store::load(&conf.data_dir, &id)?.unwrap_or_default();
+        let Some(saved) = store::load(&conf.data_dir, &id)? else {
+            continue;
+        };
         let network = serde_json::from_slice::<Value>(&saved)
             .ok()
             .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string));
@@ -308,7 +311,7 @@ fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
             ("CNI_IFNAME", ifname),
             ("CNI_NETNS", ""),
         ];
-        if let Err(e) = delete(conf, &id, &args.cni_path, &env) {
+        if let Err(e) = delete(conf, &id, &saved, &args.cni_path, &env) {
             failed.push(format!("{id}: {}", e.msg));
         }
     }
