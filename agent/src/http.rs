@@ -1,10 +1,11 @@
-//! The agent's HTTP endpoint: `/healthz` (a live lease, and the controller heard
-//! from within the renew margin), `/livez` (the main loop is turning: for a liveness
+//! The agent's HTTP endpoint: `/healthz` (a live lease in every joined network, and
+//! the controller heard from within the renew margin), `/livez` (the main loop is turning: for a liveness
 //! probe, which must not restart agents because the controller is away) and
 //! `/metrics` (Prometheus, through prometheus-client as in the controller).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,6 +13,7 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -27,8 +29,45 @@ pub struct Health {
     /// reconcile intervals, at least a minute) before `/livez` fails.
     pub loop_turned: AtomicI64,
     pub loop_grace_secs: AtomicI64,
-    /// Unix time the lease expires (also the `lease_expiry_seconds` metric).
-    pub lease_expiry: Gauge,
+    /// When each joined network's lease expires (also the `lease_expiry_seconds`
+    /// metric, labelled by network).
+    pub lease_expiry: LeaseExpiry,
+}
+
+/// The `network` label of the per-network metrics.
+type NetworkLabel = Vec<(&'static str, String)>;
+
+/// Unix time each joined network's lease expires, 0 while it holds none.
+#[derive(Default)]
+pub struct LeaseExpiry {
+    by_network: Mutex<BTreeMap<String, i64>>,
+    gauge: Family<NetworkLabel, Gauge>,
+}
+
+impl LeaseExpiry {
+    /// `network`'s lease expires at `at` (0: it holds none); a network set here is
+    /// joined until [`LeaseExpiry::remove`].
+    pub fn set(&self, network: &str, at: i64) {
+        self.networks().insert(network.to_string(), at);
+        self.gauge.get_or_create(&label(network)).set(at);
+    }
+
+    /// `network` was left: neither health nor metrics speak of it any more.
+    pub fn remove(&self, network: &str) {
+        self.networks().remove(network);
+        self.gauge.remove(&label(network));
+    }
+
+    fn networks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, i64>> {
+        // The map is whole after every operation: a panic elsewhere cannot tear it.
+        self.by_network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn label(network: &str) -> NetworkLabel {
+    vec![("network", network.to_string())]
 }
 
 impl Default for Health {
@@ -38,7 +77,7 @@ impl Default for Health {
             contact_margin_secs: AtomicI64::new(i64::MAX),
             loop_turned: AtomicI64::new(twill_common::now_unix()),
             loop_grace_secs: AtomicI64::new(60),
-            lease_expiry: Gauge::default(),
+            lease_expiry: LeaseExpiry::default(),
         }
     }
 }
@@ -119,8 +158,8 @@ impl Default for Stats {
         );
         registry.register(
             "lease_expiry_seconds",
-            "Unix time the lease expires",
-            s.health.lease_expiry.clone(),
+            "Unix time the network's lease expires (0: none held)",
+            s.health.lease_expiry.gauge.clone(),
         );
         registry.register(
             "cert_expiry_seconds",
@@ -172,17 +211,25 @@ impl Health {
             .then(|| format!("the agent's main loop has not turned for {idle}s"))
     }
 
-    /// Why the agent is unhealthy at `now`, if it is (`/healthz`).
+    /// Why the agent is unhealthy at `now`, if it is (`/healthz`): the first joined
+    /// network whose lease is missing or expired is named.
     pub fn unhealthy(&self, now: i64) -> Option<String> {
-        let expiry = self.lease_expiry.get();
-        if expiry == 0 {
-            return Some("no lease held (not acquired yet, or revoked)".into());
+        let expiries = self.lease_expiry.networks().clone();
+        if expiries.is_empty() {
+            return Some("no lease held (no network joined yet)".into());
         }
-        if expiry <= now {
-            return Some(format!(
-                "the lease expired {}s ago and could not be renewed",
-                now - expiry
-            ));
+        for (network, expiry) in expiries {
+            if expiry == 0 {
+                return Some(format!(
+                    "network {network}: no lease held (not acquired yet, or revoked)"
+                ));
+            }
+            if expiry <= now {
+                return Some(format!(
+                    "network {network}: the lease expired {}s ago and could not be renewed",
+                    now - expiry
+                ));
+            }
         }
         let lost = self.contact_lost_at.load(Ordering::Relaxed);
         let margin = self.contact_margin_secs.load(Ordering::Relaxed);
@@ -235,7 +282,7 @@ mod tests {
         let s = Stats::default();
         let h = &s.health;
         assert!(h.unhealthy(100).unwrap().contains("no lease"));
-        h.lease_expiry.set(1_000);
+        h.lease_expiry.set("default", 1_000);
         h.contact_margin_secs.store(60, Ordering::Relaxed);
         s.contact(100);
         assert_eq!(h.unhealthy(100), None);
@@ -263,5 +310,36 @@ mod tests {
         assert!(h.unhealthy(161).is_some(), "no lease: unhealthy, yet alive");
         h.loop_turned.store(161, Ordering::Relaxed);
         assert_eq!(h.stalled(161), None);
+    }
+
+    #[test]
+    fn health_names_the_network_whose_lease_is_in_trouble_and_metrics_carry_it() {
+        let s = Stats::default();
+        let h = &s.health;
+        h.lease_expiry.set("default", 1_000);
+        h.lease_expiry.set("blue", 0);
+        let why = h.unhealthy(100).unwrap();
+        assert!(
+            why.contains("network blue") && why.contains("no lease"),
+            "{why}"
+        );
+        h.lease_expiry.set("blue", 500);
+        assert_eq!(h.unhealthy(100), None);
+        let why = h.unhealthy(600).unwrap();
+        assert!(
+            why.contains("network blue") && why.contains("expired"),
+            "{why}"
+        );
+        let mut out = String::new();
+        encode(&mut out, &s.registry).unwrap();
+        assert!(
+            out.contains(r#"twill_agent_lease_expiry_seconds{network="blue"} 500"#),
+            "{out}"
+        );
+        h.lease_expiry.remove("blue");
+        assert_eq!(h.unhealthy(600), None, "a network left is no longer judged");
+        let mut out = String::new();
+        encode(&mut out, &s.registry).unwrap();
+        assert!(!out.contains(r#"network="blue""#), "{out}");
     }
 }

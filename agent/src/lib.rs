@@ -1,6 +1,7 @@
-//! twill-agent: the node daemon. It acquires and renews the node's lease, writes
-//! flannel's subnet.env and keeps the kernel's VXLAN overlay state equal to the
-//! lease table the controller streams.
+//! twill-agent: the node daemon. In each network it joins (`default`, or several:
+//! REFERENCE 2.10) it acquires and renews the node's lease, writes flannel's
+//! subnet.env and keeps the kernel's VXLAN overlay state equal to the lease table the
+//! controller streams.
 //!
 //! - `client`: the mTLS channel to the controller, call deadlines, watch parts and
 //!   resume, and retry backoff.

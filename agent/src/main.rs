@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use twill_common::networks::NetworkName;
 
 mod daemon;
 mod http;
@@ -75,9 +76,15 @@ pub struct Args {
         default_value = "/run/flannel/subnet.env"
     )]
     pub subnet_file: PathBuf,
+    /// The networks this node joins, comma-separated (REFERENCE 2.10): each gets its
+    /// own lease, device (`flannel.<VNI>`), routes, masquerade rules and env file.
+    /// `*` joins every network that admits this node (the controller's ListNetworks),
+    /// following them as they come and go (checked every --reconcile-interval).
+    #[arg(long, env = "TWILL_NETWORKS", value_delimiter = ',', default_value = "default", value_parser = network_choice)]
+    pub networks: Vec<NetworkChoice>,
     /// Where each network's env file is written, `<name>.env` in subnet.env's format,
-    /// for CNI configurations that name their network (twill-cni's "network"); this
-    /// node's network is `default`.
+    /// for CNI configurations that name their network (twill-cni's "network"); the
+    /// `default` network's is also written to --subnet-file.
     #[arg(
         long,
         env = "TWILL_SUBNET_DIR",
@@ -110,6 +117,24 @@ pub struct Args {
     /// (default: leave the data plane forwarding, so an upgrade or restart costs nothing).
     #[arg(long, env = "TWILL_TEARDOWN_ON_EXIT", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub teardown_on_exit: bool,
+}
+
+/// One entry of `--networks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkChoice {
+    /// `*`: every network that admits this node.
+    Every,
+    /// One network, by name.
+    Named(NetworkName),
+}
+
+fn network_choice(s: &str) -> Result<NetworkChoice, String> {
+    match s.trim() {
+        "*" => Ok(NetworkChoice::Every),
+        name => NetworkName::new(name)
+            .map(NetworkChoice::Named)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// A positive duration of at most `max`.

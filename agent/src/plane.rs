@@ -1,11 +1,14 @@
 //! One address family's overlay on this node: its VXLAN device (`flannel.<VNI>` or
 //! `flannel-v6.<VNI>`; none with host-gw), how its peers are reached, and what the
 //! last reconcile left in the kernel. A dual-stack node runs two planes side by side;
-//! each reads, diffs and repairs only its own family's entries.
+//! each reads, diffs and repairs only its own family's entries. A node in several
+//! networks runs one set of planes per network; routes (read per family, not per
+//! device) into another network's pod network are that network's, and are left alone.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use tracing::{error, info, warn};
 use twill_common::model::{Mac, Peer};
 use twill_common::netconf::{Backend, BackendType};
@@ -40,6 +43,9 @@ pub struct Plane {
     applied: Option<KernelState>,
     /// Peers the last run could give no entry, with the reason.
     unreachable: BTreeMap<String, String>,
+    /// The pod networks of the node's other networks: routes into them belong to
+    /// those networks' planes.
+    others: Vec<IpNet>,
 }
 
 /// A device recreated behind the agent's back.
@@ -98,6 +104,7 @@ impl Plane {
             public_ip,
             applied: None,
             unreachable: BTreeMap::new(),
+            others: Vec::new(),
         })
     }
 
@@ -114,6 +121,26 @@ impl Plane {
     /// Peers given no entry by the last run.
     pub fn unreachable(&self) -> usize {
         self.unreachable.len()
+    }
+
+    /// The pod networks of the node's other networks, whose routes this plane must
+    /// neither repair nor remove. The next run reads the kernel again.
+    pub fn leave_alone(&mut self, others: Vec<IpNet>) {
+        if others != self.others {
+            self.others = others;
+            self.applied = None;
+        }
+    }
+
+    /// This plane's entries in the kernel: its device's, and its family's Twill routes
+    /// outside the other networks.
+    async fn read(&self, dp: &dyn DataPlane) -> Result<KernelState, DataPlaneError> {
+        let mut have = dp
+            .read_state(self.topo.device.as_ref(), self.family)
+            .await?;
+        have.routes
+            .retain(|dst, _| !self.others.iter().any(|n| n.contains(dst)));
+        Ok(have)
     }
 
     /// Gives the device the node subnet's network address (/32 or /128); nothing to do
@@ -138,10 +165,11 @@ impl Plane {
         self.note_unreachable(desired.unreachable, peers);
         let want = desired.state;
         let dev = self.topo.device.as_ref();
-        let report = match self.applied.take().filter(|_| !full) {
-            Some(have) => reconcile::apply_diff(dp, dev, &have, &want).await,
-            None => reconcile::reconcile(dp, dev, self.family, &want).await?,
+        let have = match self.applied.take().filter(|_| !full) {
+            Some(have) => have,
+            None => self.read(dp).await?,
         };
+        let report = reconcile::apply_diff(dp, dev, &have, &want).await;
         if report.errors.is_empty() {
             self.applied = Some(want);
         }
@@ -189,8 +217,11 @@ impl Plane {
         // Routes through the underlay (DirectRouting, host-gw) outlive the device:
         // remove ours first.
         let dev = self.topo.device.as_ref();
-        match reconcile::reconcile(dp, dev, self.family, &KernelState::default()).await {
-            Ok(r) => r.errors.iter().for_each(|e| warn!(error = %e, "teardown")),
+        match self.read(dp).await {
+            Ok(have) => {
+                let r = reconcile::apply_diff(dp, dev, &have, &KernelState::default()).await;
+                r.errors.iter().for_each(|e| warn!(error = %e, "teardown"));
+            }
             Err(e) => warn!(error = %e, "teardown: cannot read kernel state"),
         }
         if let Some(spec) = &self.spec {

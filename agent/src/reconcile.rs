@@ -400,6 +400,13 @@ pub(crate) mod tests {
             self.state.lock().unwrap().routes.remove(&route.dst);
             Ok(())
         }
+        async fn isolate(
+            &self,
+            networks: &[twill_common::model::PerFamily<ipnet::IpNet>],
+        ) -> Result<(), DataPlaneError> {
+            self.log(format!("isolate {}", networks.len()));
+            Ok(())
+        }
     }
 
     pub fn dev() -> Device {

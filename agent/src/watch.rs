@@ -1,7 +1,9 @@
 //! The lease watch as a session: the stream open (with the connection it was opened
 //! on, which must live as long as the stream), whether it is to move to the current
 //! certificate's connection, the parts of a reset being put together, where to resume
-//! from (revision and store epoch), and when to try again. The daemon opens streams and reads them; it tells the session what happened
+//! from (revision and store epoch), which networks it streams (one stream, one
+//! revision sequence for all of them: a change of networks starts over from revision
+//! 0), and when to try again. The daemon opens streams and reads them; it tells the session what happened
 //! (opened, a message, a break, new credentials) and the session says what follows.
 //! Generic over the stream and the connection so that it is tested without a
 //! controller.
@@ -26,6 +28,15 @@ pub struct WatchSession<S, C> {
     revision: u64,
     /// The store epoch `revision` belongs to (another epoch: the controller resets).
     epoch: String,
+    /// The networks to stream, as the request names them (empty: `default` only).
+    networks: Vec<String>,
+    /// The networks changed since the open stream was asked for: the next one starts
+    /// from revision 0, a reset of every network.
+    restart: bool,
+    /// The networks the last request named.
+    requested: Vec<String>,
+    /// The networks the open stream carries, as its request named them.
+    streaming: Vec<String>,
 }
 
 /// What an opened stream was.
@@ -47,15 +58,39 @@ impl<S, C> WatchSession<S, C> {
             retry: Retry::now(cap),
             revision: 0,
             epoch: String::new(),
+            networks: Vec::new(),
+            restart: false,
+            requested: Vec::new(),
+            streaming: Vec::new(),
         }
     }
 
-    /// What to open the next stream with: resume after the revision applied.
-    pub fn request(&self) -> WatchRequest {
+    /// The networks the open stream carries, as its request named them (empty:
+    /// `default` only): what a reset from it covers.
+    pub fn streaming(&self) -> &[String] {
+        &self.streaming
+    }
+
+    /// What to open the next stream with: resume after the revision applied, or from
+    /// scratch when the networks changed.
+    pub fn request(&mut self) -> WatchRequest {
+        self.requested.clone_from(&self.networks);
         WatchRequest {
-            from_revision: self.revision,
+            from_revision: if self.restart { 0 } else { self.revision },
             epoch: self.epoch.clone(),
+            networks: self.networks.clone(),
         }
+    }
+
+    /// The networks to stream, as the request names them. A change reopens the watch
+    /// from revision 0 (the open stream serves until the new one is open).
+    pub fn watch_networks(&mut self, networks: Vec<String>) {
+        if networks == self.networks {
+            return;
+        }
+        self.networks = networks;
+        self.restart = true;
+        self.move_to_current();
     }
 
     /// The revision applied.
@@ -85,12 +120,20 @@ impl<S, C> WatchSession<S, C> {
         } else {
             Opened::First
         };
-        self.moving = false;
+        // A stream asked for before the networks last changed is a stop-gap: another
+        // replaces it at once.
+        let current = self.requested == self.networks;
+        self.restart &= !current;
+        self.moving = !current;
         self.assembler.clear();
         self.open = Some((stream, conn));
+        self.streaming.clone_from(&self.requested);
         // An open watch is a success: on a quiet table no message follows that would
         // reset the wait, and the next break would wait longer and longer.
         self.retry.settled();
+        if !current {
+            self.retry.set(Instant::now());
+        }
         kind
     }
 
@@ -282,5 +325,40 @@ mod tests {
         w.message(at(true, false, &[("a", 2)], 2)).expect("a reset");
         assert_eq!(w.revision(), 2, "a reset is the new truth");
         assert_eq!(w.request().epoch, "e1", "kept while messages carry none");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_networks_reopen_the_watch_from_scratch_naming_them() {
+        let mut w = Session::new(CAP);
+        assert!(w.request().networks.is_empty(), "default only: as before");
+        w.opened("s1", 1);
+        w.message(at(true, false, &[("a", 3)], 3))
+            .expect("the reset");
+        w.watch_networks(vec![]);
+        assert!(!w.wants_open(), "no change, no reopen");
+        w.watch_networks(vec!["blue".into(), "default".into()]);
+        assert!(w.wants_open() && w.due() <= Instant::now());
+        let req = w.request();
+        assert_eq!((req.from_revision, req.networks.len()), (0, 2));
+        assert_eq!(
+            w.stream(),
+            Some(&mut "s1"),
+            "the old stream serves meanwhile"
+        );
+        w.message(at(false, false, &[("b", 4)], 4));
+        assert_eq!(w.opened("s2", 2), Opened::Moved);
+        assert!(!w.wants_open());
+        assert_eq!(w.streaming(), ["blue", "default"]);
+        assert_eq!(w.request().from_revision, 4, "resumes again once reopened");
+
+        // The networks change while a stream is being opened: that stream is replaced.
+        let _ = w.request();
+        w.watch_networks(vec!["default".into()]);
+        w.opened("s3", 3);
+        assert!(w.wants_open(), "asked for with the old networks");
+        let req = w.request();
+        assert_eq!((req.from_revision, req.networks.len()), (0, 1));
+        w.opened("s4", 4);
+        assert!(!w.wants_open());
     }
 }

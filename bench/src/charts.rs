@@ -126,9 +126,20 @@ fn specs(res: &Results) -> Vec<Spec> {
             .flatten()
             .any(|s| s.runs.iter().any(|run| run.fanout.is_some()))
     });
+    // With --networks K > 1 every node held K leases: said in every title.
+    let k = rows.iter().map(|r| r.networks).max().unwrap_or(1);
+    let on = if k > 1 {
+        format!(" (every node on {k} networks)")
+    } else {
+        String::new()
+    };
     let mut out = vec![Spec {
         file: "join-storm.svg",
-        title: "Join storm: time until all N nodes saw all N leases".into(),
+        title: if k > 1 {
+            format!("Join storm: time until all N nodes saw all N × {k} leases{on}")
+        } else {
+            "Join storm: time until all N nodes saw all N leases".into()
+        },
         y_label: "seconds (log scale)",
         log_y: true,
         series: series(rows, storm_value),
@@ -136,7 +147,9 @@ fn specs(res: &Results) -> Vec<Spec> {
     if fan_ran {
         out.push(Spec {
             file: "fanout-p99.svg",
-            title: "Fan-out p99: one node joins, from its request send to each watcher".into(),
+            title: format!(
+                "Fan-out p99: one node joins, from its request send to each watcher{on}"
+            ),
             y_label: "ms (log scale)",
             log_y: true,
             series: series(rows, fanout_value),
@@ -144,7 +157,7 @@ fn specs(res: &Results) -> Vec<Spec> {
     }
     out.push(Spec {
         file: "memory.svg",
-        title: "Server peak RSS (join storm and fan-out)".into(),
+        title: format!("Server peak RSS (join storm and fan-out){on}"),
         y_label: "MB",
         log_y: false,
         series: series(rows, rss_value),
@@ -445,11 +458,13 @@ mod tests {
             rows: vec![
                 Row {
                     nodes: 500,
+                    networks: 1,
                     twill: runs(summary(0.12, true, 3.5, 30.0)),
                     etcd: runs(summary(1.1, true, 9.0, 160.0)),
                 },
                 Row {
                     nodes: 5000,
+                    networks: 1,
                     twill: runs(summary(7.9, true, 20.0, 272.0)),
                     etcd: runs(summary(f64::NAN, false, f64::NAN, 991.0)),
                 },

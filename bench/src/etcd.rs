@@ -215,7 +215,7 @@ async fn watcher(idx: usize, ch: Channel, t: Arc<Tracker>) {
                         }
                     }
                     Who::Joiner(r) if !delete => {
-                        let _ = t.fanout_tx.send((r, now));
+                        let _ = t.fanout_tx.send((r, 0, now));
                     }
                     _ => {}
                 }

@@ -78,6 +78,14 @@ struct Opts {
     /// Which system(s) `join-storm` and `fanout` measure.
     #[arg(long, value_enum, default_value = "twill")]
     system: SystemChoice,
+    /// `join-storm`, `fanout` (Twill only): networks every simulated node joins (1 to
+    /// 6). Beyond the default one (10.0.0.0/8) the controller serves `net2`, `net3`, …
+    /// (VXLAN VNI 2, 3, …; /12s of 100.64.0.0/10, then 172.16.0.0/12, cut into /26s)
+    /// from its networks dir; each node holds a lease in every network (N × networks
+    /// leases) and watches them all on one stream, and a storm converges when every
+    /// node has seen every lease.
+    #[arg(long, default_value_t = 1, value_parser = parse_networks)]
+    networks: usize,
     /// `compare`: skip etcd.
     #[arg(long)]
     skip_etcd: bool,
@@ -109,6 +117,17 @@ struct Opts {
     /// `report`: the JSON results to render.
     #[arg(long)]
     from: Option<PathBuf>,
+}
+
+/// `--networks`: 1 to [`sim::MAX_NETWORKS`].
+fn parse_networks(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(k) if (1..=sim::MAX_NETWORKS).contains(&k) => Ok(k),
+        _ => Err(format!(
+            "{s:?}: the bench has pools for 1 to {} networks",
+            sim::MAX_NETWORKS
+        )),
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,6 +398,10 @@ pub struct SystemRuns {
 pub struct Row {
     /// Nodes.
     pub nodes: usize,
+    /// Networks each node joined (`--networks`): N × networks leases. Left out of the
+    /// JSON when 1, as before there could be several.
+    #[serde(default = "sim::one", skip_serializing_if = "sim::is_one")]
+    pub networks: usize,
     /// Twill.
     pub twill: Option<SystemRuns>,
     /// flannel's etcd mode.
@@ -448,10 +471,11 @@ async fn twill_run(
 ) -> Result<Run> {
     let joiners = if fanout { o.rounds } else { 0 };
     ensure_certs(pki, n, joiners)?;
-    let ctl = servers::Controller::start(bin, pki)?;
+    let networks = servers::extra_networks(o.networks, n + joiners)?;
+    let ctl = servers::Controller::start_with_networks(bin, pki, &networks)?;
     let urls = [ctl.url()];
     let measured = measure("twill", &[ctl.pid()], &[], n, o, fanout, || {
-        twill::fleet(&urls, pki, n, joiners)
+        twill::fleet_on(&urls, pki, n, joiners, o.networks)
     })
     .await?;
     let mut run = measured.run;
@@ -573,6 +597,15 @@ async fn etcd_run(bin: &Path, pki: &mut pki::Pki, n: usize, o: &Opts, fanout: bo
     ))
 }
 
+/// ` on K networks (L leases)` after N in the log with `--networks` K > 1, else nothing.
+fn on_networks(o: &Opts, n: usize) -> String {
+    if o.networks > 1 {
+        format!(" on {} networks ({} leases)", o.networks, n * o.networks)
+    } else {
+        String::new()
+    }
+}
+
 fn ensure_certs(pki: &mut pki::Pki, n: usize, joiners: usize) -> Result<()> {
     let names: Vec<String> = (0..n)
         .map(sim::node_name)
@@ -609,13 +642,14 @@ async fn rows(
     for &n in &o.nodes {
         let mut row = Row {
             nodes: n,
+            networks: o.networks,
             ..Default::default()
         };
         let k = repeats(o, n);
         if twill_on {
             let mut runs = Vec::new();
             for r in 0..k {
-                eprintln!("twill N={n} run {}/{k}", r + 1);
+                eprintln!("twill N={n}{} run {}/{k}", on_networks(o, n), r + 1);
                 runs.push(twill_run(ctl_bin, pki, n, o, fanout).await?);
             }
             row.twill = Some(SystemRuns {
@@ -812,6 +846,35 @@ async fn run(mut o: Opts) -> Result<Results> {
         machine: machine(),
         ..Default::default()
     };
+    if o.networks > 1 {
+        if !matches!(o.scenario, Scenario::JoinStorm | Scenario::Fanout) {
+            bail!(
+                "--networks {} applies to join-storm and fanout only",
+                o.networks
+            );
+        }
+        if o.system != SystemChoice::Twill {
+            bail!(
+                "--networks {} applies to Twill only (flannel's etcd mode is simulated on one network): use --system twill",
+                o.networks
+            );
+        }
+        let joiners = if o.scenario == Scenario::Fanout {
+            o.rounds
+        } else {
+            0
+        };
+        // Refuse pools too small before anything starts.
+        servers::extra_networks(o.networks, max_n_of(&o) + joiners)?;
+        res.notes.push(format!(
+            "every node joined {} networks ({}): a lease in each, one watch stream for all",
+            o.networks,
+            (0..o.networks)
+                .map(sim::network_name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let nofile = procstat::raise_nofile();
     let max_n = o.nodes.iter().copied().max().unwrap_or(0);
     if (nofile as usize) < 2 * max_n + 256 && o.scenario != Scenario::Dataplane {
@@ -945,6 +1008,10 @@ async fn run(mut o: Opts) -> Result<Results> {
     Ok(res)
 }
 
+fn max_n_of(o: &Opts) -> usize {
+    o.nodes.iter().copied().max().unwrap_or(0)
+}
+
 fn default_out(o: &Opts) -> PathBuf {
     let n = o
         .nodes
@@ -964,12 +1031,17 @@ fn default_out(o: &Opts) -> PathBuf {
         ),
         Scenario::Smoke => "smoke.json".into(),
         _ => format!(
-            "{}-{n}.json",
+            "{}-{n}{}.json",
             match o.scenario {
                 Scenario::JoinStorm => "join-storm".to_string(),
                 Scenario::ColdStart => "cold-start".to_string(),
                 Scenario::Ha => "ha".to_string(),
                 _ => scenario,
+            },
+            if o.networks > 1 {
+                format!("-{}networks", o.networks)
+            } else {
+                String::new()
             }
         ),
     };

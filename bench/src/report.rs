@@ -68,12 +68,21 @@ struct Target {
 fn targets(res: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     let row = res.rows.iter().find(|r| r.nodes == 5000);
+    // With several networks per node the N=5,000 figures are of N × networks leases.
+    let on = match row {
+        Some(r) if r.networks > 1 => format!(
+            " on {} networks ({} leases)",
+            r.networks,
+            thousands(5000 * r.networks)
+        ),
+        _ => String::new(),
+    };
     let tw = row.and_then(|r| r.twill.as_ref()).map(|t| &t.median);
     let et = row.and_then(|r| r.etcd.as_ref()).map(|e| &e.median);
     let check = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| v.filter(|x| x.is_finite()).map(ok);
     let fan = tw.map(|t| t.fanout_from_send_ms.p99);
     out.push(Target {
-        what: "N=5,000 fan-out p99 (from request send)".into(),
+        what: format!("N=5,000{on} fan-out p99 (from request send)"),
         goal: "< 100 ms".into(),
         got: fan.map_or("not run".into(), |v| format!("{} ms", f(v, 2))),
         met: check(fan, &|v| v < 100.0),
@@ -86,14 +95,14 @@ fn targets(res: &Results) -> Vec<Target> {
         }
     });
     out.push(Target {
-        what: "N=5,000 join storm converged".into(),
+        what: format!("N=5,000{on} join storm converged"),
         goal: "< 10 s".into(),
         got: tw.map_or("not run".into(), |t| storm_cell(t, 5000)),
         met: tw.map(|_| storm.is_some_and(|s| s.is_finite() && s < 10.0)),
     });
     let rss = tw.map(|t| t.peak_rss_mb);
     out.push(Target {
-        what: "N=5,000 controller peak RSS".into(),
+        what: format!("N=5,000{on} controller peak RSS"),
         goal: "< 150 MB".into(),
         got: rss.map_or("not run".into(), |v| format!("{} MB", f(v, 0))),
         met: check(rss, &|v| v < 150.0),
@@ -148,6 +157,19 @@ fn targets(res: &Results) -> Vec<Target> {
         got: change.map_or("not run".into(), |v| format!("{} ms", f(v, 2))),
         met: check(change, &|v| v < 5.0),
     });
+    out
+}
+
+/// `10,000`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
     out
 }
 
@@ -473,6 +495,9 @@ fn ha_tables(s: &mut String, row: &HaRow) {
 fn tables(res: &Results, charts: &[ChartLink]) -> String {
     let mut s = String::new();
     let both = res.rows.iter().any(|r| r.etcd.is_some());
+    // With --networks > 1 the rows say how many networks and leases they are of (the
+    // columns 1-network rows lack, so that the two can be set side by side).
+    let multi = res.rows.iter().map(|r| r.networks).max().unwrap_or(1);
     if !res.rows.is_empty() {
         let _ = writeln!(
             s,
@@ -483,34 +508,80 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
                 ""
             }
         );
-        if both {
-            let _ = writeln!(s, "| N | metric | Twill | etcd (flannel) | Twill / etcd |");
-            let _ = writeln!(s, "|---:|---|---:|---:|---:|");
+        if multi > 1 {
+            let fanout_ran = res.rows.iter().any(|r| {
+                [&r.twill, &r.etcd]
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x.runs.iter().any(|run| run.fanout.is_some()))
+            });
+            let _ = writeln!(
+                s,
+                "Every node joined {multi} networks: a lease in each (N × {multi} leases), all \
+                 watched on one stream; a storm converges when every node has seen every lease.{}\n",
+                if fanout_ran {
+                    format!(
+                        " A fan-out joiner asks for its {multi} leases at once; each delivery is \
+                         timed from its own lease's request (N × {multi} deliveries a join)."
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let (cols, rule) = if multi > 1 {
+            ("| N | networks | leases ", "|---:|---:|---:")
         } else {
-            let _ = writeln!(s, "| N | metric | Twill |");
-            let _ = writeln!(s, "|---:|---|---:|");
+            ("| N ", "|---:")
+        };
+        if both {
+            let _ = writeln!(
+                s,
+                "{cols}| metric | Twill | etcd (flannel) | Twill / etcd |"
+            );
+            let _ = writeln!(s, "{rule}|---|---:|---:|---:|");
+        } else {
+            let _ = writeln!(s, "{cols}| metric | Twill |");
+            let _ = writeln!(s, "{rule}|---|---:|");
         }
         for row in &res.rows {
             let t = row.twill.as_ref().map(|t| &t.median);
             let e = row.etcd.as_ref().map(|e| &e.median);
             let runs = t.or(e).map_or(0, |m| m.runs);
+            let n_cells = if multi > 1 {
+                format!(
+                    "{} | {} | {}",
+                    row.nodes,
+                    row.networks,
+                    row.nodes * row.networks
+                )
+            } else {
+                row.nodes.to_string()
+            };
+            let (all_leases, leases) = if row.networks > 1 {
+                (
+                    format!("N × {}", row.networks),
+                    format!("N × {} leases", row.networks),
+                )
+            } else {
+                ("N".to_string(), "N leases".to_string())
+            };
             let mut line =
                 |metric: &str, tv: Option<String>, ev: Option<String>, r: Option<String>| {
                     let tv = tv.unwrap_or_else(|| "–".into());
                     if both {
                         let _ = writeln!(
                             s,
-                            "| {} | {metric} | {tv} | {} | {} |",
-                            row.nodes,
+                            "| {n_cells} | {metric} | {tv} | {} | {} |",
                             ev.unwrap_or_else(|| "–".into()),
                             r.unwrap_or_else(|| "–".into())
                         );
                     } else {
-                        let _ = writeln!(s, "| {} | {metric} | {tv} |", row.nodes);
+                        let _ = writeln!(s, "| {n_cells} | {metric} | {tv} |");
                     }
                 };
             line(
-                &format!("join storm: all N saw all N leases (median of {runs})"),
+                &format!("join storm: all N saw all {all_leases} leases (median of {runs})"),
                 t.map(|m| storm_cell(m, row.nodes)),
                 e.map(|m| storm_cell(m, row.nodes)),
                 t.zip(e)
@@ -570,7 +641,7 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
                 t.zip(e).map(|(a, b)| ratio(a.peak_rss_mb, b.peak_rss_mb)),
             );
             line(
-                "server RSS at the end (N leases, N watchers), MB",
+                &format!("server RSS at the end ({leases}, N watchers), MB"),
                 t.map(|m| f(m.end_rss_mb, 0)),
                 e.map(|m| f(m.end_rss_mb, 0)),
                 t.zip(e).map(|(a, b)| ratio(a.end_rss_mb, b.end_rss_mb)),
@@ -889,6 +960,52 @@ mod tests {
                 .collect(),
             median: Default::default(),
         }
+    }
+
+    fn storm_row(nodes: usize, networks: usize) -> crate::Row {
+        crate::Row {
+            nodes,
+            networks,
+            twill: Some(SystemRuns {
+                runs: vec![Run::default()],
+                median: Summary {
+                    runs: 1,
+                    converged_runs: 1,
+                    storm_s: 1.5,
+                    ..Default::default()
+                },
+            }),
+            etcd: None,
+        }
+    }
+
+    #[test]
+    fn rows_of_several_networks_name_their_networks_and_leases() {
+        let one = markdown(&Results {
+            rows: vec![storm_row(5000, 1)],
+            ..Default::default()
+        });
+        assert!(one.contains("| N | metric | Twill |\n"), "{one}");
+        assert!(
+            one.contains("| 5000 | join storm: all N saw all N leases (median of 1) | 1.50 s |")
+        );
+        assert!(one.contains("| N=5,000 join storm converged |"), "{one}");
+        let two = markdown(&Results {
+            rows: vec![storm_row(5000, 2)],
+            ..Default::default()
+        });
+        assert!(
+            two.contains("| N | networks | leases | metric | Twill |\n"),
+            "{two}"
+        );
+        assert!(two.contains(
+            "| 5000 | 2 | 10000 | join storm: all N saw all N × 2 leases (median of 1) | 1.50 s |"
+        ));
+        assert!(two.contains("(N × 2 leases, N watchers)"), "{two}");
+        assert!(
+            two.contains("| N=5,000 on 2 networks (10,000 leases) join storm converged |"),
+            "{two}"
+        );
     }
 
     #[test]

@@ -12,7 +12,11 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use twill_common::networks::{check_against, Network, NetworkName};
+use twill_common::NetConf;
+
 use crate::pki::Pki;
+use crate::sim;
 
 /// The controller's count of watch messages sent (one per watcher per publication).
 pub const WATCH_MESSAGES: &str = "twill_watch_messages_sent_total";
@@ -21,6 +25,39 @@ pub const WATCH_MESSAGES: &str = "twill_watch_messages_sent_total";
 /// nodes (flannel's 10.244.0.0/16 holds only 255).
 pub const NET_CONF: &str =
     r#"{"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}"#;
+
+/// The files of the extra networks of a run joining `networks` networks (the default
+/// one, [`NET_CONF`], and `networks - 1` more, [`sim::network_conf`]): (file name,
+/// contents) each. Refused, before any controller starts, when there are more than
+/// the bench has pools for, when two would overlap or share a VNI (the controller's own
+/// rules), or when a pool has fewer subnets than `nodes` (the nodes and joiners that
+/// will each hold a lease in it).
+pub fn extra_networks(networks: usize, nodes: usize) -> Result<Vec<(String, String)>> {
+    if networks == 0 || networks > sim::MAX_NETWORKS {
+        bail!(
+            "--networks {networks}: the bench has pools for 1 to {} networks",
+            sim::MAX_NETWORKS
+        );
+    }
+    let default = NetConf::parse(NET_CONF).context("the bench's default network")?;
+    let mut all = vec![Network::default_from(default)];
+    let mut files = Vec::new();
+    for k in 1..networks {
+        let name = sim::network_name(k);
+        let conf = sim::network_conf(k);
+        let file = format!("{name}.json");
+        let net = Network::parse(NetworkName::new(name.clone())?, &conf, Path::new(&file))
+            .with_context(|| format!("the bench's network {name}"))?;
+        check_against(&net, &all).with_context(|| format!("the bench's network {name}"))?;
+        let subnets = net.conf.ipv4.as_ref().map_or(0, |p| p.count() as usize);
+        if subnets < nodes {
+            bail!("network {name} ({conf}) has {subnets} subnets, fewer than the {nodes} nodes");
+        }
+        all.push(net);
+        files.push((file, conf));
+    }
+    Ok(files)
+}
 
 /// A free TCP port on loopback.
 pub fn free_port() -> Result<u16> {
@@ -170,7 +207,25 @@ pub struct Controller {
 impl Controller {
     /// Starts the controller with a fresh data dir and waits for /readyz.
     pub fn start(bin: &Path, pki: &Pki) -> Result<Controller> {
-        Controller::launch(bin, pki, |_| Vec::new())
+        Controller::launch(bin, pki, &[], |_| Vec::new())
+    }
+
+    /// As [`Controller::start`], serving also the extra networks `networks` (from
+    /// [`extra_networks`]), written into its `--networks-dir` before it starts; fails
+    /// when it refuses one of them.
+    pub fn start_with_networks(
+        bin: &Path,
+        pki: &Pki,
+        networks: &[(String, String)],
+    ) -> Result<Controller> {
+        let c = Controller::launch(bin, pki, networks, |_| Vec::new())?;
+        if c.log_tail(1000).contains("network file refused") {
+            bail!(
+                "twill-controller refused a network of the bench:\n{}",
+                c.log_tail(30)
+            );
+        }
+        Ok(c)
     }
 
     /// A replica with `--store etcd` on `etcd` under `prefix`, advertising its own URL
@@ -184,7 +239,7 @@ impl Controller {
     ) -> Result<Controller> {
         let p = |name: &str| pki.path(name).display().to_string();
         let endpoints = etcd.endpoints();
-        Controller::launch(bin, pki, |addr| {
+        Controller::launch(bin, pki, &[], |addr| {
             vec![
                 "--store".into(),
                 "etcd".into(),
@@ -209,7 +264,7 @@ impl Controller {
     /// set-up), each valid for a day: within the benchmark CA's two.
     pub fn start_issuing(bin: &Path, pki: &Pki) -> Result<Controller> {
         let p = |name: &str| pki.path(name).display().to_string();
-        Controller::launch(bin, pki, |_| {
+        Controller::launch(bin, pki, &[], |_| {
             vec![
                 "--signing-cert".into(),
                 p("ca.crt"),
@@ -221,10 +276,12 @@ impl Controller {
         })
     }
 
-    /// Starts the controller with the common flags and `extra(its gRPC address)`.
+    /// Starts the controller with the common flags, the extra `networks` (file name,
+    /// contents) in its networks dir, and `extra(its gRPC address)`.
     fn launch(
         bin: &Path,
         pki: &Pki,
+        networks: &[(String, String)],
         extra: impl FnOnce(SocketAddr) -> Vec<String>,
     ) -> Result<Controller> {
         let dir = tempfile::Builder::new()
@@ -232,6 +289,13 @@ impl Controller {
             .tempdir()?;
         let net_conf = dir.path().join("net-conf.json");
         std::fs::write(&net_conf, NET_CONF)?;
+        if !networks.is_empty() {
+            let networks_dir = dir.path().join("networks");
+            std::fs::create_dir_all(&networks_dir)?;
+            for (file, conf) in networks {
+                std::fs::write(networks_dir.join(file), conf)?;
+            }
+        }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let p = |s: &Path| s.display().to_string();
@@ -244,6 +308,8 @@ impl Controller {
             p(&dir.path().join("data")),
             "--net-conf".into(),
             p(&net_conf),
+            "--networks-dir".into(),
+            p(&dir.path().join("networks")),
             "--tls-cert".into(),
             p(&pki.path("server.crt")),
             "--tls-key".into(),
@@ -502,5 +568,29 @@ impl EtcdCluster {
     /// The members' process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.members.iter().map(Etcd::pid).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_extra_networks_are_apart_from_the_default_one_and_big_enough() {
+        // Every network the bench can make, checked by the controller's own rules
+        // (overlap, VNI) inside `extra_networks`, each with room for 5,000 nodes and
+        // the fan-out's joiners.
+        let files = extra_networks(sim::MAX_NETWORKS, 5050).expect("networks accepted");
+        assert_eq!(files.len(), sim::MAX_NETWORKS - 1);
+        assert_eq!(files[0].0, "net2.json");
+        for (k, (_, conf)) in files.iter().enumerate() {
+            assert!(conf.contains(&format!(r#""VNI": {}"#, k + 2)), "{conf}");
+        }
+        assert!(extra_networks(1, 1_000_000).expect("one").is_empty());
+        assert!(
+            extra_networks(2, 20_000).is_err(),
+            "16,383 subnets a network"
+        );
+        assert!(extra_networks(sim::MAX_NETWORKS + 1, 10).is_err());
     }
 }

@@ -19,6 +19,73 @@ pub fn joiner_name(r: usize) -> String {
     format!("j{r:03}")
 }
 
+/// The most networks a run can join: the default one and one per block of
+/// [`EXTRA_NETWORK_BLOCKS`].
+pub const MAX_NETWORKS: usize = 1 + EXTRA_NETWORK_BLOCKS.len();
+
+/// The pod networks of the extra networks (`--networks` > 1), the k-th extra network
+/// (network index k) on the k-th: each a /12 cut into /26s, 16,383 node subnets (the
+/// first one is left out, as flannel's SubnetMin does). They stay clear of the default
+/// network's 10.0.0.0/8 ([`crate::servers::NET_CONF`]) and of the simulated nodes'
+/// public addresses (198.18.0.0/15): RFC 6598's 100.64.0.0/10 in four /12s, then
+/// 172.16.0.0/12. (A /24 per node, as the default network has, would need a /10 per
+/// network to hold 5,000 nodes, and only 100.64.0.0/10 is that large outside 10/8.)
+pub const EXTRA_NETWORK_BLOCKS: [&str; 5] = [
+    "100.64.0.0/12",
+    "100.80.0.0/12",
+    "100.96.0.0/12",
+    "100.112.0.0/12",
+    "172.16.0.0/12",
+];
+
+/// The node subnet length of the extra networks.
+pub const EXTRA_SUBNET_LEN: u8 = 26;
+
+/// The name of network `k` of a run: `default` for 0, else `net<k+1>` (its VNI is
+/// k+1 too: `net2` is on VNI 2).
+pub fn network_name(k: usize) -> String {
+    if k == 0 {
+        "default".into()
+    } else {
+        format!("net{}", k + 1)
+    }
+}
+
+/// Network `k`'s name as the wire spells it (`Lease.network`, `AcquireRequest.network`):
+/// empty for the default network.
+pub fn network_wire(k: usize) -> String {
+    if k == 0 {
+        String::new()
+    } else {
+        network_name(k)
+    }
+}
+
+/// The index of a network named by [`network_name`] or [`network_wire`] (`None`:
+/// another network).
+pub fn network_index(name: &[u8]) -> Option<usize> {
+    match name {
+        b"" | b"default" => Some(0),
+        [b'n', b'e', b't', rest @ ..] => std::str::from_utf8(rest)
+            .ok()
+            .filter(|d| !d.starts_with('0') && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<usize>().ok())
+            .filter(|&v| v >= 2)
+            .map(|v| v - 1),
+        _ => None,
+    }
+}
+
+/// The net-conf.json of extra network `k` (1 ≤ k < [`MAX_NETWORKS`]): VXLAN on VNI k+1.
+pub fn network_conf(k: usize) -> String {
+    assert!((1..MAX_NETWORKS).contains(&k), "no extra network {k}");
+    format!(
+        r#"{{"Network": "{}", "SubnetLen": {EXTRA_SUBNET_LEN}, "Backend": {{"Type": "vxlan", "VNI": {}}}}}"#,
+        EXTRA_NETWORK_BLOCKS[k - 1],
+        k + 1
+    )
+}
+
 /// Who a lease belongs to, from its node name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
@@ -52,12 +119,19 @@ pub fn public_ip(i: usize) -> String {
 
 /// A VTEP MAC for simulated node `i` (`joiner` ones differ).
 pub fn vtep_mac(i: usize, joiner: bool) -> String {
+    vtep_mac_in(i, joiner, 0)
+}
+
+/// The VTEP MAC of simulated node `i`'s device on network `k` (`flannel.<k+1>`): each
+/// network has a device, and a MAC, of its own.
+pub fn vtep_mac_in(i: usize, joiner: bool, k: usize) -> String {
     format!(
-        "0a:{}:{:02x}:{:02x}:{:02x}:01",
+        "0a:{}:{:02x}:{:02x}:{:02x}:{:02x}",
         if joiner { "59" } else { "58" },
         (i >> 16) & 0xff,
         (i >> 8) & 0xff,
-        i & 0xff
+        i & 0xff,
+        (k + 1) & 0xff
     )
 }
 
@@ -112,18 +186,23 @@ pub struct Tracker {
     pub base: Instant,
     /// Storm nodes.
     pub n: usize,
-    /// Per watcher: storm leases it currently knows.
+    /// Networks each node joins (one lease in each): storm lease `(k, i)` of network
+    /// `k` and node `i` has the index [`Tracker::lease`].
+    pub networks: usize,
+    /// Per watcher: storm leases it currently knows (of every network).
     pub seen: Vec<AtomicU32>,
-    /// Per watcher: when it first knew all `n` (ns after `base`; 0: not yet).
+    /// Per watcher: when it first knew all `n × networks` (ns after `base`; 0: not
+    /// yet).
     pub converged_at: Vec<AtomicU64>,
-    /// Watchers that knew all `n` at some point.
+    /// Watchers that knew all `n × networks` at some point.
     pub converged: AtomicUsize,
-    /// Per storm node: when its lease was granted (ns after `base`; 0: not yet).
+    /// Per storm lease ([`Tracker::lease`]): when it was granted (ns after `base`; 0:
+    /// not yet).
     pub granted_at: Vec<AtomicU64>,
     /// Failed grant attempts (each retried after 1 s).
     pub grant_errors: AtomicU64,
-    /// Fan-out: (round, delivery time) from every watcher.
-    pub fanout_tx: mpsc::UnboundedSender<(u32, Instant)>,
+    /// Fan-out: (round, network, delivery time) from every watcher.
+    pub fanout_tx: mpsc::UnboundedSender<(u32, u32, Instant)>,
     /// Churn in progress: watchers time deliveries of storm-node events.
     pub churn_on: AtomicBool,
     /// Per storm node: when its last Release was sent (ns after `base`).
@@ -145,14 +224,20 @@ pub struct Tracker {
 /// Receivers of a [`Tracker`]'s channels.
 pub struct TrackerRx {
     /// Fan-out deliveries.
-    pub fanout: mpsc::UnboundedReceiver<(u32, Instant)>,
+    pub fanout: mpsc::UnboundedReceiver<(u32, u32, Instant)>,
     /// Resumed watches.
     pub resumed: mpsc::UnboundedReceiver<Instant>,
 }
 
 impl Tracker {
-    /// A tracker for `n` storm nodes.
+    /// A tracker for `n` storm nodes on one network.
     pub fn new(n: usize) -> (Tracker, TrackerRx) {
+        Tracker::on_networks(n, 1)
+    }
+
+    /// A tracker for `n` storm nodes, each joining `networks` networks.
+    pub fn on_networks(n: usize, networks: usize) -> (Tracker, TrackerRx) {
+        let networks = networks.max(1);
         let (fanout_tx, fanout) = mpsc::unbounded_channel();
         let (resumed_tx, resumed) = mpsc::unbounded_channel();
         let zeros = |k: usize| (0..k).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
@@ -160,10 +245,11 @@ impl Tracker {
             Tracker {
                 base: Instant::now(),
                 n,
+                networks,
                 seen: (0..n).map(|_| AtomicU32::new(0)).collect(),
                 converged_at: zeros(n),
                 converged: AtomicUsize::new(0),
-                granted_at: zeros(n),
+                granted_at: zeros(n * networks),
                 grant_errors: AtomicU64::new(0),
                 fanout_tx,
                 churn_on: AtomicBool::new(false),
@@ -202,6 +288,17 @@ impl Tracker {
         }
     }
 
+    /// The index of storm lease (network `k`, node `i`) in [`Tracker::granted_at`] and
+    /// in a watcher's [`Seen`]: `k × n + i` (with one network, `i`).
+    pub fn lease(&self, k: usize, i: usize) -> usize {
+        k * self.n + i
+    }
+
+    /// Storm leases: `n × networks`.
+    pub fn leases(&self) -> usize {
+        self.n * self.networks
+    }
+
     /// Nanoseconds after `base` (at least 1, so 0 can mean "not yet").
     pub fn ns(&self, t: Instant) -> u64 {
         (t.saturating_duration_since(self.base).as_nanos() as u64).max(1)
@@ -210,7 +307,7 @@ impl Tracker {
     /// A watcher's count changed.
     pub fn update_seen(&self, watcher: usize, seen: usize, now: Instant) {
         self.seen[watcher].store(seen as u32, Ordering::Relaxed);
-        if seen >= self.n && self.converged_at[watcher].load(Ordering::Relaxed) == 0 {
+        if seen >= self.leases() && self.converged_at[watcher].load(Ordering::Relaxed) == 0 {
             self.converged_at[watcher].store(self.ns(now), Ordering::Relaxed);
             self.converged.fetch_add(1, Ordering::Relaxed);
         }
@@ -241,12 +338,16 @@ impl Tracker {
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
             .collect();
-        let granted: Vec<u64> = self
+        let granted_at: Vec<u64> = self
             .granted_at
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
-            .filter(|&g| g != 0)
             .collect();
+        let granted: Vec<u64> = granted_at.iter().copied().filter(|&g| g != 0).collect();
+        // A node is granted once it holds its lease in every network.
+        let nodes_granted = (0..self.n)
+            .filter(|&i| (0..self.networks).all(|k| granted_at[self.lease(k, i)] != 0))
+            .count();
         let converged = conv.iter().filter(|&&c| c != 0).count();
         let seen_total: u64 = self
             .seen
@@ -256,6 +357,8 @@ impl Tracker {
         let all = converged == self.n;
         StormOutcome {
             nodes: self.n,
+            networks: self.networks,
+            leases_granted: granted.len(),
             converged: all,
             converge_s: if all {
                 conv.iter()
@@ -266,13 +369,28 @@ impl Tracker {
                 f64::NAN
             },
             deadline_s: deadline.as_secs_f64(),
-            nodes_granted: granted.len(),
+            nodes_granted,
             nodes_converged: converged,
-            deliveries_fraction: seen_total as f64 / (self.n as f64 * self.n as f64),
+            deliveries_fraction: seen_total as f64 / (self.n as f64 * self.leases() as f64),
             grant_ms: Dist::of(granted.iter().map(|&g| ms(g)).collect()),
             grant_errors: self.grant_errors.load(Ordering::Relaxed),
         }
     }
+}
+
+/// One: the number of networks of results from before there could be several.
+pub fn one() -> usize {
+    1
+}
+
+/// Whether a network count is 1 (left out of the JSON, which stays as it was).
+pub fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// Whether a count is 0 (left out of the JSON).
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The result of a join storm.
@@ -280,22 +398,29 @@ impl Tracker {
 pub struct StormOutcome {
     /// Nodes.
     pub nodes: usize,
+    /// Networks each node joined (a lease in each): N × networks leases.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub networks: usize,
+    /// Leases granted (with one network: `nodes_granted`, and left out).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leases_granted: usize,
     /// Every node saw every lease before the deadline.
     pub converged: bool,
-    /// Seconds from the start until the last node had seen all N leases (NaN if not).
+    /// Seconds from the start until the last node had seen all N × networks leases
+    /// (NaN if not).
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub converge_s: f64,
     /// The deadline.
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deadline_s: f64,
-    /// Nodes whose lease was granted.
+    /// Nodes whose lease was granted (in every network).
     pub nodes_granted: usize,
-    /// Nodes that had seen all N leases.
+    /// Nodes that had seen all N × networks leases.
     pub nodes_converged: usize,
-    /// Leases known over all nodes / N².
+    /// Leases known over all nodes / (N² × networks).
     #[serde(deserialize_with = "crate::stats::f64_or_nan")]
     pub deliveries_fraction: f64,
-    /// Time from the start until each node's grant, ms.
+    /// Time from the start until each grant (each node's, in each network), ms.
     pub grant_ms: Dist,
     /// Failed grant attempts (retried every second, as flanneld does).
     pub grant_errors: u64,
@@ -314,15 +439,16 @@ pub async fn wait_converged(t: &Tracker, start: Instant, deadline: Duration, lab
             .iter()
             .filter(|g| g.load(Ordering::Relaxed) != 0)
             .count();
-        if (done >= t.n && granted >= t.n) || start.elapsed() >= deadline {
+        if (done >= t.n && granted >= t.leases()) || start.elapsed() >= deadline {
             return;
         }
         if last_print.elapsed() >= Duration::from_secs(10) {
             last_print = Instant::now();
             eprintln!(
-                "  {label}: {:.0}s: {granted}/{} granted, {done}/{} converged",
+                "  {label}: {:.0}s: {granted}/{}{} granted, {done}/{} converged",
                 start.elapsed().as_secs_f64(),
-                t.n,
+                t.leases(),
+                if t.networks == 1 { "" } else { " leases" },
                 t.n
             );
         }
@@ -338,7 +464,10 @@ pub struct FanoutOutcome {
     pub watchers: usize,
     /// Joins.
     pub rounds: usize,
-    /// Deliveries expected (rounds × watchers).
+    /// Networks each joiner joined (a lease in each; the delays are per lease).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub networks: usize,
+    /// Deliveries expected (rounds × networks × watchers).
     pub expected: u64,
     /// The joiner's request sent (Twill: its Acquire; etcd: its LeaseGrant, the first
     /// of flannel's two calls) → the lease's arrival at each watcher, ms. Never
@@ -360,19 +489,42 @@ pub struct FanoutOutcome {
     pub grant_rtt_ms: Dist,
 }
 
-/// Collects the deliveries of fan-out round `round` until all `watchers` have it or
-/// `limit` passes; returns the delivery times.
+/// Collects the deliveries of fan-out round `round` (one network) until all
+/// `watchers` have it or `limit` passes; returns the delivery times.
 pub async fn collect_round(
-    rx: &mut mpsc::UnboundedReceiver<(u32, Instant)>,
+    rx: &mut mpsc::UnboundedReceiver<(u32, u32, Instant)>,
     round: u32,
     watchers: usize,
     limit: Duration,
 ) -> Vec<Instant> {
-    let mut got = Vec::with_capacity(watchers);
+    collect_round_in(rx, round, 1, watchers, limit)
+        .await
+        .swap_remove(0)
+}
+
+/// Collects the deliveries of fan-out round `round`, whose joiner joined `networks`
+/// networks, until all `watchers` have each of its leases or `limit` passes; returns
+/// the delivery times per network.
+pub async fn collect_round_in(
+    rx: &mut mpsc::UnboundedReceiver<(u32, u32, Instant)>,
+    round: u32,
+    networks: usize,
+    watchers: usize,
+    limit: Duration,
+) -> Vec<Vec<Instant>> {
+    let mut got: Vec<Vec<Instant>> = (0..networks.max(1))
+        .map(|_| Vec::with_capacity(watchers))
+        .collect();
+    let mut count = 0;
     let deadline = tokio::time::Instant::now() + limit;
-    while got.len() < watchers {
+    while count < watchers * got.len() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some((r, t))) if r == round => got.push(t),
+            Ok(Some((r, k, t))) if r == round => {
+                if let Some(g) = got.get_mut(k as usize) {
+                    g.push(t);
+                    count += 1;
+                }
+            }
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => break,
         }
@@ -410,6 +562,7 @@ pub fn fanout_outcome(
     FanoutOutcome {
         watchers,
         rounds: rounds.len(),
+        networks: 1,
         expected: (rounds.len() * watchers) as u64,
         from_send_ms: Dist::of(from_send),
         last_from_send_ms: Dist::of(last_send),
@@ -422,6 +575,58 @@ pub fn fanout_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_names_come_back_to_their_index() {
+        for k in 0..MAX_NETWORKS {
+            assert_eq!(network_index(network_name(k).as_bytes()), Some(k));
+            assert_eq!(network_index(network_wire(k).as_bytes()), Some(k));
+        }
+        assert_eq!(
+            network_wire(0),
+            "",
+            "the default network's wire name is empty"
+        );
+        assert_eq!(
+            (network_name(1).as_str(), network_wire(1).as_str()),
+            ("net2", "net2")
+        );
+        for other in ["net1", "net02", "net", "blue", "net2x"] {
+            assert_eq!(network_index(other.as_bytes()), None, "{other}");
+        }
+        assert!(network_conf(1).contains(r#""VNI": 2"#));
+    }
+
+    #[test]
+    fn a_node_converges_once_it_saw_every_lease_of_every_network() {
+        let (t, _rx) = Tracker::on_networks(3, 2);
+        assert_eq!((t.leases(), t.lease(1, 2), t.granted_at.len()), (6, 5, 6));
+        let now = Instant::now();
+        t.update_seen(0, 3, now);
+        assert_eq!(
+            t.converged.load(Ordering::Relaxed),
+            0,
+            "one network is not all"
+        );
+        t.update_seen(0, 6, now);
+        assert_eq!(t.converged.load(Ordering::Relaxed), 1);
+        // Node 0 holds both leases, node 1 only its default one.
+        for lease in [t.lease(0, 0), t.lease(1, 0), t.lease(0, 1)] {
+            t.granted_at[lease].store(1_000_000, Ordering::Relaxed);
+        }
+        let o = t.storm_outcome(Duration::from_secs(1));
+        assert_eq!((o.networks, o.leases_granted, o.nodes_granted), (2, 3, 1));
+        assert_eq!(o.grant_ms.count, 3);
+        assert!(!o.converged);
+        assert!((o.deliveries_fraction - 6.0 / 18.0).abs() < 1e-9);
+        // One network: the JSON is as it was.
+        let (one, _rx) = Tracker::new(2);
+        let json = serde_json::to_string(&one.storm_outcome(Duration::from_secs(1))).unwrap();
+        assert!(
+            !json.contains("networks") && !json.contains("leases_granted"),
+            "{json}"
+        );
+    }
 
     #[test]
     fn fanout_starts_at_the_send() {

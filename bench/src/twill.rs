@@ -90,22 +90,41 @@ pub async fn connect_all(urls: &[String], pki: &Pki, names: &[String]) -> Result
     Ok(out.into_iter().map(|c| c.expect("connected")).collect())
 }
 
-/// Storm node `i`'s acquisition (an IPv4 VXLAN network, as the bench runs it).
+/// Storm node `i`'s acquisition (an IPv4 VXLAN network, as the bench runs it) in the
+/// default network.
 pub fn acquire_request(name: &str, i: usize, joiner: bool) -> AcquireRequest {
+    acquire_request_in(name, i, joiner, 0)
+}
+
+/// Storm node `i`'s acquisition in network `k` ([`sim::network_name`]; 0, the default
+/// network, leaves `network` empty as before there were several).
+pub fn acquire_request_in(name: &str, i: usize, joiner: bool, k: usize) -> AcquireRequest {
     AcquireRequest {
         node_name: name.to_string(),
         public_ip: sim::public_ip(i),
         backend_type: "vxlan".into(),
-        vtep_mac: sim::vtep_mac(i, joiner),
+        vtep_mac: sim::vtep_mac_in(i, joiner, k),
+        network: sim::network_wire(k),
         ..Default::default()
     }
 }
 
-/// Storm node `i` asks for its lease until it has it (a failure is retried after a
-/// second); records the grant in `t`, in ns after `t0` (a [`Tracker::ns`] time).
+/// Storm node `i` asks for its lease in each of the tracker's networks, at once as
+/// twill-agent does, until it has it (a failure is retried after a second); records
+/// each grant in `t`, in ns after `t0` (a [`Tracker::ns`] time).
 pub async fn acquire(i: usize, channel: Channel, t: Arc<Tracker>, t0: u64) {
     let c = Client::new(channel);
-    let req = acquire_request(&sim::node_name(i), i, false);
+    if t.networks == 1 {
+        acquire_in(0, i, c, &t, t0).await;
+    } else {
+        futures::future::join_all((0..t.networks).map(|k| acquire_in(k, i, c.clone(), &t, t0)))
+            .await;
+    }
+}
+
+/// Storm node `i`'s lease in network `k`, retried until granted.
+async fn acquire_in(k: usize, i: usize, c: Client, t: &Tracker, t0: u64) {
+    let req = acquire_request_in(&sim::node_name(i), i, false, k);
     let granted = t
         .retry(&t.grant_errors, || {
             let (mut c, req) = (c.clone(), req.clone());
@@ -113,7 +132,17 @@ pub async fn acquire(i: usize, channel: Channel, t: Arc<Tracker>, t0: u64) {
         })
         .await;
     if granted.is_some() {
-        t.granted_at[i].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
+        t.granted_at[t.lease(k, i)].store(t.ns(Instant::now()) - t0 + 1, Ordering::Relaxed);
+    }
+}
+
+/// What a node's watch asks for: every network of the run on one stream (none named
+/// with one network: the default one, as before there were several).
+pub fn watched_networks(networks: usize) -> Vec<String> {
+    if networks <= 1 {
+        Vec::new()
+    } else {
+        (0..networks).map(sim::network_name).collect()
     }
 }
 
@@ -181,7 +210,8 @@ pub async fn watcher(
     t: Arc<Tracker>,
     replicas: Option<Arc<Replicas>>,
 ) {
-    let mut seen = Seen::new(t.n);
+    let mut seen = Seen::new(t.leases());
+    let networks = watched_networks(t.networks);
     let mut revision = 0u64;
     let mut broken = false;
     let mut backoff = Backoff::new(Duration::from_secs(30));
@@ -189,7 +219,7 @@ pub async fn watcher(
         if t.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let Ok(mut stream) = wire::watch(channel.clone(), revision).await else {
+        let Ok(mut stream) = wire::watch(channel.clone(), revision, &networks).await else {
             if let Some(moved) = move_on(replicas.as_deref(), idx).await {
                 channel = moved;
             }
@@ -210,20 +240,24 @@ pub async fn watcher(
                 }
             }
             first = false;
-            for &(who, delete) in &msg.events {
+            for &(who, k, delete) in &msg.events {
+                if k >= t.networks {
+                    continue;
+                }
                 match who {
-                    Who::Node(i) => {
+                    Who::Node(i) if i < t.n => {
+                        let lease = t.lease(k, i);
                         if delete {
-                            seen.remove(i);
+                            seen.remove(lease);
                         } else {
-                            seen.insert(i);
+                            seen.insert(lease);
                         }
-                        if !msg.reset {
+                        if !msg.reset && k == 0 {
                             t.storm_event(i, delete, now);
                         }
                     }
                     Who::Joiner(r) if !delete && !msg.reset => {
-                        let _ = t.fanout_tx.send((r, now));
+                        let _ = t.fanout_tx.send((r, k as u32, now));
                     }
                     _ => {}
                 }
@@ -270,6 +304,19 @@ impl Drop for Fleet {
 /// Connects N nodes and `joiners` extra fan-out joiners (certificates must exist),
 /// spread over `urls`: one controller, or replicas (then watches fail over).
 pub async fn fleet(urls: &[String], pki: &Pki, n: usize, joiners: usize) -> Result<(Fleet, f64)> {
+    fleet_on(urls, pki, n, joiners, 1).await
+}
+
+/// [`fleet`] with every node (and joiner) joining `networks` networks
+/// ([`sim::network_name`]; the controller must serve them): a lease in each, and one
+/// watch stream of them all.
+pub async fn fleet_on(
+    urls: &[String],
+    pki: &Pki,
+    n: usize,
+    joiners: usize,
+    networks: usize,
+) -> Result<(Fleet, f64)> {
     let names: Vec<String> = (0..n).map(sim::node_name).collect();
     let jnames: Vec<String> = (0..joiners).map(sim::joiner_name).collect();
     let started = Instant::now();
@@ -281,7 +328,7 @@ pub async fn fleet(urls: &[String], pki: &Pki, n: usize, joiners: usize) -> Resu
         .await
         .context("connecting joiners")?;
     let replicas = (urls.len() > 1).then(|| Arc::new(Replicas::new(urls, pki, &names)));
-    let (tracker, rx) = Tracker::new(n);
+    let (tracker, rx) = Tracker::on_networks(n, networks);
     Ok((
         Fleet {
             clients,
@@ -296,8 +343,8 @@ pub async fn fleet(urls: &[String], pki: &Pki, n: usize, joiners: usize) -> Resu
 }
 
 impl Fleet {
-    /// All N nodes start watching and acquire their lease at once; returns when every
-    /// node has seen all N leases, or at the deadline.
+    /// All N nodes start watching and acquire their lease (in each network) at once;
+    /// returns when every node has seen all N × networks leases, or at the deadline.
     pub async fn storm(&mut self, deadline: Duration) -> sim::StormOutcome {
         let t = self.tracker.clone();
         // Time zero: the fleet's connections are up, nothing has been asked yet.
@@ -319,25 +366,52 @@ impl Fleet {
 
     /// With the N watchers up to date, one more node joins per round; measures the
     /// joiner's Acquire being sent → the lease's delivery at every watcher (and, kept
-    /// for comparison, its reply → delivery).
+    /// for comparison, its reply → delivery). With several networks the joiner asks
+    /// for its lease in each at once (as twill-agent does), and each lease's delivery
+    /// is timed from its own request.
     pub async fn fanout(&mut self, rounds: usize) -> sim::FanoutOutcome {
         let n = self.clients.len();
+        let networks = self.tracker.networks;
         let mut out = Vec::new();
+        let mut joined = 0;
         for r in 0..rounds.min(self.joiners.len()) {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut c = Client::new(self.joiners[r].clone());
-            let req = acquire_request(&sim::joiner_name(r), r, true);
-            // The origin of the fan-out delay: the request leaves now.
+            let c = Client::new(self.joiners[r].clone());
+            let reqs: Vec<AcquireRequest> = (0..networks)
+                .map(|k| acquire_request_in(&sim::joiner_name(r), r, true, k))
+                .collect();
+            // The origin of the fan-out delay: the requests leave now.
             let sent = Instant::now();
-            if c.acquire(req).await.is_err() {
+            let replies = futures::future::join_all(reqs.into_iter().map(|req| {
+                let mut c = c.clone();
+                async move {
+                    let ok = c.acquire(req).await.is_ok();
+                    (ok, Instant::now())
+                }
+            }))
+            .await;
+            if !replies.iter().any(|&(ok, _)| ok) {
                 continue;
             }
-            let granted = Instant::now();
-            let got =
-                sim::collect_round(&mut self.rx.fanout, r as u32, n, Duration::from_secs(15)).await;
-            out.push((sent, granted, got));
+            joined += 1;
+            let got = sim::collect_round_in(
+                &mut self.rx.fanout,
+                r as u32,
+                networks,
+                n,
+                Duration::from_secs(15),
+            )
+            .await;
+            for ((ok, granted), got) in replies.into_iter().zip(got) {
+                if ok {
+                    out.push((sent, granted, got));
+                }
+            }
         }
-        sim::fanout_outcome(n, &out)
+        let mut o = sim::fanout_outcome(n, &out);
+        o.rounds = joined;
+        o.networks = networks;
+        o
     }
 
     /// 1% of the nodes (at least one) leave and rejoin every second for `duration`.
@@ -362,6 +436,7 @@ impl Fleet {
                     let rel = c
                         .release(ReleaseRequest {
                             node_name: name.clone(),
+                            ..Default::default()
                         })
                         .await
                         .is_ok();

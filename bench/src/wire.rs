@@ -24,8 +24,9 @@ use crate::sim::{self, Who};
 pub struct Batch {
     pub reset: bool,
     pub revision: u64,
-    /// (who, deleted) per event, in order.
-    pub events: Vec<(Who, bool)>,
+    /// (who, network index ([`sim::network_index`]), deleted) per event, in order; a
+    /// lease of a network the run did not make is [`Who::Other`].
+    pub events: Vec<(Who, usize, bool)>,
 }
 
 /// `LeaseEvent.type` of a deletion.
@@ -50,34 +51,38 @@ fn skip(wire: WireType, tag: u32, buf: &mut &[u8]) -> Result<(), Status> {
     skip_field(wire, tag, buf, DecodeContext::default()).map_err(|_| malformed("field"))
 }
 
-/// `Lease.node_name` (field 1) of an encoded `Lease`.
-fn lease_who(mut buf: &[u8]) -> Result<Who, Status> {
-    let mut who = Who::Other;
+/// `Lease.node_name` (field 1) and `Lease.network` (field 15; absent: the default
+/// network, index 0) of an encoded `Lease`.
+fn lease_who(mut buf: &[u8]) -> Result<(Who, usize), Status> {
+    let (mut who, mut network) = (Who::Other, Some(0));
     while !buf.is_empty() {
         let (tag, wire) = decode_key(&mut buf).map_err(|_| malformed("key"))?;
-        if tag == 1 && wire == WireType::LengthDelimited {
-            who = sim::who(sub(&mut buf)?);
-        } else {
-            skip(wire, tag, &mut buf)?;
+        match (tag, wire) {
+            (1, WireType::LengthDelimited) => who = sim::who(sub(&mut buf)?),
+            (15, WireType::LengthDelimited) => network = sim::network_index(sub(&mut buf)?),
+            _ => skip(wire, tag, &mut buf)?,
         }
     }
-    Ok(who)
+    Ok(match network {
+        Some(k) => (who, k),
+        None => (Who::Other, 0),
+    })
 }
 
-/// `(who, deleted)` of an encoded `LeaseEvent` (type = 1, lease = 2).
-fn event(mut buf: &[u8]) -> Result<(Who, bool), Status> {
-    let (mut who, mut deleted) = (Who::Other, false);
+/// `(who, network, deleted)` of an encoded `LeaseEvent` (type = 1, lease = 2).
+fn event(mut buf: &[u8]) -> Result<(Who, usize, bool), Status> {
+    let (mut who, mut network, mut deleted) = (Who::Other, 0, false);
     while !buf.is_empty() {
         let (tag, wire) = decode_key(&mut buf).map_err(|_| malformed("key"))?;
         match (tag, wire) {
             (1, WireType::Varint) => {
                 deleted = decode_varint(&mut buf).map_err(|_| malformed("type"))? == TYPE_DELETE
             }
-            (2, WireType::LengthDelimited) => who = lease_who(sub(&mut buf)?)?,
+            (2, WireType::LengthDelimited) => (who, network) = lease_who(sub(&mut buf)?)?,
             _ => skip(wire, tag, &mut buf)?,
         }
     }
-    Ok((who, deleted))
+    Ok((who, network, deleted))
 }
 
 /// An encoded `WatchResponse` (reset = 1, events = 2, revision = 3; merged messages
@@ -132,8 +137,14 @@ impl Codec for WatchCodec {
     }
 }
 
-/// `AgentService.Watch` from `from_revision` on `channel`.
-pub async fn watch(channel: Channel, from_revision: u64) -> Result<Streaming<Batch>, Status> {
+/// `AgentService.Watch` from `from_revision` on `channel`: one stream of the leases of
+/// every network in `networks` (empty: the default network only, as before there were
+/// several).
+pub async fn watch(
+    channel: Channel,
+    from_revision: u64,
+    networks: &[String],
+) -> Result<Streaming<Batch>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
@@ -141,6 +152,7 @@ pub async fn watch(channel: Channel, from_revision: u64) -> Result<Streaming<Bat
     let path = PathAndQuery::from_static("/twill.v1.AgentService/Watch");
     let req = tonic::Request::new(WatchRequest {
         from_revision,
+        networks: networks.to_vec(),
         ..Default::default()
     });
     Ok(grpc
@@ -157,6 +169,10 @@ mod tests {
     use super::*;
 
     fn ev(name: &str, t: Type, rev: u64) -> LeaseEvent {
+        ev_in("", name, t, rev)
+    }
+
+    fn ev_in(network: &str, name: &str, t: Type, rev: u64) -> LeaseEvent {
         LeaseEvent {
             r#type: t as i32,
             revision: rev,
@@ -170,6 +186,7 @@ mod tests {
                 revision: rev,
                 vni: 1,
                 reserved: false,
+                network: network.into(),
                 ..Default::default()
             }),
         }
@@ -198,11 +215,37 @@ mod tests {
         assert_eq!(
             got.events,
             vec![
-                (Who::Node(3), false),
-                (Who::Joiner(7), false),
-                (Who::Node(3), true),
-                (Who::Other, false)
+                (Who::Node(3), 0, false),
+                (Who::Joiner(7), 0, false),
+                (Who::Node(3), 0, true),
+                (Who::Other, 0, false)
             ]
+        );
+    }
+
+    #[test]
+    fn reads_the_network_of_each_lease() {
+        let m = WatchResponse {
+            reset: false,
+            events: vec![
+                ev_in("net2", "n4", Type::Put, 9),
+                ev_in("", "n4", Type::Put, 10),
+                ev_in("net3", "j1", Type::Put, 11),
+                ev_in("blue", "n4", Type::Put, 12),
+            ],
+            revision: 12,
+            ..Default::default()
+        };
+        let got = batch(&m.encode_to_vec()).unwrap();
+        assert_eq!(
+            got.events,
+            vec![
+                (Who::Node(4), 1, false),
+                (Who::Node(4), 0, false),
+                (Who::Joiner(1), 2, false),
+                (Who::Other, 0, false),
+            ],
+            "a network the bench did not make is no storm lease"
         );
     }
 

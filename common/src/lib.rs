@@ -6,6 +6,7 @@
 pub mod fs;
 pub mod model;
 pub mod netconf;
+pub mod networks;
 pub mod subnet_env;
 pub mod tls;
 

@@ -5,14 +5,15 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
+use twill_common::networks::NetworkName;
 use twill_common::tls::ClientPem;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
     BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
-    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListIssuedCertificatesRequest,
-    ListLeasesRequest, ListLeasesResponse, ListReservationsRequest, ListTokensRequest, Reservation,
-    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
-    WatchRequest, WatchResponse,
+    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListAdminNetworksRequest,
+    ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse, ListReservationsRequest,
+    ListTokensRequest, NetworkInfo, Reservation, ReserveRequest, RevokeLeaseRequest, StatusRequest,
+    StatusResponse, UnreserveRequest, WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
@@ -102,6 +103,29 @@ pub enum ClientError {
     /// The controller answered with a gRPC error.
     #[error("{}", status_message(.0))]
     Status(tonic::Status),
+    /// The controller answers calls without a network name only: it predates several
+    /// networks, and would act on the default network whatever `--network` says.
+    #[error(
+        "the controller at {url} does not know several networks (ListNetworks is \
+         UNIMPLEMENTED): it serves only the default network; upgrade it, or leave \
+         --network out"
+    )]
+    NetworksUnsupported {
+        /// The controller URL.
+        url: String,
+    },
+    /// The controller serves no network of that name.
+    #[error(
+        "NOT_FOUND: the controller serves no network {name:?} (it serves: {}); see \
+         `twillctl networks`",
+        .known.join(", ")
+    )]
+    UnknownNetwork {
+        /// The name asked for.
+        name: String,
+        /// The networks the controller serves.
+        known: Vec<String>,
+    },
     /// The connection broke during the call, which with TLS 1.3 is how a refused client
     /// certificate shows: the client finishes its handshake before the server has
     /// checked the certificate.
@@ -291,11 +315,12 @@ impl Admin {
         }
     }
 
-    /// Every lease matching `prefix` and `subnet` (empty: all), fetched `page_size` at a
-    /// time until the controller returns an empty `next_page_token`. The revision
-    /// returned is the one of the first page.
+    /// Every lease of `network` matching `prefix` and `subnet` (empty: all), fetched
+    /// `page_size` at a time until the controller returns an empty `next_page_token`.
+    /// The revision returned is the one of the first page.
     pub async fn list_all_leases(
         &mut self,
+        network: &NetworkName,
         prefix: &str,
         subnet: &str,
         page_size: u32,
@@ -308,6 +333,7 @@ impl Admin {
                 subnet: subnet.to_string(),
                 page_size,
                 page_token: token.clone(),
+                network: network.wire().to_string(),
             };
             let resp = match self.client.list_leases(req).await {
                 Ok(r) => r.into_inner(),
@@ -330,10 +356,15 @@ impl Admin {
         Ok(all)
     }
 
-    /// `AdminService/GetLease`.
-    pub async fn get_lease(&mut self, node: &str) -> Result<Lease, ClientError> {
+    /// `AdminService/GetLease`: `node`'s lease in `network`.
+    pub async fn get_lease(
+        &mut self,
+        network: &NetworkName,
+        node: &str,
+    ) -> Result<Lease, ClientError> {
         let req = GetLeaseRequest {
             node_name: node.to_string(),
+            network: network.wire().to_string(),
         };
         match self.client.get_lease(req).await {
             Ok(r) => Ok(r.into_inner()),
@@ -341,23 +372,32 @@ impl Admin {
         }
     }
 
-    /// `AdminService/RevokeLease`: the lease as it was before it was removed.
-    pub async fn revoke_lease(&mut self, node: &str) -> Result<Lease, ClientError> {
+    /// `AdminService/RevokeLease`: `node`'s lease in `network` as it was before it was
+    /// removed.
+    pub async fn revoke_lease(
+        &mut self,
+        network: &NetworkName,
+        node: &str,
+    ) -> Result<Lease, ClientError> {
         let req = RevokeLeaseRequest {
             node_name: node.to_string(),
+            network: network.wire().to_string(),
         };
         match self.client.revoke_lease(req).await {
             Ok(r) => Ok(r.into_inner().lease.unwrap_or_else(|| Lease {
                 node_name: node.to_string(),
+                network: network.wire().to_string(),
                 ..Default::default()
             })),
             Err(s) => Err(self.fail(s)),
         }
     }
 
-    /// `AdminService/Reserve`: `subnet` (IPv4) and `ipv6_subnet`, either may be empty.
+    /// `AdminService/Reserve`: `subnet` (IPv4) and `ipv6_subnet` of `network`, either
+    /// may be empty.
     pub async fn reserve(
         &mut self,
+        network: &NetworkName,
         node: &str,
         subnet: &str,
         ipv6_subnet: &str,
@@ -366,6 +406,7 @@ impl Admin {
             node_name: node.to_string(),
             subnet: subnet.to_string(),
             ipv6_subnet: ipv6_subnet.to_string(),
+            network: network.wire().to_string(),
         };
         match self.client.reserve(req).await {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
@@ -373,48 +414,101 @@ impl Admin {
                 subnet: subnet.to_string(),
                 ipv6_subnet: ipv6_subnet.to_string(),
                 stale: String::new(),
+                network: network.wire().to_string(),
             })),
             Err(s) => Err(self.fail(s)),
         }
     }
 
-    /// `AdminService/Unreserve`: the reservation that was dropped.
-    pub async fn unreserve(&mut self, node: &str) -> Result<Reservation, ClientError> {
+    /// `AdminService/Unreserve`: `node`'s reservation in `network`, which was dropped.
+    pub async fn unreserve(
+        &mut self,
+        network: &NetworkName,
+        node: &str,
+    ) -> Result<Reservation, ClientError> {
         let req = UnreserveRequest {
             node_name: node.to_string(),
+            network: network.wire().to_string(),
         };
         match self.client.unreserve(req).await {
             Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
                 node_name: node.to_string(),
+                network: network.wire().to_string(),
                 ..Default::default()
             })),
             Err(s) => Err(self.fail(s)),
         }
     }
 
-    /// `AdminService/ListReservations`.
-    pub async fn list_reservations(&mut self) -> Result<Vec<Reservation>, ClientError> {
-        match self
-            .client
-            .list_reservations(ListReservationsRequest {})
-            .await
-        {
+    /// `AdminService/ListReservations`: those of `network`.
+    pub async fn list_reservations(
+        &mut self,
+        network: &NetworkName,
+    ) -> Result<Vec<Reservation>, ClientError> {
+        let req = ListReservationsRequest {
+            network: network.wire().to_string(),
+        };
+        match self.client.list_reservations(req).await {
             Ok(r) => Ok(r.into_inner().reservations),
             Err(s) => Err(self.fail(s)),
         }
     }
 
-    /// `AdminService/GetConfig`.
-    pub async fn get_config(&mut self) -> Result<GetConfigResponse, ClientError> {
-        match self.client.get_config(GetConfigRequest {}).await {
+    /// `AdminService/GetConfig`: `network`'s configuration.
+    pub async fn get_config(
+        &mut self,
+        network: &NetworkName,
+    ) -> Result<GetConfigResponse, ClientError> {
+        let req = GetConfigRequest {
+            network: network.wire().to_string(),
+        };
+        match self.client.get_config(req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
         }
     }
 
+    /// `AdminService/ListNetworks`: every network the controller serves, by name. A
+    /// controller that predates several networks is [`ClientError::NetworksUnsupported`].
+    pub async fn list_networks(&mut self) -> Result<Vec<NetworkInfo>, ClientError> {
+        match self.client.list_networks(ListAdminNetworksRequest {}).await {
+            Ok(r) => Ok(r.into_inner().networks),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                Err(ClientError::NetworksUnsupported {
+                    url: self.opts.controller.clone(),
+                })
+            }
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// Makes sure the controller serves each of `networks` before a call names them.
+    /// A controller that predates several networks ignores the network field and would
+    /// answer for (or change) the default network instead, so any other name is checked
+    /// first; naming only `default` costs no call and works with every controller.
+    pub async fn ensure_networks(&mut self, networks: &[NetworkName]) -> Result<(), ClientError> {
+        if networks.iter().all(NetworkName::is_default) {
+            return Ok(());
+        }
+        let served = self.list_networks().await?;
+        for n in networks {
+            if !served.iter().any(|s| s.name == n.as_str()) {
+                return Err(ClientError::UnknownNetwork {
+                    name: n.to_string(),
+                    known: served.iter().map(|s| s.name.clone()).collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// `AdminService/Status`.
-    pub async fn status(&mut self) -> Result<StatusResponse, ClientError> {
-        match self.client.status(StatusRequest::default()).await {
+    pub async fn status(&mut self, network: &NetworkName) -> Result<StatusResponse, ClientError> {
+        let req = StatusRequest {
+            network: network.wire().to_string(),
+            ..Default::default()
+        };
+        match self.client.status(req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
         }
@@ -502,23 +596,37 @@ impl Admin {
         }
     }
 
-    /// `AdminService/Watch` after `from_revision` (0: the full table first). Read the
-    /// stream with [`tonic::Streaming::message`]; pass its errors to [`Admin::fail`].
+    /// `AdminService/Watch` of `networks` after `from_revision` (0: the full table
+    /// first). Read the stream with [`tonic::Streaming::message`]; pass its errors to
+    /// [`Admin::fail`].
     pub async fn watch(
         &mut self,
+        networks: &[NetworkName],
         from_revision: u64,
     ) -> Result<tonic::Streaming<WatchResponse>, ClientError> {
-        match self
-            .client
-            .watch(WatchRequest {
-                from_revision,
-                epoch: String::new(),
-            })
-            .await
-        {
+        let req = WatchRequest {
+            from_revision,
+            epoch: String::new(),
+            networks: watch_networks(networks),
+        };
+        match self.client.watch(req).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s)),
         }
+    }
+}
+
+/// `WatchRequest.networks` for `networks`: empty when only `default` is asked for, so
+/// the request is the one controllers before several networks understand; otherwise
+/// every name spelled out (an empty entry beside others would be ambiguous).
+pub fn watch_networks(networks: &[NetworkName]) -> Vec<String> {
+    if networks.iter().all(NetworkName::is_default) {
+        Vec::new()
+    } else {
+        let mut names: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
+        names.sort();
+        names.dedup();
+        names
     }
 }
 
@@ -636,6 +744,39 @@ mod tests {
             let e = parse_token_uses(bad).unwrap_err();
             assert!(e.contains("not a number of uses"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn watch_asks_for_default_the_way_older_controllers_understand() {
+        let n = |s: &str| NetworkName::new(s).unwrap();
+        assert!(watch_networks(&[n("default")]).is_empty());
+        assert!(watch_networks(&[n("default"), n("default")]).is_empty());
+        assert_eq!(watch_networks(&[n("blue")]), ["blue"]);
+        assert_eq!(
+            watch_networks(&[n("green"), n("default"), n("green")]),
+            ["default", "green"]
+        );
+    }
+
+    #[test]
+    fn network_errors_name_the_way_out() {
+        let e = ClientError::UnknownNetwork {
+            name: "blue".into(),
+            known: vec!["default".into(), "green".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "NOT_FOUND: the controller serves no network \"blue\" (it serves: default, \
+             green); see `twillctl networks`"
+        );
+        let e = ClientError::NetworksUnsupported {
+            url: "https://c:8474".into(),
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("https://c:8474") && e.contains("leave --network out"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use twill_common::networks::NetworkName;
 use twill_ctl::certs::{self, Ca, Role, Validity};
 use twill_ctl::client::{Admin, ConnectOptions, PAGE_SIZE};
 use twill_ctl::config::{self, Settings};
@@ -33,6 +34,11 @@ Examples:
   twillctl lease revoke worker-1
   twillctl reserve worker-2 10.244.7.0/24
   twillctl watch
+
+  # Several networks (files NAME.json in the controller's --networks-dir)
+  twillctl networks
+  twillctl leases --network blue
+  twillctl watch --network default --network blue
 
   # Let new nodes fetch their own certificates with a bootstrap token
   TOKEN=$(twillctl token create --ttl 2h --description \"rack 7\")
@@ -126,20 +132,48 @@ enum Command {
     /// ROLE, AGENTS; ERROR when one did not answer) and adds a REPLICA column: the
     /// replica each agent watches. `-o wide` adds the timestamps; `-o json|yaml` print
     /// the same as a document.
-    #[command(after_help = "Examples:\n  twillctl status\n  twillctl status -o json")]
-    Status,
-    /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved), ordered by
-    /// node name.
+    /// The subnet counts are of one network (`--network`, default `default`; `twillctl
+    /// networks` has every network's).
+    #[command(
+        after_help = "Examples:\n  twillctl status\n  twillctl status -o json\n  twillctl status --network blue"
+    )]
+    Status {
+        #[command(flatten)]
+        network: NetworkFlag,
+    },
+    /// List the networks the controller serves: pod networks, VNI, backend, who may join,
+    /// leases and free subnets.
+    ///
+    /// The network `default` is the controller's --net-conf; every other one is a file
+    /// NAME.json in its --networks-dir (flannel's net-conf.json plus an optional
+    /// "Nodes": ["exact-name", "prefix*"] saying which nodes may join). Columns: NAME,
+    /// IPV4 and IPV6 (the pod networks), VNI (its devices are flannel.<VNI>; — for
+    /// host-gw, which has none), BACKEND, NODES (the "Nodes" rule; * when every node may
+    /// join), LEASES (nodes that joined), FREE (subnets of its first family not leased),
+    /// STATUS (active, or retired: its file was removed, so it gives no new leases and
+    /// the ones it holds run out). `-o wide` shows every NODES entry and adds TOTAL
+    /// (subnets in all); `-o json|yaml` add the file as the controller loaded it. Every
+    /// command that reads or changes leases takes --network NAME.
+    #[command(
+        after_help = "Examples:\n  twillctl networks\n  twillctl networks -o wide\n  \
+        twillctl networks -o json | jq -r '.networks[] | select(.retired) | .name'"
+    )]
+    Networks,
+    /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved) of one
+    /// network, ordered by node name.
     ///
     /// Fetches the whole table a page at a time. Columns: NODE, SUBNET, PUBLIC-IP,
     /// VTEP-MAC, EXPIRES-IN (until the lease runs out unless renewed), RESERVED (yes when
-    /// the subnet is reserved for that node); `-o wide` adds VNI and REVISION. An empty
-    /// result prints nothing on stdout and says so on stderr.
+    /// the subnet is reserved for that node); `-o wide` adds VNI, REVISION and NETWORK.
+    /// An empty result prints nothing on stdout and says so on stderr.
     #[command(
         after_help = "Examples:\n  twillctl leases\n  twillctl leases -o wide\n  \
-        twillctl leases --prefix worker- --subnet 10.244.0.0/20\n  twillctl leases -o json"
+        twillctl leases --prefix worker- --subnet 10.244.0.0/20\n  twillctl leases -o json\n  \
+        twillctl leases --network blue"
     )]
     Leases {
+        #[command(flatten)]
+        network: NetworkFlag,
         /// Only leases whose node name starts with this prefix.
         #[arg(long, env = "TWILL_PREFIX", default_value = "")]
         prefix: String,
@@ -155,7 +189,8 @@ enum Command {
     /// Show or revoke one node's lease.
     #[command(
         subcommand,
-        after_help = "Examples:\n  twillctl lease get worker-1 -o yaml\n  twillctl lease revoke worker-1"
+        after_help = "Examples:\n  twillctl lease get worker-1 -o yaml\n  twillctl lease revoke worker-1\n  \
+        twillctl lease revoke worker-1 --network blue"
     )]
     Lease(LeaseCommand),
     /// Reserve a subnet for a node: no other node is ever given it, and the node gets it
@@ -167,13 +202,17 @@ enum Command {
     /// SubnetLen, or the IPv6 equivalents), else INVALID_ARGUMENT. The controller refuses it
     /// (FAILED_PRECONDITION) when another node holds or has reserved it, and when the
     /// node itself holds a lease on a different subnet: revoke that lease first, or
-    /// reserve the subnet it holds.
+    /// reserve the subnet it holds. A node holds one reservation per network: give
+    /// --network for a subnet of another network than `default`.
     #[command(
         after_help = "Examples:\n  twillctl reserve worker-4 10.244.7.0/24\n  \
         twillctl reserve worker-4 10.244.7.0/24 fd00:10:244:7::/64\n  \
-        twillctl reserve worker-1 \"$(twillctl lease get worker-1 -o json | jq -r .subnet)\""
+        twillctl reserve worker-1 \"$(twillctl lease get worker-1 -o json | jq -r .subnet)\"\n  \
+        twillctl reserve worker-4 10.10.7.0/24 --network blue"
     )]
     Reserve {
+        #[command(flatten)]
+        network: NetworkFlag,
         /// Node name the subnet is kept for.
         node: String,
         /// The subnets, CIDR, at most one per family: e.g. 10.244.7.0/24, or
@@ -182,23 +221,40 @@ enum Command {
         subnets: Vec<Cidr>,
     },
     /// Drop a node's reservation; its lease, if any, is left alone.
-    #[command(after_help = "Examples:\n  twillctl unreserve worker-2")]
+    #[command(
+        after_help = "Examples:\n  twillctl unreserve worker-2\n  twillctl unreserve worker-2 --network blue"
+    )]
     Unreserve {
+        #[command(flatten)]
+        network: NetworkFlag,
         /// Node name whose reservation to drop.
         node: String,
     },
-    /// List reservations (node, subnet), ordered by node name.
+    /// List reservations (node, subnet) of one network, ordered by node name.
     ///
-    /// `-o wide` adds IN-USE: whether the node holds a lease on its reserved subnet now.
-    #[command(after_help = "Examples:\n  twillctl reservations\n  twillctl reservations -o wide")]
-    Reservations,
-    /// Show the effective network configuration (net-conf.json with defaults filled in)
+    /// `-o wide` adds IN-USE (whether the node holds a lease on its reserved subnet now)
+    /// and NETWORK.
+    #[command(
+        after_help = "Examples:\n  twillctl reservations\n  twillctl reservations -o wide\n  \
+        twillctl reservations --network blue"
+    )]
+    Reservations {
+        #[command(flatten)]
+        network: NetworkFlag,
+    },
+    /// Show a network's effective configuration (net-conf.json with defaults filled in)
     /// and the lease TTL.
     ///
     /// The table names the fields as net-conf.json does; `-o wide` adds the document as
-    /// the controller loaded it; `-o json|yaml` print snake_case keys.
-    #[command(after_help = "Examples:\n  twillctl config\n  twillctl config -o yaml")]
-    Config,
+    /// the controller loaded it (for a network of --networks-dir, with its "Nodes");
+    /// `-o json|yaml` print snake_case keys.
+    #[command(
+        after_help = "Examples:\n  twillctl config\n  twillctl config -o yaml\n  twillctl config --network blue -o wide"
+    )]
+    Config {
+        #[command(flatten)]
+        network: NetworkFlag,
+    },
     /// Print lease events as they happen, until interrupted.
     ///
     /// Streams the lease table the way agents see it: first the complete table (a RESET
@@ -208,11 +264,27 @@ enum Command {
     /// line (NDJSON), `-o yaml` one document per event. A RESET means the events that
     /// follow are the complete table: forget every lease not listed. Exits 0 on Ctrl-C,
     /// SIGTERM or when the controller ends the stream.
+    ///
+    /// One stream carries every network asked for with --network (repeatable), in one
+    /// revision sequence, as an agent's does; the table adds NETWORK with `-o wide` or
+    /// when more than one network is watched.
     #[command(
         after_help = "Examples:\n  twillctl watch\n  twillctl watch --from-revision 42\n  \
-        twillctl watch -o json | jq -c 'select(.type == \"DELETE\")'"
+        twillctl watch -o json | jq -c 'select(.type == \"DELETE\")'\n  \
+        twillctl watch --network default --network blue"
     )]
     Watch {
+        /// The networks whose leases to stream (repeatable; comma-separated in the env):
+        /// `default` is the controller's --net-conf, every other one a file NAME.json in
+        /// its --networks-dir; see `twillctl networks`.
+        #[arg(
+            long = "network",
+            env = "TWILL_NETWORK",
+            value_delimiter = ',',
+            default_value = "default",
+            value_name = "NAME"
+        )]
+        networks: Vec<NetworkName>,
         /// Resume after this revision: only later events are sent (0: the full table first).
         /// When those events are no longer kept, the controller sends a reset.
         #[arg(
@@ -318,16 +390,37 @@ enum LeaseCommand {
         after_help = "Examples:\n  twillctl lease get worker-1\n  twillctl lease get worker-1 -o yaml"
     )]
     Get {
+        #[command(flatten)]
+        network: NetworkFlag,
         /// Node name.
         node: String,
     },
     /// Remove a node's lease now: every agent drops its routes, and the node acquires a
     /// lease again on its next contact (NOT_FOUND when it holds none).
-    #[command(after_help = "Examples:\n  twillctl lease revoke worker-1")]
+    #[command(
+        after_help = "Examples:\n  twillctl lease revoke worker-1\n  twillctl lease revoke worker-1 --network blue"
+    )]
     Revoke {
+        #[command(flatten)]
+        network: NetworkFlag,
         /// Node name.
         node: String,
     },
+}
+
+/// `--network` of the commands that read or change one network's leases.
+#[derive(Args, Debug)]
+struct NetworkFlag {
+    /// The network: `default` is the controller's --net-conf, every other one a file
+    /// NAME.json in its --networks-dir; see `twillctl networks`. A node holds one lease
+    /// (and one reservation) per network it joined.
+    #[arg(
+        long,
+        env = "TWILL_NETWORK",
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    network: NetworkName,
 }
 
 #[derive(Subcommand, Debug)]
@@ -557,21 +650,38 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             emit(&output::render_token_deleted(&id, format))
         }
-        Command::Status => {
-            let s = call(conn, "status", |mut a| async move { a.status().await })?;
+        Command::Status {
+            network: NetworkFlag { network },
+        } => {
+            let net = network.clone();
+            let s = call_in(conn, "status", &network, |mut a| async move {
+                a.status(&net).await
+            })?;
             emit(&output::render_status(&s, format, SystemTime::now()))
         }
+        Command::Networks => {
+            let ns = call(
+                conn,
+                "networks",
+                |mut a| async move { a.list_networks().await },
+            )?;
+            emit_list(&output::render_networks(&ns, format), "No networks found.")
+        }
         Command::Leases {
+            network: NetworkFlag { network },
             prefix,
             subnet,
             page_size,
         } => {
             let subnet = subnet.unwrap_or_default();
-            let (p, sn) = (prefix.clone(), subnet.clone());
-            let resp = call(conn, "leases", |mut a| async move {
-                a.list_all_leases(&p, &sn, page_size).await
+            let (p, sn, net) = (prefix.clone(), subnet.clone(), network.clone());
+            let resp = call_in(conn, "leases", &network, |mut a| async move {
+                a.list_all_leases(&net, &p, &sn, page_size).await
             })?;
             let mut why = Vec::new();
+            if !network.is_default() {
+                why.push(format!("in network {network}"));
+            }
             if !prefix.is_empty() {
                 why.push(format!("with prefix {prefix:?}"));
             }
@@ -588,37 +698,57 @@ fn run(cli: Cli) -> Result<()> {
                 &none,
             )
         }
-        Command::Lease(LeaseCommand::Get { node }) => {
-            let l = call(conn, "lease get", |mut a| async move {
-                a.get_lease(&node).await
+        Command::Lease(LeaseCommand::Get {
+            network: NetworkFlag { network },
+            node,
+        }) => {
+            let net = network.clone();
+            let l = call_in(conn, "lease get", &network, |mut a| async move {
+                a.get_lease(&net, &node).await
             })?;
             emit(&output::render_lease(&l, format, SystemTime::now()))
         }
-        Command::Lease(LeaseCommand::Revoke { node }) => {
-            let l = call(conn, "lease revoke", |mut a| async move {
-                a.revoke_lease(&node).await
+        Command::Lease(LeaseCommand::Revoke {
+            network: NetworkFlag { network },
+            node,
+        }) => {
+            let net = network.clone();
+            let l = call_in(conn, "lease revoke", &network, |mut a| async move {
+                a.revoke_lease(&net, &node).await
             })?;
             emit(&output::render_revoked(&l, format))
         }
-        Command::Reserve { node, subnets } => {
+        Command::Reserve {
+            network: NetworkFlag { network },
+            node,
+            subnets,
+        } => {
             let (v4, v6) = per_family(&subnets)?;
-            let r = call(conn, "reserve", |mut a| async move {
-                a.reserve(&node, &v4, &v6).await
+            let net = network.clone();
+            let r = call_in(conn, "reserve", &network, |mut a| async move {
+                a.reserve(&net, &node, &v4, &v6).await
             })?;
             emit(&output::render_reservation_change(&r, "created", format))
         }
-        Command::Unreserve { node } => {
-            let r = call(conn, "unreserve", |mut a| async move {
-                a.unreserve(&node).await
+        Command::Unreserve {
+            network: NetworkFlag { network },
+            node,
+        } => {
+            let net = network.clone();
+            let r = call_in(conn, "unreserve", &network, |mut a| async move {
+                a.unreserve(&net, &node).await
             })?;
             emit(&output::render_reservation_change(&r, "deleted", format))
         }
-        Command::Reservations => {
+        Command::Reservations {
+            network: NetworkFlag { network },
+        } => {
             let wide = format != Format::Table;
-            let (rs, leases) = call(conn, "reservations", |mut a| async move {
-                let rs = a.list_reservations().await?;
+            let net = network.clone();
+            let (rs, leases) = call_in(conn, "reservations", &network, |mut a| async move {
+                let rs = a.list_reservations(&net).await?;
                 let leases = if wide && !rs.is_empty() {
-                    Some(a.list_all_leases("", "", PAGE_SIZE).await?.leases)
+                    Some(a.list_all_leases(&net, "", "", PAGE_SIZE).await?.leases)
                 } else if wide {
                     Some(Vec::new())
                 } else {
@@ -631,11 +761,19 @@ fn run(cli: Cli) -> Result<()> {
                 "No reservations found.",
             )
         }
-        Command::Config => {
-            let c = call(conn, "config", |mut a| async move { a.get_config().await })?;
+        Command::Config {
+            network: NetworkFlag { network },
+        } => {
+            let net = network.clone();
+            let c = call_in(conn, "config", &network, |mut a| async move {
+                a.get_config(&net).await
+            })?;
             emit(&output::render_config(&c, format))
         }
-        Command::Watch { from_revision } => watch(conn, from_revision),
+        Command::Watch {
+            networks,
+            from_revision,
+        } => watch(conn, &networks, from_revision),
     }
 }
 
@@ -799,18 +937,36 @@ where
     })
 }
 
+/// Like [`call`] for a command about `network`: first makes sure the controller serves
+/// it (see [`Admin::ensure_networks`]).
+fn call_in<T, F, Fut>(conn: &ConnFlags, cmd: &str, network: &NetworkName, f: F) -> Result<T>
+where
+    F: FnOnce(Admin) -> Fut,
+    Fut: std::future::Future<Output = Result<T, twill_ctl::client::ClientError>>,
+{
+    let networks = [network.clone()];
+    call(conn, cmd, |mut a| async move {
+        a.ensure_networks(&networks).await?;
+        f(a).await
+    })
+}
+
 /// `twillctl watch`: prints each response as it arrives until Ctrl-C, SIGTERM or the
 /// end of the stream (all exit 0).
-fn watch(conn: &ConnFlags, from_revision: u64) -> Result<()> {
+fn watch(conn: &ConnFlags, networks: &[NetworkName], from_revision: u64) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let opts = connect_options(conn, "watch")?;
     let mut printer = WatchPrinter::new(conn.output);
+    if twill_ctl::client::watch_networks(networks).len() > 1 {
+        printer = printer.with_network_column();
+    }
     runtime()?.block_on(async {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let start = async {
             let mut admin = Admin::connect(&opts).await?;
-            let stream = admin.watch(from_revision).await?;
+            admin.ensure_networks(networks).await?;
+            let stream = admin.watch(networks, from_revision).await?;
             Ok::<_, twill_ctl::client::ClientError>((admin, stream))
         };
         let (admin, mut stream) = tokio::select! {
@@ -919,4 +1075,54 @@ fn report(w: &certs::Written, what: &str, not_after: SystemTime) {
 
 fn shown(p: &Path) -> String {
     p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("twillctl").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn network_defaults_to_default_and_is_checked_before_any_call() {
+        match parse(&["leases"]).unwrap() {
+            Command::Leases { network, .. } => assert!(network.network.is_default()),
+            c => panic!("{c:?}"),
+        }
+        match parse(&["lease", "revoke", "gpu-1", "--network", "blue"]).unwrap() {
+            Command::Lease(LeaseCommand::Revoke { network, node }) => {
+                assert_eq!((network.network.as_str(), node.as_str()), ("blue", "gpu-1"));
+            }
+            c => panic!("{c:?}"),
+        }
+        let e = parse(&["reserve", "gpu-1", "10.10.3.0/24", "--network", "Blue"]).unwrap_err();
+        assert!(e.to_string().contains("lower-case letters"), "{e}");
+        assert!(parse(&["token", "list", "--network", "blue"]).is_err());
+        assert!(matches!(parse(&["networks"]).unwrap(), Command::Networks));
+    }
+
+    #[test]
+    fn watch_takes_several_networks() {
+        match parse(&["watch", "--network", "default", "--network", "blue"]).unwrap() {
+            Command::Watch { networks, .. } => {
+                let names: Vec<&str> = networks.iter().map(|n| n.as_str()).collect();
+                assert_eq!(names, ["default", "blue"]);
+            }
+            c => panic!("{c:?}"),
+        }
+        match parse(&["watch"]).unwrap() {
+            Command::Watch { networks, .. } => {
+                assert!(twill_ctl::client::watch_networks(&networks).is_empty());
+            }
+            c => panic!("{c:?}"),
+        }
+    }
 }

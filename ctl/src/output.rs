@@ -4,10 +4,11 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use twill_common::networks::DEFAULT_NETWORK;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
-    ListLeasesResponse, Replica, Reservation, StatusResponse, WatchResponse,
+    ListLeasesResponse, NetworkInfo, Replica, Reservation, StatusResponse, WatchResponse,
 };
 
 /// Output formats of `-o/--output`.
@@ -28,6 +29,8 @@ pub enum Format {
 pub struct LeaseDoc {
     /// Node holding the lease.
     pub node_name: String,
+    /// The network the lease is in (`default` for the controller's --net-conf).
+    pub network: String,
     /// Pod subnet, CIDR.
     pub subnet: String,
     /// Public (underlay) IPv4 address.
@@ -79,6 +82,7 @@ impl From<&Lease> for LeaseDoc {
     fn from(l: &Lease) -> Self {
         LeaseDoc {
             node_name: l.node_name.clone(),
+            network: network_name(&l.network),
             subnet: l.subnet.clone(),
             public_ip: l.public_ip.clone(),
             vtep_mac: l.vtep_mac.clone(),
@@ -92,6 +96,25 @@ impl From<&Lease> for LeaseDoc {
             public_ipv6: l.public_ipv6.clone(),
             vtep_mac_v6: l.vtep_mac_v6.clone(),
         }
+    }
+}
+
+/// A network's name from its wire form, where empty means `default`.
+fn network_name(wire: &str) -> String {
+    if wire.is_empty() {
+        DEFAULT_NETWORK.to_string()
+    } else {
+        wire.to_string()
+    }
+}
+
+/// ` in network NAME` for the confirmations of `lease revoke`, `reserve` and
+/// `unreserve`; nothing for `default`, whose confirmations read as they always did.
+fn in_network(wire: &str) -> String {
+    if wire.is_empty() || wire == DEFAULT_NETWORK {
+        String::new()
+    } else {
+        format!(" in network {wire}")
     }
 }
 
@@ -127,6 +150,8 @@ pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime)
 /// The lease table (header and one row per lease), as `leases` and `lease get` print it.
 /// IPv4 tables keep their layout; a dual-stack network adds IPV6-SUBNET (and, wide, the
 /// IPv6 address and MAC); an IPv6-only network shows the IPv6 fields in their place.
+/// No NETWORK column: every lease listed is of the one network asked for (the
+/// documents of `-o json|yaml` name it).
 fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
     let dual = leases.iter().any(|l| !l.ipv6_subnet.is_empty());
     let v6_only = dual && leases.iter().all(|l| l.subnet.is_empty());
@@ -193,8 +218,9 @@ pub fn render_revoked(lease: &Lease, format: Format) -> String {
     match format {
         Format::Table | Format::Wide => {
             format!(
-                "lease/{} revoked (subnet {})\n",
+                "lease/{}{} revoked (subnet {})\n",
                 lease.node_name,
+                in_network(&lease.network),
                 or_none(&both(&lease.subnet, &lease.ipv6_subnet))
             )
         }
@@ -208,6 +234,8 @@ pub fn render_revoked(lease: &Lease, format: Format) -> String {
 pub struct ReservationDoc {
     /// The node the subnet is kept for.
     pub node_name: String,
+    /// The network the subnets belong to (`default` for the controller's --net-conf).
+    pub network: String,
     /// The reserved subnet, CIDR.
     pub subnet: String,
     /// The reserved IPv6 subnet, CIDR (absent when none is).
@@ -232,6 +260,7 @@ pub struct ReservationsDoc {
 fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc {
     ReservationDoc {
         node_name: r.node_name.clone(),
+        network: network_name(&r.network),
         subnet: r.subnet.clone(),
         ipv6_subnet: r.ipv6_subnet.clone(),
         in_use: leases.map(|ls| {
@@ -250,8 +279,9 @@ fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc 
 pub fn render_reservation_change(r: &Reservation, verb: &str, format: Format) -> String {
     match format {
         Format::Table | Format::Wide => format!(
-            "reservation/{} {verb} (subnet {})\n",
+            "reservation/{}{} {verb} (subnet {})\n",
             r.node_name,
+            in_network(&r.network),
             or_none(&both(&r.subnet, &r.ipv6_subnet))
         ),
         Format::Json => json(&reservation_doc(r, None)),
@@ -259,8 +289,8 @@ pub fn render_reservation_change(r: &Reservation, verb: &str, format: Format) ->
     }
 }
 
-/// `reservations`: NODE, SUBNET (wide: IN-USE, from `leases`). An empty table renders
-/// as an empty string (the caller says so on stderr).
+/// `reservations`: NODE, SUBNET (wide: IN-USE, from `leases`). An empty
+/// table renders as an empty string (the caller says so on stderr).
 pub fn render_reservations(rs: &[Reservation], leases: Option<&[Lease]>, format: Format) -> String {
     let doc = ReservationsDoc {
         reservations: rs.iter().map(|r| reservation_doc(r, leases)).collect(),
@@ -406,6 +436,110 @@ pub fn render_config(c: &GetConfigResponse, format: Format) -> String {
         }
         Format::Json => json(&ConfigDoc::from(c)),
         Format::Yaml => yaml(&ConfigDoc::from(c)),
+    }
+}
+
+/// One network as printed by `networks -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NetworkDoc {
+    /// Its name: `default` (the controller's --net-conf), else its file's name in the
+    /// controller's --networks-dir without `.json`.
+    pub name: String,
+    /// The IPv4 pod network, CIDR (empty when it has none).
+    pub ipv4_network: String,
+    /// The IPv6 pod network, CIDR (empty when it has none).
+    pub ipv6_network: String,
+    /// Backend type ("vxlan" or "host-gw").
+    pub backend_type: String,
+    /// VXLAN network identifier: its devices are flannel.<VNI> (0 with host-gw).
+    pub vni: u32,
+    /// Who may join: node names and `prefix*` patterns; empty means every node.
+    pub nodes: Vec<String>,
+    /// Leases held in it now.
+    pub leases: u32,
+    /// Subnets of its first family still free.
+    pub subnets_free: u32,
+    /// Subnets of its first family in all.
+    pub subnets_total: u32,
+    /// Its file was removed: no new leases, the existing ones run out.
+    pub retired: bool,
+    /// The network's file as the controller loaded it (net-conf.json plus "Nodes").
+    pub net_conf_json: String,
+}
+
+impl From<&NetworkInfo> for NetworkDoc {
+    fn from(n: &NetworkInfo) -> Self {
+        NetworkDoc {
+            name: n.name.clone(),
+            ipv4_network: n.ipv4_network.clone(),
+            ipv6_network: n.ipv6_network.clone(),
+            backend_type: n.backend_type.clone(),
+            vni: n.vni,
+            nodes: n.nodes.clone(),
+            leases: n.leases,
+            subnets_free: n.subnets_free,
+            subnets_total: n.subnets_total,
+            retired: n.retired,
+            net_conf_json: n.net_conf_json.clone(),
+        }
+    }
+}
+
+/// The document printed by `networks -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NetworksDoc {
+    /// Ordered by name.
+    pub networks: Vec<NetworkDoc>,
+}
+
+/// `networks`: NAME, IPV4, IPV6, VNI (`—` for host-gw, which has no device), BACKEND,
+/// NODES (`*`: every node), LEASES, FREE, STATUS (`active`, or `retired`: its file was
+/// removed and its leases are running out); wide shows every NODES entry and adds
+/// TOTAL. An empty table renders as an empty string (the caller says so on stderr).
+pub fn render_networks(networks: &[NetworkInfo], format: Format) -> String {
+    let doc = || NetworksDoc {
+        networks: networks.iter().map(NetworkDoc::from).collect(),
+    };
+    match format {
+        Format::Table | Format::Wide => {
+            if networks.is_empty() {
+                return String::new();
+            }
+            let wide = format == Format::Wide;
+            let mut header = vec![
+                "NAME", "IPV4", "IPV6", "VNI", "BACKEND", "NODES", "LEASES", "FREE", "STATUS",
+            ];
+            if wide {
+                header.push("TOTAL");
+            }
+            let mut rows = vec![strings(&header)];
+            for n in networks {
+                let vni = if n.backend_type == "host-gw" || n.vni == 0 {
+                    "—".to_string()
+                } else {
+                    n.vni.to_string()
+                };
+                let nodes: Vec<String> = n.nodes.iter().map(|p| one_line(p)).collect();
+                let mut row = vec![
+                    or_none(&one_line(&n.name)),
+                    or_none(&n.ipv4_network),
+                    or_none(&n.ipv6_network),
+                    vni,
+                    or_none(&n.backend_type),
+                    joined(nodes, (!wide).then_some(TABLE_NODES)),
+                    n.leases.to_string(),
+                    n.subnets_free.to_string(),
+                    if n.retired { "retired" } else { "active" }.to_string(),
+                ];
+                if wide {
+                    row.push(n.subnets_total.to_string());
+                }
+                rows.push(row);
+            }
+            table(&rows)
+        }
+        Format::Json => json(&doc()),
+        Format::Yaml => yaml(&doc()),
     }
 }
 
@@ -769,6 +903,13 @@ fn token_nodes(t: &BootstrapToken, limit: Option<usize>) -> String {
     if !t.node_prefix.is_empty() {
         all.push(format!("{}*", one_line(&t.node_prefix)));
     }
+    joined(all, limit)
+}
+
+/// A NODES cell (of `token list` and `networks`): the names and patterns
+/// comma-separated, `*` when there are none (every node may), at most `limit` of them
+/// before the rest are counted.
+fn joined(mut all: Vec<String>, limit: Option<usize>) -> String {
     if all.is_empty() {
         return "*".to_string();
     }
@@ -1015,18 +1156,29 @@ pub struct WatchEventDoc {
 pub struct WatchPrinter {
     format: Format,
     header_done: bool,
+    network_column: bool,
 }
 
-/// Column widths of the `watch` table; wider values push the line out.
-const WATCH_WIDTHS: [usize; 6] = [8, 6, 16, 18, 15, 17];
+/// Column widths of the `watch` table (wide: EXPIRES-IN and VNI too, so NETWORK lines
+/// up); wider values push the line out.
+const WATCH_WIDTHS: [usize; 8] = [8, 6, 16, 18, 15, 17, 10, 8];
 
 impl WatchPrinter {
-    /// A printer for `format`.
+    /// A printer for `format`. The table ends with NETWORK in `wide` form, or always
+    /// with [`WatchPrinter::with_network_column`].
     pub fn new(format: Format) -> WatchPrinter {
         WatchPrinter {
             format,
             header_done: false,
+            network_column: format == Format::Wide,
         }
+    }
+
+    /// Adds the NETWORK column to the narrow table too: when several networks are
+    /// watched, a node's events in each would otherwise look alike.
+    pub fn with_network_column(mut self) -> WatchPrinter {
+        self.network_column = true;
+        self
     }
 
     /// The documents of one response: a RESET marker first when it is a snapshot.
@@ -1073,6 +1225,9 @@ impl WatchPrinter {
                     if wide {
                         h.extend(strings(&["EXPIRES-IN", "VNI"]));
                     }
+                    if self.network_column {
+                        h.push("NETWORK".to_string());
+                    }
                     out.push_str(&watch_line(&h));
                     self.header_done = true;
                 }
@@ -1092,6 +1247,9 @@ impl WatchPrinter {
                             if wide {
                                 row.push(expires_in(l.expires_at_unix, now));
                                 row.push(l.vni.to_string());
+                            }
+                            if self.network_column {
+                                row.push(l.network.clone());
                             }
                         }
                         None => {
@@ -2230,6 +2388,201 @@ REVISION   TYPE     NODE               SUBNET               PUBLIC-IP         VT
             y.starts_with("---\ntype: \"DELETE\"\nrevision: 13\nlease:\n  node_name: \"node-a\"\n"),
             "{y}"
         );
+    }
+
+    fn networks() -> Vec<NetworkInfo> {
+        vec![
+            NetworkInfo {
+                name: "blue".into(),
+                ipv4_network: "10.10.0.0/16".into(),
+                backend_type: "vxlan".into(),
+                vni: 2,
+                nodes: vec!["gpu-*".into(), "db-1".into()],
+                leases: 3,
+                subnets_free: 252,
+                subnets_total: 255,
+                net_conf_json: r#"{"Network":"10.10.0.0/16","Backend":{"Type":"vxlan","VNI":2},"Nodes":["gpu-*","db-1"]}"#.into(),
+                ..Default::default()
+            },
+            NetworkInfo {
+                name: "default".into(),
+                ipv4_network: "10.244.0.0/16".into(),
+                ipv6_network: "fd00:10:244::/56".into(),
+                backend_type: "vxlan".into(),
+                vni: 1,
+                leases: 5,
+                subnets_free: 250,
+                subnets_total: 255,
+                ..Default::default()
+            },
+            NetworkInfo {
+                name: "red".into(),
+                ipv4_network: "10.20.0.0/16".into(),
+                backend_type: "host-gw".into(),
+                nodes: vec!["a".into(), "b".into(), "c".into(), "d".into(), "e".into()],
+                leases: 1,
+                subnets_free: 254,
+                subnets_total: 255,
+                retired: true,
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn networks_table_shows_who_may_join_and_what_is_free() {
+        let ns = networks();
+        assert_eq!(
+            render_networks(&ns, Format::Table),
+            "\
+NAME      IPV4            IPV6               VNI   BACKEND   NODES           LEASES   FREE   STATUS
+blue      10.10.0.0/16    <none>             2     vxlan     gpu-*,db-1      3        252    active
+default   10.244.0.0/16   fd00:10:244::/56   1     vxlan     *               5        250    active
+red       10.20.0.0/16    <none>             —     host-gw   a,b,c,+2 more   1        254    retired
+"
+        );
+        let wide = render_networks(&ns, Format::Wide);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert!(lines[0].ends_with("STATUS    TOTAL"), "{wide}");
+        assert!(lines[1].ends_with("active    255"), "{wide}");
+        assert!(lines[3].contains("a,b,c,d,e"), "{wide}");
+        assert_eq!(render_networks(&[], Format::Table), "");
+    }
+
+    #[test]
+    fn networks_json_and_yaml() {
+        let ns = networks();
+        let v: serde_json::Value =
+            serde_json::from_str(&render_networks(&ns, Format::Json)).unwrap();
+        let blue = &v["networks"][0];
+        assert_eq!(blue["name"], "blue");
+        assert_eq!(blue["ipv4_network"], "10.10.0.0/16");
+        assert_eq!(blue["ipv6_network"], "");
+        assert_eq!(blue["vni"], 2);
+        assert_eq!(blue["nodes"], serde_json::json!(["gpu-*", "db-1"]));
+        assert_eq!(blue["leases"], 3);
+        assert_eq!(blue["subnets_free"], 252);
+        assert_eq!(blue["subnets_total"], 255);
+        assert_eq!(blue["retired"], false);
+        assert!(blue["net_conf_json"]
+            .as_str()
+            .unwrap()
+            .contains("\"Nodes\""));
+        assert_eq!(v["networks"][1]["nodes"], serde_json::json!([]));
+        assert_eq!(v["networks"][2]["vni"], 0);
+        assert_eq!(v["networks"][2]["retired"], true);
+        let y = render_networks(&ns[..1], Format::Yaml);
+        assert!(
+            y.starts_with("networks:\n- name: \"blue\"\n  ipv4_network: \"10.10.0.0/16\"\n"),
+            "{y}"
+        );
+        assert!(y.contains("  nodes:\n  - \"gpu-*\"\n  - \"db-1\"\n"), "{y}");
+        assert_eq!(
+            render_networks(&[], Format::Json),
+            "{\n  \"networks\": []\n}\n"
+        );
+    }
+
+    #[test]
+    fn leases_name_their_network_in_documents_only() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let resp = ListLeasesResponse {
+            leases: vec![Lease {
+                network: "blue".into(),
+                vni: 2,
+                ..lease("gpu-1", "10.10.3.0/24", 1_000_000 + 60)
+            }],
+            revision: 4,
+            ..Default::default()
+        };
+        let table = render_leases(&resp, Format::Table, now);
+        assert!(
+            !table.contains("NETWORK") && !table.contains("blue"),
+            "{table}"
+        );
+        let wide = render_leases(&resp, Format::Wide, now);
+        assert!(
+            !wide.contains("NETWORK") && wide.lines().nth(1).unwrap().ends_with("   2     7"),
+            "the list is of one network, asked for: {wide}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_leases(&resp, Format::Json, now)).unwrap();
+        assert_eq!(v["leases"][0]["network"], "blue");
+        let default = render_lease(&lease("a", "10.244.1.0/24", 1), Format::Yaml, now);
+        assert!(
+            default.starts_with("node_name: \"a\"\nnetwork: \"default\"\n"),
+            "{default}"
+        );
+        let revoked = Lease {
+            network: "blue".into(),
+            ..lease("gpu-1", "10.10.3.0/24", 1)
+        };
+        assert_eq!(
+            render_revoked(&revoked, Format::Table),
+            "lease/gpu-1 in network blue revoked (subnet 10.10.3.0/24)\n"
+        );
+        let r = Reservation {
+            node_name: "gpu-1".into(),
+            subnet: "10.10.3.0/24".into(),
+            network: "blue".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            render_reservation_change(&r, "created", Format::Table),
+            "reservation/gpu-1 in network blue created (subnet 10.10.3.0/24)\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&render_reservations(
+            std::slice::from_ref(&r),
+            None,
+            Format::Json,
+        ))
+        .unwrap();
+        assert_eq!(v["reservations"][0]["network"], "blue");
+        let t = render_reservations(std::slice::from_ref(&r), None, Format::Table);
+        assert!(!t.contains("blue"), "{t}");
+    }
+
+    #[test]
+    fn watching_several_networks_names_each_lease_network() {
+        use twill_proto::LeaseEvent;
+        let event = |network: &str, revision| LeaseEvent {
+            r#type: EventType::Put as i32,
+            lease: Some(Lease {
+                network: network.into(),
+                ..lease("node-a", "10.244.1.0/24", 86_400)
+            }),
+            revision,
+        };
+        let resp = WatchResponse {
+            events: vec![event("", 7), event("blue", 8)],
+            revision: 8,
+            ..Default::default()
+        };
+        let one = WatchPrinter::new(Format::Table).render(&resp, UNIX_EPOCH);
+        assert!(!one.contains("NETWORK"), "{one}");
+        let several = WatchPrinter::new(Format::Table)
+            .with_network_column()
+            .render(&resp, UNIX_EPOCH);
+        let lines: Vec<&str> = several.lines().collect();
+        assert!(
+            lines[0].ends_with("VTEP-MAC            NETWORK"),
+            "{several}"
+        );
+        assert!(
+            lines[1].ends_with("0a:58:0a:f4:01:01   default"),
+            "{several}"
+        );
+        assert!(lines[2].ends_with("0a:58:0a:f4:01:01   blue"), "{several}");
+        let wide = WatchPrinter::new(Format::Wide).render(&resp, UNIX_EPOCH);
+        let lines: Vec<&str> = wide.lines().collect();
+        assert!(
+            lines[0].ends_with("EXPIRES-IN   VNI        NETWORK"),
+            "{wide}"
+        );
+        assert!(lines[2].ends_with("24h          1          blue"), "{wide}");
+        let j = WatchPrinter::new(Format::Json).render(&resp, UNIX_EPOCH);
+        let second: serde_json::Value = serde_json::from_str(j.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(second["lease"]["network"], "blue");
     }
 
     fn token(id: &str, description: &str, uses: u64, last_used: i64) -> BootstrapToken {

@@ -311,14 +311,14 @@ fn reservations_keep_a_subnet_for_its_node() {
     let doc = json(&admin(&ctl, &pki, &["reservations", "-o", "json"]));
     assert_eq!(
         doc,
-        serde_json::json!({"reservations": [{"node_name": "node-r", "subnet": kept, "in_use": true}]})
+        serde_json::json!({"reservations": [{"node_name": "node-r", "network": "default", "subnet": kept, "in_use": true}]})
     );
 
     // Unreserve: the lease stays; once it is revoked the subnet is free for anyone.
     let un = json(&admin(&ctl, &pki, &["unreserve", "node-r", "-o", "json"]));
     assert_eq!(
         un,
-        serde_json::json!({"node_name": "node-r", "subnet": kept})
+        serde_json::json!({"node_name": "node-r", "network": "default", "subnet": kept})
     );
     let err = failed(
         &ctl_as(&ctl, &pki, &pki.admin, &["unreserve", "node-r"]),
@@ -796,7 +796,7 @@ fn reservations_of_both_families() {
     let doc = json(&admin(&ctl, &pki, &["reservations", "-o", "json"]));
     assert_eq!(
         doc,
-        serde_json::json!({"reservations": [{"node_name": "node-r", "subnet": v4, "ipv6_subnet": v6, "in_use": false}]})
+        serde_json::json!({"reservations": [{"node_name": "node-r", "network": "default", "subnet": v4, "ipv6_subnet": v6, "in_use": false}]})
     );
     let err = failed(
         &ctl_as(
@@ -827,5 +827,104 @@ fn reservations_of_both_families() {
     assert!(
         err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("no IPv6"),
         "{err}"
+    );
+}
+
+/// `networks`, and `--network` on the lease commands, against a controller serving
+/// `default` and `blue`.
+#[test]
+fn networks_and_the_network_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = twillctl_pki(dir.path());
+    let blue = r#"{"Network": "10.20.0.0/16", "Backend": {"Type": "vxlan", "VNI": 2}, "Nodes": ["node-a", "gpu-*"]}"#;
+    let ctl = Controller::with_networks(&pki, NET_CONF, &[("blue", blue)]);
+    acquire_as(&ctl, &pki, "node-a", "192.168.50.10");
+    let in_blue = runtime()
+        .block_on(try_acquire_in(
+            &ctl,
+            &pki,
+            "node-a",
+            "192.168.50.10",
+            "",
+            "blue",
+        ))
+        .unwrap();
+    assert!(in_blue.subnet.starts_with("10.20."), "{in_blue:?}");
+
+    let table = admin(&ctl, &pki, &["networks"]);
+    println!("twillctl networks:\n{table}");
+    assert_eq!(
+        header(&table),
+        ["NAME", "IPV4", "IPV6", "VNI", "BACKEND", "NODES", "LEASES", "FREE", "STATUS"]
+    );
+    let r = rows(&table);
+    assert_eq!(
+        r[0],
+        [
+            "blue",
+            "10.20.0.0/16",
+            "<none>",
+            "2",
+            "vxlan",
+            "node-a,gpu-*",
+            "1",
+            "254",
+            "active"
+        ]
+    );
+    assert_eq!(r[1][0], "default");
+    let doc = json(&admin(&ctl, &pki, &["networks", "-o", "json"]));
+    assert_eq!(
+        doc["networks"][0]["nodes"],
+        serde_json::json!(["node-a", "gpu-*"])
+    );
+
+    let blue_leases = rows(&admin(&ctl, &pki, &["leases", "--network", "blue"]));
+    assert_eq!(blue_leases.len(), 1, "{blue_leases:?}");
+    assert_eq!(
+        blue_leases[0][..2],
+        ["node-a".to_string(), in_blue.subnet.clone()]
+    );
+    let status = json(&admin(
+        &ctl,
+        &pki,
+        &["status", "--network", "blue", "-o", "json"],
+    ));
+    assert_eq!(status["subnets_used"], 1, "{status}");
+
+    // Reservations and revocations act on the network named, and only there.
+    admin(
+        &ctl,
+        &pki,
+        &["reserve", "node-b", "10.20.9.0/24", "--network", "blue"],
+    );
+    assert_eq!(admin(&ctl, &pki, &["reservations"]), "", "none in default");
+    admin(
+        &ctl,
+        &pki,
+        &["lease", "revoke", "node-a", "--network", "blue"],
+    );
+    assert_eq!(
+        rows(&admin(&ctl, &pki, &["leases"])).len(),
+        1,
+        "default's lease stays"
+    );
+
+    let err = failed(
+        &ctl_as(&ctl, &pki, &pki.admin, &["leases", "--network", "green"]),
+        &ctl,
+    );
+    assert!(err.contains("green"), "{err}");
+    let bad = ctl_as(
+        &ctl,
+        &pki,
+        &pki.admin,
+        &["leases", "--network", "Not_A_Name"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("network name \"Not_A_Name\" is not valid"),
+        "{stderr}"
     );
 }

@@ -28,6 +28,7 @@ pub mod http;
 pub mod identity;
 pub mod leases;
 pub mod metrics;
+pub mod networks;
 pub mod refusal;
 pub mod replica;
 pub mod store;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tonic::transport::Server;
 use tracing::{info, warn};
+use twill_common::networks::Network;
 use twill_common::{tls::read_pem, NetConf};
 use twill_proto::admin_service_server::AdminServiceServer;
 use twill_proto::identity_service_server::IdentityServiceServer;
@@ -25,6 +26,7 @@ use twill_server::http::{self, HttpState};
 use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::Metrics;
+use twill_server::networks::Registry;
 use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
 use twill_server::store::{EtcdStore, Layout, SledStore, Snapshot, Store};
@@ -54,6 +56,18 @@ struct Args {
         default_value = "/etc/twill/net-conf.json"
     )]
     net_conf: PathBuf,
+    /// More networks, one flannel net-conf.json per `<name>.json` (plus an optional
+    /// "Nodes": ["exact-name", "prefix*"] saying who may join; absent: every node).
+    /// `--net-conf` is the network named `default`. Read again every few seconds: a new
+    /// file adds a network, a removed one stops new leases in it. A file that does not
+    /// parse, overlaps another network or shares its VNI is refused and logged, and the
+    /// networks in force are kept. A missing directory holds no networks.
+    #[arg(
+        long,
+        env = "TWILL_NETWORKS_DIR",
+        default_value = "/etc/twill/networks"
+    )]
+    networks_dir: PathBuf,
     /// Server certificate (PEM), with the DNS names / IPs agents dial.
     #[arg(long, env = "TWILL_TLS_CERT")]
     tls_cert: PathBuf,
@@ -185,6 +199,7 @@ struct Config {
     metrics_addr: SocketAddr,
     conf: NetConf,
     net_conf_path: PathBuf,
+    networks_dir: PathBuf,
     tls: TlsFiles,
     /// `--signing-cert` and `--signing-key`, given together or not at all.
     signing: Option<(PathBuf, PathBuf)>,
@@ -241,6 +256,7 @@ impl TryFrom<&Args> for Command {
             metrics_addr: args.metrics_addr,
             conf,
             net_conf_path: args.net_conf.clone(),
+            networks_dir: args.networks_dir.clone(),
             tls: TlsFiles {
                 cert: args.tls_cert.clone(),
                 key: args.tls_key.clone(),
@@ -410,6 +426,11 @@ async fn serve(config: Config) -> Result<()> {
         Hub::new(snapshot.leases, snapshot.history, snapshot.revision).with_epoch(snapshot.epoch),
     );
     let closing_hub = hub.clone();
+    let networks = Arc::new(Registry::load(
+        Network::default_from(config.conf.clone()),
+        Some(config.networks_dir.clone()),
+        &hub,
+    ));
     let agents = Arc::new(Agents::default());
     let identity = Arc::new(
         NodeIdentity::new(store.clone(), signer, config.node_cert_ttl, metrics.clone())
@@ -430,7 +451,7 @@ async fn serve(config: Config) -> Result<()> {
                 hub.clone(),
                 leases.clone(),
                 identity.clone(),
-                config.conf.clone(),
+                networks.clone(),
                 metrics.clone(),
                 PeerTls {
                     cert: config.tls.cert.clone(),
@@ -443,7 +464,7 @@ async fn serve(config: Config) -> Result<()> {
         }
         _ => (
             Leases::start(
-                &config.conf,
+                &networks.current(),
                 store,
                 hub.clone(),
                 snapshot.reservations,
@@ -454,6 +475,7 @@ async fn serve(config: Config) -> Result<()> {
         ),
     };
     let campaign = replica.as_ref().map(|r| r.spawn(shutdown_rx));
+    networks.clone().spawn_watch(hub.clone(), leases.clone());
 
     let http_state = Arc::new(HttpState {
         ready: false.into(),
@@ -486,7 +508,6 @@ async fn serve(config: Config) -> Result<()> {
         replica: replica.clone(),
         metrics: metrics.clone(),
     };
-    let conf = Arc::new(config.conf);
     let sources = twill_server::grpc::watch::Sources {
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -500,7 +521,7 @@ async fn serve(config: Config) -> Result<()> {
         .layer(AuthLayer::new(gate))
         .layer(ForwardLayer::new(replica.clone()))
         .add_service(AgentRouter::new(AgentApi {
-            conf: conf.clone(),
+            networks: networks.clone(),
             leases: leases.clone(),
             watch: sources.clone(),
             limiter: NodeLimiter::default(),
@@ -516,7 +537,7 @@ async fn serve(config: Config) -> Result<()> {
         )
         .add_service(
             AdminServiceServer::new(AdminApi {
-                conf,
+                networks: networks.clone(),
                 leases,
                 watch: sources,
                 store: store_for_admin,

@@ -105,6 +105,7 @@ async fn only_the_right_certificates_get_through() {
     let s = as_a
         .release(ReleaseRequest {
             node_name: "node-b".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

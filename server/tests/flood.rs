@@ -45,7 +45,10 @@ async fn probe_latencies(
         }
         out.push(sent.elapsed().as_secs_f64() * 1000.0);
         client
-            .release(ReleaseRequest { node_name: node })
+            .release(ReleaseRequest {
+                node_name: node,
+                ..Default::default()
+            })
             .await
             .unwrap();
         // Spread over a few seconds, so the flood runs long past its burst.

@@ -82,6 +82,7 @@ async fn public_ip(admin: &mut AdminServiceClient<Channel>, node: &str) -> Strin
     admin
         .get_lease(GetLeaseRequest {
             node_name: node.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -195,6 +196,7 @@ async fn a_lease_belongs_to_the_key_that_took_it_across_renewal_and_restart() {
             .await
             .release(ReleaseRequest {
                 node_name: "n1".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -226,6 +228,7 @@ async fn a_lease_belongs_to_the_key_that_took_it_across_renewal_and_restart() {
         .await
         .release(ReleaseRequest {
             node_name: "n1".into(),
+            ..Default::default()
         })
         .await
         .expect("the holder's renewed key releases it");

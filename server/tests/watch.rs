@@ -80,6 +80,7 @@ async fn snapshot_then_live_events_then_exact_resume() {
         .await
         .release(ReleaseRequest {
             node_name: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -355,6 +356,7 @@ async fn a_resume_from_a_replaced_store_gets_a_reset_even_when_its_revision_caug
         .watch(WatchRequest {
             from_revision: seen,
             epoch: epoch.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

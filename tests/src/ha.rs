@@ -191,6 +191,8 @@ impl HaOverlay {
                 &p(&host.dir.join("data")),
                 "--net-conf",
                 &p(&net_conf),
+                "--networks-dir",
+                &p(&host.dir.join("networks")),
                 "--tls-cert",
                 &c("controller.crt"),
                 "--tls-key",
@@ -463,10 +465,13 @@ impl HaOverlay {
         let (url, pems) = (self.urls[i].clone(), self.admin_pems()?);
         self.block_on_at(i, || async move {
             let mut c = Self::admin(url.clone(), pems).await?;
-            Ok(c.status(StatusRequest { this_replica_only })
-                .await
-                .with_context(|| format!("Status of {url}"))?
-                .into_inner())
+            Ok(c.status(StatusRequest {
+                this_replica_only,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("Status of {url}"))?
+            .into_inner())
         })
         .with_context(|| format!("asking replica {i}"))
     }

@@ -60,6 +60,9 @@ pub struct OverlayConfig {
     /// An IPv6-only underlay ([`LabConfig::ipv6_only`]): the controller listens on, and
     /// the agents dial, IPv6 addresses.
     pub ipv6_only: bool,
+    /// More networks: `<name>.json` contents by name, written to the controller's
+    /// `--networks-dir` ([`Overlay::networks_dir`]) before it starts.
+    pub networks: BTreeMap<String, String>,
 }
 
 impl OverlayConfig {
@@ -75,7 +78,14 @@ impl OverlayConfig {
             bootstrap: false,
             node_cert_ttl: None,
             ipv6_only: false,
+            networks: BTreeMap::new(),
         }
+    }
+
+    /// A network `name` configured by `json` (net-conf.json plus `"Nodes"`).
+    pub fn network(mut self, name: &str, json: &str) -> Self {
+        self.networks.insert(name.into(), json.into());
+        self
     }
 
     /// Nodes `node-a`, `node-b`, `node-c`.
@@ -236,6 +246,10 @@ impl Overlay {
         let net_conf = ctl.dir.join("net-conf.json");
         std::fs::write(&net_conf, &cfg.net_conf)
             .with_context(|| format!("cannot write {}", net_conf.display()))?;
+        for (name, json) in &cfg.networks {
+            self.write_network(name, json)?;
+        }
+        std::fs::create_dir_all(self.networks_dir())?;
         let c = |f: &str| self.certs.join(f).display().to_string();
         let mut args = vec![
             "--listen".to_string(),
@@ -244,6 +258,8 @@ impl Overlay {
             ctl.dir.join("data").display().to_string(),
             "--net-conf".into(),
             net_conf.display().to_string(),
+            "--networks-dir".into(),
+            self.networks_dir().display().to_string(),
             "--tls-cert".into(),
             c("controller.crt"),
             "--tls-key".into(),
@@ -284,6 +300,28 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// The controller's `--networks-dir` (the lab's own, never /etc/twill/networks).
+    pub fn networks_dir(&self) -> PathBuf {
+        self.lab.host(CONTROLLER_HOST).dir.join("networks")
+    }
+
+    /// Writes network `name`'s file as a ConfigMap update does (aside, then renamed
+    /// in): the controller never reads it half-written.
+    pub fn write_network(&self, name: &str, json: &str) -> Result<()> {
+        let dir = self.networks_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{name}.json.tmp"));
+        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(format!("{name}.json")))?;
+        Ok(())
+    }
+
+    /// Removes network `name`'s file.
+    pub fn remove_network(&self, name: &str) -> Result<()> {
+        let file = self.networks_dir().join(format!("{name}.json"));
+        std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))
     }
 
     fn twillctl_certs(&self, args: &[&str]) -> Result<()> {

@@ -22,6 +22,38 @@ pub const NETWORK: &str = "cbr0";
 /// Seconds any command run here may take.
 pub const CMD_TIMEOUT: &str = "60";
 
+/// Which Twill network a pod attaches to, and the CNI names that keep networks apart
+/// on a host: the CNI network name (host-local keys its store by it) and the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    /// The Twill network (twill-cni's `"network"`); `default` reads subnet.env.
+    pub network: String,
+    /// The CNI configuration's `name`.
+    pub cni_name: String,
+    /// The bridge the delegate makes.
+    pub bridge: String,
+}
+
+impl PodNetwork {
+    /// kube-flannel's: network `default`, CNI name `cbr0`, bridge `cni0`.
+    pub fn flannel() -> Self {
+        PodNetwork {
+            network: "default".into(),
+            cni_name: NETWORK.into(),
+            bridge: "cni0".into(),
+        }
+    }
+
+    /// Twill network `name` on a bridge of its own (`cni-<name>`).
+    pub fn named(name: &str) -> Self {
+        PodNetwork {
+            network: name.into(),
+            cni_name: format!("twill-{name}"),
+            bridge: format!("cni-{name}"),
+        }
+    }
+}
+
 /// A pod attached by twill-cni.
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -35,6 +67,8 @@ pub struct Pod {
     pub addr: IpAddr,
     /// The host side of its veth pair.
     pub host_veth: String,
+    /// The network it is attached to.
+    pub net: PodNetwork,
 }
 
 /// `dataDir` of twill-cni on `node` (saved delegate configs), in the host's lab dir.
@@ -48,23 +82,42 @@ pub fn ipam_dir(ov: &Overlay, node: &str) -> PathBuf {
 }
 
 /// The network configuration a runtime hands twill-cni (kube-flannel's conflist
-/// entry, with `type` changed and this host's files).
-fn net_conf(ov: &Overlay, node: &str) -> String {
-    json!({
+/// entry, with `type` changed and this host's files); another network reads its env
+/// file from the agent's `--subnet-dir` and gets a bridge of its own.
+fn net_conf(ov: &Overlay, node: &str, net: &PodNetwork) -> String {
+    let mut conf = json!({
         "cniVersion": "1.0.0",
-        "name": NETWORK,
+        "name": net.cni_name,
         "type": "twill-cni",
-        "subnetFile": ov.subnet_file(node),
         "dataDir": cni_data_dir(ov, node),
         "ipam": {"dataDir": ipam_dir(ov, node)},
-        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-    })
-    .to_string()
+        "delegate": {"hairpinMode": true, "isDefaultGateway": true, "bridge": net.bridge},
+    });
+    if net.network == "default" {
+        conf["subnetFile"] = json!(ov.subnet_file(node));
+    } else {
+        conf["network"] = json!(net.network);
+        conf["subnetDir"] = json!(ov.subnet_file(node).with_file_name("networks"));
+        // One default route per pod: a second network's interface has none.
+        conf["delegate"]["isDefaultGateway"] = json!(false);
+    }
+    conf.to_string()
 }
 
 /// Creates pod namespace `tw-<lab id>-p<tag>` (owned by the lab) and attaches it to
 /// `node` with `twill-cni ADD`. Returns the pod and the plugin's result.
 pub fn attach(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str) -> Result<(Pod, Value)> {
+    attach_to(ov, cni_bin, node, tag, &PodNetwork::flannel())
+}
+
+/// [`attach`] to network `net`.
+pub fn attach_to(
+    ov: &Overlay,
+    cni_bin: &Path,
+    node: &str,
+    tag: &str,
+    net: &PodNetwork,
+) -> Result<(Pod, Value)> {
     let netns = ov.lab().add_netns(&format!("p{tag}"))?;
     let mut pod = Pod {
         node: node.to_string(),
@@ -72,6 +125,7 @@ pub fn attach(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str) -> Result<(Po
         netns,
         addr: Ipv4Addr::UNSPECIFIED.into(),
         host_veth: String::new(),
+        net: net.clone(),
     };
     let what = format!("ADD of {} on {node}", pod.container_id);
     let result = cni(ov, cni_bin, node, "ADD", &pod)?
@@ -88,7 +142,7 @@ pub fn attach(ov: &Overlay, cni_bin: &Path, node: &str, tag: &str) -> Result<(Po
         .flatten()
         .filter(|i| i.get("sandbox").is_none())
         .filter_map(|i| i["name"].as_str())
-        .find(|n| *n != "cni0")
+        .find(|n| *n != pod.net.bridge)
         .with_context(|| format!("{what}: no host-side veth in the result {result}"))?
         .to_string();
     Ok((pod, result))
@@ -105,7 +159,7 @@ pub fn cni(
     pod: &Pod,
 ) -> Result<Option<Value>> {
     let host_ns = &ov.node_host(node).netns;
-    let config = net_conf(ov, node);
+    let config = net_conf(ov, node, &pod.net);
     let mut cmd = Command::new("timeout");
     cmd.arg(CMD_TIMEOUT)
         .args(["ip", "netns", "exec", host_ns])

@@ -450,6 +450,9 @@ pub fn base_args(pki: &Pki, addrs: Addrs, net_conf: &Path, data_dir: &Path) -> V
         net_conf.display().to_string(),
         "--data-dir".into(),
         data_dir.display().to_string(),
+        // No file: only `default`, and never the host's /etc/twill/networks.
+        "--networks-dir".into(),
+        data_dir.join("networks").display().to_string(),
     ];
     args.extend(pki.tls_args());
     args

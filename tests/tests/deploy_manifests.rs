@@ -805,6 +805,74 @@ fn configmap_has_flannels_keys_and_conflist() {
 }
 
 #[test]
+fn networks_configmap_is_the_controllers_networks_dir() {
+    use twill_common::networks::{check_against, Network, NetworkName};
+    // Several networks (issue 26): the ConfigMap twill-networks is the controller's
+    // --networks-dir, mounted whole and read-only. No items and no subPath: only then
+    // does the kubelet update the files in place, which the controller re-reads to add
+    // and retire networks.
+    let d = object(
+        "kubernetes/controller.yaml",
+        "Deployment",
+        "twill-controller",
+    );
+    let pod = &d["spec"]["template"]["spec"];
+    let c = container(pod, "controller");
+    let env = env_pairs(c);
+    let dir = env_of(&env, "TWILL_NETWORKS_DIR").expect("the controller sets TWILL_NETWORKS_DIR");
+    let mount = seq(&c["volumeMounts"])
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("no volume is mounted at TWILL_NETWORKS_DIR {dir}"));
+    assert_eq!(
+        mount["readOnly"].as_bool(),
+        Some(true),
+        "{dir} is read-only"
+    );
+    assert!(
+        mount["subPath"].is_null(),
+        "{dir} is mounted without subPath"
+    );
+    let v = volume(pod, s(&mount["name"], "volumeMount name"));
+    assert_eq!(v["configMap"]["name"].as_str(), Some("twill-networks"));
+    assert!(
+        v["configMap"]["items"].is_null(),
+        "every key of twill-networks is a file"
+    );
+
+    // Every key is a network file that fits beside `default` and the others: what the
+    // controller would refuse is refused here first. The example is such a file too.
+    let default = twill_common::NetConf::parse(&read("examples/net-conf.json")).unwrap();
+    let mut networks = vec![Network::default_from(default)];
+    let cm = object("kubernetes/configmap.yaml", "ConfigMap", "twill-networks");
+    let keys = cm["data"].as_mapping().cloned().unwrap_or_default();
+    let example = read("examples/blue.json");
+    let files = keys
+        .iter()
+        .map(|(k, v)| (s(k, "key").to_string(), s(v, "value").to_string()))
+        .chain([("blue.json".to_string(), example)]);
+    for (key, text) in files {
+        let stem = key
+            .strip_suffix(".json")
+            .unwrap_or_else(|| panic!("twill-networks key {key} is <name>.json"));
+        let name = NetworkName::new(stem).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let n = Network::parse(name, &text, Path::new(&key)).unwrap_or_else(|e| panic!("{e}"));
+        check_against(&n, &networks).unwrap_or_else(|e| panic!("{key}: {e}"));
+        networks.push(n);
+    }
+
+    // The systemd settings name both ends (commented: the defaults).
+    assert!(env_file("systemd/controller.env")
+        .1
+        .iter()
+        .any(|v| v == "TWILL_NETWORKS_DIR"));
+    assert!(env_file("systemd/agent.env")
+        .1
+        .iter()
+        .any(|v| v == "TWILL_NETWORKS"));
+}
+
+#[test]
 fn controller_certificate_names_the_service() {
     // The agents dial twill-controller.twill-system.svc: both ways of making the
     // controller's certificate must put that name in it.

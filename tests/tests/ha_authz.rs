@@ -363,6 +363,7 @@ fn scenario(bins: &Bins, dir: &Path) -> Result<()> {
             || {
                 rt.block_on(admin.clone().status(StatusRequest {
                     this_replica_only: true,
+                    ..Default::default()
                 }))
             },
         )?;

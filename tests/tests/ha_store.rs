@@ -982,9 +982,11 @@ fn fencing_scenario(bins: &Bins, dir: &Path) -> Result<()> {
             .map(|n| channel(&set.url(old), pki.ca_pem(), &*pki.node(&n.name)?))
             .collect::<Result<_>>()?;
         for (n, ch) in stale.iter().zip(&stale_chans) {
-            rt.block_on(
-                AgentServiceClient::new(ch.clone()).get_network_config(GetNetworkConfigRequest {}),
-            )
+            rt.block_on(AgentServiceClient::new(ch.clone()).get_network_config(
+                GetNetworkConfigRequest {
+                    ..Default::default()
+                },
+            ))
             .with_context(|| format!("{} cannot reach the leader", n.name))?;
         }
         let log_before = set.log(old).len();
@@ -1160,6 +1162,7 @@ impl Watcher {
             .block_on(AgentServiceClient::new(ch).watch(WatchRequest {
                 from_revision: 0,
                 epoch: String::new(),
+                ..Default::default()
             }))
             .context("cannot open a watch")?
             .into_inner();
@@ -1373,6 +1376,7 @@ fn quorum_scenario(bins: &Bins, dir: &Path) -> Result<()> {
                 CALL_TIMEOUT,
                 AdminServiceClient::new(ch.clone()).status(StatusRequest {
                     this_replica_only: false,
+                    ..Default::default()
                 }),
             ))
             .context("Status did not answer without quorum")??

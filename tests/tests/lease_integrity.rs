@@ -513,6 +513,14 @@ impl AgentService for Hung {
         self.calls.record(&req, "Watch");
         std::future::pending().await
     }
+
+    async fn list_networks(
+        &self,
+        req: Request<twill_proto::ListNetworksRequest>,
+    ) -> Result<Response<twill_proto::ListNetworksResponse>, Status> {
+        self.calls.record(&req, "ListNetworks");
+        std::future::pending().await
+    }
 }
 
 /// A "controller" on the real controller's address, with its certificate: it
@@ -655,7 +663,9 @@ fn hung_controller_scenario(ov: &Overlay) -> Result<()> {
         let mut client = connect(&url, &pems)
             .await
             .context("the test's own client connecting to the hung controller")?;
-        let req = GetNetworkConfigRequest {};
+        let req = GetNetworkConfigRequest {
+            ..Default::default()
+        };
         match tokio::time::timeout(Duration::from_secs(2), client.get_network_config(req)).await {
             Err(_) => Ok(()),
             Ok(r) => bail!("the hung controller answered: {r:?}"),

@@ -1,58 +1,57 @@
-//! The agent's main loop: configuration, device, lease, then watch + reconcile +
-//! renew until SIGTERM. Kernel state is never torn down here: while the controller is
-//! away the data plane keeps forwarding with what it has.
+//! The agent's main loop: the networks to join (`--networks`), each one's
+//! configuration, devices and lease, then one watch for all of them + reconcile +
+//! renew until SIGTERM. Kernel state is never torn down here while the controller is
+//! away: the data plane keeps forwarding with what it has. Only a network the
+//! controller stopped offering (`--networks '*'`) is taken down, once its lease ends.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use std::net::IpAddr;
-
+use anyhow::{anyhow, bail, Context, Result};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
-use twill_agent::client::{self, no_answer, Backoff, TlsFiles};
+use twill_agent::client::{self, no_answer, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::Underlay;
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
 use twill_agent::identity::{self, CertCheck, CertInfo};
 use twill_agent::iface::{self, Selection};
-use twill_agent::peers::PeerTable;
-use twill_agent::plane::{vxlan_overhead, Plane};
-use twill_agent::schedule::{later, LeaseKeeping, Retry};
+use twill_agent::plane::vxlan_overhead;
+use twill_agent::schedule::{later, Retry};
 use twill_agent::watch::{Opened, WatchSession};
 use twill_common::model::{Family, Lease, Mac, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
+use twill_common::networks::NetworkName;
 use twill_common::{now_unix, subnet_env, NetConf, SubnetEnv};
 use twill_proto::agent_service_client::AgentServiceClient;
-use twill_proto::{AcquireRequest, ReleaseRequest, WatchResponse};
+use twill_proto::{
+    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, ListNetworksRequest, NetworkConfig,
+    ReleaseRequest, WatchResponse,
+};
 
 use crate::http::{self, Stats};
 
 mod kernel;
+mod networks;
 #[cfg(test)]
 mod tests;
 
 use crate::Args;
 use kernel::Kernel;
+use networks::{Membership, Wanted};
 
 /// Longest wait between retries of a controller call.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 type Api = AgentServiceClient<Channel>;
-
-/// Errors that retrying cannot fix: the operator must change something.
-fn is_fatal(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
-    )
-}
 
 pub async fn run(args: Args) -> Result<()> {
     let node = match &args.node_name {
@@ -63,6 +62,7 @@ pub async fn run(args: Args) -> Result<()> {
             .to_string(),
     };
     twill_common::model::validate_node_name(&node).context("--node-name")?;
+    let wanted = Wanted::new(&args.networks).context("--networks")?;
     let mut selection = Selection {
         ifaces: args.iface.clone(),
         iface_regex: args
@@ -113,7 +113,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let (mut creds, mut channel) = Credentials::load(
+    let (creds, channel) = Credentials::load(
         &args.controller,
         &node,
         &TlsFiles {
@@ -125,69 +125,74 @@ pub async fn run(args: Args) -> Result<()> {
     stats
         .cert_expiry
         .set(creds.info.as_ref().map_or(0, |i| i.not_after));
-    let conf = tokio::select! {
-        c = fetch_config(&mut creds, &mut channel, args.call_timeout) => c?,
-        () = &mut shutdown => return Ok(()),
-    };
-    let api = client::agent_client(channel.clone());
-    stats.contact(now_unix());
     let dp = Netlink::new()?;
     if let Some(addr) = args.iface_can_reach {
         selection.can_reach = Some((addr, dp.route_interface(addr).await?));
     }
     let interfaces = dp.interfaces().await?;
-    let mut underlays: PerFamily<(Underlay, IpAddr)> = PerFamily::default();
-    for (family, _) in conf.networks().iter() {
-        // Each family has its own default route and its own selection flags.
+    // Both families are looked for up front: which ones are needed is known only once
+    // the networks' configurations are in, and with `*` networks come later.
+    let mut underlays = Underlays::default();
+    for family in [Family::V4, Family::V6] {
         let picked = match family {
             Family::V4 => {
                 let default = dp.default_route_interface().await.ok();
                 iface::select(&selection, &interfaces, default.as_ref())
-                    .map(|(u, ip)| (u, IpAddr::from(ip)))?
+                    .map(|(u, ip)| (u, IpAddr::from(ip)))
             }
             Family::V6 => {
                 let default = dp.default_route_interface_v6().await.ok();
                 iface::select6(&selection, &interfaces, default.as_ref())
-                    .map(|(u, ip)| (u, IpAddr::from(ip)))?
+                    .map(|(u, ip)| (u, IpAddr::from(ip)))
             }
         };
-        *underlays.slot(family) = Some(picked);
-    }
-    let mtu = pod_mtu(&conf, &underlays);
-    let mut planes = PerFamily::default();
-    for (family, (u, ip)) in underlays.iter() {
-        *planes.slot(family) = Some(Plane::start(&dp, &conf.backend, u.clone(), *ip, mtu).await?);
-    }
-    for plane in planes.values() {
-        match plane.mac() {
-            Some(mac) => {
-                info!(node = %node, device = %plane.name(), vtep_mac = %mac, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "VXLAN device ready")
-            }
-            None => {
-                info!(node = %node, iface = %plane.topo.underlay.name, public_ip = %plane.public_ip, mtu, "host-gw backend: peers are routed via their public addresses")
-            }
+        match picked {
+            Ok(p) => *underlays.found.slot(family) = Some(p),
+            Err(e) => *underlays.missing.slot(family) = Some(e.to_string()),
         }
     }
-
-    let peers = PeerTable::new(&node, conf.networks());
-    let kernel = Kernel::new(Box::new(dp), planes, peers, stats.clone());
+    let kernel = Kernel::new(Box::new(dp), stats.clone());
     let mut agent = Agent {
         node,
         args,
-        conf,
-        api,
+        wanted,
+        underlays,
+        api: client::agent_client(channel.clone()),
         channel,
         creds,
         stats,
-        mtu,
         kernel,
-        lease: None,
+        networks: BTreeMap::new(),
     };
     agent.main_loop(&mut shutdown).await
 }
 
-/// The pod MTU (`FLANNEL_MTU`), one for both families so that a pod's packets fit
-/// either tunnel: `Backend.MTU` when set; else the public interface's MTU less the
+/// The public interface and address of each family, or why none was found.
+#[derive(Default)]
+struct Underlays {
+    found: PerFamily<(Underlay, IpAddr)>,
+    missing: PerFamily<String>,
+}
+
+impl Underlays {
+    /// The underlays of each family `conf` has.
+    fn of(&self, conf: &NetConf) -> Result<PerFamily<(Underlay, IpAddr)>> {
+        conf.networks()
+            .try_map(|family, _| match self.found.get(family) {
+                Some(u) => Ok(u.clone()),
+                None => Err(anyhow!(
+                    "{}",
+                    self.missing
+                        .get(family)
+                        .cloned()
+                        .unwrap_or_else(|| format!("no {family} public interface"))
+                )),
+            })
+    }
+}
+
+/// A network's pod MTU (`FLANNEL_MTU`), one for both families so that a pod's packets
+/// fit either tunnel: `Backend.MTU` when set; else the public interface's MTU less the
 /// VXLAN overhead, the larger IPv6 one when the node has an IPv6 tunnel (flannel
 /// #1781); with host-gw, the interface's MTU.
 fn pod_mtu(conf: &NetConf, underlays: &PerFamily<(Underlay, IpAddr)>) -> u32 {
@@ -205,62 +210,94 @@ fn pod_mtu(conf: &NetConf, underlays: &PerFamily<(Underlay, IpAddr)>) -> u32 {
     }
 }
 
-/// The subnet of one family a previous run left in subnet.env, when it belongs to
-/// this network (one left by another network, e.g. a rebuilt cluster, is no claim
-/// here).
+/// The subnet of one family a previous run left in a network's env file, when it
+/// belongs to that network (one left by another network, e.g. a rebuilt cluster, is
+/// no claim here).
 fn previous_of<N: PoolNet>(pool: Option<&Pool<N>>, previous: Option<N>) -> Option<N> {
     let (pool, s) = (pool?, previous?);
     if !pool.fits(s) {
-        info!(subnet = %s, network = %pool.network, "not asking for the subnet in subnet.env: it is not a subnet of this network");
+        info!(subnet = %s, network = %pool.network, "not asking for the subnet in the env file: it is not a subnet of this network");
         return None;
     }
     Some(s)
 }
 
-/// The network configuration, from whichever controller answers first; `channel` is
-/// left on that one.
-async fn fetch_config(
-    creds: &mut Credentials,
-    channel: &mut Channel,
+/// The networks the controller offered: each with its configuration as sent.
+type Offered = Vec<(NetworkName, NetworkConfig)>;
+
+/// Asks the controller for the configuration of `missing` (listed networks not yet
+/// joined), or with `*` for every network that admits this node. A controller that
+/// predates ListNetworks offers `default` only.
+async fn discover(
+    mut api: Api,
+    every: bool,
+    missing: Vec<NetworkName>,
     deadline: Duration,
-) -> Result<NetConf> {
-    let mut backoff = Backoff::new(BACKOFF_CAP);
-    loop {
-        let req = client::request(twill_proto::GetNetworkConfigRequest {}, deadline);
-        let mut api = client::agent_client(channel.clone());
-        match client::within(deadline, api.get_network_config(req)).await {
-            Ok(r) => {
-                return NetConf::parse(&r.into_inner().net_conf_json)
-                    .context("the controller's net-conf.json");
+) -> Result<Offered, (Option<NetworkName>, Status)> {
+    let config = |api: &mut Api, network: &NetworkName| {
+        let req = GetNetworkConfigRequest {
+            network: network.wire().into(),
+        };
+        let mut api = api.clone();
+        async move {
+            client::within(
+                deadline,
+                api.get_network_config(client::request(req, deadline)),
+            )
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    if every {
+        let req = client::request(ListNetworksRequest {}, deadline);
+        return match client::within(deadline, api.list_networks(req)).await {
+            Ok(r) => Ok(r
+                .into_inner()
+                .networks
+                .into_iter()
+                .filter_map(|c| match NetworkName::from_wire(&c.name) {
+                    Ok(name) => Some((name, c)),
+                    Err(e) => {
+                        warn!(error = %e, "ignoring a network the controller offered");
+                        None
+                    }
+                })
+                .collect()),
+            Err(s) if s.code() == Code::Unimplemented => {
+                let default = NetworkName::default_network();
+                let c = config(&mut api, &default)
+                    .await
+                    .map_err(|s| (Some(default.clone()), s))?;
+                Ok(vec![(default, c)])
             }
-            Err(s) if is_fatal(&s) => bail!("controller refused us: {}: {}", s.code(), s.message()),
-            Err(s) => {
-                let wait = backoff.next_delay();
-                warn!(controller = %creds.url(), code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot reach the controller");
-                if let Some(next) = creds.fail_over() {
-                    *channel = next;
-                }
-                tokio::time::sleep(wait).await;
-            }
+            Err(s) => Err((None, s)),
+        };
+    }
+    let mut offered = Vec::new();
+    for network in missing {
+        match config(&mut api, &network).await {
+            Ok(c) => offered.push((network, c)),
+            Err(s) => return Err((Some(network), s)),
         }
     }
+    Ok(offered)
 }
 
 struct Agent {
     node: String,
     args: Args,
-    conf: NetConf,
+    wanted: Wanted,
+    underlays: Underlays,
     /// The controller API for new calls, over `channel`, which presents the
     /// certificate `creds` last loaded.
     api: Api,
     channel: Channel,
     creds: Credentials,
     stats: Arc<Stats>,
-    /// The pod MTU written to subnet.env.
-    mtu: u32,
-    /// The planes, the peer set and everything else this agent does to the kernel.
+    /// The overlays, the peer sets and everything else this agent does to the kernel.
     kernel: Kernel,
-    lease: Option<Lease>,
+    /// Each joined network's lease keeping, by name.
+    networks: BTreeMap<NetworkName, Membership>,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -284,6 +321,12 @@ impl TaskError for RotateError {
     }
 }
 
+impl TaskError for (Option<NetworkName>, Status) {
+    fn lost(e: tokio::task::JoinError) -> Self {
+        (None, Status::lost(e))
+    }
+}
+
 /// The result of the call in flight; never resolves when there is none.
 async fn finished<T, E: TaskError>(call: &mut Call<T, E>) -> Result<T, E> {
     let Some(handle) = call.as_mut() else {
@@ -294,14 +337,48 @@ async fn finished<T, E: TaskError>(call: &mut Call<T, E>) -> Result<T, E> {
     result
 }
 
+/// The Acquires in flight, one at most per network.
+#[derive(Default)]
+struct Acquiring {
+    calls: JoinSet<Result<AcquireResponse, Status>>,
+    networks: HashMap<tokio::task::Id, NetworkName>,
+}
+
+impl Acquiring {
+    fn start(
+        &mut self,
+        network: NetworkName,
+        call: impl std::future::Future<Output = Result<AcquireResponse, Status>> + Send + 'static,
+    ) {
+        let id = self.calls.spawn(call).id();
+        self.networks.insert(id, network);
+    }
+
+    /// The next one to finish, with its network; never resolves when none is in
+    /// flight.
+    async fn next(&mut self) -> (NetworkName, Result<AcquireResponse, Status>) {
+        let (id, result) = match self.calls.join_next_with_id().await {
+            Some(Ok((id, r))) => (id, r),
+            Some(Err(e)) => (e.id(), Err(Status::lost(e))),
+            None => return std::future::pending().await,
+        };
+        let network = self
+            .networks
+            .remove(&id)
+            .unwrap_or_else(NetworkName::default_network);
+        (network, result)
+    }
+}
+
 impl Agent {
     async fn main_loop(
         &mut self,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<()> {
         let deadline = self.args.call_timeout;
-        let mut renew = LeaseKeeping::new(BACKOFF_CAP, self.args.renew_margin);
-        let mut acquiring: Call<twill_proto::AcquireResponse> = None;
+        let mut discovery = Retry::now(BACKOFF_CAP);
+        let mut discovering: Call<Offered, (Option<NetworkName>, Status)> = None;
+        let mut acquiring = Acquiring::default();
         let mut watch: WatchSession<Streaming<WatchResponse>, Api> = WatchSession::new(BACKOFF_CAP);
         let mut opening: Call<(Streaming<WatchResponse>, Api)> = None;
         let mut rotate = Retry::at(self.next_rotation(), BACKOFF_CAP);
@@ -319,47 +396,43 @@ impl Agent {
                 .health
                 .loop_turned
                 .store(now_unix(), Ordering::Relaxed);
+            let renewal = self.next_renewal();
             tokio::select! {
                 () = &mut *shutdown => break,
-                () = sleep_until(renew.due()), if acquiring.is_none() => {
-                    let req = self.acquire_request();
-                    let mut api = self.api.clone();
-                    acquiring = Some(tokio::spawn(async move {
-                        client::within(deadline, api.acquire(client::request(req, deadline)))
-                            .await
-                            .map(tonic::Response::into_inner)
-                    }));
+                () = sleep_until(discovery.due()), if discovering.is_none() && self.discovery_wanted() => {
+                    let every = self.wanted == Wanted::Every;
+                    discovering = Some(tokio::spawn(discover(self.api.clone(), every, self.missing(), deadline)));
                 }
-                r = finished(&mut acquiring) => {
-                    let result = match r {
-                        Ok(resp) => {
+                r = finished(&mut discovering) => {
+                    match r {
+                        Ok(offered) => {
                             self.stats.contact(now_unix());
-                            self.on_lease(resp).await
+                            discovery.succeeded(later(self.args.reconcile_interval));
+                            self.on_offered(offered).await?;
+                            self.follow(&mut watch);
                         }
-                        Err(s) => {
+                        Err((network, s)) => {
                             if no_answer(&s) {
                                 self.stats.no_contact(now_unix());
                                 self.fail_over();
                             }
-                            if is_fatal(&s) {
-                                bail!("the controller refused our lease: {}: {}", s.code(), s.message());
+                            let what = network.as_ref().map_or_else(|| "the list of networks".to_string(), |n| format!("the configuration of network {n}"));
+                            if self.wanted.fatal(network.as_ref().unwrap_or(&NetworkName::default_network()), &s) {
+                                bail!("the controller refused {what}: {}: {}", s.code(), s.message());
                             }
-                            Err(anyhow::Error::new(s))
-                        }
-                    };
-                    match result {
-                        Ok(ttl) => {
-                            let margin = renew.granted(ttl);
-                            self.stats.health.contact_margin_secs.store(margin.as_secs() as i64, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
-                            let wait = renew.failed(moved, self.creds.replicas());
-                            warn!(node = %self.node, error = %format!("{e:#}"), retry_in = ?wait, "lease acquire/renew failed; keeping the data plane as it is");
+                            let wait = discovery.failed(no_answer(&s), self.creds.replicas());
+                            warn!(controller = %self.creds.url(), code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot get {what}");
                         }
                     }
                 }
-                () = sleep_until(watch.due()), if watch.wants_open() && opening.is_none() && self.lease.is_some() => {
+                () = sleep_until(renewal.unwrap_or_else(|| later(Duration::MAX))), if renewal.is_some() => {
+                    self.start_acquires(&mut acquiring);
+                }
+                (network, r) = acquiring.next() => {
+                    self.on_acquired(&network, r).await?;
+                    self.follow(&mut watch);
+                }
+                () = sleep_until(watch.due()), if watch.wants_open() && opening.is_none() && self.watch_ready() => {
                     let req = watch.request();
                     let mut api = self.api.clone();
                     opening = Some(tokio::spawn(async move {
@@ -372,9 +445,13 @@ impl Agent {
                     match r {
                         Ok((stream, api)) => {
                             self.stats.contact(now_unix());
-                            match watch.opened(stream, api) {
-                                Opened::Moved => info!(from_revision = watch.revision(), "lease watch moved to a connection with the current certificate"),
-                                Opened::First => info!(from_revision = watch.revision(), "watching leases"),
+                            let before = watch.streaming().to_vec();
+                            let kind = watch.opened(stream, api);
+                            let names: Vec<String> = networks::streamed(watch.streaming()).iter().map(ToString::to_string).collect();
+                            match kind {
+                                Opened::Moved if before != watch.streaming() => info!(networks = ?names, "lease watch reopened from scratch for the networks joined now"),
+                                Opened::Moved => info!(from_revision = watch.revision(), networks = ?names, "lease watch moved to a connection with the current certificate"),
+                                Opened::First => info!(from_revision = watch.revision(), networks = ?names, "watching leases"),
                             }
                         }
                         Err(s) => {
@@ -392,10 +469,10 @@ impl Agent {
                         Ok(Some(resp)) => {
                             self.stats.contact(now_unix());
                             if let Some(whole) = watch.message(resp) {
-                                if self.apply(&whole) {
-                                    renew.now();
-                                }
+                                let covered = networks::streamed(watch.streaming());
+                                self.apply(&whole, &covered).await;
                                 self.kernel.reconcile(false, watch.revision()).await;
+                                self.follow(&mut watch);
                             }
                         }
                         Ok(None) | Err(_) => {
@@ -442,19 +519,16 @@ impl Agent {
                         watch.move_to_current();
                         rotate.set(self.next_rotation());
                     }
-                    if self.kernel.check_devices(self.lease.as_ref()).await {
-                        renew.now();
-                    }
-                    if self.args.ip_masq {
-                        self.kernel.masquerade(&self.conf, true, self.lease.as_ref()).await;
-                    }
+                    self.on_tick().await;
                     self.kernel.reconcile(true, watch.revision()).await;
+                    self.follow(&mut watch);
                 }
             }
         }
         drop(watch);
+        drop(acquiring);
         for call in [
-            acquiring.map(|h| h.abort_handle()),
+            discovering.map(|h| h.abort_handle()),
             opening.map(|h| h.abort_handle()),
             rotating.map(|h| h.abort_handle()),
         ]
@@ -464,13 +538,19 @@ impl Agent {
             call.abort();
         }
         if self.args.release_on_exit {
-            let req = ReleaseRequest {
-                node_name: self.node.clone(),
-            };
-            match client::within(deadline, self.api.release(client::request(req, deadline))).await {
-                Ok(_) => info!(node = %self.node, "lease released (--release-on-exit)"),
-                Err(s) => {
-                    error!(code = %s.code(), error = %s.message(), "could not release the lease")
+            for network in self.networks.keys() {
+                let req = ReleaseRequest {
+                    node_name: self.node.clone(),
+                    network: network.wire().into(),
+                };
+                let mut api = self.api.clone();
+                match client::within(deadline, api.release(client::request(req, deadline))).await {
+                    Ok(_) => {
+                        info!(network = %network, node = %self.node, "lease released (--release-on-exit)")
+                    }
+                    Err(s) => {
+                        error!(network = %network, code = %s.code(), error = %s.message(), "could not release the lease")
+                    }
                 }
             }
         }
@@ -567,14 +647,273 @@ impl Agent {
         }
     }
 
-    /// What to ask the controller for: the subnets held, else the ones a previous run
-    /// left in subnet.env.
-    fn acquire_request(&self) -> AcquireRequest {
-        let requested = match self.lease.as_ref() {
-            Some(l) => l.parts.map(|_, p| p.subnet),
-            None => self.previous_subnets(),
+    /// Whether the controller is to be asked about networks: with `*` always (every
+    /// reconcile interval), else while a listed network is not joined yet.
+    fn discovery_wanted(&self) -> bool {
+        match &self.wanted {
+            Wanted::Every => true,
+            Wanted::Listed(_) => !self.missing().is_empty(),
+        }
+    }
+
+    /// The listed networks not joined yet.
+    fn missing(&self) -> Vec<NetworkName> {
+        match &self.wanted {
+            Wanted::Every => Vec::new(),
+            Wanted::Listed(names) => names
+                .iter()
+                .filter(|n| !self.networks.contains_key(*n))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Joins the networks offered that are not joined yet; with `*`, the joined ones
+    /// no longer offered start leaving (their leases are not renewed) and ones offered
+    /// again stay. A listed network that cannot be joined is an error; with `*` it is
+    /// tried again at the next check.
+    async fn on_offered(&mut self, offered: Offered) -> Result<()> {
+        let every = self.wanted == Wanted::Every;
+        let names: BTreeSet<NetworkName> = offered.iter().map(|(n, _)| n.clone()).collect();
+        for (network, config) in offered {
+            if let Some(m) = self.networks.get_mut(&network) {
+                if m.leaving {
+                    info!(network = %network, node = %self.node, "network offered again; keeping its lease");
+                    m.leaving = false;
+                    m.renew.now();
+                }
+                continue;
+            }
+            match self.join(&network, &config).await {
+                Ok(()) => {}
+                Err(e) if !every => return Err(e),
+                Err(e) => {
+                    warn!(network = %network, node = %self.node, error = %format!("{e:#}"), "cannot join the network; trying again at the next check")
+                }
+            }
+        }
+        if every {
+            for (network, m) in &mut self.networks {
+                // `default` admits every node: a controller that stops offering it
+                // is not one to leave it for.
+                if names.contains(network) || m.leaving || network.is_default() {
+                    continue;
+                }
+                info!(network = %network, node = %self.node, "network no longer offered; its lease is not renewed and it is left when the lease ends");
+                m.leaving = true;
+            }
+            self.leave_ended().await;
+        }
+        Ok(())
+    }
+
+    /// Joins `network` with the configuration the controller sent: its devices are
+    /// made and its lease is due at once.
+    async fn join(&mut self, network: &NetworkName, config: &NetworkConfig) -> Result<()> {
+        let answered = NetworkName::from_wire(&config.name).ok();
+        if answered.as_ref() != Some(network) {
+            bail!(
+                "network {network}: the controller answered with the configuration of network {:?}: \
+                 it does not serve several networks (REFERENCE 2.10); upgrade it, or drop {network} \
+                 from --networks",
+                answered.map_or(config.name.clone(), |n| n.to_string())
+            );
+        }
+        let conf = NetConf::parse(&config.net_conf_json)
+            .with_context(|| format!("network {network}: the controller's net-conf.json"))?;
+        let underlays = self
+            .underlays
+            .of(&conf)
+            .with_context(|| format!("network {network}"))?;
+        let mtu = pod_mtu(&conf, &underlays);
+        self.kernel
+            .join(network, &self.node, &conf, &underlays, mtu)
+            .await
+            .with_context(|| format!("network {network}"))?;
+        self.stats.health.lease_expiry.set(network, 0);
+        let m = Membership::new(conf, mtu, BACKOFF_CAP, self.args.renew_margin);
+        self.networks.insert(network.clone(), m);
+        info!(network = %network, node = %self.node, "network joined");
+        Ok(())
+    }
+
+    /// Takes `network` down: its devices, routes, masquerade rules and env file (never
+    /// `default`'s: it is never left).
+    async fn leave(&mut self, network: &NetworkName) {
+        // The env file first: twill-cni attaches no new pod to a network going away.
+        let file = self.network_file(network);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(network = %network, file = %file.display(), error = %e, "cannot remove the network's env file")
+            }
+        }
+        self.kernel.leave(network).await;
+        self.networks.remove(network);
+        self.stats.health.lease_expiry.remove(network);
+        info!(network = %network, node = %self.node, "left the network: its devices, routes, masquerade rules and env file are removed");
+    }
+
+    /// Leaves the networks no longer offered whose lease has ended.
+    async fn leave_ended(&mut self) {
+        let now = now_unix();
+        let ended: Vec<NetworkName> = self
+            .networks
+            .iter()
+            .filter(|(n, m)| !n.is_default() && m.ended(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for network in &ended {
+            self.leave(network).await;
+        }
+    }
+
+    /// When the next lease is due to be acquired or renewed, if any is.
+    fn next_renewal(&self) -> Option<Instant> {
+        self.networks
+            .values()
+            .filter(|m| !m.acquiring && !m.leaving)
+            .map(|m| m.renew.due())
+            .min()
+    }
+
+    /// Starts an Acquire for every network whose lease is due.
+    fn start_acquires(&mut self, acquiring: &mut Acquiring) {
+        let now = Instant::now();
+        let due: Vec<NetworkName> = self
+            .networks
+            .iter()
+            .filter(|(_, m)| !m.acquiring && !m.leaving && m.renew.due() <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let deadline = self.args.call_timeout;
+        for network in due {
+            let req = self.acquire_request(&network);
+            let mut api = self.api.clone();
+            acquiring.start(network.clone(), async move {
+                client::within(deadline, api.acquire(client::request(req, deadline)))
+                    .await
+                    .map(tonic::Response::into_inner)
+            });
+            if let Some(m) = self.networks.get_mut(&network) {
+                m.acquiring = true;
+            }
+        }
+    }
+
+    /// Handles the answer to `network`'s Acquire: the lease applied and its renewal
+    /// scheduled, or the refusal retried (or, when the operator must act, returned).
+    async fn on_acquired(
+        &mut self,
+        network: &NetworkName,
+        r: Result<AcquireResponse, Status>,
+    ) -> Result<()> {
+        let Some(m) = self.networks.get_mut(network) else {
+            return Ok(());
         };
-        let e = self.kernel.endpoints();
+        m.acquiring = false;
+        m.answered = true;
+        let result = match r {
+            Ok(resp) => {
+                self.stats.contact(now_unix());
+                self.on_lease(network, resp).await
+            }
+            Err(s) => {
+                if no_answer(&s) {
+                    self.stats.no_contact(now_unix());
+                    self.fail_over();
+                }
+                if self.wanted.fatal(network, &s) {
+                    // A network that never let the node in leaves no device behind.
+                    if !network.is_default()
+                        && self.networks.get(network).is_some_and(|m| !m.watched)
+                    {
+                        self.leave(network).await;
+                    }
+                    bail!(
+                        "network {network}: the controller refused our lease: {}: {}",
+                        s.code(),
+                        s.message()
+                    );
+                }
+                Err(anyhow::Error::new(s))
+            }
+        };
+        let Some(m) = self.networks.get_mut(network) else {
+            return Ok(());
+        };
+        match result {
+            Ok(ttl) => {
+                let margin = m.renew.granted(ttl);
+                self.stats
+                    .health
+                    .contact_margin_secs
+                    .store(margin.as_secs() as i64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let moved = e.downcast_ref::<tonic::Status>().is_some_and(no_answer);
+                let wait = m.renew.failed(moved, self.creds.replicas());
+                warn!(network = %network, node = %self.node, error = %format!("{e:#}"), retry_in = ?wait, "lease acquire/renew failed; keeping the data plane as it is");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the watch may open: a lease is held, and every network's first
+    /// Acquire was answered, so that the stream starts with all of them.
+    fn watch_ready(&self) -> bool {
+        self.networks.values().any(|m| m.watched)
+            && self.networks.values().all(|m| m.answered || m.leaving)
+    }
+
+    /// Points the watch at the networks that hold (or held) a lease.
+    fn follow(&self, watch: &mut WatchSession<Streaming<WatchResponse>, Api>) {
+        let mut watched = self
+            .networks
+            .iter()
+            .filter(|(_, m)| m.watched)
+            .map(|(n, _)| n)
+            .peekable();
+        if watched.peek().is_some() {
+            watch.watch_networks(networks::watch_list(watched));
+        }
+    }
+
+    /// The periodic checks: devices deleted behind our back, the masquerade rules, and
+    /// networks whose leases ended after they were no longer offered.
+    async fn on_tick(&mut self) {
+        let names: Vec<NetworkName> = self.networks.keys().cloned().collect();
+        for network in &names {
+            let Some(m) = self.networks.get(network) else {
+                continue;
+            };
+            let lease = m.lease.clone();
+            if self.kernel.check_devices(network, lease.as_ref()).await {
+                if let Some(m) = self.networks.get_mut(network) {
+                    m.renew.now();
+                }
+            }
+            if self.args.ip_masq {
+                if let Some(m) = self.networks.get(network) {
+                    self.kernel
+                        .masquerade(network, &m.conf, true, lease.as_ref())
+                        .await;
+                }
+            }
+        }
+        self.leave_ended().await;
+    }
+
+    /// What to ask the controller for in `network`: the subnets held, else the ones a
+    /// previous run left in the network's env file.
+    fn acquire_request(&self, network: &NetworkName) -> AcquireRequest {
+        let m = self.networks.get(network);
+        let requested = match m.and_then(|m| m.lease.as_ref()) {
+            Some(l) => l.parts.map(|_, p| p.subnet),
+            None => self.previous_subnets(network),
+        };
+        let e = self.kernel.endpoints(network);
         let text = |family: Family, get: fn(&(IpAddr, Option<Mac>)) -> String| {
             e.parts.get(family).map(get).unwrap_or_default()
         };
@@ -590,92 +929,139 @@ impl Agent {
             node_name: self.node.clone(),
             requested_subnet: requested(Family::V4),
             public_ip: text(Family::V4, ip),
-            backend_type: self.conf.backend.kind.as_str().into(),
+            backend_type: m
+                .map(|m| m.conf.backend.kind.as_str().to_string())
+                .unwrap_or_default(),
             vtep_mac: text(Family::V4, mac),
             requested_ipv6_subnet: requested(Family::V6),
             public_ipv6: text(Family::V6, ip),
             vtep_mac_v6: text(Family::V6, mac),
             public_ip_prefix_len: e.public_ip_prefix_len,
+            network: network.wire().into(),
         }
     }
 
-    /// Applies a granted or renewed lease locally (subnet.env, device addresses,
-    /// masquerade); returns the TTL.
-    async fn on_lease(&mut self, resp: twill_proto::AcquireResponse) -> Result<Duration> {
+    /// Applies a granted or renewed lease of `network` locally (env files, device
+    /// addresses, masquerade); returns the TTL.
+    async fn on_lease(&mut self, network: &NetworkName, resp: AcquireResponse) -> Result<Duration> {
         let wire = resp.lease.context("controller answered without a lease")?;
         let lease = Lease::try_from(&wire).context("the controller's lease")?;
-        for (family, _) in self.kernel.families().iter() {
+        if lease.network != *network {
+            bail!(
+                "the controller granted a lease in network {} when asked for one in {network}",
+                lease.network
+            );
+        }
+        for (family, _) in self.kernel.families(network).iter() {
             if !lease.parts.has(family) {
                 bail!("the controller granted no {family} subnet on an {family} network");
             }
         }
+        let Some(m) = self.networks.get(network) else {
+            bail!("network {network} was left meanwhile");
+        };
         let subnets = lease.parts.map(|_, p| p.subnet);
-        let changed = self
+        let changed = m
             .lease
             .as_ref()
             .is_none_or(|l| l.parts.map(|_, p| p.subnet) != subnets);
         if changed {
-            if let Some(old) = self.lease.as_ref().map(twill_proto::Lease::from) {
-                warn!(node = %self.node, old = %old.subnet, subnet = %wire.subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %wire.ipv6_subnet, "the controller gave this node a different subnet");
+            if let Some(old) = m.lease.as_ref().map(twill_proto::Lease::from) {
+                warn!(network = %network, node = %self.node, old = %old.subnet, subnet = %wire.subnet, old_ipv6 = %old.ipv6_subnet, ipv6_subnet = %wire.ipv6_subnet, "the controller gave this node a different subnet");
             }
             let env = SubnetEnv {
-                network: self.conf.network4(),
+                network: m.conf.network4(),
                 subnet: subnets.v4.and_then(Ipv4Net::from_net),
-                ipv6_network: self.conf.network6(),
+                ipv6_network: m.conf.network6(),
                 ipv6_subnet: subnets.v6.and_then(Ipv6Net::from_net),
-                mtu: Some(self.mtu),
+                mtu: Some(m.mtu),
                 ipmasq: Some(self.args.ip_masq),
             };
-            let network_file = self.network_file();
-            env.write(&self.args.subnet_file)?;
+            let network_file = self.network_file(network);
+            if network.is_default() {
+                env.write(&self.args.subnet_file)?;
+            }
             env.write(&network_file)?;
-            self.kernel.address(&lease).await?;
+            self.kernel.address(network, &lease).await?;
             self.kernel
-                .masquerade(&self.conf, self.args.ip_masq, Some(&lease))
+                .masquerade(network, &m.conf, self.args.ip_masq, Some(&lease))
                 .await;
-            info!(node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %self.args.subnet_file.display(), network_file = %network_file.display(), "lease held; subnet.env written");
+            let file = if network.is_default() {
+                &self.args.subnet_file
+            } else {
+                &network_file
+            };
+            info!(network = %network, node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %file.display(), network_file = %network_file.display(), "lease held; env file written");
         }
-        self.stats.health.lease_expiry.set(lease.expires_at_unix);
-        self.kernel.set_own(Some(&lease));
-        self.lease = Some(lease);
+        self.stats
+            .health
+            .lease_expiry
+            .set(network, lease.expires_at_unix);
+        self.kernel.set_own(network, Some(&lease));
+        if let Some(m) = self.networks.get_mut(network) {
+            m.lease = Some(lease);
+            m.watched = true;
+        }
         Ok(Duration::from_secs(resp.ttl_seconds.max(3)))
     }
 
-    /// The `default` network's env file under --subnet-dir.
-    fn network_file(&self) -> PathBuf {
-        subnet_env::network_file(&self.args.subnet_dir, subnet_env::DEFAULT_NETWORK)
+    /// `network`'s env file under --subnet-dir.
+    fn network_file(&self, network: &NetworkName) -> PathBuf {
+        subnet_env::network_file(&self.args.subnet_dir, network)
     }
 
-    /// The subnets of the subnet.env a previous run left, when they belong to this
-    /// network (ones left by another network, e.g. a rebuilt cluster, are no claim
-    /// here).
-    fn previous_subnets(&self) -> PerFamily<IpNet> {
-        let previous = match SubnetEnv::read(&self.args.subnet_file) {
+    /// The subnets of the env file a previous run left for `network` (--subnet-file
+    /// for `default`), when they belong to the network (ones left by another network,
+    /// e.g. a rebuilt cluster, are no claim here).
+    fn previous_subnets(&self, network: &NetworkName) -> PerFamily<IpNet> {
+        let Some(m) = self.networks.get(network) else {
+            return PerFamily::default();
+        };
+        let file = if network.is_default() {
+            self.args.subnet_file.clone()
+        } else {
+            self.network_file(network)
+        };
+        let previous = match SubnetEnv::read(&file) {
             Ok(env) => env.unwrap_or_default(),
             Err(e) => {
-                warn!(error = %e, "ignoring unreadable subnet.env");
+                warn!(network = %network, error = %e, "ignoring an unreadable env file");
                 SubnetEnv::default()
             }
         };
         PerFamily::new(
-            previous_of(self.conf.ipv4.as_ref(), previous.subnet).map(IpNet::from),
-            previous_of(self.conf.ipv6.as_ref(), previous.ipv6_subnet).map(IpNet::from),
+            previous_of(m.conf.ipv4.as_ref(), previous.subnet).map(IpNet::from),
+            previous_of(m.conf.ipv6.as_ref(), previous.ipv6_subnet).map(IpNet::from),
         )
     }
 
-    /// Folds a complete watch message into the peer set. Returns true when our own
-    /// lease disappeared (revoked or expired) and must be acquired again now.
-    fn apply(&mut self, resp: &WatchResponse) -> bool {
+    /// Folds a complete watch message, from a stream carrying `covered`, into each
+    /// network's peer set. A network whose own lease disappeared (revoked or expired)
+    /// acquires again at once, unless it is being left: then it is left now.
+    async fn apply(&mut self, resp: &WatchResponse, covered: &BTreeSet<NetworkName>) {
         if resp.reset {
             self.stats.watch_resets.inc();
         }
-        let applied = self.kernel.apply(resp);
-        if applied.lost_own {
-            warn!(node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
-            self.lease = None;
-            self.stats.health.lease_expiry.set(0);
+        let mut ended = Vec::new();
+        for (network, applied) in self.kernel.apply(resp, covered) {
+            let Some(m) = self.networks.get_mut(&network) else {
+                continue;
+            };
+            if !applied.lost_own {
+                continue;
+            }
+            m.lease = None;
+            if m.leaving {
+                ended.push(network);
+                continue;
+            }
+            warn!(network = %network, node = %self.node, "our lease is gone from the controller (revoked or expired); acquiring again");
+            m.renew.now();
+            self.stats.health.lease_expiry.set(&network, 0);
         }
-        applied.lost_own
+        for network in &ended {
+            self.leave(network).await;
+        }
     }
 }
 

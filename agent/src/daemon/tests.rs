@@ -2,7 +2,7 @@
 //! in-memory connection) and an in-memory data plane: no root, no network. The fake
 //! answers as each test scripts it and records what the agent asked.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +18,13 @@ use twill_agent::dataplane::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,
 };
 use twill_agent::identity::rotation::Credentials;
-use twill_agent::peers::PeerTable;
-use twill_agent::plane::Plane;
-use twill_common::model::{Mac, PerFamily};
+use twill_common::model::Mac;
 use twill_proto::agent_service_server::{AgentService, AgentServiceServer};
+use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
-    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, Lease, LeaseEvent, NetworkConfig,
-    ReleaseRequest, ReleaseResponse, WatchRequest, WatchResponse,
+    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, Lease, LeaseEvent,
+    ListNetworksRequest, ListNetworksResponse, NetworkConfig, ReleaseRequest, ReleaseResponse,
+    WatchRequest, WatchResponse,
 };
 
 use super::*;
@@ -50,12 +50,41 @@ struct Script {
     /// Each watch stream opened: the messages it carries, then its end. Once they are
     /// used up, a stream stays open and silent.
     watches: VecDeque<Vec<WatchResponse>>,
+    /// The networks served besides `default` (which is always served, with
+    /// `NET_CONF`), by name.
+    networks: BTreeMap<String, Served>,
+}
+
+/// A network the fake serves besides `default`.
+#[derive(Clone)]
+struct Served {
+    /// Its net-conf.json.
+    json: String,
+    /// The first two octets of its pod network (`10.10`: 10.10.0.0/16).
+    prefix: &'static str,
+    /// Whether its "Nodes" admit node-a.
+    admits: bool,
+}
+
+/// A VXLAN network of VNI `vni` on `<prefix>.0.0/16` that admits node-a.
+fn served(prefix: &'static str, vni: u32) -> Served {
+    Served {
+        json: format!(
+            r#"{{"Network": "{prefix}.0.0/16", "Backend": {{"Type": "vxlan", "VNI": {vni}}}}}"#
+        ),
+        prefix,
+        admits: true,
+    }
 }
 
 #[derive(Default)]
 struct Seen {
     acquires: Vec<AcquireRequest>,
     watches: Vec<WatchRequest>,
+    configs: Vec<GetNetworkConfigRequest>,
+    releases: Vec<ReleaseRequest>,
+    /// ListNetworks calls answered.
+    lists: usize,
 }
 
 /// The sending end of a watch stream.
@@ -83,15 +112,84 @@ fn lease(node: &str, n: u8, revision: u64) -> Lease {
     }
 }
 
+/// `lease(node, n, revision)` in network `network` (the wire name) on `<prefix>.0.0/16`
+/// with VNI `vni`; its VTEP MAC differs from the same node's in other networks.
+fn lease_in(network: &str, prefix: &str, vni: u32, node: &str, n: u8, revision: u64) -> Lease {
+    Lease {
+        network: network.into(),
+        subnet: format!("{prefix}.{n}.0/24"),
+        vtep_mac: format!("0a:58:0a:{vni:02x}:{n:02x}:00"),
+        vni,
+        ..lease(node, n, revision)
+    }
+}
+
+impl FakeController {
+    /// The network `wire` names as served, or how the controller refuses it: unknown
+    /// (NOT_FOUND) or, when `joining`, not admitting node-a (PERMISSION_DENIED).
+    /// `None` is `default`.
+    fn network(&self, wire: &str, joining: bool) -> Result<Option<Served>, Status> {
+        if wire.is_empty() || wire == "default" {
+            return Ok(None);
+        }
+        match self.script.lock().networks.get(wire) {
+            None => Err(Status::not_found(format!("network {wire} is not served"))),
+            Some(n) if joining && !n.admits => Err(Status::permission_denied(format!(
+                "network {wire} does not admit node node-a (its \"Nodes\": [\"gpu-*\"])"
+            ))),
+            Some(n) => Ok(Some(n.clone())),
+        }
+    }
+
+    /// Sends `msg` on the watch stream opened last (and left open).
+    fn send(&self, msg: WatchResponse) {
+        let parked = self.parked.lock();
+        parked
+            .last()
+            .expect("an open watch")
+            .try_send(Ok(msg))
+            .expect("room on the stream");
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for FakeController {
     async fn get_network_config(
         &self,
-        _: Request<GetNetworkConfigRequest>,
+        req: Request<GetNetworkConfigRequest>,
     ) -> Result<Response<NetworkConfig>, Status> {
+        let req = req.into_inner();
+        self.seen.lock().configs.push(req.clone());
+        // A network's configuration is the same for every node: only joining it
+        // (Acquire) asks whether it admits the node.
+        let (name, json) = match self.network(&req.network, false)? {
+            None => ("default".to_string(), NET_CONF.to_string()),
+            Some(n) => (req.network, n.json),
+        };
         Ok(Response::new(NetworkConfig {
-            net_conf_json: NET_CONF.into(),
+            net_conf_json: json,
+            name,
         }))
+    }
+
+    async fn list_networks(
+        &self,
+        _: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        let mut networks = vec![NetworkConfig {
+            net_conf_json: NET_CONF.into(),
+            name: "default".into(),
+        }];
+        for (name, n) in &self.script.lock().networks {
+            if n.admits {
+                networks.push(NetworkConfig {
+                    net_conf_json: n.json.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        self.seen.lock().lists += 1;
+        Ok(Response::new(ListNetworksResponse { networks }))
     }
 
     async fn acquire(
@@ -100,13 +198,34 @@ impl AgentService for FakeController {
     ) -> Result<Response<AcquireResponse>, Status> {
         let req = req.into_inner();
         self.seen.lock().acquires.push(req.clone());
+        let network = self
+            .network(&req.network, true)
+            .map_err(|s| match s.code() {
+                // A network whose file was removed: its leases run out.
+                tonic::Code::NotFound => Status::failed_precondition(format!(
+                    "network {} is retired: no new leases or renewals",
+                    req.network
+                )),
+                _ => s,
+            })?;
+        let granted = match &network {
+            None => lease(&req.node_name, 1, 1),
+            Some(n) => lease_in(
+                &req.network,
+                n.prefix,
+                vni_of(&n.json),
+                &req.node_name,
+                1,
+                1,
+            ),
+        };
         let answer = self.script.lock().acquires.pop_front();
         match answer.unwrap_or(Answer::Grant { ttl_seconds: 60 }) {
             Answer::Grant { ttl_seconds } => Ok(Response::new(AcquireResponse {
                 lease: Some(Lease {
                     public_ip: req.public_ip,
                     vtep_mac: req.vtep_mac,
-                    ..lease(&req.node_name, 1, 1)
+                    ..granted
                 }),
                 ttl_seconds,
             })),
@@ -117,8 +236,9 @@ impl AgentService for FakeController {
 
     async fn release(
         &self,
-        _: Request<ReleaseRequest>,
+        req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
+        self.seen.lock().releases.push(req.into_inner());
         Ok(Response::new(ReleaseResponse::default()))
     }
 
@@ -165,26 +285,68 @@ async fn connect(fake: FakeController) -> Channel {
     ))
 }
 
+fn vni_of(json: &str) -> u32 {
+    NetConf::parse(json).expect("net-conf").backend.vni
+}
+
 /// The kernel as the agent would leave it, in memory; a clone shares it (the agent
 /// holds one, the test reads another).
 #[derive(Clone, Default)]
 struct MemoryKernel {
+    /// Every entry, as `ip neigh`, `bridge fdb` and `ip route` list them.
     state: Arc<Mutex<KernelState>>,
+    /// The VXLAN devices by name: `flannel.<VNI>` is index 6 + VNI.
+    devices: Arc<Mutex<BTreeMap<String, Device>>>,
+    /// Each device's neighbours and FDB entries, by device index.
+    on_device: Arc<Mutex<BTreeMap<u32, KernelState>>>,
+    /// The pod networks kept apart, as last told (`DataPlane::isolate`).
+    isolated: Arc<Mutex<Vec<PerFamily<IpNet>>>>,
+}
+
+impl MemoryKernel {
+    /// The device named `name`.
+    fn device(&self, name: &str) -> Option<Device> {
+        self.devices.lock().get(name).copied()
+    }
+
+    /// The neighbours and FDB entries on device `name`.
+    fn on(&self, name: &str) -> KernelState {
+        let Some(dev) = self.device(name) else {
+            return KernelState::default();
+        };
+        self.on_device
+            .lock()
+            .get(&dev.index)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 #[async_trait::async_trait]
 impl DataPlane for MemoryKernel {
-    async fn ensure_device(&self, _: &VxlanSpec) -> Result<Device, DataPlaneError> {
-        Ok(Device {
-            index: 7,
-            mac: "0a:58:0a:f4:01:00".parse().expect("a MAC"),
-        })
+    async fn ensure_device(&self, spec: &VxlanSpec) -> Result<Device, DataPlaneError> {
+        let mut devices = self.devices.lock();
+        let dev = devices.entry(spec.name.clone()).or_insert_with(|| Device {
+            index: 6 + spec.vni,
+            mac: format!("0a:58:0a:f4:{:02x}:00", spec.vni)
+                .parse()
+                .expect("a MAC"),
+        });
+        Ok(*dev)
     }
     async fn set_tx_checksum_offload(&self, _: &str, _: bool) -> Result<(), DataPlaneError> {
         Ok(())
     }
-    async fn delete_device(&self, _: &str) -> Result<(), DataPlaneError> {
-        *self.state.lock() = KernelState::default();
+    async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
+        let Some(dev) = self.devices.lock().remove(name) else {
+            return Ok(());
+        };
+        let gone = self.on_device.lock().remove(&dev.index).unwrap_or_default();
+        let mut k = self.state.lock();
+        k.neighbours
+            .retain(|ip, _| !gone.neighbours.contains_key(ip));
+        k.fdb.retain(|mac, _| !gone.fdb.contains_key(mac));
+        k.routes.retain(|_, r| r.oif != dev.index);
         Ok(())
     }
     async fn ensure_address(&self, _: &Device, _: IpAddr) -> Result<(), DataPlaneError> {
@@ -192,25 +354,45 @@ impl DataPlane for MemoryKernel {
     }
     async fn read_state(
         &self,
-        _: Option<&Device>,
-        _: Family,
+        dev: Option<&Device>,
+        family: Family,
     ) -> Result<KernelState, DataPlaneError> {
-        Ok(self.state.lock().clone())
+        let mut have = dev
+            .and_then(|d| self.on_device.lock().get(&d.index).cloned())
+            .unwrap_or_default();
+        have.neighbours.retain(|ip, _| Family::of(*ip) == family);
+        have.fdb.retain(|_, dst| Family::of(*dst) == family);
+        have.routes = self.state.lock().routes.clone();
+        have.routes.retain(|dst, _| Family::of_net(*dst) == family);
+        Ok(have)
     }
-    async fn add_neighbour(&self, _: &Device, ip: IpAddr, mac: Mac) -> Result<(), DataPlaneError> {
+    async fn add_neighbour(
+        &self,
+        dev: &Device,
+        ip: IpAddr,
+        mac: Mac,
+    ) -> Result<(), DataPlaneError> {
         self.state.lock().neighbours.insert(ip, mac);
+        let mut on = self.on_device.lock();
+        on.entry(dev.index).or_default().neighbours.insert(ip, mac);
         Ok(())
     }
-    async fn del_neighbour(&self, _: &Device, ip: IpAddr) -> Result<(), DataPlaneError> {
+    async fn del_neighbour(&self, dev: &Device, ip: IpAddr) -> Result<(), DataPlaneError> {
         self.state.lock().neighbours.remove(&ip);
+        let mut on = self.on_device.lock();
+        on.entry(dev.index).or_default().neighbours.remove(&ip);
         Ok(())
     }
-    async fn add_fdb(&self, _: &Device, mac: Mac, dst: IpAddr) -> Result<(), DataPlaneError> {
+    async fn add_fdb(&self, dev: &Device, mac: Mac, dst: IpAddr) -> Result<(), DataPlaneError> {
         self.state.lock().fdb.insert(mac, dst);
+        let mut on = self.on_device.lock();
+        on.entry(dev.index).or_default().fdb.insert(mac, dst);
         Ok(())
     }
-    async fn del_fdb(&self, _: &Device, mac: Mac, _: IpAddr) -> Result<(), DataPlaneError> {
+    async fn del_fdb(&self, dev: &Device, mac: Mac, _: IpAddr) -> Result<(), DataPlaneError> {
         self.state.lock().fdb.remove(&mac);
+        let mut on = self.on_device.lock();
+        on.entry(dev.index).or_default().fdb.remove(&mac);
         Ok(())
     }
     async fn add_route(&self, route: &Route) -> Result<(), DataPlaneError> {
@@ -219,6 +401,10 @@ impl DataPlane for MemoryKernel {
     }
     async fn del_route(&self, route: &Route) -> Result<(), DataPlaneError> {
         self.state.lock().routes.remove(&route.dst);
+        Ok(())
+    }
+    async fn isolate(&self, networks: &[PerFamily<IpNet>]) -> Result<(), DataPlaneError> {
+        *self.isolated.lock() = networks.to_vec();
         Ok(())
     }
 }
@@ -247,29 +433,39 @@ fn pki(dir: &std::path::Path) -> [PathBuf; 3] {
 
 /// An agent for node-a on `fake`, its files in `dir`, its kernel in memory.
 async fn node_a(fake: &FakeController, dir: &std::path::Path) -> (Agent, MemoryKernel) {
+    node_a_with(fake, dir, &[]).await
+}
+
+/// `node_a` with more flags.
+async fn node_a_with(
+    fake: &FakeController,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> (Agent, MemoryKernel) {
     let [cert, key, ca] = pki(dir);
     let subnet_file = dir.join("subnet.env");
     let subnet_dir = dir.join("networks");
-    let args = Args::try_parse_from([
-        "twill-agent",
-        "--controller",
-        "https://127.0.0.1:9",
-        "--node-name",
-        "node-a",
-        "--tls-cert",
-        cert.to_str().expect("utf-8"),
-        "--tls-key",
-        key.to_str().expect("utf-8"),
-        "--tls-ca",
-        ca.to_str().expect("utf-8"),
-        "--subnet-file",
-        subnet_file.to_str().expect("utf-8"),
-        "--subnet-dir",
-        subnet_dir.to_str().expect("utf-8"),
-        "--reconcile-interval",
-        "1s",
-    ])
-    .expect("flags");
+    let mut argv = vec![
+        "twill-agent".to_string(),
+        "--controller".into(),
+        "https://127.0.0.1:9".into(),
+        "--node-name".into(),
+        "node-a".into(),
+        "--tls-cert".into(),
+        cert.to_str().expect("utf-8").into(),
+        "--tls-key".into(),
+        key.to_str().expect("utf-8").into(),
+        "--tls-ca".into(),
+        ca.to_str().expect("utf-8").into(),
+        "--subnet-file".into(),
+        subnet_file.to_str().expect("utf-8").into(),
+        "--subnet-dir".into(),
+        subnet_dir.to_str().expect("utf-8").into(),
+        "--reconcile-interval".into(),
+        "1s".into(),
+    ];
+    argv.extend(flags.iter().map(|f| f.to_string()));
+    let args = Args::try_parse_from(argv).expect("flags");
     let files = TlsFiles {
         cert: &args.tls_cert,
         key: &args.tls_key,
@@ -277,7 +473,6 @@ async fn node_a(fake: &FakeController, dir: &std::path::Path) -> (Agent, MemoryK
     };
     let (creds, _) = Credentials::load(&args.controller, "node-a", &files).expect("credentials");
     let channel = connect(fake.clone()).await;
-    let conf = NetConf::parse(NET_CONF).expect("net-conf");
     let memory = MemoryKernel::default();
     let underlay = Underlay {
         index: 2,
@@ -286,27 +481,23 @@ async fn node_a(fake: &FakeController, dir: &std::path::Path) -> (Agent, MemoryK
         mtu: 1500,
     };
     let ip: IpAddr = "192.0.2.1".parse().expect("an address");
-    let plane = Plane::start(&memory, &conf.backend, underlay, ip, 1450)
-        .await
-        .expect("plane");
+    let underlays = Underlays {
+        found: PerFamily::new(Some((underlay, ip)), None),
+        missing: PerFamily::new(None, Some("no IPv6 address on eth0".into())),
+    };
     let stats = Arc::new(Stats::default());
-    let kernel = Kernel::new(
-        Box::new(memory.clone()),
-        PerFamily::new(Some(plane), None),
-        PeerTable::new("node-a", conf.networks()),
-        stats.clone(),
-    );
+    let kernel = Kernel::new(Box::new(memory.clone()), stats.clone());
     let agent = Agent {
         node: "node-a".into(),
+        wanted: Wanted::new(&args.networks).expect("--networks"),
         args,
-        conf,
+        underlays,
         api: client::agent_client(channel.clone()),
         channel,
         creds,
         stats,
-        mtu: 1450,
         kernel,
-        lease: None,
+        networks: BTreeMap::new(),
     };
     (agent, memory)
 }
@@ -468,4 +659,322 @@ async fn sigterm_during_a_call_the_controller_never_answers_ends_the_loop() {
         .expect("joined")
         .expect("a clean exit");
     assert!(!dir.path().join("subnet.env").exists());
+}
+
+/// A whole message at `revision` with these events.
+fn message(reset: bool, revision: u64, events: Vec<(EventType, Lease)>) -> WatchResponse {
+    WatchResponse {
+        reset,
+        revision,
+        events: events
+            .into_iter()
+            .map(|(t, lease)| LeaseEvent {
+                r#type: t as i32,
+                lease: Some(lease),
+                revision,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The route to `dst`, if programmed.
+fn route(memory: &MemoryKernel, dst: &str) -> Option<Route> {
+    let dst: IpNet = dst.parse().expect("a CIDR");
+    memory.state.lock().routes.get(&dst).copied()
+}
+
+#[tokio::test]
+async fn two_networks_get_two_leases_env_files_devices_and_their_own_peers() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let fake = FakeController::default();
+    fake.script
+        .lock()
+        .networks
+        .insert("blue".into(), served("10.10", 2));
+    let (agent, memory) = node_a_with(&fake, dir.path(), &["--networks", "default,blue"]).await;
+    let (stop, task) = run_loop(agent);
+    until("a watch naming both networks", || {
+        !fake.seen.lock().watches.is_empty()
+    })
+    .await;
+    {
+        let seen = fake.seen.lock();
+        let mut asked: Vec<&str> = seen.acquires.iter().map(|a| a.network.as_str()).collect();
+        asked.sort_unstable();
+        assert_eq!(
+            asked,
+            ["", "blue"],
+            "one lease per network, default unnamed"
+        );
+        let blue = seen
+            .acquires
+            .iter()
+            .find(|a| a.network == "blue")
+            .expect("blue");
+        assert_eq!(blue.vtep_mac, "0a:58:0a:f4:02:00", "flannel.2's MAC");
+        assert_eq!(seen.watches[0].networks, ["blue", "default"]);
+        assert_eq!(seen.watches[0].from_revision, 0);
+    }
+    let default_env = std::fs::read_to_string(dir.path().join("subnet.env")).expect("subnet.env");
+    assert!(
+        default_env.contains("FLANNEL_SUBNET=10.244.1.1/24"),
+        "{default_env}"
+    );
+    let blue_env = std::fs::read_to_string(dir.path().join("networks/blue.env")).expect("blue.env");
+    assert!(
+        blue_env.contains("FLANNEL_NETWORK=10.10.0.0/16"),
+        "{blue_env}"
+    );
+    assert!(
+        blue_env.contains("FLANNEL_SUBNET=10.10.1.1/24"),
+        "{blue_env}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("networks/default.env")).expect("default.env"),
+        default_env
+    );
+    let flannel1 = memory.device("flannel.1").expect("flannel.1");
+    let flannel2 = memory.device("flannel.2").expect("flannel.2");
+    let mut apart: Vec<String> = memory
+        .isolated
+        .lock()
+        .iter()
+        .flat_map(|n| n.values().map(ToString::to_string).collect::<Vec<_>>())
+        .collect();
+    apart.sort();
+    assert_eq!(
+        apart,
+        ["10.10.0.0/16", "10.244.0.0/16"],
+        "the two networks' pods are kept apart"
+    );
+
+    // node-b is in both networks, node-c in blue only.
+    fake.send(message(
+        true,
+        9,
+        vec![
+            (EventType::Put, lease("node-a", 1, 2)),
+            (EventType::Put, lease_in("blue", "10.10", 2, "node-a", 1, 3)),
+            (EventType::Put, lease("node-b", 2, 4)),
+            (EventType::Put, lease_in("blue", "10.10", 2, "node-b", 2, 5)),
+            (EventType::Put, lease_in("blue", "10.10", 2, "node-c", 3, 6)),
+            // A network node-a did not join: not programmed anywhere.
+            (EventType::Put, lease_in("red", "10.20", 3, "node-d", 4, 7)),
+        ],
+    ));
+    until("three peer routes", || {
+        memory.state.lock().routes.len() == 3
+    })
+    .await;
+    assert_eq!(
+        route(&memory, "10.244.2.0/24").expect("default").oif,
+        flannel1.index
+    );
+    for blue in ["10.10.2.0/24", "10.10.3.0/24"] {
+        assert_eq!(
+            route(&memory, blue).expect(blue).oif,
+            flannel2.index,
+            "{blue}"
+        );
+    }
+    assert_eq!(memory.on("flannel.1").neighbours.len(), 1);
+    assert_eq!(memory.on("flannel.2").neighbours.len(), 2);
+    assert_eq!(memory.on("flannel.2").fdb.len(), 2);
+    // Full reconciles (every second) of one network leave the other's routes alone.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        memory.state.lock().routes.len(),
+        3,
+        "no network removed another's"
+    );
+
+    // A peer leaving blue leaves default as it was.
+    fake.send(message(
+        false,
+        10,
+        vec![(
+            EventType::Delete,
+            lease_in("blue", "10.10", 2, "node-b", 2, 10),
+        )],
+    ));
+    until("node-b's blue route gone", || {
+        route(&memory, "10.10.2.0/24").is_none()
+    })
+    .await;
+    assert!(route(&memory, "10.244.2.0/24").is_some());
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+}
+
+#[tokio::test]
+async fn every_network_is_followed_as_it_is_added_and_removed() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let fake = FakeController::default();
+    fake.script.lock().networks.insert(
+        "gpu".into(),
+        Served {
+            admits: false,
+            ..served("10.30", 4)
+        },
+    );
+    let (agent, memory) = node_a_with(&fake, dir.path(), &["--networks", "*"]).await;
+    let (stop, task) = run_loop(agent);
+    until("the watch", || !fake.seen.lock().watches.is_empty()).await;
+    assert!(
+        fake.seen.lock().watches[0].networks.is_empty(),
+        "default only: no names"
+    );
+    assert!(
+        memory.device("flannel.4").is_none(),
+        "gpu does not admit node-a"
+    );
+
+    fake.script
+        .lock()
+        .networks
+        .insert("blue".into(), served("10.10", 2));
+    until("a watch reopened with blue", || {
+        fake.seen.lock().watches.len() >= 2
+    })
+    .await;
+    {
+        let seen = fake.seen.lock();
+        let w = seen.watches.last().expect("a watch");
+        assert_eq!(
+            (w.from_revision, w.networks.clone()),
+            (0, vec!["blue".to_string(), "default".to_string()])
+        );
+    }
+    assert!(dir.path().join("networks/blue.env").exists());
+    fake.send(message(
+        true,
+        7,
+        vec![
+            (EventType::Put, lease("node-a", 1, 2)),
+            (EventType::Put, lease_in("blue", "10.10", 2, "node-a", 1, 3)),
+            (EventType::Put, lease_in("blue", "10.10", 2, "node-b", 2, 4)),
+        ],
+    ));
+    let flannel2 = memory.device("flannel.2").expect("flannel.2");
+    until("node-b's blue route", || {
+        route(&memory, "10.10.2.0/24").is_some_and(|r| r.oif == flannel2.index)
+    })
+    .await;
+
+    // blue's file is removed: it is no longer offered, and refuses renewals.
+    fake.script.lock().networks.remove("blue");
+    let lists = fake.seen.lock().lists;
+    until("two more ListNetworks", || {
+        fake.seen.lock().lists >= lists + 2
+    })
+    .await;
+    assert!(
+        memory.device("flannel.2").is_some(),
+        "kept while the lease lasts"
+    );
+    let renewals = |fake: &FakeController| {
+        let seen = fake.seen.lock();
+        seen.acquires.iter().filter(|a| a.network == "blue").count()
+    };
+    let before = renewals(&fake);
+    // The lease ends: its DELETE event takes the network down.
+    fake.send(message(
+        false,
+        8,
+        vec![(
+            EventType::Delete,
+            lease_in("blue", "10.10", 2, "node-a", 1, 8),
+        )],
+    ));
+    until("blue left", || {
+        memory.device("flannel.2").is_none() && memory.isolated.lock().len() < 2
+    })
+    .await;
+    assert!(route(&memory, "10.10.2.0/24").is_none());
+    assert!(!dir.path().join("networks/blue.env").exists());
+    assert!(dir.path().join("networks/default.env").exists());
+    assert!(dir.path().join("subnet.env").exists());
+    assert!(memory.device("flannel.1").is_some());
+    assert_eq!(
+        renewals(&fake),
+        before,
+        "not renewed once no longer offered"
+    );
+    until("a watch reopened without blue", || {
+        fake.seen
+            .lock()
+            .watches
+            .last()
+            .is_some_and(|w| w.networks.is_empty() && w.from_revision == 0)
+    })
+    .await;
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+}
+
+#[tokio::test]
+async fn a_listed_network_that_is_unknown_or_refuses_the_node_ends_the_loop_naming_it() {
+    for (flags, network, why) in [
+        ("default,green", "green", "not served"),
+        ("red", "red", "does not admit node node-a"),
+    ] {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let fake = FakeController::default();
+        fake.script.lock().networks.insert(
+            "red".into(),
+            Served {
+                admits: false,
+                ..served("10.20", 3)
+            },
+        );
+        let (agent, memory) = node_a_with(&fake, dir.path(), &["--networks", flags]).await;
+        let (_stop, task) = run_loop(agent);
+        let e = tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the loop ends by itself")
+            .expect("joined")
+            .expect_err("refused");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("network {network}")) && e.contains(why),
+            "{e}"
+        );
+        assert!(
+            memory.device("flannel.3").is_none(),
+            "{flags}: no device for red"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_only_default_joined_no_request_names_a_network() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let fake = FakeController::default();
+    fake.script.lock().acquires = VecDeque::from([
+        Answer::Grant { ttl_seconds: 3 },
+        Answer::Grant { ttl_seconds: 3 },
+    ]);
+    let (agent, _) = node_a_with(&fake, dir.path(), &["--release-on-exit"]).await;
+    let (stop, task) = run_loop(agent);
+    until("a renewal and a watch", || {
+        let seen = fake.seen.lock();
+        seen.acquires.len() >= 2 && !seen.watches.is_empty()
+    })
+    .await;
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+    let seen = fake.seen.lock();
+    assert!(
+        seen.configs.iter().all(|c| c.network.is_empty()),
+        "GetNetworkConfig"
+    );
+    assert!(
+        seen.acquires.iter().all(|a| a.network.is_empty()),
+        "Acquire"
+    );
+    assert!(seen.watches.iter().all(|w| w.networks.is_empty()), "Watch");
+    assert_eq!(seen.releases.len(), 1);
+    assert!(seen.releases[0].network.is_empty(), "Release");
+    assert_eq!(seen.lists, 0, "ListNetworks is for '*' only");
 }

@@ -1,23 +1,37 @@
 //! IP masquerade for pod traffic leaving the overlay (`--ip-masq`), as flannel does it
-//! (docs/compatibility.md, IP masquerade), in an nftables table of our own, `inet twill`.
+//! (docs/compatibility.md, IP masquerade), in nftables tables of our own: `inet twill`
+//! for the `default` network, `inet twill-<name>` for each other network joined, so a
+//! network's rules come and go with it and never touch another's.
 //!
-//! The whole table is replaced in one `nft -f` transaction, so rules are never half
+//! A whole table is replaced in one `nft -f` transaction, so rules are never half
 //! applied and re-applying is idempotent. Equivalent by hand: `nft -f <(ruleset)`.
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use twill_common::model::{Family, PerFamily};
+use twill_common::networks::NetworkName;
 
 use super::DataPlaneError;
 
-/// The nftables table Twill owns.
+/// The nftables table Twill owns for the `default` network.
 pub const TABLE: &str = "inet twill";
 
-/// The nft script that replaces the table with masquerade rules for a node, per family
+/// The table of `network`'s rules: [`TABLE`] for `default` (as before several
+/// networks), `inet twill-<name>` for the others (a network name is a DNS label, which
+/// nft takes as a table name).
+pub fn table(network: &NetworkName) -> String {
+    if network.is_default() {
+        TABLE.to_string()
+    } else {
+        format!("{TABLE}-{network}")
+    }
+}
+
+/// The nft script that replaces `table` with masquerade rules for a node, per family
 /// the network has: `(pod network, node subnet)`, IPv4 rules with `ip` (multicast
 /// 224.0.0.0/4), IPv6 rules with `ip6` (multicast ff00::/8).
-pub fn ruleset(families: PerFamily<(IpNet, IpNet)>) -> String {
+pub fn ruleset(table: &str, families: PerFamily<(IpNet, IpNet)>) -> String {
     let (mut post, mut forward) = (String::new(), String::new());
     for (family, (network, subnet)) in families.iter() {
         let (ip, multicast) = match family {
@@ -37,9 +51,9 @@ pub fn ruleset(families: PerFamily<(IpNet, IpNet)>) -> String {
         ));
     }
     format!(
-        "table {TABLE}
-delete table {TABLE}
-table {TABLE} {{
+        "table {table}
+delete table {table}
+table {table} {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     meta mark & 0x4000 == 0x4000 return comment \"marked by kube-proxy for masquerade\"
@@ -65,22 +79,26 @@ fn family_rules(ip: &str, network: &str, subnet: &str, multicast: &str) -> Strin
     )
 }
 
-/// The nft script that removes the table (and succeeds when it is absent).
-pub fn teardown() -> String {
-    format!("table {TABLE}\ndelete table {TABLE}\n")
+/// The nft script that removes `table` (and succeeds when it is absent).
+pub fn teardown(table: &str) -> String {
+    format!("table {table}\ndelete table {table}\n")
 }
 
-/// Installs or refreshes the masquerade rules.
-pub async fn apply(families: PerFamily<(IpNet, IpNet)>) -> Result<(), DataPlaneError> {
-    nft(&ruleset(families)).await
+/// Installs or refreshes `network`'s masquerade rules.
+pub async fn apply(
+    network: &NetworkName,
+    families: PerFamily<(IpNet, IpNet)>,
+) -> Result<(), DataPlaneError> {
+    nft(&ruleset(&table(network), families)).await
 }
 
-/// Removes the masquerade rules, if any.
-pub async fn remove() -> Result<(), DataPlaneError> {
-    nft(&teardown()).await
+/// Removes `network`'s masquerade rules, if any.
+pub async fn remove(network: &NetworkName) -> Result<(), DataPlaneError> {
+    nft(&teardown(&table(network))).await
 }
 
-async fn nft(script: &str) -> Result<(), DataPlaneError> {
+/// Runs `script` with `nft -f -` (one transaction).
+pub(super) async fn nft(script: &str) -> Result<(), DataPlaneError> {
     let fail = |msg: String| DataPlaneError::Nft(msg);
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -118,13 +136,16 @@ mod tests {
 
     #[test]
     fn ruleset_follows_flannel_order() {
-        let r = ruleset(PerFamily::new(
-            Some((
-                "10.244.0.0/16".parse().unwrap(),
-                "10.244.3.0/24".parse().unwrap(),
-            )),
-            None,
-        ));
+        let r = ruleset(
+            TABLE,
+            PerFamily::new(
+                Some((
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.244.3.0/24".parse().unwrap(),
+                )),
+                None,
+            ),
+        );
         let rules: Vec<&str> = r
             .lines()
             .map(str::trim)
@@ -143,16 +164,19 @@ mod tests {
 
     #[test]
     fn dual_stack_adds_the_same_rules_for_ipv6() {
-        let r = ruleset(PerFamily::new(
-            Some((
-                "10.244.0.0/16".parse().unwrap(),
-                "10.244.3.0/24".parse().unwrap(),
-            )),
-            Some((
-                "fd00:10:244::/56".parse().unwrap(),
-                "fd00:10:244:3::/64".parse().unwrap(),
-            )),
-        ));
+        let r = ruleset(
+            TABLE,
+            PerFamily::new(
+                Some((
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.244.3.0/24".parse().unwrap(),
+                )),
+                Some((
+                    "fd00:10:244::/56".parse().unwrap(),
+                    "fd00:10:244:3::/64".parse().unwrap(),
+                )),
+            ),
+        );
         let v6: Vec<&str> = r
             .lines()
             .map(str::trim)
@@ -166,17 +190,50 @@ mod tests {
 
     #[test]
     fn ipv6_only_has_no_ipv4_rules() {
-        let r = ruleset(PerFamily::new(
-            None,
-            Some((
-                "fd00:10:244::/56".parse().unwrap(),
-                "fd00:10:244:3::/64".parse().unwrap(),
-            )),
-        ));
+        let r = ruleset(
+            TABLE,
+            PerFamily::new(
+                None,
+                Some((
+                    "fd00:10:244::/56".parse().unwrap(),
+                    "fd00:10:244:3::/64".parse().unwrap(),
+                )),
+            ),
+        );
         assert_eq!(
             r.lines().filter(|l| l.trim().starts_with("ip6 ")).count(),
             7
         );
         assert_eq!(r.lines().filter(|l| l.trim().starts_with("ip ")).count(), 0);
+    }
+
+    #[test]
+    fn each_network_has_a_table_of_its_own_and_default_keeps_twill() {
+        let default = NetworkName::default_network();
+        let blue = NetworkName::new("blue").unwrap();
+        assert_eq!(table(&default), "inet twill");
+        assert_eq!(table(&blue), "inet twill-blue");
+        let r = ruleset(
+            &table(&blue),
+            PerFamily::new(
+                Some((
+                    "10.10.0.0/16".parse().unwrap(),
+                    "10.10.3.0/24".parse().unwrap(),
+                )),
+                None,
+            ),
+        );
+        assert!(
+            r.starts_with("table inet twill-blue\ndelete table inet twill-blue\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip saddr 10.10.0.0/16 ip daddr != 224.0.0.0/4 masquerade"),
+            "{r}"
+        );
+        assert_eq!(
+            teardown(&table(&blue)),
+            "table inet twill-blue\ndelete table inet twill-blue\n"
+        );
     }
 }

@@ -14,9 +14,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use thiserror::Error;
-use twill_common::model::Mac;
+use twill_common::model::{Mac, PerFamily};
 
 pub mod ethtool;
+pub mod isolation;
 pub mod masq;
 pub mod netlink;
 
@@ -183,4 +184,10 @@ pub trait DataPlane: Send + Sync {
     /// `ip route del DST via GW dev DEV proto 74`
     /// (`ip -6 route del DST6 via GW6 dev DEV proto 74`)
     async fn del_route(&self, route: &Route) -> Result<(), DataPlaneError>;
+
+    /// Drops forwarded traffic between the pods of different networks; `networks` holds
+    /// each joined network's pod networks (fewer than two: no rule).
+    /// (`nft -f`: table `inet twill-isolation`,
+    /// `ip saddr 10.10.0.0/16 ip daddr { 10.244.0.0/16 } drop`)
+    async fn isolate(&self, networks: &[PerFamily<IpNet>]) -> Result<(), DataPlaneError>;
 }

@@ -34,7 +34,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
-use twill_common::model::Mac;
+use twill_common::model::{Mac, PerFamily};
 
 use super::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,
@@ -1059,5 +1059,9 @@ impl DataPlane for Netlink {
         };
         let result = self.handle.route().del(message).execute().await;
         self.check(result, route.oif, true, op).await
+    }
+
+    async fn isolate(&self, networks: &[PerFamily<IpNet>]) -> Result<(), DataPlaneError> {
+        super::isolation::apply(networks).await
     }
 }

@@ -9,6 +9,7 @@ use twill_proto as wire;
 use super::fields::{parse_public_ip, parse_subnet, LeaseError, Mac, NodeName};
 use super::{Family, PerFamily};
 use crate::netconf::BackendType;
+use crate::networks::NetworkName;
 
 /// One family's part of a lease: what a peer needs to reach the node's pods of that
 /// family (a dual-stack lease has two).
@@ -72,6 +73,8 @@ impl Peer {
 /// A granted lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The network it belongs to.
+    pub network: NetworkName,
     /// The node holding it.
     pub node: NodeName,
     /// Its subnet, address and VTEP MAC of each family it has.
@@ -113,6 +116,8 @@ impl TryFrom<&wire::Lease> for Lease {
             }
         };
         Ok(Lease {
+            network: NetworkName::from_wire(&l.network)
+                .map_err(|e| LeaseError::Invalid(format!("network: {e}")))?,
             node: NodeName::new(l.node_name.as_str())?,
             parts: Peer::parts(l)?,
             backend,
@@ -153,6 +158,7 @@ impl From<&Lease> for wire::Lease {
             vtep_mac_v6: text(Family::V6, mac),
             public_ip_prefix_len: l.public_prefix_len.into(),
             holder_key: l.holder_key.clone(),
+            network: l.network.wire().into(),
         }
     }
 }
@@ -220,6 +226,7 @@ mod tests {
             reserved: true,
             public_ip_prefix_len: 24,
             holder_key: vec![1, 2],
+            network: "blue".into(),
             ..v4()
         };
         let l = Lease::try_from(&dual).unwrap();

@@ -79,7 +79,37 @@ impl Controller {
     }
 
     pub fn start_with(cert: &Path, key: &Path, client_ca: &Path, net_conf: &str) -> Controller {
+        Controller::start_with_networks(cert, key, client_ca, net_conf, &[])
+    }
+
+    /// A controller for `pki` serving `net_conf` as `default` and, from its
+    /// `--networks-dir`, each `(name, json)` of `networks`.
+    pub fn with_networks(pki: &Pki, net_conf: &str, networks: &[(&str, &str)]) -> Controller {
+        Controller::start_with_networks(
+            &pki.controller.crt,
+            &pki.controller.key,
+            &pki.ca,
+            net_conf,
+            networks,
+        )
+    }
+
+    fn start_with_networks(
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+        net_conf: &str,
+        networks: &[(&str, &str)],
+    ) -> Controller {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("networks")).unwrap();
+        for (name, json) in networks {
+            std::fs::write(
+                dir.path().join("networks").join(format!("{name}.json")),
+                json,
+            )
+            .unwrap();
+        }
         let net_conf_path = dir.path().join("net-conf.json");
         std::fs::write(&net_conf_path, net_conf).unwrap();
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -99,6 +129,8 @@ impl Controller {
             .arg(dir.path().join("data"))
             .arg("--net-conf")
             .arg(&net_conf_path)
+            .arg("--networks-dir")
+            .arg(dir.path().join("networks"))
             .arg("--tls-cert")
             .arg(cert)
             .arg("--tls-key")
@@ -446,6 +478,18 @@ pub async fn try_acquire_as(
     public_ip: &str,
     requested: &str,
 ) -> Result<twill_proto::Lease, tonic::Status> {
+    try_acquire_in(ctl, pki, name, public_ip, requested, "").await
+}
+
+/// [`try_acquire_as`] in network `network` (empty: `default`).
+pub async fn try_acquire_in(
+    ctl: &Controller,
+    pki: &Pki,
+    name: &str,
+    public_ip: &str,
+    requested: &str,
+    network: &str,
+) -> Result<twill_proto::Lease, tonic::Status> {
     let cert = pki.node_cert(name);
     let mut c = agent(ctl, &pki.ca, &cert).await;
     let resp = tokio::time::timeout(
@@ -456,6 +500,7 @@ pub async fn try_acquire_as(
             public_ip: public_ip.into(),
             backend_type: "vxlan".into(),
             vtep_mac: mac(name),
+            network: network.into(),
             ..Default::default()
         }),
     )

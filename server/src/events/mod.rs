@@ -15,16 +15,25 @@
 //! goes out in parts (`more` set on all but the last), a large batch or replay as
 //! several complete batches. Every message carries the store's epoch, which a resuming
 //! watcher must match (a replaced store reuses revision numbers for other events).
+//!
+//! The table holds every network's leases under one revision sequence (as etcd's), so
+//! one watch follows several networks and one revision resumes them all. A watcher
+//! names its networks ([`Networks`]): snapshots and replays hold only theirs, and a
+//! batch that mixes networks is framed once more for each set of networks that wants
+//! part of it (a batch of one network, the usual case, is never framed twice).
 
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::broadcast;
 use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
 
-use crate::store::Reservation;
+use twill_common::networks::NetworkName;
+
+use crate::store::{LeaseKey, Reservation};
 
 mod wire;
 
@@ -39,19 +48,65 @@ pub const HISTORY_LEN: usize = 16 * 1024;
 /// decoders accept by default, whatever the size of the table.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// The networks one watcher follows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Networks(BTreeSet<NetworkName>);
+
+impl Networks {
+    /// These networks.
+    pub fn new(names: impl IntoIterator<Item = NetworkName>) -> Self {
+        Networks(names.into_iter().collect())
+    }
+
+    /// Only `default` (a watcher that names none).
+    pub fn default_only() -> Self {
+        Self::new([NetworkName::default_network()])
+    }
+
+    /// Whether it follows `network`.
+    pub fn contains(&self, network: &NetworkName) -> bool {
+        self.0.contains(network)
+    }
+
+    /// The names.
+    pub fn iter(&self) -> impl Iterator<Item = &NetworkName> {
+        self.0.iter()
+    }
+}
+
+impl std::fmt::Display for Networks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|n| n.as_str()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// The network a lease names (empty: `default`).
+fn network_of(l: &Lease) -> NetworkName {
+    NetworkName::from_wire(&l.network).unwrap_or_default()
+}
+
+/// A lease's place in the table.
+fn key_of(l: &Lease) -> LeaseKey {
+    (network_of(l), l.node_name.clone())
+}
+
+/// One event of the history: its revision, its network and its encoding.
+type Logged = (u64, NetworkName, Bytes);
+
 #[derive(Default)]
 struct Table {
     /// The leases as watchers see them: without `holder_key`, which stays in `holders`
     /// (the controller's own business, never sent to agents).
-    leases: BTreeMap<String, Lease>,
-    holders: HashMap<String, Vec<u8>>,
-    reservations: BTreeMap<String, Reservation>,
-    /// Why some reservations cannot be honoured now, by node.
-    stale: BTreeMap<String, String>,
+    leases: BTreeMap<LeaseKey, Lease>,
+    holders: HashMap<LeaseKey, Vec<u8>>,
+    reservations: BTreeMap<LeaseKey, Reservation>,
+    /// Why some reservations cannot be honoured now.
+    stale: BTreeMap<LeaseKey, String>,
     revision: u64,
     /// Recent events, oldest first, each encoded once (a `LeaseEvent`): a replay clones
     /// references under the lock and frames them after it.
-    history: VecDeque<(u64, Bytes)>,
+    history: VecDeque<Logged>,
 }
 
 /// The lease table as committed to the store, shared by readers.
@@ -60,14 +115,14 @@ pub struct Hub {
     tx: broadcast::Sender<WatchMessage>,
     closing: tokio::sync::watch::Sender<bool>,
     epoch: String,
-    /// The encoded reset snapshot of one revision. Watchers that start together (a
-    /// join storm, or a controller restart under thousands of agents) want the same
-    /// snapshot; encoding the table for each of them was most of the controller's CPU
-    /// in a 5,000-node storm (perf).
-    snapshot: Mutex<Option<WatchMessage>>,
-    /// The last replay made, by the revision it starts after: agents that resume
-    /// together (a controller restart) mostly resume from the same revision.
-    replay: Mutex<Option<(u64, WatchMessage)>>,
+    /// The encoded reset snapshots of one revision, one per set of networks. Watchers
+    /// that start together (a join storm, or a controller restart under thousands of
+    /// agents) want the same snapshot; encoding the table for each of them was most of
+    /// the controller's CPU in a 5,000-node storm (perf).
+    snapshot: Mutex<Vec<(Networks, WatchMessage)>>,
+    /// The last replay made, by the revision it starts after and its networks: agents
+    /// that resume together (a controller restart) mostly resume from the same revision.
+    replay: Mutex<Option<(u64, Networks, WatchMessage)>>,
 }
 
 /// An encoded `WatchResponse` (one or more gRPC messages): a committed batch, the
@@ -80,6 +135,55 @@ pub struct WatchMessage {
     pub revision: u64,
     /// The `WatchResponse` parts as gRPC messages, back to back (see [`decode`]).
     pub encoded: Bytes,
+    /// The networks its events belong to.
+    networks: Arc<BTreeSet<NetworkName>>,
+    /// A committed batch of several networks: its events, to frame the part a watcher
+    /// of only some of them wants, and those framings, one per set of networks.
+    mixed: Option<Arc<Mixed>>,
+}
+
+/// See `WatchMessage::mixed`.
+#[derive(Debug)]
+struct Mixed {
+    events: Vec<Logged>,
+    epoch: String,
+    framed: Mutex<Vec<(Networks, Bytes)>>,
+}
+
+impl WatchMessage {
+    fn new(reset: bool, revision: u64, encoded: Bytes, networks: BTreeSet<NetworkName>) -> Self {
+        WatchMessage {
+            reset,
+            revision,
+            encoded,
+            networks: Arc::new(networks),
+            mixed: None,
+        }
+    }
+
+    /// What a watcher of `want` is sent of this message: all of it when every event is
+    /// of its networks (shared bytes), nothing when none is, else its own events framed
+    /// once for every watcher of the same networks.
+    pub fn for_networks(&self, want: &Networks) -> Option<Bytes> {
+        if self.networks.is_subset(&want.0) {
+            return Some(self.encoded.clone());
+        }
+        if self.networks.is_disjoint(&want.0) {
+            return None;
+        }
+        let mixed = self.mixed.as_ref()?;
+        let mut framed = mixed.framed.lock();
+        if let Some((_, b)) = framed.iter().find(|(n, _)| n == want) {
+            return Some(b.clone());
+        }
+        let mut framer = Framer::new(false, self.revision, &mixed.epoch, 256);
+        for (rev, _, e) in mixed.events.iter().filter(|(_, n, _)| want.contains(n)) {
+            framer.push(*rev, e);
+        }
+        let b = framer.finish();
+        framed.push((want.clone(), b.clone()));
+        Some(b)
+    }
 }
 
 /// The start of a watch: what to send first, and the live feed after it.
@@ -93,7 +197,7 @@ pub struct Subscription {
 /// What a new watcher is sent first, decided under the lock.
 enum Start {
     UpToDate,
-    Replay(Vec<(u64, Bytes)>, u64),
+    Replay(Vec<Logged>, u64),
     Reset(WatchMessage),
 }
 
@@ -116,10 +220,11 @@ impl Hub {
             .into_iter()
             .skip(skip)
             .map(|mut e| {
+                let network = e.lease.as_ref().map(network_of).unwrap_or_default();
                 if let Some(l) = e.lease.as_mut() {
                     l.holder_key.clear();
                 }
-                (e.revision, Bytes::from(e.encode_to_vec()))
+                (e.revision, network, Bytes::from(e.encode_to_vec()))
             })
             .collect();
         let mut holders = HashMap::new();
@@ -127,7 +232,7 @@ impl Hub {
             .into_iter()
             .map(|mut l| {
                 hold(&mut holders, &mut l);
-                (l.node_name.clone(), l)
+                (key_of(&l), l)
             })
             .collect();
         let table = Table {
@@ -142,7 +247,7 @@ impl Hub {
             tx,
             closing: tokio::sync::watch::Sender::new(false),
             epoch: String::new(),
-            snapshot: Mutex::new(None),
+            snapshot: Mutex::new(Vec::new()),
             replay: Mutex::new(None),
         }
     }
@@ -170,36 +275,45 @@ impl Hub {
             return;
         };
         let mut framer = Framer::new(false, last, &self.epoch, 256 * events.len());
+        let mut networks = BTreeSet::new();
+        let first = t.history.len();
         for mut e in events {
             let deleted = e.r#type == EventType::Delete as i32;
+            let network = e.lease.as_ref().map(network_of).unwrap_or_default();
             if let Some(lease) = e.lease.as_mut() {
                 if deleted {
                     lease.holder_key.clear();
-                    t.holders.remove(&lease.node_name);
+                    t.holders.remove(&key_of(lease));
                 } else {
                     hold(&mut t.holders, lease);
                 }
             }
             let encoded = Bytes::from(e.encode_to_vec());
             framer.push(e.revision, &encoded);
-            t.history.push_back((e.revision, encoded));
+            networks.insert(network.clone());
+            t.history.push_back((e.revision, network, encoded));
             let Some(lease) = e.lease else { continue };
             if deleted {
-                t.leases.remove(&lease.node_name);
+                t.leases.remove(&key_of(&lease));
             } else {
-                t.leases.insert(lease.node_name.clone(), lease);
+                t.leases.insert(key_of(&lease), lease);
             }
         }
+        let mixed = (networks.len() > 1).then(|| {
+            Arc::new(Mixed {
+                events: t.history.range(first..).cloned().collect(),
+                epoch: self.epoch.clone(),
+                framed: Mutex::new(Vec::new()),
+            })
+        });
         while t.history.len() > HISTORY_LEN {
             t.history.pop_front();
         }
         t.revision = last;
+        let mut message = WatchMessage::new(false, last, framer.finish(), networks);
+        message.mixed = mixed;
         // No receivers is fine: nobody is watching yet.
-        let _ = self.tx.send(WatchMessage {
-            reset: false,
-            revision: last,
-            encoded: framer.finish(),
-        });
+        let _ = self.tx.send(message);
     }
 
     /// Moves the expiry (and the holder's key) of leases whose renewal changed nothing
@@ -212,17 +326,18 @@ impl Hub {
         let mut t = self.table.write();
         let t = &mut *t;
         for r in renewed {
-            if let Some(l) = t.leases.get_mut(&r.node_name) {
+            let key = key_of(r);
+            if let Some(l) = t.leases.get_mut(&key) {
                 l.expires_at_unix = r.expires_at_unix;
                 if r.holder_key.is_empty() {
-                    t.holders.remove(&r.node_name);
+                    t.holders.remove(&key);
                 } else {
-                    t.holders.insert(r.node_name.clone(), r.holder_key.clone());
+                    t.holders.insert(key, r.holder_key.clone());
                 }
             }
         }
-        // Same revision, other content: the cached snapshot is out of date.
-        *self.snapshot.lock() = None;
+        // Same revision, other content: the cached snapshots are out of date.
+        self.snapshot.lock().clear();
     }
 
     /// Ends every watch stream (at shutdown: a stream never ends on its own, and a
@@ -245,54 +360,70 @@ impl Hub {
     /// some of them cannot be honoured now.
     pub fn set_reservations(
         &self,
-        reservations: BTreeMap<String, Reservation>,
-        stale: BTreeMap<String, String>,
+        reservations: BTreeMap<LeaseKey, Reservation>,
+        stale: BTreeMap<LeaseKey, String>,
     ) {
         let mut t = self.table.write();
         t.reservations = reservations;
         t.stale = stale;
     }
 
-    /// The committed reservations, by node name.
-    pub fn reservations(&self) -> BTreeMap<String, Reservation> {
+    /// The committed reservations.
+    pub fn reservations(&self) -> BTreeMap<LeaseKey, Reservation> {
         self.table.read().reservations.clone()
     }
 
-    /// Why reservations cannot be honoured now, by node name.
-    pub fn stale_reservations(&self) -> BTreeMap<String, String> {
+    /// Why reservations cannot be honoured now.
+    pub fn stale_reservations(&self) -> BTreeMap<LeaseKey, String> {
         self.table.read().stale.clone()
     }
 
-    /// One node's lease.
-    pub fn lease(&self, node: &str) -> Option<Lease> {
-        self.table.read().leases.get(node).cloned()
+    /// One node's lease in `network`.
+    pub fn lease(&self, network: &NetworkName, node: &str) -> Option<Lease> {
+        let key = (network.clone(), node.to_string());
+        self.table.read().leases.get(&key).cloned()
     }
 
-    /// Whether `node` holds a lease that has not expired at `now` and that a key holds
-    /// (one whose certificates were revoked is held by none until its next grant).
+    /// Whether `node` holds a lease in any network that has not expired at `now` and
+    /// that a key holds (one whose certificates were revoked is held by none until its
+    /// next grant).
     pub fn held(&self, node: &str, now: i64) -> bool {
         let t = self.table.read();
-        t.holders.contains_key(node) && t.leases.get(node).is_some_and(|l| l.expires_at_unix > now)
+        t.holders
+            .keys()
+            .filter(|(_, n)| n == node)
+            .any(|key| t.leases.get(key).is_some_and(|l| l.expires_at_unix > now))
     }
 
-    /// Up to `limit` leases (0: no limit) with node names after `after`, that `keep`
-    /// accepts, ordered by node name; and whether more remain.
+    /// Leases in each network: how many.
+    pub fn counts(&self) -> BTreeMap<NetworkName, usize> {
+        let mut counts = BTreeMap::new();
+        for (network, _) in self.table.read().leases.keys() {
+            *counts.entry(network.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Up to `limit` leases (0: no limit) of `network` with node names after `after`,
+    /// that `keep` accepts, ordered by node name; and whether more remain.
     pub fn page(
         &self,
+        network: &NetworkName,
         after: &str,
         limit: usize,
         keep: impl Fn(&Lease) -> bool,
     ) -> (Vec<Lease>, bool, u64) {
-        use std::ops::Bound::{Excluded, Unbounded};
+        use std::ops::Bound::{Excluded, Included};
         let t = self.table.read();
         let start = if after.is_empty() {
-            Unbounded
+            Included((network.clone(), String::new()))
         } else {
-            Excluded(after.to_string())
+            Excluded((network.clone(), after.to_string()))
         };
         let mut matching = t
             .leases
-            .range((start, Unbounded))
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|((n, _), _)| n == network)
             .map(|(_, l)| l)
             .filter(|l| keep(l));
         let limit = if limit == 0 { usize::MAX } else { limit };
@@ -310,7 +441,7 @@ impl Hub {
             .values()
             .map(|l| {
                 let mut l = l.clone();
-                if let Some(h) = t.holders.get(&l.node_name) {
+                if let Some(h) = t.holders.get(&key_of(&l)) {
                     l.holder_key.clone_from(h);
                 }
                 l
@@ -319,11 +450,11 @@ impl Hub {
         (leases, t.revision)
     }
 
-    /// Starts a watch after `from_revision` (0: from scratch) of store `epoch` (empty:
-    /// not checked). Returns the missed events when the history still has them, else a
-    /// reset snapshot. A replay is framed after the lock is released, so a resuming
-    /// watcher never holds up the writer's next commit.
-    pub fn subscribe(&self, from_revision: u64, epoch: &str) -> Subscription {
+    /// Starts a watch of `networks` after `from_revision` (0: from scratch) of store
+    /// `epoch` (empty: not checked). Returns the missed events when the history still
+    /// has them, else a reset snapshot. A replay is framed after the lock is released,
+    /// so a resuming watcher never holds up the writer's next commit.
+    pub fn subscribe(&self, from_revision: u64, epoch: &str, networks: &Networks) -> Subscription {
         let (start, feed) = {
             let t = self.table.read();
             let feed = self.tx.subscribe();
@@ -332,87 +463,108 @@ impl Hub {
             let start = if !same_store || from_revision == 0 || from_revision > t.revision {
                 // From scratch, or a revision of another store or one this store never
                 // issued (it was replaced): the watcher must start over.
-                Start::Reset(self.snapshot(&t))
+                Start::Reset(self.snapshot(&t, networks))
             } else if from_revision == t.revision {
                 Start::UpToDate
             } else if from_revision + 1 >= oldest_kept {
                 let first = t.history.partition_point(|e| e.0 <= from_revision);
-                Start::Replay(t.history.range(first..).cloned().collect(), t.revision)
+                let missed = t.history.range(first..);
+                Start::Replay(
+                    missed
+                        .filter(|e| networks.contains(&e.1))
+                        .cloned()
+                        .collect(),
+                    t.revision,
+                )
             } else {
                 // Compacted away.
-                Start::Reset(self.snapshot(&t))
+                Start::Reset(self.snapshot(&t, networks))
             };
             (start, feed)
         };
         let initial = match start {
             Start::UpToDate => None,
             Start::Reset(snapshot) => Some(snapshot),
-            Start::Replay(events, revision) => Some(self.replay(from_revision, &events, revision)),
+            Start::Replay(events, revision) => {
+                Some(self.replay(from_revision, networks, &events, revision))
+            }
         };
         Subscription { initial, feed }
     }
 
-    /// The missed events after `from` up to `revision`, framed once per (from,
-    /// revision).
-    fn replay(&self, from: u64, events: &[(u64, Bytes)], revision: u64) -> WatchMessage {
+    /// The missed events of `networks` after `from` up to `revision`, framed once per
+    /// (from, networks, revision).
+    fn replay(
+        &self,
+        from: u64,
+        networks: &Networks,
+        events: &[Logged],
+        revision: u64,
+    ) -> WatchMessage {
         let mut cached = self.replay.lock();
-        if let Some((_, m)) = cached
+        if let Some((_, _, m)) = cached
             .as_ref()
-            .filter(|(f, m)| *f == from && m.revision == revision)
+            .filter(|(f, n, m)| *f == from && n == networks && m.revision == revision)
         {
             return m.clone();
         }
-        let size = events.iter().map(|(_, e)| e.len() + 4).sum::<usize>() + 64;
+        let size = events.iter().map(|(_, _, e)| e.len() + 4).sum::<usize>() + 64;
         let mut framer = Framer::new(false, revision, &self.epoch, size);
-        for (rev, e) in events {
+        for (rev, _, e) in events {
             framer.push(*rev, e);
         }
-        let m = WatchMessage {
-            reset: false,
-            revision,
-            encoded: framer.finish(),
-        };
-        *cached = Some((from, m.clone()));
+        let m = WatchMessage::new(false, revision, framer.finish(), networks.0.clone());
+        *cached = Some((from, networks.clone(), m.clone()));
         m
     }
 
-    /// A reset snapshot with a fresh feed, for a watcher that fell behind.
-    pub fn resubscribe(&self) -> (WatchMessage, broadcast::Receiver<WatchMessage>) {
+    /// A reset snapshot of `networks` with a fresh feed, for a watcher that fell behind.
+    pub fn resubscribe(
+        &self,
+        networks: &Networks,
+    ) -> (WatchMessage, broadcast::Receiver<WatchMessage>) {
         let t = self.table.read();
-        (self.snapshot(&t), self.tx.subscribe())
+        (self.snapshot(&t, networks), self.tx.subscribe())
     }
 
-    /// The reset snapshot of `t` (read-locked, so its revision holds still), encoded
-    /// once per revision.
-    fn snapshot(&self, t: &Table) -> WatchMessage {
+    /// The reset snapshot of `networks` in `t` (read-locked, so its revision holds
+    /// still), encoded once per revision and set of networks.
+    fn snapshot(&self, t: &Table, networks: &Networks) -> WatchMessage {
         let mut cached = self.snapshot.lock();
-        if let Some(s) = cached.as_ref().filter(|s| s.revision == t.revision) {
+        if cached
+            .first()
+            .is_some_and(|(_, s)| s.revision != t.revision)
+        {
+            cached.clear();
+        }
+        if let Some((_, s)) = cached.iter().find(|(n, _)| n == networks) {
             return s.clone();
         }
-        let s = WatchMessage {
-            reset: true,
-            revision: t.revision,
-            encoded: encode_snapshot(t, &self.epoch),
-        };
-        *cached = Some(s.clone());
+        let s = WatchMessage::new(
+            true,
+            t.revision,
+            encode_snapshot(t, networks, &self.epoch),
+            networks.0.clone(),
+        );
+        cached.push((networks.clone(), s.clone()));
         s
     }
 }
 
 /// Takes a lease's holder key out into `holders` (or forgets the node's there when it
 /// has none): what the table keeps and watchers are sent carries none.
-fn hold(holders: &mut HashMap<String, Vec<u8>>, l: &mut Lease) {
+fn hold(holders: &mut HashMap<LeaseKey, Vec<u8>>, l: &mut Lease) {
     let key = std::mem::take(&mut l.holder_key);
     if key.is_empty() {
-        holders.remove(&l.node_name);
+        holders.remove(&key_of(l));
     } else {
-        holders.insert(l.node_name.clone(), key);
+        holders.insert(key_of(l), key);
     }
 }
 
-/// The reset snapshot of `t`: a PUT per lease, encoded from the table without cloning
-/// a lease, in parts of bounded size.
-fn encode_snapshot(t: &Table, epoch: &str) -> Bytes {
+/// The reset snapshot of `networks` in `t`: a PUT per lease, encoded from the table
+/// without cloning a lease, in parts of bounded size.
+fn encode_snapshot(t: &Table, networks: &Networks, epoch: &str) -> Bytes {
     use prost::encoding::{int32, message, uint64};
     const PUT: i32 = EventType::Put as i32;
     let event_len = |l: &Lease| {
@@ -424,10 +576,16 @@ fn encode_snapshot(t: &Table, epoch: &str) -> Bytes {
                 0
             }
     };
-    let lens: Vec<usize> = t.leases.values().map(event_len).collect();
+    let leases = || {
+        t.leases
+            .iter()
+            .filter(|((n, _), _)| networks.contains(n))
+            .map(|(_, l)| l)
+    };
+    let lens: Vec<usize> = leases().map(event_len).collect();
     let capacity = lens.iter().map(|n| n + 4).sum::<usize>() + 64;
     let mut framer = Framer::new(true, t.revision, epoch, capacity);
-    for (l, len) in t.leases.values().zip(lens) {
+    for (l, len) in leases().zip(lens) {
         framer.push_with(l.revision, len, |out| {
             int32::encode(1, &PUT, out);
             message::encode(2, l, out);
@@ -445,6 +603,10 @@ mod tests {
 
     use super::wire::GRPC_PREFIX;
     use super::*;
+
+    fn only() -> Networks {
+        Networks::default_only()
+    }
 
     fn put(node: &str, rev: u64) -> LeaseEvent {
         LeaseEvent {
@@ -479,7 +641,7 @@ mod tests {
         let hub = Hub::new(vec![], vec![], 0);
         hub.commit(vec![put("a", 1), put("b", 2)]);
         hub.commit(vec![put("c", 3)]);
-        let sub = hub.subscribe(1, "");
+        let sub = hub.subscribe(1, "", &only());
         let initial = decoded(sub.initial.unwrap());
         assert!(!initial.reset);
         assert_eq!(
@@ -491,7 +653,7 @@ mod tests {
             vec![2, 3]
         );
         assert!(
-            hub.subscribe(3, "").initial.is_none(),
+            hub.subscribe(3, "", &only()).initial.is_none(),
             "up to date: nothing to replay"
         );
     }
@@ -501,7 +663,7 @@ mod tests {
         let hub = Hub::new(vec![], vec![], 0);
         hub.commit(vec![put("a", 1), put("b", 2)]);
         for from in [0, 99] {
-            let initial = decoded(hub.subscribe(from, "").initial.unwrap());
+            let initial = decoded(hub.subscribe(from, "", &only()).initial.unwrap());
             assert!(initial.reset);
             assert_eq!(initial.events.len(), 2);
             assert_eq!(initial.revision, 2);
@@ -512,16 +674,16 @@ mod tests {
     fn revision_before_history_after_restart_gets_a_reset() {
         let hub = Hub::new(vec![put("a", 5).lease.unwrap()], vec![], 5);
         assert!(
-            hub.subscribe(3, "").initial.unwrap().reset,
+            hub.subscribe(3, "", &only()).initial.unwrap().reset,
             "no history: reset"
         );
-        assert!(hub.subscribe(5, "").initial.is_none());
+        assert!(hub.subscribe(5, "", &only()).initial.is_none());
         let hub = Hub::new(
             vec![put("a", 5).lease.unwrap()],
             vec![put("b", 4), put("a", 5)],
             5,
         );
-        let replay = decoded(hub.subscribe(3, "").initial.unwrap());
+        let replay = decoded(hub.subscribe(3, "", &only()).initial.unwrap());
         assert!(!replay.reset, "history survived the restart");
         assert_eq!(replay.events.len(), 2);
     }
@@ -543,6 +705,7 @@ mod tests {
             vtep_mac_v6: "0a:58:00:00:07:06".into(),
             public_ip_prefix_len: 24,
             holder_key: Vec::new(),
+            network: String::new(),
         };
         let held = |node: &str, rev: u64| Lease {
             holder_key: vec![7; 32],
@@ -554,7 +717,7 @@ mod tests {
             revision: 300,
             lease: Some(held("b", 300)),
         }]);
-        let first = hub.subscribe(0, "").initial.unwrap();
+        let first = hub.subscribe(0, "", &only()).initial.unwrap();
         let want = WatchResponse {
             reset: true,
             events: [full("a", 0), full("b", 300)]
@@ -585,21 +748,21 @@ mod tests {
             len.to_be_bytes(),
             "its length"
         );
-        let again = hub.subscribe(0, "").initial.unwrap();
+        let again = hub.subscribe(0, "", &only()).initial.unwrap();
         assert_eq!(
             again.encoded.as_ptr(),
             first.encoded.as_ptr(),
             "same revision: the same bytes, shared"
         );
         hub.commit(vec![put("c", 301)]);
-        let (after, _) = hub.resubscribe();
+        let (after, _) = hub.resubscribe(&only());
         assert_eq!((after.revision, decoded(after).events.len()), (301, 3));
     }
 
     #[tokio::test]
     async fn live_events_follow_the_subscription() {
         let hub = Hub::new(vec![], vec![], 0);
-        let mut sub = hub.subscribe(0, "");
+        let mut sub = hub.subscribe(0, "", &only());
         hub.commit(vec![put("a", 1)]);
         let got = decode(&sub.feed.recv().await.unwrap().encoded).unwrap();
         assert_eq!(got[0].revision, 1);
@@ -620,7 +783,7 @@ mod tests {
         let n = 20_000;
         let leases: Vec<Lease> = (0..n).map(|i| big(i, i as u64 + 1)).collect();
         let hub = Hub::new(leases, vec![], n as u64).with_epoch("e");
-        let initial = hub.subscribe(0, "").initial.unwrap();
+        let initial = hub.subscribe(0, "", &only()).initial.unwrap();
         let parts = decode(&initial.encoded).unwrap();
         assert!(parts.len() > 2, "{} parts", parts.len());
         for (i, p) in parts.iter().enumerate() {
@@ -653,7 +816,7 @@ mod tests {
                 lease: Some(big(rev as usize, rev)),
             })
             .collect();
-        let mut feed = hub.subscribe(0, "").feed;
+        let mut feed = hub.subscribe(0, "", &only()).feed;
         hub.commit(events);
         let check = |encoded: &Bytes, from: u64| {
             let parts = decode(encoded).unwrap();
@@ -675,21 +838,26 @@ mod tests {
             assert_eq!(next - 1, n);
         };
         check(&feed.try_recv().unwrap().encoded, 0);
-        check(&hub.subscribe(5, "").initial.unwrap().encoded, 5);
+        check(&hub.subscribe(5, "", &only()).initial.unwrap().encoded, 5);
     }
 
     #[test]
     fn a_resume_from_another_store_gets_a_reset() {
         let hub = Hub::new(vec![], vec![], 0).with_epoch("new-store");
         hub.commit(vec![put("a", 1), put("b", 2), put("c", 3)]);
-        assert!(!hub.subscribe(1, "new-store").initial.unwrap().reset);
-        assert!(hub.subscribe(3, "new-store").initial.is_none());
         assert!(
-            !hub.subscribe(1, "").initial.unwrap().reset,
+            !hub.subscribe(1, "new-store", &only())
+                .initial
+                .unwrap()
+                .reset
+        );
+        assert!(hub.subscribe(3, "new-store", &only()).initial.is_none());
+        assert!(
+            !hub.subscribe(1, "", &only()).initial.unwrap().reset,
             "no epoch given: revisions only"
         );
         for from in [1, 3] {
-            let first = decoded(hub.subscribe(from, "old-store").initial.unwrap());
+            let first = decoded(hub.subscribe(from, "old-store", &only()).initial.unwrap());
             assert!(
                 first.reset,
                 "revision {from} of another store means nothing here"
@@ -698,19 +866,114 @@ mod tests {
         }
     }
 
+    fn put_in(network: &str, node: &str, rev: u64) -> LeaseEvent {
+        let mut e = put(node, rev);
+        e.lease.as_mut().unwrap().network = network.into();
+        e
+    }
+
+    fn watching(names: &[&str]) -> Networks {
+        Networks::new(names.iter().map(|n| NetworkName::from_wire(n).unwrap()))
+    }
+
+    fn events_of(encoded: &Bytes) -> Vec<(String, u64)> {
+        decode(encoded)
+            .unwrap()
+            .iter()
+            .flat_map(|m| &m.events)
+            .map(|e| (e.lease.as_ref().unwrap().network.clone(), e.revision))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_watcher_gets_only_its_networks_and_a_mixed_batch_is_framed_once_per_set() {
+        let hub = Hub::new(vec![], vec![], 0);
+        let both = watching(&["", "blue"]);
+        let blue = watching(&["blue"]);
+        let mut feeds = [
+            hub.subscribe(0, "", &only()).feed,
+            hub.subscribe(0, "", &both).feed,
+            hub.subscribe(0, "", &blue).feed,
+        ];
+        hub.commit(vec![
+            put_in("", "a", 1),
+            put_in("blue", "a", 2),
+            put_in("red", "a", 3),
+        ]);
+        hub.commit(vec![put_in("red", "b", 4)]);
+        let batch = feeds[0].recv().await.unwrap();
+        assert_eq!(
+            events_of(&batch.for_networks(&only()).unwrap()),
+            [("".into(), 1)]
+        );
+        assert_eq!(
+            events_of(&batch.for_networks(&both).unwrap()),
+            [("".into(), 1), ("blue".into(), 2)]
+        );
+        let again = batch.for_networks(&both).unwrap();
+        assert_eq!(
+            again.as_ptr(),
+            feeds[1]
+                .recv()
+                .await
+                .unwrap()
+                .for_networks(&both)
+                .unwrap()
+                .as_ptr(),
+            "framed once for every watcher of the same networks"
+        );
+        let all = watching(&["", "blue", "red"]);
+        assert_eq!(
+            batch.for_networks(&all).unwrap().as_ptr(),
+            batch.encoded.as_ptr(),
+            "a watcher of every network in it gets the batch itself"
+        );
+        let red_only = feeds[2].recv().await.unwrap();
+        assert_eq!(
+            events_of(&red_only.for_networks(&blue).unwrap()),
+            [("blue".into(), 2)]
+        );
+        assert!(
+            feeds[2].recv().await.unwrap().for_networks(&blue).is_none(),
+            "a batch of none of its networks is not sent"
+        );
+
+        let reset = decoded(hub.subscribe(0, "", &both).initial.unwrap());
+        assert!(reset.reset);
+        assert_eq!(reset.revision, 4);
+        let nets: Vec<&str> = reset
+            .events
+            .iter()
+            .map(|e| e.lease.as_ref().unwrap().network.as_str())
+            .collect();
+        assert_eq!(nets, ["blue", ""], "by network name: blue, then default");
+        let replay = decoded(hub.subscribe(1, "", &blue).initial.unwrap());
+        assert!(!replay.reset);
+        assert_eq!(replay.revision, 4, "brought to the table's revision");
+        assert_eq!(replay.events.len(), 1, "blue's event only");
+        assert_eq!(hub.counts().len(), 3);
+        assert!(hub.lease(&NetworkName::new("red").unwrap(), "b").is_some());
+        assert!(hub.lease(&NetworkName::default_network(), "b").is_none());
+    }
+
     #[test]
     fn an_unchanged_renewal_moves_the_expiry_without_a_revision() {
         let hub = Hub::new(vec![], vec![], 0);
         hub.commit(vec![put("a", 1)]);
-        let mut feed = hub.subscribe(1, "").feed;
-        let before = hub.subscribe(0, "").initial.unwrap();
+        let mut feed = hub.subscribe(1, "", &only()).feed;
+        let before = hub.subscribe(0, "", &only()).initial.unwrap();
         let mut renewed = put("a", 1).lease.unwrap();
         renewed.expires_at_unix = 99;
         hub.renew(&[renewed]);
         assert!(feed.try_recv().is_err(), "nothing broadcast");
         assert_eq!(hub.leases().1, 1, "no new revision");
-        assert_eq!(hub.lease("a").unwrap().expires_at_unix, 99);
-        let after = decoded(hub.subscribe(0, "").initial.unwrap());
+        assert_eq!(
+            hub.lease(&NetworkName::default_network(), "a")
+                .unwrap()
+                .expires_at_unix,
+            99
+        );
+        let after = decoded(hub.subscribe(0, "", &only()).initial.unwrap());
         assert_eq!(
             after.events[0].lease.as_ref().unwrap().expires_at_unix,
             99,

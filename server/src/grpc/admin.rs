@@ -9,11 +9,13 @@ use ipnet::IpNet;
 use tonic::{Request, Response, Status};
 use twill_common::model::{parse_subnet, Family, Peer, PerFamily};
 use twill_common::netconf::{BackendType, Pool, PoolNet};
+use twill_common::networks::NetworkName;
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
 use twill_proto::{
-    ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease, ListLeasesRequest,
-    ListLeasesResponse, ListReservationsRequest, ListReservationsResponse, OffLink, Reservation,
+    ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease,
+    ListAdminNetworksRequest, ListAdminNetworksResponse, ListLeasesRequest, ListLeasesResponse,
+    ListReservationsRequest, ListReservationsResponse, NetworkInfo, OffLink, Reservation,
     ReserveRequest, ReserveResponse, RevokeLeaseRequest, RevokeLeaseResponse, StatusRequest,
     StatusResponse, UnreserveRequest, UnreserveResponse, WatchRequest,
 };
@@ -23,15 +25,18 @@ use twill_proto::{
     ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 
+use super::agent::network_field;
 use super::auth::Authorized;
 use super::watch;
+use crate::events::Networks;
 use crate::leases::Leases;
+use crate::networks::Registry;
 use crate::store::{Reservation as StoredReservation, Store};
 
 /// The admin service.
 pub struct AdminApi {
-    /// The configuration in force.
-    pub conf: Arc<NetConf>,
+    /// The networks served.
+    pub networks: Arc<Registry>,
     /// The lease writer.
     pub leases: Leases,
     /// The table, metrics, agent records, tokens and issued certificates.
@@ -78,6 +83,7 @@ impl AdminApi {
                 let channel = me.peer(&url)?;
                 let mut call = Request::new(StatusRequest {
                     this_replica_only: true,
+                    ..Default::default()
                 });
                 let meta = call.metadata_mut();
                 meta.insert(
@@ -123,12 +129,25 @@ fn node_arg(name: &str) -> Result<&str, Status> {
 }
 
 impl AdminApi {
-    fn mark_reserved(&self, mut leases: Vec<Lease>) -> Vec<Lease> {
+    fn mark_reserved(&self, network: &NetworkName, mut leases: Vec<Lease>) -> Vec<Lease> {
         let reservations = self.watch.hub.reservations();
         for l in &mut leases {
-            l.reserved = reservations.get(&l.node_name).is_some_and(|r| holds(l, r));
+            let key = (network.clone(), l.node_name.clone());
+            l.reserved = reservations.get(&key).is_some_and(|r| holds(l, r));
         }
         leases
+    }
+
+    /// The configuration of `network` (served now, or retired), NOT_FOUND otherwise.
+    fn conf(&self, network: &NetworkName) -> Result<NetConf, Status> {
+        self.networks
+            .get(network)
+            .map(|s| s.network.conf)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "this controller serves no network named {network}; `twillctl networks` lists them"
+                ))
+            })
     }
 }
 
@@ -162,8 +181,14 @@ fn reserved_part(family: Family, text: &str) -> Result<Option<IpNet>, Status> {
     }
 }
 
-fn reservation_message(node: &str, r: StoredReservation, stale: String) -> Reservation {
+fn reservation_message(
+    network: &NetworkName,
+    node: &str,
+    r: StoredReservation,
+    stale: String,
+) -> Reservation {
     Reservation {
+        network: network.wire().to_string(),
         node_name: node.to_string(),
         subnet: r.0.v4.map(|s| s.to_string()).unwrap_or_default(),
         ipv6_subnet: r.0.v6.map(|s| s.to_string()).unwrap_or_default(),
@@ -220,6 +245,7 @@ impl AdminService for AdminApi {
         req: Request<ListLeasesRequest>,
     ) -> Result<Response<ListLeasesResponse>, Status> {
         let r = req.into_inner();
+        let network = network_field("network", &r.network)?;
         let within: Option<IpNet> = match r.subnet.as_str() {
             "" => None,
             s => Some(
@@ -245,13 +271,13 @@ impl AdminService for AdminApi {
         let (leases, more, revision) =
             self.watch
                 .hub
-                .page(&r.page_token, r.page_size as usize, keep);
+                .page(&network, &r.page_token, r.page_size as usize, keep);
         let next_page_token = match (more, leases.last()) {
             (true, Some(last)) => last.node_name.clone(),
             _ => String::new(),
         };
         Ok(Response::new(ListLeasesResponse {
-            leases: self.mark_reserved(leases),
+            leases: self.mark_reserved(&network, leases),
             revision,
             next_page_token,
         }))
@@ -259,12 +285,13 @@ impl AdminService for AdminApi {
 
     async fn get_lease(&self, req: Request<GetLeaseRequest>) -> Result<Response<Lease>, Status> {
         let node = node_arg(&req.get_ref().node_name)?;
-        let lease = self
-            .watch
-            .hub
-            .lease(node)
-            .ok_or_else(|| Status::not_found(format!("node {node:?} holds no lease")))?;
-        Ok(Response::new(self.mark_reserved(vec![lease]).remove(0)))
+        let network = network_field("network", &req.get_ref().network)?;
+        let lease = self.watch.hub.lease(&network, node).ok_or_else(|| {
+            Status::not_found(format!("node {node:?} holds no lease in network {network}"))
+        })?;
+        Ok(Response::new(
+            self.mark_reserved(&network, vec![lease]).remove(0),
+        ))
     }
 
     async fn revoke_lease(
@@ -273,9 +300,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<RevokeLeaseResponse>, Status> {
         let admin = Authorized::of(&req)?.cert()?.name.clone();
         let node = node_arg(&req.get_ref().node_name)?;
-        let before = self.watch.hub.lease(node);
-        if !self.leases.revoke(node, &admin).await? {
-            return Err(Status::not_found(format!("node {node:?} holds no lease")));
+        let network = network_field("network", &req.get_ref().network)?;
+        let before = self.watch.hub.lease(&network, node);
+        if !self.leases.revoke(&network, node, &admin).await? {
+            return Err(Status::not_found(format!(
+                "node {node:?} holds no lease in network {network}"
+            )));
         }
         Ok(Response::new(RevokeLeaseResponse { lease: before }))
     }
@@ -290,9 +320,10 @@ impl AdminService for AdminApi {
             reserved_part(Family::V4, &r.subnet)?,
             reserved_part(Family::V6, &r.ipv6_subnet)?,
         ));
-        self.leases.reserve(node, subnet).await?;
+        let network = network_field("network", &r.network)?;
+        self.leases.reserve(&network, node, subnet).await?;
         Ok(Response::new(ReserveResponse {
-            reservation: Some(reservation_message(node, subnet, String::new())),
+            reservation: Some(reservation_message(&network, node, subnet, String::new())),
         }))
     }
 
@@ -301,32 +332,36 @@ impl AdminService for AdminApi {
         req: Request<UnreserveRequest>,
     ) -> Result<Response<UnreserveResponse>, Status> {
         let node = node_arg(&req.get_ref().node_name)?;
-        let subnet = self.watch.hub.reservations().get(node).copied();
+        let network = network_field("network", &req.get_ref().network)?;
+        let key = (network.clone(), node.to_string());
+        let subnet = self.watch.hub.reservations().get(&key).copied();
         match subnet {
-            Some(subnet) if self.leases.unreserve(node).await? => {
+            Some(subnet) if self.leases.unreserve(&network, node).await? => {
                 Ok(Response::new(UnreserveResponse {
-                    reservation: Some(reservation_message(node, subnet, String::new())),
+                    reservation: Some(reservation_message(&network, node, subnet, String::new())),
                 }))
             }
             _ => Err(Status::not_found(format!(
-                "node {node:?} has no reservation"
+                "node {node:?} has no reservation in network {network}"
             ))),
         }
     }
 
     async fn list_reservations(
         &self,
-        _req: Request<ListReservationsRequest>,
+        req: Request<ListReservationsRequest>,
     ) -> Result<Response<ListReservationsResponse>, Status> {
+        let network = network_field("network", &req.get_ref().network)?;
         let mut stale = self.watch.hub.stale_reservations();
         let reservations = self
             .watch
             .hub
             .reservations()
             .into_iter()
-            .map(|(node, r)| {
-                let why = stale.remove(&node).unwrap_or_default();
-                reservation_message(&node, r, why)
+            .filter(|((n, _), _)| *n == network)
+            .map(|(key, r)| {
+                let why = stale.remove(&key).unwrap_or_default();
+                reservation_message(&network, &key.1, r, why)
             })
             .collect();
         Ok(Response::new(ListReservationsResponse { reservations }))
@@ -334,9 +369,10 @@ impl AdminService for AdminApi {
 
     async fn get_config(
         &self,
-        _req: Request<GetConfigRequest>,
+        req: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
-        let c = &self.conf;
+        let network = network_field("network", &req.get_ref().network)?;
+        let c = &self.conf(&network)?;
         let (network, subnet_len, subnet_min, subnet_max) = pool_fields(c.ipv4.as_ref());
         let (ipv6_network, ipv6_subnet_len, ipv6_subnet_min, ipv6_subnet_max) =
             pool_fields(c.ipv6.as_ref());
@@ -367,12 +403,30 @@ impl AdminService for AdminApi {
             Some(r) if !req.get_ref().this_replica_only => Some(self.replicas(r, &req).await),
             _ => None,
         };
-        let (leases, revision) = self.watch.hub.leases();
-        let reservations = self.watch.hub.reservations();
-        let stale = self.watch.hub.stale_reservations();
+        // The counts are of one network (`twillctl networks` has every one's).
+        let network = network_field("network", &req.get_ref().network)?;
+        let conf = self.conf(&network)?;
+        let (all, revision) = self.watch.hub.leases();
+        let leases: Vec<Lease> = all.into_iter().filter(|l| l.network.is_empty()).collect();
+        let reservations: BTreeMap<String, StoredReservation> = self
+            .watch
+            .hub
+            .reservations()
+            .into_iter()
+            .filter(|((n, _), _)| *n == network)
+            .map(|((_, node), r)| (node, r))
+            .collect();
+        let stale: BTreeMap<String, String> = self
+            .watch
+            .hub
+            .stale_reservations()
+            .into_iter()
+            .filter(|((n, _), _)| *n == network)
+            .map(|((_, node), why)| (node, why))
+            .collect();
         // The counts are of the first family's pool: IPv4, or IPv6 on an IPv6-only
         // network (on a dual-stack one every lease holds a subnet of each).
-        let total = match (&self.conf.ipv4, &self.conf.ipv6) {
+        let total = match (&conf.ipv4, &conf.ipv6) {
             (Some(p), _) => p.count(),
             (None, Some(p)) => p.count(),
             (None, None) => 0,
@@ -384,7 +438,11 @@ impl AdminService for AdminApi {
             .iter()
             .filter(|(node, s)| {
                 !stale.contains_key(*node)
-                    && self.watch.hub.lease(node).is_none_or(|l| !holds(&l, s))
+                    && self
+                        .watch
+                        .hub
+                        .lease(&network, node)
+                        .is_none_or(|l| !holds(&l, s))
             })
             .count() as u32;
         let mut agents: Vec<ConnectedAgent> = self
@@ -424,7 +482,7 @@ impl AdminService for AdminApi {
             version: env!("CARGO_PKG_VERSION").to_string(),
             reservations_stale: stale.len() as u32,
             replicas,
-            off_link: match self.conf.backend.kind {
+            off_link: match conf.backend.kind {
                 BackendType::HostGw => off_link(&leases),
                 BackendType::Vxlan => Vec::new(),
             },
@@ -524,10 +582,67 @@ impl AdminService for AdminApi {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = Authorized::of(&req)?.cert()?.clone();
-        let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
+        let r = req.get_ref();
+        let networks = if r.networks.is_empty() {
+            Networks::default_only()
+        } else {
+            let names: Result<Vec<NetworkName>, Status> = r
+                .networks
+                .iter()
+                .map(|n| network_field("networks", n))
+                .collect();
+            Networks::new(names?)
+        };
+        let start = watch::Start {
+            from: r.from_revision,
+            epoch: &r.epoch,
+        };
         Ok(Response::new(watch::decoded(
-            self.watch.encoded(&who, from, epoch),
+            self.watch.encoded(&who, start, networks),
         )))
+    }
+
+    async fn list_networks(
+        &self,
+        _req: Request<ListAdminNetworksRequest>,
+    ) -> Result<Response<ListAdminNetworksResponse>, Status> {
+        let counts = self.watch.hub.counts();
+        let reservations = self.watch.hub.reservations();
+        let networks = self
+            .networks
+            .current()
+            .values()
+            .map(|s| {
+                let conf = &s.network.conf;
+                let leases = counts.get(&s.network.name).copied().unwrap_or(0) as u32;
+                let reserved_idle = reservations
+                    .keys()
+                    .filter(|(n, node)| {
+                        *n == s.network.name && self.watch.hub.lease(n, node).is_none()
+                    })
+                    .count() as u32;
+                let total = conf
+                    .ipv4
+                    .as_ref()
+                    .map(|p| p.count())
+                    .or_else(|| conf.ipv6.as_ref().map(|p| p.count()))
+                    .unwrap_or(0);
+                NetworkInfo {
+                    name: s.network.name.to_string(),
+                    ipv4_network: conf.network4().map(|n| n.to_string()).unwrap_or_default(),
+                    ipv6_network: conf.network6().map(|n| n.to_string()).unwrap_or_default(),
+                    backend_type: conf.backend.kind.as_str().into(),
+                    vni: s.network.vni().unwrap_or(0),
+                    nodes: s.network.nodes.patterns().to_vec(),
+                    leases,
+                    subnets_free: total.saturating_sub(leases + reserved_idle),
+                    subnets_total: total,
+                    retired: s.retired,
+                    net_conf_json: conf.raw.clone(),
+                }
+            })
+            .collect();
+        Ok(Response::new(ListAdminNetworksResponse { networks }))
     }
 }
 

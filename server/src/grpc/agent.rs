@@ -1,27 +1,30 @@
 //! `twill.v1.AgentService`: what every agent calls. `auth::AuthLayer` has admitted the
 //! caller before any method here runs (a current, unrevoked node certificate; an admin
-//! too for the reads); a method only checks that the node a request names is the
-//! caller.
+//! too for the reads); a method checks that the node a request names is the caller,
+//! and that the network it names admits the caller (its `"Nodes"`; admins read any).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use twill_common::NetConf;
+use twill_common::networks::NetworkName;
+use twill_common::tls::Identity as CertIdentity;
 use twill_proto::agent_service_server::{AgentService, AgentServiceServer};
 use twill_proto::{
-    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, NetworkConfig, ReleaseRequest,
-    ReleaseResponse, WatchRequest,
+    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, ListNetworksRequest,
+    ListNetworksResponse, NetworkConfig, ReleaseRequest, ReleaseResponse, WatchRequest,
 };
 
 use super::auth::Authorized;
 use super::limit::NodeLimiter;
 use super::watch;
+use crate::events::Networks;
 use crate::leases::{AcquireParams, Leases};
+use crate::networks::{Registry, ServedNetwork};
 
 /// The agent service.
 pub struct AgentApi {
-    /// The configuration served to agents.
-    pub conf: Arc<NetConf>,
+    /// The networks served to agents.
+    pub networks: Arc<Registry>,
     /// The lease writer.
     pub leases: Leases,
     /// The table, metrics, agent records and revocations (shared with watches).
@@ -30,7 +33,31 @@ pub struct AgentApi {
     pub limiter: NodeLimiter,
 }
 
+/// The network a request field names (empty: `default`), refused when it is not a name.
+pub fn network_field(field: &str, value: &str) -> Result<NetworkName, Status> {
+    NetworkName::from_wire(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
 impl AgentApi {
+    /// Network `name` as served, if the caller may use it: NOT_FOUND when none is
+    /// served by that name, PERMISSION_DENIED (naming the rule) when its `"Nodes"` do
+    /// not admit the calling node. Admins may read every network.
+    fn network_for(&self, who: &CertIdentity, name: &NetworkName) -> Result<ServedNetwork, Status> {
+        let served = self.networks.get(name).ok_or_else(|| {
+            Status::not_found(format!(
+                "this controller serves no network named {name}; `twillctl networks` lists them"
+            ))
+        })?;
+        if !who.is_admin() && !served.network.nodes.admits(&who.name) {
+            tracing::warn!(node = %who.name, network = %name, "refused a node its network does not admit");
+            return Err(Status::permission_denied(format!(
+                "network {name} does not admit node {}: its file allows {}",
+                who.name, served.network.nodes
+            )));
+        }
+        Ok(served)
+    }
+
     fn limit(&self, node: &str) -> Result<(), Status> {
         self.limiter.check(node).inspect_err(|_| {
             self.watch.metrics.rate_limited.inc();
@@ -43,11 +70,33 @@ impl AgentApi {
 impl AgentService for AgentApi {
     async fn get_network_config(
         &self,
-        _req: Request<GetNetworkConfigRequest>,
+        req: Request<GetNetworkConfigRequest>,
     ) -> Result<Response<NetworkConfig>, Status> {
+        let who = Authorized::of(&req)?.cert()?;
+        let name = network_field("network", &req.get_ref().network)?;
+        let served = self.network_for(who, &name)?;
         Ok(Response::new(NetworkConfig {
-            net_conf_json: self.conf.raw.clone(),
+            net_conf_json: served.network.conf.raw,
+            name: name.to_string(),
         }))
+    }
+
+    async fn list_networks(
+        &self,
+        req: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        let who = Authorized::of(&req)?.cert()?;
+        let networks = self
+            .networks
+            .current()
+            .values()
+            .filter(|s| !s.retired && s.network.nodes.admits(&who.name))
+            .map(|s| NetworkConfig {
+                net_conf_json: s.network.conf.raw.clone(),
+                name: s.network.name.to_string(),
+            })
+            .collect();
+        Ok(Response::new(ListNetworksResponse { networks }))
     }
 
     async fn acquire(
@@ -58,7 +107,10 @@ impl AgentService for AgentApi {
         let node = caller.acts_for(&req.get_ref().node_name)?;
         let key = caller.cert()?.key_sha256.to_vec();
         self.watch.agents.seen(&node);
-        let mut params = AcquireParams::parse(&self.conf, node.clone(), req.get_ref())?;
+        let network = network_field("network", &req.get_ref().network)?;
+        let served = self.network_for(caller.cert()?, &network)?;
+        let mut params =
+            AcquireParams::parse(network, &served.network.conf, node.clone(), req.get_ref())?;
         params.key = key;
         // Checked once the request is known to be well formed: only what would reach the
         // lease writer counts.
@@ -79,8 +131,9 @@ impl AgentService for AgentApi {
         let node = caller.acts_for(&req.get_ref().node_name)?;
         let key = caller.cert()?.key_sha256;
         self.watch.agents.seen(&node);
+        let network = network_field("network", &req.get_ref().network)?;
         self.limit(&node)?;
-        let released = self.leases.release(&node, &key).await?;
+        let released = self.leases.release(&network, &node, &key).await?;
         Ok(Response::new(ReleaseResponse { released }))
     }
 
@@ -98,9 +151,30 @@ impl AgentService for AgentApi {
             .get::<WatchSlot>()
             .cloned()
             .ok_or_else(|| Status::internal("Watch served without AgentRouter"))?;
-        let (from, epoch) = (req.get_ref().from_revision, &req.get_ref().epoch);
-        slot.put(self.watch.encoded(&who, from, epoch));
+        let networks = self.watched(&who, &req.get_ref().networks)?;
+        let start = watch::Start {
+            from: req.get_ref().from_revision,
+            epoch: &req.get_ref().epoch,
+        };
+        slot.put(self.watch.encoded(&who, start, networks));
         Ok(Response::new(futures::stream::empty()))
+    }
+}
+
+impl AgentApi {
+    /// The networks a watch asks for (none: `default`), each one served and admitting
+    /// the caller.
+    fn watched(&self, who: &CertIdentity, names: &[String]) -> Result<Networks, Status> {
+        if names.is_empty() {
+            return Ok(Networks::default_only());
+        }
+        let mut networks = Vec::with_capacity(names.len());
+        for n in names {
+            let name = network_field("networks", n)?;
+            self.network_for(who, &name)?;
+            networks.push(name);
+        }
+        Ok(Networks::new(networks))
     }
 }
 

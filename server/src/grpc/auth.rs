@@ -82,6 +82,8 @@ pub const POLICIES: &[(&str, Policy)] = &[
     ("/twill.v1.AgentService/Acquire", write(Who::Node)),
     ("/twill.v1.AgentService/Release", write(Who::Node)),
     ("/twill.v1.AgentService/Watch", read(Who::NodeOrAdmin)),
+    ("/twill.v1.AgentService/ListNetworks", read(Who::Node)),
+    ("/twill.v1.AdminService/ListNetworks", read(Who::Admin)),
     ("/twill.v1.AdminService/ListLeases", read(Who::Admin)),
     ("/twill.v1.AdminService/GetLease", read(Who::Admin)),
     ("/twill.v1.AdminService/RevokeLease", write(Who::Admin)),

@@ -21,7 +21,8 @@ impl From<LeaseOpError> for Status {
             LeaseOpError::AlreadyExists(m) => Status::already_exists(m),
             LeaseOpError::Forbidden(m) => Status::permission_denied(m),
             LeaseOpError::Exhausted(m) => Status::resource_exhausted(m),
-            LeaseOpError::Conflict(m) => Status::failed_precondition(m),
+            LeaseOpError::Conflict(m) | LeaseOpError::Retired(m) => Status::failed_precondition(m),
+            LeaseOpError::UnknownNetwork(m) => Status::not_found(m),
             LeaseOpError::Store(e) => Status::unavailable(e.to_string()),
             e @ (LeaseOpError::Stopped | LeaseOpError::NotLeader) => {
                 Status::unavailable(e.to_string())

@@ -28,7 +28,7 @@ use twill_proto::WatchResponse;
 
 use super::auth;
 use crate::agents::Agents;
-use crate::events::{self, Hub, WatchMessage};
+use crate::events::{self, Hub, Networks, WatchMessage};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 
@@ -51,6 +51,8 @@ struct Watcher {
     feed: broadcast::Receiver<WatchMessage>,
     initial: Option<WatchMessage>,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// The networks it follows.
+    networks: Networks,
 }
 
 impl Drop for Watcher {
@@ -66,25 +68,32 @@ impl Watcher {
     fn reset(&mut self, missed: u64) -> (Bytes, u64) {
         warn!(node = %self.who, missed_batches = missed, "watcher fell behind; sending a reset snapshot");
         self.metrics.watcher_resets.inc();
-        let (snapshot, fresh) = self.hub.resubscribe();
+        let (snapshot, fresh) = self.hub.resubscribe(&self.networks);
         self.feed = fresh;
         (snapshot.encoded, snapshot.revision)
     }
 
     /// The next message and its revision: the initial one, else the next committed
-    /// batch, as shared. `None` when the stream should end.
+    /// batch with events of the watcher's networks, as shared. `None` when the stream
+    /// should end.
     async fn next_message(&mut self) -> Option<(Bytes, u64)> {
         if let Some(initial) = self.initial.take() {
             return Some((initial.encoded, initial.revision));
         }
-        let next = tokio::select! {
-            r = self.feed.recv() => r,
-            _ = self.closing.wait_for(|closed| *closed) => return None,
-        };
-        match next {
-            Ok(batch) => Some((batch.encoded, batch.revision)),
-            Err(RecvError::Lagged(n)) => Some(self.reset(n)),
-            Err(RecvError::Closed) => None,
+        loop {
+            let next = tokio::select! {
+                r = self.feed.recv() => r,
+                _ = self.closing.wait_for(|closed| *closed) => return None,
+            };
+            match next {
+                Ok(batch) => {
+                    if let Some(msg) = batch.for_networks(&self.networks) {
+                        return Some((msg, batch.revision));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
+                Err(RecvError::Closed) => return None,
+            }
         }
     }
 }
@@ -105,32 +114,43 @@ pub struct Sources {
 
 impl Sources {
     /// [`encoded`] over these sources.
-    pub fn encoded(&self, who: &CertIdentity, from: u64, epoch: &str) -> EncodedStream {
+    pub fn encoded(&self, who: &CertIdentity, start: Start, networks: Networks) -> EncodedStream {
         encoded(
             &self.hub,
             &self.metrics,
             &self.agents,
             &self.identity,
             who,
-            from,
-            epoch,
+            start,
+            networks,
         )
     }
 }
 
-/// Starts a watch for the holder of certificate `who` after revision `from` of store
-/// `epoch`: its messages, encoded, until the certificate stops being valid.
+/// Where a watch starts: after revision `from` (0: from scratch) of store `epoch`
+/// (empty: not checked).
+#[derive(Debug, Clone, Copy)]
+pub struct Start<'a> {
+    /// The revision the watcher has seen.
+    pub from: u64,
+    /// The store epoch that revision is of.
+    pub epoch: &'a str,
+}
+
+/// Starts a watch of `networks` for the holder of certificate `who` at `start`: its
+/// messages, encoded, until the certificate stops being valid.
 pub fn encoded(
     hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
     agents: &Arc<Agents>,
     identity: &Arc<Identity>,
     who: &CertIdentity,
-    from: u64,
-    epoch: &str,
+    start: Start<'_>,
+    networks: Networks,
 ) -> EncodedStream {
-    let sub = hub.subscribe(from, epoch);
-    info!(node = %who.name, from_revision = from, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
+    let from = start.from;
+    let sub = hub.subscribe(from, start.epoch, &networks);
+    info!(node = %who.name, from_revision = from, networks = %networks, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
     metrics.watchers.inc();
     let watcher = Watcher {
         id: agents.connected(&who.name, from, who.not_after_unix),
@@ -141,6 +161,7 @@ pub fn encoded(
         feed: sub.feed,
         initial: sub.initial,
         closing: hub.closing(),
+        networks,
     };
     let messages = Box::pin(futures::stream::unfold(watcher, |mut w| async move {
         let (msg, revision) = w.next_message().await?;
@@ -313,6 +334,10 @@ mod tests {
         (dir, Arc::new(identity))
     }
 
+    fn scratch() -> Start<'static> {
+        Start { from: 0, epoch: "" }
+    }
+
     /// A node certificate for `name` valid until `not_after_unix`.
     fn node(name: &str, not_after_unix: i64) -> CertIdentity {
         CertIdentity {
@@ -343,10 +368,18 @@ mod tests {
         let agents = Arc::new(Agents::default());
         let (_dir, identity) = identity().await;
         let who = node("w", i64::MAX);
-        let mut s = encoded(&hub, &metrics, &agents, &identity, &who, 0, "");
+        let mut s = encoded(
+            &hub,
+            &metrics,
+            &agents,
+            &identity,
+            &who,
+            scratch(),
+            Networks::default_only(),
+        );
         let first = events::decode(&s.next().await.unwrap().unwrap().0).unwrap();
         assert!(first[0].reset);
-        let mut feed = hub.subscribe(0, "").feed;
+        let mut feed = hub.subscribe(0, "", &Networks::default_only()).feed;
         for rev in 1..=3 {
             hub.commit(vec![put(rev)]);
         }
@@ -403,10 +436,22 @@ mod tests {
         let (_dir, identity) = identity().await;
         let (slow_cert, fast_cert) = (node("slow", i64::MAX), node("fast", i64::MAX));
         let mut slow = decoded(encoded(
-            &hub, &metrics, &agents, &identity, &slow_cert, 0, "",
+            &hub,
+            &metrics,
+            &agents,
+            &identity,
+            &slow_cert,
+            scratch(),
+            Networks::default_only(),
         ));
         let mut fast = decoded(encoded(
-            &hub, &metrics, &agents, &identity, &fast_cert, 0, "",
+            &hub,
+            &metrics,
+            &agents,
+            &identity,
+            &fast_cert,
+            scratch(),
+            Networks::default_only(),
         ));
         assert!(
             fast.next().await.unwrap().unwrap().reset,
@@ -450,8 +495,24 @@ mod tests {
         let not_after = twill_common::now_unix() + 1;
         let old = node("node-1", not_after);
         let rotated = node("node-1", not_after + 86_400);
-        let mut expiring = encoded(&hub, &metrics, &agents, &identity, &old, 0, "");
-        let mut current = encoded(&hub, &metrics, &agents, &identity, &rotated, 0, "");
+        let mut expiring = encoded(
+            &hub,
+            &metrics,
+            &agents,
+            &identity,
+            &old,
+            scratch(),
+            Networks::default_only(),
+        );
+        let mut current = encoded(
+            &hub,
+            &metrics,
+            &agents,
+            &identity,
+            &rotated,
+            scratch(),
+            Networks::default_only(),
+        );
         expiring.next().await.unwrap().expect("snapshot");
         current.next().await.unwrap().expect("snapshot");
         let mut seen: Vec<i64> = agents.watchers().iter().map(|w| w.cert_not_after).collect();

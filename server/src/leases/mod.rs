@@ -14,6 +14,7 @@
 //! reservation that can be honoured keeps it; a revision is never issued twice. When
 //! the store fails, the writer reloads what the store holds instead of guessing.
 
+mod net;
 mod pacing;
 mod request;
 
@@ -22,19 +23,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-use twill_common::model::{self, validate_node_name, Family, Mac, Peer, PerFamily};
-use twill_common::NetConf;
-use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
+use twill_common::networks::NetworkName;
+use twill_common::now_unix;
+use twill_proto::{Lease, LeaseEvent};
 
 use crate::events::Hub;
-use twill_common::now_unix;
-
 use crate::metrics::Metrics;
-use crate::store::{Batch, Reservation, Store, StoreError};
-use crate::subnets::{self, FamilySubnets, Refusal};
+use crate::networks::Served;
+use crate::store::schema::network_of;
+use crate::store::{Batch, Layout, LeaseKey, Reservation, Store, StoreError};
+use crate::subnets::Refusal;
+use net::{Changes, Clock, Net};
 use pacing::Pacing;
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
@@ -70,6 +71,12 @@ pub enum LeaseOpError {
     /// The controller is shutting down, or its lease writer stopped.
     #[error("the controller is shutting down or its lease writer stopped")]
     Stopped,
+    /// The request names a network this controller does not serve.
+    #[error("{0}")]
+    UnknownNetwork(String),
+    /// The network's file was removed: its leases are neither granted nor renewed.
+    #[error("{0}")]
+    Retired(String),
     /// This replica has no lease writer: it is not the elected leader (etcd store), or
     /// was elected and is still loading the table.
     #[error("this controller replica is not the leader right now (an election is under way or etcd is unreachable); retry in a few seconds")]
@@ -94,13 +101,14 @@ type Reply<T> = oneshot::Sender<Result<T, LeaseOpError>>;
 enum Op {
     Acquire(AcquireParams, Reply<Lease>),
     Release {
+        network: NetworkName,
         node: String,
         key: Vec<u8>,
         reply: Reply<bool>,
     },
-    /// The lease held by key `from` passes to key `to` (a renewed certificate); with
-    /// `from` empty the lease is held by nobody until its next acquisition (the node's
-    /// certificates were revoked).
+    /// The node's leases held by key `from` pass to key `to` (a renewed certificate);
+    /// with `from` empty they are held by nobody until their next acquisition (the
+    /// node's certificates were revoked). In every network.
     Rekey {
         node: String,
         from: Vec<u8>,
@@ -108,16 +116,20 @@ enum Op {
         reply: Reply<bool>,
     },
     Revoke {
+        network: NetworkName,
         node: String,
         by: String,
         reply: Reply<bool>,
     },
     Reserve {
+        network: NetworkName,
         node: String,
         subnet: Reservation,
         reply: Reply<bool>,
     },
-    Unreserve(String, Reply<bool>),
+    Unreserve(NetworkName, String, Reply<bool>),
+    /// The served networks changed (`--networks-dir`).
+    Configure(Arc<Served>),
     Sweep,
 }
 
@@ -130,7 +142,8 @@ struct Queued {
 /// A decided request's answer, sent once its events are published: the lease, or
 /// whether the operation changed anything.
 enum Answer {
-    Lease(Reply<Lease>, Result<Lease, LeaseOpError>),
+    /// Boxed: a granted lease is most of the size of every answer otherwise.
+    Lease(Reply<Lease>, Box<Result<Lease, LeaseOpError>>),
     Done(Reply<bool>, Result<bool, LeaseOpError>),
 }
 
@@ -138,7 +151,7 @@ impl Answer {
     fn send(self) {
         // A caller that went away no longer needs its answer.
         let _ = match self {
-            Answer::Lease(reply, result) => reply.send(result).map_err(drop),
+            Answer::Lease(reply, result) => reply.send(*result).map_err(drop),
             Answer::Done(reply, result) => reply.send(result).map_err(drop),
         };
     }
@@ -147,7 +160,9 @@ impl Answer {
     /// refusals wrote nothing and stay what they were.
     fn failed(self, e: impl Fn() -> LeaseOpError) -> Answer {
         match self {
-            Answer::Lease(reply, Ok(_)) => Answer::Lease(reply, Err(e())),
+            Answer::Lease(reply, result) if result.is_ok() => {
+                Answer::Lease(reply, Box::new(Err(e())))
+            }
             Answer::Done(reply, Ok(_)) => Answer::Done(reply, Err(e())),
             refused => refused,
         }
@@ -203,13 +218,13 @@ impl Drop for RunningGuard {
 }
 
 impl Leases {
-    /// Starts the writer over a loaded store. `hub` must hold the same leases;
-    /// `reservations` maps node names to their reserved subnets.
+    /// Starts the writer over a loaded store, serving the networks `served`. `hub`
+    /// must hold the same leases.
     pub fn start(
-        conf: &NetConf,
+        served: &Served,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
-        reservations: BTreeMap<String, Reservation>,
+        reservations: BTreeMap<LeaseKey, Reservation>,
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
@@ -217,7 +232,7 @@ impl Leases {
             replicated: false,
             ..Self::standby(ttl)
         };
-        leases.attach(conf, store, hub, reservations, metrics)?;
+        leases.attach(served, store, hub, reservations, metrics)?;
         Ok(leases)
     }
 
@@ -233,22 +248,28 @@ impl Leases {
     /// Starts a writer behind this handle (see `start`), replacing any other.
     pub fn attach(
         &self,
-        conf: &NetConf,
+        served: &Served,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
-        reservations: BTreeMap<String, Reservation>,
+        reservations: BTreeMap<LeaseKey, Reservation>,
         metrics: Arc<Metrics>,
     ) -> Result<(), StartError> {
         let ttl = self.ttl;
         let (leases, revision) = hub.leases();
+        let nets = served
+            .iter()
+            .map(|(name, s)| {
+                let mut net = Net::new(name.clone(), Some(s.network.conf.clone()));
+                net.retired = s.retired;
+                (name.clone(), net)
+            })
+            .collect();
         let mut writer = Writer {
-            conf: conf.clone(),
+            nets,
+            orphans: BTreeMap::new(),
             store,
             hub,
             ttl,
-            subnets: PerFamily::default(),
-            leases: BTreeMap::new(),
-            by_mac: HashMap::new(),
             revision,
             metrics,
             unpublished: Vec::new(),
@@ -355,10 +376,16 @@ impl Leases {
         self.call(|reply| Op::Acquire(params, reply)).await
     }
 
-    /// Releases a node's lease at its agent's request, made with the certificate key
-    /// `key`; `Ok(false)` when it held none.
-    pub async fn release(&self, node: &str, key: &[u8]) -> Result<bool, LeaseOpError> {
+    /// Releases a node's lease in `network` at its agent's request, made with the
+    /// certificate key `key`; `Ok(false)` when it held none.
+    pub async fn release(
+        &self,
+        network: &NetworkName,
+        node: &str,
+        key: &[u8],
+    ) -> Result<bool, LeaseOpError> {
         self.call(|reply| Op::Release {
+            network: network.clone(),
             node: node.to_string(),
             key: key.to_vec(),
             reply,
@@ -366,9 +393,9 @@ impl Leases {
         .await
     }
 
-    /// Hands `node`'s lease from its holder's key `from` to the key `to` of the
-    /// certificate renewed from it; `Ok(false)` when the node holds no lease, or one
-    /// another key holds.
+    /// Hands `node`'s leases (in every network) from their holder's key `from` to the
+    /// key `to` of the certificate renewed from it; `Ok(false)` when the node holds no
+    /// lease, or only ones another key holds.
     pub async fn rekey(
         &self,
         node: &str,
@@ -384,8 +411,8 @@ impl Leases {
         .await
     }
 
-    /// Frees `node`'s lease from the key that holds it (its certificates were revoked):
-    /// the next certificate of the node to acquire it holds it.
+    /// Frees `node`'s leases from the key that holds them (its certificates were
+    /// revoked): the next certificate of the node to acquire one holds it.
     pub async fn disown(&self, node: &str) -> Result<bool, LeaseOpError> {
         self.call(|reply| Op::Rekey {
             node: node.to_string(),
@@ -396,9 +423,16 @@ impl Leases {
         .await
     }
 
-    /// Removes a node's lease on an operator's order; `Ok(false)` when it held none.
-    pub async fn revoke(&self, node: &str, by: &str) -> Result<bool, LeaseOpError> {
+    /// Removes a node's lease in `network` on an operator's order; `Ok(false)` when it
+    /// held none.
+    pub async fn revoke(
+        &self,
+        network: &NetworkName,
+        node: &str,
+        by: &str,
+    ) -> Result<bool, LeaseOpError> {
         self.call(|reply| Op::Revoke {
+            network: network.clone(),
             node: node.to_string(),
             by: by.to_string(),
             reply,
@@ -406,10 +440,16 @@ impl Leases {
         .await
     }
 
-    /// Reserves `subnet` (one subnet per family) for `node`, replacing the node's
-    /// reservation: nobody else is ever given them.
-    pub async fn reserve(&self, node: &str, subnet: Reservation) -> Result<(), LeaseOpError> {
+    /// Reserves `subnet` (one subnet per family) of `network` for `node`, replacing the
+    /// node's reservation there: nobody else is ever given them.
+    pub async fn reserve(
+        &self,
+        network: &NetworkName,
+        node: &str,
+        subnet: Reservation,
+    ) -> Result<(), LeaseOpError> {
         self.call(|reply| Op::Reserve {
+            network: network.clone(),
             node: node.to_string(),
             subnet,
             reply,
@@ -418,32 +458,43 @@ impl Leases {
         .map(|_| ())
     }
 
-    /// Drops a node's reservation; `Ok(false)` when it had none.
-    pub async fn unreserve(&self, node: &str) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Unreserve(node.to_string(), reply))
+    /// Drops a node's reservation in `network`; `Ok(false)` when it had none.
+    pub async fn unreserve(&self, network: &NetworkName, node: &str) -> Result<bool, LeaseOpError> {
+        self.call(|reply| Op::Unreserve(network.clone(), node.to_string(), reply))
             .await
+    }
+
+    /// Hands the writer the networks served now (after `--networks-dir` changed). A
+    /// replica without a writer has nothing to tell: the next one to attach is given
+    /// the current set.
+    pub async fn configure(&self, served: Arc<Served>) {
+        if let Some(writer) = self.running() {
+            let op = Queued {
+                op: Op::Configure(served),
+                queued: Instant::now(),
+            };
+            // A writer that stopped has nothing to configure.
+            let _ = writer.tx.send(op).await;
+        }
     }
 }
 
-/// What one batch changed, to be written to the store as one.
-#[derive(Default)]
-struct Changes {
-    events: Vec<LeaseEvent>,
-    renewed: Vec<Lease>,
-    reservations: bool,
+/// The refusal of an operation in a network this controller does not serve.
+fn unknown(network: &NetworkName) -> LeaseOpError {
+    LeaseOpError::UnknownNetwork(format!(
+        "this controller serves no network named {network}; `twillctl networks` lists them"
+    ))
 }
 
 struct Writer {
-    conf: NetConf,
+    nets: BTreeMap<NetworkName, Net>,
+    /// Stored reservations in networks not configured now: kept (and stored again with
+    /// every reservation write) until their network comes back.
+    orphans: BTreeMap<LeaseKey, Reservation>,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     ttl: Duration,
-    /// Each family's subnets, present exactly when the network has the family.
-    subnets: PerFamily<Box<dyn FamilySubnets>>,
-    leases: BTreeMap<String, model::Lease>,
-    /// The node holding each VTEP MAC (both devices' MACs share one index: no MAC may
-    /// name two nodes).
-    by_mac: HashMap<Mac, String>,
+    /// The last revision issued, in every network.
     revision: u64,
     metrics: Arc<Metrics>,
     /// Durable events not yet published, and the answers waiting for them: a reply
@@ -451,14 +502,6 @@ struct Writer {
     unpublished: Vec<LeaseEvent>,
     waiting: Vec<Waiting>,
     pacing: Pacing,
-}
-
-/// What a network without `family` lacks, for refusals.
-fn missing(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "IPv4 (EnableIPv4 is false)",
-        Family::V6 => "IPv6 (EnableIPv6 is not set)",
-    }
 }
 
 impl Writer {
@@ -512,11 +555,28 @@ impl Writer {
         let now = now_unix();
         for Queued { op, queued } in ops {
             let answer = match op {
-                Op::Acquire(p, reply) => Answer::Lease(reply, self.acquire(p, now, &mut changes)),
-                Op::Release { node, key, reply } => {
-                    let released = self.release(&node, &key, &mut changes.events);
+                Op::Acquire(p, reply) => {
+                    let (ttl, revision) = (self.ttl, &mut self.revision);
+                    let at = Clock { now, ttl, revision };
+                    let granted = match self.nets.get_mut(&p.network) {
+                        Some(net) => net.acquire(p, at, &mut changes),
+                        None => Err(unknown(&p.network)),
+                    };
+                    Answer::Lease(reply, Box::new(granted))
+                }
+                Op::Release {
+                    network,
+                    node,
+                    key,
+                    reply,
+                } => {
+                    let revision = &mut self.revision;
+                    let released = match self.nets.get_mut(&network) {
+                        Some(net) => net.release(&node, &key, revision, &mut changes.events),
+                        None => Ok(false),
+                    };
                     if let Ok(true) = released {
-                        info!(node = %node, "lease released by its agent");
+                        info!(network = %network, node = %node, "lease released by its agent");
                     }
                     Answer::Done(reply, released)
                 }
@@ -525,30 +585,58 @@ impl Writer {
                     from,
                     to,
                     reply,
-                } => Answer::Done(reply, Ok(self.rekey(&node, &from, to, &mut changes))),
-                Op::Revoke { node, by, reply } => {
-                    let revoked = self.remove(&node, &mut changes.events);
+                } => {
+                    // Every network's lease of the node passes to the new key.
+                    let moved = self.nets.values_mut().fold(false, |moved, net| {
+                        net.rekey(&node, &from, to.clone(), &mut changes) | moved
+                    });
+                    Answer::Done(reply, Ok(moved))
+                }
+                Op::Revoke {
+                    network,
+                    node,
+                    by,
+                    reply,
+                } => {
+                    let revision = &mut self.revision;
+                    let revoked = self
+                        .nets
+                        .get_mut(&network)
+                        .is_some_and(|net| net.remove(&node, revision, &mut changes.events));
                     if revoked {
-                        info!(node = %node, admin = %by, "lease revoked");
+                        info!(network = %network, node = %node, admin = %by, "lease revoked");
                     }
                     Answer::Done(reply, Ok(revoked))
                 }
                 Op::Reserve {
+                    network,
                     node,
                     subnet,
                     reply,
                 } => {
-                    let r = self.reserve(&node, subnet);
+                    let r = self
+                        .net(&network)
+                        .and_then(|net| net.reserve(&node, subnet));
                     changes.reservations |= r.is_ok();
                     Answer::Done(reply, r.map(|()| true))
                 }
-                Op::Unreserve(node, reply) => {
-                    let done = self.unreserve(&node);
+                Op::Unreserve(network, node, reply) => {
+                    let done = self
+                        .nets
+                        .get_mut(&network)
+                        .is_some_and(|n| n.unreserve(&node))
+                        || self.orphans.remove(&(network, node)).is_some();
                     changes.reservations |= done;
                     Answer::Done(reply, Ok(done))
                 }
+                Op::Configure(served) => {
+                    self.configure(&served);
+                    continue;
+                }
                 Op::Sweep => {
-                    self.sweep(now, &mut changes.events);
+                    for net in self.nets.values_mut() {
+                        net.sweep(now, &mut self.revision, &mut changes.events);
+                    }
                     continue;
                 }
             };
@@ -661,88 +749,117 @@ impl Writer {
         true
     }
 
-    /// Takes the reservations (as the store holds them) for the next `rebuild`. A
-    /// part for a family the network does not have cannot be honoured and is dropped
-    /// (the store layout pins the families, so only a hand-edited store holds one).
-    fn load_reservations(&mut self, all: BTreeMap<String, Reservation>) {
-        let parts: Vec<(String, PerFamily<IpNet>)> =
-            all.iter().map(|(node, r)| (node.clone(), r.0)).collect();
-        let networks = self.conf.networks();
-        for (node, p) in &parts {
-            for (family, s) in p.iter().filter(|(f, _)| !networks.has(*f)) {
-                warn!(node = %node, subnet = %s, "dropping a stored {family} reservation: the network has no {family}");
-            }
-        }
-        let of = |family: Family| {
-            parts
-                .iter()
-                .filter_map(move |(node, p)| p.get(family).map(|s| (node.clone(), *s)))
-        };
-        self.subnets = PerFamily::new(
-            self.conf
-                .ipv4
-                .clone()
-                .map(|pool| subnets::family(pool, of(Family::V4))),
-            self.conf
-                .ipv6
-                .clone()
-                .map(|pool| subnets::family(pool, of(Family::V6))),
-        );
+    /// The network an operation names, refused when the controller serves none by that
+    /// name.
+    fn net(&mut self, network: &NetworkName) -> Result<&mut Net, LeaseOpError> {
+        self.nets.get_mut(network).ok_or_else(|| unknown(network))
     }
 
-    /// Rebuilds the lease map, its indexes and the free-subnet indexes from `leases` and
-    /// the reservations; reservations that cannot be honoured are recorded as stale.
+    /// Takes the reservations (as the store holds them) for the next `rebuild`; those
+    /// of networks not configured are kept aside.
+    fn load_reservations(&mut self, all: BTreeMap<LeaseKey, Reservation>) {
+        let mut by_net: BTreeMap<NetworkName, Vec<(String, Reservation)>> = BTreeMap::new();
+        self.orphans.clear();
+        for ((network, node), r) in all {
+            match self.nets.get(&network).filter(|n| n.conf.is_some()) {
+                Some(_) => by_net.entry(network).or_default().push((node, r)),
+                None => {
+                    self.orphans.insert((network, node), r);
+                }
+            }
+        }
+        for (name, net) in &mut self.nets {
+            net.load_reservations(by_net.get(name).map_or(&[], |v| v.as_slice()));
+        }
+    }
+
+    /// Rebuilds every network's table from `leases` and the reservations. Leases of a
+    /// network not configured form a network of their own with no configuration: they
+    /// run out.
     fn rebuild(&mut self, leases: Vec<Lease>) -> Result<(), String> {
-        for (_, f) in self.subnets.iter_mut() {
-            f.reset();
+        let mut by_net: BTreeMap<NetworkName, Vec<Lease>> = BTreeMap::new();
+        for l in leases {
+            by_net.entry(network_of(&l)).or_default().push(l);
         }
-        self.leases.clear();
-        self.by_mac.clear();
-        // Every lease holds a subnet of the network's first family; an IPv6 subnet is
-        // optional on a dual-stack network (a lease granted before the network had IPv6
-        // gets one at its next renewal).
-        let first = self.subnets.iter().next().map(|(f, _)| f);
-        for stored in leases {
-            let l = model::Lease::try_from(&stored).map_err(|e| {
-                format!(
-                    "stored lease of {} cannot be read ({e}); restore the previous \
-                     net-conf.json or move the data directory aside to start a new network",
-                    stored.node_name
-                )
-            })?;
-            for (family, f) in self.subnets.iter_mut() {
-                match l.parts.get(family) {
-                    Some(p) => f.restore(&l.node, p.subnet)?,
-                    None if Some(family) == first => {
-                        return Err(format!(
-                            "stored lease of {} has no {family} subnet, which the configured \
-                             network needs; restore the previous net-conf.json or move the \
-                             data directory aside to start a new network",
-                            l.node
-                        ))
-                    }
-                    None => {}
-                }
+        for name in by_net.keys() {
+            if !self.nets.contains_key(name) {
+                warn!(network = %name, "the store holds leases of a network that is not configured; they are not renewed and run out");
+                self.nets.insert(name.clone(), Net::new(name.clone(), None));
             }
-            for m in l.macs() {
-                if let Some(other) = self.by_mac.get(&m) {
-                    warn!(node = %l.node, other = %other, vtep_mac = %m, "stored leases share a VTEP MAC; the next acquisition of either must change it");
-                }
-            }
-            self.index_macs(&l);
-            self.leases.insert(l.node.to_string(), l);
         }
-        for (_, f) in self.subnets.iter_mut() {
-            f.honour_reservations();
+        for (name, net) in &mut self.nets {
+            net.rebuild(by_net.remove(name).unwrap_or_default())?;
         }
         Ok(())
     }
 
-    /// Every reservation, both families of a node together.
-    fn reservations(&self) -> BTreeMap<String, Reservation> {
-        let mut all: BTreeMap<String, Reservation> = BTreeMap::new();
-        for (node, s) in self.subnets.values().flat_map(|f| f.reservations()) {
-            *all.entry(node).or_default().0.slot(Family::of_net(s)) = Some(s);
+    /// Takes the served networks after a change of `--networks-dir`: new ones start
+    /// empty (with their stored reservations), removed ones retire and are forgotten
+    /// once their leases ran out. The registry has refused any change of a network's
+    /// addresses while it has leases, so a network's allocation never moves under them.
+    fn configure(&mut self, served: &Served) {
+        for (name, s) in served {
+            let conf = s.network.conf.clone();
+            match self.nets.get_mut(name) {
+                Some(net) if net.conf.as_ref().map(Layout::from) == Some(Layout::from(&conf)) => {
+                    net.conf = Some(conf);
+                    net.retired = s.retired;
+                }
+                Some(net) if !net.leases.is_empty() => {
+                    error!(network = %name, "a network's addresses changed while it has leases; keeping the ones the leases were granted in");
+                    net.retired = s.retired;
+                }
+                _ => {
+                    let mut net = Net::new(name.clone(), Some(conf));
+                    net.retired = s.retired;
+                    let mine: Vec<(String, Reservation)> = self
+                        .orphans
+                        .iter()
+                        .filter(|((n, _), _)| n == name)
+                        .map(|((_, node), r)| (node.clone(), *r))
+                        .collect();
+                    self.orphans.retain(|(n, _), _| n != name);
+                    net.load_reservations(&mine);
+                    if let Err(why) = net.rebuild(Vec::new()) {
+                        error!(network = %name, error = %why, "cannot start the network");
+                        continue;
+                    }
+                    info!(network = %name, "serving a new network");
+                    self.nets.insert(name.clone(), net);
+                }
+            }
+        }
+        let gone: Vec<NetworkName> = self
+            .nets
+            .iter_mut()
+            .filter(|(name, _)| !served.contains_key(*name))
+            .filter_map(|(name, net)| {
+                if !net.retired && net.conf.is_some() {
+                    info!(network = %name, leases = net.leases.len(), "network removed: no new leases, the existing ones run out");
+                }
+                net.retired = true;
+                net.leases.is_empty().then(|| name.clone())
+            })
+            .collect();
+        for name in gone {
+            if let Some(net) = self.nets.remove(&name) {
+                for (node, r) in net.reservations() {
+                    self.orphans.insert((name.clone(), node), r);
+                }
+                info!(network = %name, "a removed network has no leases left; forgotten");
+            }
+        }
+        self.publish_reservations();
+        self.update_gauges();
+    }
+
+    /// Every reservation of every network (those of networks not configured too).
+    fn reservations(&self) -> BTreeMap<LeaseKey, Reservation> {
+        let mut all = self.orphans.clone();
+        for (name, net) in &self.nets {
+            for (node, r) in net.reservations() {
+                all.insert((name.clone(), node), r);
+            }
         }
         all
     }
@@ -750,325 +867,39 @@ impl Writer {
     /// Publishes the reservations and why some cannot be honoured, when they changed
     /// (`stored`: the set itself was just written) or a family's view moved.
     fn publish_reservations_if_changed(&mut self, stored: bool) {
-        // Every family's flag is taken (no short circuit).
+        // Every network's flag is taken (no short circuit).
         let moved = self
-            .subnets
-            .iter_mut()
-            .fold(false, |moved, (_, f)| f.take_changed() | moved);
+            .nets
+            .values_mut()
+            .fold(false, |moved, n| n.take_changed() | moved);
         if stored || moved {
             self.publish_reservations();
         }
     }
 
     fn publish_reservations(&self) {
-        let mut stale: BTreeMap<String, String> = BTreeMap::new();
-        for (node, why) in self.subnets.values().flat_map(|f| f.stale()) {
-            stale
-                .entry(node.clone())
-                .and_modify(|w| {
-                    w.push_str("; ");
-                    w.push_str(why);
-                })
-                .or_insert_with(|| why.clone());
+        let mut stale: BTreeMap<LeaseKey, String> = BTreeMap::new();
+        for (name, net) in &self.nets {
+            for (node, why) in net.stale() {
+                stale.insert((name.clone(), node), why);
+            }
         }
         self.metrics.reservations_stale.set(stale.len() as i64);
         self.hub.set_reservations(self.reservations(), stale);
     }
 
+    /// The gauges, summed over the networks.
     fn update_gauges(&self) {
-        self.metrics.leases.set(self.leases.len() as i64);
-        let (capacity, taken) = self
-            .subnets
-            .first()
-            .map_or((0, 0), |f| (f.capacity(), f.taken()));
-        self.metrics
-            .subnets_free
-            .set(i64::from(capacity) - i64::from(taken));
-    }
-
-    fn next_revision(&mut self) -> u64 {
-        self.revision += 1;
-        self.revision
-    }
-
-    fn index_macs(&mut self, l: &model::Lease) {
-        for m in l.macs() {
-            self.by_mac.entry(m).or_insert_with(|| l.node.to_string());
-        }
-    }
-
-    fn unindex_macs(&mut self, l: &model::Lease) {
-        for m in l.macs() {
-            if self.by_mac.get(&m).is_some_and(|n| *n == *l.node) {
-                self.by_mac.remove(&m);
-            }
-        }
-    }
-
-    /// Forgets a lease that ended: its MACs and its subnets go back.
-    fn forget(&mut self, l: &model::Lease) {
-        self.unindex_macs(l);
-        for (family, f) in self.subnets.iter_mut() {
-            if let Some(p) = l.parts.get(family) {
-                f.free(p.subnet, &l.node);
-            }
-        }
-    }
-
-    fn acquire(
-        &mut self,
-        p: AcquireParams,
-        now: i64,
-        changes: &mut Changes,
-    ) -> Result<Lease, LeaseOpError> {
-        for (family, r) in p.parts.iter() {
-            if let (Some(f), Some(requested)) = (self.subnets.get(family), r.requested) {
-                f.check_requested(family.wire().requested, requested)?;
-            }
-        }
-        if let Some((mac, holder)) = p
-            .macs()
-            .find_map(|m| self.by_mac.get(&m).map(|h| (m, h)))
-            .filter(|(_, h)| **h != *p.node)
-        {
-            warn!(node = %p.node, vtep_mac = %mac, holder = %holder, "refused a lease whose VTEP MAC another node holds");
-            return Err(LeaseOpError::AlreadyExists(format!(
-                "vtep_mac {mac} is the VTEP MAC of node {holder}'s lease; every node's VXLAN device \
-                 needs a MAC of its own (delete and recreate the device to get a new one)"
-            )));
-        }
-        let expires = now.saturating_add(self.ttl.as_secs() as i64);
-        let existing = self
-            .leases
-            .get(p.node.as_str())
-            .filter(|l| l.expires_at_unix > now)
-            .cloned();
-        // Whose the lease is: the holder's, or nobody's yet (granted before holders
-        // were kept, or its certificates revoked) and then the caller's from now on.
-        let holder = match existing.as_ref().map(|l| &l.holder_key) {
-            Some(h) if !h.is_empty() => h.clone(),
-            _ => p.key.clone(),
-        };
-        let endpoints = p.parts.map(|_, r| (r.public_ip, r.vtep_mac));
-        match &existing {
-            Some(l)
-                if l.parts.map(|_, x| (x.public_ip, x.vtep_mac)) == endpoints
-                    && l.public_prefix_len == p.public_prefix_len =>
-            {
-                // Only the expiry moves: stored, but no revision and no broadcast. Any
-                // certificate of the node may renew it unchanged (the holder stays).
-                let mut renewed = l.clone();
-                renewed.expires_at_unix = expires;
-                renewed.holder_key = holder;
-                let wire = Lease::from(&renewed);
-                tracing::debug!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, "lease renewed");
-                self.leases.insert(p.node.to_string(), renewed);
-                changes.renewed.retain(|r| r.node_name != wire.node_name);
-                changes.renewed.push(wire.clone());
-                return Ok(wire);
-            }
-            Some(_) if holder != p.key => {
-                warn!(node = %p.node, "refused a change of the lease's address or VTEP MAC from a key that does not hold it");
-                return Err(LeaseOpError::Forbidden(format!(
-                    "the lease of node {} is held by another key: only the certificate that took \
-                     it (or one renewed from it) may change its public address or VTEP MAC. If \
-                     this node really lost its key, an admin can run `twillctl certs revoke {}` \
-                     (or `twillctl lease revoke {}`)",
-                    p.node, p.node, p.node
-                )));
-            }
-            Some(_) => {}
-            None => {
-                // An expired lease not yet swept: give its subnets back first.
-                if let Some(old) = self.leases.remove(p.node.as_str()) {
-                    let old_wire = Lease::from(&old);
-                    warn!(node = %p.node, subnet = %old_wire.subnet, ipv6_subnet = %old_wire.ipv6_subnet, expired_secs_ago = now - old.expires_at_unix, "renewal missed: the lease had expired; granting again");
-                    self.forget(&old);
-                }
-            }
-        }
-        let mut granted: PerFamily<(IpNet, bool)> = PerFamily::default();
-        for (family, r) in p.parts.iter() {
-            let Some(f) = self.subnets.get_mut(family) else {
-                continue;
-            };
-            let held = existing
-                .as_ref()
-                .and_then(|l| l.parts.get(family))
-                .map(|x| x.subnet);
-            match grant(f.as_mut(), held, &p.node, r.requested) {
-                Ok(g) => *granted.slot(family) = Some(g),
-                Err(e) => {
-                    // The families granted before give back what was picked for them.
-                    for (family, (s, picked)) in granted.iter() {
-                        if let (true, Some(f)) = (*picked, self.subnets.get_mut(family)) {
-                            f.free(*s, &p.node);
-                        }
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
-        let lease = model::Lease {
-            node: p.node.clone(),
-            parts: granted.zip(p.parts).map(|_, ((subnet, _), r)| Peer {
-                subnet,
-                public_ip: r.public_ip,
-                vtep_mac: r.vtep_mac,
-            }),
-            backend: self.conf.backend.kind,
-            vni: self.conf.backend.vni,
-            expires_at_unix: expires,
-            revision: self.next_revision(),
-            reserved: false,
-            public_prefix_len: p.public_prefix_len,
-            holder_key: holder,
-        };
-        let wire = Lease::from(&lease);
-        if existing.is_some() {
-            info!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, public_ip = %wire.public_ip, public_ipv6 = %wire.public_ipv6, vtep_mac = %wire.vtep_mac, revision = wire.revision, "lease renewed with a new address or VTEP MAC");
-        } else {
-            info!(node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, public_ip = %wire.public_ip, public_ipv6 = %wire.public_ipv6, revision = wire.revision, "lease granted");
-        }
-        for (family, part) in lease.parts.iter() {
-            if let Some(f) = self.subnets.get_mut(family) {
-                f.hold(part.subnet, &p.node);
-            }
-        }
-        if let Some(old) = self.leases.insert(p.node.to_string(), lease.clone()) {
-            self.unindex_macs(&old);
-        }
-        self.index_macs(&lease);
-        changes.events.push(LeaseEvent {
-            r#type: EventType::Put as i32,
-            lease: Some(wire.clone()),
-            revision: wire.revision,
-        });
-        Ok(wire)
-    }
-
-    /// Releases `node`'s lease for a caller with certificate key `key`.
-    fn release(
-        &mut self,
-        node: &str,
-        key: &[u8],
-        events: &mut Vec<LeaseEvent>,
-    ) -> Result<bool, LeaseOpError> {
-        match self.leases.get(node) {
-            Some(l) if !l.holder_key.is_empty() && l.holder_key != key => {
-                warn!(node = %node, "refused a release from a key that does not hold the lease");
-                Err(LeaseOpError::Forbidden(format!(
-                    "the lease of node {node} is held by another key: only the certificate that \
-                     took it (or one renewed from it) may release it"
-                )))
-            }
-            _ => Ok(self.remove(node, events)),
-        }
-    }
-
-    /// See `Op::Rekey`.
-    fn rekey(&mut self, node: &str, from: &[u8], to: Vec<u8>, changes: &mut Changes) -> bool {
-        let Some(l) = self.leases.get_mut(node) else {
-            return false;
-        };
-        if !from.is_empty() && l.holder_key != from {
-            return false;
-        }
-        if l.holder_key == to {
-            return true;
-        }
-        l.holder_key = to;
-        let renewed = Lease::from(&*l);
-        changes.renewed.retain(|r| r.node_name != node);
-        changes.renewed.push(renewed);
-        true
-    }
-
-    fn remove(&mut self, node: &str, events: &mut Vec<LeaseEvent>) -> bool {
-        let Some(lease) = self.leases.remove(node) else {
-            return false;
-        };
-        self.forget(&lease);
-        let mut wire = Lease::from(&lease);
-        wire.revision = self.next_revision();
-        events.push(LeaseEvent {
-            r#type: EventType::Delete as i32,
-            revision: wire.revision,
-            lease: Some(wire),
-        });
-        true
-    }
-
-    fn reserve(&mut self, node: &str, r: Reservation) -> Result<(), LeaseOpError> {
-        validate_node_name(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-        let parts = r.0;
-        if parts.is_empty() {
-            return Err(LeaseOpError::Invalid(
-                "no subnet to reserve: give an IPv4 subnet, an IPv6 subnet, or one of each".into(),
-            ));
-        }
-        let own = self.leases.get(node);
-        for (family, s) in parts.iter() {
-            let Some(f) = self.subnets.get(family) else {
-                return Err(LeaseOpError::Invalid(format!(
-                    "cannot reserve {s}: this network has no {}",
-                    missing(family)
-                )));
-            };
-            let held = own.and_then(|l| l.parts.get(family)).map(|p| p.subnet);
-            f.check_reserve(node, *s, held)?;
-        }
-        for (family, f) in self.subnets.iter_mut() {
-            match parts.get(family) {
-                Some(s) => f.reserve(node, *s),
-                None => {
-                    f.unreserve(node);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn unreserve(&mut self, node: &str) -> bool {
-        // Every family's reservation goes (no short circuit).
-        self.subnets
-            .iter_mut()
-            .fold(false, |done, (_, f)| f.unreserve(node).is_some() | done)
-    }
-
-    fn sweep(&mut self, now: i64, events: &mut Vec<LeaseEvent>) {
-        let expired: Vec<(String, String)> = self
-            .leases
+        let leases: usize = self.nets.values().map(|n| n.leases.len()).sum();
+        self.metrics.leases.set(leases as i64);
+        let free: i64 = self
+            .nets
             .values()
-            .filter(|l| l.expires_at_unix <= now)
-            .map(|l| {
-                let first = l.parts.first().map(|p| p.subnet.to_string());
-                (l.node.to_string(), first.unwrap_or_default())
-            })
-            .collect();
-        for (node, subnet) in expired {
-            info!(node = %node, subnet = %subnet, "lease expired");
-            self.remove(&node, events);
-        }
+            .map(|n| n.capacity())
+            .map(|(capacity, taken)| i64::from(capacity) - i64::from(taken))
+            .sum();
+        self.metrics.subnets_free.set(free);
     }
-}
-
-/// The node's subnet of one family: the one its live lease holds (`held`, when the
-/// family's index still names the node), else a new pick. The flag says whether it
-/// was picked now (and must be freed if the grant fails).
-fn grant(
-    f: &mut dyn FamilySubnets,
-    held: Option<IpNet>,
-    node: &str,
-    requested: Option<IpNet>,
-) -> Result<(IpNet, bool), Refusal> {
-    if let Some(s) = held.filter(|s| f.holder(*s) == Some(node)) {
-        if let Some(r) = requested.filter(|r| *r != s) {
-            info!(node = %node, subnet = %s, requested = %r, "node asked for another subnet; keeping the one it holds");
-        }
-        return Ok((s, false));
-    }
-    f.pick(node, requested).map(|s| (s, true))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use twill_common::model::{
     check_public_ip, parse_public_ip, parse_subnet, Family, Mac, NodeName, PerFamily,
 };
 use twill_common::netconf::BackendType;
+use twill_common::networks::NetworkName;
 use twill_common::NetConf;
 use twill_proto::AcquireRequest;
 
@@ -17,6 +18,8 @@ use super::LeaseOpError;
 /// What an agent asks for.
 #[derive(Debug, Clone)]
 pub struct AcquireParams {
+    /// The network of the lease.
+    pub network: NetworkName,
     /// The node (from its certificate).
     pub node: NodeName,
     /// One side per family of the network (exactly those).
@@ -44,10 +47,11 @@ fn invalid(m: impl ToString) -> LeaseOpError {
 }
 
 impl AcquireParams {
-    /// Validates `req` for node `node` of `conf`'s network; errors name the field.
-    /// The fields of a family the network does not have are ignored (an agent of the
-    /// previous version sends none).
+    /// Validates `req` for node `node` of network `network` (configured by `conf`);
+    /// errors name the field. The fields of a family the network does not have are
+    /// ignored (an agent of the previous version sends none).
     pub fn parse(
+        network: NetworkName,
         conf: &NetConf,
         node: NodeName,
         req: &AcquireRequest,
@@ -84,6 +88,7 @@ impl AcquireParams {
                 ))
             })?;
         Ok(AcquireParams {
+            network,
             node,
             parts,
             public_prefix_len,

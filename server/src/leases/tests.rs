@@ -4,8 +4,35 @@ use ipnet::Ipv4Net;
 use twill_common::model::NodeName;
 use twill_proto::AcquireRequest;
 
+use twill_common::networks::Network;
+use twill_common::NetConf;
+use twill_proto::lease_event::Type as EventType;
+
 use super::*;
+use crate::networks::ServedNetwork;
 use crate::store::{Layout, RecordKind, SledStore};
+
+/// `conf` served as the only network, `default`.
+fn served(conf: &NetConf) -> Served {
+    let network = Network::default_from(conf.clone());
+    [(
+        network.name.clone(),
+        ServedNetwork {
+            network,
+            retired: false,
+        },
+    )]
+    .into()
+}
+
+fn default() -> NetworkName {
+    NetworkName::default_network()
+}
+
+/// The key of `node`'s lease or reservation in the default network.
+fn key(node: &str) -> LeaseKey {
+    (default(), node.to_string())
+}
 
 struct Fixture {
     leases: Leases,
@@ -22,7 +49,7 @@ fn start(network: &str, ttl: Duration) -> Fixture {
     let store = Arc::new(SledStore::open(dir.path(), 100).unwrap());
     let hub = Arc::new(Hub::new(vec![], vec![], 0));
     let leases = Leases::start(
-        &conf,
+        &served(&conf),
         store,
         hub.clone(),
         BTreeMap::new(),
@@ -71,7 +98,7 @@ fn parse_params(
     f: AcquireRequest,
 ) -> Result<AcquireParams, LeaseOpError> {
     let node = NodeName::new(node).map_err(|e| LeaseOpError::Invalid(e.to_string()))?;
-    AcquireParams::parse(conf, node, &f)
+    AcquireParams::parse(default(), conf, node, &f)
 }
 
 fn params(node: &str, requested: &str) -> AcquireParams {
@@ -148,9 +175,9 @@ async fn exhaustion_release_and_reuse() {
     let e = f.leases.acquire(params("d", "")).await.unwrap_err();
     assert!(matches!(e, LeaseOpError::Exhausted(_)), "{e}");
     assert!(e.to_string().contains("out of subnets"));
-    assert!(f.leases.release("b", &[]).await.unwrap());
+    assert!(f.leases.release(&default(), "b", &[]).await.unwrap());
     assert!(
-        !f.leases.release("b", &[]).await.unwrap(),
+        !f.leases.release(&default(), "b", &[]).await.unwrap(),
         "releasing twice is no error"
     );
     f.leases.acquire(params("d", "")).await.unwrap();
@@ -160,7 +187,10 @@ async fn exhaustion_release_and_reuse() {
 async fn reservations_are_never_handed_to_others() {
     let f = start("10.1.0.0/26", Duration::from_secs(3600));
     let reserved: Ipv4Net = "10.1.0.32/28".parse().unwrap();
-    f.leases.reserve("x", reserved.into()).await.unwrap();
+    f.leases
+        .reserve(&default(), "x", reserved.into())
+        .await
+        .unwrap();
     let a = f.leases.acquire(params("a", "10.1.0.32/28")).await.unwrap();
     let b = f.leases.acquire(params("b", "")).await.unwrap();
     assert!(a.subnet != reserved.to_string() && b.subnet != reserved.to_string());
@@ -172,7 +202,7 @@ async fn reservations_are_never_handed_to_others() {
         f.leases.acquire(params("x", "")).await.unwrap().subnet,
         reserved.to_string()
     );
-    assert!(f.leases.release("x", &[]).await.unwrap());
+    assert!(f.leases.release(&default(), "x", &[]).await.unwrap());
     assert!(
         matches!(
             f.leases.acquire(params("c", "")).await.unwrap_err(),
@@ -182,7 +212,7 @@ async fn reservations_are_never_handed_to_others() {
     );
     let e = f
         .leases
-        .reserve("y", a.subnet.parse().unwrap())
+        .reserve(&default(), "y", a.subnet.parse().unwrap())
         .await
         .unwrap_err();
     assert!(
@@ -191,18 +221,20 @@ async fn reservations_are_never_handed_to_others() {
     );
     let e = f
         .leases
-        .reserve("y", "10.2.0.0/28".parse().unwrap())
+        .reserve(&default(), "y", "10.2.0.0/28".parse().unwrap())
         .await
         .unwrap_err();
     assert!(matches!(e, LeaseOpError::Invalid(_)), "{e}");
-    assert!(f.leases.unreserve("x").await.unwrap());
+    assert!(f.leases.unreserve(&default(), "x").await.unwrap());
     f.leases.acquire(params("c", "")).await.unwrap();
 }
 
 #[tokio::test]
 async fn expired_leases_are_swept_and_announced() {
     let f = start("10.244.0.0/16", Duration::from_secs(1));
-    let mut sub = f.hub.subscribe(0, "");
+    let mut sub = f
+        .hub
+        .subscribe(0, "", &crate::events::Networks::default_only());
     f.leases.acquire(params("a", "")).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -277,7 +309,7 @@ async fn ipv6_only_leases_and_reservations_hold_across_a_restart() {
     );
     assert_eq!(a.ipv6_subnet, "fd00:10:244:1::/64");
     let e = leases
-        .reserve("c", "10.244.1.0/24".parse().unwrap())
+        .reserve(&default(), "c", "10.244.1.0/24".parse().unwrap())
         .await
         .unwrap_err();
     assert!(
@@ -285,12 +317,12 @@ async fn ipv6_only_leases_and_reservations_hold_across_a_restart() {
         "{e}"
     );
     let e = leases
-        .reserve("c", "fd00:10:244:1::/64".parse().unwrap())
+        .reserve(&default(), "c", "fd00:10:244:1::/64".parse().unwrap())
         .await
         .unwrap_err();
     assert!(matches!(e, LeaseOpError::Conflict(_)), "a's subnet: {e}");
     leases
-        .reserve("b", "fd00:10:244:7::/64".parse().unwrap())
+        .reserve(&default(), "b", "fd00:10:244:7::/64".parse().unwrap())
         .await
         .unwrap();
     let c = leases
@@ -305,7 +337,7 @@ async fn ipv6_only_leases_and_reservations_hold_across_a_restart() {
 
     let (leases, hub) = start_on(&conf, store.clone()).await;
     assert_eq!(
-        hub.reservations()["b"].to_string(),
+        hub.reservations()[&key("b")].to_string(),
         "fd00:10:244:7::/64",
         "the IPv6 reservation was stored"
     );
@@ -316,8 +348,8 @@ async fn ipv6_only_leases_and_reservations_hold_across_a_restart() {
             "{node} keeps its subnet"
         );
     }
-    assert!(leases.unreserve("b").await.unwrap());
-    assert!(!hub.reservations().contains_key("b"));
+    assert!(leases.unreserve(&default(), "b").await.unwrap());
+    assert!(!hub.reservations().contains_key(&key("b")));
 }
 
 #[tokio::test]
@@ -327,7 +359,7 @@ async fn a_dual_stack_reservation_keeps_both_subnets() {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
     let (leases, hub) = start_on(&conf, store.clone()).await;
     let both: Reservation = "10.244.9.0/24,fd00:10:244:9::/64".parse().unwrap();
-    leases.reserve("r", both).await.unwrap();
+    leases.reserve(&default(), "r", both).await.unwrap();
     let other = leases
         .acquire(dual_params(&conf, "x", "fd00:10:244:9::/64"))
         .await
@@ -340,8 +372,8 @@ async fn a_dual_stack_reservation_keeps_both_subnets() {
     );
     drop(leases);
     let (_leases, hub2) = start_on(&conf, store).await;
-    assert_eq!(hub2.reservations()["r"], both, "stored as one record");
-    assert_eq!(hub.reservations()["r"], both);
+    assert_eq!(hub2.reservations()[&key("r")], both, "stored as one record");
+    assert_eq!(hub.reservations()[&key("r")], both);
 }
 
 #[tokio::test]
@@ -386,7 +418,7 @@ async fn dual_stack_leases_get_a_subnet_of_each_family_and_keep_both() {
         .await
         .unwrap();
     assert_ne!(c.ipv6_subnet, b.ipv6_subnet);
-    assert!(leases.release("b", &[]).await.unwrap());
+    assert!(leases.release(&default(), "b", &[]).await.unwrap());
     let d = leases
         .acquire(dual_params(&conf, "d", "fd00:10:244:9::/64"))
         .await
@@ -493,7 +525,7 @@ async fn start_on(conf: &NetConf, store: Arc<dyn Store>) -> (Leases, Arc<Hub>) {
     let snap = store.load().await.unwrap();
     let hub = Arc::new(Hub::new(snap.leases, snap.history, snap.revision).with_epoch(snap.epoch));
     let leases = Leases::start(
-        conf,
+        &served(conf),
         store,
         hub.clone(),
         snap.reservations,
@@ -537,7 +569,7 @@ async fn a_vtep_mac_held_by_another_node_is_refused_and_nothing_is_written() {
     assert_eq!((leases.len(), revision), (1, a.revision), "nothing written");
     // A node may keep its own MAC, and once a's lease is gone the MAC is free.
     f.leases.acquire(params("a", "")).await.unwrap();
-    assert!(f.leases.release("a", &[]).await.unwrap());
+    assert!(f.leases.release(&default(), "a", &[]).await.unwrap());
     f.leases.acquire(spoof).await.unwrap();
 }
 
@@ -590,14 +622,14 @@ async fn reservations_that_disagree_with_stored_leases_never_yield_a_shared_subn
     };
     // Written straight into the store: what no sequence of API calls makes, but a
     // narrowed range, a restored backup or another version can leave behind.
-    let reservations: BTreeMap<String, Reservation> = [
+    let reservations: BTreeMap<LeaseKey, Reservation> = [
         ("x", "10.1.0.32/28"),  // leased to a
         ("y", "10.1.0.0/28"),   // before SubnetMin
         ("z", "10.1.0.64/28"),  // fine
         ("zz", "10.1.0.64/28"), // the same subnet again
     ]
     .into_iter()
-    .map(|(n, s)| (n.to_string(), s.parse().unwrap()))
+    .map(|(n, s)| (key(n), s.parse().unwrap()))
     .collect();
     store
         .write(&Batch {
@@ -612,12 +644,12 @@ async fn reservations_that_disagree_with_stored_leases_never_yield_a_shared_subn
     let (leases, hub) = start_on(&conf, store.clone()).await;
     let stale = hub.stale_reservations();
     assert_eq!(
-        stale.keys().map(String::as_str).collect::<Vec<_>>(),
+        stale.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
         vec!["x", "y", "zz"],
         "{stale:?}"
     );
-    assert!(stale["x"].contains("leased to node a"), "{stale:?}");
-    assert!(stale["y"].contains("outside"), "{stale:?}");
+    assert!(stale[&key("x")].contains("leased to node a"), "{stale:?}");
+    assert!(stale[&key("y")].contains("outside"), "{stale:?}");
     let y = leases.acquire(params("y", "")).await.unwrap();
     assert_ne!(
         y.subnet, "10.1.0.0/28",
@@ -625,12 +657,12 @@ async fn reservations_that_disagree_with_stored_leases_never_yield_a_shared_subn
     );
     let x = leases.acquire(params("x", "")).await.unwrap();
     assert_ne!(x.subnet, "10.1.0.32/28", "held by a");
-    assert!(leases.release("x", &[]).await.unwrap());
+    assert!(leases.release(&default(), "x", &[]).await.unwrap());
     assert!(
-        leases.unreserve("x").await.unwrap(),
+        leases.unreserve(&default(), "x").await.unwrap(),
         "dropping a stale reservation"
     );
-    assert!(leases.release("a", &[]).await.unwrap());
+    assert!(leases.release(&default(), "a", &[]).await.unwrap());
     // .32 is free now: exactly one node may get it.
     let mut n = 0;
     loop {
@@ -732,7 +764,9 @@ async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_sto
     let store: Arc<dyn Store> = failing.clone();
     let (leases, hub) = start_on(&conf, store.clone()).await;
     let mut seen: BTreeMap<u64, LeaseEvent> = BTreeMap::new();
-    let mut feed = hub.subscribe(0, "").feed;
+    let mut feed = hub
+        .subscribe(0, "", &crate::events::Networks::default_only())
+        .feed;
     let mut record = |feed: &mut tokio::sync::broadcast::Receiver<_>| {
         while let Ok(m) = feed.try_recv() {
             let m: crate::events::WatchMessage = m;
@@ -796,7 +830,10 @@ async fn a_failed_store_write_never_reuses_a_revision_and_memory_matches_the_sto
 async fn an_unchanged_renewal_costs_no_revision_and_a_changed_one_does() {
     let f = start("10.244.0.0/16", Duration::from_secs(3600));
     let a = f.leases.acquire(params("a", "")).await.unwrap();
-    let mut feed = f.hub.subscribe(a.revision, "").feed;
+    let mut feed = f
+        .hub
+        .subscribe(a.revision, "", &crate::events::Networks::default_only())
+        .feed;
     let again = f.leases.acquire(params("a", "")).await.unwrap();
     assert_eq!(
         (again.subnet.as_str(), again.revision),
@@ -831,4 +868,200 @@ async fn a_store_that_cannot_be_read_back_stops_the_writer_visibly() {
     }
     let e = leases.acquire(params("b", "")).await.unwrap_err();
     assert!(matches!(e, LeaseOpError::Stopped), "{e}");
+}
+
+/// A second network, `blue`, beside `conf` as `default`.
+fn served_with_blue(conf: &NetConf) -> Served {
+    let mut all = served(conf);
+    let blue = Network::parse(
+        NetworkName::new("blue").unwrap(),
+        r#"{"Network": "10.10.0.0/16", "Backend": {"Type": "vxlan", "VNI": 2}}"#,
+        std::path::Path::new("blue.json"),
+    )
+    .unwrap();
+    all.insert(
+        blue.name.clone(),
+        ServedNetwork {
+            network: blue,
+            retired: false,
+        },
+    );
+    all
+}
+
+#[tokio::test]
+async fn a_store_written_before_several_networks_loads_as_the_default_network() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = conf_of("10.244.0.0/16", "vxlan");
+    let mac = mac_of("node-a");
+    let stored = Lease {
+        node_name: "node-a".into(),
+        subnet: "10.244.7.0/24".into(),
+        public_ip: "192.0.2.1".into(),
+        backend_type: "vxlan".into(),
+        vtep_mac: mac.clone(),
+        expires_at_unix: now_unix() + 3600,
+        revision: 41,
+        vni: 1,
+        ..Default::default()
+    };
+    {
+        // The keys and values exactly as the release before several networks wrote
+        // them (its Lease had no field 15, so an empty network encodes the same).
+        let db = sled::open(dir.path()).unwrap();
+        db.insert("meta/epoch", "00000000000000aa").unwrap();
+        db.insert("meta/revision", &41u64.to_be_bytes()).unwrap();
+        db.insert("meta/layout", "Network=10.244.0.0/16 SubnetLen=24")
+            .unwrap();
+        db.insert("lease/node-a", stored.encode_to_vec()).unwrap();
+        let event = LeaseEvent {
+            r#type: EventType::Put as i32,
+            lease: Some(stored.clone()),
+            revision: 41,
+        };
+        db.insert(
+            [&b"event/"[..], &41u64.to_be_bytes()].concat(),
+            event.encode_to_vec(),
+        )
+        .unwrap();
+        db.insert("reservation/node-r", "10.244.9.0/24").unwrap();
+        db.flush().unwrap();
+    }
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+    let snap = store.load().await.unwrap();
+    let hub = Arc::new(Hub::new(snap.leases, snap.history, snap.revision).with_epoch(snap.epoch));
+    let leases = Leases::start(
+        &served_with_blue(&conf),
+        store.clone(),
+        hub.clone(),
+        snap.reservations,
+        Duration::from_secs(3600),
+        Arc::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        hub.lease(&default(), "node-a").unwrap().subnet,
+        "10.244.7.0/24"
+    );
+    assert!(hub.reservations().contains_key(&key("node-r")));
+    let renewed = leases
+        .acquire(parse_params(&conf, "node-a", fields("", "192.0.2.1", &mac)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            renewed.subnet.as_str(),
+            renewed.revision,
+            renewed.network.as_str()
+        ),
+        ("10.244.7.0/24", 41, ""),
+        "the same lease, renewed unchanged"
+    );
+    let r = leases
+        .acquire(parse_params(&conf, "node-r", fields("", "192.0.2.9", &mac_of("node-r"))).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.subnet, "10.244.9.0/24", "the stored reservation honoured");
+    assert_eq!(r.revision, 42, "revisions go on from the stored one");
+    let blue_conf = served_with_blue(&conf)[&NetworkName::new("blue").unwrap()]
+        .network
+        .conf
+        .clone();
+    let mut p = parse_params(&blue_conf, "node-a", fields("", "192.0.2.1", &mac)).unwrap();
+    p.network = NetworkName::new("blue").unwrap();
+    let blue = leases.acquire(p).await.unwrap();
+    assert_eq!(
+        (
+            blue.subnet.as_str(),
+            blue.vni,
+            blue.network.as_str(),
+            blue.revision
+        ),
+        ("10.10.1.0/24", 2, "blue", 43)
+    );
+    // Written back: the default lease keeps its old key, blue's has its own.
+    drop(leases);
+    let again = store.load().await.unwrap();
+    let mut nets: Vec<(String, String)> = again
+        .leases
+        .iter()
+        .map(|l| (l.network.clone(), l.node_name.clone()))
+        .collect();
+    nets.sort();
+    assert_eq!(
+        nets,
+        [
+            ("".into(), "node-a".into()),
+            ("".into(), "node-r".into()),
+            ("blue".into(), "node-a".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn networks_are_separate_tables_with_one_revision_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 100).unwrap());
+    let conf = conf_of("10.244.0.0/16", "vxlan");
+    let hub = Arc::new(Hub::new(vec![], vec![], 0));
+    let all = served_with_blue(&conf);
+    let leases = Leases::start(
+        &all,
+        store,
+        hub.clone(),
+        BTreeMap::new(),
+        Duration::from_secs(3600),
+        Arc::default(),
+    )
+    .unwrap();
+    let blue = NetworkName::new("blue").unwrap();
+    let blue_conf = all[&blue].network.conf.clone();
+    let in_blue = |node: &str| {
+        let mut p = parse_params(&blue_conf, node, fields("", "192.0.2.1", &mac_of(node))).unwrap();
+        p.network = blue.clone();
+        p
+    };
+    let a = leases.acquire(params("a", "")).await.unwrap();
+    // The same node, the same MAC, in another network: each network has its devices.
+    let a_blue = leases.acquire(in_blue("a")).await.unwrap();
+    assert_eq!((a.revision, a_blue.revision), (1, 2));
+    assert!(a_blue.subnet.starts_with("10.10."));
+    // Reservations and revocations are per network.
+    leases
+        .reserve(&blue, "r", "10.10.5.0/24".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(!hub.reservations().contains_key(&key("r")));
+    let r = leases.acquire(in_blue("r")).await.unwrap();
+    assert_eq!(r.subnet, "10.10.5.0/24");
+    assert!(leases.revoke(&blue, "a", "ops").await.unwrap());
+    assert!(
+        hub.lease(&default(), "a").is_some(),
+        "default's lease stays"
+    );
+    assert!(hub.lease(&blue, "a").is_none());
+    let unknown = leases
+        .revoke(&NetworkName::new("green").unwrap(), "a", "ops")
+        .await
+        .unwrap();
+    assert!(!unknown);
+    let mut p = params("x", "");
+    p.network = NetworkName::new("green").unwrap();
+    let e = leases.acquire(p).await.unwrap_err();
+    assert!(matches!(e, LeaseOpError::UnknownNetwork(_)), "{e}");
+
+    // blue retires: no grant, no renewal; its leases stay until they run out.
+    let mut retired = all.clone();
+    retired.get_mut(&blue).unwrap().retired = true;
+    leases.configure(Arc::new(retired)).await;
+    let e = leases.acquire(in_blue("r")).await.unwrap_err();
+    assert!(matches!(e, LeaseOpError::Retired(_)), "{e}");
+    assert!(hub.lease(&blue, "r").is_some());
+    // Back again, as it was.
+    leases.configure(Arc::new(all.clone())).await;
+    assert_eq!(
+        leases.acquire(in_blue("r")).await.unwrap().subnet,
+        "10.10.5.0/24"
+    );
 }

@@ -156,7 +156,7 @@ async fn lead(
             .map_err(|e| StoreError::Revocations(Box::new(e)))?;
         r.leases
             .attach(
-                &r.conf,
+                &r.networks.current(),
                 r.store.clone(),
                 r.hub.clone(),
                 snap.reservations,

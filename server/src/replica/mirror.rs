@@ -61,7 +61,7 @@ enum Gap {
 async fn follow(
     r: &Replica,
     from: i64,
-    reservations: &mut BTreeMap<String, crate::store::Reservation>,
+    reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
 ) -> Result<std::convert::Infallible, Gap> {
     let key = r.store.etcd().range_start(Range::All);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -133,7 +133,7 @@ async fn follow(
 fn apply(
     r: &Replica,
     events: &[twill_proto::etcd::mvccpb::Event],
-    reservations: &mut BTreeMap<String, crate::store::Reservation>,
+    reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
 ) {
     let mut lease_events: Vec<LeaseEvent> = Vec::new();
     let mut renewed = Vec::new();
@@ -142,8 +142,8 @@ fn apply(
         let Some(kv) = &e.kv else { continue };
         let deleted = e.r#type == EtcdEvent::Delete as i32;
         if deleted {
-            if let Some(Key::Reservation(node)) = r.store.etcd().decode(&kv.key) {
-                reservations.remove(&node);
+            if let Some(Key::Reservation(network, node)) = r.store.etcd().decode(&kv.key) {
+                reservations.remove(&(network, node));
                 reservations_changed = true;
             }
             continue;
@@ -151,8 +151,8 @@ fn apply(
         match r.store.entry(kv) {
             Ok(Entry::Event(ev)) => lease_events.push(ev),
             Ok(Entry::Lease(l)) => renewed.push(l),
-            Ok(Entry::Reservation(node, subnet)) => {
-                reservations.insert(node, subnet);
+            Ok(Entry::Reservation(at, subnet)) => {
+                reservations.insert(at, subnet);
                 reservations_changed = true;
             }
             Ok(Entry::Record(kind, node)) => {
@@ -181,7 +181,7 @@ fn apply(
 /// stored event history.
 async fn reload(
     r: &Replica,
-    reservations: &mut BTreeMap<String, crate::store::Reservation>,
+    reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
 ) -> Result<(), StoreError> {
     let (snap, at) = r.store.load_at().await?;
     let (_, revision) = r.hub.leases();

@@ -25,9 +25,9 @@ use crate::events::Hub;
 use crate::identity::Identity as NodeIdentity;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
+use crate::networks::Registry;
 use crate::store::schema::Range;
 use crate::store::EtcdStore;
-use twill_common::NetConf;
 
 pub mod election;
 pub mod forward;
@@ -49,8 +49,8 @@ pub struct Replica {
     pub leases: Leases,
     /// Revocations seen in etcd are put in force here.
     pub identity: Arc<NodeIdentity>,
-    /// The network configuration.
-    pub conf: NetConf,
+    /// The networks served.
+    pub networks: Arc<Registry>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The certificate this replica presents to the leader when it forwards a write
@@ -88,7 +88,7 @@ impl Replica {
         hub: Arc<Hub>,
         leases: Leases,
         identity: Arc<NodeIdentity>,
-        conf: NetConf,
+        networks: Arc<Registry>,
         metrics: Arc<Metrics>,
         peer_tls: PeerTls,
         applied: i64,
@@ -99,7 +99,7 @@ impl Replica {
             hub,
             leases,
             identity,
-            conf,
+            networks,
             metrics,
             peer_tls,
             leader: RwLock::new(None),

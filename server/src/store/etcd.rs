@@ -308,8 +308,8 @@ pub enum Entry {
     Lease(Lease),
     /// An event of the log.
     Event(LeaseEvent),
-    /// A node's reservation.
-    Reservation(String, super::Reservation),
+    /// A node's reservation in a network.
+    Reservation(super::LeaseKey, super::Reservation),
     /// A record (`kind`, `id`).
     Record(RecordKind, String),
     /// `meta/revision`.
@@ -376,15 +376,16 @@ impl EtcdStore {
         let corrupt = |e: Malformed| StoreError::corrupt(&kv.key, e);
         let text = || String::from_utf8_lossy(&kv.value).into_owned();
         Ok(match self.etcd.decode(&kv.key) {
-            Some(Key::Lease(_)) => {
+            Some(Key::Lease(..)) => {
                 Entry::Lease(Lease::decode(kv.value.as_slice()).map_err(|e| corrupt(e.into()))?)
             }
             Some(Key::Event(_)) => Entry::Event(
                 LeaseEvent::decode(kv.value.as_slice()).map_err(|e| corrupt(e.into()))?,
             ),
-            Some(Key::Reservation(node)) => {
-                Entry::Reservation(node, text().parse().map_err(|e: String| corrupt(e.into()))?)
-            }
+            Some(Key::Reservation(network, node)) => Entry::Reservation(
+                (network, node),
+                text().parse().map_err(|e: String| corrupt(e.into()))?,
+            ),
             Some(Key::Record(kind, id)) => Entry::Record(kind, id),
             Some(Key::Revision) => Entry::Revision(
                 Dialect::Etcd
@@ -446,14 +447,17 @@ impl EtcdStore {
         let key = |k: Key| self.etcd.key(&k);
         let mut ops: Vec<RequestOp> = Vec::new();
         for l in &snap.leases {
-            ops.push(put(key(Key::Lease(l.node_name.clone())), l.encode_to_vec()));
+            ops.push(put(
+                key(Key::Lease(schema::network_of(l), l.node_name.clone())),
+                l.encode_to_vec(),
+            ));
         }
         for e in &snap.history {
             ops.push(put(key(Key::Event(e.revision)), e.encode_to_vec()));
         }
-        for (node, subnet) in &snap.reservations {
+        for ((network, node), subnet) in &snap.reservations {
             ops.push(put(
-                key(Key::Reservation(node.clone())),
+                key(Key::Reservation(network.clone(), node.clone())),
                 subnet.to_string().into_bytes(),
             ));
         }
@@ -522,7 +526,7 @@ impl Store for EtcdStore {
                 let (kvs, _) = self.etcd.range(Range::Reservations).await?;
                 kvs.iter()
                     .filter_map(|kv| match self.etcd.decode(&kv.key) {
-                        Some(Key::Reservation(node)) => Some(node),
+                        Some(Key::Reservation(network, node)) => Some((network, node)),
                         _ => None,
                     })
                     .collect()

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use ipnet::{IpNet, Ipv4Net};
 use twill_common::model::{Family, PerFamily};
+use twill_common::networks::NetworkName;
 use twill_proto::{Lease, LeaseEvent};
 
 pub mod etcd;
@@ -145,8 +146,8 @@ pub struct Snapshot {
     pub revision: u64,
     /// The most recent events, oldest first, for watchers resuming from a revision.
     pub history: Vec<LeaseEvent>,
-    /// Reserved subnets by node name.
-    pub reservations: BTreeMap<String, Reservation>,
+    /// Reserved subnets by network and node name.
+    pub reservations: BTreeMap<LeaseKey, Reservation>,
     /// The network layout the leases were allocated in,
     /// `None` for a new store.
     pub layout: Option<Layout>,
@@ -193,6 +194,10 @@ impl std::str::FromStr for Reservation {
     }
 }
 
+/// Where a lease or a reservation lives: its network and its node (a node holds at
+/// most one lease, and one reservation, per network).
+pub type LeaseKey = (NetworkName, String);
+
 /// One atomic write: what one batch of the lease writer changed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Batch<'a> {
@@ -203,7 +208,7 @@ pub struct Batch<'a> {
     /// no event and no new revision.
     pub renewed: &'a [Lease],
     /// The complete reservation set, when it changed.
-    pub reservations: Option<&'a BTreeMap<String, Reservation>>,
+    pub reservations: Option<&'a BTreeMap<LeaseKey, Reservation>>,
 }
 
 impl Batch<'_> {

@@ -15,10 +15,11 @@ use std::str::FromStr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use prost::Message;
+use twill_common::networks::NetworkName;
 use twill_common::{netconf::BackendType, NetConf};
 use twill_proto::lease_event::Type as EventType;
 
-use super::Batch;
+use super::{Batch, LeaseKey};
 
 const LEASE: &str = "lease/";
 const EVENT: &str = "event/";
@@ -94,12 +95,14 @@ impl RecordKind {
 /// One key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
-    /// `lease/<node>`: the node's `Lease` (protobuf).
-    Lease(String),
+    /// `lease/<node>` in the `default` network, `lease/<network>/<node>` in another:
+    /// the node's `Lease` (protobuf). Node names hold no '/', so both read back.
+    Lease(NetworkName, String),
     /// `event/<revision>`: a `LeaseEvent` (protobuf), the last `retention` of them.
     Event(u64),
-    /// `reservation/<node>`: the node's `Reservation` as text.
-    Reservation(String),
+    /// `reservation/<node>`, `reservation/<network>/<node>` (as leases): the node's
+    /// `Reservation` as text.
+    Reservation(NetworkName, String),
     /// `record/<kind>/<id>`: a record beside the leases.
     Record(RecordKind, String),
     /// `meta/revision`: the revision of the last applied batch.
@@ -124,8 +127,8 @@ impl Key {
                 Dialect::Sled => [EVENT.as_bytes(), &revision.to_be_bytes()].concat(),
                 Dialect::Etcd => format!("{EVENT}{revision:020}").into_bytes(),
             },
-            Key::Lease(node) => format!("{LEASE}{node}").into_bytes(),
-            Key::Reservation(node) => format!("{RESERVATION}{node}").into_bytes(),
+            Key::Lease(network, node) => in_network(LEASE, network, node),
+            Key::Reservation(network, node) => in_network(RESERVATION, network, node),
             Key::Record(kind, id) => format!("{RECORD}{}/{id}", kind.as_str()).into_bytes(),
             Key::Revision => REVISION.into(),
             Key::Layout => LAYOUT.into(),
@@ -146,11 +149,13 @@ impl Key {
             let digits = revision.len() == 20 && revision.bytes().all(|b| b.is_ascii_digit());
             return digits.then(|| revision.parse().ok().map(Key::Event))?;
         }
-        if let Some(node) = key.strip_prefix(LEASE) {
-            return Some(Key::Lease(node.into()));
+        if let Some(rest) = key.strip_prefix(LEASE) {
+            let (network, node) = network_and_node(rest)?;
+            return Some(Key::Lease(network, node));
         }
-        if let Some(node) = key.strip_prefix(RESERVATION) {
-            return Some(Key::Reservation(node.into()));
+        if let Some(rest) = key.strip_prefix(RESERVATION) {
+            let (network, node) = network_and_node(rest)?;
+            return Some(Key::Reservation(network, node));
         }
         if let Some(record) = key.strip_prefix(RECORD) {
             let (kind, id) = record.split_once('/')?;
@@ -171,6 +176,25 @@ impl Key {
             ELECTION => Some(Key::Election),
             _ => None,
         }
+    }
+}
+
+/// `<kind><node>` for the `default` network (the keys Twill wrote before several
+/// networks existed), `<kind><network>/<node>` for another.
+fn in_network(kind: &str, network: &NetworkName, node: &str) -> Vec<u8> {
+    if network.is_default() {
+        format!("{kind}{node}").into_bytes()
+    } else {
+        format!("{kind}{network}/{node}").into_bytes()
+    }
+}
+
+/// Reads what `in_network` wrote after the kind; `None` for a network name that is
+/// not one.
+fn network_and_node(rest: &str) -> Option<(NetworkName, String)> {
+    match rest.split_once('/') {
+        Some((network, node)) => Some((NetworkName::new(network).ok()?, node.into())),
+        None => Some((NetworkName::default_network(), rest.into())),
     }
 }
 
@@ -290,6 +314,12 @@ impl FromStr for Layout {
     }
 }
 
+/// The network a stored or sent lease names (empty, or one that is not a name: the
+/// `default` network, which is all a lease could name before several networks).
+pub fn network_of(lease: &twill_proto::Lease) -> NetworkName {
+    NetworkName::from_wire(&lease.network).unwrap_or_default()
+}
+
 /// One write of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -314,13 +344,13 @@ pub fn batch_steps(
     b: &Batch<'_>,
     retention: u64,
     dialect: Dialect,
-    stored: &BTreeSet<String>,
+    stored: &BTreeSet<LeaseKey>,
 ) -> Vec<Vec<Op>> {
     let mut steps = Vec::new();
     for event in b.events {
         let mut step = Vec::with_capacity(4);
         if let Some(lease) = &event.lease {
-            let key = Key::Lease(lease.node_name.clone());
+            let key = Key::Lease(network_of(lease), lease.node_name.clone());
             step.push(if event.r#type == EventType::Delete as i32 {
                 Op::Delete(key)
             } else {
@@ -340,22 +370,25 @@ pub fn batch_steps(
             e.revision > lease.revision
                 && e.lease
                     .as_ref()
-                    .is_some_and(|l| l.node_name == lease.node_name)
+                    .is_some_and(|l| l.node_name == lease.node_name && l.network == lease.network)
         });
         if !superseded {
             steps.push(vec![Op::Put(
-                Key::Lease(lease.node_name.clone()),
+                Key::Lease(network_of(lease), lease.node_name.clone()),
                 lease.encode_to_vec(),
             )]);
         }
     }
     if let Some(reservations) = b.reservations {
-        for node in stored.iter().filter(|n| !reservations.contains_key(*n)) {
-            steps.push(vec![Op::Delete(Key::Reservation(node.clone()))]);
+        for (network, node) in stored.iter().filter(|n| !reservations.contains_key(*n)) {
+            steps.push(vec![Op::Delete(Key::Reservation(
+                network.clone(),
+                node.clone(),
+            ))]);
         }
-        for (node, subnet) in reservations {
+        for ((network, node), subnet) in reservations {
             steps.push(vec![Op::Put(
-                Key::Reservation(node.clone()),
+                Key::Reservation(network.clone(), node.clone()),
                 subnet.to_string().into_bytes(),
             )]);
         }
@@ -370,11 +403,13 @@ mod tests {
 
     fn every_key() -> Vec<Key> {
         let mut keys = vec![
-            Key::Lease("node-a".into()),
+            Key::Lease(NetworkName::default_network(), "node-a".into()),
+            Key::Lease(NetworkName::new("blue").unwrap(), "node-a".into()),
+            Key::Reservation(NetworkName::new("blue").unwrap(), "node-b".into()),
             Key::Event(0),
             Key::Event(7),
             Key::Event(u64::MAX),
-            Key::Reservation("node-b".into()),
+            Key::Reservation(NetworkName::default_network(), "node-b".into()),
             Key::Revision,
             Key::Layout,
             Key::Epoch,
@@ -405,9 +440,19 @@ mod tests {
     #[test]
     fn keys_are_the_bytes_twill_has_always_written() {
         let etcd = |k: Key| String::from_utf8(k.encode(Dialect::Etcd)).unwrap();
-        assert_eq!(etcd(Key::Lease("n1".into())), "lease/n1");
+        let default = NetworkName::default_network;
+        let blue = || NetworkName::new("blue").unwrap();
+        assert_eq!(etcd(Key::Lease(default(), "n1".into())), "lease/n1");
+        assert_eq!(etcd(Key::Lease(blue(), "n1".into())), "lease/blue/n1");
+        assert_eq!(
+            etcd(Key::Reservation(blue(), "n1".into())),
+            "reservation/blue/n1"
+        );
         assert_eq!(etcd(Key::Event(42)), "event/00000000000000000042");
-        assert_eq!(etcd(Key::Reservation("n1".into())), "reservation/n1");
+        assert_eq!(
+            etcd(Key::Reservation(default(), "n1".into())),
+            "reservation/n1"
+        );
         assert_eq!(
             etcd(Key::Record(RecordKind::Token, "t".into())),
             "record/token/t"
@@ -450,6 +495,7 @@ mod tests {
             b"replicas/xyz",
             b"meta/other",
             b"lease/\xff",
+            b"lease/Not_A_Network/n1",
         ] {
             assert_eq!(Key::decode(Dialect::Etcd, key), None, "{key:?}");
         }
@@ -496,13 +542,18 @@ mod tests {
         ];
         // `b` renewed before its deletion, `a` after its put, `c` alone.
         let renewed = [lease("b", 2), lease("a", 5), lease("c", 3)];
-        let reservations = [("d".to_string(), "10.244.9.0/24".parse().unwrap())].into();
+        let default = NetworkName::default_network;
+        let reservations = [(
+            (default(), "d".to_string()),
+            "10.244.9.0/24".parse().unwrap(),
+        )]
+        .into();
         let b = Batch {
             events: &events,
             renewed: &renewed,
             reservations: Some(&reservations),
         };
-        let stored = ["d".to_string(), "e".to_string()].into();
+        let stored = [(default(), "d".to_string()), (default(), "e".to_string())].into();
         let steps = batch_steps(&b, 2, Dialect::Etcd, &stored);
         let keys: Vec<Vec<(bool, Key)>> = steps
             .iter()
@@ -515,7 +566,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let lease_key = |n: &str| Key::Lease(n.into());
+        let lease_key = |n: &str| Key::Lease(default(), n.into());
         assert_eq!(
             keys,
             vec![
@@ -533,8 +584,8 @@ mod tests {
                 ],
                 vec![(true, lease_key("a"))],
                 vec![(true, lease_key("c"))],
-                vec![(false, Key::Reservation("e".into()))],
-                vec![(true, Key::Reservation("d".into()))],
+                vec![(false, Key::Reservation(default(), "e".into()))],
+                vec![(true, Key::Reservation(default(), "d".into()))],
             ]
         );
         assert_eq!(steps[1][3], Op::Put(Key::Revision, b"6".to_vec()));

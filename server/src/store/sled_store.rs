@@ -9,7 +9,7 @@ use prost::Message;
 use twill_proto::{Lease, LeaseEvent};
 
 use super::schema::{self, Dialect, Key, Layout, Op, Range, RecordKind};
-use super::{Batch, Snapshot, Store, StoreError};
+use super::{Batch, LeaseKey, Snapshot, Store, StoreError};
 
 /// Leases in a sled database under the controller's data directory.
 pub struct SledStore {
@@ -66,13 +66,13 @@ impl SledStore {
             .collect()
     }
 
-    /// The nodes whose reservations are stored.
-    fn stored_reservations(&self) -> Result<BTreeSet<String>, StoreError> {
+    /// The nodes whose reservations are stored, by network.
+    fn stored_reservations(&self) -> Result<BTreeSet<LeaseKey>, StoreError> {
         let mut nodes = BTreeSet::new();
         for item in self.db.scan_prefix(Range::Reservations.prefix()).keys() {
             let k = item.map_err(backend("reading reservations"))?;
             match Key::decode(Dialect::Sled, &k) {
-                Some(Key::Reservation(node)) => nodes.insert(node),
+                Some(Key::Reservation(network, node)) => nodes.insert((network, node)),
                 _ => return Err(StoreError::corrupt(&k, "not valid UTF-8".to_string())),
             };
         }
@@ -97,13 +97,13 @@ impl Store for SledStore {
         }
         for item in self.db.scan_prefix(Range::Reservations.prefix()) {
             let (k, value) = item.map_err(backend("reading reservations"))?;
-            let Some(Key::Reservation(node)) = Key::decode(Dialect::Sled, &k) else {
+            let Some(Key::Reservation(network, node)) = Key::decode(Dialect::Sled, &k) else {
                 return Err(StoreError::corrupt(&k, "not valid UTF-8".to_string()));
             };
             let subnet = String::from_utf8_lossy(&value)
                 .parse()
                 .map_err(|e: String| StoreError::corrupt(&k, e))?;
-            snap.reservations.insert(node, subnet);
+            snap.reservations.insert((network, node), subnet);
         }
         let revision = key(&Key::Revision);
         if let Some(v) = self
@@ -266,7 +266,13 @@ mod tests {
             renewed.expires_at_unix = 42;
             s.write(&Batch {
                 renewed: &[renewed],
-                reservations: Some(&[("c".to_string(), "10.244.9.0/24".parse().unwrap())].into()),
+                reservations: Some(
+                    &[(
+                        (Default::default(), "c".to_string()),
+                        "10.244.9.0/24".parse().unwrap(),
+                    )]
+                    .into(),
+                ),
                 ..Batch::default()
             })
             .await

@@ -74,6 +74,8 @@ pub struct Controller {
     pub metrics: SocketAddr,
     pub data_dir: PathBuf,
     pub net_conf: PathBuf,
+    /// Its `--networks-dir` (empty unless a test writes network files there).
+    pub networks_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
 }
@@ -83,6 +85,9 @@ impl Controller {
     pub fn start(pki: &Pki, data_dir: &Path, net_conf: &str, extra: &[&str]) -> Self {
         let net_conf_path = data_dir.with_extension("net-conf.json");
         std::fs::write(&net_conf_path, net_conf).unwrap();
+        // The test's own, never the host's /etc/twill/networks.
+        let networks_dir = data_dir.with_extension("networks");
+        std::fs::create_dir_all(&networks_dir).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args: Vec<String> = vec![
@@ -100,6 +105,8 @@ impl Controller {
             pki.path("controller.key").display().to_string(),
             "--tls-client-ca".into(),
             pki.path("ca.crt").display().to_string(),
+            "--networks-dir".into(),
+            networks_dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = data_dir.with_extension("log");
@@ -109,6 +116,7 @@ impl Controller {
             metrics,
             data_dir: data_dir.to_path_buf(),
             net_conf: net_conf_path,
+            networks_dir,
             log,
             args,
         };
