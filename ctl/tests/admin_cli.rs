@@ -839,6 +839,7 @@ fn networks_and_the_network_flag() {
     let blue = r#"{"Network": "10.20.0.0/16", "Backend": {"Type": "vxlan", "VNI": 2}, "Nodes": ["node-a", "gpu-*"]}"#;
     let ctl = Controller::with_networks(&pki, NET_CONF, &[("blue", blue)]);
     acquire_as(&ctl, &pki, "node-a", "192.168.50.10");
+    acquire_as(&ctl, &pki, "node-c", "192.168.50.12");
     let in_blue = runtime()
         .block_on(try_acquire_in(
             &ctl,
@@ -890,7 +891,10 @@ fn networks_and_the_network_flag() {
         &pki,
         &["status", "--network", "blue", "-o", "json"],
     ));
-    assert_eq!(status["subnets_used"], 1, "{status}");
+    assert_eq!(
+        status["subnets_used"], 1,
+        "blue's, not default's two: {status}"
+    );
 
     // Reservations and revocations act on the network named, and only there.
     admin(
@@ -906,8 +910,8 @@ fn networks_and_the_network_flag() {
     );
     assert_eq!(
         rows(&admin(&ctl, &pki, &["leases"])).len(),
-        1,
-        "default's lease stays"
+        2,
+        "default's leases stay"
     );
 
     let err = failed(

@@ -446,3 +446,92 @@ async fn leases_of_every_network_survive_a_restart() {
     );
     assert_eq!(blue_again.revision, blue.revision, "an unchanged renewal");
 }
+
+/// A store written by the release before several networks (commit db59b25's
+/// controller, `--lease-ttl 87600h`, network 10.128.0.0/12): node-a holds
+/// 10.128.1.0/24 (revision 1), node-b 10.128.2.0/24 (revision 2), node-r has
+/// 10.128.9.0/24 reserved. Its two files are sled's, copied as that controller left
+/// them after SIGTERM.
+const STORE_BEFORE_NETWORKS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/store-before-networks"
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_the_release_before_networks_serves_as_default() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["conf", "db"] {
+        std::fs::copy(Path::new(STORE_BEFORE_NETWORKS).join(f), data.join(f)).unwrap();
+    }
+    let networks = data.with_extension("networks");
+    std::fs::create_dir_all(&networks).unwrap();
+    write(&networks, "blue.json", BLUE);
+    let net_conf = r#"{"Network": "10.128.0.0/12", "Backend": {"Type": "vxlan"}}"#;
+    let mut ctl = Controller::start(&pki, &data, net_conf, &[]);
+    let mut admin = ctl.admin(&pki).await;
+    let leases = admin
+        .list_leases(ListLeasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let held: Vec<(&str, &str, u64)> = leases
+        .leases
+        .iter()
+        .map(|l| (l.node_name.as_str(), l.subnet.as_str(), l.revision))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("node-a", "10.128.1.0/24", 1),
+            ("node-b", "10.128.2.0/24", 2)
+        ],
+        "the leases, in the default network"
+    );
+    let reserved = admin
+        .list_reservations(twill_proto::ListReservationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .reservations;
+    assert_eq!(
+        (reserved[0].node_name.as_str(), reserved[0].subnet.as_str()),
+        ("node-r", "10.128.9.0/24")
+    );
+    // node-a renews unchanged (another certificate of the node may), then joins blue:
+    // the revisions go on from the stored one.
+    let a = pki.node("node-a");
+    let again = ctl.grant(&pki, &a, in_network("node-a", "")).await;
+    assert_eq!(
+        (again.subnet.as_str(), again.revision),
+        ("10.128.1.0/24", 1)
+    );
+    let blue = ctl.grant(&pki, &a, in_network("node-a", "blue")).await;
+    assert_eq!((blue.network.as_str(), blue.revision), ("blue", 3));
+    let r = ctl
+        .grant(&pki, &pki.node("node-r"), in_network("node-r", ""))
+        .await;
+    assert_eq!(r.subnet, "10.128.9.0/24", "the stored reservation honoured");
+    // Everything is written back and read again.
+    ctl.restart();
+    let count = |network: &str| ListLeasesRequest {
+        network: network.into(),
+        ..Default::default()
+    };
+    let mut admin = ctl.admin(&pki).await;
+    let default_leases = admin
+        .list_leases(count(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    let blue_leases = admin
+        .list_leases(count("blue"))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!((default_leases.len(), blue_leases.len()), (3, 1));
+}

@@ -31,7 +31,7 @@ use super::watch;
 use crate::events::Networks;
 use crate::leases::Leases;
 use crate::networks::Registry;
-use crate::store::{Reservation as StoredReservation, Store};
+use crate::store::{LeaseKey, Reservation as StoredReservation, Store};
 
 /// The admin service.
 pub struct AdminApi {
@@ -162,6 +162,14 @@ fn pool_fields<N: PoolNet>(p: Option<&Pool<N>>) -> (String, u32, String, String)
             p.subnet_max.to_string(),
         )
     })
+}
+
+/// The entries of `network` in a map of every network's, by node name.
+fn of_network<V>(all: BTreeMap<LeaseKey, V>, network: &NetworkName) -> BTreeMap<String, V> {
+    all.into_iter()
+        .filter(|((n, _), _)| n == network)
+        .map(|((_, node), v)| (node, v))
+        .collect()
 }
 
 /// Whether `l` holds the subnets `r` reserves.
@@ -406,24 +414,9 @@ impl AdminService for AdminApi {
         // The counts are of one network (`twillctl networks` has every one's).
         let network = network_field("network", &req.get_ref().network)?;
         let conf = self.conf(&network)?;
-        let (all, revision) = self.watch.hub.leases();
-        let leases: Vec<Lease> = all.into_iter().filter(|l| l.network.is_empty()).collect();
-        let reservations: BTreeMap<String, StoredReservation> = self
-            .watch
-            .hub
-            .reservations()
-            .into_iter()
-            .filter(|((n, _), _)| *n == network)
-            .map(|((_, node), r)| (node, r))
-            .collect();
-        let stale: BTreeMap<String, String> = self
-            .watch
-            .hub
-            .stale_reservations()
-            .into_iter()
-            .filter(|((n, _), _)| *n == network)
-            .map(|((_, node), why)| (node, why))
-            .collect();
+        let (leases, _, revision) = self.watch.hub.page(&network, "", 0, |_| true);
+        let reservations = of_network(self.watch.hub.reservations(), &network);
+        let stale = of_network(self.watch.hub.stale_reservations(), &network);
         // The counts are of the first family's pool: IPv4, or IPv6 on an IPv6-only
         // network (on a dual-stack one every lease holds a subnet of each).
         let total = match (&conf.ipv4, &conf.ipv6) {
