@@ -163,6 +163,7 @@ pub async fn run(args: Args) -> Result<()> {
         stats,
         kernel,
         networks: BTreeMap::new(),
+        shut_out: BTreeSet::new(),
     };
     agent.main_loop(&mut shutdown).await
 }
@@ -298,6 +299,9 @@ struct Agent {
     kernel: Kernel,
     /// Each joined network's lease keeping, by name.
     networks: BTreeMap<NetworkName, Membership>,
+    /// Listed networks that stopped admitting this node after it joined them: not
+    /// joined again until the agent restarts (when a refusal ends it, naming them).
+    shut_out: BTreeSet<NetworkName>,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -662,7 +666,7 @@ impl Agent {
             Wanted::Every => Vec::new(),
             Wanted::Listed(names) => names
                 .iter()
-                .filter(|n| !self.networks.contains_key(*n))
+                .filter(|n| !self.networks.contains_key(*n) && !self.shut_out.contains(*n))
                 .cloned()
                 .collect(),
         }
@@ -823,6 +827,23 @@ impl Agent {
                 if no_answer(&s) {
                     self.stats.no_contact(now_unix());
                     self.fail_over();
+                }
+                // A network the node is in that stops admitting it (its "Nodes" changed)
+                // or is no longer served: left once its lease ends, as with `*`. Ending
+                // the agent here would stop the renewals of every other network, the
+                // default one's too, and take the whole node off the overlay.
+                let joined = !network.is_default()
+                    && self
+                        .networks
+                        .get(network)
+                        .is_some_and(|m| m.lease.is_some());
+                if joined && matches!(s.code(), Code::PermissionDenied | Code::NotFound) {
+                    error!(network = %network, node = %self.node, code = %s.code(), error = %s.message(), "the controller no longer lets this node renew its lease in the network; leaving the network when the lease ends");
+                    if let Some(m) = self.networks.get_mut(network) {
+                        m.leaving = true;
+                    }
+                    self.shut_out.insert(network.clone());
+                    return Ok(());
                 }
                 if self.wanted.fatal(network, &s) {
                     // A network that never let the node in leaves no device behind.

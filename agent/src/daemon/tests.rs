@@ -498,6 +498,7 @@ async fn node_a_with(
         stats,
         kernel,
         networks: BTreeMap::new(),
+        shut_out: Default::default(),
     };
     (agent, memory)
 }
@@ -945,6 +946,70 @@ async fn a_listed_network_that_is_unknown_or_refuses_the_node_ends_the_loop_nami
             "{flags}: no device for red"
         );
     }
+}
+
+#[tokio::test]
+async fn a_listed_network_that_stops_admitting_the_node_is_left_and_the_others_go_on() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let fake = FakeController::default();
+    fake.script
+        .lock()
+        .networks
+        .insert("blue".into(), served("10.10", 2));
+    let flags = ["--networks", "default,blue", "--renew-margin", "59s"];
+    let (agent, memory) = node_a_with(&fake, dir.path(), &flags).await;
+    let (stop, task) = run_loop(agent);
+    let blue_env = dir.path().join("networks/blue.env");
+    until("blue joined and watched", || {
+        memory.device("flannel.2").is_some()
+            && blue_env.exists()
+            && !fake.seen.lock().watches.is_empty()
+    })
+    .await;
+    let asked = |network: &str| {
+        let seen = fake.seen.lock();
+        seen.acquires
+            .iter()
+            .filter(|a| a.network == network)
+            .count()
+    };
+
+    // blue's "Nodes" change: node-a is refused from its next renewal on.
+    fake.script
+        .lock()
+        .networks
+        .get_mut("blue")
+        .expect("blue")
+        .admits = false;
+    let before = asked("blue");
+    until("blue's renewal refused", || asked("blue") > before).await;
+    let refused = asked("blue");
+    let defaults = asked("");
+    until("default renewed after it", || asked("") > defaults + 1).await;
+    assert!(!task.is_finished(), "the agent goes on");
+    assert_eq!(asked("blue"), refused, "blue is not asked again");
+    assert!(
+        memory.device("flannel.2").is_some(),
+        "kept while its lease lasts"
+    );
+
+    // The lease ends: blue is left, default stays.
+    fake.send(message(
+        false,
+        8,
+        vec![(
+            EventType::Delete,
+            lease_in("blue", "10.10", 2, "node-a", 1, 8),
+        )],
+    ));
+    until("blue left", || {
+        memory.device("flannel.2").is_none() && !blue_env.exists()
+    })
+    .await;
+    assert!(memory.device("flannel.1").is_some());
+    assert!(dir.path().join("subnet.env").exists());
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
 }
 
 #[tokio::test]
