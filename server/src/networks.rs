@@ -153,6 +153,14 @@ fn served_eq(a: &Served, b: &Served) -> bool {
         })
 }
 
+/// What may not change under a network's leases: where its subnets come from (the
+/// store's layout) and what its devices are (VNI and port: nodes on the old and the
+/// new one could not reach each other).
+fn pinned(n: &Network) -> (Layout, u32, u16) {
+    let b = &n.conf.backend;
+    (Layout::from(&n.conf), b.vni, b.port)
+}
+
 /// What to serve after a reading of the directory (`scan`), given what is served
 /// (`previous`) and how many leases each network holds (`leases`); and the files
 /// refused, with why. Networks served before are decided first, so a new file can
@@ -203,14 +211,13 @@ pub fn merge(
             continue;
         };
         let before = previous.get(&name);
-        let moved = before.is_some_and(|b| {
-            Layout::from(&b.network.conf) != Layout::from(&candidate.conf) && held(&name) > 0
-        });
+        let moved =
+            before.is_some_and(|b| pinned(&b.network) != pinned(&candidate) && held(&name) > 0);
         let verdict = if moved {
             Err(format!(
-                "network {name}: its Network, SubnetLen, IPv6 keys or Backend.Type changed while \
-                 {} node(s) hold leases in it; put the previous values back, or move the file \
-                 away, let the leases run out and add it again",
+                "network {name}: its Network, SubnetLen, IPv6 keys, Backend.Type, VNI or Port \
+                 changed while {} node(s) hold leases in it; put the previous values back, or \
+                 move the file away, let the leases run out and add it again",
                 held(&name)
             ))
         } else {
@@ -363,6 +370,12 @@ mod tests {
             "{}",
             refused[0].1
         );
+        let new_vni = net(
+            "blue",
+            r#"{"Network":"10.10.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#,
+        );
+        let (_, refused) = merge(&served, &default(), scan(vec![new_vni]), &leases);
+        assert_eq!(refused.len(), 1, "a VNI under leases is pinned too");
         assert_eq!(kept[&name("blue")].network.conf.raw, blue().conf.raw);
         let (moved_free, refused) = merge(&served, &default(), scan(vec![moved]), &BTreeMap::new());
         assert!(refused.is_empty(), "no leases: the network may move");

@@ -369,7 +369,7 @@ async fn the_directory_is_followed_and_bad_files_leave_the_networks_in_force() {
         "network overlap (10.10.128.0/17) overlaps network blue (10.10.0.0/16)",
         "network samevni uses VXLAN VNI 2, as network blue does",
         "broken.json",
-        "its Network, SubnetLen, IPv6 keys or Backend.Type changed while 1 node(s) hold leases",
+        "its Network, SubnetLen, IPv6 keys, Backend.Type, VNI or Port changed while 1 node(s) hold leases",
     ];
     while !wanted.iter().all(|w| ctl.log_text().contains(w)) {
         assert!(
