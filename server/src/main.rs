@@ -430,6 +430,7 @@ async fn serve(config: Config) -> Result<()> {
         Network::default_from(config.conf.clone()),
         Some(config.networks_dir.clone()),
         &hub,
+        metrics.clone(),
     ));
     let agents = Arc::new(Agents::default());
     let identity = Arc::new(

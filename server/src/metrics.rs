@@ -49,6 +49,17 @@ pub struct Metrics {
     pub etcd_request_seconds: Histogram,
     /// Writes this replica forwarded to the leader.
     pub forwarded_writes: Counter,
+    /// Leases held in each network.
+    network_leases: Family<NetworkLabels, Gauge>,
+    /// Subnets of each network's first family neither leased nor reserved.
+    network_subnets_free: Family<NetworkLabels, Gauge>,
+    /// Files of `--networks-dir` refused at the last reading.
+    pub network_files_refused: Gauge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NetworkLabels {
+    network: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -78,6 +89,9 @@ impl Default for Metrics {
             leader_changes: Counter::default(),
             etcd_request_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             forwarded_writes: Counter::default(),
+            network_leases: Family::default(),
+            network_subnets_free: Family::default(),
+            network_files_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
@@ -162,6 +176,21 @@ impl Default for Metrics {
             "Writes this replica forwarded to the leader (etcd store)",
             m.forwarded_writes.clone(),
         );
+        registry.register(
+            "network_leases",
+            "Leases held in each network",
+            m.network_leases.clone(),
+        );
+        registry.register(
+            "network_subnets_free",
+            "Subnets of each network (its first family) neither leased nor reserved",
+            m.network_subnets_free.clone(),
+        );
+        registry.register(
+            "network_files_refused",
+            "Files of --networks-dir refused at the last reading (the log says why)",
+            m.network_files_refused.clone(),
+        );
         for reason in Refusal::ALL {
             // Creating the series is the point; the guard it returns is not needed.
             drop(m.certs_refused.get_or_create(&RefusalLabels { reason }));
@@ -176,6 +205,24 @@ impl Metrics {
         self.certs_refused
             .get_or_create(&RefusalLabels { reason })
             .inc();
+    }
+
+    /// Sets `network`'s lease and free-subnet gauges.
+    pub fn set_network(&self, network: &str, leases: i64, free: i64) {
+        let labels = NetworkLabels {
+            network: network.to_string(),
+        };
+        self.network_leases.get_or_create(&labels).set(leases);
+        self.network_subnets_free.get_or_create(&labels).set(free);
+    }
+
+    /// Drops the gauges of a network no longer served.
+    pub fn forget_network(&self, network: &str) {
+        let labels = NetworkLabels {
+            network: network.to_string(),
+        };
+        self.network_leases.remove(&labels);
+        self.network_subnets_free.remove(&labels);
     }
 
     /// The Prometheus text exposition.

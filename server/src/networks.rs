@@ -18,6 +18,7 @@ use twill_common::networks::{check_against, scan_dir, DirScan, Network, NetworkN
 
 use crate::events::Hub;
 use crate::leases::Leases;
+use crate::metrics::Metrics;
 use crate::store::schema::Layout;
 
 /// How often `--networks-dir` is read again (as the TLS files are).
@@ -42,17 +43,19 @@ pub struct Registry {
     dir: Option<PathBuf>,
     current: RwLock<Arc<Served>>,
     refused: RwLock<Vec<(String, String)>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
     /// The networks of `default` and `dir` (none when `dir` is `None`); files refused
     /// at start are logged and left out, as on every later reading.
-    pub fn load(default: Network, dir: Option<PathBuf>, hub: &Hub) -> Self {
+    pub fn load(default: Network, dir: Option<PathBuf>, hub: &Hub, metrics: Arc<Metrics>) -> Self {
         let registry = Registry {
             current: RwLock::new(Arc::new(Served::new())),
             refused: RwLock::new(Vec::new()),
             default,
             dir,
+            metrics,
         };
         registry.rescan(hub);
         registry
@@ -97,6 +100,7 @@ impl Registry {
             for (name, why) in refused.iter().filter(|r| !known.contains(r)) {
                 error!(network = %name, error = %why, "network file refused; the network's version in force (if any) is kept");
             }
+            self.metrics.network_files_refused.set(refused.len() as i64);
             *known = refused;
         }
         if served_eq(&previous, &served) {

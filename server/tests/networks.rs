@@ -382,6 +382,20 @@ async fn the_directory_is_followed_and_bad_files_leave_the_networks_in_force() {
     let listed = networks(&ctl, &pki).await;
     let names: Vec<&str> = listed.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["blue", "default", "green", "red"]);
+    let metrics = twill_tests::kit::http_get(ctl.metrics, "/metrics")
+        .unwrap()
+        .body;
+    for line in [
+        "twill_network_files_refused 4",
+        "twill_network_leases{network=\"blue\"} 1",
+        "twill_network_leases{network=\"green\"} 1",
+        "twill_network_leases{network=\"default\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
     assert_eq!(listed[0].ipv4_network, "10.10.0.0/16", "blue as it was");
     let again = ctl.grant(&pki, &a, in_network("node-a", "blue")).await;
     assert!(
@@ -426,6 +440,15 @@ async fn the_directory_is_followed_and_bad_files_leave_the_networks_in_force() {
         n.iter().all(|n| n.name != "green")
     })
     .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while twill_tests::kit::http_get(ctl.metrics, "/metrics")
+        .unwrap()
+        .body
+        .contains("network=\"green\"")
+    {
+        assert!(Instant::now() < deadline, "green's gauges outlive it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -842,6 +842,7 @@ impl Writer {
             })
             .collect();
         for name in gone {
+            self.metrics.forget_network(&name);
             if let Some(net) = self.nets.remove(&name) {
                 for (node, r) in net.reservations() {
                     self.orphans.insert((name.clone(), node), r);
@@ -888,16 +889,18 @@ impl Writer {
         self.hub.set_reservations(self.reservations(), stale);
     }
 
-    /// The gauges, summed over the networks.
+    /// The gauges: each network's, and their sums.
     fn update_gauges(&self) {
-        let leases: usize = self.nets.values().map(|n| n.leases.len()).sum();
-        self.metrics.leases.set(leases as i64);
-        let free: i64 = self
-            .nets
-            .values()
-            .map(|n| n.capacity())
-            .map(|(capacity, taken)| i64::from(capacity) - i64::from(taken))
-            .sum();
+        let (mut leases, mut free) = (0, 0);
+        for (name, net) in &self.nets {
+            let (capacity, taken) = net.capacity();
+            let net_free = i64::from(capacity) - i64::from(taken);
+            self.metrics
+                .set_network(name, net.leases.len() as i64, net_free);
+            leases += net.leases.len() as i64;
+            free += net_free;
+        }
+        self.metrics.leases.set(leases);
         self.metrics.subnets_free.set(free);
     }
 }
