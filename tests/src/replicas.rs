@@ -476,6 +476,19 @@ pub fn etcd_args(etcd: &EtcdCluster, prefix: &str) -> Vec<String> {
     ]
 }
 
+/// A lazily connecting mutual-TLS channel to `url` with `pem`'s certificate (made
+/// inside a tokio runtime; it connects at its first call).
+pub fn channel(url: &str, ca: &str, pem: &Pem) -> Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(&pem.cert, &pem.key));
+    Ok(Endpoint::from_shared(url.to_string())?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
 /// A controller on `etcd` under `prefix`, not started: the addresses `addrs`, advertised
 /// at its gRPC address, the net-conf `dir/net-conf.json`, its data dir
 /// `dir/<name>.data` and its log `dir/<name>.log`.

@@ -13,11 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, Lease, ListLeasesRequest, WatchRequest};
-use twill_tests::replicas::{replica_bins, run_kept, Pem, Pki, ReplicaSet, HA_NET_CONF};
+use twill_tests::replicas::{channel, replica_bins, run_kept, Pem, Pki, ReplicaSet, HA_NET_CONF};
 use twill_tests::{wait_until, Bins, Check, EtcdCluster};
 
 const BLUE: &str = r#"{"Network":"10.10.0.0/16","Backend":{"Type":"vxlan","VNI":2}}"#;
@@ -30,16 +30,6 @@ fn every_replica_serves_every_network() {
         return;
     };
     run_kept("twill-etcd-networks", |dir| scenario(&bins, dir));
-}
-
-fn channel(url: &str, ca: &str, pem: &Pem) -> Result<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(&pem.cert, &pem.key));
-    Ok(Endpoint::from_shared(url.to_string())?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy())
 }
 
 fn blue_request(node: &str, mac: &str) -> AcquireRequest {

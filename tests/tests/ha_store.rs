@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ipnet::Ipv4Net;
 use prost::Message;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::Code;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
@@ -51,8 +51,8 @@ use twill_proto::{
     WatchRequest,
 };
 use twill_tests::replicas::{
-    base_args, etcd_args, pick_addrs, replica_bins, run_kept, runtime, Controller, Pem, Pki, Ready,
-    ReplicaSet, HA_NET_CONF,
+    base_args, channel, etcd_args, pick_addrs, replica_bins, run_kept, runtime, Controller, Pki,
+    Ready, ReplicaSet, HA_NET_CONF,
 };
 use twill_tests::{hold_for, wait_until, Bins, Check, EtcdCluster};
 
@@ -103,17 +103,6 @@ fn node(prefix: &str, i: usize) -> Node {
             format!("100.65.{}.{}", i / 250, i % 250 + 1),
         ],
     }
-}
-
-/// A lazily connecting mutual-TLS channel to `url` with `pem`'s certificate.
-fn channel(url: &str, ca: &str, pem: &Pem) -> Result<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(&pem.cert, &pem.key));
-    Ok(Endpoint::from_shared(url.to_string())?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy())
 }
 
 /// One node's channels to every replica.
