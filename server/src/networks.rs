@@ -71,16 +71,6 @@ impl Registry {
         self.current.read().get(name).cloned()
     }
 
-    /// The `default` network.
-    pub fn default_network(&self) -> &Network {
-        &self.default
-    }
-
-    /// Files refused at the last reading, by network name, with why.
-    pub fn refused(&self) -> Vec<(String, String)> {
-        self.refused.read().clone()
-    }
-
     /// Reads the directory again and merges it; true when what is served changed.
     pub fn rescan(&self, hub: &Hub) -> bool {
         let scan = match &self.dir {

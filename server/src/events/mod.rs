@@ -67,11 +67,6 @@ impl Networks {
     pub fn contains(&self, network: &NetworkName) -> bool {
         self.0.contains(network)
     }
-
-    /// The names.
-    pub fn iter(&self) -> impl Iterator<Item = &NetworkName> {
-        self.0.iter()
-    }
 }
 
 impl std::fmt::Display for Networks {
