@@ -558,3 +558,97 @@ async fn a_store_of_the_release_before_networks_serves_as_default() {
         .leases;
     assert_eq!((default_leases.len(), blue_leases.len()), (3, 1));
 }
+
+/// Asserts that `r` is a refusal of the caller (`who` says which).
+fn refused<T>(r: Result<T, tonic::Status>, who: &str) {
+    let Err(s) = r else { panic!("{who}: answered") };
+    assert!(
+        matches!(s.code(), Code::PermissionDenied | Code::Unauthenticated),
+        "{who}: {s:?}"
+    );
+}
+
+/// Who may call the two ListNetworks: the agent's is a node's own view (no certificate,
+/// an admin and a revoked node are refused), the admin's is an admin's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_networks_answers_only_its_callers() {
+    use twill_proto::admin_service_client::AdminServiceClient;
+    use twill_proto::agent_service_client::AgentServiceClient;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = started(dir.path(), &pki);
+
+    // No certificate: the connection may only bootstrap.
+    let anonymous = ctl.channel_factory().with_ca(&pki).connect_as(None).await;
+    if let Ok(ch) = anonymous {
+        refused(
+            AgentServiceClient::new(ch.clone())
+                .list_networks(ListNetworksRequest {})
+                .await,
+            "no certificate, agent ListNetworks",
+        );
+        refused(
+            AdminServiceClient::new(ch)
+                .list_networks(ListAdminNetworksRequest::default())
+                .await,
+            "no certificate, admin ListNetworks",
+        );
+    }
+
+    // A node: its own view, never the admin's.
+    let a = pki.node("node-a");
+    let mine = ctl
+        .agent(&pki, &a)
+        .await
+        .list_networks(ListNetworksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.networks.len(), 3, "blue admits node-a");
+    let as_node = ctl.channel(&pki, Some(&a)).await.unwrap();
+    refused(
+        AdminServiceClient::new(as_node)
+            .list_networks(ListAdminNetworksRequest::default())
+            .await,
+        "a node, admin ListNetworks",
+    );
+
+    // An admin: the admin's list, not a node's.
+    assert_eq!(networks(&ctl, &pki).await.len(), 3);
+    let admin_cert = pki.admin("root");
+    let as_admin = ctl.channel(&pki, Some(&admin_cert)).await.unwrap();
+    refused(
+        AgentServiceClient::new(as_admin)
+            .list_networks(ListNetworksRequest {})
+            .await,
+        "an admin, agent ListNetworks",
+    );
+
+    // A revoked node: refused from then on.
+    ctl.admin(&pki)
+        .await
+        .revoke_node_certificates(twill_proto::RevokeNodeCertificatesRequest {
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = match ctl.channel(&pki, Some(&a)).await {
+            Ok(ch) => AgentServiceClient::new(ch)
+                .list_networks(ListNetworksRequest {})
+                .await
+                .map(|_| ()),
+            Err(_) => Err(tonic::Status::unauthenticated("handshake refused")),
+        };
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a revoked node still lists networks"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
