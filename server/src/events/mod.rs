@@ -392,9 +392,15 @@ impl Hub {
 
     /// Leases in each network: how many.
     pub fn counts(&self) -> BTreeMap<NetworkName, usize> {
-        let mut counts = BTreeMap::new();
+        let mut counts: BTreeMap<NetworkName, usize> = BTreeMap::new();
         for (network, _) in self.table.read().leases.keys() {
-            *counts.entry(network.clone()).or_default() += 1;
+            // A name is copied once per network, not once per lease (read every 2 s).
+            match counts.get_mut(network) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(network.clone(), 1);
+                }
+            }
         }
         counts
     }
