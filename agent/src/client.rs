@@ -14,7 +14,7 @@ use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::WatchResponse;
 
 /// Largest message the agent accepts from the controller. The controller sends at most
-/// 1 MiB of events per message (a larger table goes out in parts), so this leaves room
+/// 64 KiB of events per message (a larger table goes out in parts), so this leaves room
 /// for a controller built with other limits without letting one message take all
 /// memory.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;

@@ -140,6 +140,12 @@ pub fn describe_controller(bin: &Path) -> String {
     )
 }
 
+/// The log filter of the servers a run starts: `TWILL_BENCH_LOG` (a `RUST_LOG` filter,
+/// e.g. `info` to see when each watcher connected), else warnings only.
+fn log_filter() -> String {
+    std::env::var("TWILL_BENCH_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -147,7 +153,7 @@ fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
         .open(log)?;
     Command::new(bin)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_filter())
         .stdin(Stdio::null())
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))

@@ -88,7 +88,11 @@ fn event(mut buf: &[u8]) -> Result<(Who, usize, bool), Status> {
 /// An encoded `WatchResponse` (reset = 1, events = 2, revision = 3; merged messages
 /// repeat fields, and the last scalar wins, as in any protobuf decoder).
 fn batch(mut buf: &[u8]) -> Result<Batch, Status> {
-    let mut out = Batch::default();
+    // An event takes more than 48 bytes: one allocation, never grown.
+    let mut out = Batch {
+        events: Vec::with_capacity(buf.len() / 48),
+        ..Batch::default()
+    };
     while !buf.is_empty() {
         let (tag, wire) = decode_key(&mut buf).map_err(|_| malformed("key"))?;
         match (tag, wire) {
@@ -117,8 +121,19 @@ impl Decoder for BatchDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Batch>, Status> {
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        batch(&bytes).map(Some)
+        // Read in place when the message is in one piece (tonic's buffer is): a copy
+        // of every snapshot part was a fresh megabyte, and page faults on fresh
+        // megabytes were a third of the load generator's CPU in a 5,000-node storm.
+        let len = buf.remaining();
+        let out = if buf.chunk().len() == len {
+            batch(buf.chunk())
+        } else {
+            batch(&buf.copy_to_bytes(len))
+        };
+        if buf.remaining() == len {
+            buf.advance(len);
+        }
+        out.map(Some)
     }
 }
 

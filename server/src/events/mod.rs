@@ -24,7 +24,9 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -45,8 +47,11 @@ const BROADCAST_CAPACITY: usize = 1024;
 /// Events kept (here and in the store) for watchers that resume from a revision.
 pub const HISTORY_LEN: usize = 16 * 1024;
 /// Most bytes of events in one `WatchResponse`: far below the 4 MiB that gRPC
-/// decoders accept by default, whatever the size of the table.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// decoders accept by default, whatever the size of the table. Small enough that a
+/// receiver's buffer stays small too: with 1 MiB parts every watch stream of the
+/// bench's 5,000 simulated nodes grew its own megabyte, and zeroing the fresh pages
+/// was a third of their CPU in a storm.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
 
 /// The networks one watcher follows.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,14 +115,18 @@ pub struct Hub {
     tx: broadcast::Sender<WatchMessage>,
     closing: tokio::sync::watch::Sender<bool>,
     epoch: String,
-    /// The encoded reset snapshots of one revision, one per set of networks. Watchers
-    /// that start together (a join storm, or a controller restart under thousands of
-    /// agents) want the same snapshot; encoding the table for each of them was most of
-    /// the controller's CPU in a 5,000-node storm (perf).
-    snapshot: Mutex<Vec<(Networks, WatchMessage)>>,
+    /// The encoded reset snapshots, one per set of networks, each with the events
+    /// since it was made. Watchers that start together (a join storm, or a controller
+    /// restart under thousands of agents) want the same snapshot; encoding the table for
+    /// each of them was most of the controller's CPU in a 5,000-node storm (perf), and
+    /// so was encoding it again at every revision for watchers whose requests reach the
+    /// controller one after another while leases are granted.
+    snapshot: Mutex<Vec<Snapshot>>,
     /// The last replay made, by the revision it starts after and its networks: agents
     /// that resume together (a controller restart) mostly resume from the same revision.
     replay: Mutex<Option<(u64, Networks, WatchMessage)>>,
+    /// The last batch broadcast: how far it has got through the watchers.
+    delivery: Mutex<Option<Arc<Delivery>>>,
 }
 
 /// An encoded `WatchResponse` (one or more gRPC messages): a committed batch, the
@@ -135,6 +144,8 @@ pub struct WatchMessage {
     /// A committed batch of several networks: its events, to frame the part a watcher
     /// of only some of them wants, and those framings, one per set of networks.
     mixed: Option<Arc<Mixed>>,
+    /// A committed batch: how far it has got through the watchers.
+    delivery: Option<Arc<Delivery>>,
 }
 
 /// See `WatchMessage::mixed`.
@@ -153,6 +164,14 @@ impl WatchMessage {
             encoded,
             networks: Arc::new(networks),
             mixed: None,
+            delivery: None,
+        }
+    }
+
+    /// Tells the hub that one more watcher has taken this batch off the feed.
+    pub fn taken(&self) {
+        if let Some(d) = &self.delivery {
+            d.take();
         }
     }
 
@@ -181,11 +200,61 @@ impl WatchMessage {
     }
 }
 
+/// How far the last publication has got through the watchers (see `Hub::fan_out`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanOut {
+    /// It reached nearly every watcher this long after it was made.
+    Done(Duration),
+    /// Watchers are still taking it.
+    Going,
+}
+
+/// A publication's way through the watchers subscribed when it was made.
+#[derive(Debug)]
+struct Delivery {
+    made: Instant,
+    /// Watchers that must take it before it counts as delivered: nearly all that were
+    /// subscribed, so that one stuck agent does not hold up the pacing of everybody's.
+    needed: usize,
+    taken: AtomicUsize,
+    /// When `needed` was reached, in ns after `made` (0: not yet).
+    done_ns: AtomicU64,
+}
+
+impl Delivery {
+    fn new(watchers: usize) -> Self {
+        let needed = watchers - watchers / 32;
+        Delivery {
+            made: Instant::now(),
+            needed,
+            taken: AtomicUsize::new(0),
+            done_ns: AtomicU64::new(u64::from(needed == 0)),
+        }
+    }
+
+    fn take(&self) {
+        if self.taken.fetch_add(1, Ordering::Relaxed) + 1 == self.needed {
+            let ns = u64::try_from(self.made.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.done_ns.store(ns.max(1), Ordering::Relaxed);
+        }
+    }
+
+    fn state(&self) -> FanOut {
+        match self.done_ns.load(Ordering::Relaxed) {
+            0 => FanOut::Going,
+            ns => FanOut::Done(Duration::from_nanos(ns)),
+        }
+    }
+}
+
 /// The start of a watch: what to send first, and the live feed after it.
 pub struct Subscription {
     /// Sent before anything from `feed`: a reset snapshot or the missed events.
     pub initial: Option<WatchMessage>,
-    /// Batches committed after `initial`.
+    /// Sent after a reset snapshot made at an earlier revision: the events since, which
+    /// bring the watcher to the table's revision.
+    pub catch_up: Option<WatchMessage>,
+    /// Batches committed after `initial` (and `catch_up`).
     pub feed: broadcast::Receiver<WatchMessage>,
 }
 
@@ -193,7 +262,20 @@ pub struct Subscription {
 enum Start {
     UpToDate,
     Replay(Vec<Logged>, u64),
-    Reset(WatchMessage),
+    Reset(WatchMessage, Option<WatchMessage>),
+}
+
+/// A reset snapshot of one set of networks, kept to be shared by every watcher that
+/// starts while it is recent, and the events since (framed once per revision).
+struct Snapshot {
+    networks: Networks,
+    /// The reset snapshot, at its revision.
+    table: WatchMessage,
+    /// Leases in it: once the events since outnumber a quarter of them, a new snapshot
+    /// costs less than sending them to every new watcher.
+    leases: usize,
+    /// The events after `table` up to the hub's revision when last asked.
+    since: Option<WatchMessage>,
 }
 
 impl Hub {
@@ -244,6 +326,7 @@ impl Hub {
             epoch: String::new(),
             snapshot: Mutex::new(Vec::new()),
             replay: Mutex::new(None),
+            delivery: Mutex::new(None),
         }
     }
 
@@ -307,8 +390,20 @@ impl Hub {
         t.revision = last;
         let mut message = WatchMessage::new(false, last, framer.finish(), networks);
         message.mixed = mixed;
+        let delivery = Arc::new(Delivery::new(self.tx.receiver_count()));
+        message.delivery = Some(delivery.clone());
+        *self.delivery.lock() = Some(delivery);
         // No receivers is fine: nobody is watching yet.
         let _ = self.tx.send(message);
+    }
+
+    /// How far the last batch broadcast has got through the watchers (done when there
+    /// was none).
+    pub fn fan_out(&self) -> FanOut {
+        self.delivery
+            .lock()
+            .as_ref()
+            .map_or(FanOut::Done(Duration::ZERO), |d| d.state())
     }
 
     /// Moves the expiry (and the holder's key) of leases whose renewal changed nothing
@@ -460,37 +555,35 @@ impl Hub {
             let t = self.table.read();
             let feed = self.tx.subscribe();
             let same_store = epoch.is_empty() || epoch == self.epoch;
-            let oldest_kept = t.history.front().map_or(t.revision + 1, |e| e.0);
             let start = if !same_store || from_revision == 0 || from_revision > t.revision {
                 // From scratch, or a revision of another store or one this store never
                 // issued (it was replaced): the watcher must start over.
-                Start::Reset(self.snapshot(&t, networks))
+                let (table, since) = self.snapshot(&t, networks);
+                Start::Reset(table, since)
             } else if from_revision == t.revision {
                 Start::UpToDate
-            } else if from_revision + 1 >= oldest_kept {
-                let first = t.history.partition_point(|e| e.0 <= from_revision);
-                let missed = t.history.range(first..);
-                Start::Replay(
-                    missed
-                        .filter(|e| networks.contains(&e.1))
-                        .cloned()
-                        .collect(),
-                    t.revision,
-                )
+            } else if let Some(missed) = missed(&t, from_revision, networks) {
+                Start::Replay(missed, t.revision)
             } else {
                 // Compacted away.
-                Start::Reset(self.snapshot(&t, networks))
+                let (table, since) = self.snapshot(&t, networks);
+                Start::Reset(table, since)
             };
             (start, feed)
         };
-        let initial = match start {
-            Start::UpToDate => None,
-            Start::Reset(snapshot) => Some(snapshot),
-            Start::Replay(events, revision) => {
-                Some(self.replay(from_revision, networks, &events, revision))
-            }
+        let (initial, catch_up) = match start {
+            Start::UpToDate => (None, None),
+            Start::Reset(table, since) => (Some(table), since),
+            Start::Replay(events, revision) => (
+                Some(self.replay(from_revision, networks, &events, revision)),
+                None,
+            ),
         };
-        Subscription { initial, feed }
+        Subscription {
+            initial,
+            catch_up,
+            feed,
+        }
     }
 
     /// The missed events of `networks` after `from` up to `revision`, framed once per
@@ -509,47 +602,87 @@ impl Hub {
         {
             return m.clone();
         }
+        let m = self.frame(events, revision, networks);
+        *cached = Some((from, networks.clone(), m.clone()));
+        m
+    }
+
+    /// `events` of `networks` as one batch (or several complete ones) that brings a
+    /// watcher to `revision`.
+    fn frame(&self, events: &[Logged], revision: u64, networks: &Networks) -> WatchMessage {
         let size = events.iter().map(|(_, _, e)| e.len() + 4).sum::<usize>() + 64;
         let mut framer = Framer::new(false, revision, &self.epoch, size);
         for (rev, _, e) in events {
             framer.push(*rev, e);
         }
-        let m = WatchMessage::new(false, revision, framer.finish(), networks.0.clone());
-        *cached = Some((from, networks.clone(), m.clone()));
-        m
+        WatchMessage::new(false, revision, framer.finish(), networks.0.clone())
     }
 
-    /// A reset snapshot of `networks` with a fresh feed, for a watcher that fell behind.
-    pub fn resubscribe(
-        &self,
-        networks: &Networks,
-    ) -> (WatchMessage, broadcast::Receiver<WatchMessage>) {
+    /// A reset snapshot of `networks` (and the events since it) with a fresh feed, for
+    /// a watcher that fell behind.
+    pub fn resubscribe(&self, networks: &Networks) -> Subscription {
         let t = self.table.read();
-        (self.snapshot(&t, networks), self.tx.subscribe())
+        let (table, since) = self.snapshot(&t, networks);
+        Subscription {
+            initial: Some(table),
+            catch_up: since,
+            feed: self.tx.subscribe(),
+        }
     }
 
     /// The reset snapshot of `networks` in `t` (read-locked, so its revision holds
-    /// still), encoded once per revision and set of networks.
-    fn snapshot(&self, t: &Table, networks: &Networks) -> WatchMessage {
+    /// still) and, when it was made at an earlier revision, the events since. A
+    /// snapshot is made again only once the events since it outnumber a quarter of its
+    /// leases, so watchers that start one after another during a storm share a few
+    /// snapshots instead of each encoding the table.
+    fn snapshot(&self, t: &Table, networks: &Networks) -> (WatchMessage, Option<WatchMessage>) {
         let mut cached = self.snapshot.lock();
-        if cached
-            .first()
-            .is_some_and(|(_, s)| s.revision != t.revision)
-        {
-            cached.clear();
+        if let Some(at) = cached.iter().position(|c| &c.networks == networks) {
+            let c = &mut cached[at];
+            if c.table.revision == t.revision {
+                return (c.table.clone(), None);
+            }
+            if let Some(since) = c.since.as_ref().filter(|m| m.revision == t.revision) {
+                return (c.table.clone(), Some(since.clone()));
+            }
+            let events = (c.table.revision < t.revision)
+                .then(|| missed(t, c.table.revision, networks))
+                .flatten()
+                .filter(|events| events.len() <= c.leases / 4 + 64);
+            if let Some(events) = events {
+                let since = self.frame(&events, t.revision, networks);
+                c.since = Some(since.clone());
+                return (c.table.clone(), Some(since));
+            }
+            cached.swap_remove(at);
         }
-        if let Some((_, s)) = cached.iter().find(|(n, _)| n == networks) {
-            return s.clone();
-        }
-        let s = WatchMessage::new(
-            true,
-            t.revision,
-            encode_snapshot(t, networks, &self.epoch),
-            networks.0.clone(),
-        );
-        cached.push((networks.clone(), s.clone()));
-        s
+        let (encoded, leases) = encode_snapshot(t, networks, &self.epoch);
+        let table = WatchMessage::new(true, t.revision, encoded, networks.0.clone());
+        cached.push(Snapshot {
+            networks: networks.clone(),
+            table: table.clone(),
+            leases,
+            since: None,
+        });
+        (table, None)
     }
+}
+
+/// The events of `networks` in `t`'s history after revision `from`, or `None` when the
+/// history no longer reaches back that far.
+fn missed(t: &Table, from: u64, networks: &Networks) -> Option<Vec<Logged>> {
+    let oldest_kept = t.history.front().map_or(t.revision + 1, |e| e.0);
+    if from + 1 < oldest_kept {
+        return None;
+    }
+    let first = t.history.partition_point(|e| e.0 <= from);
+    Some(
+        t.history
+            .range(first..)
+            .filter(|e| networks.contains(&e.1))
+            .cloned()
+            .collect(),
+    )
 }
 
 /// Takes a lease's holder key out into `holders` (or forgets the node's there when it
@@ -564,8 +697,8 @@ fn hold(holders: &mut HashMap<LeaseKey, Vec<u8>>, l: &mut Lease) {
 }
 
 /// The reset snapshot of `networks` in `t`: a PUT per lease, encoded from the table
-/// without cloning a lease, in parts of bounded size.
-fn encode_snapshot(t: &Table, networks: &Networks, epoch: &str) -> Bytes {
+/// without cloning a lease, in parts of bounded size; and how many leases it holds.
+fn encode_snapshot(t: &Table, networks: &Networks, epoch: &str) -> (Bytes, usize) {
     use prost::encoding::{int32, message, uint64};
     const PUT: i32 = EventType::Put as i32;
     let event_len = |l: &Lease| {
@@ -577,13 +710,18 @@ fn encode_snapshot(t: &Table, networks: &Networks, epoch: &str) -> Bytes {
                 0
             }
     };
+    // One range of the table per network (it is ordered by network first), not a
+    // test of every lease's network.
     let leases = || {
-        t.leases
-            .iter()
-            .filter(|((n, _), _)| networks.contains(n))
-            .map(|(_, l)| l)
+        networks.0.iter().flat_map(|network| {
+            t.leases
+                .range((network.clone(), String::new())..)
+                .take_while(move |((n, _), _)| n == network)
+                .map(|(_, l)| l)
+        })
     };
     let lens: Vec<usize> = leases().map(event_len).collect();
+    let count = lens.len();
     let capacity = lens.iter().map(|n| n + 4).sum::<usize>() + 64;
     let mut framer = Framer::new(true, t.revision, epoch, capacity);
     for (l, len) in leases().zip(lens) {
@@ -595,7 +733,7 @@ fn encode_snapshot(t: &Table, networks: &Networks, epoch: &str) -> Bytes {
             }
         });
     }
-    framer.finish()
+    (framer.finish(), count)
 }
 
 #[cfg(test)]
@@ -756,8 +894,89 @@ mod tests {
             "same revision: the same bytes, shared"
         );
         hub.commit(vec![put("c", 301)]);
-        let (after, _) = hub.resubscribe(&only());
-        assert_eq!((after.revision, decoded(after).events.len()), (301, 3));
+        let after = hub.resubscribe(&only());
+        let (table, since) = (after.initial.unwrap(), after.catch_up.unwrap());
+        assert_eq!(
+            table.encoded.as_ptr(),
+            first.encoded.as_ptr(),
+            "one event later: the same snapshot, shared"
+        );
+        let since = decoded(since);
+        assert!(!since.reset);
+        assert_eq!((since.revision, since.events.len()), (301, 1));
+    }
+
+    /// The leases a watcher holds after `sub`'s reset and catch-up, by node, and the
+    /// revision they bring it to.
+    fn state_after(sub: Subscription) -> (BTreeMap<String, u64>, u64) {
+        let mut leases = BTreeMap::new();
+        let mut revision = 0;
+        for m in sub.initial.into_iter().chain(sub.catch_up) {
+            for part in decode(&m.encoded).unwrap() {
+                if part.reset {
+                    leases.clear();
+                }
+                for e in part.events {
+                    let l = e.lease.unwrap();
+                    if e.r#type == EventType::Delete as i32 {
+                        leases.remove(&l.node_name);
+                    } else {
+                        leases.insert(l.node_name, e.revision);
+                    }
+                }
+                revision = part.revision;
+            }
+        }
+        (leases, revision)
+    }
+
+    #[test]
+    fn watchers_starting_one_after_another_share_a_snapshot_until_the_events_since_outgrow_it() {
+        let hub = Hub::new(vec![], vec![], 0);
+        let grant = |hub: &Hub, rev: &mut u64, n: usize| {
+            for _ in 0..n {
+                *rev += 1;
+                hub.commit(vec![put(&format!("n{rev:05}"), *rev)]);
+            }
+        };
+        let mut rev = 0;
+        grant(&hub, &mut rev, 400);
+        let first = hub.subscribe(0, "", &only());
+        assert!(first.catch_up.is_none(), "made now: nothing since");
+        let shared = first.initial.as_ref().unwrap().encoded.as_ptr();
+        let mut snapshots = 1;
+        let mut last = shared;
+        // Watchers arrive one revision apart while leases are granted, as in a storm.
+        for i in 0..2000 {
+            grant(&hub, &mut rev, 1);
+            let sub = hub.subscribe(0, "", &only());
+            let table = sub.initial.as_ref().unwrap();
+            assert!(table.reset);
+            if table.encoded.as_ptr() != last {
+                snapshots += 1;
+                last = table.encoded.as_ptr();
+            }
+            if i % 50 == 0 || i == 1999 {
+                let (leases, revision) = state_after(sub);
+                assert_eq!(revision, rev, "brought to the table's revision");
+                assert_eq!(leases.len() as u64, rev, "every lease, once");
+            }
+        }
+        assert!(
+            (2..=20).contains(&snapshots),
+            "{snapshots} snapshots for 2,000 watchers over 2,000 revisions"
+        );
+        hub.commit(vec![LeaseEvent {
+            r#type: EventType::Delete as i32,
+            revision: rev + 1,
+            lease: put("n00001", 0).lease,
+        }]);
+        let (leases, revision) = state_after(hub.subscribe(0, "", &only()));
+        assert_eq!((leases.len() as u64, revision), (rev - 1, rev + 1));
+        assert!(
+            !leases.contains_key("n00001"),
+            "a deletion since is sent too"
+        );
     }
 
     #[tokio::test]
@@ -939,15 +1158,28 @@ mod tests {
             "a batch of none of its networks is not sent"
         );
 
-        let reset = decoded(hub.subscribe(0, "", &both).initial.unwrap());
+        let (leases, revision) = state_after(hub.subscribe(0, "", &both));
+        assert_eq!(
+            (leases.len(), revision),
+            (1, 4),
+            "node a, in default and blue (one name here), at the table's revision"
+        );
+        let reset = decoded(hub.subscribe(0, "", &all).initial.unwrap());
         assert!(reset.reset);
-        assert_eq!(reset.revision, 4);
+        assert_eq!(
+            reset.revision, 4,
+            "a set never snapshotted before: made now"
+        );
         let nets: Vec<&str> = reset
             .events
             .iter()
             .map(|e| e.lease.as_ref().unwrap().network.as_str())
             .collect();
-        assert_eq!(nets, ["blue", ""], "by network name: blue, then default");
+        assert_eq!(
+            nets,
+            ["blue", "", "red", "red"],
+            "by network name: blue, default, red"
+        );
         let replay = decoded(hub.subscribe(1, "", &blue).initial.unwrap());
         assert!(!replay.reset);
         assert_eq!(replay.revision, 4, "brought to the table's revision");
@@ -955,6 +1187,33 @@ mod tests {
         assert_eq!(hub.counts().len(), 3);
         assert!(hub.lease(&NetworkName::new("red").unwrap(), "b").is_some());
         assert!(hub.lease(&NetworkName::default_network(), "b").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_publication_is_done_once_nearly_every_watcher_took_it() {
+        let hub = Hub::new(vec![], vec![], 0);
+        assert_eq!(hub.fan_out(), FanOut::Done(Duration::ZERO), "nothing yet");
+        hub.commit(vec![put("a", 1)]);
+        assert!(
+            matches!(hub.fan_out(), FanOut::Done(_)),
+            "nobody to reach: done at once"
+        );
+        let mut feeds: Vec<_> = (0..64)
+            .map(|_| hub.subscribe(1, "", &only()).feed)
+            .collect();
+        hub.commit(vec![put("b", 2)]);
+        assert_eq!(hub.fan_out(), FanOut::Going);
+        for feed in &mut feeds[..61] {
+            feed.recv().await.unwrap().taken();
+        }
+        assert_eq!(hub.fan_out(), FanOut::Going, "61 of 64");
+        feeds[61].recv().await.unwrap().taken();
+        assert!(
+            matches!(hub.fan_out(), FanOut::Done(_)),
+            "62 of 64: the two stuck ones do not hold up the pacing"
+        );
+        hub.commit(vec![put("c", 3)]);
+        assert_eq!(hub.fan_out(), FanOut::Going, "the next one starts over");
     }
 
     #[test]

@@ -50,6 +50,8 @@ struct Watcher {
     agents: Arc<Agents>,
     feed: broadcast::Receiver<WatchMessage>,
     initial: Option<WatchMessage>,
+    /// The events after a reset snapshot made at an earlier revision.
+    catch_up: Option<WatchMessage>,
     closing: tokio::sync::watch::Receiver<bool>,
     /// The networks it follows.
     networks: Networks,
@@ -65,33 +67,35 @@ impl Drop for Watcher {
 
 impl Watcher {
     /// A reset snapshot and a fresh feed, for a watcher that fell behind.
-    fn reset(&mut self, missed: u64) -> (Bytes, u64) {
+    fn reset(&mut self, missed: u64) {
         warn!(node = %self.who, missed_batches = missed, "watcher fell behind; sending a reset snapshot");
         self.metrics.watcher_resets.inc();
-        let (snapshot, fresh) = self.hub.resubscribe(&self.networks);
-        self.feed = fresh;
-        (snapshot.encoded, snapshot.revision)
+        let sub = self.hub.resubscribe(&self.networks);
+        self.initial = sub.initial;
+        self.catch_up = sub.catch_up;
+        self.feed = sub.feed;
     }
 
-    /// The next message and its revision: the initial one, else the next committed
-    /// batch with events of the watcher's networks, as shared. `None` when the stream
-    /// should end.
+    /// The next message and its revision: the initial one (and its catch-up), else the
+    /// next committed batch with events of the watcher's networks, as shared. `None`
+    /// when the stream should end.
     async fn next_message(&mut self) -> Option<(Bytes, u64)> {
-        if let Some(initial) = self.initial.take() {
-            return Some((initial.encoded, initial.revision));
-        }
         loop {
+            if let Some(first) = self.initial.take().or_else(|| self.catch_up.take()) {
+                return Some((first.encoded, first.revision));
+            }
             let next = tokio::select! {
                 r = self.feed.recv() => r,
                 _ = self.closing.wait_for(|closed| *closed) => return None,
             };
             match next {
                 Ok(batch) => {
+                    batch.taken();
                     if let Some(msg) = batch.for_networks(&self.networks) {
                         return Some((msg, batch.revision));
                     }
                 }
-                Err(RecvError::Lagged(n)) => return Some(self.reset(n)),
+                Err(RecvError::Lagged(n)) => self.reset(n),
                 Err(RecvError::Closed) => return None,
             }
         }
@@ -160,6 +164,7 @@ pub fn encoded(
         agents: agents.clone(),
         feed: sub.feed,
         initial: sub.initial,
+        catch_up: sub.catch_up,
         closing: hub.closing(),
         networks,
     };

@@ -511,11 +511,14 @@ impl Writer {
             let received = if self.unpublished.is_empty() {
                 rx.recv_many(&mut ops, MAX_BATCH).await
             } else {
-                let due = tokio::time::Instant::from_std(self.pacing.due(self.hub.watchers()));
+                let due = tokio::time::Instant::from_std(self.due());
                 tokio::select! {
                     n = rx.recv_many(&mut ops, MAX_BATCH) => n,
                     () = tokio::time::sleep_until(due) => {
-                        self.publish();
+                        // Due then, unless the last publication is still going out.
+                        if self.due() <= Instant::now() {
+                            self.publish();
+                        }
                         continue;
                     }
                 }
@@ -527,17 +530,23 @@ impl Writer {
             if !self.process(std::mem::take(&mut ops)).await {
                 return;
             }
-            if self.unpublished.is_empty() || self.pacing.is_due(self.hub.watchers()) {
+            if self.unpublished.is_empty() || self.due() <= Instant::now() {
                 self.publish();
             }
         }
+    }
+
+    /// When the unpublished events may go out (see `pacing`).
+    fn due(&self) -> Instant {
+        self.pacing
+            .due(Instant::now(), self.hub.watchers(), self.hub.fan_out())
     }
 
     /// Commits the unpublished events to the hub and sends the answers that waited.
     fn publish(&mut self) {
         if !self.unpublished.is_empty() {
             self.hub.commit(std::mem::take(&mut self.unpublished));
-            self.pacing.published();
+            self.pacing.published(Instant::now());
         }
         for w in self.waiting.drain(..) {
             self.metrics
