@@ -24,9 +24,8 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -203,8 +202,8 @@ impl WatchMessage {
 /// How far the last publication has got through the watchers (see `Hub::fan_out`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FanOut {
-    /// It reached nearly every watcher this long after it was made.
-    Done(Duration),
+    /// It reached nearly every watcher.
+    Done,
     /// Watchers are still taking it.
     Going,
 }
@@ -212,37 +211,34 @@ pub enum FanOut {
 /// A publication's way through the watchers subscribed when it was made.
 #[derive(Debug)]
 struct Delivery {
-    made: Instant,
     /// Watchers that must take it before it counts as delivered: nearly all that were
     /// subscribed, so that one stuck agent does not hold up the pacing of everybody's.
     needed: usize,
     taken: AtomicUsize,
-    /// When `needed` was reached, in ns after `made` (0: not yet).
-    done_ns: AtomicU64,
+    done: AtomicBool,
 }
 
 impl Delivery {
     fn new(watchers: usize) -> Self {
         let needed = watchers - watchers / 32;
         Delivery {
-            made: Instant::now(),
             needed,
             taken: AtomicUsize::new(0),
-            done_ns: AtomicU64::new(u64::from(needed == 0)),
+            done: AtomicBool::new(needed == 0),
         }
     }
 
     fn take(&self) {
         if self.taken.fetch_add(1, Ordering::Relaxed) + 1 == self.needed {
-            let ns = u64::try_from(self.made.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.done_ns.store(ns.max(1), Ordering::Relaxed);
+            self.done.store(true, Ordering::Relaxed);
         }
     }
 
     fn state(&self) -> FanOut {
-        match self.done_ns.load(Ordering::Relaxed) {
-            0 => FanOut::Going,
-            ns => FanOut::Done(Duration::from_nanos(ns)),
+        if self.done.load(Ordering::Relaxed) {
+            FanOut::Done
+        } else {
+            FanOut::Going
         }
     }
 }
@@ -403,7 +399,7 @@ impl Hub {
         self.delivery
             .lock()
             .as_ref()
-            .map_or(FanOut::Done(Duration::ZERO), |d| d.state())
+            .map_or(FanOut::Done, |d| d.state())
     }
 
     /// Moves the expiry (and the holder's key) of leases whose renewal changed nothing
@@ -1192,12 +1188,9 @@ mod tests {
     #[tokio::test]
     async fn a_publication_is_done_once_nearly_every_watcher_took_it() {
         let hub = Hub::new(vec![], vec![], 0);
-        assert_eq!(hub.fan_out(), FanOut::Done(Duration::ZERO), "nothing yet");
+        assert_eq!(hub.fan_out(), FanOut::Done, "nothing yet");
         hub.commit(vec![put("a", 1)]);
-        assert!(
-            matches!(hub.fan_out(), FanOut::Done(_)),
-            "nobody to reach: done at once"
-        );
+        assert_eq!(hub.fan_out(), FanOut::Done, "nobody to reach: done at once");
         let mut feeds: Vec<_> = (0..64)
             .map(|_| hub.subscribe(1, "", &only()).feed)
             .collect();
@@ -1208,8 +1201,9 @@ mod tests {
         }
         assert_eq!(hub.fan_out(), FanOut::Going, "61 of 64");
         feeds[61].recv().await.unwrap().taken();
-        assert!(
-            matches!(hub.fan_out(), FanOut::Done(_)),
+        assert_eq!(
+            hub.fan_out(),
+            FanOut::Done,
             "62 of 64: the two stuck ones do not hold up the pacing"
         );
         hub.commit(vec![put("c", 3)]);
