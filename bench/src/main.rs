@@ -9,6 +9,7 @@ mod charts;
 mod coldstart;
 mod dataplane;
 mod etcd;
+mod floors;
 mod ha;
 mod pki;
 mod procstat;
@@ -139,7 +140,7 @@ enum Scenario {
     /// with join storms of N nodes that hold certificates already.
     ColdStart,
     /// N watchers; one more node joins, 50 times; its request sent → delivery at each
-    /// watcher.
+    /// watcher; then the machine's floors at N (see `floors`).
     Fanout,
     /// 1% of nodes release and re-acquire per second.
     Churn,
@@ -151,13 +152,17 @@ enum Scenario {
     /// and fan-out at N with the nodes spread over the replicas, then --kills leader
     /// crashes under the N nodes (new leader, watches moved, first grant).
     Ha,
-    /// join-storm + fanout for Twill and etcd side by side, plus churn, reconnect,
-    /// cold-start and dataplane.
+    /// join-storm + fanout for Twill and etcd side by side with the machine's floors,
+    /// plus churn, reconnect, cold-start and dataplane.
     Compare,
     /// A few seconds at N=50 (join-storm, fanout, churn, reconnect, cold-start, ha with
     /// one crash when etcd is installed, dataplane P=100): keeps the harness from
     /// rotting (run by `cargo test`).
     Smoke,
+    /// The machine's floors at N: a small write + fsync, a minimal mutual-TLS server
+    /// broadcasting a one-lease watch message to N connections, N mutual-TLS
+    /// handshakes, N P-256 signatures (fanout and compare measure them too).
+    Floors,
     /// Render a results JSON (--from) as markdown.
     Report,
 }
@@ -455,6 +460,9 @@ pub struct Results {
     pub ha: Vec<ha::HaRow>,
     /// Data plane.
     pub dataplane: Vec<dataplane::DataplaneOutcome>,
+    /// The machine's floors, per N (results from before they existed have none).
+    #[serde(default)]
+    pub floors: Vec<floors::Floors>,
     /// Notes (skipped parts and why).
     pub notes: Vec<String>,
 }
@@ -885,6 +893,14 @@ async fn run(mut o: Opts) -> Result<Results> {
         res.wall_s = started.elapsed().as_secs_f64();
         return Ok(res);
     }
+    if o.scenario == Scenario::Floors {
+        let mut pki = pki::Pki::new()?;
+        for &n in &o.nodes {
+            res.floors.push(floors::measure(&mut pki, n).await?);
+        }
+        res.wall_s = started.elapsed().as_secs_f64();
+        return Ok(res);
+    }
     let ctl_bin = servers::find_controller(o.controller_bin.as_deref())?;
     res.controller = servers::describe_controller(&ctl_bin);
     if servers::profile_of(&ctl_bin) != "release" && o.scenario != Scenario::Smoke {
@@ -924,6 +940,9 @@ async fn run(mut o: Opts) -> Result<Results> {
         }
         Scenario::Fanout | Scenario::Compare => {
             res.rows = rows(&o, &mut pki, &ctl_bin, etcd_bin.as_deref(), twill_on, true).await?;
+            for &n in &o.nodes {
+                res.floors.push(floors::measure(&mut pki, n).await?);
+            }
             if o.scenario == Scenario::Compare && !o.skip_extras {
                 res.churn = Some(churn(&o, &mut pki, &ctl_bin, max_n).await?);
                 res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, max_n).await?);
@@ -1001,8 +1020,17 @@ async fn run(mut o: Opts) -> Result<Results> {
             if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
                 bail!("smoke: not every watcher resumed after the restart");
             }
+            let floors = floors::measure(&mut pki, 50).await?;
+            if floors.broadcast_ms.count != (50 * floors.rounds) as u64 {
+                bail!(
+                    "smoke: the broadcast floor delivered {} of {}",
+                    floors.broadcast_ms.count,
+                    50 * floors.rounds
+                );
+            }
+            res.floors = vec![floors];
         }
-        Scenario::Dataplane | Scenario::Report => unreachable!(),
+        Scenario::Dataplane | Scenario::Floors | Scenario::Report => unreachable!(),
     }
     res.wall_s = started.elapsed().as_secs_f64();
     Ok(res)

@@ -248,6 +248,54 @@ fn cold_cell(c: &ColdStartSummary, n: usize, s: f64) -> String {
     }
 }
 
+/// The machine's floors at N, and Twill's fan-out of the same run against its floor.
+fn floors_table(s: &mut String, fl: &crate::floors::Floors, res: &Results) {
+    let n = fl.nodes;
+    let _ = writeln!(s, "### Floors of this machine (N = {n}, same run)\n");
+    let _ = writeln!(s, "| floor | figure |");
+    let _ = writeln!(s, "|---|---:|");
+    let _ = writeln!(
+        s,
+        "| storage: a 128-byte write + fsync, p50 / p99 / max ms | {} |",
+        dist3(&fl.fsync_ms)
+    );
+    let _ = writeln!(
+        s,
+        "| broadcast: a minimal tokio + rustls server writes a one-lease watch message ({} bytes) to {n} mutual-TLS connections, send → received, p50 / p99 / max ms ({} rounds) | {} |",
+        fl.record_bytes,
+        fl.rounds,
+        dist3(&fl.broadcast_ms)
+    );
+    let _ = writeln!(
+        s,
+        "| {n} mutual-TLS handshakes ({} at once), s | {} |",
+        crate::twill::CONNECT_PARALLEL,
+        f(fl.handshakes_s, 2)
+    );
+    let _ = writeln!(
+        s,
+        "| {n} ECDSA P-256 signatures, s | {} |",
+        f(fl.signatures_s, 3)
+    );
+    let fanout = res
+        .rows
+        .iter()
+        .find(|r| r.nodes == n)
+        .and_then(|r| r.twill.as_ref())
+        .map(|t| t.median.fanout_from_send_ms)
+        .filter(|d| d.count > 0);
+    if let Some(d) = fanout {
+        let _ = writeln!(
+            s,
+            "| Twill's fan-out of one change from the request send, p50 / p99 ms, and its p99 / the broadcast floor's p99 | {} / {} ({}×) |",
+            f(d.p50, 2),
+            f(d.p99, 2),
+            f(d.p99 / fl.broadcast_ms.p99, 2)
+        );
+    }
+    s.push('\n');
+}
+
 /// The cold start beside the join storm of the same sitting.
 fn cold_start_table(s: &mut String, row: &ColdStartRow) {
     let n = row.nodes;
@@ -676,6 +724,9 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
         for c in charts {
             let _ = writeln!(s, "![{}]({})\n", c.title, c.link);
         }
+    }
+    for fl in &res.floors {
+        floors_table(&mut s, fl, res);
     }
     for row in &res.cold_start {
         cold_start_table(&mut s, row);
