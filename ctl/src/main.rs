@@ -583,20 +583,101 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let conn = &cli.conn;
-    let format = conn.output;
     match cli.command {
-        Command::Certs(CertsCommand::Init { out, days }) => certs_init(&out, days),
-        Command::Certs(CertsCommand::Issue(cmd)) => certs_issue(cmd),
-        Command::Certs(CertsCommand::Issued { page_size }) => {
+        Command::Certs(cmd) => certs(conn, cmd),
+        Command::Token(cmd) => token(conn, cmd),
+        Command::Status {
+            network: NetworkFlag { network },
+        } => {
+            let net = network.clone();
+            let s = call_in(conn, "status", &network, |mut a| async move {
+                a.status(&net).await
+            })?;
+            emit(&output::render_status(&s, conn.output, SystemTime::now()))
+        }
+        Command::Networks => {
+            let ns = call(
+                conn,
+                "networks",
+                |mut a| async move { a.list_networks().await },
+            )?;
+            emit_list(
+                &output::render_networks(&ns, conn.output),
+                "No networks found.",
+            )
+        }
+        Command::Leases {
+            network: NetworkFlag { network },
+            prefix,
+            subnet,
+            page_size,
+        } => leases(conn, network, prefix, subnet.unwrap_or_default(), page_size),
+        Command::Lease(cmd) => lease(conn, cmd),
+        Command::Reserve {
+            network: NetworkFlag { network },
+            node,
+            subnets,
+        } => {
+            let (v4, v6) = per_family(&subnets)?;
+            let net = network.clone();
+            let r = call_in(conn, "reserve", &network, |mut a| async move {
+                a.reserve(&net, &node, &v4, &v6).await
+            })?;
+            emit(&output::render_reservation_change(
+                &r,
+                "created",
+                conn.output,
+            ))
+        }
+        Command::Unreserve {
+            network: NetworkFlag { network },
+            node,
+        } => {
+            let net = network.clone();
+            let r = call_in(conn, "unreserve", &network, |mut a| async move {
+                a.unreserve(&net, &node).await
+            })?;
+            emit(&output::render_reservation_change(
+                &r,
+                "deleted",
+                conn.output,
+            ))
+        }
+        Command::Reservations {
+            network: NetworkFlag { network },
+        } => reservations(conn, network),
+        Command::Config {
+            network: NetworkFlag { network },
+        } => {
+            let net = network.clone();
+            let c = call_in(conn, "config", &network, |mut a| async move {
+                a.get_config(&net).await
+            })?;
+            emit(&output::render_config(&c, conn.output))
+        }
+        Command::Watch {
+            networks,
+            from_revision,
+        } => watch(conn, &networks, from_revision),
+    }
+}
+
+/// `twillctl certs ...`: local certificate work, or the controller's issued and
+/// revoked certificates.
+fn certs(conn: &ConnFlags, cmd: CertsCommand) -> Result<()> {
+    match cmd {
+        CertsCommand::Init { out, days } => certs_init(&out, days),
+        CertsCommand::Issue(cmd) => certs_issue(cmd),
+        CertsCommand::Issued { page_size } => {
             let cs = call(conn, "certs issued", |mut a| async move {
                 a.list_issued_certificates(page_size).await
             })?;
             emit_list(
-                &output::render_issued(&cs, format, SystemTime::now()),
+                &output::render_issued(&cs, conn.output, SystemTime::now()),
                 "No issued certificates found.",
             )
         }
-        Command::Certs(CertsCommand::Revoke { name, role }) => {
+        CertsCommand::Revoke { name, role } => {
             let n = name.clone();
             call(conn, "certs revoke", |mut a| async move {
                 a.revoke_node_certificates(&n, role.wire()).await
@@ -606,13 +687,19 @@ fn run(cli: Cli) -> Result<()> {
                 RevokeRole::Admin => format!("certificates/{name} (admin) revoked\n"),
             })
         }
-        Command::Token(TokenCommand::Create {
+    }
+}
+
+/// `twillctl token ...`: bootstrap tokens.
+fn token(conn: &ConnFlags, cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Create {
             ttl,
             description,
             nodes,
             node_prefix,
             uses,
-        }) => {
+        } => {
             let req = twill_proto::CreateTokenRequest {
                 ttl_seconds: ttl.as_secs(),
                 description: description.unwrap_or_default(),
@@ -632,149 +719,108 @@ fn run(cli: Cli) -> Result<()> {
             }
             emit(&format!("{token}\n"))
         }
-        Command::Token(TokenCommand::List) => {
+        TokenCommand::List => {
             let ts = call(
                 conn,
                 "token list",
                 |mut a| async move { a.list_tokens().await },
             )?;
             emit_list(
-                &output::render_tokens(&ts, format, SystemTime::now()),
+                &output::render_tokens(&ts, conn.output, SystemTime::now()),
                 "No bootstrap tokens found.",
             )
         }
-        Command::Token(TokenCommand::Delete { id }) => {
+        TokenCommand::Delete { id } => {
             let arg = id.clone();
             call(conn, "token delete", |mut a| async move {
                 a.delete_token(&arg).await
             })?;
-            emit(&output::render_token_deleted(&id, format))
+            emit(&output::render_token_deleted(&id, conn.output))
         }
-        Command::Status {
-            network: NetworkFlag { network },
-        } => {
-            let net = network.clone();
-            let s = call_in(conn, "status", &network, |mut a| async move {
-                a.status(&net).await
-            })?;
-            emit(&output::render_status(&s, format, SystemTime::now()))
-        }
-        Command::Networks => {
-            let ns = call(
-                conn,
-                "networks",
-                |mut a| async move { a.list_networks().await },
-            )?;
-            emit_list(&output::render_networks(&ns, format), "No networks found.")
-        }
-        Command::Leases {
-            network: NetworkFlag { network },
-            prefix,
-            subnet,
-            page_size,
-        } => {
-            let subnet = subnet.unwrap_or_default();
-            let (p, sn, net) = (prefix.clone(), subnet.clone(), network.clone());
-            let resp = call_in(conn, "leases", &network, |mut a| async move {
-                a.list_all_leases(&net, &p, &sn, page_size).await
-            })?;
-            let mut why = Vec::new();
-            if !network.is_default() {
-                why.push(format!("in network {network}"));
-            }
-            if !prefix.is_empty() {
-                why.push(format!("with prefix {prefix:?}"));
-            }
-            if !subnet.is_empty() {
-                why.push(format!("in {subnet}"));
-            }
-            let none = if why.is_empty() {
-                "No leases found.".to_string()
-            } else {
-                format!("No leases found {}.", why.join(" "))
-            };
-            emit_list(
-                &output::render_leases(&resp, format, SystemTime::now()),
-                &none,
-            )
-        }
-        Command::Lease(LeaseCommand::Get {
+    }
+}
+
+/// `twillctl leases`: every lease of `network` whose node name starts with `prefix`
+/// and whose subnet lies in `subnet` (empty: any), fetched `page_size` at a time.
+fn leases(
+    conn: &ConnFlags,
+    network: NetworkName,
+    prefix: String,
+    subnet: String,
+    page_size: u32,
+) -> Result<()> {
+    let (p, sn, net) = (prefix.clone(), subnet.clone(), network.clone());
+    let resp = call_in(conn, "leases", &network, |mut a| async move {
+        a.list_all_leases(&net, &p, &sn, page_size).await
+    })?;
+    let mut why = Vec::new();
+    if !network.is_default() {
+        why.push(format!("in network {network}"));
+    }
+    if !prefix.is_empty() {
+        why.push(format!("with prefix {prefix:?}"));
+    }
+    if !subnet.is_empty() {
+        why.push(format!("in {subnet}"));
+    }
+    let none = if why.is_empty() {
+        "No leases found.".to_string()
+    } else {
+        format!("No leases found {}.", why.join(" "))
+    };
+    emit_list(
+        &output::render_leases(&resp, conn.output, SystemTime::now()),
+        &none,
+    )
+}
+
+/// `twillctl lease get|revoke`: one node's lease.
+fn lease(conn: &ConnFlags, cmd: LeaseCommand) -> Result<()> {
+    match cmd {
+        LeaseCommand::Get {
             network: NetworkFlag { network },
             node,
-        }) => {
+        } => {
             let net = network.clone();
             let l = call_in(conn, "lease get", &network, |mut a| async move {
                 a.get_lease(&net, &node).await
             })?;
-            emit(&output::render_lease(&l, format, SystemTime::now()))
+            emit(&output::render_lease(&l, conn.output, SystemTime::now()))
         }
-        Command::Lease(LeaseCommand::Revoke {
+        LeaseCommand::Revoke {
             network: NetworkFlag { network },
             node,
-        }) => {
+        } => {
             let net = network.clone();
             let l = call_in(conn, "lease revoke", &network, |mut a| async move {
                 a.revoke_lease(&net, &node).await
             })?;
-            emit(&output::render_revoked(&l, format))
+            emit(&output::render_revoked(&l, conn.output))
         }
-        Command::Reserve {
-            network: NetworkFlag { network },
-            node,
-            subnets,
-        } => {
-            let (v4, v6) = per_family(&subnets)?;
-            let net = network.clone();
-            let r = call_in(conn, "reserve", &network, |mut a| async move {
-                a.reserve(&net, &node, &v4, &v6).await
-            })?;
-            emit(&output::render_reservation_change(&r, "created", format))
-        }
-        Command::Unreserve {
-            network: NetworkFlag { network },
-            node,
-        } => {
-            let net = network.clone();
-            let r = call_in(conn, "unreserve", &network, |mut a| async move {
-                a.unreserve(&net, &node).await
-            })?;
-            emit(&output::render_reservation_change(&r, "deleted", format))
-        }
-        Command::Reservations {
-            network: NetworkFlag { network },
-        } => {
-            let wide = format != Format::Table;
-            let net = network.clone();
-            let (rs, leases) = call_in(conn, "reservations", &network, |mut a| async move {
-                let rs = a.list_reservations(&net).await?;
-                let leases = if wide && !rs.is_empty() {
-                    Some(a.list_all_leases(&net, "", "", PAGE_SIZE).await?.leases)
-                } else if wide {
-                    Some(Vec::new())
-                } else {
-                    None
-                };
-                Ok((rs, leases))
-            })?;
-            emit_list(
-                &output::render_reservations(&rs, leases.as_deref(), format),
-                "No reservations found.",
-            )
-        }
-        Command::Config {
-            network: NetworkFlag { network },
-        } => {
-            let net = network.clone();
-            let c = call_in(conn, "config", &network, |mut a| async move {
-                a.get_config(&net).await
-            })?;
-            emit(&output::render_config(&c, format))
-        }
-        Command::Watch {
-            networks,
-            from_revision,
-        } => watch(conn, &networks, from_revision),
     }
+}
+
+/// `twillctl reservations`: the reservations of `network`; the wide formats show the
+/// lease each one's node holds beside it.
+fn reservations(conn: &ConnFlags, network: NetworkName) -> Result<()> {
+    let format = conn.output;
+    let wide = format != Format::Table;
+    let net = network.clone();
+    let (rs, leases) = call_in(conn, "reservations", &network, |mut a| async move {
+        let rs = a.list_reservations(&net).await?;
+        let leases = if wide && !rs.is_empty() {
+            Some(a.list_all_leases(&net, "", "", PAGE_SIZE).await?.leases)
+        } else if wide {
+            Some(Vec::new())
+        } else {
+            None
+        };
+        Ok((rs, leases))
+    })?;
+    emit_list(
+        &output::render_reservations(&rs, leases.as_deref(), format),
+        "No reservations found.",
+    )
 }
 
 /// A subnet argument, as typed, with its family.
