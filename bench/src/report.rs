@@ -65,6 +65,26 @@ struct Target {
     met: Option<bool>,
 }
 
+/// What one more connected agent (with its lease) adds to the controller's RSS at the
+/// end of a run, in KB: the slope between the smallest and the largest N of Twill's
+/// rows on one network, and those two N.
+fn memory_per_agent(res: &Results) -> Option<(f64, usize, usize)> {
+    let mut rows = res
+        .rows
+        .iter()
+        .filter(|r| r.networks <= 1)
+        .filter_map(|r| Some((r.nodes, r.twill.as_ref()?.median.end_rss_mb)))
+        .filter(|(_, rss)| rss.is_finite());
+    let first = rows.next()?;
+    let (lo, hi) = rows.fold((first, first), |(lo, hi), r| {
+        (
+            if r.0 < lo.0 { r } else { lo },
+            if r.0 > hi.0 { r } else { hi },
+        )
+    });
+    (hi.0 > lo.0).then(|| ((hi.1 - lo.1) * 1024.0 / (hi.0 - lo.0) as f64, lo.0, hi.0))
+}
+
 fn targets(res: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     let row = res.rows.iter().find(|r| r.nodes == 5000);
@@ -106,6 +126,15 @@ fn targets(res: &Results) -> Vec<Target> {
         goal: "< 150 MB".into(),
         got: rss.map_or("not run".into(), |v| format!("{} MB", f(v, 0))),
         met: check(rss, &|v| v < 150.0),
+    });
+    let per_agent = memory_per_agent(res);
+    out.push(Target {
+        what: "controller memory per connected agent (slope of the end RSS against N)".into(),
+        goal: "≤ 20 KB".into(),
+        got: per_agent.map_or("not run (give two node counts)".into(), |(kb, lo, hi)| {
+            format!("{} KB (N = {lo} → {hi})", f(kb, 1))
+        }),
+        met: per_agent.and_then(|(kb, _, _)| check(Some(kb), &|v| v <= 20.0)),
     });
     let fan_ratio = match (tw, et) {
         (Some(t), Some(e)) => Some(e.fanout_from_send_ms.p99 / t.fanout_from_send_ms.p99),
@@ -1057,6 +1086,33 @@ mod tests {
             two.contains("| N=5,000 on 2 networks (10,000 leases) join storm converged |"),
             "{two}"
         );
+    }
+
+    #[test]
+    fn memory_per_agent_is_the_slope_of_the_end_rss_on_one_network() {
+        let row = |nodes, networks, rss| {
+            let mut r = storm_row(nodes, networks);
+            r.twill.as_mut().unwrap().median.end_rss_mb = rss;
+            r
+        };
+        let res = Results {
+            rows: vec![
+                row(5000, 1, 210.0),
+                row(1000, 1, 60.0),
+                row(2000, 1, 95.0),
+                row(5000, 2, 320.0),
+            ],
+            ..Default::default()
+        };
+        let (kb, lo, hi) = memory_per_agent(&res).unwrap();
+        assert_eq!((lo, hi), (1000, 5000), "the outer N of one network");
+        assert!((kb - 38.4).abs() < 1e-9, "{kb}");
+        assert!(markdown(&res).contains("| 38.4 KB (N = 1000 → 5000) | **missed** |"));
+        let one = Results {
+            rows: vec![row(5000, 1, 210.0)],
+            ..Default::default()
+        };
+        assert!(memory_per_agent(&one).is_none(), "one N: no slope");
     }
 
     #[test]
