@@ -166,12 +166,14 @@ async fn broadcast(pki: &Pki, names: &[String], record: Bytes) -> Result<(f64, D
     });
 
     let len = record.len();
+    // The CA is read once for all N clients.
+    let trusted = Arc::new(roots(pki)?);
     let (got_tx, mut got_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
     let sem = Arc::new(Semaphore::new(CONNECT_PARALLEL));
     let started = Instant::now();
     let mut connects = JoinSet::new();
     for name in names {
-        let connector = TlsConnector::from(client_tls(pki, name)?);
+        let connector = TlsConnector::from(client_tls(pki, &trusted, name)?);
         let sem = sem.clone();
         connects.spawn(async move {
             let _permit = sem.acquire_owned().await?;
@@ -291,13 +293,17 @@ fn server_tls(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Node `name`'s side: trusts the CA, presents its certificate.
-fn client_tls(pki: &Pki, name: &str) -> Result<Arc<rustls::ClientConfig>> {
+/// Node `name`'s side: trusts `roots` (the CA), presents its certificate.
+fn client_tls(
+    pki: &Pki,
+    roots: &Arc<rustls::RootCertStore>,
+    name: &str,
+) -> Result<Arc<rustls::ClientConfig>> {
     let node = pki.node(name);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(pki)?)
+        .with_root_certificates(roots.clone())
         .with_client_auth_cert(
             certs(&node.cert_pem)?,
             PrivateKeyDer::from_pem_slice(node.key_pem.as_bytes())?,
