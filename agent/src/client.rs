@@ -2,7 +2,9 @@
 //! limits, a deadline on every call, the reassembly of a reset sent in parts, and the
 //! jittered exponential backoff every retry loop of the agent uses.
 
+use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -130,6 +132,39 @@ pub fn channel(url: &str, tls: &TlsFiles<'_>) -> Result<Channel, ClientError> {
 /// A lazily connecting channel presenting `pem`'s certificate.
 pub fn mtls_channel(url: &str, pem: &ClientPem) -> Result<Channel, ClientError> {
     endpoint(url, pem.client_tls()).map(|e| e.connect_lazy())
+}
+
+/// How a channel to one of the controller's URLs is made from the TLS material in use:
+/// [`Dial::mtls`] in the agent; the daemon's tests dial controllers in the same
+/// process instead, so that failover and rotation run without a network.
+#[derive(Clone)]
+pub struct Dial(Arc<DialFn>);
+
+type DialFn = dyn Fn(&str, &ClientPem) -> Result<Channel, ClientError> + Send + Sync;
+
+impl Dial {
+    /// A lazily connecting mutual-TLS channel ([`mtls_channel`]).
+    pub fn mtls() -> Self {
+        Dial(Arc::new(mtls_channel))
+    }
+
+    /// Channels made by `f`.
+    pub fn with(
+        f: impl Fn(&str, &ClientPem) -> Result<Channel, ClientError> + Send + Sync + 'static,
+    ) -> Self {
+        Dial(Arc::new(f))
+    }
+
+    /// A channel to `url` presenting `pem`'s certificate.
+    pub fn dial(&self, url: &str, pem: &ClientPem) -> Result<Channel, ClientError> {
+        (self.0)(url, pem)
+    }
+}
+
+impl fmt::Debug for Dial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dial")
+    }
 }
 
 /// The controller at `url` (which must be `https://`) with `tls` and the agent's

@@ -44,10 +44,32 @@ pub fn skip(test: &str, why: &str) {
     loud(&format!("SKIPPED: {test}: {why}"));
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (another process may still take it
-/// before the test's server binds it).
-pub fn free_port() -> u16 {
-    free_ports(1).expect("bind a free port on 127.0.0.1")[0]
+/// How many times [`on_free_ports`] starts a daemon whose port was taken.
+const PORT_TRIES: usize = 5;
+
+/// A daemon started by `start` on `n` free ports, started again on new ones when a
+/// port was taken between being picked and bound (another test's outgoing connection
+/// can be given the same ephemeral port). `start` returns the daemon, or why it did
+/// not come up with its log, which tells whether a port was taken.
+pub fn on_free_ports<T>(n: usize, mut start: impl FnMut(&[u16]) -> Result<T, String>) -> T {
+    for attempt in 1.. {
+        let ports = free_ports(n).expect("bind free ports on 127.0.0.1");
+        match start(&ports) {
+            Ok(daemon) => return daemon,
+            Err(why) if attempt < PORT_TRIES && port_taken(&why) => {
+                loud(&format!(
+                    "ports {ports:?} were taken before the daemon bound them; trying others"
+                ));
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// Whether a daemon's log says it could not bind its port.
+pub fn port_taken(log: &str) -> bool {
+    log.to_ascii_lowercase().contains("address already in use")
 }
 
 /// `n` distinct free ports on 127.0.0.1: every listener is held until all are picked,

@@ -18,11 +18,11 @@ use tokio::time::{sleep_until, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tracing::{error, info, warn};
-use twill_agent::client::{self, no_answer, TlsFiles};
+use twill_agent::client::{self, no_answer, Dial, TlsFiles};
 use twill_agent::dataplane::netlink::Netlink;
 use twill_agent::dataplane::Underlay;
 use twill_agent::identity::rotation::{self, Credentials, RotateError};
-use twill_agent::identity::{self, CertCheck, CertInfo};
+use twill_agent::identity::{self, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::plane::vxlan_overhead;
 use twill_agent::schedule::{later, Retry};
@@ -41,12 +41,14 @@ use crate::http::{self, Stats};
 
 mod kernel;
 mod networks;
+mod rotating;
 #[cfg(test)]
 mod tests;
 
 use crate::Args;
 use kernel::Kernel;
 use networks::{Membership, Wanted};
+use rotating::Rotation;
 
 /// Longest wait between retries of a controller call.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -121,6 +123,7 @@ pub async fn run(args: Args) -> Result<()> {
             key: &args.tls_key,
             ca: &args.tls_ca,
         },
+        Dial::mtls(),
     )?;
     stats
         .cert_expiry
@@ -385,8 +388,7 @@ impl Agent {
         let mut acquiring = Acquiring::default();
         let mut watch: WatchSession<Streaming<WatchResponse>, Api> = WatchSession::new(BACKOFF_CAP);
         let mut opening: Call<(Streaming<WatchResponse>, Api)> = None;
-        let mut rotate = Retry::at(self.next_rotation(), BACKOFF_CAP);
-        let mut rotating: Call<CertInfo, RotateError> = None;
+        let mut rotation = Rotation::new(&self.args, &self.node, &self.creds);
         let mut tick = tokio::time::interval(self.args.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let grace = (self.args.reconcile_interval.as_secs() as i64 * 3).max(60);
@@ -493,35 +495,14 @@ impl Agent {
                         }
                     }
                 }
-                () = sleep_until(rotate.due()), if rotating.is_none() => {
-                    rotating = Some(self.start_rotation());
+                () = sleep_until(rotation.due()), if rotation.idle() => {
+                    rotation.start(self.channel.clone());
                 }
-                r = finished(&mut rotating) => {
-                    match r {
-                        Ok(info) => {
-                            self.stats.cert_rotations.inc();
-                            info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
-                            rotate.settled();
-                            if self.reload_credentials() {
-                                watch.move_to_current();
-                                rotate.set(self.next_rotation());
-                            } else {
-                                // Still on the old certificate, which is due: do not
-                                // ask for certificates in a tight loop.
-                                rotate.failed(false, 0);
-                            }
-                        }
-                        Err(e) => {
-                            self.stats.cert_rotation_failures.inc();
-                            let wait = rotate.failed(false, 0);
-                            warn!(node = %self.node, error = %e, hint = e.hint(), retry_in = ?wait, "cannot rotate the node certificate; the current one stays in use");
-                        }
-                    }
-                }
+                r = rotation.finished() => self.on_rotated(r, &mut rotation, &mut watch),
                 _ = tick.tick() => {
-                    if rotating.is_none() && self.reload_credentials() {
+                    if rotation.idle() && self.reload_credentials() {
                         watch.move_to_current();
-                        rotate.set(self.next_rotation());
+                        rotation.schedule(&self.creds);
                     }
                     self.on_tick().await;
                     self.kernel.reconcile(true, watch.revision()).await;
@@ -531,10 +512,10 @@ impl Agent {
         }
         drop(watch);
         drop(acquiring);
+        rotation.abort();
         for call in [
             discovering.map(|h| h.abort_handle()),
             opening.map(|h| h.abort_handle()),
-            rotating.map(|h| h.abort_handle()),
         ]
         .into_iter()
         .flatten()
@@ -566,54 +547,32 @@ impl Agent {
         Ok(())
     }
 
-    /// When to rotate the node certificate: at a jittered 70–90 % of its lifetime when
-    /// the agent manages it (`--bootstrap-token-file`), else never (certificates
-    /// brought by the operator are theirs to replace; the agent picks them up).
-    fn next_rotation(&self) -> Instant {
-        let never = later(Duration::MAX);
-        if self.args.bootstrap_token_file.is_none() {
-            return never;
-        }
-        let Some(info) = &self.creds.info else {
-            return never;
-        };
-        let delay =
-            rotation::rotation_delay(info, self.creds.received_at, now_unix(), rotation::jitter());
-        info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), rotate_in = ?delay, "node certificate rotation scheduled");
-        later(delay)
-    }
-
-    /// Gets a new node certificate: renewed with the current one while it is valid;
-    /// once it is not (the controller was away past its expiry, or the files were
-    /// damaged), only the bootstrap token can get one.
-    fn start_rotation(&self) -> JoinHandle<Result<CertInfo, RotateError>> {
-        let node = self.node.clone();
-        let (cert, key) = (self.args.tls_cert.clone(), self.args.tls_key.clone());
-        let deadline = self.args.call_timeout;
-        if let CertCheck::Needed(why) = identity::check_certificate(&cert, &key, &node, now_unix())
-        {
-            warn!(node = %node, reason = %why, "the node certificate cannot be renewed; bootstrapping again with the token");
-            let controller = self.args.controller.clone();
-            let ca = self.args.tls_ca.clone();
-            let token_file = self.args.bootstrap_token_file.clone().unwrap_or_default();
-            return tokio::spawn(async move {
-                let cfg = identity::Bootstrap {
-                    controller: &controller,
-                    node: &node,
-                    cert: &cert,
-                    key: &key,
-                    ca: &ca,
-                    token_file: &token_file,
-                    call_timeout: deadline,
-                    backoff_cap: BACKOFF_CAP,
-                };
-                match identity::bootstrap(&cfg).await? {
-                    identity::Outcome::Issued(info) | identity::Outcome::Present(info) => Ok(info),
+    /// A rotation ended: on success the channel and the watch move to the new
+    /// certificate and the next rotation is counted from it.
+    fn on_rotated(
+        &mut self,
+        r: Result<CertInfo, RotateError>,
+        rotation: &mut Rotation,
+        watch: &mut WatchSession<Streaming<WatchResponse>, Api>,
+    ) {
+        match r {
+            Ok(info) => {
+                self.stats.cert_rotations.inc();
+                info!(node = %self.node, serial = %info.serial, not_after = %info.not_after_rfc3339(), "node certificate rotated");
+                if self.reload_credentials() {
+                    watch.move_to_current();
+                    rotation.schedule(&self.creds);
+                } else {
+                    // Still on the old certificate, which is due.
+                    rotation.retry_later();
                 }
-            });
+            }
+            Err(e) => {
+                self.stats.cert_rotation_failures.inc();
+                let wait = rotation.retry_later();
+                warn!(node = %self.node, error = %e, hint = e.hint(), retry_in = ?wait, "cannot rotate the node certificate; the current one stays in use");
+            }
         }
-        let channel = self.channel.clone();
-        tokio::spawn(async move { rotation::renew(channel, &node, &cert, &key, deadline).await })
     }
 
     /// Moves new calls to another controller URL, if there is more than one: the one

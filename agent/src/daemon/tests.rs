@@ -14,17 +14,20 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status};
+use twill_agent::client::Dial;
 use twill_agent::dataplane::{
     DataPlane, DataPlaneError, Device, Family, KernelState, Route, Underlay, VxlanSpec,
 };
 use twill_agent::identity::rotation::Credentials;
+use twill_agent::identity::CertCheck;
 use twill_common::model::Mac;
 use twill_proto::agent_service_server::{AgentService, AgentServiceServer};
+use twill_proto::identity_service_server::{IdentityService, IdentityServiceServer};
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
-    AcquireRequest, AcquireResponse, GetNetworkConfigRequest, Lease, LeaseEvent,
-    ListNetworksRequest, ListNetworksResponse, NetworkConfig, ReleaseRequest, ReleaseResponse,
-    WatchRequest, WatchResponse,
+    AcquireRequest, AcquireResponse, BootstrapRequest, BootstrapResponse, GetNetworkConfigRequest,
+    Lease, LeaseEvent, ListNetworksRequest, ListNetworksResponse, NetworkConfig, ReleaseRequest,
+    ReleaseResponse, RenewRequest, WatchRequest, WatchResponse,
 };
 
 use super::*;
@@ -85,6 +88,10 @@ struct Seen {
     releases: Vec<ReleaseRequest>,
     /// ListNetworks calls answered.
     lists: usize,
+    /// Renewals of the node certificate answered.
+    renewals: usize,
+    /// The client certificate (PEM) of each channel the agent made to this controller.
+    dialled: Vec<Vec<u8>>,
 }
 
 /// The sending end of a watch stream.
@@ -96,6 +103,10 @@ struct FakeController {
     seen: Arc<Mutex<Seen>>,
     /// Open silent streams, kept so that they stay open.
     parked: Arc<Mutex<Vec<Stream>>>,
+    /// Whether it is down: every call fails as an unreachable controller's would.
+    down: Arc<Mutex<bool>>,
+    /// The CA that signs renewed node certificates (the one `pki` made).
+    ca: Arc<Mutex<Option<Arc<twill_pki::Ca>>>>,
 }
 
 fn lease(node: &str, n: u8, revision: u64) -> Lease {
@@ -141,6 +152,21 @@ impl FakeController {
         }
     }
 
+    /// Takes the controller down: its open watches end and every call fails as if
+    /// nothing answered.
+    fn go_down(&self) {
+        *self.down.lock() = true;
+        self.parked.lock().clear();
+    }
+
+    /// A call to a controller that is down fails.
+    fn answering(&self) -> Result<(), Status> {
+        if *self.down.lock() {
+            return Err(Status::unavailable("connection refused"));
+        }
+        Ok(())
+    }
+
     /// Sends `msg` on the watch stream opened last (and left open).
     fn send(&self, msg: WatchResponse) {
         let parked = self.parked.lock();
@@ -158,6 +184,7 @@ impl AgentService for FakeController {
         &self,
         req: Request<GetNetworkConfigRequest>,
     ) -> Result<Response<NetworkConfig>, Status> {
+        self.answering()?;
         let req = req.into_inner();
         self.seen.lock().configs.push(req.clone());
         // A network's configuration is the same for every node: only joining it
@@ -176,6 +203,7 @@ impl AgentService for FakeController {
         &self,
         _: Request<ListNetworksRequest>,
     ) -> Result<Response<ListNetworksResponse>, Status> {
+        self.answering()?;
         let mut networks = vec![NetworkConfig {
             net_conf_json: NET_CONF.into(),
             name: "default".into(),
@@ -196,6 +224,7 @@ impl AgentService for FakeController {
         &self,
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
+        self.answering()?;
         let req = req.into_inner();
         self.seen.lock().acquires.push(req.clone());
         let network = self
@@ -238,6 +267,7 @@ impl AgentService for FakeController {
         &self,
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
+        self.answering()?;
         self.seen.lock().releases.push(req.into_inner());
         Ok(Response::new(ReleaseResponse::default()))
     }
@@ -248,6 +278,7 @@ impl AgentService for FakeController {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.answering()?;
         self.seen.lock().watches.push(req.into_inner());
         let (tx, rx) = mpsc::channel(16);
         match self.script.lock().watches.pop_front() {
@@ -262,13 +293,45 @@ impl AgentService for FakeController {
     }
 }
 
+#[tonic::async_trait]
+impl IdentityService for FakeController {
+    async fn bootstrap(
+        &self,
+        _: Request<BootstrapRequest>,
+    ) -> Result<Response<BootstrapResponse>, Status> {
+        Err(Status::unimplemented("the fake renews only"))
+    }
+
+    /// Signs the request's key for an hour, as the controller does for a node that
+    /// presents its current certificate.
+    async fn renew(
+        &self,
+        req: Request<RenewRequest>,
+    ) -> Result<Response<BootstrapResponse>, Status> {
+        self.answering()?;
+        let csr = twill_pki::parse_node_csr(&req.into_inner().csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let validity = twill_pki::Validity::lasting(Duration::from_secs(3600));
+        let ca = self.ca.lock().clone().expect("a CA");
+        let signed = ca
+            .sign_node(&csr, validity)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.seen.lock().renewals += 1;
+        Ok(Response::new(BootstrapResponse {
+            certificate_chain_pem: signed.cert_pem,
+            not_after_unix: 0,
+        }))
+    }
+}
+
 /// A channel to `fake` over in-memory connections (a new one each time the channel
 /// connects).
-async fn connect(fake: FakeController) -> Channel {
+fn connect(fake: FakeController) -> Channel {
     let (conns_tx, conns_rx) = mpsc::unbounded_channel();
     tokio::spawn(
         Server::builder()
-            .add_service(AgentServiceServer::new(fake))
+            .add_service(AgentServiceServer::new(fake.clone()))
+            .add_service(IdentityServiceServer::new(fake))
             .serve_with_incoming(
                 UnboundedReceiverStream::new(conns_rx).map(Ok::<_, std::io::Error>),
             ),
@@ -409,13 +472,16 @@ impl DataPlane for MemoryKernel {
     }
 }
 
-/// A node certificate, its key and the CA in `dir`.
-fn pki(dir: &std::path::Path) -> [PathBuf; 3] {
-    let validity = twill_pki::Validity::lasting(Duration::from_secs(3600));
-    let ca = twill_pki::new_ca(validity).expect("a CA");
-    let node = twill_pki::Ca::from_pem(&ca.cert_pem, &ca.key_pem)
-        .expect("the CA")
-        .issue(&twill_pki::Role::Node("node-a".into()), validity)
+/// A node certificate lasting `lifetime`, its key and the CA in `dir`; the CA.
+fn pki(dir: &std::path::Path, lifetime: Duration) -> ([PathBuf; 3], twill_pki::Ca) {
+    let ca =
+        twill_pki::new_ca(twill_pki::Validity::lasting(Duration::from_secs(3600))).expect("a CA");
+    let signer = twill_pki::Ca::from_pem(&ca.cert_pem, &ca.key_pem).expect("the CA");
+    let node = signer
+        .issue(
+            &twill_pki::Role::Node("node-a".into()),
+            twill_pki::Validity::lasting(lifetime),
+        )
         .expect("a node certificate");
     let files = [
         dir.join("node.crt"),
@@ -428,7 +494,13 @@ fn pki(dir: &std::path::Path) -> [PathBuf; 3] {
     {
         std::fs::write(f, pem).expect("write");
     }
-    files
+    // The key is the agent's alone, as a rotation demands.
+    std::fs::set_permissions(
+        &files[1],
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    (files, signer)
 }
 
 /// An agent for node-a on `fake`, its files in `dir`, its kernel in memory.
@@ -442,13 +514,41 @@ async fn node_a_with(
     dir: &std::path::Path,
     flags: &[&str],
 ) -> (Agent, MemoryKernel) {
-    let [cert, key, ca] = pki(dir);
+    node_a_on(&[fake], dir, flags, Duration::from_secs(3600)).await
+}
+
+/// `node_a_with` on replicas `fakes` (at `https://127.0.0.<i + 1>:9`), its node
+/// certificate lasting `lifetime` (the fakes renew it with the same CA).
+async fn node_a_on(
+    fakes: &[&FakeController],
+    dir: &std::path::Path,
+    flags: &[&str],
+    lifetime: Duration,
+) -> (Agent, MemoryKernel) {
+    let ([cert, key, ca], signer) = pki(dir, lifetime);
+    let urls: Vec<String> = (1..=fakes.len())
+        .map(|i| format!("https://127.0.0.{i}:9"))
+        .collect();
+    let signer = Arc::new(signer);
+    for fake in fakes {
+        *fake.ca.lock() = Some(signer.clone());
+    }
+    let by_url: BTreeMap<String, FakeController> = urls
+        .iter()
+        .cloned()
+        .zip(fakes.iter().map(|f| (*f).clone()))
+        .collect();
+    let dial = Dial::with(move |url, pem| {
+        let fake = by_url[url].clone();
+        fake.seen.lock().dialled.push(pem.cert.clone());
+        Ok(connect(fake))
+    });
     let subnet_file = dir.join("subnet.env");
     let subnet_dir = dir.join("networks");
     let mut argv = vec![
         "twill-agent".to_string(),
         "--controller".into(),
-        "https://127.0.0.1:9".into(),
+        urls.join(","),
         "--node-name".into(),
         "node-a".into(),
         "--tls-cert".into(),
@@ -471,8 +571,8 @@ async fn node_a_with(
         key: &args.tls_key,
         ca: &args.tls_ca,
     };
-    let (creds, _) = Credentials::load(&args.controller, "node-a", &files).expect("credentials");
-    let channel = connect(fake.clone()).await;
+    let (creds, channel) =
+        Credentials::load(&args.controller, "node-a", &files, dial).expect("credentials");
     let memory = MemoryKernel::default();
     let underlay = Underlay {
         index: 2,
@@ -1042,4 +1142,132 @@ async fn with_only_default_joined_no_request_names_a_network() {
     assert_eq!(seen.releases.len(), 1);
     assert!(seen.releases[0].network.is_empty(), "Release");
     assert_eq!(seen.lists, 0, "ListNetworks is for '*' only");
+}
+
+/// Sends a reset of node-2's and node-3's leases at `revision`, in two parts, on the
+/// watch `fake` has open, and waits until the agent programmed both.
+async fn two_peers(fake: &FakeController, memory: &MemoryKernel, revision: u64) {
+    until("a watch", || !fake.seen.lock().watches.is_empty()).await;
+    for part in peers_reset(revision) {
+        fake.send(part);
+    }
+    until("both peers' routes", || {
+        memory.state.lock().routes.len() == 2
+    })
+    .await;
+}
+
+/// A grant of `ttl_seconds` for each of the next `n` Acquires.
+fn grants(n: usize, ttl_seconds: u64) -> VecDeque<Answer> {
+    (0..n).map(|_| Answer::Grant { ttl_seconds }).collect()
+}
+
+#[tokio::test]
+async fn a_controller_that_dies_is_left_for_the_other_and_the_lease_and_routes_stay() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (a, b) = (FakeController::default(), FakeController::default());
+    for fake in [&a, &b] {
+        fake.script.lock().acquires = grants(50, 3);
+    }
+    let (agent, memory) = node_a_on(&[&a, &b], dir.path(), &[], Duration::from_secs(3600)).await;
+    let (stop, task) = run_loop(agent);
+    until("the lease from one of them", || {
+        !a.seen.lock().acquires.is_empty() || !b.seen.lock().acquires.is_empty()
+    })
+    .await;
+    let (first, other) = if a.seen.lock().acquires.is_empty() {
+        (&b, &a)
+    } else {
+        (&a, &b)
+    };
+    two_peers(first, &memory, 5).await;
+    let env = std::fs::read_to_string(dir.path().join("subnet.env")).expect("subnet.env");
+    let kernel = memory.state.lock().clone();
+    assert!(
+        other.seen.lock().acquires.is_empty(),
+        "one controller at a time"
+    );
+
+    first.go_down();
+    until("the watch resumed on the other controller", || {
+        !other.seen.lock().watches.is_empty()
+    })
+    .await;
+    assert_eq!(
+        other.seen.lock().watches[0].from_revision,
+        5,
+        "from the revision applied"
+    );
+    until("a renewal on the other controller", || {
+        !other.seen.lock().acquires.is_empty()
+    })
+    .await;
+    assert_eq!(
+        other.seen.lock().acquires[0].requested_subnet,
+        "10.244.1.0/24",
+        "the held subnet"
+    );
+    assert_eq!(*memory.state.lock(), kernel, "no flap");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("subnet.env")).expect("subnet.env"),
+        env
+    );
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+}
+
+#[tokio::test]
+async fn the_certificate_is_rotated_before_it_expires_and_the_watch_moves_to_it_without_a_flap() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    // The key's directory must be the agent's alone.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .expect("chmod");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "abcdef.0123456789abcdef").expect("the token");
+    let fake = FakeController::default();
+    // Due at 70-90 % of five seconds.
+    let (agent, memory) = node_a_on(
+        &[&fake],
+        dir.path(),
+        &["--bootstrap-token-file", token.to_str().expect("utf-8")],
+        Duration::from_secs(5),
+    )
+    .await;
+    let stats = agent.stats.clone();
+    let cert = dir.path().join("node.crt");
+    let old = std::fs::read(&cert).expect("the certificate");
+    let (stop, task) = run_loop(agent);
+    two_peers(&fake, &memory, 5).await;
+    let kernel = memory.state.lock().clone();
+
+    until("a renewal", || fake.seen.lock().renewals == 1).await;
+    until("the watch on the new certificate", || {
+        fake.seen.lock().watches.len() >= 2
+    })
+    .await;
+    let new = std::fs::read(&cert).expect("the certificate");
+    assert_ne!(new, old, "a new certificate in place");
+    assert_eq!(
+        fake.seen.lock().dialled.last(),
+        Some(&new),
+        "new calls present it"
+    );
+    match identity::check_certificate(&cert, &dir.path().join("node.key"), "node-a", now_unix()) {
+        CertCheck::Usable(info) => assert!(info.not_after > now_unix() + 3000, "{info:?}"),
+        CertCheck::Needed(why) => panic!("the rotated pair is unusable: {why}"),
+    }
+    assert_eq!(fake.seen.lock().watches[1].from_revision, 5, "resumed");
+    assert_eq!(stats.cert_rotations.get(), 1);
+    assert_eq!(stats.cert_rotation_failures.get(), 0);
+    assert_eq!(*memory.state.lock(), kernel, "no flap");
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+    assert_eq!(
+        fake.seen.lock().renewals,
+        1,
+        "the next one is due in ~45 minutes"
+    );
 }

@@ -31,7 +31,7 @@ use twill_proto::RenewRequest;
 pub use super::install::finish_install;
 use super::install::Staged;
 use super::{check_certificate, code_name, csr_pem, hint, status_text, CertCheck, CertInfo};
-use crate::client::{self, ClientError, Controllers, TlsFiles};
+use crate::client::{self, ClientError, Controllers, Dial, TlsFiles};
 
 /// Earliest point of the lifetime at which the certificate is rotated.
 pub const ROTATE_FROM: f64 = 0.7;
@@ -58,6 +58,7 @@ pub fn rotation_delay(info: &CertInfo, received_at: i64, now: i64, fraction: f64
 #[derive(Debug)]
 pub struct Credentials {
     controllers: Controllers,
+    dial: Dial,
     node: String,
     cert: PathBuf,
     key: PathBuf,
@@ -72,17 +73,18 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads the files and builds the first channel, to one of `urls` drawn at random
-    /// so that agents spread over the replicas. A certificate this code cannot judge
-    /// usable is still tried (TLS has the last word), but is not rotated.
+    /// Reads the files and builds the first channel with `dial`, to one of `urls` drawn
+    /// at random so that agents spread over the replicas. A certificate this code
+    /// cannot judge usable is still tried (TLS has the last word), but is not rotated.
     pub fn load(
         urls: &[String],
         node: &str,
         files: &TlsFiles<'_>,
+        dial: Dial,
     ) -> Result<(Credentials, Channel), ClientError> {
         let pem = files.read()?;
         let controllers = Controllers::new(urls)?;
-        let channel = client::mtls_channel(controllers.url(), &pem)?;
+        let channel = dial.dial(controllers.url(), &pem)?;
         let info = match check_certificate(files.cert, files.key, node, now_unix()) {
             CertCheck::Usable(info) => Some(info),
             CertCheck::Needed(why) => {
@@ -92,6 +94,7 @@ impl Credentials {
         };
         let creds = Credentials {
             controllers,
+            dial,
             node: node.to_string(),
             cert: files.cert.to_path_buf(),
             key: files.key.to_path_buf(),
@@ -121,7 +124,7 @@ impl Credentials {
             return None;
         }
         // Every URL was checked when loading, and the files read then are unchanged.
-        client::mtls_channel(self.url(), &self.pem).ok()
+        self.dial.dial(self.url(), &self.pem).ok()
     }
 
     /// The files, for calls that read them.
@@ -151,7 +154,7 @@ impl Credentials {
             }
             CertCheck::Needed(_) => self.info.clone(),
         };
-        let channel = match client::mtls_channel(self.url(), &pem) {
+        let channel = match self.dial.dial(self.url(), &pem) {
             Ok(c) => c,
             Err(e) => {
                 self.refused = Some(pem);
@@ -295,20 +298,20 @@ mod tests {
             .unwrap();
         let _enter = rt.enter();
         let urls = ["https://127.0.0.1:1".to_string()];
-        let (mut creds, _) = Credentials::load(&urls, "node-a", &files).unwrap();
+        let (mut creds, _) = Credentials::load(&urls, "node-a", &files, Dial::mtls()).unwrap();
         assert!(creds.fail_over().is_none(), "one controller: nowhere to go");
         let two = [
             "https://127.0.0.1:1".to_string(),
             "https://127.0.0.2:1".to_string(),
         ];
-        let (mut replicas, _) = Credentials::load(&two, "node-a", &files).unwrap();
+        let (mut replicas, _) = Credentials::load(&two, "node-a", &files, Dial::mtls()).unwrap();
         let first = replicas.url().to_string();
         assert!(replicas.fail_over().is_some());
         assert_ne!(replicas.url(), first);
         assert!(replicas.fail_over().is_some());
         assert_eq!(replicas.url(), first, "round and round");
         let bad = ["https://127.0.0.1:1".to_string(), "http://x:1".to_string()];
-        let err = Credentials::load(&bad, "node-a", &files).unwrap_err();
+        let err = Credentials::load(&bad, "node-a", &files, Dial::mtls()).unwrap_err();
         assert!(err.to_string().contains("https://"), "{err}");
         let first = creds.info.clone().unwrap();
         assert!(creds.reload().unwrap().is_none(), "nothing changed");

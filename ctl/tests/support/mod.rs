@@ -21,7 +21,7 @@ use twill_ctl::certs::{self, Ca, Role, Validity};
 use twill_proto::agent_service_client::AgentServiceClient;
 use twill_proto::{AcquireRequest, WatchRequest, WatchResponse};
 pub use twill_tests::kit::mac;
-use twill_tests::kit::{free_port, http_get};
+use twill_tests::kit::{http_get, on_free_ports};
 use twill_tests::wait::{poll_until, Check};
 
 pub const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -101,60 +101,61 @@ impl Controller {
         net_conf: &str,
         networks: &[(&str, &str)],
     ) -> Controller {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("networks")).unwrap();
-        for (name, json) in networks {
-            std::fs::write(
-                dir.path().join("networks").join(format!("{name}.json")),
-                json,
-            )
-            .unwrap();
-        }
-        let net_conf_path = dir.path().join("net-conf.json");
-        std::fs::write(&net_conf_path, net_conf).unwrap();
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.path().join("controller.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(controller_bin());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TWILL_") {
-                cmd.env_remove(k);
+        on_free_ports(2, |ports| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("networks")).unwrap();
+            for (name, json) in networks {
+                std::fs::write(
+                    dir.path().join("networks").join(format!("{name}.json")),
+                    json,
+                )
+                .unwrap();
             }
-        }
-        let child = cmd
-            .arg("--listen")
-            .arg(grpc.to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--net-conf")
-            .arg(&net_conf_path)
-            .arg("--networks-dir")
-            .arg(dir.path().join("networks"))
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .arg("--tls-client-ca")
-            .arg(client_ca)
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--lease-ttl")
-            .arg("24h")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn twill-controller");
-        let mut c = Controller {
-            child,
-            grpc,
-            log,
-            _dir: dir,
-        };
-        c.wait_ready(metrics);
-        c
+            let net_conf_path = dir.path().join("net-conf.json");
+            std::fs::write(&net_conf_path, net_conf).unwrap();
+            let grpc: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+            let metrics: SocketAddr = ([127, 0, 0, 1], ports[1]).into();
+            let log = dir.path().join("controller.log");
+            let log_file = std::fs::File::create(&log).unwrap();
+            let mut cmd = Command::new(controller_bin());
+            for (k, _) in std::env::vars() {
+                if k.starts_with("TWILL_") {
+                    cmd.env_remove(k);
+                }
+            }
+            let child = cmd
+                .arg("--listen")
+                .arg(grpc.to_string())
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .arg("--net-conf")
+                .arg(&net_conf_path)
+                .arg("--networks-dir")
+                .arg(dir.path().join("networks"))
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key)
+                .arg("--tls-client-ca")
+                .arg(client_ca)
+                .arg("--metrics-addr")
+                .arg(metrics.to_string())
+                .arg("--lease-ttl")
+                .arg("24h")
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn twill-controller");
+            let mut c = Controller {
+                child,
+                grpc,
+                log,
+                _dir: dir,
+            };
+            c.ready(metrics).map(|()| c)
+        })
     }
 
     pub fn url(&self) -> String {
@@ -165,10 +166,11 @@ impl Controller {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Polls `/readyz` and the gRPC port until both answer, the process dies, or the deadline passes.
-    fn wait_ready(&mut self, metrics: SocketAddr) {
+    /// Polls `/readyz` and the gRPC port until both answer; why not, with the log, when
+    /// the process dies or the deadline passes.
+    fn ready(&mut self, metrics: SocketAddr) -> Result<(), String> {
         let (child, grpc) = (&mut self.child, self.grpc);
-        let ready = poll_until(
+        poll_until(
             READY_DEADLINE,
             Duration::from_millis(50),
             "twill-controller to be ready",
@@ -187,10 +189,8 @@ impl Controller {
                     },
                 }
             },
-        );
-        if let Err(e) = ready {
-            panic!("{e:#}:\n{}", self.logs());
-        }
+        )
+        .map_err(|e| format!("{e:#}:\n{}", self.logs()))
     }
 }
 

@@ -14,7 +14,7 @@ use twill_pki::{new_ca, Ca, Issued, Role, Validity};
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::agent_service_client::AgentServiceClient;
 pub use twill_tests::kit::mac;
-use twill_tests::kit::{free_port, http_get};
+use twill_tests::kit::{http_get, on_free_ports};
 use twill_tests::wait::{poll_until, Check};
 
 /// A CA and the controller's certificate, in a temp dir.
@@ -88,45 +88,48 @@ impl Controller {
         // The test's own, never the host's /etc/twill/networks.
         let networks_dir = data_dir.with_extension("networks");
         std::fs::create_dir_all(&networks_dir).unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            addr.to_string(),
-            "--metrics-addr".into(),
-            metrics.to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--net-conf".into(),
-            net_conf_path.display().to_string(),
-            "--tls-cert".into(),
-            pki.path("controller.crt").display().to_string(),
-            "--tls-key".into(),
-            pki.path("controller.key").display().to_string(),
-            "--tls-client-ca".into(),
-            pki.path("ca.crt").display().to_string(),
-            "--networks-dir".into(),
-            networks_dir.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let log = data_dir.with_extension("log");
-        let mut c = Controller {
-            child: spawn(&args, &log),
-            addr,
-            metrics,
-            data_dir: data_dir.to_path_buf(),
-            net_conf: net_conf_path,
-            networks_dir,
-            log,
-            args,
-        };
-        c.wait_ready();
-        c
+        on_free_ports(2, |ports| {
+            let addr: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+            let metrics: SocketAddr = ([127, 0, 0, 1], ports[1]).into();
+            let mut args: Vec<String> = vec![
+                "--listen".into(),
+                addr.to_string(),
+                "--metrics-addr".into(),
+                metrics.to_string(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--net-conf".into(),
+                net_conf_path.display().to_string(),
+                "--tls-cert".into(),
+                pki.path("controller.crt").display().to_string(),
+                "--tls-key".into(),
+                pki.path("controller.key").display().to_string(),
+                "--tls-client-ca".into(),
+                pki.path("ca.crt").display().to_string(),
+                "--networks-dir".into(),
+                networks_dir.display().to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let log = data_dir.with_extension("log");
+            let mut c = Controller {
+                child: spawn(&args, &log),
+                addr,
+                metrics,
+                data_dir: data_dir.to_path_buf(),
+                net_conf: net_conf_path.clone(),
+                networks_dir: networks_dir.clone(),
+                log,
+                args,
+            };
+            c.ready().map(|()| c)
+        })
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for /readyz; why not, with the log, when the process exits first or the
+    /// deadline passes.
+    fn ready(&mut self) -> Result<(), String> {
         let (child, metrics) = (&mut self.child, self.metrics);
-        let ready = poll_until(
+        poll_until(
             Duration::from_secs(30),
             Duration::from_millis(20),
             "the controller to be ready",
@@ -138,9 +141,13 @@ impl Controller {
                     Err(e) => Check::NotYet(format!("{e:#}")),
                 },
             },
-        );
-        if let Err(e) = ready {
-            panic!("{e:#}:\n{}", self.log_text());
+        )
+        .map_err(|e| format!("{e:#}:\n{}", self.log_text()))
+    }
+
+    fn wait_ready(&mut self) {
+        if let Err(why) = self.ready() {
+            panic!("{why}");
         }
     }
 
