@@ -109,11 +109,30 @@ pub struct Stats {
     /// Watch messages that replaced the whole peer set (the first one, and any after
     /// the controller could no longer resume from the agent's revision).
     pub watch_resets: Counter,
+    /// Pod addresses the IPAM holds in each network's subnet, by family.
+    pub pod_ips_used: Family<PodIpLabels, Gauge>,
+    /// Pod addresses the IPAM can hand out in each network's subnet, by family.
+    pub pod_ips_total: Family<PodIpLabels, Gauge>,
+    /// Pod attachments reported by twill-cni and live.
+    pub pod_attachments: Gauge,
+    /// Addresses held for attachments whose network namespace is gone.
+    pub pod_ips_leaked: Gauge,
+    /// Attachments whose address the IPAM does not hold.
+    pub pod_ips_conflicts: Gauge,
+}
+
+/// Labels of the pod address gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PodIpLabels {
+    /// The Twill network.
+    pub network: String,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("twill_agent");
+        let mut root = Registry::default();
         let s = Stats {
             registry: Registry::default(),
             health: Health::default(),
@@ -128,7 +147,39 @@ impl Default for Stats {
             cert_rotations: Counter::default(),
             cert_rotation_failures: Counter::default(),
             watch_resets: Counter::default(),
+            pod_ips_used: Family::default(),
+            pod_ips_total: Family::default(),
+            pod_attachments: Gauge::default(),
+            pod_ips_leaked: Gauge::default(),
+            pod_ips_conflicts: Gauge::default(),
         };
+        // REFERENCE 2.11 names the pod address gauges without the agent's prefix.
+        root.register(
+            "twill_pod_ips_used",
+            "Pod addresses the IPAM holds in the network's subnet on this node",
+            s.pod_ips_used.clone(),
+        );
+        root.register(
+            "twill_pod_ips_total",
+            "Pod addresses the IPAM can hand out in the network's subnet on this node",
+            s.pod_ips_total.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("twill_agent");
+        registry.register(
+            "pod_attachments",
+            "Pod attachments reported by twill-cni and live",
+            s.pod_attachments.clone(),
+        );
+        registry.register(
+            "pod_ips_leaked",
+            "Pod addresses held for attachments whose network namespace is gone",
+            s.pod_ips_leaked.clone(),
+        );
+        registry.register(
+            "pod_ips_conflicts",
+            "Pod attachments whose address the IPAM does not hold",
+            s.pod_ips_conflicts.clone(),
+        );
         registry.register("peers", "Peers programmed", s.peers.clone());
         registry.register("reconcile_runs", "Reconcile runs", s.reconciles.clone());
         registry.register(
@@ -181,7 +232,10 @@ impl Default for Stats {
             "Watch messages that replaced the whole peer set",
             s.watch_resets.clone(),
         );
-        Stats { registry, ..s }
+        Stats {
+            registry: root,
+            ..s
+        }
     }
 }
 

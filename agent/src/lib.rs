@@ -18,6 +18,8 @@
 //!   breaks).
 //! - `dataplane`: the only code that touches the kernel (rtnetlink).
 //! - `cni`: the twill-cni plugin (flannel-compatible).
+//! - `pods`: the node's pod attachments as twill-cni reports them, and their check
+//!   against what the IPAM holds.
 //!
 //! The agent talks to the controller only (never to etcd, never to another node's
 //! control plane), and to the kernel only through `dataplane`.
@@ -29,6 +31,7 @@ pub mod identity;
 pub mod iface;
 pub mod peers;
 pub mod plane;
+pub mod pods;
 pub mod reconcile;
 pub mod schedule;
 pub mod watch;

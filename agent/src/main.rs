@@ -91,6 +91,22 @@ pub struct Args {
         default_value = "/run/flannel/networks"
     )]
     pub subnet_dir: PathBuf,
+    /// Unix socket twill-cni reports each pod attachment on (REFERENCE 2.11), root's
+    /// alone; "" for none. Reports sent while the agent is down wait in `reports/`
+    /// beside it and are taken in at the next reconcile.
+    #[arg(
+        long,
+        env = "TWILL_CNI_SOCKET",
+        default_value = "/run/twill/agent.sock"
+    )]
+    pub cni_socket: PathBuf,
+    /// Where the node's pod attachments are kept across agent restarts.
+    #[arg(
+        long,
+        env = "TWILL_ATTACHMENTS_FILE",
+        default_value = "/var/lib/twill/attachments.json"
+    )]
+    pub attachments_file: PathBuf,
     /// Masquerade pod traffic leaving the overlay (recorded as FLANNEL_IPMASQ in subnet.env).
     #[arg(long, env = "TWILL_IP_MASQ", default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub ip_masq: bool,

@@ -140,6 +140,7 @@ fn conf(dir: &Path, version: &str) -> String {
         "subnetFile": dir.join("subnet.env"),
         "dataDir": dir.join("flannel"),
         "ipam": {"dataDir": dir.join("ipam")},
+        "agentSocket": dir.join("run/agent.sock"),
         "delegate": {"isDefaultGateway": true},
     })
     .to_string()
@@ -339,42 +340,62 @@ fn add_check_del_with_real_bridge_and_host_local() {
     );
 }
 
-/// CNI 1.1 GC as a runtime calls it, with the real `bridge` and `host-local`: a pod
-/// whose network namespace went away without a DEL (a crashed runtime) is released
-/// (host-local's address file, the saved config, the host's veth), a pod the runtime
-/// still lists is kept; the freed address can be handed out again.
-#[test]
-#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
-fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
-    let test = "gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local";
-    if !can_run(test) {
-        return;
+/// A "host" namespace and pod namespaces for 1.1.0 ADDs through the real plugins, the
+/// files in a temporary directory; everything goes when it is dropped.
+struct Scene {
+    ns: Namespaces,
+    tmp: tempfile::TempDir,
+    host: String,
+    config: String,
+    cni_path: String,
+}
+
+impl Scene {
+    /// `tw<tag>-<pid>-h` and one namespace `tw<tag>-<pid>-<p>` per pod `p`; `None`
+    /// (after a loud skip) where the test cannot run.
+    fn new(test: &str, tag: &str, pods: &[&str]) -> Option<Scene> {
+        if !can_run(test) {
+            return None;
+        }
+        let pid = std::process::id();
+        let host = format!("tw{tag}-{pid}-h");
+        let mut names = vec![host.clone()];
+        names.extend(pods.iter().map(|p| format!("tw{tag}-{pid}-{p}")));
+        let ns = match Namespaces::create(&names) {
+            Ok(ns) => ns,
+            Err(e) => {
+                skip(test, &e);
+                return None;
+            }
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        write_subnet_env(tmp.path());
+        let config = conf(tmp.path(), "1.1.0");
+        Some(Scene {
+            ns,
+            tmp,
+            host,
+            config,
+            cni_path: format!("/nonexistent:{PLUGINS}"),
+        })
     }
-    let pid = std::process::id();
-    let (host, gone, kept) = (
-        format!("twgc-{pid}-h"),
-        format!("twgc-{pid}-a"),
-        format!("twgc-{pid}-b"),
-    );
-    let mut ns = match Namespaces::create(&[host.clone(), gone.clone(), kept.clone()]) {
-        Ok(ns) => ns,
-        Err(e) => return skip(test, &e),
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    write_subnet_env(dir);
-    let config = conf(dir, "1.1.0");
-    let cni_path = format!("/nonexistent:{PLUGINS}");
-    let add = |cid: &str, pod: &str| -> String {
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// ADD of container `cid` in namespace `pod` with `CNI_ARGS` `args`; its address.
+    fn add(&self, cid: &str, pod: &str, args: &str) -> String {
         let netns = format!("/run/netns/{pod}");
         let env = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", cid),
             ("CNI_NETNS", netns.as_str()),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", cni_path.as_str()),
+            ("CNI_PATH", self.cni_path.as_str()),
+            ("CNI_ARGS", args),
         ];
-        let (rc, result) = cni(Some(&host), &env, &config);
+        let (rc, result) = cni(Some(&self.host), &env, &self.config);
         assert_eq!(rc, 0, "ADD {cid} failed: {result}");
         assert_eq!(
             result["cniVersion"],
@@ -383,22 +404,46 @@ fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
         );
         let addr = result["ips"][0]["address"].as_str().expect("an IP");
         addr.split('/').next().unwrap().to_string()
+    }
+
+    /// GC keeping only `kept`'s attachment.
+    fn gc_keeping(&self, kept: &str) {
+        let mut gc: Value = serde_json::from_str(&self.config).unwrap();
+        gc["cni.dev/valid-attachments"] = json!([{"containerID": kept, "ifname": "eth0"}]);
+        let env = [("CNI_COMMAND", "GC"), ("CNI_PATH", self.cni_path.as_str())];
+        let (rc, out) = cni(Some(&self.host), &env, &gc.to_string());
+        assert_eq!((rc, out), (0, Value::Null), "GC");
+    }
+
+    /// The runtime crashed: `pod`'s namespace is gone, no DEL came.
+    fn crash(&mut self, pod: &str) {
+        must(&["ip", "netns", "del", pod]);
+        self.ns.0.retain(|n| n != pod);
+    }
+}
+
+/// CNI 1.1 GC as a runtime calls it, with the real `bridge` and `host-local`: a pod
+/// whose network namespace went away without a DEL (a crashed runtime) is released
+/// (host-local's address file, the saved config, the host's veth), a pod the runtime
+/// still lists is kept; the freed address can be handed out again.
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
+    let test = "gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local";
+    let Some(mut scene) = Scene::new(test, "gc", &["a", "b"]) else {
+        return;
     };
-    let (gone_cid, kept_cid) = (format!("twgc-{pid}-a"), format!("twgc-{pid}-b"));
-    let gone_ip = add(&gone_cid, &gone);
-    let kept_ip = add(&kept_cid, &kept);
+    let pid = std::process::id();
+    let (gone, kept) = (format!("twgc-{pid}-a"), format!("twgc-{pid}-b"));
+    let (gone_cid, kept_cid) = (gone.clone(), kept.clone());
+    let gone_ip = scene.add(&gone_cid, &gone, "");
+    let kept_ip = scene.add(&kept_cid, &kept, "");
+    let dir = scene.dir().to_path_buf();
     let ipam = dir.join("ipam").join("twcni-test");
     assert!(ipam.join(&gone_ip).exists() && ipam.join(&kept_ip).exists());
 
-    // The runtime crashed: the pod's namespace is gone, no DEL came.
-    must(&["ip", "netns", "del", &gone]);
-    ns.0.retain(|n| *n != gone);
-
-    let mut gc: Value = serde_json::from_str(&config).unwrap();
-    gc["cni.dev/valid-attachments"] = json!([{"containerID": kept_cid, "ifname": "eth0"}]);
-    let env = [("CNI_COMMAND", "GC"), ("CNI_PATH", cni_path.as_str())];
-    let (rc, out) = cni(Some(&host), &env, &gc.to_string());
-    assert_eq!((rc, out), (0, Value::Null), "GC");
+    scene.crash(&gone);
+    scene.gc_keeping(&kept_cid);
     assert!(
         !ipam.join(&gone_ip).exists(),
         "host-local still holds {gone_ip}"
@@ -409,7 +454,16 @@ fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
     );
     assert!(!dir.join("flannel").join(&gone_cid).exists());
     assert!(dir.join("flannel").join(&kept_cid).exists());
-    let veths = must(&["ip", "-n", &host, "-o", "link", "show", "type", "veth"]);
+    let veths = must(&[
+        "ip",
+        "-n",
+        &scene.host,
+        "-o",
+        "link",
+        "show",
+        "type",
+        "veth",
+    ]);
     assert_eq!(
         veths.lines().count(),
         1,
@@ -422,9 +476,9 @@ fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
     for i in 0..300 {
         let pod = format!("twgc-{pid}-{i}");
         let cid = format!("twgc-{pid}-n{i}");
-        ns.0.push(pod.clone());
+        scene.ns.0.push(pod.clone());
         must(&["ip", "netns", "add", &pod]);
-        let ip = add(&cid, &pod);
+        let ip = scene.add(&cid, &pod, "");
         if ip == gone_ip {
             return;
         }
@@ -501,4 +555,217 @@ fn errors_are_cni_json() {
         v["supportedVersions"],
         json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
+}
+
+/// The node's view of its pods (REFERENCE 2.11) against the real plugins and kernel:
+/// each ADD reaches the agent's socket with the pod's name and the address host-local
+/// gave; a pod whose namespace vanished without DEL (a crashed runtime) is found as
+/// exactly that one leaked address; GC releases it and the view follows.
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn the_agent_learns_each_pod_and_finds_the_address_a_crashed_runtime_leaked() {
+    use twill_agent::pods::{ipam, socket};
+
+    let test = "the_agent_learns_each_pod_and_finds_the_address_a_crashed_runtime_leaked";
+    let Some(mut scene) = Scene::new(test, "pv", &["a", "b"]) else {
+        return;
+    };
+    let pid = std::process::id();
+    let (front, gone) = (format!("twpv-{pid}-a"), format!("twpv-{pid}-b"));
+    let dir = scene.dir().to_path_buf();
+
+    // The agent's side of the socket, in this process.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pods = std::sync::Arc::new(socket::Pods::open(&dir.join("attachments.json")));
+    let listener = {
+        let _in_rt = rt.enter();
+        socket::bind(&dir.join("run/agent.sock")).unwrap()
+    };
+    rt.spawn(socket::serve(listener, pods.clone()));
+
+    let pod_args =
+        |name: &str| format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME={name}");
+    let (front_cid, gone_cid) = (front.clone(), gone.clone());
+    let front_ip = scene.add(&front_cid, &front, &pod_args("front-1"));
+    let gone_ip = scene.add(&gone_cid, &gone, &pod_args("batch-7"));
+
+    let ipam_dir = dir.join("ipam").join("twcni-test");
+    let held =
+        || std::collections::BTreeMap::from([(ipam_dir.clone(), ipam::held(&ipam_dir).unwrap())]);
+    let view = pods.snapshot();
+    let mut listed: Vec<(String, String, String)> = view
+        .iter()
+        .map(|a| {
+            (
+                a.pod.clone(),
+                a.key.container_id.clone(),
+                a.ips[0].to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("batch-7".to_string(), gone_cid.clone(), gone_ip.clone()),
+            ("front-1".to_string(), front_cid.clone(), front_ip.clone()),
+        ]
+    );
+    assert!(view
+        .iter()
+        .all(|a| a.namespace == "web" && a.ipam_dir.as_deref() == Some(ipam_dir.as_path())));
+    let exists = |p: &str| Path::new(p).exists();
+    let clean = ipam::check(&view, &held(), &exists);
+    assert_eq!(
+        clean,
+        ipam::Findings::default(),
+        "every address accounted for"
+    );
+    assert_eq!(
+        ipam::used(&held()[&ipam_dir], "10.244.3.0/24".parse().unwrap()),
+        2
+    );
+
+    scene.crash(&gone);
+    let found = ipam::check(&pods.snapshot(), &held(), &exists);
+    let leaked: Vec<(String, String)> = found
+        .leaked
+        .iter()
+        .map(|(k, ip)| (k.container_id.clone(), ip.to_string()))
+        .collect();
+    assert_eq!(
+        leaked,
+        [(gone_cid.clone(), gone_ip.clone())],
+        "exactly that address"
+    );
+    assert!(
+        found.conflicts.is_empty() && found.unknown.is_empty(),
+        "{found:?}"
+    );
+
+    // GC with the runtime's list releases it, and its DEL report reaches the agent.
+    scene.gc_keeping(&front_cid);
+    let view = pods.snapshot();
+    assert_eq!(
+        view.iter()
+            .map(|a| a.key.container_id.as_str())
+            .collect::<Vec<_>>(),
+        [front_cid.as_str()]
+    );
+    assert_eq!(
+        ipam::check(&view, &held(), &exists),
+        ipam::Findings::default()
+    );
+
+    // DEL: gone from the view too.
+    let front_netns = format!("/run/netns/{front}");
+    let env = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", front_cid.as_str()),
+        ("CNI_NETNS", front_netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", scene.cni_path.as_str()),
+    ];
+    assert_eq!(cni(Some(&scene.host), &env, &scene.config).0, 0, "DEL");
+    assert!(pods.snapshot().is_empty());
+    assert!(ipam::held(&ipam_dir).unwrap().is_empty());
+}
+
+/// Who may report (REFERENCE 2.11: root only): even with the socket opened to everyone
+/// by a loose mode, a report from another user is refused by the peer check and
+/// changes nothing; the plugin's own DEL still succeeds.
+#[test]
+#[cfg_attr(
+    not(twill_lab),
+    ignore = "needs root (runs a plugin as another user); CI runs it"
+)]
+fn a_report_from_a_user_other_than_root_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use twill_agent::pods::{socket, Attachment, Key, Op, Report};
+
+    let test = "a_report_from_a_user_other_than_root_is_refused";
+    if !nix::unistd::Uid::effective().is_root() {
+        return skip(test, "not root");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.join("run/agent.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pods = std::sync::Arc::new(socket::Pods::open(&dir.join("attachments.json")));
+    let listener = {
+        let _in_rt = rt.enter();
+        socket::bind(&sock).unwrap()
+    };
+    rt.spawn(socket::serve(listener, pods.clone()));
+    let victim = Report {
+        op: Op::Add,
+        at_ns: 1,
+        attachment: Attachment {
+            key: Key {
+                network: "default".into(),
+                container_id: "victim".into(),
+                ifname: "eth0".into(),
+            },
+            netns: String::new(),
+            namespace: "web".into(),
+            pod: "front-1".into(),
+            ipam_dir: None,
+            ips: vec!["10.244.3.7".parse().unwrap()],
+            added_at_ns: 0,
+        },
+    };
+    socket::deliver(&sock, &victim).unwrap();
+    assert_eq!(pods.snapshot().len(), 1, "root's report is taken");
+    // An operator loosened the modes.
+    std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let config = json!({
+        "cniVersion": "1.0.0", "name": "twcni-test", "type": "twill-cni",
+        "dataDir": dir.join("nobody-data"), "agentSocket": sock,
+    })
+    .to_string();
+    let mut child = Command::new(BIN)
+        .uid(65534)
+        .gid(65534)
+        .env_clear()
+        .envs([
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "victim"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", PLUGINS),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(config.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "DEL as nobody: {stderr}");
+    assert!(
+        stderr.contains("uid 65534"),
+        "the refusal is said: {stderr}"
+    );
+    assert_eq!(
+        pods.snapshot()
+            .iter()
+            .map(|a| a.key.container_id.as_str())
+            .collect::<Vec<_>>(),
+        ["victim"],
+        "nobody's DEL changed nothing"
+    );
+    let queued = std::fs::read_dir(socket::queue_dir(&sock)).map_or(0, |d| d.count());
+    assert_eq!(queued, 0, "nor queued anything for the agent");
 }

@@ -6,6 +6,7 @@
 //! target/bench-results/<scenario>-<N>.json). See BENCHMARKS.md.
 
 mod charts;
+mod cni;
 mod coldstart;
 mod dataplane;
 mod etcd;
@@ -54,6 +55,9 @@ struct Opts {
     /// once unless --repeat-large is given.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// cni-add: ADDs timed of each mode (no report, agent up, agent down).
+    #[arg(long, default_value_t = 100)]
+    adds: usize,
     /// Runs per node count from 5,000 nodes up.
     #[arg(long, default_value_t = 1)]
     repeat_large: usize,
@@ -159,6 +163,9 @@ enum Scenario {
     /// one crash when etcd is installed, dataplane P=100): keeps the harness from
     /// rotting (run by `cargo test`).
     Smoke,
+    /// twill-cni's ADD with the real bridge and host-local plugins: with no report,
+    /// reported to the agent's socket, and queued with the agent down (needs root).
+    CniAdd,
     /// The machine's floors at N: a small write + fsync, a minimal mutual-TLS server
     /// broadcasting a one-lease watch message to N connections, N mutual-TLS
     /// handshakes, N P-256 signatures (fanout and compare measure them too).
@@ -463,6 +470,9 @@ pub struct Results {
     /// The machine's floors, per N (results from before they existed have none).
     #[serde(default)]
     pub floors: Vec<floors::Floors>,
+    /// twill-cni's ADD with and without its report to the agent.
+    #[serde(default)]
+    pub cni: Option<cni::CniOutcome>,
     /// Notes (skipped parts and why).
     pub notes: Vec<String>,
 }
@@ -843,6 +853,36 @@ fn dataplane_runs(o: &Opts, peers: &[usize], dual: bool, res: &mut Results) {
     }
 }
 
+/// twill-cni's ADD, `adds` of each mode, when it can run here; skipped with a note.
+async fn cni_run(adds: usize, res: &mut Results) {
+    let plugin = match cni::available()
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| cni::find_plugin())
+    {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIPPED cni-add: {why:#}");
+            res.notes.push(format!("cni-add skipped: {why:#}"));
+            return;
+        }
+    };
+    eprintln!("cni-add: {adds} ADDs of each mode ({})", plugin.display());
+    match cni::run(&plugin, adds).await {
+        Ok(c) => {
+            eprintln!(
+                "  ADD p50: no report {:.2} ms, agent up {:.2} ms, agent down (queued) {:.2} ms; the report alone p50/p99: {:.3}/{:.3} ms up, {:.3}/{:.3} ms queued",
+                c.no_report.p50, c.agent_up.p50, c.agent_down.p50,
+                c.report_up.p50, c.report_up.p99, c.report_down.p50, c.report_down.p99
+            );
+            res.cni = Some(c);
+        }
+        Err(e) => {
+            eprintln!("cni-add failed: {e:#}");
+            res.notes.push(format!("cni-add failed: {e:#}"));
+        }
+    }
+}
+
 async fn run(mut o: Opts) -> Result<Results> {
     let started = Instant::now();
     let mut res = Results {
@@ -890,6 +930,11 @@ async fn run(mut o: Opts) -> Result<Results> {
     }
     if o.scenario == Scenario::Dataplane {
         dataplane_runs(&o, &o.peers.clone(), o.dual_stack, &mut res);
+        res.wall_s = started.elapsed().as_secs_f64();
+        return Ok(res);
+    }
+    if o.scenario == Scenario::CniAdd {
+        cni_run(o.adds, &mut res).await;
         res.wall_s = started.elapsed().as_secs_f64();
         return Ok(res);
     }
@@ -1017,6 +1062,7 @@ async fn run(mut o: Opts) -> Result<Results> {
             }
             dataplane_runs(&o, &[100], false, &mut res);
             dataplane_runs(&o, &[100], true, &mut res);
+            cni_run(3, &mut res).await;
             if res.reconnect.as_ref().is_some_and(|r| r.resumed != 50) {
                 bail!("smoke: not every watcher resumed after the restart");
             }
@@ -1030,7 +1076,9 @@ async fn run(mut o: Opts) -> Result<Results> {
             }
             res.floors = vec![floors];
         }
-        Scenario::Dataplane | Scenario::Floors | Scenario::Report => unreachable!(),
+        Scenario::Dataplane | Scenario::Floors | Scenario::CniAdd | Scenario::Report => {
+            unreachable!()
+        }
     }
     res.wall_s = started.elapsed().as_secs_f64();
     Ok(res)

@@ -836,6 +836,36 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
         }
         s.push('\n');
     }
+    if let Some(c) = &res.cni {
+        let _ = writeln!(
+            s,
+            "### twill-cni ADD: what the report to the agent costs ({} ADDs of each, alternated)\n",
+            c.adds
+        );
+        let _ = writeln!(s, "| report | ADD p50, ms | ADD p99, ms | p50 added, ms |");
+        let _ = writeln!(s, "|---|---:|---:|---:|");
+        for (what, d) in [
+            ("none (`agentSocket: \"\"`)", &c.no_report),
+            ("agent up (its socket)", &c.agent_up),
+            ("agent down (queued on disk)", &c.agent_down),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {} | {} |",
+                f(d.p50, 2),
+                f(d.p99, 2),
+                f(d.p50 - c.no_report.p50, 2)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nThe report alone (110 pods' ADD reports then their DELs, in process): p50 {} ms, p99 {} ms with the agent up; p50 {} ms, p99 {} ms queued with the agent down.\n",
+            f(c.report_up.p50, 3),
+            f(c.report_up.p99, 3),
+            f(c.report_down.p50, 3),
+            f(c.report_down.p99, 3)
+        );
+    }
     let ts = targets(res);
     if ts.iter().any(|t| t.met.is_some()) {
         let _ = writeln!(s, "### Targets (stated, not enforced)\n");

@@ -73,20 +73,31 @@ pub fn find_controller(explicit: Option<&Path>) -> Result<PathBuf> {
         }
         bail!("--controller-bin {} does not exist", p.display());
     }
+    find_bin(
+        "twill-controller",
+        "build it with `cargo build --release -p twill-server` (or pass --controller-bin)",
+    )
+}
+
+/// The workspace binary `name`: next to twill-bench (or its test), else in
+/// target/{release,debug}; `how` says how to build it when it is in neither.
+pub fn find_bin(name: &str, how: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut candidates = Vec::new();
     // target/<profile>/twill-bench, or target/<profile>/deps/<test> for tests.
     for dir in exe.ancestors().skip(1).take(3) {
-        candidates.push(dir.join("twill-controller"));
-        candidates.push(dir.join("release/twill-controller"));
-        candidates.push(dir.join("debug/twill-controller"));
+        candidates.push(dir.join(name));
+        candidates.push(dir.join("release").join(name));
+        candidates.push(dir.join("debug").join(name));
     }
-    candidates.push(PathBuf::from("target/release/twill-controller"));
-    candidates.push(PathBuf::from("target/debug/twill-controller"));
-    candidates.into_iter().find(|p| p.is_file()).context(
-        "twill-controller not found next to twill-bench nor in target/{release,debug}: \
-             build it with `cargo build --release -p twill-server` (or pass --controller-bin)",
-    )
+    candidates.push(PathBuf::from("target/release").join(name));
+    candidates.push(PathBuf::from("target/debug").join(name));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("{name} not found next to twill-bench nor in target/{{release,debug}}: {how}")
+        })
 }
 
 /// Whether a binary was built with the release profile (for the report).

@@ -16,6 +16,18 @@ static WRITES: AtomicU32 = AtomicU32::new(0);
 /// fsync, rename over `path`, fsync of the directory. On failure the temporary file is
 /// removed and `path` is as it was.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    replace(path, data, mode, true)
+}
+
+/// [`write_atomic`] without the fsyncs: readers still see the old file or the new one,
+/// and a crash of the writing process loses nothing, but a crash of the machine may
+/// keep the old one. For state that a reboot makes moot anyway (the node's pods), where
+/// the fsync would sit on a pod's ADD.
+pub fn write_whole(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    replace(path, data, mode, false)
+}
+
+fn replace(path: &Path, data: &[u8], mode: u32, durable: bool) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -40,9 +52,14 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
             .open(&tmp)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if durable {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -505,6 +505,11 @@ impl Overlay {
         self.node_host(node).dir.join("subnet.env")
     }
 
+    /// The socket a node's agent takes twill-cni's reports on (`<lab dir>/<node>/run/agent.sock`).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.node_host(node).dir.join("run").join("agent.sock")
+    }
+
     /// A node's subnet.env, parsed.
     pub fn subnet_env(&self, node: &str) -> Result<SubnetEnv> {
         SubnetEnv::read(&self.subnet_file(node))
@@ -533,6 +538,15 @@ impl Overlay {
                 .to_string(),
             "--metrics-addr".into(),
             self.agent_metrics_addr(node).to_string(),
+            // The lab's own, never the host's /run/twill or /var/lib/twill.
+            "--cni-socket".into(),
+            self.cni_socket(node).display().to_string(),
+            "--attachments-file".into(),
+            self.node_host(node)
+                .dir
+                .join("attachments.json")
+                .display()
+                .to_string(),
         ];
         if self.bootstrap {
             args.extend([

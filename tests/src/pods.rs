@@ -91,6 +91,7 @@ fn net_conf(ov: &Overlay, node: &str, net: &PodNetwork) -> String {
         "type": "twill-cni",
         "dataDir": cni_data_dir(ov, node),
         "ipam": {"dataDir": ipam_dir(ov, node)},
+        "agentSocket": ov.cni_socket(node),
         "delegate": {"hairpinMode": true, "isDefaultGateway": true, "bridge": net.bridge},
     });
     if net.network == "default" {

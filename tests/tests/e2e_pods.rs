@@ -28,7 +28,7 @@ use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use twill_tests::kit::skip;
 use twill_tests::pods::{self, cni, cni_data_dir, exec_in, ipam_dir, Pod, CNI_PATH, NETWORK};
-use twill_tests::{require_lab, wait_until, Overlay, OverlayConfig, SubnetEnv};
+use twill_tests::{require_lab, wait_until, Check, Overlay, OverlayConfig, SubnetEnv};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Pods per host.
@@ -161,6 +161,43 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()>
                 )
             })?;
         }
+    }
+
+    // 2b. Each agent knows its pods from twill-cni's reports (REFERENCE 2.11): its
+    //     metrics count them, and the addresses used match host-local's files.
+    for node in ov.nodes() {
+        let held = std::fs::read_dir(ipam_dir(ov, node).join(NETWORK))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
+            .count();
+        ensure!(
+            held == PODS_PER_HOST,
+            "host-local on {node} holds {held} addresses"
+        );
+        let addr = ov.agent_metrics_addr(node);
+        wait_until(
+            CONVERGE,
+            &format!("{node}'s agent to count its pods"),
+            || {
+                let text = match ov.lab().http_get(node, addr, "/metrics") {
+                    Ok(r) => r.body,
+                    Err(e) => return Check::NotYet(format!("{e:#}")),
+                };
+                let value = |series: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                };
+                let seen = (
+                    value("twill_agent_pod_attachments "),
+                    value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
+                );
+                let want = (Some(PODS_PER_HOST as f64), Some(held as f64));
+                if seen == want {
+                    Check::Ready(())
+                } else {
+                    Check::NotYet(format!("(attachments, used) {seen:?}, want {want:?}"))
+                }
+            },
+        )?;
     }
 
     // 3. A ping of exactly the overlay MTU with DF set crosses hosts; one byte more

@@ -128,6 +128,14 @@ impl Impostor {
             ),
             ("--metrics-addr", self.metrics.to_string()),
             (
+                "--cni-socket",
+                self.dir.join("run/agent.sock").display().to_string(),
+            ),
+            (
+                "--attachments-file",
+                self.dir.join("attachments.json").display().to_string(),
+            ),
+            (
                 "--bootstrap-token-file",
                 self.token_file.display().to_string(),
             ),

@@ -58,6 +58,9 @@ pub struct NetConf {
     /// `agentURL` (Twill's own key): the agent STATUS asks for `/healthz`; `None`
     /// (`""`) to check subnet.env alone.
     pub agent_url: Option<String>,
+    /// The agent's socket for attachment reports (`agentSocket`; default
+    /// `/run/twill/agent.sock`, `""` for none).
+    pub agent_socket: Option<PathBuf>,
     /// `cni.dev/valid-attachments` (GC): the attachments to keep.
     pub valid_attachments: Option<Vec<Attachment>>,
 }
@@ -236,6 +239,17 @@ impl NetConf {
                 )))
             }
         };
+        let agent_socket = match string_field("agentSocket")? {
+            None => Some(PathBuf::from(crate::pods::socket::DEFAULT_SOCKET)),
+            Some(p) if p.is_empty() => None,
+            Some(p) if Path::new(&p).is_absolute() => Some(PathBuf::from(p)),
+            Some(p) => {
+                return Err(invalid(format!(
+                    "agentSocket {p:?} must be an absolute path (the agent's --cni-socket), or \
+                     empty to report nothing"
+                )))
+            }
+        };
         let valid_attachments = match obj.get("cni.dev/valid-attachments") {
             None | Some(Value::Null) => None,
             Some(Value::Array(items)) => Some(
@@ -274,6 +288,7 @@ impl NetConf {
             runtime_config,
             prev_result,
             agent_url,
+            agent_socket,
             valid_attachments,
         })
     }

@@ -14,11 +14,13 @@
 //! - `exec`: finding and invoking the delegate plugin.
 //! - `store`: the saved delegate configurations.
 //! - `status`: STATUS (subnet.env and the agent's health).
+//! - `report`: telling the agent of each attachment added or deleted.
 //! - `error`: the CNI error type and codes.
 
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod report;
 pub mod status;
 pub mod store;
 
@@ -78,6 +80,8 @@ pub struct Args {
     pub ifname: String,
     /// `CNI_PATH`.
     pub cni_path: String,
+    /// `CNI_ARGS` (`K=V;K=V`, optional).
+    pub cni_args: String,
 }
 
 impl Args {
@@ -163,6 +167,7 @@ impl Args {
             netns,
             ifname,
             cni_path,
+            cni_args: get("CNI_ARGS"),
         })
     }
 }
@@ -221,7 +226,11 @@ fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     store::save(&conf.data_dir, &args.container_id, &bytes)?;
     store::save_ifname(&conf.data_dir, &args.container_id, &args.ifname)?;
     let out = exec::invoke(&plugin, "ADD", &bytes)?;
-    let Ok(mut result) = serde_json::from_slice::<Value>(&out) else {
+    let parsed = serde_json::from_slice::<Value>(&out);
+    if let Ok(result) = &parsed {
+        report::added(args, conf, &delegate, result);
+    }
+    let Ok(mut result) = parsed else {
         return Err(CniError::new(
             code::DELEGATE_FAILED,
             format!(
@@ -243,6 +252,7 @@ fn cmd_del(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     if let Some(saved) = store::load(&conf.data_dir, &args.container_id)? {
         delete(conf, &args.container_id, &saved, &args.cni_path, &[])?;
     }
+    report::deleted(conf, &args.container_id, &args.ifname);
     Ok(Vec::new())
 }
 
@@ -311,8 +321,9 @@ fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
             ("CNI_IFNAME", ifname),
             ("CNI_NETNS", ""),
         ];
-        if let Err(e) = delete(conf, &id, &saved, &args.cni_path, &env) {
-            failed.push(format!("{id}: {}", e.msg));
+        match delete(conf, &id, &saved, &args.cni_path, &env) {
+            Ok(()) => report::deleted(conf, &id, ifname),
+            Err(e) => failed.push(format!("{id}: {}", e.msg)),
         }
     }
     if failed.is_empty() {
@@ -442,6 +453,14 @@ mod tests {
         let getenv = |k: &str| map.get(k).cloned();
         let mut out = Vec::new();
         let mut err = Vec::new();
+        // Never the host's agent socket (or its queue under /run/twill).
+        let stdin = match serde_json::from_str::<Value>(stdin) {
+            Ok(Value::Object(mut conf)) => {
+                conf.entry("agentSocket").or_insert(json!(""));
+                Value::Object(conf).to_string()
+            }
+            _ => stdin.to_string(),
+        };
         let rc = main_with(&getenv, &mut stdin.as_bytes(), &mut out, &mut err);
         let v = if out.is_empty() {
             Value::Null

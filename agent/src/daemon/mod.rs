@@ -25,6 +25,7 @@ use twill_agent::identity::rotation::{self, Credentials, RotateError};
 use twill_agent::identity::{self, CertInfo};
 use twill_agent::iface::{self, Selection};
 use twill_agent::plane::vxlan_overhead;
+use twill_agent::pods::socket::{self, Pods};
 use twill_agent::schedule::{later, Retry};
 use twill_agent::watch::{Opened, WatchSession};
 use twill_common::model::{Family, Lease, Mac, PerFamily};
@@ -41,6 +42,7 @@ use crate::http::{self, Stats};
 
 mod kernel;
 mod networks;
+mod pods;
 mod rotating;
 #[cfg(test)]
 mod tests;
@@ -48,6 +50,7 @@ mod tests;
 use crate::Args;
 use kernel::Kernel;
 use networks::{Membership, Wanted};
+use pods::PodView;
 use rotating::Rotation;
 
 /// Longest wait between retries of a controller call.
@@ -155,6 +158,22 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let kernel = Kernel::new(Box::new(dp), stats.clone());
+    let attachments = Arc::new(Pods::open(&args.attachments_file));
+    let cni_socket = (!args.cni_socket.as_os_str().is_empty()).then(|| args.cni_socket.clone());
+    if let Some(path) = &cni_socket {
+        // The pod view is not worth the overlay: without the socket (an old systemd
+        // unit that does not make /run/twill, say) the agent still does its job, and
+        // twill-cni queues its reports.
+        match socket::bind(path) {
+            Ok(listener) => {
+                tokio::spawn(socket::serve(listener, attachments.clone()));
+            }
+            Err(e) => {
+                error!(socket = %path.display(), error = %e, "cannot listen for twill-cni's pod reports (--cni-socket); pods are not tracked until this is fixed and the agent restarted")
+            }
+        }
+    }
+    let pods = PodView::new(attachments, cni_socket.as_deref());
     let mut agent = Agent {
         node,
         args,
@@ -167,6 +186,7 @@ pub async fn run(args: Args) -> Result<()> {
         kernel,
         networks: BTreeMap::new(),
         shut_out: BTreeSet::new(),
+        pods,
     };
     agent.main_loop(&mut shutdown).await
 }
@@ -305,6 +325,8 @@ struct Agent {
     /// Listed networks that stopped admitting this node after it joined them: not
     /// joined again until the agent restarts (when a refusal ends it, naming them).
     shut_out: BTreeSet<NetworkName>,
+    /// The node's pod attachments, checked against the IPAM every tick.
+    pods: PodView,
 }
 
 /// A controller call in flight. Calls run as tasks of their own, so the main loop keeps
@@ -883,6 +905,15 @@ impl Agent {
             }
         }
         self.leave_ended().await;
+        let subnets = self
+            .networks
+            .iter()
+            .filter_map(|(n, m)| {
+                let parts = m.lease.as_ref()?.parts;
+                Some((n.clone(), parts.map(|_, p| p.subnet)))
+            })
+            .collect();
+        self.pods.check(&subnets, &self.stats);
     }
 
     /// What to ask the controller for in `network`: the subnets held, else the ones a

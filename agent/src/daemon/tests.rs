@@ -599,6 +599,7 @@ async fn node_a_on(
         kernel,
         networks: BTreeMap::new(),
         shut_out: Default::default(),
+        pods: PodView::new(Arc::new(Pods::open(&dir.join("attachments.json"))), None),
     };
     (agent, memory)
 }
