@@ -251,11 +251,6 @@ impl Attachments {
         true
     }
 
-    /// Forgets an attachment found gone (its address released, its namespace deleted).
-    pub fn forget(&mut self, key: &Key) -> bool {
-        self.live.remove(key).is_some()
-    }
-
     /// The attachments, in key order.
     pub fn iter(&self) -> impl Iterator<Item = &Attachment> {
         self.live.values()
@@ -338,8 +333,6 @@ mod tests {
         // Added again later: live again.
         assert!(set.apply(report(Op::Add, 30, "b", "10.244.1.9")));
         assert_eq!(set.len(), 2);
-        assert!(set.forget(&report(Op::Del, 0, "a", "10.244.1.2").attachment.key));
-        assert_eq!(set.len(), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! than [`SEND_TIMEOUT`]: after that the report is queued instead.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,19 +37,37 @@ pub fn queue_dir(socket: &Path) -> PathBuf {
     socket.with_file_name("reports")
 }
 
-/// The node's attachments, shared by the socket and the agent's loop, and the file
-/// they are saved in after every change.
+/// Reports journaled before the journal is folded into the saved set.
+const COMPACT_EVERY: usize = 1000;
+
+/// The node's attachments, shared by the socket and the agent's loop. Saved as a
+/// snapshot (`file`) and a journal beside it (`<file>.journal`, one report per line,
+/// appended before a report is answered: a pod's ADD pays a small append, not a
+/// rewrite of the whole set), folded into the snapshot every [`COMPACT_EVERY`]
+/// reports and at start. Neither is synced: a machine that crashes takes its pods
+/// with it.
 pub struct Pods {
-    set: Mutex<Attachments>,
+    state: Mutex<State>,
     file: PathBuf,
 }
 
+struct State {
+    set: Attachments,
+    /// `None` when the files cannot be written: reports are refused (twill-cni
+    /// queues them) until the agent restarts with a writable directory.
+    journal: Option<std::fs::File>,
+    journaled: usize,
+}
+
 impl Pods {
-    /// The set saved in `file`. A file that cannot be read or parsed is set aside
-    /// (renamed `.damaged`), the set starts empty and the reason is logged: a damaged
-    /// file must not keep the agent, and every pod's networking, from starting.
+    /// The set saved in `file` and its journal. A snapshot that cannot be read or
+    /// parsed is set aside (renamed `.damaged`), the set starts from the journal alone
+    /// and the reason is logged: a damaged file must not keep the agent, and every
+    /// pod's networking, from starting. A journal line that does not parse (the end of
+    /// a write cut short) is skipped. Files that cannot be written are logged, and
+    /// reports refused.
     pub fn open(file: &Path) -> Pods {
-        let set = match Attachments::load(file) {
+        let mut set = match Attachments::load(file) {
             Ok(set) => set,
             Err(e) => {
                 let aside = file.with_extension("damaged");
@@ -58,25 +76,70 @@ impl Pods {
                 Attachments::default()
             }
         };
+        let journal = journal_of(file);
+        if let Ok(text) = std::fs::read(&journal) {
+            for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                if let Ok(r) = Report::parse(line) {
+                    set.apply(r);
+                }
+            }
+        }
+        // Appending (O_APPEND): after the journal is emptied, writes start again at
+        // its beginning, not at the old offset.
+        let opened = set.save(file).and_then(|()| {
+            let j = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&journal)?;
+            j.set_len(0)?;
+            Ok(j)
+        });
+        let journal = match opened {
+            Ok(j) => Some(j),
+            Err(e) => {
+                warn!(file = %file.display(), error = %e, "cannot write the pod attachments (--attachments-file); pod reports are refused and wait in twill-cni's queue");
+                None
+            }
+        };
         Pods {
-            set: Mutex::new(set),
+            state: Mutex::new(State {
+                set,
+                journal,
+                journaled: 0,
+            }),
             file: file.to_path_buf(),
         }
     }
 
-    /// Applies `r` and saves the set when it changed.
+    /// Applies `r` and journals it when it changed the set.
     pub fn apply(&self, r: Report) -> std::io::Result<bool> {
-        let mut set = self.set.lock();
-        if !set.apply(r) {
+        let mut line = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let Some(journal) = st.journal.as_mut() else {
+            return Err(std::io::Error::other(format!(
+                "{} cannot be written",
+                self.file.display()
+            )));
+        };
+        if !st.set.apply(r) {
             return Ok(false);
         }
-        set.save(&self.file)?;
+        journal.write_all(&line)?;
+        st.journaled += 1;
+        if st.journaled >= COMPACT_EVERY {
+            st.set.save(&self.file)?;
+            journal.set_len(0)?;
+            st.journaled = 0;
+        }
         Ok(true)
     }
 
     /// A copy of the set.
     pub fn snapshot(&self) -> Attachments {
-        self.set.lock().clone()
+        self.state.lock().set.clone()
     }
 
     /// Applies every report queued in `dir` (oldest first) and removes each file once
@@ -133,19 +196,13 @@ impl Pods {
         }
         applied
     }
+}
 
-    /// Forgets attachments found gone; saves when any was.
-    pub fn forget(&self, keys: &[super::Key]) -> std::io::Result<()> {
-        let mut set = self.set.lock();
-        let mut changed = false;
-        for k in keys {
-            changed |= set.forget(k);
-        }
-        if changed {
-            set.save(&self.file)?;
-        }
-        Ok(())
-    }
+/// The journal beside the snapshot `file`.
+fn journal_of(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".journal");
+    PathBuf::from(name)
 }
 
 /// Listens on `socket`: its directory made (0700) if missing, a stale socket file
@@ -368,6 +425,44 @@ mod tests {
     fn queue_for_test(dir: &Path, r: &Report) {
         let line = serde_json::to_vec(r).unwrap();
         queue(dir, r, &line).unwrap();
+    }
+
+    #[test]
+    fn reports_are_journaled_and_a_write_cut_short_is_skipped_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("attachments.json");
+        let pods = Pods::open(&file);
+        for i in 0..(COMPACT_EVERY + 5) {
+            let ip = format!("10.244.{}.{}", i / 250, i % 250 + 2);
+            pods.apply(report(Op::Add, i as u64 + 1, &format!("c{i}"), &ip))
+                .unwrap();
+        }
+        pods.apply(report(Op::Del, 5000, "c0", "10.244.0.2"))
+            .unwrap();
+        let want = pods.snapshot();
+        drop(pods);
+        let journal = journal_of(&file);
+        let lines = std::fs::read_to_string(&journal).unwrap().lines().count();
+        assert_eq!(lines, 6, "folded into the snapshot every {COMPACT_EVERY}");
+        // The agent died in the middle of an append.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal)
+            .unwrap();
+        f.write_all(b"{\"op\":\"add\",\"at_").unwrap();
+        let reopened = Pods::open(&file);
+        let got = reopened.snapshot();
+        assert!(
+            got == want,
+            "{} attachments, want {}",
+            got.len(),
+            want.len()
+        );
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            0,
+            "folded at start"
+        );
     }
 
     #[test]
