@@ -1,0 +1,118 @@
+//! The node's pod view (REFERENCE 2.11) through crashes: pods are added and deleted by
+//! the real twill-cni (real `bridge` and `host-local`) while the node's real agent is
+//! SIGKILLed in the middle of the burst and started again. Reports in flight when it
+//! died, and those sent while it was down (queued on disk), reach it; its view then
+//! equals host-local's files: as many attachments as addresses held, every address it
+//! reports held (no conflict), nothing called leaked.
+//!
+//! Needs root, network namespaces and Debian's containernetworking-plugins; without
+//! them it is skipped loudly, or fails when `CI` is set.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use twill_tests::kit::skip;
+use twill_tests::pods::{self, ipam_dir, Pod, CNI_PATH, NETWORK};
+use twill_tests::{require_lab, wait_until, Check, Overlay, OverlayConfig};
+
+const NODE: &str = "node-a";
+const CONVERGE: Duration = Duration::from_secs(60);
+/// Pods added in the burst, and how many are added before the agent is killed.
+const BURST: usize = 12;
+const KILL_AFTER: usize = 4;
+
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn the_pod_view_converges_to_host_locals_files_across_agent_crashes() {
+    let test = "the_pod_view_converges_to_host_locals_files_across_agent_crashes";
+    if !Path::new(CNI_PATH).join("bridge").is_file() {
+        return skip(test, "needs containernetworking-plugins in /usr/lib/cni");
+    }
+    let config = OverlayConfig::new([NODE]).agent_args(NODE, ["--reconcile-interval", "1s"]);
+    let Some(ov) = require_lab(test, Overlay::start(config)) else {
+        return;
+    };
+    if let Err(e) = scenario(&ov) {
+        panic!("{e:#}");
+    }
+}
+
+fn scenario(ov: &Overlay) -> Result<()> {
+    ov.wait_converged(CONVERGE)?;
+    let cni_bin = ov.bins().path("twill-cni");
+    ensure!(cni_bin.is_file(), "{} missing", cni_bin.display());
+
+    // 1. A burst of ADDs; the agent is SIGKILLed in the middle of it.
+    let added = Arc::new(AtomicUsize::new(0));
+    let pods: Vec<Pod> = std::thread::scope(|s| -> Result<Vec<Pod>> {
+        let burst = s.spawn(|| -> Result<Vec<Pod>> {
+            let mut pods = Vec::new();
+            for i in 0..BURST {
+                let (pod, _) = pods::attach(ov, &cni_bin, NODE, &format!("v{i}"))?;
+                pods.push(pod);
+                added.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(pods)
+        });
+        wait_until(CONVERGE, "the first ADDs of the burst", || {
+            added.load(Ordering::SeqCst) >= KILL_AFTER
+        })?;
+        let st = ov.kill_agent(NODE)?;
+        ensure!(!st.success(), "the agent was killed, not exited: {st}");
+        ensure!(!ov.agent_running(NODE), "the agent is gone");
+        burst.join().expect("the burst thread")
+    })?;
+
+    // 2. DELs while the agent is down: their reports wait in the queue.
+    for pod in &pods[..3] {
+        pods::cni(ov, &cni_bin, NODE, "DEL", pod)?;
+    }
+    ov.restart_agent(NODE)?;
+    // 3. And more with it back.
+    for pod in &pods[3..5] {
+        pods::cni(ov, &cni_bin, NODE, "DEL", pod)?;
+    }
+    let live = BURST - 5;
+
+    let dir = ipam_dir(ov, NODE).join(NETWORK);
+    let held = std::fs::read_dir(&dir)
+        .with_context(|| format!("host-local's {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
+        .count();
+    ensure!(
+        held == live,
+        "host-local holds {held} addresses, {live} pods live"
+    );
+    let addr = ov.agent_metrics_addr(NODE);
+    wait_until(CONVERGE, "the agent's view to equal host-local's", || {
+        let text = match ov.lab().http_get(NODE, addr, "/metrics") {
+            Ok(r) => r.body,
+            Err(e) => return Check::NotYet(format!("{e:#}")),
+        };
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        let seen = [
+            value("twill_agent_pod_attachments "),
+            value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
+            value("twill_agent_pod_ips_conflicts "),
+            value("twill_agent_pod_ips_leaked "),
+        ];
+        let want = [Some(live as f64), Some(held as f64), Some(0.0), Some(0.0)];
+        if seen == want {
+            Check::Ready(())
+        } else {
+            Check::NotYet(format!(
+                "(attachments, used, conflicts, leaked) {seen:?}, want {want:?}"
+            ))
+        }
+    })?;
+    Ok(())
+}
