@@ -11,9 +11,10 @@ use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
     BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
     GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListAdminNetworksRequest,
-    ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse, ListReservationsRequest,
-    ListTokensRequest, NetworkInfo, Reservation, ReserveRequest, RevokeLeaseRequest, StatusRequest,
-    StatusResponse, UnreserveRequest, WatchRequest, WatchResponse,
+    ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse, ListPodsRequest,
+    ListReservationsRequest, ListTokensRequest, NetworkInfo, PodAttachment, Reservation,
+    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
+    WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
@@ -464,6 +465,23 @@ impl Admin {
         };
         match self.client.get_config(req).await {
             Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ListPods`: the pods of `node` (empty: every node) in `network`
+    /// (empty: every network).
+    pub async fn list_pods(
+        &mut self,
+        node: &str,
+        network: &str,
+    ) -> Result<Vec<PodAttachment>, ClientError> {
+        let req = ListPodsRequest {
+            node_name: node.to_string(),
+            network: network.to_string(),
+        };
+        match self.client.list_pods(req).await {
+            Ok(r) => Ok(r.into_inner().pods),
             Err(s) => Err(self.fail(s)),
         }
     }

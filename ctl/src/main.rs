@@ -159,6 +159,28 @@ enum Command {
         twillctl networks -o json | jq -r '.networks[] | select(.retired) | .name'"
     )]
     Networks,
+    /// List the pods on every node, as each node's agent reports them (REFERENCE 2.11).
+    ///
+    /// twill-cni tells its node's agent of every pod it attaches and detaches; the agent
+    /// reports its node's pods to the controller. Columns: NAMESPACE, POD (from the
+    /// runtime's K8S_POD_NAMESPACE / K8S_POD_NAME), NODE, NETWORK, IP, IPV6, CONTAINER
+    /// (the sandbox ID's first 12 characters), AGE (since it was attached); `-o wide`
+    /// shows the whole container ID and adds IFNAME; `-o json|yaml` print the same as a
+    /// document. A node's pods leave with its lease; a controller that restarted lists
+    /// a node's pods again once its agent reports (at its next watch). An empty result
+    /// prints nothing on stdout and says so on stderr.
+    #[command(
+        after_help = "Examples:\n  twillctl pods\n  twillctl pods --node worker-3 -o wide\n  \
+        twillctl pods --network blue -o json | jq -r '.pods[].ips[]'"
+    )]
+    Pods {
+        /// Only this node's pods.
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+        /// Only this network's pods (default: every network's).
+        #[arg(long, value_name = "NAME")]
+        network: Option<NetworkName>,
+    },
     /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved) of one
     /// network, ordered by node name.
     ///
@@ -604,6 +626,17 @@ fn run(cli: Cli) -> Result<()> {
             emit_list(
                 &output::render_networks(&ns, conn.output),
                 "No networks found.",
+            )
+        }
+        Command::Pods { node, network } => {
+            let node = node.unwrap_or_default();
+            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let pods = call(conn, "pods", |mut a| async move {
+                a.list_pods(&node, &network).await
+            })?;
+            emit_list(
+                &output::render_pods(&pods, conn.output, SystemTime::now()),
+                "No pods found.",
             )
         }
         Command::Leases {

@@ -12,6 +12,7 @@
 //! - `grpc`: the agent, identity and admin services and certificate-based authorization.
 //! - `metrics`: Prometheus metrics; `agents`: the record of connected agents.
 //! - `http`: health, readiness and metrics endpoints.
+//! - `pods`: every node's pods as its agent last reported them (in memory).
 //! - `replica`: several controllers on etcd: the election, the etcd watch every replica
 //!   serves from, and the forwarding of writes to the leader.
 //! - `tls`: the serving certificate and client CA, reloaded when their files change.
@@ -29,6 +30,7 @@ pub mod identity;
 pub mod leases;
 pub mod metrics;
 pub mod networks;
+pub mod pods;
 pub mod refusal;
 pub mod replica;
 pub mod store;

@@ -514,6 +514,7 @@ async fn serve(config: Config) -> Result<()> {
         metrics: metrics.clone(),
         agents,
         identity: identity.clone(),
+        pods: Default::default(),
     };
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -526,6 +527,8 @@ async fn serve(config: Config) -> Result<()> {
             leases: leases.clone(),
             watch: sources.clone(),
             limiter: NodeLimiter::default(),
+            // A whole report a second, bursts of five (a restart, a watch moving).
+            reports: NodeLimiter::new(1.0, 5.0),
         }))
         .add_service(
             IdentityServiceServer::new(IdentityApi::new(

@@ -253,3 +253,115 @@ async fn out_of_subnets_is_resource_exhausted() {
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("out of subnets"), "{}", s.message());
 }
+
+/// Pod reports (REFERENCE 2.11): a node reports its own pods only, only in networks it
+/// holds a lease in, only with addresses inside its subnet; anything else is refused
+/// whole (PERMISSION_DENIED / INVALID_ARGUMENT) and nothing of it is listed. Admins
+/// list the pods; nodes may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reports_only_its_own_pods_inside_its_own_subnet() {
+    use twill_proto::{ListPodsRequest, PodAttachment, ReportAttachmentsRequest};
+
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Controller::start(&pki, &dir.path().join("data"), NET_CONF, &[]);
+    let (a, b) = (pki.node("node-a"), pki.node("node-b"));
+    let lease_a = ctl.grant(&pki, &a, acquire_request("node-a", "")).await;
+    let lease_b = ctl.grant(&pki, &b, acquire_request("node-b", "")).await;
+    let host = |lease: &twill_proto::Lease, n: u8| {
+        let net: ipnet::Ipv4Net = lease.subnet.parse().unwrap();
+        let o = net.network().octets();
+        format!("{}.{}.{}.{n}", o[0], o[1], o[2])
+    };
+    let pod = |id: &str, ip: String| PodAttachment {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        namespace: "web".into(),
+        pod: format!("pod-{id}"),
+        ips: vec![ip],
+        ..Default::default()
+    };
+    let report = |node: &str, pods: Vec<PodAttachment>| ReportAttachmentsRequest {
+        node_name: node.into(),
+        attachments: pods,
+    };
+    let list = || async {
+        ctl.admin(&pki)
+            .await
+            .list_pods(ListPodsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .pods
+    };
+    let mut as_a = ctl.agent(&pki, &a).await;
+
+    as_a.report_attachments(report("node-a", vec![pod("c1", host(&lease_a, 5))]))
+        .await
+        .unwrap();
+    let pods = list().await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(
+        (
+            pods[0].node_name.as_str(),
+            pods[0].network.as_str(),
+            pods[0].pod.as_str()
+        ),
+        ("node-a", "default", "pod-c1")
+    );
+
+    // For another node: refused by who it is.
+    let e = as_a
+        .report_attachments(report("node-b", vec![pod("x", host(&lease_b, 5))]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Its own name, node-b's addresses: refused by where they are.
+    let e = as_a
+        .report_attachments(report(
+            "node-a",
+            vec![pod("c1", host(&lease_a, 5)), pod("x", host(&lease_b, 6))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains(&lease_a.subnet), "{}", e.message());
+    // A network it holds no lease in.
+    let mut elsewhere = pod("y", host(&lease_a, 7));
+    elsewhere.network = "blue".into();
+    let e = as_a
+        .report_attachments(report("node-a", vec![elsewhere]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // More pods than its /24 has addresses.
+    let many = (0..300)
+        .map(|i| pod(&format!("m{i}"), host(&lease_a, 9)))
+        .collect();
+    let e = as_a
+        .report_attachments(report("node-a", many))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let pods = list().await;
+    assert_eq!(pods.len(), 1, "nothing of a refused report kept: {pods:?}");
+    assert_eq!(pods[0].container_id, "c1");
+
+    // Nodes do not read the pods.
+    let e = twill_proto::admin_service_client::AdminServiceClient::new(
+        ctl.channel(&pki, Some(&a)).await.unwrap(),
+    )
+    .list_pods(ListPodsRequest::default())
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Its pods leave with its lease.
+    as_a.release(ReleaseRequest {
+        node_name: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(list().await.is_empty());
+}

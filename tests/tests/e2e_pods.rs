@@ -200,6 +200,41 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()>
         )?;
     }
 
+    // 2c. And the controller lists every pod, with its node and address, from one place.
+    wait_until(CONVERGE, "`twillctl pods` to list every pod", || {
+        let out = match ov.twillctl(&["pods", "-o", "json"]) {
+            Ok(o) => o,
+            Err(e) => return Check::NotYet(format!("{e:#}")),
+        };
+        let doc: Value = match serde_json::from_str(&out) {
+            Ok(v) => v,
+            Err(e) => return Check::Fatal(format!("not JSON ({e}): {out}")),
+        };
+        let mut listed: Vec<(String, String, String)> = doc["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["container_id"].as_str().unwrap_or_default().to_string(),
+                    p["node"].as_str().unwrap_or_default().to_string(),
+                    p["ips"][0].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        listed.sort();
+        let mut want: Vec<(String, String, String)> = pods
+            .iter()
+            .map(|p| (p.container_id.clone(), p.node.clone(), p.addr.to_string()))
+            .collect();
+        want.sort();
+        if listed == want {
+            Check::Ready(())
+        } else {
+            Check::NotYet(format!("listed {listed:?}, want {want:?}"))
+        }
+    })?;
+
     // 3. A ping of exactly the overlay MTU with DF set crosses hosts; one byte more
     //    does not (the pod's eth0 has FLANNEL_MTU).
     let (pa, pb) = (pod_on(&pods, a, 0), pod_on(&pods, b, 0));

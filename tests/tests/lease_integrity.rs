@@ -521,6 +521,14 @@ impl AgentService for Hung {
         self.calls.record(&req, "ListNetworks");
         std::future::pending().await
     }
+
+    async fn report_attachments(
+        &self,
+        req: Request<twill_proto::ReportAttachmentsRequest>,
+    ) -> Result<Response<twill_proto::ReportAttachmentsResponse>, Status> {
+        self.calls.record(&req, "ReportAttachments");
+        std::future::pending().await
+    }
 }
 
 /// A "controller" on the real controller's address, with its certificate: it

@@ -481,6 +481,7 @@ impl Agent {
                                 Opened::Moved => info!(from_revision = watch.revision(), networks = ?names, "lease watch moved to a connection with the current certificate"),
                                 Opened::First => info!(from_revision = watch.revision(), networks = ?names, "watching leases"),
                             }
+                            self.pods.resend();
                         }
                         Err(s) => {
                             if no_answer(&s) {
@@ -914,6 +915,8 @@ impl Agent {
             })
             .collect();
         self.pods.check(&subnets, &self.stats);
+        self.pods
+            .report(&self.api, &self.node, &subnets, self.args.call_timeout);
     }
 
     /// What to ask the controller for in `network`: the subnets held, else the ones a

@@ -1,11 +1,22 @@
 //! The node's pod attachments as a part of the loop: reports queued while the agent
 //! was down are taken in, the set is checked against what host-local holds and which
 //! network namespaces exist, and the findings become metrics and log lines (a subnet
-//! at 90 % is a warning before the ADD that fails).
+//! at 90 % is a warning before the ADD that fails). The set goes to the controller
+//! (`ReportAttachments`, the whole set) when it changed, when the watch (re)opens (a
+//! restarted controller or a new leader has none) and every [`REFRESH`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::Status;
+use twill_agent::client;
+use twill_agent::pods::Attachments;
+use twill_proto::{PodAttachment, ReportAttachmentsRequest};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -18,6 +29,10 @@ use crate::http::{PodIpLabels, Stats};
 
 /// A network's subnet is reported as nearly full from this share of its addresses.
 const NEARLY_FULL: f64 = 0.9;
+/// How often the whole set goes to the controller even when nothing changed: the
+/// controller keeps it in memory only, and a replica that became leader behind an
+/// agent's back has none.
+const REFRESH: Duration = Duration::from_secs(300);
 
 /// The attachments' part of the loop.
 pub(super) struct PodView {
@@ -28,7 +43,15 @@ pub(super) struct PodView {
     leaked: BTreeSet<String>,
     conflicts: BTreeSet<String>,
     full: BTreeSet<(NetworkName, Family)>,
+    /// The last set the controller took, and when it is due again regardless.
+    sent: Option<Vec<PodAttachment>>,
+    refresh_at: Instant,
+    /// The report in flight, with the set it carries.
+    sending: Option<Sending>,
 }
+
+/// A report in flight and the set it carries.
+type Sending = (JoinHandle<Result<(), Status>>, Vec<PodAttachment>);
 
 impl PodView {
     /// The view of `pods`, draining `socket`'s queue when there is a socket.
@@ -39,7 +62,65 @@ impl PodView {
             leaked: BTreeSet::new(),
             conflicts: BTreeSet::new(),
             full: BTreeSet::new(),
+            sent: None,
+            refresh_at: Instant::now(),
+            sending: None,
         }
+    }
+
+    /// The controller may have lost the set (its watch was reopened): send it again.
+    pub(super) fn resend(&mut self) {
+        self.sent = None;
+    }
+
+    /// Sends the set of `subnets`' networks to the controller over `api` as `node`
+    /// when it changed since the controller last took it, or is due again; one report
+    /// at a time, the previous one's end read first.
+    pub(super) fn report(
+        &mut self,
+        api: &super::Api,
+        node: &str,
+        subnets: &BTreeMap<NetworkName, PerFamily<IpNet>>,
+        deadline: Duration,
+    ) {
+        if let Some((handle, set)) = self.sending.take() {
+            if !handle.is_finished() {
+                self.sending = Some((handle, set));
+                return;
+            }
+            match handle.now_or_never() {
+                Some(Ok(Ok(()))) => {
+                    self.sent = Some(set);
+                    self.refresh_at = Instant::now() + REFRESH;
+                }
+                Some(Ok(Err(s))) => {
+                    warn!(code = %s.code(), error = %s.message(), "the controller did not take the node's pods; sending them again")
+                }
+                _ => {}
+            }
+        }
+        if subnets.is_empty() {
+            // No lease yet: nothing the controller could take.
+            return;
+        }
+        let set = reportable(&self.pods.snapshot(), subnets);
+        if self.sent.as_ref() == Some(&set) && Instant::now() < self.refresh_at {
+            return;
+        }
+        let req = ReportAttachmentsRequest {
+            node_name: node.to_string(),
+            attachments: set.clone(),
+        };
+        let mut api = api.clone();
+        let call = tokio::spawn(async move {
+            client::within(
+                deadline,
+                api.report_attachments(client::request(req, deadline)),
+            )
+            .await
+            .map(|_| ())
+        });
+        self.sending = Some((call, set));
     }
 
     /// Takes in queued reports and checks the set against the IPAM; `subnets` are the
@@ -128,6 +209,38 @@ impl PodView {
             }
         }
     }
+}
+
+/// The attachments of `set` the controller can take: in networks this node holds a
+/// lease in (`subnets`), with the addresses inside those subnets (a conflict stays a
+/// node-side finding, it would get the whole report refused).
+fn reportable(
+    set: &Attachments,
+    subnets: &BTreeMap<NetworkName, PerFamily<IpNet>>,
+) -> Vec<PodAttachment> {
+    set.iter()
+        .filter_map(|a| {
+            let (network, nets) = subnets
+                .iter()
+                .find(|(n, _)| n.to_string() == a.key.network)?;
+            let ips = a
+                .ips
+                .iter()
+                .filter(|ip| nets.values().any(|n| n.contains(*ip)))
+                .map(ToString::to_string)
+                .collect();
+            Some(PodAttachment {
+                network: network.wire().to_string(),
+                container_id: a.key.container_id.clone(),
+                ifname: a.key.ifname.clone(),
+                namespace: a.namespace.clone(),
+                pod: a.pod.clone(),
+                ips,
+                added_at_unix: (a.added_at_ns / 1_000_000_000) as i64,
+                node_name: String::new(),
+            })
+        })
+        .collect()
 }
 
 fn key_text(k: &twill_agent::pods::Key, ip: &std::net::IpAddr) -> String {

@@ -27,7 +27,8 @@ use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     AcquireRequest, AcquireResponse, BootstrapRequest, BootstrapResponse, GetNetworkConfigRequest,
     Lease, LeaseEvent, ListNetworksRequest, ListNetworksResponse, NetworkConfig, ReleaseRequest,
-    ReleaseResponse, RenewRequest, WatchRequest, WatchResponse,
+    ReleaseResponse, RenewRequest, ReportAttachmentsRequest, ReportAttachmentsResponse,
+    WatchRequest, WatchResponse,
 };
 
 use super::*;
@@ -92,6 +93,8 @@ struct Seen {
     renewals: usize,
     /// The client certificate (PEM) of each channel the agent made to this controller.
     dialled: Vec<Vec<u8>>,
+    /// Pod reports taken.
+    reports: Vec<ReportAttachmentsRequest>,
 }
 
 /// The sending end of a watch stream.
@@ -270,6 +273,15 @@ impl AgentService for FakeController {
         self.answering()?;
         self.seen.lock().releases.push(req.into_inner());
         Ok(Response::new(ReleaseResponse::default()))
+    }
+
+    async fn report_attachments(
+        &self,
+        req: Request<ReportAttachmentsRequest>,
+    ) -> Result<Response<ReportAttachmentsResponse>, Status> {
+        self.answering()?;
+        self.seen.lock().reports.push(req.into_inner());
+        Ok(Response::new(ReportAttachmentsResponse {}))
     }
 
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
@@ -1271,4 +1283,61 @@ async fn the_certificate_is_rotated_before_it_expires_and_the_watch_moves_to_it_
         1,
         "the next one is due in ~45 minutes"
     );
+}
+
+#[tokio::test]
+async fn the_nodes_pods_go_to_the_controller_in_the_networks_it_holds_leases_in() {
+    use twill_agent::pods::{Attachment, Attachments, Key, Op, Report};
+
+    let dir = tempfile::tempdir().expect("a temp dir");
+    // What twill-cni reported before this start: a pod in default, one in a network
+    // this node did not join.
+    let mut set = Attachments::default();
+    for (network, id, ip) in [("default", "c1", "10.244.1.5"), ("blue", "c2", "10.10.1.5")] {
+        set.apply(Report {
+            op: Op::Add,
+            at_ns: 1,
+            attachment: Attachment {
+                key: Key {
+                    network: network.into(),
+                    container_id: id.into(),
+                    ifname: "eth0".into(),
+                },
+                netns: String::new(),
+                namespace: "web".into(),
+                pod: format!("pod-{id}"),
+                ipam_dir: None,
+                ips: vec![ip.parse().expect("an address")],
+                added_at_ns: 0,
+            },
+        });
+    }
+    set.save(&dir.path().join("attachments.json"))
+        .expect("saved");
+    let fake = FakeController::default();
+    let (agent, _) = node_a(&fake, dir.path()).await;
+    let (stop, task) = run_loop(agent);
+    until("a pod report", || !fake.seen.lock().reports.is_empty()).await;
+    {
+        let seen = fake.seen.lock();
+        let r = &seen.reports[0];
+        assert_eq!(r.node_name, "node-a");
+        let sent: Vec<(&str, &str, &[String])> = r
+            .attachments
+            .iter()
+            .map(|a| {
+                (
+                    a.network.as_str(),
+                    a.container_id.as_str(),
+                    a.ips.as_slice(),
+                )
+            })
+            .collect();
+        assert_eq!(sent, [("", "c1", &["10.244.1.5".to_string()][..])]);
+    }
+    // Nothing changed: not sent again at the next ticks.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(fake.seen.lock().reports.len(), 1, "sent once");
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
 }

@@ -21,8 +21,9 @@ use twill_proto::{
 };
 use twill_proto::{
     CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, DeleteTokenResponse,
-    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListTokensRequest,
-    ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
+    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListPodsRequest,
+    ListPodsResponse, ListTokensRequest, ListTokensResponse, RevokeNodeCertificatesRequest,
+    RevokeNodeCertificatesResponse,
 };
 
 use super::agent::network_field;
@@ -566,6 +567,34 @@ impl AdminService for AdminApi {
         Ok(Response::new(RevokeNodeCertificatesResponse {
             revoked_at_unix,
         }))
+    }
+
+    async fn list_pods(
+        &self,
+        req: Request<ListPodsRequest>,
+    ) -> Result<Response<ListPodsResponse>, Status> {
+        let r = req.get_ref();
+        let node = if r.node_name.is_empty() {
+            None
+        } else {
+            Some(
+                twill_common::model::NodeName::new(&r.node_name)
+                    .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?,
+            )
+        };
+        let network = if r.network.is_empty() {
+            None
+        } else {
+            Some(network_field("network", &r.network)?)
+        };
+        let hub = &self.watch.hub;
+        let holds =
+            |n: &twill_common::model::NodeName, net: &NetworkName| hub.lease(net, n).is_some();
+        let pods = self
+            .watch
+            .pods
+            .list(node.as_ref(), network.as_ref(), &holds);
+        Ok(Response::new(ListPodsResponse { pods }))
     }
 
     type WatchStream = watch::WatchStream;

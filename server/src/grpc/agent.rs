@@ -6,12 +6,14 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use twill_common::model::Peer;
 use twill_common::networks::NetworkName;
 use twill_common::tls::Identity as CertIdentity;
 use twill_proto::agent_service_server::{AgentService, AgentServiceServer};
 use twill_proto::{
     AcquireRequest, AcquireResponse, GetNetworkConfigRequest, ListNetworksRequest,
-    ListNetworksResponse, NetworkConfig, ReleaseRequest, ReleaseResponse, WatchRequest,
+    ListNetworksResponse, NetworkConfig, ReleaseRequest, ReleaseResponse, ReportAttachmentsRequest,
+    ReportAttachmentsResponse, WatchRequest,
 };
 
 use super::auth::Authorized;
@@ -31,6 +33,8 @@ pub struct AgentApi {
     pub watch: watch::Sources,
     /// Per-node limit of lease writes.
     pub limiter: NodeLimiter,
+    /// Per-node limit of pod reports.
+    pub reports: NodeLimiter,
 }
 
 /// The network a request field names (empty: `default`), refused when it is not a name.
@@ -135,6 +139,35 @@ impl AgentService for AgentApi {
         self.limit(&node)?;
         let released = self.leases.release(&network, &node, &key).await?;
         Ok(Response::new(ReleaseResponse { released }))
+    }
+
+    async fn report_attachments(
+        &self,
+        req: Request<ReportAttachmentsRequest>,
+    ) -> Result<Response<ReportAttachmentsResponse>, Status> {
+        let caller = Authorized::of(&req)?;
+        let node = caller.acts_for(&req.get_ref().node_name)?;
+        self.reports.check(&node).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "node {node} reports its pods more often than once a second; retry later"
+            ))
+        })?;
+        let hub = &self.watch.hub;
+        let subnets = |network: &NetworkName| {
+            let lease = hub.lease(network, &node)?;
+            let parts = Peer::parts(&lease).ok()?;
+            Some(parts.map(|_, p| p.subnet))
+        };
+        let count = self
+            .watch
+            .pods
+            .report(&node, req.get_ref(), &subnets)
+            .map_err(|e| {
+                tracing::warn!(node = %node, error = %e, "pod report refused");
+                Status::invalid_argument(e.to_string())
+            })?;
+        tracing::debug!(node = %node, pods = count, "pods reported");
+        Ok(Response::new(ReportAttachmentsResponse {}))
     }
 
     /// Empty: the messages leave pre-encoded, through the `WatchSlot` that

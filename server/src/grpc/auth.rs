@@ -83,6 +83,8 @@ pub const POLICIES: &[(&str, Policy)] = &[
     ("/twill.v1.AgentService/Release", write(Who::Node)),
     ("/twill.v1.AgentService/Watch", read(Who::NodeOrAdmin)),
     ("/twill.v1.AgentService/ListNetworks", read(Who::Node)),
+    // Kept in the leader's memory (crate::pods).
+    ("/twill.v1.AgentService/ReportAttachments", write(Who::Node)),
     ("/twill.v1.AdminService/ListNetworks", read(Who::Admin)),
     ("/twill.v1.AdminService/ListLeases", read(Who::Admin)),
     ("/twill.v1.AdminService/GetLease", read(Who::Admin)),
@@ -106,6 +108,8 @@ pub const POLICIES: &[(&str, Policy)] = &[
         "/twill.v1.AdminService/RevokeNodeCertificates",
         write(Who::Admin),
     ),
+    // Read on the leader: the pods are in its memory.
+    ("/twill.v1.AdminService/ListPods", write(Who::Admin)),
     ("/twill.v1.IdentityService/Bootstrap", write(Who::Anyone)),
     ("/twill.v1.IdentityService/Renew", write(Who::Node)),
 ];

@@ -114,6 +114,8 @@ pub struct Sources {
     pub agents: Arc<Agents>,
     /// Revoked node certificates (and, for the admin API, tokens and issued certificates).
     pub identity: Arc<Identity>,
+    /// Every node's pods, as reported.
+    pub pods: Arc<crate::pods::PodTable>,
 }
 
 impl Sources {

@@ -1,0 +1,301 @@
+//! Every node's pods as its agent last reported them (REFERENCE 2.11), in memory.
+//!
+//! The truth lives on the nodes (host-local's files and the agents' journals); this
+//! table is the place to read it from. It is not stored: a controller that restarts,
+//! or a new leader, has it back as agents report again (on every new watch, and every
+//! few minutes), where storing it would put every pod's ADD and DEL in the store's
+//! write path. A node's report replaces its last one whole, and is checked against
+//! its leases before anything is kept: a node reports only for itself (the caller),
+//! only in networks it holds a lease in, only addresses inside those leases' subnets.
+//! A node's pods leave with its lease (a listing skips networks it no longer holds).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use parking_lot::RwLock;
+use thiserror::Error;
+use twill_common::model::{Family, NodeName, PerFamily};
+use twill_common::networks::NetworkName;
+use twill_proto::{PodAttachment, ReportAttachmentsRequest};
+
+/// Most attachments a node may report, whatever its subnets: a node's pods are ~110
+/// by Kubernetes' default, so this bounds a node that lies, not one that works.
+pub const MAX_PER_NODE: usize = 4096;
+
+/// Why a report is refused (nothing of it is kept).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReportError {
+    /// A field that does not parse.
+    #[error("attachment {index}: {what}")]
+    Malformed {
+        /// Its place in the report.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// A network the node holds no lease in.
+    #[error("attachment {index}: node {node} holds no lease in network {network}")]
+    NoLease {
+        /// Its place in the report.
+        index: usize,
+        /// The node.
+        node: String,
+        /// The network named.
+        network: String,
+    },
+    /// An address outside the node's subnet.
+    #[error(
+        "attachment {index}: {ip} is outside node {node}'s subnet {subnets} in network {network}"
+    )]
+    Outside {
+        /// Its place in the report.
+        index: usize,
+        /// The node.
+        node: String,
+        /// The network.
+        network: String,
+        /// The address.
+        ip: IpAddr,
+        /// The node's subnets there.
+        subnets: String,
+    },
+    /// More attachments than addresses.
+    #[error("{count} attachments is more than node {node}'s subnets have addresses ({limit})")]
+    TooMany {
+        /// The node.
+        node: String,
+        /// How many were reported.
+        count: usize,
+        /// The most it may have.
+        limit: usize,
+    },
+}
+
+/// One node's last report, checked.
+#[derive(Debug, Clone, Default)]
+struct NodePods {
+    /// By network.
+    attachments: BTreeMap<NetworkName, Vec<PodAttachment>>,
+}
+
+/// Every node's pods.
+#[derive(Default)]
+pub struct PodTable {
+    nodes: RwLock<BTreeMap<NodeName, NodePods>>,
+}
+
+impl PodTable {
+    /// Checks `report` from `node` against its subnets in each network (`subnets`,
+    /// `None` where it holds no lease) and keeps it in place of the last one.
+    pub fn report(
+        &self,
+        node: &NodeName,
+        report: &ReportAttachmentsRequest,
+        subnets: &dyn Fn(&NetworkName) -> Option<PerFamily<IpNet>>,
+    ) -> Result<usize, ReportError> {
+        let mut limit = 0usize;
+        let mut seen_networks: BTreeMap<NetworkName, PerFamily<IpNet>> = BTreeMap::new();
+        let mut kept = NodePods::default();
+        for (index, a) in report.attachments.iter().enumerate() {
+            let malformed = |what: String| ReportError::Malformed { index, what };
+            let network = NetworkName::from_wire(&a.network)
+                .map_err(|e| malformed(format!("network: {e}")))?;
+            if !seen_networks.contains_key(&network) {
+                let nets = subnets(&network).ok_or_else(|| ReportError::NoLease {
+                    index,
+                    node: node.to_string(),
+                    network: network.to_string(),
+                })?;
+                limit += nets.values().map(|n| usable(*n)).sum::<usize>();
+                seen_networks.insert(network.clone(), nets);
+            }
+            let nets = &seen_networks[&network];
+            for text in &a.ips {
+                let ip: IpAddr = text
+                    .parse()
+                    .map_err(|_| malformed(format!("{text:?} is not an IP address")))?;
+                let inside = nets.get(Family::of(ip)).is_some_and(|n| n.contains(&ip));
+                if !inside {
+                    return Err(ReportError::Outside {
+                        index,
+                        node: node.to_string(),
+                        network: network.to_string(),
+                        ip,
+                        subnets: nets
+                            .values()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            }
+            if a.container_id.is_empty() || a.container_id.len() > 253 {
+                return Err(malformed("container_id: 1 to 253 characters".into()));
+            }
+            for (field, v) in [
+                ("ifname", &a.ifname),
+                ("namespace", &a.namespace),
+                ("pod", &a.pod),
+            ] {
+                if v.len() > 253 || v.chars().any(char::is_control) {
+                    return Err(malformed(format!(
+                        "{field}: at most 253 characters, no control characters"
+                    )));
+                }
+            }
+            let mut a = a.clone();
+            a.node_name = node.to_string();
+            a.network = network.to_string();
+            kept.attachments.entry(network).or_default().push(a);
+        }
+        let count = report.attachments.len();
+        let limit = limit.min(MAX_PER_NODE);
+        if count > limit {
+            return Err(ReportError::TooMany {
+                node: node.to_string(),
+                count,
+                limit,
+            });
+        }
+        for list in kept.attachments.values_mut() {
+            list.sort_by(|a, b| {
+                (&a.namespace, &a.pod, &a.container_id).cmp(&(
+                    &b.namespace,
+                    &b.pod,
+                    &b.container_id,
+                ))
+            });
+        }
+        self.nodes.write().insert(node.clone(), kept);
+        Ok(count)
+    }
+
+    /// The pods of `node` (or every node) in `network` (or every network), of networks
+    /// the node still holds a lease in (`holds`), in node, network, namespace and pod
+    /// order.
+    pub fn list(
+        &self,
+        node: Option<&NodeName>,
+        network: Option<&NetworkName>,
+        holds: &dyn Fn(&NodeName, &NetworkName) -> bool,
+    ) -> Vec<PodAttachment> {
+        let nodes = self.nodes.read();
+        nodes
+            .iter()
+            .filter(|(n, _)| node.is_none_or(|want| *n == want))
+            .flat_map(|(n, pods)| {
+                pods.attachments
+                    .iter()
+                    .filter(move |(net, _)| network.is_none_or(|want| *net == want))
+                    .filter(move |(net, _)| holds(n, net))
+                    .flat_map(|(_, list)| list.iter().cloned())
+            })
+            .collect()
+    }
+}
+
+/// Addresses a subnet can give pods (all but the network address, the gateway and
+/// the IPv4 broadcast address), capped at [`MAX_PER_NODE`].
+fn usable(net: IpNet) -> usize {
+    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    if host_bits >= 16 {
+        return MAX_PER_NODE;
+    }
+    let size = 1usize << host_bits;
+    size.saturating_sub(if matches!(net, IpNet::V4(_)) { 3 } else { 2 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(network: &str, id: &str, ips: &[&str]) -> PodAttachment {
+        PodAttachment {
+            network: network.into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            namespace: "web".into(),
+            pod: format!("pod-{id}"),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn node(n: &str) -> NodeName {
+        NodeName::new(n).unwrap()
+    }
+
+    fn subnets(net: &NetworkName) -> Option<PerFamily<IpNet>> {
+        (net.to_string() == "default")
+            .then(|| PerFamily::new(Some("10.244.3.0/24".parse().unwrap()), None))
+    }
+
+    #[test]
+    fn a_report_replaces_the_last_and_is_checked_against_the_nodes_leases() {
+        let t = PodTable::default();
+        let a = node("node-a");
+        let report = |pods: Vec<PodAttachment>| ReportAttachmentsRequest {
+            node_name: "node-a".into(),
+            attachments: pods,
+        };
+        assert_eq!(
+            t.report(
+                &a,
+                &report(vec![
+                    pod("", "c1", &["10.244.3.5"]),
+                    pod("default", "c2", &["10.244.3.6"])
+                ]),
+                &subnets
+            ),
+            Ok(2)
+        );
+        let all = |_: &NodeName, _: &NetworkName| true;
+        let listed = t.list(None, None, &all);
+        assert_eq!(listed.len(), 2);
+        assert!(listed
+            .iter()
+            .all(|p| p.node_name == "node-a" && p.network == "default"));
+
+        // Outside its subnet: refused whole, the last report stays.
+        let e = t
+            .report(
+                &a,
+                &report(vec![
+                    pod("", "c3", &["10.244.3.7"]),
+                    pod("", "c4", &["10.244.9.9"]),
+                ]),
+                &subnets,
+            )
+            .unwrap_err();
+        assert!(matches!(e, ReportError::Outside { index: 1, .. }), "{e}");
+        assert!(e.to_string().contains("10.244.3.0/24"), "{e}");
+        let e = t
+            .report(
+                &a,
+                &report(vec![pod("blue", "c5", &["10.10.1.2"])]),
+                &subnets,
+            )
+            .unwrap_err();
+        assert!(matches!(e, ReportError::NoLease { .. }), "{e}");
+        let e = t
+            .report(&a, &report(vec![pod("", "c6", &["not-an-ip"])]), &subnets)
+            .unwrap_err();
+        assert!(matches!(e, ReportError::Malformed { .. }), "{e}");
+        let many: Vec<PodAttachment> = (0..254).map(|i| pod("", &format!("x{i}"), &[])).collect();
+        let e = t.report(&a, &report(many), &subnets).unwrap_err();
+        assert!(matches!(e, ReportError::TooMany { limit: 253, .. }), "{e}");
+        assert_eq!(
+            t.list(None, None, &all).len(),
+            2,
+            "nothing of a refused report kept"
+        );
+
+        // The pods leave with the lease.
+        let none = |_: &NodeName, _: &NetworkName| false;
+        assert!(t.list(Some(&a), None, &none).is_empty());
+        // An empty report empties the node's pods.
+        assert_eq!(t.report(&a, &report(vec![]), &subnets), Ok(0));
+        assert!(t.list(None, None, &all).is_empty());
+    }
+}
