@@ -10,11 +10,11 @@ use twill_common::tls::ClientPem;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
     BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
-    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListAdminNetworksRequest,
-    ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse, ListPodsRequest,
-    ListReservationsRequest, ListTokensRequest, NetworkInfo, PodAttachment, Reservation,
-    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
-    WatchRequest, WatchResponse,
+    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListAddressUsageRequest,
+    ListAdminNetworksRequest, ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse,
+    ListPodsRequest, ListReservationsRequest, ListTokensRequest, NetworkInfo, PodAddressUsage,
+    PodAttachment, Reservation, ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse,
+    UnreserveRequest, WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
@@ -482,6 +482,23 @@ impl Admin {
         };
         match self.client.list_pods(req).await {
             Ok(r) => Ok(r.into_inner().pods),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ListAddressUsage`: per subnet of `node` (empty: every node) in
+    /// `network` (empty: every network), the addresses used and usable, fullest first.
+    pub async fn list_address_usage(
+        &mut self,
+        node: &str,
+        network: &str,
+    ) -> Result<Vec<PodAddressUsage>, ClientError> {
+        let req = ListAddressUsageRequest {
+            node_name: node.to_string(),
+            network: network.to_string(),
+        };
+        match self.client.list_address_usage(req).await {
+            Ok(r) => Ok(r.into_inner().usage),
             Err(s) => Err(self.fail(s)),
         }
     }

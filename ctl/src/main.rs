@@ -181,6 +181,39 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         network: Option<NetworkName>,
     },
+    /// Show how full each node's pod subnets are, the fullest first.
+    ///
+    /// Per node, network and family: SUBNET, USED (addresses its IPAM holds, as its
+    /// agent last reported: host-local's files, pods no report named included; 0 until
+    /// it reported), TOTAL (addresses the subnet can give pods: all but the network
+    /// address, the gateway and the IPv4 broadcast address) and USE%. A node at 90 %
+    /// also says so in its agent's log. `-o json|yaml` print the same as a document.
+    #[command(
+        after_help = "Examples:\n  twillctl ipam\n  twillctl ipam --network blue\n  twillctl ipam --node worker-3 -o json"
+    )]
+    Ipam {
+        /// Only this node's subnets.
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+        /// Only this network's (default: every network's).
+        #[arg(long, value_name = "NAME")]
+        network: Option<NetworkName>,
+    },
+    /// Say who holds a pod address: the pod (namespace, name, node, container), or the
+    /// node whose subnet it is in when no reported pod holds it.
+    ///
+    /// Answers from the pods the agents reported (`twillctl pods`) and the leases of
+    /// every network: "held by pod NS/NAME on NODE", "free, NODE's subnet ...", "in
+    /// network N but in no node's subnet", or "in no network Twill serves". `-o
+    /// json|yaml` print the answer as a document (status held, free, unassigned or
+    /// outside).
+    #[command(
+        after_help = "Examples:\n  twillctl ip 10.244.3.17\n  twillctl ip fd00:10:244:3::5 -o json"
+    )]
+    Ip {
+        /// The address (IPv4 or IPv6).
+        address: std::net::IpAddr,
+    },
     /// List leases (node, subnet, public IP, VTEP MAC, time left, reserved) of one
     /// network, ordered by node name.
     ///
@@ -638,6 +671,34 @@ fn run(cli: Cli) -> Result<()> {
                 &output::render_pods(&pods, conn.output, SystemTime::now()),
                 "No pods found.",
             )
+        }
+        Command::Ipam { node, network } => {
+            let node = node.unwrap_or_default();
+            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let usage = call(conn, "ipam", |mut a| async move {
+                a.list_address_usage(&node, &network).await
+            })?;
+            emit_list(
+                &output::render_ipam(&usage, conn.output),
+                "No subnets found.",
+            )
+        }
+        Command::Ip { address } => {
+            let answer = call(conn, "ip", |mut a| async move {
+                let networks = a.list_networks().await?;
+                let mut leases = Vec::new();
+                for n in &networks {
+                    let name = NetworkName::new(&n.name).map_err(|e| {
+                        twill_ctl::client::ClientError::Config(format!("network {:?}: {e}", n.name))
+                    })?;
+                    leases.push(a.list_all_leases(&name, "", "", 500).await?.leases);
+                }
+                let pods = a.list_pods("", "").await?;
+                Ok(twill_ctl::lookup::locate(
+                    address, &networks, &leases, &pods,
+                ))
+            })?;
+            emit(&output::render_ip(&answer, conn.output))
         }
         Command::Leases {
             network: NetworkFlag { network },

@@ -8,8 +8,8 @@ use twill_common::networks::DEFAULT_NETWORK;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
-    ListLeasesResponse, NetworkInfo, PodAttachment, Replica, Reservation, StatusResponse,
-    WatchResponse,
+    ListLeasesResponse, NetworkInfo, PodAddressUsage, PodAttachment, Replica, Reservation,
+    StatusResponse, WatchResponse,
 };
 
 /// Output formats of `-o/--output`.
@@ -567,6 +567,23 @@ pub struct PodDoc {
     pub added_at: String,
 }
 
+impl PodDoc {
+    /// `p` as printed.
+    pub fn of(p: &PodAttachment) -> PodDoc {
+        PodDoc {
+            namespace: p.namespace.clone(),
+            pod: p.pod.clone(),
+            node: p.node_name.clone(),
+            network: network_name(&p.network),
+            ips: p.ips.clone(),
+            container_id: p.container_id.clone(),
+            ifname: p.ifname.clone(),
+            added_at_unix: p.added_at_unix,
+            added_at: unix_to_rfc3339(p.added_at_unix),
+        }
+    }
+}
+
 /// The document printed by `pods -o json|yaml`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PodsDoc {
@@ -579,20 +596,7 @@ pub struct PodsDoc {
 /// pods in `table`/`wide` form (the caller says so on stderr).
 pub fn render_pods(pods: &[PodAttachment], format: Format, now: SystemTime) -> String {
     let doc = || PodsDoc {
-        pods: pods
-            .iter()
-            .map(|p| PodDoc {
-                namespace: p.namespace.clone(),
-                pod: p.pod.clone(),
-                node: p.node_name.clone(),
-                network: network_name(&p.network),
-                ips: p.ips.clone(),
-                container_id: p.container_id.clone(),
-                ifname: p.ifname.clone(),
-                added_at_unix: p.added_at_unix,
-                added_at: unix_to_rfc3339(p.added_at_unix),
-            })
-            .collect(),
+        pods: pods.iter().map(PodDoc::of).collect(),
     };
     match format {
         Format::Table | Format::Wide => {
@@ -647,6 +651,84 @@ pub fn render_pods(pods: &[PodAttachment], format: Format, now: SystemTime) -> S
         }
         Format::Json => json(&doc()),
         Format::Yaml => yaml(&doc()),
+    }
+}
+
+/// One subnet as printed by `ipam -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsageDoc {
+    /// The node holding the subnet.
+    pub node: String,
+    /// Its network.
+    pub network: String,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// The subnet.
+    pub subnet: String,
+    /// Addresses its IPAM holds.
+    pub used: u64,
+    /// Addresses it can give pods.
+    pub total: u64,
+}
+
+/// The document printed by `ipam -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IpamDoc {
+    /// The fullest first.
+    pub subnets: Vec<UsageDoc>,
+}
+
+/// `ipam`: NODE, NETWORK, FAMILY, SUBNET, USED, TOTAL, USE% (as given: the fullest
+/// first). Empty for none in `table`/`wide` form.
+pub fn render_ipam(usage: &[PodAddressUsage], format: Format) -> String {
+    let doc = || IpamDoc {
+        subnets: usage
+            .iter()
+            .map(|u| UsageDoc {
+                node: u.node_name.clone(),
+                network: network_name(&u.network),
+                family: u.family.clone(),
+                subnet: u.subnet.clone(),
+                used: u.used,
+                total: u.total,
+            })
+            .collect(),
+    };
+    match format {
+        Format::Table | Format::Wide => {
+            if usage.is_empty() {
+                return String::new();
+            }
+            let mut rows = vec![strings(&[
+                "NODE", "NETWORK", "FAMILY", "SUBNET", "USED", "TOTAL", "USE%",
+            ])];
+            for u in usage {
+                let share = (u.used.saturating_mul(100))
+                    .checked_div(u.total)
+                    .map_or_else(|| "—".to_string(), |p| format!("{p}%"));
+                rows.push(vec![
+                    u.node_name.clone(),
+                    network_name(&u.network),
+                    u.family.clone(),
+                    u.subnet.clone(),
+                    u.used.to_string(),
+                    u.total.to_string(),
+                    share,
+                ]);
+            }
+            table(&rows)
+        }
+        Format::Json => json(&doc()),
+        Format::Yaml => yaml(&doc()),
+    }
+}
+
+/// `ip`: the answer as a sentence, or as a document.
+pub fn render_ip(answer: &crate::lookup::Answer, format: Format) -> String {
+    match format {
+        Format::Table | Format::Wide => format!("{}\n", crate::lookup::sentence(answer)),
+        Format::Json => json(answer),
+        Format::Yaml => yaml(answer),
     }
 }
 
@@ -2586,6 +2668,41 @@ web         front-1   node-a   default   10.244.3.5   fd00:10:244:3::5   0123456
         assert_eq!(v["pods"][1]["ifname"], "net1");
         let y = render_pods(&pods[1..], Format::Yaml, now);
         assert!(y.contains("node: \"node-b\""), "{y}");
+    }
+
+    #[test]
+    fn ipam_table_and_json() {
+        let usage = vec![
+            PodAddressUsage {
+                network: String::new(),
+                family: "ipv4".into(),
+                used: 230,
+                node_name: "node-b".into(),
+                subnet: "10.244.4.0/24".into(),
+                total: 253,
+            },
+            PodAddressUsage {
+                network: "blue".into(),
+                family: "ipv4".into(),
+                used: 2,
+                node_name: "node-a".into(),
+                subnet: "10.10.1.0/24".into(),
+                total: 253,
+            },
+        ];
+        assert_eq!(
+            render_ipam(&usage, Format::Table),
+            "\
+NODE     NETWORK   FAMILY   SUBNET          USED   TOTAL   USE%
+node-b   default   ipv4     10.244.4.0/24   230    253     90%
+node-a   blue      ipv4     10.10.1.0/24    2      253     0%
+"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_ipam(&usage, Format::Json)).unwrap();
+        assert_eq!(v["subnets"][0]["used"], 230);
+        assert_eq!(v["subnets"][0]["network"], "default");
+        assert_eq!(render_ipam(&[], Format::Table), "");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use parking_lot::RwLock;
 use thiserror::Error;
 use twill_common::model::{Family, NodeName, PerFamily};
 use twill_common::networks::NetworkName;
-use twill_proto::{PodAttachment, ReportAttachmentsRequest};
+use twill_proto::{Lease, PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
 
 /// Most attachments a node may report, whatever its subnets: a node's pods are ~110
 /// by Kubernetes' default, so this bounds a node that lies, not one that works.
@@ -60,6 +60,14 @@ pub enum ReportError {
         /// The node's subnets there.
         subnets: String,
     },
+    /// A usage line that names no subnet of the node, or more addresses than it has.
+    #[error("usage {index}: {what}")]
+    Usage {
+        /// Its place in the report.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// More attachments than addresses.
     #[error("{count} attachments is more than node {node}'s subnets have addresses ({limit})")]
     TooMany {
@@ -77,6 +85,8 @@ pub enum ReportError {
 struct NodePods {
     /// By network.
     attachments: BTreeMap<NetworkName, Vec<PodAttachment>>,
+    /// Addresses its IPAM holds, by network and family.
+    used: BTreeMap<(NetworkName, Family), u64>,
 }
 
 /// Every node's pods.
@@ -149,6 +159,32 @@ impl PodTable {
             a.network = network.to_string();
             kept.attachments.entry(network).or_default().push(a);
         }
+        for (index, u) in report.usage.iter().enumerate() {
+            let bad = |what: String| ReportError::Usage { index, what };
+            let network =
+                NetworkName::from_wire(&u.network).map_err(|e| bad(format!("network: {e}")))?;
+            let family = match u.family.as_str() {
+                "ipv4" => Family::V4,
+                "ipv6" => Family::V6,
+                other => return Err(bad(format!("family {other:?}: give ipv4 or ipv6"))),
+            };
+            let subnet = subnets(&network)
+                .and_then(|nets| nets.get(family).copied())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "node {node} holds no {} subnet in network {network}",
+                        family.name()
+                    ))
+                })?;
+            if u.used > usable(subnet) as u64 {
+                return Err(bad(format!(
+                    "{} addresses used of {subnet}, which has {}",
+                    u.used,
+                    usable(subnet)
+                )));
+            }
+            kept.used.insert((network, family), u.used);
+        }
         let count = report.attachments.len();
         let limit = limit.min(MAX_PER_NODE);
         if count > limit {
@@ -195,6 +231,53 @@ impl PodTable {
     }
 }
 
+impl PodTable {
+    /// Per subnet of `leases` (filtered by `node` and `network`): how many addresses its
+    /// node last reported used and how many it has, the fullest first.
+    pub fn usage(
+        &self,
+        leases: &[Lease],
+        node: Option<&NodeName>,
+        network: Option<&NetworkName>,
+    ) -> Vec<PodAddressUsage> {
+        let nodes = self.nodes.read();
+        let mut rows = Vec::new();
+        for l in leases {
+            let Ok(net) = NetworkName::from_wire(&l.network) else {
+                continue;
+            };
+            if node.is_some_and(|n| n.as_str() != l.node_name) || network.is_some_and(|n| *n != net)
+            {
+                continue;
+            }
+            for (family, text) in [(Family::V4, &l.subnet), (Family::V6, &l.ipv6_subnet)] {
+                let Ok(subnet) = text.parse::<IpNet>() else {
+                    continue;
+                };
+                let used = NodeName::new(&l.node_name)
+                    .ok()
+                    .and_then(|n| nodes.get(&n)?.used.get(&(net.clone(), family)).copied())
+                    .unwrap_or(0);
+                rows.push(PodAddressUsage {
+                    network: net.to_string(),
+                    family: family.name().to_ascii_lowercase(),
+                    used,
+                    node_name: l.node_name.clone(),
+                    subnet: subnet.to_string(),
+                    total: usable(subnet) as u64,
+                });
+            }
+        }
+        let share = |u: &PodAddressUsage| u.used as f64 / (u.total.max(1)) as f64;
+        rows.sort_by(|a, b| {
+            share(b)
+                .total_cmp(&share(a))
+                .then_with(|| a.node_name.cmp(&b.node_name))
+        });
+        rows
+    }
+}
+
 /// Addresses a subnet can give pods (all but the network address, the gateway and
 /// the IPv4 broadcast address), capped at [`MAX_PER_NODE`].
 fn usable(net: IpNet) -> usize {
@@ -238,6 +321,7 @@ mod tests {
         let report = |pods: Vec<PodAttachment>| ReportAttachmentsRequest {
             node_name: "node-a".into(),
             attachments: pods,
+            usage: Vec::new(),
         };
         assert_eq!(
             t.report(
@@ -290,6 +374,44 @@ mod tests {
             2,
             "nothing of a refused report kept"
         );
+
+        // Address usage: kept per subnet it holds, refused beyond it.
+        let usage = |network: &str, family: &str, used: u64| twill_proto::PodAddressUsage {
+            network: network.into(),
+            family: family.into(),
+            used,
+            ..Default::default()
+        };
+        let mut r = report(vec![pod("", "c1", &["10.244.3.5"])]);
+        r.usage = vec![usage("", "ipv4", 230)];
+        assert_eq!(t.report(&a, &r, &subnets), Ok(1));
+        let lease = Lease {
+            node_name: "node-a".into(),
+            subnet: "10.244.3.0/24".into(),
+            ..Default::default()
+        };
+        let rows = t.usage(std::slice::from_ref(&lease), None, None);
+        assert_eq!(
+            (
+                rows[0].used,
+                rows[0].total,
+                rows[0].family.as_str(),
+                rows[0].subnet.as_str()
+            ),
+            (230, 253, "ipv4", "10.244.3.0/24")
+        );
+        for bad in [
+            usage("", "ipv4", 254),
+            usage("", "ipv6", 1),
+            usage("blue", "ipv4", 1),
+            usage("", "ipx", 1),
+        ] {
+            let mut r = report(vec![]);
+            r.usage = vec![bad.clone()];
+            let e = t.report(&a, &r, &subnets).unwrap_err();
+            assert!(matches!(e, ReportError::Usage { .. }), "{bad:?}: {e}");
+        }
+        assert_eq!(t.usage(&[lease], None, None)[0].used, 230, "kept");
 
         // The pods leave with the lease.
         let none = |_: &NodeName, _: &NetworkName| false;

@@ -284,6 +284,7 @@ async fn a_node_reports_only_its_own_pods_inside_its_own_subnet() {
     let report = |node: &str, pods: Vec<PodAttachment>| ReportAttachmentsRequest {
         node_name: node.into(),
         attachments: pods,
+        usage: Vec::new(),
     };
     let list = || async {
         ctl.admin(&pki)

@@ -235,6 +235,66 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()>
         }
     })?;
 
+    // 2c'. `twillctl ipam` counts what host-local holds on each node.
+    wait_until(
+        CONVERGE,
+        "`twillctl ipam` to match host-local's files",
+        || {
+            let out = match ov.twillctl(&["ipam", "-o", "json"]) {
+                Ok(o) => o,
+                Err(e) => return Check::NotYet(format!("{e:#}")),
+            };
+            let doc: Value = match serde_json::from_str(&out) {
+                Ok(v) => v,
+                Err(e) => return Check::Fatal(format!("not JSON ({e}): {out}")),
+            };
+            let mut seen: Vec<(String, u64, u64)> = doc["subnets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| {
+                    (
+                        u["node"].as_str().unwrap_or_default().to_string(),
+                        u["used"].as_u64().unwrap_or(u64::MAX),
+                        u["total"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            seen.sort();
+            let mut want = Vec::new();
+            for node in ov.nodes() {
+                let held = std::fs::read_dir(ipam_dir(ov, node).join(NETWORK))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
+                            .count() as u64
+                    })
+                    .unwrap_or(0);
+                want.push((node.clone(), held, 253));
+            }
+            if seen == want {
+                Check::Ready(())
+            } else {
+                Check::NotYet(format!("(node, used, total) {seen:?}, want {want:?}"))
+            }
+        },
+    )?;
+
+    // 2d. `twillctl ip` names the pod for an address, and the node for an unused one.
+    let p = &pods[0];
+    let said = ov.twillctl(&["ip", &p.addr.to_string()])?;
+    ensure!(
+        said.contains(&format!("on {} ", p.node)) && said.contains("is held by"),
+        "twillctl ip {}: {said}",
+        p.addr
+    );
+    let subnet = envs[p.node.as_str()].subnet_net();
+    let unused = std::net::Ipv4Addr::from(u32::from(subnet.network()) + 200);
+    let said = ov.twillctl(&["ip", &unused.to_string()])?;
+    ensure!(
+        said.contains(&format!("is free, {}'s subnet {subnet}", p.node)),
+        "twillctl ip {unused}: {said}"
+    );
+
     // 3. A ping of exactly the overlay MTU with DF set crosses hosts; one byte more
     //    does not (the pod's eth0 has FLANNEL_MTU).
     let (pa, pb) = (pod_on(&pods, a, 0), pod_on(&pods, b, 0));

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use twill_agent::client;
 use twill_agent::pods::Attachments;
-use twill_proto::{PodAttachment, ReportAttachmentsRequest};
+use twill_proto::{PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -43,15 +43,17 @@ pub(super) struct PodView {
     leaked: BTreeSet<String>,
     conflicts: BTreeSet<String>,
     full: BTreeSet<(NetworkName, Family)>,
-    /// The last set the controller took, and when it is due again regardless.
-    sent: Option<Vec<PodAttachment>>,
+    /// Addresses host-local holds per network and family, as the last check found.
+    usage: Vec<PodAddressUsage>,
+    /// The last report the controller took, and when it is due again regardless.
+    sent: Option<Shown>,
     refresh_at: Instant,
-    /// The report in flight, with the set it carries.
-    sending: Option<Sending>,
+    /// The report in flight, with what it carries.
+    sending: Option<(JoinHandle<Result<(), Status>>, Shown)>,
 }
 
-/// A report in flight and the set it carries.
-type Sending = (JoinHandle<Result<(), Status>>, Vec<PodAttachment>);
+/// What a report carries: the attachments and the address usage.
+type Shown = (Vec<PodAttachment>, Vec<PodAddressUsage>);
 
 impl PodView {
     /// The view of `pods`, draining `socket`'s queue when there is a socket.
@@ -62,6 +64,7 @@ impl PodView {
             leaked: BTreeSet::new(),
             conflicts: BTreeSet::new(),
             full: BTreeSet::new(),
+            usage: Vec::new(),
             sent: None,
             refresh_at: Instant::now(),
             sending: None,
@@ -103,13 +106,17 @@ impl PodView {
             // No lease yet: nothing the controller could take.
             return;
         }
-        let set = reportable(&self.pods.snapshot(), subnets);
-        if self.sent.as_ref() == Some(&set) && Instant::now() < self.refresh_at {
+        let shown = (
+            reportable(&self.pods.snapshot(), subnets),
+            self.usage.clone(),
+        );
+        if self.sent.as_ref() == Some(&shown) && Instant::now() < self.refresh_at {
             return;
         }
         let req = ReportAttachmentsRequest {
             node_name: node.to_string(),
-            attachments: set.clone(),
+            attachments: shown.0.clone(),
+            usage: shown.1.clone(),
         };
         let mut api = api.clone();
         let call = tokio::spawn(async move {
@@ -120,7 +127,7 @@ impl PodView {
             .await
             .map(|_| ())
         });
-        self.sending = Some((call, set));
+        self.sending = Some((call, shown));
     }
 
     /// Takes in queued reports and checks the set against the IPAM; `subnets` are the
@@ -179,6 +186,7 @@ impl PodView {
             warn!(network = %k.network, container = %k.container_id, ifname = %k.ifname, ip = %ip, "pod address conflict: the attachment reports an address its IPAM does not hold");
         }
 
+        self.usage.clear();
         for (network, subnets) in subnets {
             let held: Vec<Held> = dirs_of
                 .get(network.to_string().as_str())
@@ -195,6 +203,12 @@ impl PodView {
                     family: family.name().to_ascii_lowercase(),
                 };
                 stats.pod_ips_used.get_or_create(&labels).set(used as i64);
+                self.usage.push(PodAddressUsage {
+                    network: network.wire().to_string(),
+                    family: labels.family.clone(),
+                    used,
+                    ..Default::default()
+                });
                 stats
                     .pod_ips_total
                     .get_or_create(&labels)

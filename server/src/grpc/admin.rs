@@ -21,9 +21,9 @@ use twill_proto::{
 };
 use twill_proto::{
     CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, DeleteTokenResponse,
-    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListPodsRequest,
-    ListPodsResponse, ListTokensRequest, ListTokensResponse, RevokeNodeCertificatesRequest,
-    RevokeNodeCertificatesResponse,
+    ListAddressUsageRequest, ListAddressUsageResponse, ListIssuedCertificatesRequest,
+    ListIssuedCertificatesResponse, ListPodsRequest, ListPodsResponse, ListTokensRequest,
+    ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 
 use super::agent::network_field;
@@ -121,6 +121,25 @@ impl AdminApi {
         }
         (replicas, agents)
     }
+}
+
+/// The node and network a pod listing is narrowed to (empty: every one).
+fn pod_filters(
+    node: &str,
+    network: &str,
+) -> Result<(Option<twill_common::model::NodeName>, Option<NetworkName>), Status> {
+    let node = match node {
+        "" => None,
+        n => Some(
+            twill_common::model::NodeName::new(n)
+                .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?,
+        ),
+    };
+    let network = match network {
+        "" => None,
+        n => Some(network_field("network", n)?),
+    };
+    Ok((node, network))
 }
 
 fn node_arg(name: &str) -> Result<&str, Status> {
@@ -569,24 +588,26 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn list_address_usage(
+        &self,
+        req: Request<ListAddressUsageRequest>,
+    ) -> Result<Response<ListAddressUsageResponse>, Status> {
+        let r = req.get_ref();
+        let (node, network) = pod_filters(&r.node_name, &r.network)?;
+        let (leases, _) = self.watch.hub.leases();
+        let usage = self
+            .watch
+            .pods
+            .usage(&leases, node.as_ref(), network.as_ref());
+        Ok(Response::new(ListAddressUsageResponse { usage }))
+    }
+
     async fn list_pods(
         &self,
         req: Request<ListPodsRequest>,
     ) -> Result<Response<ListPodsResponse>, Status> {
         let r = req.get_ref();
-        let node = if r.node_name.is_empty() {
-            None
-        } else {
-            Some(
-                twill_common::model::NodeName::new(&r.node_name)
-                    .map_err(|e| Status::invalid_argument(format!("node_name: {e}")))?,
-            )
-        };
-        let network = if r.network.is_empty() {
-            None
-        } else {
-            Some(network_field("network", &r.network)?)
-        };
+        let (node, network) = pod_filters(&r.node_name, &r.network)?;
         let hub = &self.watch.hub;
         let holds =
             |n: &twill_common::model::NodeName, net: &NetworkName| hub.lease(net, n).is_some();
