@@ -454,21 +454,26 @@ fn gc_releases_what_a_crashed_runtime_left_with_real_bridge_and_host_local() {
     );
     assert!(!dir.join("flannel").join(&gone_cid).exists());
     assert!(dir.join("flannel").join(&kept_cid).exists());
-    let veths = must(&[
-        "ip",
-        "-n",
-        &scene.host,
-        "-o",
-        "link",
-        "show",
-        "type",
-        "veth",
-    ]);
-    assert_eq!(
-        veths.lines().count(),
-        1,
-        "only the kept pod's veth: {veths}"
-    );
+    // The crashed pod's veth goes with its namespace, which the kernel tears down
+    // after `ip netns del` returns (a work queue): wait for it, with a deadline.
+    let veths = || {
+        must(&[
+            "ip",
+            "-n",
+            &scene.host,
+            "-o",
+            "link",
+            "show",
+            "type",
+            "veth",
+        ])
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while veths().lines().count() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left = veths();
+    assert_eq!(left.lines().count(), 1, "only the kept pod's veth: {left}");
 
     // The address is free again: host-local hands out addresses in order after the
     // last one it gave, so fill up to it and see it come back.

@@ -9,12 +9,13 @@ use twill_common::networks::NetworkName;
 use twill_common::tls::ClientPem;
 use twill_proto::admin_service_client::AdminServiceClient;
 use twill_proto::{
-    BootstrapToken, CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, GetConfigRequest,
-    GetConfigResponse, GetLeaseRequest, IssuedCertificate, Lease, ListAddressUsageRequest,
-    ListAdminNetworksRequest, ListIssuedCertificatesRequest, ListLeasesRequest, ListLeasesResponse,
-    ListPodsRequest, ListReservationsRequest, ListTokensRequest, NetworkInfo, PodAddressUsage,
-    PodAttachment, Reservation, ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse,
-    UnreserveRequest, WatchRequest, WatchResponse,
+    BootstrapToken, CheckAddressesRequest, CreateTokenRequest, CreateTokenResponse,
+    DeleteTokenRequest, GetConfigRequest, GetConfigResponse, GetLeaseRequest, IssuedCertificate,
+    Lease, ListAddressUsageRequest, ListAdminNetworksRequest, ListIssuedCertificatesRequest,
+    ListLeasesRequest, ListLeasesResponse, ListPodsRequest, ListReservationsRequest,
+    ListTokensRequest, NetworkInfo, PodAddressFinding, PodAddressUsage, PodAttachment, Reservation,
+    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
+    WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
@@ -482,6 +483,23 @@ impl Admin {
         };
         match self.client.list_pods(req).await {
             Ok(r) => Ok(r.into_inner().pods),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/CheckAddresses`: leaks, conflicts and duplicates of `node` (empty:
+    /// every node) in `network` (empty: every network).
+    pub async fn check_addresses(
+        &mut self,
+        node: &str,
+        network: &str,
+    ) -> Result<Vec<PodAddressFinding>, ClientError> {
+        let req = CheckAddressesRequest {
+            node_name: node.to_string(),
+            network: network.to_string(),
+        };
+        match self.client.check_addresses(req).await {
+            Ok(r) => Ok(r.into_inner().findings),
             Err(s) => Err(self.fail(s)),
         }
     }

@@ -189,14 +189,16 @@ enum Command {
     /// address, the gateway and the IPv4 broadcast address) and USE%. A node at 90 %
     /// also says so in its agent's log. `-o json|yaml` print the same as a document.
     #[command(
-        after_help = "Examples:\n  twillctl ipam\n  twillctl ipam --network blue\n  twillctl ipam --node worker-3 -o json"
+        after_help = "Examples:\n  twillctl ipam\n  twillctl ipam --network blue\n  twillctl ipam --node worker-3 -o json\n  twillctl ipam check"
     )]
     Ipam {
+        #[command(subcommand)]
+        check: Option<IpamCommand>,
         /// Only this node's subnets.
-        #[arg(long, value_name = "NODE")]
+        #[arg(long, global = true, value_name = "NODE")]
         node: Option<String>,
         /// Only this network's (default: every network's).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, global = true, value_name = "NAME")]
         network: Option<NetworkName>,
     },
     /// Say who holds a pod address: the pod (namespace, name, node, container), or the
@@ -438,6 +440,22 @@ enum TokenCommand {
     },
 }
 
+/// `twillctl ipam` subcommands.
+#[derive(Subcommand, Debug)]
+enum IpamCommand {
+    /// List what is wrong with pod addresses: LEAKED (the node's IPAM holds it for a
+    /// pod whose network namespace is gone: a runtime that crashed before DEL; CNI GC
+    /// releases it), CONFLICT (a pod reports it and its node's IPAM does not hold it)
+    /// and DUPLICATE (two pods report it).
+    ///
+    /// From what the agents last reported. Columns: NODE, NETWORK, IP, KIND, CONTAINER.
+    /// Nothing found prints nothing on stdout and says so on stderr.
+    #[command(
+        after_help = "Examples:\n  twillctl ipam check\n  twillctl ipam check --node worker-3 -o json"
+    )]
+    Check,
+}
+
 #[derive(Subcommand, Debug)]
 enum LeaseCommand {
     /// Show one node's lease (NOT_FOUND when it holds none).
@@ -672,7 +690,26 @@ fn run(cli: Cli) -> Result<()> {
                 "No pods found.",
             )
         }
-        Command::Ipam { node, network } => {
+        Command::Ipam {
+            check: Some(IpamCommand::Check),
+            node,
+            network,
+        } => {
+            let node = node.unwrap_or_default();
+            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let findings = call(conn, "ipam check", |mut a| async move {
+                a.check_addresses(&node, &network).await
+            })?;
+            emit_list(
+                &output::render_findings(&findings, conn.output),
+                "No leaked, conflicting or duplicate pod addresses found.",
+            )
+        }
+        Command::Ipam {
+            check: None,
+            node,
+            network,
+        } => {
             let node = node.unwrap_or_default();
             let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
             let usage = call(conn, "ipam", |mut a| async move {

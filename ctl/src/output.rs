@@ -8,8 +8,8 @@ use twill_common::networks::DEFAULT_NETWORK;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
-    ListLeasesResponse, NetworkInfo, PodAddressUsage, PodAttachment, Replica, Reservation,
-    StatusResponse, WatchResponse,
+    ListLeasesResponse, NetworkInfo, PodAddressFinding, PodAddressUsage, PodAttachment, Replica,
+    Reservation, StatusResponse, WatchResponse,
 };
 
 /// Output formats of `-o/--output`.
@@ -714,6 +714,70 @@ pub fn render_ipam(usage: &[PodAddressUsage], format: Format) -> String {
                     u.used.to_string(),
                     u.total.to_string(),
                     share,
+                ]);
+            }
+            table(&rows)
+        }
+        Format::Json => json(&doc()),
+        Format::Yaml => yaml(&doc()),
+    }
+}
+
+/// One finding as printed by `ipam check -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FindingDoc {
+    /// The node.
+    pub node: String,
+    /// The network.
+    pub network: String,
+    /// The address.
+    pub ip: String,
+    /// `leaked`, `conflict` or `duplicate`.
+    pub kind: String,
+    /// The container (sandbox) ID.
+    pub container_id: String,
+}
+
+/// The document printed by `ipam check -o json|yaml`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FindingsDoc {
+    /// By node, network and address.
+    pub findings: Vec<FindingDoc>,
+}
+
+/// `ipam check`: NODE, NETWORK, IP, KIND, CONTAINER (whole with `-o wide`, else its
+/// first 12 characters). Empty for none in `table`/`wide` form.
+pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String {
+    let doc = || FindingsDoc {
+        findings: findings
+            .iter()
+            .map(|f| FindingDoc {
+                node: f.node_name.clone(),
+                network: network_name(&f.network),
+                ip: f.ip.clone(),
+                kind: f.kind.clone(),
+                container_id: f.container_id.clone(),
+            })
+            .collect(),
+    };
+    match format {
+        Format::Table | Format::Wide => {
+            if findings.is_empty() {
+                return String::new();
+            }
+            let mut rows = vec![strings(&["NODE", "NETWORK", "IP", "KIND", "CONTAINER"])];
+            for f in findings {
+                let container = if format == Format::Wide {
+                    f.container_id.clone()
+                } else {
+                    f.container_id.chars().take(12).collect()
+                };
+                rows.push(vec![
+                    f.node_name.clone(),
+                    network_name(&f.network),
+                    f.ip.clone(),
+                    f.kind.to_ascii_uppercase(),
+                    or_none(&one_line(&container)),
                 ]);
             }
             table(&rows)
@@ -2668,6 +2732,28 @@ web         front-1   node-a   default   10.244.3.5   fd00:10:244:3::5   0123456
         assert_eq!(v["pods"][1]["ifname"], "net1");
         let y = render_pods(&pods[1..], Format::Yaml, now);
         assert!(y.contains("node: \"node-b\""), "{y}");
+    }
+
+    #[test]
+    fn findings_table_and_json() {
+        let findings = vec![PodAddressFinding {
+            kind: "leaked".into(),
+            network: String::new(),
+            ip: "10.244.3.9".into(),
+            container_id: "0123456789abcdef".into(),
+            node_name: "node-a".into(),
+        }];
+        assert_eq!(
+            render_findings(&findings, Format::Table),
+            "\
+NODE     NETWORK   IP           KIND     CONTAINER
+node-a   default   10.244.3.9   LEAKED   0123456789ab
+"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&render_findings(&findings, Format::Json)).unwrap();
+        assert_eq!(v["findings"][0]["kind"], "leaked");
+        assert_eq!(render_findings(&[], Format::Table), "");
     }
 
     #[test]

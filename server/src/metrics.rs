@@ -15,6 +15,10 @@ pub struct Metrics {
     registry: Registry,
     /// Leases currently held.
     pub leases: Gauge,
+    /// Pod addresses the agents found leaked.
+    pub ipam_leaks: Gauge,
+    /// Pod addresses the agents found in conflict.
+    pub ipam_conflicts: Gauge,
     /// Subnets still free (not leased, not reserved).
     pub subnets_free: Gauge,
     /// Watch streams open now.
@@ -72,6 +76,8 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("twill");
         let m = Metrics {
             leases: Gauge::default(),
+            ipam_leaks: Gauge::default(),
+            ipam_conflicts: Gauge::default(),
             subnets_free: Gauge::default(),
             watchers: Gauge::default(),
             events_sent: Counter::default(),
@@ -95,6 +101,16 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("leases", "Leases currently held", m.leases.clone());
+        registry.register(
+            "ipam_leaks",
+            "Pod addresses held for pods whose network namespace is gone, as the agents reported",
+            m.ipam_leaks.clone(),
+        );
+        registry.register(
+            "ipam_conflicts",
+            "Pod addresses a pod reports and its node's IPAM does not hold, as the agents reported",
+            m.ipam_conflicts.clone(),
+        );
         registry.register(
             "subnets_free",
             "Subnets neither leased nor reserved",

@@ -17,7 +17,9 @@ use parking_lot::RwLock;
 use thiserror::Error;
 use twill_common::model::{Family, NodeName, PerFamily};
 use twill_common::networks::NetworkName;
-use twill_proto::{Lease, PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
+use twill_proto::{
+    Lease, PodAddressFinding, PodAddressUsage, PodAttachment, ReportAttachmentsRequest,
+};
 
 /// Most attachments a node may report, whatever its subnets: a node's pods are ~110
 /// by Kubernetes' default, so this bounds a node that lies, not one that works.
@@ -87,6 +89,8 @@ struct NodePods {
     attachments: BTreeMap<NetworkName, Vec<PodAttachment>>,
     /// Addresses its IPAM holds, by network and family.
     used: BTreeMap<(NetworkName, Family), u64>,
+    /// Leaks and conflicts its agent found.
+    findings: Vec<PodAddressFinding>,
 }
 
 /// Every node's pods.
@@ -185,8 +189,41 @@ impl PodTable {
             }
             kept.used.insert((network, family), u.used);
         }
+        for (index, f) in report.findings.iter().enumerate() {
+            let bad = |what: String| ReportError::Usage { index, what };
+            if f.kind != "leaked" && f.kind != "conflict" {
+                return Err(bad(format!(
+                    "finding kind {:?}: leaked or conflict",
+                    f.kind
+                )));
+            }
+            let network =
+                NetworkName::from_wire(&f.network).map_err(|e| bad(format!("network: {e}")))?;
+            let ip: IpAddr =
+                f.ip.parse()
+                    .map_err(|_| bad(format!("{:?} is not an IP address", f.ip)))?;
+            let inside = subnets(&network)
+                .and_then(|nets| nets.get(Family::of(ip)).copied())
+                .is_some_and(|n| n.contains(&ip));
+            if !inside {
+                return Err(bad(format!(
+                    "{ip} is not in node {node}'s subnets of network {network}"
+                )));
+            }
+            let mut f = f.clone();
+            f.node_name = node.to_string();
+            f.network = network.to_string();
+            kept.findings.push(f);
+        }
         let count = report.attachments.len();
         let limit = limit.min(MAX_PER_NODE);
+        if report.findings.len() > limit {
+            return Err(ReportError::TooMany {
+                node: node.to_string(),
+                count: report.findings.len(),
+                limit,
+            });
+        }
         if count > limit {
             return Err(ReportError::TooMany {
                 node: node.to_string(),
@@ -232,6 +269,82 @@ impl PodTable {
 }
 
 impl PodTable {
+    /// The findings of `node` (or every node) in `network` (or every network) whose
+    /// node still holds its lease there, and every address two pods report.
+    pub fn check(
+        &self,
+        node: Option<&NodeName>,
+        network: Option<&NetworkName>,
+        holds: &dyn Fn(&NodeName, &NetworkName) -> bool,
+    ) -> Vec<PodAddressFinding> {
+        let nodes = self.nodes.read();
+        let wanted = |n: &NodeName, net: &NetworkName| {
+            node.is_none_or(|w| w == n) && network.is_none_or(|w| w == net) && holds(n, net)
+        };
+        let mut out: Vec<PodAddressFinding> = Vec::new();
+        let mut seen: BTreeMap<(&NetworkName, &str), Vec<&PodAttachment>> = BTreeMap::new();
+        for (n, pods) in nodes.iter() {
+            for f in &pods.findings {
+                let net = NetworkName::from_wire(&f.network)
+                    .unwrap_or_else(|_| NetworkName::default_network());
+                if wanted(n, &net) {
+                    out.push(f.clone());
+                }
+            }
+            for (net, list) in &pods.attachments {
+                if !holds(n, net) {
+                    continue;
+                }
+                for a in list {
+                    for ip in &a.ips {
+                        seen.entry((net, ip.as_str())).or_default().push(a);
+                    }
+                }
+            }
+        }
+        for ((net, ip), holders) in seen {
+            if holders.len() < 2 {
+                continue;
+            }
+            for a in holders {
+                let Ok(n) = NodeName::new(&a.node_name) else {
+                    continue;
+                };
+                if wanted(&n, net) {
+                    out.push(PodAddressFinding {
+                        kind: "duplicate".into(),
+                        network: net.to_string(),
+                        ip: ip.to_string(),
+                        container_id: a.container_id.clone(),
+                        node_name: a.node_name.clone(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            (&a.node_name, &a.network, &a.ip, &a.kind).cmp(&(
+                &b.node_name,
+                &b.network,
+                &b.ip,
+                &b.kind,
+            ))
+        });
+        out
+    }
+
+    /// Leaks and conflicts reported, over every node.
+    pub fn totals(&self) -> (usize, usize) {
+        let nodes = self.nodes.read();
+        let count = |kind: &str| {
+            nodes
+                .values()
+                .flat_map(|p| &p.findings)
+                .filter(|f| f.kind == kind)
+                .count()
+        };
+        (count("leaked"), count("conflict"))
+    }
+
     /// Per subnet of `leases` (filtered by `node` and `network`): how many addresses its
     /// node last reported used and how many it has, the fullest first.
     pub fn usage(
@@ -322,6 +435,7 @@ mod tests {
             node_name: "node-a".into(),
             attachments: pods,
             usage: Vec::new(),
+            findings: Vec::new(),
         };
         assert_eq!(
             t.report(
@@ -412,6 +526,42 @@ mod tests {
             assert!(matches!(e, ReportError::Usage { .. }), "{bad:?}: {e}");
         }
         assert_eq!(t.usage(&[lease], None, None)[0].used, 230, "kept");
+
+        // Findings: the agent's kept, outside its subnet refused, duplicates found here.
+        let finding = |kind: &str, ip: &str| twill_proto::PodAddressFinding {
+            kind: kind.into(),
+            ip: ip.into(),
+            container_id: "gone".into(),
+            ..Default::default()
+        };
+        let mut r = report(vec![
+            pod("", "c1", &["10.244.3.5"]),
+            pod("", "c2", &["10.244.3.5"]),
+        ]);
+        r.findings = vec![finding("leaked", "10.244.3.9")];
+        assert_eq!(t.report(&a, &r, &subnets), Ok(2));
+        let kinds: Vec<(String, String)> = t
+            .check(None, None, &all)
+            .into_iter()
+            .map(|f| (f.kind, f.ip))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("duplicate".to_string(), "10.244.3.5".to_string()),
+                ("duplicate".to_string(), "10.244.3.5".to_string()),
+                ("leaked".to_string(), "10.244.3.9".to_string()),
+            ]
+        );
+        assert_eq!(t.totals(), (1, 0));
+        for bad in [
+            finding("leaked", "10.244.9.9"),
+            finding("stolen", "10.244.3.9"),
+        ] {
+            let mut r = report(vec![]);
+            r.findings = vec![bad];
+            assert!(t.report(&a, &r, &subnets).is_err());
+        }
 
         // The pods leave with the lease.
         let none = |_: &NodeName, _: &NetworkName| false;

@@ -285,6 +285,7 @@ async fn a_node_reports_only_its_own_pods_inside_its_own_subnet() {
         node_name: node.into(),
         attachments: pods,
         usage: Vec::new(),
+        findings: Vec::new(),
     };
     let list = || async {
         ctl.admin(&pki)

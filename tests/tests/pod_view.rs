@@ -3,7 +3,9 @@
 //! SIGKILLed in the middle of the burst and started again. Reports in flight when it
 //! died, and those sent while it was down (queued on disk), reach it; its view then
 //! equals host-local's files: as many attachments as addresses held, every address it
-//! reports held (no conflict), nothing called leaked.
+//! reports held (no conflict), nothing called leaked. Then a pod's namespace goes
+//! without a DEL (a crashed runtime): `twillctl ipam check` names exactly its address
+//! as leaked, and once it is deleted the check is clean.
 //!
 //! Needs root, network namespaces and Debian's containernetworking-plugins; without
 //! them it is skipped loudly, or fails when `CI` is set.
@@ -114,5 +116,47 @@ fn scenario(ov: &Overlay) -> Result<()> {
             ))
         }
     })?;
+
+    // 4. A runtime crashes: a pod's namespace goes without a DEL. `ipam check` names
+    //    exactly its address as leaked; its DEL (what CNI GC does) clears it.
+    let crashed = &pods[5];
+    twill_tests::cmd::run(&["ip", "netns", "del", &crashed.netns])?;
+    let findings = || -> Result<Vec<(String, String, String)>> {
+        let out = ov.twillctl(&["ipam", "check", "-o", "json"])?;
+        let doc: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(doc["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                let s = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+                (s("node"), s("ip"), s("kind"))
+            })
+            .collect())
+    };
+    let leaked = vec![(
+        NODE.to_string(),
+        crashed.addr.to_string(),
+        "leaked".to_string(),
+    )];
+    wait_until(
+        CONVERGE,
+        "`twillctl ipam check` to name the leaked address",
+        || match findings() {
+            Ok(f) if f == leaked => Check::Ready(()),
+            Ok(f) => Check::NotYet(format!("findings {f:?}, want {leaked:?}")),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        },
+    )?;
+    pods::cni(ov, &cni_bin, NODE, "DEL", crashed)?;
+    wait_until(
+        CONVERGE,
+        "`twillctl ipam check` to be clean",
+        || match findings() {
+            Ok(f) if f.is_empty() => Check::Ready(()),
+            Ok(f) => Check::NotYet(format!("findings {f:?}")),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        },
+    )?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use twill_agent::client;
 use twill_agent::pods::Attachments;
-use twill_proto::{PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
+use twill_proto::{PodAddressFinding, PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -45,6 +45,8 @@ pub(super) struct PodView {
     full: BTreeSet<(NetworkName, Family)>,
     /// Addresses host-local holds per network and family, as the last check found.
     usage: Vec<PodAddressUsage>,
+    /// Leaks and conflicts in this node's subnets, as the last check found.
+    findings: Vec<PodAddressFinding>,
     /// The last report the controller took, and when it is due again regardless.
     sent: Option<Shown>,
     refresh_at: Instant,
@@ -52,8 +54,12 @@ pub(super) struct PodView {
     sending: Option<(JoinHandle<Result<(), Status>>, Shown)>,
 }
 
-/// What a report carries: the attachments and the address usage.
-type Shown = (Vec<PodAttachment>, Vec<PodAddressUsage>);
+/// What a report carries: the attachments, the address usage and the findings.
+type Shown = (
+    Vec<PodAttachment>,
+    Vec<PodAddressUsage>,
+    Vec<PodAddressFinding>,
+);
 
 impl PodView {
     /// The view of `pods`, draining `socket`'s queue when there is a socket.
@@ -65,6 +71,7 @@ impl PodView {
             conflicts: BTreeSet::new(),
             full: BTreeSet::new(),
             usage: Vec::new(),
+            findings: Vec::new(),
             sent: None,
             refresh_at: Instant::now(),
             sending: None,
@@ -109,6 +116,7 @@ impl PodView {
         let shown = (
             reportable(&self.pods.snapshot(), subnets),
             self.usage.clone(),
+            self.findings.clone(),
         );
         if self.sent.as_ref() == Some(&shown) && Instant::now() < self.refresh_at {
             return;
@@ -117,6 +125,7 @@ impl PodView {
             node_name: node.to_string(),
             attachments: shown.0.clone(),
             usage: shown.1.clone(),
+            findings: shown.2.clone(),
         };
         let mut api = api.clone();
         let call = tokio::spawn(async move {
@@ -186,6 +195,22 @@ impl PodView {
             warn!(network = %k.network, container = %k.container_id, ifname = %k.ifname, ip = %ip, "pod address conflict: the attachment reports an address its IPAM does not hold");
         }
 
+        self.findings = [("leaked", &found.leaked), ("conflict", &found.conflicts)]
+            .into_iter()
+            .flat_map(|(kind, list)| list.iter().map(move |f| (kind, f)))
+            .filter_map(|(kind, (k, ip))| {
+                let (network, nets) = subnets.iter().find(|(n, _)| n.to_string() == k.network)?;
+                nets.values()
+                    .any(|n| n.contains(ip))
+                    .then(|| PodAddressFinding {
+                        kind: kind.into(),
+                        network: network.wire().to_string(),
+                        ip: ip.to_string(),
+                        container_id: k.container_id.clone(),
+                        node_name: String::new(),
+                    })
+            })
+            .collect();
         self.usage.clear();
         for (network, subnets) in subnets {
             let held: Vec<Held> = dirs_of

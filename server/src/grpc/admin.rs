@@ -13,17 +13,18 @@ use twill_common::networks::NetworkName;
 use twill_common::NetConf;
 use twill_proto::admin_service_server::AdminService;
 use twill_proto::{
+    CheckAddressesRequest, CheckAddressesResponse, CreateTokenRequest, CreateTokenResponse,
+    DeleteTokenRequest, DeleteTokenResponse, ListAddressUsageRequest, ListAddressUsageResponse,
+    ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListPodsRequest,
+    ListPodsResponse, ListTokensRequest, ListTokensResponse, RevokeNodeCertificatesRequest,
+    RevokeNodeCertificatesResponse,
+};
+use twill_proto::{
     ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease,
     ListAdminNetworksRequest, ListAdminNetworksResponse, ListLeasesRequest, ListLeasesResponse,
     ListReservationsRequest, ListReservationsResponse, NetworkInfo, OffLink, Reservation,
     ReserveRequest, ReserveResponse, RevokeLeaseRequest, RevokeLeaseResponse, StatusRequest,
     StatusResponse, UnreserveRequest, UnreserveResponse, WatchRequest,
-};
-use twill_proto::{
-    CreateTokenRequest, CreateTokenResponse, DeleteTokenRequest, DeleteTokenResponse,
-    ListAddressUsageRequest, ListAddressUsageResponse, ListIssuedCertificatesRequest,
-    ListIssuedCertificatesResponse, ListPodsRequest, ListPodsResponse, ListTokensRequest,
-    ListTokensResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 
 use super::agent::network_field;
@@ -586,6 +587,22 @@ impl AdminService for AdminApi {
         Ok(Response::new(RevokeNodeCertificatesResponse {
             revoked_at_unix,
         }))
+    }
+
+    async fn check_addresses(
+        &self,
+        req: Request<CheckAddressesRequest>,
+    ) -> Result<Response<CheckAddressesResponse>, Status> {
+        let r = req.get_ref();
+        let (node, network) = pod_filters(&r.node_name, &r.network)?;
+        let hub = &self.watch.hub;
+        let holds =
+            |n: &twill_common::model::NodeName, net: &NetworkName| hub.lease(net, n).is_some();
+        let findings = self
+            .watch
+            .pods
+            .check(node.as_ref(), network.as_ref(), &holds);
+        Ok(Response::new(CheckAddressesResponse { findings }))
     }
 
     async fn list_address_usage(

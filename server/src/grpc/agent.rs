@@ -166,6 +166,9 @@ impl AgentService for AgentApi {
                 tracing::warn!(node = %node, error = %e, "pod report refused");
                 Status::invalid_argument(e.to_string())
             })?;
+        let (leaks, conflicts) = self.watch.pods.totals();
+        self.watch.metrics.ipam_leaks.set(leaks as i64);
+        self.watch.metrics.ipam_conflicts.set(conflicts as i64);
         tracing::debug!(node = %node, pods = count, "pods reported");
         Ok(Response::new(ReportAttachmentsResponse {}))
     }
