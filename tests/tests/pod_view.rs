@@ -160,3 +160,82 @@ fn scenario(ov: &Overlay) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A node's subnet filled to exhaustion (REFERENCE 2.11): with /28 subnets (13
+/// addresses for pods), once 12 are held `twillctl ipam` says 92 %, the agent's
+/// metrics say 12 of 13 and its log warns, all before the ADD that fails (the 14th).
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn a_subnet_nearly_full_shows_before_the_add_that_fails() {
+    let test = "a_subnet_nearly_full_shows_before_the_add_that_fails";
+    if !Path::new(CNI_PATH).join("bridge").is_file() {
+        return skip(test, "needs containernetworking-plugins in /usr/lib/cni");
+    }
+    let config = OverlayConfig::new([NODE])
+        .net_conf(r#"{"Network":"10.244.0.0/16","SubnetLen":28,"Backend":{"Type":"vxlan"}}"#)
+        .agent_args(NODE, ["--reconcile-interval", "1s"]);
+    let Some(ov) = require_lab(test, Overlay::start(config)) else {
+        return;
+    };
+    if let Err(e) = fill(&ov) {
+        panic!("{e:#}");
+    }
+}
+
+fn fill(ov: &Overlay) -> Result<()> {
+    ov.wait_converged(CONVERGE)?;
+    let cni_bin = ov.bins().path("twill-cni");
+    for i in 0..12 {
+        pods::attach(ov, &cni_bin, NODE, &format!("f{i}"))?;
+    }
+    let addr = ov.agent_metrics_addr(NODE);
+    wait_until(CONVERGE, "the agent to count 12 of 13 addresses", || {
+        let text = match ov.lab().http_get(NODE, addr, "/metrics") {
+            Ok(r) => r.body,
+            Err(e) => return Check::NotYet(format!("{e:#}")),
+        };
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        let seen = (
+            value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
+            value("twill_pod_ips_total{network=\"default\",family=\"ipv4\"} "),
+        );
+        if seen == (Some(12.0), Some(13.0)) {
+            Check::Ready(())
+        } else {
+            Check::NotYet(format!("(used, total) {seen:?}"))
+        }
+    })?;
+    wait_until(CONVERGE, "`twillctl ipam` to say 92 %", || {
+        match ov.twillctl(&["ipam"]) {
+            Ok(out)
+                if out.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.first() == Some(&NODE) && f.ends_with(&["12", "13", "92%"])
+                }) =>
+            {
+                Check::Ready(())
+            }
+            Ok(out) => Check::NotYet(out),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        }
+    })?;
+    let log = ov.lab().log(&Overlay::agent_proc(NODE));
+    ensure!(
+        log.contains("nearly full"),
+        "the agent's log has no warning:\n{log}"
+    );
+    pods::attach(ov, &cni_bin, NODE, "f12")?;
+    let last = pods::attach(ov, &cni_bin, NODE, "f13");
+    let e = match last {
+        Ok(_) => anyhow::bail!("a 14th pod got an address from a /28"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        e.contains("no IP addresses available"),
+        "the 14th ADD failed for another reason: {e}"
+    );
+    Ok(())
+}
