@@ -663,10 +663,18 @@ fn run(cli: Cli) -> Result<()> {
             network: NetworkFlag { network },
         } => {
             let net = network.clone();
-            let s = call_in(conn, "status", &network, |mut a| async move {
-                a.status(&net).await
+            let (s, usage) = call_in(conn, "status", &network, |mut a| async move {
+                let s = a.status(&net).await?;
+                // A controller from before the pod view has no usage to give.
+                let usage = a
+                    .list_address_usage("", net.wire())
+                    .await
+                    .unwrap_or_default();
+                Ok((s, usage))
             })?;
-            emit(&output::render_status(&s, conn.output, SystemTime::now()))
+            let mut out = output::render_status(&s, conn.output, SystemTime::now());
+            out.push_str(&output::render_nearly_full(&usage, conn.output));
+            emit(&out)
         }
         Command::Networks => {
             let ns = call(

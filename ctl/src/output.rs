@@ -787,6 +787,30 @@ pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String
     }
 }
 
+/// A subnet is nearly full from this share of its addresses (the agent warns too).
+const NEARLY_FULL_PERCENT: u64 = 90;
+
+/// For `status` in `table`/`wide` form: the subnets of `usage` at 90 % or more, as a
+/// table under a heading; nothing when there are none, or in `json`/`yaml` form
+/// (`twillctl ipam -o json` has the numbers).
+pub fn render_nearly_full(usage: &[PodAddressUsage], format: Format) -> String {
+    if !matches!(format, Format::Table | Format::Wide) {
+        return String::new();
+    }
+    let full: Vec<PodAddressUsage> = usage
+        .iter()
+        .filter(|u| u.total > 0 && u.used.saturating_mul(100) >= u.total * NEARLY_FULL_PERCENT)
+        .cloned()
+        .collect();
+    if full.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nNearly full (pods will fail to get an address once a subnet is):\n{}",
+        render_ipam(&full, Format::Table)
+    )
+}
+
 /// `ip`: the answer as a sentence, or as a document.
 pub fn render_ip(answer: &crate::lookup::Answer, format: Format) -> String {
     match format {
@@ -2754,6 +2778,24 @@ node-a   default   10.244.3.9   LEAKED   0123456789ab
             serde_json::from_str(&render_findings(&findings, Format::Json)).unwrap();
         assert_eq!(v["findings"][0]["kind"], "leaked");
         assert_eq!(render_findings(&[], Format::Table), "");
+    }
+
+    #[test]
+    fn status_names_the_nearly_full_subnets() {
+        let u = |node: &str, used: u64| PodAddressUsage {
+            network: String::new(),
+            family: "ipv4".into(),
+            used,
+            node_name: node.into(),
+            subnet: "10.244.4.0/24".into(),
+            total: 253,
+        };
+        let usage = [u("node-b", 228), u("node-a", 227)];
+        let t = render_nearly_full(&usage, Format::Table);
+        assert!(t.starts_with("\nNearly full"), "{t}");
+        assert!(t.contains("node-b") && !t.contains("node-a"), "{t}");
+        assert_eq!(render_nearly_full(&usage, Format::Json), "");
+        assert_eq!(render_nearly_full(&[u("node-a", 10)], Format::Table), "");
     }
 
     #[test]

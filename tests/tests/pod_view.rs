@@ -162,8 +162,9 @@ fn scenario(ov: &Overlay) -> Result<()> {
 }
 
 /// A node's subnet filled to exhaustion (REFERENCE 2.11): with /28 subnets (13
-/// addresses for pods), once 12 are held `twillctl ipam` says 92 %, the agent's
-/// metrics say 12 of 13 and its log warns, all before the ADD that fails (the 14th).
+/// addresses for pods), once 12 are held `twillctl ipam` says 92 %, `twillctl status`
+/// names the subnet as nearly full, the agent's metrics say 12 of 13 and its log
+/// warns, all before the ADD that fails (the 14th).
 #[test]
 #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn a_subnet_nearly_full_shows_before_the_add_that_fails() {
@@ -222,6 +223,11 @@ fn fill(ov: &Overlay) -> Result<()> {
             Err(e) => Check::NotYet(format!("{e:#}")),
         }
     })?;
+    let status = ov.twillctl(&["status"])?;
+    ensure!(
+        status.contains("Nearly full") && status.contains(NODE),
+        "twillctl status does not name the subnet:\n{status}"
+    );
     let log = ov.lab().log(&Overlay::agent_proc(NODE));
     ensure!(
         log.contains("nearly full"),
