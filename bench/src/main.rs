@@ -13,6 +13,7 @@ mod etcd;
 mod floors;
 mod ha;
 mod pki;
+mod pods;
 mod procstat;
 mod report;
 mod servers;
@@ -159,10 +160,13 @@ enum Scenario {
     /// join-storm + fanout for Twill and etcd side by side with the machine's floors,
     /// plus churn, reconnect, cold-start and dataplane.
     Compare,
-    /// A few seconds at N=50 (join-storm, fanout, churn, reconnect, cold-start, ha with
-    /// one crash when etcd is installed, dataplane P=100): keeps the harness from
-    /// rotting (run by `cargo test`).
+    /// A few seconds at N=50 (join-storm, fanout, churn, pods, reconnect, cold-start,
+    /// ha with one crash when etcd is installed, dataplane P=100, cni-add with 3 ADDs):
+    /// keeps the harness from rotting (run by `cargo test`).
     Smoke,
+    /// N nodes each report 110 pods at once, then 100 pod changes a second for
+    /// --duration: the controller's CPU and memory, report and ListPods latency.
+    Pods,
     /// twill-cni's ADD with the real bridge and host-local plugins: with no report,
     /// reported to the agent's socket, and queued with the agent down (needs root).
     CniAdd,
@@ -473,6 +477,9 @@ pub struct Results {
     /// twill-cni's ADD with and without its report to the agent.
     #[serde(default)]
     pub cni: Option<cni::CniOutcome>,
+    /// The pod view at N nodes.
+    #[serde(default)]
+    pub pods: Vec<pods::PodsOutcome>,
     /// Notes (skipped parts and why).
     pub notes: Vec<String>,
 }
@@ -689,6 +696,37 @@ async fn rows(
         out.push(row);
     }
     Ok(out)
+}
+
+/// The pod view at `n` nodes (see `pods`).
+async fn pods_run(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<pods::PodsOutcome> {
+    ensure_certs(pki, n, 0)?;
+    let ctl = servers::Controller::start(bin, pki)?;
+    let (mut fleet, _) = twill::fleet(&[ctl.url()], pki, n, 0).await?;
+    let storm = fleet.storm(Duration::from_secs(o.deadline)).await;
+    if !storm.converged {
+        bail!("pods setup: the join storm of {n} did not converge");
+    }
+    let admin = twill::connect_one(
+        &ctl.url(),
+        twill::node_tls(&pki.ca_pem, &pki.admin.cert_pem, &pki.admin.key_pem),
+    )
+    .await?;
+    let p = pods::run(
+        fleet.clients(),
+        admin,
+        ctl.pid(),
+        100,
+        Duration::from_secs(o.duration),
+    )
+    .await?;
+    eprintln!(
+        "pods N={n}: {} pods reported in {:.2} s (report p50 {:.1} / p99 {:.1} ms, controller {:.1} s CPU, RSS {:.0} -> {:.0} MB); ListPods one node p50 {:.2} ms, all {} pods p50 {:.0} ms; {}/s changes: report p50 {:.2} / p99 {:.2} ms, controller {:.1} s CPU over {:.0} s",
+        p.pods, p.report_all_s, p.report_ms.p50, p.report_ms.p99, p.report_usage.cpu_s,
+        p.rss_before_mb, p.rss_after_mb, p.list_one_ms.p50, p.listed, p.list_all_ms.p50,
+        p.churn_per_s, p.churn_ms.p50, p.churn_ms.p99, p.churn_usage.cpu_s, p.churn_s
+    );
+    Ok(p)
 }
 
 async fn churn(o: &Opts, pki: &mut pki::Pki, bin: &Path, n: usize) -> Result<twill::ChurnOutcome> {
@@ -1003,6 +1041,11 @@ async fn run(mut o: Opts) -> Result<Results> {
                     .push(cold_start_row(&o, &mut pki, &ctl_bin, n).await?);
             }
         }
+        Scenario::Pods => {
+            for &n in &o.nodes {
+                res.pods.push(pods_run(&o, &mut pki, &ctl_bin, n).await?);
+            }
+        }
         Scenario::Churn => {
             for &n in &o.nodes {
                 res.churn = Some(churn(&o, &mut pki, &ctl_bin, n).await?);
@@ -1043,6 +1086,11 @@ async fn run(mut o: Opts) -> Result<Results> {
             }
             o.duration = 2;
             res.churn = Some(churn(&o, &mut pki, &ctl_bin, 50).await?);
+            let p = pods_run(&o, &mut pki, &ctl_bin, 50).await?;
+            if p.listed != p.pods {
+                bail!("smoke: ListPods gave {} of {} pods", p.listed, p.pods);
+            }
+            res.pods = vec![p];
             res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, 50).await?);
             let cold = cold_start_row(&o, &mut pki, &ctl_bin, 50).await?;
             if !cold.runs.iter().all(|c| c.converged) {

@@ -836,6 +836,34 @@ fn tables(res: &Results, charts: &[ChartLink]) -> String {
         }
         s.push('\n');
     }
+    if !res.pods.is_empty() {
+        let _ = writeln!(
+            s,
+            "### The pod view: 110 pods per node reported at once, then 100 pod changes a second\n"
+        );
+        let _ = writeln!(s, "| nodes | pods | all reported in, s | report p50 / p99, ms | controller CPU, s | controller RSS before → after, MB | ListPods one node p50, ms | ListPods all p50, ms | changes: report p50 / p99, ms | changes: controller CPU per s |");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for p in &res.pods {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} / {} | {} | {} → {} | {} | {} | {} / {} | {} |",
+                p.nodes,
+                p.pods,
+                f(p.report_all_s, 2),
+                f(p.report_ms.p50, 1),
+                f(p.report_ms.p99, 1),
+                f(p.report_usage.cpu_s, 1),
+                f(p.rss_before_mb, 0),
+                f(p.rss_after_mb, 0),
+                f(p.list_one_ms.p50, 2),
+                f(p.list_all_ms.p50, 0),
+                f(p.churn_ms.p50, 2),
+                f(p.churn_ms.p99, 2),
+                f(p.churn_usage.cpu_s / p.churn_s.max(f64::MIN_POSITIVE), 2)
+            );
+        }
+        s.push('\n');
+    }
     if let Some(c) = &res.cni {
         let _ = writeln!(
             s,

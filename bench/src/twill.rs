@@ -343,6 +343,11 @@ pub async fn fleet_on(
 }
 
 impl Fleet {
+    /// Each node's connection, node `i` at `i`.
+    pub fn clients(&self) -> &[Channel] {
+        &self.clients
+    }
+
     /// All N nodes start watching and acquire their lease (in each network) at once;
     /// returns when every node has seen all N × networks leases, or at the deadline.
     pub async fn storm(&mut self, deadline: Duration) -> sim::StormOutcome {
