@@ -13,9 +13,9 @@ use twill_proto::{
     DeleteTokenRequest, GetConfigRequest, GetConfigResponse, GetLeaseRequest, IssuedCertificate,
     Lease, ListAddressUsageRequest, ListAdminNetworksRequest, ListIssuedCertificatesRequest,
     ListLeasesRequest, ListLeasesResponse, ListPodsRequest, ListReservationsRequest,
-    ListTokensRequest, NetworkInfo, PodAddressFinding, PodAddressUsage, PodAttachment, Reservation,
-    ReserveRequest, RevokeLeaseRequest, StatusRequest, StatusResponse, UnreserveRequest,
-    WatchRequest, WatchResponse,
+    ListTokensRequest, NetworkInfo, PodAddressFinding, PodAddressUsage, PodAttachment,
+    ReleaseLeakedRequest, Reservation, ReserveRequest, RevokeLeaseRequest, StatusRequest,
+    StatusResponse, UnreserveRequest, WatchRequest, WatchResponse,
 };
 
 /// Leases asked for per ListLeases call when listing the whole table.
@@ -500,6 +500,21 @@ impl Admin {
         };
         match self.client.check_addresses(req).await {
             Ok(r) => Ok(r.into_inner().findings),
+            Err(s) => Err(self.fail(s)),
+        }
+    }
+
+    /// `AdminService/ReleaseLeaked`: asks the agents of `node` (empty: every node) to
+    /// release the addresses they reported leaked; what was asked.
+    pub async fn release_leaked(
+        &mut self,
+        node: &str,
+    ) -> Result<Vec<PodAddressFinding>, ClientError> {
+        let req = ReleaseLeakedRequest {
+            node_name: node.to_string(),
+        };
+        match self.client.release_leaked(req).await {
+            Ok(r) => Ok(r.into_inner().asked),
             Err(s) => Err(self.fail(s)),
         }
     }

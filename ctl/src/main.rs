@@ -454,6 +454,21 @@ enum IpamCommand {
         after_help = "Examples:\n  twillctl ipam check\n  twillctl ipam check --node worker-3 -o json"
     )]
     Check,
+    /// Have the agents release the addresses they reported leaked.
+    ///
+    /// Each agent (of --node, or every node) releases, within a reconcile interval or
+    /// two, every address it still finds leaked: held by host-local for a pod whose
+    /// network namespace is gone. It removes host-local's entry under host-local's
+    /// lock, as its DEL does. An address a live pod holds is never touched. Prints what
+    /// was asked, as `ipam check` does; `twillctl ipam check` shows when it is done.
+    #[command(
+        after_help = "Examples:\n  twillctl ipam release --leaked\n  twillctl ipam release --leaked --node worker-3"
+    )]
+    Release {
+        /// Release leaked addresses (the only kind there is to release).
+        #[arg(long, required = true)]
+        leaked: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -711,6 +726,20 @@ fn run(cli: Cli) -> Result<()> {
             emit_list(
                 &output::render_findings(&findings, conn.output),
                 "No leaked, conflicting or duplicate pod addresses found.",
+            )
+        }
+        Command::Ipam {
+            check: Some(IpamCommand::Release { .. }),
+            node,
+            ..
+        } => {
+            let node = node.unwrap_or_default();
+            let asked = call(conn, "ipam release", |mut a| async move {
+                a.release_leaked(&node).await
+            })?;
+            emit_list(
+                &output::render_findings(&asked, conn.output),
+                "No leaked addresses to release.",
             )
         }
         Command::Ipam {

@@ -97,6 +97,9 @@ struct NodePods {
 #[derive(Default)]
 pub struct PodTable {
     nodes: RwLock<BTreeMap<NodeName, NodePods>>,
+    /// Leaked addresses an admin asked each node to release, handed to it with the
+    /// answer to its next report.
+    releases: RwLock<BTreeMap<NodeName, Vec<PodAddressFinding>>>,
 }
 
 impl PodTable {
@@ -330,6 +333,33 @@ impl PodTable {
             ))
         });
         out
+    }
+
+    /// Asks `node` (or every node) to release the addresses it reported leaked;
+    /// what was asked.
+    pub fn release_leaked(&self, node: Option<&NodeName>) -> Vec<PodAddressFinding> {
+        let nodes = self.nodes.read();
+        let mut releases = self.releases.write();
+        let mut asked = Vec::new();
+        for (n, pods) in nodes.iter().filter(|(n, _)| node.is_none_or(|w| w == *n)) {
+            let leaked: Vec<PodAddressFinding> = pods
+                .findings
+                .iter()
+                .filter(|f| f.kind == "leaked")
+                .cloned()
+                .collect();
+            if leaked.is_empty() {
+                continue;
+            }
+            asked.extend(leaked.iter().cloned());
+            releases.insert(n.clone(), leaked);
+        }
+        asked
+    }
+
+    /// The releases asked of `node` since its last report (each is handed out once).
+    pub fn take_releases(&self, node: &NodeName) -> Vec<PodAddressFinding> {
+        self.releases.write().remove(node).unwrap_or_default()
     }
 
     /// Leaks and conflicts reported, over every node.

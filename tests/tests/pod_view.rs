@@ -5,7 +5,8 @@
 //! equals host-local's files: as many attachments as addresses held, every address it
 //! reports held (no conflict), nothing called leaked. Then a pod's namespace goes
 //! without a DEL (a crashed runtime): `twillctl ipam check` names exactly its address
-//! as leaked, and once it is deleted the check is clean.
+//! as leaked, `twillctl ipam release --leaked` has the agent release it from
+//! host-local's files (and nothing else), and the check is clean.
 //!
 //! Needs root, network namespaces and Debian's containernetworking-plugins; without
 //! them it is skipped loudly, or fails when `CI` is set.
@@ -148,16 +149,29 @@ fn scenario(ov: &Overlay) -> Result<()> {
             Err(e) => Check::NotYet(format!("{e:#}")),
         },
     )?;
-    pods::cni(ov, &cni_bin, NODE, "DEL", crashed)?;
-    wait_until(
-        CONVERGE,
-        "`twillctl ipam check` to be clean",
-        || match findings() {
-            Ok(f) if f.is_empty() => Check::Ready(()),
-            Ok(f) => Check::NotYet(format!("findings {f:?}")),
+    // 5. `twillctl ipam release --leaked`: the agent releases it from host-local's
+    //    files (nothing else), and the check is clean.
+    let asked = ov.twillctl(&["ipam", "release", "--leaked"])?;
+    ensure!(
+        asked.contains(&crashed.addr.to_string()),
+        "release asked for: {asked}"
+    );
+    let file = dir.join(crashed.addr.to_string());
+    wait_until(CONVERGE, "the leaked address released", || {
+        match findings() {
+            Ok(f) if f.is_empty() && !file.exists() => Check::Ready(()),
+            Ok(f) => Check::NotYet(format!("findings {f:?}, file there: {}", file.exists())),
             Err(e) => Check::NotYet(format!("{e:#}")),
-        },
-    )?;
+        }
+    })?;
+    let left = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
+        .count();
+    ensure!(
+        left == live - 1,
+        "host-local holds {left}, want {}",
+        live - 1
+    );
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
 use twill_agent::client;
-use twill_agent::pods::Attachments;
+use twill_agent::pods::{Attachments, Op, Report};
 use twill_proto::{PodAddressFinding, PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
 
 use ipnet::IpNet;
@@ -51,8 +51,11 @@ pub(super) struct PodView {
     sent: Option<Shown>,
     refresh_at: Instant,
     /// The report in flight, with what it carries.
-    sending: Option<(JoinHandle<Result<(), Status>>, Shown)>,
+    sending: Option<(Reporting, Shown)>,
 }
+
+/// A report in flight; it ends with the releases the controller asked for.
+type Reporting = JoinHandle<Result<Vec<PodAddressFinding>, Status>>;
 
 /// What a report carries: the attachments, the address usage and the findings.
 type Shown = (
@@ -99,9 +102,10 @@ impl PodView {
                 return;
             }
             match handle.now_or_never() {
-                Some(Ok(Ok(()))) => {
+                Some(Ok(Ok(release))) => {
                     self.sent = Some(set);
                     self.refresh_at = Instant::now() + REFRESH;
+                    self.release(&release);
                 }
                 Some(Ok(Err(s))) => {
                     warn!(code = %s.code(), error = %s.message(), "the controller did not take the node's pods; sending them again")
@@ -118,7 +122,10 @@ impl PodView {
             self.usage.clone(),
             self.findings.clone(),
         );
-        if self.sent.as_ref() == Some(&shown) && Instant::now() < self.refresh_at {
+        // While leaks are known, every tick: an admin's release order comes back with
+        // the answer.
+        let leaking = self.findings.iter().any(|f| f.kind == "leaked");
+        if self.sent.as_ref() == Some(&shown) && Instant::now() < self.refresh_at && !leaking {
             return;
         }
         let req = ReportAttachmentsRequest {
@@ -134,9 +141,59 @@ impl PodView {
                 api.report_attachments(client::request(req, deadline)),
             )
             .await
-            .map(|_| ())
+            .map(|r| r.into_inner().release)
         });
         self.sending = Some((call, shown));
+    }
+
+    /// Releases the leaked addresses the controller passed on from an admin
+    /// (`twillctl ipam release --leaked`): each one this node still finds leaked (its
+    /// attachment's namespace gone) is released from host-local's files, as its DEL
+    /// would, and the attachment forgotten. Anything else is left alone.
+    fn release(&mut self, asked: &[PodAddressFinding]) {
+        if asked.is_empty() {
+            return;
+        }
+        let set = self.pods.snapshot();
+        for f in asked {
+            let Ok(ip) = f.ip.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            let still = f.kind == "leaked"
+                && self.findings.iter().any(|mine| {
+                    mine.kind == "leaked" && mine.ip == f.ip && mine.container_id == f.container_id
+                });
+            let attachment = set.iter().find(|a| {
+                a.key.container_id == f.container_id
+                    && a.ips.contains(&ip)
+                    && !a.netns.is_empty()
+                    && !std::path::Path::new(&a.netns).exists()
+            });
+            let (true, Some(a)) = (still, attachment) else {
+                info!(ip = %f.ip, container = %f.container_id, "not releasing an address that is no longer leaked here");
+                continue;
+            };
+            let Some(dir) = &a.ipam_dir else { continue };
+            match ipam::release(dir, ip, &a.key.container_id) {
+                Ok(released) => {
+                    if released {
+                        info!(network = %a.key.network, ip = %ip, container = %a.key.container_id, "leaked pod address released (asked by an admin)");
+                    }
+                    let forget = Report {
+                        op: Op::Del,
+                        at_ns: now_ns(),
+                        attachment: a.clone(),
+                    };
+                    if let Err(e) = self.pods.apply(forget) {
+                        warn!(error = %e, "cannot record the released attachment");
+                    }
+                }
+                Err(e) => {
+                    warn!(ip = %ip, dir = %dir.display(), error = %e, "cannot release a leaked pod address")
+                }
+            }
+        }
+        self.findings.retain(|f| f.kind != "leaked");
     }
 
     /// Takes in queued reports and checks the set against the IPAM; `subnets` are the
@@ -280,6 +337,13 @@ fn reportable(
             })
         })
         .collect()
+}
+
+/// Now, in Unix nanoseconds (the time reports are ordered by).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn key_text(k: &twill_agent::pods::Key, ip: &std::net::IpAddr) -> String {

@@ -113,6 +113,32 @@ pub fn check(
     f
 }
 
+/// Releases `ip` from host-local's directory `dir` where it is held for
+/// `container_id`, as host-local's own DEL does: under its lock (`<dir>/lock`), and
+/// only while the file still names that container (a new pod may hold the address
+/// by now). Whether it was released.
+pub fn release(dir: &Path, ip: IpAddr, container_id: &str) -> std::io::Result<bool> {
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("lock"))?;
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::from(e))?;
+    let path = dir.join(ip.to_string());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if text.lines().next().map(str::trim) != Some(container_id) {
+        return Ok(false);
+    }
+    std::fs::remove_file(&path)?;
+    Ok(true)
+}
+
 /// Addresses of `subnet` host-local can hand out: all but the network address, the
 /// gateway (the first host, the bridge's) and, in IPv4, the broadcast address;
 /// capped for IPv6.
@@ -199,6 +225,23 @@ mod tests {
         );
         assert_eq!(f.unknown.len(), 1);
         assert_eq!(f.unknown[0].1.container_id, "stranger");
+    }
+
+    #[test]
+    fn a_release_takes_only_the_address_still_held_for_that_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("cbr0");
+        write_held(&d, "10.244.1.2", "gone\r\neth0");
+        write_held(&d, "10.244.1.3", "someone-else\r\neth0");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(release(&d, ip("10.244.1.2"), "gone").unwrap());
+        assert!(!d.join("10.244.1.2").exists());
+        assert!(
+            !release(&d, ip("10.244.1.3"), "gone").unwrap(),
+            "another pod's now"
+        );
+        assert!(d.join("10.244.1.3").exists());
+        assert!(!release(&d, ip("10.244.1.9"), "gone").unwrap(), "not held");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use twill_proto::{
     CheckAddressesRequest, CheckAddressesResponse, CreateTokenRequest, CreateTokenResponse,
     DeleteTokenRequest, DeleteTokenResponse, ListAddressUsageRequest, ListAddressUsageResponse,
     ListIssuedCertificatesRequest, ListIssuedCertificatesResponse, ListPodsRequest,
-    ListPodsResponse, ListTokensRequest, ListTokensResponse, RevokeNodeCertificatesRequest,
-    RevokeNodeCertificatesResponse,
+    ListPodsResponse, ListTokensRequest, ListTokensResponse, ReleaseLeakedRequest,
+    ReleaseLeakedResponse, RevokeNodeCertificatesRequest, RevokeNodeCertificatesResponse,
 };
 use twill_proto::{
     ConnectedAgent, GetConfigRequest, GetConfigResponse, GetLeaseRequest, Lease,
@@ -603,6 +603,17 @@ impl AdminService for AdminApi {
             .pods
             .check(node.as_ref(), network.as_ref(), &holds);
         Ok(Response::new(CheckAddressesResponse { findings }))
+    }
+
+    async fn release_leaked(
+        &self,
+        req: Request<ReleaseLeakedRequest>,
+    ) -> Result<Response<ReleaseLeakedResponse>, Status> {
+        let admin = Authorized::of(&req)?.cert()?.name.clone();
+        let (node, _) = pod_filters(&req.get_ref().node_name, "")?;
+        let asked = self.watch.pods.release_leaked(node.as_ref());
+        tracing::info!(admin = %admin, addresses = asked.len(), "release of leaked pod addresses asked");
+        Ok(Response::new(ReleaseLeakedResponse { asked }))
     }
 
     async fn list_address_usage(

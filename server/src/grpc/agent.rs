@@ -170,7 +170,11 @@ impl AgentService for AgentApi {
         self.watch.metrics.ipam_leaks.set(leaks as i64);
         self.watch.metrics.ipam_conflicts.set(conflicts as i64);
         tracing::debug!(node = %node, pods = count, "pods reported");
-        Ok(Response::new(ReportAttachmentsResponse {}))
+        let release = self.watch.pods.take_releases(&node);
+        if !release.is_empty() {
+            tracing::info!(node = %node, addresses = release.len(), "asking the node to release leaked pod addresses");
+        }
+        Ok(Response::new(ReportAttachmentsResponse { release }))
     }
 
     /// Empty: the messages leave pre-encoded, through the `WatchSlot` that

@@ -112,6 +112,7 @@ pub const POLICIES: &[(&str, Policy)] = &[
     ("/twill.v1.AdminService/ListPods", write(Who::Admin)),
     ("/twill.v1.AdminService/ListAddressUsage", write(Who::Admin)),
     ("/twill.v1.AdminService/CheckAddresses", write(Who::Admin)),
+    ("/twill.v1.AdminService/ReleaseLeaked", write(Who::Admin)),
     ("/twill.v1.IdentityService/Bootstrap", write(Who::Anyone)),
     ("/twill.v1.IdentityService/Renew", write(Who::Node)),
 ];
