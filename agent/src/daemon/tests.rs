@@ -281,7 +281,7 @@ impl AgentService for FakeController {
     ) -> Result<Response<ReportAttachmentsResponse>, Status> {
         self.answering()?;
         self.seen.lock().reports.push(req.into_inner());
-        Ok(Response::new(ReportAttachmentsResponse {}))
+        Ok(Response::new(ReportAttachmentsResponse::default()))
     }
 
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
