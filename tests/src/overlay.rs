@@ -647,6 +647,19 @@ impl Overlay {
         )
     }
 
+    /// The values of `series` (metric names with their labels, as `/metrics` prints
+    /// them) in a node's agent's metrics, in order; `None` for one not there.
+    pub fn agent_metric_values(&self, node: &str, series: &[&str]) -> Result<Vec<Option<f64>>> {
+        let text = self
+            .lab
+            .http_get(node, self.agent_metrics_addr(node), "/metrics")?
+            .body;
+        Ok(series
+            .iter()
+            .map(|s| crate::replicas::metric_value(&text, s))
+            .collect())
+    }
+
     /// Waits until a node's agent answers `GET /healthz` with 200.
     pub fn wait_agent_healthy(&self, node: &str, timeout: Duration) -> Result<()> {
         let addr = self.agent_metrics_addr(node);

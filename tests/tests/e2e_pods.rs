@@ -173,24 +173,19 @@ fn scenario(ov: &Overlay, guard: &mut PodGuard, backend: &Backend) -> Result<()>
             held == PODS_PER_HOST,
             "host-local on {node} holds {held} addresses"
         );
-        let addr = ov.agent_metrics_addr(node);
         wait_until(
             CONVERGE,
             &format!("{node}'s agent to count its pods"),
             || {
-                let text = match ov.lab().http_get(node, addr, "/metrics") {
-                    Ok(r) => r.body,
+                let series = [
+                    "twill_agent_pod_attachments",
+                    "twill_pod_ips_used{network=\"default\",family=\"ipv4\"}",
+                ];
+                let seen = match ov.agent_metric_values(node, &series) {
+                    Ok(v) => v,
                     Err(e) => return Check::NotYet(format!("{e:#}")),
                 };
-                let value = |series: &str| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-                };
-                let seen = (
-                    value("twill_agent_pod_attachments "),
-                    value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
-                );
-                let want = (Some(PODS_PER_HOST as f64), Some(held as f64));
+                let want = vec![Some(PODS_PER_HOST as f64), Some(held as f64)];
                 if seen == want {
                     Check::Ready(())
                 } else {

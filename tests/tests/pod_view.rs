@@ -92,23 +92,18 @@ fn scenario(ov: &Overlay) -> Result<()> {
         held == live,
         "host-local holds {held} addresses, {live} pods live"
     );
-    let addr = ov.agent_metrics_addr(NODE);
     wait_until(CONVERGE, "the agent's view to equal host-local's", || {
-        let text = match ov.lab().http_get(NODE, addr, "/metrics") {
-            Ok(r) => r.body,
+        let series = [
+            "twill_agent_pod_attachments",
+            "twill_pod_ips_used{network=\"default\",family=\"ipv4\"}",
+            "twill_agent_pod_ips_conflicts",
+            "twill_agent_pod_ips_leaked",
+        ];
+        let seen = match ov.agent_metric_values(NODE, &series) {
+            Ok(v) => v,
             Err(e) => return Check::NotYet(format!("{e:#}")),
         };
-        let value = |series: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        };
-        let seen = [
-            value("twill_agent_pod_attachments "),
-            value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
-            value("twill_agent_pod_ips_conflicts "),
-            value("twill_agent_pod_ips_leaked "),
-        ];
-        let want = [Some(live as f64), Some(held as f64), Some(0.0), Some(0.0)];
+        let want = vec![Some(live as f64), Some(held as f64), Some(0.0), Some(0.0)];
         if seen == want {
             Check::Ready(())
         } else {
@@ -119,7 +114,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     })?;
 
     // 4. A runtime crashes: a pod's namespace goes without a DEL. `ipam check` names
-    //    exactly its address as leaked; its DEL (what CNI GC does) clears it.
+    //    exactly its address as leaked.
     let crashed = &pods[5];
     twill_tests::cmd::run(&["ip", "netns", "del", &crashed.netns])?;
     let findings = || -> Result<Vec<(String, String, String)>> {
@@ -203,21 +198,16 @@ fn fill(ov: &Overlay) -> Result<()> {
     for i in 0..12 {
         pods::attach(ov, &cni_bin, NODE, &format!("f{i}"))?;
     }
-    let addr = ov.agent_metrics_addr(NODE);
     wait_until(CONVERGE, "the agent to count 12 of 13 addresses", || {
-        let text = match ov.lab().http_get(NODE, addr, "/metrics") {
-            Ok(r) => r.body,
+        let series = [
+            "twill_pod_ips_used{network=\"default\",family=\"ipv4\"}",
+            "twill_pod_ips_total{network=\"default\",family=\"ipv4\"}",
+        ];
+        let seen = match ov.agent_metric_values(NODE, &series) {
+            Ok(v) => v,
             Err(e) => return Check::NotYet(format!("{e:#}")),
         };
-        let value = |series: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        };
-        let seen = (
-            value("twill_pod_ips_used{network=\"default\",family=\"ipv4\"} "),
-            value("twill_pod_ips_total{network=\"default\",family=\"ipv4\"} "),
-        );
-        if seen == (Some(12.0), Some(13.0)) {
+        if seen == [Some(12.0), Some(13.0)] {
             Check::Ready(())
         } else {
             Check::NotYet(format!("(used, total) {seen:?}"))
