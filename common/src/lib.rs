@@ -7,6 +7,7 @@ pub mod fs;
 pub mod model;
 pub mod netconf;
 pub mod networks;
+pub mod pods;
 pub mod subnet_env;
 pub mod tls;
 

@@ -703,8 +703,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Pods { node, network } => {
-            let node = node.unwrap_or_default();
-            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let (node, network) = pod_filters(node, network);
             let pods = call(conn, "pods", |mut a| async move {
                 a.list_pods(&node, &network).await
             })?;
@@ -718,8 +717,7 @@ fn run(cli: Cli) -> Result<()> {
             node,
             network,
         } => {
-            let node = node.unwrap_or_default();
-            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let (node, network) = pod_filters(node, network);
             let findings = call(conn, "ipam check", |mut a| async move {
                 a.check_addresses(&node, &network).await
             })?;
@@ -747,8 +745,7 @@ fn run(cli: Cli) -> Result<()> {
             node,
             network,
         } => {
-            let node = node.unwrap_or_default();
-            let network = network.map(|n| n.wire().to_string()).unwrap_or_default();
+            let (node, network) = pod_filters(node, network);
             let usage = call(conn, "ipam", |mut a| async move {
                 a.list_address_usage(&node, &network).await
             })?;
@@ -939,6 +936,15 @@ fn leases(
     emit_list(
         &output::render_leases(&resp, conn.output, SystemTime::now()),
         &none,
+    )
+}
+
+/// `--node` and `--network` of the pod commands as the admin API takes them (empty:
+/// every node, every network).
+fn pod_filters(node: Option<String>, network: Option<NetworkName>) -> (String, String) {
+    (
+        node.unwrap_or_default(),
+        network.map(|n| n.wire().to_string()).unwrap_or_default(),
     )
 }
 

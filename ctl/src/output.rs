@@ -787,9 +787,6 @@ pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String
     }
 }
 
-/// A subnet is nearly full from this share of its addresses (the agent warns too).
-const NEARLY_FULL_PERCENT: u64 = 90;
-
 /// For `status` in `table`/`wide` form: the subnets of `usage` at 90 % or more, as a
 /// table under a heading; nothing when there are none, or in `json`/`yaml` form
 /// (`twillctl ipam -o json` has the numbers).
@@ -799,7 +796,7 @@ pub fn render_nearly_full(usage: &[PodAddressUsage], format: Format) -> String {
     }
     let full: Vec<PodAddressUsage> = usage
         .iter()
-        .filter(|u| u.total > 0 && u.used.saturating_mul(100) >= u.total * NEARLY_FULL_PERCENT)
+        .filter(|u| twill_common::pods::nearly_full(u.used, u.total))
         .cloned()
         .collect();
     if full.is_empty() {

@@ -111,7 +111,7 @@ impl PodTable {
         report: &ReportAttachmentsRequest,
         subnets: &dyn Fn(&NetworkName) -> Option<PerFamily<IpNet>>,
     ) -> Result<usize, ReportError> {
-        let mut limit = 0usize;
+        let mut limit = 0u64;
         let mut seen_networks: BTreeMap<NetworkName, PerFamily<IpNet>> = BTreeMap::new();
         let mut kept = NodePods::default();
         for (index, a) in report.attachments.iter().enumerate() {
@@ -124,7 +124,10 @@ impl PodTable {
                     node: node.to_string(),
                     network: network.to_string(),
                 })?;
-                limit += nets.values().map(|n| usable(*n)).sum::<usize>();
+                limit = nets
+                    .values()
+                    .map(|n| twill_common::pods::usable(*n))
+                    .fold(limit, u64::saturating_add);
                 seen_networks.insert(network.clone(), nets);
             }
             let nets = &seen_networks[&network];
@@ -183,11 +186,11 @@ impl PodTable {
                         family.name()
                     ))
                 })?;
-            if u.used > usable(subnet) as u64 {
+            let total = twill_common::pods::usable(subnet);
+            if u.used > total {
                 return Err(bad(format!(
-                    "{} addresses used of {subnet}, which has {}",
-                    u.used,
-                    usable(subnet)
+                    "{} addresses used of {subnet}, which has {total}",
+                    u.used
                 )));
             }
             kept.used.insert((network, family), u.used);
@@ -219,7 +222,7 @@ impl PodTable {
             kept.findings.push(f);
         }
         let count = report.attachments.len();
-        let limit = limit.min(MAX_PER_NODE);
+        let limit = limit.min(MAX_PER_NODE as u64) as usize;
         if report.findings.len() > limit {
             return Err(ReportError::TooMany {
                 node: node.to_string(),
@@ -407,7 +410,7 @@ impl PodTable {
                     used,
                     node_name: l.node_name.clone(),
                     subnet: subnet.to_string(),
-                    total: usable(subnet) as u64,
+                    total: twill_common::pods::usable(subnet),
                 });
             }
         }
@@ -419,17 +422,6 @@ impl PodTable {
         });
         rows
     }
-}
-
-/// Addresses a subnet can give pods (all but the network address, the gateway and
-/// the IPv4 broadcast address), capped at [`MAX_PER_NODE`].
-fn usable(net: IpNet) -> usize {
-    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
-    if host_bits >= 16 {
-        return MAX_PER_NODE;
-    }
-    let size = 1usize << host_bits;
-    size.saturating_sub(if matches!(net, IpNet::V4(_)) { 3 } else { 2 })
 }
 
 #[cfg(test)]

@@ -27,8 +27,6 @@ use twill_common::networks::NetworkName;
 
 use crate::http::{PodIpLabels, Stats};
 
-/// A network's subnet is reported as nearly full from this share of its addresses.
-const NEARLY_FULL: f64 = 0.9;
 /// How often the whole set goes to the controller even when nothing changed: the
 /// controller keeps it in memory only, and a replica that became leader behind an
 /// agent's back has none.
@@ -279,7 +277,10 @@ impl PodView {
                 .cloned()
                 .collect();
             for (family, subnet) in subnets.iter() {
-                let (used, total) = (ipam::used(&held, *subnet), ipam::usable(*subnet));
+                let (used, total) = (
+                    ipam::used(&held, *subnet),
+                    twill_common::pods::usable(*subnet),
+                );
                 let labels = PodIpLabels {
                     network: network.to_string(),
                     family: family.name().to_ascii_lowercase(),
@@ -295,7 +296,7 @@ impl PodView {
                     .pod_ips_total
                     .get_or_create(&labels)
                     .set(total.min(i64::MAX as u64) as i64);
-                let full = total > 0 && used as f64 >= total as f64 * NEARLY_FULL;
+                let full = twill_common::pods::nearly_full(used, total);
                 let key = (network.clone(), family);
                 if full && self.full.insert(key.clone()) {
                     warn!(network = %network, subnet = %subnet, used, total, "the node's pod subnet is nearly full: pods will fail to get an address once it is");

@@ -139,19 +139,6 @@ pub fn release(dir: &Path, ip: IpAddr, container_id: &str) -> std::io::Result<bo
     Ok(true)
 }
 
-/// Addresses of `subnet` host-local can hand out: all but the network address, the
-/// gateway (the first host, the bridge's) and, in IPv4, the broadcast address;
-/// capped for IPv6.
-pub fn usable(subnet: IpNet) -> u64 {
-    let host_bits = u32::from(subnet.max_prefix_len() - subnet.prefix_len());
-    let size = 1u64.checked_shl(host_bits.min(63)).unwrap_or(u64::MAX);
-    let reserved = match subnet {
-        IpNet::V4(_) => 3,
-        IpNet::V6(_) => 2,
-    };
-    size.saturating_sub(reserved)
-}
-
 /// How many of `held` fall in `subnet`.
 pub fn used(held: &[Held], subnet: IpNet) -> u64 {
     held.iter().filter(|h| subnet.contains(&h.ip)).count() as u64
@@ -242,14 +229,5 @@ mod tests {
         );
         assert!(d.join("10.244.1.3").exists());
         assert!(!release(&d, ip("10.244.1.9"), "gone").unwrap(), "not held");
-    }
-
-    #[test]
-    fn usable_addresses_leave_out_the_network_gateway_and_broadcast() {
-        assert_eq!(usable("10.244.1.0/24".parse().unwrap()), 253);
-        assert_eq!(usable("10.244.1.0/30".parse().unwrap()), 1);
-        assert_eq!(usable("10.244.1.0/32".parse().unwrap()), 0);
-        assert_eq!(usable("fd00::/120".parse().unwrap()), 254);
-        assert_eq!(usable("fd00::/64".parse().unwrap()), (1u64 << 63) - 2);
     }
 }

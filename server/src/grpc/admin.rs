@@ -150,6 +150,11 @@ fn node_arg(name: &str) -> Result<&str, Status> {
 }
 
 impl AdminApi {
+    /// Whether a node holds a lease in a network now (a node's pods leave with it).
+    fn holds_lease(&self) -> impl Fn(&twill_common::model::NodeName, &NetworkName) -> bool + '_ {
+        |n, net| self.watch.hub.lease(net, n).is_some()
+    }
+
     fn mark_reserved(&self, network: &NetworkName, mut leases: Vec<Lease>) -> Vec<Lease> {
         let reservations = self.watch.hub.reservations();
         for l in &mut leases {
@@ -595,9 +600,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<CheckAddressesResponse>, Status> {
         let r = req.get_ref();
         let (node, network) = pod_filters(&r.node_name, &r.network)?;
-        let hub = &self.watch.hub;
-        let holds =
-            |n: &twill_common::model::NodeName, net: &NetworkName| hub.lease(net, n).is_some();
+        let holds = self.holds_lease();
         let findings = self
             .watch
             .pods
@@ -636,9 +639,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListPodsResponse>, Status> {
         let r = req.get_ref();
         let (node, network) = pod_filters(&r.node_name, &r.network)?;
-        let hub = &self.watch.hub;
-        let holds =
-            |n: &twill_common::model::NodeName, net: &NetworkName| hub.lease(net, n).is_some();
+        let holds = self.holds_lease();
         let pods = self
             .watch
             .pods
