@@ -3,7 +3,9 @@
 //! SIGKILLed in the middle of the burst and started again. Reports in flight when it
 //! died, and those sent while it was down (queued on disk), reach it; its view then
 //! equals host-local's files: as many attachments as addresses held, every address it
-//! reports held (no conflict), nothing called leaked. Then a pod's namespace goes
+//! reports held (no conflict), nothing called leaked. The controller is then SIGKILLed
+//! while pods come and go; started again, its `twillctl pods` equals host-local's
+//! files (the agent re-reports when its watch reopens). Then a pod's namespace goes
 //! without a DEL (a crashed runtime): `twillctl ipam check` names exactly its address
 //! as leaked, `twillctl ipam release --leaked` has the agent release it from
 //! host-local's files (and nothing else), and the check is clean.
@@ -84,10 +86,7 @@ fn scenario(ov: &Overlay) -> Result<()> {
     let live = BURST - 5;
 
     let dir = ipam_dir(ov, NODE).join(NETWORK);
-    let held = std::fs::read_dir(&dir)
-        .with_context(|| format!("host-local's {}", dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
-        .count();
+    let held = held_addresses(&dir)?.len();
     ensure!(
         held == live,
         "host-local holds {held} addresses, {live} pods live"
@@ -112,6 +111,52 @@ fn scenario(ov: &Overlay) -> Result<()> {
             ))
         }
     })?;
+
+    // 3b. The controller is SIGKILLed; a pod goes and one comes while it is down.
+    //     Started again, it knows no pods (they live in its memory): the agent's
+    //     report when its watch reopens gives it the node's whole set, which then
+    //     equals host-local's files.
+    let st = ov.kill_controller()?;
+    ensure!(!st.success(), "the controller was killed, not exited: {st}");
+    ensure!(
+        !ov.lab().is_running(twill_tests::overlay::CONTROLLER_PROC),
+        "the controller is gone"
+    );
+    pods::cni(ov, &cni_bin, NODE, "DEL", &pods[11])?;
+    let (late, _) = pods::attach(ov, &cni_bin, NODE, "late")?;
+    ov.restart_controller()?;
+    let want = {
+        let mut w: Vec<(String, String)> = pods[5..11]
+            .iter()
+            .chain(std::iter::once(&late))
+            .map(|p| (p.container_id.clone(), p.addr.to_string()))
+            .collect();
+        w.sort();
+        w
+    };
+    wait_until(
+        CONVERGE,
+        "`twillctl pods` after the controller's restart to equal host-local's files",
+        || {
+            let listed = match listed_pods(ov) {
+                Ok(l) => l,
+                Err(e) => return Check::NotYet(format!("{e:#}")),
+            };
+            let files = match held_addresses(&dir) {
+                Ok(f) => f,
+                Err(e) => return Check::Fatal(format!("{e:#}")),
+            };
+            let mut addrs: Vec<String> = listed.iter().map(|(_, a)| a.clone()).collect();
+            addrs.sort();
+            if listed == want && addrs == files {
+                Check::Ready(())
+            } else {
+                Check::NotYet(format!(
+                    "listed {listed:?}, want {want:?}; host-local holds {files:?}"
+                ))
+            }
+        },
+    )?;
 
     // 4. A runtime crashes: a pod's namespace goes without a DEL. `ipam check` names
     //    exactly its address as leaked.
@@ -159,15 +204,41 @@ fn scenario(ov: &Overlay) -> Result<()> {
             Err(e) => Check::NotYet(format!("{e:#}")),
         }
     })?;
-    let left = std::fs::read_dir(&dir)?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
-        .count();
+    let left = held_addresses(&dir)?.len();
     ensure!(
         left == live - 1,
         "host-local holds {left}, want {}",
         live - 1
     );
     Ok(())
+}
+
+/// The addresses host-local holds in `dir`, sorted.
+fn held_addresses(dir: &Path) -> Result<Vec<String>> {
+    let mut held: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("host-local's {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<IpAddr>().ok())
+        .map(|a| a.to_string())
+        .collect();
+    held.sort();
+    Ok(held)
+}
+
+/// `twillctl pods -o json` on [`NODE`]: (container, first address), sorted.
+fn listed_pods(ov: &Overlay) -> Result<Vec<(String, String)>> {
+    let out = ov.twillctl(&["pods", "--node", NODE, "-o", "json"])?;
+    let doc: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    let mut listed: Vec<(String, String)> = doc["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            (s(&p["container_id"]), s(&p["ips"][0]))
+        })
+        .collect();
+    listed.sort();
+    Ok(listed)
 }
 
 /// A node's subnet filled to exhaustion (REFERENCE 2.11): with /28 subnets (13
