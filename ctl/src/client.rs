@@ -505,13 +505,16 @@ impl Admin {
     }
 
     /// `AdminService/ReleaseLeaked`: asks the agents of `node` (empty: every node) to
-    /// release the addresses they reported leaked; what was asked.
+    /// release the addresses they reported leaked in `network` (empty: every network);
+    /// what was asked.
     pub async fn release_leaked(
         &mut self,
         node: &str,
+        network: &str,
     ) -> Result<Vec<PodAddressFinding>, ClientError> {
         let req = ReleaseLeakedRequest {
             node_name: node.to_string(),
+            network: network.to_string(),
         };
         match self.client.release_leaked(req).await {
             Ok(r) => Ok(r.into_inner().asked),

@@ -456,13 +456,13 @@ enum IpamCommand {
     Check,
     /// Have the agents release the addresses they reported leaked.
     ///
-    /// Each agent (of --node, or every node) releases, within a reconcile interval or
+    /// Each agent (of --node, or every node) releases (in --network, or every network), within a reconcile interval or
     /// two, every address it still finds leaked: held by host-local for a pod whose
     /// network namespace is gone. It removes host-local's entry under host-local's
     /// lock, as its DEL does. An address a live pod holds is never touched. Prints what
     /// was asked, as `ipam check` does; `twillctl ipam check` shows when it is done.
     #[command(
-        after_help = "Examples:\n  twillctl ipam release --leaked\n  twillctl ipam release --leaked --node worker-3"
+        after_help = "Examples:\n  twillctl ipam release --leaked\n  twillctl ipam release --leaked --node worker-3\n  twillctl ipam release --leaked --network blue"
     )]
     Release {
         /// Release leaked addresses (the only kind there is to release).
@@ -729,11 +729,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ipam {
             check: Some(IpamCommand::Release { .. }),
             node,
-            ..
+            network,
         } => {
-            let node = node.unwrap_or_default();
+            let (node, network) = pod_filters(node, network);
             let asked = call(conn, "ipam release", |mut a| async move {
-                a.release_leaked(&node).await
+                a.release_leaked(&node, &network).await
             })?;
             emit_list(
                 &output::render_findings(&asked, conn.output),

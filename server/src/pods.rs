@@ -338,24 +338,33 @@ impl PodTable {
         out
     }
 
-    /// Asks `node` (or every node) to release the addresses it reported leaked;
-    /// what was asked.
-    pub fn release_leaked(&self, node: Option<&NodeName>) -> Vec<PodAddressFinding> {
+    /// Asks `node` (or every node) to release the addresses it reported leaked in
+    /// `network` (or every network); what was asked. Asks not yet handed to a node
+    /// stay: two releases before its next report add up.
+    pub fn release_leaked(
+        &self,
+        node: Option<&NodeName>,
+        network: Option<&NetworkName>,
+    ) -> Vec<PodAddressFinding> {
         let nodes = self.nodes.read();
         let mut releases = self.releases.write();
         let mut asked = Vec::new();
         for (n, pods) in nodes.iter().filter(|(n, _)| node.is_none_or(|w| w == *n)) {
-            let leaked: Vec<PodAddressFinding> = pods
-                .findings
-                .iter()
-                .filter(|f| f.kind == "leaked")
-                .cloned()
-                .collect();
-            if leaked.is_empty() {
-                continue;
+            let leaked = pods.findings.iter().filter(|f| {
+                f.kind == "leaked"
+                    && network
+                        .is_none_or(|w| NetworkName::from_wire(&f.network).ok().as_ref() == Some(w))
+            });
+            let pending = releases.entry(n.clone()).or_default();
+            for f in leaked {
+                asked.push(f.clone());
+                if !pending.contains(f) {
+                    pending.push(f.clone());
+                }
             }
-            asked.extend(leaked.iter().cloned());
-            releases.insert(n.clone(), leaked);
+            if pending.is_empty() {
+                releases.remove(n);
+            }
         }
         asked
     }
@@ -447,6 +456,57 @@ mod tests {
     fn subnets(net: &NetworkName) -> Option<PerFamily<IpNet>> {
         (net.to_string() == "default")
             .then(|| PerFamily::new(Some("10.244.3.0/24".parse().unwrap()), None))
+    }
+
+    #[test]
+    fn a_release_asks_a_node_for_its_own_leaks_in_the_network_named_and_asks_add_up() {
+        let t = PodTable::default();
+        let a = node("node-a");
+        let both = |net: &NetworkName| match net.to_string().as_str() {
+            "default" => subnets(net),
+            "blue" => Some(PerFamily::new(Some("10.10.1.0/24".parse().unwrap()), None)),
+            _ => None,
+        };
+        let leak = |network: &str, ip: &str| PodAddressFinding {
+            kind: "leaked".into(),
+            network: network.into(),
+            ip: ip.into(),
+            container_id: format!("gone-{ip}"),
+            node_name: "node-a".into(),
+        };
+        let conflict = PodAddressFinding {
+            kind: "conflict".into(),
+            ..leak("blue", "10.10.1.9")
+        };
+        let report = ReportAttachmentsRequest {
+            node_name: "node-a".into(),
+            attachments: vec![
+                pod("default", "c1", &["10.244.3.5"]),
+                pod("blue", "c2", &["10.10.1.5"]),
+            ],
+            usage: Vec::new(),
+            findings: vec![
+                leak("default", "10.244.3.7"),
+                leak("blue", "10.10.1.7"),
+                conflict,
+            ],
+        };
+        assert_eq!(t.report(&a, &report, &both), Ok(2));
+        let blue = NetworkName::from_wire("blue").unwrap();
+        let ips = |f: &[PodAddressFinding]| f.iter().map(|f| f.ip.clone()).collect::<Vec<_>>();
+
+        assert_eq!(ips(&t.release_leaked(None, Some(&blue))), ["10.10.1.7"]);
+        assert!(t.release_leaked(Some(&node("node-b")), None).is_empty());
+        // Asked again, and then for every network: one ask of each leak, no conflict.
+        assert_eq!(ips(&t.release_leaked(Some(&a), Some(&blue))), ["10.10.1.7"]);
+        assert_eq!(
+            ips(&t.release_leaked(Some(&a), None)),
+            ["10.244.3.7", "10.10.1.7"]
+        );
+        let mut handed = ips(&t.take_releases(&a));
+        handed.sort();
+        assert_eq!(handed, ["10.10.1.7", "10.244.3.7"]);
+        assert!(t.take_releases(&a).is_empty(), "handed out once");
     }
 
     #[test]

@@ -1863,5 +1863,8 @@ fn install_cni_script_installs_plugin_and_conflist() {
             "needs containernetworking-plugins in /usr/lib/cni",
         );
     }
-    run_check("twill-install-cni (deploy/check/test_install_cni.sh)", &mut cmd);
+    run_check(
+        "twill-install-cni (deploy/check/test_install_cni.sh)",
+        &mut cmd,
+    );
 }

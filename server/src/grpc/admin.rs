@@ -613,8 +613,12 @@ impl AdminService for AdminApi {
         req: Request<ReleaseLeakedRequest>,
     ) -> Result<Response<ReleaseLeakedResponse>, Status> {
         let admin = Authorized::of(&req)?.cert()?.name.clone();
-        let (node, _) = pod_filters(&req.get_ref().node_name, "")?;
-        let asked = self.watch.pods.release_leaked(node.as_ref());
+        let r = req.get_ref();
+        let (node, network) = pod_filters(&r.node_name, &r.network)?;
+        let asked = self
+            .watch
+            .pods
+            .release_leaked(node.as_ref(), network.as_ref());
         tracing::info!(admin = %admin, addresses = asked.len(), "release of leaked pod addresses asked");
         Ok(Response::new(ReleaseLeakedResponse { asked }))
     }
