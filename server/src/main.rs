@@ -129,6 +129,13 @@ struct Args {
     /// host must be in the serving certificate's subjectAltNames.
     #[arg(long, env = "TWILL_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// With --store etcd: the TTL of this replica's etcd lease, whole seconds. A leader
+    /// that dies or freezes is replaced about this long after (a SIGTERMed one at once:
+    /// it resigns). Shorter fails over sooner; a leader whose keep-alives go unanswered
+    /// this long (an overloaded machine, a slow etcd) steps down. etcd grants no less
+    /// than 1.5 of its election timeouts (2s with etcd's defaults).
+    #[arg(long, env = "TWILL_LEADER_TTL", default_value = "2s", value_parser = twill_common::parse_duration)]
+    leader_ttl: Duration,
     /// Copies the sled store in DIR (a stopped single controller's --data-dir) into
     /// etcd under --etcd-prefix, then exits. Refuses a prefix that already holds leases
     /// (a rerun after a complete copy of the same store changes nothing).
@@ -189,6 +196,7 @@ enum Mode {
     Replicated {
         etcd: EtcdConfig,
         advertise_url: String,
+        leader_ttl: Duration,
     },
 }
 
@@ -243,9 +251,17 @@ impl TryFrom<&Args> for Command {
                 if !advertise_url.starts_with("https://") {
                     bail!("--advertise-url {advertise_url}: replicas are reached over mutual TLS, so it starts with https://");
                 }
+                let ttl = args.leader_ttl;
+                if ttl.subsec_nanos() != 0 || !(1..=60).contains(&ttl.as_secs()) {
+                    bail!(
+                        "--leader-ttl {}: give whole seconds from 1s to 60s (etcd leases count whole seconds)",
+                        humantime::format_duration(ttl)
+                    );
+                }
                 Mode::Replicated {
                     etcd,
                     advertise_url,
+                    leader_ttl: ttl,
                 }
             }
         };
@@ -443,11 +459,19 @@ async fn serve(config: Config) -> Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (leases, replica) = match (&config.mode, etcd) {
-        (Mode::Replicated { advertise_url, .. }, Some(etcd_store)) => {
+        (
+            Mode::Replicated {
+                advertise_url,
+                leader_ttl,
+                ..
+            },
+            Some(etcd_store),
+        ) => {
             hub.set_reservations(snapshot.reservations, Default::default());
             let leases = Leases::standby(config.lease_ttl);
             let replica = Replica::new(
                 advertise_url.clone(),
+                *leader_ttl,
                 etcd_store,
                 hub.clone(),
                 leases.clone(),
@@ -695,6 +719,14 @@ mod tests {
         assert!(refusal(&plain).contains("starts with https://"));
         let prefix = [&ETCD[..], &["--etcd-prefix", "twill"]].concat();
         assert!(refusal(&prefix).contains("--etcd-prefix"));
+        let url = ["--advertise-url", "https://10.0.0.1:8474"];
+        for ttl in ["1500ms", "0s", "61s"] {
+            let e = refusal(&[&ETCD[..], &url, &["--leader-ttl", ttl]].concat());
+            assert!(
+                e.contains("--leader-ttl") && e.contains("whole seconds"),
+                "{ttl}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -723,9 +755,11 @@ mod tests {
             Mode::Replicated {
                 etcd,
                 advertise_url,
+                leader_ttl,
             } => {
                 assert_eq!(advertise_url, "https://10.0.0.1:8474");
                 assert_eq!(etcd.prefix, "/twill/");
+                assert_eq!(leader_ttl, Duration::from_secs(2));
             }
             Mode::Single { .. } => panic!("not a replica"),
         }

@@ -51,6 +51,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(15);
 /// etcdctl's limit per request: without quorum a request fails after this instead of
 /// waiting for etcd's own request timeout (7 s with these election settings).
+/// etcd's own `--election-timeout` (and a tenth of it, its `--heartbeat-interval`).
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_secs(1);
 const COMMAND_TIMEOUT: &str = "--command-timeout=2s";
 const DIAL_TIMEOUT: &str = "--dial-timeout=1s";
 /// Ports are picked free but released before etcd binds them, so another process may
@@ -227,6 +229,8 @@ pub struct EtcdCluster {
     /// Where the members run: `None` on loopback, else one lab host each (its
     /// namespace and underlay address).
     lab_hosts: Option<Vec<(String, Ipv4Addr)>>,
+    /// `--election-timeout`.
+    election: Duration,
     members: Mutex<Vec<Member>>,
     // last: deleted after the members are killed
     dir: tempfile::TempDir,
@@ -243,7 +247,7 @@ impl EtcdCluster {
     /// quorum read).
     pub fn start(members: usize) -> Result<EtcdCluster> {
         ensure!(members > 0, "an etcd cluster needs at least one member");
-        Self::start_placed(members, None)
+        Self::start_placed(members, None, DEFAULT_ELECTION_TIMEOUT)
     }
 
     /// [`EtcdCluster::start`] with one member in each of `hosts` of `lab` (etcd's own
@@ -252,7 +256,9 @@ impl EtcdCluster {
     /// peers (plain HTTP) on [`LAB_PEER_PORT`]. The server certificate names every
     /// host's address; `etcdctl` runs in the first host's namespace. The lab kills the
     /// members too when it is dropped first (with its namespaces).
-    pub fn start_in_lab(lab: &Lab, hosts: &[&str]) -> Result<EtcdCluster> {
+    /// Its members elect within `election` (etcd's `--election-timeout`, the
+    /// heartbeat a tenth of it).
+    pub fn start_in_lab(lab: &Lab, hosts: &[&str], election: Duration) -> Result<EtcdCluster> {
         ensure!(
             !hosts.is_empty(),
             "an etcd cluster needs at least one member"
@@ -264,12 +270,13 @@ impl EtcdCluster {
                 (h.netns.clone(), h.ip)
             })
             .collect();
-        Self::start_placed(hosts.len(), Some(placed))
+        Self::start_placed(hosts.len(), Some(placed), election)
     }
 
     fn start_placed(
         members: usize,
         lab_hosts: Option<Vec<(String, Ipv4Addr)>>,
+        election: Duration,
     ) -> Result<EtcdCluster> {
         let (etcd, etcdctl) = binaries()?;
         let dir = tempfile::Builder::new()
@@ -290,6 +297,7 @@ impl EtcdCluster {
                 CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
             ),
             lab_hosts,
+            election,
             members: Mutex::new(Vec::new()),
             dir,
         };
@@ -419,10 +427,15 @@ impl EtcdCluster {
             .args(["--trusted-ca-file", &p(&self.ca)])
             .args(["--cert-file", &p(&self.server_cert)])
             .args(["--key-file", &p(&self.server_key)])
-            // etcd's defaults, stated: a lost leader is replaced within about a second
-            // (a test waiting on failover waits for that), and two busy cores running
-            // debug builds in parallel do not cause spurious elections.
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            // etcd's defaults unless a test asks (DEFAULT_ELECTION_TIMEOUT): a lost
+            // leader is replaced within about a second (a test waiting on failover
+            // waits for that), and two busy cores running debug builds in parallel do
+            // not cause spurious elections.
+            .args([
+                "--heartbeat-interval",
+                &(self.election.as_millis() / 10).to_string(),
+            ])
+            .args(["--election-timeout", &self.election.as_millis().to_string()])
             .args(["--logger", "zap", "--log-level", "info"]);
         // hermetic: etcd reads ETCD_* variables as flags
         for (k, _) in std::env::vars_os() {

@@ -144,7 +144,10 @@ impl HaOverlay {
             return Err(failed(&ov, e));
         }
         let refs: Vec<&str> = ctl_hosts.iter().map(String::as_str).collect();
-        let etcd = match EtcdCluster::start_in_lab(ov.lab(), &refs) {
+        let election = cfg
+            .etcd_election_timeout
+            .unwrap_or(crate::etcd::DEFAULT_ELECTION_TIMEOUT);
+        let etcd = match EtcdCluster::start_in_lab(ov.lab(), &refs, election) {
             Ok(etcd) => etcd,
             Err(e) => return Err(failed(&ov, e.context("starting etcd in the lab"))),
         };

@@ -63,6 +63,9 @@ pub struct OverlayConfig {
     /// More networks: `<name>.json` contents by name, written to the controller's
     /// `--networks-dir` ([`Overlay::networks_dir`]) before it starts.
     pub networks: BTreeMap<String, String>,
+    /// An HA overlay's etcd `--election-timeout` (its heartbeat a tenth of it); etcd's
+    /// default (1 s) unless set.
+    pub etcd_election_timeout: Option<std::time::Duration>,
 }
 
 impl OverlayConfig {
@@ -79,7 +82,15 @@ impl OverlayConfig {
             node_cert_ttl: None,
             ipv6_only: false,
             networks: BTreeMap::new(),
+            etcd_election_timeout: None,
         }
+    }
+
+    /// An HA overlay whose etcd elects within `timeout` (and so grants leases as short
+    /// as 1.5 times it, rounded up to whole seconds).
+    pub fn etcd_election_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.etcd_election_timeout = Some(timeout);
+        self
     }
 
     /// A network `name` configured by `json` (net-conf.json plus `"Nodes"`).

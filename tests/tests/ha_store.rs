@@ -932,6 +932,8 @@ fn a_frozen_leader_is_fenced() {
 
 /// Freeze rounds: each freezes the leader of the moment.
 const FREEZES: usize = 2;
+/// The replicas' `--leader-ttl` (the default).
+const LEADER_TTL: Duration = Duration::from_secs(2);
 /// Acquires queued on a frozen leader's connections in each round (many, so that on
 /// SIGCONT some may reach its lease writer before it notices it was deposed).
 const QUEUED: usize = 40;
@@ -993,10 +995,11 @@ fn fencing_scenario(bins: &Bins, dir: &Path) -> Result<()> {
             .collect();
         let new = set.wait_leader(ELECTION, Some(old))?;
         let elected = frozen_at.elapsed();
-        // etcd counts the 3 s TTL from the last keep-alive it got, and the leader sends
-        // one every second: the lease lapses 2 to 3 s after the freeze, never sooner.
+        // etcd counts the TTL from the last keep-alive it got, and the leader sends one
+        // every third of it: the lease lapses 2/3 to 3/3 of the TTL after the freeze,
+        // never sooner.
         ensure!(
-            elected >= Duration::from_millis(1900),
+            elected >= LEADER_TTL * 2 / 3 - Duration::from_millis(100),
             "replica {new} led {elected:.1?} after the freeze, before the frozen leader's lease could lapse"
         );
         // The new leader grants the subnets the frozen one would pick next.

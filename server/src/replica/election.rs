@@ -22,7 +22,7 @@ use twill_proto::etcd::v3electionpb::{
     election_client::ElectionClient, CampaignRequest, LeaderKey, LeaderRequest, ResignRequest,
 };
 
-use super::{Replica, LEASE_TTL};
+use super::Replica;
 use crate::store::etcd::{put, Fence};
 use crate::store::schema::Key;
 use crate::store::StoreError;
@@ -52,18 +52,29 @@ pub async fn campaign(r: Arc<Replica>, mut shutdown: watch::Receiver<bool>) {
 /// One etcd lease: campaign with it, lead while it lives.
 async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<(), StoreError> {
     let etcd = r.store.etcd().clone();
+    let asked = r.leader_ttl.as_secs().max(1);
     let grant = etcd
         .timed(
             "granting the replica's lease",
             LeaseClient::new(etcd.channel()).lease_grant(LeaseGrantRequest {
-                ttl: LEASE_TTL.as_secs() as i64,
+                ttl: asked as i64,
                 id: 0,
             }),
         )
         .await?;
     let lease = grant.id;
+    // etcd may grant more than asked (its floor is 1.5 election timeouts); the
+    // deadlines below follow what it granted, or a live leader would step down early.
+    let ttl = Duration::from_secs(u64::try_from(grant.ttl).unwrap_or(0).max(asked));
+    if ttl.as_secs() > asked {
+        info!(
+            asked_secs = asked,
+            granted_secs = ttl.as_secs(),
+            "etcd granted a longer lease than --leader-ttl (its floor is 1.5 election timeouts)"
+        );
+    }
     let (lost_tx, mut lost) = watch::channel(false);
-    let keeper = tokio::spawn(keep_alive(r.clone(), lease, lost_tx));
+    let keeper = tokio::spawn(keep_alive(r.clone(), lease, ttl, lost_tx));
     let result = async {
         // Registered under the lease, so a replica that dies leaves the list with it.
         etcd.txn(
@@ -98,7 +109,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
                 "etcd elected us without a leader key".into(),
             ));
         };
-        lead(r, &key, &mut lost, shutdown).await;
+        lead(r, &key, ttl, &mut lost, shutdown).await;
         // Give the election up at once rather than at the lease's expiry, so the next
         // leader starts now (a rolling update, a writer that stopped).
         let _ = tokio::time::timeout(
@@ -122,6 +133,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
 async fn lead(
     r: &Arc<Replica>,
     key: &LeaderKey,
+    ttl: Duration,
     lost: &mut watch::Receiver<bool>,
     shutdown: &mut watch::Receiver<bool>,
 ) {
@@ -134,13 +146,13 @@ async fn lead(
         // Build from etcd, not from what this replica remembers: the last leader's final
         // writes may not have reached our mirror yet.
         let (snap, _) = r.store.load_at().await?;
-        let deadline = Instant::now() + LEASE_TTL;
+        let deadline = Instant::now() + ttl;
         while r.hub.leases().1 < snap.revision {
             if Instant::now() >= deadline {
                 return Err(StoreError::Backend(format!(
                     "the watch did not reach revision {} within {}s",
                     snap.revision,
-                    LEASE_TTL.as_secs()
+                    ttl.as_secs()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -206,12 +218,12 @@ async fn lead(
 
 /// Keeps the lease alive; sets `lost` once no keep-alive sent within the last TTL has
 /// been answered, or etcd says the lease is gone.
-async fn keep_alive(r: Arc<Replica>, lease: i64, lost: watch::Sender<bool>) {
+async fn keep_alive(r: Arc<Replica>, lease: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let etcd = r.store.etcd().clone();
     // Measured from when the last answered keep-alive was sent: etcd counts the TTL
     // from when it received it, which is no earlier.
     let mut alive_since = Instant::now();
-    let mut tick = tokio::time::interval(LEASE_TTL / 3);
+    let mut tick = tokio::time::interval(ttl / 3);
     'streams: loop {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut sent: VecDeque<Instant> = VecDeque::new();
@@ -221,14 +233,14 @@ async fn keep_alive(r: Arc<Replica>, lease: i64, lost: watch::Sender<bool>) {
             sent.push_back(Instant::now());
         }
         let stream = tokio::time::timeout(
-            LEASE_TTL / 3,
+            ttl / 3,
             LeaseClient::new(etcd.channel()).lease_keep_alive(ReceiverStream::new(rx)),
         )
         .await;
         let mut stream = match stream {
             Ok(Ok(s)) => s.into_inner(),
             _ => {
-                if alive_since.elapsed() >= LEASE_TTL {
+                if alive_since.elapsed() >= ttl {
                     lost.send_replace(true);
                     return;
                 }
@@ -239,7 +251,7 @@ async fn keep_alive(r: Arc<Replica>, lease: i64, lost: watch::Sender<bool>) {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if alive_since.elapsed() >= LEASE_TTL {
+                    if alive_since.elapsed() >= ttl {
                         lost.send_replace(true);
                         return;
                     }

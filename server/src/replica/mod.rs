@@ -33,14 +33,17 @@ pub mod election;
 pub mod forward;
 pub mod mirror;
 
-/// TTL of a replica's etcd lease: how long a leader that died or froze keeps the
-/// election before another replica takes over.
-pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Default TTL of a replica's etcd lease (`--leader-ttl`): how long a leader that
+/// died or froze keeps the election before another replica takes over. etcd grants no
+/// less than 1.5 election timeouts, rounded up to whole seconds: 2 s with its defaults.
+pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
 
 /// What the replica tasks share with the gRPC services and the HTTP endpoint.
 pub struct Replica {
     /// How other replicas and agents reach this one (`--advertise-url`).
     pub advertise_url: String,
+    /// The TTL asked of etcd for this replica's lease (`--leader-ttl`).
+    pub leader_ttl: Duration,
     /// The store, with the fence the election arms.
     pub store: Arc<EtcdStore>,
     /// The table this replica serves.
@@ -84,6 +87,7 @@ impl Replica {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         advertise_url: String,
+        leader_ttl: Duration,
         store: Arc<EtcdStore>,
         hub: Arc<Hub>,
         leases: Leases,
@@ -95,6 +99,7 @@ impl Replica {
     ) -> Arc<Self> {
         Arc::new(Replica {
             advertise_url,
+            leader_ttl,
             store,
             hub,
             leases,
