@@ -27,7 +27,7 @@ use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::Metrics;
 use twill_server::networks::Registry;
-use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica};
+use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica, Settings as ReplicaSettings};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
 use twill_server::store::{EtcdStore, Layout, SledStore, Snapshot, Store};
 use twill_server::tls::{ReloadingTls, TlsFiles};
@@ -136,6 +136,11 @@ struct Args {
     /// than 1.5 of its election timeouts (2s with etcd's defaults).
     #[arg(long, env = "TWILL_LEADER_TTL", default_value = "2s", value_parser = twill_common::parse_duration)]
     leader_ttl: Duration,
+    /// With --store etcd: how often this replica compares the agents watching it with
+    /// its share (nodes over replicas) and asks those beyond it to resume on another
+    /// replica, so one that comes back or is added gets its share. `0s` turns it off.
+    #[arg(long, env = "TWILL_REBALANCE_INTERVAL", default_value = "10s", value_parser = twill_common::parse_duration)]
+    rebalance_interval: Duration,
     /// Copies the sled store in DIR (a stopped single controller's --data-dir) into
     /// etcd under --etcd-prefix, then exits. Refuses a prefix that already holds leases
     /// (a rerun after a complete copy of the same store changes nothing).
@@ -195,8 +200,7 @@ enum Mode {
     /// etcd: several replicas, this one reached at `advertise_url`.
     Replicated {
         etcd: EtcdConfig,
-        advertise_url: String,
-        leader_ttl: Duration,
+        settings: ReplicaSettings,
     },
 }
 
@@ -258,10 +262,20 @@ impl TryFrom<&Args> for Command {
                         humantime::format_duration(ttl)
                     );
                 }
+                let every = args.rebalance_interval;
+                if !every.is_zero() && every < Duration::from_secs(1) {
+                    bail!(
+                        "--rebalance-interval {}: give at least 1s, or 0s to turn it off",
+                        humantime::format_duration(every)
+                    );
+                }
                 Mode::Replicated {
                     etcd,
-                    advertise_url,
-                    leader_ttl: ttl,
+                    settings: ReplicaSettings {
+                        advertise_url,
+                        leader_ttl: ttl,
+                        rebalance_every: (!every.is_zero()).then_some(every),
+                    },
                 }
             }
         };
@@ -459,19 +473,12 @@ async fn serve(config: Config) -> Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (leases, replica) = match (&config.mode, etcd) {
-        (
-            Mode::Replicated {
-                advertise_url,
-                leader_ttl,
-                ..
-            },
-            Some(etcd_store),
-        ) => {
+        (Mode::Replicated { settings, .. }, Some(etcd_store)) => {
             hub.set_reservations(snapshot.reservations, Default::default());
             let leases = Leases::standby(config.lease_ttl);
             let replica = Replica::new(
-                advertise_url.clone(),
-                *leader_ttl,
+                settings.clone(),
+                agents.clone(),
                 etcd_store,
                 hub.clone(),
                 leases.clone(),
@@ -727,6 +734,8 @@ mod tests {
                 "{ttl}: {e}"
             );
         }
+        let e = refusal(&[&ETCD[..], &url, &["--rebalance-interval", "100ms"]].concat());
+        assert!(e.contains("--rebalance-interval"), "{e}");
     }
 
     #[test]
@@ -752,14 +761,11 @@ mod tests {
             panic!("refused");
         };
         match config.mode {
-            Mode::Replicated {
-                etcd,
-                advertise_url,
-                leader_ttl,
-            } => {
-                assert_eq!(advertise_url, "https://10.0.0.1:8474");
+            Mode::Replicated { etcd, settings } => {
+                assert_eq!(settings.advertise_url, "https://10.0.0.1:8474");
                 assert_eq!(etcd.prefix, "/twill/");
-                assert_eq!(leader_ttl, Duration::from_secs(2));
+                assert_eq!(settings.leader_ttl, Duration::from_secs(2));
+                assert_eq!(settings.rebalance_every, Some(Duration::from_secs(10)));
             }
             Mode::Single { .. } => panic!("not a replica"),
         }

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub is_leader: Gauge,
     /// Leaders this replica has seen elected (itself or another).
     pub leader_changes: Counter,
+    /// Agents this replica asked to move to another (`replica::rebalance`).
+    pub agents_moved: Counter,
     /// Seconds one etcd request took (reads, fenced writes, lease keep-alives).
     pub etcd_request_seconds: Histogram,
     /// Writes this replica forwarded to the leader.
@@ -93,6 +95,7 @@ impl Default for Metrics {
             certs_refused: Family::default(),
             is_leader: Gauge::default(),
             leader_changes: Counter::default(),
+            agents_moved: Counter::default(),
             etcd_request_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             forwarded_writes: Counter::default(),
             network_leases: Family::default(),
@@ -181,6 +184,11 @@ impl Default for Metrics {
             "leader_changes",
             "Leaders this replica has seen elected, itself or another (etcd store)",
             m.leader_changes.clone(),
+        );
+        registry.register(
+            "agents_moved",
+            "Agents this replica asked to resume their watch on another, serving more than its share (etcd store)",
+            m.agents_moved.clone(),
         );
         registry.register(
             "etcd_request_seconds",

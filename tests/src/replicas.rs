@@ -217,6 +217,11 @@ impl Controller {
         }
     }
 
+    /// More flags, for its next start.
+    pub fn push_args<S: Into<String>>(&mut self, args: impl IntoIterator<Item = S>) {
+        self.args.extend(args.into_iter().map(Into::into));
+    }
+
     /// Starts (or starts again) the process with its flags.
     pub fn start(&mut self) -> Result<()> {
         ensure!(!self.is_running(), "{} is already running", self.name);

@@ -505,13 +505,17 @@ impl Agent {
                             }
                         }
                         Ok(None) | Err(_) => {
-                            self.stats.no_contact(now_unix());
+                            let rebalanced = msg.as_ref().err().is_some_and(client::asked_to_move);
+                            if !rebalanced {
+                                self.stats.no_contact(now_unix());
+                            }
                             let moved = msg.as_ref().err().is_none_or(no_answer);
                             if moved {
                                 self.fail_over();
                             }
                             let wait = watch.broke(moved, self.creds.replicas());
                             match msg {
+                                Err(_) if rebalanced => info!(to = %self.creds.url(), retry_in = ?wait, "the controller replica asked this agent to resume its lease watch on another (spreading agents over replicas)"),
                                 Err(s) => warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "lease watch broke; keeping routes, resuming"),
                                 _ => warn!(retry_in = ?wait, "controller closed the lease watch; keeping routes, resuming"),
                             }

@@ -179,6 +179,12 @@ impl FakeController {
             .try_send(Ok(msg))
             .expect("room on the stream");
     }
+
+    /// Ends the open watch with `status`, the controller staying up.
+    fn end_watch(&self, status: Status) {
+        let stream = self.parked.lock().pop().expect("an open watch");
+        stream.try_send(Err(status)).expect("room on the stream");
+    }
 }
 
 #[tonic::async_trait]
@@ -1225,6 +1231,53 @@ async fn a_controller_that_dies_is_left_for_the_other_and_the_lease_and_routes_s
         std::fs::read_to_string(dir.path().join("subnet.env")).expect("subnet.env"),
         env
     );
+    stop.send(()).expect("the loop runs");
+    task.await.expect("joined").expect("a clean exit");
+}
+
+#[tokio::test]
+async fn a_replica_that_asks_the_agent_to_move_sees_its_watch_resume_on_the_other_without_a_flap() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (a, b) = (FakeController::default(), FakeController::default());
+    for fake in [&a, &b] {
+        fake.script.lock().acquires = grants(50, 3600);
+    }
+    let (agent, memory) = node_a_on(&[&a, &b], dir.path(), &[], Duration::from_secs(3600)).await;
+    let (stop, task) = run_loop(agent);
+    until("the lease from one of them", || {
+        !a.seen.lock().acquires.is_empty() || !b.seen.lock().acquires.is_empty()
+    })
+    .await;
+    let (first, other) = if a.seen.lock().acquires.is_empty() {
+        (&b, &a)
+    } else {
+        (&a, &b)
+    };
+    two_peers(first, &memory, 5).await;
+    let kernel = memory.state.lock().clone();
+
+    let mut meta = tonic::metadata::MetadataMap::new();
+    meta.insert(client::MOVE_TRAILER, "1".parse().expect("a value"));
+    first.end_watch(Status::with_metadata(
+        tonic::Code::Unavailable,
+        "serving more than its share",
+        meta,
+    ));
+    until("the watch resumed on the other replica", || {
+        !other.seen.lock().watches.is_empty()
+    })
+    .await;
+    assert_eq!(
+        other.seen.lock().watches[0].from_revision,
+        5,
+        "from the revision applied"
+    );
+    assert_eq!(
+        first.seen.lock().watches.len(),
+        1,
+        "not reopened where it was asked to leave"
+    );
+    assert_eq!(*memory.state.lock(), kernel, "no flap");
     stop.send(()).expect("the loop runs");
     task.await.expect("joined").expect("a clean exit");
 }

@@ -481,6 +481,16 @@ impl Hub {
             .any(|key| t.leases.get(key).is_some_and(|l| l.expires_at_unix > now))
     }
 
+    /// How many nodes hold a lease, in any network.
+    pub fn nodes(&self) -> usize {
+        let t = self.table.read();
+        t.leases
+            .keys()
+            .map(|(_, node)| node)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
     /// Leases in each network: how many.
     pub fn counts(&self) -> BTreeMap<NetworkName, usize> {
         let mut counts: BTreeMap<NetworkName, usize> = BTreeMap::new();

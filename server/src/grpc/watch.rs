@@ -11,7 +11,9 @@
 //! methods (used by the admin API) decode them into a `WatchResponse`.
 //!
 //! Every watch ends when the client certificate it was opened with expires or is
-//! revoked: the connection's handshake checked it once, and a watch may outlive it.
+//! revoked: the connection's handshake checked it once, and a watch may outlive it. An
+//! agent's also ends (UNAVAILABLE) when `replica::rebalance` asks it to move to another
+//! replica.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -158,8 +160,10 @@ pub fn encoded(
     let sub = hub.subscribe(from, start.epoch, &networks);
     info!(node = %who.name, from_revision = from, networks = %networks, reset = sub.initial.as_ref().is_some_and(|i| i.reset), "watcher connected");
     metrics.watchers.inc();
+    let node = who.role() == Some(twill_common::tls::Role::Node);
+    let id = agents.connected(&who.name, from, who.not_after_unix, node);
     let watcher = Watcher {
-        id: agents.connected(&who.name, from, who.not_after_unix),
+        id,
         who: who.name.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -176,18 +180,45 @@ pub fn encoded(
         w.agents.sent(w.id, revision);
         Some((Ok(Encoded(msg)), w))
     }));
-    while_valid(messages, identity.clone(), who.clone())
+    let agents = agents.clone();
+    let who_name = who.name.clone();
+    let moved = async move {
+        agents.move_asked(id).await;
+        info!(node = %who_name, "asking the agent to move its watch to another replica");
+        let mut meta = tonic::metadata::MetadataMap::new();
+        meta.insert(
+            MOVE_TRAILER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        Status::with_metadata(tonic::Code::Unavailable, MOVE_MESSAGE, meta)
+    };
+    while_valid(messages, identity.clone(), who.clone(), moved)
 }
+
+/// The trailer that tells an agent its watch ended to move to another replica (the
+/// agent's `client::MOVE_TRAILER`).
+pub const MOVE_TRAILER: &str = "x-twill-move";
+
+/// The message of the status that ends a watch asked to move to another replica.
+pub const MOVE_MESSAGE: &str =
+    "this controller replica serves more than its share of the agents: resume on another";
 
 /// `stream`, ended as soon as certificate `who` stops being valid, whichever comes
 /// first: UNAUTHENTICATED when it expires, PERMISSION_DENIED when it is revoked (node
 /// certificates). TLS checked the certificate only when the connection opened, and a
-/// watch lasts as long as the connection.
-fn while_valid(stream: EncodedStream, identity: Arc<Identity>, who: CertIdentity) -> EncodedStream {
+/// watch lasts as long as the connection. Also ended with `moved`'s status, when it
+/// resolves.
+fn while_valid(
+    stream: EncodedStream,
+    identity: Arc<Identity>,
+    who: CertIdentity,
+    moved: impl Future<Output = Status> + Send + 'static,
+) -> EncodedStream {
     let invalid: Pin<Box<dyn Future<Output = Status> + Send>> = Box::pin(async move {
         tokio::select! {
             status = expiry(&who) => status,
             status = revocation(&identity, &who) => status,
+            status = moved => status,
         }
     });
     // Once the certificate is invalid the watch itself is dropped at once (its place
@@ -553,6 +584,59 @@ mod tests {
         let msg = tokio::time::timeout(Duration::from_secs(5), current.next())
             .await
             .expect("the current certificate's watch goes on")
+            .unwrap()
+            .unwrap();
+        assert_eq!(events::decode(&msg.0).unwrap()[0].revision, 1);
+    }
+
+    #[tokio::test]
+    async fn agents_asked_to_move_end_with_the_move_trailer_and_admins_are_never_asked() {
+        let hub = Arc::new(Hub::new(vec![], vec![], 0));
+        let metrics = Arc::new(Metrics::default());
+        let agents = Arc::new(Agents::default());
+        let (_dir, identity) = identity().await;
+        let day = twill_common::now_unix() + 86_400;
+        let admin = CertIdentity {
+            groups: vec![twill_common::tls::ADMINS_GROUP.into()],
+            ..node("alice", day)
+        };
+        let open = |who: &CertIdentity| {
+            encoded(
+                &hub,
+                &metrics,
+                &agents,
+                &identity,
+                who,
+                scratch(),
+                Networks::default_only(),
+            )
+        };
+        let mut nodes: Vec<EncodedStream> =
+            (0..3).map(|i| open(&node(&format!("n{i}"), day))).collect();
+        let mut admin_watch = open(&admin);
+        for w in nodes.iter_mut().chain([&mut admin_watch]) {
+            w.next().await.unwrap().expect("snapshot");
+        }
+        assert_eq!(agents.node_watchers(), 3);
+
+        assert_eq!(agents.ask_to_move(2), 2);
+        assert_eq!(agents.ask_to_move(5), 1, "only the agents not asked yet");
+        assert_eq!(agents.ask_to_move(5), 0, "the admin's watch is never asked");
+        for w in &mut nodes {
+            let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .expect("ended")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(end.code(), tonic::Code::Unavailable);
+            assert!(end.metadata().contains_key(MOVE_TRAILER), "{end:?}");
+            assert!(w.next().await.is_none(), "nothing after the status");
+        }
+        assert_eq!(agents.node_watchers(), 0);
+        hub.commit(vec![put(1)]);
+        let msg = tokio::time::timeout(Duration::from_secs(5), admin_watch.next())
+            .await
+            .expect("the admin's watch goes on")
             .unwrap()
             .unwrap();
         assert_eq!(events::decode(&msg.0).unwrap()[0].revision, 1);

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::agents::Agents;
 use crate::events::Hub;
 use crate::identity::Identity as NodeIdentity;
 use crate::leases::Leases;
@@ -32,6 +33,7 @@ use crate::store::EtcdStore;
 pub mod election;
 pub mod forward;
 pub mod mirror;
+pub mod rebalance;
 
 /// Default TTL of a replica's etcd lease (`--leader-ttl`): how long a leader that
 /// died or froze keeps the election before another replica takes over. etcd grants no
@@ -44,6 +46,11 @@ pub struct Replica {
     pub advertise_url: String,
     /// The TTL asked of etcd for this replica's lease (`--leader-ttl`).
     pub leader_ttl: Duration,
+    /// How often the agents are spread over the replicas (`--rebalance-interval`;
+    /// `None`: never).
+    pub rebalance_every: Option<Duration>,
+    /// The agents watching this replica.
+    pub agents: Arc<Agents>,
     /// The store, with the fence the election arms.
     pub store: Arc<EtcdStore>,
     /// The table this replica serves.
@@ -71,6 +78,18 @@ pub struct Replica {
     registered: Mutex<(Vec<String>, Option<std::time::Instant>)>,
 }
 
+/// A replica's own flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How other replicas and agents reach this one (`--advertise-url`).
+    pub advertise_url: String,
+    /// The TTL asked of etcd for its lease (`--leader-ttl`).
+    pub leader_ttl: Duration,
+    /// How often it spreads the agents over the replicas (`--rebalance-interval`;
+    /// `None`: never).
+    pub rebalance_every: Option<Duration>,
+}
+
 /// The files of this replica's certificate, for its calls to other replicas.
 #[derive(Debug, Clone)]
 pub struct PeerTls {
@@ -86,8 +105,8 @@ impl Replica {
     /// The shared state; `applied` is the etcd revision the hub was loaded at.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        advertise_url: String,
-        leader_ttl: Duration,
+        settings: Settings,
+        agents: Arc<Agents>,
         store: Arc<EtcdStore>,
         hub: Arc<Hub>,
         leases: Leases,
@@ -98,8 +117,10 @@ impl Replica {
         applied: i64,
     ) -> Arc<Self> {
         Arc::new(Replica {
-            advertise_url,
-            leader_ttl,
+            advertise_url: settings.advertise_url,
+            leader_ttl: settings.leader_ttl,
+            rebalance_every: settings.rebalance_every,
+            agents,
             store,
             hub,
             leases,
@@ -125,6 +146,9 @@ impl Replica {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(mirror::run(self.clone()));
         tokio::spawn(election::observe(self.clone()));
+        if let Some(every) = self.rebalance_every {
+            tokio::spawn(rebalance::run(self.clone(), every));
+        }
         tokio::spawn(election::campaign(self.clone(), shutdown))
     }
 
@@ -184,8 +208,18 @@ impl Replica {
         self.peers.lock().remove(url);
     }
 
-    /// The replicas registered in etcd (their advertised URLs), sorted.
+    /// The replicas registered in etcd (their advertised URLs), sorted; kept for
+    /// [`Replica::is_registered`].
     pub async fn replicas(&self) -> Result<Vec<String>, crate::store::StoreError> {
+        let urls = self.read_replicas().await?;
+        *self.registered.lock() = (urls.clone(), Some(std::time::Instant::now()));
+        Ok(urls)
+    }
+
+    /// The replicas registered in etcd, sorted, without touching what
+    /// [`Replica::is_registered`] goes by: a read from before a replica registered
+    /// must not make it refuse that replica's forwarded calls for a second.
+    pub async fn read_replicas(&self) -> Result<Vec<String>, crate::store::StoreError> {
         let (kvs, _) = self.store.etcd().range(Range::Replicas).await?;
         let mut urls: Vec<String> = kvs
             .into_iter()
@@ -193,7 +227,6 @@ impl Replica {
             .collect();
         urls.sort();
         urls.dedup();
-        *self.registered.lock() = (urls.clone(), Some(std::time::Instant::now()));
         Ok(urls)
     }
 
