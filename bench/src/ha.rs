@@ -54,7 +54,22 @@ pub struct FailoverOutcome {
     pub resume_ms: Dist,
     /// Resumed watches that got a full reset instead of the missed events.
     pub resets: u64,
+    /// Restart of the killed replica → no replica above its share of the watches by
+    /// more than the controllers' slack (`replica::rebalance`), s (NaN: not within
+    /// [`REBALANCE_LIMIT`]; absent in older results).
+    #[serde(default = "nan", deserialize_with = "crate::stats::f64_or_nan")]
+    pub rebalanced_s: f64,
+    /// Watches on the restarted replica then.
+    #[serde(default)]
+    pub back: usize,
 }
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// How long a restarted replica may take to get its share of the watches back.
+const REBALANCE_LIMIT: Duration = Duration::from_secs(90);
 
 /// Medians and worst of the failovers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -84,6 +99,9 @@ pub struct FailoverSummary {
     pub moved: f64,
     /// Full resets over all kills.
     pub resets: u64,
+    /// Restart → back to its share, s: median.
+    #[serde(default = "nan", deserialize_with = "crate::stats::f64_or_nan")]
+    pub rebalanced_s: f64,
 }
 
 fn worst(xs: impl Iterator<Item = f64>) -> f64 {
@@ -101,6 +119,7 @@ fn summarize(f: &[FailoverOutcome]) -> FailoverSummary {
         all_moved_worst_s: worst(f.iter().map(|x| x.all_moved_s)),
         moved: median(f.iter().map(|x| x.moved as f64)),
         resets: f.iter().map(|x| x.resets).sum(),
+        rebalanced_s: median(f.iter().map(|x| x.rebalanced_s)),
     }
 }
 
@@ -221,14 +240,17 @@ async fn replica_run(
                 .with_context(|| format!("failover {}", k + 1))?;
             eprintln!(
                 "  failover {}/{kills}: new leader after {:.2} s, first grant {:.2} s, \
-                 {} of {} watches moved in {:.2} s, {} resets",
+                 {} of {} watches moved in {:.2} s, {} resets; restarted, back to its \
+                 share ({} watches) {:.2} s later",
                 k + 1,
                 f.new_leader_s,
                 f.first_grant_s,
                 f.resumed,
                 f.moved,
                 f.all_moved_s,
-                f.resets
+                f.resets,
+                f.back,
+                f.rebalanced_s
             );
             failovers.push(f);
         }
@@ -301,6 +323,7 @@ async fn failover(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let resets = fleet.tracker.resets.load(Ordering::Relaxed) - resets0;
     tokio::task::block_in_place(|| ctls[leader].start_again())?;
+    let (rebalanced_s, back) = rebalanced(&replicas, ctls.len(), leader).await;
     Ok(FailoverOutcome {
         nodes: n,
         moved,
@@ -314,7 +337,32 @@ async fn failover(
         },
         resume_ms: Dist::of(resumed.iter().map(|s| s * 1e3).collect()),
         resets,
+        rebalanced_s,
+        back,
     })
+}
+
+/// Waits until none of `k` replicas holds more than its share of the watches and the
+/// slack the controllers allow (`twill_server::replica::rebalance::slack`): how long it
+/// took (NaN: not within [`REBALANCE_LIMIT`]) and how many `restarted` holds then.
+async fn rebalanced(replicas: &twill::Replicas, k: usize, restarted: usize) -> (f64, usize) {
+    let started = Instant::now();
+    let n = replicas.on.len();
+    let share = n.div_ceil(k);
+    let slack = (share / 20).max(1);
+    loop {
+        let mut per = vec![0usize; k];
+        for r in &replicas.on {
+            per[r.load(Ordering::Relaxed).min(k - 1)] += 1;
+        }
+        if per.iter().all(|&c| c <= share + slack) {
+            return (started.elapsed().as_secs_f64(), per[restarted]);
+        }
+        if started.elapsed() > REBALANCE_LIMIT {
+            return (f64::NAN, per[restarted]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A new node asks the surviving replica for a lease until it holds one; when.

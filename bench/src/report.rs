@@ -535,15 +535,17 @@ fn ha_tables(s: &mut String, row: &HaRow) {
          New leader: SIGKILL → another replica's `twill_is_leader` is 1 (the dead leader's etcd lease, \
          a few seconds, must lapse first). First grant: a new node asking a surviving replica from the \
          kill on holds its lease. Watches moved: every watch of the dead replica runs on another one again, \
-         resumed from its revision.\n",
+         resumed from its revision. Back to its share: from the restart of the killed replica until \
+         no replica holds more than a third of the watches and a twentieth (the replicas ask agents beyond \
+         their share to move, `--rebalance-interval`).\n",
         fo.kills
     );
-    let _ = writeln!(s, "| kill | watches on the dead replica | SIGKILL → new leader, s | → first grant, s | → all its watches moved, s | moved | full resets |");
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| kill | watches on the dead replica | SIGKILL → new leader, s | → first grant, s | → all its watches moved, s | moved | full resets | restart → back to its share, s (watches) |");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, x) in row.failovers.iter().enumerate() {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} of {} | {} |",
+            "| {} | {} | {} | {} | {} | {} of {} | {} | {} ({}) |",
             i + 1,
             x.moved,
             f(x.new_leader_s, 2),
@@ -551,12 +553,14 @@ fn ha_tables(s: &mut String, row: &HaRow) {
             f(x.all_moved_s, 2),
             x.resumed,
             x.moved,
-            x.resets
+            x.resets,
+            f(x.rebalanced_s, 2),
+            x.back
         );
     }
     let _ = writeln!(
         s,
-        "| median (worst) | {:.0} | {} ({}) | {} ({}) | {} ({}) | | {} |\n",
+        "| median (worst) | {:.0} | {} ({}) | {} ({}) | {} ({}) | | {} | {} |\n",
         fo.moved,
         f(fo.new_leader_s, 2),
         f(fo.new_leader_worst_s, 2),
@@ -564,7 +568,8 @@ fn ha_tables(s: &mut String, row: &HaRow) {
         f(fo.first_grant_worst_s, 2),
         f(fo.all_moved_s, 2),
         f(fo.all_moved_worst_s, 2),
-        fo.resets
+        fo.resets,
+        f(fo.rebalanced_s, 2)
     );
 }
 

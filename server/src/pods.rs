@@ -2,9 +2,10 @@
 //!
 //! The truth lives on the nodes (host-local's files and the agents' journals); this
 //! table is the place to read it from. It is not stored: a controller that restarts,
-//! or a new leader, has it back as agents report again (on every new watch, and every
-//! few minutes), where storing it would put every pod's ADD and DEL in the store's
-//! write path. A node's report replaces its last one whole, and is checked against
+//! or a new leader, has it back as agents report again (on every new watch; when any
+//! replica sees the leader change it asks its agents on their watch, `Hub::ask_pods`;
+//! and every few minutes), where storing it would put every pod's ADD and DEL in the
+//! store's write path. A node's report replaces its last one whole, and is checked against
 //! its leases before anything is kept: a node reports only for itself (the caller),
 //! only in networks it holds a lease in, only addresses inside those leases' subnets.
 //! A node's pods leave with its lease (a listing skips networks it no longer holds).

@@ -55,7 +55,9 @@ use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use twill_proto::admin_service_client::AdminServiceClient;
-use twill_proto::{Lease, ListLeasesRequest, StatusRequest, StatusResponse};
+use twill_proto::{
+    Lease, ListLeasesRequest, ListPodsRequest, PodAttachment, StatusRequest, StatusResponse,
+};
 
 use crate::bins::Bins;
 use crate::etcd::EtcdCluster;
@@ -489,6 +491,21 @@ impl HaOverlay {
                 .with_context(|| format!("ListLeases of {url}"))?
                 .into_inner()
                 .leases)
+        })
+        .with_context(|| format!("asking replica {i}"))
+    }
+
+    /// Every node's pods as replica `i` serves them (AdminService.ListPods, answered by
+    /// the leader).
+    pub fn list_pods(&self, i: usize) -> Result<Vec<PodAttachment>> {
+        let (url, pems) = (self.urls[i].clone(), self.admin_pems()?);
+        self.block_on_at(i, || async move {
+            let mut c = Self::admin(url.clone(), pems).await?;
+            Ok(c.list_pods(ListPodsRequest::default())
+                .await
+                .with_context(|| format!("ListPods of {url}"))?
+                .into_inner()
+                .pods)
         })
         .with_context(|| format!("asking replica {i}"))
     }

@@ -11,7 +11,11 @@
 //!   within 5 s each time (every figure, the median and the worst are printed), no ping
 //!   is lost, the agents that watched the dead replica resume their watch on another
 //!   one, and etcd still holds the same three leases;
-//! * an agent started right after the leader is killed gets its lease within 10 s.
+//! * an agent started right after the leader is killed gets its lease within 10 s;
+//! * a pod on each node (the real twill-cni): the leader lists all three; once it is
+//!   SIGKILLed the new leader lists all three again within seconds, those of agents
+//!   that watched a surviving replica (and so never reconnected) included: every
+//!   replica asks its agents for their pods when the leader changes.
 //!
 //! The tests take turns (one lab at a time): failover timings on a busy two-core
 //! machine would measure the other tests.
@@ -26,9 +30,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use twill_tests::ha::{replica_host, Role, ETCD_PREFIX, REPLICAS};
+use twill_tests::kit::skip;
+use twill_tests::pods::{self, CNI_PATH};
 use twill_tests::wait::poll_until;
 use twill_tests::{
-    require_etcd, require_lab, Check, ContinuousPing, HaOverlay, Overlay, OverlayConfig, SubnetEnv,
+    require_etcd, require_lab, wait_until, Check, ContinuousPing, HaOverlay, Overlay,
+    OverlayConfig, SubnetEnv,
 };
 
 /// Deadline for the overlay to converge (generous: the machine may be busy).
@@ -535,5 +542,82 @@ fn join_scenario(ha: &HaOverlay) -> Result<()> {
     ha.restart_replica(leader)?;
     ensure!(ha.wait_ready(leader, SETTLE)? == Role::Follower);
     ha.wait_watching(&all, &[0, 1, 2], SETTLE)?;
+    Ok(())
+}
+
+// --------------------------------------------------- 4. pods across a failover
+
+#[test]
+#[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
+fn a_new_leader_lists_every_pod_soon() {
+    let test = "a_new_leader_lists_every_pod_soon";
+    let _turn = turn();
+    if !Path::new(CNI_PATH).join("bridge").is_file() {
+        return skip(test, "needs containernetworking-plugins in /usr/lib/cni");
+    }
+    let mut cfg = OverlayConfig::three_nodes();
+    for n in ["node-a", "node-b", "node-c"] {
+        cfg = cfg.agent_args(n, ["--reconcile-interval", "1s"]);
+    }
+    let Some(ha) = start(test, cfg) else {
+        return;
+    };
+    run(&ha, pods_scenario);
+}
+
+fn pods_scenario(ha: &HaOverlay) -> Result<()> {
+    let ov = ha.overlay();
+    let nodes = node_names(ha);
+    ov.wait_converged(CONVERGE)?;
+    let cni = ov.bins().path("twill-cni");
+    let mut want = Vec::new();
+    for n in &nodes {
+        let (pod, _) = pods::attach(ov, &cni, n, &n[n.len() - 1..])?;
+        want.push((pod.container_id, n.to_string(), pod.addr.to_string()));
+    }
+    want.sort();
+    let listed = |i: usize| -> Check<()> {
+        let pods = match ha.list_pods(i) {
+            Ok(p) => p,
+            Err(e) => return Check::NotYet(format!("{e:#}")),
+        };
+        let mut got: Vec<(String, String, String)> = pods
+            .into_iter()
+            .map(|p| {
+                let ip = p.ips.first().cloned().unwrap_or_default();
+                (p.container_id, p.node_name, ip)
+            })
+            .collect();
+        got.sort();
+        if got == want {
+            Check::Ready(())
+        } else {
+            Check::NotYet(format!("listed {got:?}, want {want:?}"))
+        }
+    };
+    let leader = ha.wait_leader(SETTLE)?;
+    wait_until(SETTLE, "the leader to list every pod", || listed(leader))?;
+    let placed = ha.wait_watching(&nodes, &[0, 1, 2], SETTLE)?;
+    let stayed: Vec<&str> = nodes
+        .iter()
+        .copied()
+        .filter(|n| placed[*n] != leader)
+        .collect();
+
+    ha.kill_replica(leader)?;
+    let new = ha.wait_leader_among(&others(leader), SETTLE)?;
+    let led = Instant::now();
+    // Far less than the 5 minutes after which agents send their pods anyway.
+    wait_until(
+        Duration::from_secs(30),
+        "the new leader to list every pod",
+        || listed(new),
+    )?;
+    eprintln!(
+        "pods: the new leader (replica {new}) listed all {} pods {} ms after it led; the \
+         agents of {stayed:?} watched a surviving replica and did not reconnect",
+        want.len(),
+        led.elapsed().as_millis()
+    );
     Ok(())
 }

@@ -497,6 +497,11 @@ impl Agent {
                     match msg {
                         Ok(Some(resp)) => {
                             self.stats.contact(now_unix());
+                            if resp.report_pods {
+                                // A new leader: it keeps pods in memory and has none.
+                                info!("the controller asks for this node's pods again (a new leader)");
+                                self.pods.resend();
+                            }
                             if let Some(whole) = watch.message(resp) {
                                 let covered = networks::streamed(watch.streaming());
                                 self.apply(&whole, &covered).await;

@@ -141,6 +141,8 @@ pub(super) fn split(
         revision: resp.revision,
         more: false,
         epoch: resp.epoch.clone(),
+        // Handled by the loop before the split.
+        report_pods: false,
     };
     let mut parts: BTreeMap<NetworkName, WatchResponse> = BTreeMap::new();
     if resp.reset {

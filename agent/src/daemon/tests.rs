@@ -1391,6 +1391,20 @@ async fn the_nodes_pods_go_to_the_controller_in_the_networks_it_holds_leases_in(
     // Nothing changed: not sent again at the next ticks.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(fake.seen.lock().reports.len(), 1, "sent once");
+    // A new leader asks on the open watch: the same set goes again.
+    until("a watch", || !fake.seen.lock().watches.is_empty()).await;
+    fake.send(WatchResponse {
+        report_pods: true,
+        ..Default::default()
+    });
+    until("the pods sent again", || {
+        fake.seen.lock().reports.len() == 2
+    })
+    .await;
+    {
+        let seen = fake.seen.lock();
+        assert_eq!(seen.reports[1].attachments, seen.reports[0].attachments);
+    }
     stop.send(()).expect("the loop runs");
     task.await.expect("joined").expect("a clean exit");
 }

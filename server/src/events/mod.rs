@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::broadcast;
-use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent};
+use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent, WatchResponse};
 
 use twill_common::networks::NetworkName;
 
@@ -390,6 +390,22 @@ impl Hub {
         message.delivery = Some(delivery.clone());
         *self.delivery.lock() = Some(delivery);
         // No receivers is fine: nobody is watching yet.
+        let _ = self.tx.send(message);
+    }
+
+    /// Asks the agent behind every watch to send its pods again (a new leader holds
+    /// none): a message of no events at the current revision, to every watcher.
+    pub fn ask_pods(&self) {
+        let t = self.table.read();
+        let msg = WatchResponse {
+            revision: t.revision,
+            epoch: self.epoch.clone(),
+            report_pods: true,
+            ..Default::default()
+        };
+        // No networks: every watcher's networks hold the empty set.
+        let message = WatchMessage::new(false, t.revision, wire::frame(&msg), BTreeSet::new());
+        // Sent under the lock, so that no batch of a later revision goes out before it.
         let _ = self.tx.send(message);
     }
 
@@ -773,6 +789,31 @@ mod tests {
         buf.into()
     }
 
+    #[test]
+    fn a_request_for_pods_reaches_every_watcher_alone_at_the_current_revision() {
+        let hub = Hub::new(vec![], vec![], 0);
+        hub.commit(vec![put("n1", 1)]);
+        let blue = Networks::new([NetworkName::from_wire("blue").unwrap()]);
+        let mut subs = [hub.subscribe(1, "", &only()), hub.subscribe(0, "", &blue)];
+        hub.ask_pods();
+        for sub in &mut subs {
+            let msg = sub.feed.try_recv().expect("the request");
+            assert_eq!((msg.reset, msg.revision), (false, 1));
+            let bytes = msg.for_networks(&only()).expect("for every watcher");
+            assert_eq!(msg.for_networks(&blue), Some(bytes.clone()));
+            let got = decode(&bytes).unwrap();
+            assert_eq!(
+                got,
+                [WatchResponse {
+                    revision: 1,
+                    epoch: hub.epoch.clone(),
+                    report_pods: true,
+                    ..Default::default()
+                }]
+            );
+        }
+    }
+
     fn decoded(i: WatchMessage) -> WatchResponse {
         let mut msgs = decode(&i.encoded).unwrap();
         assert_eq!(msgs.len(), 1, "one part");
@@ -876,6 +917,7 @@ mod tests {
             revision: 300,
             more: false,
             epoch: "0123456789abcdef".into(),
+            report_pods: false,
         };
         assert_eq!(
             first.encoded,

@@ -12,6 +12,16 @@ use super::MAX_MESSAGE_BYTES;
 /// length (big-endian u32).
 pub(super) const GRPC_PREFIX: usize = 5;
 
+/// `msg` as one gRPC message.
+pub(super) fn frame(msg: &WatchResponse) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(GRPC_PREFIX + len);
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    msg.encode_raw(&mut out);
+    Bytes::from(out)
+}
+
 /// Builds the gRPC messages of one `WatchResponse` from encoded events, starting a new
 /// part whenever the current one would pass [`MAX_MESSAGE_BYTES`]. Everything is
 /// written once, straight into the output (the 5-byte prefix is patched when a part

@@ -162,6 +162,9 @@ impl Replica {
         if *leader != url {
             if url.is_some() {
                 self.metrics.leader_changes.inc();
+                // The pods live in the leader's memory: a new one has none until the
+                // agents report again, those watching here included.
+                self.hub.ask_pods();
             }
             tracing::info!(leader = url.as_deref().unwrap_or("none"), "leader changed");
             *leader = url;

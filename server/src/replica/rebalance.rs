@@ -2,7 +2,8 @@
 //! the one it uses stops answering, so a replica that comes back (or is added) would
 //! otherwise stay empty while the others carry everything. Every `--rebalance-interval`
 //! each replica compares the agents watching it with its share (the nodes holding a
-//! lease over the registered replicas) and asks those beyond it to move: their watch
+//! lease over the registered replicas, plus a twentieth) and asks those beyond its share
+//! to move: their watch
 //! ends with UNAVAILABLE and each resumes, from the revision it has, on another
 //! replica of its list picked at random (its data plane untouched). Moves that land on
 //! a replica already at its share are shed again the next round, so the excess halves
@@ -20,15 +21,15 @@ use tracing::{debug, info};
 use super::Replica;
 
 /// How many agents a replica serving `mine` of them should ask to move, when `nodes`
-/// nodes hold leases and `replicas` replicas are registered: none while it is within a
-/// tenth (at least one) of its share, and none when it serves more agents than there
-/// are nodes (its table is behind).
+/// nodes hold leases and `replicas` replicas are registered: none while it is within
+/// [`slack`] of its share, and none when it serves more agents than there are nodes
+/// (its table is behind).
 pub fn excess(mine: usize, nodes: usize, replicas: usize) -> usize {
     if replicas < 2 || mine > nodes {
         return 0;
     }
     let share = nodes.div_ceil(replicas);
-    let slack = (share / 10).max(1);
+    let slack = slack(share);
     if mine > share + slack {
         mine - share
     } else {
@@ -75,6 +76,13 @@ pub async fn run(r: Arc<Replica>, every: Duration) {
     }
 }
 
+/// How far above its share a replica may be and ask nobody to move: a twentieth of it,
+/// at least one agent. Only those above shed, so every replica ends within this of its
+/// share on the high side, and within twice it (with three replicas) on the low side.
+pub fn slack(share: usize) -> usize {
+    (share / 20).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::excess;
@@ -85,9 +93,9 @@ mod tests {
         // A replica came back: the two others hold 1,500 each, their share is 1,000.
         assert_eq!(excess(1500, 3000, 3), 500);
         assert_eq!(excess(0, 3000, 3), 0);
-        // Within a tenth of the share: left alone (no moves back and forth).
-        assert_eq!(excess(1100, 3000, 3), 0);
-        assert_eq!(excess(1101, 3000, 3), 101);
+        // Within a twentieth of the share: left alone (no moves back and forth).
+        assert_eq!(excess(1050, 3000, 3), 0);
+        assert_eq!(excess(1051, 3000, 3), 51);
         // Small clusters: one agent of slack.
         assert_eq!(excess(2, 3, 3), 0);
         assert_eq!(excess(3, 3, 3), 2);
