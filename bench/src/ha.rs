@@ -235,7 +235,7 @@ async fn replica_run(
     let mut failovers = Vec::new();
     if run.storm.converged {
         for k in 0..kills {
-            let f = failover(&mut ctls, &mut fleet, pki, n, k)
+            let f = failover(&mut ctls, &mut fleet, pki, n, k, n + joiners)
                 .await
                 .with_context(|| format!("failover {}", k + 1))?;
             eprintln!(
@@ -280,12 +280,15 @@ fn wait_leader(ctls: &[Controller], not: Option<usize>) -> Result<usize> {
 }
 
 /// Kills the leader with SIGKILL (its own pid, reaped), measures, and starts it again.
+/// `leased`: the nodes holding leases before the first kill (the fleet and the
+/// fan-out's joiners).
 async fn failover(
     ctls: &mut [Controller],
     fleet: &mut Fleet,
     pki: &Pki,
     n: usize,
     k: usize,
+    leased: usize,
 ) -> Result<FailoverOutcome> {
     let leader = tokio::task::block_in_place(|| wait_leader(ctls, None))?;
     let survivor = (leader + 1) % ctls.len();
@@ -323,7 +326,9 @@ async fn failover(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let resets = fleet.tracker.resets.load(Ordering::Relaxed) - resets0;
     tokio::task::block_in_place(|| ctls[leader].start_again())?;
-    let (rebalanced_s, back) = rebalanced(&replicas, ctls.len(), leader).await;
+    // The controllers' share counts every node holding a lease: the fan-out's joiners
+    // (in `leased`) and the probes too.
+    let (rebalanced_s, back) = rebalanced(&replicas, leased + k + 1, ctls.len(), leader).await;
     Ok(FailoverOutcome {
         nodes: n,
         moved,
@@ -342,13 +347,18 @@ async fn failover(
     })
 }
 
-/// Waits until none of `k` replicas holds more than its share of the watches and the
+/// Waits until none of `k` replicas holds more than its share of the `nodes` and the
 /// slack the controllers allow (`twill_server::replica::rebalance::slack`): how long it
-/// took (NaN: not within [`REBALANCE_LIMIT`]) and how many `restarted` holds then.
-async fn rebalanced(replicas: &twill::Replicas, k: usize, restarted: usize) -> (f64, usize) {
+/// took (NaN: not within [`REBALANCE_LIMIT`]) and how many watches `restarted` holds
+/// then.
+async fn rebalanced(
+    replicas: &twill::Replicas,
+    nodes: usize,
+    k: usize,
+    restarted: usize,
+) -> (f64, usize) {
     let started = Instant::now();
-    let n = replicas.on.len();
-    let share = n.div_ceil(k);
+    let share = nodes.div_ceil(k);
     let slack = (share / 20).max(1);
     loop {
         let mut per = vec![0usize; k];

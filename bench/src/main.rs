@@ -1106,6 +1106,9 @@ async fn run(mut o: Opts) -> Result<Results> {
                 if f.resumed != f.moved || !f.first_grant_s.is_finite() {
                     bail!("smoke: after the leader's crash {} of {} watches moved, first grant {:?} s", f.resumed, f.moved, f.first_grant_s);
                 }
+                if !f.rebalanced_s.is_finite() {
+                    bail!("smoke: the restarted replica did not get its share of the watches back ({} of 50)", f.back);
+                }
                 res.ha = vec![row];
             }
             dataplane_runs(&o, &[100], false, &mut res);

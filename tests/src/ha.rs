@@ -467,45 +467,52 @@ impl HaOverlay {
     /// AdminService.Status of replica `i`: with `this_replica_only`, only the watch
     /// streams open on it (and no replica list).
     pub fn status(&self, i: usize, this_replica_only: bool) -> Result<StatusResponse> {
-        let (url, pems) = (self.urls[i].clone(), self.admin_pems()?);
-        self.block_on_at(i, || async move {
-            let mut c = Self::admin(url.clone(), pems).await?;
-            Ok(c.status(StatusRequest {
-                this_replica_only,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("Status of {url}"))?
-            .into_inner())
-        })
-        .with_context(|| format!("asking replica {i}"))
+        let req = StatusRequest {
+            this_replica_only,
+            ..Default::default()
+        };
+        self.ask(i, "Status", |mut c| async move { c.status(req).await })
     }
 
     /// The lease table as replica `i` serves it (AdminService.ListLeases).
     pub fn list_leases(&self, i: usize) -> Result<Vec<Lease>> {
-        let (url, pems) = (self.urls[i].clone(), self.admin_pems()?);
-        self.block_on_at(i, || async move {
-            let mut c = Self::admin(url.clone(), pems).await?;
-            Ok(c.list_leases(ListLeasesRequest::default())
-                .await
-                .with_context(|| format!("ListLeases of {url}"))?
-                .into_inner()
-                .leases)
-        })
-        .with_context(|| format!("asking replica {i}"))
+        let req = ListLeasesRequest::default();
+        Ok(self
+            .ask(
+                i,
+                "ListLeases",
+                |mut c| async move { c.list_leases(req).await },
+            )?
+            .leases)
     }
 
     /// Every node's pods as replica `i` serves them (AdminService.ListPods, answered by
     /// the leader).
     pub fn list_pods(&self, i: usize) -> Result<Vec<PodAttachment>> {
+        let req = ListPodsRequest::default();
+        Ok(self
+            .ask(i, "ListPods", |mut c| async move { c.list_pods(req).await })?
+            .pods)
+    }
+
+    /// One admin call `what` to replica `i`, made by `call` with the lab's admin
+    /// certificate.
+    fn ask<T: Send, F>(
+        &self,
+        i: usize,
+        what: &str,
+        call: impl FnOnce(AdminServiceClient<Channel>) -> F + Send,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let (url, pems) = (self.urls[i].clone(), self.admin_pems()?);
         self.block_on_at(i, || async move {
-            let mut c = Self::admin(url.clone(), pems).await?;
-            Ok(c.list_pods(ListPodsRequest::default())
+            let c = Self::admin(url.clone(), pems).await?;
+            Ok(call(c)
                 .await
-                .with_context(|| format!("ListPods of {url}"))?
-                .into_inner()
-                .pods)
+                .with_context(|| format!("{what} of {url}"))?
+                .into_inner())
         })
         .with_context(|| format!("asking replica {i}"))
     }

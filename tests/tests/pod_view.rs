@@ -244,7 +244,9 @@ fn listed_pods(ov: &Overlay) -> Result<Vec<(String, String)>> {
 /// A node's subnet filled to exhaustion (REFERENCE 2.11): with /28 subnets (13
 /// addresses for pods), once 12 are held `twillctl ipam` says 92 %, `twillctl status`
 /// names the subnet as nearly full, the agent's metrics say 12 of 13 and its log
-/// warns, all before the ADD that fails (the 14th).
+/// warns, all before the ADD that fails (the 14th). Then a pod's namespace goes
+/// without a DEL; released with `twillctl ipam release --leaked`, its address is the
+/// one the next ADD gets.
 #[test]
 #[cfg_attr(not(twill_lab), ignore = "needs root (network namespaces); CI runs it")]
 fn a_subnet_nearly_full_shows_before_the_add_that_fails() {
@@ -266,8 +268,9 @@ fn a_subnet_nearly_full_shows_before_the_add_that_fails() {
 fn fill(ov: &Overlay) -> Result<()> {
     ov.wait_converged(CONVERGE)?;
     let cni_bin = ov.bins().path("twill-cni");
+    let mut filled = Vec::new();
     for i in 0..12 {
-        pods::attach(ov, &cni_bin, NODE, &format!("f{i}"))?;
+        filled.push(pods::attach(ov, &cni_bin, NODE, &format!("f{i}"))?.0);
     }
     wait_until(CONVERGE, "the agent to count 12 of 13 addresses", || {
         let series = [
@@ -317,6 +320,43 @@ fn fill(ov: &Overlay) -> Result<()> {
     ensure!(
         e.contains("no IP addresses available"),
         "the 14th ADD failed for another reason: {e}"
+    );
+
+    // A runtime crashes: a pod's namespace goes without a DEL. Once `twillctl ipam
+    // release --leaked` has the agent release it, its address is the one host-local
+    // hands the next pod (the only one free).
+    let crashed = &filled[3];
+    twill_tests::cmd::run(&["ip", "netns", "del", &crashed.netns])?;
+    let addr = crashed.addr.to_string();
+    wait_until(
+        CONVERGE,
+        "`twillctl ipam check` to name the leak",
+        || match ov.twillctl(&["ipam", "check"]) {
+            Ok(out)
+                if out
+                    .lines()
+                    .any(|l| l.contains(&addr) && l.contains("LEAKED")) =>
+            {
+                Check::Ready(())
+            }
+            Ok(out) => Check::NotYet(out),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        },
+    )?;
+    ov.twillctl(&["ipam", "release", "--leaked"])?;
+    let file = ipam_dir(ov, NODE).join(NETWORK).join(&addr);
+    wait_until(CONVERGE, "the leaked address released", || {
+        if file.exists() {
+            Check::NotYet(format!("{} is there", file.display()))
+        } else {
+            Check::Ready(())
+        }
+    })?;
+    let (again, _) = pods::attach(ov, &cni_bin, NODE, "f14")?;
+    ensure!(
+        again.addr == crashed.addr,
+        "the next pod got {}, not the released {addr}",
+        again.addr
     );
     Ok(())
 }

@@ -1181,25 +1181,54 @@ fn grants(n: usize, ttl_seconds: u64) -> VecDeque<Answer> {
     (0..n).map(|_| Answer::Grant { ttl_seconds }).collect()
 }
 
-#[tokio::test]
-async fn a_controller_that_dies_is_left_for_the_other_and_the_lease_and_routes_stay() {
-    let dir = tempfile::tempdir().expect("a temp dir");
+/// node-a running on two fake controllers that grant `ttl_seconds` leases: the one it
+/// took its lease from (both peers programmed through its watch, at revision 5) and
+/// the other.
+struct OnTwo {
+    first: FakeController,
+    other: FakeController,
+    memory: MemoryKernel,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+async fn on_one_of_two(dir: &std::path::Path, ttl_seconds: u64) -> OnTwo {
     let (a, b) = (FakeController::default(), FakeController::default());
     for fake in [&a, &b] {
-        fake.script.lock().acquires = grants(50, 3);
+        fake.script.lock().acquires = grants(50, ttl_seconds);
     }
-    let (agent, memory) = node_a_on(&[&a, &b], dir.path(), &[], Duration::from_secs(3600)).await;
+    let (agent, memory) = node_a_on(&[&a, &b], dir, &[], Duration::from_secs(3600)).await;
     let (stop, task) = run_loop(agent);
     until("the lease from one of them", || {
         !a.seen.lock().acquires.is_empty() || !b.seen.lock().acquires.is_empty()
     })
     .await;
     let (first, other) = if a.seen.lock().acquires.is_empty() {
-        (&b, &a)
+        (b, a)
     } else {
-        (&a, &b)
+        (a, b)
     };
-    two_peers(first, &memory, 5).await;
+    two_peers(&first, &memory, 5).await;
+    OnTwo {
+        first,
+        other,
+        memory,
+        stop,
+        task,
+    }
+}
+
+#[tokio::test]
+async fn a_controller_that_dies_is_left_for_the_other_and_the_lease_and_routes_stay() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let OnTwo {
+        first,
+        other,
+        memory,
+        stop,
+        task,
+    } = on_one_of_two(dir.path(), 3).await;
+    let (first, other) = (&first, &other);
     let env = std::fs::read_to_string(dir.path().join("subnet.env")).expect("subnet.env");
     let kernel = memory.state.lock().clone();
     assert!(
@@ -1238,22 +1267,14 @@ async fn a_controller_that_dies_is_left_for_the_other_and_the_lease_and_routes_s
 #[tokio::test]
 async fn a_replica_that_asks_the_agent_to_move_sees_its_watch_resume_on_the_other_without_a_flap() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let (a, b) = (FakeController::default(), FakeController::default());
-    for fake in [&a, &b] {
-        fake.script.lock().acquires = grants(50, 3600);
-    }
-    let (agent, memory) = node_a_on(&[&a, &b], dir.path(), &[], Duration::from_secs(3600)).await;
-    let (stop, task) = run_loop(agent);
-    until("the lease from one of them", || {
-        !a.seen.lock().acquires.is_empty() || !b.seen.lock().acquires.is_empty()
-    })
-    .await;
-    let (first, other) = if a.seen.lock().acquires.is_empty() {
-        (&b, &a)
-    } else {
-        (&a, &b)
-    };
-    two_peers(first, &memory, 5).await;
+    let OnTwo {
+        first,
+        other,
+        memory,
+        stop,
+        task,
+    } = on_one_of_two(dir.path(), 3600).await;
+    let (first, other) = (&first, &other);
     let kernel = memory.state.lock().clone();
 
     let mut meta = tonic::metadata::MetadataMap::new();
