@@ -198,14 +198,10 @@ pub fn no_answer(s: &Status) -> bool {
     )
 }
 
-/// The trailer a controller replica ends a watch with when it asks the agent to resume
-/// on another replica (it serves more than its share of the agents).
-pub const MOVE_TRAILER: &str = "x-twill-move";
-
 /// Whether `s` ends a watch that the controller asked to resume on another replica
 /// (UNAVAILABLE, so older agents fail over too).
 pub fn asked_to_move(s: &Status) -> bool {
-    s.code() == Code::Unavailable && s.metadata().contains_key(MOVE_TRAILER)
+    s.code() == Code::Unavailable && s.metadata().contains_key(twill_common::MOVE_TRAILER)
 }
 
 /// Which of `n` controller URLs to try first: one at random, so that agents spread

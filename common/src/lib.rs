@@ -14,6 +14,10 @@ pub mod tls;
 pub use netconf::NetConf;
 pub use subnet_env::SubnetEnv;
 
+/// The trailer a controller replica ends an agent's watch with to have it resume on
+/// another replica (it serves more than its share of the agents).
+pub const MOVE_TRAILER: &str = "x-twill-move";
+
 /// Parses a `humantime` duration such as `30s` or `24h`; used by every binary's flags.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s)

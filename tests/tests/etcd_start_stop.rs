@@ -259,7 +259,8 @@ async fn watch_like_an_agent(chans: Vec<Channel>, moved: Arc<AtomicUsize>) -> Re
             }
         };
         ensure!(
-            end.code() == tonic::Code::Unavailable && end.metadata().contains_key("x-twill-move"),
+            end.code() == tonic::Code::Unavailable
+                && end.metadata().contains_key(twill_common::MOVE_TRAILER),
             "the watch ended with {end:?}"
         );
         moved.fetch_add(1, Ordering::SeqCst);

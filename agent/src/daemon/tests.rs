@@ -1278,7 +1278,7 @@ async fn a_replica_that_asks_the_agent_to_move_sees_its_watch_resume_on_the_othe
     let kernel = memory.state.lock().clone();
 
     let mut meta = tonic::metadata::MetadataMap::new();
-    meta.insert(client::MOVE_TRAILER, "1".parse().expect("a value"));
+    meta.insert(twill_common::MOVE_TRAILER, "1".parse().expect("a value"));
     first.end_watch(Status::with_metadata(
         tonic::Code::Unavailable,
         "serving more than its share",

@@ -187,17 +187,13 @@ pub fn encoded(
         info!(node = %who_name, "asking the agent to move its watch to another replica");
         let mut meta = tonic::metadata::MetadataMap::new();
         meta.insert(
-            MOVE_TRAILER,
+            twill_common::MOVE_TRAILER,
             tonic::metadata::MetadataValue::from_static("1"),
         );
         Status::with_metadata(tonic::Code::Unavailable, MOVE_MESSAGE, meta)
     };
     while_valid(messages, identity.clone(), who.clone(), moved)
 }
-
-/// The trailer that tells an agent its watch ended to move to another replica (the
-/// agent's `client::MOVE_TRAILER`).
-pub const MOVE_TRAILER: &str = "x-twill-move";
 
 /// The message of the status that ends a watch asked to move to another replica.
 pub const MOVE_MESSAGE: &str =
@@ -629,7 +625,10 @@ mod tests {
                 .unwrap()
                 .unwrap_err();
             assert_eq!(end.code(), tonic::Code::Unavailable);
-            assert!(end.metadata().contains_key(MOVE_TRAILER), "{end:?}");
+            assert!(
+                end.metadata().contains_key(twill_common::MOVE_TRAILER),
+                "{end:?}"
+            );
             assert!(w.next().await.is_none(), "nothing after the status");
         }
         assert_eq!(agents.node_watchers(), 0);

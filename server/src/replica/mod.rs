@@ -35,11 +35,6 @@ pub mod forward;
 pub mod mirror;
 pub mod rebalance;
 
-/// Default TTL of a replica's etcd lease (`--leader-ttl`): how long a leader that
-/// died or froze keeps the election before another replica takes over. etcd grants no
-/// less than 1.5 election timeouts, rounded up to whole seconds: 2 s with its defaults.
-pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
-
 /// What the replica tasks share with the gRPC services and the HTTP endpoint.
 pub struct Replica {
     /// How other replicas and agents reach this one (`--advertise-url`).
