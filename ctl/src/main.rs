@@ -764,7 +764,13 @@ fn run(cli: Cli) -> Result<()> {
                     })?;
                     leases.push(a.list_all_leases(&name, "", "", 500).await?.leases);
                 }
-                let pods = a.list_pods("", "").await?;
+                let owner = twill_ctl::lookup::locate(address, &networks, &leases, &[]);
+                if owner.status != twill_ctl::lookup::Status::Free {
+                    return Ok(owner);
+                }
+                // Only the node whose subnet it is can hold it (a report of an address
+                // outside the node's subnets is refused): its pods, not every node's.
+                let pods = a.list_pods(&owner.node, &owner.network).await?;
                 Ok(twill_ctl::lookup::locate(
                     address, &networks, &leases, &pods,
                 ))
