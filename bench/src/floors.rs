@@ -9,9 +9,16 @@
 //!   message to N mutual-TLS connections, received by N simulated nodes as in the
 //!   fan-out scenario: the least a fan-out to N can cost here;
 //! - handshakes and signatures: N mutual-TLS handshakes with the nodes' certificates
-//!   and N ECDSA P-256 signatures: the least a cold start of N can cost.
+//!   and N ECDSA P-256 signatures: the least a cold start of N can cost;
+//! - a server process (this binary again, started with [`SERVE_ENV`]) that holds N
+//!   idle mutual-TLS connections and then sends each of them N leases' worth of bytes:
+//!   its RSS per connection is the least memory a connected agent can cost without
+//!   HTTP/2, and its time and CPU for the handshakes and the N² leases are the least a
+//!   join storm of N can cost (every node learns every lease).
 
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +35,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::pki::Pki;
+use crate::procstat;
 use crate::sim;
 use crate::stats::Dist;
 use crate::twill::CONNECT_PARALLEL;
@@ -38,8 +46,13 @@ const FSYNCS: usize = 200;
 const ROUNDS: usize = 20;
 const ROUND_GAP: Duration = Duration::from_millis(100);
 
+/// Set to a PKI directory, `twill-bench` is the floor server process instead (see
+/// [`serve_process`]).
+pub const SERVE_ENV: &str = "TWILL_BENCH_FLOOR_SERVER";
+
 /// The floors at N nodes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Floors {
     /// N.
     pub nodes: usize,
@@ -55,6 +68,18 @@ pub struct Floors {
     pub handshakes_s: f64,
     /// N ECDSA P-256 signatures one after another, s.
     pub signatures_s: f64,
+    /// The server process's RSS per idle mutual-TLS connection (one record sent on
+    /// each), KB: (RSS with N − RSS with none) / N.
+    pub conn_kb: f64,
+    /// Bytes of one lease event inside a watch message of many (what a storm's
+    /// merged messages carry per lease).
+    pub lease_bytes: usize,
+    /// The server process: N handshakes, s.
+    pub storm_handshakes_s: f64,
+    /// Then N leases' bytes to each of the N connections, until all received, s.
+    pub storm_transfer_s: f64,
+    /// The server process's CPU for that transfer, s.
+    pub storm_server_cpu_s: f64,
 }
 
 /// Measures the floors at `n` nodes with the nodes' certificates from `pki`.
@@ -65,6 +90,8 @@ pub async fn measure(pki: &mut Pki, n: usize) -> Result<Floors> {
     let signatures_s = signatures(n)?;
     let record = record();
     let (handshakes_s, broadcast_ms) = broadcast(pki, &names, record.clone()).await?;
+    let lease_bytes = lease_bytes();
+    let storm = process_floor(pki, &names, lease_bytes).await?;
     Ok(Floors {
         nodes: n,
         fsync_ms,
@@ -73,7 +100,170 @@ pub async fn measure(pki: &mut Pki, n: usize) -> Result<Floors> {
         broadcast_ms,
         handshakes_s,
         signatures_s,
+        conn_kb: storm.conn_kb,
+        lease_bytes,
+        storm_handshakes_s: storm.handshakes_s,
+        storm_transfer_s: storm.transfer_s,
+        storm_server_cpu_s: storm.server_cpu_s,
     })
+}
+
+/// What [`process_floor`] measured.
+struct ProcessFloor {
+    conn_kb: f64,
+    handshakes_s: f64,
+    transfer_s: f64,
+    server_cpu_s: f64,
+}
+
+/// What every connection receives first: an idle connection has written and read
+/// once, as a watch that got its snapshot.
+const FIRST_RECORD: usize = 64;
+
+/// Starts the floor server process, connects one mutual-TLS client per name, reads its
+/// RSS with none and with all connected, then has it send `lease_bytes` × N bytes to
+/// every connection and times their arrival.
+async fn process_floor(pki: &Pki, names: &[String], lease_bytes: usize) -> Result<ProcessFloor> {
+    let n = names.len();
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(SERVE_ENV, pki.path(""))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the floor server process")?;
+    let pid = child.id();
+    let mut commands = child.stdin.take().context("the floor server's stdin")?;
+    let mut replies = std::io::BufReader::new(child.stdout.take().context("its stdout")?);
+    let mut ask = |command: String| -> Result<String> {
+        writeln!(commands, "{command}")?;
+        commands.flush()?;
+        let mut line = String::new();
+        replies.read_line(&mut line)?;
+        anyhow::ensure!(!line.is_empty(), "the floor server process ended");
+        Ok(line.trim().to_string())
+    };
+    let result = async {
+        let addr: std::net::SocketAddr = ask("addr".into())?.parse()?;
+        let rss0 = procstat::rss_mb(pid).unwrap_or(f64::NAN);
+        let storm_len = lease_bytes * n;
+        let trusted = Arc::new(roots(pki)?);
+        let (got_tx, mut got_rx) = mpsc::unbounded_channel::<usize>();
+        let sem = Arc::new(Semaphore::new(CONNECT_PARALLEL));
+        let started = Instant::now();
+        let mut readers = JoinSet::new();
+        for name in names {
+            let connector = TlsConnector::from(client_tls(pki, &trusted, name)?);
+            let sem = sem.clone();
+            let got = got_tx.clone();
+            readers.spawn(async move {
+                let mut tls = {
+                    let _permit = sem.acquire_owned().await?;
+                    let tcp = TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    connector
+                        .connect(ServerName::try_from("localhost")?, tcp)
+                        .await?
+                };
+                let mut buf = vec![0u8; 16 * 1024];
+                for (phase, mut left) in [FIRST_RECORD, storm_len].into_iter().enumerate() {
+                    while left > 0 {
+                        let want = left.min(buf.len());
+                        let got = tls.read(&mut buf[..want]).await?;
+                        anyhow::ensure!(got > 0, "the floor server closed a connection");
+                        left -= got;
+                    }
+                    let _ = got.send(phase);
+                }
+                // Held open until the end, as a watch is.
+                let _ = tls.read(&mut buf).await;
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut connected = 0;
+        while connected < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            connected = ask("connections".into())?.parse()?;
+        }
+        let handshakes_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(connected == n, "{connected} of {n} connections after 120 s");
+        ask(format!("send {FIRST_RECORD}"))?;
+        all_received(&mut got_rx, n, 0).await?;
+        // Memory freed after the handshakes leaves the RSS lazily: give it a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_n = procstat::rss_mb(pid).unwrap_or(f64::NAN);
+        let cpu0 = procstat::cpu(pid).unwrap_or_default();
+        let sent = Instant::now();
+        ask(format!("send {storm_len}"))?;
+        all_received(&mut got_rx, n, 1).await?;
+        let transfer_s = sent.elapsed().as_secs_f64();
+        let server_cpu_s = (procstat::cpu(pid).unwrap_or_default() - cpu0).as_secs_f64();
+        readers.abort_all();
+        Ok(ProcessFloor {
+            conn_kb: (rss_n - rss0) * 1024.0 / n as f64,
+            handshakes_s,
+            transfer_s,
+            server_cpu_s,
+        })
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// Waits until `n` readers said they received all of `phase`.
+async fn all_received(
+    rx: &mut mpsc::UnboundedReceiver<usize>,
+    n: usize,
+    phase: usize,
+) -> Result<()> {
+    let mut left = n;
+    while left > 0 {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some(p)) if p == phase => left -= 1,
+            Ok(Some(_)) => {}
+            _ => anyhow::bail!("{left} of {n} connections did not receive phase {phase}"),
+        }
+    }
+    Ok(())
+}
+
+/// The floor server process: a minimal tokio + rustls server (two worker threads, as
+/// the machine has two cores) with the controller's certificate from the PKI directory
+/// `dir`, node certificates required. It answers one line per command line on stdin:
+/// `addr` (its address), `connections` (handshakes done), `send N` (N bytes queued to
+/// every connection; `ok`). It ends with its stdin.
+pub fn serve_process(dir: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = server_config(
+        &std::fs::read_to_string(dir.join("server.crt"))?,
+        &std::fs::read_to_string(dir.join("server.key"))?,
+        &std::fs::read_to_string(dir.join("ca.crt"))?,
+    )?;
+    let (tx, _) = broadcast::channel::<Bytes>(4);
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    rt.spawn(serve(listener, TlsAcceptor::from(server), tx.clone()));
+    let mut out = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let reply = match line.split_once(' ') {
+            None if line == "addr" => addr.to_string(),
+            None if line == "connections" => tx.receiver_count().to_string(),
+            Some(("send", n)) => {
+                let _ = tx.send(Bytes::from(vec![0u8; n.parse()?]));
+                "ok".into()
+            }
+            _ => anyhow::bail!("unknown floor server command {line:?}"),
+        };
+        writeln!(out, "{reply}")?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// [`FSYNCS`] writes of 128 bytes, each made durable, in `dir`.
@@ -111,6 +301,26 @@ fn signatures(n: usize) -> Result<f64> {
 /// What a watcher receives for one new lease: a `WatchResponse` of one event as a gRPC
 /// message in an HTTP/2 DATA frame.
 fn record() -> Bytes {
+    const HTTP2_FRAME: usize = 9;
+    const GRPC_PREFIX: usize = 5;
+    Bytes::from(vec![
+        0u8;
+        HTTP2_FRAME + GRPC_PREFIX + one_lease().encoded_len()
+    ])
+}
+
+/// What one more lease adds to a watch message.
+fn lease_bytes() -> usize {
+    let one = one_lease();
+    let none = twill_proto::WatchResponse {
+        events: vec![],
+        ..one.clone()
+    };
+    one.encoded_len() - none.encoded_len()
+}
+
+/// A watch message of one new lease.
+fn one_lease() -> twill_proto::WatchResponse {
     let i = 0;
     let lease = twill_proto::Lease {
         node_name: sim::joiner_name(i),
@@ -123,7 +333,7 @@ fn record() -> Bytes {
         vni: 1,
         ..Default::default()
     };
-    let msg = twill_proto::WatchResponse {
+    twill_proto::WatchResponse {
         events: vec![twill_proto::LeaseEvent {
             r#type: twill_proto::lease_event::Type::Put as i32,
             revision: 5_001,
@@ -132,10 +342,7 @@ fn record() -> Bytes {
         revision: 5_001,
         epoch: "0123456789abcdef".into(),
         ..Default::default()
-    };
-    const HTTP2_FRAME: usize = 9;
-    const GRPC_PREFIX: usize = 5;
-    Bytes::from(vec![0u8; HTTP2_FRAME + GRPC_PREFIX + msg.encoded_len()])
+    }
 }
 
 /// Connects one mutual-TLS client per name to a minimal server, then has the server
@@ -266,8 +473,12 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn roots(pki: &Pki) -> Result<rustls::RootCertStore> {
+    roots_of(&pki.ca_pem)
+}
+
+fn roots_of(ca_pem: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&pki.ca_pem)? {
+    for c in certs(ca_pem)? {
         roots.add(c)?;
     }
     Ok(roots)
@@ -275,21 +486,24 @@ fn roots(pki: &Pki) -> Result<rustls::RootCertStore> {
 
 /// The server side: the controller's certificate, node certificates required.
 fn server_tls(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
-    let cert = std::fs::read_to_string(pki.path("server.crt"))?;
-    let key = std::fs::read_to_string(pki.path("server.key"))?;
+    server_config(
+        &std::fs::read_to_string(pki.path("server.crt"))?,
+        &std::fs::read_to_string(pki.path("server.key"))?,
+        &pki.ca_pem,
+    )
+}
+
+fn server_config(cert: &str, key: &str, ca_pem: &str) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(pki)?.into(),
+        roots_of(ca_pem)?.into(),
         provider.clone(),
     )
     .build()?;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(&cert)?,
-            PrivateKeyDer::from_pem_slice(key.as_bytes())?,
-        )?;
+        .with_single_cert(certs(cert)?, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?;
     Ok(Arc::new(config))
 }
 
@@ -319,5 +533,10 @@ mod tests {
     fn the_record_is_a_one_lease_watch_message_as_framed() {
         let r = record();
         assert!((100..300).contains(&r.len()), "{} bytes", r.len());
+        assert!(
+            (60..r.len() - 14).contains(&lease_bytes()),
+            "{}",
+            lease_bytes()
+        );
     }
 }

@@ -1125,6 +1125,9 @@ async fn run(mut o: Opts) -> Result<Results> {
                     50 * floors.rounds
                 );
             }
+            if !(floors.conn_kb.is_finite() && floors.storm_transfer_s > 0.0) {
+                bail!("smoke: the server process floor measured nothing: {floors:?}");
+            }
             res.floors = vec![floors];
         }
         Scenario::Dataplane | Scenario::Floors | Scenario::CniAdd | Scenario::Report => {
@@ -1192,6 +1195,9 @@ fn target_dir() -> PathBuf {
 }
 
 fn main() -> Result<()> {
+    if let Some(dir) = std::env::var_os(floors::SERVE_ENV) {
+        return floors::serve_process(std::path::Path::new(&dir));
+    }
     let o = Opts::parse();
     if o.scenario == Scenario::Report {
         let from = o.from.clone().context("report needs --from results.json")?;

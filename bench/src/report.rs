@@ -306,11 +306,38 @@ fn floors_table(s: &mut String, fl: &crate::floors::Floors, res: &Results) {
         "| {n} ECDSA P-256 signatures, s | {} |",
         f(fl.signatures_s, 3)
     );
-    let fanout = res
+    if fl.storm_transfer_s > 0.0 {
+        let _ = writeln!(
+            s,
+            "| a minimal mutual-TLS server process holding {n} connections: RSS per connection, KB | {} |",
+            f(fl.conn_kb, 1)
+        );
+        let _ = writeln!(
+            s,
+            "| the same process sends every connection {n} leases ({} bytes each, {} MB in all) once the {n} handshakes ({} s) are done: until all received, s (its CPU, s) | {} ({}) |",
+            fl.lease_bytes,
+            f((fl.lease_bytes * n * n) as f64 / 1e6, 0),
+            f(fl.storm_handshakes_s, 2),
+            f(fl.storm_transfer_s, 2),
+            f(fl.storm_server_cpu_s, 2)
+        );
+    }
+    let twill = res
         .rows
         .iter()
         .find(|r| r.nodes == n)
-        .and_then(|r| r.twill.as_ref())
+        .and_then(|r| r.twill.as_ref());
+    if let Some(t) = twill.filter(|t| t.median.converged_runs > 0 && fl.storm_transfer_s > 0.0) {
+        let _ = writeln!(
+            s,
+            "| Twill's join storm of {n}, s (controller CPU, s), and their ratios to the transfer floor's | {} ({}), {}× ({}×) |",
+            f(t.median.storm_s, 2),
+            f(t.median.storm_cpu_s, 2),
+            f(t.median.storm_s / fl.storm_transfer_s, 2),
+            f(t.median.storm_cpu_s / fl.storm_server_cpu_s, 2)
+        );
+    }
+    let fanout = twill
         .map(|t| t.median.fanout_from_send_ms)
         .filter(|d| d.count > 0);
     if let Some(d) = fanout {
