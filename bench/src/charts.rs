@@ -1,6 +1,6 @@
 //! The join storm / fan-out rows as SVG charts against N, Twill beside flannel's etcd
-//! mode: join storm time, fan-out p99 (from the joiner's request send) and server peak
-//! RSS. Drawn with plotters' SVG backend alone: text is written as SVG `<text>` and
+//! mode: join storm time (with Twill's cold start where it ran), fan-out p99 (from the
+//! joiner's request send) and server peak RSS; and the replicas' failover against N. Drawn with plotters' SVG backend alone: text is written as SVG `<text>` and
 //! laid out by whatever shows the file, so no font library is needed to draw it.
 
 use std::path::{Path, PathBuf};
@@ -50,6 +50,9 @@ struct Spec {
 
 const TWILL: RGBColor = RGBColor(31, 119, 180);
 const ETCD: RGBColor = RGBColor(214, 39, 40);
+const GREEN: RGBColor = RGBColor(44, 160, 44);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const PURPLE: RGBColor = RGBColor(148, 103, 189);
 const FONT: &str = "sans-serif";
 
 fn storm_value(r: &SystemRuns) -> Value {
@@ -118,6 +121,76 @@ fn series(rows: &[Row], value: fn(&SystemRuns) -> Value) -> Vec<Series> {
     out
 }
 
+/// Twill's cold starts (bootstrap, then join), as the join storm chart's third line.
+fn cold_start_series(res: &Results) -> Option<Series> {
+    let points: Vec<_> = res
+        .cold_start
+        .iter()
+        .map(|row| {
+            let m = &row.median;
+            let v = if m.converged_runs > 0 && m.converge_s.is_finite() {
+                Value::At(m.converge_s, None)
+            } else {
+                Value::Beyond(
+                    m.deadline_s,
+                    format!("not converged in {:.0} s", m.deadline_s),
+                )
+            };
+            (row.nodes, v)
+        })
+        .collect();
+    (!points.is_empty()).then_some(Series {
+        name: "Twill cold start (bootstrap, then join)",
+        color: GREEN,
+        below: false,
+        points,
+    })
+}
+
+/// The leader crashes under N nodes: one line per figure, medians over the kills.
+fn failover_spec(res: &Results) -> Option<Spec> {
+    let rows: Vec<_> = res.ha.iter().filter(|r| r.failover.kills > 0).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let line = |name, color, below, value: fn(&crate::ha::FailoverSummary) -> f64| Series {
+        name,
+        color,
+        below,
+        points: rows
+            .iter()
+            .map(|r| {
+                let v = value(&r.failover);
+                let v = if v.is_finite() {
+                    Value::At(v, None)
+                } else {
+                    Value::Missing("not measured".into())
+                };
+                (r.nodes, v)
+            })
+            .collect(),
+    };
+    Some(Spec {
+        file: "failover.svg",
+        title: format!(
+            "Leader SIGKILLed under N nodes ({} replicas on etcd), median of the kills",
+            rows[0].replicas
+        ),
+        y_label: "seconds after the kill (log scale)",
+        log_y: true,
+        series: vec![
+            line("new leader", TWILL, true, |f| f.new_leader_s),
+            line("first lease granted", ORANGE, false, |f| f.first_grant_s),
+            line("every watch of the dead replica moved", GREEN, true, |f| {
+                f.all_moved_s
+            }),
+            line("restarted replica back to its share", PURPLE, false, |f| {
+                f.rebalanced_s
+            }),
+        ],
+    })
+}
+
 fn specs(res: &Results) -> Vec<Spec> {
     let rows = &res.rows;
     let fan_ran = rows.iter().any(|r| {
@@ -142,7 +215,10 @@ fn specs(res: &Results) -> Vec<Spec> {
         },
         y_label: "seconds (log scale)",
         log_y: true,
-        series: series(rows, storm_value),
+        series: series(rows, storm_value)
+            .into_iter()
+            .chain(cold_start_series(res))
+            .collect(),
     }];
     if fan_ran {
         out.push(Spec {
@@ -162,6 +238,7 @@ fn specs(res: &Results) -> Vec<Spec> {
         log_y: false,
         series: series(rows, rss_value),
     });
+    out.extend(failover_spec(res));
     out
 }
 
@@ -367,10 +444,10 @@ fn draw(spec: &Spec, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the charts of `res`'s join storm / fan-out rows into `dir` (made if needed);
-/// nothing when there are no rows.
+/// Writes the charts of `res`'s join storm / fan-out rows, cold starts and failovers
+/// into `dir` (made if needed); nothing when it has none of them.
 pub fn write(res: &Results, dir: &Path) -> Result<Vec<Chart>> {
-    if res.rows.is_empty() {
+    if res.rows.is_empty() && res.cold_start.is_empty() && res.ha.is_empty() {
         return Ok(Vec::new());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
@@ -496,6 +573,60 @@ mod tests {
         assert!(fan.contains("from its request send"), "{fan}");
         assert!(fan.contains("no join delivered"), "{fan}");
         assert!(svg("memory.svg").contains("991"));
+    }
+
+    #[test]
+    fn cold_starts_join_the_storm_chart_and_failovers_have_their_own() {
+        let res = Results {
+            cold_start: vec![crate::ColdStartRow {
+                nodes: 5000,
+                median: crate::coldstart::ColdStartSummary {
+                    runs: 1,
+                    converged_runs: 1,
+                    converge_s: 85.3,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ha: vec![crate::ha::HaRow {
+                nodes: 5000,
+                replicas: 3,
+                failover: crate::ha::FailoverSummary {
+                    kills: 5,
+                    new_leader_s: 2.23,
+                    first_grant_s: 2.31,
+                    all_moved_s: 1.35,
+                    rebalanced_s: f64::NAN,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let charts = write(&res, dir.path()).expect("charts drawn");
+        let names: Vec<_> = charts
+            .iter()
+            .map(|c| c.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["join-storm.svg", "failover.svg"]);
+        let svg = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("svg");
+        let storm = svg("join-storm.svg");
+        assert!(
+            storm.contains("cold start") && storm.contains("85"),
+            "{storm}"
+        );
+        let failover = svg("failover.svg");
+        for text in [
+            "3 replicas",
+            "new leader",
+            "2.2",
+            "first lease granted",
+            "1.4",
+        ] {
+            assert!(failover.contains(text), "{text} missing from\n{failover}");
+        }
+        assert!(failover.contains("not measured"), "{failover}");
     }
 
     #[test]

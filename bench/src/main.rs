@@ -1246,7 +1246,7 @@ fn write_outputs(o: &Opts, res: &Results) -> Result<()> {
                 eprintln!("chart: {}", c.path.display());
             }
             if charts.is_empty() {
-                eprintln!("no charts: no join storm / fan-out rows");
+                eprintln!("no charts: no join storm / fan-out rows, cold starts or failovers");
             }
             charts
         }
