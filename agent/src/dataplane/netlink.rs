@@ -30,7 +30,8 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteProtocol,
+    RouteScope, RouteType,
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -110,18 +111,22 @@ fn is_link_local(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
+/// The first of `$attrs` that matches `$pat` and for which `$out` is `Some`.
+macro_rules! find_attr {
+    ($attrs:expr, $pat:pat => $out:expr) => {
+        $attrs.iter().find_map(|a| match a {
+            $pat => $out,
+            _ => None,
+        })
+    };
+}
+
 fn link_name(link: &LinkMessage) -> Option<&str> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.as_str()),
-        _ => None,
-    })
+    find_attr!(link.attributes, LinkAttribute::IfName(n) => Some(n.as_str()))
 }
 
 fn link_mtu(link: &LinkMessage) -> Option<u32> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Mtu(m) => Some(*m),
-        _ => None,
-    })
+    find_attr!(link.attributes, LinkAttribute::Mtu(m) => Some(*m))
 }
 
 fn mac_from(bytes: &[u8]) -> Option<Mac> {
@@ -129,19 +134,11 @@ fn mac_from(bytes: &[u8]) -> Option<Mac> {
 }
 
 fn link_mac(link: &LinkMessage) -> Option<Mac> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(b) => mac_from(b),
-        _ => None,
-    })
+    find_attr!(link.attributes, LinkAttribute::Address(b) => mac_from(b))
 }
 
 fn link_infos(link: &LinkMessage) -> &[LinkInfo] {
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::LinkInfo(infos) => Some(infos.as_slice()),
-            _ => None,
-        })
+    find_attr!(link.attributes, LinkAttribute::LinkInfo(infos) => Some(infos.as_slice()))
         .unwrap_or(&[])
 }
 
@@ -194,49 +191,24 @@ fn incompatibility(link: &LinkMessage, spec: &VxlanSpec) -> Option<String> {
     let Some(seen) = vxlan_seen(link) else {
         return Some("it is not a vxlan device".into());
     };
-    let show = |v: Option<String>| v.unwrap_or_else(|| "none".into());
-    if seen.vni != Some(spec.vni) {
-        return Some(format!(
-            "id {} instead of {}",
-            show(seen.vni.map(|v| v.to_string())),
-            spec.vni
-        ));
+    fn differs<T: Copy + PartialEq + std::fmt::Display>(
+        what: &str,
+        seen: Option<T>,
+        want: T,
+    ) -> Option<String> {
+        let shown = || seen.map_or_else(|| "none".into(), |v| v.to_string());
+        (seen != Some(want)).then(|| format!("{what} {} instead of {want}", shown()))
     }
-    if seen.local != Some(spec.local) {
-        return Some(format!(
-            "local {} instead of {}",
-            show(seen.local.map(|v| v.to_string())),
-            spec.local
-        ));
-    }
-    if seen.port != Some(spec.port) {
-        return Some(format!(
-            "dstport {} instead of {}",
-            show(seen.port.map(|v| v.to_string())),
-            spec.port
-        ));
-    }
-    if seen.dev != Some(spec.underlay_index) {
-        return Some(format!(
-            "underlying device index {} instead of {}",
-            show(seen.dev.map(|v| v.to_string())),
-            spec.underlay_index
-        ));
-    }
-    if seen.gbp != spec.gbp {
-        return Some(format!("gbp {} instead of {}", seen.gbp, spec.gbp));
-    }
-    None
+    differs("id", seen.vni, spec.vni)
+        .or_else(|| differs("local", seen.local, spec.local))
+        .or_else(|| differs("dstport", seen.port, spec.port))
+        .or_else(|| differs("underlying device index", seen.dev, spec.underlay_index))
+        .or_else(|| differs("gbp", Some(seen.gbp), spec.gbp))
 }
 
 /// The table of a dumped route (`RTA_TABLE` wins over the 8-bit header field).
 fn route_table(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
+    find_attr!(r.attributes, RouteAttribute::Table(t) => Some(*t))
         .unwrap_or(u32::from(r.header.table))
 }
 
@@ -321,15 +293,8 @@ fn fdb_del_message(dev: &Device, mac: Mac, dst: IpAddr) -> NeighbourMessage {
 /// The address of a dumped address message (`IFA_LOCAL`, else `IFA_ADDRESS`: IPv6
 /// addresses carry only the latter but on point-to-point links).
 fn address_ip(a: &AddressMessage) -> Option<IpAddr> {
-    let pick = |local: bool| {
-        a.attributes.iter().find_map(|attr| match (attr, local) {
-            (AddressAttribute::Local(ip), true) | (AddressAttribute::Address(ip), false) => {
-                Some(*ip)
-            }
-            _ => None,
-        })
-    };
-    pick(true).or_else(|| pick(false))
+    find_attr!(a.attributes, AddressAttribute::Local(ip) => Some(*ip))
+        .or_else(|| find_attr!(a.attributes, AddressAttribute::Address(ip) => Some(*ip)))
 }
 
 /// A dumped neighbour or FDB destination (`NDA_DST`); FDB dumps (AF_BRIDGE) carry it
@@ -348,36 +313,18 @@ fn neighbour_dst(n: &NeighbourMessage) -> Option<IpAddr> {
 }
 
 fn neighbour_mac(n: &NeighbourMessage) -> Option<Mac> {
-    n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::LinkLayerAddress(b) => mac_from(b),
-        _ => None,
-    })
+    find_attr!(n.attributes, NeighbourAttribute::LinkLayerAddress(b) => mac_from(b))
 }
 
 /// The output interface of a route: `RTA_OIF`, else the first next hop's.
 fn route_oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        })
-        .or_else(|| {
-            r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
-                _ => None,
-            })
-        })
+    let first_hop = |hops: &[RouteNextHop]| hops.first().map(|h| h.interface_index);
+    find_attr!(r.attributes, RouteAttribute::Oif(i) => Some(*i))
+        .or_else(|| find_attr!(r.attributes, RouteAttribute::MultiPath(hops) => first_hop(hops)))
 }
 
 fn route_metric(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Priority(p) => Some(*p),
-            _ => None,
-        })
-        .unwrap_or(0)
+    find_attr!(r.attributes, RouteAttribute::Priority(p) => Some(*p)).unwrap_or(0)
 }
 
 impl Netlink {
@@ -421,16 +368,16 @@ impl Netlink {
 
     /// Maps a failed request to an error whose op is `op(device name)`; with
     /// `deleting`, "already gone" answers are success.
-    async fn check(
+    async fn check<T: Default>(
         &self,
-        result: Result<(), rtnetlink::Error>,
+        result: Result<T, rtnetlink::Error>,
         index: u32,
         deleting: bool,
         op: impl FnOnce(&str) -> String,
-    ) -> Result<(), DataPlaneError> {
+    ) -> Result<T, DataPlaneError> {
         match result {
-            Ok(()) => Ok(()),
-            Err(e) if deleting && already_gone(&e) => Ok(()),
+            Ok(t) => Ok(t),
+            Err(e) if deleting && already_gone(&e) => Ok(T::default()),
             Err(e) => Err(netlink_err(op(&self.dev_name(index).await), e)),
         }
     }
@@ -448,6 +395,15 @@ impl Netlink {
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(netlink_err(format!("ip link show {name}"), e)),
         }
+    }
+
+    /// `ip link del NAME`.
+    async fn del_link(&self, link: &LinkMessage, name: &str) -> Result<(), DataPlaneError> {
+        let result = self.handle.link().del(link.header.index).execute().await;
+        self.check(result, link.header.index, true, |_| {
+            format!("ip link del {name}")
+        })
+        .await
     }
 
     /// `ip link show`: every link.
@@ -539,16 +495,14 @@ impl Netlink {
         req.message_mut()
             .attributes
             .push(NeighbourAttribute::IfIndex(dev.index));
-        let neighbours: Vec<NeighbourMessage> = match req.execute().try_collect().await {
-            Ok(n) => n,
-            Err(e) => {
-                let name = self.dev_name(dev.index).await;
-                return Err(netlink_err(
-                    format!("ip {} neigh show dev {name}", ip_flag(family)),
-                    e,
-                ));
-            }
-        };
+        let neighbours: Vec<NeighbourMessage> = self
+            .check(
+                req.execute().try_collect().await,
+                dev.index,
+                false,
+                |name| format!("ip {} neigh show dev {name}", ip_flag(family)),
+            )
+            .await?;
         for n in neighbours {
             if n.header.ifindex != dev.index
                 || n.header.family != af
@@ -569,13 +523,14 @@ impl Netlink {
         // Under strict checking the kernel dumps only this device's FDB; otherwise it
         // dumps every device's and the filter below does the work.
         req.message_mut().header.ifindex = dev.index;
-        let fdb: Vec<NeighbourMessage> = match req.execute().try_collect().await {
-            Ok(n) => n,
-            Err(e) => {
-                let name = self.dev_name(dev.index).await;
-                return Err(netlink_err(format!("bridge fdb show dev {name}"), e));
-            }
-        };
+        let fdb: Vec<NeighbourMessage> = self
+            .check(
+                req.execute().try_collect().await,
+                dev.index,
+                false,
+                |name| format!("bridge fdb show dev {name}"),
+            )
+            .await?;
         for n in fdb {
             if n.header.ifindex != dev.index || n.header.family != AddressFamily::Bridge {
                 continue;
@@ -802,11 +757,7 @@ impl DataPlane for Netlink {
                 None => Some(link),
                 Some(why) => {
                     tracing::warn!(device = %spec.name, reason = %why, "existing device does not match the backend config; recreating it (its MAC changes)");
-                    let result = self.handle.link().del(link.header.index).execute().await;
-                    self.check(result, link.header.index, true, |_| {
-                        format!("ip link del {}", spec.name)
-                    })
-                    .await?;
+                    self.del_link(&link, &spec.name).await?;
                     None
                 }
             },
@@ -863,14 +814,10 @@ impl DataPlane for Netlink {
     }
 
     async fn delete_device(&self, name: &str) -> Result<(), DataPlaneError> {
-        let Some(link) = self.link_by_name(name).await? else {
-            return Ok(());
-        };
-        let result = self.handle.link().del(link.header.index).execute().await;
-        self.check(result, link.header.index, true, |_| {
-            format!("ip link del {name}")
-        })
-        .await
+        match self.link_by_name(name).await? {
+            Some(link) => self.del_link(&link, name).await,
+            None => Ok(()),
+        }
     }
 
     /// `ip addr replace ADDR/32 dev flannel.1` and `ip addr del OTHER dev flannel.1`
