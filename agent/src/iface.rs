@@ -60,7 +60,8 @@ pub fn select6(
     }
 }
 
-fn select_family(
+/// Picks the interface and address of `family`, as [`select`] and [`select6`] do.
+pub fn select_family(
     sel: &Selection,
     family: Family,
     interfaces: &[Underlay],

@@ -140,19 +140,8 @@ pub async fn run(args: Args) -> Result<()> {
     // the networks' configurations are in, and with `*` networks come later.
     let mut underlays = Underlays::default();
     for family in [Family::V4, Family::V6] {
-        let picked = match family {
-            Family::V4 => {
-                let default = dp.default_route_interface().await.ok();
-                iface::select(&selection, &interfaces, default.as_ref())
-                    .map(|(u, ip)| (u, IpAddr::from(ip)))
-            }
-            Family::V6 => {
-                let default = dp.default_route_interface_v6().await.ok();
-                iface::select6(&selection, &interfaces, default.as_ref())
-                    .map(|(u, ip)| (u, IpAddr::from(ip)))
-            }
-        };
-        match picked {
+        let default = dp.default_route_of(family).await.ok();
+        match iface::select_family(&selection, family, &interfaces, default.as_ref()) {
             Ok(p) => *underlays.found.slot(family) = Some(p),
             Err(e) => *underlays.missing.slot(family) = Some(e.to_string()),
         }
@@ -440,10 +429,7 @@ impl Agent {
                             self.follow(&mut watch);
                         }
                         Err((network, s)) => {
-                            if no_answer(&s) {
-                                self.stats.no_contact(now_unix());
-                                self.fail_over();
-                            }
+                            self.unanswered(&s);
                             let what = network.as_ref().map_or_else(|| "the list of networks".to_string(), |n| format!("the configuration of network {n}"));
                             if self.wanted.fatal(network.as_ref().unwrap_or(&NetworkName::default_network()), &s) {
                                 bail!("the controller refused {what}: {}: {}", s.code(), s.message());
@@ -484,10 +470,7 @@ impl Agent {
                             self.pods.resend();
                         }
                         Err(s) => {
-                            if no_answer(&s) {
-                                self.stats.no_contact(now_unix());
-                                self.fail_over();
-                            }
+                            self.unanswered(&s);
                             let wait = watch.open_failed(no_answer(&s), self.creds.replicas());
                             warn!(code = %s.code(), error = %s.message(), retry_in = ?wait, "cannot open the lease watch");
                         }
@@ -607,15 +590,29 @@ impl Agent {
         }
     }
 
+    /// A call failed with `s`: when the controller did not answer, contact is lost and
+    /// new calls move on.
+    fn unanswered(&mut self, s: &Status) {
+        if no_answer(s) {
+            self.stats.no_contact(now_unix());
+            self.fail_over();
+        }
+    }
+
     /// Moves new calls to another controller URL, if there is more than one: the one
     /// in use did not answer. An open watch stays where it is until it breaks.
     fn fail_over(&mut self) {
         let from = self.creds.url().to_string();
         if let Some(channel) = self.creds.fail_over() {
             info!(from = %from, to = %self.creds.url(), "moving to the next controller");
-            self.api = client::agent_client(channel.clone());
-            self.channel = channel;
+            self.use_channel(channel);
         }
+    }
+
+    /// New calls go over `channel`.
+    fn use_channel(&mut self, channel: Channel) {
+        self.api = client::agent_client(channel.clone());
+        self.channel = channel;
     }
 
     /// Moves new calls to a new channel when the TLS files changed and are usable;
@@ -630,8 +627,7 @@ impl Agent {
                     serial = info.map_or("", |i| i.serial.as_str()),
                     "TLS files changed; new connections to the controller use them"
                 );
-                self.api = client::agent_client(channel.clone());
-                self.channel = channel;
+                self.use_channel(channel);
                 true
             }
             Ok(None) => false,
@@ -815,10 +811,7 @@ impl Agent {
                 self.on_lease(network, resp).await
             }
             Err(s) => {
-                if no_answer(&s) {
-                    self.stats.no_contact(now_unix());
-                    self.fail_over();
-                }
+                self.unanswered(&s);
                 // A network the node is in that stops admitting it (its "Nodes" changed)
                 // or is no longer served: left once its lease ends, as with `*`. Ending
                 // the agent here would stop the renewals of every other network, the
@@ -1000,20 +993,15 @@ impl Agent {
                 mtu: Some(m.mtu),
                 ipmasq: Some(self.args.ip_masq),
             };
-            let network_file = self.network_file(network);
+            let (file, network_file) = (self.env_file(network), self.network_file(network));
             if network.is_default() {
-                env.write(&self.args.subnet_file)?;
+                env.write(&file)?;
             }
             env.write(&network_file)?;
             self.kernel.address(network, &lease).await?;
             self.kernel
                 .masquerade(network, &m.conf, self.args.ip_masq, Some(&lease))
                 .await;
-            let file = if network.is_default() {
-                &self.args.subnet_file
-            } else {
-                &network_file
-            };
             info!(network = %network, node = %self.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, revision = wire.revision, file = %file.display(), network_file = %network_file.display(), "lease held; env file written");
         }
         self.stats
@@ -1033,19 +1021,23 @@ impl Agent {
         subnet_env::network_file(&self.args.subnet_dir, network)
     }
 
-    /// The subnets of the env file a previous run left for `network` (--subnet-file
-    /// for `default`), when they belong to the network (ones left by another network,
-    /// e.g. a rebuilt cluster, are no claim here).
+    /// The env file twill-cni reads for `network`: --subnet-file for `default`.
+    fn env_file(&self, network: &NetworkName) -> PathBuf {
+        if network.is_default() {
+            self.args.subnet_file.clone()
+        } else {
+            self.network_file(network)
+        }
+    }
+
+    /// The subnets of the env file a previous run left for `network`, when they belong
+    /// to the network (ones left by another network, e.g. a rebuilt cluster, are no
+    /// claim here).
     fn previous_subnets(&self, network: &NetworkName) -> PerFamily<IpNet> {
         let Some(m) = self.networks.get(network) else {
             return PerFamily::default();
         };
-        let file = if network.is_default() {
-            self.args.subnet_file.clone()
-        } else {
-            self.network_file(network)
-        };
-        let previous = match SubnetEnv::read(&file) {
+        let previous = match SubnetEnv::read(&self.env_file(network)) {
             Ok(env) => env.unwrap_or_default(),
             Err(e) => {
                 warn!(network = %network, error = %e, "ignoring an unreadable env file");

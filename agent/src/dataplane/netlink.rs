@@ -596,7 +596,8 @@ impl Netlink {
         self.default_route_of(Family::V6).await
     }
 
-    async fn default_route_of(&self, family: Family) -> Result<Underlay, DataPlaneError> {
+    /// The interface of the default route of `family`, as the two above.
+    pub async fn default_route_of(&self, family: Family) -> Result<Underlay, DataPlaneError> {
         let public_flag = match family {
             Family::V4 => "--public-ip",
             Family::V6 => "--public-ipv6",
