@@ -285,7 +285,7 @@ async fn apply_device_diff(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::net::IpAddr;
     use std::sync::Mutex;
 
@@ -297,9 +297,9 @@ pub(crate) mod tests {
     /// An in-memory kernel: what the reconciler's logic is tested against. It holds
     /// both families' entries, as one kernel does, and reads one family at a time.
     #[derive(Default)]
-    pub struct FakeKernel {
-        pub state: Mutex<KernelState>,
-        pub ops: Mutex<Vec<String>>,
+    struct FakeKernel {
+        state: Mutex<KernelState>,
+        ops: Mutex<Vec<String>>,
     }
 
     impl FakeKernel {
@@ -409,38 +409,58 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn dev() -> Device {
+    /// A run against `k` that could read the kernel.
+    async fn run(
+        k: &FakeKernel,
+        dev: Option<&Device>,
+        family: Family,
+        want: &KernelState,
+    ) -> Report {
+        reconcile(k, dev, family, want).await.unwrap()
+    }
+
+    fn dev() -> Device {
         Device {
             index: 7,
             mac: Mac([0x0a, 0, 0, 0, 0, 1]),
         }
     }
 
-    fn topo(direct: bool) -> Topology {
+    /// The node's side of one family: `device` over eth0's `addr`.
+    fn topo_of(device: Device, addr: &str, direct: bool) -> Topology {
         Topology {
-            device: Some(dev()),
+            device: Some(device),
             underlay: Underlay {
                 index: 2,
                 name: "eth0".into(),
-                addr: "192.0.2.1/24".parse().unwrap(),
+                addr: addr.parse().unwrap(),
                 mtu: 1500,
             },
             direct_routing: direct,
         }
     }
 
-    fn peer(n: u8, public: &str) -> (String, Peer) {
+    fn topo(direct: bool) -> Topology {
+        topo_of(dev(), "192.0.2.1/24", direct)
+    }
+
+    /// Peer `node-N` with `subnet` and a VTEP MAC ending in `mac`, N.
+    fn peer_of(n: u8, subnet: String, public: &str, mac: u8) -> (String, Peer) {
         (
             format!("node-{n}"),
             Peer {
-                subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+                subnet: subnet.parse().unwrap(),
                 public_ip: public.parse().unwrap(),
-                vtep_mac: Some(Mac([0x0a, 0, 0, 0, 1, n])),
+                vtep_mac: Some(Mac([0x0a, 0, 0, 0, mac, n])),
             },
         )
     }
 
-    pub fn dev6() -> Device {
+    fn peer(n: u8, public: &str) -> (String, Peer) {
+        peer_of(n, format!("10.244.{n}.0/24"), public, 1)
+    }
+
+    fn dev6() -> Device {
         Device {
             index: 8,
             mac: Mac([0x0a, 0, 0, 0, 0, 2]),
@@ -449,27 +469,11 @@ pub(crate) mod tests {
 
     /// The IPv6 side of the same node: `flannel-v6.1` over eth0's 2001:db8:1::1/64.
     fn topo6(direct: bool) -> Topology {
-        Topology {
-            device: Some(dev6()),
-            underlay: Underlay {
-                index: 2,
-                name: "eth0".into(),
-                addr: "2001:db8:1::1/64".parse().unwrap(),
-                mtu: 1500,
-            },
-            direct_routing: direct,
-        }
+        topo_of(dev6(), "2001:db8:1::1/64", direct)
     }
 
     fn peer6(n: u8, public: &str) -> (String, Peer) {
-        (
-            format!("node-{n}"),
-            Peer {
-                subnet: format!("fd00:10:244:{n}::/64").parse().unwrap(),
-                public_ip: public.parse().unwrap(),
-                vtep_mac: Some(Mac([0x0a, 0, 0, 0, 6, n])),
-            },
-        )
+        peer_of(n, format!("fd00:10:244:{n}::/64"), public, 6)
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -494,14 +498,13 @@ pub(crate) mod tests {
     async fn programs_then_changes_only_the_difference() {
         let k = FakeKernel::default();
         let mut peers: BTreeMap<_, _> = [peer(1, "192.0.2.11"), peer(2, "198.51.100.12")].into();
-        let r = reconcile(
+        let r = run(
             &k,
             Some(&dev()),
             Family::V4,
             &desired(&peers, &topo(false)).state,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!((r.added, r.removed), (6, 0));
         assert_eq!(
             k.ops.lock().unwrap()[..3],
@@ -513,25 +516,23 @@ pub(crate) mod tests {
         );
         k.ops.lock().unwrap().clear();
 
-        let r = reconcile(
+        let r = run(
             &k,
             Some(&dev()),
             Family::V4,
             &desired(&peers, &topo(false)).state,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
 
         peers.remove("node-1");
-        let r = reconcile(
+        let r = run(
             &k,
             Some(&dev()),
             Family::V4,
             &desired(&peers, &topo(false)).state,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!((r.added, r.removed), (0, 3));
         assert_eq!(
             *k.ops.lock().unwrap(),
@@ -549,13 +550,9 @@ pub(crate) mod tests {
         let k = FakeKernel::default();
         let peers: BTreeMap<_, _> = [peer(1, "192.0.2.11")].into();
         let want = desired(&peers, &topo(false)).state;
-        reconcile(&k, Some(&dev()), Family::V4, &want)
-            .await
-            .unwrap();
+        run(&k, Some(&dev()), Family::V4, &want).await;
         k.state.lock().unwrap().routes.clear();
-        let r = reconcile(&k, Some(&dev()), Family::V4, &want)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev()), Family::V4, &want).await;
         assert_eq!((r.added, r.removed), (1, 0));
         assert_eq!(*k.state.lock().unwrap(), want);
     }
@@ -596,7 +593,7 @@ pub(crate) mod tests {
         assert_eq!(want.state.routes.len(), 1);
         let why = &want.unreachable["node-2"];
         assert!(why.contains("198.51.100.12") && why.contains("L2"), "{why}");
-        let r = reconcile(&k, None, Family::V4, &want.state).await.unwrap();
+        let r = run(&k, None, Family::V4, &want.state).await;
         assert_eq!((r.added, r.removed, r.errors.len()), (1, 0, 0));
         assert_eq!(*k.ops.lock().unwrap(), ["route replace 10.244.1.0/24"]);
     }
@@ -635,9 +632,7 @@ pub(crate) mod tests {
             "S6 via S6.network dev flannel-v6.1"
         );
 
-        let r = reconcile(&k, Some(&dev6()), Family::V6, &want.state)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev6()), Family::V6, &want.state).await;
         assert_eq!((r.added, r.removed, r.errors.len()), (6, 0, 0));
         assert_eq!(
             k.ops.lock().unwrap()[..3],
@@ -649,20 +644,17 @@ pub(crate) mod tests {
         );
         k.ops.lock().unwrap().clear();
         let again = desired(&peers, &topo6(false)).state;
-        let r = reconcile(&k, Some(&dev6()), Family::V6, &again)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev6()), Family::V6, &again).await;
         assert_eq!((r.added, r.removed), (0, 0), "converged: nothing to do");
 
         peers.remove("node-1");
-        let r = reconcile(
+        let r = run(
             &k,
             Some(&dev6()),
             Family::V6,
             &desired(&peers, &topo6(false)).state,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!((r.added, r.removed), (0, 3));
         assert_eq!(
             *k.ops.lock().unwrap(),
@@ -711,7 +703,7 @@ pub(crate) mod tests {
             why.contains("2001:db8:2::12") && why.contains("2001:db8:1::/64") && why.contains("L2"),
             "{why}"
         );
-        let r = reconcile(&k, None, Family::V6, &want.state).await.unwrap();
+        let r = run(&k, None, Family::V6, &want.state).await;
         assert_eq!((r.added, r.removed, r.errors.len()), (1, 0, 0));
         assert_eq!(*k.ops.lock().unwrap(), ["route replace fd00:10:244:1::/64"]);
     }
@@ -747,13 +739,9 @@ pub(crate) mod tests {
         let v6: BTreeMap<_, _> = [peer6(1, "2001:db8:1::11"), peer6(2, "2001:db8:2::12")].into();
         let want4 = desired(&v4, &topo(false)).state;
         let want6 = desired(&v6, &topo6(false)).state;
-        let r = reconcile(&k, Some(&dev()), Family::V4, &want4)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev()), Family::V4, &want4).await;
         assert_eq!((r.added, r.removed), (6, 0));
-        let r = reconcile(&k, Some(&dev6()), Family::V6, &want6)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev6()), Family::V6, &want6).await;
         assert_eq!(
             (r.added, r.removed),
             (6, 0),
@@ -763,18 +751,14 @@ pub(crate) mod tests {
         assert_eq!(k.read_state(None, Family::V6).await.unwrap(), want6);
 
         // Losing every IPv4 peer (or tearing the IPv4 side down) leaves IPv6 alone.
-        let r = reconcile(&k, Some(&dev()), Family::V4, &KernelState::default())
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev()), Family::V4, &KernelState::default()).await;
         assert_eq!((r.added, r.removed), (0, 6));
         assert_eq!(
             k.read_state(None, Family::V4).await.unwrap(),
             KernelState::default()
         );
         assert_eq!(k.read_state(None, Family::V6).await.unwrap(), want6);
-        let r = reconcile(&k, Some(&dev6()), Family::V6, &want6)
-            .await
-            .unwrap();
+        let r = run(&k, Some(&dev6()), Family::V6, &want6).await;
         assert_eq!((r.added, r.removed), (0, 0));
     }
 }
