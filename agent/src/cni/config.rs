@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 use twill_common::{subnet_env, SubnetEnv};
 
@@ -134,6 +135,8 @@ impl NetConf {
                 Some(other) => Err(invalid(format!("{key} must be a string, found {other}"))),
             }
         };
+        // An empty string is as good as none.
+        let given = |key: &str| Ok::<_, CniError>(string_field(key)?.filter(|s| !s.is_empty()));
         let object_field = |key: &str| -> Result<Option<Map<String, Value>>, CniError> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -145,25 +148,17 @@ impl NetConf {
         let supported = SUPPORTED_VERSIONS.join(", ");
         let cni_version = match obj.get("cniVersion") {
             Some(Value::String(v)) if SUPPORTED_VERSIONS.contains(&v.as_str()) => v.clone(),
-            Some(Value::String(v)) => {
-                return Err(CniError::new(
-                    code::INCOMPATIBLE_VERSION,
-                    format!("incompatible CNI version {v:?}: twill-cni supports {supported}"),
-                ))
-            }
-            None | Some(Value::Null) => {
-                return Err(CniError::new(
-                    code::INCOMPATIBLE_VERSION,
-                    format!(
+            found => {
+                let why = match found {
+                    Some(Value::String(v)) => {
+                        format!("incompatible CNI version {v:?}: twill-cni supports {supported}")
+                    }
+                    None | Some(Value::Null) => format!(
                         "network configuration has no cniVersion; twill-cni supports {supported}"
                     ),
-                ))
-            }
-            Some(other) => {
-                return Err(CniError::new(
-                    code::INCOMPATIBLE_VERSION,
-                    format!("cniVersion must be a string, found {other}"),
-                ))
+                    Some(other) => format!("cniVersion must be a string, found {other}"),
+                };
+                return Err(CniError::new(code::INCOMPATIBLE_VERSION, why));
             }
         };
 
@@ -177,25 +172,19 @@ impl NetConf {
             )));
         }
 
-        let network = string_field("network")?
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| subnet_env::DEFAULT_NETWORK.into());
+        let network = given("network")?.unwrap_or_else(|| subnet_env::DEFAULT_NETWORK.into());
         if !valid_cni_name(&network) {
             return Err(invalid(format!(
                 "invalid characters in network {network:?} (allowed: [a-zA-Z0-9][a-zA-Z0-9_.-]*)"
             )));
         }
-        let subnet_dir = string_field("subnetDir")?
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_SUBNET_DIR.into());
-        let subnet_file = match string_field("subnetFile")?.filter(|s| !s.is_empty()) {
+        let subnet_dir = given("subnetDir")?.unwrap_or_else(|| DEFAULT_SUBNET_DIR.into());
+        let subnet_file = match given("subnetFile")? {
             Some(file) => PathBuf::from(file),
             None if network == subnet_env::DEFAULT_NETWORK => DEFAULT_SUBNET_FILE.into(),
             None => subnet_env::network_file(Path::new(&subnet_dir), &network),
         };
-        let data_dir = string_field("dataDir")?
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let data_dir = given("dataDir")?.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         let delegate = object_field("delegate")?.unwrap_or_default();
         // flannel's rules for the delegate dictionary.
         if let Some(t) = delegate.get("type") {
@@ -380,24 +369,23 @@ pub fn build_delegate(conf: &NetConf, env: &SubnetEnv) -> Map<String, Value> {
 
     let mut ipam = conf.ipam.clone().unwrap_or_default();
     ipam.entry("type").or_insert_with(|| json!("host-local"));
-    let mut ranges = Vec::new();
-    if let Some(sn) = env.subnet {
-        ranges.push(json!([{ "subnet": sn.to_string() }]));
-    }
-    if let Some(sn) = env.ipv6_subnet {
-        ranges.push(json!([{ "subnet": sn.to_string() }]));
-    }
-    ipam.insert("ranges".into(), Value::Array(ranges));
+    let subnets = [env.subnet.map(IpNet::V4), env.ipv6_subnet.map(IpNet::V6)];
+    let ranges = subnets
+        .iter()
+        .flatten()
+        .map(|sn| json!([{ "subnet": sn.to_string() }]));
+    ipam.insert("ranges".into(), Value::Array(ranges.collect()));
     let mut routes = match ipam.get("routes") {
         Some(Value::Array(r)) => r.clone(),
         _ => Vec::new(),
     };
-    if let Some(nw) = env.network {
-        routes.push(json!({ "dst": nw.to_string() }));
-    }
-    if let Some(nw) = env.ipv6_network {
-        routes.push(json!({ "dst": nw.to_string() }));
-    }
+    let networks = [env.network.map(IpNet::V4), env.ipv6_network.map(IpNet::V6)];
+    routes.extend(
+        networks
+            .iter()
+            .flatten()
+            .map(|nw| json!({ "dst": nw.to_string() })),
+    );
     ipam.insert("routes".into(), Value::Array(routes));
     d.insert("ipam".into(), Value::Object(ipam));
     d

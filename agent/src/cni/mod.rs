@@ -55,15 +55,21 @@ pub enum Command {
 }
 
 impl Command {
+    /// Each command with its `CNI_COMMAND` name.
+    const NAMES: [(Command, &'static str); 6] = [
+        (Command::Add, "ADD"),
+        (Command::Del, "DEL"),
+        (Command::Check, "CHECK"),
+        (Command::Version, "VERSION"),
+        (Command::Status, "STATUS"),
+        (Command::Gc, "GC"),
+    ];
+
     fn name(self) -> &'static str {
-        match self {
-            Command::Add => "ADD",
-            Command::Del => "DEL",
-            Command::Check => "CHECK",
-            Command::Version => "VERSION",
-            Command::Status => "STATUS",
-            Command::Gc => "GC",
-        }
+        Self::NAMES
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("", |(_, n)| n)
     }
 }
 
@@ -96,18 +102,16 @@ impl Args {
                     "required environment variable CNI_COMMAND missing".into(),
                 ))
             }
-            "ADD" => Command::Add,
-            "DEL" => Command::Del,
-            "CHECK" => Command::Check,
-            "VERSION" => Command::Version,
-            "STATUS" => Command::Status,
-            "GC" => Command::Gc,
-            other => {
-                return Err(invalid(format!(
-                    "unknown CNI_COMMAND {other:?} (twill-cni supports ADD, DEL, CHECK, VERSION, \
-                     STATUS, GC)"
-                )))
-            }
+            other => Command::NAMES
+                .iter()
+                .find(|(_, n)| *n == other)
+                .map(|(c, _)| *c)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "unknown CNI_COMMAND {other:?} (twill-cni supports ADD, DEL, CHECK, \
+                         VERSION, STATUS, GC)"
+                    ))
+                })?,
         };
         let (container_id, netns, ifname, cni_path) = (
             get("CNI_CONTAINERID"),
@@ -188,7 +192,7 @@ pub fn run(args: &Args, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
         Command::Del => cmd_del(args, &conf),
         Command::Check => cmd_check(args, &conf),
         Command::Status => {
-            since_1_1(&conf, args.command)?;
+            since(&conf, args.command, "1.1.0")?;
             status::check(&conf).map(|()| Vec::new())
         }
         Command::Gc => cmd_gc(args, &conf),
@@ -196,19 +200,25 @@ pub fn run(args: &Args, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
     }
 }
 
-/// STATUS and GC exist from CNI 1.1 on.
-fn since_1_1(conf: &NetConf, command: Command) -> Result<(), CniError> {
-    if config::version_at_least(&conf.cni_version, "1.1.0") {
+/// Whether `conf`'s version has `command`, which exists from `min` on (CHECK from
+/// 0.4.0, STATUS and GC from 1.1.0).
+fn since(conf: &NetConf, command: Command, min: &str) -> Result<(), CniError> {
+    if config::version_at_least(&conf.cni_version, min) {
         return Ok(());
     }
     Err(CniError::new(
         code::INCOMPATIBLE_VERSION,
         format!(
-            "config version {} does not allow {} (needs 1.1.0 or later)",
+            "config version {} does not allow {} (needs {min} or later)",
             conf.cni_version,
             command.name()
         ),
     ))
+}
+
+fn to_bytes(delegate: &serde_json::Map<String, Value>) -> Result<Vec<u8>, CniError> {
+    serde_json::to_vec(delegate)
+        .map_err(|e| CniError::new(code::INTERNAL, format!("serializing delegate config: {e}")))
 }
 
 fn delegate_type(conf: &serde_json::Map<String, Value>) -> Option<&str> {
@@ -219,8 +229,7 @@ fn cmd_add(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     let env = config::load_subnet_env(&conf.subnet_file)?;
     let delegate = config::build_delegate(conf, &env);
     let plugin = exec::find_plugin(delegate_type(&delegate).unwrap_or(""), &args.cni_path)?;
-    let bytes = serde_json::to_vec(&delegate)
-        .map_err(|e| CniError::new(code::INTERNAL, format!("serializing delegate config: {e}")))?;
+    let bytes = to_bytes(&delegate)?;
     // Saved before the delegate runs: after a failed ADD the runtime calls DEL, which
     // must find it to undo whatever the delegate did half-way (flannel does the same).
     store::save(&conf.data_dir, &args.container_id, &bytes)?;
@@ -292,7 +301,7 @@ fn delete(
 /// a saved configuration of another network (its delegate's `name`), or one that does
 /// not parse, is left alone.
 fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
-    since_1_1(conf, args.command)?;
+    since(conf, args.command, "1.1.0")?;
     let Some(valid) = &conf.valid_attachments else {
         return Err(CniError::new(
             code::INVALID_NETWORK_CONFIG,
@@ -340,15 +349,7 @@ fn cmd_gc(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
 }
 
 fn cmd_check(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
-    if !config::version_at_least(&conf.cni_version, "0.4.0") {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!(
-                "config version {} does not allow CHECK (needs 0.4.0 or later)",
-                conf.cni_version
-            ),
-        ));
-    }
+    since(conf, args.command, "0.4.0")?;
     let Some(saved) = store::load(&conf.data_dir, &args.container_id)? else {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
@@ -381,8 +382,7 @@ fn cmd_check(args: &Args, conf: &NetConf) -> Result<Vec<u8>, CniError> {
     if let Some(rc) = &conf.runtime_config {
         delegate.insert("runtimeConfig".into(), rc.clone());
     }
-    let bytes = serde_json::to_vec(&delegate)
-        .map_err(|e| CniError::new(code::INTERNAL, format!("serializing delegate config: {e}")))?;
+    let bytes = to_bytes(&delegate)?;
     exec::invoke(&plugin, "CHECK", &bytes)?;
     Ok(Vec::new())
 }
