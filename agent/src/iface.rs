@@ -30,37 +30,10 @@ pub struct Selection {
 #[error("{0}")]
 pub struct SelectError(String);
 
-/// Picks the underlay interface and the IPv4 address advertised to peers.
-/// `default` is the interface of the IPv4 default route, if there is one.
-pub fn select(
-    sel: &Selection,
-    interfaces: &[Underlay],
-    default: Option<&Underlay>,
-) -> Result<(Underlay, Ipv4Addr), SelectError> {
-    let (u, ip) = select_family(sel, Family::V4, interfaces, default)?;
-    match ip {
-        IpAddr::V4(ip) => Ok((u, ip)),
-        IpAddr::V6(_) => unreachable!("only IPv4 entries are candidates"),
-    }
-}
-
-/// Picks the interface and IPv6 address of a dual-stack node, by the same rules as
-/// for IPv4 applied to the IPv6 addresses (flannel applied --iface-regex and
+/// Picks the underlay interface and the address of `family` advertised to peers, by
+/// the same rules for both families (flannel applied --iface-regex and
 /// --iface-can-reach to IPv4 only: flannel issue #2081). `default` is the interface of
-/// the IPv6 default route, if there is one.
-pub fn select6(
-    sel: &Selection,
-    interfaces: &[Underlay],
-    default: Option<&Underlay>,
-) -> Result<(Underlay, Ipv6Addr), SelectError> {
-    let (u, ip) = select_family(sel, Family::V6, interfaces, default)?;
-    match ip {
-        IpAddr::V6(ip) => Ok((u, ip)),
-        IpAddr::V4(_) => unreachable!("only IPv6 entries are candidates"),
-    }
-}
-
-/// Picks the interface and address of `family`, as [`select`] and [`select6`] do.
+/// the family's default route, if there is one.
 pub fn select_family(
     sel: &Selection,
     family: Family,
@@ -140,6 +113,32 @@ pub fn select_family(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPv4 pick.
+    fn select(
+        sel: &Selection,
+        interfaces: &[Underlay],
+        default: Option<&Underlay>,
+    ) -> Result<(Underlay, Ipv4Addr), SelectError> {
+        let (u, ip) = select_family(sel, Family::V4, interfaces, default)?;
+        match ip {
+            IpAddr::V4(ip) => Ok((u, ip)),
+            IpAddr::V6(_) => unreachable!("only IPv4 entries are candidates"),
+        }
+    }
+
+    /// The IPv6 pick of a dual-stack node.
+    fn select6(
+        sel: &Selection,
+        interfaces: &[Underlay],
+        default: Option<&Underlay>,
+    ) -> Result<(Underlay, Ipv6Addr), SelectError> {
+        let (u, ip) = select_family(sel, Family::V6, interfaces, default)?;
+        match ip {
+            IpAddr::V6(ip) => Ok((u, ip)),
+            IpAddr::V4(_) => unreachable!("only IPv6 entries are candidates"),
+        }
+    }
 
     fn ifaces() -> Vec<Underlay> {
         vec![
