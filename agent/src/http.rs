@@ -307,14 +307,16 @@ pub fn routes(stats: Arc<Stats>) -> Router {
 }
 
 async fn healthz(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
-    match s.health.unhealthy(twill_common::now_unix()) {
-        None => (StatusCode::OK, "ok\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-    }
+    verdict(s.health.unhealthy(twill_common::now_unix()))
 }
 
 async fn livez(State(s): State<Arc<Stats>>) -> (StatusCode, String) {
-    match s.health.stalled(twill_common::now_unix()) {
+    verdict(s.health.stalled(twill_common::now_unix()))
+}
+
+/// `ok`, or what is wrong as a 503.
+fn verdict(wrong: Option<String>) -> (StatusCode, String) {
+    match wrong {
         None => (StatusCode::OK, "ok\n".into()),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }

@@ -97,10 +97,9 @@ pub fn check_certificate(cert: &Path, key: &Path, node: &str, now: i64) -> CertC
 }
 
 fn inspect(cert: &Path, key: &Path, node: &str, now: i64) -> Result<CertInfo, String> {
-    let cert_pem = read_file(cert, "--tls-cert")?;
-    let der =
-        first_certificate(&cert_pem).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-    let (info, spki) = describe(&der).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    let bad_cert = |e: String| format!("--tls-cert {}: {e}", cert.display());
+    let der = first_certificate(&read_file(cert, "--tls-cert")?).map_err(bad_cert)?;
+    let (info, spki) = describe(&der).map_err(bad_cert)?;
     if now < info.not_before {
         return Err(format!(
             "--tls-cert {} is not valid before {}",
@@ -115,8 +114,7 @@ fn inspect(cert: &Path, key: &Path, node: &str, now: i64) -> Result<CertInfo, St
             info.not_after_rfc3339()
         ));
     }
-    let who =
-        Identity::from_der(&der).map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    let who = Identity::from_der(&der).map_err(|e| bad_cert(e.to_string()))?;
     if !who.is_node() {
         return Err(format!(
             "--tls-cert {} is not a node certificate (no O={NODES_GROUP})",
