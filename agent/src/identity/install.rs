@@ -579,36 +579,36 @@ pub(super) mod tests {
         );
     }
 
+    /// A `rename` that fails with `why` when moving into `target`.
+    fn failing_at<'a>(
+        target: &'a Path,
+        why: &'static str,
+    ) -> impl Fn(&Path, &Path) -> std::io::Result<()> + 'a {
+        move |from, to| {
+            if to == target {
+                Err(std::io::Error::other(why))
+            } else {
+                std::fs::rename(from, to)
+            }
+        }
+    }
+
     /// The key's rename fails: the old certificate is put back, the staged key
     /// removed. A failure of the certificate's rename changes nothing.
     #[test]
     fn a_failed_rename_leaves_the_old_pair() {
         let old = Old::new();
         let (mut staged, _) = old.staged_both();
-        let key = old.key.clone();
         let why = staged
-            .commit(|from, to| {
-                if to == key {
-                    Err(std::io::Error::other("device or resource busy"))
-                } else {
-                    std::fs::rename(from, to)
-                }
-            })
+            .commit(failing_at(&old.key, "device or resource busy"))
             .unwrap_err();
         assert!(why.to_string().contains("put back"), "{why}");
         drop(staged);
         old.untouched();
 
         let (mut staged, _) = old.staged_both();
-        let cert = old.cert.clone();
         staged
-            .commit(|from, to| {
-                if to == cert {
-                    Err(std::io::Error::other("read-only"))
-                } else {
-                    std::fs::rename(from, to)
-                }
-            })
+            .commit(failing_at(&old.cert, "read-only"))
             .unwrap_err();
         drop(staged);
         old.untouched();
@@ -616,16 +616,7 @@ pub(super) mod tests {
         // No certificate before (a first bootstrap over a stray key): none after.
         std::fs::remove_file(&old.cert).unwrap();
         let (mut staged, _) = old.staged_both();
-        let key = old.key.clone();
-        staged
-            .commit(|from, to| {
-                if to == key {
-                    Err(std::io::Error::other("busy"))
-                } else {
-                    std::fs::rename(from, to)
-                }
-            })
-            .unwrap_err();
+        staged.commit(failing_at(&old.key, "busy")).unwrap_err();
         drop(staged);
         assert!(!old.cert.exists());
         assert_eq!(std::fs::read(&old.key).unwrap(), old.key_bytes);
