@@ -51,7 +51,7 @@ use crate::Args;
 use kernel::Kernel;
 use networks::{Membership, Wanted};
 use pods::PodView;
-use rotating::Rotation;
+use rotating::{Managed, Rotation};
 
 /// Longest wait between retries of a controller call.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -89,17 +89,8 @@ pub async fn run(args: Args) -> Result<()> {
 
     rotation::finish_install(&args.tls_cert, &args.tls_key)
         .context("node certificate rotation left unfinished")?;
-    if let Some(token_file) = &args.bootstrap_token_file {
-        let cfg = identity::Bootstrap {
-            controller: &args.controller,
-            node: &node,
-            cert: &args.tls_cert,
-            key: &args.tls_key,
-            ca: &args.tls_ca,
-            token_file,
-            call_timeout: args.call_timeout,
-            backoff_cap: BACKOFF_CAP,
-        };
+    if let Some(managed) = Managed::of(&args) {
+        let cfg = managed.bootstrap(&node);
         let bootstrap = identity::bootstrap(&cfg);
         tokio::pin!(bootstrap);
         // /livez keeps answering while the controller refuses or is away.

@@ -28,8 +28,9 @@ pub(super) struct Rotation {
     call: Call<CertInfo, RotateError>,
 }
 
-/// The files and controllers a rotation of a managed certificate uses.
-struct Managed {
+/// The files and controllers a bootstrap or rotation of a managed certificate uses.
+#[derive(Clone)]
+pub(super) struct Managed {
     controller: Vec<String>,
     cert: PathBuf,
     key: PathBuf,
@@ -38,23 +39,42 @@ struct Managed {
     deadline: Duration,
 }
 
+impl Managed {
+    /// What `args` give, when the agent manages its certificate (with
+    /// `--bootstrap-token-file`).
+    pub(super) fn of(args: &Args) -> Option<Managed> {
+        let token_file = args.bootstrap_token_file.as_ref()?;
+        Some(Managed {
+            controller: args.controller.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+            ca: args.tls_ca.clone(),
+            token_file: token_file.clone(),
+            deadline: args.call_timeout,
+        })
+    }
+
+    /// How to bootstrap `node`'s certificate with these files.
+    pub(super) fn bootstrap<'a>(&'a self, node: &'a str) -> identity::Bootstrap<'a> {
+        identity::Bootstrap {
+            controller: &self.controller,
+            node,
+            cert: &self.cert,
+            key: &self.key,
+            ca: &self.ca,
+            token_file: &self.token_file,
+            call_timeout: self.deadline,
+            backoff_cap: BACKOFF_CAP,
+        }
+    }
+}
+
 impl Rotation {
     /// The rotation of `node`'s certificate, due as `creds`' certificate says.
     pub(super) fn new(args: &Args, node: &str, creds: &Credentials) -> Self {
-        let managed = args
-            .bootstrap_token_file
-            .as_ref()
-            .map(|token_file| Managed {
-                controller: args.controller.clone(),
-                cert: args.tls_cert.clone(),
-                key: args.tls_key.clone(),
-                ca: args.tls_ca.clone(),
-                token_file: token_file.clone(),
-                deadline: args.call_timeout,
-            });
         let mut r = Rotation {
             node: node.to_string(),
-            managed,
+            managed: Managed::of(args),
             retry: Retry::at(later(Duration::MAX), BACKOFF_CAP),
             call: None,
         };
@@ -109,32 +129,19 @@ impl Rotation {
             self.retry.set(later(Duration::MAX));
             return;
         };
-        let node = self.node.clone();
-        let (cert, key, deadline) = (m.cert.clone(), m.key.clone(), m.deadline);
-        if let CertCheck::Needed(why) = identity::check_certificate(&cert, &key, &node, now_unix())
-        {
+        let (node, m) = (self.node.clone(), m.clone());
+        let check = identity::check_certificate(&m.cert, &m.key, &node, now_unix());
+        if let CertCheck::Needed(why) = check {
             warn!(node = %node, reason = %why, "the node certificate cannot be renewed; bootstrapping again with the token");
-            let (controller, ca, token_file) =
-                (m.controller.clone(), m.ca.clone(), m.token_file.clone());
             self.call = Some(tokio::spawn(async move {
-                let cfg = identity::Bootstrap {
-                    controller: &controller,
-                    node: &node,
-                    cert: &cert,
-                    key: &key,
-                    ca: &ca,
-                    token_file: &token_file,
-                    call_timeout: deadline,
-                    backoff_cap: BACKOFF_CAP,
-                };
-                match identity::bootstrap(&cfg).await? {
+                match identity::bootstrap(&m.bootstrap(&node)).await? {
                     identity::Outcome::Issued(info) | identity::Outcome::Present(info) => Ok(info),
                 }
             }));
             return;
         }
         self.call = Some(tokio::spawn(async move {
-            rotation::renew(channel, &node, &cert, &key, deadline).await
+            rotation::renew(channel, &node, &m.cert, &m.key, m.deadline).await
         }));
     }
 
