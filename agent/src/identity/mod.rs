@@ -482,9 +482,7 @@ async fn call(
     csr: &str,
     deadline: Duration,
 ) -> Result<BootstrapResponse, Status> {
-    let mut api = IdentityServiceClient::new(channel.clone())
-        .max_decoding_message_size(1 << 20)
-        .max_encoding_message_size(64 << 10);
+    let mut api = identity_client(channel.clone());
     let req = BootstrapRequest {
         token: token.expose().to_string(),
         csr_pem: csr.to_string(),
@@ -492,6 +490,14 @@ async fn call(
     client::within(deadline, api.bootstrap(client::request(req, deadline)))
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// The identity API over `channel`, with its message limits (a certificate chain is a
+/// few KiB).
+fn identity_client(channel: Channel) -> IdentityServiceClient<Channel> {
+    IdentityServiceClient::new(channel)
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(64 << 10)
 }
 
 /// A status's message and, for transport errors, what caused them (a TLS failure

@@ -25,12 +25,13 @@ use tonic::{Code, Status};
 use tracing::warn;
 use twill_common::now_unix;
 use twill_common::tls::ClientPem;
-use twill_proto::identity_service_client::IdentityServiceClient;
 use twill_proto::RenewRequest;
 
 pub use super::install::finish_install;
 use super::install::Staged;
-use super::{check_certificate, code_name, csr_pem, hint, status_text, CertCheck, CertInfo};
+use super::{
+    check_certificate, code_name, csr_pem, hint, identity_client, status_text, CertCheck, CertInfo,
+};
 use crate::client::{self, ClientError, Controllers, Dial, TlsFiles};
 
 /// Earliest point of the lifetime at which the certificate is rotated.
@@ -226,9 +227,7 @@ pub async fn renew(
     let req = RenewRequest {
         csr_pem: csr_pem(node, staged.key()).map_err(anyhow::Error::from)?,
     };
-    let mut api = IdentityServiceClient::new(channel)
-        .max_decoding_message_size(1 << 20)
-        .max_encoding_message_size(64 << 10);
+    let mut api = identity_client(channel);
     let resp = client::within(deadline, api.renew(client::request(req, deadline)))
         .await
         .map_err(RotateError::Refused)?
