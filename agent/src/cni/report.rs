@@ -6,7 +6,6 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
@@ -44,12 +43,7 @@ pub fn added(args: &Args, conf: &NetConf, delegate: &Map<String, Value>, result:
 pub fn deleted(conf: &NetConf, container_id: &str, ifname: &str) {
     let attachment = Attachment {
         key: key(conf, container_id, ifname),
-        netns: String::new(),
-        namespace: String::new(),
-        pod: String::new(),
-        ipam_dir: None,
-        ips: Vec::new(),
-        added_at_ns: 0,
+        ..Attachment::default()
     };
     send(conf, Op::Del, attachment);
 }
@@ -66,15 +60,7 @@ fn send(conf: &NetConf, op: Op, attachment: Attachment) {
     let Some(socket) = &conf.agent_socket else {
         return;
     };
-    let at_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let report = Report {
-        op,
-        at_ns,
-        attachment,
-    };
-    if let Err(why) = socket::deliver(socket, &report) {
+    if let Err(why) = socket::deliver(socket, &Report::now(op, attachment)) {
         eprintln!("twill-cni: the attachment is not reported to the agent: {why}");
     }
 }

@@ -177,12 +177,7 @@ impl PodView {
                     if released {
                         info!(network = %a.key.network, ip = %ip, container = %a.key.container_id, "leaked pod address released (asked by an admin)");
                     }
-                    let forget = Report {
-                        op: Op::Del,
-                        at_ns: now_ns(),
-                        attachment: a.clone(),
-                    };
-                    if let Err(e) = self.pods.apply(forget) {
+                    if let Err(e) = self.pods.apply(Report::now(Op::Del, a.clone())) {
                         warn!(error = %e, "cannot record the released attachment");
                     }
                 }
@@ -338,13 +333,6 @@ fn reportable(
             })
         })
         .collect()
-}
-
-/// Now, in Unix nanoseconds (the time reports are ordered by).
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn key_text(k: &twill_agent::pods::Key, ip: &std::net::IpAddr) -> String {

@@ -19,6 +19,7 @@ pub mod socket;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -54,7 +55,7 @@ pub struct Report {
 }
 
 /// Which attachment: a container's interface in one network.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Key {
     /// The Twill network (`default`, or a name of `--networks`).
     pub network: String,
@@ -65,7 +66,7 @@ pub struct Key {
 }
 
 /// A pod's interface and its addresses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     /// Which attachment.
     #[serde(flatten)]
@@ -111,6 +112,18 @@ pub enum ReportError {
 }
 
 impl Report {
+    /// A report of `op` on `attachment`, made now.
+    pub fn now(op: Op, attachment: Attachment) -> Report {
+        let at_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Report {
+            op,
+            at_ns,
+            attachment,
+        }
+    }
+
     /// Parses one report and checks every field.
     pub fn parse(line: &[u8]) -> Result<Report, ReportError> {
         let r: Report =
