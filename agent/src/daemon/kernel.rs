@@ -26,6 +26,7 @@ use crate::http::Stats;
 
 /// The node's fields of an acquisition that come from the kernel: per family, the
 /// public address and the VXLAN device's MAC (none with host-gw).
+#[derive(Default)]
 pub(super) struct Endpoints {
     pub parts: PerFamily<(IpAddr, Option<Mac>)>,
     /// Prefix length of the public address's subnet (0: not known).
@@ -196,10 +197,7 @@ impl Kernel {
     /// The public addresses and VTEP MACs to advertise in `network`.
     pub(super) fn endpoints(&self, network: &NetworkName) -> Endpoints {
         let Some(planes) = self.overlays.get(network).map(|o| &o.planes) else {
-            return Endpoints {
-                parts: PerFamily::default(),
-                public_ip_prefix_len: 0,
-            };
+            return Endpoints::default();
         };
         // The controller's host-gw report needs the L2 subnet of the advertised address
         // (IPv4, or IPv6 on an IPv6-only network); an address given by hand

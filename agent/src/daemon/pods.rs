@@ -6,6 +6,7 @@
 //! restarted controller or a new leader has none) and every [`REFRESH`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
 use twill_agent::client;
-use twill_agent::pods::{Attachments, Op, Report};
+use twill_agent::pods::{Attachments, Key, Op, Report};
 use twill_proto::{PodAddressFinding, PodAddressUsage, PodAttachment, ReportAttachmentsRequest};
 
 use ipnet::IpNet;
@@ -154,7 +155,7 @@ impl PodView {
         }
         let set = self.pods.snapshot();
         for f in asked {
-            let Ok(ip) = f.ip.parse::<std::net::IpAddr>() else {
+            let Ok(ip) = f.ip.parse::<IpAddr>() else {
                 continue;
             };
             let still = f.kind == "leaked"
@@ -228,20 +229,10 @@ impl PodView {
         stats.pod_attachments.set(set.len() as i64);
         stats.pod_ips_leaked.set(found.leaked.len() as i64);
         stats.pod_ips_conflicts.set(found.conflicts.len() as i64);
-        let leaked = log_new(&mut self.leaked, &found.leaked);
-        for (k, ip) in found
-            .leaked
-            .iter()
-            .filter(|(k, ip)| leaked.contains(&key_text(k, ip)))
-        {
+        for (k, ip) in log_new(&mut self.leaked, &found.leaked) {
             warn!(network = %k.network, container = %k.container_id, ifname = %k.ifname, ip = %ip, "pod address leaked: held by the IPAM for a network namespace that is gone (a runtime that crashed before DEL)");
         }
-        let conflicts = log_new(&mut self.conflicts, &found.conflicts);
-        for (k, ip) in found
-            .conflicts
-            .iter()
-            .filter(|(k, ip)| conflicts.contains(&key_text(k, ip)))
-        {
+        for (k, ip) in log_new(&mut self.conflicts, &found.conflicts) {
             warn!(network = %k.network, container = %k.container_id, ifname = %k.ifname, ip = %ip, "pod address conflict: the attachment reports an address its IPAM does not hold");
         }
 
@@ -335,17 +326,11 @@ fn reportable(
         .collect()
 }
 
-fn key_text(k: &twill_agent::pods::Key, ip: &std::net::IpAddr) -> String {
-    format!("{}/{}/{}/{ip}", k.network, k.container_id, k.ifname)
-}
-
 /// Replaces `seen` with `now`'s entries; the ones not seen before.
-fn log_new(
-    seen: &mut BTreeSet<String>,
-    now: &[(twill_agent::pods::Key, std::net::IpAddr)],
-) -> BTreeSet<String> {
-    let now: BTreeSet<String> = now.iter().map(|(k, ip)| key_text(k, ip)).collect();
-    let new = now.difference(seen).cloned().collect();
-    *seen = now;
+fn log_new<'a>(seen: &mut BTreeSet<String>, now: &'a [(Key, IpAddr)]) -> Vec<&'a (Key, IpAddr)> {
+    let text =
+        |(k, ip): &(Key, IpAddr)| format!("{}/{}/{}/{ip}", k.network, k.container_id, k.ifname);
+    let new = now.iter().filter(|f| !seen.contains(&text(f))).collect();
+    *seen = now.iter().map(text).collect();
     new
 }
