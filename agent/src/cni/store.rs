@@ -5,7 +5,6 @@
 //! the interface name GC needs is kept beside it in `<dataDir>/.ifname/<containerID>`
 //! (container IDs never start with '.', so no container's file is in the way).
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::error::{code, CniError};
@@ -25,10 +24,7 @@ pub fn path_for(data_dir: &Path, container_id: &str) -> PathBuf {
 
 /// Saves `bytes` as `container_id`'s delegate configuration.
 pub fn save(data_dir: &Path, container_id: &str, bytes: &[u8]) -> Result<(), CniError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
+    crate::identity::ensure_dir(data_dir, 0o700)
         .map_err(|e| io_error("create data directory", data_dir, e))?;
     let path = path_for(data_dir, container_id);
     // Container IDs never start with '.', so the temporary name cannot be another's file.

@@ -9,7 +9,7 @@
 //! than [`SEND_TIMEOUT`]: after that the report is queued instead.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
 use super::{Attachments, Report};
+use crate::identity::ensure_dir;
 
 /// Where the agent listens and `twill-cni` reports, unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/twill/agent.sock";
@@ -209,10 +210,7 @@ fn journal_of(file: &Path) -> PathBuf {
 /// replaced, the socket itself 0600.
 pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        ensure_dir(dir, 0o700)?;
     }
     match std::fs::remove_file(socket) {
         Ok(()) => {}
@@ -319,10 +317,7 @@ fn send(socket: &Path, line: &[u8]) -> Result<(), String> {
 /// that runs as its own user (the systemd unit's `twill`) must be able to read and
 /// remove what the plugin, run as root, queued.
 fn queue(dir: &Path, report: &Report, line: &[u8]) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    ensure_dir(dir, 0o700)?;
     let k = &report.attachment.key;
     let name = format!(
         "{:020}-{}-{}-{}.json",
