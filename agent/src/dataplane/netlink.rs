@@ -433,12 +433,8 @@ impl Netlink {
             req = req.set_link_index_filter(index);
         }
         let addrs: Vec<AddressMessage> = req.execute().try_collect().await.map_err(|e| {
-            let flag = ip_flag(family);
-            let op = match index {
-                Some(i) => format!("ip {flag} addr show dev if{i}"),
-                None => format!("ip {flag} addr show"),
-            };
-            netlink_err(op, e)
+            let dev = index.map(|i| format!(" dev if{i}")).unwrap_or_default();
+            netlink_err(format!("ip {} addr show{dev}", ip_flag(family)), e)
         })?;
         Ok(addrs
             .into_iter()
@@ -461,15 +457,13 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(|e| {
-                let proto = if protocol == 0 {
-                    String::new()
-                } else {
-                    format!(" proto {protocol}")
-                };
-                netlink_err(
-                    format!("ip {} route show table main{proto}", ip_flag(family)),
-                    e,
-                )
+                let proto = (protocol != 0).then(|| format!(" proto {protocol}"));
+                let flag = ip_flag(family);
+                let op = format!(
+                    "ip {flag} route show table main{}",
+                    proto.unwrap_or_default()
+                );
+                netlink_err(op, e)
             })?;
         Ok(routes
             .into_iter()
