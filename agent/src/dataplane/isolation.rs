@@ -10,7 +10,7 @@
 use ipnet::IpNet;
 use twill_common::model::{Family, PerFamily};
 
-use super::masq::nft;
+use super::masq::{nft, teardown};
 use super::DataPlaneError;
 
 /// The nftables table of the isolation rules.
@@ -44,7 +44,7 @@ pub fn ruleset(networks: &[PerFamily<IpNet>]) -> String {
         }
     }
     if rules.is_empty() {
-        return format!("table {TABLE}\ndelete table {TABLE}\n");
+        return teardown(TABLE);
     }
     format!(
         "table {TABLE}
