@@ -45,6 +45,8 @@ struct Spec {
     title: String,
     y_label: &'static str,
     log_y: bool,
+    /// Where the legend goes: clear of the points.
+    legend: SeriesLabelPosition,
     series: Vec<Series>,
 }
 
@@ -178,15 +180,20 @@ fn failover_spec(res: &Results) -> Option<Spec> {
         ),
         y_label: "seconds after the kill (log scale)",
         log_y: true,
+        // The lines are points at one or two N, in the middle: the legend goes right.
+        legend: SeriesLabelPosition::MiddleRight,
         series: vec![
             line("new leader", TWILL, true, |f| f.new_leader_s),
             line("first lease granted", ORANGE, false, |f| f.first_grant_s),
             line("every watch of the dead replica moved", GREEN, true, |f| {
                 f.all_moved_s
             }),
-            line("restarted replica back to its share", PURPLE, false, |f| {
-                f.rebalanced_s
-            }),
+            line(
+                "restarted replica back to its share (after its restart)",
+                PURPLE,
+                false,
+                |f| f.rebalanced_s,
+            ),
         ],
     })
 }
@@ -215,6 +222,7 @@ fn specs(res: &Results) -> Vec<Spec> {
         },
         y_label: "seconds (log scale)",
         log_y: true,
+        legend: SeriesLabelPosition::UpperLeft,
         series: series(rows, storm_value)
             .into_iter()
             .chain(cold_start_series(res))
@@ -228,6 +236,7 @@ fn specs(res: &Results) -> Vec<Spec> {
             ),
             y_label: "ms (log scale)",
             log_y: true,
+            legend: SeriesLabelPosition::UpperLeft,
             series: series(rows, fanout_value),
         });
     }
@@ -236,6 +245,7 @@ fn specs(res: &Results) -> Vec<Spec> {
         title: format!("Server peak RSS (join storm and fan-out){on}"),
         y_label: "MB",
         log_y: false,
+        legend: SeriesLabelPosition::UpperLeft,
         series: series(rows, rss_value),
     });
     out.extend(failover_spec(res));
@@ -359,7 +369,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(spec.legend.clone())
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font((FONT, 19))
