@@ -123,6 +123,11 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// A timestamp column: RFC 3339, or `<none>` when unknown.
+fn rfc3339_or_none(secs: i64) -> String {
+    or_none(&unix_to_rfc3339(secs))
+}
+
 fn unix_to_rfc3339(secs: i64) -> String {
     match u64::try_from(secs).ok().filter(|s| *s > 0) {
         Some(s) => {
@@ -136,16 +141,11 @@ fn unix_to_rfc3339(secs: i64) -> String {
 /// Returns an empty string for an empty table in `table`/`wide` form (the caller says
 /// "No leases found." on stderr, as kubectl does).
 pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime) -> String {
-    match format {
-        Format::Table | Format::Wide => {
-            if resp.leases.is_empty() {
-                return String::new();
-            }
-            lease_table(&resp.leases, format == Format::Wide, now)
-        }
-        Format::Json => json(&LeasesDoc::from(resp)),
-        Format::Yaml => yaml(&LeasesDoc::from(resp)),
-    }
+    render(
+        format,
+        || LeasesDoc::from(resp),
+        |wide| lease_table(&resp.leases, wide, now),
+    )
 }
 
 /// The lease table (header and one row per lease), as `leases` and `lease get` print it.
@@ -156,78 +156,54 @@ pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime)
 fn lease_table(leases: &[Lease], wide: bool, now: SystemTime) -> String {
     let dual = leases.iter().any(|l| !l.ipv6_subnet.is_empty());
     let v6_only = dual && leases.iter().all(|l| l.subnet.is_empty());
-    let mut header = if v6_only {
-        vec!["NODE", "IPV6-SUBNET", "PUBLIC-IPV6", "VTEP-MAC-V6"]
-    } else {
-        vec!["NODE", "SUBNET", "PUBLIC-IP", "VTEP-MAC"]
-    };
-    header.extend(["EXPIRES-IN", "RESERVED"]);
     let dual = dual && !v6_only;
-    if dual {
-        header.insert(2, "IPV6-SUBNET");
-    }
-    if wide {
-        header.extend(["VNI", "REVISION"]);
-        if dual {
-            header.extend(["PUBLIC-IPV6", "VTEP-MAC-V6"]);
-        }
-    }
-    let mut rows = vec![strings(&header)];
-    for l in leases {
-        let (subnet, ip, mac) = if v6_only {
-            (&l.ipv6_subnet, &l.public_ipv6, &l.vtep_mac_v6)
-        } else {
-            (&l.subnet, &l.public_ip, &l.vtep_mac)
-        };
-        let mut row = vec![
-            or_none(&l.node_name),
-            or_none(subnet),
-            or_none(ip),
-            or_none(mac),
-            expires_in(l.expires_at_unix, now),
-            yes_no(l.reserved),
-        ];
-        if dual {
-            row.insert(2, or_none(&l.ipv6_subnet));
-        }
-        if wide {
-            row.push(l.vni.to_string());
-            row.push(l.revision.to_string());
-            if dual {
-                row.push(or_none(&l.public_ipv6));
-                row.push(or_none(&l.vtep_mac_v6));
-            }
-        }
-        rows.push(row);
-    }
-    table(&rows)
+    let pick = |v4: &str, v6: &str| or_none(if v6_only { v6 } else { v4 });
+    let [subnet, ip, mac] = if v6_only {
+        ["IPV6-SUBNET", "PUBLIC-IPV6", "VTEP-MAC-V6"]
+    } else {
+        ["SUBNET", "PUBLIC-IP", "VTEP-MAC"]
+    };
+    listing(
+        leases,
+        &[
+            ("NODE", true, &|l| or_none(&l.node_name)),
+            (subnet, true, &|l| pick(&l.subnet, &l.ipv6_subnet)),
+            ("IPV6-SUBNET", dual, &|l| or_none(&l.ipv6_subnet)),
+            (ip, true, &|l| pick(&l.public_ip, &l.public_ipv6)),
+            (mac, true, &|l| pick(&l.vtep_mac, &l.vtep_mac_v6)),
+            ("EXPIRES-IN", true, &|l| expires_in(l.expires_at_unix, now)),
+            ("RESERVED", true, &|l| yes_no(l.reserved)),
+            ("VNI", wide, &|l| l.vni.to_string()),
+            ("REVISION", wide, &|l| l.revision.to_string()),
+            ("PUBLIC-IPV6", wide && dual, &|l| or_none(&l.public_ipv6)),
+            ("VTEP-MAC-V6", wide && dual, &|l| or_none(&l.vtep_mac_v6)),
+        ],
+    )
 }
 
 /// `lease get`: the one-row table, or the lease document.
 pub fn render_lease(lease: &Lease, format: Format, now: SystemTime) -> String {
-    match format {
-        Format::Table | Format::Wide => {
-            lease_table(std::slice::from_ref(lease), format == Format::Wide, now)
-        }
-        Format::Json => json(&LeaseDoc::from(lease)),
-        Format::Yaml => yaml(&LeaseDoc::from(lease)),
-    }
+    render(
+        format,
+        || LeaseDoc::from(lease),
+        |wide| lease_table(std::slice::from_ref(lease), wide, now),
+    )
 }
 
 /// `lease revoke`: a kubectl-style confirmation, or the revoked lease's document.
 pub fn render_revoked(lease: &Lease, format: Format) -> String {
-    match format {
-        Format::Table | Format::Wide => {
+    render(
+        format,
+        || LeaseDoc::from(lease),
+        |_| {
             format!(
                 "lease/{}{} revoked (subnet {})\n",
                 lease.node_name,
                 in_network(&lease.network),
                 or_none(&both(&lease.subnet, &lease.ipv6_subnet))
             )
-        }
-        Format::Json => json(&LeaseDoc::from(lease)),
-        Format::Yaml => yaml(&LeaseDoc::from(lease)),
-    }
+        },
+    )
 }
 
 /// One reservation as printed by `-o json` / `-o yaml`.
@@ -278,54 +254,39 @@ fn reservation_doc(r: &Reservation, leases: Option<&[Lease]>) -> ReservationDoc 
 /// `reserve` / `unreserve`: a confirmation (`verb`: "created" / "deleted"), or the
 /// reservation's document.
 pub fn render_reservation_change(r: &Reservation, verb: &str, format: Format) -> String {
-    match format {
-        Format::Table | Format::Wide => format!(
-            "reservation/{}{} {verb} (subnet {})\n",
-            r.node_name,
-            in_network(&r.network),
-            or_none(&both(&r.subnet, &r.ipv6_subnet))
-        ),
-        Format::Json => json(&reservation_doc(r, None)),
-        Format::Yaml => yaml(&reservation_doc(r, None)),
-    }
+    render(
+        format,
+        || reservation_doc(r, None),
+        |_| {
+            format!(
+                "reservation/{}{} {verb} (subnet {})\n",
+                r.node_name,
+                in_network(&r.network),
+                or_none(&both(&r.subnet, &r.ipv6_subnet))
+            )
+        },
+    )
 }
 
 /// `reservations`: NODE, SUBNET (wide: IN-USE, from `leases`). An empty
 /// table renders as an empty string (the caller says so on stderr).
 pub fn render_reservations(rs: &[Reservation], leases: Option<&[Lease]>, format: Format) -> String {
-    let doc = ReservationsDoc {
+    let doc = || ReservationsDoc {
         reservations: rs.iter().map(|r| reservation_doc(r, leases)).collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if rs.is_empty() {
-                return String::new();
-            }
-            let wide = format == Format::Wide && leases.is_some();
-            let dual = rs.iter().any(|r| !r.ipv6_subnet.is_empty());
-            let mut header = vec!["NODE", "SUBNET"];
-            if dual {
-                header.push("IPV6-SUBNET");
-            }
-            if wide {
-                header.push("IN-USE");
-            }
-            let mut rows = vec![strings(&header)];
-            for r in &doc.reservations {
-                let mut row = vec![or_none(&r.node_name), or_none(&r.subnet)];
-                if dual {
-                    row.push(or_none(&r.ipv6_subnet));
-                }
-                if wide {
-                    row.push(yes_no(r.in_use.unwrap_or(false)));
-                }
-                rows.push(row);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc),
-        Format::Yaml => yaml(&doc),
-    }
+    render(format, doc, |wide| {
+        let dual = rs.iter().any(|r| !r.ipv6_subnet.is_empty());
+        let in_use = wide && leases.is_some();
+        listing(
+            &doc().reservations,
+            &[
+                ("NODE", true, &|r| or_none(&r.node_name)),
+                ("SUBNET", true, &|r| or_none(&r.subnet)),
+                ("IPV6-SUBNET", dual, &|r| or_none(&r.ipv6_subnet)),
+                ("IN-USE", in_use, &|r| yes_no(r.in_use.unwrap_or(false))),
+            ],
+        )
+    })
 }
 
 /// The effective network configuration as printed by `config -o json|yaml`.
@@ -392,8 +353,10 @@ impl From<&GetConfigResponse> for ConfigDoc {
 /// `config`: FIELD / VALUE rows named as in net-conf.json (wide: plus the document
 /// itself on one line), or the config document.
 pub fn render_config(c: &GetConfigResponse, format: Format) -> String {
-    match format {
-        Format::Table | Format::Wide => {
+    render(
+        format,
+        || ConfigDoc::from(c),
+        |wide| {
             let port = match c.port {
                 0 => "0 (kernel default, 8472)".to_string(),
                 p => p.to_string(),
@@ -427,17 +390,15 @@ pub fn render_config(c: &GetConfigResponse, format: Format) -> String {
                 ];
                 rows.splice(5..5, v6);
             }
-            if format == Format::Wide {
+            if wide {
                 let compact = serde_json::from_str::<serde_json::Value>(&c.net_conf_json)
                     .map(|v| v.to_string())
                     .unwrap_or_else(|_| c.net_conf_json.replace('\n', " "));
                 rows.push(strings(&["net-conf.json", &compact]));
             }
             table(&rows)
-        }
-        Format::Json => json(&ConfigDoc::from(c)),
-        Format::Yaml => yaml(&ConfigDoc::from(c)),
-    }
+        },
+    )
 }
 
 /// One network as printed by `networks -o json|yaml`.
@@ -501,47 +462,36 @@ pub fn render_networks(networks: &[NetworkInfo], format: Format) -> String {
     let doc = || NetworksDoc {
         networks: networks.iter().map(NetworkDoc::from).collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if networks.is_empty() {
-                return String::new();
+    render(format, doc, |wide| {
+        let vni = |n: &NetworkInfo| {
+            if n.backend_type == "host-gw" || n.vni == 0 {
+                "—".to_string()
+            } else {
+                n.vni.to_string()
             }
-            let wide = format == Format::Wide;
-            let mut header = vec![
-                "NAME", "IPV4", "IPV6", "VNI", "BACKEND", "NODES", "LEASES", "FREE", "STATUS",
-            ];
-            if wide {
-                header.push("TOTAL");
-            }
-            let mut rows = vec![strings(&header)];
-            for n in networks {
-                let vni = if n.backend_type == "host-gw" || n.vni == 0 {
-                    "—".to_string()
-                } else {
-                    n.vni.to_string()
-                };
-                let nodes: Vec<String> = n.nodes.iter().map(|p| one_line(p)).collect();
-                let mut row = vec![
-                    or_none(&one_line(&n.name)),
-                    or_none(&n.ipv4_network),
-                    or_none(&n.ipv6_network),
-                    vni,
-                    or_none(&n.backend_type),
-                    joined(nodes, (!wide).then_some(TABLE_NODES)),
-                    n.leases.to_string(),
-                    n.subnets_free.to_string(),
-                    if n.retired { "retired" } else { "active" }.to_string(),
-                ];
-                if wide {
-                    row.push(n.subnets_total.to_string());
-                }
-                rows.push(row);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc()),
-        Format::Yaml => yaml(&doc()),
-    }
+        };
+        let nodes = |n: &NetworkInfo| {
+            let all = n.nodes.iter().map(|p| one_line(p)).collect();
+            joined(all, (!wide).then_some(TABLE_NODES))
+        };
+        listing(
+            networks,
+            &[
+                ("NAME", true, &|n| or_none(&one_line(&n.name))),
+                ("IPV4", true, &|n| or_none(&n.ipv4_network)),
+                ("IPV6", true, &|n| or_none(&n.ipv6_network)),
+                ("VNI", true, &vni),
+                ("BACKEND", true, &|n| or_none(&n.backend_type)),
+                ("NODES", true, &nodes),
+                ("LEASES", true, &|n| n.leases.to_string()),
+                ("FREE", true, &|n| n.subnets_free.to_string()),
+                ("STATUS", true, &|n| {
+                    if n.retired { "retired" } else { "active" }.to_string()
+                }),
+                ("TOTAL", wide, &|n| n.subnets_total.to_string()),
+            ],
+        )
+    })
 }
 
 /// One pod as printed by `pods -o json|yaml`.
@@ -598,60 +548,41 @@ pub fn render_pods(pods: &[PodAttachment], format: Format, now: SystemTime) -> S
     let doc = || PodsDoc {
         pods: pods.iter().map(PodDoc::of).collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if pods.is_empty() {
-                return String::new();
-            }
-            let wide = format == Format::Wide;
-            let mut header = vec![
-                "NAMESPACE",
-                "POD",
-                "NODE",
-                "NETWORK",
-                "IP",
-                "IPV6",
-                "CONTAINER",
-                "AGE",
-            ];
-            if wide {
-                header.push("IFNAME");
-            }
-            let mut rows = vec![strings(&header)];
-            for p in pods {
-                let of = |v6: bool| {
-                    p.ips
-                        .iter()
-                        .filter(|ip| ip.contains(':') == v6)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                let container = if wide {
-                    p.container_id.clone()
-                } else {
-                    p.container_id.chars().take(12).collect()
-                };
-                let mut row = vec![
-                    or_none(&one_line(&p.namespace)),
-                    or_none(&one_line(&p.pod)),
-                    or_none(&p.node_name),
-                    network_name(&p.network),
-                    or_none(&of(false)),
-                    or_none(&of(true)),
-                    or_none(&one_line(&container)),
-                    age(p.added_at_unix, now),
-                ];
-                if wide {
-                    row.push(or_none(&one_line(&p.ifname)));
-                }
-                rows.push(row);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc()),
-        Format::Yaml => yaml(&doc()),
-    }
+    render(format, doc, |wide| {
+        let ips = |p: &PodAttachment, v6: bool| {
+            let of: Vec<_> = p
+                .ips
+                .iter()
+                .filter(|ip| ip.contains(':') == v6)
+                .cloned()
+                .collect();
+            or_none(&of.join(","))
+        };
+        listing(
+            pods,
+            &[
+                ("NAMESPACE", true, &|p| or_none(&one_line(&p.namespace))),
+                ("POD", true, &|p| or_none(&one_line(&p.pod))),
+                ("NODE", true, &|p| or_none(&p.node_name)),
+                ("NETWORK", true, &|p| network_name(&p.network)),
+                ("IP", true, &|p| ips(p, false)),
+                ("IPV6", true, &|p| ips(p, true)),
+                ("CONTAINER", true, &|p| container(&p.container_id, wide)),
+                ("AGE", true, &|p| age(p.added_at_unix, now)),
+                ("IFNAME", wide, &|p| or_none(&one_line(&p.ifname))),
+            ],
+        )
+    })
+}
+
+/// A CONTAINER cell: the whole ID with `-o wide`, else its first 12 characters.
+fn container(id: &str, wide: bool) -> String {
+    let id: String = if wide {
+        id.to_string()
+    } else {
+        id.chars().take(12).collect()
+    };
+    or_none(&one_line(&id))
 }
 
 /// One subnet as printed by `ipam -o json|yaml`.
@@ -694,33 +625,24 @@ pub fn render_ipam(usage: &[PodAddressUsage], format: Format) -> String {
             })
             .collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if usage.is_empty() {
-                return String::new();
-            }
-            let mut rows = vec![strings(&[
-                "NODE", "NETWORK", "FAMILY", "SUBNET", "USED", "TOTAL", "USE%",
-            ])];
-            for u in usage {
-                let share = (u.used.saturating_mul(100))
-                    .checked_div(u.total)
-                    .map_or_else(|| "—".to_string(), |p| format!("{p}%"));
-                rows.push(vec![
-                    u.node_name.clone(),
-                    network_name(&u.network),
-                    u.family.clone(),
-                    u.subnet.clone(),
-                    u.used.to_string(),
-                    u.total.to_string(),
-                    share,
-                ]);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc()),
-        Format::Yaml => yaml(&doc()),
-    }
+    render(format, doc, |_| {
+        listing(
+            usage,
+            &[
+                ("NODE", true, &|u| u.node_name.clone()),
+                ("NETWORK", true, &|u| network_name(&u.network)),
+                ("FAMILY", true, &|u| u.family.clone()),
+                ("SUBNET", true, &|u| u.subnet.clone()),
+                ("USED", true, &|u| u.used.to_string()),
+                ("TOTAL", true, &|u| u.total.to_string()),
+                ("USE%", true, &|u| {
+                    (u.used.saturating_mul(100))
+                        .checked_div(u.total)
+                        .map_or_else(|| "—".to_string(), |p| format!("{p}%"))
+                }),
+            ],
+        )
+    })
 }
 
 /// One finding as printed by `ipam check -o json|yaml`.
@@ -760,31 +682,18 @@ pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String
             })
             .collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if findings.is_empty() {
-                return String::new();
-            }
-            let mut rows = vec![strings(&["NODE", "NETWORK", "IP", "KIND", "CONTAINER"])];
-            for f in findings {
-                let container = if format == Format::Wide {
-                    f.container_id.clone()
-                } else {
-                    f.container_id.chars().take(12).collect()
-                };
-                rows.push(vec![
-                    f.node_name.clone(),
-                    network_name(&f.network),
-                    f.ip.clone(),
-                    f.kind.to_ascii_uppercase(),
-                    or_none(&one_line(&container)),
-                ]);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc()),
-        Format::Yaml => yaml(&doc()),
-    }
+    render(format, doc, |wide| {
+        listing(
+            findings,
+            &[
+                ("NODE", true, &|f| f.node_name.clone()),
+                ("NETWORK", true, &|f| network_name(&f.network)),
+                ("IP", true, &|f| f.ip.clone()),
+                ("KIND", true, &|f| f.kind.to_ascii_uppercase()),
+                ("CONTAINER", true, &|f| container(&f.container_id, wide)),
+            ],
+        )
+    })
 }
 
 /// For `status` in `table`/`wide` form: the subnets of `usage` at 90 % or more, as a
@@ -810,11 +719,11 @@ pub fn render_nearly_full(usage: &[PodAddressUsage], format: Format) -> String {
 
 /// `ip`: the answer as a sentence, or as a document.
 pub fn render_ip(answer: &crate::lookup::Answer, format: Format) -> String {
-    match format {
-        Format::Table | Format::Wide => format!("{}\n", crate::lookup::sentence(answer)),
-        Format::Json => json(answer),
-        Format::Yaml => yaml(answer),
-    }
+    render(
+        format,
+        || answer,
+        |_| format!("{}\n", crate::lookup::sentence(answer)),
+    )
 }
 
 /// One open watch stream as printed by `status -o json|yaml`.
@@ -963,8 +872,10 @@ impl From<&StatusResponse> for StatusDoc {
 /// time left on each agent's certificate. Without replicas (the sled store) the output
 /// is what it was before high availability.
 pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> String {
-    match format {
-        Format::Table | Format::Wide => {
+    render(
+        format,
+        || StatusDoc::from(s),
+        |wide| {
             let ha = !s.replicas.is_empty();
             let mut summary = vec![
                 strings(&["Version:", &or_none(&s.version)]),
@@ -1005,64 +916,45 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                     ),
                 ]));
             }
+            let off_link = listing(
+                &s.off_link,
+                &[
+                    ("NODE", true, &|o| o.node.clone()),
+                    ("UNDERLAY", true, &|o| o.underlay.clone()),
+                    ("NO-ROUTE-TO", true, &|o| o.peers.join(",")),
+                ],
+            );
+            let agents = listing(
+                &s.agents,
+                &[
+                    ("NAME", true, &|a| or_none(&a.name)),
+                    ("CONNECTED", true, &|a| age(a.connected_at_unix, now)),
+                    ("LAST-SEEN", true, &|a| age(a.last_seen_unix, now)),
+                    ("REVISION", true, &|a| a.revision.to_string()),
+                    ("LAG", true, &|a| a.revision_lag.to_string()),
+                    ("CERT-EXPIRES", true, &|a| {
+                        expires_in(a.cert_not_after_unix, now)
+                    }),
+                    ("REPLICA", ha, &|a| or_none(&one_line(&a.replica))),
+                    ("CONNECTED-AT", wide, &|a| {
+                        rfc3339_or_none(a.connected_at_unix)
+                    }),
+                    ("LAST-SEEN-AT", wide, &|a| rfc3339_or_none(a.last_seen_unix)),
+                    ("CERT-NOT-AFTER", wide, &|a| {
+                        rfc3339_or_none(a.cert_not_after_unix)
+                    }),
+                ],
+            );
             let mut out = table(&summary);
-            if ha {
-                out.push('\n');
-                out.push_str(&replica_table(&s.replicas));
-            }
-            if !s.off_link.is_empty() {
-                let mut rows = vec![strings(&["NODE", "UNDERLAY", "NO-ROUTE-TO"])];
-                for o in &s.off_link {
-                    rows.push(vec![o.node.clone(), o.underlay.clone(), o.peers.join(",")]);
+            for part in [replica_table(&s.replicas), off_link, agents] {
+                if !part.is_empty() {
+                    out.push('\n');
+                    out.push_str(&part);
                 }
-                out.push('\n');
-                out.push_str(&table(&rows));
             }
-            if s.agents.is_empty() {
-                return out;
-            }
-            let wide = format == Format::Wide;
-            let mut header = vec![
-                "NAME",
-                "CONNECTED",
-                "LAST-SEEN",
-                "REVISION",
-                "LAG",
-                "CERT-EXPIRES",
-            ];
-            if ha {
-                header.push("REPLICA");
-            }
-            if wide {
-                header.extend(["CONNECTED-AT", "LAST-SEEN-AT", "CERT-NOT-AFTER"]);
-            }
-            let mut rows = vec![strings(&header)];
-            for a in &s.agents {
-                let mut row = vec![
-                    or_none(&a.name),
-                    age(a.connected_at_unix, now),
-                    age(a.last_seen_unix, now),
-                    a.revision.to_string(),
-                    a.revision_lag.to_string(),
-                    expires_in(a.cert_not_after_unix, now),
-                ];
-                if ha {
-                    row.push(or_none(&one_line(&a.replica)));
-                }
-                if wide {
-                    row.push(or_none(&unix_to_rfc3339(a.connected_at_unix)));
-                    row.push(or_none(&unix_to_rfc3339(a.last_seen_unix)));
-                    row.push(or_none(&unix_to_rfc3339(a.cert_not_after_unix)));
-                }
-                rows.push(row);
-            }
-            out.push('\n');
-            out.push_str(&table(&rows));
             out
-        }
-        Format::Json => json(&StatusDoc::from(s)),
-        Format::Yaml => yaml(&StatusDoc::from(s)),
-    }
+        },
+    )
 }
 
 /// The `Replicas:` line of `status`: how many, which one leads, how many did not answer.
@@ -1081,31 +973,29 @@ fn replicas_summary(replicas: &[Replica]) -> String {
 /// answer (its AGENTS are then unknown).
 fn replica_table(replicas: &[Replica]) -> String {
     let errors = replicas.iter().any(|r| !r.error.is_empty());
-    let mut header = vec!["URL", "ROLE", "AGENTS"];
-    if errors {
-        header.push("ERROR");
-    }
-    let mut rows = vec![strings(&header)];
-    for r in replicas {
-        let mut row = vec![
-            or_none(&one_line(&r.url)),
-            if r.leader { "leader" } else { "follower" }.to_string(),
-            if r.error.is_empty() {
-                r.agents.to_string()
-            } else {
-                "<unknown>".to_string()
-            },
-        ];
-        if errors {
-            row.push(if r.error.is_empty() {
-                "<none>".to_string()
-            } else {
-                format!("unreachable: {}", one_line(&r.error))
-            });
-        }
-        rows.push(row);
-    }
-    table(&rows)
+    listing(
+        replicas,
+        &[
+            ("URL", true, &|r| or_none(&one_line(&r.url))),
+            ("ROLE", true, &|r| {
+                if r.leader { "leader" } else { "follower" }.to_string()
+            }),
+            ("AGENTS", true, &|r| {
+                if r.error.is_empty() {
+                    r.agents.to_string()
+                } else {
+                    "<unknown>".to_string()
+                }
+            }),
+            ("ERROR", errors, &|r| {
+                if r.error.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    format!("unreachable: {}", one_line(&r.error))
+                }
+            }),
+        ],
+    )
 }
 
 /// One bootstrap token as printed by `token list -o json|yaml`. There is deliberately no
@@ -1218,57 +1108,35 @@ pub struct TokensDoc {
 /// table renders as an empty string (the caller says so on stderr). `now` is the
 /// reference for the ages.
 pub fn render_tokens(tokens: &[BootstrapToken], format: Format, now: SystemTime) -> String {
-    match format {
-        Format::Table | Format::Wide => {
-            if tokens.is_empty() {
-                return String::new();
-            }
-            let wide = format == Format::Wide;
-            let mut header = vec![
-                "ID",
-                "DESCRIPTION",
-                "NODES",
-                "EXPIRES-IN",
-                "USES",
-                "LAST-USED",
-            ];
-            if wide {
-                header.extend(["USES-LEFT", "CREATED", "EXPIRES-AT"]);
-            }
-            let mut rows = vec![strings(&header)];
-            for t in tokens {
-                let mut row = vec![
-                    or_none(&one_line(&t.id)),
-                    or_none(&one_line(&t.description)),
-                    token_nodes(t, (!wide).then_some(TABLE_NODES)),
-                    expires_in(t.expires_at_unix, now),
-                    token_uses(t),
+    let doc = || TokensDoc {
+        tokens: tokens.iter().map(TokenDoc::from).collect(),
+    };
+    render(format, doc, |wide| {
+        listing(
+            tokens,
+            &[
+                ("ID", true, &|t| or_none(&one_line(&t.id))),
+                ("DESCRIPTION", true, &|t| or_none(&one_line(&t.description))),
+                ("NODES", true, &|t| {
+                    token_nodes(t, (!wide).then_some(TABLE_NODES))
+                }),
+                ("EXPIRES-IN", true, &|t| expires_in(t.expires_at_unix, now)),
+                ("USES", true, &token_uses),
+                ("LAST-USED", true, &|t| {
                     if t.last_used_unix <= 0 {
                         "never".to_string()
                     } else {
                         age(t.last_used_unix, now)
-                    },
-                ];
-                if wide {
-                    row.push(
-                        uses_left(t).map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
-                    );
-                    row.push(age(t.created_at_unix, now));
-                    row.push(or_none(&unix_to_rfc3339(t.expires_at_unix)));
-                }
-                rows.push(row);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&tokens_doc(tokens)),
-        Format::Yaml => yaml(&tokens_doc(tokens)),
-    }
-}
-
-fn tokens_doc(tokens: &[BootstrapToken]) -> TokensDoc {
-    TokensDoc {
-        tokens: tokens.iter().map(TokenDoc::from).collect(),
-    }
+                    }
+                }),
+                ("USES-LEFT", wide, &|t| {
+                    uses_left(t).map_or_else(|| "unlimited".to_string(), |n| n.to_string())
+                }),
+                ("CREATED", wide, &|t| age(t.created_at_unix, now)),
+                ("EXPIRES-AT", wide, &|t| rfc3339_or_none(t.expires_at_unix)),
+            ],
+        )
+    })
 }
 
 /// The id of a token given as `ID` or as a whole `ID.SECRET` token: what may be printed
@@ -1292,15 +1160,11 @@ pub struct TokenDeletedDoc {
 /// (an id, or a whole token whose secret is not repeated).
 pub fn render_token_deleted(arg: &str, format: Format) -> String {
     let id = one_line(token_id(arg));
-    let doc = TokenDeletedDoc {
+    let doc = || TokenDeletedDoc {
         id: id.clone(),
         deleted: true,
     };
-    match format {
-        Format::Table | Format::Wide => format!("token/{id} deleted\n"),
-        Format::Json => json(&doc),
-        Format::Yaml => yaml(&doc),
-    }
+    render(format, doc, |_| format!("token/{id} deleted\n"))
 }
 
 /// One node certificate the controller signed, as printed by `certs issued -o json|yaml`.
@@ -1357,50 +1221,29 @@ pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTim
     let doc = || IssuedCertificatesDoc {
         certificates: certs.iter().map(IssuedCertificateDoc::from).collect(),
     };
-    match format {
-        Format::Table | Format::Wide => {
-            if certs.is_empty() {
-                return String::new();
-            }
-            let wide = format == Format::Wide;
-            let mut header = vec![
-                "NODE",
-                "SERIAL",
-                "ISSUED",
-                "EXPIRES-IN",
-                "TOKEN",
-                "KEY-SHA256",
-            ];
-            if wide {
-                header.extend(["ISSUED-AT", "NOT-AFTER"]);
-            }
-            let mut rows = vec![strings(&header)];
-            for c in certs {
-                let key = one_line(&c.key_sha256);
-                let key = if wide {
-                    key
-                } else {
-                    key.chars().take(TABLE_KEY_DIGITS).collect()
-                };
-                let mut row = vec![
-                    or_none(&one_line(&c.node_name)),
-                    or_none(&one_line(&c.serial)),
-                    age(c.issued_at_unix, now),
-                    expires_in(c.not_after_unix, now),
-                    or_none(&one_line(&c.token_id)),
-                    or_none(&key),
-                ];
-                if wide {
-                    row.push(or_none(&unix_to_rfc3339(c.issued_at_unix)));
-                    row.push(or_none(&unix_to_rfc3339(c.not_after_unix)));
-                }
-                rows.push(row);
-            }
-            table(&rows)
-        }
-        Format::Json => json(&doc()),
-        Format::Yaml => yaml(&doc()),
-    }
+    render(format, doc, |wide| {
+        let key = |c: &IssuedCertificate| {
+            let key = one_line(&c.key_sha256);
+            or_none(&if wide {
+                key
+            } else {
+                key.chars().take(TABLE_KEY_DIGITS).collect()
+            })
+        };
+        listing(
+            certs,
+            &[
+                ("NODE", true, &|c| or_none(&one_line(&c.node_name))),
+                ("SERIAL", true, &|c| or_none(&one_line(&c.serial))),
+                ("ISSUED", true, &|c| age(c.issued_at_unix, now)),
+                ("EXPIRES-IN", true, &|c| expires_in(c.not_after_unix, now)),
+                ("TOKEN", true, &|c| or_none(&one_line(&c.token_id))),
+                ("KEY-SHA256", true, &key),
+                ("ISSUED-AT", wide, &|c| rfc3339_or_none(c.issued_at_unix)),
+                ("NOT-AFTER", wide, &|c| rfc3339_or_none(c.not_after_unix)),
+            ],
+        )
+    })
 }
 
 /// A table cell on one line: control characters (newlines, tabs) become spaces, so a
@@ -1671,6 +1514,38 @@ pub fn humanize(d: Duration) -> String {
     } else {
         format!("{days}d")
     }
+}
+
+/// `-o table|wide`: what `table(wide)` draws; `-o json|yaml`: the document `doc()` makes.
+fn render<D: Serialize>(
+    format: Format,
+    doc: impl FnOnce() -> D,
+    table: impl FnOnce(bool) -> String,
+) -> String {
+    match format {
+        Format::Table | Format::Wide => table(format == Format::Wide),
+        Format::Json => json(&doc()),
+        Format::Yaml => yaml(&doc()),
+    }
+}
+
+/// A listing's column: its header, whether it is shown, and its cell for one item.
+type Column<'a, T> = (&'a str, bool, &'a dyn Fn(&T) -> String);
+
+/// The table of `items` in the columns shown, a header first; an empty string for no
+/// items (the caller says so on stderr, as kubectl does).
+fn listing<T>(items: &[T], columns: &[Column<T>]) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<_> = columns.iter().filter(|c| c.1).collect();
+    let mut rows = vec![shown.iter().map(|c| c.0.to_string()).collect()];
+    rows.extend(
+        items
+            .iter()
+            .map(|i| shown.iter().map(|c| (c.2)(i)).collect()),
+    );
+    table(&rows)
 }
 
 /// Left-aligned columns separated by three spaces, without trailing blanks (kubectl's look).
