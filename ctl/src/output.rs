@@ -103,10 +103,11 @@ impl From<&Lease> for LeaseDoc {
 /// A network's name from its wire form, where empty means `default`.
 fn network_name(wire: &str) -> String {
     if wire.is_empty() {
-        DEFAULT_NETWORK.to_string()
+        DEFAULT_NETWORK
     } else {
-        wire.to_string()
+        wire
     }
+    .to_string()
 }
 
 /// ` in network NAME` for the confirmations of `lease revoke`, `reserve` and
@@ -1331,21 +1332,21 @@ impl WatchPrinter {
             Format::Table | Format::Wide => {
                 let wide = self.format == Format::Wide;
                 if !self.header_done {
-                    let mut h = strings(&[
+                    let mut h = vec![
                         "REVISION",
                         "TYPE",
                         "NODE",
                         "SUBNET",
                         "PUBLIC-IP",
                         "VTEP-MAC",
-                    ]);
+                    ];
                     if wide {
-                        h.extend(strings(&["EXPIRES-IN", "VNI"]));
+                        h.extend(["EXPIRES-IN", "VNI"]);
                     }
                     if self.network_column {
-                        h.push("NETWORK".to_string());
+                        h.push("NETWORK");
                     }
-                    out.push_str(&watch_line(&h));
+                    out.push_str(&padded_line(&strings(&h), &WATCH_WIDTHS));
                     self.header_done = true;
                 }
                 for d in &docs {
@@ -1377,7 +1378,7 @@ impl WatchPrinter {
                             ));
                         }
                     }
-                    out.push_str(&watch_line(&row));
+                    out.push_str(&padded_line(&row, &WATCH_WIDTHS));
                 }
             }
             Format::Json => {
@@ -1397,12 +1398,14 @@ impl WatchPrinter {
     }
 }
 
-fn watch_line(cells: &[String]) -> String {
+/// One line of cells padded to `widths` (a wider cell pushes the line out) and three
+/// spaces, without trailing blanks.
+fn padded_line(cells: &[String], widths: &[usize]) -> String {
     let mut line = String::new();
     for (i, c) in cells.iter().enumerate() {
         line.push_str(c);
         if i + 1 < cells.len() {
-            let w = WATCH_WIDTHS.get(i).copied().unwrap_or(0);
+            let w = widths.get(i).copied().unwrap_or(0);
             let pad = w.saturating_sub(c.chars().count()) + 3;
             line.extend(std::iter::repeat_n(' ', pad));
         }
@@ -1434,11 +1437,15 @@ fn age(unix: i64, now: SystemTime) -> String {
     if unix <= 0 {
         return "<unknown>".to_string();
     }
-    let now = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    humanize(Duration::from_secs(now.saturating_sub(unix).max(0) as u64))
+    humanize(Duration::from_secs(
+        unix_secs(now).saturating_sub(unix).max(0) as u64,
+    ))
+}
+
+/// `now` in seconds since the Unix epoch (0 before it).
+fn unix_secs(now: SystemTime) -> i64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `20.0 MiB`.
@@ -1465,11 +1472,7 @@ pub fn json<T: Serialize>(doc: &T) -> String {
 }
 
 fn or_none(s: &str) -> String {
-    if s.is_empty() {
-        "<none>".to_string()
-    } else {
-        s.to_string()
-    }
+    if s.is_empty() { "<none>" } else { s }.to_string()
 }
 
 /// EXPIRES-IN and CERT-EXPIRES columns: the time left until `expires_at_unix`,
@@ -1478,11 +1481,7 @@ fn expires_in(expires_at_unix: i64, now: SystemTime) -> String {
     if expires_at_unix <= 0 {
         return "<unknown>".to_string();
     }
-    let now = match now.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(_) => 0,
-    };
-    let left = expires_at_unix - now;
+    let left = expires_at_unix - unix_secs(now);
     if left < 0 {
         return "expired".to_string();
     }
@@ -1557,20 +1556,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            line.push_str(cell);
-            if i + 1 < row.len() {
-                let pad = widths[i] - cell.chars().count() + 3;
-                line.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    rows.iter().map(|row| padded_line(row, &widths)).collect()
 }
 
 /// YAML for a document, keys in the order the struct declares them. Strings are
