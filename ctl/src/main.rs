@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -677,8 +677,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status {
             network: NetworkFlag { network },
         } => {
-            let net = network.clone();
-            let (s, usage) = call_in(conn, "status", &network, |mut a| async move {
+            let (s, usage) = call_in(conn, "status", network, |mut a, net| async move {
                 let s = a.status(&net).await?;
                 // A controller from before the pod view has no usage to give.
                 let usage = a
@@ -790,8 +789,7 @@ fn run(cli: Cli) -> Result<()> {
             subnets,
         } => {
             let (v4, v6) = per_family(&subnets)?;
-            let net = network.clone();
-            let r = call_in(conn, "reserve", &network, |mut a| async move {
+            let r = call_in(conn, "reserve", network, |mut a, net| async move {
                 a.reserve(&net, &node, &v4, &v6).await
             })?;
             emit(&output::render_reservation_change(
@@ -804,8 +802,7 @@ fn run(cli: Cli) -> Result<()> {
             network: NetworkFlag { network },
             node,
         } => {
-            let net = network.clone();
-            let r = call_in(conn, "unreserve", &network, |mut a| async move {
+            let r = call_in(conn, "unreserve", network, |mut a, net| async move {
                 a.unreserve(&net, &node).await
             })?;
             emit(&output::render_reservation_change(
@@ -820,8 +817,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config {
             network: NetworkFlag { network },
         } => {
-            let net = network.clone();
-            let c = call_in(conn, "config", &network, |mut a| async move {
+            let c = call_in(conn, "config", network, |mut a, net| async move {
                 a.get_config(&net).await
             })?;
             emit(&output::render_config(&c, conn.output))
@@ -920,8 +916,8 @@ fn leases(
     subnet: String,
     page_size: u32,
 ) -> Result<()> {
-    let (p, sn, net) = (prefix.clone(), subnet.clone(), network.clone());
-    let resp = call_in(conn, "leases", &network, |mut a| async move {
+    let (p, sn) = (prefix.clone(), subnet.clone());
+    let resp = call_in(conn, "leases", network.clone(), |mut a, net| async move {
         a.list_all_leases(&net, &p, &sn, page_size).await
     })?;
     let mut why = Vec::new();
@@ -961,8 +957,7 @@ fn lease(conn: &ConnFlags, cmd: LeaseCommand) -> Result<()> {
             network: NetworkFlag { network },
             node,
         } => {
-            let net = network.clone();
-            let l = call_in(conn, "lease get", &network, |mut a| async move {
+            let l = call_in(conn, "lease get", network, |mut a, net| async move {
                 a.get_lease(&net, &node).await
             })?;
             emit(&output::render_lease(&l, conn.output, SystemTime::now()))
@@ -971,8 +966,7 @@ fn lease(conn: &ConnFlags, cmd: LeaseCommand) -> Result<()> {
             network: NetworkFlag { network },
             node,
         } => {
-            let net = network.clone();
-            let l = call_in(conn, "lease revoke", &network, |mut a| async move {
+            let l = call_in(conn, "lease revoke", network, |mut a, net| async move {
                 a.revoke_lease(&net, &node).await
             })?;
             emit(&output::render_revoked(&l, conn.output))
@@ -985,8 +979,7 @@ fn lease(conn: &ConnFlags, cmd: LeaseCommand) -> Result<()> {
 fn reservations(conn: &ConnFlags, network: NetworkName) -> Result<()> {
     let format = conn.output;
     let wide = format != Format::Table;
-    let net = network.clone();
-    let (rs, leases) = call_in(conn, "reservations", &network, |mut a| async move {
+    let (rs, leases) = call_in(conn, "reservations", network, |mut a, net| async move {
         let rs = a.list_reservations(&net).await?;
         let leases = if wide && !rs.is_empty() {
             Some(a.list_all_leases(&net, "", "", PAGE_SIZE).await?.leases)
@@ -1047,7 +1040,6 @@ fn per_family(subnets: &[Cidr]) -> Result<(String, String)> {
     Ok((v4, v6))
 }
 
-/// Writes to stdout; a closed pipe (`twillctl ... | head`) is not an error.
 /// Prints a list; an empty one says so on stderr (as kubectl does), so that stdout
 /// stays parseable.
 fn emit_list(text: &str, none: &str) -> Result<()> {
@@ -1058,19 +1050,25 @@ fn emit_list(text: &str, none: &str) -> Result<()> {
 }
 
 fn emit(text: &str) -> Result<()> {
+    write_stdout(text).map(drop)
+}
+
+/// Writes to stdout; false when the reader is gone (`twillctl ... | head`), which is not
+/// an error.
+fn write_stdout(text: &str) -> Result<bool> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("cannot write to stdout")
-        }
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("cannot write to stdout"),
     }
 }
 
 /// Exits with clap's usage error (code 2) naming the missing flag, its variable and the
 /// config file key.
-fn missing(cmd: &str, flag: &str, env: &str, what: &str, file: &str) -> ! {
+fn missing(cmd: &str, flag: &str, what: &str, file: &str) -> ! {
     let key = flag.replace('-', "_");
+    let env = format!("TWILL_{}", key.to_uppercase());
     Cli::command()
         .error(
             clap::error::ErrorKind::MissingRequiredArgument,
@@ -1096,48 +1094,26 @@ fn connect_options(conn: &ConnFlags, cmd: &str) -> Result<ConnectOptions> {
         tls_server_name: conn.tls_server_name.clone(),
     };
     let s = flags.or(file);
-    let f = file_name.as_str();
-    let controller = s.controller.unwrap_or_else(|| {
-        missing(
-            cmd,
-            "controller",
-            "TWILL_CONTROLLER",
-            "the controller's URL, e.g. https://10.0.0.1:8474",
-            f,
-        )
-    });
-    let tls_cert = s.tls_cert.unwrap_or_else(|| {
-        missing(
-            cmd,
-            "tls-cert",
-            "TWILL_TLS_CERT",
-            "an admin client certificate (PEM)",
-            f,
-        )
-    });
-    let tls_key = s.tls_key.unwrap_or_else(|| {
-        missing(
-            cmd,
-            "tls-key",
-            "TWILL_TLS_KEY",
-            "the client certificate's key (PEM)",
-            f,
-        )
-    });
-    let tls_ca = s.tls_ca.unwrap_or_else(|| {
-        missing(
-            cmd,
-            "tls-ca",
-            "TWILL_TLS_CA",
-            "the CA certificate (PEM) that signed the controller's certificate",
-            f,
-        )
-    });
+    let need = |flag: &str, what: &str| -> ! { missing(cmd, flag, what, &file_name) };
     Ok(ConnectOptions {
-        controller,
-        tls_cert,
-        tls_key,
-        tls_ca,
+        controller: s.controller.unwrap_or_else(|| {
+            need(
+                "controller",
+                "the controller's URL, e.g. https://10.0.0.1:8474",
+            )
+        }),
+        tls_cert: s
+            .tls_cert
+            .unwrap_or_else(|| need("tls-cert", "an admin client certificate (PEM)")),
+        tls_key: s
+            .tls_key
+            .unwrap_or_else(|| need("tls-key", "the client certificate's key (PEM)")),
+        tls_ca: s.tls_ca.unwrap_or_else(|| {
+            need(
+                "tls-ca",
+                "the CA certificate (PEM) that signed the controller's certificate",
+            )
+        }),
         tls_server_name: s.tls_server_name,
         timeout: conn.timeout,
     })
@@ -1163,17 +1139,16 @@ where
     })
 }
 
-/// Like [`call`] for a command about `network`: first makes sure the controller serves
-/// it (see [`Admin::ensure_networks`]).
-fn call_in<T, F, Fut>(conn: &ConnFlags, cmd: &str, network: &NetworkName, f: F) -> Result<T>
+/// Like [`call`] for a command about `network`, which `f` is given: first makes sure
+/// the controller serves it (see [`Admin::ensure_networks`]).
+fn call_in<T, F, Fut>(conn: &ConnFlags, cmd: &str, network: NetworkName, f: F) -> Result<T>
 where
-    F: FnOnce(Admin) -> Fut,
+    F: FnOnce(Admin, NetworkName) -> Fut,
     Fut: std::future::Future<Output = Result<T, twill_ctl::client::ClientError>>,
 {
-    let networks = [network.clone()];
     call(conn, cmd, |mut a| async move {
-        a.ensure_networks(&networks).await?;
-        f(a).await
+        a.ensure_networks(std::slice::from_ref(&network)).await?;
+        f(a, network).await
     })
 }
 
@@ -1208,13 +1183,8 @@ fn watch(conn: &ConnFlags, networks: &[NetworkName], from_revision: u64) -> Resu
             };
             match msg {
                 Ok(Some(resp)) => {
-                    let text = printer.render(&resp, SystemTime::now());
-                    let mut out = std::io::stdout().lock();
-                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-                        if e.kind() == std::io::ErrorKind::BrokenPipe {
-                            return Ok(());
-                        }
-                        return Err(e).context("cannot write to stdout");
+                    if !write_stdout(&printer.render(&resp, SystemTime::now()))? {
+                        return Ok(());
                     }
                 }
                 Ok(None) => return Ok(()),
@@ -1240,31 +1210,16 @@ fn certs_issue(cmd: IssueCommand) -> Result<()> {
     let (role, flags) = match cmd {
         IssueCommand::Controller {
             mut dns,
-            ip,
+            ip: mut ips,
             replica,
             issue,
         } => {
-            if dns.is_empty() && ip.is_empty() {
+            if dns.is_empty() && ips.is_empty() {
                 dns.push("localhost".to_string());
+                ips.push(IpAddr::from([127, 0, 0, 1]));
                 eprintln!("note: no --dns or --ip given: using DNS:localhost and IP:127.0.0.1");
-                (
-                    Role::Controller {
-                        dns,
-                        ips: vec![IpAddr::from([127, 0, 0, 1])],
-                        replica,
-                    },
-                    issue,
-                )
-            } else {
-                (
-                    Role::Controller {
-                        dns,
-                        ips: ip,
-                        replica,
-                    },
-                    issue,
-                )
             }
+            (Role::Controller { dns, ips, replica }, issue)
         }
         IssueCommand::Node { name, issue } => (Role::Node(name), issue),
         IssueCommand::Admin { name, issue } => (Role::Admin(name), issue),
@@ -1293,14 +1248,10 @@ fn certs_issue(cmd: IssueCommand) -> Result<()> {
 fn report(w: &certs::Written, what: &str, not_after: SystemTime) {
     println!(
         "wrote {} (certificate: {what}; valid until {})",
-        shown(&w.cert),
+        w.cert.display(),
         certs::rfc3339(not_after)
     );
-    println!("wrote {} (private key, mode 0600)", shown(&w.key));
-}
-
-fn shown(p: &Path) -> String {
-    p.display().to_string()
+    println!("wrote {} (private key, mode 0600)", w.key.display());
 }
 
 #[cfg(test)]
