@@ -197,8 +197,11 @@ fn config(e: twill_common::tls::TlsError) -> ClientError {
 
 /// An error and its causes joined by `: `, skipping causes already quoted by their parent.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `out` followed by the causes from `cur` on, those it does not quote already.
+fn with_causes(mut out: String, mut cur: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(s) = cur {
         let msg = s.to_string();
         if !out.contains(&msg) {
@@ -217,17 +220,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// client certificate, so a refused certificate shows up as a connection torn down
 /// during the first call; such errors get a hint saying so.
 pub fn status_message(s: &tonic::Status) -> String {
-    let mut out = format!("{}: {}", code_name(s.code()), s.message());
-    let mut cur = std::error::Error::source(s);
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = e.source();
-    }
-    out
+    with_causes(
+        format!("{}: {}", code_name(s.code()), s.message()),
+        std::error::Error::source(s),
+    )
 }
 
 /// True for a status made on our side because the connection broke (it carries a
@@ -243,10 +239,10 @@ pub fn is_transport_failure(s: &tonic::Status) -> bool {
 /// Why the controller probably refused the client certificate in `pem`, judged locally.
 pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String {
     use x509_parser::prelude::*;
+    let cert = format!("the client certificate --tls-cert {}", path.display());
     let generic = format!(
-        "it probably refused the client certificate --tls-cert {}; check that it was signed by \
-         the CA the controller trusts (its --tls-client-ca)",
-        path.display()
+        "it probably refused {cert}; check that it was signed by the CA the controller trusts \
+         (its --tls-client-ca)"
     );
     let Some(der) = twill_pki::pem_blocks(pem, "CERTIFICATE")
         .ok()
@@ -254,34 +250,23 @@ pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String 
     else {
         return generic;
     };
-    let Ok((_, cert)) = X509Certificate::from_der(&der) else {
+    let Ok((_, parsed)) = X509Certificate::from_der(&der) else {
         return generic;
     };
     let now = now
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let v = cert.validity();
+    let v = parsed.validity();
     if v.not_after.timestamp() < now {
-        return format!(
-            "the client certificate --tls-cert {} expired at {}",
-            path.display(),
-            v.not_after
-        );
+        return format!("{cert} expired at {}", v.not_after);
     }
     if v.not_before.timestamp() > now {
-        return format!(
-            "the client certificate --tls-cert {} is not valid before {}",
-            path.display(),
-            v.not_before
-        );
+        return format!("{cert} is not valid before {}", v.not_before);
     }
-    if let Ok(Some(eku)) = cert.extended_key_usage() {
+    if let Ok(Some(eku)) = parsed.extended_key_usage() {
         if !eku.value.client_auth && !eku.value.any {
-            return format!(
-                "the client certificate --tls-cert {} lacks extended key usage clientAuth",
-                path.display()
-            );
+            return format!("{cert} lacks extended key usage clientAuth");
         }
     }
     generic
@@ -306,15 +291,7 @@ impl Admin {
 
     /// Turns a failed call's status into the error to report.
     pub fn fail(&self, status: tonic::Status) -> ClientError {
-        if is_transport_failure(&status) {
-            let pem = std::fs::read(&self.opts.tls_cert).unwrap_or_default();
-            ClientError::Refused {
-                status,
-                hint: diagnose_client_cert(&pem, &self.opts.tls_cert, SystemTime::now()),
-            }
-        } else {
-            ClientError::Status(status)
-        }
+        failure(&self.opts, status)
     }
 
     /// Every lease of `network` matching `prefix` and `subnet` (empty: all), fetched
@@ -337,23 +314,15 @@ impl Admin {
                 page_token: token.clone(),
                 network: network.wire().to_string(),
             };
-            let resp = match self.client.list_leases(req).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => return Err(self.fail(s)),
-            };
+            let resp = answer(&self.opts, self.client.list_leases(req).await)?;
             if page == 0 {
                 all.revision = resp.revision;
             }
             all.leases.extend(resp.leases);
-            if resp.next_page_token.is_empty() {
-                break;
+            match next_page(&token, resp.next_page_token)? {
+                Some(next) => token = next,
+                None => return Ok(all),
             }
-            if resp.next_page_token == token {
-                return Err(ClientError::Config(format!(
-                    "the controller returned the same page token {token:?} twice"
-                )));
-            }
-            token = resp.next_page_token;
         }
         Ok(all)
     }
@@ -368,10 +337,7 @@ impl Admin {
             node_name: node.to_string(),
             network: network.wire().to_string(),
         };
-        match self.client.get_lease(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.get_lease(req).await)
     }
 
     /// `AdminService/RevokeLease`: `node`'s lease in `network` as it was before it was
@@ -385,14 +351,12 @@ impl Admin {
             node_name: node.to_string(),
             network: network.wire().to_string(),
         };
-        match self.client.revoke_lease(req).await {
-            Ok(r) => Ok(r.into_inner().lease.unwrap_or_else(|| Lease {
-                node_name: node.to_string(),
-                network: network.wire().to_string(),
-                ..Default::default()
-            })),
-            Err(s) => Err(self.fail(s)),
-        }
+        let r = answer(&self.opts, self.client.revoke_lease(req).await)?;
+        Ok(r.lease.unwrap_or_else(|| Lease {
+            node_name: node.to_string(),
+            network: network.wire().to_string(),
+            ..Default::default()
+        }))
     }
 
     /// `AdminService/Reserve`: `subnet` (IPv4) and `ipv6_subnet` of `network`, either
@@ -410,16 +374,14 @@ impl Admin {
             ipv6_subnet: ipv6_subnet.to_string(),
             network: network.wire().to_string(),
         };
-        match self.client.reserve(req).await {
-            Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
-                node_name: node.to_string(),
-                subnet: subnet.to_string(),
-                ipv6_subnet: ipv6_subnet.to_string(),
-                stale: String::new(),
-                network: network.wire().to_string(),
-            })),
-            Err(s) => Err(self.fail(s)),
-        }
+        let r = answer(&self.opts, self.client.reserve(req).await)?;
+        Ok(r.reservation.unwrap_or_else(|| Reservation {
+            node_name: node.to_string(),
+            subnet: subnet.to_string(),
+            ipv6_subnet: ipv6_subnet.to_string(),
+            network: network.wire().to_string(),
+            ..Default::default()
+        }))
     }
 
     /// `AdminService/Unreserve`: `node`'s reservation in `network`, which was dropped.
@@ -432,14 +394,12 @@ impl Admin {
             node_name: node.to_string(),
             network: network.wire().to_string(),
         };
-        match self.client.unreserve(req).await {
-            Ok(r) => Ok(r.into_inner().reservation.unwrap_or_else(|| Reservation {
-                node_name: node.to_string(),
-                network: network.wire().to_string(),
-                ..Default::default()
-            })),
-            Err(s) => Err(self.fail(s)),
-        }
+        let r = answer(&self.opts, self.client.unreserve(req).await)?;
+        Ok(r.reservation.unwrap_or_else(|| Reservation {
+            node_name: node.to_string(),
+            network: network.wire().to_string(),
+            ..Default::default()
+        }))
     }
 
     /// `AdminService/ListReservations`: those of `network`.
@@ -450,10 +410,7 @@ impl Admin {
         let req = ListReservationsRequest {
             network: network.wire().to_string(),
         };
-        match self.client.list_reservations(req).await {
-            Ok(r) => Ok(r.into_inner().reservations),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.list_reservations(req).await).map(|r| r.reservations)
     }
 
     /// `AdminService/GetConfig`: `network`'s configuration.
@@ -464,10 +421,7 @@ impl Admin {
         let req = GetConfigRequest {
             network: network.wire().to_string(),
         };
-        match self.client.get_config(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.get_config(req).await)
     }
 
     /// `AdminService/ListPods`: the pods of `node` (empty: every node) in `network`
@@ -481,10 +435,7 @@ impl Admin {
             node_name: node.to_string(),
             network: network.to_string(),
         };
-        match self.client.list_pods(req).await {
-            Ok(r) => Ok(r.into_inner().pods),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.list_pods(req).await).map(|r| r.pods)
     }
 
     /// `AdminService/CheckAddresses`: leaks, conflicts and duplicates of `node` (empty:
@@ -498,10 +449,7 @@ impl Admin {
             node_name: node.to_string(),
             network: network.to_string(),
         };
-        match self.client.check_addresses(req).await {
-            Ok(r) => Ok(r.into_inner().findings),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.check_addresses(req).await).map(|r| r.findings)
     }
 
     /// `AdminService/ReleaseLeaked`: asks the agents of `node` (empty: every node) to
@@ -516,10 +464,7 @@ impl Admin {
             node_name: node.to_string(),
             network: network.to_string(),
         };
-        match self.client.release_leaked(req).await {
-            Ok(r) => Ok(r.into_inner().asked),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.release_leaked(req).await).map(|r| r.asked)
     }
 
     /// `AdminService/ListAddressUsage`: per subnet of `node` (empty: every node) in
@@ -533,10 +478,7 @@ impl Admin {
             node_name: node.to_string(),
             network: network.to_string(),
         };
-        match self.client.list_address_usage(req).await {
-            Ok(r) => Ok(r.into_inner().usage),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.list_address_usage(req).await).map(|r| r.usage)
     }
 
     /// `AdminService/ListNetworks`: every network the controller serves, by name. A
@@ -579,10 +521,7 @@ impl Admin {
             network: network.wire().to_string(),
             ..Default::default()
         };
-        match self.client.status(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.status(req).await)
     }
 
     /// `AdminService/CreateToken`: a bootstrap token living `req.ttl_seconds` (0: the
@@ -594,29 +533,24 @@ impl Admin {
         &mut self,
         req: CreateTokenRequest,
     ) -> Result<CreateTokenResponse, ClientError> {
-        match self.client.create_token(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.create_token(req).await)
     }
 
     /// `AdminService/ListTokens`: the bootstrap tokens that have not expired, ordered by
     /// id (never their secrets).
     pub async fn list_tokens(&mut self) -> Result<Vec<BootstrapToken>, ClientError> {
-        match self.client.list_tokens(ListTokensRequest {}).await {
-            Ok(r) => Ok(r.into_inner().tokens),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(
+            &self.opts,
+            self.client.list_tokens(ListTokensRequest {}).await,
+        )
+        .map(|r| r.tokens)
     }
 
     /// `AdminService/DeleteToken`: `id` is the token's id (a whole `id.secret` token is
     /// accepted too). NOT_FOUND when the controller knows no such token.
     pub async fn delete_token(&mut self, id: &str) -> Result<(), ClientError> {
         let req = DeleteTokenRequest { id: id.to_string() };
-        match self.client.delete_token(req).await {
-            Ok(_) => Ok(()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.delete_token(req).await).map(drop)
     }
 
     /// `AdminService/RevokeNodeCertificates` for `name`'s certificates of `role`
@@ -630,10 +564,8 @@ impl Admin {
             node_name: name.to_string(),
             role: role.to_string(),
         };
-        match self.client.revoke_node_certificates(req).await {
-            Ok(r) => Ok(r.into_inner().revoked_at_unix),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.revoke_node_certificates(req).await)
+            .map(|r| r.revoked_at_unix)
     }
 
     /// `AdminService/ListIssuedCertificates`: every node certificate the controller has
@@ -650,20 +582,12 @@ impl Admin {
                 page_size,
                 page_token: token.clone(),
             };
-            let resp = match self.client.list_issued_certificates(req).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => return Err(self.fail(s)),
-            };
+            let resp = answer(&self.opts, self.client.list_issued_certificates(req).await)?;
             all.extend(resp.certificates);
-            if resp.next_page_token.is_empty() {
-                return Ok(all);
+            match next_page(&token, resp.next_page_token)? {
+                Some(next) => token = next,
+                None => return Ok(all),
             }
-            if resp.next_page_token == token {
-                return Err(ClientError::Config(format!(
-                    "the controller returned the same page token {token:?} twice"
-                )));
-            }
-            token = resp.next_page_token;
         }
     }
 
@@ -680,11 +604,42 @@ impl Admin {
             epoch: String::new(),
             networks: watch_networks(networks),
         };
-        match self.client.watch(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(self.fail(s)),
-        }
+        answer(&self.opts, self.client.watch(req).await)
     }
+}
+
+/// See [`Admin::fail`] (a function of the options, so that a call on the client can be
+/// passed to [`answer`] beside them).
+fn failure(opts: &ConnectOptions, status: tonic::Status) -> ClientError {
+    if is_transport_failure(&status) {
+        let pem = std::fs::read(&opts.tls_cert).unwrap_or_default();
+        ClientError::Refused {
+            status,
+            hint: diagnose_client_cert(&pem, &opts.tls_cert, SystemTime::now()),
+        }
+    } else {
+        ClientError::Status(status)
+    }
+}
+
+/// A call's answer, or its failure as [`Admin::fail`] reports it.
+fn answer<T>(
+    opts: &ConnectOptions,
+    r: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, ClientError> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| failure(opts, s))
+}
+
+/// The page token to ask with next, `None` after the last page; a controller handing back
+/// the token just used would have the listing loop forever.
+fn next_page(used: &str, next: String) -> Result<Option<String>, ClientError> {
+    if next == used && !next.is_empty() {
+        return Err(ClientError::Config(format!(
+            "the controller returned the same page token {used:?} twice"
+        )));
+    }
+    Ok(Some(next).filter(|t| !t.is_empty()))
 }
 
 /// `WatchRequest.networks` for `networks`: empty when only `default` is asked for, so
