@@ -712,46 +712,40 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Ipam {
-            check: Some(IpamCommand::Check),
+            check,
             node,
             network,
         } => {
             let (node, network) = pod_filters(node, network);
-            let findings = call(conn, "ipam check", |mut a| async move {
-                a.check_addresses(&node, &network).await
-            })?;
-            emit_list(
-                &output::render_findings(&findings, conn.output),
-                "No leaked, conflicting or duplicate pod addresses found.",
-            )
-        }
-        Command::Ipam {
-            check: Some(IpamCommand::Release { .. }),
-            node,
-            network,
-        } => {
-            let (node, network) = pod_filters(node, network);
-            let asked = call(conn, "ipam release", |mut a| async move {
-                a.release_leaked(&node, &network).await
-            })?;
-            emit_list(
-                &output::render_findings(&asked, conn.output),
-                "No leaked addresses to release.",
-            )
-        }
-        Command::Ipam {
-            check: None,
-            node,
-            network,
-        } => {
-            let (node, network) = pod_filters(node, network);
-            let usage = call(conn, "ipam", |mut a| async move {
-                a.list_address_usage(&node, &network).await
-            })?;
-            emit_list(
-                &output::render_ipam(&usage, conn.output),
-                "No subnets found.",
-            )
+            match check {
+                Some(IpamCommand::Check) => {
+                    let findings = call(conn, "ipam check", |mut a| async move {
+                        a.check_addresses(&node, &network).await
+                    })?;
+                    emit_list(
+                        &output::render_findings(&findings, conn.output),
+                        "No leaked, conflicting or duplicate pod addresses found.",
+                    )
+                }
+                Some(IpamCommand::Release { .. }) => {
+                    let asked = call(conn, "ipam release", |mut a| async move {
+                        a.release_leaked(&node, &network).await
+                    })?;
+                    emit_list(
+                        &output::render_findings(&asked, conn.output),
+                        "No leaked addresses to release.",
+                    )
+                }
+                None => {
+                    let usage = call(conn, "ipam", |mut a| async move {
+                        a.list_address_usage(&node, &network).await
+                    })?;
+                    emit_list(
+                        &output::render_ipam(&usage, conn.output),
+                        "No subnets found.",
+                    )
+                }
+            }
         }
         Command::Ip { address } => {
             let answer = call(conn, "ip", |mut a| async move {
