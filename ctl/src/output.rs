@@ -878,24 +878,21 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
         || StatusDoc::from(s),
         |wide| {
             let ha = !s.replicas.is_empty();
+            let mut subnets = format!(
+                "{} total, {} used, {} free, {} reserved",
+                s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
+            );
+            if s.reservations_stale > 0 {
+                subnets += &format!(
+                    " ({} not honoured now: twillctl reservations -o yaml says why)",
+                    s.reservations_stale
+                );
+            }
             let mut summary = vec![
                 strings(&["Version:", &or_none(&s.version)]),
                 strings(&["Revision:", &s.revision.to_string()]),
                 strings(&["Store size:", &bytes(s.store_size_bytes)]),
-                strings(&[
-                    "Subnets:",
-                    &match s.reservations_stale {
-                        0 => format!(
-                            "{} total, {} used, {} free, {} reserved",
-                            s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
-                        ),
-                        stale => format!(
-                            "{} total, {} used, {} free, {} reserved ({stale} not honoured now: \
-                             twillctl reservations -o yaml says why)",
-                            s.subnets_total, s.subnets_used, s.subnets_free, s.subnets_reserved
-                        ),
-                    },
-                ]),
+                strings(&["Subnets:", &subnets]),
             ];
             if ha {
                 summary.push(strings(&["Replicas:", &replicas_summary(&s.replicas)]));
@@ -904,7 +901,6 @@ pub fn render_status(s: &StatusResponse, format: Format, now: SystemTime) -> Str
                 "Agents:",
                 &match s.agents.len() {
                     0 => "none connected".to_string(),
-                    1 => "1 connected".to_string(),
                     n => format!("{n} connected"),
                 },
             ]));
