@@ -64,11 +64,7 @@ impl Validity {
         if days == 0 {
             return Err(CertError::Invalid("--days must be at least 1".into()));
         }
-        let now = SystemTime::now();
-        Ok(Validity {
-            not_before: now - BACKDATE,
-            not_after: now + Duration::from_secs(u64::from(days) * 86_400),
-        })
+        Ok(Self::lasting(Duration::from_secs(u64::from(days) * 86_400)))
     }
 }
 
@@ -258,12 +254,8 @@ impl Ca {
                         .push(ExtendedKeyUsagePurpose::ClientAuth);
                 }
             }
-            Role::Node(name) => node_subject(&mut params, &mut dn, name),
-            Role::Admin(name) => {
-                dn.push(DnType::OrganizationName, ADMINS_GROUP);
-                dn.push(DnType::CommonName, name.as_str());
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            }
+            Role::Node(name) => client_subject(&mut params, &mut dn, NODES_GROUP, name),
+            Role::Admin(name) => client_subject(&mut params, &mut dn, ADMINS_GROUP, name),
         }
         params.distinguished_name = dn;
         with_new_key(validity, what, |key| params.signed_by(key, &self.issuer))
@@ -278,7 +270,7 @@ impl Ca {
         let what = format!("node certificate for {node}");
         let mut params = leaf_params(validity, &what)?;
         let mut dn = DistinguishedName::new();
-        node_subject(&mut params, &mut dn, &node);
+        client_subject(&mut params, &mut dn, NODES_GROUP, &node);
         params.distinguished_name = dn;
         let cert = params
             .signed_by(csr.public_key(), &self.issuer)
@@ -306,10 +298,15 @@ fn leaf_params(validity: Validity, what: &str) -> Result<CertificateParams, Cert
     Ok(params)
 }
 
-/// A node certificate's subject and usage (docs/compatibility.md, Certificates and roles:
-/// the node role).
-fn node_subject(params: &mut CertificateParams, dn: &mut DistinguishedName, name: &str) {
-    dn.push(DnType::OrganizationName, NODES_GROUP);
+/// A node's or an admin's certificate subject and usage (docs/compatibility.md,
+/// Certificates and roles): `group` is their role.
+fn client_subject(
+    params: &mut CertificateParams,
+    dn: &mut DistinguishedName,
+    group: &str,
+    name: &str,
+) {
+    dn.push(DnType::OrganizationName, group);
     dn.push(DnType::CommonName, name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
 }
