@@ -914,24 +914,17 @@ fn leases(
     let resp = call_in(conn, "leases", network.clone(), |mut a, net| async move {
         a.list_all_leases(&net, &p, &sn, page_size).await
     })?;
-    let mut why = Vec::new();
-    if !network.is_default() {
-        why.push(format!("in network {network}"));
-    }
-    if !prefix.is_empty() {
-        why.push(format!("with prefix {prefix:?}"));
-    }
-    if !subnet.is_empty() {
-        why.push(format!("in {subnet}"));
-    }
-    let none = if why.is_empty() {
-        "No leases found.".to_string()
-    } else {
-        format!("No leases found {}.", why.join(" "))
-    };
+    let filters: String = [
+        (!network.is_default()).then(|| format!(" in network {network}")),
+        (!prefix.is_empty()).then(|| format!(" with prefix {prefix:?}")),
+        (!subnet.is_empty()).then(|| format!(" in {subnet}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     emit_list(
         &output::render_leases(&resp, conn.output, SystemTime::now()),
-        &none,
+        &format!("No leases found{filters}."),
     )
 }
 
