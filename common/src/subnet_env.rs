@@ -4,7 +4,7 @@
 //! The node subnet is written with its first usable address (`10.244.74.1/24`) because
 //! flannel's CNI plugin uses it as the bridge gateway; we keep the network form internally.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -51,7 +51,7 @@ pub struct SubnetEnv {
 }
 
 /// The network a node's one lease belongs to (`--net-conf`), by name.
-pub const DEFAULT_NETWORK: &str = "default";
+pub use crate::networks::DEFAULT_NETWORK;
 
 /// A network's env file in `dir` (`--subnet-dir`): `<network>.env`.
 pub fn network_file(dir: &Path, network: &str) -> PathBuf {
@@ -61,31 +61,25 @@ pub fn network_file(dir: &Path, network: &str) -> PathBuf {
 impl SubnetEnv {
     /// Renders the file in flannel's order and format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Some(n) = self.network {
-            out.push_str(&format!("FLANNEL_NETWORK={n}\n"));
-        }
-        if let Some(s) = self.subnet {
-            out.push_str(&format!("FLANNEL_SUBNET={}\n", gateway_form_v4(s)));
-        }
-        if let Some(n) = self.ipv6_network {
-            out.push_str(&format!("FLANNEL_IPV6_NETWORK={n}\n"));
-        }
-        if let Some(s) = self.ipv6_subnet {
-            let first = u128::from(s.network()) + 1;
-            out.push_str(&format!(
-                "FLANNEL_IPV6_SUBNET={}/{}\n",
-                std::net::Ipv6Addr::from(first),
-                s.prefix_len()
-            ));
-        }
-        if let Some(m) = self.mtu {
-            out.push_str(&format!("FLANNEL_MTU={m}\n"));
-        }
-        if let Some(m) = self.ipmasq {
-            out.push_str(&format!("FLANNEL_IPMASQ={m}\n"));
-        }
-        out
+        [
+            self.network.map(|n| format!("FLANNEL_NETWORK={n}\n")),
+            // The subnets in their gateway form: `10.244.74.0/24` → `10.244.74.1/24`.
+            self.subnet.map(|s| {
+                let first = Ipv4Addr::from(u32::from(s.network()) + 1);
+                format!("FLANNEL_SUBNET={first}/{}\n", s.prefix_len())
+            }),
+            self.ipv6_network
+                .map(|n| format!("FLANNEL_IPV6_NETWORK={n}\n")),
+            self.ipv6_subnet.map(|s| {
+                let first = Ipv6Addr::from(u128::from(s.network()) + 1);
+                format!("FLANNEL_IPV6_SUBNET={first}/{}\n", s.prefix_len())
+            }),
+            self.mtu.map(|m| format!("FLANNEL_MTU={m}\n")),
+            self.ipmasq.map(|m| format!("FLANNEL_IPMASQ={m}\n")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// Parses the text of a subnet.env; `path` is only used in error messages.
@@ -163,15 +157,6 @@ impl SubnetEnv {
         }
         crate::fs::write_atomic(path, self.render().as_bytes(), 0o644).map_err(io)
     }
-}
-
-/// `10.244.74.0/24` → `10.244.74.1/24`: the first usable address, flannel's gateway form.
-fn gateway_form_v4(s: Ipv4Net) -> String {
-    format!(
-        "{}/{}",
-        Ipv4Addr::from(u32::from(s.network()) + 1),
-        s.prefix_len()
-    )
 }
 
 #[cfg(test)]
