@@ -24,11 +24,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 30s, 10m, 24h)"))
 }
 
-/// The current Unix time in seconds (0 before 1970, which no clock here reports).
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// `t` in Unix seconds (0 before 1970, which no clock here reports).
+pub fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The current Unix time in seconds.
+pub fn now_unix() -> i64 {
+    unix_secs(std::time::SystemTime::now())
 }
 
 /// Parses a duration that must not be zero (an interval or a period: zero would make

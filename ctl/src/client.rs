@@ -253,10 +253,7 @@ pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String 
     let Ok((_, parsed)) = X509Certificate::from_der(&der) else {
         return generic;
     };
-    let now = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = twill_common::unix_secs(now);
     let v = parsed.validity();
     if v.not_after.timestamp() < now {
         return format!("{cert} expired at {}", v.not_after);

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use twill_common::networks::DEFAULT_NETWORK;
+use twill_common::unix_secs;
 use twill_proto::lease_event::Type as EventType;
 use twill_proto::{
     BootstrapToken, ConnectedAgent, GetConfigResponse, IssuedCertificate, Lease,
@@ -131,9 +132,7 @@ fn rfc3339_or_none(secs: i64) -> String {
 
 fn unix_to_rfc3339(secs: i64) -> String {
     match u64::try_from(secs).ok().filter(|s| *s > 0) {
-        Some(s) => {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
-        }
+        Some(s) => twill_pki::rfc3339(UNIX_EPOCH + Duration::from_secs(s)),
         None => String::new(),
     }
 }
@@ -1436,12 +1435,6 @@ fn age(unix: i64, now: SystemTime) -> String {
     humanize(Duration::from_secs(
         unix_secs(now).saturating_sub(unix).max(0) as u64,
     ))
-}
-
-/// `now` in seconds since the Unix epoch (0 before it).
-fn unix_secs(now: SystemTime) -> i64 {
-    now.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `20.0 MiB`.
