@@ -1321,73 +1321,60 @@ impl WatchPrinter {
 
     /// The text for one response, newline-terminated (empty for an empty batch).
     pub fn render(&mut self, resp: &WatchResponse, now: SystemTime) -> String {
-        let docs = Self::docs(resp);
         let mut out = String::new();
-        match self.format {
-            Format::Table | Format::Wide => {
-                let wide = self.format == Format::Wide;
-                if !self.header_done {
-                    let mut h = vec![
-                        "REVISION",
-                        "TYPE",
-                        "NODE",
-                        "SUBNET",
-                        "PUBLIC-IP",
-                        "VTEP-MAC",
-                    ];
-                    if wide {
-                        h.extend(["EXPIRES-IN", "VNI"]);
-                    }
-                    if self.network_column {
-                        h.push("NETWORK");
-                    }
-                    out.push_str(&padded_line(&strings(&h), &WATCH_WIDTHS));
-                    self.header_done = true;
-                }
-                for d in &docs {
-                    let mut row = vec![d.revision.to_string(), d.kind.clone()];
-                    match &d.lease {
-                        Some(l) => {
-                            // The header is out before the first lease is known, so a
-                            // dual-stack lease shows both families in one cell, as
-                            // kubectl shows a dual-stack node's addresses.
-                            row.extend([
-                                or_none(&l.node_name),
-                                or_none(&both(&l.subnet, &l.ipv6_subnet)),
-                                or_none(&both(&l.public_ip, &l.public_ipv6)),
-                                or_none(&both(&l.vtep_mac, &l.vtep_mac_v6)),
-                            ]);
-                            if wide {
-                                row.push(expires_in(l.expires_at_unix, now));
-                                row.push(l.vni.to_string());
-                            }
-                            if self.network_column {
-                                row.push(l.network.clone());
-                            }
-                        }
-                        None => {
-                            let n = resp.events.len();
-                            row.push(format!(
-                                "(the complete lease table follows: {n} lease{})",
-                                if n == 1 { "" } else { "s" }
-                            ));
-                        }
-                    }
-                    out.push_str(&padded_line(&row, &WATCH_WIDTHS));
-                }
-            }
+        let wide = match self.format {
+            Format::Table => false,
+            Format::Wide => true,
             Format::Json => {
-                for d in &docs {
-                    out.push_str(&serde_json::to_string(d).unwrap_or_default());
-                    out.push('\n');
+                for d in Self::docs(resp) {
+                    out += &format!("{}\n", serde_json::to_string(&d).unwrap_or_default());
                 }
+                return out;
             }
             Format::Yaml => {
-                for d in &docs {
-                    out.push_str("---\n");
-                    out.push_str(&yaml(d));
+                for d in Self::docs(resp) {
+                    out += &format!("---\n{}", yaml(&d));
+                }
+                return out;
+            }
+        };
+        // The header is out before the first lease is known, so a dual-stack lease shows
+        // both families in one cell, as kubectl shows a dual-stack node's addresses.
+        let columns: [Column<LeaseDoc>; 7] = [
+            ("NODE", true, &|l| or_none(&l.node_name)),
+            ("SUBNET", true, &|l| {
+                or_none(&both(&l.subnet, &l.ipv6_subnet))
+            }),
+            ("PUBLIC-IP", true, &|l| {
+                or_none(&both(&l.public_ip, &l.public_ipv6))
+            }),
+            ("VTEP-MAC", true, &|l| {
+                or_none(&both(&l.vtep_mac, &l.vtep_mac_v6))
+            }),
+            ("EXPIRES-IN", wide, &|l| expires_in(l.expires_at_unix, now)),
+            ("VNI", wide, &|l| l.vni.to_string()),
+            ("NETWORK", self.network_column, &|l| l.network.clone()),
+        ];
+        let shown: Vec<_> = columns.iter().filter(|c| c.1).collect();
+        if !self.header_done {
+            let mut h = strings(&["REVISION", "TYPE"]);
+            h.extend(shown.iter().map(|c| c.0.to_string()));
+            out.push_str(&padded_line(&h, &WATCH_WIDTHS));
+            self.header_done = true;
+        }
+        for d in Self::docs(resp) {
+            let mut row = vec![d.revision.to_string(), d.kind];
+            match &d.lease {
+                Some(l) => row.extend(shown.iter().map(|c| (c.2)(l))),
+                None => {
+                    let n = resp.events.len();
+                    row.push(format!(
+                        "(the complete lease table follows: {n} lease{})",
+                        if n == 1 { "" } else { "s" }
+                    ));
                 }
             }
+            out.push_str(&padded_line(&row, &WATCH_WIDTHS));
         }
         out
     }
