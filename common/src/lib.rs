@@ -3,6 +3,46 @@
 //! No I/O here beyond the files this crate owns (subnet.env, PEM files) and the
 //! atomic replacement every binary uses for the files it writes ([`fs`]).
 
+/// What a checked name (`struct Name(String)` whose `Name::new` checks it) shares with
+/// `str`: `as_str`, `Deref` and `Borrow` to it, `Display` as the text, and `FromStr`
+/// through the check.
+macro_rules! checked_name {
+    ($name:ident, $error:ty) => {
+        impl $name {
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $error;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::new(s)
+            }
+        }
+    };
+}
+
 pub mod fs;
 pub mod model;
 pub mod netconf;

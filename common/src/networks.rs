@@ -107,42 +107,13 @@ impl NetworkName {
     pub fn is_default(&self) -> bool {
         self.0 == DEFAULT_NETWORK
     }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
+
+checked_name!(NetworkName, NetworkError);
 
 impl Default for NetworkName {
     fn default() -> Self {
         Self::default_network()
-    }
-}
-
-impl std::ops::Deref for NetworkName {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for NetworkName {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for NetworkName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for NetworkName {
-    type Err = NetworkError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NetworkName::new(s)
     }
 }
 

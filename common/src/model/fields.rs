@@ -130,38 +130,9 @@ impl NodeName {
         validate_node_name(&name)?;
         Ok(NodeName(name))
     }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl std::ops::Deref for NodeName {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for NodeName {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for NodeName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for NodeName {
-    type Err = LeaseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NodeName::new(s)
-    }
-}
+checked_name!(NodeName, LeaseError);
 
 /// The rule for node names, for the places that check a name without keeping it
 /// (certificate requests, CLI arguments); [`NodeName`] keeps one that passed.
