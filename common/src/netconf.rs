@@ -4,7 +4,7 @@
 //! error names the
 //! field and the rule it breaks, so an operator can fix the file without reading code.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
@@ -213,13 +213,23 @@ pub trait PoolNet:
     /// Most subnets one pool hands out.
     const MAX_SUBNETS: u32;
     /// The network address as a number.
-    fn bits(self) -> u128;
+    fn bits(self) -> u128 {
+        match self.into() {
+            IpNet::V4(n) => u32::from(n.network()).into(),
+            IpNet::V6(n) => n.network().into(),
+        }
+    }
     /// The subnet of `len` at address `addr`, truncated to its network.
     fn make(addr: u128, len: u8) -> Self;
-    /// The address as written before any `/len`.
-    fn parse_addr(text: &str) -> Option<u128>;
+    /// The address as written before any `/len`, when it is of this family.
+    fn parse_addr(text: &str) -> Option<u128> {
+        let addr: IpAddr = text.split('/').next()?.parse().ok()?;
+        Self::from_net(addr.into()).map(Self::bits)
+    }
     /// Prefix length.
-    fn prefix(self) -> u8;
+    fn prefix(self) -> u8 {
+        self.into().prefix_len()
+    }
     /// True when `addr` lies inside this network.
     fn holds(self, addr: u128) -> bool {
         let span = 1u128
@@ -244,21 +254,11 @@ impl PoolNet for Ipv4Net {
     const MAX_SUBNET_LEN: u8 = 30;
     const DEFAULT_LEN: u8 = 24;
     const MAX_SUBNETS: u32 = u32::MAX;
-    fn bits(self) -> u128 {
-        u32::from(self.network()).into()
-    }
     fn make(addr: u128, len: u8) -> Self {
         let addr = u32::try_from(addr).unwrap_or(u32::MAX);
         Ipv4Net::new(Ipv4Addr::from(addr), len)
             .expect("valid prefix")
             .trunc()
-    }
-    fn parse_addr(text: &str) -> Option<u128> {
-        let a: Ipv4Addr = text.split('/').next()?.parse().ok()?;
-        Some(u32::from(a).into())
-    }
-    fn prefix(self) -> u8 {
-        self.prefix_len()
     }
     fn from_net(net: IpNet) -> Option<Self> {
         match net {
@@ -277,20 +277,10 @@ impl PoolNet for Ipv6Net {
     const MAX_SUBNET_LEN: u8 = 126;
     const DEFAULT_LEN: u8 = 64;
     const MAX_SUBNETS: u32 = MAX_IPV6_SUBNETS;
-    fn bits(self) -> u128 {
-        self.network().into()
-    }
     fn make(addr: u128, len: u8) -> Self {
         Ipv6Net::new(Ipv6Addr::from(addr), len)
             .expect("valid prefix")
             .trunc()
-    }
-    fn parse_addr(text: &str) -> Option<u128> {
-        let a: Ipv6Addr = text.split('/').next()?.parse().ok()?;
-        Some(a.into())
-    }
-    fn prefix(self) -> u8 {
-        self.prefix_len()
     }
     fn from_net(net: IpNet) -> Option<Self> {
         match net {
