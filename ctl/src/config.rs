@@ -75,15 +75,10 @@ pub enum ConfigError {
 /// else `$HOME/.config/twill/config.toml`; `None` without either variable.
 pub fn default_path() -> Option<PathBuf> {
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(xdg) = var("XDG_CONFIG_HOME") {
-        return Some(PathBuf::from(xdg).join("twill").join("config.toml"));
-    }
-    var("HOME").map(|h| {
-        PathBuf::from(h)
-            .join(".config")
-            .join("twill")
-            .join("config.toml")
-    })
+    let config = var("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(config.join("twill").join("config.toml"))
 }
 
 /// Loads the config file: `explicit` (from `--config`) must exist; the default file
