@@ -157,44 +157,6 @@ pub struct ConnectOptions {
     pub timeout: Duration,
 }
 
-/// Checks the URL and reads the PEM files, then connects (TLS handshake included).
-pub async fn connect(opts: &ConnectOptions) -> Result<AdminServiceClient<Channel>, ClientError> {
-    let url = opts.controller.trim();
-    if !url.contains("://") {
-        return Err(ClientError::Config(format!(
-            "--controller {url:?} has no scheme: use https://{url}"
-        )));
-    }
-    if !url.starts_with("https://") {
-        return Err(ClientError::Config(format!(
-            "--controller {url:?} must be an https:// URL: the controller only speaks mutual TLS"
-        )));
-    }
-    let pem = ClientPem::read(&opts.tls_cert, &opts.tls_key, &opts.tls_ca).map_err(config)?;
-    let mut tls = pem.client_tls().timeout(opts.timeout);
-    if let Some(name) = &opts.tls_server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| ClientError::Config(format!("--controller {url:?} is not a valid URL: {e}")))?
-        .tls_config(tls)
-        .map_err(|e| ClientError::Config(format!("TLS configuration: {}", error_chain(&e))))?
-        .connect_timeout(opts.timeout)
-        .timeout(opts.timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|cause| ClientError::Connect {
-            url: url.to_string(),
-            cause,
-        })?;
-    Ok(AdminServiceClient::new(channel))
-}
-
-fn config(e: twill_common::tls::TlsError) -> ClientError {
-    ClientError::Config(e.to_string())
-}
-
 /// An error and its causes joined by `: `, skipping causes already quoted by their parent.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     with_causes(e.to_string(), e.source())
@@ -278,10 +240,42 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Connects (see [`connect`]).
+    /// Checks the URL and reads the PEM files, then connects (TLS handshake included).
     pub async fn connect(opts: &ConnectOptions) -> Result<Admin, ClientError> {
+        let url = opts.controller.trim();
+        if !url.contains("://") {
+            return Err(ClientError::Config(format!(
+                "--controller {url:?} has no scheme: use https://{url}"
+            )));
+        }
+        if !url.starts_with("https://") {
+            return Err(ClientError::Config(format!(
+                "--controller {url:?} must be an https:// URL: the controller only speaks mutual TLS"
+            )));
+        }
+        let pem = ClientPem::read(&opts.tls_cert, &opts.tls_key, &opts.tls_ca)
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let mut tls = pem.client_tls().timeout(opts.timeout);
+        if let Some(name) = &opts.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| {
+                ClientError::Config(format!("--controller {url:?} is not a valid URL: {e}"))
+            })?
+            .tls_config(tls)
+            .map_err(|e| ClientError::Config(format!("TLS configuration: {}", error_chain(&e))))?
+            .connect_timeout(opts.timeout)
+            .timeout(opts.timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|cause| ClientError::Connect {
+                url: url.to_string(),
+                cause,
+            })?;
         Ok(Admin {
-            client: connect(opts).await?,
+            client: AdminServiceClient::new(channel),
             opts: opts.clone(),
         })
     }
