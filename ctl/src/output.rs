@@ -71,15 +71,6 @@ pub struct LeasesDoc {
     pub leases: Vec<LeaseDoc>,
 }
 
-impl From<&ListLeasesResponse> for LeasesDoc {
-    fn from(r: &ListLeasesResponse) -> Self {
-        LeasesDoc {
-            revision: r.revision,
-            leases: r.leases.iter().map(LeaseDoc::from).collect(),
-        }
-    }
-}
-
 impl From<&Lease> for LeaseDoc {
     fn from(l: &Lease) -> Self {
         LeaseDoc {
@@ -143,7 +134,10 @@ fn unix_to_rfc3339(secs: i64) -> String {
 pub fn render_leases(resp: &ListLeasesResponse, format: Format, now: SystemTime) -> String {
     render(
         format,
-        || LeasesDoc::from(resp),
+        || LeasesDoc {
+            revision: resp.revision,
+            leases: resp.leases.iter().map(LeaseDoc::from).collect(),
+        },
         |wide| lease_table(&resp.leases, wide, now),
     )
 }
