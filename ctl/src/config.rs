@@ -136,11 +136,8 @@ fn resolve(p: &Path, base: &Path) -> PathBuf {
             return PathBuf::from(home).join(rest);
         }
     }
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
+    // An absolute path replaces `base` (Path::join).
+    base.join(p)
 }
 
 #[cfg(test)]
