@@ -104,15 +104,12 @@ impl Identity {
             .iter_organization()
             .filter_map(|o| o.as_str().ok().map(str::to_string))
             .collect();
-        let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
-        let mut key_sha256 = [0u8; 32];
-        key_sha256.copy_from_slice(digest.as_ref());
         Ok(Identity {
             name,
             groups,
             not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
-            key_sha256,
+            key_sha256: spki_sha256(cert.public_key().raw),
         })
     }
 
@@ -145,6 +142,15 @@ impl Identity {
     pub fn is_controller(&self) -> bool {
         self.groups.iter().any(|g| g == CONTROLLERS_GROUP)
     }
+}
+
+/// SHA-256 of a SubjectPublicKeyInfo (DER): the algorithm and the key, as a certificate
+/// or a request carries them (`x509_parser`'s `public_key().raw`; rcgen's
+/// `PublicKeyData::subject_public_key_info()` for a key pair).
+pub fn spki_sha256(spki_der: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, spki_der).as_ref());
+    out
 }
 
 /// Reads a PEM file and checks that it holds at least one block with `label`

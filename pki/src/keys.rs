@@ -1,21 +1,14 @@
 //! The SHA-256 of a public key (its whole SubjectPublicKeyInfo, DER), which names the
 //! key a lease belongs to, and hex, the form such hashes and serials are shown in.
 
-use ring::digest::{digest, SHA256};
-
 #[cfg(test)]
 use crate::csr::{csr_der, parse_request};
 #[cfg(test)]
 use crate::error::CertError;
 
-/// SHA-256 of a SubjectPublicKeyInfo (DER): the algorithm and the key, as a certificate
-/// or a request carries them (`x509_parser`'s `public_key().raw`; rcgen's
-/// `PublicKeyData::subject_public_key_info()` for a key pair).
-pub fn spki_sha256(spki_der: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, spki_der).as_ref());
-    out
-}
+/// The hash a request's and a certificate's key are compared by: the one the
+/// controller's [`twill_common::tls::Identity`] computes from a client certificate.
+pub use twill_common::tls::spki_sha256;
 
 /// SHA-256 of the public key (SubjectPublicKeyInfo) of a certificate in DER form: the
 /// tests' cross-check of [`crate::SignedNode::key_sha256`].
