@@ -10,7 +10,7 @@ use twill_proto::{Lease, NetworkInfo, PodAttachment};
 use crate::output::PodDoc;
 
 /// What an address is to Twill.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// A reported pod has it.
@@ -20,11 +20,12 @@ pub enum Status {
     /// It is in a network's pod range but in no node's subnet.
     Unassigned,
     /// It is in no network Twill serves.
+    #[default]
     Outside,
 }
 
 /// The answer for one address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Answer {
     /// The address asked about.
     pub address: String,
@@ -50,11 +51,7 @@ pub fn locate(
 ) -> Answer {
     let mut answer = Answer {
         address: addr.to_string(),
-        status: Status::Outside,
-        network: String::new(),
-        node: String::new(),
-        subnet: String::new(),
-        pod: None,
+        ..Default::default()
     };
     let contains = |cidr: &str| cidr.parse::<IpNet>().is_ok_and(|n| n.contains(&addr));
     for (n, leases) in networks.iter().zip(leases) {
