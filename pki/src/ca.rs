@@ -273,7 +273,7 @@ impl Ca {
         client_subject(&mut params, &mut dn, NODES_GROUP, &node);
         params.distinguished_name = dn;
         let cert = params
-            .signed_by(csr.public_key(), &self.issuer)
+            .signed_by(&csr.public_key, &self.issuer)
             .map_err(|source| CertError::Generate { what, source })?;
         let serial = x509_parser::parse_x509_certificate(cert.der())
             .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))

@@ -72,14 +72,8 @@ pub struct NodeCsr {
     pub key_sha256: [u8; 32],
     /// The kind of key.
     pub key: KeyKind,
-    public_key: CsrKey,
-}
-
-impl NodeCsr {
     /// The key, as rcgen signs it.
-    pub(crate) fn public_key(&self) -> &CsrKey {
-        &self.public_key
-    }
+    pub(crate) public_key: CsrKey,
 }
 
 /// A request's public key, written into the certificate exactly as the request holds
