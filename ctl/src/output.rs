@@ -561,7 +561,7 @@ pub fn render_pods(pods: &[PodAttachment], format: Format, now: SystemTime) -> S
                 ("NETWORK", true, &|p| network_name(&p.network)),
                 ("IP", true, &|p| ips(p, false)),
                 ("IPV6", true, &|p| ips(p, true)),
-                ("CONTAINER", true, &|p| container(&p.container_id, wide)),
+                ("CONTAINER", true, &|p| id_cell(&p.container_id, wide, 12)),
                 ("AGE", true, &|p| age(p.added_at_unix, now)),
                 ("IFNAME", wide, &|p| or_none(&one_line(&p.ifname))),
             ],
@@ -569,14 +569,14 @@ pub fn render_pods(pods: &[PodAttachment], format: Format, now: SystemTime) -> S
     })
 }
 
-/// A CONTAINER cell: the whole ID with `-o wide`, else its first 12 characters.
-fn container(id: &str, wide: bool) -> String {
-    let id: String = if wide {
-        id.to_string()
-    } else {
-        id.chars().take(12).collect()
-    };
-    or_none(&one_line(&id))
+/// An ID's cell (CONTAINER, KEY-SHA256): all of it with `-o wide`, else its first
+/// `short` characters.
+fn id_cell(id: &str, wide: bool, short: usize) -> String {
+    let shown: String = id
+        .chars()
+        .take(if wide { usize::MAX } else { short })
+        .collect();
+    or_none(&one_line(&shown))
 }
 
 /// One subnet as printed by `ipam -o json|yaml`.
@@ -684,7 +684,7 @@ pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String
                 ("NETWORK", true, &|f| network_name(&f.network)),
                 ("IP", true, &|f| f.ip.clone()),
                 ("KIND", true, &|f| f.kind.to_ascii_uppercase()),
-                ("CONTAINER", true, &|f| container(&f.container_id, wide)),
+                ("CONTAINER", true, &|f| id_cell(&f.container_id, wide, 12)),
             ],
         )
     })
@@ -1212,14 +1212,6 @@ pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTim
         certificates: certs.iter().map(IssuedCertificateDoc::from).collect(),
     };
     render(format, doc, |wide| {
-        let key = |c: &IssuedCertificate| {
-            let key = one_line(&c.key_sha256);
-            or_none(&if wide {
-                key
-            } else {
-                key.chars().take(TABLE_KEY_DIGITS).collect()
-            })
-        };
         listing(
             certs,
             &[
@@ -1228,7 +1220,9 @@ pub fn render_issued(certs: &[IssuedCertificate], format: Format, now: SystemTim
                 ("ISSUED", true, &|c| age(c.issued_at_unix, now)),
                 ("EXPIRES-IN", true, &|c| expires_in(c.not_after_unix, now)),
                 ("TOKEN", true, &|c| or_none(&one_line(&c.token_id))),
-                ("KEY-SHA256", true, &key),
+                ("KEY-SHA256", true, &|c| {
+                    id_cell(&c.key_sha256, wide, TABLE_KEY_DIGITS)
+                }),
                 ("ISSUED-AT", wide, &|c| rfc3339_or_none(c.issued_at_unix)),
                 ("NOT-AFTER", wide, &|c| rfc3339_or_none(c.not_after_unix)),
             ],
