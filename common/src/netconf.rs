@@ -37,19 +37,17 @@ fn invalid(msg: impl Into<String>) -> NetConfError {
     NetConfError::Invalid(msg.into())
 }
 
+// The keys as flannel spells them: PascalCase, with its capitals for IP, VNI, MTU, GBP.
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct RawNetConf {
-    #[serde(rename = "Network")]
     network: Option<String>,
     #[serde(rename = "EnableIPv4")]
     enable_ipv4: Option<bool>,
     #[serde(rename = "EnableIPv6")]
     enable_ipv6: Option<bool>,
-    #[serde(rename = "SubnetLen")]
     subnet_len: Option<u8>,
-    #[serde(rename = "SubnetMin")]
     subnet_min: Option<String>,
-    #[serde(rename = "SubnetMax")]
     subnet_max: Option<String>,
     #[serde(rename = "IPv6Network")]
     ipv6_network: Option<String>,
@@ -59,27 +57,23 @@ struct RawNetConf {
     ipv6_subnet_min: Option<String>,
     #[serde(rename = "IPv6SubnetMax")]
     ipv6_subnet_max: Option<String>,
-    #[serde(rename = "Backend")]
     backend: Option<RawBackend>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct RawBackend {
     #[serde(rename = "Type")]
     kind: Option<String>,
     #[serde(rename = "VNI")]
     vni: Option<u32>,
-    #[serde(rename = "Port")]
     port: Option<u16>,
     #[serde(rename = "MTU")]
     mtu: Option<u32>,
     #[serde(rename = "GBP")]
     gbp: Option<bool>,
-    #[serde(rename = "Learning")]
     learning: Option<bool>,
-    #[serde(rename = "DirectRouting")]
     direct_routing: Option<bool>,
-    #[serde(rename = "TxChecksumOffload")]
     tx_checksum_offload: Option<bool>,
 }
 
