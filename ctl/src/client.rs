@@ -638,13 +638,10 @@ fn next_page(used: &str, next: String) -> Result<Option<String>, ClientError> {
 /// every name spelled out (an empty entry beside others would be ambiguous).
 pub fn watch_networks(networks: &[NetworkName]) -> Vec<String> {
     if networks.iter().all(NetworkName::is_default) {
-        Vec::new()
-    } else {
-        let mut names: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
-        names.sort();
-        names.dedup();
-        names
+        return Vec::new();
     }
+    let names: std::collections::BTreeSet<_> = networks.iter().map(|n| n.to_string()).collect();
+    names.into_iter().collect()
 }
 
 /// The canonical name of a gRPC status code, e.g. `PERMISSION_DENIED`.

@@ -694,15 +694,12 @@ pub fn render_findings(findings: &[PodAddressFinding], format: Format) -> String
 /// table under a heading; nothing when there are none, or in `json`/`yaml` form
 /// (`twillctl ipam -o json` has the numbers).
 pub fn render_nearly_full(usage: &[PodAddressUsage], format: Format) -> String {
-    if !matches!(format, Format::Table | Format::Wide) {
-        return String::new();
-    }
     let full: Vec<PodAddressUsage> = usage
         .iter()
         .filter(|u| twill_common::pods::nearly_full(u.used, u.total))
         .cloned()
         .collect();
-    if full.is_empty() {
+    if full.is_empty() || matches!(format, Format::Json | Format::Yaml) {
         return String::new();
     }
     format!(
