@@ -491,8 +491,7 @@ fn parse_pool<N: PoolNet>(
 
 /// A subnet's address without its prefix length.
 fn addr_text<N: PoolNet>(n: N) -> String {
-    let s = n.to_string();
-    s.split('/').next().unwrap_or_default().to_string()
+    n.into().addr().to_string()
 }
 
 fn parse_bound<N: PoolNet>(
