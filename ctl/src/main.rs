@@ -970,10 +970,8 @@ fn reservations(conn: &ConnFlags, network: NetworkName) -> Result<()> {
         let rs = a.list_reservations(&net).await?;
         let leases = if wide && !rs.is_empty() {
             Some(a.list_all_leases(&net, "", "", PAGE_SIZE).await?.leases)
-        } else if wide {
-            Some(Vec::new())
         } else {
-            None
+            wide.then(Vec::new)
         };
         Ok((rs, leases))
     })?;
