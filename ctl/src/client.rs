@@ -206,13 +206,8 @@ pub fn diagnose_client_cert(pem: &[u8], path: &Path, now: SystemTime) -> String 
         "it probably refused {cert}; check that it was signed by the CA the controller trusts \
          (its --tls-client-ca)"
     );
-    let Some(der) = twill_pki::pem_blocks(pem, "CERTIFICATE")
-        .ok()
-        .and_then(|blocks| blocks.into_iter().next())
-    else {
-        return generic;
-    };
-    let Ok((_, parsed)) = X509Certificate::from_der(&der) else {
+    let der = twill_pki::pem_blocks(pem, "CERTIFICATE").unwrap_or_default();
+    let Some(Ok((_, parsed))) = der.first().map(|d| X509Certificate::from_der(d)) else {
         return generic;
     };
     let now = twill_common::unix_secs(now);

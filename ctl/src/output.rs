@@ -1533,27 +1533,14 @@ struct Quoted<'a>(&'a serde_json::Value);
 
 impl Serialize for Quoted<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeSeq};
         use serde_json::Value;
         match self.0 {
             Value::Null => s.serialize_unit(),
             Value::Bool(b) => s.serialize_bool(*b),
             Value::Number(n) => n.serialize(s),
             Value::String(t) => serde_saphyr::DoubleQuoted(t.as_str()).serialize(s),
-            Value::Array(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for v in items {
-                    seq.serialize_element(&Quoted(v))?;
-                }
-                seq.end()
-            }
-            Value::Object(m) => {
-                let mut map = s.serialize_map(Some(m.len()))?;
-                for (k, v) in m {
-                    map.serialize_entry(k, &Quoted(v))?;
-                }
-                map.end()
-            }
+            Value::Array(items) => s.collect_seq(items.iter().map(Quoted)),
+            Value::Object(m) => s.collect_map(m.iter().map(|(k, v)| (k, Quoted(v)))),
         }
     }
 }
