@@ -1180,15 +1180,8 @@ fn watch(conn: &ConnFlags, networks: &[NetworkName], from_revision: u64) -> Resu
 }
 
 fn certs_init(out: &OutFlags, days: u32) -> Result<()> {
-    let validity = Validity::days(days)?;
-    let ca = certs::new_ca(validity)?;
-    let written = certs::write_pair(&out.dir, "ca", &ca, out.force)?;
-    report(
-        &written,
-        &format!("CN={}, CA", certs::CA_COMMON_NAME),
-        validity.not_after,
-    );
-    Ok(())
+    let ca = certs::new_ca(Validity::days(days)?)?;
+    write(out, "ca", &ca, &format!("CN={}, CA", certs::CA_COMMON_NAME))
 }
 
 fn certs_issue(cmd: IssueCommand) -> Result<()> {
@@ -1225,18 +1218,19 @@ fn certs_issue(cmd: IssueCommand) -> Result<()> {
     let validity = Validity::days(flags.days)?;
     let ca = Ca::load(&ca_cert, &ca_key)?;
     let issued = ca.issue(&role, validity)?;
-    let written = certs::write_pair(dir, &role.file_stem(), &issued, flags.out.force)?;
-    report(&written, &role.describe(), validity.not_after);
-    Ok(())
+    write(&flags.out, &role.file_stem(), &issued, &role.describe())
 }
 
-fn report(w: &certs::Written, what: &str, not_after: SystemTime) {
+/// Writes `issued` as DIR/STEM.crt and DIR/STEM.key and says so (`what`: its subject).
+fn write(out: &OutFlags, stem: &str, issued: &certs::Issued, what: &str) -> Result<()> {
+    let w = certs::write_pair(&out.dir, stem, issued, out.force)?;
     println!(
         "wrote {} (certificate: {what}; valid until {})",
         w.cert.display(),
-        certs::rfc3339(not_after)
+        certs::rfc3339(issued.not_after)
     );
     println!("wrote {} (private key, mode 0600)", w.key.display());
+    Ok(())
 }
 
 #[cfg(test)]
