@@ -126,15 +126,12 @@ impl Role {
 
     fn validate(&self) -> Result<(), CertError> {
         match self {
-            Role::Controller { dns, ips, .. } => {
-                if dns.is_empty() && ips.is_empty() {
-                    return Err(CertError::Invalid(
-                        "a controller certificate needs at least one --dns name or --ip address"
-                            .into(),
-                    ));
-                }
-                Ok(())
+            Role::Controller { dns, ips, .. } if dns.is_empty() && ips.is_empty() => {
+                Err(CertError::Invalid(
+                    "a controller certificate needs at least one --dns name or --ip address".into(),
+                ))
             }
+            Role::Controller { .. } => Ok(()),
             Role::Node(name) | Role::Admin(name) => twill_common::model::validate_node_name(name)
                 .map_err(|e| CertError::Invalid(e.to_string())),
         }
