@@ -14,6 +14,7 @@ use twill_common::networks::NetworkName;
 use twill_ctl::certs::{self, Ca, Role, Validity};
 use twill_ctl::client::{Admin, ConnectOptions, PAGE_SIZE};
 use twill_ctl::config::{self, Settings};
+use twill_ctl::lookup;
 use twill_ctl::output::{self, Format, WatchPrinter};
 
 const AFTER_HELP: &str = "\
@@ -757,16 +758,14 @@ fn run(cli: Cli) -> Result<()> {
                     })?;
                     leases.push(a.list_all_leases(&name, "", "", 500).await?.leases);
                 }
-                let owner = twill_ctl::lookup::locate(address, &networks, &leases, &[]);
-                if owner.status != twill_ctl::lookup::Status::Free {
+                let owner = lookup::locate(address, &networks, &leases, &[]);
+                if owner.status != lookup::Status::Free {
                     return Ok(owner);
                 }
                 // Only the node whose subnet it is can hold it (a report of an address
                 // outside the node's subnets is refused): its pods, not every node's.
                 let pods = a.list_pods(&owner.node, &owner.network).await?;
-                Ok(twill_ctl::lookup::locate(
-                    address, &networks, &leases, &pods,
-                ))
+                Ok(lookup::locate(address, &networks, &leases, &pods))
             })?;
             emit(&output::render_ip(&answer, conn.output))
         }
