@@ -165,7 +165,6 @@ pub fn generate_key() -> Result<KeyPair, CertError> {
 pub fn node_csr_pem(node: &str, key: &KeyPair) -> Result<String, CertError> {
     twill_common::model::validate_node_name(node)
         .map_err(|e| CertError::Invalid(format!("node name: {e}")))?;
-    let what = || format!("certificate signing request for {node}");
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, node);
@@ -175,7 +174,7 @@ pub fn node_csr_pem(node: &str, key: &KeyPair) -> Result<String, CertError> {
         .serialize_request(key)
         .and_then(|csr| csr.pem())
         .map_err(|source| CertError::Generate {
-            what: what(),
+            what: format!("certificate signing request for {node}"),
             source,
         })
 }
