@@ -60,11 +60,10 @@ pub fn write_pair(
 /// `force` a temporary file is created with `mode` beside it and renamed over `path`,
 /// so an old file's looser permissions never carry over to a new key.
 pub fn write_file(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<(), CertError> {
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
+    let io = |action: &'static str| {
         move |source| CertError::Io {
             action,
-            path: p,
+            path: path.to_path_buf(),
             source,
         }
     };
@@ -78,14 +77,14 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, force: bool) -> Result<()
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     CertError::Exists(path.to_path_buf())
                 } else {
-                    io("create", path)(e)
+                    io("create")(e)
                 }
             })?;
-        f.write_all(data).map_err(io("write", path))?;
-        f.sync_all().map_err(io("write", path))?;
+        f.write_all(data).map_err(io("write"))?;
+        f.sync_all().map_err(io("write"))?;
         return Ok(());
     }
-    twill_common::fs::write_atomic(path, data, mode).map_err(io("write", path))
+    twill_common::fs::write_atomic(path, data, mode).map_err(io("write"))
 }
 
 /// Reads a CA file.
