@@ -38,10 +38,7 @@ impl Peer {
         Ok(Some(Peer {
             subnet: parse_subnet(family, subnet)?,
             public_ip: parse_public_ip(family, public_ip)?,
-            vtep_mac: match mac.as_str() {
-                "" => None,
-                m => Some(m.parse()?),
-            },
+            vtep_mac: (!mac.is_empty()).then(|| mac.parse()).transpose()?,
         }))
     }
 
