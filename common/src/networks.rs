@@ -194,12 +194,11 @@ impl Network {
 
     /// Parses a network file's text; `path` only names it in errors.
     pub fn parse(name: NetworkName, text: &str, path: &Path) -> Result<Self, NetworkError> {
-        let conf_error = |source| NetworkError::Conf {
+        let conf = NetConf::parse(text).map_err(|source| NetworkError::Conf {
             name: name.to_string(),
             path: path.display().to_string(),
             source,
-        };
-        let conf = NetConf::parse(text).map_err(conf_error)?;
+        })?;
         let raw: RawNodes =
             serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
                 .map_err(|e| NetworkError::Nodes {
