@@ -81,19 +81,12 @@ impl std::str::FromStr for Mac {
                 "{s:?} is not a MAC address such as 0a:58:0a:f4:01:01"
             ))
         };
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Mac(out))
+        let bytes: Vec<u8> = s
+            .split(':')
+            .map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        bytes.try_into().map(Mac).map_err(|_| bad())
     }
 }
 
