@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::refusal::Refusal;
 
@@ -76,150 +76,110 @@ struct RefusalLabels {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("twill");
+        let r = &mut Registering(&mut registry);
         let m = Metrics {
-            leases: Gauge::default(),
-            ipam_leaks: Gauge::default(),
-            ipam_conflicts: Gauge::default(),
-            subnets_free: Gauge::default(),
-            watchers: Gauge::default(),
-            events_sent: Counter::default(),
-            watcher_resets: Counter::default(),
-            allocation_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            flush_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
-            rate_limited: Counter::default(),
-            store_failures: Counter::default(),
-            reservations_stale: Gauge::default(),
-            certs_issued: Counter::default(),
-            certs_renewed: Counter::default(),
-            bootstrap_token_failures: Counter::default(),
-            certs_refused: Family::default(),
-            is_leader: Gauge::default(),
-            leader_changes: Counter::default(),
-            agents_moved: Counter::default(),
-            etcd_request_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
-            forwarded_writes: Counter::default(),
-            network_leases: Family::default(),
-            network_subnets_free: Family::default(),
-            network_files_refused: Gauge::default(),
+            leases: r.add("leases", "Leases currently held"),
+            ipam_leaks: r.add(
+                "ipam_leaks",
+                "Pod addresses held for pods whose network namespace is gone, as the agents reported",
+            ),
+            ipam_conflicts: r.add(
+                "ipam_conflicts",
+                "Pod addresses a pod reports and its node's IPAM does not hold, as the agents reported",
+            ),
+            subnets_free: r.add("subnets_free", "Subnets neither leased nor reserved"),
+            watchers: r.add("watchers", "Watch streams open now"),
+            events_sent: r.add("watch_messages_sent", "Watch messages sent to watchers"),
+            watcher_resets: r.add(
+                "watcher_resets",
+                "Watchers that fell behind and were sent a reset snapshot",
+            ),
+            allocation_seconds: r.with(
+                "allocation_seconds",
+                "Time from a lease request being queued to its lease being durably stored",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            flush_seconds: r.with(
+                "store_flush_seconds",
+                "Time one store flush (group commit) took",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            rate_limited: r.add(
+                "lease_requests_rate_limited",
+                "Lease writes refused because their node exceeded its rate",
+            ),
+            store_failures: r.add(
+                "store_failures",
+                "Store writes or flushes that failed (their batch was not acknowledged)",
+            ),
+            reservations_stale: r.add(
+                "reservations_stale",
+                "Reservations that cannot be honoured now (outside the range or leased to another node)",
+            ),
+            certs_issued: r.add("node_certificates_issued", "Node certificates issued"),
+            certs_renewed: r.add(
+                "node_certificates_renewed",
+                "Node certificates issued to replace a valid one (rotation)",
+            ),
+            bootstrap_token_failures: r.add(
+                "bootstrap_token_failures",
+                "Bootstrap requests refused for their token (malformed, unknown, expired or wrong)",
+            ),
+            certs_refused: r.add(
+                "node_certificates_refused",
+                "Bootstrap and renewal requests refused, by reason",
+            ),
+            is_leader: r.add(
+                "is_leader",
+                "1 while this replica is the elected writer (etcd store), else 0",
+            ),
+            leader_changes: r.add(
+                "leader_changes",
+                "Leaders this replica has seen elected, itself or another (etcd store)",
+            ),
+            agents_moved: r.add(
+                "agents_moved",
+                "Agents this replica asked to resume their watch on another, serving more than its share (etcd store)",
+            ),
+            etcd_request_seconds: r.with(
+                "etcd_request_seconds",
+                "Time one etcd request took (etcd store)",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            ),
+            forwarded_writes: r.add(
+                "forwarded_writes",
+                "Writes this replica forwarded to the leader (etcd store)",
+            ),
+            network_leases: r.add("network_leases", "Leases held in each network"),
+            network_subnets_free: r.add(
+                "network_subnets_free",
+                "Subnets of each network (its first family) neither leased nor reserved",
+            ),
+            network_files_refused: r.add(
+                "network_files_refused",
+                "Files of --networks-dir refused at the last reading (the log says why)",
+            ),
             registry: Registry::default(),
         };
-        registry.register("leases", "Leases currently held", m.leases.clone());
-        registry.register(
-            "ipam_leaks",
-            "Pod addresses held for pods whose network namespace is gone, as the agents reported",
-            m.ipam_leaks.clone(),
-        );
-        registry.register(
-            "ipam_conflicts",
-            "Pod addresses a pod reports and its node's IPAM does not hold, as the agents reported",
-            m.ipam_conflicts.clone(),
-        );
-        registry.register(
-            "subnets_free",
-            "Subnets neither leased nor reserved",
-            m.subnets_free.clone(),
-        );
-        registry.register("watchers", "Watch streams open now", m.watchers.clone());
-        registry.register(
-            "watch_messages_sent",
-            "Watch messages sent to watchers",
-            m.events_sent.clone(),
-        );
-        registry.register(
-            "watcher_resets",
-            "Watchers that fell behind and were sent a reset snapshot",
-            m.watcher_resets.clone(),
-        );
-        registry.register(
-            "allocation_seconds",
-            "Time from a lease request being queued to its lease being durably stored",
-            m.allocation_seconds.clone(),
-        );
-        registry.register(
-            "store_flush_seconds",
-            "Time one store flush (group commit) took",
-            m.flush_seconds.clone(),
-        );
-        registry.register(
-            "lease_requests_rate_limited",
-            "Lease writes refused because their node exceeded its rate",
-            m.rate_limited.clone(),
-        );
-        registry.register(
-            "store_failures",
-            "Store writes or flushes that failed (their batch was not acknowledged)",
-            m.store_failures.clone(),
-        );
-        registry.register(
-            "reservations_stale",
-            "Reservations that cannot be honoured now (outside the range or leased to another node)",
-            m.reservations_stale.clone(),
-        );
-        registry.register(
-            "node_certificates_issued",
-            "Node certificates issued",
-            m.certs_issued.clone(),
-        );
-        registry.register(
-            "node_certificates_renewed",
-            "Node certificates issued to replace a valid one (rotation)",
-            m.certs_renewed.clone(),
-        );
-        registry.register(
-            "bootstrap_token_failures",
-            "Bootstrap requests refused for their token (malformed, unknown, expired or wrong)",
-            m.bootstrap_token_failures.clone(),
-        );
-        registry.register(
-            "node_certificates_refused",
-            "Bootstrap and renewal requests refused, by reason",
-            m.certs_refused.clone(),
-        );
-        registry.register(
-            "is_leader",
-            "1 while this replica is the elected writer (etcd store), else 0",
-            m.is_leader.clone(),
-        );
-        registry.register(
-            "leader_changes",
-            "Leaders this replica has seen elected, itself or another (etcd store)",
-            m.leader_changes.clone(),
-        );
-        registry.register(
-            "agents_moved",
-            "Agents this replica asked to resume their watch on another, serving more than its share (etcd store)",
-            m.agents_moved.clone(),
-        );
-        registry.register(
-            "etcd_request_seconds",
-            "Time one etcd request took (etcd store)",
-            m.etcd_request_seconds.clone(),
-        );
-        registry.register(
-            "forwarded_writes",
-            "Writes this replica forwarded to the leader (etcd store)",
-            m.forwarded_writes.clone(),
-        );
-        registry.register(
-            "network_leases",
-            "Leases held in each network",
-            m.network_leases.clone(),
-        );
-        registry.register(
-            "network_subnets_free",
-            "Subnets of each network (its first family) neither leased nor reserved",
-            m.network_subnets_free.clone(),
-        );
-        registry.register(
-            "network_files_refused",
-            "Files of --networks-dir refused at the last reading (the log says why)",
-            m.network_files_refused.clone(),
-        );
         for reason in Refusal::ALL {
             // Creating the series is the point; the guard it returns is not needed.
             drop(m.certs_refused.get_or_create(&RefusalLabels { reason }));
         }
         Metrics { registry, ..m }
+    }
+}
+
+/// Registers each metric as it is made, so that its name and help sit beside its field.
+struct Registering<'a>(&'a mut Registry);
+
+impl Registering<'_> {
+    fn with<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+
+    fn add<M: Metric + Clone + Default>(&mut self, name: &str, help: &str) -> M {
+        self.with(name, help, M::default())
     }
 }
 
