@@ -21,20 +21,18 @@
 //! Every certificate is refused once expired or revoked (`twillctl certs revoke`, for
 //! nodes and admins).
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
 use rustls::pki_types::CertificateDer;
 use tonic::body::Body;
 use tonic::Status;
-use tower::{Layer, Service};
 use twill_common::model::NodeName;
 use twill_common::now_unix;
 use twill_common::tls::{Identity, Role, ADMINS_GROUP, NODES_GROUP};
 
+use super::{Answer, Inner, Middleware, Wrap};
 use crate::identity::Identity as NodeIdentity;
 use crate::refusal::Refusal;
 use crate::replica::{forward, Replica};
@@ -211,13 +209,7 @@ impl Gate {
             })?,
             None => {
                 // Only a replica speaks for someone else.
-                for h in [
-                    forward::FORWARDED_CERT,
-                    forward::FORWARDED_FOR,
-                    forward::FORWARDED_BY,
-                ] {
-                    headers.remove(h);
-                }
+                forward::remove_headers(headers);
                 Authorized {
                     identity: peer.identity.clone(),
                     chain: peer.chain.clone(),
@@ -380,57 +372,15 @@ impl Gate {
     }
 }
 
-/// Puts `AuthLayer`'s decision in front of every service.
-#[derive(Clone)]
-pub struct AuthLayer {
-    gate: Gate,
-}
+/// Puts `Gate`'s decision in front of every service.
+pub type AuthLayer = Wrap<Gate>;
 
-impl AuthLayer {
-    /// Decides calls with `gate`.
-    pub fn new(gate: Gate) -> Self {
-        AuthLayer { gate }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-    fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-/// See the module documentation.
-#[derive(Clone)]
-pub struct Auth<S> {
-    inner: S,
-    gate: Gate,
-}
-
-impl<S> Service<http::Request<Body>> for Auth<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+impl Middleware for Gate {
+    fn call<S: Inner>(&self, inner: &mut S, mut req: http::Request<Body>) -> Answer {
         // The ready inner service serves this call; a clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let gate = self.gate.clone();
+        let clone = inner.clone();
+        let mut inner = std::mem::replace(inner, clone);
+        let gate = self.clone();
         Box::pin(async move {
             let Some(peer) = req.extensions().get::<Peer>().cloned() else {
                 return Ok(Status::internal("a call without its connection's peer").into_http());

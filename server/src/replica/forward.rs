@@ -9,21 +9,18 @@
 //! leader checks (the node a certificate may act for, revocations, rate limits) is the
 //! original caller's. Reads and watches are always served where they arrive.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
 use rustls::pki_types::CertificateDer;
 use tonic::body::Body;
 use tonic::Status;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use super::Replica;
 use crate::grpc::auth::{self, Authorized};
+use crate::grpc::{Answer, Inner, Middleware, Wrap};
 
 /// The header that carries the caller's certificate (DER, hex).
 pub const FORWARDED_CERT: &str = "x-twill-forwarded-cert";
@@ -36,58 +33,14 @@ pub const FORWARDED_BY: &str = "x-twill-forwarded-by";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Wraps the services; without a replica (sled store) it passes everything through.
-#[derive(Clone)]
-pub struct ForwardLayer {
-    replica: Option<Arc<Replica>>,
-}
+pub type ForwardLayer = Wrap<Option<Arc<Replica>>>;
 
-impl ForwardLayer {
-    /// Forwards writes for `replica`, or nothing (`None`).
-    pub fn new(replica: Option<Arc<Replica>>) -> Self {
-        ForwardLayer { replica }
-    }
-}
-
-impl<S> Layer<S> for ForwardLayer {
-    type Service = Forward<S>;
-    fn layer(&self, inner: S) -> Forward<S> {
-        Forward {
-            inner,
-            replica: self.replica.clone(),
-        }
-    }
-}
-
-/// See the module documentation.
-#[derive(Clone)]
-pub struct Forward<S> {
-    inner: S,
-    replica: Option<Arc<Replica>>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> Service<http::Request<Body>> for Forward<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+impl Middleware for Option<Arc<Replica>> {
+    fn call<S: Inner>(&self, inner: &mut S, req: http::Request<Body>) -> Answer {
         // A call another replica forwarded is never passed on again: two replicas that
         // each still believe the other leads would bounce it between them.
         // `AuthLayer` has removed the header from every caller but a replica.
-        let replica = match &self.replica {
+        let replica = match self {
             Some(r)
                 if auth::policy(req.uri().path()).is_some_and(|p| p.write)
                     && !r.is_leading()
@@ -95,13 +48,21 @@ where
             {
                 r.clone()
             }
-            _ => return Box::pin(self.inner.call(req)),
+            _ => return Box::pin(inner.call(req)),
         };
         Box::pin(async move {
             Ok(forward(&replica, req)
                 .await
                 .unwrap_or_else(|s| s.into_http()))
         })
+    }
+}
+
+/// Removes the forwarding headers a call came with (only a replica may send them, and a
+/// replica forwarding a call sets its own).
+pub fn remove_headers(headers: &mut http::HeaderMap) {
+    for h in [FORWARDED_CERT, FORWARDED_FOR, FORWARDED_BY] {
+        headers.remove(h);
     }
 }
 
@@ -140,9 +101,7 @@ async fn forward(
     };
     let caller = req.extensions().get::<Authorized>().cloned();
     let headers = req.headers_mut();
-    for h in [FORWARDED_CERT, FORWARDED_FOR, FORWARDED_BY] {
-        headers.remove(h);
-    }
+    remove_headers(headers);
     if let Some(caller) = &caller {
         if !caller.chain.is_empty() {
             if let Ok(v) = HeaderValue::from_str(&encode_chain(&caller.chain)) {
