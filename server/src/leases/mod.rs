@@ -100,33 +100,15 @@ type Reply<T> = oneshot::Sender<Result<T, LeaseOpError>>;
 /// An operation, with the channel its caller waits on (the periodic sweep has none).
 enum Op {
     Acquire(AcquireParams, Reply<Lease>),
-    Release {
-        network: NetworkName,
-        node: String,
-        key: Vec<u8>,
-        reply: Reply<bool>,
-    },
-    /// The node's leases held by key `from` pass to key `to` (a renewed certificate);
-    /// with `from` empty they are held by nobody until their next acquisition (the
-    /// node's certificates were revoked). In every network.
-    Rekey {
-        node: String,
-        from: Vec<u8>,
-        to: Vec<u8>,
-        reply: Reply<bool>,
-    },
-    Revoke {
-        network: NetworkName,
-        node: String,
-        by: String,
-        reply: Reply<bool>,
-    },
-    Reserve {
-        network: NetworkName,
-        node: String,
-        subnet: Reservation,
-        reply: Reply<bool>,
-    },
+    /// Network, node and the key of the agent's certificate.
+    Release(NetworkName, String, Vec<u8>, Reply<bool>),
+    /// Node, `from` and `to`: the node's leases held by key `from` pass to key `to` (a
+    /// renewed certificate); with `from` empty they are held by nobody until their next
+    /// acquisition (the node's certificates were revoked). In every network.
+    Rekey(String, Vec<u8>, Vec<u8>, Reply<bool>),
+    /// Network, node and the admin who revokes.
+    Revoke(NetworkName, String, String, Reply<bool>),
+    Reserve(NetworkName, String, Reservation, Reply<bool>),
     Unreserve(NetworkName, String, Reply<bool>),
     /// The served networks changed (`--networks-dir`).
     Configure(Arc<Served>),
@@ -137,6 +119,15 @@ enum Op {
 struct Queued {
     op: Op,
     queued: Instant,
+}
+
+impl Queued {
+    fn now(op: Op) -> Self {
+        Queued {
+            op,
+            queued: Instant::now(),
+        }
+    }
 }
 
 /// A decided request's answer, sent once its events are published: the lease, or
@@ -305,11 +296,7 @@ impl Leases {
             loop {
                 tick.tick().await;
                 let Some(tx) = sweeper.upgrade() else { return };
-                let sweep = Queued {
-                    op: Op::Sweep,
-                    queued: Instant::now(),
-                };
-                if tx.send(sweep).await.is_err() {
+                if tx.send(Queued::now(Op::Sweep)).await.is_err() {
                     return;
                 }
             }
@@ -360,10 +347,7 @@ impl Leases {
     /// answer.
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, LeaseOpError> {
         let (reply, rx) = oneshot::channel();
-        let queued = Queued {
-            op: op(reply),
-            queued: Instant::now(),
-        };
+        let queued = Queued::now(op(reply));
         let Some(writer) = self.running() else {
             return Err(LeaseOpError::NotLeader);
         };
@@ -384,13 +368,8 @@ impl Leases {
         node: &str,
         key: &[u8],
     ) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Release {
-            network: network.clone(),
-            node: node.to_string(),
-            key: key.to_vec(),
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Release(network.clone(), node.to_string(), key.to_vec(), reply))
+            .await
     }
 
     /// Hands `node`'s leases (in every network) from their holder's key `from` to the
@@ -402,25 +381,15 @@ impl Leases {
         from: [u8; 32],
         to: [u8; 32],
     ) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Rekey {
-            node: node.to_string(),
-            from: from.to_vec(),
-            to: to.to_vec(),
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Rekey(node.to_string(), from.to_vec(), to.to_vec(), reply))
+            .await
     }
 
     /// Frees `node`'s leases from the key that holds them (its certificates were
     /// revoked): the next certificate of the node to acquire one holds it.
     pub async fn disown(&self, node: &str) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Rekey {
-            node: node.to_string(),
-            from: Vec::new(),
-            to: Vec::new(),
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Rekey(node.to_string(), Vec::new(), Vec::new(), reply))
+            .await
     }
 
     /// Removes a node's lease in `network` on an operator's order; `Ok(false)` when it
@@ -431,13 +400,8 @@ impl Leases {
         node: &str,
         by: &str,
     ) -> Result<bool, LeaseOpError> {
-        self.call(|reply| Op::Revoke {
-            network: network.clone(),
-            node: node.to_string(),
-            by: by.to_string(),
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Revoke(network.clone(), node.to_string(), by.to_string(), reply))
+            .await
     }
 
     /// Reserves `subnet` (one subnet per family) of `network` for `node`, replacing the
@@ -448,14 +412,9 @@ impl Leases {
         node: &str,
         subnet: Reservation,
     ) -> Result<(), LeaseOpError> {
-        self.call(|reply| Op::Reserve {
-            network: network.clone(),
-            node: node.to_string(),
-            subnet,
-            reply,
-        })
-        .await
-        .map(|_| ())
+        self.call(|reply| Op::Reserve(network.clone(), node.to_string(), subnet, reply))
+            .await
+            .map(|_| ())
     }
 
     /// Drops a node's reservation in `network`; `Ok(false)` when it had none.
@@ -469,12 +428,8 @@ impl Leases {
     /// the current set.
     pub async fn configure(&self, served: Arc<Served>) {
         if let Some(writer) = self.running() {
-            let op = Queued {
-                op: Op::Configure(served),
-                queued: Instant::now(),
-            };
             // A writer that stopped has nothing to configure.
-            let _ = writer.tx.send(op).await;
+            let _ = writer.tx.send(Queued::now(Op::Configure(served))).await;
         }
     }
 }
@@ -573,12 +528,7 @@ impl Writer {
                     };
                     Answer::Lease(reply, Box::new(granted))
                 }
-                Op::Release {
-                    network,
-                    node,
-                    key,
-                    reply,
-                } => {
+                Op::Release(network, node, key, reply) => {
                     let revision = &mut self.revision;
                     let released = match self.nets.get_mut(&network) {
                         Some(net) => net.release(&node, &key, revision, &mut changes.events),
@@ -589,24 +539,14 @@ impl Writer {
                     }
                     Answer::Done(reply, released)
                 }
-                Op::Rekey {
-                    node,
-                    from,
-                    to,
-                    reply,
-                } => {
+                Op::Rekey(node, from, to, reply) => {
                     // Every network's lease of the node passes to the new key.
                     let moved = self.nets.values_mut().fold(false, |moved, net| {
                         net.rekey(&node, &from, to.clone(), &mut changes) | moved
                     });
                     Answer::Done(reply, Ok(moved))
                 }
-                Op::Revoke {
-                    network,
-                    node,
-                    by,
-                    reply,
-                } => {
+                Op::Revoke(network, node, by, reply) => {
                     let revision = &mut self.revision;
                     let revoked = self
                         .nets
@@ -617,12 +557,7 @@ impl Writer {
                     }
                     Answer::Done(reply, Ok(revoked))
                 }
-                Op::Reserve {
-                    network,
-                    node,
-                    subnet,
-                    reply,
-                } => {
+                Op::Reserve(network, node, subnet, reply) => {
                     let r = self
                         .net(&network)
                         .and_then(|net| net.reserve(&node, subnet));

@@ -25,6 +25,15 @@ pub(super) struct Changes {
     pub(super) reservations: bool,
 }
 
+impl Changes {
+    /// Stores `lease` as renewed, in place of an earlier renewal of it in the batch.
+    fn renew(&mut self, lease: Lease) {
+        self.renewed
+            .retain(|r| !(r.node_name == lease.node_name && r.network == lease.network));
+        self.renewed.push(lease);
+    }
+}
+
 /// The writer's clock and counter, lent to one acquisition.
 pub(super) struct Clock<'a> {
     pub(super) now: i64,
@@ -277,10 +286,7 @@ impl Net {
                 let wire = Lease::from(&renewed);
                 tracing::debug!(network = %self.name, node = %p.node, subnet = %wire.subnet, ipv6_subnet = %wire.ipv6_subnet, "lease renewed");
                 self.leases.insert(p.node.to_string(), renewed);
-                changes
-                    .renewed
-                    .retain(|r| !(r.node_name == wire.node_name && r.network == wire.network));
-                changes.renewed.push(wire.clone());
+                changes.renew(wire.clone());
                 return Ok(wire);
             }
             Some(_) if holder != p.key => {
@@ -402,11 +408,7 @@ impl Net {
             return true;
         }
         l.holder_key = to;
-        let renewed = Lease::from(&*l);
-        changes
-            .renewed
-            .retain(|r| !(r.node_name == node && r.network == renewed.network));
-        changes.renewed.push(renewed);
+        changes.renew(Lease::from(&*l));
         true
     }
 
