@@ -34,6 +34,7 @@ use twill_proto::{lease_event::Type as EventType, Lease, LeaseEvent, WatchRespon
 
 use twill_common::networks::NetworkName;
 
+use crate::store::schema::network_of;
 use crate::store::{LeaseKey, Reservation};
 
 mod wire;
@@ -78,11 +79,6 @@ impl std::fmt::Display for Networks {
         let names: Vec<&str> = self.0.iter().map(|n| n.as_str()).collect();
         f.write_str(&names.join(","))
     }
-}
-
-/// The network a lease names (empty: `default`).
-fn network_of(l: &Lease) -> NetworkName {
-    NetworkName::from_wire(&l.network).unwrap_or_default()
 }
 
 /// A lease's place in the table.
