@@ -27,7 +27,7 @@ use twill_server::identity::{Identity as NodeIdentity, Signer};
 use twill_server::leases::{Leases, MAX_LEASE_TTL};
 use twill_server::metrics::Metrics;
 use twill_server::networks::Registry;
-use twill_server::replica::{forward::ForwardLayer, PeerTls, Replica, Settings as ReplicaSettings};
+use twill_server::replica::{forward::ForwardLayer, Replica, Settings as ReplicaSettings};
 use twill_server::store::etcd::{Etcd, EtcdConfig};
 use twill_server::store::{EtcdStore, Layout, SledStore, Snapshot, Store};
 use twill_server::tls::{ReloadingTls, TlsFiles};
@@ -40,7 +40,7 @@ const ETCD_WAIT_CAP: Duration = Duration::from_secs(10);
 
 /// The Twill controller: hands every node a pod subnet (a lease), stores leases
 /// durably and streams them to every agent over gRPC with mutual TLS.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "twill-controller", version)]
 struct Args {
     /// Address for the gRPC services (agents and twillctl connect here).
@@ -207,17 +207,11 @@ enum Mode {
 /// The controller's settings, checked before anything is opened or bound: every
 /// refusal names its flag.
 struct Config {
-    listen: SocketAddr,
-    metrics_addr: SocketAddr,
+    args: Args,
     conf: NetConf,
-    net_conf_path: PathBuf,
-    networks_dir: PathBuf,
     tls: TlsFiles,
     /// `--signing-cert` and `--signing-key`, given together or not at all.
     signing: Option<(PathBuf, PathBuf)>,
-    max_anonymous_connections: usize,
-    node_cert_ttl: Duration,
-    lease_ttl: Duration,
     mode: Mode,
 }
 
@@ -282,20 +276,14 @@ impl TryFrom<&Args> for Command {
         let conf = NetConf::from_file(&args.net_conf)
             .with_context(|| format!("--net-conf {}", args.net_conf.display()))?;
         Ok(Command::Serve(Box::new(Config {
-            listen: args.listen,
-            metrics_addr: args.metrics_addr,
+            args: args.clone(),
             conf,
-            net_conf_path: args.net_conf.clone(),
-            networks_dir: args.networks_dir.clone(),
             tls: TlsFiles {
                 cert: args.tls_cert.clone(),
                 key: args.tls_key.clone(),
                 client_ca: args.tls_client_ca.clone(),
             },
             signing: args.signing_cert.clone().zip(args.signing_key.clone()),
-            max_anonymous_connections: args.max_anonymous_connections,
-            node_cert_ttl: args.node_cert_ttl,
-            lease_ttl: args.lease_ttl,
             mode,
         })))
     }
@@ -408,7 +396,7 @@ async fn adopt_layout(config: &Config, opened: &Opened) -> Result<()> {
              restore the previous net-conf.json, or move the data aside to start a new network",
             opened.whence,
             snapshot.leases.len(),
-            config.net_conf_path.display()
+            config.args.net_conf.display()
         ),
         Some(stored) if *stored == layout => {}
         _ => {
@@ -458,15 +446,20 @@ async fn serve(config: Config) -> Result<()> {
     let closing_hub = hub.clone();
     let networks = Arc::new(Registry::load(
         Network::default_from(config.conf.clone()),
-        Some(config.networks_dir.clone()),
+        Some(config.args.networks_dir.clone()),
         &hub,
         metrics.clone(),
     ));
     let agents = Arc::new(Agents::default());
     let identity = Arc::new(
-        NodeIdentity::new(store.clone(), signer, config.node_cert_ttl, metrics.clone())
-            .await
-            .context("cannot read the revocations and issued certificates from the store")?,
+        NodeIdentity::new(
+            store.clone(),
+            signer,
+            config.args.node_cert_ttl,
+            metrics.clone(),
+        )
+        .await
+        .context("cannot read the revocations and issued certificates from the store")?,
     );
     if let Some((cert, key)) = &config.signing {
         identity.watch_signer(cert.clone(), key.clone(), config.tls.client_ca.clone());
@@ -475,7 +468,7 @@ async fn serve(config: Config) -> Result<()> {
     let (leases, replica) = match (&config.mode, etcd) {
         (Mode::Replicated { settings, .. }, Some(etcd_store)) => {
             hub.set_reservations(snapshot.reservations, Default::default());
-            let leases = Leases::standby(config.lease_ttl);
+            let leases = Leases::standby(config.args.lease_ttl);
             let replica = Replica::new(
                 settings.clone(),
                 agents.clone(),
@@ -485,11 +478,7 @@ async fn serve(config: Config) -> Result<()> {
                 identity.clone(),
                 networks.clone(),
                 metrics.clone(),
-                PeerTls {
-                    cert: config.tls.cert.clone(),
-                    key: config.tls.key.clone(),
-                    ca: config.tls.client_ca.clone(),
-                },
+                config.tls.clone(),
                 etcd_revision,
             );
             (leases, Some(replica))
@@ -500,7 +489,7 @@ async fn serve(config: Config) -> Result<()> {
                 store,
                 hub.clone(),
                 snapshot.reservations,
-                config.lease_ttl,
+                config.args.lease_ttl,
                 metrics.clone(),
             )?,
             None,
@@ -515,19 +504,19 @@ async fn serve(config: Config) -> Result<()> {
         leases: leases.clone(),
         replica: replica.clone(),
     });
-    let http_listener = twill_runtime::bind(config.metrics_addr).await?;
+    let http_listener = twill_runtime::bind(config.args.metrics_addr).await?;
     tokio::spawn(twill_runtime::serve(
         http_listener,
         http::routes(http_state.clone()),
     ));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = tokio::net::TcpListener::bind(config.args.listen)
         .await
-        .with_context(|| format!("cannot listen on --listen {}", config.listen))?;
+        .with_context(|| format!("cannot listen on --listen {}", config.args.listen))?;
     // Our own TLS acceptor (not tonic's): the serving certificate and the client CA
     // are re-read when their files change, and a client certificate is optional at the
     // handshake (a new node may only call IdentityService.Bootstrap without one).
-    tls.set_max_anonymous(config.max_anonymous_connections);
+    tls.set_max_anonymous(config.args.max_anonymous_connections);
     tls.watch();
     {
         let (revocations, identity) = (identity.revocations(), identity.clone());
@@ -580,7 +569,7 @@ async fn serve(config: Config) -> Result<()> {
             })
             .max_decoding_message_size(ADMIN_MAX_REQUEST_BYTES),
         );
-    info!(listen = %config.listen, metrics = %config.metrics_addr, "serving");
+    info!(listen = %config.args.listen, metrics = %config.args.metrics_addr, "serving");
     http_state.ready.store(true, Ordering::Relaxed);
     server
         .serve_with_incoming_shutdown(incoming, async {

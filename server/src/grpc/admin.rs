@@ -60,8 +60,8 @@ impl AdminApi {
         use crate::replica::forward::{FORWARDED_BY, FORWARDED_CERT};
         let leader = me.leader();
         let mut urls = me.replicas().await.unwrap_or_default();
-        if !urls.contains(&me.advertise_url) {
-            urls.push(me.advertise_url.clone());
+        if !urls.contains(&me.settings.advertise_url) {
+            urls.push(me.settings.advertise_url.clone());
             urls.sort();
         }
         let admin_cert: Option<String> = Authorized::of(req)
@@ -76,7 +76,7 @@ impl AdminApi {
                 url: url.clone(),
                 ..Default::default()
             };
-            if url == me.advertise_url {
+            if url == me.settings.advertise_url {
                 replica.agents = self.watch.agents.watchers().len() as u32;
                 replicas.push(replica);
                 continue;
@@ -90,7 +90,8 @@ impl AdminApi {
                 let meta = call.metadata_mut();
                 meta.insert(
                     FORWARDED_BY,
-                    me.advertise_url
+                    me.settings
+                        .advertise_url
                         .parse()
                         .map_err(|_| "bad URL".to_string())?,
                 );
@@ -483,7 +484,7 @@ impl AdminService for AdminApi {
                 replica: self
                     .replica
                     .as_ref()
-                    .map(|r| r.advertise_url.clone())
+                    .map(|r| r.settings.advertise_url.clone())
                     .unwrap_or_default(),
             })
             .collect();

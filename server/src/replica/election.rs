@@ -52,7 +52,7 @@ pub async fn campaign(r: Arc<Replica>, mut shutdown: watch::Receiver<bool>) {
 /// One etcd lease: campaign with it, lead while it lives.
 async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<(), StoreError> {
     let etcd = r.store.etcd().clone();
-    let asked = r.leader_ttl.as_secs().max(1);
+    let asked = r.settings.leader_ttl.as_secs().max(1);
     let grant = etcd
         .timed(
             "granting the replica's lease",
@@ -83,7 +83,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
             vec![{
                 let mut op = put(
                     etcd.key(&Key::Replica(lease)),
-                    r.advertise_url.clone().into_bytes(),
+                    r.settings.advertise_url.clone().into_bytes(),
                 );
                 if let Some(twill_proto::etcd::etcdserverpb::request_op::Request::RequestPut(p)) =
                     op.request.as_mut()
@@ -99,7 +99,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
             won = election.campaign(CampaignRequest {
                 name: election_name(r),
                 lease,
-                value: r.advertise_url.clone().into_bytes(),
+                value: r.settings.advertise_url.clone().into_bytes(),
             }) => won.map_err(|source| StoreError::Etcd { what: "the campaign".into(), source })?,
             _ = lost.wait_for(|l| *l) => return Ok(()),
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
@@ -182,7 +182,7 @@ async fn lead(
         Ok(revision) => {
             r.leading.store(true, Ordering::Relaxed);
             r.metrics.is_leader.set(1);
-            r.set_leader(Some(r.advertise_url.clone()));
+            r.set_leader(Some(r.settings.advertise_url.clone()));
             info!(
                 revision,
                 took_ms = started.elapsed().as_millis() as u64,

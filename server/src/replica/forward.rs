@@ -92,7 +92,7 @@ async fn forward(
     r: &Replica,
     mut req: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
-    let Some(leader) = r.leader().filter(|l| *l != r.advertise_url) else {
+    let Some(leader) = r.leader().filter(|l| *l != r.settings.advertise_url) else {
         return Err(Status::unavailable(
             "no controller replica leads right now (an election is under way, or etcd is \
              unreachable or without quorum): writes are refused until one does; watches keep \
@@ -112,7 +112,7 @@ async fn forward(
             headers.insert(FORWARDED_FOR, v);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&r.advertise_url) {
+    if let Ok(v) = HeaderValue::from_str(&r.settings.advertise_url) {
         headers.insert(FORWARDED_BY, v);
     }
     let channel = r.peer(&leader).map_err(Status::unavailable)?;

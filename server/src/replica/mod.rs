@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::networks::Registry;
 use crate::store::schema::Range;
 use crate::store::EtcdStore;
+use crate::tls::TlsFiles;
 
 pub mod election;
 pub mod forward;
@@ -37,13 +38,8 @@ pub mod rebalance;
 
 /// What the replica tasks share with the gRPC services and the HTTP endpoint.
 pub struct Replica {
-    /// How other replicas and agents reach this one (`--advertise-url`).
-    pub advertise_url: String,
-    /// The TTL asked of etcd for this replica's lease (`--leader-ttl`).
-    pub leader_ttl: Duration,
-    /// How often the agents are spread over the replicas (`--rebalance-interval`;
-    /// `None`: never).
-    pub rebalance_every: Option<Duration>,
+    /// This replica's own flags.
+    pub settings: Settings,
     /// The agents watching this replica.
     pub agents: Arc<Agents>,
     /// The store, with the fence the election arms.
@@ -59,8 +55,9 @@ pub struct Replica {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The certificate this replica presents to the leader when it forwards a write
-    /// (its serving certificate, which carries clientAuth and O=twill:controllers).
-    pub peer_tls: PeerTls,
+    /// (its serving certificate, which carries clientAuth and O=twill:controllers), and
+    /// the CA that signs every replica's.
+    pub peer_tls: TlsFiles,
     leader: RwLock<Option<String>>,
     /// True while this replica's writer is attached.
     leading: AtomicBool,
@@ -85,17 +82,6 @@ pub struct Settings {
     pub rebalance_every: Option<Duration>,
 }
 
-/// The files of this replica's certificate, for its calls to other replicas.
-#[derive(Debug, Clone)]
-pub struct PeerTls {
-    /// The serving certificate (`--tls-cert`).
-    pub cert: PathBuf,
-    /// Its key (`--tls-key`).
-    pub key: PathBuf,
-    /// The CA that signs every certificate (`--tls-client-ca`).
-    pub ca: PathBuf,
-}
-
 impl Replica {
     /// The shared state; `applied` is the etcd revision the hub was loaded at.
     #[allow(clippy::too_many_arguments)]
@@ -108,13 +94,11 @@ impl Replica {
         identity: Arc<NodeIdentity>,
         networks: Arc<Registry>,
         metrics: Arc<Metrics>,
-        peer_tls: PeerTls,
+        peer_tls: TlsFiles,
         applied: i64,
     ) -> Arc<Self> {
         Arc::new(Replica {
-            advertise_url: settings.advertise_url,
-            leader_ttl: settings.leader_ttl,
-            rebalance_every: settings.rebalance_every,
+            settings,
             agents,
             store,
             hub,
@@ -141,7 +125,7 @@ impl Replica {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(mirror::run(self.clone()));
         tokio::spawn(election::observe(self.clone()));
-        if let Some(every) = self.rebalance_every {
+        if let Some(every) = self.settings.rebalance_every {
             tokio::spawn(rebalance::run(self.clone(), every));
         }
         tokio::spawn(election::campaign(self.clone(), shutdown))
@@ -184,7 +168,7 @@ impl Replica {
         let read =
             |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.peer_tls.ca)?))
+            .ca_certificate(Certificate::from_pem(read(&self.peer_tls.client_ca)?))
             .identity(Identity::from_pem(
                 read(&self.peer_tls.cert)?,
                 read(&self.peer_tls.key)?,

@@ -56,7 +56,7 @@ pub async fn run(r: Arc<Replica>, every: Duration) {
             _ => Instant::now(),
         };
         seen = Some((urls.clone(), since));
-        if since.elapsed() < r.leader_ttl + every {
+        if since.elapsed() < r.settings.leader_ttl + every {
             continue;
         }
         let mine = r.agents.node_watchers();
