@@ -171,13 +171,8 @@ pub fn merge(
         .drain(..)
         .map(|(name, e)| (name, e.to_string()))
         .collect();
-    served.insert(
-        default.name.clone(),
-        ServedNetwork {
-            network: default.clone(),
-            retired: false,
-        },
-    );
+    let serve = |network, retired| ServedNetwork { network, retired };
+    served.insert(default.name.clone(), serve(default.clone(), false));
     let held = |name: &NetworkName| leases.get(name).copied().unwrap_or(0);
     let (known, new): (Vec<NetworkName>, Vec<NetworkName>) = scan
         .networks
@@ -191,13 +186,7 @@ pub fn merge(
         if file_refused {
             served.insert(name.clone(), p.clone());
         } else if !scan.networks.contains_key(name) && held(name) > 0 {
-            served.insert(
-                name.clone(),
-                ServedNetwork {
-                    network: p.network.clone(),
-                    retired: true,
-                },
-            );
+            served.insert(name.clone(), serve(p.network.clone(), true));
         }
     }
     for name in known.into_iter().chain(new) {
@@ -220,13 +209,7 @@ pub fn merge(
         };
         match verdict {
             Ok(()) => {
-                served.insert(
-                    name,
-                    ServedNetwork {
-                        network: candidate,
-                        retired: false,
-                    },
-                );
+                served.insert(name, serve(candidate, false));
             }
             Err(why) => {
                 refused.push((name.to_string(), why));
