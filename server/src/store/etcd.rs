@@ -275,21 +275,16 @@ pub fn delete(key: Vec<u8>) -> RequestOp {
 
 /// Holds when `key` does not exist.
 pub fn absent(key: Vec<u8>) -> Compare {
+    created_at(key, 0)
+}
+
+/// Holds when `key` was created at etcd revision `revision` (0: it does not exist).
+fn created_at(key: Vec<u8>, revision: i64) -> Compare {
     Compare {
         result: compare::CompareResult::Equal as i32,
         target: compare::CompareTarget::Create as i32,
         key,
-        target_union: Some(compare::TargetUnion::CreateRevision(0)),
-        ..Default::default()
-    }
-}
-
-fn fence_holds(f: &Fence) -> Compare {
-    Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Create as i32,
-        key: f.key.clone(),
-        target_union: Some(compare::TargetUnion::CreateRevision(f.revision)),
+        target_union: Some(compare::TargetUnion::CreateRevision(revision)),
         ..Default::default()
     }
 }
@@ -424,7 +419,14 @@ impl EtcdStore {
     /// Commits `ops` (and the fence) as one transaction.
     async fn fenced(&self, what: &str, ops: Vec<RequestOp>) -> Result<TxnResponse, StoreError> {
         let fence = self.fence()?;
-        let r = self.etcd.txn(what, vec![fence_holds(&fence)], ops).await?;
+        let r = self
+            .etcd
+            .txn(
+                what,
+                vec![created_at(fence.key.clone(), fence.revision)],
+                ops,
+            )
+            .await?;
         if !r.succeeded {
             self.set_fence(None);
             return Err(StoreError::NotLeader(format!(

@@ -35,6 +35,11 @@ fn key(k: &Key) -> Vec<u8> {
     k.encode(Dialect::Sled)
 }
 
+/// The value of `k` in `db`; `what` names the read in an error.
+fn get(db: &sled::Db, k: &Key, what: &str) -> Result<Option<sled::IVec>, StoreError> {
+    db.get(key(k)).map_err(backend(what))
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`, keeping the last `retention` events. A
     /// new store is given its epoch here, durably, before anything else is written.
@@ -46,11 +51,7 @@ impl SledStore {
                 what: format!("cannot open the store in {}", dir.display()),
                 source,
             })?;
-        if db
-            .get(key(&Key::Epoch))
-            .map_err(backend("reading the epoch"))?
-            .is_none()
-        {
+        if get(&db, &Key::Epoch, "reading the epoch")?.is_none() {
             let epoch = format!("{:016x}", rand::random::<u64>());
             db.insert(key(&Key::Epoch), epoch.as_bytes())
                 .map_err(backend("writing the epoch"))?;
@@ -125,33 +126,19 @@ impl Store for SledStore {
                 .map_err(|e: String| StoreError::corrupt(&k, e))?;
             snap.reservations.insert((network, node), subnet);
         }
-        let revision = key(&Key::Revision);
-        if let Some(v) = self
-            .db
-            .get(&revision)
-            .map_err(backend("reading the revision"))?
-        {
+        if let Some(v) = get(&self.db, &Key::Revision, "reading the revision")? {
             snap.revision = Dialect::Sled
                 .parse_revision(&v)
-                .map_err(|e| StoreError::corrupt(&revision, e))?;
+                .map_err(|e| StoreError::corrupt(&key(&Key::Revision), e))?;
         }
-        let layout = key(&Key::Layout);
-        if let Some(v) = self
-            .db
-            .get(&layout)
-            .map_err(backend("reading the layout"))?
-        {
+        if let Some(v) = get(&self.db, &Key::Layout, "reading the layout")? {
             snap.layout = Some(
                 String::from_utf8_lossy(&v)
                     .parse()
-                    .map_err(|e: String| StoreError::corrupt(&layout, e))?,
+                    .map_err(|e: String| StoreError::corrupt(&key(&Key::Layout), e))?,
             );
         }
-        if let Some(v) = self
-            .db
-            .get(key(&Key::Epoch))
-            .map_err(backend("reading the epoch"))?
-        {
+        if let Some(v) = get(&self.db, &Key::Epoch, "reading the epoch")? {
             snap.epoch = String::from_utf8_lossy(&v).into_owned();
         }
         Ok(snap)
@@ -214,10 +201,8 @@ impl Store for SledStore {
     }
 
     async fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db
-            .get(key(&Key::Record(kind, id.into())))
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(backend("reading a record"))
+        let v = get(&self.db, &Key::Record(kind, id.into()), "reading a record")?;
+        Ok(v.map(|v| v.to_vec()))
     }
 
     async fn set_layout(&self, layout: &Layout) -> Result<(), StoreError> {
