@@ -269,17 +269,14 @@ impl PodTable {
         }
         let count = report.attachments.len();
         let limit = limit.min(MAX_PER_NODE as u64) as usize;
-        if report.findings.len() > limit {
+        // Findings are bounded as attachments are.
+        if let Some(too_many) = [report.findings.len(), count]
+            .into_iter()
+            .find(|n| *n > limit)
+        {
             return Err(ReportError::TooMany {
                 node: node.to_string(),
-                count: report.findings.len(),
-                limit,
-            });
-        }
-        if count > limit {
-            return Err(ReportError::TooMany {
-                node: node.to_string(),
-                count,
+                count: too_many,
                 limit,
             });
         }
