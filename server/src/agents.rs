@@ -26,6 +26,7 @@ pub struct WatcherInfo {
 
 /// The agents the controller knows to be alive: open watch streams, and when each
 /// node last called.
+#[derive(Default)]
 pub struct Agents {
     next_id: AtomicU64,
     watchers: Mutex<HashMap<u64, WatcherInfo>>,
@@ -33,18 +34,6 @@ pub struct Agents {
     /// Streams asked to move to another replica, and a count bumped at each ask.
     moves: Mutex<HashSet<u64>>,
     asked: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for Agents {
-    fn default() -> Self {
-        Agents {
-            next_id: AtomicU64::new(0),
-            watchers: Mutex::default(),
-            last_seen: Mutex::default(),
-            moves: Mutex::default(),
-            asked: tokio::sync::watch::Sender::new(0),
-        }
-    }
 }
 
 impl Agents {
