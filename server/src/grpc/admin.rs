@@ -31,7 +31,7 @@ use super::agent::network_field;
 use super::auth::Authorized;
 use super::watch;
 use crate::events::Networks;
-use crate::leases::Leases;
+use crate::leases::{unknown, Leases};
 use crate::networks::Registry;
 use crate::store::{LeaseKey, Reservation as StoredReservation, Store};
 
@@ -167,14 +167,10 @@ impl AdminApi {
 
     /// The configuration of `network` (served now, or retired), NOT_FOUND otherwise.
     fn conf(&self, network: &NetworkName) -> Result<NetConf, Status> {
-        self.networks
-            .get(network)
+        let served = self.networks.get(network);
+        served
             .map(|s| s.network.conf)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "this controller serves no network named {network}; `twillctl networks` lists them"
-                ))
-            })
+            .ok_or_else(|| unknown(network).into())
     }
 }
 
@@ -465,6 +461,7 @@ impl AdminService for AdminApi {
                         .is_none_or(|l| !holds(&l, s))
             })
             .count() as u32;
+        let here = self.replica.as_ref().map(|r| &r.settings.advertise_url);
         let mut agents: Vec<ConnectedAgent> = self
             .watch
             .agents
@@ -481,11 +478,7 @@ impl AdminService for AdminApi {
                 connected_at_unix: w.connected_at,
                 revision: w.revision,
                 cert_not_after_unix: w.cert_not_after,
-                replica: self
-                    .replica
-                    .as_ref()
-                    .map(|r| r.settings.advertise_url.clone())
-                    .unwrap_or_default(),
+                replica: here.cloned().unwrap_or_default(),
             })
             .collect();
         let (replicas, others) = replicas.unwrap_or_default();

@@ -20,7 +20,7 @@ use super::auth::Authorized;
 use super::limit::NodeLimiter;
 use super::watch;
 use crate::events::Networks;
-use crate::leases::{AcquireParams, Leases};
+use crate::leases::{unknown, AcquireParams, Leases};
 use crate::networks::{Registry, ServedNetwork};
 
 /// The agent service.
@@ -47,11 +47,7 @@ impl AgentApi {
     /// served by that name, PERMISSION_DENIED (naming the rule) when its `"Nodes"` do
     /// not admit the calling node. Admins may read every network.
     fn network_for(&self, who: &CertIdentity, name: &NetworkName) -> Result<ServedNetwork, Status> {
-        let served = self.networks.get(name).ok_or_else(|| {
-            Status::not_found(format!(
-                "this controller serves no network named {name}; `twillctl networks` lists them"
-            ))
-        })?;
+        let served = self.networks.get(name).ok_or_else(|| unknown(name))?;
         if !who.is_admin() && !served.network.nodes.admits(&who.name) {
             tracing::warn!(node = %who.name, network = %name, "refused a node its network does not admit");
             return Err(Status::permission_denied(format!(

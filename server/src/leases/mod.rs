@@ -435,7 +435,7 @@ impl Leases {
 }
 
 /// The refusal of an operation in a network this controller does not serve.
-fn unknown(network: &NetworkName) -> LeaseOpError {
+pub(crate) fn unknown(network: &NetworkName) -> LeaseOpError {
     LeaseOpError::UnknownNetwork(format!(
         "this controller serves no network named {network}; `twillctl networks` lists them"
     ))
