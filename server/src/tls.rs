@@ -128,18 +128,14 @@ fn certificates(
 
 fn certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsSetupError> {
     let chain = certificates("--tls-cert", &files.cert)?;
+    let bad_key = |e: String| bad("--tls-key", &files.key, e);
     let pem = read("--tls-key", &files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad("--tls-key", &files.key, e))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| bad("--tls-key", &files.key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad_key(e.to_string()))?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| bad_key(e.to_string()))?;
     let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match().map_err(|e| {
-        bad(
-            "--tls-key",
-            &files.key,
-            format!("does not belong to --tls-cert: {e}"),
-        )
-    })?;
+    ck.keys_match()
+        .map_err(|e| bad_key(format!("does not belong to --tls-cert: {e}")))?;
     Ok(Arc::new(ck))
 }
 
@@ -685,11 +681,17 @@ impl Drop for Conn {
     }
 }
 
-fn closed_error() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionAborted,
-        "closed by the controller: the client certificate is no longer valid, or the connection was idle",
-    )
+impl Conn {
+    /// Fails every read and write once the controller closed the connection.
+    fn check_open(&self) -> std::io::Result<()> {
+        if !self.state.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "closed by the controller: the client certificate is no longer valid, or the connection was idle",
+        ))
+    }
 }
 
 impl Connected for Conn {
@@ -707,9 +709,7 @@ impl AsyncRead for Conn {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         this.state.waker.register(cx.waker());
-        if this.state.closed.load(Ordering::Acquire) {
-            return Poll::Ready(Err(closed_error()));
-        }
+        this.check_open()?;
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if this.anonymous && buf.filled().len() > before {
@@ -726,9 +726,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        if this.state.closed.load(Ordering::Acquire) {
-            return Poll::Ready(Err(closed_error()));
-        }
+        this.check_open()?;
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
@@ -738,9 +736,7 @@ impl AsyncWrite for Conn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        if this.state.closed.load(Ordering::Acquire) {
-            return Poll::Ready(Err(closed_error()));
-        }
+        this.check_open()?;
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
