@@ -61,26 +61,12 @@ const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Why the TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    /// A file could not be read.
-    #[error("{flag} {path}: {source}")]
-    Read {
-        /// The flag that names the file.
-        flag: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file's content is unusable.
-    #[error("{flag} {path}: {msg}")]
-    Bad {
-        /// The flag that names the file.
-        flag: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
+    /// A file (the flag that names it, the file) could not be read.
+    #[error("{0} {1}: {2}")]
+    Read(&'static str, PathBuf, #[source] std::io::Error),
+    /// A file's content (the flag that names it, the file) is unusable: what is wrong.
+    #[error("{0} {1}: {2}")]
+    Bad(&'static str, PathBuf, String),
 }
 
 /// The files behind the TLS configuration.
@@ -95,19 +81,11 @@ pub struct TlsFiles {
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsSetupError> {
-    std::fs::read(path).map_err(|source| TlsSetupError::Read {
-        flag,
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|e| TlsSetupError::Read(flag, path.to_path_buf(), e))
 }
 
 fn bad(flag: &'static str, path: &Path, msg: impl std::fmt::Display) -> TlsSetupError {
-    TlsSetupError::Bad {
-        flag,
-        path: path.to_path_buf(),
-        msg: msg.to_string(),
-    }
+    TlsSetupError::Bad(flag, path.to_path_buf(), msg.to_string())
 }
 
 fn certificates(
