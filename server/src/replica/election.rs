@@ -100,7 +100,7 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
                 name: election_name(r),
                 lease,
                 value: r.settings.advertise_url.clone().into_bytes(),
-            }) => won.map_err(|source| StoreError::Etcd { what: "the campaign".into(), source })?,
+            }) => won.map_err(|e| StoreError::Etcd("the campaign".into(), e))?,
             _ = lost.wait_for(|l| *l) => return Ok(()),
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };

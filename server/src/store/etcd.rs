@@ -75,17 +75,12 @@ pub struct Etcd {
 }
 
 fn read(path: &PathBuf, flag: &str) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|source| StoreError::Io {
-        what: format!("cannot read {flag} {}", path.display()),
-        source,
-    })
+    std::fs::read(path)
+        .map_err(|e| StoreError::Io(format!("cannot read {flag} {}", path.display()), e))
 }
 
 fn status(what: &str) -> impl Fn(tonic::Status) -> StoreError + '_ {
-    move |source| StoreError::Etcd {
-        what: what.to_string(),
-        source,
-    }
+    move |source| StoreError::Etcd(what.to_string(), source)
 }
 
 impl Etcd {
@@ -111,10 +106,7 @@ impl Etcd {
                     "--etcd-endpoints {url}: etcd is reached over mutual TLS, so each URL starts with https://"
                 )));
             }
-            let bad_url = |source| StoreError::Connect {
-                what: format!("--etcd-endpoints {url}"),
-                source,
-            };
+            let bad_url = |e| StoreError::Connect(format!("--etcd-endpoints {url}"), e);
             let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(bad_url)?
                 .tls_config(tls.clone())
@@ -166,10 +158,7 @@ impl Etcd {
             .observe(started.elapsed().as_secs_f64());
         match out {
             Ok(r) => r.map(tonic::Response::into_inner).map_err(status(what)),
-            Err(_) => Err(StoreError::Timeout {
-                what: what.to_string(),
-                after: REQUEST_TIMEOUT,
-            }),
+            Err(_) => Err(StoreError::Timeout(what.to_string(), REQUEST_TIMEOUT)),
         }
     }
 

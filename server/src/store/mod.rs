@@ -21,54 +21,26 @@ pub use sled_store::SledStore;
 /// from is its source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// sled failed.
-    #[error("store: {what}: {source}")]
-    Sled {
-        /// What was being done.
-        what: String,
-        /// sled's error.
-        #[source]
-        source: sled::Error,
-    },
-    /// etcd answered a request with an error, or could not be reached for it.
-    #[error("store: {what}: {}", etcd_said(source))]
-    Etcd {
-        /// The request.
-        what: String,
-        /// etcd's answer.
-        #[source]
-        source: tonic::Status,
-    },
-    /// The connection to etcd cannot be set up (an endpoint URL, the TLS material).
-    #[error("store: {what}: {source}")]
-    Connect {
-        /// The flag at fault.
-        what: String,
-        /// The transport's error.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// A file the store needs cannot be read.
-    #[error("store: {what}: {source}")]
-    Io {
-        /// Which file, and for what.
-        what: String,
-        /// The error reading it.
-        #[source]
-        source: std::io::Error,
-    },
+    /// sled failed at what the message says.
+    #[error("store: {0}: {1}")]
+    Sled(String, #[source] sled::Error),
+    /// etcd answered the request named with an error, or could not be reached for it.
+    #[error("store: {0}: {said}", said = etcd_said(.1))]
+    Etcd(String, #[source] tonic::Status),
+    /// The connection to etcd cannot be set up (an endpoint URL, the TLS material): the
+    /// flag at fault, and the transport's error.
+    #[error("store: {0}: {1}")]
+    Connect(String, #[source] tonic::transport::Error),
+    /// A file the store needs (which, and for what) cannot be read.
+    #[error("store: {0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// The revocation records cannot be read back (a replica taking the lead, or
     /// catching up after its watch lost events).
     #[error("store: reading revocations: {0}")]
     Revocations(#[source] Box<crate::identity::IdentityError>),
-    /// etcd did not answer a request in time.
-    #[error("store: etcd did not answer within {}s while {what}: are a quorum of its members up and reachable?", after.as_secs())]
-    Timeout {
-        /// The request.
-        what: String,
-        /// How long it was given.
-        after: std::time::Duration,
-    },
+    /// etcd did not answer the request named in the time given.
+    #[error("store: etcd did not answer within {secs}s while {0}: are a quorum of its members up and reachable?", secs = .1.as_secs())]
+    Timeout(String, std::time::Duration),
     /// The backend failed in a way no underlying error describes (a misconfiguration);
     /// the message says what.
     #[error("store: {0}")]
@@ -77,15 +49,10 @@ pub enum StoreError {
     /// write from it could overwrite the leader's.
     #[error("store: {0}")]
     NotLeader(String),
-    /// A stored record does not decode: the store was written by something else.
-    #[error("store: corrupt record {key:?}: {source}")]
-    Corrupt {
-        /// The record's key.
-        key: String,
-        /// What is wrong with it.
-        #[source]
-        source: Malformed,
-    },
+    /// A stored record (its key) does not decode: the store was written by something
+    /// else.
+    #[error("store: corrupt record {0:?}: {1}")]
+    Corrupt(String, #[source] Malformed),
 }
 
 /// What is wrong with a stored record.
@@ -111,18 +78,15 @@ fn etcd_said(s: &tonic::Status) -> String {
 impl StoreError {
     /// The record under `key` (as stored, prefix and all) does not decode.
     pub fn corrupt(key: &[u8], source: impl Into<Malformed>) -> Self {
-        StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-            source: source.into(),
-        }
+        StoreError::Corrupt(String::from_utf8_lossy(key).into_owned(), source.into())
     }
 
     /// Whether etcd could not be reached or did not answer (down, starting, or without
     /// quorum), as opposed to an answer that refused the request: worth waiting for.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            StoreError::Timeout { .. } => true,
-            StoreError::Etcd { source, .. } => matches!(
+            StoreError::Timeout(..) => true,
+            StoreError::Etcd(_, source) => matches!(
                 source.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
             ),

@@ -25,10 +25,7 @@ pub struct SledStore {
 }
 
 fn backend(what: &str) -> impl Fn(sled::Error) -> StoreError + '_ {
-    move |source| StoreError::Sled {
-        what: what.to_string(),
-        source,
-    }
+    move |source| StoreError::Sled(what.to_string(), source)
 }
 
 fn key(k: &Key) -> Vec<u8> {
@@ -44,13 +41,9 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, keeping the last `retention` events. A
     /// new store is given its epoch here, durably, before anything else is written.
     pub fn open(dir: &Path, retention: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|source| StoreError::Sled {
-                what: format!("cannot open the store in {}", dir.display()),
-                source,
-            })?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            StoreError::Sled(format!("cannot open the store in {}", dir.display()), e)
+        })?;
         if get(&db, &Key::Epoch, "reading the epoch")?.is_none() {
             let epoch = format!("{:016x}", rand::random::<u64>());
             db.insert(key(&Key::Epoch), epoch.as_bytes())
