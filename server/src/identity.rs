@@ -53,23 +53,15 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Why an identity operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// The token is malformed, unknown, deleted, expired or its secret is wrong.
-    #[error("{msg}")]
-    BadToken {
-        /// Which of those.
-        fault: TokenFault,
-        /// What is wrong, for a person (never the secret).
-        msg: String,
-    },
+    /// The token is malformed, unknown, deleted, expired or its secret is wrong: which
+    /// of those, and what is wrong for a person (never the secret).
+    #[error("{1}")]
+    BadToken(TokenFault, String),
     /// The certificate signing request is refused: it does not parse or verify, its
-    /// key is too weak, or its subject is no valid node name or not the caller's.
-    #[error("csr_pem: {msg}")]
-    BadCsr {
-        /// Which of those.
-        fault: CsrFault,
-        /// What is wrong, for a person.
-        msg: String,
-    },
+    /// key is too weak, or its subject is no valid node name or not the caller's. Which
+    /// of those, and what is wrong for a person.
+    #[error("csr_pem: {1}")]
+    BadCsr(CsrFault, String),
     /// The request is malformed; the message names the field.
     #[error("{0}")]
     Invalid(String),
@@ -87,14 +79,9 @@ pub enum IdentityError {
     #[error("{0}")]
     Alive(String),
     /// The token may not be used for this: another name than it is bound to, or its
-    /// uses are spent.
-    #[error("{msg}")]
-    TokenNotAllowed {
-        /// Which of those.
-        refusal: Refusal,
-        /// What is wrong, for a person.
-        msg: String,
-    },
+    /// uses are spent. Which of those, and what is wrong for a person.
+    #[error("{1}")]
+    TokenNotAllowed(Refusal, String),
     /// The certificate renewing is revoked.
     #[error("{0}")]
     Revoked(String),
@@ -107,20 +94,16 @@ pub enum IdentityError {
 }
 
 impl IdentityError {
-    fn token(fault: TokenFault, msg: String) -> Self {
-        IdentityError::BadToken { fault, msg }
-    }
-
     /// Why a certificate was not issued, for the refusal metric; `None` when the
     /// failure says nothing about the request (the store, an unknown token id to
     /// delete).
     pub fn refusal(&self) -> Option<Refusal> {
         match self {
-            IdentityError::BadToken { fault, .. } => Some(Refusal::Token(*fault)),
-            IdentityError::BadCsr { fault, .. } => Some(Refusal::Csr(*fault)),
+            IdentityError::BadToken(fault, _) => Some(Refusal::Token(*fault)),
+            IdentityError::BadCsr(fault, _) => Some(Refusal::Csr(*fault)),
             IdentityError::NoSigningCa => Some(Refusal::NoSigner),
             IdentityError::Alive(_) => Some(Refusal::NameAlive),
-            IdentityError::TokenNotAllowed { refusal, .. } => Some(*refusal),
+            IdentityError::TokenNotAllowed(refusal, _) => Some(*refusal),
             IdentityError::Revoked(_) => Some(Refusal::Revoked),
             IdentityError::RateLimited(_) => Some(Refusal::RenewRateLimited),
             IdentityError::Invalid(_) | IdentityError::NotFound(_) | IdentityError::Store(_) => {
@@ -133,7 +116,7 @@ impl IdentityError {
 impl From<CertError> for IdentityError {
     fn from(e: CertError) -> Self {
         match e {
-            CertError::Csr { fault, msg } => IdentityError::BadCsr { fault, msg },
+            CertError::Csr { fault, msg } => IdentityError::BadCsr(fault, msg),
             e => IdentityError::Invalid(e.to_string()),
         }
     }
@@ -304,7 +287,7 @@ fn parse_token(token: &str) -> Result<(&str, &str), IdentityError> {
         Some((id, secret)) if token_chars(id, ID_LEN) && token_chars(secret, SECRET_LEN) => {
             Ok((id, secret))
         }
-        _ => Err(IdentityError::token(
+        _ => Err(IdentityError::BadToken(
             TokenFault::Malformed,
             "malformed bootstrap token: expected <id>.<secret>, 6 and 16 characters of a-z0-9 \
              (as `twillctl token create` prints)"
@@ -651,13 +634,13 @@ impl Identity {
         let mut record = match self.store.record(RecordKind::Token, id).await? {
             Some(v) => serde_json::from_slice::<TokenRecord>(&v).map_err(|e| {
                 warn!(token_id = %id, error = %e, "unreadable token record");
-                IdentityError::token(
+                IdentityError::BadToken(
                     TokenFault::Unknown,
                     format!("unknown bootstrap token {id}: its record does not read"),
                 )
             })?,
             None => {
-                return Err(IdentityError::token(
+                return Err(IdentityError::BadToken(
                     TokenFault::Unknown,
                     format!("unknown bootstrap token {id}: it was never made here, or was deleted"),
                 ))
@@ -667,7 +650,7 @@ impl Identity {
         if record.expires_at_unix <= now {
             // Forgotten now: an expired token is no use to anyone.
             self.store.delete_record(RecordKind::Token, id).await?;
-            return Err(IdentityError::token(
+            return Err(IdentityError::BadToken(
                 TokenFault::Expired,
                 format!(
                     "bootstrap token {id} expired {}s ago: make a new one with `twillctl token create`",
@@ -676,30 +659,30 @@ impl Identity {
             ));
         }
         if !constant_time_eq(hash(secret).as_bytes(), record.secret_sha256.as_bytes()) {
-            return Err(IdentityError::token(
+            return Err(IdentityError::BadToken(
                 TokenFault::WrongSecret,
                 format!("bootstrap token {id}: wrong secret"),
             ));
         }
         if record.max_uses > 0 && record.uses >= u64::from(record.max_uses) {
-            return Err(IdentityError::TokenNotAllowed {
-                refusal: Refusal::TokenUsedUp,
-                msg: format!(
+            return Err(IdentityError::TokenNotAllowed(
+                Refusal::TokenUsedUp,
+                format!(
                     "bootstrap token {id} has been used {} times, all it was made for: make a new one with `twillctl token create`",
                     record.uses
                 ),
-            });
+            ));
         }
         let request = request?;
         let csr = request.common_name.clone();
         if !record.admits(&csr) {
-            return Err(IdentityError::TokenNotAllowed {
-                refusal: Refusal::TokenNotForName,
-                msg: format!(
+            return Err(IdentityError::TokenNotAllowed(
+                Refusal::TokenNotForName,
+                format!(
                     "bootstrap token {id} may not bootstrap node {csr:?}: it is bound to {}",
                     record.binding()
                 ),
-            });
+            ));
         }
         if let Some(why) = self.alive(&state, &csr, now, has_lease(&csr)) {
             return Err(IdentityError::Alive(format!(
@@ -781,12 +764,12 @@ impl Identity {
     ) -> Result<BootstrapResponse, IdentityError> {
         let cn = &csr.common_name;
         if let Some(node) = node.filter(|n| n != cn) {
-            return Err(IdentityError::BadCsr {
-                fault: CsrFault::Subject,
-                msg: format!(
+            return Err(IdentityError::BadCsr(
+                CsrFault::Subject,
+                format!(
                     "subject CN {cn:?} is not this node ({node:?}): a node renews only its own certificate"
                 ),
-            });
+            ));
         }
         let validity = self.validity_for(cn);
         let signed = signer.ca.sign_node(csr, validity)?;

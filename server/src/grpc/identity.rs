@@ -64,13 +64,13 @@ impl IdentityApi {
 impl From<IdentityError> for Status {
     fn from(e: IdentityError) -> Self {
         match e {
-            IdentityError::BadToken { msg, .. } => Status::unauthenticated(msg),
-            e @ IdentityError::BadCsr { .. } => Status::invalid_argument(e.to_string()),
+            IdentityError::BadToken(_, msg) => Status::unauthenticated(msg),
+            e @ IdentityError::BadCsr(..) => Status::invalid_argument(e.to_string()),
             IdentityError::Invalid(m) => Status::invalid_argument(m),
             e @ IdentityError::NoSigningCa => Status::failed_precondition(e.to_string()),
             IdentityError::NotFound(m) => Status::not_found(m),
             IdentityError::Alive(m) => Status::already_exists(m),
-            IdentityError::TokenNotAllowed { msg, .. } | IdentityError::Revoked(msg) => {
+            IdentityError::TokenNotAllowed(_, msg) | IdentityError::Revoked(msg) => {
                 Status::permission_denied(msg)
             }
             IdentityError::RateLimited(m) => Status::resource_exhausted(m),
@@ -137,7 +137,7 @@ impl IdentityService for IdentityApi {
                 hub.held(node, twill_common::now_unix())
             })
             .await;
-        if matches!(result, Err(IdentityError::BadToken { .. })) {
+        if matches!(result, Err(IdentityError::BadToken(..))) {
             let _ = self.global.check("");
         } else {
             // Only a wrong token counts against the address and the budget.
@@ -150,11 +150,11 @@ impl IdentityService for IdentityApi {
                     self.metrics.cert_refused(reason);
                 }
                 match &e {
-                    IdentityError::BadToken { fault, msg } => {
+                    IdentityError::BadToken(fault, msg) => {
                         self.metrics.bootstrap_token_failures.inc();
                         warn!(from = %from, fault = ?fault, reason = %msg, "bootstrap refused: token");
                     }
-                    IdentityError::BadCsr { fault, msg } => {
+                    IdentityError::BadCsr(fault, msg) => {
                         warn!(from = %from, fault = ?fault, reason = %msg, "bootstrap refused: certificate request");
                     }
                     _ => warn!(from = %from, error = %e, "bootstrap refused"),
