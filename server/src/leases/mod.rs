@@ -250,9 +250,8 @@ impl Leases {
         let nets = served
             .iter()
             .map(|(name, s)| {
-                let mut net = Net::new(name.clone(), Some(s.network.conf.clone()));
-                net.retired = s.retired;
-                (name.clone(), net)
+                let conf = Some(s.network.conf.clone());
+                (name.clone(), Net::new(name.clone(), conf, s.retired))
             })
             .collect();
         let mut writer = Writer {
@@ -728,7 +727,8 @@ impl Writer {
         for name in by_net.keys() {
             if !self.nets.contains_key(name) {
                 warn!(network = %name, "the store holds leases of a network that is not configured; they are not renewed and run out");
-                self.nets.insert(name.clone(), Net::new(name.clone(), None));
+                self.nets
+                    .insert(name.clone(), Net::new(name.clone(), None, false));
             }
         }
         for (name, net) in &mut self.nets {
@@ -754,8 +754,7 @@ impl Writer {
                     net.retired = s.retired;
                 }
                 _ => {
-                    let mut net = Net::new(name.clone(), Some(conf));
-                    net.retired = s.retired;
+                    let mut net = Net::new(name.clone(), Some(conf), s.retired);
                     let mine: Vec<(String, Reservation)> = self
                         .orphans
                         .iter()

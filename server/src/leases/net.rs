@@ -73,11 +73,11 @@ pub(super) struct Net {
 
 impl Net {
     /// An empty network (`load_reservations` and `rebuild` fill it).
-    pub(super) fn new(name: NetworkName, conf: Option<NetConf>) -> Self {
+    pub(super) fn new(name: NetworkName, conf: Option<NetConf>, retired: bool) -> Self {
         Net {
             name,
             conf,
-            retired: false,
+            retired,
             subnets: PerFamily::default(),
             leases: BTreeMap::new(),
             by_mac: HashMap::new(),
