@@ -95,23 +95,15 @@ fn source_key(ip: IpAddr) -> String {
 }
 
 impl IdentityApi {
-    /// Counts a refused request and hands its status back.
-    fn refuse(&self, reason: Refusal, status: Status) -> Status {
-        self.metrics.cert_refused(reason);
-        status
-    }
-
     fn rate_limited(&self, from: &str) -> Status {
         // Debug, not warn: a guesser being held back would otherwise flood the log; the
         // refusal metric counts it.
         debug!(from = %from, "bootstrap refused: too many failed token attempts");
-        self.refuse(
-            Refusal::RateLimited,
-            Status::resource_exhausted(format!(
-                "too many failed bootstrap attempts from {from}, or from everywhere: at most \
-                 {FAILED_ATTEMPTS_PER_MINUTE} a minute per address; retry later"
-            )),
-        )
+        self.metrics.cert_refused(Refusal::RateLimited);
+        Status::resource_exhausted(format!(
+            "too many failed bootstrap attempts from {from}, or from everywhere: at most \
+             {FAILED_ATTEMPTS_PER_MINUTE} a minute per address; retry later"
+        ))
     }
 }
 
