@@ -23,7 +23,7 @@ use twill_proto::etcd::v3electionpb::{
 };
 
 use super::Replica;
-use crate::store::etcd::{put, Fence};
+use crate::store::etcd::{put_leased, Fence};
 use crate::store::schema::Key;
 use crate::store::StoreError;
 
@@ -80,18 +80,11 @@ async fn term(r: &Arc<Replica>, shutdown: &mut watch::Receiver<bool>) -> Result<
         etcd.txn(
             "registering the replica",
             Vec::new(),
-            vec![{
-                let mut op = put(
-                    etcd.key(&Key::Replica(lease)),
-                    r.settings.advertise_url.clone().into_bytes(),
-                );
-                if let Some(twill_proto::etcd::etcdserverpb::request_op::Request::RequestPut(p)) =
-                    op.request.as_mut()
-                {
-                    p.lease = lease;
-                }
-                op
-            }],
+            vec![put_leased(
+                etcd.key(&Key::Replica(lease)),
+                r.settings.advertise_url.clone().into_bytes(),
+                lease,
+            )],
         )
         .await?;
         let mut election = ElectionClient::new(etcd.channel());

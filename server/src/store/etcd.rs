@@ -241,10 +241,16 @@ pub fn prefix_end(key: &[u8]) -> Vec<u8> {
 
 /// A put operation.
 pub fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    put_leased(key, value, 0)
+}
+
+/// A put of a key that lives as long as etcd lease `lease` (0: for good).
+pub fn put_leased(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {
             key,
             value,
+            lease,
             ..Default::default()
         })),
     }
