@@ -4,6 +4,7 @@
 //! and that the network it names admits the caller (its `"Nodes"`; admins read any).
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tonic::{Request, Response, Status};
 use twill_common::model::Peer;
@@ -192,7 +193,7 @@ impl AgentService for AgentApi {
             from: req.get_ref().from_revision,
             epoch: &req.get_ref().epoch,
         };
-        slot.put(self.watch.encoded(&who, start, networks));
+        *slot.0.lock() = Some(self.watch.encoded(&who, start, networks));
         Ok(Response::new(futures::stream::empty()))
     }
 }
@@ -217,16 +218,6 @@ impl AgentApi {
 /// Where `AgentApi::watch` leaves a watch's pre-encoded messages for `AgentRouter`.
 #[derive(Clone, Default)]
 struct WatchSlot(Arc<parking_lot::Mutex<Option<watch::EncodedStream>>>);
-
-impl WatchSlot {
-    fn put(&self, stream: watch::EncodedStream) {
-        *self.0.lock() = Some(stream);
-    }
-
-    fn take(&self) -> Option<watch::EncodedStream> {
-        self.0.lock().take()
-    }
-}
 
 /// Largest request an agent may send: every agent request is a few short strings.
 const MAX_REQUEST_BYTES: usize = 64 << 10;
@@ -268,10 +259,7 @@ where
     type Error = std::convert::Infallible;
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         tower::Service::<http::Request<B>>::poll_ready(&mut self.generated, cx)
     }
 
@@ -285,7 +273,8 @@ where
         Box::pin(async move {
             let resp = call.await?;
             // No stream: the call was refused, and tonic's response says why.
-            Ok(match slot.take() {
+            let stream = slot.0.lock().take();
+            Ok(match stream {
                 Some(stream) => {
                     let (parts, _) = resp.into_parts();
                     http::Response::from_parts(
