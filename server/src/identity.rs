@@ -504,12 +504,10 @@ impl Identity {
             .records(RecordKind::Token)
             .await?
             .into_iter()
-            .filter_map(|(id, v)| match serde_json::from_slice::<TokenRecord>(&v) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    warn!(token_id = %id, error = %e, "ignoring an unreadable token record");
-                    None
-                }
+            .filter_map(|(id, v)| {
+                serde_json::from_slice(&v)
+                    .inspect_err(|e| warn!(token_id = %id, error = %e, "ignoring an unreadable token record"))
+                    .ok()
             })
             .collect())
     }
