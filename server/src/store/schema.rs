@@ -150,12 +150,10 @@ impl Key {
             return digits.then(|| revision.parse().ok().map(Key::Event))?;
         }
         if let Some(rest) = key.strip_prefix(LEASE) {
-            let (network, node) = network_and_node(rest)?;
-            return Some(Key::Lease(network, node));
+            return network_and_node(rest).map(|(network, node)| Key::Lease(network, node));
         }
         if let Some(rest) = key.strip_prefix(RESERVATION) {
-            let (network, node) = network_and_node(rest)?;
-            return Some(Key::Reservation(network, node));
+            return network_and_node(rest).map(|(network, node)| Key::Reservation(network, node));
         }
         if let Some(record) = key.strip_prefix(RECORD) {
             let (kind, id) = record.split_once('/')?;
