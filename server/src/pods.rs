@@ -97,6 +97,11 @@ struct Pod {
 }
 
 impl Pod {
+    /// Where it sorts among its node's pods of one network.
+    fn order(&self) -> (&str, &str, &str) {
+        (&self.namespace, &self.pod, &self.container_id)
+    }
+
     fn to_wire(&self, node: &NodeName, network: &NetworkName) -> PodAttachment {
         PodAttachment {
             network: network.to_string(),
@@ -109,6 +114,11 @@ impl Pod {
             node_name: node.to_string(),
         }
     }
+}
+
+/// Where a finding sorts: by node, network, address and kind.
+fn finding_order(f: &PodAddressFinding) -> (&str, &str, &str, &str) {
+    (&f.node_name, &f.network, &f.ip, &f.kind)
 }
 
 /// One node's last report, checked.
@@ -281,13 +291,7 @@ impl PodTable {
             });
         }
         for list in kept.attachments.values_mut() {
-            list.sort_by(|a, b| {
-                (&a.namespace, &a.pod, &a.container_id).cmp(&(
-                    &b.namespace,
-                    &b.pod,
-                    &b.container_id,
-                ))
-            });
+            list.sort_by(|a, b| a.order().cmp(&b.order()));
             list.shrink_to_fit();
         }
         let (leaks, conflicts) = kept.totals();
@@ -375,14 +379,7 @@ impl PodTable {
                 }
             }
         }
-        out.sort_by(|a, b| {
-            (&a.node_name, &a.network, &a.ip, &a.kind).cmp(&(
-                &b.node_name,
-                &b.network,
-                &b.ip,
-                &b.kind,
-            ))
-        });
+        out.sort_by(|a, b| finding_order(a).cmp(&finding_order(b)));
         out
     }
 
