@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 use tracing::{info, warn};
 use twill_common::tls::Identity as CertIdentity;
@@ -30,7 +30,7 @@ use twill_proto::WatchResponse;
 
 use super::auth;
 use crate::agents::Agents;
-use crate::events::{self, Hub, Networks, WatchMessage};
+use crate::events::{self, Hub, Networks, Subscription};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 
@@ -50,10 +50,8 @@ struct Watcher {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     agents: Arc<Agents>,
-    feed: broadcast::Receiver<WatchMessage>,
-    initial: Option<WatchMessage>,
-    /// The events after a reset snapshot made at an earlier revision.
-    catch_up: Option<WatchMessage>,
+    /// What is still to send first, and the live feed.
+    sub: Subscription,
     closing: tokio::sync::watch::Receiver<bool>,
     /// The networks it follows.
     networks: Networks,
@@ -72,10 +70,7 @@ impl Watcher {
     fn reset(&mut self, missed: u64) {
         warn!(node = %self.who, missed_batches = missed, "watcher fell behind; sending a reset snapshot");
         self.metrics.watcher_resets.inc();
-        let sub = self.hub.resubscribe(&self.networks);
-        self.initial = sub.initial;
-        self.catch_up = sub.catch_up;
-        self.feed = sub.feed;
+        self.sub = self.hub.resubscribe(&self.networks);
     }
 
     /// The next message and its revision: the initial one (and its catch-up), else the
@@ -83,11 +78,12 @@ impl Watcher {
     /// when the stream should end.
     async fn next_message(&mut self) -> Option<(Bytes, u64)> {
         loop {
-            if let Some(first) = self.initial.take().or_else(|| self.catch_up.take()) {
+            let sub = &mut self.sub;
+            if let Some(first) = sub.initial.take().or_else(|| sub.catch_up.take()) {
                 return Some((first.encoded, first.revision));
             }
             let next = tokio::select! {
-                r = self.feed.recv() => r,
+                r = self.sub.feed.recv() => r,
                 _ = self.closing.wait_for(|closed| *closed) => return None,
             };
             match next {
@@ -168,9 +164,7 @@ pub fn encoded(
         hub: hub.clone(),
         metrics: metrics.clone(),
         agents: agents.clone(),
-        feed: sub.feed,
-        initial: sub.initial,
-        catch_up: sub.catch_up,
+        sub,
         closing: hub.closing(),
         networks,
     };
