@@ -58,10 +58,10 @@ impl AdminApi {
         req: &Request<StatusRequest>,
     ) -> (Vec<twill_proto::Replica>, Vec<ConnectedAgent>) {
         use crate::replica::forward::{FORWARDED_BY, FORWARDED_CERT};
-        let leader = me.leader();
+        let (leader, here) = (me.leader(), &me.settings.advertise_url);
         let mut urls = me.replicas().await.unwrap_or_default();
-        if !urls.contains(&me.settings.advertise_url) {
-            urls.push(me.settings.advertise_url.clone());
+        if !urls.contains(here) {
+            urls.push(here.clone());
             urls.sort();
         }
         let admin_cert: Option<String> = Authorized::of(req)
@@ -76,7 +76,7 @@ impl AdminApi {
                 url: url.clone(),
                 ..Default::default()
             };
-            if url == me.settings.advertise_url {
+            if url == *here {
                 replica.agents = self.watch.agents.watchers().len() as u32;
                 replicas.push(replica);
                 continue;
@@ -90,10 +90,7 @@ impl AdminApi {
                 let meta = call.metadata_mut();
                 meta.insert(
                     FORWARDED_BY,
-                    me.settings
-                        .advertise_url
-                        .parse()
-                        .map_err(|_| "bad URL".to_string())?,
+                    here.parse().map_err(|_| "bad URL".to_string())?,
                 );
                 if let Some(cert) = &admin_cert {
                     meta.insert(
