@@ -419,11 +419,10 @@ impl Identity {
                         files.loaded(now);
                         info!(cert = %cert.display(), "signing CA changed; new node certificates use it");
                     }
-                    Err(e) => {
-                        if files.failed(now) {
-                            warn!(error = %e, "signing CA not reloaded; keeping the one in force and reading it again every few seconds")
-                        }
+                    Err(e) if files.failed(now) => {
+                        warn!(error = %e, "signing CA not reloaded; keeping the one in force and reading it again every few seconds")
                     }
+                    Err(_) => {}
                 }
             }
         });

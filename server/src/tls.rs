@@ -378,13 +378,12 @@ impl ReloadingTls {
                         files.loaded(now);
                         info!(cert = %tls.files.cert.display(), client_ca = %tls.files.client_ca.display(), "TLS files changed; new connections use them");
                     }
-                    (ck, v) => {
-                        if files.failed(now) {
-                            for e in [ck.err(), v.err()].into_iter().flatten() {
-                                warn!(error = %e, "TLS files not reloaded; keeping the ones in force and reading them again every few seconds");
-                            }
+                    (ck, v) if files.failed(now) => {
+                        for e in [ck.err(), v.err()].into_iter().flatten() {
+                            warn!(error = %e, "TLS files not reloaded; keeping the ones in force and reading them again every few seconds");
                         }
                     }
+                    _ => {}
                 }
             }
         });
