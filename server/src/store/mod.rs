@@ -128,13 +128,8 @@ pub struct Reservation(pub PerFamily<IpNet>);
 
 impl std::fmt::Display for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, s) in self.0.values().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{s}")?;
-        }
-        Ok(())
+        let parts: Vec<String> = self.0.values().map(|s| s.to_string()).collect();
+        f.write_str(&parts.join(","))
     }
 }
 
