@@ -530,15 +530,11 @@ impl Identity {
             twill_common::model::validate_node_name(n)
                 .map_err(|e| IdentityError::Invalid(format!("nodes: {n:?}: {e}")))?;
         }
-        if binding.node_prefix.len() > 63
-            || !binding
-                .node_prefix
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        {
+        let prefix = &binding.node_prefix;
+        let name_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b);
+        if prefix.len() > 63 || !prefix.bytes().all(name_byte) {
             return Err(IdentityError::Invalid(format!(
-                "node_prefix {:?}: at most 63 characters of a-z, 0-9, '-' and '.' (the start of a node name)",
-                binding.node_prefix
+                "node_prefix {prefix:?}: at most 63 characters of a-z, 0-9, '-' and '.' (the start of a node name)"
             )));
         }
         let ttl = if ttl.is_zero() {
