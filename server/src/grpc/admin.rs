@@ -184,6 +184,15 @@ fn pool_fields<N: PoolNet>(p: Option<&Pool<N>>) -> (String, u32, String, String)
     })
 }
 
+/// Subnets in a network: those of its first family's pool, IPv4, or IPv6 on an IPv6-only
+/// network (on a dual-stack one every lease holds a subnet of each).
+fn subnets_total(conf: &NetConf) -> u32 {
+    let first = conf.ipv4.as_ref().map(|p| p.count());
+    first
+        .or_else(|| conf.ipv6.as_ref().map(|p| p.count()))
+        .unwrap_or(0)
+}
+
 /// The entries of `network` in a map of every network's, by node name.
 fn of_network<V>(all: BTreeMap<LeaseKey, V>, network: &NetworkName) -> BTreeMap<String, V> {
     all.into_iter()
@@ -437,13 +446,7 @@ impl AdminService for AdminApi {
         let (leases, _, revision) = self.watch.hub.page(&network, "", 0, |_| true);
         let reservations = of_network(self.watch.hub.reservations(), &network);
         let stale = of_network(self.watch.hub.stale_reservations(), &network);
-        // The counts are of the first family's pool: IPv4, or IPv6 on an IPv6-only
-        // network (on a dual-stack one every lease holds a subnet of each).
-        let total = match (&conf.ipv4, &conf.ipv6) {
-            (Some(p), _) => p.count(),
-            (None, Some(p)) => p.count(),
-            (None, None) => 0,
-        };
+        let total = subnets_total(&conf);
         let used = leases.len() as u32;
         // A reservation held by its own node's lease takes one subnet, not two; a stale
         // one takes none of its own.
@@ -688,12 +691,7 @@ impl AdminService for AdminApi {
                         *n == s.network.name && self.watch.hub.lease(n, node).is_none()
                     })
                     .count() as u32;
-                let total = conf
-                    .ipv4
-                    .as_ref()
-                    .map(|p| p.count())
-                    .or_else(|| conf.ipv6.as_ref().map(|p| p.count()))
-                    .unwrap_or(0);
+                let total = subnets_total(conf);
                 NetworkInfo {
                     name: s.network.name.to_string(),
                     ipv4_network: conf.network4().map(|n| n.to_string()).unwrap_or_default(),
