@@ -267,7 +267,11 @@ mod tests {
         for call in calls {
             assert!(call.await.unwrap(), "a flush covered the write");
         }
-        assert_eq!(*s.flushed.lock().await, 200, "the last flush covered every write");
+        assert_eq!(
+            *s.flushed.lock().await,
+            200,
+            "the last flush covered every write"
+        );
         drop(s);
         let s = SledStore::open(dir.path(), 2).unwrap();
         assert_eq!(s.records(RecordKind::Issued).await.unwrap().len(), 200);
