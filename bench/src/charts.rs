@@ -539,6 +539,17 @@ mod tests {
         })
     }
 
+    /// The charts of `res` in a temporary directory, and their file names.
+    fn drawn(res: &Results) -> (tempfile::TempDir, Vec<String>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let names = write(res, dir.path())
+            .expect("charts drawn")
+            .iter()
+            .map(|c| c.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        (dir, names)
+    }
+
     #[test]
     fn charts_carry_their_text_without_a_font_backend() {
         let res = Results {
@@ -558,12 +569,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let charts = write(&res, dir.path()).expect("charts drawn");
-        let names: Vec<_> = charts
-            .iter()
-            .map(|c| c.path.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let (dir, names) = drawn(&res);
         assert_eq!(names, ["join-storm.svg", "fanout-p99.svg", "memory.svg"]);
         let svg = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("svg");
         let storm = svg("join-storm.svg");
@@ -613,12 +619,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let charts = write(&res, dir.path()).expect("charts drawn");
-        let names: Vec<_> = charts
-            .iter()
-            .map(|c| c.path.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let (dir, names) = drawn(&res);
         assert_eq!(names, ["join-storm.svg", "failover.svg"]);
         let svg = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("svg");
         let storm = svg("join-storm.svg");

@@ -1073,16 +1073,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bootstraps_at_once_keep_the_token_count_and_one_certificate_per_name() {
         let (_dir, identity) = signing().await;
+        let binding = TokenBinding {
+            node_prefix: "w-".into(),
+            max_uses: 5,
+            ..Default::default()
+        };
         let (token, _) = identity
-            .create_token(
-                Duration::ZERO,
-                "t",
-                TokenBinding {
-                    node_prefix: "w-".into(),
-                    max_uses: 5,
-                    ..Default::default()
-                },
-            )
+            .create_token(Duration::ZERO, "t", binding)
             .await
             .unwrap();
         let names = (0..12).map(|i| format!("w-{}", i % 8));
