@@ -134,13 +134,16 @@ async fn process_floor(pki: &Pki, names: &[String], lease_bytes: usize) -> Resul
     let pid = child.id();
     let mut commands = child.stdin.take().context("the floor server's stdin")?;
     let mut replies = std::io::BufReader::new(child.stdout.take().context("its stdout")?);
+    // A pipe to a child that answers at once; the runtime is told this thread blocks.
     let mut ask = |command: String| -> Result<String> {
-        writeln!(commands, "{command}")?;
-        commands.flush()?;
-        let mut line = String::new();
-        replies.read_line(&mut line)?;
-        anyhow::ensure!(!line.is_empty(), "the floor server process ended");
-        Ok(line.trim().to_string())
+        tokio::task::block_in_place(|| {
+            writeln!(commands, "{command}")?;
+            commands.flush()?;
+            let mut line = String::new();
+            replies.read_line(&mut line)?;
+            anyhow::ensure!(!line.is_empty(), "the floor server process ended");
+            Ok(line.trim().to_string())
+        })
     };
     let result = async {
         let addr: std::net::SocketAddr = ask("addr".into())?.parse()?;
@@ -156,14 +159,7 @@ async fn process_floor(pki: &Pki, names: &[String], lease_bytes: usize) -> Resul
             let sem = sem.clone();
             let got = got_tx.clone();
             readers.spawn(async move {
-                let mut tls = {
-                    let _permit = sem.acquire_owned().await?;
-                    let tcp = TcpStream::connect(addr).await?;
-                    tcp.set_nodelay(true)?;
-                    connector
-                        .connect(ServerName::try_from("localhost")?, tcp)
-                        .await?
-                };
+                let mut tls = connect(addr, &connector, sem).await?;
                 let mut buf = vec![0u8; 16 * 1024];
                 for (phase, mut left) in [FIRST_RECORD, storm_len].into_iter().enumerate() {
                     while left > 0 {
@@ -382,13 +378,7 @@ async fn broadcast(pki: &Pki, names: &[String], record: Bytes) -> Result<(f64, D
     for name in names {
         let connector = TlsConnector::from(client_tls(pki, &trusted, name)?);
         let sem = sem.clone();
-        connects.spawn(async move {
-            let _permit = sem.acquire_owned().await?;
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from("localhost")?;
-            Ok::<_, anyhow::Error>(connector.connect(name, tcp).await?)
-        });
+        connects.spawn(async move { connect(addr, &connector, sem).await });
     }
     let mut readers = JoinSet::new();
     while let Some(conn) = connects.join_next().await {
@@ -438,6 +428,21 @@ async fn broadcast(pki: &Pki, names: &[String], record: Bytes) -> Result<(f64, D
         .join()
         .map_err(|_| anyhow::anyhow!("the broadcast floor's server panicked"))??;
     Ok((handshakes_s, Dist::of(samples)))
+}
+
+/// One node's mutual-TLS connection to `addr`, at most [`CONNECT_PARALLEL`] handshakes
+/// at once (`sem`), as the bench's nodes connect.
+async fn connect(
+    addr: std::net::SocketAddr,
+    connector: &TlsConnector,
+    sem: Arc<Semaphore>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let _permit = sem.acquire_owned().await?;
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?)
 }
 
 /// Accepts mutual-TLS connections and writes every record of `tx` to each, as the
