@@ -1005,7 +1005,7 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
            are opened before time zero; the time to open them is not part of any figure. A \
            Twill node reads each watch message with a small decoder of the same wire format that \
            keeps only what is tracked (node name, event type, revision), and the process uses \
-           mimalloc: N nodes decoding N² leases on the server's own 2 cores would otherwise \
+           mimalloc without transparent huge pages: N nodes decoding N² leases on the server's own 2 cores would otherwise \
            measure the load generator (with generated decoders it used twice the controller's \
            CPU). The etcd nodes use the etcd client's generated decoders.\n\
          - **Twill**: the real `twill-controller` binary with a fresh data dir. A node watches \

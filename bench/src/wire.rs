@@ -47,8 +47,28 @@ fn sub<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], Status> {
     Ok(field)
 }
 
+/// Skips one field. The wire types a lease holds are skipped inline: prost's general
+/// `skip_field` (groups, recursion limits) was a seventh of the load generator's CPU in
+/// a 5,000-node storm, where every node skips the fields of 5,000 leases.
 fn skip(wire: WireType, tag: u32, buf: &mut &[u8]) -> Result<(), Status> {
-    skip_field(wire, tag, buf, DecodeContext::default()).map_err(|_| malformed("field"))
+    let fixed = |buf: &mut &[u8], n: usize| match buf.get(n..) {
+        Some(rest) => {
+            *buf = rest;
+            Ok(())
+        }
+        None => Err(malformed("truncated field")),
+    };
+    match wire {
+        WireType::Varint => decode_varint(buf)
+            .map(drop)
+            .map_err(|_| malformed("varint")),
+        WireType::LengthDelimited => sub(buf).map(drop),
+        WireType::SixtyFourBit => fixed(buf, 8),
+        WireType::ThirtyTwoBit => fixed(buf, 4),
+        WireType::StartGroup | WireType::EndGroup => {
+            skip_field(wire, tag, buf, DecodeContext::default()).map_err(|_| malformed("field"))
+        }
+    }
 }
 
 /// `Lease.node_name` (field 1) and `Lease.network` (field 15; absent: the default
