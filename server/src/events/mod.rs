@@ -1,5 +1,6 @@
 //! The committed lease table, its revision log and the fan-out to watchers (the
-//! gRPC framing of what goes out is `wire`'s).
+//! gRPC framing of what goes out is `wire`'s; when the lease writer and a replica's
+//! mirror publish is `pacing`'s).
 //!
 //! The lease writer commits each durable batch here; `commit` applies it to the table,
 //! appends it to a bounded history and broadcasts it, all under one write lock, so a
@@ -24,8 +25,9 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
@@ -37,8 +39,10 @@ use twill_common::networks::NetworkName;
 use crate::store::schema::network_of;
 use crate::store::{LeaseKey, Reservation};
 
+mod pacing;
 mod wire;
 
+pub(crate) use pacing::Unpublished;
 use wire::Framer;
 pub use wire::{decode, DecodeError};
 
@@ -198,8 +202,9 @@ impl WatchMessage {
 /// How far the last publication has got through the watchers (see `Hub::fan_out`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FanOut {
-    /// It reached nearly every watcher.
-    Done,
+    /// It reached nearly every watcher, this long after it was made (zero when there
+    /// was nobody to reach, or no publication).
+    Done(Duration),
     /// Watchers are still taking it.
     Going,
 }
@@ -211,7 +216,9 @@ struct Delivery {
     /// subscribed, so that one stuck agent does not hold up the pacing of everybody's.
     needed: usize,
     taken: AtomicUsize,
-    done: AtomicBool,
+    made: Instant,
+    /// Nanoseconds from `made` to done, plus one (zero: not done yet).
+    done_after: AtomicU64,
 }
 
 impl Delivery {
@@ -220,21 +227,22 @@ impl Delivery {
         Delivery {
             needed,
             taken: AtomicUsize::new(0),
-            done: AtomicBool::new(needed == 0),
+            made: Instant::now(),
+            done_after: AtomicU64::new(u64::from(needed == 0)),
         }
     }
 
     fn take(&self) {
         if self.taken.fetch_add(1, Ordering::Relaxed) + 1 == self.needed {
-            self.done.store(true, Ordering::Relaxed);
+            let took = u64::try_from(self.made.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+            self.done_after.store(took + 1, Ordering::Relaxed);
         }
     }
 
     fn state(&self) -> FanOut {
-        if self.done.load(Ordering::Relaxed) {
-            FanOut::Done
-        } else {
-            FanOut::Going
+        match self.done_after.load(Ordering::Relaxed) {
+            0 => FanOut::Going,
+            n => FanOut::Done(Duration::from_nanos(n - 1)),
         }
     }
 }
@@ -411,7 +419,7 @@ impl Hub {
         self.delivery
             .lock()
             .as_ref()
-            .map_or(FanOut::Done, |d| d.state())
+            .map_or(FanOut::Done(Duration::ZERO), |d| d.state())
     }
 
     /// Moves the expiry (and the holder's key) of leases whose renewal changed nothing
@@ -1236,9 +1244,13 @@ mod tests {
     #[tokio::test]
     async fn a_publication_is_done_once_nearly_every_watcher_took_it() {
         let hub = Hub::new(vec![], vec![], 0);
-        assert_eq!(hub.fan_out(), FanOut::Done, "nothing yet");
+        assert_eq!(hub.fan_out(), FanOut::Done(Duration::ZERO), "nothing yet");
         hub.commit(vec![put("a", 1)]);
-        assert_eq!(hub.fan_out(), FanOut::Done, "nobody to reach: done at once");
+        assert_eq!(
+            hub.fan_out(),
+            FanOut::Done(Duration::ZERO),
+            "nobody to reach: done at once"
+        );
         let mut feeds: Vec<_> = (0..64)
             .map(|_| hub.subscribe(1, "", &only()).feed)
             .collect();
@@ -1249,9 +1261,8 @@ mod tests {
         }
         assert_eq!(hub.fan_out(), FanOut::Going, "61 of 64");
         feeds[61].recv().await.unwrap().taken();
-        assert_eq!(
-            hub.fan_out(),
-            FanOut::Done,
+        assert!(
+            matches!(hub.fan_out(), FanOut::Done(took) if took > Duration::ZERO),
             "62 of 64: the two stuck ones do not hold up the pacing"
         );
         hub.commit(vec![put("c", 3)]);

@@ -15,7 +15,6 @@
 //! the store fails, the writer reloads what the store holds instead of guessing.
 
 mod net;
-mod pacing;
 mod request;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,14 +28,13 @@ use twill_common::networks::NetworkName;
 use twill_common::now_unix;
 use twill_proto::{Lease, LeaseEvent};
 
-use crate::events::Hub;
+use crate::events::{Hub, Unpublished};
 use crate::metrics::Metrics;
 use crate::networks::Served;
 use crate::store::schema::network_of;
 use crate::store::{Batch, Layout, LeaseKey, Reservation, Store, StoreError};
 use crate::subnets::Refusal;
 use net::{Changes, Clock, Net};
-use pacing::Pacing;
 
 /// Requests queued beyond this wait for room (backpressure instead of unbounded memory).
 const QUEUE_LEN: usize = 4096;
@@ -262,9 +260,8 @@ impl Leases {
             ttl,
             revision,
             metrics,
-            unpublished: Vec::new(),
+            unpublished: Unpublished::default(),
             waiting: Vec::new(),
-            pacing: Pacing::default(),
         };
         writer.load_reservations(reservations);
         writer.rebuild(leases).map_err(StartError::Inconsistent)?;
@@ -453,9 +450,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Durable events not yet published, and the answers waiting for them: a reply
     /// means stored and visible to every reader of the hub.
-    unpublished: Vec<LeaseEvent>,
+    unpublished: Unpublished,
     waiting: Vec<Waiting>,
-    pacing: Pacing,
 }
 
 impl Writer {
@@ -465,12 +461,10 @@ impl Writer {
             let received = if self.unpublished.is_empty() {
                 rx.recv_many(&mut ops, MAX_BATCH).await
             } else {
-                let due = tokio::time::Instant::from_std(self.due());
                 tokio::select! {
                     n = rx.recv_many(&mut ops, MAX_BATCH) => n,
-                    () = tokio::time::sleep_until(due) => {
-                        // Due then, unless the last publication is still going out.
-                        if self.due() <= Instant::now() {
+                    () = self.unpublished.until_due(&self.hub) => {
+                        if self.unpublished.is_due(&self.hub) {
                             self.publish();
                         }
                         continue;
@@ -484,24 +478,15 @@ impl Writer {
             if !self.process(std::mem::take(&mut ops)).await {
                 return;
             }
-            if self.unpublished.is_empty() || self.due() <= Instant::now() {
+            if self.unpublished.is_empty() || self.unpublished.is_due(&self.hub) {
                 self.publish();
             }
         }
     }
 
-    /// When the unpublished events may go out (see `pacing`).
-    fn due(&self) -> Instant {
-        self.pacing
-            .due(Instant::now(), self.hub.watchers(), self.hub.fan_out())
-    }
-
     /// Commits the unpublished events to the hub and sends the answers that waited.
     fn publish(&mut self) {
-        if !self.unpublished.is_empty() {
-            self.hub.commit(std::mem::take(&mut self.unpublished));
-            self.pacing.published(Instant::now());
-        }
+        self.unpublished.publish(&self.hub);
         for w in self.waiting.drain(..) {
             self.metrics
                 .allocation_seconds
@@ -605,15 +590,18 @@ impl Writer {
     }
 
     async fn persist(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        let writing = Instant::now();
         self.store.write(batch).await?;
         let started = Instant::now();
         self.store.flush().await?;
         self.metrics
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());
+        // With etcd the write is the durable part (its transactions), with sled the flush.
         tracing::debug!(
             events = batch.events.len(),
             renewed = batch.renewed.len(),
+            write_ms = (started - writing).as_millis() as u64,
             flush_ms = started.elapsed().as_millis() as u64,
             "batch flushed"
         );

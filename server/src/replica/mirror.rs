@@ -2,7 +2,9 @@
 //!
 //! Events are applied by their Twill revision, so a replica serves exactly the
 //! sequence the leader wrote; the leader's hub also gets them straight from its writer,
-//! and whichever comes second is skipped. Lease keys that change without an event are
+//! and whichever comes second is skipped. They are published as the lease writer
+//! publishes (`events::Unpublished`): in a burst, several of the leader's
+//! transactions go out to this replica's agents as one message. Lease keys that change without an event are
 //! renewals (a new expiry); reservation keys replace the reservation view of a
 //! follower; revocation records are put in force.
 
@@ -20,6 +22,7 @@ use twill_proto::etcd::mvccpb::event::EventType as EtcdEvent;
 use twill_proto::LeaseEvent;
 
 use super::Replica;
+use crate::events::Unpublished;
 use crate::identity::Identity as NodeIdentity;
 use crate::store::etcd::{prefix_end, Entry};
 use crate::store::schema::{Key, Range};
@@ -63,6 +66,21 @@ async fn follow(
     from: i64,
     reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
 ) -> Result<std::convert::Infallible, Gap> {
+    let mut unpublished = Unpublished::default();
+    let gap = follow_from(r, from, reservations, &mut unpublished).await;
+    // What was read before the watch broke is this replica's to serve: `applied` is
+    // already past it, and the watch resumes after it.
+    unpublished.publish(&r.hub);
+    gap
+}
+
+/// [`follow`], keeping what it read and has not published in `unpublished`.
+async fn follow_from(
+    r: &Replica,
+    from: i64,
+    reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
+    unpublished: &mut Unpublished,
+) -> Result<std::convert::Infallible, Gap> {
     let key = r.store.etcd().range_start(Range::All);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(WatchRequest {
@@ -85,7 +103,20 @@ async fn follow(
         .map_err(|s| Gap::Broken(s.message().to_string()))?
         .into_inner();
     loop {
-        let resp = match stream.message().await {
+        let next = if unpublished.is_empty() {
+            stream.message().await
+        } else {
+            tokio::select! {
+                next = stream.message() => next,
+                () = unpublished.until_due(&r.hub) => {
+                    if unpublished.is_due(&r.hub) {
+                        unpublished.publish(&r.hub);
+                    }
+                    continue;
+                }
+            }
+        };
+        let resp = match next {
             Ok(Some(resp)) => resp,
             Ok(None) => return Err(Gap::Broken("etcd ended the watch".into())),
             Err(s) => return Err(Gap::Broken(s.message().to_string())),
@@ -109,7 +140,10 @@ async fn follow(
             info!(from_etcd_revision = from, "following etcd");
         }
         let header_revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        apply(r, &resp.events, reservations);
+        apply(r, &resp.events, reservations, unpublished);
+        if unpublished.is_due(&r.hub) {
+            unpublished.publish(&r.hub);
+        }
         // A progress notification (no events) still says everything up to its header
         // revision has been seen.
         let at = resp
@@ -128,12 +162,13 @@ async fn follow(
     }
 }
 
-/// Applies one watch response: events first (by revision), then renewals,
-/// reservations and revocations.
+/// Applies one watch response: events first (by revision, to `unpublished`), then
+/// renewals, reservations and revocations.
 fn apply(
     r: &Replica,
     events: &[twill_proto::etcd::mvccpb::Event],
     reservations: &mut BTreeMap<crate::store::LeaseKey, crate::store::Reservation>,
+    unpublished: &mut Unpublished,
 ) {
     let mut lease_events: Vec<LeaseEvent> = Vec::new();
     let mut renewed = Vec::new();
@@ -167,8 +202,12 @@ fn apply(
         }
     }
     lease_events.sort_by_key(|e| e.revision);
-    r.hub.commit(lease_events);
-    r.hub.renew(&renewed);
+    unpublished.extend(lease_events);
+    if !renewed.is_empty() {
+        // A renewal moves the expiry of a lease as the hub holds it: after its events.
+        unpublished.publish(&r.hub);
+        r.hub.renew(&renewed);
+    }
     // The leader's writer keeps the reservation view itself, with the reasons some
     // cannot be honoured.
     if reservations_changed && !r.is_leading() {
