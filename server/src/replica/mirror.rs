@@ -3,10 +3,10 @@
 //! Events are applied by their Twill revision, so a replica serves exactly the
 //! sequence the leader wrote; the leader's hub also gets them straight from its writer,
 //! and whichever comes second is skipped. They are published as the lease writer
-//! publishes (`events::Unpublished`): in a burst, several of the leader's
-//! transactions go out to this replica's agents as one message. Lease keys that change without an event are
-//! renewals (a new expiry); reservation keys replace the reservation view of a
-//! follower; revocation records are put in force.
+//! publishes (`events::Unpublished`): in a burst, several of the leader's transactions
+//! go out to this replica's agents as one message. Lease keys that change without an
+//! event are renewals (a new expiry); reservation keys replace the reservation view of
+//! a follower; revocation records are put in force.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
