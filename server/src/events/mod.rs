@@ -25,8 +25,8 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -217,33 +217,35 @@ struct Delivery {
     needed: usize,
     taken: AtomicUsize,
     made: Instant,
-    /// Nanoseconds from `made` to done, plus one (zero: not done yet).
-    done_after: AtomicU64,
+    /// How long after `made` it was done; unset while it is going.
+    done: OnceLock<Duration>,
 }
 
 impl Delivery {
     fn new(watchers: usize) -> Self {
         let needed = watchers - watchers / 32;
+        let done = OnceLock::new();
+        if needed == 0 {
+            let _ = done.set(Duration::ZERO);
+        }
         Delivery {
             needed,
             taken: AtomicUsize::new(0),
             made: Instant::now(),
-            done_after: AtomicU64::new(u64::from(needed == 0)),
+            done,
         }
     }
 
     fn take(&self) {
         if self.taken.fetch_add(1, Ordering::Relaxed) + 1 == self.needed {
-            let took = u64::try_from(self.made.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-            self.done_after.store(took + 1, Ordering::Relaxed);
+            let _ = self.done.set(self.made.elapsed());
         }
     }
 
     fn state(&self) -> FanOut {
-        match self.done_after.load(Ordering::Relaxed) {
-            0 => FanOut::Going,
-            n => FanOut::Done(Duration::from_nanos(n - 1)),
-        }
+        self.done
+            .get()
+            .map_or(FanOut::Going, |&took| FanOut::Done(took))
     }
 }
 
@@ -773,7 +775,7 @@ mod tests {
         Networks::default_only()
     }
 
-    fn put(node: &str, rev: u64) -> LeaseEvent {
+    pub(super) fn put(node: &str, rev: u64) -> LeaseEvent {
         LeaseEvent {
             r#type: EventType::Put as i32,
             revision: rev,

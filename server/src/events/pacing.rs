@@ -15,8 +15,8 @@
 //! join storm, a cold start) publications are spaced further: the next one waits
 //! until [`BURST_SPACING`] times as long as the last fan-out took has passed since it
 //! was made, so fan-outs take at most a third of the machine and the requests still
-//! coming in get the rest. A 5,000-node storm then sends a fifth of the watch
-//! messages and costs the controller half the CPU. Steady churn is not a burst (50
+//! coming in get the rest. A 5,000-node storm then sends a third of the watch
+//! messages and costs the controller 40 % less CPU. Steady churn is not a burst (50
 //! nodes leaving and rejoining a second are 100 events a second) and is not held:
 //! spacing it too made its delivery p99 a third longer (spacing every busy
 //! publication, twice as long). The burst is told by the rate, not by the size of
@@ -232,18 +232,10 @@ mod tests {
     #[test]
     fn held_events_reach_the_hub_only_when_published_and_then_once() {
         let hub = Hub::new(vec![], vec![], 0);
-        let put = |revision: u64| LeaseEvent {
-            r#type: twill_proto::lease_event::Type::Put as i32,
-            revision,
-            lease: Some(twill_proto::Lease {
-                node_name: format!("n{revision}"),
-                revision,
-                ..Default::default()
-            }),
-        };
+        let put = super::super::tests::put;
         let mut held = Unpublished::default();
-        held.extend([put(1), put(2)]);
-        held.extend([put(3)]);
+        held.extend([put("a", 1), put("b", 2)]);
+        held.extend([put("c", 3)]);
         assert_eq!(hub.leases().1, 0, "held, not committed");
         held.publish(&hub);
         assert!(held.is_empty());
