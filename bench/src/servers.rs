@@ -3,7 +3,7 @@
 //! (client-certificate TLS from the same CA).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ use nix::unistd::Pid;
 
 use twill_common::networks::{check_against, Network, NetworkName};
 use twill_common::NetConf;
+
+use twill_tests::kit::{free_ports, loud, port_taken, PORT_TRIES};
 
 use crate::pki::Pki;
 use crate::sim;
@@ -57,11 +59,6 @@ pub fn extra_networks(networks: usize, nodes: usize) -> Result<Vec<(String, Stri
         files.push((file, conf));
     }
     Ok(files)
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Finds `twill-controller`: `--controller-bin`/`TWILL_BENCH_CONTROLLER`, else next to
@@ -261,7 +258,7 @@ impl Controller {
                 "--store".into(),
                 "etcd".into(),
                 "--etcd-endpoints".into(),
-                endpoints,
+                endpoints.clone(),
                 "--etcd-cert".into(),
                 p("server.crt"),
                 "--etcd-key".into(),
@@ -294,12 +291,32 @@ impl Controller {
     }
 
     /// Starts the controller with the common flags, the extra `networks` (file name,
-    /// contents) in its networks dir, and `extra(its gRPC address)`.
+    /// contents) in its networks dir, and `extra(its gRPC address)`. A port can be
+    /// taken between being picked and bound (another process's outgoing connection
+    /// may be given it), so a controller that could not bind is started again on new
+    /// ones.
     fn launch(
         bin: &Path,
         pki: &Pki,
         networks: &[(String, String)],
-        extra: impl FnOnce(SocketAddr) -> Vec<String>,
+        extra: impl Fn(SocketAddr) -> Vec<String>,
+    ) -> Result<Controller> {
+        for attempt in 1.. {
+            match Controller::launch_once(bin, pki, networks, &extra) {
+                Err(e) if attempt < PORT_TRIES && port_taken(&format!("{e:#}")) => {
+                    loud("a controller port was taken before it bound it; trying others");
+                }
+                done => return done,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn launch_once(
+        bin: &Path,
+        pki: &Pki,
+        networks: &[(String, String)],
+        extra: &impl Fn(SocketAddr) -> Vec<String>,
     ) -> Result<Controller> {
         let dir = tempfile::Builder::new()
             .prefix("twill-bench-controller")
@@ -313,8 +330,9 @@ impl Controller {
                 std::fs::write(networks_dir.join(file), conf)?;
             }
         }
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let ports = free_ports(2)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], ports[1]));
         let p = |s: &Path| s.display().to_string();
         let mut args = vec![
             "--listen".into(),
@@ -459,7 +477,8 @@ impl Etcd {
     /// Starts a single-member etcd with a fresh data dir. Readiness is for the caller
     /// to check (it needs a TLS client).
     pub fn start(bin: &Path, pki: &Pki) -> Result<Etcd> {
-        let (client, peer) = (free_port()?, free_port()?);
+        let ports = free_ports(2)?;
+        let (client, peer) = (ports[0], ports[1]);
         let cluster = format!("bench=http://127.0.0.1:{peer}");
         Etcd::start_member(bin, pki, "bench", client, peer, &cluster)
     }
@@ -554,9 +573,10 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `size` members with fresh data dirs. Readiness is for the caller to check.
     pub fn start(bin: &Path, pki: &Pki, size: usize) -> Result<EtcdCluster> {
-        let ports: Vec<(u16, u16)> = (0..size)
-            .map(|_| Ok((free_port()?, free_port()?)))
-            .collect::<Result<_>>()?;
+        let ports: Vec<(u16, u16)> = free_ports(2 * size)?
+            .chunks(2)
+            .map(|p| (p[0], p[1]))
+            .collect();
         let cluster = ports
             .iter()
             .enumerate()

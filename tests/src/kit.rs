@@ -45,7 +45,7 @@ pub fn skip(test: &str, why: &str) {
 }
 
 /// How many times [`on_free_ports`] starts a daemon whose port was taken.
-const PORT_TRIES: usize = 5;
+pub const PORT_TRIES: usize = 5;
 
 /// A daemon started by `start` on `n` free ports, started again on new ones when a
 /// port was taken between being picked and bound (another test's outgoing connection

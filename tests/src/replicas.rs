@@ -45,7 +45,7 @@ use twill_ctl::certs::{Ca, Role, Validity};
 
 use crate::cmd::{self, cmdline};
 use crate::etcd::EtcdCluster;
-use crate::kit::{free_ports, http_get, skip};
+use crate::kit::{free_ports, http_get, loud, port_taken, skip, PORT_TRIES};
 use crate::process::log_tail;
 use crate::wait::{wait_until, Check};
 use crate::Bins;
@@ -532,7 +532,8 @@ pub fn pick_addrs(n: usize) -> Result<Vec<Addrs>> {
 impl ReplicaSet {
     /// Writes `net_conf` to `dir/net-conf.json` and starts `n` replicas on `etcd` under
     /// `prefix` (logs `dir/replica<i>.log`); returns once each answers `/readyz` with
-    /// 200 (as leader or follower).
+    /// 200 (as leader or follower). A set one of whose ports was taken between being
+    /// picked and bound is started again on new ones.
     pub fn start(
         bins: &Bins,
         etcd: &EtcdCluster,
@@ -543,6 +544,27 @@ impl ReplicaSet {
         net_conf: &str,
     ) -> Result<ReplicaSet> {
         std::fs::write(dir.join("net-conf.json"), net_conf)?;
+        for attempt in 1.. {
+            match ReplicaSet::start_once(bins, etcd, pki, dir, n, prefix) {
+                Err(e) if attempt < PORT_TRIES && port_taken(&format!("{e:#}")) => {
+                    loud(&format!(
+                        "a replica's port was taken before it bound it; trying others: {e:#}"
+                    ));
+                }
+                done => return done,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn start_once(
+        bins: &Bins,
+        etcd: &EtcdCluster,
+        pki: &Pki,
+        dir: &Path,
+        n: usize,
+        prefix: &str,
+    ) -> Result<ReplicaSet> {
         let addrs = pick_addrs(n)?;
         let controllers = addrs
             .iter()
