@@ -20,6 +20,7 @@ mod servers;
 mod sim;
 mod stats;
 mod twill;
+mod verdicts;
 mod wire;
 
 /// The load generator's thousands of connections receive large messages in bursts;
@@ -102,13 +103,20 @@ struct Opts {
     /// `compare`: skip the data-plane scenario.
     #[arg(long)]
     skip_dataplane: bool,
-    /// `compare`: skip churn, reconnect and cold-start (run at the largest N).
+    /// `compare`: skip churn, reconnect, cold-start and the replicas (run at the
+    /// largest N).
     #[arg(long)]
     skip_extras: bool,
     /// The twill-controller binary (default: next to this binary, else target/release,
     /// else target/debug).
     #[arg(long, env = "TWILL_BENCH_CONTROLLER")]
     controller_bin: Option<PathBuf>,
+    /// `compare`: a twill-controller from before the changes being measured. At the
+    /// largest N its join storms and cold starts alternate with this one's, its churn
+    /// and its replicas on etcd run beside this one's, and the report sets the two
+    /// side by side.
+    #[arg(long, env = "TWILL_BENCH_PREVIOUS_CONTROLLER")]
+    previous_controller: Option<PathBuf>,
     /// Also write the report as markdown to this file (e.g. BENCHMARKS.md).
     #[arg(long)]
     write_markdown: Option<PathBuf>,
@@ -120,8 +128,8 @@ struct Opts {
     #[arg(long, value_name = "DIR")]
     #[allow(clippy::option_option)]
     charts: Option<Option<PathBuf>>,
-    /// `ha`: leader crashes (SIGKILL) under the N connected nodes, in the last run of
-    /// the replicas.
+    /// `ha`, `compare`: leader crashes (SIGKILL) under the N connected nodes, in the
+    /// last run of the replicas.
     #[arg(long, default_value_t = 5)]
     kills: usize,
     /// `report`: the JSON results to render.
@@ -162,7 +170,9 @@ enum Scenario {
     /// crashes under the N nodes (new leader, watches moved, first grant).
     Ha,
     /// join-storm + fanout for Twill and etcd side by side with the machine's floors,
-    /// plus churn, reconnect, cold-start and dataplane.
+    /// plus churn, reconnect, cold-start, the replicas (ha) and dataplane, and issue
+    /// 28's goals against the floors; with --previous-controller, the changed
+    /// scenarios before and after.
     Compare,
     /// A few seconds at N=50 (join-storm, fanout, churn, pods, reconnect, cold-start,
     /// ha with one crash when etcd is installed, dataplane P=100, cni-add with 3 ADDs):
@@ -484,9 +494,31 @@ pub struct Results {
     /// The pod view at N nodes.
     #[serde(default)]
     pub pods: Vec<pods::PodsOutcome>,
+    /// `compare --previous-controller`: its figures of the same run.
+    #[serde(default)]
+    pub previous: Option<Previous>,
     /// Notes (skipped parts and why).
     pub notes: Vec<String>,
 }
+
+/// The previous controller's figures (`--previous-controller`), measured in the same
+/// run as this one's at the largest N.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Previous {
+    /// Its version, build profile and git revision.
+    pub controller: String,
+    /// Its cold starts and join storms, alternated run by run with this one's
+    /// (`Results::cold_start`).
+    pub cold_start: ColdStartRow,
+    /// Its churn, right before this one's.
+    pub churn: Option<twill::ChurnOutcome>,
+    /// Its replicas on etcd beside it on sled, right before this one's.
+    pub ha: Option<ha::HaRow>,
+}
+
+/// Leader crashes of the previous controller's replicas at most: without rebalancing
+/// each waits the bench's whole limit for the restarted replica to fill again.
+const PREVIOUS_KILLS: usize = 2;
 
 const FANOUT_LIMIT: Duration = Duration::from_secs(120);
 
@@ -851,23 +883,92 @@ async fn cold_start_row(
     bin: &Path,
     n: usize,
 ) -> Result<ColdStartRow> {
+    let mut rows = cold_start_rows(o, pki, &[bin], n).await?;
+    Ok(rows.remove(0))
+}
+
+/// [`cold_start_row`] for each of `bins`, alternated run by run: one row each.
+async fn cold_start_rows(
+    o: &Opts,
+    pki: &mut pki::Pki,
+    bins: &[&Path],
+    n: usize,
+) -> Result<Vec<ColdStartRow>> {
     let k = repeats(o, n);
-    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let mut runs: Vec<(Vec<Run>, Vec<coldstart::ColdStartOutcome>)> =
+        bins.iter().map(|_| Default::default()).collect();
     for r in 0..k {
-        eprintln!("join storm N={n} run {}/{k} (certificates held)", r + 1);
-        warm.push(twill_run(bin, pki, n, o, false).await?);
-        eprintln!("cold start N={n} run {}/{k}", r + 1);
-        cold.push(cold_run(bin, pki, n, o).await?);
+        for (bin, (warm, cold)) in bins.iter().zip(&mut runs) {
+            let which = if bins.len() > 1 {
+                format!(" ({})", bin.display())
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "join storm N={n} run {}/{k}{which} (certificates held)",
+                r + 1
+            );
+            warm.push(twill_run(bin, pki, n, o, false).await?);
+            eprintln!("cold start N={n} run {}/{k}{which}", r + 1);
+            cold.push(cold_run(bin, pki, n, o).await?);
+        }
     }
-    Ok(ColdStartRow {
-        nodes: n,
-        median: coldstart::summarize(&cold),
-        runs: cold,
-        join_storm: SystemRuns {
-            median: summarize(&warm),
-            runs: warm,
-        },
-    })
+    Ok(runs
+        .into_iter()
+        .map(|(warm, cold)| ColdStartRow {
+            nodes: n,
+            median: coldstart::summarize(&cold),
+            runs: cold,
+            join_storm: SystemRuns {
+                median: summarize(&warm),
+                runs: warm,
+            },
+        })
+        .collect())
+}
+
+/// `compare`'s scenarios at the largest N beside the join storm and fan-out: cold
+/// start, churn, reconnect, and the replicas on etcd with leader crashes when etcd is
+/// there; with `--previous-controller` also its cold start (alternated), churn and
+/// replicas.
+async fn extras(
+    o: &Opts,
+    pki: &mut pki::Pki,
+    bin: &Path,
+    etcd_bin: Option<&Path>,
+    n: usize,
+    res: &mut Results,
+) -> Result<()> {
+    let previous = o
+        .previous_controller
+        .as_deref()
+        .map(|p| servers::find_controller(Some(p)))
+        .transpose()?;
+    let mut bins = vec![bin];
+    bins.extend(previous.as_deref());
+    let mut rows = cold_start_rows(o, pki, &bins, n).await?.into_iter();
+    res.cold_start = rows.next().into_iter().collect();
+    let mut before = match &previous {
+        Some(p) => Some(Previous {
+            controller: servers::describe_controller(p),
+            cold_start: rows
+                .next()
+                .context("the previous controller's cold start")?,
+            churn: Some(churn(o, pki, p, n).await?),
+            ..Default::default()
+        }),
+        None => None,
+    };
+    res.churn = Some(churn(o, pki, bin, n).await?);
+    res.reconnect = Some(reconnect(o, pki, bin, n).await?);
+    if let Some(etcd) = etcd_bin {
+        if let (Some(p), Some(b)) = (&previous, &mut before) {
+            b.ha = Some(ha::row(o, pki, p, etcd, n, o.kills.min(PREVIOUS_KILLS)).await?);
+        }
+        res.ha = vec![ha::row(o, pki, bin, etcd, n, o.kills).await?];
+    }
+    res.previous = before;
+    Ok(())
 }
 
 fn dataplane_runs(o: &Opts, peers: &[usize], dual: bool, res: &mut Results) {
@@ -1031,9 +1132,7 @@ async fn run(mut o: Opts) -> Result<Results> {
                 res.floors.push(floors::measure(&mut pki, n).await?);
             }
             if o.scenario == Scenario::Compare && !o.skip_extras {
-                res.churn = Some(churn(&o, &mut pki, &ctl_bin, max_n).await?);
-                res.reconnect = Some(reconnect(&o, &mut pki, &ctl_bin, max_n).await?);
-                res.cold_start = vec![cold_start_row(&o, &mut pki, &ctl_bin, max_n).await?];
+                extras(&o, &mut pki, &ctl_bin, etcd_bin.as_deref(), max_n, &mut res).await?;
             }
             if o.scenario == Scenario::Compare && !o.skip_dataplane {
                 dataplane_runs(&o, &o.peers.clone(), o.dual_stack, &mut res);

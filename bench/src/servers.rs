@@ -154,7 +154,7 @@ fn log_filter() -> String {
     std::env::var("TWILL_BENCH_LOG").unwrap_or_else(|_| "warn".into())
 }
 
-fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
+fn spawn_logged(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -162,6 +162,7 @@ fn spawn_logged(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
     Command::new(bin)
         .args(args)
         .env("RUST_LOG", log_filter())
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))
@@ -206,11 +207,17 @@ fn stop_child(child: &mut Child, signal: Signal) -> bool {
     escalated
 }
 
+/// The controller's networks dir, as its environment.
+fn networks_env(dir: &Path) -> [(&'static str, &Path); 1] {
+    [("TWILL_NETWORKS_DIR", dir)]
+}
+
 /// A running `twill-controller`; killed on drop.
 pub struct Controller {
     child: Child,
     bin: PathBuf,
     args: Vec<String>,
+    networks_dir: PathBuf,
     log: PathBuf,
     /// gRPC address.
     pub addr: SocketAddr,
@@ -343,8 +350,6 @@ impl Controller {
             p(&dir.path().join("data")),
             "--net-conf".into(),
             p(&net_conf),
-            "--networks-dir".into(),
-            p(&dir.path().join("networks")),
             "--tls-cert".into(),
             p(&pki.path("server.crt")),
             "--tls-key".into(),
@@ -354,11 +359,15 @@ impl Controller {
         ];
         args.extend(extra(addr));
         let log = dir.path().join("controller.log");
-        let child = spawn_logged(bin, &args, &log)?;
+        // By its variable, not --networks-dir: a controller from before several
+        // networks (`--previous-controller`) ignores it instead of refusing to start.
+        let networks_dir = dir.path().join("networks");
+        let child = spawn_logged(bin, &args, &networks_env(&networks_dir), &log)?;
         let mut c = Controller {
             child,
             bin: bin.to_path_buf(),
             args,
+            networks_dir,
             log,
             addr,
             metrics,
@@ -429,7 +438,12 @@ impl Controller {
 
     /// Starts again on the same data dir and ports; returns once /readyz answers.
     pub fn start_again(&mut self) -> Result<()> {
-        self.child = spawn_logged(&self.bin, &self.args, &self.log)?;
+        self.child = spawn_logged(
+            &self.bin,
+            &self.args,
+            &networks_env(&self.networks_dir),
+            &self.log,
+        )?;
         self.wait_ready(Duration::from_secs(60))
     }
 }
@@ -524,7 +538,7 @@ impl Etcd {
             "zap".into(),
         ];
         let log = dir.path().join("etcd.log");
-        let child = spawn_logged(bin, &args, &log)?;
+        let child = spawn_logged(bin, &args, &[], &log)?;
         Ok(Etcd {
             child,
             log,
