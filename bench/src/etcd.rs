@@ -316,11 +316,13 @@ impl EtcdFleet {
         out
     }
 
-    /// One more node joins per round, as flanneld does (LeaseGrant, then Put); measures
+    /// After the storm's quiet, one more node joins per round, as flanneld does (LeaseGrant, then Put); measures
     /// its first request being sent → the key's delivery at each watcher (and, kept for
     /// comparison, its put's reply → delivery). Gives up after `limit` in all.
     pub async fn fanout(&mut self, rounds: usize, limit: Duration) -> sim::FanoutOutcome {
         let n = self.clients.len();
+        // The same quiet after the storm as Twill's fan-out.
+        tokio::time::sleep(crate::twill::FANOUT_SETTLE).await;
         let started = Instant::now();
         let mut out = Vec::new();
         for r in 0..rounds.min(self.joiners.len()) {

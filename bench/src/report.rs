@@ -1010,7 +1010,9 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
            once. Converged = every node has seen all N leases. Grant latency = time zero → the \
            node's Acquire reply (Twill) or its put's reply (etcd). A storm has a deadline; past it \
            the progress is reported instead.\n\
-         - **fan-out**: with the N nodes watching, one more node joins, 50 times, 100 ms apart. \
+         - **fan-out**: with the N nodes watching and the cluster settled (1.5 s after the \
+           storm: for a second after a burst the controller spaces its publications, and a \
+           join then waits up to a second more), one more node joins, 50 times, 100 ms apart. \
            Delay, for both systems, = the moment the joiner sends its request (Twill: its \
            `Acquire`; etcd: the `LeaseGrant` that flannel's join starts with, its `Put` \
            following the reply) → the lease's arrival at each of the N watchers; p50/p99/max \

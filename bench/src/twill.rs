@@ -23,6 +23,11 @@ use crate::wire;
 /// Connections opened at once (a burst of thousands overflows the listen backlog).
 pub const CONNECT_PARALLEL: usize = 64;
 
+/// The quiet before the fan-out's first join (both systems): more than the controller's
+/// burst window (`events::pacing`, 1 s), in which a change after a storm waits up to a
+/// second.
+pub const FANOUT_SETTLE: Duration = Duration::from_millis(1500);
+
 type Client = AgentServiceClient<Channel>;
 
 /// Opens one TLS channel to the controller now, trying 5 times half a second apart
@@ -369,7 +374,8 @@ impl Fleet {
         out
     }
 
-    /// With the N watchers up to date, one more node joins per round; measures the
+    /// With the N watchers up to date and the cluster settled ([`FANOUT_SETTLE`]), one
+    /// more node joins per round; measures the
     /// joiner's Acquire being sent → the lease's delivery at every watcher (and, kept
     /// for comparison, its reply → delivery). With several networks the joiner asks
     /// for its lease in each at once (as twill-agent does), and each lease's delivery
@@ -379,6 +385,9 @@ impl Fleet {
         let networks = self.tracker.networks;
         let mut out = Vec::new();
         let mut joined = 0;
+        // A settled cluster: right after a storm the controller still spaces its
+        // publications (`events::pacing`, for a second after a burst).
+        tokio::time::sleep(FANOUT_SETTLE).await;
         for r in 0..rounds.min(self.joiners.len()) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let c = Client::new(self.joiners[r].clone());
