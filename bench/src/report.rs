@@ -957,7 +957,10 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
          cargo build --release -p twill-server -p twill-bench\n\
          {}\n\
          ```\n\n\
-         Raw figures (every run, not only medians) are in target/bench-results/ as JSON.\n\
+         Raw figures (every run, not only medians) are written to target/bench-results/ as \
+         JSON; those of the run shown here are kept in \
+         [bench/results/compare.json](bench/results/compare.json) (`report --from` it to \
+         render this file again).{}\n\
          This run took {:.0} min.\n",
         res.command
             .split_whitespace()
@@ -965,6 +968,13 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
             .map(|(i, w)| if i == 0 { "target/release/twill-bench".to_string() } else { w.to_string() })
             .collect::<Vec<_>>()
             .join(" "),
+        match &res.previous {
+            Some(_) => " The previous controller is a release build of the commit named \
+                        under \"Before and after\" (`git worktree add /tmp/prev <commit>`, \
+                        then `cargo build --release -p twill-server` there)."
+                .to_string(),
+            None => String::new(),
+        },
         res.wall_s / 60.0
     );
     let _ = writeln!(
