@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use twill_common::networks::{check_against, Network, NetworkName};
 use twill_common::NetConf;
 
-use twill_tests::kit::{free_ports, loud, port_taken, PORT_TRIES};
+use twill_tests::kit::{free_ports, on_taken_port};
 
 use crate::pki::Pki;
 use crate::sim;
@@ -308,15 +308,9 @@ impl Controller {
         networks: &[(String, String)],
         extra: impl Fn(SocketAddr) -> Vec<String>,
     ) -> Result<Controller> {
-        for attempt in 1.. {
-            match Controller::launch_once(bin, pki, networks, &extra) {
-                Err(e) if attempt < PORT_TRIES && port_taken(&format!("{e:#}")) => {
-                    loud("a controller port was taken before it bound it; trying others");
-                }
-                done => return done,
-            }
-        }
-        unreachable!("the loop returns")
+        on_taken_port("a controller", || {
+            Controller::launch_once(bin, pki, networks, &extra)
+        })
     }
 
     fn launch_once(

@@ -44,27 +44,36 @@ pub fn skip(test: &str, why: &str) {
     loud(&format!("SKIPPED: {test}: {why}"));
 }
 
-/// How many times [`on_free_ports`] starts a daemon whose port was taken.
-pub const PORT_TRIES: usize = 5;
+/// How many times [`on_taken_port`] starts a daemon whose port was taken.
+const PORT_TRIES: usize = 5;
 
-/// A daemon started by `start` on `n` free ports, started again on new ones when a
-/// port was taken between being picked and bound (another test's outgoing connection
-/// can be given the same ephemeral port). `start` returns the daemon, or why it did
-/// not come up with its log, which tells whether a port was taken.
-pub fn on_free_ports<T>(n: usize, mut start: impl FnMut(&[u16]) -> Result<T, String>) -> T {
+/// `start` (which picks its own free ports), started again while it fails because a
+/// port was taken between being picked and bound (another process's outgoing
+/// connection can be given the same ephemeral port), at most [`PORT_TRIES`] times in
+/// all. Its error must carry the daemon's log, which tells whether a port was taken.
+pub fn on_taken_port<T>(what: &str, mut start: impl FnMut() -> Result<T>) -> Result<T> {
     for attempt in 1.. {
-        let ports = free_ports(n).expect("bind free ports on 127.0.0.1");
-        match start(&ports) {
-            Ok(daemon) => return daemon,
-            Err(why) if attempt < PORT_TRIES && port_taken(&why) => {
+        match start() {
+            Err(e) if attempt < PORT_TRIES && port_taken(&format!("{e:#}")) => {
                 loud(&format!(
-                    "ports {ports:?} were taken before the daemon bound them; trying others"
+                    "{what}: a port was taken before it was bound; trying others"
                 ));
             }
-            Err(why) => panic!("{why}"),
+            done => return done,
         }
     }
-    unreachable!("the loop returns or panics")
+    unreachable!("the loop returns")
+}
+
+/// A daemon started by `start` on `n` free ports, started again on new ones when a
+/// port was taken ([`on_taken_port`]). `start` returns the daemon, or why it did not
+/// come up with its log.
+pub fn on_free_ports<T>(n: usize, mut start: impl FnMut(&[u16]) -> Result<T, String>) -> T {
+    on_taken_port("a daemon", || {
+        let ports = free_ports(n)?;
+        start(&ports).map_err(anyhow::Error::msg)
+    })
+    .unwrap_or_else(|why| panic!("{why:#}"))
 }
 
 /// Whether a daemon's log says it could not bind its port.

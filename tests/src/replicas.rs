@@ -45,7 +45,7 @@ use twill_ctl::certs::{Ca, Role, Validity};
 
 use crate::cmd::{self, cmdline};
 use crate::etcd::EtcdCluster;
-use crate::kit::{free_ports, http_get, loud, port_taken, skip, PORT_TRIES};
+use crate::kit::{free_ports, http_get, on_taken_port, skip};
 use crate::process::log_tail;
 use crate::wait::{wait_until, Check};
 use crate::Bins;
@@ -544,17 +544,9 @@ impl ReplicaSet {
         net_conf: &str,
     ) -> Result<ReplicaSet> {
         std::fs::write(dir.join("net-conf.json"), net_conf)?;
-        for attempt in 1.. {
-            match ReplicaSet::start_once(bins, etcd, pki, dir, n, prefix) {
-                Err(e) if attempt < PORT_TRIES && port_taken(&format!("{e:#}")) => {
-                    loud(&format!(
-                        "a replica's port was taken before it bound it; trying others: {e:#}"
-                    ));
-                }
-                done => return done,
-            }
-        }
-        unreachable!("the loop returns")
+        on_taken_port("a replica set", || {
+            ReplicaSet::start_once(bins, etcd, pki, dir, n, prefix)
+        })
     }
 
     fn start_once(
