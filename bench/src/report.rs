@@ -1111,8 +1111,10 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
            absolute figures are pessimistic for both systems; the ratios compare like with like.\n\
          - A cold start does what the join storm does and, before it, two TLS handshakes per \
            node (the Bootstrap connection, then the mutual-TLS one; the storm's are opened \
-           before its time zero) and a signature: its floor is the storm plus those, on the \
-           same 2 cores as the simulated nodes' side of every handshake. Its leases come in at \
+           before its time zero) and a signature, on the same 2 cores as the simulated nodes' \
+           side of every handshake. The goals table counts one mutual-TLS handshake and one \
+           signature per node as its floor, a lower bound: the Bootstrap handshake, without a \
+           client certificate, comes on top. Its leases come in at \
            the rate certificates are issued, so its publications are many and small until the \
            burst rule above spaces them.\n\
          - The data-plane floor runs each tool once for all peers (a process start each, which \
