@@ -24,6 +24,15 @@ pub(crate) fn converged_storm_s(m: &Summary) -> f64 {
     }
 }
 
+/// The cold start's median time until all saw all when every run finished, else NaN.
+pub(crate) fn converged_cold_s(c: &ColdStartSummary) -> f64 {
+    if c.converged_runs == c.runs {
+        c.converge_s
+    } else {
+        f64::NAN
+    }
+}
+
 pub(crate) fn ratio(twill: f64, etcd: f64) -> String {
     if twill.is_finite() && etcd.is_finite() && etcd > 0.0 {
         format!("{:.2}", twill / etcd)
@@ -386,7 +395,7 @@ fn cold_start_table(s: &mut String, row: &ColdStartRow) {
         cold_cell(c, n, c.converge_s),
         storm_cell(w, n),
         ratio(
-            if cold_done { c.converge_s } else { f64::NAN },
+            converged_cold_s(c),
             if warm_done { w.storm_s } else { f64::NAN },
         ),
     );

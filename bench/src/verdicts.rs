@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use crate::floors::{Floors, HTTP2_FIXED_BYTES};
-use crate::report::{converged_storm_s, f, memory_per_agent, ratio, storm_cell};
+use crate::report::{converged_cold_s, converged_storm_s, f, memory_per_agent, ratio, storm_cell};
 use crate::{Results, Summary};
 
 /// Where a goal stands.
@@ -73,11 +73,7 @@ fn goals(res: &Results) -> Vec<Goal> {
     // (its Bootstrap connection; the storm's are opened before time zero) and a signature.
     for row in &res.cold_start {
         let (c, w) = (&row.median, &row.join_storm.median);
-        let cold = if c.converged_runs == c.runs {
-            c.converge_s
-        } else {
-            f64::NAN
-        };
+        let cold = converged_cold_s(c);
         let storm = converged_storm_s(w);
         let fl = floor_at(res, row.nodes);
         let floor = fl.map(|fl| (storm + fl.handshakes_s + fl.signatures_s) / storm);
@@ -375,13 +371,6 @@ pub fn previous_table(s: &mut String, res: &Results) {
             0,
         );
         let (cb, ca) = (&p.cold_start.median, &now.median);
-        let done = |c: &crate::coldstart::ColdStartSummary| {
-            if c.converged_runs == c.runs {
-                c.converge_s
-            } else {
-                f64::NAN
-            }
-        };
         // A cold start that did not finish says how far it got.
         let cell = |c: &crate::coldstart::ColdStartSummary| {
             if c.converged_runs == c.runs {
@@ -402,7 +391,7 @@ pub fn previous_table(s: &mut String, res: &Results) {
             &format!("cold start: all saw all, s (median of {})", ca.runs),
             &cell(cb),
             &cell(ca),
-            &ratio(done(ca), done(cb)),
+            &ratio(converged_cold_s(ca), converged_cold_s(cb)),
         );
         line(
             s,
@@ -414,8 +403,8 @@ pub fn previous_table(s: &mut String, res: &Results) {
         line(
             s,
             "cold start / join storm".into(),
-            done(cb) / converged_storm_s(b),
-            done(ca) / converged_storm_s(a),
+            converged_cold_s(cb) / converged_storm_s(b),
+            converged_cold_s(ca) / converged_storm_s(a),
             2,
         );
     }
