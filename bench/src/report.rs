@@ -561,7 +561,7 @@ fn ha_tables(s: &mut String, row: &HaRow) {
         s,
         "#### Leader crash under {n} connected nodes ({} × SIGKILL to the leader's pid)\n\n\
          New leader: SIGKILL → another replica's `twill_is_leader` is 1 (the dead leader's etcd lease, \
-         a few seconds, must lapse first). First grant: a new node asking a surviving replica from the \
+         1 s here, must lapse first). First grant: a new node asking a surviving replica from the \
          kill on holds its lease. Watches moved: every watch of the dead replica runs on another one again, \
          resumed from its revision. Back to its share: from the restart of the killed replica until \
          no replica holds more than a third of the watches and a twentieth (the replicas ask agents beyond \
@@ -1073,9 +1073,11 @@ pub fn document(res: &Results, charts: &[ChartLink]) -> String {
            (the full read is the periodic resync, timed on its own). The floor is iproute2 doing the same with `ip -batch` \
            (neighbours + routes) and `bridge -batch` (FDB) — one process each, the kernel's own \
            speed.\n\
-         - **replicas**: 3 controllers (`--store etcd`) on a 3-member etcd on loopback, the \
+         - **replicas**: 3 controllers (`--store etcd`, `--leader-ttl 1s`) on a 3-member etcd \
+           on loopback (`--election-timeout 500 --heartbeat-interval 50`, so that it grants a \
+           1 s lease; deploy/README.md, failover), the \
            nodes spread over them (node i on replica i mod 3, so two writes in three are \
-           forwarded to the leader), join storm and fan-out alternated with one controller on \
+           forwarded to the leader, with the node's 10 s deadline), join storm and fan-out alternated with one controller on \
            sled; then the leader is SIGKILLed under the N nodes (by its own pid), timed to a new \
            leader, to its first grant and to every watch moved, and started again.\n\
          - **floors**: what this machine allows, measured in the same run at each N: a 128-byte \

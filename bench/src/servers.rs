@@ -2,6 +2,7 @@
 //! `twill-controller`, and etcd configured as flannel's etcd mode would use it
 //! (client-certificate TLS from the same CA).
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -154,7 +155,7 @@ fn log_filter() -> String {
     std::env::var("TWILL_BENCH_LOG").unwrap_or_else(|_| "warn".into())
 }
 
-fn spawn_logged(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path) -> Result<Child> {
+fn spawn_logged(bin: &Path, args: &[String], env: &[(&str, &OsStr)], log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -207,9 +208,22 @@ fn stop_child(child: &mut Child, signal: Signal) -> bool {
     escalated
 }
 
-/// The controller's networks dir, as its environment.
-fn networks_env(dir: &Path) -> [(&'static str, &Path); 1] {
-    [("TWILL_NETWORKS_DIR", dir)]
+/// The replicas' `--leader-ttl`: the least etcd grants with [`ETCD_ELECTION_TIMEOUT_MS`]
+/// (1.5 election timeouts, rounded up to whole seconds). The controller's default, 2 s,
+/// is what etcd's default election timeout (1 s) allows.
+const LEADER_TTL: &str = "1s";
+/// The bench's etcd members' `--election-timeout` (and a tenth of it, their
+/// `--heartbeat-interval`): half etcd's default, so that it grants a 1 s lease.
+const ETCD_ELECTION_TIMEOUT_MS: u32 = 500;
+
+/// The controller's environment: its networks dir and, with `--store etcd`, its
+/// leader TTL. Environment rather than flags, which a previous controller from before
+/// them would refuse.
+fn controller_env(dir: &Path) -> [(&'static str, &OsStr); 2] {
+    [
+        ("TWILL_NETWORKS_DIR", dir.as_os_str()),
+        ("TWILL_LEADER_TTL", OsStr::new(LEADER_TTL)),
+    ]
 }
 
 /// A running `twill-controller`; killed on drop.
@@ -356,7 +370,7 @@ impl Controller {
         // By its variable, not --networks-dir: a controller from before several
         // networks (`--previous-controller`) ignores it instead of refusing to start.
         let networks_dir = dir.path().join("networks");
-        let child = spawn_logged(bin, &args, &networks_env(&networks_dir), &log)?;
+        let child = spawn_logged(bin, &args, &controller_env(&networks_dir), &log)?;
         let mut c = Controller {
             child,
             bin: bin.to_path_buf(),
@@ -435,7 +449,7 @@ impl Controller {
         self.child = spawn_logged(
             &self.bin,
             &self.args,
-            &networks_env(&self.networks_dir),
+            &controller_env(&self.networks_dir),
             &self.log,
         )?;
         self.wait_ready(Duration::from_secs(60))
@@ -526,6 +540,10 @@ impl Etcd {
             p(&pki.path("server.crt")),
             "--key-file".into(),
             p(&pki.path("server.key")),
+            "--election-timeout".into(),
+            ETCD_ELECTION_TIMEOUT_MS.to_string(),
+            "--heartbeat-interval".into(),
+            (ETCD_ELECTION_TIMEOUT_MS / 10).to_string(),
             "--log-level".into(),
             "warn".into(),
             "--logger".into(),

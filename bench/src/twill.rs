@@ -30,6 +30,15 @@ pub const FANOUT_SETTLE: Duration = Duration::from_millis(1500);
 
 type Client = AgentServiceClient<Channel>;
 
+/// The deadline a simulated node's Acquire carries (`grpc-timeout`), twill-agent's
+/// `--call-timeout` default: a replica forwarding it to the leader waits as long.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `req` as twill-agent sends it: with its deadline.
+fn call(req: AcquireRequest) -> tonic::Request<AcquireRequest> {
+    twill_agent::client::request(req, CALL_TIMEOUT)
+}
+
 /// Opens one TLS channel to the controller now, trying 5 times half a second apart
 /// (a connection refused under a burst of handshakes is retried, as the agent would).
 pub async fn connect_one(url: &str, tls: ClientTlsConfig) -> Result<Channel> {
@@ -133,7 +142,7 @@ async fn acquire_in(k: usize, i: usize, c: Client, t: &Tracker, t0: u64) {
     let granted = t
         .retry(&t.grant_errors, || {
             let (mut c, req) = (c.clone(), req.clone());
-            async move { c.acquire(req).await }
+            async move { c.acquire(call(req)).await }
         })
         .await;
     if granted.is_some() {
@@ -399,7 +408,7 @@ impl Fleet {
             let replies = futures::future::join_all(reqs.into_iter().map(|req| {
                 let mut c = c.clone();
                 async move {
-                    let ok = c.acquire(req).await.is_ok();
+                    let ok = c.acquire(call(req)).await.is_ok();
                     (ok, Instant::now())
                 }
             }))
@@ -457,7 +466,10 @@ impl Fleet {
                     let rel_ms = t_rel.elapsed().as_secs_f64() * 1e3;
                     let t_acq = Instant::now();
                     t.acquire_sent[i].store(t.ns(t_acq), Ordering::Relaxed);
-                    let acq = c.acquire(acquire_request(&name, i, false)).await.is_ok();
+                    let acq = c
+                        .acquire(call(acquire_request(&name, i, false)))
+                        .await
+                        .is_ok();
                     let acq_ms = t_acq.elapsed().as_secs_f64() * 1e3;
                     (rel && acq, rel_ms, acq_ms)
                 });

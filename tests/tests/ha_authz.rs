@@ -63,8 +63,8 @@ use twill_tests::replicas::{
 };
 use twill_tests::{wait_until, Bins, Check, EtcdCluster};
 
-/// How long one gRPC call may take (a forwarded write may wait 5 s for the leader, and
-/// the leader 5 s for etcd).
+/// How long one gRPC call may take (a follower forwarding a write waits for the
+/// leader as long as the call's own deadline allows, and the leader 5 s for etcd).
 const CALL_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long an election may take on a busy machine.
 const ELECTION: Duration = Duration::from_secs(30);

@@ -59,8 +59,8 @@ use twill_tests::{hold_for, wait_until, Bins, Check, EtcdCluster};
 /// One test at a time: three etcd members and three debug controllers per test.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// How long one gRPC call of the test may take (a forwarded write may wait 5 s for the
-/// leader, and the leader 5 s for etcd).
+/// How long one gRPC call of the test may take (a follower forwarding a write waits for the
+/// leader as long as the call's own deadline allows, and the leader 5 s for etcd).
 const CALL_TIMEOUT: Duration = Duration::from_secs(12);
 /// How long an election may take (the dead leader's 3 s lease, then the campaign, on a
 /// busy machine).

@@ -308,6 +308,8 @@ pub enum Entry {
     Layout(Layout),
     /// `meta/epoch`.
     Epoch(String),
+    /// `meta/batch-end`: the revision the batch being written ends at.
+    BatchEnd(u64),
     /// Election and replica keys, and anything else under the prefix.
     Other,
 }
@@ -386,6 +388,11 @@ impl EtcdStore {
                 Entry::Layout(text().parse().map_err(|e: String| corrupt(e.into()))?)
             }
             Some(Key::Epoch) => Entry::Epoch(text()),
+            Some(Key::BatchEnd) => Entry::BatchEnd(
+                Dialect::Etcd
+                    .parse_revision(&kv.value)
+                    .map_err(|e| corrupt(e.into()))?,
+            ),
             Some(Key::Election | Key::Replica(_)) | None => Entry::Other,
         })
     }
@@ -405,7 +412,7 @@ impl EtcdStore {
                 Entry::Revision(r) => snap.revision = r,
                 Entry::Layout(l) => snap.layout = Some(l),
                 Entry::Epoch(e) => snap.epoch = e,
-                Entry::Record(..) | Entry::Other => {}
+                Entry::Record(..) | Entry::BatchEnd(_) | Entry::Other => {}
             }
         }
         Ok((snap, at))
@@ -546,6 +553,13 @@ impl Store for EtcdStore {
             }
         }
         parts.push(part);
+        // One op over MAX_TXN_OPS at most, within etcd's 128.
+        if let (true, Some(last)) = (parts.len() > 1, b.events.last()) {
+            parts[0].put(
+                self.etcd.key(&Key::BatchEnd),
+                Dialect::Etcd.revision(last.revision),
+            );
+        }
         for part in parts {
             if part.len() > 0 {
                 self.fenced("writing leases", part.into_ops()).await?;

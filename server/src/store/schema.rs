@@ -28,6 +28,7 @@ const RECORD: &str = "record/";
 const REVISION: &str = "meta/revision";
 const LAYOUT: &str = "meta/layout";
 const EPOCH: &str = "meta/epoch";
+const BATCH_END: &str = "meta/batch-end";
 const ELECTION: &str = "election";
 const REPLICA: &str = "replicas/";
 
@@ -111,6 +112,11 @@ pub enum Key {
     Layout,
     /// `meta/epoch`: the store's identity, made when it was created.
     Epoch,
+    /// `meta/batch-end` (etcd only): the revision a batch written in several
+    /// transactions ends at, put by its first. A follower's mirror publishes the
+    /// batch's events once it has read them all, as the leader publishes them once it
+    /// has written them all, not a part at a time.
+    BatchEnd,
     /// `election` (etcd only): the election's name; etcd's election API keeps each
     /// candidate's key under it (`election/<etcd lease id>`).
     Election,
@@ -133,6 +139,7 @@ impl Key {
             Key::Revision => REVISION.into(),
             Key::Layout => LAYOUT.into(),
             Key::Epoch => EPOCH.into(),
+            Key::BatchEnd => BATCH_END.into(),
             Key::Election => ELECTION.into(),
             Key::Replica(lease) => format!("{REPLICA}{lease:016x}").into_bytes(),
         }
@@ -171,6 +178,7 @@ impl Key {
             REVISION => Some(Key::Revision),
             LAYOUT => Some(Key::Layout),
             EPOCH => Some(Key::Epoch),
+            BATCH_END => Some(Key::BatchEnd),
             ELECTION => Some(Key::Election),
             _ => None,
         }
@@ -411,6 +419,7 @@ mod tests {
             Key::Revision,
             Key::Layout,
             Key::Epoch,
+            Key::BatchEnd,
             Key::Election,
             Key::Replica(0x694d_9a3c_11aa_0042),
             Key::Replica(-2),
@@ -466,6 +475,7 @@ mod tests {
         assert_eq!(etcd(Key::Revision), "meta/revision");
         assert_eq!(etcd(Key::Layout), "meta/layout");
         assert_eq!(etcd(Key::Epoch), "meta/epoch");
+        assert_eq!(etcd(Key::BatchEnd), "meta/batch-end");
         assert_eq!(etcd(Key::Election), "election");
         assert_eq!(etcd(Key::Replica(0x2a)), "replicas/000000000000002a");
         assert_eq!(
