@@ -139,6 +139,7 @@ async fn lead(
         // Build from etcd, not from what this replica remembers: the last leader's final
         // writes may not have reached our mirror yet.
         let (snap, _) = r.store.load_at().await?;
+        r.elected.notify_one();
         let deadline = Instant::now() + ttl;
         while r.hub.leases().1 < snap.revision {
             if Instant::now() >= deadline {

@@ -76,8 +76,9 @@ async fn follow(
     gap
 }
 
-/// The longest the mirror holds a batch's first parts for the rest (a leader that
-/// died half-way through one never writes it).
+/// The longest the mirror holds a batch's first parts for the rest, when the leader
+/// that writes it takes long or died half-way (a replica elected after it does not
+/// wait this long: `Replica::elected`).
 const BATCH_WAIT: Duration = Duration::from_secs(5);
 
 /// What the mirror read and has not served yet.
@@ -141,6 +142,13 @@ impl Pending {
         }
     }
 
+    /// Publishes now, and holds nothing more for the batch being read: its leader is
+    /// gone.
+    fn release(&mut self, hub: &Hub) {
+        self.batch = None;
+        self.publish(hub);
+    }
+
     fn publish(&mut self, hub: &Hub) {
         self.events.publish(hub);
         if !self.renewals.is_empty() {
@@ -187,6 +195,11 @@ async fn follow_from(
                     if pending.is_due(&r.hub) {
                         pending.publish(&r.hub);
                     }
+                    continue;
+                }
+                // The new leader waits for its hub to reach what etcd holds.
+                () = r.elected.notified() => {
+                    pending.release(&r.hub);
                     continue;
                 }
             }
@@ -386,6 +399,14 @@ mod tests {
         p.batch_ends_at(9, Instant::now() - BATCH_WAIT);
         assert_eq!(p.held_until(), None);
         assert!(p.is_due(&hub));
+        // A replica elected after such a leader publishes at once, and what it reads
+        // of that batch afterwards is not held either.
+        p.batch_ends_at(9, Instant::now());
+        assert!(p.held_until().is_some());
+        p.release(&hub);
+        assert_eq!(hub.leases().1, 2);
+        p.extend(vec![put("c", 3, 0)]);
+        assert_eq!(p.held_until(), None);
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub struct Replica {
     caught_up: AtomicBool,
     /// The etcd revision the mirror has applied.
     applied: tokio::sync::watch::Sender<i64>,
+    /// Set by a replica that has just won the election: the mirror publishes what it
+    /// holds for the rest of the last leader's batch (see `mirror`), which that leader
+    /// may never write.
+    elected: tokio::sync::Notify,
     peers: Mutex<HashMap<String, Channel>>,
     /// The registered replicas as last read, and when (see `is_registered`).
     registered: Mutex<(Vec<String>, Option<std::time::Instant>)>,
@@ -111,6 +115,7 @@ impl Replica {
             leading: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
             applied: tokio::sync::watch::Sender::new(applied),
+            elected: tokio::sync::Notify::new(),
             peers: Mutex::new(HashMap::new()),
             registered: Mutex::default(),
         })
