@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 use support::{acquire_request, Controller, Pki, NET_CONF};
 use twill_pki::Role;
 
+/// `serial=<hex>` with the hex's leading zeros left out: openssl prints the serial
+/// without DER's sign byte, the raw serial keeps it. rcgen's serial is a hash with its
+/// top bit cleared, so a sign byte appears when the hash's first byte clears to 0 and
+/// the next has its top bit set: about one certificate in 256, which then failed here.
+fn serial_text(hex: &str) -> String {
+    format!("serial={}", hex.trim_start_matches('0'))
+}
+
 /// The serial of the certificate the controller presents, as openssl reads it.
 fn presented_serial(ctl: &Controller) -> String {
     let s_client = Command::new("openssl")
@@ -34,18 +42,21 @@ fn presented_serial(ctl: &Controller) -> String {
         .unwrap();
     std::io::Write::write_all(x509.stdin.as_mut().unwrap(), &s_client.stdout).unwrap();
     let out = x509.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match text.strip_prefix("serial=") {
+        Some(hex) => serial_text(hex),
+        None => text,
+    }
 }
 
 fn serial_of(pem: &str) -> String {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-    format!(
-        "serial={}",
-        p.parse_x509()
+    serial_text(
+        &p.parse_x509()
             .unwrap()
             .raw_serial_as_string()
             .replace(':', "")
-            .to_uppercase()
+            .to_uppercase(),
     )
 }
 
